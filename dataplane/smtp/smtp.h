@@ -1,0 +1,172 @@
+/*
+ * The SMTP server engine: RFC 5321 with PIPELINING (2920), SIZE (1870),
+ * 8BITMIME (6152), ENHANCEDSTATUSCODES (2034, 3463), SMTPUTF8 (6531) and
+ * CHUNKING (3030). Pure C: no DPDK, no liburing, no sockets, no threads.
+ *
+ * Two boundaries (DESIGN.md):
+ *
+ *  - Transport -> engine. A transport (kernel sockets, or the DPDK TCP stack)
+ *    owns the connection. It feeds received bytes with smtp_session_input(),
+ *    in pieces of any size split anywhere, and pulls the bytes to send with
+ *    smtp_session_output() / smtp_session_output_done(). The engine never
+ *    knows which transport it is on and never blocks.
+ *
+ *  - Engine -> spool. Through struct smtp_sink_ops (below). The engine opens
+ *    a message when DATA (or the first BDAT) starts, appends the Received
+ *    header and the dot-unstuffed body, then commits. The spool later calls
+ *    smtp_session_commit_done() exactly once per commit; that function is the
+ *    only place that produces the 250 reply to the final dot / BDAT LAST
+ *    (STYLE.md 10).
+ *
+ * Flow control. smtp_session_input() returns how many bytes it consumed. It
+ * consumes everything it is given except when it cannot go on:
+ *   - a commit is in flight (replies must stay in order, RFC 2920), or
+ *   - the spool has no room for what is being appended (sink room() says so),
+ *   - the output buffer lacks room for another reply (the peer is not
+ *     reading), or
+ *   - the session is closing.
+ * The transport keeps the unconsumed bytes and offers them again later: after
+ * the spool's completions were harvested and after output was drained. A
+ * partial command line at the end of the input IS consumed (the engine keeps
+ * it in its own line buffer), so the transport never has to hold one.
+ *
+ * Memory. smtp_server_create() allocates every session up front
+ * (max_sessions); smtp_session_open() takes one from that pool and returns
+ * NULL when it is empty. No allocation afterwards.
+ */
+#ifndef FINALDOT_SMTP_H
+#define FINALDOT_SMTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "finaldot/envelope.h"
+
+struct smtp_server;
+struct smtp_session;
+
+/*
+ * The spool as the engine sees it. Every function is called on the worker
+ * thread that owns the session; none may block.
+ *
+ * begin: open a message for this envelope. Returns an opaque handle and the
+ *   message id, or NULL with *err = -ENOSPC (spool full: 452 4.3.1) or
+ *   another -errno (451 4.3.0). sctx is handed back in the completion.
+ * append: copy n bytes into the message. Never partial: the engine asks
+ *   room() first and only appends what room() allowed. 0 or -errno (the
+ *   message is then failed: the engine aborts it and answers 451 4.3.0 at the
+ *   end of its data).
+ * commit: the message is complete; the sink will call
+ *   smtp_session_commit_done(sctx, status) exactly once, later (never from
+ *   inside commit()).
+ * abort: forget an uncommitted message (RSET, bad data, connection lost).
+ * detach: the session is going away while a commit is in flight: the
+ *   message stays committed (or not) but no callback may reach sctx.
+ * room: how many body bytes append() would take right now.
+ */
+struct smtp_sink_ops {
+	void *(*begin)(void *sink, const struct fd_envelope *env, void *sctx,
+		       uint64_t *msgid, int *err);
+	int (*append)(void *sink, void *msg, const void *p, size_t n);
+	int (*commit)(void *sink, void *msg);
+	void (*abort)(void *sink, void *msg);
+	void (*detach)(void *sink, void *msg);
+	size_t (*room)(void *sink);
+};
+
+struct smtp_config {
+	const char *hostname;        /* ours: greeting, EHLO, Received */
+	const char *const *domains;  /* accepted recipient domains */
+	unsigned n_domains;
+	uint64_t max_message_size;   /* octets; SIZE advertised; 552 5.3.4 */
+	unsigned max_recipients;     /* per message; 452 4.5.3 beyond */
+	unsigned max_errors;         /* bad commands before 421 4.7.0 + close */
+	unsigned max_sessions;       /* pool size */
+	bool greet_delay;            /* transport calls smtp_session_greet()
+				      * later; input before it = early talker */
+	/* Clock for the Received date and arrival_us (CLOCK_REALTIME, us).
+	 * NULL: the real clock. Tests set a fixed one. */
+	uint64_t (*now_us)(void);
+};
+
+/* Defaults used by the daemon: 32 MiB, 100 recipients, 20 errors. */
+void smtp_config_defaults(struct smtp_config *cfg);
+
+/* Counters, per server (per worker thread). Plain integers: one writer. */
+struct smtp_stats {
+	uint64_t sessions;
+	uint64_t messages_committed; /* 250 sent after the spool said ok */
+	uint64_t messages_failed;    /* 451/452 after the spool said no */
+	uint64_t messages_rejected;  /* 5xx at end of data (size, bare LF..) */
+	uint64_t commands;
+	uint64_t syntax_errors;
+	uint64_t relay_denied;
+	uint64_t early_talkers;
+	uint64_t timeouts;
+};
+
+/* Copies cfg (strings are referenced, not copied: keep them alive). */
+struct smtp_server *smtp_server_create(const struct smtp_config *cfg,
+				       const struct smtp_sink_ops *ops,
+				       void *sink);
+void smtp_server_destroy(struct smtp_server *srv);
+const struct smtp_stats *smtp_server_stats(const struct smtp_server *srv);
+
+/*
+ * Take a session from the pool for a new connection. tctx is the transport's
+ * (smtp_session_tctx() gives it back); client_addr is copied (text, no
+ * port); sid is the session id used in logs. Queues the 220 greeting unless
+ * cfg.greet_delay is set. NULL when the pool is empty: the transport then
+ * sends smtp_busy_reply() and closes.
+ */
+struct smtp_session *smtp_session_open(struct smtp_server *srv, void *tctx,
+				       const char *client_addr, uint64_t sid);
+/* "421 4.7.0 <host> Too many connections, try again later\r\n" */
+const char *smtp_busy_reply(const struct smtp_server *srv, size_t *len);
+
+/*
+ * Connection gone (or transport done with it). Aborts an uncommitted message,
+ * detaches a commit in flight, returns the session to the pool. The session
+ * pointer is invalid afterwards.
+ */
+void smtp_session_close(struct smtp_session *s);
+
+void *smtp_session_tctx(const struct smtp_session *s);
+uint64_t smtp_session_id(const struct smtp_session *s);
+
+/* Feed received bytes; returns how many were consumed (see flow control). */
+size_t smtp_session_input(struct smtp_session *s, const uint8_t *p, size_t n);
+
+/*
+ * Bytes waiting to be sent: *p points into the session's output buffer,
+ * valid until the next call into this session. Returns the count (0: none).
+ * smtp_session_output_done() says n of them were sent (n <= count).
+ */
+size_t smtp_session_output(struct smtp_session *s, const uint8_t **p);
+void smtp_session_output_done(struct smtp_session *s, size_t n);
+
+/* Greeting delay elapsed (cfg.greet_delay): queue the 220. */
+void smtp_session_greet(struct smtp_session *s);
+/* Idle timeout fired: queue 421 4.4.2 and close once output is drained. */
+void smtp_session_timeout(struct smtp_session *s);
+/*
+ * The daemon is stopping: queue 421 4.3.2 and close. A commit in flight is
+ * let finish first (its 250 or 451 goes out before the 421).
+ */
+void smtp_session_shutdown(struct smtp_session *s);
+
+/*
+ * The spool's verdict on the message committed by this session: status 0 =
+ * durable, -ENOSPC = 452 4.3.1, other -errno = 451 4.3.0. Called by the
+ * sink's owner from its completion path, never from inside the engine.
+ */
+void smtp_session_commit_done(struct smtp_session *s, uint64_t msgid,
+			      int status);
+
+/* The transport should close once output is drained and this is true. */
+bool smtp_session_want_close(const struct smtp_session *s);
+/* A commit is in flight: input is paused until commit_done. */
+bool smtp_session_commit_pending(const struct smtp_session *s);
+
+#endif

@@ -1,0 +1,117 @@
+/*
+ * The spool writer: one per worker thread (lcore), shared-nothing. It packs
+ * records back to back into aligned batch buffers and makes each batch
+ * durable with one O_DIRECT write carrying RWF_DSYNC into pre-zeroed blocks
+ * of a recycled segment file (DESIGN.md "The durability rule"). Completion
+ * of that write, and nothing else, produces the done callback with status 0.
+ *
+ * Natural batching: a batch closes when it reaches batch_size, or when the
+ * caller says the poll loop is idle (spool_flush()). Up to `batches` batch
+ * buffers exist; all but the one being filled may be in flight. Batches are
+ * completed in submission order (a message's records may span several
+ * batches; its callback fires once every batch up to the one holding its END
+ * record has completed, and reports failure if any of them failed).
+ *
+ * Threading: every function must be called from the owning worker thread.
+ * The only other thread is the segment preparer (spool_seg.c) that zeroes
+ * spare segment files ahead of need; it is hidden behind this interface.
+ *
+ * Rings: with params.ring == NULL the spool owns an io_uring and
+ * spool_poll() harvests it. With a ring given, the caller owns the ring and
+ * its submission; CQEs whose user_data satisfies spool_owns_cqe() must be
+ * handed to spool_handle_cqe(). The kernel-socket transport shares its ring
+ * this way so that one io_uring_submit_and_wait() serves network and disk.
+ *
+ * Fault injection (tests; see docs/spool-format.md): params.fault, or the
+ * environment variable FINALDOT_SPOOL_FAULT, selects
+ *   "fail-write"        every batch write completes with -EIO
+ *   "fail-write:N"      the N-th batch write (1-based) and later ones fail
+ *   "enospc"            no segment can be made: begin() fails with -ENOSPC
+ *   "hold:PATH"         batches are not submitted while PATH exists
+ */
+#ifndef FINALDOT_SPOOL_H
+#define FINALDOT_SPOOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "finaldot/envelope.h"
+
+struct io_uring;
+struct io_uring_cqe;
+struct spool;
+struct spool_msg;
+
+/* status: 0 durable; -ENOSPC; -EIO or another -errno. ctx as given. */
+typedef void (*spool_done_fn)(void *ctx, uint64_t msgid, int status);
+
+struct spool_params {
+	const char *dir;          /* spool root; this worker uses dir/wNN/ */
+	unsigned worker;          /* 0..255: directory and msgid low byte */
+	uint64_t segment_size;    /* bytes, multiple of 4096; default 64 MiB */
+	size_t batch_size;        /* close a batch at this size; default 256 KiB */
+	unsigned batches;         /* batch buffers; default 8 */
+	unsigned max_msgs;        /* open messages at once (one per session) */
+	unsigned spare_segments;  /* pre-zeroed segments kept ready; default 2 */
+	uint64_t max_segments;    /* per worker, 0 = until the disk is full */
+	uint64_t seed_msgid;      /* largest id recovery found (0: none) */
+	struct io_uring *ring;    /* NULL: own ring */
+	const char *fault;        /* fault spec or NULL (see above) */
+	spool_done_fn done;
+};
+
+/* Fills the defaults above; dir, worker, max_msgs, done are left zero. */
+void spool_params_defaults(struct spool_params *p);
+
+/* NULL with errno set on failure (and a log line saying why). */
+struct spool *spool_create(const struct spool_params *p);
+/* Waits for in-flight batches (their callbacks run), then frees all. */
+void spool_destroy(struct spool *sp);
+
+/*
+ * Open a message. Returns NULL with *err = -ENOSPC (no segment space),
+ * -EMFILE (max_msgs open) or another -errno. The envelope is encoded into
+ * the spool at once; env's strings need not outlive the call.
+ */
+struct spool_msg *spool_msg_begin(struct spool *sp,
+				  const struct fd_envelope *env, void *ctx,
+				  uint64_t *msgid, int *err);
+/* Body bytes. Never partial: n <= spool_room(). 0 or -errno. */
+int spool_msg_append(struct spool *sp, struct spool_msg *m, const void *p,
+		     size_t n);
+/* Close the message; done(ctx, id, status) follows exactly once, later. */
+int spool_msg_commit(struct spool *sp, struct spool_msg *m);
+/* Before commit only: drop the message (recovery will ignore its records). */
+void spool_msg_abort(struct spool *sp, struct spool_msg *m);
+/* After commit: keep the outcome, suppress the callback (session gone). */
+void spool_msg_detach(struct spool *sp, struct spool_msg *m);
+
+/* Body bytes that spool_msg_append() accepts right now. */
+size_t spool_room(const struct spool *sp);
+
+/* Close the batch being filled (if non-empty) and submit it. 0 or -errno. */
+int spool_flush(struct spool *sp);
+/* Own ring only: submit what is queued, harvest completions without
+ * waiting, run callbacks. Returns completions handled. */
+int spool_poll(struct spool *sp);
+/* Shared ring only. */
+bool spool_owns_cqe(const struct io_uring_cqe *cqe);
+void spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe);
+
+/* Batches submitted and not yet completed. */
+unsigned spool_inflight(const struct spool *sp);
+
+struct spool_stats {
+	uint64_t batches;       /* batch writes completed ok */
+	uint64_t batch_errors;  /* batch writes that failed */
+	uint64_t flushes;       /* durable writes issued (== batches + errors) */
+	uint64_t messages;      /* messages reported durable */
+	uint64_t bytes;         /* bytes written, padding included */
+	uint64_t payload_bytes; /* record bytes, padding excluded */
+	uint64_t segments_used;
+	uint64_t room_waits;    /* spool_room() returned less than asked */
+};
+const struct spool_stats *spool_get_stats(const struct spool *sp);
+
+#endif

@@ -1,0 +1,47 @@
+/*
+ * Logging: one line per event, key=value, to stderr (the service manager
+ * takes it from there). Format of every line:
+ *
+ *   2026-11-23T01:02:03.456789Z LEVEL component key=value key=value ...
+ *
+ * Session-scoped lines put the 16-hex-digit session id first, as STYLE.md 12
+ * asks: fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=queued id=%s", ...).
+ * Values that come from the network must go through fd_log_escape() first.
+ *
+ * fd_debug() compiles to nothing unless FINALDOT_DEBUG is defined (debug
+ * builds). Nothing may be logged per packet on the data path.
+ */
+#ifndef FINALDOT_LOG_H
+#define FINALDOT_LOG_H
+
+#include <stddef.h>
+
+enum fd_log_level {
+	FD_LOG_ERR = 0,
+	FD_LOG_WARN = 1,
+	FD_LOG_INFO = 2,
+	FD_LOG_DEBUG = 3,
+};
+
+/* Lines above this level are dropped. Default FD_LOG_INFO. Set at start. */
+void fd_log_set_level(enum fd_log_level level);
+enum fd_log_level fd_log_get_level(void);
+
+__attribute__((format(printf, 3, 4))) void
+fd_log(enum fd_log_level level, const char *component, const char *fmt, ...);
+
+/*
+ * Copy untrusted bytes into dst (size dstsz, always NUL-terminated) so they
+ * are safe as one log value: printable ASCII other than space, '"', '\\' and
+ * '=' is kept; anything else becomes \xHH. Truncates with "..." when dst is
+ * too small. Returns dst.
+ */
+char *fd_log_escape(char *dst, size_t dstsz, const void *src, size_t len);
+
+#ifdef FINALDOT_DEBUG
+#define fd_debug(component, ...) fd_log(FD_LOG_DEBUG, component, __VA_ARGS__)
+#else
+#define fd_debug(component, ...) ((void)0)
+#endif
+
+#endif
