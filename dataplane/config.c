@@ -1,0 +1,582 @@
+/*
+ * Configuration: defaults, config file and flags from one option table.
+ *
+ * Every option appears once in `options[]` below. Its config-file key is the
+ * table name; its flag is "--" + the name with '_' turned into '-'. Adding an
+ * option means adding one row (and the field in struct fd_config): the file
+ * parser, the flag parser, --help and --check-config follow.
+ */
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "finaldot/config.h"
+#include "finaldot/log.h"
+
+enum opt_type {
+	OPT_STR,      /* char[FD_CONFIG_STR] (or sized by .size) */
+	OPT_UINT,     /* unsigned */
+	OPT_SIZE,     /* uint64_t bytes, k/M/G suffix */
+	OPT_U64,      /* uint64_t plain count */
+	OPT_DURATION, /* uint64_t milliseconds, ms/s/m/h suffix */
+	OPT_LISTEN,   /* repeatable: listen[] */
+	OPT_DOMAIN,   /* repeatable: domains[] */
+	OPT_TRANSPORT,
+	OPT_LOGLEVEL,
+	OPT_FLAG,     /* bool, flag only, no value */
+	OPT_CONFIG,   /* --config FILE */
+};
+
+struct opt {
+	const char *name;
+	enum opt_type type;
+	size_t off;
+	size_t size; /* OPT_STR: buffer size */
+	const char *arg;
+	const char *help;
+};
+
+#define F(field) offsetof(struct fd_config, field)
+#define S(field) sizeof(((struct fd_config *)0)->field)
+
+static const struct opt options[] = {
+	{"config", OPT_CONFIG, F(config_file), S(config_file), "FILE",
+	 "read settings from FILE (\"key = value\" lines); flags override it"},
+	{"listen", OPT_LISTEN, 0, 0, "ADDR:PORT",
+	 "listen on ADDR:PORT, repeatable; [::1]:25 for IPv6, :25 for all "
+	 "IPv4 (default 127.0.0.1:2525)"},
+	{"accept_domain", OPT_DOMAIN, 0, 0, "DOMAIN",
+	 "accept mail for DOMAIN, repeatable; any other recipient domain gets "
+	 "550 5.7.1 (default localhost)"},
+	{"spool", OPT_STR, F(spool_dir), S(spool_dir), "DIR",
+	 "spool directory, made if missing (default ./var/spool)"},
+	{"threads", OPT_UINT, F(threads), 0, "N",
+	 "worker threads, each with its own sessions and spool (default: one "
+	 "per online CPU)"},
+	{"hostname", OPT_STR, F(hostname), S(hostname), "NAME",
+	 "our name in the greeting and Received headers (default: "
+	 "gethostname())"},
+	{"transport", OPT_TRANSPORT, F(transport), 0, "kernel|dpdk",
+	 "network transport (default kernel)"},
+	{"max_message_size", OPT_SIZE, F(max_message_size), 0, "BYTES",
+	 "largest message accepted, advertised as SIZE (default 32M)"},
+	{"max_recipients", OPT_UINT, F(max_recipients), 0, "N",
+	 "recipients per message; more get 452 4.5.3 (default 100)"},
+	{"max_errors", OPT_UINT, F(max_errors), 0, "N",
+	 "bad commands before 421 and disconnect (default 20)"},
+	{"max_connections", OPT_UINT, F(max_connections), 0, "N",
+	 "concurrent sessions per worker; more get 421 4.7.0 (default 4096)"},
+	{"idle_timeout", OPT_DURATION, F(idle_timeout_ms), 0, "DURATION",
+	 "close an idle session with 421 4.4.2 after DURATION (default 300s)"},
+	{"greet_delay", OPT_DURATION, F(greet_delay_ms), 0, "DURATION",
+	 "wait DURATION before the 220 greeting; clients that talk first are "
+	 "rejected with 554 (default 0: greet at once)"},
+	{"shutdown_timeout", OPT_DURATION, F(shutdown_timeout_ms), 0,
+	 "DURATION",
+	 "on SIGTERM, wait at most DURATION for sessions to end (default 10s)"},
+	{"segment_size", OPT_SIZE, F(segment_size), 0, "BYTES",
+	 "spool segment file size, multiple of 4096 (default 64M)"},
+	{"batch_size", OPT_SIZE, F(batch_size), 0, "BYTES",
+	 "a spool batch closes at this size (default 256k)"},
+	{"batches", OPT_UINT, F(batches), 0, "N",
+	 "spool batch buffers per worker, bounds writes in flight (default 8)"},
+	{"spare_segments", OPT_UINT, F(spare_segments), 0, "N",
+	 "pre-zeroed segments kept ready per worker (default 2)"},
+	{"max_segments", OPT_U64, F(max_segments), 0, "N",
+	 "segments per worker, 0 = until the disk is full; then 452 4.3.1 "
+	 "(default 0)"},
+	{"dpdk_eal", OPT_STR, F(dpdk_eal), S(dpdk_eal), "\"ARGS\"",
+	 "DPDK EAL arguments (transport dpdk)"},
+	{"dpdk_ip", OPT_STR, F(dpdk_ip), S(dpdk_ip), "ADDR/PREFIX",
+	 "our IPv4 address on the DPDK port (transport dpdk)"},
+	{"dpdk_gateway", OPT_STR, F(dpdk_gateway), S(dpdk_gateway), "ADDR",
+	 "IPv4 next hop for off-link peers (transport dpdk)"},
+	{"log_level", OPT_LOGLEVEL, F(log_level), 0, "LEVEL",
+	 "error, warn, info or debug (default info)"},
+	{"check_config", OPT_FLAG, F(check), 0, NULL,
+	 "print the effective configuration and exit"},
+	{"version", OPT_FLAG, F(version), 0, NULL, "print the version and exit"},
+	{"help", OPT_FLAG, F(help), 0, NULL, "print this help and exit"},
+};
+
+void
+fd_config_defaults(struct fd_config *c)
+{
+	memset(c, 0, sizeof(*c));
+	c->transport = FD_TRANSPORT_KERNEL;
+	c->threads = 0;
+	if (gethostname(c->hostname, sizeof(c->hostname) - 1) != 0 ||
+	    c->hostname[0] == '\0')
+		strcpy(c->hostname, "localhost");
+	c->max_message_size = 32u << 20;
+	c->max_recipients = 100;
+	c->max_errors = 20;
+	c->max_connections = 4096;
+	c->idle_timeout_ms = 300000;
+	c->greet_delay_ms = 0;
+	c->shutdown_timeout_ms = 10000;
+	strcpy(c->spool_dir, "./var/spool");
+	c->segment_size = 64u << 20;
+	c->batch_size = 256u << 10;
+	c->batches = 8;
+	c->spare_segments = 2;
+	c->max_segments = 0;
+	c->log_level = FD_LOG_INFO;
+}
+
+int
+fd_config_parse_listen(const char *s, struct fd_listen *l)
+{
+	char host[64];
+	const char *port_s;
+	size_t hlen;
+	char *end;
+	unsigned long port;
+
+	memset(l, 0, sizeof(*l));
+	if (s[0] == '[') {
+		const char *rb = strchr(s, ']');
+		if (!rb || rb[1] != ':')
+			return -EINVAL;
+		hlen = (size_t)(rb - s - 1);
+		if (hlen >= sizeof(host))
+			return -EINVAL;
+		memcpy(host, s + 1, hlen);
+		host[hlen] = '\0';
+		port_s = rb + 2;
+	} else {
+		const char *colon = strrchr(s, ':');
+		if (!colon || strchr(s, ':') != colon)
+			return -EINVAL;
+		hlen = (size_t)(colon - s);
+		if (hlen >= sizeof(host))
+			return -EINVAL;
+		memcpy(host, s, hlen);
+		host[hlen] = '\0';
+		port_s = colon + 1;
+	}
+	errno = 0;
+	port = strtoul(port_s, &end, 10);
+	if (errno || *port_s == '\0' || *end != '\0' || port == 0 ||
+	    port > 65535)
+		return -EINVAL;
+	if (s[0] == '[') {
+		struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&l->addr;
+		a6->sin6_family = AF_INET6;
+		a6->sin6_port = htons((uint16_t)port);
+		if (inet_pton(AF_INET6, host, &a6->sin6_addr) != 1)
+			return -EINVAL;
+		l->addrlen = sizeof(*a6);
+	} else {
+		struct sockaddr_in *a4 = (struct sockaddr_in *)&l->addr;
+		a4->sin_family = AF_INET;
+		a4->sin_port = htons((uint16_t)port);
+		if (host[0] == '\0')
+			a4->sin_addr.s_addr = htonl(INADDR_ANY);
+		else if (inet_pton(AF_INET, host, &a4->sin_addr) != 1)
+			return -EINVAL;
+		l->addrlen = sizeof(*a4);
+	}
+	snprintf(l->text, sizeof(l->text), "%s", s);
+	return 0;
+}
+
+static int
+parse_u64(const char *v, uint64_t *out, int kind)
+{
+	char *end;
+	uint64_t n, mul = 1;
+
+	if (!isdigit((unsigned char)v[0]))
+		return -EINVAL;
+	errno = 0;
+	n = strtoull(v, &end, 10);
+	if (errno)
+		return -EINVAL;
+	if (kind == OPT_SIZE) {
+		if (*end == 'k' || *end == 'K')
+			mul = 1u << 10, end++;
+		else if (*end == 'm' || *end == 'M')
+			mul = 1u << 20, end++;
+		else if (*end == 'g' || *end == 'G')
+			mul = 1u << 30, end++;
+		if (*end == 'B' || *end == 'b')
+			end++;
+	} else if (kind == OPT_DURATION) {
+		if (strcmp(end, "ms") == 0)
+			mul = 1, end += 2;
+		else if (*end == 's' || *end == '\0')
+			mul = 1000, end += *end ? 1 : 0;
+		else if (*end == 'm')
+			mul = 60000, end++;
+		else if (*end == 'h')
+			mul = 3600000, end++;
+	}
+	if (*end != '\0' || (n != 0 && mul > UINT64_MAX / n))
+		return -EINVAL;
+	*out = n * mul;
+	return 0;
+}
+
+static const struct opt *
+find_opt(const char *name, size_t len)
+{
+	for (size_t i = 0; i < sizeof(options) / sizeof(options[0]); i++) {
+		const char *o = options[i].name;
+		size_t j;
+		if (strlen(o) != len)
+			continue;
+		for (j = 0; j < len; j++) {
+			char c = name[j] == '-' ? '_' : name[j];
+			if (c != o[j])
+				break;
+		}
+		if (j == len)
+			return &options[i];
+	}
+	return NULL;
+}
+
+/* Lists given on the command line replace the file's (and the defaults). */
+struct list_state {
+	bool listen_reset;
+	bool domain_reset;
+};
+
+static int
+apply(struct fd_config *c, const struct opt *o, const char *v,
+      struct list_state *ls, FILE *err, const char *where)
+{
+	char *base = (char *)c;
+	uint64_t n;
+	int r = 0;
+
+	switch (o->type) {
+	case OPT_CONFIG:
+	case OPT_STR:
+		if (strlen(v) >= o->size) {
+			fprintf(err, "%s: %s: value too long\n", where, o->name);
+			return -EINVAL;
+		}
+		strcpy(base + o->off, v);
+		return 0;
+	case OPT_UINT:
+		r = parse_u64(v, &n, OPT_U64);
+		if (r == 0 && n > UINT_MAX)
+			r = -EINVAL;
+		if (r == 0)
+			*(unsigned *)(void *)(base + o->off) = (unsigned)n;
+		break;
+	case OPT_SIZE:
+	case OPT_U64:
+	case OPT_DURATION:
+		r = parse_u64(v, &n, o->type);
+		if (r == 0)
+			*(uint64_t *)(void *)(base + o->off) = n;
+		break;
+	case OPT_LISTEN:
+		if (ls && !ls->listen_reset) {
+			c->n_listen = 0;
+			ls->listen_reset = true;
+		}
+		if (c->n_listen >= FD_CONFIG_MAX_LISTEN) {
+			fprintf(err, "%s: too many listen addresses (max %d)\n",
+				where, FD_CONFIG_MAX_LISTEN);
+			return -EINVAL;
+		}
+		r = fd_config_parse_listen(v, &c->listen[c->n_listen]);
+		if (r == 0)
+			c->n_listen++;
+		break;
+	case OPT_DOMAIN:
+		if (ls && !ls->domain_reset) {
+			c->n_domains = 0;
+			ls->domain_reset = true;
+		}
+		if (c->n_domains >= FD_CONFIG_MAX_DOMAINS ||
+		    strlen(v) >= FD_CONFIG_STR || v[0] == '\0') {
+			fprintf(err, "%s: bad or too many accept domains\n",
+				where);
+			return -EINVAL;
+		}
+		strcpy(c->domains[c->n_domains++], v);
+		break;
+	case OPT_TRANSPORT:
+		if (strcmp(v, "kernel") == 0)
+			c->transport = FD_TRANSPORT_KERNEL;
+		else if (strcmp(v, "dpdk") == 0)
+			c->transport = FD_TRANSPORT_DPDK;
+		else
+			r = -EINVAL;
+		break;
+	case OPT_LOGLEVEL: {
+		static const char *names[] = {"error", "warn", "info",
+					      "debug"};
+		r = -EINVAL;
+		for (int i = 0; i < 4; i++)
+			if (strcmp(v, names[i]) == 0) {
+				c->log_level = i;
+				r = 0;
+			}
+		break;
+	}
+	case OPT_FLAG:
+		*(bool *)(void *)(base + o->off) = true;
+		break;
+	}
+	if (r)
+		fprintf(err, "%s: %s: bad value \"%s\"\n", where, o->name, v);
+	return r;
+}
+
+static char *
+trim(char *s)
+{
+	char *e;
+
+	while (isspace((unsigned char)*s))
+		s++;
+	e = s + strlen(s);
+	while (e > s && isspace((unsigned char)e[-1]))
+		*--e = '\0';
+	return s;
+}
+
+static int
+parse_file(struct fd_config *c, const char *path, struct list_state *file_ls,
+	   FILE *err)
+{
+	FILE *f = fopen(path, "r");
+	char line[2048], where[FD_CONFIG_STR + 32];
+	unsigned lineno = 0;
+	int r = 0;
+
+	if (!f) {
+		fprintf(err, "%s: %s\n", path, strerror(errno));
+		return -errno;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		char *hash, *eq, *key, *val;
+		const struct opt *o;
+		lineno++;
+		snprintf(where, sizeof(where), "%s:%u", path, lineno);
+		if ((hash = strchr(line, '#')))
+			*hash = '\0';
+		key = trim(line);
+		if (*key == '\0')
+			continue;
+		eq = strchr(key, '=');
+		if (!eq) {
+			fprintf(err, "%s: expected \"key = value\"\n", where);
+			r = -EINVAL;
+			break;
+		}
+		*eq = '\0';
+		val = trim(eq + 1);
+		key = trim(key);
+		o = find_opt(key, strlen(key));
+		if (!o || o->type == OPT_FLAG || o->type == OPT_CONFIG) {
+			fprintf(err, "%s: unknown setting \"%s\"\n", where, key);
+			r = -EINVAL;
+			break;
+		}
+		/* Strip one pair of double quotes around a value. */
+		size_t vl = strlen(val);
+		if (vl >= 2 && val[0] == '"' && val[vl - 1] == '"') {
+			val[vl - 1] = '\0';
+			val++;
+		}
+		if ((r = apply(c, o, val, file_ls, err, where)) != 0)
+			break;
+	}
+	fclose(f);
+	return r;
+}
+
+int
+fd_config_parse_file(struct fd_config *c, const char *path, FILE *err)
+{
+	struct list_state ls = {0};
+
+	return parse_file(c, path, &ls, err);
+}
+
+int
+fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
+{
+	struct list_state file_ls = {0}, arg_ls = {0};
+	int r;
+
+	/* The config file first, wherever --config stands. */
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		if (strncmp(a, "--config=", 9) == 0)
+			r = parse_file(c, a + 9, &file_ls, err);
+		else if (strcmp(a, "--config") == 0 && i + 1 < argc)
+			r = parse_file(c, argv[++i], &file_ls, err);
+		else
+			continue;
+		if (r)
+			return -EINVAL;
+	}
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i], *val = NULL, *eq;
+		const struct opt *o;
+		size_t len;
+
+		if (strncmp(a, "--", 2) != 0) {
+			fprintf(err, "unexpected argument \"%s\" (see --help)\n",
+				a);
+			return -EINVAL;
+		}
+		a += 2;
+		eq = strchr(a, '=');
+		len = eq ? (size_t)(eq - a) : strlen(a);
+		o = find_opt(a, len);
+		if (!o) {
+			fprintf(err, "unknown option \"%s\" (see --help)\n",
+				argv[i]);
+			return -EINVAL;
+		}
+		if (o->type == OPT_FLAG) {
+			if (eq) {
+				fprintf(err, "--%s takes no value\n", o->name);
+				return -EINVAL;
+			}
+		} else if (eq) {
+			val = eq + 1;
+		} else if (i + 1 < argc) {
+			val = argv[++i];
+		} else {
+			fprintf(err, "%s needs a value (%s)\n", argv[i],
+				o->arg);
+			return -EINVAL;
+		}
+		if (o->type == OPT_CONFIG)
+			continue; /* done above */
+		if (apply(c, o, val ? val : "", &arg_ls, err, "command line"))
+			return -EINVAL;
+	}
+	if (c->n_listen == 0) {
+		fd_config_parse_listen("127.0.0.1:2525", &c->listen[0]);
+		c->n_listen = 1;
+	}
+	if (c->n_domains == 0) {
+		strcpy(c->domains[0], "localhost");
+		c->n_domains = 1;
+	}
+	if (c->segment_size % 4096 || c->segment_size < (1u << 20)) {
+		fprintf(err, "segment_size must be a multiple of 4096 and at "
+			     "least 1M\n");
+		return -EINVAL;
+	}
+	if (c->batch_size < 4096 || c->batch_size * 2 > c->segment_size) {
+		fprintf(err, "batch_size must be at least 4k and at most half "
+			     "of segment_size\n");
+		return -EINVAL;
+	}
+	if (c->batches < 2 || c->max_connections == 0 ||
+	    c->max_recipients == 0) {
+		fprintf(err, "batches must be >= 2, max_connections and "
+			     "max_recipients >= 1\n");
+		return -EINVAL;
+	}
+	if (c->threads > 255) {
+		fprintf(err, "threads must be at most 255\n");
+		return -EINVAL;
+	}
+	return 0;
+}
+
+void
+fd_config_usage(FILE *out, const char *prog)
+{
+	fprintf(out,
+		"Usage: %s [OPTION]...\n"
+		"finaldot: an SMTP acceptor that answers 250 to the final dot "
+		"only once the\nmessage is durable on disk (RFC 1047), "
+		"batching many messages per write.\n\n"
+		"Every option can also be set in the config file as "
+		"\"name = value\", with\nthe name spelled with underscores "
+		"(max_message_size = 10M).\nSizes take k/M/G; durations take "
+		"ms/s/m/h (plain numbers are seconds).\n\n",
+		prog);
+	for (size_t i = 0; i < sizeof(options) / sizeof(options[0]); i++) {
+		const struct opt *o = &options[i];
+		char flag[64];
+		size_t k;
+		snprintf(flag, sizeof(flag), "--%s", o->name);
+		for (k = 2; flag[k]; k++)
+			if (flag[k] == '_')
+				flag[k] = '-';
+		if (o->arg)
+			snprintf(flag + k, sizeof(flag) - k, " %s", o->arg);
+		fprintf(out, "  %-30s %s\n", flag, o->help);
+	}
+	fprintf(out,
+		"\nSignals: SIGTERM/SIGINT stop accepting, let commits in "
+		"flight finish (their\n250s go out), answer 421 to open "
+		"sessions and exit 0.\n"
+		"Environment: FINALDOT_SPOOL_FAULT injects spool I/O faults "
+		"(tests only; see\ndocs/spool-format.md).\n");
+}
+
+void
+fd_config_dump(const struct fd_config *c, FILE *out)
+{
+	static const char *levels[] = {"error", "warn", "info", "debug"};
+	const char *base = (const char *)c;
+
+	for (size_t i = 0; i < sizeof(options) / sizeof(options[0]); i++) {
+		const struct opt *o = &options[i];
+		const void *p = base + o->off;
+		switch (o->type) {
+		case OPT_STR:
+			fprintf(out, "%s = \"%s\"\n", o->name,
+				(const char *)p);
+			break;
+		case OPT_UINT:
+			fprintf(out, "%s = %u\n", o->name,
+				*(const unsigned *)p);
+			break;
+		case OPT_SIZE:
+		case OPT_U64:
+			fprintf(out, "%s = %" PRIu64 "\n", o->name,
+				*(const uint64_t *)p);
+			break;
+		case OPT_DURATION:
+			fprintf(out, "%s = %" PRIu64 "ms\n", o->name,
+				*(const uint64_t *)p);
+			break;
+		case OPT_LISTEN:
+			for (unsigned k = 0; k < c->n_listen; k++)
+				fprintf(out, "listen = %s\n",
+					c->listen[k].text);
+			break;
+		case OPT_DOMAIN:
+			for (unsigned k = 0; k < c->n_domains; k++)
+				fprintf(out, "accept_domain = %s\n",
+					c->domains[k]);
+			break;
+		case OPT_TRANSPORT:
+			fprintf(out, "transport = %s\n",
+				c->transport == FD_TRANSPORT_DPDK ? "dpdk"
+								  : "kernel");
+			break;
+		case OPT_LOGLEVEL:
+			fprintf(out, "log_level = %s\n",
+				levels[c->log_level & 3]);
+			break;
+		case OPT_FLAG:
+		case OPT_CONFIG:
+			break;
+		}
+	}
+}

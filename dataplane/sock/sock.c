@@ -1,0 +1,829 @@
+/*
+ * Kernel-socket transport: one io_uring per worker thread carries accepts,
+ * receives, sends and the spool's durable writes, so that one
+ * io_uring_submit_and_wait() per loop iteration serves network and disk.
+ *
+ * Per iteration:
+ *   1. submit what is queued and wait (bounded by the next timer) for a CQE;
+ *   2. handle every CQE that is ready: accept -> new session; recv -> feed
+ *      the session; send -> next piece of output; spool -> completions, which
+ *      produce the 250s (worker.c);
+ *   3. service "dirty" connections: offer held input again, start sends,
+ *      close the ones that are done;
+ *   4. timers: greeting delay, idle timeout;
+ *   5. spool_flush(): the loop is idle, so the batch being filled closes and
+ *      goes out with the next submit (natural batching, DESIGN.md).
+ *
+ * Receives use single-shot recv with a provided-buffer ring (buffer
+ * selection): an idle connection holds no buffer. A buffer the session did
+ * not fully consume (it is waiting for a commit, for spool room, or for its
+ * output to drain) stays held by the connection and no new recv is armed, so
+ * the kernel's receive window, not our memory, absorbs a client that talks
+ * ahead. Multishot accept keeps one accept armed per listener.
+ *
+ * user_data: a pointer to a connection, a listener or the loop (all 8-byte
+ * aligned) with the operation in the low 3 bits. The spool's CQEs carry the
+ * top bit (spool_owns_cqe()). Never set here.
+ *
+ * Lifetime of a connection: in use from accept until it is closing AND has
+ * no operation in flight; the smtp session is closed (returned to its pool)
+ * as soon as the connection starts closing.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <liburing.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "finaldot/log.h"
+#include "finaldot/msgid.h"
+#include "smtp/smtp.h"
+#include "sock/sock.h"
+#include "spool/spool.h"
+#include "worker.h"
+
+#define RING_ENTRIES 4096u
+#define BUF_GROUP 1
+#define BUF_SIZE (16u * 1024u)
+#define TICK_US 100000u /* longest wait without a timer due */
+
+enum op {
+	OP_NONE = 0,
+	OP_RECV = 1,
+	OP_SEND = 2,
+	OP_ACCEPT = 3,
+	OP_WAKE = 4,
+	OP_IGNORE = 5, /* cancels: result not needed */
+};
+
+struct sock_loop;
+
+struct sock_conn {
+	struct sock_loop *loop;
+	struct smtp_session *s;
+	int fd;
+	unsigned inflight;     /* recv + send SQEs not yet completed */
+	bool in_use;
+	bool recv_armed;
+	bool send_armed;
+	bool peer_eof;
+	bool closing;
+	bool dirty;
+	bool starved;          /* last recv found no provided buffer */
+	bool held;             /* holds provided buffer held_bid */
+	uint16_t held_bid;
+	uint32_t held_off;
+	uint32_t held_len;
+	uint64_t last_active_us;
+	uint64_t greet_due_us; /* 0: greeted */
+	struct sock_conn *idle_prev, *idle_next; /* LRU, oldest first */
+	struct sock_conn *dirty_next;
+	struct sock_conn *free_next;
+	char addr[INET6_ADDRSTRLEN];
+} __attribute__((aligned(64)));
+
+struct sock_listener {
+	struct sock_loop *loop;
+	int fd;
+	unsigned idx;
+	bool armed;
+} __attribute__((aligned(8)));
+
+struct sock_loop {
+	struct fd_worker *w;
+	struct io_uring ring;
+	struct io_uring_buf_ring *br;
+	size_t br_bytes;
+	uint8_t *bufs;
+	unsigned nbufs;
+	struct sock_conn *conns;
+	struct sock_conn *free;
+	unsigned nconns;
+	unsigned in_use;
+	struct sock_listener listeners[FD_CONFIG_MAX_LISTEN];
+	unsigned nlisteners;
+	struct sock_conn *idle_head, *idle_tail;
+	struct sock_conn *dirty;
+	uint64_t wake_val;
+	bool wake_armed;
+	bool stopping;
+	uint64_t stop_deadline_us;
+	uint64_t sid_next;
+	uint64_t now_us;
+	bool buffers_returned; /* re-arm starved connections */
+	bool spool_progress;   /* spool completions this round */
+} __attribute__((aligned(64)));
+
+static inline uint64_t
+ud(const void *p, enum op op)
+{
+	return (uint64_t)(uintptr_t)p | (uint64_t)op;
+}
+
+static inline enum op
+ud_op(uint64_t u)
+{
+	return (enum op)(u & 7u);
+}
+
+static inline void *
+ud_ptr(uint64_t u)
+{
+	return (void *)(uintptr_t)(u & ~(uint64_t)7);
+}
+
+static struct io_uring_sqe *
+get_sqe(struct sock_loop *l)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&l->ring);
+
+	if (!sqe) {
+		/* SQ full: submit what is there and try again. */
+		io_uring_submit(&l->ring);
+		sqe = io_uring_get_sqe(&l->ring);
+	}
+	return sqe;
+}
+
+/* ---- connection bookkeeping ------------------------------------------ */
+
+static void
+idle_unlink(struct sock_loop *l, struct sock_conn *c)
+{
+	if (c->idle_prev)
+		c->idle_prev->idle_next = c->idle_next;
+	else if (l->idle_head == c)
+		l->idle_head = c->idle_next;
+	if (c->idle_next)
+		c->idle_next->idle_prev = c->idle_prev;
+	else if (l->idle_tail == c)
+		l->idle_tail = c->idle_prev;
+	c->idle_prev = c->idle_next = NULL;
+}
+
+static void
+idle_touch(struct sock_loop *l, struct sock_conn *c)
+{
+	c->last_active_us = l->now_us;
+	if (l->idle_tail == c)
+		return;
+	idle_unlink(l, c);
+	c->idle_prev = l->idle_tail;
+	if (l->idle_tail)
+		l->idle_tail->idle_next = c;
+	else
+		l->idle_head = c;
+	l->idle_tail = c;
+}
+
+static void
+mark_dirty(struct sock_conn *c)
+{
+	if (c->dirty || !c->in_use)
+		return;
+	c->dirty = true;
+	c->dirty_next = c->loop->dirty;
+	c->loop->dirty = c;
+}
+
+static void
+buf_return(struct sock_loop *l, uint16_t bid)
+{
+	io_uring_buf_ring_add(l->br, l->bufs + (size_t)bid * BUF_SIZE,
+			      BUF_SIZE, bid,
+			      io_uring_buf_ring_mask(l->nbufs), 0);
+	io_uring_buf_ring_advance(l->br, 1);
+	l->buffers_returned = true;
+}
+
+static void
+conn_release_held(struct sock_conn *c)
+{
+	if (c->held) {
+		buf_return(c->loop, c->held_bid);
+		c->held = false;
+	}
+}
+
+static void
+conn_finalize(struct sock_conn *c)
+{
+	struct sock_loop *l = c->loop;
+
+	if (c->fd >= 0)
+		close(c->fd);
+	c->fd = -1;
+	c->in_use = false;
+	c->free_next = l->free;
+	l->free = c;
+	l->in_use--;
+}
+
+/* Start closing: the session goes back to its pool now; the slot when the
+ * last operation in flight has completed. */
+static void
+conn_close(struct sock_conn *c, const char *why)
+{
+	struct sock_loop *l = c->loop;
+
+	if (c->closing)
+		return;
+	c->closing = true;
+	if (c->s) {
+		fd_debug("sock", "%016" PRIx64 " event=close reason=%s",
+			 smtp_session_id(c->s), why);
+		smtp_session_close(c->s);
+		c->s = NULL;
+	}
+	(void)why;
+	idle_unlink(l, c);
+	conn_release_held(c);
+	if (c->inflight == 0) {
+		conn_finalize(c);
+		return;
+	}
+	/* Wake a pending recv (it completes with 0 or an error). */
+	shutdown(c->fd, SHUT_RDWR);
+}
+
+static void
+conn_arm_recv(struct sock_conn *c)
+{
+	struct io_uring_sqe *sqe = get_sqe(c->loop);
+
+	if (!sqe)
+		return; /* retried when the connection is next dirty */
+	io_uring_prep_recv(sqe, c->fd, NULL, BUF_SIZE, 0);
+	sqe->flags |= IOSQE_BUFFER_SELECT;
+	sqe->buf_group = BUF_GROUP;
+	io_uring_sqe_set_data64(sqe, ud(c, OP_RECV));
+	c->recv_armed = true;
+	c->starved = false;
+	c->inflight++;
+}
+
+static void
+conn_send_output(struct sock_conn *c)
+{
+	const uint8_t *p;
+	size_t n;
+	struct io_uring_sqe *sqe;
+
+	if (c->send_armed || !c->s)
+		return;
+	n = smtp_session_output(c->s, &p);
+	if (n == 0)
+		return;
+	sqe = get_sqe(c->loop);
+	if (!sqe)
+		return;
+	/* p stays valid until output_done (the engine appends behind it
+	 * and never moves bytes that were handed out). */
+	io_uring_prep_send(sqe, c->fd, p, n, MSG_NOSIGNAL);
+	io_uring_sqe_set_data64(sqe, ud(c, OP_SEND));
+	c->send_armed = true;
+	c->inflight++;
+}
+
+/*
+ * Offer held input, send what the session produced, re-arm the receive,
+ * close when done. The one place that decides what a connection does next.
+ */
+static void
+conn_service(struct sock_conn *c)
+{
+	struct sock_loop *l = c->loop;
+
+	if (c->closing || !c->s)
+		return;
+	if (c->held) {
+		const uint8_t *p = l->bufs + (size_t)c->held_bid * BUF_SIZE +
+				   c->held_off;
+		size_t used = smtp_session_input(c->s, p, c->held_len);
+		c->held_off += (uint32_t)used;
+		c->held_len -= (uint32_t)used;
+		if (c->held_len == 0)
+			conn_release_held(c);
+	}
+	conn_send_output(c);
+	if (smtp_session_want_close(c->s)) {
+		if (!c->send_armed)
+			conn_close(c, "done");
+		return;
+	}
+	if (c->held)
+		return; /* paused: the session will be offered it again */
+	if (c->peer_eof) {
+		conn_close(c, "peer_closed");
+		return;
+	}
+	if (!c->recv_armed && !c->starved)
+		conn_arm_recv(c);
+}
+
+static void
+busy_refuse(struct sock_loop *l, int fd)
+{
+	size_t len;
+	const char *msg = smtp_busy_reply(l->w->smtp, &len);
+
+	/* Best effort on a fresh socket: the reply fits its send buffer. */
+	if (send(fd, msg, len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+		fd_debug("sock", "event=busy_send_failed errno=%d", errno);
+	close(fd);
+	l->w->sessions_refused++;
+}
+
+static void
+on_accept(struct sock_loop *l, struct sock_listener *ls, int fd)
+{
+	struct sock_conn *c = l->free;
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	int one = 1;
+
+	if (!c || l->stopping) {
+		busy_refuse(l, fd);
+		return;
+	}
+	(void)ls;
+	l->free = c->free_next;
+	/* A slot freed in this round may still sit on the dirty list: keep
+	 * its link intact (service_dirty skips slots not in use). */
+	bool was_dirty = c->dirty;
+	struct sock_conn *dnext = c->dirty_next;
+	memset(c, 0, sizeof(*c));
+	c->dirty = was_dirty;
+	c->dirty_next = dnext;
+	c->loop = l;
+	c->fd = fd;
+	c->in_use = true;
+	l->in_use++;
+	strcpy(c->addr, "unknown");
+	if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
+		if (ss.ss_family == AF_INET) {
+			inet_ntop(AF_INET,
+				  &((struct sockaddr_in *)&ss)->sin_addr,
+				  c->addr, sizeof(c->addr));
+		} else if (ss.ss_family == AF_INET6) {
+			struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+			if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr))
+				inet_ntop(AF_INET, &a6->sin6_addr.s6_addr[12],
+					  c->addr, sizeof(c->addr));
+			else
+				inet_ntop(AF_INET6, &a6->sin6_addr, c->addr,
+					  sizeof(c->addr));
+		}
+	}
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	c->s = smtp_session_open(l->w->smtp, c, c->addr,
+				 (uint64_t)l->w->id << 56 | l->sid_next++);
+	if (!c->s) {
+		c->fd = -1;
+		conn_finalize(c);
+		busy_refuse(l, fd);
+		return;
+	}
+	if (l->w->cfg->greet_delay_ms)
+		c->greet_due_us = l->now_us + l->w->cfg->greet_delay_ms * 1000;
+	idle_touch(l, c);
+	mark_dirty(c);
+}
+
+static void
+arm_accept(struct sock_loop *l, struct sock_listener *ls)
+{
+	struct io_uring_sqe *sqe = get_sqe(l);
+
+	if (!sqe)
+		return;
+	io_uring_prep_multishot_accept(sqe, ls->fd, NULL, NULL, SOCK_CLOEXEC);
+	io_uring_sqe_set_data64(sqe, ud(ls, OP_ACCEPT));
+	ls->armed = true;
+}
+
+static void
+arm_wake(struct sock_loop *l)
+{
+	struct io_uring_sqe *sqe = get_sqe(l);
+
+	if (!sqe)
+		return;
+	io_uring_prep_read(sqe, l->w->wake_fd, &l->wake_val,
+			   sizeof(l->wake_val), 0);
+	io_uring_sqe_set_data64(sqe, ud(l, OP_WAKE));
+	l->wake_armed = true;
+}
+
+/* Called by worker.c after a commit verdict reached a session. */
+static void
+wake_session(void *tctx)
+{
+	mark_dirty(tctx);
+}
+
+static void
+begin_stop(struct sock_loop *l)
+{
+	if (l->stopping)
+		return;
+	l->stopping = true;
+	l->stop_deadline_us =
+		l->now_us + l->w->cfg->shutdown_timeout_ms * 1000;
+	for (unsigned i = 0; i < l->nlisteners; i++) {
+		/* Stop taking connections: the multishot accept ends. */
+		shutdown(l->listeners[i].fd, SHUT_RD);
+	}
+	for (unsigned i = 0; i < l->nconns; i++) {
+		struct sock_conn *c = &l->conns[i];
+		if (c->in_use && !c->closing && c->s) {
+			smtp_session_shutdown(c->s);
+			mark_dirty(c);
+		}
+	}
+	fd_log(FD_LOG_INFO, "sock", "worker=%u event=stopping sessions=%u",
+	       l->w->id, l->in_use);
+}
+
+static void
+on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
+{
+	uint64_t u = io_uring_cqe_get_data64(cqe);
+	struct sock_conn *c;
+
+	if (spool_owns_cqe(cqe)) {
+		spool_handle_cqe(l->w->spool, cqe);
+		l->spool_progress = true;
+		return;
+	}
+	switch (ud_op(u)) {
+	case OP_RECV:
+		c = ud_ptr(u);
+		c->inflight--;
+		c->recv_armed = false;
+		if (cqe->res > 0 && (cqe->flags & IORING_CQE_F_BUFFER)) {
+			uint16_t bid =
+				(uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+			if (c->closing) {
+				buf_return(l, bid);
+			} else {
+				c->held = true;
+				c->held_bid = bid;
+				c->held_off = 0;
+				c->held_len = (uint32_t)cqe->res;
+				idle_touch(l, c);
+			}
+		} else if (cqe->res == -ENOBUFS) {
+			c->starved = true; /* re-armed when a buffer returns */
+		} else if (cqe->res == 0 || cqe->res != -EINTR) {
+			c->peer_eof = true;
+		}
+		break;
+	case OP_SEND:
+		c = ud_ptr(u);
+		c->inflight--;
+		c->send_armed = false;
+		if (cqe->res > 0 && c->s && !c->closing) {
+			smtp_session_output_done(c->s, (size_t)cqe->res);
+		} else if (cqe->res < 0 && !c->closing) {
+			conn_close(c, "send_error");
+		}
+		break;
+	case OP_ACCEPT: {
+		struct sock_listener *ls = ud_ptr(u);
+		if (!(cqe->flags & IORING_CQE_F_MORE))
+			ls->armed = false;
+		if (cqe->res >= 0)
+			on_accept(l, ls, cqe->res);
+		else if (cqe->res != -EINVAL && cqe->res != -ECANCELED &&
+			 !l->stopping)
+			fd_log(FD_LOG_WARN, "sock",
+			       "worker=%u event=accept_error error=\"%s\"",
+			       l->w->id, strerror(-cqe->res));
+		return;
+	}
+	case OP_WAKE:
+		l->wake_armed = false;
+		if (atomic_load(&l->w->stop))
+			begin_stop(l);
+		else
+			arm_wake(l);
+		return;
+	case OP_NONE:
+	case OP_IGNORE:
+		return;
+	}
+	c = ud_ptr(u);
+	if (c->closing) {
+		if (c->inflight == 0)
+			conn_finalize(c);
+		return;
+	}
+	mark_dirty(c);
+}
+
+static void
+run_timers(struct sock_loop *l)
+{
+	const struct fd_config *cfg = l->w->cfg;
+	uint64_t idle_us = cfg->idle_timeout_ms * 1000;
+
+	/* Oldest first: stop at the first connection that is not due. */
+	while (l->idle_head &&
+	       l->idle_head->last_active_us + idle_us <= l->now_us) {
+		struct sock_conn *c = l->idle_head;
+		idle_unlink(l, c);
+		if (c->s && !c->closing) {
+			smtp_session_timeout(c->s);
+			mark_dirty(c);
+		}
+	}
+	if (cfg->greet_delay_ms == 0)
+		return;
+	for (unsigned i = 0; i < l->nconns; i++) {
+		struct sock_conn *c = &l->conns[i];
+		if (c->in_use && c->greet_due_us &&
+		    c->greet_due_us <= l->now_us) {
+			c->greet_due_us = 0;
+			if (c->s && !c->closing) {
+				smtp_session_greet(c->s);
+				mark_dirty(c);
+			}
+		}
+	}
+}
+
+static void
+service_dirty(struct sock_loop *l)
+{
+	/* Connections starved of receive buffers try again once some came
+	 * back; conn_service() re-arms them. */
+	if (l->buffers_returned) {
+		l->buffers_returned = false;
+		for (unsigned i = 0; i < l->nconns; i++) {
+			struct sock_conn *c = &l->conns[i];
+			if (c->in_use && c->starved) {
+				c->starved = false;
+				mark_dirty(c);
+			}
+		}
+	}
+	while (l->dirty) {
+		struct sock_conn *c = l->dirty;
+		l->dirty = c->dirty_next;
+		c->dirty = false;
+		if (c->in_use)
+			conn_service(c);
+	}
+}
+
+/*
+ * Connections blocked on spool room get offered their input again after a
+ * round that saw spool completions (a buffer may have come free). Commit
+ * verdicts wake their own session (wake_session), so this is only for room.
+ * XXX: a scan of the connection table; a list of blocked connections would
+ * make it proportional to the blocked ones.
+ */
+static void
+retry_held(struct sock_loop *l)
+{
+	if (!l->spool_progress)
+		return;
+	l->spool_progress = false;
+	for (unsigned i = 0; i < l->nconns; i++) {
+		struct sock_conn *c = &l->conns[i];
+		if (c->in_use && c->held && !c->closing &&
+		    !smtp_session_commit_pending(c->s))
+			mark_dirty(c);
+	}
+}
+
+static int
+open_listener(const struct fd_listen *li)
+{
+	int one = 1;
+	int fd = socket(li->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		return -errno;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+	if (li->addr.ss_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+	if (bind(fd, (const struct sockaddr *)&li->addr, li->addrlen) != 0 ||
+	    listen(fd, 4096) != 0) {
+		int e = -errno;
+		close(fd);
+		return e;
+	}
+	return fd;
+}
+
+static int
+loop_init(struct sock_loop *l, struct fd_worker *w)
+{
+	struct io_uring_params p;
+	struct io_uring_buf_reg reg;
+	int r;
+
+	memset(l, 0, sizeof(*l));
+	l->w = w;
+	memset(&p, 0, sizeof(p));
+	p.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN |
+		  IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+	r = io_uring_queue_init_params(RING_ENTRIES, &l->ring, &p);
+	if (r == -EINVAL) {
+		memset(&p, 0, sizeof(p));
+		r = io_uring_queue_init_params(RING_ENTRIES, &l->ring, &p);
+	}
+	if (r < 0) {
+		fd_log(FD_LOG_ERR, "sock", "worker=%u event=io_uring_failed "
+		       "error=\"%s\"", w->id, strerror(-r));
+		return r;
+	}
+
+	/* Receive buffers: enough for every connection to hold one while
+	 * the rest keep flowing, a power of two as the ring requires. */
+	l->nbufs = 256;
+	while (l->nbufs < w->cfg->max_connections + 64 && l->nbufs < 32768)
+		l->nbufs <<= 1;
+	l->br_bytes = l->nbufs * sizeof(struct io_uring_buf);
+	l->br = mmap(NULL, l->br_bytes, PROT_READ | PROT_WRITE,
+		     MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+	l->bufs = mmap(NULL, (size_t)l->nbufs * BUF_SIZE,
+		       PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE,
+		       -1, 0);
+	if (l->br == MAP_FAILED || l->bufs == MAP_FAILED) {
+		r = -ENOMEM;
+		goto out_unmap;
+	}
+	memset(&reg, 0, sizeof(reg));
+	reg.ring_addr = (unsigned long)l->br;
+	reg.ring_entries = l->nbufs;
+	reg.bgid = BUF_GROUP;
+	r = io_uring_register_buf_ring(&l->ring, &reg, 0);
+	if (r < 0) {
+		fd_log(FD_LOG_ERR, "sock", "worker=%u event=buf_ring_failed "
+		       "error=\"%s\"", w->id, strerror(-r));
+		goto out_unmap;
+	}
+	io_uring_buf_ring_init(l->br);
+	for (unsigned i = 0; i < l->nbufs; i++)
+		io_uring_buf_ring_add(l->br, l->bufs + (size_t)i * BUF_SIZE,
+				      BUF_SIZE, (unsigned short)i,
+				      io_uring_buf_ring_mask(l->nbufs),
+				      (int)i);
+	io_uring_buf_ring_advance(l->br, (int)l->nbufs);
+
+	l->nconns = w->cfg->max_connections;
+	l->conns = aligned_alloc(64, sizeof(*l->conns) * l->nconns);
+	if (!l->conns) {
+		r = -ENOMEM;
+		goto out_unmap;
+	}
+	memset(l->conns, 0, sizeof(*l->conns) * l->nconns);
+	for (unsigned i = l->nconns; i-- > 0;) {
+		l->conns[i].fd = -1;
+		l->conns[i].free_next = l->free;
+		l->free = &l->conns[i];
+	}
+	return 0;
+
+out_unmap:
+	if (l->br != MAP_FAILED && l->br)
+		munmap(l->br, l->br_bytes);
+	if (l->bufs != MAP_FAILED && l->bufs)
+		munmap(l->bufs, (size_t)l->nbufs * BUF_SIZE);
+	io_uring_queue_exit(&l->ring);
+	return r;
+}
+
+static void
+loop_fini(struct sock_loop *l)
+{
+	for (unsigned i = 0; i < l->nlisteners; i++)
+		close(l->listeners[i].fd);
+	for (unsigned i = 0; i < l->nconns; i++)
+		if (l->conns[i].in_use && l->conns[i].fd >= 0)
+			close(l->conns[i].fd);
+	free(l->conns);
+	io_uring_queue_exit(&l->ring);
+	munmap(l->br, l->br_bytes);
+	munmap(l->bufs, (size_t)l->nbufs * BUF_SIZE);
+}
+
+static bool
+loop_done(struct sock_loop *l)
+{
+	if (!l->stopping)
+		return false;
+	if (l->in_use == 0 && spool_inflight(l->w->spool) == 0)
+		return true;
+	return l->now_us >= l->stop_deadline_us &&
+	       spool_inflight(l->w->spool) == 0;
+}
+
+int
+sock_worker_run(struct fd_worker *w)
+{
+	struct sock_loop *l = aligned_alloc(64, sizeof(*l));
+	int r;
+
+	if (!l)
+		return w->exit_status = -ENOMEM;
+	if ((r = loop_init(l, w)) < 0)
+		goto out_free;
+	if ((r = fd_worker_start(w, &l->ring, wake_session)) < 0)
+		goto out_fini;
+	for (unsigned i = 0; i < w->cfg->n_listen; i++) {
+		int fd = open_listener(&w->cfg->listen[i]);
+		if (fd < 0) {
+			r = fd;
+			fd_log(FD_LOG_ERR, "sock",
+			       "worker=%u event=listen_failed addr=%s "
+			       "error=\"%s\"",
+			       w->id, w->cfg->listen[i].text, strerror(-r));
+			goto out_worker;
+		}
+		l->listeners[i] = (struct sock_listener){
+			.loop = l, .fd = fd, .idx = i};
+		l->nlisteners++;
+		arm_accept(l, &l->listeners[i]);
+	}
+	arm_wake(l);
+	atomic_store(&w->ready, true);
+
+	l->now_us = fd_now_monotonic_us();
+	while (!loop_done(l)) {
+		struct io_uring_cqe *cqe;
+		struct __kernel_timespec ts = {.tv_sec = 0,
+					       .tv_nsec = TICK_US * 1000};
+		unsigned head, seen = 0;
+
+		if (l->w->cfg->greet_delay_ms && l->w->cfg->greet_delay_ms < 100)
+			ts.tv_nsec = (long long)l->w->cfg->greet_delay_ms *
+				     250000; /* a quarter of the delay */
+		r = io_uring_submit_and_wait_timeout(&l->ring, &cqe, 1, &ts,
+						     NULL);
+		if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY) {
+			fd_log(FD_LOG_ERR, "sock", "worker=%u event=wait_failed "
+			       "error=\"%s\"", w->id, strerror(-r));
+			break;
+		}
+		l->now_us = fd_now_monotonic_us();
+		/* Handle everything ready; new CQEs may arrive while we do,
+		 * and are taken in the same iteration. */
+		do {
+			seen = 0;
+			io_uring_for_each_cqe(&l->ring, head, cqe)
+			{
+				on_cqe(l, cqe);
+				seen++;
+			}
+			io_uring_cq_advance(&l->ring, seen);
+			retry_held(l);
+			service_dirty(l);
+		} while (seen);
+		run_timers(l);
+		service_dirty(l);
+		/* Idle: close the batch being filled (natural batching). */
+		spool_flush(w->spool);
+		if (atomic_load(&w->stop) && !l->stopping)
+			begin_stop(l);
+	}
+	r = 0;
+	if (l->in_use)
+		fd_log(FD_LOG_WARN, "sock",
+		       "worker=%u event=stop_timeout sessions=%u", w->id,
+		       l->in_use);
+	for (unsigned i = 0; i < l->nconns; i++)
+		if (l->conns[i].in_use && !l->conns[i].closing)
+			conn_close(&l->conns[i], "shutdown");
+out_worker:
+	/* Drain: every batch in flight completes and its callbacks run. */
+	while (w->spool && spool_inflight(w->spool) > 0) {
+		struct io_uring_cqe *cqe;
+		unsigned head, seen = 0;
+		io_uring_submit_and_wait(&l->ring, 1);
+		io_uring_for_each_cqe(&l->ring, head, cqe)
+		{
+			if (spool_owns_cqe(cqe))
+				spool_handle_cqe(w->spool, cqe);
+			seen++;
+		}
+		io_uring_cq_advance(&l->ring, seen);
+	}
+	fd_worker_finish(w);
+out_fini:
+	loop_fini(l);
+out_free:
+	free(l);
+	return w->exit_status = r;
+}

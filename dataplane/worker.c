@@ -1,0 +1,176 @@
+/*
+ * Worker glue: the SMTP engine's sink operations implemented by the spool,
+ * and the spool's completion routed to the session. This file holds the
+ * single path by which a durable write becomes a 250: spool completion ->
+ * worker_commit_done() -> smtp_session_commit_done() (STYLE.md 10).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+
+#include "finaldot/log.h"
+#include "smtp/smtp.h"
+#include "spool/spool.h"
+#include "worker.h"
+
+/* Counters of a finished worker, kept for fd_worker_add_totals(). */
+struct worker_final {
+	struct smtp_stats smtp;
+	struct spool_stats spool;
+};
+static struct worker_final finals[256];
+
+static void *
+sink_begin(void *sink, const struct fd_envelope *env, void *sctx,
+	   uint64_t *msgid, int *err)
+{
+	return spool_msg_begin(sink, env, sctx, msgid, err);
+}
+
+static int
+sink_append(void *sink, void *msg, const void *p, size_t n)
+{
+	return spool_msg_append(sink, msg, p, n);
+}
+
+static int
+sink_commit(void *sink, void *msg)
+{
+	return spool_msg_commit(sink, msg);
+}
+
+static void
+sink_abort(void *sink, void *msg)
+{
+	spool_msg_abort(sink, msg);
+}
+
+static void
+sink_detach(void *sink, void *msg)
+{
+	spool_msg_detach(sink, msg);
+}
+
+static size_t
+sink_room(void *sink)
+{
+	return spool_room(sink);
+}
+
+static const struct smtp_sink_ops spool_sink_ops = {
+	.begin = sink_begin,
+	.append = sink_append,
+	.commit = sink_commit,
+	.abort = sink_abort,
+	.detach = sink_detach,
+	.room = sink_room,
+};
+
+/* The worker each thread runs, for the spool's completion callback. */
+static __thread struct fd_worker *cur_worker;
+
+static void
+worker_commit_done(void *ctx, uint64_t msgid, int status)
+{
+	struct smtp_session *s = ctx;
+	void *tctx = smtp_session_tctx(s);
+
+	smtp_session_commit_done(s, msgid, status);
+	if (cur_worker && cur_worker->wake)
+		cur_worker->wake(tctx);
+}
+
+int
+fd_worker_start(struct fd_worker *w, struct io_uring *ring,
+		fd_worker_wake_fn wake)
+{
+	const struct fd_config *c = w->cfg;
+	struct smtp_config sc;
+	struct spool_params sp;
+	int r;
+
+	cur_worker = w;
+	w->wake = wake;
+	for (unsigned i = 0; i < c->n_domains; i++)
+		w->domains[i] = c->domains[i];
+
+	spool_params_defaults(&sp);
+	sp.dir = c->spool_dir;
+	sp.worker = w->id;
+	sp.segment_size = c->segment_size;
+	sp.batch_size = (size_t)c->batch_size;
+	sp.batches = c->batches;
+	sp.max_msgs = c->max_connections;
+	sp.spare_segments = c->spare_segments;
+	sp.max_segments = c->max_segments;
+	sp.seed_msgid = w->seed_msgid;
+	sp.ring = ring;
+	sp.done = worker_commit_done;
+	w->spool = spool_create(&sp);
+	if (!w->spool) {
+		r = errno ? -errno : -EIO;
+		fd_log(FD_LOG_ERR, "worker", "worker=%u event=spool_failed "
+		       "dir=%s error=\"%s\"", w->id, c->spool_dir,
+		       strerror(-r));
+		return r;
+	}
+
+	smtp_config_defaults(&sc);
+	sc.hostname = c->hostname;
+	sc.domains = w->domains;
+	sc.n_domains = c->n_domains;
+	sc.max_message_size = c->max_message_size;
+	sc.max_recipients = c->max_recipients;
+	sc.max_errors = c->max_errors;
+	sc.max_sessions = c->max_connections;
+	sc.greet_delay = c->greet_delay_ms > 0;
+	w->smtp = smtp_server_create(&sc, &spool_sink_ops, w->spool);
+	if (!w->smtp) {
+		spool_destroy(w->spool);
+		w->spool = NULL;
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+void
+fd_worker_finish(struct fd_worker *w)
+{
+	struct worker_final *f = &finals[w->id & 0xff];
+
+	/* The loop has drained the spool (spool_inflight() == 0), so these
+	 * counters are final; destroy still waits, to be safe. */
+	if (w->spool) {
+		f->spool = *spool_get_stats(w->spool);
+		spool_destroy(w->spool);
+	}
+	if (w->smtp)
+		f->smtp = *smtp_server_stats(w->smtp);
+	fd_log(FD_LOG_INFO, "worker",
+	       "worker=%u event=stats sessions=%" PRIu64 " messages=%" PRIu64
+	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
+	       " batches=%" PRIu64 " bytes=%" PRIu64 " refused=%" PRIu64,
+	       w->id, f->smtp.sessions, f->smtp.messages_committed,
+	       f->smtp.messages_failed, f->smtp.messages_rejected,
+	       f->spool.flushes, f->spool.batches, f->spool.bytes,
+	       w->sessions_refused);
+	if (w->smtp)
+		smtp_server_destroy(w->smtp);
+	w->smtp = NULL;
+	w->spool = NULL;
+	cur_worker = NULL;
+}
+
+void
+fd_worker_add_totals(const struct fd_worker *w, struct fd_worker_totals *t)
+{
+	const struct worker_final *f = &finals[w->id & 0xff];
+
+	t->messages += f->smtp.messages_committed;
+	t->failed += f->smtp.messages_failed;
+	t->rejected += f->smtp.messages_rejected;
+	t->sessions += f->smtp.sessions;
+	t->flushes += f->spool.flushes;
+	t->batches += f->spool.batches;
+	t->bytes += f->spool.bytes;
+}

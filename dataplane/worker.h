@@ -1,0 +1,67 @@
+/*
+ * A worker: one thread (or DPDK lcore) with its own SMTP sessions and its
+ * own spool, sharing nothing with the others (DESIGN.md). The transport that
+ * runs the worker's loop (sock/ or net/) owns the connections; this module
+ * wires the SMTP engine to the spool and routes the spool's completions back
+ * to the sessions.
+ */
+#ifndef FINALDOT_WORKER_H
+#define FINALDOT_WORKER_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "finaldot/compiler.h"
+#include "finaldot/config.h"
+
+struct io_uring;
+struct smtp_server;
+struct smtp_session;
+struct spool;
+
+/* Called after the spool's verdict reached a session, so the transport can
+ * send its reply and offer it held input again. tctx: the session's. */
+typedef void (*fd_worker_wake_fn)(void *tctx);
+
+struct fd_worker {
+	unsigned id;
+	const struct fd_config *cfg;
+	struct smtp_server *smtp;
+	struct spool *spool;
+	fd_worker_wake_fn wake;
+	uint64_t seed_msgid;          /* from recovery, before start */
+	const char *domains[FD_CONFIG_MAX_DOMAINS];
+	pthread_t thread;
+	int wake_fd;                  /* eventfd: main thread -> worker */
+	atomic_bool stop;
+	atomic_bool ready;            /* listening; main may report "ready" */
+	int exit_status;              /* 0 or -errno, set by the loop */
+	uint64_t sessions_refused;
+} fd_cache_aligned;
+
+/*
+ * Create the worker's SMTP server and spool. ring: the transport's io_uring
+ * to share with the spool, or NULL (the spool makes its own). Must run on
+ * the worker's own thread (the ring's single issuer). 0 or -errno.
+ */
+int fd_worker_start(struct fd_worker *w, struct io_uring *ring,
+		    fd_worker_wake_fn wake);
+/* Logs the worker's counters as one event=stats line; frees everything. */
+void fd_worker_finish(struct fd_worker *w);
+
+/* Totals for the final stats line (filled by fd_worker_finish). */
+struct fd_worker_totals {
+	uint64_t messages;
+	uint64_t failed;
+	uint64_t rejected;
+	uint64_t flushes;
+	uint64_t batches;
+	uint64_t bytes;
+	uint64_t sessions;
+};
+void fd_worker_add_totals(const struct fd_worker *w,
+			  struct fd_worker_totals *t);
+
+#endif

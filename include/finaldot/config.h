@@ -1,0 +1,98 @@
+/*
+ * finaldot's configuration: embedded defaults, then the config file, then
+ * command-line flags, later ones winning (repeatable list options: a list
+ * given on the command line replaces the file's list).
+ *
+ * One table (config.c) names every option once: its config-file key
+ * ("max_message_size"), its flag ("--max-message-size"), its type and its
+ * help text; the parser and --help are both driven by it.
+ *
+ * Config file syntax: one "key = value" per line, '#' starts a comment,
+ * blank lines ignored, list options repeated ("listen = 127.0.0.1:2525").
+ * Sizes take k/M/G suffixes (powers of 1024); durations take ms/s/m/h
+ * (default seconds).
+ */
+#ifndef FINALDOT_CONFIG_H
+#define FINALDOT_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/socket.h>
+
+#define FD_CONFIG_MAX_LISTEN 16
+#define FD_CONFIG_MAX_DOMAINS 64
+#define FD_CONFIG_STR 256
+
+enum fd_transport {
+	FD_TRANSPORT_KERNEL = 0,
+	FD_TRANSPORT_DPDK = 1,
+};
+
+struct fd_listen {
+	struct sockaddr_storage addr;
+	socklen_t addrlen;
+	char text[64]; /* as given, for logs */
+};
+
+struct fd_config {
+	/* where and how */
+	enum fd_transport transport;
+	struct fd_listen listen[FD_CONFIG_MAX_LISTEN];
+	unsigned n_listen;
+	unsigned threads; /* workers; 0 = one per online CPU */
+	char hostname[FD_CONFIG_STR];
+	char config_file[FD_CONFIG_STR];
+
+	/* policy */
+	char domains[FD_CONFIG_MAX_DOMAINS][FD_CONFIG_STR];
+	unsigned n_domains;
+	uint64_t max_message_size;
+	unsigned max_recipients;
+	unsigned max_errors;
+	unsigned max_connections; /* per worker */
+	uint64_t idle_timeout_ms;
+	uint64_t greet_delay_ms;
+	uint64_t shutdown_timeout_ms;
+
+	/* spool */
+	char spool_dir[FD_CONFIG_STR];
+	uint64_t segment_size;
+	uint64_t batch_size;
+	unsigned batches;
+	unsigned spare_segments;
+	uint64_t max_segments;
+
+	/* DPDK transport (issue 3) */
+	char dpdk_eal[1024];
+	char dpdk_ip[64];      /* ADDR/PREFIX */
+	char dpdk_gateway[64];
+
+	/* operations */
+	int log_level; /* enum fd_log_level */
+	bool help;
+	bool version;
+	bool check;    /* --check-config: parse, print, exit */
+};
+
+/* Embedded defaults: 127.0.0.1:2525, ./var/spool, domain localhost. */
+void fd_config_defaults(struct fd_config *c);
+
+/*
+ * Parse argv (a --config FILE among the flags is read first, wherever it
+ * stands, so flags override the file). On error writes one line to err and
+ * returns -EINVAL. Fills in defaults for lists left empty.
+ */
+int fd_config_parse_args(struct fd_config *c, int argc, char **argv,
+			 FILE *err);
+int fd_config_parse_file(struct fd_config *c, const char *path, FILE *err);
+
+/* --help text, generated from the option table. */
+void fd_config_usage(FILE *out, const char *prog);
+/* Every effective setting as "key = value" lines (a valid config file). */
+void fd_config_dump(const struct fd_config *c, FILE *out);
+
+/* "127.0.0.1:25", "[::1]:25", ":25" (all IPv4), "[::]:25". 0 or -EINVAL. */
+int fd_config_parse_listen(const char *s, struct fd_listen *l);
+
+#endif

@@ -1,0 +1,190 @@
+/* Config: defaults, flags, file, precedence, errors, --help coverage. */
+#include <arpa/inet.h>
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "finaldot/config.h"
+
+static struct fd_config c;
+static char errbuf[4096];
+static FILE *err;
+
+static void
+setup(void)
+{
+	fd_config_defaults(&c);
+	err = fmemopen(errbuf, sizeof(errbuf), "w");
+	memset(errbuf, 0, sizeof(errbuf));
+}
+
+static void
+teardown(void)
+{
+	fclose(err);
+}
+
+TestSuite(config, .init = setup, .fini = teardown);
+
+static int
+parse(int argc, char **argv)
+{
+	int r = fd_config_parse_args(&c, argc, argv, err);
+	fflush(err);
+	return r;
+}
+
+Test(config, embedded_defaults_serve_a_first_run)
+{
+	char *argv[] = {"finaldot"};
+	cr_assert_eq(parse(1, argv), 0);
+	cr_assert_eq(c.n_listen, 1);
+	cr_assert_str_eq(c.listen[0].text, "127.0.0.1:2525");
+	cr_assert_str_eq(c.spool_dir, "./var/spool");
+	cr_assert_eq(c.n_domains, 1);
+	cr_assert_str_eq(c.domains[0], "localhost");
+	cr_assert_eq(c.idle_timeout_ms, 300000);
+	cr_assert_eq(c.max_message_size, 32u << 20);
+	cr_assert_eq(c.transport, FD_TRANSPORT_KERNEL);
+}
+
+Test(config, repeatable_flags_and_suffixes)
+{
+	char *argv[] = {"finaldot", "--listen", "127.0.0.2:25",
+			"--listen=[::1]:26", "--accept-domain", "a.test",
+			"--accept-domain", "b.test", "--max-message-size", "10M",
+			"--idle-timeout", "90s", "--greet-delay", "250ms",
+			"--threads", "3"};
+	cr_assert_eq(parse(sizeof(argv) / sizeof(argv[0]), argv), 0, "%s",
+		     errbuf);
+	cr_assert_eq(c.n_listen, 2);
+	cr_assert_eq(c.listen[1].addr.ss_family, AF_INET6);
+	cr_assert_eq(c.n_domains, 2);
+	cr_assert_str_eq(c.domains[1], "b.test");
+	cr_assert_eq(c.max_message_size, 10u << 20);
+	cr_assert_eq(c.idle_timeout_ms, 90000);
+	cr_assert_eq(c.greet_delay_ms, 250);
+	cr_assert_eq(c.threads, 3);
+}
+
+Test(config, listen_forms)
+{
+	struct fd_listen l;
+	cr_assert_eq(fd_config_parse_listen(":25", &l), 0);
+	cr_assert_eq(((struct sockaddr_in *)&l.addr)->sin_addr.s_addr,
+		     htonl(INADDR_ANY));
+	cr_assert_eq(fd_config_parse_listen("[::]:2525", &l), 0);
+	cr_assert_eq(ntohs(((struct sockaddr_in6 *)&l.addr)->sin6_port), 2525);
+	cr_assert_neq(fd_config_parse_listen("127.0.0.1", &l), 0);
+	cr_assert_neq(fd_config_parse_listen("127.0.0.1:0", &l), 0);
+	cr_assert_neq(fd_config_parse_listen("127.0.0.1:65536", &l), 0);
+	cr_assert_neq(fd_config_parse_listen("::1:25", &l), 0);
+	cr_assert_neq(fd_config_parse_listen("[::1]25", &l), 0);
+	cr_assert_neq(fd_config_parse_listen("host.example:25", &l), 0);
+}
+
+Test(config, file_then_flags_override)
+{
+	char path[] = "/tmp/fdconfXXXXXX";
+	int fd = mkstemp(path);
+	FILE *f = fdopen(fd, "w");
+	fprintf(f, "# comment\n\nlisten = 127.0.0.9:2600\n"
+		   "accept_domain = file.test   # trailing comment\n"
+		   "spool = \"/tmp/from file\"\nmax_recipients = 7\n");
+	fclose(f);
+	char *argv[] = {"finaldot", "--max-recipients", "9", "--config", path};
+	cr_assert_eq(parse(5, argv), 0, "%s", errbuf);
+	cr_assert_str_eq(c.listen[0].text, "127.0.0.9:2600");
+	cr_assert_str_eq(c.domains[0], "file.test");
+	cr_assert_str_eq(c.spool_dir, "/tmp/from file");
+	cr_assert_eq(c.max_recipients, 9, "the flag wins over the file");
+	unlink(path);
+}
+
+Test(config, flag_lists_replace_file_lists)
+{
+	char path[] = "/tmp/fdconfXXXXXX";
+	int fd = mkstemp(path);
+	FILE *f = fdopen(fd, "w");
+	fprintf(f, "accept_domain = a.test\naccept_domain = b.test\n");
+	fclose(f);
+	char *argv[] = {"finaldot", "--config", path, "--accept-domain",
+			"c.test"};
+	cr_assert_eq(parse(5, argv), 0, "%s", errbuf);
+	cr_assert_eq(c.n_domains, 1);
+	cr_assert_str_eq(c.domains[0], "c.test");
+	unlink(path);
+}
+
+Test(config, file_errors_name_the_line)
+{
+	char path[] = "/tmp/fdconfXXXXXX";
+	int fd = mkstemp(path);
+	FILE *f = fdopen(fd, "w");
+	fprintf(f, "threads = 2\nbogus_key = 1\n");
+	fclose(f);
+	char *argv[] = {"finaldot", "--config", path};
+	cr_assert_neq(parse(3, argv), 0);
+	cr_assert(strstr(errbuf, ":2: unknown setting \"bogus_key\""), "%s",
+		  errbuf);
+	unlink(path);
+}
+
+Test(config, bad_values_are_errors)
+{
+	char *a1[] = {"finaldot", "--threads", "many"};
+	cr_assert_neq(parse(3, a1), 0);
+	setup();
+	char *a2[] = {"finaldot", "--max-message-size", "10Q"};
+	cr_assert_neq(parse(3, a2), 0);
+	setup();
+	char *a3[] = {"finaldot", "--segment-size", "1000"};
+	cr_assert_neq(parse(3, a3), 0);
+	setup();
+	char *a4[] = {"finaldot", "--idle-timeout"};
+	cr_assert_neq(parse(2, a4), 0);
+	cr_assert(strstr(errbuf, "needs a value"), "%s", errbuf);
+	setup();
+	char *a5[] = {"finaldot", "--help=yes"};
+	cr_assert_neq(parse(2, a5), 0);
+	setup();
+	char *a6[] = {"finaldot", "stray"};
+	cr_assert_neq(parse(2, a6), 0);
+	setup();
+	char *a7[] = {"finaldot", "--transport", "carrier-pigeon"};
+	cr_assert_neq(parse(3, a7), 0);
+}
+
+Test(config, help_documents_every_option_and_dump_round_trips)
+{
+	char buf[16384] = {0};
+	FILE *out = fmemopen(buf, sizeof(buf), "w");
+	fd_config_usage(out, "finaldot");
+	fclose(out);
+	const char *must[] = {"--listen", "--spool", "--accept-domain",
+			      "--threads", "--config", "--max-message-size",
+			      "--idle-timeout", "--greet-delay", "--help"};
+	for (size_t i = 0; i < sizeof(must) / sizeof(must[0]); i++)
+		cr_assert(strstr(buf, must[i]), "%s missing from --help",
+			  must[i]);
+
+	/* The dump is a valid config file giving the same settings. */
+	char *argv[] = {"finaldot", "--listen", "127.0.0.3:2700",
+			"--max-errors", "5", "--log-level", "debug"};
+	cr_assert_eq(parse(7, argv), 0);
+	char path[] = "/tmp/fdconfXXXXXX";
+	int fd = mkstemp(path);
+	FILE *f = fdopen(fd, "w");
+	fd_config_dump(&c, f);
+	fclose(f);
+	struct fd_config d;
+	fd_config_defaults(&d);
+	cr_assert_eq(fd_config_parse_file(&d, path, err), 0, "%s", errbuf);
+	cr_assert_str_eq(d.listen[0].text, "127.0.0.3:2700");
+	cr_assert_eq(d.max_errors, 5);
+	cr_assert_eq(d.log_level, c.log_level);
+	cr_assert_eq(d.segment_size, c.segment_size);
+	unlink(path);
+}
