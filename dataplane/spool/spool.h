@@ -26,8 +26,16 @@
  * environment variable FINALDOT_SPOOL_FAULT, selects
  *   "fail-write"        every batch write completes with -EIO
  *   "fail-write:N"      the N-th batch write (1-based) and later ones fail
+ *   "fail-once:N"       only the N-th batch write fails
  *   "enospc"            no segment can be made: begin() fails with -ENOSPC
  *   "hold:PATH"         batches are not submitted while PATH exists
+ * A failed write fails every message with a record in that batch (-EIO);
+ * the next batch goes to fresh blocks and later messages are unaffected.
+ *
+ * CQE tagging in a shared ring: the spool's user_data values all have bit 63
+ * set (SPOOL_UD_FLAG); other users of the ring must never set that bit.
+ * Below it the spool keeps the batch index, the operation and a few bits of
+ * the batch sequence number (checked on completion).
  */
 #ifndef FINALDOT_SPOOL_H
 #define FINALDOT_SPOOL_H
@@ -46,6 +54,8 @@ struct spool_msg;
 /* status: 0 durable; -ENOSPC; -EIO or another -errno. ctx as given. */
 typedef void (*spool_done_fn)(void *ctx, uint64_t msgid, int status);
 
+#define SPOOL_UD_FLAG (1ULL << 63)
+
 struct spool_params {
 	const char *dir;          /* spool root; this worker uses dir/wNN/ */
 	unsigned worker;          /* 0..255: directory and msgid low byte */
@@ -59,6 +69,15 @@ struct spool_params {
 	struct io_uring *ring;    /* NULL: own ring */
 	const char *fault;        /* fault spec or NULL (see above) */
 	spool_done_fn done;
+	/* Durability by a linked fdatasync SQE after each write instead of
+	 * RWF_DSYNC on the write. Chosen automatically (with a warning) when
+	 * the kernel rejects RWF_DSYNC. */
+	bool linked_fdatasync;
+	/* Group commit: spool_flush() leaves the batch being filled open
+	 * while this many durable writes are in flight, so the messages that
+	 * arrive meanwhile share the next write. Full batches are written
+	 * regardless (up to `batches` in flight). Default 1. */
+	unsigned flush_inflight;
 };
 
 /* Fills the defaults above; dir, worker, max_msgs, done are left zero. */
@@ -71,7 +90,9 @@ void spool_destroy(struct spool *sp);
 
 /*
  * Open a message. Returns NULL with *err = -ENOSPC (no segment space),
- * -EMFILE (max_msgs open) or another -errno. The envelope is encoded into
+ * -EMFILE (max_msgs open), -EAGAIN (every batch buffer is in flight:
+ * spool_room() == 0; retry after completions), -EMSGSIZE (the envelope
+ * encodes to more than SPOOL_ENV_MAX bytes) or another -errno. The envelope is encoded into
  * the spool at once; env's strings need not outlive the call.
  */
 struct spool_msg *spool_msg_begin(struct spool *sp,
@@ -90,14 +111,31 @@ void spool_msg_detach(struct spool *sp, struct spool_msg *m);
 /* Body bytes that spool_msg_append() accepts right now. */
 size_t spool_room(const struct spool *sp);
 
-/* Close the batch being filled (if non-empty) and submit it. 0 or -errno. */
+/*
+ * The poll loop is idle: close the batch being filled and submit it, if a
+ * message's END record is in it (somebody waits for this flush) and fewer
+ * than flush_inflight writes are in flight; submit any closed batch. A batch
+ * holding only the start of messages waits for an END or for batch_size.
+ * Call it again after completions were harvested. 0 or -errno.
+ */
 int spool_flush(struct spool *sp);
 /* Own ring only: submit what is queued, harvest completions without
  * waiting, run callbacks. Returns completions handled. */
 int spool_poll(struct spool *sp);
-/* Shared ring only. */
+/* Own ring only: like spool_poll(), but first waits for at least one
+ * completion if a batch is in the kernel. For tests and shutdown. */
+int spool_wait(struct spool *sp);
+/* Shared ring only. Callbacks run from spool_handle_cqe(); they must not
+ * call spool_poll()/spool_handle_cqe() themselves. With a shared ring the
+ * caller drains (spool_inflight() == 0) before spool_destroy(). */
 bool spool_owns_cqe(const struct io_uring_cqe *cqe);
 void spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe);
+
+#ifdef FINALDOT_FAULT_INJECTION
+/* Replace the fault spec at run time (tests); NULL clears. "enospc" is only
+ * accepted at create. 0 or -EINVAL. */
+int spool_set_fault(struct spool *sp, const char *spec);
+#endif
 
 /* Batches submitted and not yet completed. */
 unsigned spool_inflight(const struct spool *sp);
@@ -110,7 +148,8 @@ struct spool_stats {
 	uint64_t bytes;         /* bytes written, padding included */
 	uint64_t payload_bytes; /* record bytes, padding excluded */
 	uint64_t segments_used;
-	uint64_t room_waits;    /* spool_room() returned less than asked */
+	uint64_t room_waits;    /* spool_room() returned 0, or begin() had
+				 * to answer -EAGAIN */
 };
 const struct spool_stats *spool_get_stats(const struct spool *sp);
 

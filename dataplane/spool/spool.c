@@ -1,0 +1,1063 @@
+/*
+ * The spool writer (contract in spool.h, format in finaldot/spool_format.h,
+ * prose in docs/spool-format.md).
+ *
+ * A message is a stream of records: ENV at begin(), DATA records as body
+ * bytes arrive (one DATA record is extended while the same message keeps
+ * appending, and closed when another record is written or the batch
+ * closes), END at commit(). Records of all open messages interleave in the
+ * batch being filled. Body bytes are copied once, from the caller straight
+ * into the batch buffer, and checksummed once: each DATA record's payload
+ * CRC is folded into the message's body CRC with spool_crc32c_combine().
+ *
+ * Batch buffer states:
+ *
+ *   FREE --open--> FILLING --close--> CLOSED --submit--> INFLIGHT --cqe-->
+ *   DONE --(head of the FIFO: completions in submission order)--> FREE
+ *
+ *   FILLING: at most one (sp->cur); has a sequence number, a segment and an
+ *            offset in it fixed at open (so records carry the right epoch).
+ *   CLOSED:  zero-padded to a block; waits for a free SQE (or a hold fault).
+ *   DONE:    its result is known; callbacks wait until every earlier batch
+ *            is DONE too (the completion watermark).
+ *
+ * Space in a buffer: DATA bytes fill it up to batch_size; ENV records are
+ * only started below batch_size and END records always fit: the buffer has
+ * room for batch_size + one maximal ENV + one END per open message. So
+ * commit() never needs a new buffer unless there is no current one at all,
+ * in which case the END waits on sp->pending and is written as soon as a
+ * buffer frees (from spool_poll()/spool_handle_cqe()).
+ *
+ * Message states: FREE -> OPEN -(commit)-> [END_PENDING ->] COMMITTED
+ * -(its END batch reaches the watermark)-> callback, FREE. abort() returns
+ * an OPEN message to FREE; its records are never followed by an END.
+ *
+ * Failure: a message fails iff a batch between the one holding its ENV and
+ * the one holding its END failed. Batches complete in order, so comparing
+ * the last failed sequence number with the message's first one suffices.
+ *
+ * XXX: if the disk fills while a message is mid-body, spool_room() stays 0
+ * for it until the preparer finds space again (retried each second); the
+ * SMTP engine's data timeout ends such a session.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <liburing.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "finaldot/crc32c.h"
+#include "finaldot/log.h"
+#include "finaldot/msgid.h"
+#include "finaldot/spool_format.h"
+#include "spool.h"
+#include "spool_seg.h"
+
+#ifndef RWF_DSYNC
+#define RWF_DSYNC 0x00000002
+#endif
+
+enum batch_state { B_FREE, B_FILLING, B_CLOSED, B_INFLIGHT, B_DONE };
+enum msg_state { M_FREE, M_OPEN, M_END_PENDING, M_COMMITTED };
+enum ud_op { OP_WRITE = 1, OP_FSYNC = 2, OP_NOP = 3 };
+enum fault_kind { F_NONE, F_FAIL_FROM, F_FAIL_ONCE, F_ENOSPC, F_HOLD };
+
+struct batch {
+	uint8_t *buf;
+	enum batch_state state;
+	unsigned idx;
+	uint64_t seq;
+	struct spool_seg *seg;
+	uint64_t off;   /* in the segment file */
+	uint64_t epoch; /* == seg->epoch */
+	size_t fill;    /* bytes of records (and padding) so far */
+	size_t len;     /* write length, a multiple of SPOOL_BLOCK */
+	uint64_t payload;
+	unsigned cqes_left;
+	bool fsync_mode;
+	bool fault_fail;
+	int res;
+	struct spool_msg *msgs; /* messages whose END is in this batch, */
+	struct spool_msg *msgs_tail; /* in commit order */
+};
+
+struct spool_msg {
+	enum msg_state state;
+	bool detached;
+	uint64_t id;
+	void *ctx;
+	uint64_t len;      /* body bytes appended */
+	uint32_t crc;      /* CRC32C of the body up to the last closed DATA */
+	uint64_t first_seq;
+	struct spool_msg *next;
+};
+
+struct spool {
+	struct spool_params p;
+	char *dir;
+	struct io_uring own;
+	struct io_uring *ring;
+	bool own_ring;
+
+	struct batch *b;
+	unsigned nb;
+	size_t cap; /* bytes per buffer */
+	unsigned *free_idx;
+	unsigned nfree;
+	unsigned *fifo; /* closed batches, in sequence order */
+	unsigned fifo_head, fifo_n;
+	unsigned kernel; /* batches whose SQEs were submitted */
+	struct batch *cur;
+	uint64_t next_seq;
+
+	/* the open DATA record, always in cur */
+	struct {
+		bool open;
+		struct spool_msg *m;
+		size_t hdr_pos;
+		uint32_t len;
+		uint32_t crc;
+	} rec;
+
+	struct spool_msg *msgs;
+	struct spool_msg *free_msgs;
+	struct spool_msg *pend_head, *pend_tail;
+
+	bool any_failed;
+	uint64_t last_failed_seq;
+	int last_fail_res;
+
+	struct spool_seg *active;
+	struct spool_prep *prep;
+	struct fd_msgid_gen gen;
+	bool fsync_mode;
+	bool destroying;
+
+	enum fault_kind fault;
+	uint64_t fault_n;
+	uint64_t writes;
+	char fault_path[1024];
+
+	struct spool_stats st;
+	struct spool_stats *stp; /* == &st: counted from const functions */
+};
+
+void
+spool_params_defaults(struct spool_params *p)
+{
+	memset(p, 0, sizeof(*p));
+	p->segment_size = 64ull << 20;
+	p->flush_inflight = 1;
+	p->batch_size = 256u << 10;
+	p->batches = 8;
+	p->spare_segments = 2;
+}
+
+/* ---- fault seam -------------------------------------------------------- */
+
+static int
+parse_fault(struct spool *sp, const char *spec)
+{
+	char *end;
+
+	sp->fault = F_NONE;
+	if (!spec || !*spec)
+		return 0;
+#ifdef FINALDOT_FAULT_INJECTION
+	if (strcmp(spec, "fail-write") == 0) {
+		sp->fault = F_FAIL_FROM;
+		sp->fault_n = 1;
+		return 0;
+	}
+	if (strncmp(spec, "fail-write:", 11) == 0 ||
+	    strncmp(spec, "fail-once:", 10) == 0) {
+		const char *n = strchr(spec, ':') + 1;
+		unsigned long long v = strtoull(n, &end, 10);
+		if (*n < '0' || *n > '9' || *end || v == 0)
+			return -EINVAL;
+		sp->fault = spec[5] == 'w' ? F_FAIL_FROM : F_FAIL_ONCE;
+		sp->fault_n = v;
+		return 0;
+	}
+	if (strcmp(spec, "enospc") == 0) {
+		sp->fault = F_ENOSPC;
+		return 0;
+	}
+	if (strncmp(spec, "hold:", 5) == 0 && spec[5] &&
+	    strlen(spec + 5) < sizeof(sp->fault_path)) {
+		sp->fault = F_HOLD;
+		strcpy(sp->fault_path, spec + 5);
+		return 0;
+	}
+#else
+	(void)end;
+#endif
+	return -EINVAL;
+}
+
+#ifdef FINALDOT_FAULT_INJECTION
+int
+spool_set_fault(struct spool *sp, const char *spec)
+{
+	struct spool saved = *sp;
+	int r;
+
+	if (spec && strcmp(spec, "enospc") == 0)
+		return -EINVAL;
+	r = parse_fault(sp, spec);
+	if (r) {
+		sp->fault = saved.fault;
+		sp->fault_n = saved.fault_n;
+		memcpy(sp->fault_path, saved.fault_path, sizeof(sp->fault_path));
+		return r;
+	}
+	sp->writes = 0;
+	return 0;
+}
+#endif
+
+static bool
+held(const struct spool *sp)
+{
+	return sp->fault == F_HOLD && !sp->destroying &&
+	       access(sp->fault_path, F_OK) == 0;
+}
+
+/* ---- user_data --------------------------------------------------------- */
+
+static uint64_t
+ud_make(const struct batch *b, enum ud_op op)
+{
+	return SPOOL_UD_FLAG | (b->seq & 0x7fffffull) << 40 |
+	       (uint64_t)op << 32 | b->idx;
+}
+
+bool
+spool_owns_cqe(const struct io_uring_cqe *cqe)
+{
+	return (cqe->user_data & SPOOL_UD_FLAG) != 0;
+}
+
+/* ---- segments and buffers ---------------------------------------------- */
+
+static void
+seg_release(struct spool_seg *s)
+{
+	if (s->retired && s->inflight == 0)
+		spool_seg_free(s);
+}
+
+static int
+switch_segment(struct spool *sp)
+{
+	struct spool_seg *s, *old = sp->active;
+	int r = spool_prep_take(sp->prep, &s);
+
+	if (r)
+		return r;
+	sp->active = s;
+	sp->stp->segments_used++;
+	if (old) {
+		old->retired = true;
+		fd_log(FD_LOG_INFO, "spool",
+		       "event=segment_switch worker=%u from=%08" PRIx64
+		       " to=%08" PRIx64 " used=%" PRIu64,
+		       sp->p.worker, old->file_no, s->file_no, old->off);
+		seg_release(old);
+	} else {
+		fd_log(FD_LOG_INFO, "spool",
+		       "event=segment_open worker=%u file=%08" PRIx64,
+		       sp->p.worker, s->file_no);
+	}
+	return 0;
+}
+
+/* Make a free buffer the current batch. 0, -EAGAIN or -ENOSPC. */
+static int
+open_current(struct spool *sp)
+{
+	struct batch *b;
+	int r;
+
+	if (sp->cur)
+		return 0;
+	if (sp->nfree == 0)
+		return -EAGAIN;
+	if (!sp->active || sp->active->size - sp->active->off < sp->cap) {
+		if ((r = switch_segment(sp)) != 0)
+			return r;
+	}
+	b = &sp->b[sp->free_idx[--sp->nfree]];
+	b->state = B_FILLING;
+	b->seq = sp->next_seq++;
+	b->seg = sp->active;
+	b->off = sp->active->off;
+	b->epoch = sp->active->epoch;
+	b->fill = 0;
+	b->payload = 0;
+	b->res = 0;
+	b->msgs = b->msgs_tail = NULL;
+	b->fault_fail = false;
+	sp->cur = b;
+	return 0;
+}
+
+static void
+close_rec(struct spool *sp)
+{
+	struct batch *b = sp->cur;
+	uint8_t *h;
+	size_t end;
+
+	if (!sp->rec.open)
+		return;
+	h = b->buf + sp->rec.hdr_pos;
+	spool_put32(h + 8, sp->rec.len);
+	spool_rec_seal(h, sp->rec.crc);
+	end = sp->rec.hdr_pos + SPOOL_REC_HDR_LEN + sp->rec.len;
+	b->fill = (size_t)spool_align8(end);
+	memset(b->buf + end, 0, b->fill - end);
+	b->payload += SPOOL_REC_HDR_LEN + sp->rec.len;
+	sp->rec.m->crc = spool_crc32c_combine(sp->rec.m->crc, sp->rec.crc,
+					      sp->rec.len);
+	sp->rec.open = false;
+}
+
+static void
+close_current(struct spool *sp)
+{
+	struct batch *b = sp->cur;
+
+	close_rec(sp);
+	b->len = (size_t)spool_align_block(b->fill);
+	memset(b->buf + b->fill, 0, b->len - b->fill);
+	b->seg->off += b->len;
+	b->seg->inflight++;
+	b->state = B_CLOSED;
+	sp->fifo[(sp->fifo_head + sp->fifo_n) % sp->nb] = b->idx;
+	sp->fifo_n++;
+	sp->cur = NULL;
+}
+
+/* The current batch reached batch_size: send it if another can follow. */
+static void
+rotate_if_full(struct spool *sp)
+{
+	if (!sp->cur || sp->cur->fill < sp->p.batch_size || sp->nfree == 0)
+		return;
+	close_current(sp);
+	(void)open_current(sp); /* may leave cur NULL: handled lazily */
+}
+
+static bool
+submit_batch(struct spool *sp, struct batch *b)
+{
+	struct io_uring_sqe *sqe, *sqe2;
+	bool fail = false;
+
+	if (io_uring_sq_space_left(sp->ring) < (sp->fsync_mode ? 2u : 1u))
+		return false;
+	sp->writes++;
+	if (sp->fault == F_FAIL_FROM && sp->writes >= sp->fault_n)
+		fail = true;
+	if (sp->fault == F_FAIL_ONCE && sp->writes == sp->fault_n)
+		fail = true;
+	b->fault_fail = fail;
+	b->fsync_mode = sp->fsync_mode && !fail;
+	sqe = io_uring_get_sqe(sp->ring);
+	sqe2 = b->fsync_mode ? io_uring_get_sqe(sp->ring) : NULL;
+	if (!sqe || (b->fsync_mode && !sqe2))
+		return false; /* cannot happen: space was checked */
+	if (fail) {
+		/* The write is "lost": nothing reaches the disk. */
+		io_uring_prep_nop(sqe);
+		io_uring_sqe_set_data64(sqe, ud_make(b, OP_NOP));
+		b->cqes_left = 1;
+	} else {
+		io_uring_prep_write(sqe, b->seg->fd, b->buf, (unsigned)b->len,
+				    b->off);
+		io_uring_sqe_set_data64(sqe, ud_make(b, OP_WRITE));
+		b->cqes_left = 1;
+		if (sqe2) {
+			sqe->flags |= IOSQE_IO_LINK;
+			io_uring_prep_fsync(sqe2, b->seg->fd,
+					    IORING_FSYNC_DATASYNC);
+			io_uring_sqe_set_data64(sqe2, ud_make(b, OP_FSYNC));
+			b->cqes_left = 2;
+		} else {
+			sqe->rw_flags = RWF_DSYNC;
+		}
+	}
+	b->state = B_INFLIGHT;
+	sp->kernel++;
+	return true;
+}
+
+static void
+submit_closed(struct spool *sp)
+{
+	if (held(sp))
+		return;
+	for (unsigned i = 0; i < sp->fifo_n; i++) {
+		struct batch *b = &sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
+		if (b->state == B_CLOSED && !submit_batch(sp, b))
+			break;
+	}
+}
+
+/* ---- records ----------------------------------------------------------- */
+
+static void
+hdr_init(struct spool_rec_hdr *h, const struct batch *b, uint8_t type,
+	 uint64_t msgid, uint64_t offset, uint32_t aux)
+{
+	memset(h, 0, sizeof(*h));
+	h->type = type;
+	h->epoch = b->epoch;
+	h->msgid = msgid;
+	h->offset = offset;
+	h->aux = aux;
+}
+
+static void
+write_end(struct spool *sp, struct spool_msg *m)
+{
+	struct batch *b = sp->cur;
+	struct spool_rec_hdr h;
+	size_t n;
+
+	close_rec(sp);
+	hdr_init(&h, b, SPOOL_REC_END, m->id, m->len, m->crc);
+	n = spool_rec_encode(&h, NULL, 0, b->buf + b->fill, sp->cap - b->fill);
+	b->fill += n; /* n > 0: the buffer reserves one END per message */
+	b->payload += n;
+	m->state = M_COMMITTED;
+	m->next = NULL;
+	if (b->msgs_tail)
+		b->msgs_tail->next = m;
+	else
+		b->msgs = m;
+	b->msgs_tail = m;
+}
+
+static void
+free_msg(struct spool *sp, struct spool_msg *m)
+{
+	m->state = M_FREE;
+	m->next = sp->free_msgs;
+	sp->free_msgs = m;
+}
+
+static void
+fail_pending(struct spool *sp, int status)
+{
+	while (sp->pend_head) {
+		struct spool_msg *m = sp->pend_head;
+		uint64_t id = m->id;
+		void *ctx = m->ctx;
+		bool det = m->detached;
+
+		sp->pend_head = m->next;
+		if (!sp->pend_head)
+			sp->pend_tail = NULL;
+		free_msg(sp, m);
+		if (!det)
+			sp->p.done(ctx, id, status);
+	}
+}
+
+/* After completions: rotate a full batch, write waiting END records. */
+static void
+service(struct spool *sp)
+{
+	rotate_if_full(sp);
+	if (!sp->pend_head)
+		return;
+	int r = open_current(sp);
+	if (r == -EAGAIN)
+		return;
+	if (r) {
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=commit_failed worker=%u err=%d", sp->p.worker,
+		       -r);
+		fail_pending(sp, r);
+		return;
+	}
+	while (sp->pend_head) {
+		struct spool_msg *m = sp->pend_head;
+		sp->pend_head = m->next;
+		write_end(sp, m);
+	}
+	sp->pend_tail = NULL;
+}
+
+/* ---- completions ------------------------------------------------------- */
+
+static void
+complete_in_order(struct spool *sp)
+{
+	while (sp->fifo_n) {
+		struct batch *b = &sp->b[sp->fifo[sp->fifo_head]];
+		struct spool_msg *list;
+
+		if (b->state != B_DONE)
+			break;
+		sp->fifo_head = (sp->fifo_head + 1) % sp->nb;
+		sp->fifo_n--;
+		sp->stp->flushes++;
+		if (b->res < 0) {
+			sp->any_failed = true;
+			sp->last_failed_seq = b->seq;
+			sp->last_fail_res = b->res;
+			sp->stp->batch_errors++;
+			fd_log(FD_LOG_ERR, "spool",
+			       "event=batch_failed worker=%u file=%08" PRIx64
+			       " off=%" PRIu64 " len=%zu err=%d",
+			       sp->p.worker, b->seg->file_no, b->off, b->len,
+			       -b->res);
+		} else {
+			sp->stp->batches++;
+			sp->stp->bytes += b->len;
+			sp->stp->payload_bytes += b->payload;
+		}
+		b->seg->inflight--;
+		seg_release(b->seg);
+		b->seg = NULL;
+		list = b->msgs;
+		b->msgs = b->msgs_tail = NULL;
+		b->state = B_FREE;
+		sp->free_idx[sp->nfree++] = b->idx;
+		while (list) {
+			struct spool_msg *m = list;
+			int status = sp->any_failed &&
+						     sp->last_failed_seq >=
+							     m->first_seq
+					     ? sp->last_fail_res
+					     : 0;
+			uint64_t id = m->id;
+			void *ctx = m->ctx;
+			bool det = m->detached;
+
+			list = m->next;
+			free_msg(sp, m);
+			if (status == 0)
+				sp->stp->messages++;
+			if (!det)
+				sp->p.done(ctx, id, status);
+		}
+	}
+	service(sp);
+	/* Group commit: the messages committed while that write was in
+	 * flight share the next one, sent now rather than at the caller's
+	 * next idle point. */
+	if (sp->cur && sp->cur->msgs && sp->fifo_n < sp->p.flush_inflight) {
+		close_current(sp);
+		submit_closed(sp);
+	}
+}
+
+void
+spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
+{
+	uint64_t ud = cqe->user_data;
+	unsigned idx = (unsigned)(ud & 0xffffffffu);
+	enum ud_op op = (enum ud_op)((ud >> 32) & 0xff);
+	struct batch *b;
+	int res = cqe->res;
+
+	if (idx >= sp->nb || sp->b[idx].state != B_INFLIGHT ||
+	    ((sp->b[idx].seq & 0x7fffff) != ((ud >> 40) & 0x7fffff))) {
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=stray_cqe worker=%u user_data=%" PRIx64,
+		       sp->p.worker, ud);
+		return;
+	}
+	b = &sp->b[idx];
+	switch (op) {
+	case OP_WRITE:
+		if (!b->fsync_mode && (res == -EOPNOTSUPP || res == -EINVAL)) {
+			/* RWF_DSYNC rejected: nothing was written. Resubmit
+			 * as write + linked fdatasync (once: a batch in that
+			 * mode that fails again is a plain failure). */
+			if (!sp->fsync_mode)
+				fd_log(FD_LOG_WARN, "spool",
+				       "event=dsync_unsupported worker=%u "
+				       "fallback=linked_fdatasync",
+				       sp->p.worker);
+			sp->fsync_mode = true;
+			b->state = B_CLOSED;
+			sp->kernel--;
+			submit_closed(sp);
+			return;
+		}
+		if (res >= 0 && (size_t)res != b->len)
+			res = -EIO; /* short write */
+		break;
+	case OP_FSYNC:
+		break;
+	case OP_NOP:
+		res = -EIO;
+		break;
+	default:
+		return;
+	}
+	if (res < 0 && b->res == 0)
+		b->res = res;
+	if (--b->cqes_left)
+		return;
+	b->state = B_DONE;
+	sp->kernel--;
+	complete_in_order(sp);
+}
+
+int
+spool_poll(struct spool *sp)
+{
+	struct io_uring_cqe *cqe;
+	int n = 0;
+
+	submit_closed(sp);
+	if (io_uring_sq_ready(sp->ring))
+		io_uring_submit(sp->ring);
+	while (io_uring_peek_cqe(sp->ring, &cqe) == 0) {
+		/* Copy first: a callback may submit and reuse the slot. */
+		struct io_uring_cqe c = *cqe;
+		io_uring_cqe_seen(sp->ring, cqe);
+		if (spool_owns_cqe(&c))
+			spool_handle_cqe(sp, &c);
+		n++;
+	}
+	service(sp);
+	submit_closed(sp);
+	if (io_uring_sq_ready(sp->ring))
+		io_uring_submit(sp->ring);
+	return n;
+}
+
+int
+spool_wait(struct spool *sp)
+{
+	submit_closed(sp);
+	if (sp->kernel) {
+		struct io_uring_cqe *cqe;
+		io_uring_submit(sp->ring);
+		int r = io_uring_wait_cqe(sp->ring, &cqe);
+		if (r < 0 && r != -EINTR)
+			return r;
+	}
+	return spool_poll(sp);
+}
+
+/* ---- messages ---------------------------------------------------------- */
+
+struct spool_msg *
+spool_msg_begin(struct spool *sp, const struct fd_envelope *env, void *ctx,
+		uint64_t *msgid, int *err)
+{
+	struct spool_msg *m = sp->free_msgs;
+	struct spool_rec_hdr h;
+	struct batch *b;
+	size_t elen, pos;
+	int r;
+
+	if (!m) {
+		*err = -EMFILE;
+		return NULL;
+	}
+	elen = spool_env_encoded_len(env);
+	if (elen == 0) {
+		*err = -EMSGSIZE;
+		return NULL;
+	}
+	if (sp->cur && sp->cur->fill >= sp->p.batch_size && sp->nfree)
+		close_current(sp);
+	if (sp->cur && sp->cur->fill >= sp->p.batch_size)
+		r = -EAGAIN;
+	else
+		r = open_current(sp);
+	if (r) {
+		if (r == -EAGAIN)
+			sp->stp->room_waits++;
+		*err = r;
+		return NULL;
+	}
+	sp->free_msgs = m->next;
+	m->state = M_OPEN;
+	m->detached = false;
+	m->id = fd_msgid_next(&sp->gen, fd_now_realtime_us());
+	m->ctx = ctx;
+	m->len = 0;
+	m->crc = 0;
+	m->next = NULL;
+
+	b = sp->cur;
+	close_rec(sp);
+	pos = b->fill;
+	m->first_seq = b->seq;
+	spool_env_encode(env, b->buf + pos + SPOOL_REC_HDR_LEN, elen);
+	hdr_init(&h, b, SPOOL_REC_ENV, m->id, 0, 0);
+	h.len = (uint32_t)elen;
+	h.crc = 0;
+	spool_rec_hdr_encode(&h, b->buf + pos);
+	b->fill = (size_t)spool_align8(pos + SPOOL_REC_HDR_LEN + elen);
+	memset(b->buf + pos + SPOOL_REC_HDR_LEN + elen, 0,
+	       b->fill - (pos + SPOOL_REC_HDR_LEN + elen));
+	spool_rec_seal(b->buf + pos,
+		       fd_crc32c(0, b->buf + pos + SPOOL_REC_HDR_LEN, elen));
+	b->payload += SPOOL_REC_HDR_LEN + elen;
+	*msgid = m->id;
+	rotate_if_full(sp);
+	return m;
+}
+
+/* Body bytes the current batch takes for m without a new buffer. */
+static size_t
+data_space(const struct spool *sp, const struct spool_msg *m)
+{
+	const struct batch *b = sp->cur;
+	size_t hp;
+
+	if (!b || b->fill >= sp->p.batch_size)
+		return 0;
+	if (sp->rec.open && sp->rec.m == m)
+		return sp->p.batch_size - b->fill;
+	hp = (size_t)spool_align8(b->fill) + SPOOL_REC_HDR_LEN;
+	return hp < sp->p.batch_size ? sp->p.batch_size - hp : 0;
+}
+
+int
+spool_msg_append(struct spool *sp, struct spool_msg *m, const void *p,
+		 size_t n)
+{
+	const uint8_t *src = p;
+
+	if (m->state != M_OPEN)
+		return -EINVAL;
+	while (n) {
+		size_t k = data_space(sp, m);
+		struct batch *b;
+
+		if (k == 0) {
+			int r;
+			if (sp->cur)
+				close_current(sp);
+			if ((r = open_current(sp)) != 0)
+				return r; /* n > spool_room(): caller's bug */
+			continue;
+		}
+		b = sp->cur;
+		if (!(sp->rec.open && sp->rec.m == m)) {
+			struct spool_rec_hdr h;
+			close_rec(sp);
+			hdr_init(&h, b, SPOOL_REC_DATA, m->id, m->len, 0);
+			sp->rec.open = true;
+			sp->rec.m = m;
+			sp->rec.hdr_pos = b->fill;
+			sp->rec.len = 0;
+			sp->rec.crc = 0;
+			spool_rec_hdr_encode(&h, b->buf + b->fill);
+			b->fill += SPOOL_REC_HDR_LEN;
+			k = sp->p.batch_size - b->fill;
+		}
+		if (k > n)
+			k = n;
+		memcpy(b->buf + b->fill, src, k);
+		sp->rec.crc = fd_crc32c(sp->rec.crc, src, k);
+		sp->rec.len += (uint32_t)k;
+		b->fill += k;
+		m->len += k;
+		src += k;
+		n -= k;
+	}
+	rotate_if_full(sp);
+	return 0;
+}
+
+int
+spool_msg_commit(struct spool *sp, struct spool_msg *m)
+{
+	if (m->state != M_OPEN)
+		return -EINVAL;
+	if (sp->rec.open && sp->rec.m == m)
+		close_rec(sp);
+	if (!sp->cur && open_current(sp) != 0) {
+		/* No buffer now: the END is written by service() later. */
+		m->state = M_END_PENDING;
+		m->next = NULL;
+		if (sp->pend_tail)
+			sp->pend_tail->next = m;
+		else
+			sp->pend_head = m;
+		sp->pend_tail = m;
+		return 0;
+	}
+	write_end(sp, m);
+	rotate_if_full(sp);
+	return 0;
+}
+
+void
+spool_msg_abort(struct spool *sp, struct spool_msg *m)
+{
+	if (m->state != M_OPEN)
+		return;
+	if (sp->rec.open && sp->rec.m == m)
+		close_rec(sp);
+	free_msg(sp, m);
+}
+
+void
+spool_msg_detach(struct spool *sp, struct spool_msg *m)
+{
+	(void)sp;
+	if (m->state == M_COMMITTED || m->state == M_END_PENDING)
+		m->detached = true;
+}
+
+size_t
+spool_room(const struct spool *sp)
+{
+	const struct spool_seg *a = sp->active;
+	size_t room = 0, per = sp->p.batch_size - SPOOL_REC_HDR_LEN;
+	uint64_t slots = 0, rem = 0;
+
+	if (sp->cur) {
+		size_t hp = (size_t)spool_align8(sp->cur->fill) +
+			    SPOOL_REC_HDR_LEN;
+		if (hp < sp->p.batch_size)
+			room = sp->p.batch_size - hp;
+	}
+	if (a) {
+		rem = a->size - a->off;
+		if (sp->cur)
+			rem = rem > sp->cap ? rem - sp->cap : 0;
+		slots = rem / sp->cap;
+	}
+	slots += (uint64_t)spool_prep_ready(sp->prep) *
+		 ((sp->p.segment_size - SPOOL_BLOCK) / sp->cap);
+	if (slots > sp->nfree)
+		slots = sp->nfree;
+	room += (size_t)slots * per;
+	if (room == 0)
+		sp->stp->room_waits++;
+	return room;
+}
+
+int
+spool_flush(struct spool *sp)
+{
+	/* Only a batch with an END in it has somebody waiting for it; and
+	 * while enough writes are in flight, the messages arriving now are
+	 * better off sharing the next one (group commit: flushes per message
+	 * fall as the load rises). */
+	if (sp->cur && sp->cur->msgs && sp->fifo_n < sp->p.flush_inflight)
+		close_current(sp);
+	submit_closed(sp);
+	return 0;
+}
+
+unsigned
+spool_inflight(const struct spool *sp)
+{
+	return sp->fifo_n;
+}
+
+const struct spool_stats *
+spool_get_stats(const struct spool *sp)
+{
+	return &sp->st;
+}
+
+/* ---- create / destroy -------------------------------------------------- */
+
+static unsigned
+ring_entries(unsigned batches)
+{
+	unsigned n = 8;
+
+	while (n < 2 * batches + 4)
+		n <<= 1;
+	return n;
+}
+
+static int
+mkdir_p(const char *d)
+{
+	if (mkdir(d, 0750) != 0 && errno != EEXIST)
+		return -errno;
+	return 0;
+}
+
+struct spool *
+spool_create(const struct spool_params *p)
+{
+	struct spool *sp;
+	char wdir[4096];
+	const char *fault;
+	int r;
+
+	if (!p->dir || !p->done || p->worker > 255 || p->max_msgs == 0 ||
+	    p->batches < 2 || p->batches > 65536 ||
+	    p->batch_size < SPOOL_BLOCK || p->segment_size % SPOOL_BLOCK) {
+		fd_log(FD_LOG_ERR, "spool", "event=create_failed reason=params");
+		errno = EINVAL;
+		return NULL;
+	}
+	sp = calloc(1, sizeof(*sp));
+	if (!sp) {
+		errno = ENOMEM;
+		return NULL;
+	}
+	sp->p = *p;
+	if (sp->p.flush_inflight == 0)
+		sp->p.flush_inflight = 1;
+	sp->stp = &sp->st;
+	sp->nb = p->batches;
+	sp->fsync_mode = p->linked_fdatasync;
+	sp->cap = (size_t)spool_align_block(
+		p->batch_size + 8 + spool_rec_size(SPOOL_ENV_MAX) +
+		(uint64_t)p->max_msgs * SPOOL_REC_HDR_LEN + 8);
+	if (p->segment_size < SPOOL_BLOCK + sp->cap) {
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=create_failed reason=segment_too_small need=%zu",
+		       SPOOL_BLOCK + sp->cap);
+		r = -EINVAL;
+		goto out_free;
+	}
+	fault = p->fault ? p->fault : getenv("FINALDOT_SPOOL_FAULT");
+	if ((r = parse_fault(sp, fault)) != 0) {
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=create_failed reason=fault_spec");
+		goto out_free;
+	}
+	if (sp->fault != F_NONE)
+		fd_log(FD_LOG_WARN, "spool", "event=fault_injection worker=%u",
+		       p->worker);
+	sp->dir = strdup(p->dir);
+	sp->b = calloc(sp->nb, sizeof(*sp->b));
+	sp->free_idx = calloc(sp->nb, sizeof(unsigned));
+	sp->fifo = calloc(sp->nb, sizeof(unsigned));
+	sp->msgs = calloc(p->max_msgs, sizeof(*sp->msgs));
+	if (!sp->dir || !sp->b || !sp->free_idx || !sp->fifo || !sp->msgs) {
+		r = -ENOMEM;
+		goto out_arrays;
+	}
+	sp->p.dir = sp->dir;
+	sp->p.fault = NULL;
+	for (unsigned i = 0; i < sp->nb; i++) {
+		sp->b[i].idx = i;
+		if (posix_memalign((void **)&sp->b[i].buf, SPOOL_BLOCK,
+				   sp->cap) != 0) {
+			r = -ENOMEM;
+			goto out_bufs;
+		}
+		memset(sp->b[i].buf, 0, sp->cap);
+		sp->free_idx[sp->nfree++] = sp->nb - 1 - i;
+	}
+	for (unsigned i = p->max_msgs; i-- > 0;)
+		free_msg(sp, &sp->msgs[i]);
+	fd_msgid_init(&sp->gen, (uint8_t)p->worker, p->seed_msgid);
+
+	if (p->ring) {
+		sp->ring = p->ring;
+	} else {
+		r = io_uring_queue_init(ring_entries(sp->nb), &sp->own, 0);
+		if (r < 0) {
+			fd_log(FD_LOG_ERR, "spool",
+			       "event=create_failed reason=io_uring err=%d",
+			       -r);
+			goto out_bufs;
+		}
+		sp->ring = &sp->own;
+		sp->own_ring = true;
+	}
+	snprintf(wdir, sizeof(wdir), "%s/w%02x", p->dir, p->worker);
+	if ((r = mkdir_p(p->dir)) != 0 || (r = mkdir_p(wdir)) != 0) {
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=create_failed reason=mkdir err=%d", -r);
+		goto out_ring;
+	}
+	sp->prep = spool_prep_start(wdir, p->worker, p->segment_size,
+				    p->spare_segments, p->max_segments,
+				    sp->fault == F_ENOSPC, &r);
+	if (!sp->prep)
+		goto out_ring;
+	r = spool_prep_wait_ready(sp->prep);
+	if (r && r != -ENOSPC && r != -EDQUOT) {
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=create_failed reason=segment err=%d", -r);
+		goto out_prep;
+	}
+	fd_log(FD_LOG_INFO, "spool",
+	       "event=started worker=%u batch_size=%zu batches=%u "
+	       "segment_size=%" PRIu64 " sync=%s",
+	       p->worker, p->batch_size, p->batches, p->segment_size,
+	       sp->fsync_mode ? "linked_fdatasync" : "rwf_dsync");
+	return sp;
+
+out_prep:
+	spool_prep_stop(sp->prep);
+out_ring:
+	if (sp->own_ring)
+		io_uring_queue_exit(&sp->own);
+out_bufs:
+	for (unsigned i = 0; i < sp->nb; i++)
+		free(sp->b[i].buf);
+out_arrays:
+	free(sp->msgs);
+	free(sp->fifo);
+	free(sp->free_idx);
+	free(sp->b);
+	free(sp->dir);
+out_free:
+	free(sp);
+	errno = -r;
+	return NULL;
+}
+
+void
+spool_destroy(struct spool *sp)
+{
+	if (!sp)
+		return;
+	sp->destroying = true;
+	if (sp->own_ring) {
+		for (;;) {
+			spool_flush(sp);
+			if (!sp->fifo_n && !sp->pend_head)
+				break;
+			if (!sp->kernel && !sp->fifo_n) {
+				service(sp); /* ENDs waiting for a buffer */
+				if (!sp->cur)
+					break;
+				continue;
+			}
+			if (spool_wait(sp) < 0)
+				break;
+		}
+	} else if (sp->fifo_n) {
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=destroy_busy worker=%u inflight=%u",
+		       sp->p.worker, sp->fifo_n);
+	}
+	fail_pending(sp, -ECANCELED);
+	spool_prep_stop(sp->prep);
+	if (sp->active) {
+		sp->active->retired = true;
+		seg_release(sp->active);
+	}
+	if (sp->own_ring)
+		io_uring_queue_exit(&sp->own);
+	for (unsigned i = 0; i < sp->nb; i++)
+		free(sp->b[i].buf);
+	free(sp->msgs);
+	free(sp->fifo);
+	free(sp->free_idx);
+	free(sp->b);
+	free(sp->dir);
+	free(sp);
+}

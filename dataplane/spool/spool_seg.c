@@ -1,0 +1,504 @@
+/*
+ * The segment preparer: one thread per spool that keeps `spares` segment
+ * files ready, so the worker never creates, extends or zeroes a file on the
+ * hot path (NOTES.md, "Storage": fallocate alone leaves unwritten extents
+ * whose first write costs a journal commit; appending writes are metadata).
+ *
+ * Preparing a segment: write zeros over the whole file (new, or a leftover
+ * of unknown state), then block 0 with a fresh header (new random epoch,
+ * next use sequence), fsync the file and, for a new file, its directory.
+ * A leftover segment whose header is valid and whose walk finds no valid
+ * record (a spare of an earlier run, or one whose only batches were torn)
+ * only gets a new header: its old bytes cannot validate under a new epoch.
+ * Segments holding valid records are sealed: never touched here (reclaiming
+ * them is the control plane's job once their messages are delivered).
+ *
+ * Hand-over: a mutex-protected FIFO the worker pops at segment switches
+ * (rare: not the hot path). The epoch lives only in the file and in memory;
+ * it is never logged.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "finaldot/log.h"
+#include "finaldot/msgid.h"
+#include "finaldot/spool_format.h"
+#include "spool_seg.h"
+
+#define ZERO_CHUNK (1u << 20)
+
+static uint64_t
+min_u64(uint64_t a, uint64_t b)
+{
+	return a < b ? a : b;
+}
+
+struct cand {
+	uint64_t file_no;
+	bool rezero;
+};
+
+struct spool_prep {
+	char wdir[4096];
+	unsigned worker;
+	uint64_t seg_size;
+	unsigned spares;
+	uint64_t max_segments;
+	bool no_space;
+
+	pthread_t thr;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	bool stop;
+	int err;                 /* last failure, 0 once a spare was made */
+	struct spool_seg *head, *tail;
+	_Atomic unsigned ready;
+
+	/* preparer thread only */
+	struct cand *cands;
+	size_t n_cands;
+	uint64_t next_file_no;
+	uint64_t next_use_seq;
+	uint64_t n_files;
+	uint8_t *zeros;
+};
+
+void
+spool_seg_free(struct spool_seg *s)
+{
+	if (!s)
+		return;
+	if (s->fd >= 0)
+		close(s->fd);
+	free(s);
+}
+
+static void
+seg_path(const struct spool_prep *pp, uint64_t no, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s/%08" PRIx64 ".seg", pp->wdir, no);
+}
+
+static long
+pread_fd(void *ctx, uint64_t off, void *buf, size_t n)
+{
+	int fd = *(int *)ctx;
+	size_t got = 0;
+
+	while (got < n) {
+		ssize_t r = pread(fd, (char *)buf + got, n - got,
+				  (off_t)(off + got));
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (r == 0)
+			break;
+		got += (size_t)r;
+	}
+	return (long)got;
+}
+
+static int
+stop_at_first(void *ctx, const struct spool_walk_rec *r)
+{
+	(void)ctx;
+	(void)r;
+	return 1;
+}
+
+/* Classify one leftover file: sealed (has records) or a candidate. */
+static void
+classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
+{
+	char path[4200];
+	uint8_t hb[SPOOL_SEG_HDR_LEN];
+	struct spool_seg_hdr h;
+	struct stat st;
+	bool rezero = true;
+	int fd;
+
+	seg_path(pp, no, path, sizeof(path));
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	pp->n_files++;
+	if (fstat(fd, &st) == 0 &&
+	    pread_fd(&fd, 0, hb, sizeof(hb)) == (long)sizeof(hb) &&
+	    spool_seg_hdr_decode(hb, sizeof(hb), &h) == SPOOL_DEC_OK) {
+		struct spool_walk w = {
+			.read = pread_fd,
+			.read_ctx = &fd,
+			.size = min_u64(h.size, (uint64_t)st.st_size),
+			.epoch = h.epoch,
+			.win = win,
+			.win_len = win_len,
+		};
+		if (h.use_seq >= pp->next_use_seq)
+			pp->next_use_seq = h.use_seq + 1;
+		int r = spool_walk_segment(&w, stop_at_first, NULL);
+		if (r != 0) { /* a valid record (1), or unreadable: keep it */
+			close(fd);
+			return;
+		}
+		rezero = h.size != pp->seg_size ||
+			 (uint64_t)st.st_size != pp->seg_size;
+	}
+	close(fd);
+	struct cand *c = realloc(pp->cands, (pp->n_cands + 1) * sizeof(*c));
+	if (!c)
+		return;
+	pp->cands = c;
+	c[pp->n_cands].file_no = no;
+	c[pp->n_cands].rezero = rezero;
+	pp->n_cands++;
+}
+
+static int
+scan_dir(struct spool_prep *pp)
+{
+	DIR *d = opendir(pp->wdir);
+	struct dirent *e;
+	size_t win_len = 1u << 20;
+	uint8_t *win;
+
+	if (!d)
+		return -errno;
+	win = malloc(win_len);
+	if (!win) {
+		closedir(d);
+		return -ENOMEM;
+	}
+	while ((e = readdir(d))) {
+		uint64_t no;
+		char *end;
+		size_t l = strlen(e->d_name);
+
+		if (l != 12 || strcmp(e->d_name + 8, ".seg") != 0)
+			continue;
+		no = strtoull(e->d_name, &end, 16);
+		if (end != e->d_name + 8)
+			continue;
+		if (no >= pp->next_file_no)
+			pp->next_file_no = no + 1;
+		classify(pp, no, win, win_len);
+	}
+	closedir(d);
+	free(win);
+	fd_log(FD_LOG_INFO, "spool",
+	       "event=segments_found worker=%u files=%" PRIu64
+	       " reusable=%zu",
+	       pp->worker, pp->n_files, pp->n_cands);
+	return 0;
+}
+
+static int
+fsync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int r = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (fsync(fd) != 0)
+		r = -errno;
+	close(fd);
+	return r;
+}
+
+static int
+pwrite_all(int fd, const void *p, size_t n, uint64_t off)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t r = pwrite(fd, (const char *)p + done, n - done,
+				   (off_t)(off + done));
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		done += (size_t)r;
+	}
+	return 0;
+}
+
+static uint64_t
+new_epoch(void)
+{
+	uint64_t e = 0;
+
+	/* getrandom() of 8 bytes does not return short once the pool is
+	 * initialised; zero is reserved (never a valid epoch). */
+	while (e == 0)
+		if (getrandom(&e, sizeof(e), 0) != (ssize_t)sizeof(e))
+			e = 0;
+	return e;
+}
+
+/* Make file `no` a ready spare. Returns 0 or -errno. */
+static int
+prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
+{
+	char path[4200];
+	struct spool_seg_hdr h;
+	struct spool_seg *s;
+	int fd, r = 0;
+
+	seg_path(pp, no, path, sizeof(path));
+	fd = open(path, O_RDWR | O_CLOEXEC | (fresh ? O_CREAT | O_EXCL : 0),
+		  0640);
+	if (fd < 0)
+		return -errno;
+	if (rezero) {
+		if (ftruncate(fd, 0) != 0) {
+			r = -errno;
+			goto out_close;
+		}
+		for (uint64_t off = 0; off < pp->seg_size; off += ZERO_CHUNK) {
+			size_t n = (size_t)min_u64(ZERO_CHUNK,
+						      pp->seg_size - off);
+			if ((r = pwrite_all(fd, pp->zeros, n, off)) != 0)
+				goto out_close;
+		}
+	}
+	h.worker = pp->worker;
+	h.file_no = no;
+	h.use_seq = pp->next_use_seq;
+	h.epoch = new_epoch();
+	h.created_us = fd_now_realtime_us();
+	h.size = pp->seg_size;
+	memset(pp->zeros, 0, SPOOL_BLOCK);
+	spool_seg_hdr_encode(&h, pp->zeros);
+	r = pwrite_all(fd, pp->zeros, SPOOL_BLOCK, 0);
+	memset(pp->zeros, 0, SPOOL_BLOCK);
+	if (r)
+		goto out_close;
+	if (fsync(fd) != 0) {
+		r = -errno;
+		goto out_close;
+	}
+	if (fresh && (r = fsync_dir(pp->wdir)) != 0)
+		goto out_close;
+	close(fd);
+	fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	s = calloc(1, sizeof(*s));
+	if (!s) {
+		r = -ENOMEM;
+		goto out_close;
+	}
+	pp->next_use_seq++;
+	s->fd = fd;
+	s->file_no = no;
+	s->use_seq = h.use_seq;
+	s->epoch = h.epoch;
+	s->size = h.size;
+	s->off = SPOOL_BLOCK;
+	pthread_mutex_lock(&pp->mu);
+	if (pp->tail)
+		pp->tail->next = s;
+	else
+		pp->head = s;
+	pp->tail = s;
+	atomic_fetch_add_explicit(&pp->ready, 1, memory_order_relaxed);
+	pp->err = 0;
+	pthread_cond_broadcast(&pp->cv);
+	pthread_mutex_unlock(&pp->mu);
+	return 0;
+
+out_close:
+	close(fd);
+	if (fresh && rezero)
+		unlink(path); /* a half-made file would only confuse */
+	return r;
+}
+
+static int
+make_one(struct spool_prep *pp)
+{
+	if (pp->n_cands) {
+		struct cand c = pp->cands[--pp->n_cands];
+		return prepare(pp, c.file_no, false, c.rezero);
+	}
+	if (pp->max_segments && pp->n_files >= pp->max_segments)
+		return -ENOSPC;
+	int r = prepare(pp, pp->next_file_no, true, true);
+	if (r == 0) {
+		pp->next_file_no++;
+		pp->n_files++;
+	} else if (r == -EEXIST) {
+		pp->next_file_no++;
+	}
+	return r;
+}
+
+static void *
+prep_main(void *arg)
+{
+	struct spool_prep *pp = arg;
+	int r = pp->no_space ? -ENOSPC : scan_dir(pp);
+
+	pthread_mutex_lock(&pp->mu);
+	for (;;) {
+		if (r == 0 && !pp->stop &&
+		    atomic_load_explicit(&pp->ready, memory_order_relaxed) <
+			    pp->spares) {
+			pthread_mutex_unlock(&pp->mu);
+			r = make_one(pp);
+			pthread_mutex_lock(&pp->mu);
+			if (r == -EEXIST)
+				r = 0;
+			if (r) {
+				pp->err = r;
+				fd_log(FD_LOG_ERR, "spool",
+				       "event=segment_prepare_failed worker=%u "
+				       "err=%d",
+				       pp->worker, -r);
+				pthread_cond_broadcast(&pp->cv);
+			}
+			continue;
+		}
+		if (pp->stop)
+			break;
+		if (r && !pp->no_space) {
+			/* Retry later: the disk may get space back. */
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_sec += 1;
+			pthread_cond_timedwait(&pp->cv, &pp->mu, &ts);
+			r = 0;
+		} else {
+			if (r && pp->err != r) {
+				pp->err = r;
+				pthread_cond_broadcast(&pp->cv);
+			}
+			pthread_cond_wait(&pp->cv, &pp->mu);
+		}
+	}
+	pthread_mutex_unlock(&pp->mu);
+	return NULL;
+}
+
+struct spool_prep *
+spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
+		 unsigned spares, uint64_t max_segments, bool no_space,
+		 int *err)
+{
+	struct spool_prep *pp = calloc(1, sizeof(*pp));
+
+	if (!pp) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	if (strlen(wdir) >= sizeof(pp->wdir)) {
+		*err = -ENAMETOOLONG;
+		goto out_free;
+	}
+	strcpy(pp->wdir, wdir);
+	pp->worker = worker;
+	pp->seg_size = seg_size;
+	pp->spares = spares ? spares : 1;
+	pp->max_segments = max_segments;
+	pp->no_space = no_space;
+	pp->zeros = calloc(1, ZERO_CHUNK);
+	if (!pp->zeros) {
+		*err = -ENOMEM;
+		goto out_free;
+	}
+	pthread_mutex_init(&pp->mu, NULL);
+	pthread_cond_init(&pp->cv, NULL);
+	int r = pthread_create(&pp->thr, NULL, prep_main, pp);
+	if (r) {
+		*err = -r;
+		goto out_zeros;
+	}
+	return pp;
+
+out_zeros:
+	pthread_cond_destroy(&pp->cv);
+	pthread_mutex_destroy(&pp->mu);
+	free(pp->zeros);
+out_free:
+	free(pp);
+	return NULL;
+}
+
+int
+spool_prep_wait_ready(struct spool_prep *pp)
+{
+	int r;
+
+	pthread_mutex_lock(&pp->mu);
+	while (!pp->head && !pp->err)
+		pthread_cond_wait(&pp->cv, &pp->mu);
+	r = pp->head ? 0 : pp->err;
+	pthread_mutex_unlock(&pp->mu);
+	return r;
+}
+
+int
+spool_prep_take(struct spool_prep *pp, struct spool_seg **out)
+{
+	int r;
+
+	pthread_mutex_lock(&pp->mu);
+	if (pp->head) {
+		*out = pp->head;
+		pp->head = pp->head->next;
+		if (!pp->head)
+			pp->tail = NULL;
+		(*out)->next = NULL;
+		atomic_fetch_sub_explicit(&pp->ready, 1, memory_order_relaxed);
+		pthread_cond_broadcast(&pp->cv);
+		r = 0;
+	} else {
+		r = pp->err == -ENOSPC || pp->err == -EDQUOT ? -ENOSPC
+		    : pp->err				    ? pp->err
+							    : -EAGAIN;
+	}
+	pthread_mutex_unlock(&pp->mu);
+	return r;
+}
+
+unsigned
+spool_prep_ready(const struct spool_prep *pp)
+{
+	return atomic_load_explicit(&pp->ready, memory_order_relaxed);
+}
+
+void
+spool_prep_stop(struct spool_prep *pp)
+{
+	if (!pp)
+		return;
+	pthread_mutex_lock(&pp->mu);
+	pp->stop = true;
+	pthread_cond_broadcast(&pp->cv);
+	pthread_mutex_unlock(&pp->mu);
+	pthread_join(pp->thr, NULL);
+	while (pp->head) {
+		struct spool_seg *s = pp->head;
+		pp->head = s->next;
+		spool_seg_free(s);
+	}
+	pthread_cond_destroy(&pp->cv);
+	pthread_mutex_destroy(&pp->mu);
+	free(pp->cands);
+	free(pp->zeros);
+	free(pp);
+}

@@ -1,0 +1,47 @@
+/*
+ * Segment files and the preparer thread that keeps zeroed spares ready
+ * (private to the spool). See spool_seg.c.
+ */
+#ifndef FINALDOT_SPOOL_SEG_H
+#define FINALDOT_SPOOL_SEG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* One segment in use by the worker. Owned by the worker once taken. */
+struct spool_seg {
+	struct spool_seg *next; /* preparer's ready list */
+	int fd;                 /* O_RDWR | O_DIRECT */
+	uint64_t file_no;
+	uint64_t use_seq;
+	uint64_t epoch; /* secret: never logged */
+	uint64_t size;
+	uint64_t off;      /* worker: where the next batch goes */
+	unsigned inflight; /* worker: closed batches not yet completed */
+	bool retired;      /* worker: no longer active */
+};
+
+struct spool_prep;
+
+/*
+ * Start the preparer for wdir (created if missing): it first classifies the
+ * segments already there (those holding no valid record become spares),
+ * then keeps `spares` zeroed segments of seg_size ready. no_space: make
+ * nothing, report -ENOSPC (fault injection). Returns NULL with *err set.
+ */
+struct spool_prep *spool_prep_start(const char *wdir, unsigned worker,
+				    uint64_t seg_size, unsigned spares,
+				    uint64_t max_segments, bool no_space,
+				    int *err);
+/* Blocks until one spare is ready (0) or the preparer failed (-errno). */
+int spool_prep_wait_ready(struct spool_prep *pp);
+/* Non-blocking: 0 and *out, -EAGAIN (not ready yet), -ENOSPC or -errno. */
+int spool_prep_take(struct spool_prep *pp, struct spool_seg **out);
+/* Spares ready now (a relaxed read: for spool_room()). */
+unsigned spool_prep_ready(const struct spool_prep *pp);
+/* Stops and joins the thread; untaken spares stay on disk as spares. */
+void spool_prep_stop(struct spool_prep *pp);
+
+void spool_seg_free(struct spool_seg *s);
+
+#endif
