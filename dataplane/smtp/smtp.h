@@ -51,8 +51,10 @@ struct smtp_session;
  * thread that owns the session; none may block.
  *
  * begin: open a message for this envelope. Returns an opaque handle and the
- *   message id, or NULL with *err = -ENOSPC (spool full: 452 4.3.1) or
- *   another -errno (451 4.3.0). sctx is handed back in the completion.
+ *   message id, or NULL with *err = -EAGAIN (no room right now: the DATA or
+ *   BDAT command is held and retried when input is offered again, like any
+ *   other pause), -ENOSPC (spool full: 452 4.3.1) or another -errno
+ *   (451 4.3.0). sctx is handed back in the completion.
  * append: copy n bytes into the message. Never partial: the engine asks
  *   room() first and only appends what room() allowed. 0 or -errno (the
  *   message is then failed: the engine aborts it and answers 451 4.3.0 at the

@@ -1,0 +1,160 @@
+/*
+ * DATA body scanner: end-of-data detection, dot-unstuffing, bare CR/LF and
+ * line-length detection (RFC 5321 2.3.8, 4.1.1.4, 4.5.2, 4.5.3.1.6).
+ *
+ * Contract. The end of data is CRLF "." CRLF and nothing else: a line is
+ * ended by CRLF only, so a bare LF or a bare CR never starts a new line and
+ * can neither end the message nor start a "." line (this is what defeats
+ * the 2023 "SMTP smuggling" family: \n.\n, \r.\r, \n.\r\n, \r\n.\n,
+ * \r\n.\r). Bare CR/LF octets stay in the body and set d->bare; the session
+ * decides what to do about it (it rejects the message).
+ *
+ * The scanner walks the input once, returns runs pointing into the input
+ * (the body is copied once, by the sink), and keeps its whole position in
+ * struct smtp_data, so it can stop before any octet: at the end of the
+ * input, when the caller's budget (spool room) is used up, or to report a
+ * new flag before the octet that raised it. The body therefore does not
+ * depend on how the input was split. See smtp_data.h for the invariants.
+ *
+ * Line length counts the octets as sent (stuffing dot and CRLF included).
+ */
+#include "smtp/smtp_data.h"
+
+static const uint8_t cr_octet[1] = {'\r'};
+
+void
+smtp_data_init(struct smtp_data *d)
+{
+	d->pos = SMTP_DATA_BOL;
+	d->line_len = 0;
+	d->bare = false;
+	d->long_line = false;
+}
+
+enum smtp_data_result
+smtp_data_scan(struct smtp_data *d, const uint8_t *p, size_t n, size_t budget,
+	       struct smtp_data_run *run)
+{
+	size_t i = 0, start = 0, rlen = 0;
+
+#define RETURN(res)                                                            \
+	do {                                                                   \
+		run->p = p + start;                                            \
+		run->len = rlen;                                               \
+		run->used = i;                                                 \
+		return (res);                                                  \
+	} while (0)
+/* Report a new flag before the octet at i: flush the run first. */
+#define FLAG(f)                                                                \
+	do {                                                                   \
+		if (!d->f) {                                                   \
+			if (rlen == 0)                                         \
+				d->f = true;                                   \
+			RETURN(SMTP_DATA_CONTINUE);                            \
+		}                                                              \
+	} while (0)
+#define CHECK_LONG()                                                           \
+	do {                                                                   \
+		if (d->line_len >= SMTP_TEXT_LINE_MAX)                         \
+			FLAG(long_line);                                       \
+	} while (0)
+#define CHECK_BUDGET()                                                         \
+	do {                                                                   \
+		if (rlen >= budget)                                            \
+			RETURN(rlen ? SMTP_DATA_CONTINUE : SMTP_DATA_BLOCKED); \
+	} while (0)
+/* Consume the octet at i as body. */
+#define EMIT()                                                                 \
+	do {                                                                   \
+		if (rlen++ == 0)                                               \
+			start = i;                                             \
+		d->line_len++;                                                 \
+		i++;                                                           \
+	} while (0)
+
+	while (i < n) {
+		uint8_t c = p[i];
+
+		switch (d->pos) {
+		case SMTP_DATA_BOL:
+			if (c == '.') {
+				/* Never emitted: flush the run first. */
+				if (rlen)
+					RETURN(SMTP_DATA_CONTINUE);
+				CHECK_LONG();
+				d->line_len++;
+				i++;
+				d->pos = SMTP_DATA_DOT;
+				break;
+			}
+			/* fallthrough */
+		case SMTP_DATA_TEXT:
+		text:
+			/* The state changes only once c is consumed, so a
+			 * stop before c leaves the scanner where it was. */
+			if (c == '\r' || c == '\n') {
+				CHECK_LONG();
+				if (c == '\n')
+					FLAG(bare); /* LF without CR */
+				CHECK_BUDGET();
+				EMIT();
+				d->pos = c == '\r' ? SMTP_DATA_CR : SMTP_DATA_TEXT;
+				break;
+			}
+			/* Fast path through ordinary octets. */
+			do {
+				CHECK_LONG();
+				CHECK_BUDGET();
+				EMIT();
+				d->pos = SMTP_DATA_TEXT;
+			} while (i < n && p[i] != '\r' && p[i] != '\n');
+			break;
+		case SMTP_DATA_CR:
+			if (c != '\n') {
+				FLAG(bare); /* CR without LF */
+				goto text;
+			}
+			CHECK_LONG();
+			CHECK_BUDGET();
+			EMIT();
+			d->line_len = 0;
+			d->pos = SMTP_DATA_BOL;
+			break;
+		case SMTP_DATA_DOT:
+			if (c == '\r') {
+				CHECK_LONG();
+				d->line_len++;
+				i++;
+				d->pos = SMTP_DATA_DOT_CR;
+				break;
+			}
+			/* A stuffed dot: dropped, the rest is text (4.5.2). */
+			goto text;
+		case SMTP_DATA_DOT_CR:
+			if (c == '\n') {
+				i++;
+				d->pos = SMTP_DATA_DONE;
+				RETURN(SMTP_DATA_END);
+			}
+			/* ".<CR>x": the dot was stuffing, the CR is bare. */
+			FLAG(bare);
+			if (budget == 0)
+				RETURN(SMTP_DATA_BLOCKED);
+			d->pos = SMTP_DATA_TEXT;
+			run->p = cr_octet;
+			run->len = 1;
+			run->used = i;
+			return SMTP_DATA_CONTINUE;
+		case SMTP_DATA_DONE:
+			RETURN(SMTP_DATA_END);
+		}
+	}
+	if (d->pos == SMTP_DATA_DONE)
+		RETURN(SMTP_DATA_END);
+	RETURN(SMTP_DATA_AGAIN);
+#undef RETURN
+#undef FLAG
+#undef CHECK_LONG
+#undef CHECK_BUDGET
+#undef EMIT
+}

@@ -1,0 +1,1457 @@
+/*
+ * The SMTP session state machine, the verb table and every reply
+ * (RFC 5321; RFC 2920 PIPELINING, 1870 SIZE, 6152 8BITMIME, 2034/3463
+ * enhanced codes, 6531 SMTPUTF8, 3030 CHUNKING). Contract: smtp.h.
+ *
+ *                 greet_delay                    any input: 554, close
+ *   open ──────► GREET_WAIT ───────────────────────────────────────┐
+ *     │              │ smtp_session_greet(): 220                    │
+ *     │ 220          ▼                                              ▼
+ *     └─────────► INIT ──EHLO/HELO──► READY ◄────────────┐       CLOSING
+ *                                      │ MAIL            │      (QUIT, 421,
+ *                                      ▼                 │       max errors)
+ *                                     MAIL ──RCPT ok──► RCPT     │
+ *                                                        │ │     │
+ *                         ┌───────DATA (354)─────────────┘ │     │
+ *                         ▼                                │BDAT │
+ *                        DATA ──CRLF.CRLF──┐               ▼     │
+ *                                          │     ┌─────── BDAT ◄─┴─ CHUNKING
+ *                           bad message:   │     │ chunk   │  ▲ (non-LAST)
+ *                           5xx ──► READY  │     │ LAST ok │  └──────┘
+ *                                          ▼     ▼
+ *                                         COMMIT ──commit_done()──► READY
+ *                                         (250 / 451 / 452 from there only)
+ *
+ * Invariants per state:
+ *  GREET_WAIT  nothing queued; input = early talker.
+ *  INIT        no HELO name; no transaction.
+ *  READY       helo set; no MAIL, no recipient, no sink message.
+ *  MAIL        mail_from set, n_rcpts == 0, no sink message.
+ *  RCPT        n_rcpts >= 1, no sink message.
+ *  DATA        a sink message is open unless fail != NONE (then aborted);
+ *              the Received header is appended before any body octet.
+ *  BDAT        bdat_left octets of the chunk still to read; they are
+ *              appended only if bdat_err == NONE and fail == NONE.
+ *  CHUNKING    a sink message is open (BDAT accepted, LAST not seen).
+ *  COMMIT      the sink message is committed; input is not consumed;
+ *              smtp_session_commit_done() is the only way out.
+ *  CLOSING     the last reply is queued; input is not consumed.
+ * Commands are taken only in INIT, READY, MAIL, RCPT and CHUNKING, one
+ * complete line at a time, and only with SMTP_OUT_RESERVE octets free in the
+ * output buffer, so every reply of one command always fits.
+ *
+ * Limits: SMTP_OUT_SIZE output octets, SMTP_ARENA_SIZE octets of envelope
+ * (sender + recipients) per transaction, cfg.max_recipients per message.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "finaldot/compiler.h"
+#include "finaldot/log.h"
+#include "finaldot/msgid.h"
+#include "smtp/smtp.h"
+#include "smtp/smtp_data.h"
+#include "smtp/smtp_parse.h"
+#include "smtp/smtp_received.h"
+
+#define SMTP_OUT_SIZE 4096
+#define SMTP_REPLY_MAX 512
+#define SMTP_OUT_RESERVE (3 * SMTP_REPLY_MAX)
+#define SMTP_ARENA_SIZE 8192
+#define SMTP_ADDR_MAX 64
+
+enum smtp_state {
+	SMTP_S_FREE = 0, /* in the pool */
+	SMTP_S_GREET_WAIT,
+	SMTP_S_INIT,
+	SMTP_S_READY,
+	SMTP_S_MAIL,
+	SMTP_S_RCPT,
+	SMTP_S_DATA,
+	SMTP_S_BDAT,
+	SMTP_S_CHUNKING,
+	SMTP_S_COMMIT,
+	SMTP_S_CLOSING,
+};
+
+/* Why the current message (or BDAT chunk) will not be queued. */
+enum smtp_fail {
+	SMTP_FAIL_NONE = 0,
+	SMTP_FAIL_SIZE,      /* 552 5.3.4 */
+	SMTP_FAIL_BARE,      /* 550 5.6.0 bare CR or LF */
+	SMTP_FAIL_LONG_LINE, /* 550 5.6.0 line > 1000 */
+	SMTP_FAIL_WRITE,     /* 451 4.3.0 append failed */
+	SMTP_FAIL_NOSPACE,   /* 452 4.3.1 begin/commit -ENOSPC */
+	SMTP_FAIL_LOCAL,     /* 451 4.3.0 begin/commit other error */
+	SMTP_FAIL_SEQUENCE,  /* 503 5.5.1 BDAT outside a transaction */
+	SMTP_FAIL_NO_RCPT,   /* 554 5.5.1 BDAT after every RCPT failed */
+};
+
+struct smtp_session {
+	struct smtp_server *srv;
+	void *tctx;
+	uint64_t sid;
+	enum smtp_state state;
+	struct smtp_session *next_free;
+	unsigned errors;
+	bool esmtp;
+	bool shutdown_pending; /* 421 4.3.2 once the commit is done */
+	bool timeout_pending;  /* 421 4.4.2 once the commit is done */
+	char client_addr[SMTP_ADDR_MAX];
+	char helo[SMTP_LINE_MAX];
+	size_t helo_len;
+
+	struct smtp_line line;
+
+	size_t out_head, out_tail;
+	uint8_t out[SMTP_OUT_SIZE];
+
+	/* Transaction (reset by RSET, EHLO/HELO, end of message). */
+	const char *mail_from; /* in arena */
+	const char **rcpts;    /* cfg.max_recipients slots, in arena */
+	unsigned n_rcpts;
+	unsigned rcpt_attempts;
+	uint64_t size_param;
+	enum fd_body_type body;
+	bool smtputf8;
+	size_t arena_used;
+	char arena[SMTP_ARENA_SIZE];
+
+	/* Message. */
+	void *msg; /* sink handle; NULL when none is open */
+	uint64_t msgid;
+	enum smtp_fail fail;
+	uint64_t body_size;
+	struct fd_envelope env;
+	struct smtp_data data;
+	size_t hdr_len, hdr_off;
+	char hdr[SMTP_RECEIVED_MAX];
+
+	/* BDAT chunk being read. */
+	uint64_t bdat_size, bdat_left;
+	bool bdat_last;
+	enum smtp_fail bdat_err;
+	enum smtp_state bdat_prev;
+};
+
+struct smtp_server {
+	struct smtp_config cfg;
+	struct smtp_sink_ops ops;
+	void *sink;
+	struct smtp_stats stats;
+	struct smtp_session *sessions;
+	const char **rcpt_slots;
+	struct smtp_session *free_list;
+	size_t busy_len;
+	char busy[SMTP_REPLY_MAX];
+};
+
+static const char *
+smtp_state_name(enum smtp_state st)
+{
+	switch (st) {
+	case SMTP_S_FREE:
+		return "free";
+	case SMTP_S_GREET_WAIT:
+		return "greet-wait";
+	case SMTP_S_INIT:
+		return "init";
+	case SMTP_S_READY:
+		return "ready";
+	case SMTP_S_MAIL:
+		return "mail";
+	case SMTP_S_RCPT:
+		return "rcpt";
+	case SMTP_S_DATA:
+		return "data";
+	case SMTP_S_BDAT:
+		return "bdat";
+	case SMTP_S_CHUNKING:
+		return "chunking";
+	case SMTP_S_COMMIT:
+		return "commit";
+	case SMTP_S_CLOSING:
+		return "closing";
+	}
+	return "?";
+}
+
+static void
+smtp_enter_state(struct smtp_session *s, enum smtp_state st)
+{
+	fd_debug("smtp", "%016" PRIx64 " event=state from=%s to=%s", s->sid,
+		 smtp_state_name(s->state), smtp_state_name(st));
+	s->state = st;
+}
+
+static const char *
+smtp_fail_name(enum smtp_fail f)
+{
+	switch (f) {
+	case SMTP_FAIL_NONE:
+		return "none";
+	case SMTP_FAIL_SIZE:
+		return "size";
+	case SMTP_FAIL_BARE:
+		return "bare-cr-lf";
+	case SMTP_FAIL_LONG_LINE:
+		return "line-too-long";
+	case SMTP_FAIL_WRITE:
+		return "write-error";
+	case SMTP_FAIL_NOSPACE:
+		return "no-space";
+	case SMTP_FAIL_LOCAL:
+		return "local-error";
+	case SMTP_FAIL_SEQUENCE:
+		return "bad-sequence";
+	case SMTP_FAIL_NO_RCPT:
+		return "no-valid-recipients";
+	}
+	return "?";
+}
+
+static uint64_t
+smtp_now(const struct smtp_server *srv)
+{
+	return srv->cfg.now_us ? srv->cfg.now_us() : fd_now_realtime_us();
+}
+
+/* ---- output ---- */
+
+static size_t
+out_free(const struct smtp_session *s)
+{
+	return SMTP_OUT_SIZE - (s->out_tail - s->out_head);
+}
+
+/* Queue one reply (CRLF added). False if the output buffer is full. */
+__attribute__((format(printf, 2, 3))) static bool
+reply(struct smtp_session *s, const char *fmt, ...)
+{
+	char buf[SMTP_REPLY_MAX];
+	va_list ap;
+	int r;
+	size_t n;
+
+	va_start(ap, fmt);
+	r = vsnprintf(buf, sizeof(buf) - 2, fmt, ap);
+	va_end(ap);
+	if (r < 0)
+		return false;
+	n = FD_MIN((size_t)r, sizeof(buf) - 3);
+	buf[n++] = '\r';
+	buf[n++] = '\n';
+	if (out_free(s) < n) {
+		fd_log(FD_LOG_WARN, "smtp",
+		       "%016" PRIx64 " event=output_full dropped=%zu", s->sid,
+		       n);
+		return false;
+	}
+	if (s->out_tail + n > SMTP_OUT_SIZE) {
+		memmove(s->out, s->out + s->out_head,
+			s->out_tail - s->out_head);
+		s->out_tail -= s->out_head;
+		s->out_head = 0;
+	}
+	memcpy(s->out + s->out_tail, buf, n);
+	s->out_tail += n;
+	return true;
+}
+
+static void
+smtp_close_after(struct smtp_session *s)
+{
+	smtp_enter_state(s, SMTP_S_CLOSING);
+}
+
+/*
+ * A command the client got wrong: counted; after cfg.max_errors of them
+ * the session ends with 421 4.7.0 (like Postfix's hard error limit).
+ */
+__attribute__((format(printf, 2, 3))) static void
+error_reply(struct smtp_session *s, const char *fmt, ...)
+{
+	char buf[SMTP_REPLY_MAX];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	reply(s, "%s", buf);
+	s->errors++;
+	s->srv->stats.syntax_errors++;
+	if (s->srv->cfg.max_errors && s->errors >= s->srv->cfg.max_errors) {
+		fd_log(FD_LOG_INFO, "smtp",
+		       "%016" PRIx64 " event=too_many_errors errors=%u",
+		       s->sid, s->errors);
+		reply(s, "421 4.7.0 %.255s Error: too many errors",
+		      s->srv->cfg.hostname);
+		smtp_close_after(s);
+	}
+}
+
+/* ---- transaction and message ---- */
+
+static const char *
+arena_put(struct smtp_session *s, const char *p, size_t n)
+{
+	char *d;
+
+	if (SMTP_ARENA_SIZE - s->arena_used < n + 1)
+		return NULL;
+	d = s->arena + s->arena_used;
+	memcpy(d, p, n);
+	d[n] = '\0';
+	s->arena_used += n + 1;
+	return d;
+}
+
+/* Drop the sink message if one is open and not committed. */
+static void
+msg_abort(struct smtp_session *s)
+{
+	if (s->msg && s->state != SMTP_S_COMMIT)
+		s->srv->ops.abort(s->srv->sink, s->msg);
+	s->msg = NULL;
+}
+
+static void
+txn_reset(struct smtp_session *s)
+{
+	msg_abort(s);
+	s->mail_from = NULL;
+	s->n_rcpts = 0;
+	s->rcpt_attempts = 0;
+	s->size_param = 0;
+	s->body = FD_BODY_NONE;
+	s->smtputf8 = false;
+	s->arena_used = 0;
+	s->fail = SMTP_FAIL_NONE;
+	s->body_size = 0;
+	s->hdr_len = s->hdr_off = 0;
+	s->bdat_err = SMTP_FAIL_NONE;
+}
+
+/* The message will not be queued: abort it now, answer at its end. */
+static void
+msg_fail(struct smtp_session *s, enum smtp_fail why)
+{
+	if (s->fail != SMTP_FAIL_NONE)
+		return;
+	s->fail = why;
+	msg_abort(s);
+}
+
+static const char *
+received_proto(const struct smtp_session *s)
+{
+	if (s->smtputf8)
+		return "UTF8SMTP"; /* RFC 6531 3.7.3 */
+	return s->esmtp ? "ESMTP" : "SMTP";
+}
+
+static size_t
+received_build(struct smtp_session *s, uint64_t msgid, uint64_t now)
+{
+	struct smtp_received_info ri = {
+		.helo = s->helo,
+		.helo_len = s->helo_len,
+		.client_addr = s->client_addr,
+		.hostname = s->srv->cfg.hostname,
+		.proto = received_proto(s),
+		.msgid = msgid,
+		.rcpt = s->n_rcpts == 1 ? s->rcpts[0] : NULL,
+		.now_us = now,
+	};
+	return smtp_received_format(s->hdr, sizeof(s->hdr), &ri);
+}
+
+/* sink begin() for DATA / the first BDAT. 0 or the sink's -errno. */
+static int
+msg_open(struct smtp_session *s)
+{
+	struct smtp_server *srv = s->srv;
+	int err = -EIO;
+	uint64_t now = smtp_now(srv);
+
+	s->env = (struct fd_envelope){
+		.mail_from = s->mail_from,
+		.rcpts = s->rcpts,
+		.n_rcpts = s->n_rcpts,
+		.helo = s->helo,
+		.client_addr = s->client_addr,
+		.proto = s->esmtp ? "ESMTP" : "SMTP",
+		.arrival_us = now,
+		.size_param = s->size_param,
+		.body = s->body,
+		.smtputf8 = s->smtputf8,
+	};
+	s->msgid = 0;
+	s->msg = srv->ops.begin(srv->sink, &s->env, s, &s->msgid, &err);
+	if (!s->msg && err == -EAGAIN)
+		return err; /* no room right now: the caller holds the command */
+	if (!s->msg) {
+		fd_log(FD_LOG_WARN, "smtp",
+		       "%016" PRIx64 " event=spool_begin_failed err=%d",
+		       s->sid, err);
+		return err < 0 ? err : -EIO;
+	}
+	s->fail = SMTP_FAIL_NONE;
+	s->body_size = 0;
+	s->hdr_len = received_build(s, s->msgid, now);
+	s->hdr_off = 0;
+	return 0;
+}
+
+static void
+sink_append(struct smtp_session *s, const void *p, size_t n)
+{
+	if (n == 0 || s->fail != SMTP_FAIL_NONE)
+		return;
+	if (s->srv->ops.append(s->srv->sink, s->msg, p, n) != 0)
+		msg_fail(s, SMTP_FAIL_WRITE);
+}
+
+/*
+ * Body octets (unstuffed DATA run or BDAT octets). Up to the size limit
+ * they are appended; the first octet beyond fails the message: the excess
+ * is never appended (RFC 1870 6.3: 552 at the end of data).
+ */
+static void
+body_append(struct smtp_session *s, const uint8_t *p, size_t n)
+{
+	uint64_t max = s->srv->cfg.max_message_size;
+
+	if (s->fail != SMTP_FAIL_NONE)
+		return;
+	if (n > max - s->body_size) {
+		size_t k = (size_t)(max - s->body_size);
+		sink_append(s, p, k);
+		s->body_size += k;
+		msg_fail(s, SMTP_FAIL_SIZE);
+		return;
+	}
+	sink_append(s, p, n);
+	s->body_size += n;
+}
+
+/*
+ * Append what room() allows of the Received header. True if it is all
+ * out (or the message failed); false if the spool has no room now.
+ */
+static bool
+header_flush(struct smtp_session *s)
+{
+	while (s->fail == SMTP_FAIL_NONE && s->hdr_off < s->hdr_len) {
+		size_t room = s->srv->ops.room(s->srv->sink);
+		size_t k = FD_MIN(room, s->hdr_len - s->hdr_off);
+		if (k == 0)
+			return false;
+		sink_append(s, s->hdr + s->hdr_off, k);
+		s->hdr_off += k;
+	}
+	return true;
+}
+
+/* The reply to a message that will not be queued, and the bookkeeping. */
+static void
+msg_reject(struct smtp_session *s, enum smtp_fail why)
+{
+	struct smtp_server *srv = s->srv;
+	const char *host = srv->cfg.hostname;
+
+	switch (why) {
+	case SMTP_FAIL_SIZE:
+		reply(s, "552 5.3.4 Error: message size exceeds fixed limit");
+		break;
+	case SMTP_FAIL_BARE:
+		/* RFC 5321 2.3.8; the 2023 SMTP smuggling attacks. */
+		reply(s, "550 5.6.0 Error: bare CR or LF in message data "
+			 "(CRLF line endings required)");
+		break;
+	case SMTP_FAIL_LONG_LINE:
+		reply(s, "550 5.6.0 Error: text line longer than %d octets",
+		      SMTP_TEXT_LINE_MAX);
+		break;
+	case SMTP_FAIL_WRITE:
+	case SMTP_FAIL_LOCAL:
+		reply(s, "451 4.3.0 %.255s Error: local error in processing",
+		      host);
+		break;
+	case SMTP_FAIL_NOSPACE:
+		reply(s, "452 4.3.1 %.255s Error: insufficient system storage",
+		      host);
+		break;
+	case SMTP_FAIL_SEQUENCE:
+	case SMTP_FAIL_NO_RCPT:
+	case SMTP_FAIL_NONE:
+		reply(s, "451 4.3.0 Error: internal error");
+		break;
+	}
+	if (why == SMTP_FAIL_WRITE || why == SMTP_FAIL_LOCAL ||
+	    why == SMTP_FAIL_NOSPACE)
+		srv->stats.messages_failed++;
+	else
+		srv->stats.messages_rejected++;
+	fd_log(FD_LOG_INFO, "smtp",
+	       "%016" PRIx64 " event=rejected reason=%s size=%" PRIu64, s->sid,
+	       smtp_fail_name(why), s->body_size);
+	txn_reset(s);
+	smtp_enter_state(s, SMTP_S_READY);
+}
+
+/* End of data (final dot or BDAT LAST) of a message still good. */
+static void
+msg_commit(struct smtp_session *s)
+{
+	struct smtp_server *srv = s->srv;
+	int r;
+
+	if (s->fail != SMTP_FAIL_NONE) {
+		msg_reject(s, s->fail);
+		return;
+	}
+	r = srv->ops.commit(srv->sink, s->msg);
+	if (r != 0) {
+		/* XXX the sink refused the commit: take the message as
+		 * still ours and uncommitted, so abort it. */
+		msg_fail(s, r == -ENOSPC ? SMTP_FAIL_NOSPACE : SMTP_FAIL_LOCAL);
+		msg_reject(s, s->fail);
+		return;
+	}
+	/* The reply comes from smtp_session_commit_done() only. */
+	smtp_enter_state(s, SMTP_S_COMMIT);
+}
+
+/* ---- verbs ---- */
+
+typedef bool (*smtp_verb_fn)(struct smtp_session *s, const struct smtp_cmd *c);
+
+struct smtp_verb {
+	const char *name;
+	unsigned states; /* bit (1 << state) set: allowed there */
+	smtp_verb_fn fn;
+};
+
+static bool
+check_no_arg(struct smtp_session *s, const struct smtp_cmd *c,
+	     const char *verb)
+{
+	if (c->arg_len == 0)
+		return true;
+	error_reply(s, "501 5.5.4 Syntax: %s", verb);
+	return false;
+}
+
+static bool
+smtp_cmd_helo_common(struct smtp_session *s, const struct smtp_cmd *c,
+		     bool esmtp)
+{
+	struct smtp_server *srv = s->srv;
+
+	if (c->arg_len == 0) {
+		error_reply(s, "501 5.5.4 Syntax: %s hostname",
+			    esmtp ? "EHLO" : "HELO");
+		return true;
+	}
+	/* RFC 5321 4.1.4: EHLO/HELO resets any transaction. */
+	txn_reset(s);
+	memcpy(s->helo, c->arg, c->arg_len);
+	s->helo[c->arg_len] = '\0';
+	s->helo_len = c->arg_len;
+	s->esmtp = esmtp;
+	smtp_enter_state(s, SMTP_S_READY);
+	/* RFC 2034 3: no enhanced code in the EHLO/HELO reply. */
+	if (!esmtp)
+		reply(s, "250 %.255s", srv->cfg.hostname);
+	else
+		reply(s,
+		      "250-%.255s\r\n"
+		      "250-PIPELINING\r\n"
+		      "250-SIZE %" PRIu64 "\r\n"
+		      "250-8BITMIME\r\n"
+		      "250-ENHANCEDSTATUSCODES\r\n"
+		      "250-SMTPUTF8\r\n"
+		      "250 CHUNKING",
+		      srv->cfg.hostname, srv->cfg.max_message_size);
+	return true;
+}
+
+static bool
+smtp_cmd_helo(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	return smtp_cmd_helo_common(s, c, false);
+}
+
+static bool
+smtp_cmd_ehlo(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	return smtp_cmd_helo_common(s, c, true);
+}
+
+static bool
+smtp_cmd_mail(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	struct smtp_mail_args m;
+	enum smtp_parse_result r = smtp_parse_mail(c->arg, c->arg_len, &m);
+
+	switch (r) {
+	case SMTP_PARSE_OK:
+		break;
+	case SMTP_PARSE_ERR_SYNTAX:
+	case SMTP_PARSE_ERR_CHAR:
+	case SMTP_PARSE_AGAIN:
+		if (m.path_ok)
+			error_reply(s, "501 5.5.4 Syntax error in MAIL "
+				       "parameters");
+		else
+			error_reply(s, "501 5.1.7 Bad sender address syntax");
+		return true;
+	case SMTP_PARSE_ERR_TOO_LONG:
+		error_reply(s, "501 5.1.7 Sender address too long");
+		return true;
+	case SMTP_PARSE_ERR_UTF8:
+		error_reply(s, "553 5.6.7 Malformed UTF-8 in MAIL command");
+		return true;
+	case SMTP_PARSE_ERR_PARAM_UNKNOWN:
+		error_reply(s, "555 5.5.4 Unsupported MAIL parameter");
+		return true;
+	case SMTP_PARSE_ERR_PARAM_VALUE:
+		error_reply(s, "555 5.5.4 Unsupported MAIL parameter value");
+		return true;
+	}
+	if (!s->esmtp && m.n_params > 0) {
+		error_reply(s, "555 5.5.4 MAIL parameters require EHLO");
+		return true;
+	}
+	if (m.path.non_ascii && !m.smtputf8) {
+		reply(s, "553 5.6.7 Non-ASCII address requires SMTPUTF8");
+		return true;
+	}
+	if (m.has_size && m.size > s->srv->cfg.max_message_size) {
+		reply(s, "552 5.3.4 Message size exceeds fixed limit");
+		return true;
+	}
+	txn_reset(s);
+	s->mail_from = arena_put(s, m.path.mailbox, m.path.mailbox_len);
+	if (!s->mail_from) { /* cannot happen: 256 < arena */
+		reply(s, "452 4.3.1 Error: out of memory");
+		return true;
+	}
+	s->size_param = m.has_size ? m.size : 0;
+	s->body = m.body;
+	s->smtputf8 = m.smtputf8;
+	smtp_enter_state(s, SMTP_S_MAIL);
+	reply(s, "250 2.1.0 Ok");
+	return true;
+}
+
+static bool
+rcpt_domain_is_ours(const struct smtp_server *srv, const struct smtp_path *p)
+{
+	if (p->domain_literal)
+		return false;
+	for (unsigned i = 0; i < srv->cfg.n_domains; i++) {
+		const char *d = srv->cfg.domains[i];
+		if (smtp_domain_equal(p->domain, p->domain_len, d, strlen(d)))
+			return true;
+	}
+	return false;
+}
+
+static bool
+smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	struct smtp_server *srv = s->srv;
+	struct smtp_rcpt_args ra;
+	enum smtp_parse_result r;
+	char esc[128];
+
+	s->rcpt_attempts++;
+	if (s->n_rcpts >= srv->cfg.max_recipients) {
+		reply(s, "452 4.5.3 Error: too many recipients");
+		return true;
+	}
+	r = smtp_parse_rcpt(c->arg, c->arg_len, &ra);
+	switch (r) {
+	case SMTP_PARSE_OK:
+		break;
+	case SMTP_PARSE_ERR_SYNTAX:
+	case SMTP_PARSE_ERR_CHAR:
+	case SMTP_PARSE_AGAIN:
+		if (ra.path_ok)
+			error_reply(s, "501 5.5.4 Syntax error in RCPT "
+				       "parameters");
+		else
+			error_reply(s,
+				    "501 5.1.3 Bad recipient address syntax");
+		return true;
+	case SMTP_PARSE_ERR_TOO_LONG:
+		error_reply(s, "501 5.1.3 Recipient address too long");
+		return true;
+	case SMTP_PARSE_ERR_UTF8:
+		error_reply(s, "553 5.6.7 Malformed UTF-8 in RCPT command");
+		return true;
+	case SMTP_PARSE_ERR_PARAM_UNKNOWN:
+	case SMTP_PARSE_ERR_PARAM_VALUE:
+		error_reply(s, "555 5.5.4 Unsupported RCPT parameter");
+		return true;
+	}
+	if (ra.path.non_ascii && !s->smtputf8) {
+		reply(s, "553 5.6.7 Non-ASCII address requires SMTPUTF8");
+		return true;
+	}
+	/*
+	 * Not an open relay: the mailbox's own domain decides (a source
+	 * route is ignored, RFC 5321 3.3). '%', '!' and a quoted '@' are
+	 * old relay syntaxes some backends still honour: refused outright.
+	 */
+	if (!ra.path.postmaster &&
+	    (ra.path.local_special || !rcpt_domain_is_ours(srv, &ra.path))) {
+		srv->stats.relay_denied++;
+		fd_log(FD_LOG_INFO, "smtp",
+		       "%016" PRIx64 " event=relay_denied rcpt=%s", s->sid,
+		       fd_log_escape(esc, sizeof(esc), ra.path.mailbox,
+				     ra.path.mailbox_len));
+		error_reply(s, "550 5.7.1 Relay access denied");
+		return true;
+	}
+	s->rcpts[s->n_rcpts] =
+		arena_put(s, ra.path.mailbox, ra.path.mailbox_len);
+	if (!s->rcpts[s->n_rcpts]) {
+		reply(s, "452 4.5.3 Error: too many recipients");
+		return true;
+	}
+	s->n_rcpts++;
+	smtp_enter_state(s, SMTP_S_RCPT);
+	reply(s, "250 2.1.5 Ok");
+	return true;
+}
+
+static bool
+smtp_cmd_data(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	int err;
+
+	if (!check_no_arg(s, c, "DATA"))
+		return true;
+	if (s->n_rcpts == 0) {
+		/* RFC 2920 3.1: after all pipelined RCPTs failed. */
+		if (s->rcpt_attempts > 0)
+			reply(s, "554 5.5.1 Error: no valid recipients");
+		else
+			error_reply(s, "503 5.5.1 Error: need RCPT command");
+		return true;
+	}
+	err = msg_open(s);
+	if (err == -EAGAIN)
+		return false; /* every spool buffer in flight: hold DATA */
+	if (err == -ENOSPC) {
+		reply(s, "452 4.3.1 %.255s Error: insufficient system storage",
+		      s->srv->cfg.hostname);
+		return true;
+	} else if (err != 0) {
+		reply(s, "451 4.3.0 %.255s Error: local error in processing",
+		      s->srv->cfg.hostname);
+		return true;
+	}
+	smtp_data_init(&s->data);
+	smtp_enter_state(s, SMTP_S_DATA);
+	/* 354 is an intermediate reply: no enhanced code (RFC 2034 3). */
+	reply(s, "354 End data with <CR><LF>.<CR><LF>");
+	return true;
+}
+
+/*
+ * BDAT (RFC 3030 2). Whatever the verdict, the chunk's octets are read as
+ * data, never as commands: a client that pipelines BDAT and its octets
+ * must not get them interpreted. The reply comes at the chunk's end.
+ */
+static bool
+smtp_cmd_bdat(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	struct smtp_server *srv = s->srv;
+	uint64_t size;
+	bool last;
+	int err;
+
+	if (smtp_parse_bdat(c->arg, c->arg_len, &size, &last) !=
+	    SMTP_PARSE_OK) {
+		error_reply(s, "501 5.5.4 Syntax: BDAT size [LAST]");
+		return true;
+	}
+	/*
+	 * "BDAT 0 [LAST]" has no octets to wait on: a Received header still
+	 * to append must fit now, or the command is held (its LF left
+	 * unconsumed, offered again by the transport). XXX this needs
+	 * room() >= header length; other chunks flush it in steps.
+	 */
+	if (size == 0 && s->bdat_err == SMTP_FAIL_NONE &&
+	    s->esmtp &&
+	    ((s->state == SMTP_S_RCPT &&
+	      size <= srv->cfg.max_message_size &&
+	      srv->ops.room(srv->sink) <
+		      received_build(s, 0, smtp_now(srv))) ||
+	     (s->state == SMTP_S_CHUNKING && s->fail == SMTP_FAIL_NONE &&
+	      srv->ops.room(srv->sink) < s->hdr_len - s->hdr_off)))
+		return false;
+
+	s->bdat_size = s->bdat_left = size;
+	s->bdat_last = last;
+	s->bdat_err = SMTP_FAIL_NONE;
+	s->bdat_prev = s->state;
+	switch (s->state) {
+	case SMTP_S_RCPT:
+		if (!s->esmtp) {
+			s->bdat_err = SMTP_FAIL_SEQUENCE;
+		} else if (size > srv->cfg.max_message_size) {
+			s->fail = SMTP_FAIL_SIZE;
+		} else if ((err = msg_open(s)) == -EAGAIN) {
+			/* Every spool buffer in flight: hold the command
+			 * (nothing above changed what a retry sees). */
+			return false;
+		} else if (err != 0) {
+			s->fail = err == -ENOSPC ? SMTP_FAIL_NOSPACE
+						 : SMTP_FAIL_LOCAL;
+		}
+		break;
+	case SMTP_S_CHUNKING:
+		if (size > srv->cfg.max_message_size - s->body_size)
+			msg_fail(s, SMTP_FAIL_SIZE);
+		break;
+	case SMTP_S_MAIL:
+		s->bdat_err = s->rcpt_attempts ? SMTP_FAIL_NO_RCPT
+					       : SMTP_FAIL_SEQUENCE;
+		break;
+	case SMTP_S_INIT:
+	case SMTP_S_READY:
+		s->bdat_err = SMTP_FAIL_SEQUENCE;
+		break;
+	case SMTP_S_FREE:
+	case SMTP_S_GREET_WAIT:
+	case SMTP_S_DATA:
+	case SMTP_S_BDAT:
+	case SMTP_S_COMMIT:
+	case SMTP_S_CLOSING:
+		s->bdat_err = SMTP_FAIL_SEQUENCE; /* not reached: verb table */
+		break;
+	}
+	smtp_enter_state(s, SMTP_S_BDAT);
+	return true;
+}
+
+static void
+bdat_chunk_end(struct smtp_session *s)
+{
+	enum smtp_fail e = s->bdat_err;
+
+	if (e != SMTP_FAIL_NONE) {
+		s->bdat_err = SMTP_FAIL_NONE;
+		smtp_enter_state(s, s->bdat_prev);
+		if (e == SMTP_FAIL_NO_RCPT)
+			reply(s, "554 5.5.1 Error: no valid recipients");
+		else
+			error_reply(s, "503 5.5.1 Error: BDAT without a "
+				       "valid MAIL/RCPT transaction");
+		return;
+	}
+	if (s->fail != SMTP_FAIL_NONE) {
+		msg_reject(s, s->fail);
+		return;
+	}
+	if (!s->bdat_last) {
+		smtp_enter_state(s, SMTP_S_CHUNKING);
+		reply(s, "250 2.0.0 Ok: %" PRIu64 " octets received",
+		      s->bdat_size);
+		return;
+	}
+	msg_commit(s);
+}
+
+static bool
+smtp_cmd_rset(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	if (!check_no_arg(s, c, "RSET"))
+		return true;
+	txn_reset(s);
+	if (s->state != SMTP_S_INIT)
+		smtp_enter_state(s, SMTP_S_READY);
+	reply(s, "250 2.0.0 Ok");
+	return true;
+}
+
+static bool
+smtp_cmd_noop(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	(void)c; /* RFC 5321 4.1.1.9: an argument is allowed, ignored. */
+	reply(s, "250 2.0.0 Ok");
+	return true;
+}
+
+static bool
+smtp_cmd_quit(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	if (!check_no_arg(s, c, "QUIT"))
+		return true;
+	txn_reset(s);
+	reply(s, "221 2.0.0 Bye");
+	smtp_close_after(s);
+	return true;
+}
+
+static bool
+smtp_cmd_vrfy(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	if (c->arg_len == 0) {
+		error_reply(s, "501 5.5.4 Syntax: VRFY address");
+		return true;
+	}
+	/* RFC 5321 3.5.3: 252 when we will not say. */
+	reply(s, "252 2.5.2 Cannot VRFY user, but will accept message and "
+		 "attempt delivery");
+	return true;
+}
+
+static bool
+smtp_cmd_help(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	(void)c;
+	reply(s, "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET "
+		 "NOOP QUIT VRFY HELP");
+	return true;
+}
+
+static bool
+smtp_cmd_not_implemented(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	(void)c;
+	error_reply(s, "502 5.5.1 Error: command not implemented");
+	return true;
+}
+
+#define ST(x) (1u << SMTP_S_##x)
+#define ST_CMD (ST(INIT) | ST(READY) | ST(MAIL) | ST(RCPT) | ST(CHUNKING))
+
+/* The verbs, where each is allowed, and what it does (RFC 5321 4.1.4). */
+static const struct smtp_verb smtp_verbs[] = {
+	{"EHLO", ST_CMD, smtp_cmd_ehlo},
+	{"HELO", ST_CMD, smtp_cmd_helo},
+	{"MAIL", ST(READY), smtp_cmd_mail},
+	{"RCPT", ST(MAIL) | ST(RCPT), smtp_cmd_rcpt},
+	{"DATA", ST(MAIL) | ST(RCPT), smtp_cmd_data},
+	{"BDAT", ST_CMD, smtp_cmd_bdat},
+	{"RSET", ST_CMD, smtp_cmd_rset},
+	{"NOOP", ST_CMD, smtp_cmd_noop},
+	{"QUIT", ST_CMD, smtp_cmd_quit},
+	{"VRFY", ST_CMD, smtp_cmd_vrfy},
+	{"HELP", ST_CMD, smtp_cmd_help},
+	{"EXPN", ST_CMD, smtp_cmd_not_implemented},
+	{"STARTTLS", ST_CMD, smtp_cmd_not_implemented},
+	{"AUTH", ST_CMD, smtp_cmd_not_implemented},
+	{"TURN", ST_CMD, smtp_cmd_not_implemented},
+	{"ETRN", ST_CMD, smtp_cmd_not_implemented},
+};
+
+static void
+bad_sequence(struct smtp_session *s, const struct smtp_verb *v)
+{
+	const char *why;
+
+	if (s->state == SMTP_S_INIT)
+		why = "send HELO/EHLO first";
+	else if (s->state == SMTP_S_CHUNKING)
+		why = "only BDAT, RSET, NOOP, QUIT during BDAT transfer";
+	else if (strcmp(v->name, "MAIL") == 0)
+		why = "nested MAIL command";
+	else
+		why = "need MAIL command";
+	error_reply(s, "503 5.5.1 Error: %s", why);
+}
+
+/* Execute the complete line. False: cannot now, hold it (no effect). */
+static bool
+smtp_execute(struct smtp_session *s)
+{
+	struct smtp_cmd c;
+	const char *line;
+	size_t len = smtp_line_content(&s->line, &line);
+	enum smtp_parse_result r = smtp_parse_command(line, len, &c);
+	const struct smtp_verb *v = NULL;
+
+	if (r == SMTP_PARSE_ERR_CHAR) {
+		s->srv->stats.commands++;
+		error_reply(s, "500 5.5.2 Error: bad character in command");
+		return true;
+	}
+	if (r == SMTP_PARSE_OK) {
+		for (size_t i = 0; i < FD_ARRAY_SIZE(smtp_verbs); i++) {
+			if (strlen(smtp_verbs[i].name) == c.verb_len &&
+			    strncasecmp(smtp_verbs[i].name, c.verb,
+					c.verb_len) == 0) {
+				v = &smtp_verbs[i];
+				break;
+			}
+		}
+	}
+	if (!v) {
+		s->srv->stats.commands++;
+		error_reply(s, "500 5.5.2 Error: command not recognized");
+		return true;
+	}
+	fd_debug("smtp", "%016" PRIx64 " event=command verb=%s state=%s",
+		 s->sid, v->name, smtp_state_name(s->state));
+	if (!(v->states & (1u << s->state))) {
+		s->srv->stats.commands++;
+		bad_sequence(s, v);
+		return true;
+	}
+	if (!v->fn(s, &c))
+		return false;
+	s->srv->stats.commands++;
+	return true;
+}
+
+/* ---- input ---- */
+
+static bool
+step_command(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
+{
+	size_t used;
+	enum smtp_parse_result r;
+
+	if (*off == n)
+		return false;
+	r = smtp_line_feed(&s->line, p + *off, n - *off, &used);
+	*off += used;
+	if (r == SMTP_PARSE_AGAIN)
+		return false;
+	/* p[*off] is the LF: consumed only once the line is executed. */
+	if (out_free(s) < SMTP_OUT_RESERVE)
+		return false;
+	if (r == SMTP_PARSE_ERR_TOO_LONG) {
+		s->srv->stats.commands++;
+		error_reply(s, "500 5.5.2 Error: line too long");
+	} else if (!smtp_execute(s)) {
+		return false;
+	}
+	(*off)++;
+	smtp_line_reset(&s->line);
+	return true;
+}
+
+static bool
+step_data(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
+{
+	struct smtp_data_run run;
+	enum smtp_data_result r;
+	size_t budget;
+
+	/* RFC 5321 4.4: the trace header precedes the body. */
+	if (*off == n || !header_flush(s))
+		return false;
+	budget = s->fail != SMTP_FAIL_NONE ? SIZE_MAX
+					   : s->srv->ops.room(s->srv->sink);
+	r = smtp_data_scan(&s->data, p + *off, n - *off, budget, &run);
+	*off += run.used;
+	if (s->fail == SMTP_FAIL_NONE) {
+		/* A new flag always comes with an empty run (smtp_data.h). */
+		if (s->data.bare)
+			msg_fail(s, SMTP_FAIL_BARE);
+		else if (s->data.long_line)
+			msg_fail(s, SMTP_FAIL_LONG_LINE);
+	}
+	body_append(s, run.p, run.len);
+	switch (r) {
+	case SMTP_DATA_CONTINUE:
+		return true;
+	case SMTP_DATA_AGAIN:
+	case SMTP_DATA_BLOCKED:
+		return false;
+	case SMTP_DATA_END:
+		msg_commit(s);
+		return true;
+	}
+	return false;
+}
+
+static bool
+step_bdat(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
+{
+	bool keep = s->bdat_err == SMTP_FAIL_NONE;
+	size_t take;
+
+	if (keep && !header_flush(s))
+		return false;
+	if (s->bdat_left == 0) {
+		bdat_chunk_end(s);
+		return true;
+	}
+	if (*off == n)
+		return false;
+	take = (size_t)FD_MIN((uint64_t)(n - *off), s->bdat_left);
+	if (keep && s->fail == SMTP_FAIL_NONE) {
+		take = FD_MIN(take, s->srv->ops.room(s->srv->sink));
+		if (take == 0)
+			return false;
+		body_append(s, p + *off, take);
+	}
+	*off += take;
+	s->bdat_left -= take;
+	return true;
+}
+
+static void
+early_talker(struct smtp_session *s)
+{
+	s->srv->stats.early_talkers++;
+	fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=early_talker",
+	       s->sid);
+	/* RFC 5321 3.1: 554 may replace the 220 greeting. */
+	reply(s, "554 5.5.0 %.255s Error: SMTP protocol synchronization",
+	      s->srv->cfg.hostname);
+	smtp_close_after(s);
+}
+
+size_t
+smtp_session_input(struct smtp_session *s, const uint8_t *p, size_t n)
+{
+	size_t off = 0;
+	bool more = true;
+
+	if (s->state == SMTP_S_GREET_WAIT) {
+		if (n > 0)
+			early_talker(s);
+		return 0;
+	}
+	while (more) {
+		switch (s->state) {
+		case SMTP_S_INIT:
+		case SMTP_S_READY:
+		case SMTP_S_MAIL:
+		case SMTP_S_RCPT:
+		case SMTP_S_CHUNKING:
+			more = step_command(s, p, n, &off);
+			break;
+		case SMTP_S_DATA:
+			more = step_data(s, p, n, &off);
+			break;
+		case SMTP_S_BDAT:
+			more = step_bdat(s, p, n, &off);
+			break;
+		case SMTP_S_FREE:
+		case SMTP_S_GREET_WAIT:
+		case SMTP_S_COMMIT:
+		case SMTP_S_CLOSING:
+			more = false;
+			break;
+		}
+	}
+	return off;
+}
+
+/* ---- commit completion: the one place that sends the 250 ---- */
+
+void
+smtp_session_commit_done(struct smtp_session *s, uint64_t msgid, int status)
+{
+	struct smtp_server *srv = s->srv;
+	char id[FD_MSGID_TEXT_LEN + 1];
+
+	if (s->state != SMTP_S_COMMIT) {
+		fd_log(FD_LOG_ERR, "smtp",
+		       "%016" PRIx64 " event=unexpected_commit_done state=%s",
+		       s->sid, smtp_state_name(s->state));
+		return;
+	}
+	s->msg = NULL; /* the sink is done with it */
+	fd_msgid_format(msgid, id);
+	if (status == 0) {
+		/* RFC 1047 / DESIGN.md: durable now, and only now, 250. */
+		reply(s, "250 2.0.0 Ok: queued as %s", id);
+		srv->stats.messages_committed++;
+		fd_log(FD_LOG_INFO, "smtp",
+		       "%016" PRIx64 " event=queued id=%s size=%" PRIu64
+		       " rcpts=%u",
+		       s->sid, id, s->body_size, s->n_rcpts);
+	} else {
+		if (status == -ENOSPC)
+			reply(s, "452 4.3.1 %.255s Error: insufficient "
+				 "system storage",
+			      srv->cfg.hostname);
+		else
+			reply(s, "451 4.3.0 %.255s Error: local error in "
+				 "processing",
+			      srv->cfg.hostname);
+		srv->stats.messages_failed++;
+		fd_log(FD_LOG_WARN, "smtp",
+		       "%016" PRIx64 " event=commit_failed id=%s status=%d",
+		       s->sid, id, status);
+	}
+	txn_reset(s);
+	smtp_enter_state(s, SMTP_S_READY);
+	if (s->shutdown_pending) {
+		reply(s, "421 4.3.2 %.255s Service shutting down",
+		      srv->cfg.hostname);
+		smtp_close_after(s);
+	} else if (s->timeout_pending) {
+		reply(s, "421 4.4.2 %.255s Error: timeout exceeded",
+		      srv->cfg.hostname);
+		smtp_close_after(s);
+	}
+}
+
+/* ---- session life ---- */
+
+void
+smtp_session_greet(struct smtp_session *s)
+{
+	if (s->state != SMTP_S_GREET_WAIT)
+		return;
+	/* RFC 2034 3: the greeting carries no enhanced code. */
+	reply(s, "220 %.255s ESMTP finaldot", s->srv->cfg.hostname);
+	smtp_enter_state(s, SMTP_S_INIT);
+}
+
+void
+smtp_session_timeout(struct smtp_session *s)
+{
+	switch (s->state) {
+	case SMTP_S_COMMIT:
+		s->timeout_pending = true; /* the 250/451 goes out first */
+		return;
+	case SMTP_S_FREE:
+	case SMTP_S_CLOSING:
+		return;
+	case SMTP_S_GREET_WAIT:
+	case SMTP_S_INIT:
+	case SMTP_S_READY:
+	case SMTP_S_MAIL:
+	case SMTP_S_RCPT:
+	case SMTP_S_DATA:
+	case SMTP_S_BDAT:
+	case SMTP_S_CHUNKING:
+		break;
+	}
+	s->srv->stats.timeouts++;
+	fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=timeout state=%s",
+	       s->sid, smtp_state_name(s->state));
+	txn_reset(s);
+	reply(s, "421 4.4.2 %.255s Error: timeout exceeded",
+	      s->srv->cfg.hostname);
+	smtp_close_after(s);
+}
+
+void
+smtp_session_shutdown(struct smtp_session *s)
+{
+	switch (s->state) {
+	case SMTP_S_COMMIT:
+		s->shutdown_pending = true;
+		return;
+	case SMTP_S_FREE:
+	case SMTP_S_CLOSING:
+		return;
+	case SMTP_S_GREET_WAIT:
+	case SMTP_S_INIT:
+	case SMTP_S_READY:
+	case SMTP_S_MAIL:
+	case SMTP_S_RCPT:
+	case SMTP_S_DATA:
+	case SMTP_S_BDAT:
+	case SMTP_S_CHUNKING:
+		break;
+	}
+	txn_reset(s);
+	reply(s, "421 4.3.2 %.255s Service shutting down",
+	      s->srv->cfg.hostname);
+	smtp_close_after(s);
+}
+
+bool
+smtp_session_want_close(const struct smtp_session *s)
+{
+	return s->state == SMTP_S_CLOSING;
+}
+
+bool
+smtp_session_commit_pending(const struct smtp_session *s)
+{
+	return s->state == SMTP_S_COMMIT;
+}
+
+size_t
+smtp_session_output(struct smtp_session *s, const uint8_t **p)
+{
+	*p = s->out + s->out_head;
+	return s->out_tail - s->out_head;
+}
+
+void
+smtp_session_output_done(struct smtp_session *s, size_t n)
+{
+	s->out_head += FD_MIN(n, s->out_tail - s->out_head);
+	if (s->out_head == s->out_tail)
+		s->out_head = s->out_tail = 0;
+}
+
+void *
+smtp_session_tctx(const struct smtp_session *s)
+{
+	return s->tctx;
+}
+
+uint64_t
+smtp_session_id(const struct smtp_session *s)
+{
+	return s->sid;
+}
+
+struct smtp_session *
+smtp_session_open(struct smtp_server *srv, void *tctx,
+		  const char *client_addr, uint64_t sid)
+{
+	struct smtp_session *s = srv->free_list;
+	const char **rcpts;
+	char esc[SMTP_ADDR_MAX * 4];
+
+	if (!s)
+		return NULL;
+	srv->free_list = s->next_free;
+	rcpts = s->rcpts;
+	/* Only the fixed part; buffers are reset by their lengths. */
+	memset(s, 0, offsetof(struct smtp_session, line));
+	s->rcpts = rcpts;
+	s->srv = srv;
+	s->tctx = tctx;
+	s->sid = sid;
+	snprintf(s->client_addr, sizeof(s->client_addr), "%s",
+		 client_addr ? client_addr : "");
+	smtp_line_reset(&s->line);
+	s->out_head = s->out_tail = 0;
+	s->msg = NULL;
+	txn_reset(s);
+	srv->stats.sessions++;
+	fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=connect client=%s",
+	       sid,
+	       fd_log_escape(esc, sizeof(esc), s->client_addr,
+			     strlen(s->client_addr)));
+	smtp_enter_state(s, SMTP_S_GREET_WAIT);
+	if (!srv->cfg.greet_delay)
+		smtp_session_greet(s);
+	return s;
+}
+
+void
+smtp_session_close(struct smtp_session *s)
+{
+	struct smtp_server *srv = s->srv;
+
+	if (s->state == SMTP_S_FREE)
+		return;
+	if (s->msg) {
+		if (s->state == SMTP_S_COMMIT)
+			srv->ops.detach(srv->sink, s->msg);
+		else
+			srv->ops.abort(srv->sink, s->msg);
+		s->msg = NULL;
+	}
+	fd_log(FD_LOG_INFO, "smtp",
+	       "%016" PRIx64 " event=disconnect state=%s errors=%u", s->sid,
+	       smtp_state_name(s->state), s->errors);
+	smtp_enter_state(s, SMTP_S_FREE);
+	s->next_free = srv->free_list;
+	srv->free_list = s;
+}
+
+/* ---- server ---- */
+
+void
+smtp_config_defaults(struct smtp_config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->hostname = "localhost";
+	cfg->max_message_size = 33554432;
+	cfg->max_recipients = 100;
+	cfg->max_errors = 20;
+	cfg->max_sessions = 1024;
+	cfg->greet_delay = false;
+	cfg->now_us = NULL;
+}
+
+struct smtp_server *
+smtp_server_create(const struct smtp_config *cfg,
+		   const struct smtp_sink_ops *ops, void *sink)
+{
+	struct smtp_server *srv;
+	int r;
+
+	if (!cfg || !ops || cfg->max_sessions == 0 || !cfg->hostname ||
+	    (cfg->n_domains && !cfg->domains))
+		return NULL;
+	srv = calloc(1, sizeof(*srv));
+	if (!srv)
+		return NULL;
+	srv->cfg = *cfg;
+	if (srv->cfg.max_recipients == 0)
+		srv->cfg.max_recipients = 1;
+	srv->ops = *ops;
+	srv->sink = sink;
+	srv->sessions = calloc(cfg->max_sessions, sizeof(*srv->sessions));
+	if (!srv->sessions)
+		goto out_free_srv;
+	srv->rcpt_slots = calloc((size_t)cfg->max_sessions *
+					 srv->cfg.max_recipients,
+				 sizeof(*srv->rcpt_slots));
+	if (!srv->rcpt_slots)
+		goto out_free_sessions;
+	for (unsigned i = cfg->max_sessions; i-- > 0;) {
+		struct smtp_session *s = &srv->sessions[i];
+		s->srv = srv;
+		s->state = SMTP_S_FREE;
+		s->rcpts = srv->rcpt_slots + (size_t)i * srv->cfg.max_recipients;
+		s->next_free = srv->free_list;
+		srv->free_list = s;
+	}
+	r = snprintf(srv->busy, sizeof(srv->busy),
+		     "421 4.7.0 %.255s Too many connections, try again "
+		     "later\r\n",
+		     cfg->hostname);
+	srv->busy_len = r > 0 ? (size_t)r : 0;
+	return srv;
+
+out_free_sessions:
+	free(srv->sessions);
+out_free_srv:
+	free(srv);
+	return NULL;
+}
+
+void
+smtp_server_destroy(struct smtp_server *srv)
+{
+	if (!srv)
+		return;
+	for (unsigned i = 0; i < srv->cfg.max_sessions; i++)
+		smtp_session_close(&srv->sessions[i]);
+	free(srv->rcpt_slots);
+	free(srv->sessions);
+	free(srv);
+}
+
+const struct smtp_stats *
+smtp_server_stats(const struct smtp_server *srv)
+{
+	return &srv->stats;
+}
+
+const char *
+smtp_busy_reply(const struct smtp_server *srv, size_t *len)
+{
+	*len = srv->busy_len;
+	return srv->busy;
+}
