@@ -87,6 +87,9 @@ static const struct opt options[] = {
 	 "a spool batch closes at this size (default 256k)"},
 	{"batches", OPT_UINT, F(batches), 0, "N",
 	 "spool batch buffers per worker, bounds writes in flight (default 8)"},
+	{"flush_inflight", OPT_UINT, F(flush_inflight), 0, "N",
+	 "group commit: while N durable writes are in flight, arriving "
+	 "messages wait to share the next one (default 1)"},
 	{"spare_segments", OPT_UINT, F(spare_segments), 0, "N",
 	 "pre-zeroed segments kept ready per worker (default 2)"},
 	{"max_segments", OPT_U64, F(max_segments), 0, "N",
@@ -98,6 +101,10 @@ static const struct opt options[] = {
 	 "our IPv4 address on the DPDK port (transport dpdk)"},
 	{"dpdk_gateway", OPT_STR, F(dpdk_gateway), S(dpdk_gateway), "ADDR",
 	 "IPv4 next hop for off-link peers (transport dpdk)"},
+	{"dpdk_offloads", OPT_STR, F(dpdk_offloads), S(dpdk_offloads),
+	 "auto|none|ip|l4|all",
+	 "checksum offloads to use where the port offers them; none computes "
+	 "every checksum in software (default auto = all offered)"},
 	{"log_level", OPT_LOGLEVEL, F(log_level), 0, "LEVEL",
 	 "error, warn, info or debug (default info)"},
 	{"check_config", OPT_FLAG, F(check), 0, NULL,
@@ -126,9 +133,11 @@ fd_config_defaults(struct fd_config *c)
 	c->segment_size = 64u << 20;
 	c->batch_size = 256u << 10;
 	c->batches = 8;
+	c->flush_inflight = 1;
 	c->spare_segments = 2;
 	c->max_segments = 0;
 	c->log_level = FD_LOG_INFO;
+	strcpy(c->dpdk_offloads, "auto");
 }
 
 int
@@ -482,10 +491,18 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 			     "of segment_size\n");
 		return -EINVAL;
 	}
-	if (c->batches < 2 || c->max_connections == 0 ||
+	if (c->batches < 2 || c->flush_inflight == 0 ||
+	    c->flush_inflight > c->batches || c->max_connections == 0 ||
 	    c->max_recipients == 0) {
-		fprintf(err, "batches must be >= 2, max_connections and "
-			     "max_recipients >= 1\n");
+		fprintf(err, "batches must be >= 2, flush_inflight between 1 "
+			     "and batches, max_connections and max_recipients "
+			     ">= 1\n");
+		return -EINVAL;
+	}
+	if (strcmp(c->dpdk_offloads, "auto") && strcmp(c->dpdk_offloads, "none") &&
+	    strcmp(c->dpdk_offloads, "ip") && strcmp(c->dpdk_offloads, "l4") &&
+	    strcmp(c->dpdk_offloads, "all")) {
+		fprintf(err, "dpdk_offloads must be auto, none, ip, l4 or all\n");
 		return -EINVAL;
 	}
 	if (c->threads > 255) {

@@ -50,6 +50,37 @@ mkdir_p(const char *path)
 	return 0;
 }
 
+/*
+ * Recovery: scan every segment of every worker before taking new mail, log
+ * what was found (committed messages, torn or stale records), and seed each
+ * worker's message-id generator past the largest id on disk.
+ */
+static int
+recover(const char *dir, uint64_t *seeds)
+{
+	int err = 0;
+	uint64_t t0 = fd_now_monotonic_us();
+	struct ctl_spool_scan *scan = ctl_spool_scan_dir(dir, &err);
+	const struct ctl_spool_summary *sum;
+
+	if (!scan) {
+		fd_log(FD_LOG_ERR, "main", "event=recovery_failed dir=%s "
+		       "error=\"%s\"", dir, strerror(-err));
+		return -1;
+	}
+	sum = ctl_spool_scan_summary(scan);
+	memcpy(seeds, sum->max_msgid, sizeof(sum->max_msgid));
+	fd_log(FD_LOG_INFO, "main",
+	       "event=recovered dir=%s segments=%" PRIu64 " messages=%" PRIu64
+	       " incomplete=%" PRIu64 " records_bad=%" PRIu64
+	       " records_stale=%" PRIu64 " bytes=%" PRIu64 " ms=%" PRIu64,
+	       dir, sum->segments, sum->msgs_committed, sum->msgs_incomplete,
+	       sum->records_bad, sum->records_stale, sum->body_bytes,
+	       (fd_now_monotonic_us() - t0) / 1000);
+	ctl_spool_scan_free(scan);
+	return 0;
+}
+
 static void *
 worker_main(void *arg)
 {
@@ -64,7 +95,7 @@ main(int argc, char **argv)
 {
 	static struct fd_config cfg;
 	struct fd_worker *workers;
-	struct spool_recovery rec;
+	static uint64_t seeds[256];
 	struct fd_worker_totals tot = {0};
 	sigset_t sigs;
 	int sig = 0, status = 0;
@@ -91,27 +122,24 @@ main(int argc, char **argv)
 	}
 	fd_log_set_level((enum fd_log_level)cfg.log_level);
 
+#ifndef FINALDOT_HAVE_DPDK
 	if (cfg.transport == FD_TRANSPORT_DPDK) {
-#ifdef FINALDOT_HAVE_DPDK
-		return net_dpdk_main(&cfg) == 0 ? 0 : 1;
-#else
 		fprintf(stderr, "finaldot: built without DPDK; use "
 				"--transport kernel\n");
 		return 2;
-#endif
 	}
-
+#endif
 	if (mkdir_p(cfg.spool_dir) != 0) {
 		fd_log(FD_LOG_ERR, "main", "event=spool_dir_failed dir=%s "
 		       "error=\"%s\"", cfg.spool_dir, strerror(errno));
 		return 1;
 	}
-	/* Recovery: find what earlier runs committed before taking new mail. */
-	if (spool_recover(cfg.spool_dir, &rec) != 0) {
-		fd_log(FD_LOG_ERR, "main", "event=recovery_failed dir=%s",
-		       cfg.spool_dir);
+	if (recover(cfg.spool_dir, seeds) != 0)
 		return 1;
-	}
+#ifdef FINALDOT_HAVE_DPDK
+	if (cfg.transport == FD_TRANSPORT_DPDK)
+		return net_dpdk_main(&cfg, seeds) == 0 ? 0 : 1;
+#endif
 
 	/* Signals go to the main thread only: block them before threads. */
 	sigemptyset(&sigs);
@@ -127,7 +155,7 @@ main(int argc, char **argv)
 		struct fd_worker *w = &workers[i];
 		w->id = i;
 		w->cfg = &cfg;
-		w->seed_msgid = rec.max_msgid[i];
+		w->seed_msgid = seeds[i];
 		w->wake_fd = eventfd(0, EFD_CLOEXEC);
 		if (w->wake_fd < 0 ||
 		    pthread_create(&w->thread, NULL, worker_main, w) != 0) {

@@ -807,8 +807,9 @@ sock_worker_run(struct fd_worker *w)
 		if (l->conns[i].in_use && !l->conns[i].closing)
 			conn_close(&l->conns[i], "shutdown");
 out_worker:
-	/* Drain: every batch in flight completes and its callbacks run. */
-	while (w->spool && spool_inflight(w->spool) > 0) {
+	/* Drain: every batch with a commit in it is written and completes,
+	 * and its callbacks run. */
+	while (w->spool && (spool_flush(w->spool), spool_inflight(w->spool))) {
 		struct io_uring_cqe *cqe;
 		unsigned head, seen = 0;
 		io_uring_submit_and_wait(&l->ring, 1);

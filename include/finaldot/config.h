@@ -60,6 +60,7 @@ struct fd_config {
 	uint64_t segment_size;
 	uint64_t batch_size;
 	unsigned batches;
+	unsigned flush_inflight;
 	unsigned spare_segments;
 	uint64_t max_segments;
 
@@ -67,6 +68,7 @@ struct fd_config {
 	char dpdk_eal[1024];
 	char dpdk_ip[64];      /* ADDR/PREFIX */
 	char dpdk_gateway[64];
+	char dpdk_offloads[16]; /* auto|none|ip|l4|all */
 
 	/* operations */
 	int log_level; /* enum fd_log_level */

@@ -49,7 +49,8 @@ class Daemon:
 
     def __init__(self, *args, threads=1, env=None, spool=None, port=None,
                  listen=None, domains=("example.com", "localhost"),
-                 wait_ready=True):
+                 wait_ready=True, wrap=()):
+        self.wrap = list(wrap)  # argv prefix, e.g. ip netns exec NS
         self.tmp = tempfile.mkdtemp(prefix="fdtest-")
         self.spool = spool or os.path.join(self.tmp, "spool")
         self.port = port or free_port()
@@ -75,7 +76,7 @@ class Daemon:
         argv += self.extra
         self.log = open(self.logpath, "a+")
         self.log_start = self.log.tell()
-        self.proc = subprocess.Popen(argv, stdout=self.log,
+        self.proc = subprocess.Popen(self.wrap + argv, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=self.env,
                                      stdin=subprocess.DEVNULL)
         if wait_ready:
@@ -130,6 +131,21 @@ class Daemon:
         check(out.returncode == 0,
               f"finaldotctl spool cat {msgid}: {out.stderr.decode()}")
         return out.stdout
+
+    def export(self):
+        """Every committed message, {id: stored bytes}, in one scan."""
+        out = os.path.join(self.tmp, "export")
+        shutil.rmtree(out, ignore_errors=True)
+        os.mkdir(out)
+        r = subprocess.run([FINALDOTCTL, "spool", "export", self.spool, out],
+                           capture_output=True, timeout=120)
+        check(r.returncode == 0, f"spool export: {r.stderr.decode()}")
+        res = {}
+        for name in os.listdir(out):
+            with open(os.path.join(out, name), "rb") as f:
+                res[name[:-4]] = f.read()
+        shutil.rmtree(out)
+        return res
 
     def stats(self):
         """key=value pairs of the last event=stats line of the main thread."""

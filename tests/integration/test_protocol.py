@@ -104,9 +104,15 @@ def main():
         c.cmd("MAIL FROM:<a@raw.test>", 250)
         c.cmd("RCPT TO:<u@example.com>", 250)
         c.cmd("DATA", 354)
-        c.send(b"x" * 1000 + b"\r\n")
         c.send((b"y" * 998 + b"\r\n") * 1100 + b".\r\n")
         c.expect(552, r"5\.3\.4")
+        # A text line over 1000 octets (RFC 5321 4.5.3.1.6) rejects the
+        # message at its end; the session goes on.
+        c.cmd("MAIL FROM:<a@raw.test>", 250)
+        c.cmd("RCPT TO:<u@example.com>", 250)
+        c.cmd("DATA", 354)
+        c.send(b"x" * 1000 + b"\r\nshort\r\n.\r\n")
+        c.expect(550, r"5\.6\.0")
         c.cmd("QUIT", 221)
         check(set(by_id(d.scan())) == {mid}, "only the BDAT message is kept")
     try:

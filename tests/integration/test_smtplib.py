@@ -15,8 +15,22 @@ MESSAGES = [
     b"Subject: big\r\n\r\n" + b"".join(
         b"%06d " % i + b"x" * 70 + b"\r\n" for i in range(15000)),
     b"Subject: empty body\r\n\r\n",
-    b"Subject: bare lf is fixed by smtplib\n\nline one\nline two\n",
+    # smtplib turns bare LF into CRLF for str messages only.
+    "Subject: bare lf is fixed by smtplib\n\nline one\nline two\n",
 ]
+
+
+def bare_lf_rejected(port):
+    """A bytes body with bare LF goes to the wire as it is: finaldot must
+    refuse the message (550 5.6.0) and keep the session usable."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("bare@client.test")
+        s.rcpt("user@example.com")
+        code, resp = s.data(b"Subject: bare\n\nhello\n.\nsmuggled\n")
+        check(code == 550 and resp.startswith(b"5.6.0"), f"{code} {resp}")
+        code, _ = s.noop()
+        check(code == 250, "session usable after the rejection")
 
 
 def send_plain(port):
@@ -35,7 +49,7 @@ def send_plain(port):
                 s.rcpt("other@localhost")
             code, resp = s.data(msg)
             check(code == 250, f"DATA reply {code} {resp}")
-            ids[queued_id([resp.decode()])] = (msg, i)
+            ids[queued_id([f"250 {resp.decode()}"])] = (msg, i)
     return ids
 
 
@@ -61,7 +75,7 @@ def send_pipelined(port):
             s.send(stuffed + b"NOOP\r\n")
             code, resp = s.getreply()
             check(code == 250, f"end of data {code} {resp}")
-            ids[queued_id([resp.decode()])] = (msg, i)
+            ids[queued_id([f"250 {resp.decode()}"])] = (msg, i)
             code, resp = s.getreply()
             check(code == 250 and resp.startswith(b"2.0.0"), f"NOOP {code} {resp}")
     return ids
@@ -80,6 +94,7 @@ def verify(d, ids):
 
 def main():
     with Daemon() as d:
+        bare_lf_rejected(d.port)
         a = send_plain(d.port)
         b = send_pipelined(d.port)
         check(len(a) == len(MESSAGES) and len(b) == len(MESSAGES),

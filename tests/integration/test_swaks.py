@@ -27,7 +27,7 @@ def main():
         b, out = swaks(d.port, "--to", "user@example.com,x@localhost",
                        "--pipeline", "--data", body)
         check("PIPELINING" in out, "swaks saw PIPELINING advertised")
-        c, _ = swaks(d.port, "--to", "user@example.com", "--8bitmime",
+        c, _ = swaks(d.port, "--to", "user@example.com",
                      "--data", "Subject: 8bit\n\nK\u00e4se\n")
         # Refused relay: swaks exits non-zero on a rejected RCPT.
         r = subprocess.run(["swaks", "--server", f"127.0.0.1:{d.port}",
