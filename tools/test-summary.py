@@ -14,7 +14,8 @@ import re
 import sys
 from collections import defaultdict
 
-TAP_LINE = re.compile(r"^(not ok|ok)\b(.*)$")
+# "ok 3 - name", "not ok 4", "ok - name": not a script's "ok: ..." line.
+TAP_LINE = re.compile(r"^(not ok|ok)((?:\s+\d+|\s+-|\s*$).*)$")
 
 
 def tap_counts(text):
@@ -46,12 +47,13 @@ def main(dirs):
             continue
         for line in lines:
             t = json.loads(line)
-            suites = t.get("suite") or ["?"]
-            suite = f"{d.rstrip('/').split('/')[-1]}:{suites[-1].split(':')[-1]}"
+            # name is "project:suite / test" (meson's testlog.json)
+            head = t.get("name", "?").split(" / ")[0]
+            suite = f"{d.rstrip('/').split('/')[-1]}:{head.split(':')[-1]}"
             res = t.get("result")
             out = t.get("stdout") or ""
             counted = False
-            if t.get("protocol") == "tap" or "\nok " in "\n" + out:
+            if any(TAP_LINE.match(l.strip()) for l in out.splitlines()):
                 p, f, s = tap_counts(out)
                 if p + f + s:
                     # A crash after some subtests still fails the test.

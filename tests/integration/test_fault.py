@@ -86,7 +86,35 @@ def full():
         c.cmd("QUIT", 221)
 
 
+def sigterm_with_commit_in_flight():
+    """SIGTERM while a flush is held: the commit in flight finishes first
+    (its 250 goes out), then 421 4.3.2, then exit 0."""
+    import signal
+    import tempfile
+    hold = tempfile.mktemp(prefix="fdhold-")
+    open(hold, "w").close()
+    try:
+        with Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{hold}"}) as d:
+            c = d.connect()
+            start_message(c)
+            time.sleep(0.3)
+            os.kill(d.proc.pid, signal.SIGTERM)
+            d.wait_log("event=stopping", 5)
+            os.unlink(hold)
+            mid = queued_id(c.expect(250))
+            c.expect(421, r"4\.3\.2")
+            check(c.closed(), "closed after 421")
+            check(d.proc.wait(20) == 0, "exit 0")
+            check(mid in {m["id"] for m in d.scan()["messages"]},
+                  "the message committed during shutdown is in the spool")
+    finally:
+        if os.path.exists(hold):
+            os.unlink(hold)
+
+
 held()
 failing()
 full()
-print("ok: held flush sends no 250; failed flush 451 4.3.0; full 452 4.3.1")
+sigterm_with_commit_in_flight()
+print("ok: held flush sends no 250; failed flush 451 4.3.0; full 452 4.3.1; "
+      "SIGTERM lets the commit in flight answer 250 before 421")
