@@ -116,12 +116,6 @@ main(int argc, char **argv)
 		long n = sysconf(_SC_NPROCESSORS_ONLN);
 		cfg.threads = n > 0 && n < 255 ? (unsigned)n : 1;
 	}
-	if (cfg.check) {
-		fd_config_dump(&cfg, stdout);
-		return 0;
-	}
-	fd_log_set_level((enum fd_log_level)cfg.log_level);
-
 #ifndef FINALDOT_HAVE_DPDK
 	if (cfg.transport == FD_TRANSPORT_DPDK) {
 		fprintf(stderr, "finaldot: built without DPDK; use "
@@ -129,6 +123,12 @@ main(int argc, char **argv)
 		return 2;
 	}
 #endif
+	if (cfg.check) {
+		fd_config_dump(&cfg, stdout);
+		return 0;
+	}
+	fd_log_set_level((enum fd_log_level)cfg.log_level);
+
 	if (mkdir_p(cfg.spool_dir) != 0) {
 		fd_log(FD_LOG_ERR, "main", "event=spool_dir_failed dir=%s "
 		       "error=\"%s\"", cfg.spool_dir, strerror(errno));
