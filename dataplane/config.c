@@ -26,6 +26,7 @@ enum opt_type {
 	OPT_SIZE,     /* uint64_t bytes, k/M/G suffix */
 	OPT_U64,      /* uint64_t plain count */
 	OPT_DURATION, /* uint64_t milliseconds, ms/s/m/h suffix */
+	OPT_DURATION_US, /* uint64_t microseconds, us/ms/s suffix */
 	OPT_LISTEN,   /* repeatable: listen[] */
 	OPT_DOMAIN,   /* repeatable: domains[] */
 	OPT_TRANSPORT,
@@ -105,6 +106,12 @@ static const struct opt options[] = {
 	 "auto|none|ip|l4|all",
 	 "checksum offloads to use where the port offers them; none computes "
 	 "every checksum in software (default auto = all offered)"},
+	{"dpdk_idle_sleep", OPT_DURATION_US, F(dpdk_idle_sleep_us), 0,
+	 "DURATION",
+	 "sleep this long when a poll loop found nothing to do 100 times in a "
+	 "row, giving the core back to the kernel; for shared or small "
+	 "machines (default 0: poll without pause, the lowest latency on "
+	 "dedicated cores)"},
 	{"log_level", OPT_LOGLEVEL, F(log_level), 0, "LEVEL",
 	 "error, warn, info or debug (default info)"},
 	{"check_config", OPT_FLAG, F(check), 0, NULL,
@@ -218,6 +225,15 @@ parse_u64(const char *v, uint64_t *out, int kind)
 			mul = 1u << 30, end++;
 		if (*end == 'B' || *end == 'b')
 			end++;
+	} else if (kind == OPT_DURATION_US) {
+		if (strcmp(end, "us") == 0)
+			mul = 1, end += 2;
+		else if (strcmp(end, "ms") == 0)
+			mul = 1000, end += 2;
+		else if (*end == 's')
+			mul = 1000000, end++;
+		else if (*end == '\0')
+			mul = 1;
 	} else if (kind == OPT_DURATION) {
 		if (strcmp(end, "ms") == 0)
 			mul = 1, end += 2;
@@ -286,6 +302,7 @@ apply(struct fd_config *c, const struct opt *o, const char *v,
 	case OPT_SIZE:
 	case OPT_U64:
 	case OPT_DURATION:
+	case OPT_DURATION_US:
 		r = parse_u64(v, &n, o->type);
 		if (r == 0)
 			*(uint64_t *)(void *)(base + o->off) = n;
@@ -570,6 +587,10 @@ fd_config_dump(const struct fd_config *c, FILE *out)
 			break;
 		case OPT_DURATION:
 			fprintf(out, "%s = %" PRIu64 "ms\n", o->name,
+				*(const uint64_t *)p);
+			break;
+		case OPT_DURATION_US:
+			fprintf(out, "%s = %" PRIu64 "us\n", o->name,
 				*(const uint64_t *)p);
 			break;
 		case OPT_LISTEN:

@@ -9,6 +9,7 @@
 #define FINALDOT_WORKER_H
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -32,6 +33,7 @@ struct fd_worker {
 	struct spool *spool;
 	fd_worker_wake_fn wake;
 	uint64_t seed_msgid;          /* from recovery, before start */
+	const cpu_set_t *helper_cpus; /* spool helper threads; NULL: inherit */
 	const char *domains[FD_CONFIG_MAX_DOMAINS];
 	pthread_t thread;
 	int wake_fd;                  /* eventfd: main thread -> worker */

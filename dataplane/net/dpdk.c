@@ -35,6 +35,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <rte_common.h>
 #include <rte_eal.h>
@@ -117,6 +118,7 @@ static struct {
 	struct rte_ether_addr mac;
 	uint16_t ports[NET_MAX_LISTEN];
 	unsigned nports;
+	cpu_set_t helper_cpus; /* ours before EAL pinned us, minus the lcores */
 	volatile sig_atomic_t stop;
 } g;
 
@@ -516,9 +518,11 @@ shard_main(void *arg)
 	net_stack_start(sh->st); /* gratuitous ARP */
 	atomic_store(&sh->w.ready, true);
 
+	unsigned idle = 0;
 	for (;;) {
 		uint16_t n = rte_eth_rx_burst(g.port, sh->queue, pkts, BURST);
 		unsigned h;
+		int done;
 
 		sh->now_us = fd_now_monotonic_us();
 		for (uint16_t i = 0; i < n; i++)
@@ -529,9 +533,21 @@ shard_main(void *arg)
 		for (unsigned i = 0; i < h; i++)
 			shard_input(sh, pkts[i]);
 		net_stack_poll_timers(sh->st);
-		if (spool_poll(sh->w.spool) > 0) {
+		done = spool_poll(sh->w.spool);
+		if (done > 0) {
 			service_woken(sh);
 			resume_paused(sh);
+		}
+		/* Optional back-off (--dpdk-idle-sleep): on a shared core the
+		 * kernel work we depend on (tap, io-wq flushes) runs only
+		 * when we let it. */
+		if (n == 0 && h == 0 && done == 0 && sh->ntx == 0) {
+			if (g.cfg->dpdk_idle_sleep_us && ++idle >= 100) {
+				idle = 0;
+				usleep((useconds_t)g.cfg->dpdk_idle_sleep_us);
+			}
+		} else {
+			idle = 0;
 		}
 		if (n < BURST)
 			spool_flush(sh->w.spool);
@@ -743,11 +759,29 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid)
 		if (a4->sin_family == AF_INET)
 			g.ports[g.nports++] = ntohs(a4->sin_port);
 	}
+	/* The CPUs we may use, before EAL pins this thread to its lcore. */
+	if (sched_getaffinity(0, sizeof(g.helper_cpus), &g.helper_cpus) != 0)
+		CPU_ZERO(&g.helper_cpus);
 	r = rte_eal_init(argc, argv);
 	if (r < 0) {
 		fd_log(FD_LOG_ERR, "dpdk", "event=eal_init_failed error=\"%s\"",
 		       rte_strerror(rte_errno));
 		return -EINVAL;
+	}
+	{
+		/* The spool's helper threads (io-wq flush workers, the
+		 * segment preparer) go where no lcore busy-polls; if every
+		 * CPU is an lcore, they may go anywhere we may. */
+		cpu_set_t all = g.helper_cpus;
+		for (unsigned lc = 0; lc < RTE_MAX_LCORE; lc++) {
+			int cpu = rte_lcore_is_enabled(lc)
+					  ? rte_lcore_to_cpu_id((int)lc)
+					  : -1;
+			if (cpu >= 0 && cpu < CPU_SETSIZE)
+				CPU_CLR((size_t)cpu, &g.helper_cpus);
+		}
+		if (CPU_COUNT(&g.helper_cpus) == 0)
+			g.helper_cpus = all;
 	}
 	signal(SIGTERM, on_signal);
 	signal(SIGINT, on_signal);
@@ -801,6 +835,8 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid)
 		sh->w.id = i;
 		sh->w.cfg = cfg;
 		sh->w.seed_msgid = seed_msgid ? seed_msgid[i] : 0;
+		sh->w.helper_cpus =
+			CPU_COUNT(&g.helper_cpus) ? &g.helper_cpus : NULL;
 		sh->nconns = cfg->max_connections;
 		sh->conns = calloc(sh->nconns, sizeof(*sh->conns));
 		snprintf(rname, sizeof(rname), "fd_handoff%u", i);

@@ -974,6 +974,16 @@ spool_create(const struct spool_params *p)
 		}
 		sp->ring = &sp->own;
 		sp->own_ring = true;
+		if (p->helper_cpus) {
+			cpu_set_t set = *p->helper_cpus;
+			int ar = io_uring_register_iowq_aff(sp->ring,
+							    sizeof(set), &set);
+			if (ar < 0)
+				fd_log(FD_LOG_WARN, "spool",
+				       "event=iowq_affinity_failed worker=%u "
+				       "err=%d",
+				       p->worker, -ar);
+		}
 	}
 	snprintf(wdir, sizeof(wdir), "%s/w%02x", p->dir, p->worker);
 	if ((r = mkdir_p(p->dir)) != 0 || (r = mkdir_p(wdir)) != 0) {
@@ -983,7 +993,8 @@ spool_create(const struct spool_params *p)
 	}
 	sp->prep = spool_prep_start(wdir, p->worker, p->segment_size,
 				    p->spare_segments, p->max_segments,
-				    sp->fault == F_ENOSPC, &r);
+				    sp->fault == F_ENOSPC, p->helper_cpus,
+				    &r);
 	if (!sp->prep)
 		goto out_ring;
 	r = spool_prep_wait_ready(sp->prep);

@@ -40,6 +40,7 @@
 #ifndef FINALDOT_SPOOL_H
 #define FINALDOT_SPOOL_H
 
+#include <sched.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -78,6 +79,12 @@ struct spool_params {
 	 * arrive meanwhile share the next write. Full batches are written
 	 * regardless (up to `batches` in flight). Default 1. */
 	unsigned flush_inflight;
+	/* CPUs for the spool's helper threads: the segment preparer and (own
+	 * ring) io_uring's io-wq workers, which perform the durable writes
+	 * that cannot complete inline. NULL: inherit the caller's. A DPDK
+	 * lcore is pinned to a core it busy-polls: helpers left there wait
+	 * for its time slice, milliseconds per flush. */
+	const cpu_set_t *helper_cpus;
 };
 
 /* Fills the defaults above; dir, worker, max_msgs, done are left zero. */

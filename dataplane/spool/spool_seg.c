@@ -397,7 +397,7 @@ prep_main(void *arg)
 struct spool_prep *
 spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
 		 unsigned spares, uint64_t max_segments, bool no_space,
-		 int *err)
+		 const cpu_set_t *cpus, int *err)
 {
 	struct spool_prep *pp = calloc(1, sizeof(*pp));
 
@@ -422,7 +422,12 @@ spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
 	}
 	pthread_mutex_init(&pp->mu, NULL);
 	pthread_cond_init(&pp->cv, NULL);
-	int r = pthread_create(&pp->thr, NULL, prep_main, pp);
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	if (cpus)
+		pthread_attr_setaffinity_np(&attr, sizeof(*cpus), cpus);
+	int r = pthread_create(&pp->thr, &attr, prep_main, pp);
+	pthread_attr_destroy(&attr);
 	if (r) {
 		*err = -r;
 		goto out_zeros;

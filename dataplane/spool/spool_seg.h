@@ -5,6 +5,7 @@
 #ifndef FINALDOT_SPOOL_SEG_H
 #define FINALDOT_SPOOL_SEG_H
 
+#include <sched.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -27,12 +28,13 @@ struct spool_prep;
  * Start the preparer for wdir (created if missing): it first classifies the
  * segments already there (those holding no valid record become spares),
  * then keeps `spares` zeroed segments of seg_size ready. no_space: make
- * nothing, report -ENOSPC (fault injection). Returns NULL with *err set.
+ * nothing, report -ENOSPC (fault injection). cpus: the thread's affinity
+ * (NULL: inherited). Returns NULL with *err set.
  */
 struct spool_prep *spool_prep_start(const char *wdir, unsigned worker,
 				    uint64_t seg_size, unsigned spares,
 				    uint64_t max_segments, bool no_space,
-				    int *err);
+				    const cpu_set_t *cpus, int *err);
 /* Blocks until one spare is ready (0) or the preparer failed (-errno). */
 int spool_prep_wait_ready(struct spool_prep *pp);
 /* Non-blocking: 0 and *out, -EAGAIN (not ready yet), -ENOSPC or -errno. */

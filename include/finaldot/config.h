@@ -69,6 +69,7 @@ struct fd_config {
 	char dpdk_ip[64];      /* ADDR/PREFIX */
 	char dpdk_gateway[64];
 	char dpdk_offloads[16]; /* auto|none|ip|l4|all */
+	uint64_t dpdk_idle_sleep_us; /* 0: poll without pause */
 
 	/* operations */
 	int log_level; /* enum fd_log_level */
