@@ -32,11 +32,13 @@ enum opt_type {
 	OPT_TRANSPORT,
 	OPT_LOGLEVEL,
 	OPT_FLAG,     /* bool, flag only, no value */
+	OPT_DPDK,     /* --dpdk: transport = dpdk, flag only */
 	OPT_CONFIG,   /* --config FILE */
 };
 
 struct opt {
 	const char *name;
+	const char *alias; /* a second flag name (flags only), or NULL */
 	enum opt_type type;
 	size_t off;
 	size_t size; /* OPT_STR: buffer size */
@@ -48,76 +50,78 @@ struct opt {
 #define S(field) sizeof(((struct fd_config *)0)->field)
 
 static const struct opt options[] = {
-	{"config", OPT_CONFIG, F(config_file), S(config_file), "FILE",
+	{"config", NULL, OPT_CONFIG, F(config_file), S(config_file), "FILE",
 	 "read settings from FILE (\"key = value\" lines); flags override it"},
-	{"listen", OPT_LISTEN, 0, 0, "ADDR:PORT",
+	{"listen", NULL, OPT_LISTEN, 0, 0, "ADDR:PORT",
 	 "listen on ADDR:PORT, repeatable; [::1]:25 for IPv6, :25 for all "
 	 "IPv4 (default 127.0.0.1:2525)"},
-	{"accept_domain", OPT_DOMAIN, 0, 0, "DOMAIN",
+	{"accept_domain", NULL, OPT_DOMAIN, 0, 0, "DOMAIN",
 	 "accept mail for DOMAIN, repeatable; any other recipient domain gets "
 	 "550 5.7.1 (default localhost)"},
-	{"spool", OPT_STR, F(spool_dir), S(spool_dir), "DIR",
+	{"spool", NULL, OPT_STR, F(spool_dir), S(spool_dir), "DIR",
 	 "spool directory, made if missing (default ./var/spool)"},
-	{"threads", OPT_UINT, F(threads), 0, "N",
+	{"threads", NULL, OPT_UINT, F(threads), 0, "N",
 	 "worker threads, each with its own sessions and spool (default: one "
 	 "per online CPU)"},
-	{"hostname", OPT_STR, F(hostname), S(hostname), "NAME",
+	{"hostname", NULL, OPT_STR, F(hostname), S(hostname), "NAME",
 	 "our name in the greeting and Received headers (default: "
 	 "gethostname())"},
-	{"transport", OPT_TRANSPORT, F(transport), 0, "kernel|dpdk",
+	{"transport", NULL, OPT_TRANSPORT, F(transport), 0, "kernel|dpdk",
 	 "network transport (default kernel)"},
-	{"max_message_size", OPT_SIZE, F(max_message_size), 0, "BYTES",
+	{"max_message_size", NULL, OPT_SIZE, F(max_message_size), 0, "BYTES",
 	 "largest message accepted, advertised as SIZE (default 32M)"},
-	{"max_recipients", OPT_UINT, F(max_recipients), 0, "N",
+	{"max_recipients", NULL, OPT_UINT, F(max_recipients), 0, "N",
 	 "recipients per message; more get 452 4.5.3 (default 100)"},
-	{"max_errors", OPT_UINT, F(max_errors), 0, "N",
+	{"max_errors", NULL, OPT_UINT, F(max_errors), 0, "N",
 	 "bad commands before 421 and disconnect (default 20)"},
-	{"max_connections", OPT_UINT, F(max_connections), 0, "N",
+	{"max_connections", NULL, OPT_UINT, F(max_connections), 0, "N",
 	 "concurrent sessions per worker; more get 421 4.7.0 (default 4096)"},
-	{"idle_timeout", OPT_DURATION, F(idle_timeout_ms), 0, "DURATION",
+	{"idle_timeout", NULL, OPT_DURATION, F(idle_timeout_ms), 0, "DURATION",
 	 "close an idle session with 421 4.4.2 after DURATION (default 300s)"},
-	{"greet_delay", OPT_DURATION, F(greet_delay_ms), 0, "DURATION",
+	{"greet_delay", NULL, OPT_DURATION, F(greet_delay_ms), 0, "DURATION",
 	 "wait DURATION before the 220 greeting; clients that talk first are "
 	 "rejected with 554 (default 0: greet at once)"},
-	{"shutdown_timeout", OPT_DURATION, F(shutdown_timeout_ms), 0,
+	{"shutdown_timeout", NULL, OPT_DURATION, F(shutdown_timeout_ms), 0,
 	 "DURATION",
 	 "on SIGTERM, wait at most DURATION for sessions to end (default 10s)"},
-	{"segment_size", OPT_SIZE, F(segment_size), 0, "BYTES",
+	{"segment_size", NULL, OPT_SIZE, F(segment_size), 0, "BYTES",
 	 "spool segment file size, multiple of 4096 (default 64M)"},
-	{"batch_size", OPT_SIZE, F(batch_size), 0, "BYTES",
+	{"batch_size", NULL, OPT_SIZE, F(batch_size), 0, "BYTES",
 	 "a spool batch closes at this size (default 256k)"},
-	{"batches", OPT_UINT, F(batches), 0, "N",
+	{"batches", NULL, OPT_UINT, F(batches), 0, "N",
 	 "spool batch buffers per worker, bounds writes in flight (default 8)"},
-	{"flush_inflight", OPT_UINT, F(flush_inflight), 0, "N",
+	{"flush_inflight", NULL, OPT_UINT, F(flush_inflight), 0, "N",
 	 "group commit: while N durable writes are in flight, arriving "
 	 "messages wait to share the next one (default 1)"},
-	{"spare_segments", OPT_UINT, F(spare_segments), 0, "N",
+	{"spare_segments", NULL, OPT_UINT, F(spare_segments), 0, "N",
 	 "pre-zeroed segments kept ready per worker (default 2)"},
-	{"max_segments", OPT_U64, F(max_segments), 0, "N",
+	{"max_segments", NULL, OPT_U64, F(max_segments), 0, "N",
 	 "segments per worker, 0 = until the disk is full; then 452 4.3.1 "
 	 "(default 0)"},
-	{"dpdk_eal", OPT_STR, F(dpdk_eal), S(dpdk_eal), "\"ARGS\"",
+	{"dpdk", NULL, OPT_DPDK, 0, 0, NULL,
+	 "same as --transport dpdk"},
+	{"dpdk_eal", "eal", OPT_STR, F(dpdk_eal), S(dpdk_eal), "\"ARGS\"",
 	 "DPDK EAL arguments (transport dpdk)"},
-	{"dpdk_ip", OPT_STR, F(dpdk_ip), S(dpdk_ip), "ADDR/PREFIX",
+	{"dpdk_ip", "ip", OPT_STR, F(dpdk_ip), S(dpdk_ip), "ADDR/PREFIX",
 	 "our IPv4 address on the DPDK port (transport dpdk)"},
-	{"dpdk_gateway", OPT_STR, F(dpdk_gateway), S(dpdk_gateway), "ADDR",
+	{"dpdk_gateway", "gateway", OPT_STR, F(dpdk_gateway), S(dpdk_gateway), "ADDR",
 	 "IPv4 next hop for off-link peers (transport dpdk)"},
-	{"dpdk_offloads", OPT_STR, F(dpdk_offloads), S(dpdk_offloads),
+	{"dpdk_offloads", NULL, OPT_STR, F(dpdk_offloads), S(dpdk_offloads),
 	 "auto|none|ip|l4|all",
 	 "checksum offloads to use where the port offers them; none computes "
 	 "every checksum in software (default auto = all offered)"},
-	{"dpdk_idle_sleep", OPT_DURATION_US, F(dpdk_idle_sleep_us), 0,
+	{"dpdk_idle_sleep", NULL, OPT_DURATION_US, F(dpdk_idle_sleep_us), 0,
 	 "DURATION",
 	 "sleep this long when a poll loop found nothing to do 100 times in a "
 	 "row, giving the core back to the kernel; for shared or small "
 	 "machines (default 0: poll without pause, the lowest latency on "
 	 "dedicated cores)"},
-	{"log_level", OPT_LOGLEVEL, F(log_level), 0, "LEVEL",
+	{"log_level", NULL, OPT_LOGLEVEL, F(log_level), 0, "LEVEL",
 	 "error, warn, info or debug (default info)"},
-	{"check_config", OPT_FLAG, F(check), 0, NULL,
+	{"check_config", NULL, OPT_FLAG, F(check), 0, NULL,
 	 "print the effective configuration and exit"},
-	{"version", OPT_FLAG, F(version), 0, NULL, "print the version and exit"},
-	{"help", OPT_FLAG, F(help), 0, NULL, "print this help and exit"},
+	{"version", NULL, OPT_FLAG, F(version), 0, NULL, "print the version and exit"},
+	{"help", NULL, OPT_FLAG, F(help), 0, NULL, "print this help and exit"},
 };
 
 void
@@ -250,22 +254,27 @@ parse_u64(const char *v, uint64_t *out, int kind)
 	return 0;
 }
 
-static const struct opt *
-find_opt(const char *name, size_t len)
+static bool
+name_is(const char *o, const char *name, size_t len)
 {
-	for (size_t i = 0; i < sizeof(options) / sizeof(options[0]); i++) {
-		const char *o = options[i].name;
-		size_t j;
-		if (strlen(o) != len)
-			continue;
-		for (j = 0; j < len; j++) {
-			char c = name[j] == '-' ? '_' : name[j];
-			if (c != o[j])
-				break;
-		}
-		if (j == len)
-			return &options[i];
+	if (!o || strlen(o) != len)
+		return false;
+	for (size_t j = 0; j < len; j++) {
+		char c = name[j] == '-' ? '_' : name[j];
+		if (c != o[j])
+			return false;
 	}
+	return true;
+}
+
+/* By name; with flag set, aliases count too (they are flags only). */
+static const struct opt *
+find_opt(const char *name, size_t len, bool flag)
+{
+	for (size_t i = 0; i < sizeof(options) / sizeof(options[0]); i++)
+		if (name_is(options[i].name, name, len) ||
+		    (flag && name_is(options[i].alias, name, len)))
+			return &options[i];
 	return NULL;
 }
 
@@ -356,6 +365,9 @@ apply(struct fd_config *c, const struct opt *o, const char *v,
 	case OPT_FLAG:
 		*(bool *)(void *)(base + o->off) = true;
 		break;
+	case OPT_DPDK:
+		c->transport = FD_TRANSPORT_DPDK;
+		break;
 	}
 	if (r)
 		fprintf(err, "%s: %s: bad value \"%s\"\n", where, o->name, v);
@@ -407,8 +419,9 @@ parse_file(struct fd_config *c, const char *path, struct list_state *file_ls,
 		*eq = '\0';
 		val = trim(eq + 1);
 		key = trim(key);
-		o = find_opt(key, strlen(key));
-		if (!o || o->type == OPT_FLAG || o->type == OPT_CONFIG) {
+		o = find_opt(key, strlen(key), false);
+		if (!o || o->type == OPT_FLAG || o->type == OPT_CONFIG ||
+		    o->type == OPT_DPDK) {
 			fprintf(err, "%s: unknown setting \"%s\"\n", where, key);
 			r = -EINVAL;
 			break;
@@ -465,13 +478,13 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 		a += 2;
 		eq = strchr(a, '=');
 		len = eq ? (size_t)(eq - a) : strlen(a);
-		o = find_opt(a, len);
+		o = find_opt(a, len, true);
 		if (!o) {
 			fprintf(err, "unknown option \"%s\" (see --help)\n",
 				argv[i]);
 			return -EINVAL;
 		}
-		if (o->type == OPT_FLAG) {
+		if (o->type == OPT_FLAG || o->type == OPT_DPDK) {
 			if (eq) {
 				fprintf(err, "--%s takes no value\n", o->name);
 				return -EINVAL;
@@ -529,6 +542,37 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 	return 0;
 }
 
+/* "  FLAG  help text", the text wrapped at 79 columns under column 33. */
+static void
+print_wrapped(FILE *out, const char *flag, const char *text)
+{
+	const int indent = 33, width = 79;
+	int col = fprintf(out, "  %s", flag);
+
+	if (col >= indent) {
+		fputc('\n', out);
+		col = 0;
+	}
+	fprintf(out, "%*s", indent - col, "");
+	col = indent;
+	while (*text) {
+		size_t w = strcspn(text, " ");
+		if (col > indent && col + 1 + (int)w > width) {
+			fprintf(out, "\n%*s", indent, "");
+			col = indent;
+		} else if (col > indent) {
+			fputc(' ', out);
+			col++;
+		}
+		fwrite(text, 1, w, out);
+		col += (int)w;
+		text += w;
+		while (*text == ' ')
+			text++;
+	}
+	fputc('\n', out);
+}
+
 void
 fd_config_usage(FILE *out, const char *prog)
 {
@@ -550,9 +594,12 @@ fd_config_usage(FILE *out, const char *prog)
 		for (k = 2; flag[k]; k++)
 			if (flag[k] == '_')
 				flag[k] = '-';
+		if (o->alias)
+			k += (size_t)snprintf(flag + k, sizeof(flag) - k,
+					      ", --%s", o->alias);
 		if (o->arg)
 			snprintf(flag + k, sizeof(flag) - k, " %s", o->arg);
-		fprintf(out, "  %-30s %s\n", flag, o->help);
+		print_wrapped(out, flag, o->help);
 	}
 	fprintf(out,
 		"\nSignals: SIGTERM/SIGINT stop accepting, let commits in "
@@ -614,6 +661,7 @@ fd_config_dump(const struct fd_config *c, FILE *out)
 			break;
 		case OPT_FLAG:
 		case OPT_CONFIG:
+		case OPT_DPDK:
 			break;
 		}
 	}

@@ -6,7 +6,8 @@ Postfix's smtp-source deliver messages that `finaldotctl spool scan` finds
 byte-identical; then the same with 5% of frames dropped at random in both
 directions (iptables -m statistic); every mbuf is back in the pool at exit.
 
-Usage: test_dpdk_tap.py [tap|af_packet] [LCORES]"""
+Usage: test_dpdk_tap.py [tap|af_packet] [LCORES] [OFFLOADS]
+OFFLOADS: --dpdk-offloads value; "none" computes every checksum in software."""
 import base64
 import json
 import os
@@ -20,6 +21,7 @@ from fdtest import check, strip_received
 HERE = os.path.dirname(os.path.abspath(__file__))
 VDEV = sys.argv[1] if len(sys.argv) > 1 else "tap"
 LCORES = sys.argv[2] if len(sys.argv) > 2 else "0"
+OFFLOADS = sys.argv[3] if len(sys.argv) > 3 else "auto"
 
 
 def run_clients(ns, d, count, sessions, pipeline):
@@ -60,7 +62,8 @@ def smtp_source(ns, d, n):
 def main():
     need_root_netns()
     with Netns() as ns:
-        with DpdkDaemon(ns, vdev=VDEV, lcores=LCORES) as d:
+        with DpdkDaemon(ns, "--dpdk-offloads", OFFLOADS, vdev=VDEV,
+                        lcores=LCORES) as d:
             sent = run_clients(ns, d, 40, 1, False)
             sent += run_clients(ns, d, 40, 4, True)
             if shutil.which("swaks"):
@@ -91,7 +94,14 @@ def main():
             mb = d.stats_mbufs()
             check(mb and int(mb["in_use"]) == 0,
                   f"mbufs not all returned: {mb}")
-            print(f"ok: {VDEV} lcores={LCORES}: {total2} messages, "
+            port = [l for l in d.read_log().splitlines()
+                    if "event=port_ready" in l]
+            if OFFLOADS == "none":
+                check(port and "tx_offload= " in port[-1] + " " and
+                      "rx_cksum=no" in port[-1],
+                      f"offloads none: {port}")
+            print(f"ok: {VDEV} lcores={LCORES} offloads={OFFLOADS}: "
+                  f"{total2} messages, "
                   f"mbufs {mb}")
 
 

@@ -188,3 +188,26 @@ Test(config, help_documents_every_option_and_dump_round_trips)
 	cr_assert_eq(d.segment_size, c.segment_size);
 	unlink(path);
 }
+
+Test(config, dpdk_flag_and_aliases)
+{
+	char *argv[] = {"finaldot", "--dpdk", "--eal", "-l 0 --no-huge",
+			"--ip", "198.18.0.2/24", "--gateway=198.18.0.1"};
+	cr_assert_eq(parse(7, argv), 0, "%s", errbuf);
+	cr_assert_eq(c.transport, FD_TRANSPORT_DPDK);
+	cr_assert_str_eq(c.dpdk_eal, "-l 0 --no-huge");
+	cr_assert_str_eq(c.dpdk_ip, "198.18.0.2/24");
+	cr_assert_str_eq(c.dpdk_gateway, "198.18.0.1");
+}
+
+Test(config, aliases_are_flags_only)
+{
+	char path[] = "/tmp/fdconfXXXXXX";
+	int fd = mkstemp(path);
+	FILE *f = fdopen(fd, "w");
+	fprintf(f, "eal = -l 0\n");
+	fclose(f);
+	char *argv[] = {"finaldot", "--config", path};
+	cr_assert_neq(parse(3, argv), 0, "the file spells it dpdk_eal");
+	unlink(path);
+}
