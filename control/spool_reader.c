@@ -210,29 +210,15 @@ static long
 src_read(void *ctx, uint64_t off, void *buf, size_t n)
 {
 	struct src *sr = ctx;
-	size_t got = 0;
 
-	if (sr->mem) {
-		if (off >= sr->mem_len)
-			return 0;
-		if (n > sr->mem_len - off)
-			n = (size_t)(sr->mem_len - off);
-		memcpy(buf, sr->mem + off, n);
-		return (long)n;
-	}
-	while (got < n) {
-		ssize_t r = pread(sr->fd, (char *)buf + got, n - got,
-				  (off_t)(off + got));
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (r == 0)
-			break;
-		got += (size_t)r;
-	}
-	return (long)got;
+	if (!sr->mem)
+		return spool_read_fd(&sr->fd, off, buf, n);
+	if (off >= sr->mem_len)
+		return 0;
+	if (n > sr->mem_len - off)
+		n = (size_t)(sr->mem_len - off);
+	memcpy(buf, sr->mem + off, n);
+	return (long)n;
 }
 
 /* ---- scanning ---------------------------------------------------------- */

@@ -1217,16 +1217,21 @@ smtp_session_greet(struct smtp_session *s)
 	smtp_enter_state(s, SMTP_S_INIT);
 }
 
-void
-smtp_session_timeout(struct smtp_session *s)
+/*
+ * A 421 that ends the session (timeout, shutdown) can go out now, or must
+ * wait for the commit in flight (its 250/451 first: *pending is set and
+ * commit_done sends the 421), or has nothing to do (closing already).
+ */
+static bool
+end_now(struct smtp_session *s, bool *pending)
 {
 	switch (s->state) {
 	case SMTP_S_COMMIT:
-		s->timeout_pending = true; /* the 250/451 goes out first */
-		return;
+		*pending = true;
+		return false;
 	case SMTP_S_FREE:
 	case SMTP_S_CLOSING:
-		return;
+		return false;
 	case SMTP_S_GREET_WAIT:
 	case SMTP_S_INIT:
 	case SMTP_S_READY:
@@ -1237,10 +1242,18 @@ smtp_session_timeout(struct smtp_session *s)
 	case SMTP_S_CHUNKING:
 		break;
 	}
+	txn_reset(s);
+	return true;
+}
+
+void
+smtp_session_timeout(struct smtp_session *s)
+{
+	if (!end_now(s, &s->timeout_pending))
+		return;
 	s->srv->stats.timeouts++;
 	fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=timeout state=%s",
 	       s->sid, smtp_state_name(s->state));
-	txn_reset(s);
 	reply(s, "421 4.4.2 %.255s Error: timeout exceeded",
 	      s->srv->cfg.hostname);
 	smtp_close_after(s);
@@ -1249,24 +1262,8 @@ smtp_session_timeout(struct smtp_session *s)
 void
 smtp_session_shutdown(struct smtp_session *s)
 {
-	switch (s->state) {
-	case SMTP_S_COMMIT:
-		s->shutdown_pending = true;
+	if (!end_now(s, &s->shutdown_pending))
 		return;
-	case SMTP_S_FREE:
-	case SMTP_S_CLOSING:
-		return;
-	case SMTP_S_GREET_WAIT:
-	case SMTP_S_INIT:
-	case SMTP_S_READY:
-	case SMTP_S_MAIL:
-	case SMTP_S_RCPT:
-	case SMTP_S_DATA:
-	case SMTP_S_BDAT:
-	case SMTP_S_CHUNKING:
-		break;
-	}
-	txn_reset(s);
 	reply(s, "421 4.3.2 %.255s Service shutting down",
 	      s->srv->cfg.hostname);
 	smtp_close_after(s);

@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "finaldot/crc32c.h"
 #include "finaldot/spool_format.h"
@@ -604,4 +605,25 @@ bad:
 		pos = next_block(pos);
 	}
 	return 0;
+}
+
+long
+spool_read_fd(void *ctx, uint64_t off, void *buf, size_t n)
+{
+	int fd = *(const int *)ctx;
+	size_t got = 0;
+
+	while (got < n) {
+		ssize_t r = pread(fd, (char *)buf + got, n - got,
+				  (off_t)(off + got));
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (r == 0)
+			break;
+		got += (size_t)r;
+	}
+	return (long)got;
 }

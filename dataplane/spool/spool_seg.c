@@ -90,27 +90,6 @@ seg_path(const struct spool_prep *pp, uint64_t no, char *buf, size_t len)
 	snprintf(buf, len, "%s/%08" PRIx64 ".seg", pp->wdir, no);
 }
 
-static long
-pread_fd(void *ctx, uint64_t off, void *buf, size_t n)
-{
-	int fd = *(int *)ctx;
-	size_t got = 0;
-
-	while (got < n) {
-		ssize_t r = pread(fd, (char *)buf + got, n - got,
-				  (off_t)(off + got));
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (r == 0)
-			break;
-		got += (size_t)r;
-	}
-	return (long)got;
-}
-
 static int
 stop_at_first(void *ctx, const struct spool_walk_rec *r)
 {
@@ -136,10 +115,10 @@ classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 		return;
 	pp->n_files++;
 	if (fstat(fd, &st) == 0 &&
-	    pread_fd(&fd, 0, hb, sizeof(hb)) == (long)sizeof(hb) &&
+	    spool_read_fd(&fd, 0, hb, sizeof(hb)) == (long)sizeof(hb) &&
 	    spool_seg_hdr_decode(hb, sizeof(hb), &h) == SPOOL_DEC_OK) {
 		struct spool_walk w = {
-			.read = pread_fd,
+			.read = spool_read_fd,
 			.read_ctx = &fd,
 			.size = min_u64(h.size, (uint64_t)st.st_size),
 			.epoch = h.epoch,

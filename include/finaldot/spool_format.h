@@ -246,6 +246,9 @@ uint32_t spool_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 #define SPOOL_WALK_WIN_MIN (SPOOL_ENV_MAX + 4 * SPOOL_BLOCK)
 
 typedef long (*spool_read_fn)(void *ctx, uint64_t off, void *buf, size_t n);
+/* A spool_read_fn over a file: ctx points at the int file descriptor.
+ * pread() until n bytes or the end of the file; retries EINTR. */
+long spool_read_fd(void *ctx, uint64_t off, void *buf, size_t n);
 
 struct spool_walk_rec {
 	struct spool_rec_hdr h;
