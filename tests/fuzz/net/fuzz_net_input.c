@@ -1,0 +1,420 @@
+/*
+ * Fuzz target: the stack core fed a sequence of frames, clock steps and
+ * upper-layer actions. Input = records [op][len lo][len hi][len bytes]:
+ *   op 0: a raw Ethernet frame (rx flags from the first byte's low bits
+ *         are not used: raw frames get no checksum help)
+ *   op 1: an IPv4 payload from the peer: byte 0 = protocol, the rest the
+ *         L4 bytes; Ethernet/IP headers and the TCP/ICMP checksum are made
+ *         valid here so the bytes reach the deep state machines
+ *   op 2: same as 1 but delivered with "checksums verified" rx flags and
+ *         no checksum fixing
+ *   op 3: advance the virtual clock by (b0 | b1 << 8) * 4 ms
+ *   op 4: an upper-layer call on accepted connection b0 % N: b1 % 5 =
+ *         send(len bytes), close, abort, resume, toggle consumption; with
+ *         b0 >= 0xf0, what later accept() calls do (b1 % 5): accept,
+ *         greet, greet+close, abort, refuse
+ * Oracles: every frame the stack sends fits the MTU and carries correct
+ * IPv4/TCP/ICMP checksums; the advertised right edge never moves left (but
+ * for window-scale truncation); pool counters stay within bounds; after
+ * every timer ran out, every entry and buffer is back in its pool.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "net/net.h"
+#include "net/tcp.h"
+
+#define OUR_IP 0x0a000001u
+#define PEER_IP 0x0a000002u
+#define NU 16
+
+static const uint8_t our_mac[6] = {2, 0, 0, 0, 0, 1};
+static const uint8_t peer_mac[6] = {2, 0, 0, 0, 0, 2};
+
+struct fz {
+	uint64_t now_us;
+	unsigned accept_mode; /* 0 normal, 1 greet, 2 close, 3 abort, 4 refuse */
+	struct tcp_conn *conn[NU];
+	bool used[NU];
+	bool consume[NU];
+	uint8_t sink[4096];
+	uint32_t stack_nxt; /* end of the last segment the stack sent */
+};
+
+/* Per peer port: the advertised right edge (oracle: it never moves left
+ * by more than window-scale truncation). gen tells this input's entries
+ * from earlier ones without clearing the table. */
+static struct {
+	uint32_t gen, edge;
+	uint8_t ws;
+} edges[65536];
+static uint32_t gen;
+
+static uint32_t
+sum16(uint32_t s, const uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i + 1 < n; i += 2)
+		s += (uint32_t)(p[i] << 8 | p[i + 1]);
+	if (n & 1)
+		s += (uint32_t)p[n - 1] << 8;
+	return s;
+}
+
+static uint16_t
+fold(uint32_t s)
+{
+	while (s >> 16)
+		s = (s & 0xffff) + (s >> 16);
+	return (uint16_t)~s;
+}
+
+static uint32_t
+rd32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	       (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint64_t
+fz_clock(void *ctx)
+{
+	return ((struct fz *)ctx)->now_us;
+}
+
+static int
+fz_tx(void *ctx, const struct net_iov *iov, unsigned n,
+      const struct net_tx_meta *meta)
+{
+	uint8_t f[2048];
+	size_t len = 0;
+
+	(void)meta;
+	for (unsigned i = 0; i < n; i++) {
+		if (len + iov[i].len > 1514)
+			__builtin_trap();
+		memcpy(f + len, iov[i].base, iov[i].len);
+		len += iov[i].len;
+	}
+	if (len >= 34 && f[12] == 0x08 && f[13] == 0x00) {
+		const uint8_t *ip = f + 14;
+		size_t tot = (size_t)(ip[2] << 8 | ip[3]);
+		uint32_t s;
+		if (tot + 14 != len || fold(sum16(0, ip, 20)) != 0)
+			__builtin_trap();
+		if (ip[9] == 6) {
+			const uint8_t *t = ip + 20;
+			size_t thl = (size_t)(t[12] >> 4) * 4;
+			s = sum16(0, ip + 12, 8) + 6 + (uint32_t)(tot - 20);
+			if (fold(sum16(s, ip + 20, tot - 20)) != 0)
+				__builtin_trap();
+			if (thl < 20 || thl > tot - 20)
+				__builtin_trap();
+			((struct fz *)ctx)->stack_nxt =
+				rd32(t + 4) + (uint32_t)(tot - 20 - thl) +
+				(t[13] & 1) + ((t[13] >> 1) & 1);
+			if ((t[13] & 0x10) && !(t[13] & 0x04)) {
+				uint16_t dport = (uint16_t)(t[2] << 8 | t[3]);
+				uint32_t ack = rd32(t + 8);
+				uint32_t wnd = (uint32_t)(t[14] << 8 | t[15]);
+				if (t[13] & 0x02) {
+					uint8_t ws = 0;
+					for (size_t o = 20; o + 2 < thl;) {
+						if (t[o] == 0)
+							break;
+						if (t[o] == 1) {
+							o++;
+							continue;
+						}
+						if (t[o] == 3)
+							ws = t[o + 2];
+						o += t[o + 1] ? t[o + 1] : 1;
+					}
+					edges[dport].gen = gen;
+					edges[dport].ws = ws;
+					edges[dport].edge = ack + wnd;
+				} else if (edges[dport].gen == gen) {
+					uint32_t e = ack + (wnd << edges[dport].ws);
+					if ((int32_t)(e + (1u << edges[dport].ws) -
+						      edges[dport].edge) <= 0)
+						__builtin_trap();
+					if ((int32_t)(e - edges[dport].edge) > 0)
+						edges[dport].edge = e;
+				}
+			}
+		} else if (ip[9] == 1) {
+			if (fold(sum16(0, ip + 20, tot - 20)) != 0)
+				__builtin_trap();
+		}
+	}
+	return 0;
+}
+
+static void *
+fz_accept(void *arg, struct tcp_conn *c, const struct tcp_endpoint *r,
+	  uint16_t port)
+{
+	struct fz *z = arg;
+
+	(void)r;
+	(void)port;
+	switch (z->accept_mode) {
+	case 1:
+		tcp_send(c, "220 x\r\n", 7);
+		break;
+	case 2:
+		tcp_send(c, "421 x\r\n", 7);
+		tcp_close(c);
+		return NULL;
+	case 3:
+		tcp_abort(c);
+		return NULL;
+	case 4:
+		return NULL;
+	default:
+		break;
+	}
+	for (unsigned i = 0; i < NU; i++)
+		if (!z->used[i]) {
+			z->used[i] = true;
+			z->conn[i] = c;
+			z->consume[i] = true;
+			return &z->used[i];
+		}
+	return NULL;
+}
+
+static struct fz *g_fz;
+
+static unsigned
+idx_of(void *u)
+{
+	return (unsigned)((bool *)u - g_fz->used);
+}
+
+static size_t
+fz_recv(void *u, const uint8_t *p, size_t n)
+{
+	unsigned i = idx_of(u);
+
+	if (!g_fz->consume[i])
+		return n / 2;
+	memcpy(g_fz->sink, p, n < sizeof(g_fz->sink) ? n : sizeof(g_fz->sink));
+	return n;
+}
+
+static void
+fz_eof(void *u)
+{
+	unsigned i = idx_of(u);
+	tcp_close(g_fz->conn[i]);
+	g_fz->used[i] = false;
+	g_fz->conn[i] = NULL;
+}
+
+static void
+fz_sent(void *u, size_t room)
+{
+	(void)u;
+	(void)room;
+}
+
+static void
+fz_closed(void *u, enum tcp_close_reason why)
+{
+	unsigned i = idx_of(u);
+	(void)why;
+	g_fz->used[i] = false;
+	g_fz->conn[i] = NULL;
+}
+
+static const struct tcp_upcall_ops fz_ops = {fz_accept, fz_recv, fz_eof,
+					     fz_sent, fz_closed};
+
+static void
+feed_l4(struct net_stack *st, const uint8_t *d, size_t n, bool fix)
+{
+	uint8_t f[1600];
+	uint8_t *ip = f + 14;
+	size_t l4 = n - 1;
+	uint32_t s;
+
+	if (n < 1 || l4 > 1500 - 20)
+		return;
+	memcpy(f, our_mac, 6);
+	memcpy(f + 6, peer_mac, 6);
+	f[12] = 0x08;
+	f[13] = 0;
+	memset(ip, 0, 20);
+	ip[0] = 0x45;
+	ip[2] = (uint8_t)((20 + l4) >> 8);
+	ip[3] = (uint8_t)(20 + l4);
+	ip[6] = 0x40;
+	ip[8] = 64;
+	ip[9] = d[0];
+	ip[12] = 10, ip[15] = 2;
+	ip[16] = 10, ip[19] = 1;
+	s = fold(sum16(0, ip, 20));
+	ip[10] = (uint8_t)(s >> 8);
+	ip[11] = (uint8_t)s;
+	memcpy(ip + 20, d + 1, l4);
+	if (fix && d[0] == 6 && l4 >= 18) {
+		uint8_t *t = ip + 20;
+		/* ACK with ack 0: acknowledge what the stack last sent, so
+		 * handshakes complete without knowing the ISS */
+		if (l4 >= 14 && (t[13] & 0x10) && rd32(t + 8) == 0) {
+			uint32_t a = g_fz->stack_nxt;
+			t[8] = (uint8_t)(a >> 24);
+			t[9] = (uint8_t)(a >> 16);
+			t[10] = (uint8_t)(a >> 8);
+			t[11] = (uint8_t)a;
+		}
+		ip[20 + 16] = ip[20 + 17] = 0;
+		s = sum16(0, ip + 12, 8) + 6 + (uint32_t)l4;
+		s = fold(sum16(s, ip + 20, l4));
+		ip[20 + 16] = (uint8_t)(s >> 8);
+		ip[20 + 17] = (uint8_t)s;
+	} else if (fix && d[0] == 1 && l4 >= 4) {
+		ip[22] = ip[23] = 0;
+		s = fold(sum16(0, ip + 20, l4));
+		ip[22] = (uint8_t)(s >> 8);
+		ip[23] = (uint8_t)s;
+	}
+	net_stack_input(st, f, 34 + l4,
+			fix ? 0 : NET_RX_IPV4_CKSUM_GOOD | NET_RX_L4_CKSUM_GOOD);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	static uint8_t payload[8192];
+	struct fz z;
+	struct net_config cfg;
+	struct net_stack *st;
+	struct net_pool_stats ps;
+	size_t i = 0;
+
+	memset(&z, 0, sizeof(z));
+	gen++;
+	z.now_us = 5000000;
+	g_fz = &z;
+	net_config_defaults(&cfg);
+	cfg.addr = OUR_IP;
+	cfg.prefix_len = 24;
+	cfg.gateway = 0x0a0000fe;
+	memcpy(cfg.mac, our_mac, 6);
+	cfg.ports[0] = 25;
+	cfg.n_ports = 1;
+	cfg.seed = 1;
+	cfg.limits.max_conns = 8;
+	cfg.limits.syn_backlog = 4;
+	cfg.limits.rcv_buf = 4096;
+	cfg.limits.snd_buf = 4096;
+	cfg.limits.rcv_slots = 4;
+	cfg.limits.snd_slots = 4;
+	cfg.limits.arp_entries = 4;
+	cfg.limits.arp_queue = 4;
+	cfg.tx = fz_tx;
+	cfg.tx_ctx = &z;
+	cfg.clock = fz_clock;
+	cfg.clock_ctx = &z;
+	cfg.ops = &fz_ops;
+	cfg.ops_arg = &z;
+	st = net_stack_create(&cfg);
+	if (!st)
+		__builtin_trap();
+	net_stack_start(st);
+	for (size_t k = 0; k < sizeof(payload); k++)
+		payload[k] = (uint8_t)k;
+
+	while (i + 3 <= size) {
+		uint8_t op = data[i] % 5;
+		size_t len = (size_t)(data[i + 1] | data[i + 2] << 8) % 1600;
+		const uint8_t *d = data + i + 3;
+
+		i += 3;
+		if (len > size - i)
+			len = size - i;
+		i += len;
+		switch (op) {
+		case 0:
+			net_stack_input(st, d, len, 0);
+			break;
+		case 1:
+			feed_l4(st, d, len, true);
+			break;
+		case 2:
+			feed_l4(st, d, len, false);
+			break;
+		case 3:
+			if (len >= 2)
+				z.now_us += (uint64_t)(d[0] | d[1] << 8) * 4000;
+			else
+				z.now_us += 1000;
+			net_stack_poll_timers(st);
+			break;
+		case 4: {
+			unsigned u;
+			if (len < 2)
+				break;
+			if (d[0] >= 0xf0) {
+				z.accept_mode = d[1] % 5u;
+				break;
+			}
+			u = d[0] % NU;
+			if (!z.used[u])
+				break;
+			switch (d[1] % 5) {
+			case 0:
+				tcp_send(z.conn[u], payload,
+					 (size_t)d[1] * 37 % sizeof(payload));
+				break;
+			case 1:
+				tcp_close(z.conn[u]);
+				z.used[u] = false;
+				break;
+			case 2:
+				tcp_abort(z.conn[u]);
+				z.used[u] = false;
+				break;
+			case 3:
+				tcp_resume(z.conn[u]);
+				break;
+			default:
+				z.consume[u] = !z.consume[u];
+				if (z.consume[u])
+					tcp_resume(z.conn[u]);
+				break;
+			}
+			break;
+		}
+		}
+		net_stack_pools(st, &ps);
+		if (ps.conns_used > ps.conns_max || ps.rcv_free > ps.rcv_slots ||
+		    ps.snd_free > ps.snd_slots || ps.syn_received > ps.conns_used)
+			__builtin_trap();
+	}
+	/* let every timer run out: all entries must go away eventually
+	 * (idle 600 s, 12 RTOs of at most 60 s, TIME_WAIT, FIN_WAIT_2) */
+	for (int k = 0; k < 20; k++) {
+		z.now_us += 60ull * 1000 * 1000;
+		net_stack_poll_timers(st);
+	}
+	for (unsigned u = 0; u < NU; u++)
+		if (z.used[u]) {
+			tcp_abort(z.conn[u]);
+			z.used[u] = false;
+		}
+	for (int k = 0; k < 3; k++) {
+		z.now_us += 60ull * 1000 * 1000;
+		net_stack_poll_timers(st);
+	}
+	net_stack_pools(st, &ps);
+	if (ps.conns_used != 0 || ps.rcv_free != ps.rcv_slots ||
+	    ps.snd_free != ps.snd_slots)
+		__builtin_trap();
+	net_stack_destroy(st);
+	return 0;
+}
