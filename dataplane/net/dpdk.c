@@ -515,7 +515,8 @@ shard_main(void *arg)
 	sh->now_us = fd_now_monotonic_us();
 	if (fd_worker_start(&sh->w, NULL, wake_session) != 0)
 		return -1;
-	net_stack_start(sh->st); /* gratuitous ARP */
+	if (sh->id == 0)
+		net_stack_start(sh->st); /* gratuitous ARP, once per port */
 	atomic_store(&sh->w.ready, true);
 
 	unsigned idle = 0;
@@ -873,6 +874,8 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid)
 		nc.clock_ctx = sh;
 		nc.ops = &smtp_upcalls;
 		nc.ops_arg = sh;
+		/* Every shard reads ARP (its own cache); one answers it. */
+		nc.arp_reply = i == 0;
 		sh->st = net_stack_create(&nc);
 		if (!sh->st) {
 			fd_log(FD_LOG_ERR, "dpdk", "event=stack_create_failed "
