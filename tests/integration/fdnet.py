@@ -69,12 +69,19 @@ class DpdkDaemon(Daemon):
         if vdev == "tap":
             vdev_arg = f"--vdev=net_tap0,iface={self.iface}"
         else:
-            # af_packet on a veth pair: the kernel side keeps the name.
+            # af_packet / af_xdp on a veth pair; the kernel side (peer)
+            # must not leave TCP checksums to an offload (NOTES.md).
             peer = self.iface + "p"
             ns.sh(f"ip link add {self.iface} type veth peer name {peer} && "
                   f"ip link set {self.iface} up && ip link set {peer} up && "
                   f"ethtool -K {peer} tx off >/dev/null")
-            vdev_arg = f"--vdev=net_af_packet0,iface={self.iface}"
+            if vdev == "af_xdp":
+                vdev_arg = (f"--vdev=net_af_xdp0,iface={self.iface},"
+                            f"start_queue=0,queue_count=1")
+                kw.setdefault("env", {})["LIBXDP_OBJECT_PATH"] = \
+                    "/usr/lib/x86_64-linux-gnu/bpf"
+            else:
+                vdev_arg = f"--vdev=net_af_packet0,iface={self.iface}"
             self.kernel_iface = peer
         eal = (f"-l {lcores} --no-huge -m 512 --no-pci {vdev_arg} "
                f"--file-prefix {self.prefix} --log-level=lib.eal:error")
@@ -112,7 +119,7 @@ class DpdkDaemon(Daemon):
 
     def stats_mbufs(self):
         for line in reversed(self.read_log().splitlines()):
-            if "event=mbufs" in line:
+            if "event=mbufs " in line:
                 return dict(kv.split("=", 1) for kv in line.split()
                             if "=" in kv)
         return {}

@@ -92,7 +92,8 @@ def main():
             ns.sh("iptables -F")
             check(d.stop() == 0, "clean exit")
             mb = d.stats_mbufs()
-            check(mb and int(mb["in_use"]) == 0,
+            check(mb and int(mb["leaked"]) == 0 and
+                  int(mb["in_use_end"]) <= int(mb["in_use_start"]),
                   f"mbufs not all returned: {mb}")
             port = [l for l in d.read_log().splitlines()
                     if "event=port_ready" in l]
