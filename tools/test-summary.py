@@ -3,12 +3,14 @@
 
 Usage: test-summary.py BUILD_DIR...
 
-For each build dir, reads meson-logs/testlog.json. A TAP test (Criterion
+For each build dir, reads meson-logs/testlog*.json (one per meson test
+run; tools/test names extra runs with --logbase). A TAP test (Criterion
 with --tap) counts each of its subtests ("ok", "not ok", "# SKIP"); any
 other test counts once by its meson result. Prints per-suite lines, then the
 closing line `N passed, N failed[, N skipped]`. Exit 1 if anything failed or
 if no test ran at all.
 """
+import glob
 import json
 import re
 import sys
@@ -38,13 +40,17 @@ def main(dirs):
     per_suite = defaultdict(lambda: [0, 0, 0])
     failed_names = []
     for d in dirs:
-        try:
-            with open(f"{d}/meson-logs/testlog.json") as fh:
-                lines = fh.readlines()
-        except OSError as e:
-            print(f"test-summary: {d}: {e}", file=sys.stderr)
+        # testlog.json, and testlog-NAME.json from runs with --logbase.
+        logs = sorted(glob.glob(f"{d}/meson-logs/testlog*.json"))
+        if not logs:
+            print(f"test-summary: {d}: no meson-logs/testlog*.json",
+                  file=sys.stderr)
             per_suite[f"{d}:missing"][1] += 1
             continue
+        lines = []
+        for log in logs:
+            with open(log) as fh:
+                lines += fh.readlines()
         for line in lines:
             t = json.loads(line)
             # name is "project:suite / test" (meson's testlog.json)
