@@ -118,6 +118,8 @@ struct sock_loop {
 	uint64_t sid_next;
 	uint64_t now_us;
 	bool buffers_returned; /* re-arm starved connections */
+	unsigned nstarved;     /* connections with starved set */
+	unsigned nheld;        /* connections with held set */
 	bool spool_progress;   /* spool completions this round */
 } __attribute__((aligned(64)));
 
@@ -209,6 +211,7 @@ conn_release_held(struct sock_conn *c)
 	if (c->held) {
 		buf_return(c->loop, c->held_bid);
 		c->held = false;
+		c->loop->nheld--;
 	}
 }
 
@@ -220,6 +223,10 @@ conn_finalize(struct sock_conn *c)
 	if (c->fd >= 0)
 		close(c->fd);
 	c->fd = -1;
+	if (c->starved) {
+		c->starved = false;
+		l->nstarved--;
+	}
 	c->in_use = false;
 	c->free_next = l->free;
 	l->free = c;
@@ -265,6 +272,8 @@ conn_arm_recv(struct sock_conn *c)
 	sqe->buf_group = BUF_GROUP;
 	io_uring_sqe_set_data64(sqe, ud(c, OP_RECV));
 	c->recv_armed = true;
+	if (c->starved)
+		c->loop->nstarved--;
 	c->starved = false;
 	c->inflight++;
 }
@@ -475,12 +484,15 @@ on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
 				buf_return(l, bid);
 			} else {
 				c->held = true;
+				l->nheld++;
 				c->held_bid = bid;
 				c->held_off = 0;
 				c->held_len = (uint32_t)cqe->res;
 				idle_touch(l, c);
 			}
 		} else if (cqe->res == -ENOBUFS) {
+			if (!c->starved)
+				l->nstarved++;
 			c->starved = true; /* re-armed when a buffer returns */
 		} else if (cqe->res == 0 || cqe->res != -EINTR) {
 			c->peer_eof = true;
@@ -565,16 +577,17 @@ service_dirty(struct sock_loop *l)
 {
 	/* Connections starved of receive buffers try again once some came
 	 * back; conn_service() re-arms them. */
-	if (l->buffers_returned) {
-		l->buffers_returned = false;
+	if (l->buffers_returned && l->nstarved) {
 		for (unsigned i = 0; i < l->nconns; i++) {
 			struct sock_conn *c = &l->conns[i];
 			if (c->in_use && c->starved) {
 				c->starved = false;
+				l->nstarved--;
 				mark_dirty(c);
 			}
 		}
 	}
+	l->buffers_returned = false;
 	while (l->dirty) {
 		struct sock_conn *c = l->dirty;
 		l->dirty = c->dirty_next;
@@ -597,6 +610,8 @@ retry_held(struct sock_loop *l)
 	if (!l->spool_progress)
 		return;
 	l->spool_progress = false;
+	if (l->nheld == 0)
+		return;
 	for (unsigned i = 0; i < l->nconns; i++) {
 		struct sock_conn *c = &l->conns[i];
 		if (c->in_use && c->held && !c->closing &&
