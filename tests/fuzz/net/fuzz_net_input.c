@@ -24,6 +24,7 @@
 
 #include "net/net.h"
 #include "net/tcp.h"
+#include "../../unit/net/csum_oracle.h"
 
 #define OUR_IP 0x0a000001u
 #define PEER_IP 0x0a000002u
@@ -50,24 +51,6 @@ static struct {
 	uint8_t ws;
 } edges[65536];
 static uint32_t gen;
-
-static uint32_t
-sum16(uint32_t s, const uint8_t *p, size_t n)
-{
-	for (size_t i = 0; i + 1 < n; i += 2)
-		s += (uint32_t)(p[i] << 8 | p[i + 1]);
-	if (n & 1)
-		s += (uint32_t)p[n - 1] << 8;
-	return s;
-}
-
-static uint16_t
-fold(uint32_t s)
-{
-	while (s >> 16)
-		s = (s & 0xffff) + (s >> 16);
-	return (uint16_t)~s;
-}
 
 static uint32_t
 rd32(const uint8_t *p)

@@ -14,6 +14,7 @@
 
 #include "net/net.h"
 #include "net/tcp.h"
+#include "csum_oracle.h"
 
 static uint64_t now_us = 1000000;
 static uint32_t last_seq, last_flags;
@@ -67,24 +68,6 @@ eof(void *u)
 }
 
 static const struct tcp_upcall_ops ops = {acc, rcv, eof, NULL, NULL};
-
-static uint32_t
-sum16(uint32_t s, const uint8_t *p, size_t n)
-{
-	for (size_t i = 0; i + 1 < n; i += 2)
-		s += (uint32_t)(p[i] << 8 | p[i + 1]);
-	if (n & 1)
-		s += (uint32_t)p[n - 1] << 8;
-	return s;
-}
-
-static uint16_t
-fold(uint32_t s)
-{
-	while (s >> 16)
-		s = (s & 0xffff) + (s >> 16);
-	return (uint16_t)~s;
-}
 
 static size_t
 seg(uint8_t *f, uint16_t sport, uint32_t seq, uint32_t ack, uint8_t fl,
