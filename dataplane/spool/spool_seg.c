@@ -165,6 +165,15 @@ scan_dir(struct spool_prep *pp)
 		char *end;
 		size_t l = strlen(e->d_name);
 
+		if (l == 12 && strcmp(e->d_name + 8, ".tmp") == 0) {
+			/* A spare a crash interrupted while it was made:
+			 * never named .seg, so never used. */
+			char tmp[4200];
+			snprintf(tmp, sizeof(tmp), "%s/%s", pp->wdir,
+				 e->d_name);
+			unlink(tmp);
+			continue;
+		}
 		if (l != 12 || strcmp(e->d_name + 8, ".seg") != 0)
 			continue;
 		no = strtoull(e->d_name, &end, 16);
@@ -232,14 +241,18 @@ new_epoch(void)
 static int
 prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 {
-	char path[4200];
+	char path[4200], tmp[4200];
 	struct spool_seg_hdr h;
 	struct spool_seg *s;
 	int fd, r = 0;
 
+	/* A fresh file is made under NNNNNNNN.tmp and renamed once zeroed
+	 * and synced, so a reader (recovery, finaldotctl) never meets a
+	 * half-made segment under the .seg name. */
 	seg_path(pp, no, path, sizeof(path));
-	fd = open(path, O_RDWR | O_CLOEXEC | (fresh ? O_CREAT | O_EXCL : 0),
-		  0640);
+	snprintf(tmp, sizeof(tmp), "%.*s.tmp", (int)(strlen(path) - 4), path);
+	fd = open(fresh ? tmp : path,
+		  O_RDWR | O_CLOEXEC | (fresh ? O_CREAT | O_EXCL : 0), 0640);
 	if (fd < 0)
 		return -errno;
 	if (rezero) {
@@ -267,6 +280,10 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 	if (r)
 		goto out_close;
 	if (fsync(fd) != 0) {
+		r = -errno;
+		goto out_close;
+	}
+	if (fresh && rename(tmp, path) != 0) {
 		r = -errno;
 		goto out_close;
 	}
@@ -302,8 +319,10 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 
 out_close:
 	close(fd);
-	if (fresh && rezero)
-		unlink(path); /* a half-made file would only confuse */
+	if (fresh && rezero) {
+		unlink(tmp); /* a half-made file would only confuse */
+		unlink(path);
+	}
 	return r;
 }
 
