@@ -94,6 +94,7 @@ struct shard {
 	struct dp_conn *woken; /* commit verdicts delivered, to service */
 	unsigned nconns;
 	unsigned in_use;
+	unsigned npaused; /* connections with paused set */
 	uint64_t sid;
 	uint64_t now_us;
 	uint64_t next_scan_us;
@@ -196,10 +197,23 @@ shard_clock(void *ctx)
 /* ---- the SMTP glue: TCP upcalls ------------------------------------------ */
 
 static void
+set_paused(struct dp_conn *c, bool paused)
+{
+	if (c->paused == paused)
+		return;
+	if (paused)
+		c->sh->npaused++;
+	else
+		c->sh->npaused--;
+	c->paused = paused;
+}
+
+static void
 conn_free(struct dp_conn *c)
 {
 	struct shard *sh = c->sh;
 
+	set_paused(c, false);
 	if (c->woken) { /* unlink: the slot may be reused before servicing */
 		struct dp_conn **pp = &sh->woken;
 		while (*pp && *pp != c)
@@ -289,7 +303,7 @@ up_recv(void *u, const uint8_t *p, size_t n)
 	size_t used = smtp_session_input(c->s, p, n);
 
 	c->last_active_us = c->sh->now_us;
-	c->paused = used < n;
+	set_paused(c, used < n);
 	if (!conn_flush(c))
 		return n; /* ended: nothing more will be read */
 	return used;
@@ -365,6 +379,8 @@ service_woken(struct shard *sh)
 static void
 resume_paused(struct shard *sh)
 {
+	if (sh->npaused == 0)
+		return;
 	for (unsigned i = 0; i < sh->nconns; i++) {
 		struct dp_conn *c = &sh->conns[i];
 		if (c->in_use && c->paused && !smtp_session_commit_pending(c->s))
