@@ -117,6 +117,9 @@ struct sock_loop {
 	uint64_t stop_deadline_us;
 	uint64_t sid_next;
 	uint64_t now_us;
+	uint64_t next_accept_rearm_us;
+	uint64_t next_accept_log_us;
+	uint64_t accept_errors;
 	bool buffers_returned; /* re-arm starved connections */
 	unsigned nstarved;     /* connections with starved set */
 	unsigned nheld;        /* connections with held set */
@@ -512,13 +515,21 @@ on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
 		struct sock_listener *ls = ud_ptr(u);
 		if (!(cqe->flags & IORING_CQE_F_MORE))
 			ls->armed = false;
-		if (cqe->res >= 0)
+		if (cqe->res >= 0) {
 			on_accept(l, ls, cqe->res);
-		else if (cqe->res != -EINVAL && cqe->res != -ECANCELED &&
-			 !l->stopping)
-			fd_log(FD_LOG_WARN, "sock",
-			       "worker=%u event=accept_error error=\"%s\"",
-			       l->w->id, strerror(-cqe->res));
+		} else if (cqe->res != -EINVAL && cqe->res != -ECANCELED &&
+			   !l->stopping) {
+			/* One line a second at most, with the count. */
+			l->accept_errors++;
+			if (l->now_us >= l->next_accept_log_us) {
+				l->next_accept_log_us = l->now_us + 1000000;
+				fd_log(FD_LOG_WARN, "sock",
+				       "worker=%u event=accept_error "
+				       "error=\"%s\" count=%" PRIu64,
+				       l->w->id, strerror(-cqe->res),
+				       l->accept_errors);
+			}
+		}
 		return;
 	}
 	case OP_WAKE:
@@ -546,6 +557,16 @@ run_timers(struct sock_loop *l)
 {
 	const struct fd_config *cfg = l->w->cfg;
 	uint64_t idle_us = cfg->idle_timeout_ms * 1000;
+
+	/* A multishot accept the kernel ended (an error such as EMFILE, or
+	 * a CQE without F_MORE for any reason) is armed again here, at most
+	 * once per tick, so a lasting error cannot spin the loop. */
+	if (!l->stopping && l->now_us >= l->next_accept_rearm_us) {
+		l->next_accept_rearm_us = l->now_us + TICK_US;
+		for (unsigned i = 0; i < l->nlisteners; i++)
+			if (!l->listeners[i].armed)
+				arm_accept(l, &l->listeners[i]);
+	}
 
 	/* Oldest first: stop at the first connection that is not due. */
 	while (l->idle_head &&

@@ -2,6 +2,7 @@
 """Session-level behaviour of the daemon: greeting delay and early talkers,
 idle timeout, connection limit, SIGTERM with open sessions, --help."""
 import os
+import socket
 import shutil
 import subprocess
 import tempfile
@@ -44,6 +45,33 @@ def connection_limit():
         time.sleep(0.2)
         e = d.connect()
         e.expect(220)  # a slot came free
+
+
+def fd_exhaustion():
+    """Out of file descriptors (EMFILE) the kernel ends the multishot
+    accept; once descriptors come back, the listener must accept again."""
+    if not shutil.which("prlimit"):
+        return
+    with Daemon(wrap=["prlimit", "--nofile=64:64"]) as d:
+        socks = [d.connect() for _ in range(80)]
+        time.sleep(1)
+        greeted = 0
+        for c in socks:
+            c.sock.setblocking(False)
+            try:
+                greeted += c.sock.recv(100).startswith(b"220")
+            except BlockingIOError:
+                pass
+        check(0 < greeted < 80, f"{greeted} of 80 greeted under EMFILE")
+        for c in socks:
+            c.close()
+        time.sleep(0.5)
+        for _ in range(5):
+            c = d.connect()
+            c.expect(220)
+            c.cmd("QUIT", 221)
+        errors = d.read_log().count("event=accept_error")
+        check(1 <= errors <= 4, f"{errors} accept_error lines (one a second)")
 
 
 def sigterm():
@@ -97,7 +125,9 @@ def config_file():
 early_talker()
 idle_timeout()
 connection_limit()
+fd_exhaustion()
 sigterm()
 cli()
 config_file()
-print("ok: early talker, idle timeout, connection limit, SIGTERM, CLI, config")
+print("ok: early talker, idle timeout, connection limit, accept after "
+      "EMFILE, SIGTERM, CLI, config")
