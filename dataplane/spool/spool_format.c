@@ -525,8 +525,9 @@ next_block(uint64_t pos)
 int
 spool_walk_segment(struct spool_walk *w, spool_walk_fn on_rec, void *ctx)
 {
-	uint64_t pos = SPOOL_BLOCK;
+	uint64_t pos = w->start > SPOOL_BLOCK ? w->start : SPOOL_BLOCK;
 	size_t chunk_max;
+	int r = 0;
 
 	if (w->win_len < SPOOL_WALK_WIN_MIN)
 		return -EINVAL;
@@ -539,11 +540,10 @@ spool_walk_segment(struct spool_walk *w, spool_walk_fn on_rec, void *ctx)
 		uint8_t hdr[SPOOL_REC_HDR_LEN];
 		uint64_t sz, padlen;
 		uint32_t pcrc = 0;
-		int r;
 
 		r = win_get(w, pos, SPOOL_REC_HDR_LEN, &p);
 		if (r)
-			return r;
+			goto out;
 		if (spool_get32(p) == 0) { /* padding up to the block end */
 			pos = next_block(pos);
 			continue;
@@ -560,7 +560,7 @@ spool_walk_segment(struct spool_walk *w, spool_walk_fn on_rec, void *ctx)
 		if (sz <= chunk_max) {
 			r = win_get(w, pos, (size_t)sz, &p);
 			if (r)
-				return r;
+				goto out;
 			rec.payload = p + SPOOL_REC_HDR_LEN;
 			pcrc = fd_crc32c(0, rec.payload, rec.h.len);
 			if (!all_zero(rec.payload + rec.h.len, (size_t)padlen))
@@ -572,14 +572,14 @@ spool_walk_segment(struct spool_walk *w, spool_walk_fn on_rec, void *ctx)
 							    : chunk_max;
 				r = win_get(w, o, k, &p);
 				if (r)
-					return r;
+					goto out;
 				pcrc = fd_crc32c(pcrc, p, k);
 				o += k;
 				left -= k;
 			}
 			r = win_get(w, o, (size_t)padlen, &p);
 			if (r)
-				return r;
+				goto out;
 			if (!all_zero(p, (size_t)padlen))
 				goto bad;
 		}
@@ -596,15 +596,17 @@ spool_walk_segment(struct spool_walk *w, spool_walk_fn on_rec, void *ctx)
 		rec.off = pos;
 		rec.payload_crc = pcrc;
 		r = on_rec(ctx, &rec);
-		if (r)
-			return r;
 		pos += sz;
+		if (r)
+			goto out;
 		continue;
 bad:
 		w->records_bad++;
 		pos = next_block(pos);
 	}
-	return 0;
+out:
+	w->end = pos;
+	return r;
 }
 
 long

@@ -263,6 +263,8 @@ struct spool_walk {
 	spool_read_fn read;
 	void *read_ctx;
 	uint64_t size;  /* bytes of the segment to walk (header block incl.) */
+	uint64_t start; /* where to begin (0: after the header block); a
+			 * record boundary or a block boundary */
 	uint64_t epoch; /* from the segment header */
 	uint8_t *win;   /* caller's buffer */
 	size_t win_len;
@@ -270,6 +272,10 @@ struct spool_walk {
 	uint64_t records_ok;
 	uint64_t records_bad;   /* resyncs after a damaged/torn record */
 	uint64_t records_stale; /* intact records of another epoch */
+	uint64_t end; /* where the walk stopped: past the last record handed
+		       * to on_rec() (also when it stopped the walk), or at
+		       * or past `size` when the walk ran to the end; a
+		       * later walk of a longer prefix resumes there */
 	/* private */
 	uint64_t win_off;
 	size_t win_have;
