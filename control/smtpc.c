@@ -1,0 +1,1515 @@
+/*
+ * The SMTP/LMTP delivery client (contract in smtpc.h).
+ *
+ * One connection, driven by one thread, blocking but never unbounded: every
+ * read and write goes through io_read()/io_write(), which wait with poll()
+ * until a deadline. Those two are the only places that touch the socket's
+ * bytes, so that a TLS layer (STARTTLS, whose capability is already parsed)
+ * can be slotted in there later.
+ *
+ * Replies are parsed incrementally, line by line, out of a fixed 8 KiB
+ * buffer: a line may not exceed 2048 octets, so a reply of any number of
+ * lines (up to 1000) passes through that buffer without ever having to fit
+ * in it whole. Commands and body bytes leave through a 64 KiB output buffer;
+ * the body is read from the caller's source in 64 KiB pieces and, for DATA,
+ * dot-stuffed on the way (RFC 5321 4.5.2) with the line state carried across
+ * pieces.
+ *
+ * Connection states:
+ *
+ *   CONNECT -> GREETING -> EHLO --(5xx, SMTP only)--> HELO
+ *                            |                          |
+ *                            +--------> READY <---------+
+ *
+ *   READY -> MAIL -> RCPT -+-> DATA -> BODY -> DOT --------+-> READY
+ *                          +-> BDAT (chunk ... LAST) ------+
+ *                          +-> RSET (nothing accepted, DATA or BDAT
+ *                                    refused) -> READY
+ *   READY -> RSET -> READY          READY -> QUIT
+ *   any state -> BROKEN  (I/O error, timeout, garbage, a 421 from the peer)
+ *
+ * Invariants: in READY the server holds no open transaction and no reply is
+ * owed to us; in BROKEN nothing more is sent, the only way out is to close.
+ * The state at the moment of a failure names the step in the local reply
+ * ("421 4.4.2 timeout waiting for reply to RCPT TO").
+ *
+ * Limits: no STARTTLS or AUTH yet; DATA and BDAT are not pipelined (BDAT
+ * chunks are 1 MiB, so a round trip per chunk costs little); getaddrinfo()
+ * is not bounded by a timeout.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "finaldot/log.h"
+#include "smtpc.h"
+
+#define RBUF_LEN 8192u
+#define LINE_MAX_LEN 2048u /* reply line, CRLF excluded */
+#define LINES_MAX 1000u
+#define PIECE_LEN 65536u   /* body read and write unit */
+#define HDR_ROOM 64u       /* a BDAT command line ahead of a piece */
+#define OBUF_LEN (PIECE_LEN + HDR_ROOM)
+#define CHUNK_MAX (1u << 20)
+#define CMD_LINE_MAX 2000u /* a command line we send, CRLF included */
+#define QUIT_TIMEOUT_MS 5000u
+#define TIMEOUT_CAP_MS (UINT64_C(1) << 40) /* keeps deadlines in int64 */
+
+enum state {
+	ST_CONNECT,
+	ST_GREETING,
+	ST_EHLO,
+	ST_HELO,
+	ST_READY,
+	ST_MAIL,
+	ST_RCPT,
+	ST_DATA,
+	ST_BODY,
+	ST_DOT,
+	ST_BDAT,
+	ST_RSET,
+	ST_QUIT,
+	ST_BROKEN,
+};
+
+struct smtpc {
+	int fd;
+	enum smtpc_proto proto;
+	enum state st;
+	unsigned exts;
+	uint64_t size_limit;
+	uint64_t connect_to, cmd_to, data_to;
+	/* what the last failure was, for the local reply */
+	bool fail_write;  /* in io_write (else in io_read) */
+	bool fail_body;   /* the body source */
+	bool got_421;     /* the peer announced it closes */
+	struct smtpc_reply r421;
+	char helo[256];
+	char peer[256];
+	size_t roff, rlen; /* unread reply bytes: rbuf[roff..rlen) */
+	size_t olen;       /* queued output: obuf[0..olen) */
+	uint8_t rbuf[RBUF_LEN];
+	uint8_t obuf[OBUF_LEN];
+	uint8_t bbuf[PIECE_LEN];
+};
+
+static const char *
+state_name(enum state s)
+{
+	switch (s) {
+	case ST_CONNECT:
+		return "connect";
+	case ST_GREETING:
+		return "greeting";
+	case ST_EHLO:
+		return "EHLO";
+	case ST_HELO:
+		return "HELO";
+	case ST_READY:
+		return "ready";
+	case ST_MAIL:
+		return "MAIL FROM";
+	case ST_RCPT:
+		return "RCPT TO";
+	case ST_DATA:
+		return "DATA";
+	case ST_BODY:
+		return "message body";
+	case ST_DOT:
+		return "end of data";
+	case ST_BDAT:
+		return "BDAT";
+	case ST_RSET:
+		return "RSET";
+	case ST_QUIT:
+		return "QUIT";
+	case ST_BROKEN:
+		return "broken";
+	}
+	return "?";
+}
+
+static void
+enter_state(struct smtpc *c, enum state s)
+{
+	fd_debug("smtpc", "fd=%d event=state from=%s to=%s", c->fd,
+		 state_name(c->st), state_name(s));
+	c->st = s;
+}
+
+/* ---- replies: parsing ---------------------------------------------------- */
+
+/* Parse state of one (multi-line) reply being assembled into r. */
+struct rparse {
+	int code;
+	unsigned lines;
+	size_t tlen; /* of r->text */
+	size_t enh_len;
+	bool cut;
+};
+
+typedef void (*line_hook_fn)(struct smtpc *c, const struct rparse *ps,
+			     const uint8_t *txt, size_t len);
+
+static void
+reply_clear(struct smtpc_reply *r)
+{
+	r->code = 0;
+	r->enh[0] = '\0';
+	r->text[0] = '\0';
+	r->local = false;
+}
+
+static void
+text_put(struct rparse *ps, struct smtpc_reply *r, const uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (ps->tlen >= SMTPC_TEXT_MAX - 1) {
+			ps->cut = true;
+			break;
+		}
+		r->text[ps->tlen++] =
+			p[i] >= 0x20 && p[i] < 0x7f ? (char)p[i] : '?';
+	}
+	r->text[ps->tlen] = '\0';
+}
+
+static void
+text_finish(struct rparse *ps, struct smtpc_reply *r)
+{
+	if (ps->cut)
+		memcpy(r->text + SMTPC_TEXT_MAX - 4, "...", 4);
+}
+
+/* RFC 3463 2: class "." subject "." detail, class matching the reply's
+ * (RFC 2034 4), then a space or the end. Length of the code, 0 if none. */
+static size_t
+enh_len(const uint8_t *p, size_t n, int code)
+{
+	size_t i = 0;
+
+	if (n < 5 || p[0] != (uint8_t)('0' + code / 100) ||
+	    (p[0] != '2' && p[0] != '4' && p[0] != '5') || p[1] != '.')
+		return 0;
+	i = 2;
+	for (int part = 0; part < 2; part++) {
+		size_t d = 0;
+		while (i < n && d < 4 && p[i] >= '0' && p[i] <= '9') {
+			i++;
+			d++;
+		}
+		if (d == 0 || d > 3)
+			return 0;
+		if (part == 0) {
+			if (i >= n || p[i] != '.')
+				return 0;
+			i++;
+		}
+	}
+	return i == n || p[i] == ' ' ? i : 0;
+}
+
+static int
+code3(const uint8_t *p)
+{
+	return (p[0] - '0') * 100 + (p[1] - '0') * 10 + (p[2] - '0');
+}
+
+/* The first min(n, 4) octets of a line: those the syntax depends on. A
+ * prefix that could still become a valid line passes (a partial line
+ * "250\r" may be "250\r\n"). */
+static enum smtpc_parse
+check_head(const struct rparse *ps, const uint8_t *p, size_t n, bool complete)
+{
+	for (size_t i = 0; i < n && i < 3; i++) {
+		uint8_t lo = i == 0 ? '2' : '0', hi = i == 0 ? '5' : '9';
+		if (p[i] < lo || p[i] > hi)
+			return SMTPC_PARSE_ERR_SYNTAX;
+	}
+	if (complete && n < 3)
+		return SMTPC_PARSE_ERR_SYNTAX;
+	if (n >= 3 && ps->lines && code3(p) != ps->code)
+		return SMTPC_PARSE_ERR_SYNTAX;
+	if (n >= 4 && p[3] != ' ' && p[3] != '-' &&
+	    !(!complete && n == 4 && p[3] == '\r'))
+		return SMTPC_PARSE_ERR_SYNTAX;
+	return SMTPC_PARSE_OK;
+}
+
+/* One complete line, CRLF stripped. OK on the last line, AGAIN before. */
+static enum smtpc_parse
+rparse_line(struct rparse *ps, struct smtpc_reply *r, const uint8_t *p,
+	    size_t n, const uint8_t **txt, size_t *txt_len)
+{
+	enum smtpc_parse pr;
+	const uint8_t *t;
+	size_t tl;
+
+	if (ps->lines >= LINES_MAX)
+		return SMTPC_PARSE_ERR_TOOLONG;
+	pr = check_head(ps, p, n, true);
+	if (pr != SMTPC_PARSE_OK)
+		return pr;
+	if (n > LINE_MAX_LEN)
+		return SMTPC_PARSE_ERR_TOOLONG;
+	t = p + (n > 4 ? 4 : n);
+	tl = n > 4 ? n - 4 : 0;
+	*txt = t;
+	*txt_len = tl;
+	if (ps->lines == 0) {
+		ps->code = code3(p);
+		r->code = ps->code;
+		text_put(ps, r, p, 3);
+		ps->enh_len = enh_len(t, tl, ps->code);
+		memcpy(r->enh, t, ps->enh_len);
+		r->enh[ps->enh_len] = '\0';
+	} else if (ps->enh_len && tl >= ps->enh_len &&
+		   memcmp(t, r->enh, ps->enh_len) == 0 &&
+		   (tl == ps->enh_len || t[ps->enh_len] == ' ')) {
+		/* RFC 2034 4: every line repeats the code; keep one */
+		t += ps->enh_len;
+		tl -= ps->enh_len;
+		while (tl && *t == ' ') {
+			t++;
+			tl--;
+		}
+	}
+	if (tl) {
+		text_put(ps, r, (const uint8_t *)" ", 1);
+		text_put(ps, r, t, tl);
+	}
+	ps->lines++;
+	if (n == 3 || p[3] == ' ') {
+		text_finish(ps, r);
+		return SMTPC_PARSE_OK;
+	}
+	return SMTPC_PARSE_AGAIN;
+}
+
+/*
+ * Consume the complete lines of p[0..n). OK: the reply ended, *used octets
+ * through its last LF. AGAIN: *used octets of complete lines consumed, the
+ * rest is a valid partial line. Errors as smtpc_parse_reply().
+ */
+static enum smtpc_parse
+rparse_feed(struct rparse *ps, struct smtpc_reply *r, const uint8_t *p,
+	    size_t n, size_t *used, line_hook_fn hook, struct smtpc *c)
+{
+	size_t off = 0;
+
+	*used = 0;
+	for (;;) {
+		const uint8_t *nl = n > off ? memchr(p + off, '\n', n - off)
+					    : NULL;
+		const uint8_t *txt = NULL;
+		size_t len, txt_len = 0;
+		enum smtpc_parse pr;
+
+		if (!nl) {
+			len = n - off;
+			if (len && ps->lines >= LINES_MAX)
+				return SMTPC_PARSE_ERR_TOOLONG;
+			pr = check_head(ps, p + off, len, false);
+			if (pr != SMTPC_PARSE_OK)
+				return pr;
+			if (len > LINE_MAX_LEN + 1) /* room for the CR */
+				return SMTPC_PARSE_ERR_TOOLONG;
+			return SMTPC_PARSE_AGAIN;
+		}
+		len = (size_t)(nl - (p + off));
+		pr = rparse_line(ps, r, p + off,
+				 len && nl[-1] == '\r' ? len - 1 : len, &txt,
+				 &txt_len);
+		if (pr != SMTPC_PARSE_OK && pr != SMTPC_PARSE_AGAIN)
+			return pr;
+		if (hook)
+			hook(c, ps, txt, txt_len);
+		off += len + 1;
+		*used = off;
+		if (pr == SMTPC_PARSE_OK)
+			return pr;
+	}
+}
+
+enum smtpc_parse
+smtpc_parse_reply(const uint8_t *p, size_t n, struct smtpc_reply *r,
+		  size_t *used)
+{
+	static const uint8_t none[1];
+	struct rparse ps;
+	size_t u = 0;
+	enum smtpc_parse pr;
+
+	memset(&ps, 0, sizeof(ps));
+	reply_clear(r);
+	if (!p) {
+		p = none;
+		n = 0;
+	}
+	pr = rparse_feed(&ps, r, p, n, &u, NULL, NULL);
+	if (used)
+		*used = pr == SMTPC_PARSE_OK ? u : 0;
+	return pr;
+}
+
+/* ---- replies: local ones ------------------------------------------------- */
+
+__attribute__((format(printf, 4, 5))) static void
+reply_local(struct smtpc_reply *r, int code, const char *enh, const char *fmt,
+	    ...)
+{
+	va_list ap;
+	int k;
+
+	reply_clear(r);
+	r->code = code;
+	r->local = true;
+	snprintf(r->enh, sizeof(r->enh), "%s", enh);
+	k = snprintf(r->text, sizeof(r->text), "%d %s ", code, enh);
+	if (k < 0 || (size_t)k >= sizeof(r->text))
+		return;
+	va_start(ap, fmt);
+	vsnprintf(r->text + k, sizeof(r->text) - (size_t)k, fmt, ap);
+	va_end(ap);
+}
+
+/* The reply standing for one not received because of failure rc. */
+static void
+failure_reply(const struct smtpc *c, int rc, struct smtpc_reply *r)
+{
+	const char *what = state_name(c->st);
+
+	if (c->got_421) {
+		*r = c->r421;
+	} else if (c->fail_body) {
+		reply_local(r, 451, "4.3.0", "error reading message body");
+	} else if (rc == -ETIMEDOUT && c->fail_write) {
+		reply_local(r, 421, "4.4.2", "timeout sending %s", what);
+	} else if (rc == -ETIMEDOUT && c->st == ST_GREETING) {
+		reply_local(r, 421, "4.4.2", "timeout waiting for greeting");
+	} else if (rc == -ETIMEDOUT) {
+		reply_local(r, 421, "4.4.2", "timeout waiting for reply to %s",
+			    what);
+	} else if (rc == -EPROTO) {
+		reply_local(r, 421, "4.5.0", "invalid reply to %s", what);
+	} else if (rc == -ENOTCONN) {
+		reply_local(r, 421, "4.4.2", "connection not usable");
+	} else {
+		/* RFC 3463 X.4.2: established, then unable to complete */
+		reply_local(r, 421, "4.4.2", "connection lost during %s", what);
+	}
+}
+
+/* ---- I/O: the only functions touching the socket's bytes ----------------- */
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t
+deadline_in(uint64_t ms)
+{
+	return now_ms() + (int64_t)(ms < TIMEOUT_CAP_MS ? ms : TIMEOUT_CAP_MS);
+}
+
+static int
+wait_fd(int fd, short events, int64_t deadline)
+{
+	for (;;) {
+		int64_t left = deadline - now_ms();
+		struct pollfd pfd = { .fd = fd, .events = events };
+		int rc;
+
+		if (left <= 0)
+			return -ETIMEDOUT;
+		rc = poll(&pfd, 1, left > INT_MAX ? INT_MAX : (int)left);
+		if (rc > 0)
+			return 0; /* POLLERR/POLLHUP too: the next call says */
+		if (rc < 0 && errno != EINTR)
+			return -errno;
+	}
+}
+
+/* Some bytes (> 0), 0 when the peer closed, or -errno. */
+static long
+io_read(struct smtpc *c, void *buf, size_t n, int64_t deadline)
+{
+	for (;;) {
+		ssize_t k = recv(c->fd, buf, n, MSG_DONTWAIT);
+		int rc;
+
+		if (k >= 0)
+			return (long)k;
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN && errno != EWOULDBLOCK) {
+			rc = -errno;
+			c->fail_write = false;
+			return rc;
+		}
+		rc = wait_fd(c->fd, POLLIN, deadline);
+		if (rc < 0) {
+			c->fail_write = false;
+			return rc;
+		}
+	}
+}
+
+/* All of buf[0..n) within timeout_ms, or -errno. */
+static int
+io_write(struct smtpc *c, const void *buf, size_t n, uint64_t timeout_ms)
+{
+	const uint8_t *p = buf;
+	int64_t deadline = deadline_in(timeout_ms);
+
+	while (n) {
+		ssize_t k = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+		int rc;
+
+		if (k > 0) {
+			p += k;
+			n -= (size_t)k;
+			continue;
+		}
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+			c->fail_write = true;
+			return -errno;
+		}
+		rc = wait_fd(c->fd, POLLOUT, deadline);
+		if (rc < 0) {
+			c->fail_write = true;
+			return rc;
+		}
+	}
+	return 0;
+}
+
+static int
+out_flush(struct smtpc *c)
+{
+	int rc = c->olen ? io_write(c, c->obuf, c->olen, c->cmd_to) : 0;
+
+	c->olen = 0;
+	return rc;
+}
+
+/* Queue p[0..n), writing out every full buffer. */
+static int
+out_put(struct smtpc *c, const void *p, size_t n)
+{
+	const uint8_t *s = p;
+
+	while (n) {
+		size_t k = OBUF_LEN - c->olen;
+		if (k > n)
+			k = n;
+		memcpy(c->obuf + c->olen, s, k);
+		c->olen += k;
+		s += k;
+		n -= k;
+		if (c->olen == OBUF_LEN) {
+			int rc = out_flush(c);
+			if (rc < 0)
+				return rc;
+		}
+	}
+	return 0;
+}
+
+/*
+ * Read one reply within timeout_ms into r. 0, or -errno with r cleared;
+ * except a complete 421 from the peer (RFC 5321 3.8: it closes): r holds it
+ * and -ECONNRESET is returned, the connection being as good as gone.
+ */
+static int
+read_reply(struct smtpc *c, uint64_t timeout_ms, struct smtpc_reply *r,
+	   line_hook_fn hook)
+{
+	int64_t deadline = deadline_in(timeout_ms);
+	struct rparse ps;
+
+	memset(&ps, 0, sizeof(ps));
+	reply_clear(r);
+	for (;;) {
+		size_t used = 0;
+		enum smtpc_parse pr = rparse_feed(&ps, r, c->rbuf + c->roff,
+						  c->rlen - c->roff, &used,
+						  hook, c);
+		long k;
+
+		c->roff += used;
+		switch (pr) {
+		case SMTPC_PARSE_OK:
+			fd_debug("smtpc", "fd=%d event=reply code=%d",
+				 c->fd, r->code);
+			if (r->code == 421) {
+				c->got_421 = true;
+				c->r421 = *r;
+				return -ECONNRESET;
+			}
+			return 0;
+		case SMTPC_PARSE_AGAIN:
+			break;
+		case SMTPC_PARSE_ERR_SYNTAX:
+		case SMTPC_PARSE_ERR_TOOLONG:
+			c->fail_write = false;
+			reply_clear(r);
+			return -EPROTO;
+		}
+		/* the partial line to the front; it is at most 2049 octets */
+		memmove(c->rbuf, c->rbuf + c->roff, c->rlen - c->roff);
+		c->rlen -= c->roff;
+		c->roff = 0;
+		k = io_read(c, c->rbuf + c->rlen, RBUF_LEN - c->rlen, deadline);
+		if (k <= 0) {
+			reply_clear(r);
+			c->fail_write = false;
+			return k == 0 ? -ECONNRESET : (int)k;
+		}
+		c->rlen += (size_t)k;
+	}
+}
+
+static int
+send_cmd(struct smtpc *c, const char *line)
+{
+	int rc = out_put(c, line, strlen(line));
+
+	return rc < 0 ? rc : out_flush(c);
+}
+
+/* ---- session: greeting and EHLO ------------------------------------------ */
+
+static void
+greeting_hook(struct smtpc *c, const struct rparse *ps, const uint8_t *txt,
+	      size_t len)
+{
+	size_t i;
+
+	if (ps->lines != 1)
+		return;
+	for (i = 0; i < len && i < sizeof(c->peer) - 1 && txt[i] != ' '; i++) {
+		uint8_t o = txt[i];
+		c->peer[i] = o > 0x20 && o < 0x7f ? (char)o : '?';
+	}
+	c->peer[i] = '\0';
+}
+
+static bool
+keyword_is(const uint8_t *p, size_t n, const char *kw)
+{
+	size_t k = strlen(kw);
+
+	return n == k && strncasecmp((const char *)p, kw, k) == 0;
+}
+
+/* RFC 5321 4.1.1.1: lines after the first are "keyword [params]". */
+static void
+ehlo_hook(struct smtpc *c, const struct rparse *ps, const uint8_t *txt,
+	  size_t len)
+{
+	static const struct {
+		const char *kw;
+		unsigned bit;
+	} kws[] = {
+		{ "PIPELINING", SMTPC_EXT_PIPELINING },
+		{ "SIZE", SMTPC_EXT_SIZE },
+		{ "8BITMIME", SMTPC_EXT_8BITMIME },
+		{ "SMTPUTF8", SMTPC_EXT_SMTPUTF8 },
+		{ "CHUNKING", SMTPC_EXT_CHUNKING },
+		{ "DSN", SMTPC_EXT_DSN },
+		{ "STARTTLS", SMTPC_EXT_STARTTLS },
+		{ "ENHANCEDSTATUSCODES", SMTPC_EXT_ENHANCEDSTATUSCODES },
+		{ "BINARYMIME", SMTPC_EXT_BINARYMIME },
+	};
+	size_t kl = 0;
+
+	if (ps->lines < 2 || ps->code / 100 != 2)
+		return;
+	while (kl < len && txt[kl] != ' ')
+		kl++;
+	for (size_t i = 0; i < sizeof(kws) / sizeof(kws[0]); i++) {
+		if (!keyword_is(txt, kl, kws[i].kw))
+			continue;
+		c->exts |= kws[i].bit;
+		if (kws[i].bit == SMTPC_EXT_SIZE) {
+			/* RFC 1870 4: "SIZE" alone or "SIZE 0": no limit */
+			uint64_t v = 0;
+			size_t j = kl;
+			while (j < len && txt[j] == ' ')
+				j++;
+			for (; j < len && txt[j] >= '0' && txt[j] <= '9'; j++) {
+				unsigned d = (unsigned)(txt[j] - '0');
+				v = v > (UINT64_MAX - d) / 10 ? UINT64_MAX
+							      : v * 10 + d;
+			}
+			c->size_limit = v;
+		}
+	}
+}
+
+static int
+session_open(struct smtpc *c, struct smtpc_reply *why)
+{
+	char line[300];
+	int rc;
+
+	enter_state(c, ST_GREETING);
+	rc = read_reply(c, c->cmd_to, why, greeting_hook);
+	if (rc == -ECONNRESET && c->got_421)
+		return -EPROTO; /* why holds the 421 */
+	if (rc < 0)
+		goto out_local;
+	if (why->code / 100 != 2)
+		return -EPROTO;
+
+	enter_state(c, ST_EHLO);
+	c->exts = 0;
+	c->size_limit = 0;
+	snprintf(line, sizeof(line), "%s %s\r\n",
+		 c->proto == SMTPC_LMTP ? "LHLO" : "EHLO", c->helo);
+	rc = send_cmd(c, line);
+	if (rc == 0)
+		rc = read_reply(c, c->cmd_to, why, ehlo_hook);
+	if (rc == -ECONNRESET && c->got_421)
+		return -EPROTO;
+	if (rc < 0)
+		goto out_local;
+	if (why->code / 100 == 2)
+		goto out_ready;
+	if (why->code / 100 != 5 || c->proto == SMTPC_LMTP)
+		return -EPROTO;
+
+	/* RFC 5321 4.1.4: a server not knowing EHLO answers 5xx; HELO then */
+	enter_state(c, ST_HELO);
+	c->exts = 0;
+	c->size_limit = 0;
+	snprintf(line, sizeof(line), "HELO %s\r\n", c->helo);
+	rc = send_cmd(c, line);
+	if (rc == 0)
+		rc = read_reply(c, c->cmd_to, why, NULL);
+	if (rc == -ECONNRESET && c->got_421)
+		return -EPROTO;
+	if (rc < 0)
+		goto out_local;
+	if (why->code / 100 != 2)
+		return -EPROTO;
+out_ready:
+	enter_state(c, ST_READY);
+	return 0;
+out_local:
+	failure_reply(c, rc, why);
+	return rc;
+}
+
+void
+smtpc_params_defaults(struct smtpc_params *p)
+{
+	p->helo_name = "localhost";
+	p->connect_timeout_ms = 30000;
+	p->cmd_timeout_ms = 300000;
+	p->data_timeout_ms = 600000;
+}
+
+/* Octets a command line may carry from the caller: no control octet (no
+ * command injection through CR/LF), and for an xtext no space either. */
+static bool
+printable(const char *s, bool allow_space)
+{
+	for (const unsigned char *u = (const unsigned char *)s; *u; u++)
+		if (*u < 0x20 || *u == 0x7f || (*u == ' ' && !allow_space))
+			return false;
+	return true;
+}
+
+static struct smtpc *
+session_new(enum smtpc_proto proto, const struct smtpc_params *p, int *err)
+{
+	struct smtpc_params d;
+	struct smtpc *c;
+
+	smtpc_params_defaults(&d);
+	if (p) {
+		if (p->helo_name && p->helo_name[0])
+			d.helo_name = p->helo_name;
+		if (p->connect_timeout_ms)
+			d.connect_timeout_ms = p->connect_timeout_ms;
+		if (p->cmd_timeout_ms)
+			d.cmd_timeout_ms = p->cmd_timeout_ms;
+		if (p->data_timeout_ms)
+			d.data_timeout_ms = p->data_timeout_ms;
+	}
+	if (strlen(d.helo_name) >= sizeof(c->helo) ||
+	    !printable(d.helo_name, false) ||
+	    (proto != SMTPC_SMTP && proto != SMTPC_LMTP)) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	c = malloc(sizeof(*c));
+	if (!c) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	memset(c, 0, offsetof(struct smtpc, rbuf));
+	c->fd = -1;
+	c->proto = proto;
+	c->st = ST_CONNECT;
+	c->connect_to = d.connect_timeout_ms;
+	c->cmd_to = d.cmd_timeout_ms;
+	c->data_to = d.data_timeout_ms;
+	snprintf(c->helo, sizeof(c->helo), "%s", d.helo_name);
+	return c;
+}
+
+struct smtpc *
+smtpc_connect_fd(int fd, enum smtpc_proto proto, const struct smtpc_params *p,
+		 struct smtpc_reply *why, int *err)
+{
+	struct smtpc_reply why_buf;
+	int err_buf;
+	struct smtpc *c;
+
+	if (!why)
+		why = &why_buf;
+	if (!err)
+		err = &err_buf;
+	reply_clear(why);
+	c = session_new(proto, p, err);
+	if (!c) {
+		reply_local(why, 421, "4.3.0", "cannot set up a connection");
+		goto out_close_fd;
+	}
+	c->fd = fd;
+	*err = session_open(c, why);
+	if (*err < 0)
+		goto out_free;
+	return c;
+out_free:
+	free(c);
+out_close_fd:
+	close(fd);
+	return NULL;
+}
+
+/* A connected socket to sa within timeout_ms: the fd, or -errno. */
+static int
+connect_one(const struct sockaddr *sa, socklen_t len, uint64_t timeout_ms)
+{
+	int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK |
+						SOCK_CLOEXEC, 0);
+	int rc = 0, one = 1;
+	int soerr = 0;
+	socklen_t sl = sizeof(soerr);
+
+	if (fd < 0)
+		return -errno;
+	if (connect(fd, sa, len) == 0)
+		goto out_ok;
+	/* EINTR: the connection still completes in the background */
+	if (errno != EINPROGRESS && errno != EINTR) {
+		rc = -errno;
+		goto out_close_fd;
+	}
+	rc = wait_fd(fd, POLLOUT, deadline_in(timeout_ms));
+	if (rc < 0)
+		goto out_close_fd;
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0) {
+		rc = -errno;
+		goto out_close_fd;
+	}
+	if (soerr) {
+		rc = -soerr;
+		goto out_close_fd;
+	}
+out_ok:
+	/* commands go out whole in one write each: no Nagle delay wanted */
+	if (sa->sa_family != AF_UNIX)
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	return fd;
+out_close_fd:
+	close(fd);
+	return rc;
+}
+
+static int
+connect_target(const struct smtpc_target *t, uint64_t timeout_ms)
+{
+	struct addrinfo hints, *res = NULL;
+	char host[sizeof(t->host)], port[8];
+	size_t hl;
+	int rc;
+
+	if (t->unix_path[0]) {
+		struct sockaddr_un sun;
+		size_t pl = strnlen(t->unix_path, sizeof(t->unix_path));
+		if (pl >= sizeof(sun.sun_path))
+			return -EINVAL;
+		memset(&sun, 0, sizeof(sun));
+		sun.sun_family = AF_UNIX;
+		memcpy(sun.sun_path, t->unix_path, pl);
+		/* a full backlog fails at once (EAGAIN): never waits */
+		return connect_one((const struct sockaddr *)&sun,
+				   (socklen_t)sizeof(sun), timeout_ms);
+	}
+	hl = strnlen(t->host, sizeof(t->host));
+	if (hl == 0 || hl == sizeof(t->host))
+		return -EINVAL;
+	memcpy(host, t->host, hl + 1);
+	if (host[0] == '[' && host[hl - 1] == ']') {
+		memmove(host, host + 1, hl - 2);
+		host[hl - 2] = '\0';
+	}
+	if (t->port == 0 && t->proto == SMTPC_LMTP)
+		return -EINVAL; /* RFC 2033 5: LMTP has no port of its own */
+	snprintf(port, sizeof(port), "%u", t->port ? t->port : 25u);
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_NUMERICSERV;
+	/* XXX getaddrinfo() has no timeout; the route layer is expected to
+	 * pass addresses for remote hops */
+	rc = getaddrinfo(host, port, &hints, &res);
+	if (rc != 0)
+		return rc == EAI_SYSTEM ? -errno : -EHOSTUNREACH;
+	rc = -EHOSTUNREACH;
+	for (struct addrinfo *a = res; a; a = a->ai_next) {
+		rc = connect_one(a->ai_addr, a->ai_addrlen, timeout_ms);
+		if (rc >= 0)
+			break;
+	}
+	freeaddrinfo(res);
+	return rc;
+}
+
+struct smtpc *
+smtpc_connect(const struct smtpc_target *t, const struct smtpc_params *p,
+	      struct smtpc_reply *why, int *err)
+{
+	struct smtpc_reply why_buf;
+	int err_buf, fd;
+	struct smtpc *c;
+	char eb[128];
+
+	if (!why)
+		why = &why_buf;
+	if (!err)
+		err = &err_buf;
+	reply_clear(why);
+	if (!t) {
+		*err = -EINVAL;
+		reply_local(why, 421, "4.3.5", "no target");
+		return NULL;
+	}
+	/* the parameters are checked before any packet leaves */
+	c = session_new(t->proto, p, err);
+	if (!c) {
+		reply_local(why, 421, "4.3.5", "bad client parameters");
+		return NULL;
+	}
+	fd = connect_target(t, c->connect_to);
+	if (fd < 0) {
+		*err = fd;
+		if (fd == -ETIMEDOUT)
+			reply_local(why, 421, "4.4.1", "connect timeout");
+		else
+			reply_local(why, 421, "4.4.1", "connect failed: %s",
+				    strerror_r(-fd, eb, sizeof(eb)));
+		free(c);
+		return NULL;
+	}
+	c->fd = fd;
+	*err = session_open(c, why);
+	if (*err < 0) {
+		close(fd);
+		free(c);
+		return NULL;
+	}
+	return c;
+}
+
+unsigned
+smtpc_exts(const struct smtpc *c)
+{
+	return c->exts;
+}
+
+uint64_t
+smtpc_size_limit(const struct smtpc *c)
+{
+	return c->size_limit;
+}
+
+const char *
+smtpc_peer_name(const struct smtpc *c)
+{
+	return c->peer;
+}
+
+/* ---- the transaction ----------------------------------------------------- */
+
+/* A command line being built; over CMD_LINE_MAX it is marked bad. */
+struct cmdline {
+	char s[CMD_LINE_MAX + 1];
+	size_t len;
+	bool bad;
+};
+
+__attribute__((format(printf, 2, 3))) static void
+cl_add(struct cmdline *l, const char *fmt, ...)
+{
+	va_list ap;
+	int k;
+
+	if (l->bad)
+		return;
+	va_start(ap, fmt);
+	k = vsnprintf(l->s + l->len, sizeof(l->s) - l->len, fmt, ap);
+	va_end(ap);
+	if (k < 0 || (size_t)k >= sizeof(l->s) - l->len)
+		l->bad = true;
+	else
+		l->len += (size_t)k;
+}
+
+/* RFC 3461 4.4, 4.2: "addr-type;xtext", and xtext has neither space nor
+ * control octet. Anything else is left out rather than sent. */
+static bool
+xtext_ok(const char *s, bool need_type)
+{
+	return s && s[0] && printable(s, false) &&
+	       (!need_type || (strchr(s, ';') && s[0] != ';'));
+}
+
+static void
+build_mail(const struct smtpc *c, const struct smtpc_msg *m,
+	   struct cmdline *l)
+{
+	l->s[0] = '\0';
+	l->len = 0;
+	l->bad = !printable(m->mail_from, true);
+	cl_add(l, "MAIL FROM:<%s>", m->mail_from);
+	if (c->exts & SMTPC_EXT_SIZE)
+		cl_add(l, " SIZE=%" PRIu64, m->size);
+	if (m->body_type == 3 && c->exts & SMTPC_EXT_BINARYMIME)
+		cl_add(l, " BODY=BINARYMIME");
+	else if (m->body_type == 2 && c->exts & SMTPC_EXT_8BITMIME)
+		cl_add(l, " BODY=8BITMIME");
+	else if (m->body_type == 1 && c->exts & SMTPC_EXT_8BITMIME)
+		cl_add(l, " BODY=7BIT");
+	if (m->smtputf8 && c->exts & SMTPC_EXT_SMTPUTF8)
+		cl_add(l, " SMTPUTF8");
+	if (c->exts & SMTPC_EXT_DSN) {
+		if (m->ret == 1 || m->ret == 2)
+			cl_add(l, " RET=%s", m->ret == 1 ? "FULL" : "HDRS");
+		if (xtext_ok(m->envid, false))
+			cl_add(l, " ENVID=%s", m->envid);
+	}
+	cl_add(l, "\r\n");
+}
+
+static void
+build_rcpt(const struct smtpc *c, const struct smtpc_msg *m, unsigned i,
+	   struct cmdline *l)
+{
+	const char *a = m->rcpts[i];
+
+	l->s[0] = '\0';
+	l->len = 0;
+	l->bad = !a || !printable(a, true);
+	cl_add(l, "RCPT TO:<%s>", a ? a : "");
+	if (c->exts & SMTPC_EXT_DSN) {
+		unsigned nb = m->notify ? m->notify[i] : 0;
+		const char *o = m->orcpts ? m->orcpts[i] : NULL;
+		if (nb & 1) {
+			/* RFC 3461 4.1: NEVER stands alone */
+			cl_add(l, " NOTIFY=NEVER");
+		} else if (nb & 14) {
+			const char *sep = "=";
+			cl_add(l, " NOTIFY");
+			if (nb & 2) {
+				cl_add(l, "%sSUCCESS", sep);
+				sep = ",";
+			}
+			if (nb & 4) {
+				cl_add(l, "%sFAILURE", sep);
+				sep = ",";
+			}
+			if (nb & 8)
+				cl_add(l, "%sDELAY", sep);
+		}
+		if (xtext_ok(o, true))
+			cl_add(l, " ORCPT=%s", o);
+	}
+	cl_add(l, "\r\n");
+}
+
+static bool
+is2xx(const struct smtpc_reply *r)
+{
+	return r->code / 100 == 2;
+}
+
+/* A 3xx where only a final answer may come is no answer at all: it is
+ * dropped, so that a local reply takes its place. */
+static int
+final_class(struct smtpc_reply *r)
+{
+	if (r->code / 100 != 3)
+		return 0;
+	reply_clear(r);
+	return -EPROTO;
+}
+
+/* data[i] for every recipient not yet given one, from what is known:
+ * refused at RCPT or by MAIL -> that reply, otherwise (on failure) fail. */
+static void
+resolve_data(unsigned n, const struct smtpc_reply *mail,
+	     struct smtpc_reply *rcpt, struct smtpc_reply *data,
+	     const struct smtpc_reply *fail)
+{
+	for (unsigned i = 0; i < n; i++) {
+		if (rcpt[i].code == 0 && mail->code && !is2xx(mail))
+			rcpt[i] = *mail; /* not sent */
+		else if (rcpt[i].code == 0 && fail)
+			rcpt[i] = *fail;
+		if (data[i].code)
+			continue;
+		if (rcpt[i].local)
+			data[i] = rcpt[i];
+		else if (mail->code && !is2xx(mail))
+			data[i] = *mail;
+		else if (rcpt[i].code && !is2xx(&rcpt[i]))
+			data[i] = rcpt[i];
+		else if (fail)
+			data[i] = *fail;
+	}
+}
+
+static void
+fill_all(unsigned n, struct smtpc_reply *mail, struct smtpc_reply *rcpt,
+	 struct smtpc_reply *data, const struct smtpc_reply *r)
+{
+	*mail = *r;
+	for (unsigned i = 0; i < n; i++)
+		rcpt[i] = data[i] = *r;
+}
+
+/* In a transaction: RSET so that the connection is READY again. */
+static int
+do_rset(struct smtpc *c)
+{
+	struct smtpc_reply r;
+	int rc;
+
+	enter_state(c, ST_RSET);
+	rc = send_cmd(c, "RSET\r\n");
+	if (rc == 0)
+		rc = read_reply(c, c->cmd_to, &r, NULL);
+	if (rc == 0 && !is2xx(&r))
+		rc = -EPROTO;
+	if (rc < 0) {
+		enter_state(c, ST_BROKEN);
+		return rc;
+	}
+	enter_state(c, ST_READY);
+	return 0;
+}
+
+/* MAIL and RCPTs: with PIPELINING as many as fit in one write, then their
+ * replies in order (RFC 2920 3.1); without, one command per round trip. */
+static int
+envelope(struct smtpc *c, const struct smtpc_msg *m, struct smtpc_reply *mail,
+	 struct smtpc_reply *rcpt)
+{
+	bool pipe = c->exts & SMTPC_EXT_PIPELINING;
+	unsigned next = 0, rd = 0, n = m->n_rcpts;
+	bool mail_read = false;
+	struct cmdline l;
+	int rc;
+
+	build_mail(c, m, &l);
+	rc = out_put(c, l.s, l.len);
+	for (;;) {
+		unsigned queued = mail_read ? 0 : 1;
+		while (rc == 0 && next < n && (pipe || queued == 0) &&
+		       (!mail_read || is2xx(mail))) {
+			build_rcpt(c, m, next, &l);
+			if (l.bad) {
+				reply_local(&rcpt[next], 553, "5.1.3",
+					    "invalid recipient address "
+					    "(not sent)");
+				next++;
+				continue;
+			}
+			if (c->olen + l.len > OBUF_LEN)
+				break;
+			rc = out_put(c, l.s, l.len);
+			next++;
+			queued++;
+		}
+		if (rc == 0)
+			rc = out_flush(c);
+		if (rc == 0 && !mail_read) {
+			enter_state(c, ST_MAIL);
+			rc = read_reply(c, c->cmd_to, mail, NULL);
+			if (rc == 0)
+				rc = final_class(mail);
+			mail_read = true;
+		}
+		for (; rc == 0 && rd < next; rd++) {
+			if (rcpt[rd].code)
+				continue; /* refused here, not sent */
+			enter_state(c, ST_RCPT);
+			rc = read_reply(c, c->cmd_to, &rcpt[rd], NULL);
+			if (rc == 0)
+				rc = final_class(&rcpt[rd]);
+		}
+		if (rc < 0)
+			return rc;
+		if (next == n || !is2xx(mail))
+			return 0;
+	}
+}
+
+/* A piece of body: > 0 octets, 0 at the end, or -errno (body failure). */
+static long
+body_read(struct smtpc *c, const struct smtpc_msg *m, uint64_t off,
+	  void *buf, size_t n)
+{
+	long k = m->body(m->body_ctx, off, buf, n);
+
+	if (k < 0 || (unsigned long)k > n) {
+		c->fail_body = true;
+		return k < 0 && k >= -4095 ? k : -EIO;
+	}
+	return k;
+}
+
+struct stuff {
+	uint8_t last, before_last; /* the two last body octets */
+	uint64_t total;
+};
+
+/*
+ * RFC 5321 4.5.2: a line starting with '.' gets one more. A '.' right after
+ * CR or LF, bare or not, and at the very start, counts as starting a line:
+ * in a CRLF body that is the same rule; with a bare CR or LF (which BDAT
+ * may have brought in) it keeps every receiver, whichever line end it
+ * believes in, from seeing "<end>.<end>" inside the body.
+ */
+static int
+stuff_put(struct smtpc *c, const uint8_t *p, size_t n, struct stuff *st)
+{
+	size_t from = 0, i = 0;
+	const uint8_t *dot;
+	int rc;
+
+	while (i < n && (dot = memchr(p + i, '.', n - i))) {
+		size_t j = (size_t)(dot - p);
+		uint8_t before = j ? p[j - 1] : st->last;
+		if (before == '\n' || before == '\r') {
+			rc = out_put(c, p + from, j - from);
+			if (rc == 0)
+				rc = out_put(c, ".", 1);
+			if (rc < 0)
+				return rc;
+			from = j; /* the original '.' goes with the next run */
+		}
+		i = j + 1;
+	}
+	if (n == 0)
+		return 0;
+	st->before_last = n >= 2 ? p[n - 2] : st->last;
+	st->last = p[n - 1];
+	st->total += n;
+	return out_put(c, p + from, n - from);
+}
+
+/* The reply(ies) after the final dot or BDAT LAST: SMTP one for all
+ * accepted recipients, LMTP one each in RCPT order (RFC 2033 4.2). */
+static int
+read_final(struct smtpc *c, unsigned n, const struct smtpc_reply *rcpt,
+	   struct smtpc_reply *data)
+{
+	struct smtpc_reply r;
+	int rc;
+
+	if (c->proto == SMTPC_LMTP) {
+		for (unsigned i = 0; i < n; i++) {
+			if (!is2xx(&rcpt[i]))
+				continue;
+			rc = read_reply(c, c->data_to, &data[i], NULL);
+			if (rc == 0)
+				rc = final_class(&data[i]);
+			if (rc < 0)
+				return rc;
+		}
+		return 0;
+	}
+	rc = read_reply(c, c->data_to, &r, NULL);
+	if (rc == 0)
+		rc = final_class(&r);
+	for (unsigned i = 0; rc == 0 && i < n; i++)
+		if (is2xx(&rcpt[i]))
+			data[i] = r;
+	return rc;
+}
+
+/* A refusal of DATA or of a BDAT chunk stands for every accepted
+ * recipient; the transaction is then reset (RFC 3030 2). */
+static int
+refused(struct smtpc *c, unsigned n, const struct smtpc_reply *rcpt,
+	struct smtpc_reply *data, const struct smtpc_reply *r)
+{
+	if (r->code / 100 != 4 && r->code / 100 != 5)
+		return -EPROTO;
+	for (unsigned i = 0; i < n; i++)
+		if (is2xx(&rcpt[i]))
+			data[i] = *r;
+	return do_rset(c);
+}
+
+static int
+body_data(struct smtpc *c, const struct smtpc_msg *m,
+	  const struct smtpc_reply *rcpt, struct smtpc_reply *data)
+{
+	struct stuff st = { .last = '\n' }; /* the body starts a line */
+	struct smtpc_reply r;
+	int rc;
+
+	enter_state(c, ST_DATA);
+	rc = send_cmd(c, "DATA\r\n");
+	if (rc == 0)
+		rc = read_reply(c, c->cmd_to, &r, NULL);
+	if (rc < 0)
+		return rc;
+	if (r.code != 354)
+		return refused(c, m->n_rcpts, rcpt, data, &r);
+
+	enter_state(c, ST_BODY);
+	for (;;) {
+		long k = body_read(c, m, st.total, c->bbuf, PIECE_LEN);
+		if (k < 0)
+			return (int)k;
+		if (k == 0)
+			break;
+		rc = stuff_put(c, c->bbuf, (size_t)k, &st);
+		if (rc < 0)
+			return rc;
+	}
+	/* RFC 5321 4.1.1.4: the data ends with CRLF "." CRLF; an empty body
+	 * is just the "." line */
+	if (st.total && !(st.before_last == '\r' && st.last == '\n'))
+		rc = out_put(c, "\r\n", 2);
+	if (rc == 0)
+		rc = out_put(c, ".\r\n", 3);
+	if (rc == 0)
+		rc = out_flush(c);
+	if (rc < 0)
+		return rc;
+	enter_state(c, ST_DOT);
+	return read_final(c, m->n_rcpts, rcpt, data);
+}
+
+/*
+ * RFC 3030: chunks of at most 1 MiB, verbatim. The last chunk is kept to
+ * at most one piece, read whole before "BDAT n LAST" is sent, and followed
+ * by a probe for more: a source shorter or longer than m->size is caught
+ * before the peer could take a wrong message as complete.
+ */
+static int
+body_bdat(struct smtpc *c, const struct smtpc_msg *m,
+	  const struct smtpc_reply *rcpt, struct smtpc_reply *data)
+{
+	uint64_t off = 0, total = m->size;
+	struct smtpc_reply r;
+	int rc;
+
+	enter_state(c, ST_BDAT);
+	for (;;) {
+		uint64_t rem = total - off, len, got = 0;
+		bool last = rem <= PIECE_LEN;
+		uint8_t probe;
+		long k;
+
+		len = last ? rem : rem - PIECE_LEN;
+		if (len > CHUNK_MAX)
+			len = CHUNK_MAX;
+		c->olen = (size_t)snprintf((char *)c->obuf, HDR_ROOM,
+					   "BDAT %" PRIu64 "%s\r\n", len,
+					   last ? " LAST" : "");
+		while (got < len) {
+			size_t want = OBUF_LEN - c->olen;
+			if (want > len - got)
+				want = (size_t)(len - got);
+			k = body_read(c, m, off + got, c->obuf + c->olen, want);
+			if (k == 0) {
+				c->fail_body = true;
+				k = -EIO; /* shorter than m->size */
+			}
+			if (k < 0)
+				return (int)k;
+			c->olen += (size_t)k;
+			got += (uint64_t)k;
+			/* never true for the last chunk: it fits whole */
+			if (c->olen == OBUF_LEN && (rc = out_flush(c)) < 0)
+				return rc;
+		}
+		off += len;
+		if (last) {
+			k = body_read(c, m, off, &probe, 1);
+			if (k != 0) {
+				c->fail_body = true;
+				return k < 0 ? (int)k : -EIO;
+			}
+		}
+		rc = out_flush(c);
+		if (rc < 0)
+			return rc;
+		if (last)
+			break;
+		rc = read_reply(c, c->cmd_to, &r, NULL);
+		if (rc < 0)
+			return rc;
+		if (!is2xx(&r))
+			return refused(c, m->n_rcpts, rcpt, data, &r);
+	}
+	enter_state(c, ST_DOT);
+	return read_final(c, m->n_rcpts, rcpt, data);
+}
+
+int
+smtpc_send(struct smtpc *c, const struct smtpc_msg *m, struct smtpc_reply *mail,
+	   struct smtpc_reply *rcpt, struct smtpc_reply *data)
+{
+	struct smtpc_reply fail;
+	unsigned n, n_ok = 0;
+	int rc;
+
+	if (!c || !m || !mail || !rcpt || !data)
+		return -EINVAL;
+	n = m->n_rcpts;
+	reply_clear(mail);
+	for (unsigned i = 0; i < n; i++) {
+		reply_clear(&rcpt[i]);
+		reply_clear(&data[i]);
+	}
+	if (n == 0 || !m->rcpts || !m->body || !m->mail_from)
+		return -EINVAL;
+	if (c->st != ST_READY) {
+		failure_reply(c, -ENOTCONN, &fail);
+		fill_all(n, mail, rcpt, data, &fail);
+		return -ENOTCONN;
+	}
+	/* RFC 6531 3.4 (no SMTPUTF8 to a peer without it), RFC 3030 3 */
+	if (m->smtputf8 && !(c->exts & SMTPC_EXT_SMTPUTF8)) {
+		reply_local(&fail, 554, "5.6.7",
+			    "next hop does not support SMTPUTF8");
+		fill_all(n, mail, rcpt, data, &fail);
+		return 0;
+	}
+	if (m->body_type == 3 &&
+	    (~c->exts & (SMTPC_EXT_BINARYMIME | SMTPC_EXT_CHUNKING))) {
+		reply_local(&fail, 554, "5.6.3",
+			    "next hop does not support BINARYMIME");
+		fill_all(n, mail, rcpt, data, &fail);
+		return 0;
+	}
+	{
+		struct cmdline l;
+		build_mail(c, m, &l);
+		if (l.bad) {
+			reply_local(&fail, 553, "5.1.7",
+				    "invalid sender address (not sent)");
+			fill_all(n, mail, rcpt, data, &fail);
+			return 0;
+		}
+	}
+	c->fail_write = c->fail_body = false;
+
+	rc = envelope(c, m, mail, rcpt);
+	if (rc < 0)
+		goto out_broken;
+	if (!is2xx(mail)) {
+		resolve_data(n, mail, rcpt, data, NULL);
+		enter_state(c, ST_READY);
+		return 0;
+	}
+	for (unsigned i = 0; i < n; i++)
+		n_ok += is2xx(&rcpt[i]);
+	resolve_data(n, mail, rcpt, data, NULL);
+	if (n_ok == 0)
+		return do_rset(c); /* no body; RSET ends the transaction */
+	if (c->exts & SMTPC_EXT_CHUNKING)
+		rc = body_bdat(c, m, rcpt, data);
+	else
+		rc = body_data(c, m, rcpt, data);
+	if (rc < 0)
+		goto out_broken;
+	if (c->st == ST_DOT)
+		enter_state(c, ST_READY);
+	return 0;
+out_broken:
+	failure_reply(c, rc, &fail);
+	enter_state(c, ST_BROKEN);
+	if (mail->code == 0)
+		*mail = fail;
+	resolve_data(n, mail, rcpt, data, &fail);
+	return rc;
+}
+
+int
+smtpc_rset(struct smtpc *c)
+{
+	if (!c || c->st != ST_READY)
+		return -ENOTCONN;
+	return do_rset(c);
+}
+
+void
+smtpc_quit(struct smtpc *c)
+{
+	struct smtpc_reply r;
+
+	if (!c)
+		return;
+	if (c->st != ST_BROKEN && c->fd >= 0) {
+		uint64_t to = c->cmd_to < QUIT_TIMEOUT_MS ? c->cmd_to
+							  : QUIT_TIMEOUT_MS;
+		enter_state(c, ST_QUIT);
+		if (io_write(c, "QUIT\r\n", 6, to) == 0)
+			(void)read_reply(c, to, &r, NULL);
+	}
+	smtpc_abort(c);
+}
+
+void
+smtpc_abort(struct smtpc *c)
+{
+	if (!c)
+		return;
+	if (c->fd >= 0)
+		close(c->fd);
+	free(c);
+}

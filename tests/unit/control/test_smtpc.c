@@ -1,0 +1,1894 @@
+/*
+ * The SMTP/LMTP delivery client against a scripted fake server: a thread on
+ * a 127.0.0.1 ephemeral port (or a unix socket in a temp dir) that reads
+ * what the client sends, checks each command against its script, records
+ * the command lines and the raw DATA/BDAT bytes, and answers per script.
+ * Plus the reply parser on byte strings, and one delivery to Postfix's
+ * smtp-sink when it is installed.
+ */
+#include <criterion/criterion.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "smtpc.h"
+
+extern char **environ;
+
+TestSuite(smtpc, .timeout = 60);
+
+/* ---- the fake server ----------------------------------------------------- */
+
+#define MAX_STEPS 64
+#define MAX_LINES 128
+#define MAX_BODIES 8
+
+struct step {
+	/* NULL: send reply at once (the greeting). Otherwise the prefix the
+	 * next command line must have, or: "." read DATA content up to the
+	 * final dot; "<cut:N>" read N octets of DATA content and close;
+	 * "<hang>" read to EOF, answer nothing; "<close>" close */
+	const char *expect;
+	const char *reply; /* NULL: answer later (pipelining) */
+};
+
+struct srv {
+	int lfd;
+	char dir[64], path[108]; /* unix socket */
+	uint16_t port;
+	const struct step *steps;
+	pthread_t th;
+	int fd;
+	uint8_t *buf; /* received, not yet consumed: buf[pos..len) */
+	size_t pos, len, cap;
+	char lines[MAX_LINES][1100];
+	unsigned n_lines;
+	unsigned ahead[MAX_STEPS]; /* lines already buffered after step i's */
+	uint8_t *body[MAX_BODIES];
+	size_t body_len[MAX_BODIES];
+	unsigned n_bodies;
+	bool in_bdat;
+	char err[512];
+};
+
+static void
+srv_fail(struct srv *s, const char *fmt, const char *a, unsigned i)
+{
+	if (!s->err[0])
+		snprintf(s->err, sizeof(s->err), fmt, a, i);
+}
+
+static bool
+srv_fill(struct srv *s)
+{
+	if (s->pos == s->len)
+		s->pos = s->len = 0;
+	if (s->cap - s->len < 65536) {
+		s->cap = s->cap * 2 + 65536;
+		s->buf = realloc(s->buf, s->cap);
+	}
+	ssize_t k = recv(s->fd, s->buf + s->len, s->cap - s->len, 0);
+	if (k <= 0)
+		return false;
+	s->len += (size_t)k;
+	return true;
+}
+
+static bool
+srv_line(struct srv *s, char *out, size_t outsz)
+{
+	for (;;) {
+		uint8_t *nl = s->len > s->pos
+				      ? memchr(s->buf + s->pos, '\n',
+					       s->len - s->pos)
+				      : NULL;
+		if (nl) {
+			size_t n = (size_t)(nl - (s->buf + s->pos)) + 1;
+			size_t k = n < outsz ? n : outsz - 1;
+			memcpy(out, s->buf + s->pos, k);
+			out[k] = '\0';
+			s->pos += n;
+			return true;
+		}
+		if (!srv_fill(s))
+			return false;
+	}
+}
+
+static bool
+srv_bytes(struct srv *s, size_t n, uint8_t **dst, size_t *dlen)
+{
+	while (s->len - s->pos < n)
+		if (!srv_fill(s))
+			return false;
+	*dst = realloc(*dst, *dlen + n + 1);
+	memcpy(*dst + *dlen, s->buf + s->pos, n);
+	*dlen += n;
+	s->pos += n;
+	return true;
+}
+
+/* DATA content as sent (still dot-stuffed), up to the final "." line. */
+static bool
+srv_data(struct srv *s, uint8_t **dst, size_t *dlen)
+{
+	size_t scan = 0; /* from s->pos */
+
+	for (;;) {
+		size_t have = s->len - s->pos;
+		const uint8_t *b = s->buf + s->pos;
+		if (have >= 3 && memcmp(b, ".\r\n", 3) == 0)
+			return srv_bytes(s, 0, dst, dlen) &&
+			       (s->pos += 3, true);
+		for (; scan + 5 <= have; scan++) {
+			if (memcmp(b + scan, "\r\n.\r\n", 5) == 0) {
+				bool ok = srv_bytes(s, scan + 2, dst, dlen);
+				s->pos += 3;
+				return ok;
+			}
+		}
+		if (!srv_fill(s))
+			return false;
+	}
+}
+
+static unsigned
+count_lines(const struct srv *s)
+{
+	unsigned n = 0;
+	for (size_t i = s->pos; i < s->len; i++)
+		n += s->buf[i] == '\n';
+	return n;
+}
+
+static void
+srv_send(struct srv *s, const char *r)
+{
+	if (r && send(s->fd, r, strlen(r), MSG_NOSIGNAL) < 0)
+		srv_fail(s, "send failed%s at %u", "", 0);
+}
+
+static void *
+srv_main(void *arg)
+{
+	struct srv *s = arg;
+	struct pollfd pfd = { .fd = s->lfd, .events = POLLIN };
+	struct timeval tv = { .tv_sec = 10 };
+	char line[1100];
+	unsigned i;
+
+	if (poll(&pfd, 1, 10000) != 1) {
+		srv_fail(s, "no client%s %u", "", 0);
+		return NULL;
+	}
+	s->fd = accept(s->lfd, NULL, NULL);
+	if (s->fd < 0) {
+		srv_fail(s, "accept%s %u", "", 0);
+		return NULL;
+	}
+	setsockopt(s->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	for (i = 0; s->steps[i].expect || s->steps[i].reply; i++) {
+		const struct step *st = &s->steps[i];
+		if (!st->expect) {
+			srv_send(s, st->reply);
+			continue;
+		}
+		if (!strcmp(st->expect, "<close>"))
+			goto out_close;
+		if (!strcmp(st->expect, "<hang>")) {
+			while (srv_fill(s))
+				s->pos = s->len;
+			goto out_close;
+		}
+		if (!strncmp(st->expect, "<cut:", 5)) {
+			unsigned b = s->n_bodies++;
+			srv_bytes(s, strtoul(st->expect + 5, NULL, 10),
+				  &s->body[b], &s->body_len[b]);
+			goto out_close;
+		}
+		if (!strcmp(st->expect, ".")) {
+			unsigned b = s->n_bodies++;
+			if (!srv_data(s, &s->body[b], &s->body_len[b])) {
+				srv_fail(s, "%sEOF in DATA at step %u", "", i);
+				goto out_close;
+			}
+		} else {
+			if (!srv_line(s, line, sizeof(line))) {
+				srv_fail(s, "%sEOF before step %u", "", i);
+				goto out_close;
+			}
+			if (s->n_lines < MAX_LINES)
+				strcpy(s->lines[s->n_lines++], line);
+			if (strncmp(line, st->expect, strlen(st->expect))) {
+				srv_fail(s, "unexpected \"%.400s\" at step %u",
+					 line, i);
+				srv_send(s, "500 unexpected\r\n");
+				continue;
+			}
+			if (!strncmp(line, "BDAT ", 5)) {
+				unsigned b = s->n_bodies;
+				size_t n = strtoull(line + 5, NULL, 10);
+				if (!srv_bytes(s, n, &s->body[b],
+					       &s->body_len[b]))
+					srv_fail(s, "%sEOF in BDAT %u", "", i);
+				if (strstr(line, "LAST"))
+					s->n_bodies++;
+			}
+		}
+		s->ahead[i] = count_lines(s);
+		srv_send(s, st->reply);
+	}
+	/* what else the client says, until it closes */
+	while (srv_line(s, line, sizeof(line)))
+		if (s->n_lines < MAX_LINES)
+			strcpy(s->lines[s->n_lines++], line);
+out_close:
+	close(s->fd);
+	return NULL;
+}
+
+static struct srv *
+srv_start(const struct step *steps, bool unix_sock)
+{
+	struct srv *s = calloc(1, sizeof(*s));
+
+	s->steps = steps;
+	if (unix_sock) {
+		struct sockaddr_un sun = { .sun_family = AF_UNIX };
+		strcpy(s->dir, "/tmp/smtpc.XXXXXX");
+		cr_assert_not_null(mkdtemp(s->dir));
+		snprintf(s->path, sizeof(s->path), "%s/lmtp", s->dir);
+		strcpy(sun.sun_path, s->path);
+		s->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+		cr_assert_eq(bind(s->lfd, (struct sockaddr *)&sun,
+				  sizeof(sun)), 0);
+	} else {
+		struct sockaddr_in sin = { .sin_family = AF_INET };
+		socklen_t sl = sizeof(sin);
+		sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		s->lfd = socket(AF_INET, SOCK_STREAM, 0);
+		cr_assert_eq(bind(s->lfd, (struct sockaddr *)&sin,
+				  sizeof(sin)), 0);
+		getsockname(s->lfd, (struct sockaddr *)&sin, &sl);
+		s->port = ntohs(sin.sin_port);
+	}
+	cr_assert_eq(listen(s->lfd, 4), 0);
+	cr_assert_eq(pthread_create(&s->th, NULL, srv_main, s), 0);
+	return s;
+}
+
+/* Waits for the server to finish; asserts it saw what its script said. */
+static void
+srv_end(struct srv *s)
+{
+	pthread_join(s->th, NULL);
+	close(s->lfd);
+	if (s->path[0]) {
+		unlink(s->path);
+		rmdir(s->dir);
+	}
+	cr_assert_str_empty(s->err, "server: %s", s->err);
+}
+
+static void
+srv_free(struct srv *s)
+{
+	for (unsigned i = 0; i < MAX_BODIES; i++)
+		free(s->body[i]);
+	free(s->buf);
+	free(s);
+}
+
+static void
+target_of(const struct srv *s, enum smtpc_proto proto, struct smtpc_target *t)
+{
+	memset(t, 0, sizeof(*t));
+	t->proto = proto;
+	if (s->path[0]) {
+		strcpy(t->unix_path, s->path);
+	} else {
+		strcpy(t->host, "127.0.0.1");
+		t->port = s->port;
+	}
+}
+
+static struct smtpc_params
+params(uint64_t cmd_ms, uint64_t data_ms)
+{
+	struct smtpc_params p;
+	smtpc_params_defaults(&p);
+	p.helo_name = "client.test";
+	p.connect_timeout_ms = 2000;
+	p.cmd_timeout_ms = cmd_ms;
+	p.data_timeout_ms = data_ms;
+	return p;
+}
+
+static struct smtpc *
+open_to(struct srv *s, enum smtpc_proto proto)
+{
+	struct smtpc_target t;
+	struct smtpc_params p = params(5000, 5000);
+	struct smtpc_reply why;
+	int err = 0;
+
+	target_of(s, proto, &t);
+	struct smtpc *c = smtpc_connect(&t, &p, &why, &err);
+	cr_assert_not_null(c, "connect: %d %s", err, why.text);
+	return c;
+}
+
+static uint64_t
+ms_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* ---- bodies -------------------------------------------------------------- */
+
+struct mem_body {
+	const uint8_t *p;
+	size_t n;
+	size_t piece; /* most octets per call; 0 = as asked */
+	long fail;    /* returned at fail_at when non-zero */
+	size_t fail_at;
+};
+
+static long
+mem_read(void *ctx, uint64_t off, void *buf, size_t n)
+{
+	struct mem_body *b = ctx;
+	if (b->fail && off >= b->fail_at)
+		return b->fail;
+	if (off >= b->n)
+		return 0;
+	if (n > b->n - off)
+		n = b->n - off;
+	if (b->piece && n > b->piece)
+		n = b->piece;
+	if (b->fail && off + n > b->fail_at)
+		n = b->fail_at - off;
+	memcpy(buf, b->p + off, n);
+	return (long)n;
+}
+
+/* RFC 5321 4.5.2 done the obvious way, one octet at a time: the reference
+ * the streaming code must match. '.' after any CR or LF is doubled. */
+static size_t
+ref_stuff(const uint8_t *p, size_t n, uint8_t *out)
+{
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (p[i] == '.' && (i == 0 || p[i - 1] == '\n' ||
+				    p[i - 1] == '\r'))
+			out[k++] = '.';
+		out[k++] = p[i];
+	}
+	if (n && !(n >= 2 && p[n - 2] == '\r' && p[n - 1] == '\n')) {
+		out[k++] = '\r';
+		out[k++] = '\n';
+	}
+	return k;
+}
+
+/* The receiver's side (RFC 5321 4.5.2): drop the first '.' of each line. */
+static size_t
+unstuff(const uint8_t *p, size_t n, uint8_t *out)
+{
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (p[i] == '.' && (i == 0 || (i >= 2 && p[i - 2] == '\r' &&
+						p[i - 1] == '\n')))
+			continue;
+		out[k++] = p[i];
+	}
+	return k;
+}
+
+static struct smtpc_msg
+msg1(const char *from, const char *const *rcpts, unsigned n,
+     struct mem_body *b)
+{
+	struct smtpc_msg m = {
+		.mail_from = from,
+		.rcpts = rcpts,
+		.n_rcpts = n,
+		.size = b->n,
+		.body = mem_read,
+		.body_ctx = b,
+	};
+	return m;
+}
+
+#define GREET { NULL, "220 mx.test ESMTP fake\r\n" }
+#define EHLO_PLAIN { "EHLO client.test", "250 mx.test\r\n" }
+#define QUIT { "QUIT", "221 2.0.0 bye\r\n" }
+#define END { NULL, NULL }
+
+static const char *const R1[] = { "r@y.test" };
+static const char *const R3[] = { "a@y.test", "b@y.test", "c@y.test" };
+
+/* ---- the reply parser ---------------------------------------------------- */
+
+static enum smtpc_parse
+parse(const char *s, struct smtpc_reply *r, size_t *used)
+{
+	return smtpc_parse_reply((const uint8_t *)s, strlen(s), r, used);
+}
+
+Test(smtpc, parse_single_line)
+{
+	struct smtpc_reply r;
+	size_t used = 99;
+
+	cr_assert_eq(parse("250 2.1.0 Ok\r\n354 next", &r, &used),
+		     SMTPC_PARSE_OK);
+	cr_assert_eq(used, 14);
+	cr_assert_eq(r.code, 250);
+	cr_assert_str_eq(r.enh, "2.1.0");
+	cr_assert_str_eq(r.text, "250 2.1.0 Ok");
+	cr_assert_not(r.local);
+	cr_assert_eq(parse("221\r\n", &r, &used), SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.text, "221");
+	cr_assert_eq(parse("250 bare lf\n", &r, &used), SMTPC_PARSE_OK);
+	cr_assert_eq(used, 12);
+	cr_assert_str_eq(r.text, "250 bare lf");
+}
+
+Test(smtpc, parse_multiline_joined_enh_once)
+{
+	struct smtpc_reply r;
+	size_t used;
+	const char *g = "550-5.1.1 The email account does not exist.\r\n"
+			"550-5.1.1 Please check\r\n"
+			"550 5.1.1 the address. x - gsmtp\r\n";
+
+	cr_assert_eq(parse(g, &r, &used), SMTPC_PARSE_OK);
+	cr_assert_eq(used, strlen(g));
+	cr_assert_eq(r.code, 550);
+	cr_assert_str_eq(r.enh, "5.1.1");
+	cr_assert_str_eq(r.text, "550 5.1.1 The email account does not "
+				 "exist. Please check the address. x - gsmtp");
+	cr_assert_eq(parse("250-mx\r\n250-\r\n250 SIZE 1\r\n", &r, &used),
+		     SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.text, "250 mx SIZE 1");
+	cr_assert_str_eq(r.enh, "");
+}
+
+Test(smtpc, parse_enhanced_code_forms)
+{
+	struct smtpc_reply r;
+	size_t used;
+
+	cr_assert_eq(parse("452 4.5.3 too many\r\n", &r, &used),
+		     SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.enh, "4.5.3");
+	cr_assert_eq(parse("250 2.0.0\r\n", &r, &used), SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.enh, "2.0.0");
+	cr_assert_eq(parse("550 4.1.1 class differs\r\n", &r, &used),
+		     SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.enh, "");
+	cr_assert_eq(parse("550 5.1 short\r\n", &r, &used), SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.enh, "");
+	cr_assert_eq(parse("550 5.1.1234 long\r\n", &r, &used),
+		     SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.enh, "");
+	cr_assert_eq(parse("550 5.1.1x\r\n", &r, &used), SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.enh, "");
+	cr_assert_eq(parse("354 3.0.0 no class 3\r\n", &r, &used),
+		     SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.enh, "");
+}
+
+/* A complete reply split anywhere: every strict prefix is AGAIN, and the
+ * bytes after the reply are not consumed. */
+Test(smtpc, parse_again_at_every_split)
+{
+	const char *g = "250-mx.test Hello\r\n250-PIPELINING\r\n"
+			"250-SIZE 1000\r\n250 CHUNKING\r\n";
+	char buf[256];
+	struct smtpc_reply r;
+	size_t used, n = strlen(g);
+
+	for (size_t k = 0; k < n; k++) {
+		cr_assert_eq(smtpc_parse_reply((const uint8_t *)g, k, &r,
+					       &used),
+			     SMTPC_PARSE_AGAIN, "split at %zu", k);
+	}
+	snprintf(buf, sizeof(buf), "%s250 next\r\n", g);
+	cr_assert_eq(parse(buf, &r, &used), SMTPC_PARSE_OK);
+	cr_assert_eq(used, n);
+	cr_assert_str_eq(r.text, "250 mx.test Hello PIPELINING SIZE 1000 "
+				 "CHUNKING");
+	cr_assert_eq(smtpc_parse_reply(NULL, 0, &r, &used), SMTPC_PARSE_AGAIN);
+}
+
+Test(smtpc, parse_syntax_errors)
+{
+	static const char *const bad[] = {
+		"250-a\r\n251 b\r\n", /* codes differ */
+		"250x\r\n",           /* separator */
+		"25\r\n",             /* short code */
+		"2a0 x\r\n",
+		"199 x\r\n",          /* not 2xx..5xx */
+		"600 x\r\n",
+		"\r\n",
+		"250\r\r\n",
+		"HTTP/1.1 400",       /* seen before any line end */
+		"250-ok\r\nxyz",
+	};
+	struct smtpc_reply r;
+	size_t used;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_assert_eq(parse(bad[i], &r, &used), SMTPC_PARSE_ERR_SYNTAX,
+			     "case %zu", i);
+	/* prefixes that may still become valid are not errors */
+	cr_assert_eq(parse("250\r", &r, &used), SMTPC_PARSE_AGAIN);
+	cr_assert_eq(parse("25", &r, &used), SMTPC_PARSE_AGAIN);
+	cr_assert_eq(parse("250-a\r\n25", &r, &used), SMTPC_PARSE_AGAIN);
+}
+
+Test(smtpc, parse_overlong_line_and_too_many_lines)
+{
+	char *b = malloc(16384);
+	struct smtpc_reply r;
+	size_t used;
+
+	/* 2048 octets before CRLF: fine; 2049: too long */
+	memset(b, 'x', 2100);
+	memcpy(b, "250 ", 4);
+	memcpy(b + 2048, "\r\n", 3);
+	cr_assert_eq(parse(b, &r, &used), SMTPC_PARSE_OK);
+	cr_assert_eq(strlen(r.text), SMTPC_TEXT_MAX - 1);
+	cr_assert_str_eq(r.text + SMTPC_TEXT_MAX - 4, "...");
+	memset(b, 'x', 2100);
+	memcpy(b, "250 ", 4);
+	memcpy(b + 2049, "\r\n", 3);
+	cr_assert_eq(parse(b, &r, &used), SMTPC_PARSE_ERR_TOOLONG);
+	/* without a line end: too long as soon as it cannot end in time */
+	b[2049] = 'x';
+	cr_assert_eq(smtpc_parse_reply((uint8_t *)b, 2050, &r, &used),
+		     SMTPC_PARSE_ERR_TOOLONG);
+	cr_assert_eq(smtpc_parse_reply((uint8_t *)b, 2049, &r, &used),
+		     SMTPC_PARSE_AGAIN);
+	/* 1000 lines: fine; 1001: too many */
+	size_t k = 0;
+	for (int i = 0; i < 999; i++)
+		k += (size_t)sprintf(b + k, "250-l\r\n");
+	strcpy(b + k, "250 end\r\n");
+	cr_assert_eq(parse(b, &r, &used), SMTPC_PARSE_OK);
+	sprintf(b + k, "250-l\r\n250 end\r\n");
+	cr_assert_eq(parse(b, &r, &used), SMTPC_PARSE_ERR_TOOLONG);
+	free(b);
+}
+
+Test(smtpc, parse_text_made_printable)
+{
+	struct smtpc_reply r;
+	size_t used;
+	const uint8_t in[] = "550 a\tb\x1b[31m\xc3\xa9\x7f\x00z\r\n";
+
+	cr_assert_eq(smtpc_parse_reply(in, sizeof(in) - 1, &r, &used),
+		     SMTPC_PARSE_OK);
+	cr_assert_str_eq(r.text, "550 a?b?[31m????z");
+}
+
+/* ---- connecting ---------------------------------------------------------- */
+
+Test(smtpc, ehlo_capabilities_multiline_any_case)
+{
+	static const struct step st[] = {
+		{ NULL, "220-mx.example.org ESMTP\r\n220 second line\r\n" },
+		{ "EHLO client.test",
+		  "250-mx.example.org greets you\r\n250-pipelining\r\n"
+		  "250-Size 10240000\r\n250-8bitmime\r\n250-SmtpUtf8\r\n"
+		  "250-chunking\r\n250-DSN\r\n250-STARTTLS\r\n"
+		  "250-ENHANCEDSTATUSCODES\r\n250-BINARYMIME\r\n"
+		  "250-X-SIZE 5\r\n250-SIZEX\r\n250 AUTH PLAIN LOGIN\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+
+	cr_assert_eq(smtpc_exts(c),
+		     SMTPC_EXT_PIPELINING | SMTPC_EXT_SIZE |
+			     SMTPC_EXT_8BITMIME | SMTPC_EXT_SMTPUTF8 |
+			     SMTPC_EXT_CHUNKING | SMTPC_EXT_DSN |
+			     SMTPC_EXT_STARTTLS |
+			     SMTPC_EXT_ENHANCEDSTATUSCODES |
+			     SMTPC_EXT_BINARYMIME);
+	cr_assert_eq(smtpc_size_limit(c), 10240000);
+	cr_assert_str_eq(smtpc_peer_name(c), "mx.example.org");
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_lines, 2);
+	cr_assert_str_eq(s->lines[0], "EHLO client.test\r\n");
+	cr_assert_str_eq(s->lines[1], "QUIT\r\n");
+	srv_free(s);
+}
+
+Test(smtpc, ehlo_size_without_limit)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 SIZE\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+
+	cr_assert_eq(smtpc_exts(c), SMTPC_EXT_SIZE);
+	cr_assert_eq(smtpc_size_limit(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, helo_fallback_after_ehlo_5xx)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO client.test", "502 5.5.1 command not recognized\r\n" },
+		{ "HELO client.test", "250 mx.test\r\n" },
+		{ "MAIL FROM:<s@x.test>", "250 ok\r\n" },
+		{ "RCPT TO:<r@y.test>", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 queued\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"hi\r\n", .n = 4 };
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	cr_assert_eq(smtpc_exts(c), 0);
+	m.body_type = 2;
+	m.ret = 1;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(data[0].code, 250);
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_str_eq(s->lines[2], "MAIL FROM:<s@x.test>\r\n");
+	srv_free(s);
+}
+
+Test(smtpc, ehlo_4xx_no_fallback)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "421 4.3.2 busy\r\n" },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc_target t;
+	struct smtpc_params p = params(2000, 2000);
+	struct smtpc_reply why;
+	int err = 0;
+
+	target_of(s, SMTPC_SMTP, &t);
+	cr_assert_null(smtpc_connect(&t, &p, &why, &err));
+	cr_assert_eq(err, -EPROTO);
+	cr_assert_eq(why.code, 421);
+	cr_assert_not(why.local);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, greeting_5xx)
+{
+	static const struct step st[] = {
+		{ NULL, "554 5.7.1 go away\r\n" },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc_target t;
+	struct smtpc_params p = params(2000, 2000);
+	struct smtpc_reply why;
+	int err = 0;
+
+	target_of(s, SMTPC_SMTP, &t);
+	cr_assert_null(smtpc_connect(&t, &p, &why, &err));
+	cr_assert_eq(err, -EPROTO);
+	cr_assert_eq(why.code, 554);
+	cr_assert_str_eq(why.text, "554 5.7.1 go away");
+	cr_assert_not(why.local);
+	srv_end(s);
+	cr_assert_eq(s->n_lines, 0, "sent something after a 554 greeting");
+	srv_free(s);
+}
+
+Test(smtpc, greeting_garbage)
+{
+	static const struct step st[] = {
+		{ NULL, "SSH-2.0-OpenSSH_9.6\r\n" },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc_target t;
+	struct smtpc_params p = params(2000, 2000);
+	struct smtpc_reply why;
+	int err = 0;
+
+	target_of(s, SMTPC_SMTP, &t);
+	cr_assert_null(smtpc_connect(&t, &p, &why, &err));
+	cr_assert_eq(err, -EPROTO);
+	cr_assert(why.local);
+	cr_assert_eq(why.code / 100, 4);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, greeting_timeout)
+{
+	static const struct step st[] = {
+		{ "<hang>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc_target t;
+	struct smtpc_params p = params(300, 300);
+	struct smtpc_reply why;
+	int err = 0;
+	uint64_t t0 = ms_now();
+
+	target_of(s, SMTPC_SMTP, &t);
+	cr_assert_null(smtpc_connect(&t, &p, &why, &err));
+	cr_assert_eq(err, -ETIMEDOUT);
+	cr_assert_geq(ms_now() - t0, 250);
+	cr_assert_lt(ms_now() - t0, 3000);
+	cr_assert(why.local);
+	cr_assert_str_eq(why.text, "421 4.4.2 timeout waiting for greeting");
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, connect_refused)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	socklen_t sl = sizeof(sin);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	struct smtpc_target t = { .proto = SMTPC_SMTP };
+	struct smtpc_params p = params(2000, 2000);
+	struct smtpc_reply why;
+	int err = 0;
+
+	/* a port just bound and released: nobody listens there */
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	cr_assert_eq(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+	getsockname(fd, (struct sockaddr *)&sin, &sl);
+	close(fd);
+	strcpy(t.host, "127.0.0.1");
+	t.port = ntohs(sin.sin_port);
+	cr_assert_null(smtpc_connect(&t, &p, &why, &err));
+	cr_assert_eq(err, -ECONNREFUSED);
+	cr_assert(why.local);
+	cr_assert_eq(why.code, 421);
+	cr_assert_str_eq(why.enh, "4.4.1");
+}
+
+/* A name resolving to several addresses: each is tried in turn (the
+ * server listens on 127.0.0.1 only, "localhost" may give ::1 first). */
+Test(smtpc, name_resolved_addresses_tried)
+{
+	static const struct step st[] = { GREET, EHLO_PLAIN, QUIT, END };
+	struct srv *s = srv_start(st, false);
+	struct smtpc_target t = { .proto = SMTPC_SMTP, .host = "localhost" };
+	struct smtpc_params p = params(2000, 2000);
+	struct smtpc_reply why;
+	int err = 0;
+
+	t.port = s->port;
+	struct smtpc *c = smtpc_connect(&t, &p, &why, &err);
+	cr_assert_not_null(c, "%d %s", err, why.text);
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, ipv6_literal_in_brackets)
+{
+	struct sockaddr_in6 sin6 = { .sin6_family = AF_INET6,
+				     .sin6_addr = IN6ADDR_LOOPBACK_INIT };
+	socklen_t sl = sizeof(sin6);
+	int fd = socket(AF_INET6, SOCK_STREAM, 0);
+	struct smtpc_target t = { .proto = SMTPC_SMTP, .host = "[::1]" };
+	struct smtpc_params p = params(2000, 2000);
+	struct smtpc_reply why;
+	int err = 0;
+
+	if (fd < 0 || bind(fd, (struct sockaddr *)&sin6, sizeof(sin6)) != 0)
+		cr_skip_test("no IPv6 loopback");
+	getsockname(fd, (struct sockaddr *)&sin6, &sl);
+	cr_assert_eq(listen(fd, 1), 0);
+	t.port = ntohs(sin6.sin6_port);
+	/* a child process plays the server: greeting, EHLO, QUIT replies */
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		int cfd = accept(fd, NULL, NULL);
+		const char *g = "220 v6\r\n250 v6\r\n221 bye\r\n";
+		if (write(cfd, g, strlen(g)) < 0)
+			_exit(1);
+		char sink[256];
+		while (read(cfd, sink, sizeof(sink)) > 0)
+			;
+		_exit(0);
+	}
+	struct smtpc *c = smtpc_connect(&t, &p, &why, &err);
+	cr_assert_not_null(c, "%d %s", err, why.text);
+	cr_assert_str_eq(smtpc_peer_name(c), "v6");
+	smtpc_quit(c);
+	int status = 1;
+	waitpid(pid, &status, 0);
+	cr_assert_eq(status, 0);
+	close(fd);
+}
+
+Test(smtpc, bad_parameters_rejected)
+{
+	struct smtpc_target t = { .proto = SMTPC_SMTP, .host = "127.0.0.1",
+				  .port = 1 };
+	struct smtpc_params p = params(2000, 2000);
+	struct smtpc_reply why;
+	int err = 0;
+
+	p.helo_name = "evil\r\nMAIL FROM:<x>";
+	cr_assert_null(smtpc_connect(&t, &p, &why, &err));
+	cr_assert_eq(err, -EINVAL);
+	p.helo_name = "ok.test";
+	t.proto = SMTPC_LMTP;
+	t.port = 0;
+	cr_assert_null(smtpc_connect(&t, &p, &why, &err));
+	cr_assert_eq(err, -EINVAL);
+}
+
+/* ---- DATA ---------------------------------------------------------------- */
+
+static const struct step data_script[] = {
+	GREET,
+	EHLO_PLAIN,
+	{ "MAIL FROM:<s@x.test>\r\n", "250 2.1.0 ok\r\n" },
+	{ "RCPT TO:<r@y.test>\r\n", "250 2.1.5 ok\r\n" },
+	{ "DATA\r\n", "354 go ahead\r\n" },
+	{ ".", "250 2.0.0 queued as A1\r\n" },
+	QUIT,
+	END,
+};
+
+/* One DATA transaction of body b; returns the server (body 0 = raw). */
+static struct srv *
+deliver_data(struct mem_body *b)
+{
+	struct srv *s = srv_start(data_script, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(mail.code, 250);
+	cr_assert_eq(rcpt[0].code, 250);
+	cr_assert_eq(data[0].code, 250);
+	cr_assert_str_eq(data[0].text, "250 2.0.0 queued as A1");
+	cr_assert_not(data[0].local);
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_bodies, 1);
+	return s;
+}
+
+Test(smtpc, data_dot_stuffing_golden)
+{
+	static const char body[] = ".a\r\n..b\r\nc.d\r\n.\r\n\r\n.\r\nend\r\n";
+	static const char want[] =
+		"..a\r\n...b\r\nc.d\r\n..\r\n\r\n..\r\nend\r\n";
+	struct mem_body b = { .p = (const uint8_t *)body,
+			      .n = sizeof(body) - 1 };
+	struct srv *s = deliver_data(&b);
+
+	cr_assert_eq(s->body_len[0], sizeof(want) - 1);
+	cr_assert_arr_eq(s->body[0], want, sizeof(want) - 1);
+	/* no PIPELINING: MAIL waited for its reply, nothing sent ahead */
+	cr_assert_eq(s->ahead[2], 0);
+	cr_assert_eq(s->ahead[3], 0);
+	srv_free(s);
+}
+
+/* The body source hands out 1..7 octets at a time: a '.' opening a line
+ * at the start of a piece, CRLF split between pieces. */
+Test(smtpc, data_dot_stuffing_across_pieces)
+{
+	static const char body[] =
+		"x\r\n.\r\n..\r\n.x\r\nab.\r\n\r\n.\r\n.a.b.\r\n."
+		"\r\n..\r\r\n\n.bare\r.cr\r\n.";
+	uint8_t want[256], back[256];
+	size_t wn = ref_stuff((const uint8_t *)body, sizeof(body) - 1, want);
+
+	for (size_t piece = 1; piece <= 7; piece++) {
+		struct mem_body b = { .p = (const uint8_t *)body,
+				      .n = sizeof(body) - 1,
+				      .piece = piece };
+		struct srv *s = deliver_data(&b);
+		cr_assert_eq(s->body_len[0], wn, "piece %zu", piece);
+		cr_assert_arr_eq(s->body[0], want, wn, "piece %zu", piece);
+		srv_free(s);
+	}
+	/* and the golden form of the awkward corners */
+	cr_assert(memmem(want, wn, "\n..bare\r..cr\r\n..\r\n", 18));
+	/* a CRLF body comes back whole through RFC 5321 unstuffing */
+	static const char crlf[] = ".\r\n..\r\n.x\r\nab.\r\n\r\n.\r\n.";
+	wn = ref_stuff((const uint8_t *)crlf, sizeof(crlf) - 1, want);
+	size_t un = unstuff(want, wn, back);
+	cr_assert_eq(un, sizeof(crlf) - 1 + 2);
+	cr_assert_arr_eq(back, crlf, sizeof(crlf) - 1);
+}
+
+/* The client's own 64 KiB read unit: a '.' opening the line right at a
+ * piece boundary, and a CRLF split across one. */
+Test(smtpc, data_dot_stuffing_at_64k_boundary)
+{
+	size_t n = 3 * 65536 + 10;
+	uint8_t *body = malloc(n), *want = malloc(2 * n + 2);
+
+	for (size_t i = 0; i < n; i++)
+		body[i] = (uint8_t)('a' + i % 26);
+	memcpy(body + 65534, "\r\n.", 3);  /* '.' at 65536 */
+	memcpy(body + 131071, "\r\n.", 3); /* CR | LF . */
+	memcpy(body + 196606, "\r\n..", 4);
+	body[n - 1] = '.';
+	struct mem_body b = { .p = body, .n = n };
+	size_t wn = ref_stuff(body, n, want);
+	cr_assert_eq(wn, n + 3 + 2);
+	struct srv *s = deliver_data(&b);
+	cr_assert_eq(s->body_len[0], wn);
+	cr_assert_arr_eq(s->body[0], want, wn);
+	srv_free(s);
+	free(body);
+	free(want);
+}
+
+Test(smtpc, data_body_without_final_crlf)
+{
+	static const char *const bodies[] = { "abc", ".x", "line\r\nlast\r",
+					      "a\n" };
+	static const char *const want[] = { "abc\r\n", "..x\r\n",
+					    "line\r\nlast\r\r\n", "a\n\r\n" };
+
+	for (size_t i = 0; i < 4; i++) {
+		struct mem_body b = { .p = (const uint8_t *)bodies[i],
+				      .n = strlen(bodies[i]) };
+		struct srv *s = deliver_data(&b);
+		cr_assert_eq(s->body_len[0], strlen(want[i]), "case %zu", i);
+		cr_assert_arr_eq(s->body[0], want[i], strlen(want[i]));
+		srv_free(s);
+	}
+}
+
+Test(smtpc, data_empty_body)
+{
+	struct mem_body b = { .p = (const uint8_t *)"", .n = 0 };
+	struct srv *s = deliver_data(&b);
+
+	cr_assert_eq(s->body_len[0], 0);
+	srv_free(s);
+}
+
+Test(smtpc, data_refused_before_354)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "RCPT", "550 5.1.1 nope\r\n" },
+		{ "DATA", "554 5.7.1 not today\r\n" },
+		{ "RSET", "250 ok\r\n" },
+		{ "RSET", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	static const char *const r2[] = { "a@y.test", "b@y.test" };
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", r2, 2, &b);
+	struct smtpc_reply mail, rcpt[2], data[2];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(data[0].code, 554);
+	cr_assert_eq(data[1].code, 550);
+	cr_assert_eq(smtpc_rset(c), 0); /* still usable */
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_bodies, 0);
+	srv_free(s);
+}
+
+/* ---- BDAT ---------------------------------------------------------------- */
+
+Test(smtpc, bdat_verbatim_multichunk)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250-CHUNKING\r\n250 8BITMIME\r\n" },
+		{ "MAIL FROM:<s@x.test> BODY=8BITMIME\r\n", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "BDAT ", "250 2.0.0 chunk 1\r\n" },
+		{ "BDAT ", "250 2.0.0 chunk 2\r\n" },
+		{ "BDAT ", "250 2.0.0 chunk 3\r\n" },
+		{ "BDAT ", "250 2.0.0 chunk 4\r\n" },
+		{ "BDAT ", "250 2.0.0 queued as B\r\n" },
+		QUIT,
+		END,
+	};
+	size_t n = 3 * 1048576 + 70000 + 123;
+	uint8_t *body = malloc(n);
+	unsigned seed = 7;
+
+	for (size_t i = 0; i < n; i++)
+		body[i] = (uint8_t)rand_r(&seed);
+	memcpy(body, ".\r\n.\n", 5);
+	struct mem_body b = { .p = body, .n = n, .piece = 10000 };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	m.body_type = 2;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_str_eq(data[0].text, "250 2.0.0 queued as B");
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_bodies, 1);
+	cr_assert_eq(s->body_len[0], n);
+	cr_assert_arr_eq(s->body[0], body, n);
+	size_t sum = 0;
+	for (unsigned i = 3; i < 8; i++) {
+		size_t k = strtoull(s->lines[i] + 5, NULL, 10);
+		cr_assert_leq(k, 1048576);
+		cr_assert_eq(strstr(s->lines[i], "LAST") != NULL, i == 7,
+			     "%s", s->lines[i]);
+		sum += k;
+	}
+	cr_assert_eq(sum, n);
+	for (unsigned i = 0; i < s->n_lines; i++)
+		cr_assert_neq(strncmp(s->lines[i], "DATA", 4), 0);
+	free(body);
+	srv_free(s);
+}
+
+Test(smtpc, bdat_empty_body_and_lmtp_replies)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "LHLO client.test", "250-mx\r\n250 CHUNKING\r\n" },
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT TO:<a@", "250 ok\r\n" },
+		{ "RCPT TO:<b@", "250 ok\r\n" },
+		{ "RCPT TO:<c@", "250 ok\r\n" },
+		{ "BDAT 0 LAST\r\n",
+		  "250 2.0.0 a ok\r\n550 5.1.1 b gone\r\n250 2.0.0 c ok\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, true);
+	struct smtpc *c = open_to(s, SMTPC_LMTP);
+	struct mem_body b = { .p = (const uint8_t *)"", .n = 0 };
+	struct smtpc_msg m = msg1("s@x.test", R3, 3, &b);
+	struct smtpc_reply mail, rcpt[3], data[3];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_str_eq(data[0].text, "250 2.0.0 a ok");
+	cr_assert_str_eq(data[1].text, "550 5.1.1 b gone");
+	cr_assert_str_eq(data[2].text, "250 2.0.0 c ok");
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_bodies, 1);
+	cr_assert_eq(s->body_len[0], 0);
+	srv_free(s);
+}
+
+Test(smtpc, bdat_chunk_refused_then_rset)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250-CHUNKING\r\n250 BINARYMIME\r\n" },
+		{ "MAIL FROM:<s@x.test> BODY=BINARYMIME\r\n", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "BDAT 1048576\r\n", "552 5.3.4 too big\r\n" },
+		{ "RSET", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	size_t n = 2 * 1048576;
+	uint8_t *body = calloc(1, n);
+	struct mem_body b = { .p = body, .n = n };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	m.body_type = 3;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_str_eq(data[0].text, "552 5.3.4 too big");
+	smtpc_quit(c);
+	srv_end(s);
+	free(body);
+	srv_free(s);
+}
+
+/* With CHUNKING the size is promised up front: a source shorter or longer
+ * than m->size breaks the connection before a wrong message is complete. */
+Test(smtpc, bdat_body_length_mismatch)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 CHUNKING\r\n" },
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	uint8_t body[100] = { 0 };
+
+	for (int longer = 0; longer < 2; longer++) {
+		struct mem_body b = { .p = body, .n = 100 };
+		struct srv *s = srv_start(st, false);
+		struct smtpc *c = open_to(s, SMTPC_SMTP);
+		struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+		struct smtpc_reply mail, rcpt[1], data[1];
+
+		m.size = longer ? 50 : 150;
+		cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), -EIO);
+		cr_assert(data[0].local);
+		cr_assert_str_eq(data[0].text,
+				 "451 4.3.0 error reading message body");
+		smtpc_abort(c);
+		srv_end(s);
+		srv_free(s);
+	}
+}
+
+/* ---- PIPELINING and recipients ------------------------------------------- */
+
+Test(smtpc, pipelining_one_write_mixed_rcpt_replies)
+{
+	/* the server answers nothing until it holds MAIL and all three
+	 * RCPTs: a client waiting for MAIL's reply would time out */
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 PIPELINING\r\n" },
+		{ "MAIL FROM:<s@x.test>\r\n", NULL },
+		{ "RCPT TO:<a@y.test>\r\n", NULL },
+		{ "RCPT TO:<b@y.test>\r\n", NULL },
+		{ "RCPT TO:<c@y.test>\r\n",
+		  "250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 b unknown\r\n"
+		  "452 4.5.3 too many recipients\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 2.0.0 queued\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", R3, 3, &b);
+	struct smtpc_reply mail, rcpt[3], data[3];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(mail.code, 250);
+	cr_assert_eq(rcpt[0].code, 250);
+	cr_assert_str_eq(rcpt[1].text, "550 5.1.1 b unknown");
+	cr_assert_str_eq(rcpt[2].enh, "4.5.3");
+	cr_assert_str_eq(data[0].text, "250 2.0.0 queued");
+	cr_assert_str_eq(data[1].text, "550 5.1.1 b unknown");
+	cr_assert_str_eq(data[2].text, "452 4.5.3 too many recipients");
+	smtpc_quit(c);
+	srv_end(s);
+	/* all three RCPTs were already there when MAIL was read: one write */
+	cr_assert_eq(s->ahead[2], 3);
+	srv_free(s);
+}
+
+Test(smtpc, all_rcpts_refused_no_data_connection_reusable)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "550 5.1.1 no\r\n" },
+		{ "RCPT", "450 4.2.1 later\r\n" },
+		{ "RSET", "250 ok\r\n" },
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 2.0.0 second\r\n" },
+		QUIT,
+		END,
+	};
+	static const char *const r2[] = { "a@y.test", "b@y.test" };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", r2, 2, &b);
+	struct smtpc_reply mail, rcpt[2], data[2];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(data[0].code, 550);
+	cr_assert_eq(data[1].code, 450);
+	cr_assert_eq(b.n, 3);
+	m.n_rcpts = 1;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_str_eq(data[0].text, "250 2.0.0 second");
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_bodies, 1);
+	cr_assert_str_eq(s->lines[4], "RSET\r\n");
+	srv_free(s);
+}
+
+Test(smtpc, mail_refused_no_rcpt_sent)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "550 5.7.1 sender rejected\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", R3, 3, &b);
+	struct smtpc_reply mail, rcpt[3], data[3];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	for (int i = 0; i < 3; i++) {
+		cr_assert_str_eq(rcpt[i].text, "550 5.7.1 sender rejected");
+		cr_assert_str_eq(data[i].text, "550 5.7.1 sender rejected");
+	}
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_str_eq(s->lines[2], "QUIT\r\n");
+	srv_free(s);
+}
+
+Test(smtpc, pipelined_mail_refused)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 PIPELINING\r\n" },
+		{ "MAIL", NULL },
+		{ "RCPT", "451 4.3.0 try later\r\n503 5.5.1 need MAIL\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(rcpt[0].code, 503);
+	cr_assert_str_eq(data[0].text, "451 4.3.0 try later");
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* An address that would smuggle a command is refused here, not sent. */
+Test(smtpc, control_octets_in_address_not_sent)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT TO:<ok@y.test>\r\n", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 done\r\n" },
+		QUIT,
+		END,
+	};
+	static const char *const r2[] = { "a@b>\r\nRCPT TO:<evil@x",
+					  "ok@y.test" };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", r2, 2, &b);
+	struct smtpc_reply mail, rcpt[2], data[2];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert(rcpt[0].local);
+	cr_assert_eq(data[0].code, 553);
+	cr_assert_eq(data[1].code, 250);
+	/* the sender too: nothing at all is sent */
+	m.mail_from = "x\n@y";
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(mail.code, 553);
+	cr_assert_eq(data[1].code, 553);
+	smtpc_quit(c);
+	srv_end(s);
+	for (unsigned i = 0; i < s->n_lines; i++)
+		cr_assert_null(strstr(s->lines[i], "evil"));
+	cr_assert_str_eq(s->lines[s->n_lines - 1], "QUIT\r\n");
+	srv_free(s);
+}
+
+/* ---- LMTP ---------------------------------------------------------------- */
+
+Test(smtpc, lmtp_per_recipient_replies_after_dot)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "LHLO client.test", "250-mx\r\n250 PIPELINING\r\n" },
+		{ "MAIL", NULL },
+		{ "RCPT TO:<a@", NULL },
+		{ "RCPT TO:<b@", NULL },
+		{ "RCPT TO:<c@", NULL },
+		{ "RCPT TO:<d@",
+		  "250 ok\r\n250 ok\r\n550 5.1.1 b unknown\r\n250 ok\r\n"
+		  "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 2.0.0 a delivered\r\n"
+		       "452 4.2.2 c mailbox full\r\n"
+		       "550 5.2.1 d disabled\r\n" },
+		QUIT,
+		END,
+	};
+	static const char *const r4[] = { "a@y", "b@y", "c@y", "d@y" };
+	struct srv *s = srv_start(st, true);
+	struct smtpc *c = open_to(s, SMTPC_LMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", r4, 4, &b);
+	struct smtpc_reply mail, rcpt[4], data[4];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_str_eq(data[0].text, "250 2.0.0 a delivered");
+	cr_assert_str_eq(data[1].text, "550 5.1.1 b unknown");
+	cr_assert_str_eq(data[2].text, "452 4.2.2 c mailbox full");
+	cr_assert_str_eq(data[3].text, "550 5.2.1 d disabled");
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* ---- parameters ---------------------------------------------------------- */
+
+static const uint8_t notify2[] = { 2 | 4, 1 | 8 };
+static const char *const orcpts2[] = { "rfc822;a+2Bx@y.test", "bad orcpt" };
+static const char *const rcpts2[] = { "a+x@y.test", "b@y.test" };
+
+static void
+send_params(const struct step *st, bool utf8)
+{
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", rcpts2, 2, &b);
+	struct smtpc_reply mail, rcpt[2], data[2];
+
+	m.notify = notify2;
+	m.orcpts = orcpts2;
+	m.envid = "id+3D1";
+	m.ret = 2;
+	m.body_type = 2;
+	m.smtputf8 = utf8;
+	m.size = 123;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(data[0].code, 250);
+	cr_assert_eq(data[1].code, 250);
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, parameters_when_advertised)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
+			  "250-SMTPUTF8\r\n250 DSN\r\n" },
+		{ "MAIL FROM:<s@x.test> SIZE=123 BODY=8BITMIME SMTPUTF8 "
+		  "RET=HDRS ENVID=id+3D1\r\n",
+		  "250 ok\r\n" },
+		{ "RCPT TO:<a+x@y.test> NOTIFY=SUCCESS,FAILURE "
+		  "ORCPT=rfc822;a+2Bx@y.test\r\n",
+		  "250 ok\r\n" },
+		{ "RCPT TO:<b@y.test> NOTIFY=NEVER\r\n", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	send_params(st, true);
+}
+
+Test(smtpc, parameters_left_out_when_not_advertised)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 ENHANCEDSTATUSCODES\r\n" },
+		{ "MAIL FROM:<s@x.test>\r\n", "250 ok\r\n" },
+		{ "RCPT TO:<a+x@y.test>\r\n", "250 ok\r\n" },
+		{ "RCPT TO:<b@y.test>\r\n", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	send_params(st, false);
+}
+
+Test(smtpc, null_sender_and_7bit)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 8BITMIME\r\n" },
+		{ "MAIL FROM:<> BODY=7BIT\r\n", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	m.body_type = 1;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(data[0].code, 250);
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, smtputf8_or_binarymime_unadvertised_nothing_sent)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 8BITMIME\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	m.smtputf8 = true;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert(data[0].local);
+	cr_assert_str_eq(data[0].enh, "5.6.7");
+	m.smtputf8 = false;
+	m.body_type = 3;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_str_eq(data[0].enh, "5.6.3");
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_lines, 2); /* EHLO, QUIT */
+	srv_free(s);
+}
+
+/* ---- broken connections -------------------------------------------------- */
+
+Test(smtpc, peer_closes_mid_data)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ "<cut:1000>", NULL },
+		END,
+	};
+	size_t n = 32u << 20;
+	uint8_t *body = malloc(n);
+	memset(body, 'a', n);
+	struct mem_body b = { .p = body, .n = n };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	int rc = smtpc_send(c, &m, &mail, rcpt, data);
+	cr_assert(rc == -ECONNRESET || rc == -EPIPE, "rc %d", rc);
+	cr_assert_eq(mail.code, 250);
+	cr_assert_eq(rcpt[0].code, 250);
+	cr_assert(data[0].local);
+	cr_assert_eq(data[0].code, 421);
+	cr_assert_str_eq(data[0].text,
+			 "421 4.4.2 connection lost during message body");
+	/* broken: the next transaction is refused at once */
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), -ENOTCONN);
+	cr_assert_eq(data[0].code, 421);
+	cr_assert_eq(smtpc_rset(c), -ENOTCONN);
+	smtpc_quit(c);
+	srv_end(s);
+	free(body);
+	srv_free(s);
+}
+
+Test(smtpc, peer_never_answers_the_dot)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "LHLO", "250 mx\r\n" },
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 2.0.0 first only\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	static const char *const r2[] = { "a@y.test", "b@y.test" };
+	struct srv *s = srv_start(st, false);
+	struct smtpc_target t;
+	struct smtpc_params p = params(2000, 300);
+	struct smtpc_reply why, mail, rcpt[2], data[2];
+	int err = 0;
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", r2, 2, &b);
+
+	target_of(s, SMTPC_LMTP, &t);
+	t.port = s->port;
+	struct smtpc *c = smtpc_connect(&t, &p, &why, &err);
+	cr_assert_not_null(c, "%d %s", err, why.text);
+	uint64_t t0 = ms_now();
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), -ETIMEDOUT);
+	cr_assert_geq(ms_now() - t0, 250);
+	cr_assert_lt(ms_now() - t0, 2000);
+	cr_assert_str_eq(data[0].text, "250 2.0.0 first only");
+	cr_assert(data[1].local);
+	cr_assert_str_eq(data[1].text,
+			 "421 4.4.2 timeout waiting for reply to end of data");
+	smtpc_quit(c); /* broken: closes without QUIT */
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, rcpt_reply_timeout)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc_target t;
+	struct smtpc_params p = params(300, 300);
+	struct smtpc_reply why, mail, rcpt[1], data[1];
+	int err = 0;
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+
+	target_of(s, SMTPC_SMTP, &t);
+	struct smtpc *c = smtpc_connect(&t, &p, &why, &err);
+	cr_assert_not_null(c);
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), -ETIMEDOUT);
+	cr_assert_str_eq(rcpt[0].text,
+			 "421 4.4.2 timeout waiting for reply to RCPT TO");
+	cr_assert_str_eq(data[0].text, rcpt[0].text);
+	smtpc_abort(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, garbage_reply_mid_transaction)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "2x0 what\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), -EPROTO);
+	cr_assert(rcpt[0].local);
+	cr_assert_str_eq(rcpt[0].text, "421 4.5.0 invalid reply to RCPT TO");
+	cr_assert_eq(data[0].code, 421);
+	smtpc_abort(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* A 354 to RCPT is no final answer: the caller never sees a 3xx. */
+Test(smtpc, intermediate_reply_where_final_expected)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "354 go ahead\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), -EPROTO);
+	cr_assert_str_eq(rcpt[0].text, "421 4.5.0 invalid reply to RCPT TO");
+	cr_assert_str_eq(data[0].text, rcpt[0].text);
+	smtpc_abort(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, peer_421_closes)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "RCPT", "421 4.7.0 too many errors\r\n" },
+		{ "<close>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", R3, 3, &b);
+	struct smtpc_reply mail, rcpt[3], data[3];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), -ECONNRESET);
+	cr_assert_eq(rcpt[0].code, 250);
+	cr_assert_str_eq(rcpt[1].text, "421 4.7.0 too many errors");
+	for (int i = 0; i < 3; i++)
+		cr_assert_str_eq(data[i].text, "421 4.7.0 too many errors");
+	cr_assert_eq(rcpt[2].code, 421);
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, body_source_error)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL", "250 ok\r\n" },
+		{ "RCPT", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	static uint8_t body[200000];
+	struct mem_body b = { .p = body, .n = sizeof(body), .fail = -EBADMSG,
+			      .fail_at = 70000 };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+	struct smtpc_reply mail, rcpt[1], data[1];
+
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), -EBADMSG);
+	cr_assert_str_eq(data[0].text, "451 4.3.0 error reading message body");
+	smtpc_abort(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* ---- reuse --------------------------------------------------------------- */
+
+Test(smtpc, one_connection_three_messages_and_rset)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 PIPELINING\r\n" },
+		{ "MAIL", NULL },
+		{ "RCPT", "250 ok\r\n250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 2.0.0 id 1\r\n" },
+		{ "RSET", "250 ok\r\n" },
+		{ "MAIL", NULL },
+		{ "RCPT", "250 ok\r\n250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 2.0.0 id 2\r\n" },
+		{ "MAIL", NULL },
+		{ "RCPT", "250 ok\r\n250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 2.0.0 id 3\r\n" },
+		{ "RSET", "500 what\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	static const char *const bodies[] = { "one\r\n", ".two\r\n",
+					      "three" };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_reply mail, rcpt[1], data[1];
+	char want[32];
+
+	for (int i = 0; i < 3; i++) {
+		struct mem_body b = { .p = (const uint8_t *)bodies[i],
+				      .n = strlen(bodies[i]) };
+		struct smtpc_msg m = msg1("s@x.test", R1, 1, &b);
+		cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+		snprintf(want, sizeof(want), "250 2.0.0 id %d", i + 1);
+		cr_assert_str_eq(data[0].text, want);
+		if (i == 0)
+			cr_assert_eq(smtpc_rset(c), 0);
+	}
+	cr_assert_eq(smtpc_rset(c), -EPROTO); /* 500: not alive */
+	smtpc_abort(c);
+	srv_end(s);
+	cr_assert_eq(s->n_bodies, 3);
+	cr_assert_arr_eq(s->body[0], "one\r\n", 5);
+	cr_assert_arr_eq(s->body[1], "..two\r\n", 7);
+	cr_assert_arr_eq(s->body[2], "three\r\n", 7);
+	srv_free(s);
+}
+
+Test(smtpc, connect_fd_on_socketpair)
+{
+	int sv[2];
+	struct smtpc_reply why;
+	int err = 0;
+
+	cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	const char *script = "220 pair\r\n250-pair\r\n250 DSN\r\n"
+			     "221 bye\r\n";
+	cr_assert_eq(write(sv[1], script, strlen(script)),
+		     (ssize_t)strlen(script));
+	struct smtpc_params p = params(1000, 1000);
+	struct smtpc *c = smtpc_connect_fd(sv[0], SMTPC_SMTP, &p, &why, &err);
+	cr_assert_not_null(c, "%d %s", err, why.text);
+	cr_assert_eq(smtpc_exts(c), SMTPC_EXT_DSN);
+	cr_assert_str_eq(smtpc_peer_name(c), "pair");
+	smtpc_quit(c);
+	char got[64] = { 0 };
+	cr_assert_gt(read(sv[1], got, sizeof(got) - 1), 0);
+	cr_assert_str_eq(got, "EHLO client.test\r\nQUIT\r\n");
+	close(sv[1]);
+}
+
+/* ---- against Postfix's smtp-sink ---------------------------------------- */
+
+static pid_t
+sink_start(uint16_t *port, const char *dump, bool lmtp)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	socklen_t sl = sizeof(sin);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	char addr[64];
+	pid_t pid;
+
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	cr_assert_eq(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+	getsockname(fd, (struct sockaddr *)&sin, &sl);
+	close(fd);
+	*port = ntohs(sin.sin_port);
+	snprintf(addr, sizeof(addr), "127.0.0.1:%u", *port);
+	char *argv[] = { "smtp-sink", "-u", "nobody", "-d", (char *)dump,
+			 lmtp ? "-L" : "-4", addr, "8", NULL };
+	posix_spawn_file_actions_t fa;
+	/* its chatter must not mix with the TAP stream on stdout */
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+	posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+	cr_assert_eq(posix_spawn(&pid, "/usr/sbin/smtp-sink", &fa, NULL,
+				 argv, environ),
+		     0);
+	posix_spawn_file_actions_destroy(&fa);
+	/* wait until it listens */
+	for (int i = 0; i < 200; i++) {
+		fd = socket(AF_INET, SOCK_STREAM, 0);
+		int rc = connect(fd, (struct sockaddr *)&sin, sizeof(sin));
+		close(fd);
+		if (rc == 0)
+			return pid;
+		usleep(10000);
+	}
+	kill(pid, SIGTERM);
+	waitpid(pid, NULL, 0);
+	cr_assert_fail("smtp-sink did not start");
+	return -1;
+}
+
+static void
+sink_deliver(bool lmtp)
+{
+	char dir[] = "/tmp/smtpc-sink.XXXXXX", tmpl[128], path[512];
+	uint16_t port;
+	static const char body[] = "Subject: t\r\n\r\n.dot line\r\nend";
+
+	if (access("/usr/sbin/smtp-sink", X_OK) != 0)
+		cr_skip_test("/usr/sbin/smtp-sink not installed");
+	cr_assert_not_null(mkdtemp(dir));
+	chmod(dir, 0777); /* smtp-sink writes as nobody */
+	snprintf(tmpl, sizeof(tmpl), "%s/m.", dir);
+	pid_t pid = sink_start(&port, tmpl, lmtp);
+
+	struct smtpc_target t = { .proto = lmtp ? SMTPC_LMTP : SMTPC_SMTP,
+				  .host = "127.0.0.1", .port = port };
+	struct smtpc_params p = params(5000, 5000);
+	struct smtpc_reply why, mail, rcpt[2], data[2];
+	int err = 0;
+	static const char *const r2[] = { "a@y.test", "b@y.test" };
+	struct mem_body b = { .p = (const uint8_t *)body,
+			      .n = sizeof(body) - 1 };
+	struct smtpc_msg m = msg1("s@x.test", r2, 2, &b);
+	struct smtpc *c = smtpc_connect(&t, &p, &why, &err);
+	cr_assert_not_null(c, "%d %s", err, why.text);
+	cr_assert(smtpc_exts(c) & SMTPC_EXT_PIPELINING);
+	cr_assert(smtpc_exts(c) & SMTPC_EXT_8BITMIME);
+	m.body_type = 2;
+	int rc = smtpc_send(c, &m, &mail, rcpt, data);
+	smtpc_quit(c);
+	kill(pid, SIGTERM);
+	waitpid(pid, NULL, 0);
+	cr_assert_eq(rc, 0);
+	cr_assert_eq(data[0].code, 250, "%s", data[0].text);
+	cr_assert_eq(data[1].code, 250, "%s", data[1].text);
+
+	/* the dump holds the body unstuffed, as sent */
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	char got[8192] = { 0 };
+	unsigned files = 0;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+		FILE *f = fopen(path, "r");
+		fread(got, 1, sizeof(got) - 1, f);
+		fclose(f);
+		unlink(path);
+		files++;
+	}
+	closedir(d);
+	rmdir(dir);
+	cr_assert_eq(files, 1);
+	cr_assert_not_null(strstr(got, "X-Mail-Args: <s@x.test> "
+				       "BODY=8BITMIME"), "%s", got);
+	cr_assert_not_null(strstr(got, "X-Rcpt-Args: <b@y.test>"));
+	cr_assert_not_null(strstr(got, "\n.dot line\nend\n"), "%s", got);
+}
+
+Test(smtpc, smtp_sink_delivery)
+{
+	sink_deliver(false);
+}
+
+Test(smtpc, smtp_sink_lmtp_delivery)
+{
+	sink_deliver(true);
+}
