@@ -1,7 +1,9 @@
 /*
  * The SMTP server engine: RFC 5321 with PIPELINING (2920), SIZE (1870),
- * 8BITMIME (6152), ENHANCEDSTATUSCODES (2034, 3463), SMTPUTF8 (6531) and
- * CHUNKING (3030). Pure C: no DPDK, no liburing, no sockets, no threads.
+ * 8BITMIME (6152), ENHANCEDSTATUSCODES (2034, 3463), SMTPUTF8 (6531),
+ * CHUNKING (3030) and DSN (3461: its parameters are taken and handed to the
+ * spool in the envelope; the reports are the control plane's). Pure C: no
+ * DPDK, no liburing, no sockets, no threads.
  *
  * Two boundaries (DESIGN.md):
  *
@@ -90,6 +92,17 @@ struct smtp_config {
 	/* Clock for the Received date and arrival_us (CLOCK_REALTIME, us).
 	 * NULL: the real clock. Tests set a fixed one. */
 	uint64_t (*now_us)(void);
+	/*
+	 * Recipient check, or NULL to accept every local part of an accepted
+	 * domain. Called on the worker thread (it must not block) for each
+	 * RCPT that passed the relay check, except postmaster (bare or at an
+	 * accepted domain: RFC 5321 4.5.1), with the mailbox as given
+	 * ("local@domain", valid during the call). Returns 1: valid; 0:
+	 * unknown (550 5.1.1, counted in rcpt_unknown and toward max_errors);
+	 * negative: cannot tell now (450 4.1.1).
+	 */
+	int (*rcpt_check)(void *ctx, const char *addr);
+	void *rcpt_ctx;
 };
 
 /* Defaults used by the daemon: 32 MiB, 100 recipients, 20 errors. */
@@ -104,6 +117,7 @@ struct smtp_stats {
 	uint64_t commands;
 	uint64_t syntax_errors;
 	uint64_t relay_denied;
+	uint64_t rcpt_unknown; /* 550 5.1.1 from cfg.rcpt_check */
 	uint64_t early_talkers;
 	uint64_t timeouts;
 };

@@ -1,14 +1,17 @@
 /*
  * SMTP command lines and their arguments (RFC 5321 4.1.1, 4.1.2, 4.5.3.1;
- * RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8, RFC 3030 BDAT).
+ * RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8, RFC 3030 BDAT, RFC 3461
+ * DSN: RET, ENVID, NOTIFY, ORCPT).
  *
  * Contract: pure functions over byte slices. The line reader is the only
  * incremental piece; it keeps at most SMTP_LINE_MAX octets and never
  * consumes the terminating LF itself (see smtp_parse.h), which lets the
  * session hold a complete command back without copying it anywhere.
  *
- * Limits: a line is 512 octets with its CRLF, a local part 64, a domain
- * 255, a path 256 including its angle brackets (RFC 5321 4.5.3.1). Address
+ * Limits: a line is 512 octets with its CRLF (MAIL and RCPT: 1024, for
+ * their extension parameters), a local part 64, a domain 255, a path 256
+ * including its angle brackets (RFC 5321 4.5.3.1); ENVID 100 and ORCPT 500
+ * octets (RFC 3461 4.4, 4.2). Address
  * syntax is the RFC 5321 grammar, not the looser RFC 5322 one: no comments,
  * no folding, no obsolete forms. Source routes are parsed and dropped.
  */
@@ -47,7 +50,20 @@ void
 smtp_line_reset(struct smtp_line *l)
 {
 	l->len = 0;
+	l->max = SMTP_LINE_MAX;
 	l->overflow = false;
+}
+
+void
+smtp_line_set_max(struct smtp_line *l, size_t max)
+{
+	if (max > sizeof(l->buf))
+		max = sizeof(l->buf);
+	if (max < 1)
+		max = 1;
+	l->max = max;
+	if (l->len > max - 1)
+		l->overflow = true;
 }
 
 enum smtp_parse_result
@@ -57,8 +73,8 @@ smtp_line_feed(struct smtp_line *l, const uint8_t *p, size_t n, size_t *used)
 	size_t take = lf ? (size_t)(lf - p) : n;
 
 	if (!l->overflow) {
-		/* Keep room for the LF: content + LF <= SMTP_LINE_MAX. */
-		size_t space = SMTP_LINE_MAX - 1 - l->len;
+		/* Keep room for the LF: content + LF <= max. */
+		size_t space = l->max - 1 - l->len;
 		if (take > space) {
 			l->overflow = true;
 		} else {
@@ -81,6 +97,12 @@ smtp_line_content(const struct smtp_line *l, const char **p)
 		n--;
 	*p = l->buf;
 	return n;
+}
+
+size_t
+smtp_line_wire_len(const struct smtp_line *l)
+{
+	return l->len + 1;
 }
 
 /* ---- character classes ---- */
@@ -129,6 +151,14 @@ static bool
 equal_ci(const char *s, size_t len, const char *word)
 {
 	return strlen(word) == len && prefix_ci(s, len, word);
+}
+
+size_t
+smtp_line_limit(const char *line, size_t len)
+{
+	if (prefix_ci(line, len, "MAIL ") || prefix_ci(line, len, "RCPT "))
+		return SMTP_PARAM_LINE_MAX;
+	return SMTP_LINE_MAX;
 }
 
 bool
@@ -497,6 +527,101 @@ parse_u64(const char *s, size_t len, uint64_t *v)
 	return true;
 }
 
+/* ---- DSN parameter values (RFC 3461 4) ---- */
+
+static bool
+is_upper_hex(unsigned char c)
+{
+	return is_digit(c) || (c >= 'A' && c <= 'F');
+}
+
+bool
+smtp_xtext_valid(const char *s, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c == '+') {
+			if (n - i < 3 || !is_upper_hex((unsigned char)s[i + 1]) ||
+			    !is_upper_hex((unsigned char)s[i + 2]))
+				return false;
+			i += 2;
+		} else if (c < '!' || c > '~' || c == '=') {
+			return false;
+		}
+	}
+	return true;
+}
+
+/* NOTIFY="NEVER" / notify-list-element *("," notify-list-element). */
+static bool
+parse_notify(const char *v, size_t n, uint8_t *out)
+{
+	uint8_t bits = 0;
+	size_t i = 0;
+
+	for (;;) {
+		const char *e = memchr(v + i, ',', n - i);
+		size_t k = e ? (size_t)(e - (v + i)) : n - i;
+		const char *w = v + i;
+		if (equal_ci(w, k, "NEVER"))
+			bits |= FD_NOTIFY_NEVER;
+		else if (equal_ci(w, k, "SUCCESS"))
+			bits |= FD_NOTIFY_SUCCESS;
+		else if (equal_ci(w, k, "FAILURE"))
+			bits |= FD_NOTIFY_FAILURE;
+		else if (equal_ci(w, k, "DELAY"))
+			bits |= FD_NOTIFY_DELAY;
+		else
+			return false; /* unknown word or empty element */
+		if (!e)
+			break;
+		i += k + 1;
+	}
+	/* RFC 3461 4.1: NEVER must appear by itself. */
+	if ((bits & FD_NOTIFY_NEVER) && bits != FD_NOTIFY_NEVER)
+		return false;
+	*out = bits;
+	return true;
+}
+
+/*
+ * ORCPT=addr-type ";" xtext, addr-type = atom (RFC 3461 4.2). XXX for the
+ * "utf-8" address type RFC 6533 3 also allows raw UTF-8 (utf-8-addr-
+ * unitext): those octets are accepted (next_param() checked the UTF-8), the
+ * "\x{...}" escapes are plain xtext characters anyway.
+ */
+static bool
+orcpt_valid(const char *v, size_t n)
+{
+	const char *semi = memchr(v, ';', n);
+	size_t tl, i;
+	bool utf8_type;
+
+	if (!semi || semi == v || n > SMTP_ORCPT_MAX)
+		return false;
+	tl = (size_t)(semi - v);
+	for (i = 0; i < tl; i++) {
+		unsigned char c = (unsigned char)v[i];
+		if (c >= 0x80 || !is_atext(c))
+			return false;
+	}
+	utf8_type = equal_ci(v, tl, "utf-8");
+	for (i = tl + 1; i < n; i++) {
+		unsigned char c = (unsigned char)v[i];
+		if (c >= 0x80 && utf8_type)
+			continue;
+		if (c == '+') {
+			if (n - i < 3 || !is_upper_hex((unsigned char)v[i + 1]) ||
+			    !is_upper_hex((unsigned char)v[i + 2]))
+				return false;
+			i += 2;
+		} else if (c < '!' || c > '~' || c == '=') {
+			return false;
+		}
+	}
+	return true;
+}
+
 /* "FROM:" or "TO:" then an optional SP (a common client habit). */
 static size_t
 skip_keyword(const char *arg, size_t len, const char *kw)
@@ -549,6 +674,23 @@ smtp_parse_mail(const char *arg, size_t len, struct smtp_mail_args *m)
 			if (m->smtputf8 || p.val)
 				return SMTP_PARSE_ERR_SYNTAX;
 			m->smtputf8 = true;
+		} else if (equal_ci(p.key, p.key_len, "RET")) {
+			/* RFC 3461 4.3 */
+			if (m->ret != FD_RET_NONE || !p.val)
+				return SMTP_PARSE_ERR_SYNTAX;
+			if (equal_ci(p.val, p.val_len, "FULL"))
+				m->ret = FD_RET_FULL;
+			else if (equal_ci(p.val, p.val_len, "HDRS"))
+				m->ret = FD_RET_HDRS;
+			else
+				return SMTP_PARSE_ERR_SYNTAX;
+		} else if (equal_ci(p.key, p.key_len, "ENVID")) {
+			/* RFC 3461 4.4 */
+			if (m->envid || !p.val || p.val_len > SMTP_ENVID_MAX ||
+			    !smtp_xtext_valid(p.val, p.val_len))
+				return SMTP_PARSE_ERR_SYNTAX;
+			m->envid = p.val;
+			m->envid_len = p.val_len;
 		} else {
 			return SMTP_PARSE_ERR_PARAM_UNKNOWN;
 		}
@@ -573,12 +715,24 @@ smtp_parse_rcpt(const char *arg, size_t len, struct smtp_rcpt_args *ra)
 		return r;
 	ra->path_ok = true;
 	i += used;
-	while ((r = next_param(arg, len, &i, &p)) == SMTP_PARSE_OK)
+	while ((r = next_param(arg, len, &i, &p)) == SMTP_PARSE_OK) {
 		ra->n_params++;
-	if (r != SMTP_PARSE_AGAIN)
-		return r;
-	/* No RCPT parameter is supported (DSN is not advertised). */
-	return ra->n_params ? SMTP_PARSE_ERR_PARAM_UNKNOWN : SMTP_PARSE_OK;
+		if (equal_ci(p.key, p.key_len, "NOTIFY")) {
+			/* RFC 3461 4.1 */
+			if (ra->notify || !p.val ||
+			    !parse_notify(p.val, p.val_len, &ra->notify))
+				return SMTP_PARSE_ERR_SYNTAX;
+		} else if (equal_ci(p.key, p.key_len, "ORCPT")) {
+			/* RFC 3461 4.2 */
+			if (ra->orcpt || !p.val || !orcpt_valid(p.val, p.val_len))
+				return SMTP_PARSE_ERR_SYNTAX;
+			ra->orcpt = p.val;
+			ra->orcpt_len = p.val_len;
+		} else {
+			return SMTP_PARSE_ERR_PARAM_UNKNOWN;
+		}
+	}
+	return r == SMTP_PARSE_AGAIN ? SMTP_PARSE_OK : r;
 }
 
 enum smtp_parse_result

@@ -1,7 +1,7 @@
 /*
  * The SMTP session state machine, the verb table and every reply
  * (RFC 5321; RFC 2920 PIPELINING, 1870 SIZE, 6152 8BITMIME, 2034/3463
- * enhanced codes, 6531 SMTPUTF8, 3030 CHUNKING). Contract: smtp.h.
+ * enhanced codes, 6531 SMTPUTF8, 3030 CHUNKING, 3461 DSN). Contract: smtp.h.
  *
  *                 greet_delay                    any input: 554, close
  *   open ──────► GREET_WAIT ───────────────────────────────────────┐
@@ -41,7 +41,9 @@
  * output buffer, so every reply of one command always fits.
  *
  * Limits: SMTP_OUT_SIZE output octets, SMTP_ARENA_SIZE octets of envelope
- * (sender + recipients) per transaction, cfg.max_recipients per message.
+ * (sender, ENVID, recipients and their ORCPTs) per transaction,
+ * cfg.max_recipients per message. A command line is 512 octets with its
+ * CRLF, MAIL and RCPT lines SMTP_PARAM_LINE_MAX (their DSN parameters).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -114,11 +116,17 @@ struct smtp_session {
 	/* Transaction (reset by RSET, EHLO/HELO, end of message). */
 	const char *mail_from; /* in arena */
 	const char **rcpts;    /* cfg.max_recipients slots, in arena */
+	uint8_t *notify;       /* cfg.max_recipients slots: NOTIFY per RCPT */
+	const char **orcpts;   /* cfg.max_recipients slots, in arena or "" */
 	unsigned n_rcpts;
 	unsigned rcpt_attempts;
 	uint64_t size_param;
 	enum fd_body_type body;
 	bool smtputf8;
+	const char *envid; /* in arena, or "" */
+	enum fd_dsn_ret ret;
+	bool any_notify; /* some accepted RCPT had NOTIFY */
+	bool any_orcpt;  /* some accepted RCPT had ORCPT */
 	size_t arena_used;
 	char arena[SMTP_ARENA_SIZE];
 
@@ -146,6 +154,8 @@ struct smtp_server {
 	struct smtp_stats stats;
 	struct smtp_session *sessions;
 	const char **rcpt_slots;
+	const char **orcpt_slots;
+	uint8_t *notify_slots;
 	struct smtp_session *free_list;
 	size_t busy_len;
 	char busy[SMTP_REPLY_MAX];
@@ -270,9 +280,26 @@ smtp_close_after(struct smtp_session *s)
 }
 
 /*
- * A command the client got wrong: counted; after cfg.max_errors of them
- * the session ends with 421 4.7.0 (like Postfix's hard error limit).
+ * A command the client got wrong, or a rejected recipient: counted; after
+ * cfg.max_errors of them the session ends with 421 4.7.0 (like Postfix's
+ * hard error limit, which also counts rejected RCPTs: it is what stops a
+ * directory harvest).
  */
+static void
+count_error(struct smtp_session *s)
+{
+	s->errors++;
+	if (s->srv->cfg.max_errors && s->errors >= s->srv->cfg.max_errors) {
+		fd_log(FD_LOG_INFO, "smtp",
+		       "%016" PRIx64 " event=too_many_errors errors=%u",
+		       s->sid, s->errors);
+		reply(s, "421 4.7.0 %.255s Error: too many errors",
+		      s->srv->cfg.hostname);
+		smtp_close_after(s);
+	}
+}
+
+/* A command the client got wrong: a syntax error, counted as such. */
 __attribute__((format(printf, 2, 3))) static void
 error_reply(struct smtp_session *s, const char *fmt, ...)
 {
@@ -283,16 +310,8 @@ error_reply(struct smtp_session *s, const char *fmt, ...)
 	vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
 	reply(s, "%s", buf);
-	s->errors++;
 	s->srv->stats.syntax_errors++;
-	if (s->srv->cfg.max_errors && s->errors >= s->srv->cfg.max_errors) {
-		fd_log(FD_LOG_INFO, "smtp",
-		       "%016" PRIx64 " event=too_many_errors errors=%u",
-		       s->sid, s->errors);
-		reply(s, "421 4.7.0 %.255s Error: too many errors",
-		      s->srv->cfg.hostname);
-		smtp_close_after(s);
-	}
+	count_error(s);
 }
 
 /* ---- transaction and message ---- */
@@ -330,6 +349,10 @@ txn_reset(struct smtp_session *s)
 	s->size_param = 0;
 	s->body = FD_BODY_NONE;
 	s->smtputf8 = false;
+	s->envid = "";
+	s->ret = FD_RET_NONE;
+	s->any_notify = false;
+	s->any_orcpt = false;
 	s->arena_used = 0;
 	s->fail = SMTP_FAIL_NONE;
 	s->body_size = 0;
@@ -390,6 +413,10 @@ msg_open(struct smtp_session *s)
 		.size_param = s->size_param,
 		.body = s->body,
 		.smtputf8 = s->smtputf8,
+		.envid = s->envid,
+		.ret = s->ret,
+		.notify = s->any_notify ? s->notify : NULL,
+		.orcpts = s->any_orcpt ? s->orcpts : NULL,
 	};
 	s->msgid = 0;
 	s->msg = srv->ops.begin(srv->sink, &s->env, s, &s->msgid, &err);
@@ -561,9 +588,10 @@ smtp_cmd_helo_common(struct smtp_session *s, const struct smtp_cmd *c,
 	}
 	/* RFC 5321 4.1.4: EHLO/HELO resets any transaction. */
 	txn_reset(s);
-	memcpy(s->helo, c->arg, c->arg_len);
-	s->helo[c->arg_len] = '\0';
-	s->helo_len = c->arg_len;
+	/* The line limit (512) keeps the argument within helo[]. */
+	s->helo_len = FD_MIN(c->arg_len, sizeof(s->helo) - 1);
+	memcpy(s->helo, c->arg, s->helo_len);
+	s->helo[s->helo_len] = '\0';
 	s->esmtp = esmtp;
 	smtp_enter_state(s, SMTP_S_READY);
 	/* RFC 2034 3: no enhanced code in the EHLO/HELO reply. */
@@ -576,6 +604,7 @@ smtp_cmd_helo_common(struct smtp_session *s, const struct smtp_cmd *c,
 		      "250-SIZE %" PRIu64 "\r\n"
 		      "250-8BITMIME\r\n"
 		      "250-ENHANCEDSTATUSCODES\r\n"
+		      "250-DSN\r\n"
 		      "250-SMTPUTF8\r\n"
 		      "250 CHUNKING",
 		      srv->cfg.hostname, srv->cfg.max_message_size);
@@ -639,16 +668,26 @@ smtp_cmd_mail(struct smtp_session *s, const struct smtp_cmd *c)
 	}
 	txn_reset(s);
 	s->mail_from = arena_put(s, m.path.mailbox, m.path.mailbox_len);
-	if (!s->mail_from) { /* cannot happen: 256 < arena */
+	if (m.envid && s->mail_from)
+		s->envid = arena_put(s, m.envid, m.envid_len);
+	if (!s->mail_from || !s->envid) { /* cannot happen: 256+101 < arena */
+		txn_reset(s);
 		reply(s, "452 4.3.1 Error: out of memory");
 		return true;
 	}
 	s->size_param = m.has_size ? m.size : 0;
 	s->body = m.body;
 	s->smtputf8 = m.smtputf8;
+	s->ret = m.ret;
 	smtp_enter_state(s, SMTP_S_MAIL);
 	reply(s, "250 2.1.0 Ok");
 	return true;
+}
+
+static bool
+equal_postmaster(const char *local, size_t n)
+{
+	return n == 10 && strncasecmp(local, "postmaster", 10) == 0;
 }
 
 static bool
@@ -664,6 +703,47 @@ rcpt_domain_is_ours(const struct smtp_server *srv, const struct smtp_path *p)
 	return false;
 }
 
+/*
+ * cfg.rcpt_check on a recipient of an accepted domain. postmaster, bare or
+ * at any accepted domain, is never asked about: RFC 5321 4.5.1 requires
+ * accepting it. True: accept; false: the reply is queued. A 550 counts
+ * toward max_errors (see count_error()), a 450 does not: it is our failure.
+ */
+static bool
+rcpt_check(struct smtp_session *s, const struct smtp_path *p,
+	   const char *addr)
+{
+	struct smtp_server *srv = s->srv;
+	char esc[128];
+	int r;
+
+	if (!srv->cfg.rcpt_check || p->postmaster ||
+	    (!p->quoted && equal_postmaster(p->mailbox, p->local_len)))
+		return true;
+	r = srv->cfg.rcpt_check(srv->cfg.rcpt_ctx, addr);
+	if (r > 0)
+		return true;
+	fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=%s rcpt=%s",
+	       s->sid, r == 0 ? "rcpt_unknown" : "rcpt_check_failed",
+	       fd_log_escape(esc, sizeof(esc), addr, strlen(addr)));
+	if (r == 0) {
+		srv->stats.rcpt_unknown++;
+		/* addr passed the path grammar: no CR, LF or control octet,
+		 * at most 256 octets, so the reply stays one line. */
+		reply(s,
+		      "550 5.1.1 <%s>: Recipient address rejected: User "
+		      "unknown",
+		      addr);
+		count_error(s);
+	} else {
+		reply(s,
+		      "450 4.1.1 <%s>: Recipient address rejected: try again "
+		      "later",
+		      addr);
+	}
+	return false;
+}
+
 static bool
 smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 {
@@ -671,6 +751,8 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 	struct smtp_rcpt_args ra;
 	enum smtp_parse_result r;
 	char esc[128];
+	size_t mark;
+	const char *addr, *orcpt = "";
 
 	s->rcpt_attempts++;
 	if (s->n_rcpts >= srv->cfg.max_recipients) {
@@ -702,6 +784,10 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 		error_reply(s, "555 5.5.4 Unsupported RCPT parameter");
 		return true;
 	}
+	if (!s->esmtp && ra.n_params > 0) {
+		error_reply(s, "555 5.5.4 RCPT parameters require EHLO");
+		return true;
+	}
 	if (ra.path.non_ascii && !s->smtputf8) {
 		reply(s, "553 5.6.7 Non-ASCII address requires SMTPUTF8");
 		return true;
@@ -721,12 +807,25 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 		error_reply(s, "550 5.7.1 Relay access denied");
 		return true;
 	}
-	s->rcpts[s->n_rcpts] =
-		arena_put(s, ra.path.mailbox, ra.path.mailbox_len);
-	if (!s->rcpts[s->n_rcpts]) {
+	/* The arena copy is what the checker sees; undone if refused. */
+	mark = s->arena_used;
+	addr = arena_put(s, ra.path.mailbox, ra.path.mailbox_len);
+	if (addr && ra.orcpt)
+		orcpt = arena_put(s, ra.orcpt, ra.orcpt_len);
+	if (!addr || !orcpt) {
+		s->arena_used = mark;
 		reply(s, "452 4.5.3 Error: too many recipients");
 		return true;
 	}
+	if (!rcpt_check(s, &ra.path, addr)) {
+		s->arena_used = mark;
+		return true;
+	}
+	s->rcpts[s->n_rcpts] = addr;
+	s->notify[s->n_rcpts] = ra.notify;
+	s->orcpts[s->n_rcpts] = orcpt;
+	s->any_notify |= ra.notify != FD_NOTIFY_NONE;
+	s->any_orcpt |= ra.orcpt != NULL;
 	s->n_rcpts++;
 	smtp_enter_state(s, SMTP_S_RCPT);
 	reply(s, "250 2.1.5 Ok");
@@ -1018,6 +1117,13 @@ smtp_execute(struct smtp_session *s)
 
 /* ---- input ---- */
 
+static void
+line_reset(struct smtp_session *s)
+{
+	smtp_line_reset(&s->line);
+	smtp_line_set_max(&s->line, SMTP_PARAM_LINE_MAX);
+}
+
 static bool
 step_command(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 {
@@ -1033,6 +1139,14 @@ step_command(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 	/* p[*off] is the LF: consumed only once the line is executed. */
 	if (out_free(s) < SMTP_OUT_RESERVE)
 		return false;
+	if (r == SMTP_PARSE_OK) {
+		/* The reader took up to SMTP_PARAM_LINE_MAX: now the verb's
+		 * own limit applies (512 for all but MAIL and RCPT). */
+		const char *line;
+		size_t len = smtp_line_content(&s->line, &line);
+		if (smtp_line_wire_len(&s->line) > smtp_line_limit(line, len))
+			r = SMTP_PARSE_ERR_TOO_LONG;
+	}
 	if (r == SMTP_PARSE_ERR_TOO_LONG) {
 		s->srv->stats.commands++;
 		error_reply(s, "500 5.5.2 Error: line too long");
@@ -1040,7 +1154,7 @@ step_command(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 		return false;
 	}
 	(*off)++;
-	smtp_line_reset(&s->line);
+	line_reset(s);
 	return true;
 }
 
@@ -1328,7 +1442,7 @@ smtp_session_open(struct smtp_server *srv, void *tctx,
 	s->sid = sid;
 	snprintf(s->client_addr, sizeof(s->client_addr), "%s",
 		 client_addr ? client_addr : "");
-	smtp_line_reset(&s->line);
+	line_reset(s);
 	s->out_head = s->out_tail = 0;
 	s->msg = NULL;
 	txn_reset(s);
@@ -1406,11 +1520,25 @@ smtp_server_create(const struct smtp_config *cfg,
 				 sizeof(*srv->rcpt_slots));
 	if (!srv->rcpt_slots)
 		goto out_free_sessions;
+	srv->orcpt_slots = calloc((size_t)cfg->max_sessions *
+					  srv->cfg.max_recipients,
+				  sizeof(*srv->orcpt_slots));
+	if (!srv->orcpt_slots)
+		goto out_free_rcpt_slots;
+	srv->notify_slots = calloc((size_t)cfg->max_sessions *
+					   srv->cfg.max_recipients,
+				   sizeof(*srv->notify_slots));
+	if (!srv->notify_slots)
+		goto out_free_orcpt_slots;
 	for (unsigned i = cfg->max_sessions; i-- > 0;) {
 		struct smtp_session *s = &srv->sessions[i];
 		s->srv = srv;
 		s->state = SMTP_S_FREE;
 		s->rcpts = srv->rcpt_slots + (size_t)i * srv->cfg.max_recipients;
+		s->orcpts =
+			srv->orcpt_slots + (size_t)i * srv->cfg.max_recipients;
+		s->notify =
+			srv->notify_slots + (size_t)i * srv->cfg.max_recipients;
 		s->next_free = srv->free_list;
 		srv->free_list = s;
 	}
@@ -1421,6 +1549,10 @@ smtp_server_create(const struct smtp_config *cfg,
 	srv->busy_len = r > 0 ? (size_t)r : 0;
 	return srv;
 
+out_free_orcpt_slots:
+	free(srv->orcpt_slots);
+out_free_rcpt_slots:
+	free(srv->rcpt_slots);
 out_free_sessions:
 	free(srv->sessions);
 out_free_srv:
@@ -1435,6 +1567,8 @@ smtp_server_destroy(struct smtp_server *srv)
 		return;
 	for (unsigned i = 0; i < srv->cfg.max_sessions; i++)
 		smtp_session_close(&srv->sessions[i]);
+	free(srv->notify_slots);
+	free(srv->orcpt_slots);
 	free(srv->rcpt_slots);
 	free(srv->sessions);
 	free(srv);

@@ -235,6 +235,23 @@ item_len(const char *s, size_t *total, bool *ok)
 	return n;
 }
 
+/* RFC 3461 4.1: NEVER alone, or a non-empty set of the other three. */
+static bool
+notify_valid(unsigned v)
+{
+	return v == FD_NOTIFY_NEVER ||
+	       (v != 0 && (v & ~(unsigned)(FD_NOTIFY_SUCCESS |
+					  FD_NOTIFY_FAILURE |
+					  FD_NOTIFY_DELAY)) == 0);
+}
+
+/* The optional DSN strings: written only when present and not empty. */
+static bool
+has_str(const char *s)
+{
+	return s && s[0];
+}
+
 size_t
 spool_env_encoded_len(const struct fd_envelope *e)
 {
@@ -242,13 +259,26 @@ spool_env_encoded_len(const struct fd_envelope *e)
 	bool ok = true;
 
 	item_len(e->mail_from, &t, &ok);
-	for (unsigned i = 0; i < e->n_rcpts; i++)
+	for (unsigned i = 0; i < e->n_rcpts; i++) {
 		item_len(e->rcpts[i], &t, &ok);
+		if (e->notify && e->notify[i] != FD_NOTIFY_NONE) {
+			ok &= notify_valid(e->notify[i]);
+			t += SPOOL_ITEM_HDR_LEN + 1;
+		}
+		if (e->orcpts && has_str(e->orcpts[i]))
+			item_len(e->orcpts[i], &t, &ok);
+	}
 	item_len(e->helo, &t, &ok);
 	item_len(e->client_addr, &t, &ok);
 	item_len(e->proto, &t, &ok);
 	t += 2 * (SPOOL_ITEM_HDR_LEN + 8) + 2 * (SPOOL_ITEM_HDR_LEN + 1) +
 	     SPOOL_ITEM_HDR_LEN;
+	if (has_str(e->envid))
+		item_len(e->envid, &t, &ok);
+	if (e->ret != FD_RET_NONE) {
+		ok &= (unsigned)e->ret <= FD_RET_HDRS;
+		t += SPOOL_ITEM_HDR_LEN + 1;
+	}
 	if (!ok || t > SPOOL_ENV_MAX)
 		return 0;
 	return t;
@@ -279,8 +309,13 @@ spool_env_encode(const struct fd_envelope *e, uint8_t *out, size_t cap)
 	if (need == 0 || need > cap)
 		return 0;
 	o = put_str(o, SPOOL_ITEM_MAIL_FROM, e->mail_from);
-	for (unsigned i = 0; i < e->n_rcpts; i++)
+	for (unsigned i = 0; i < e->n_rcpts; i++) {
 		o = put_str(o, SPOOL_ITEM_RCPT, e->rcpts[i]);
+		if (e->notify && e->notify[i] != FD_NOTIFY_NONE)
+			o = put_item(o, SPOOL_ITEM_RCPT_NOTIFY, &e->notify[i], 1);
+		if (e->orcpts && has_str(e->orcpts[i]))
+			o = put_str(o, SPOOL_ITEM_RCPT_ORCPT, e->orcpts[i]);
+	}
 	o = put_str(o, SPOOL_ITEM_HELO, e->helo);
 	o = put_str(o, SPOOL_ITEM_CLIENT_ADDR, e->client_addr);
 	o = put_str(o, SPOOL_ITEM_PROTO, e->proto);
@@ -292,6 +327,12 @@ spool_env_encode(const struct fd_envelope *e, uint8_t *out, size_t cap)
 	o = put_item(o, SPOOL_ITEM_BODY, &b, 1);
 	b = e->smtputf8 ? 1 : 0;
 	o = put_item(o, SPOOL_ITEM_SMTPUTF8, &b, 1);
+	if (has_str(e->envid))
+		o = put_str(o, SPOOL_ITEM_ENVID, e->envid);
+	if (e->ret != FD_RET_NONE) {
+		b = (uint8_t)e->ret;
+		o = put_item(o, SPOOL_ITEM_RET, &b, 1);
+	}
 	o = put_item(o, SPOOL_ITEM_END, NULL, 0);
 	return (size_t)(o - out);
 }
@@ -299,22 +340,29 @@ spool_env_encode(const struct fd_envelope *e, uint8_t *out, size_t cap)
 size_t
 spool_env_scratch_len(size_t n)
 {
-	/* Each item costs >= 3 input bytes: at most n/3 NULs and pointers. */
-	return n + (n / SPOOL_ITEM_HDR_LEN + 1) * (1 + sizeof(char *)) +
+	/*
+	 * Each item costs >= 3 input bytes, so at most n/3 of them: per item
+	 * one NUL, and per recipient two pointers (rcpts, orcpts) and one
+	 * notify byte; the strings themselves are at most n bytes.
+	 */
+	return n + (n / SPOOL_ITEM_HDR_LEN + 1) * (2 + 2 * sizeof(char *)) +
 	       sizeof(char *) + 8;
 }
 
 /*
  * Two passes: the first validates and counts, the second copies. scratch
- * layout: the rcpts pointer array (aligned), then the strings.
+ * layout: the rcpts pointer array (aligned), the orcpts pointer array (if
+ * any ORCPT), the strings, then the notify bytes (if any NOTIFY).
  */
 enum spool_dec
 spool_env_decode(const uint8_t *p, size_t n, struct fd_envelope *env,
 		 void *scratch, size_t scratch_len)
 {
 	unsigned seen = 0, n_rcpts = 0;
+	unsigned rcpt_dsn = 0; /* DSN items seen for the current RCPT */
 	size_t off = 0, strbytes = 0;
-	bool ended = false;
+	bool ended = false, in_rcpt = false;
+	bool any_notify = false, any_orcpt = false;
 
 	while (off < n) {
 		unsigned type;
@@ -333,6 +381,11 @@ spool_env_decode(const uint8_t *p, size_t n, struct fd_envelope *env,
 				return SPOOL_DEC_ERR_ITEM;
 			ended = true;
 			break;
+		case SPOOL_ITEM_ENVID:
+		case SPOOL_ITEM_RCPT_ORCPT:
+			if (len == 0) /* the writer omits empty ones */
+				return SPOOL_DEC_ERR_ITEM;
+			/* fall through */
 		case SPOOL_ITEM_MAIL_FROM:
 		case SPOOL_ITEM_RCPT:
 		case SPOOL_ITEM_HELO:
@@ -341,6 +394,15 @@ spool_env_decode(const uint8_t *p, size_t n, struct fd_envelope *env,
 			if (memchr(p + off, 0, len))
 				return SPOOL_DEC_ERR_ITEM;
 			strbytes += len + 1;
+			break;
+		case SPOOL_ITEM_RET:
+			if (len != 1 || p[off] < FD_RET_FULL ||
+			    p[off] > FD_RET_HDRS)
+				return SPOOL_DEC_ERR_ITEM;
+			break;
+		case SPOOL_ITEM_RCPT_NOTIFY:
+			if (len != 1 || !notify_valid(p[off]))
+				return SPOOL_DEC_ERR_ITEM;
 			break;
 		case SPOOL_ITEM_ARRIVAL_US:
 		case SPOOL_ITEM_SIZE:
@@ -360,7 +422,19 @@ spool_env_decode(const uint8_t *p, size_t n, struct fd_envelope *env,
 		}
 		if (type == SPOOL_ITEM_RCPT) {
 			n_rcpts++;
+			in_rcpt = true;
+			rcpt_dsn = 0;
+		} else if (type == SPOOL_ITEM_RCPT_NOTIFY ||
+			   type == SPOOL_ITEM_RCPT_ORCPT) {
+			/* Only right after its RCPT (or that RCPT's other
+			 * DSN item), once each. */
+			if (!in_rcpt || (rcpt_dsn & (1u << type)))
+				return SPOOL_DEC_ERR_ITEM;
+			rcpt_dsn |= 1u << type;
+			any_notify |= type == SPOOL_ITEM_RCPT_NOTIFY;
+			any_orcpt |= type == SPOOL_ITEM_RCPT_ORCPT;
 		} else {
+			in_rcpt = false;
 			if (seen & (1u << type))
 				return SPOOL_DEC_ERR_ITEM; /* duplicate */
 			seen |= 1u << type;
@@ -375,18 +449,25 @@ spool_env_decode(const uint8_t *p, size_t n, struct fd_envelope *env,
 	/* Pass 2. */
 	uintptr_t base = (uintptr_t)scratch;
 	size_t pad = (sizeof(char *) - base % sizeof(char *)) % sizeof(char *);
-	size_t need = pad + n_rcpts * sizeof(char *) + strbytes;
+	size_t n_ptrs = (size_t)n_rcpts * (any_orcpt ? 2 : 1);
+	size_t need = pad + n_ptrs * sizeof(char *) + strbytes +
+		      (any_notify ? n_rcpts : 0);
 	if (need > scratch_len)
 		return SPOOL_DEC_ERR_LEN;
 	const char **rc = (const char **)(void *)((char *)scratch + pad);
-	char *s = (char *)(rc + n_rcpts);
+	const char **oc = any_orcpt ? rc + n_rcpts : NULL;
+	char *s = (char *)(rc + n_ptrs);
+	uint8_t *nt = any_notify ? (uint8_t *)s + strbytes : NULL;
 	static const char empty[] = "";
 	unsigned ri = 0;
 
 	memset(env, 0, sizeof(*env));
 	env->mail_from = env->helo = env->client_addr = env->proto = empty;
+	env->envid = empty;
 	env->rcpts = rc;
 	env->n_rcpts = n_rcpts;
+	env->notify = nt;
+	env->orcpts = oc;
 	off = 0;
 	for (;;) {
 		unsigned type = p[off];
@@ -401,6 +482,8 @@ spool_env_decode(const uint8_t *p, size_t n, struct fd_envelope *env,
 		case SPOOL_ITEM_HELO:
 		case SPOOL_ITEM_CLIENT_ADDR:
 		case SPOOL_ITEM_PROTO:
+		case SPOOL_ITEM_ENVID:
+		case SPOOL_ITEM_RCPT_ORCPT:
 			memcpy(s, v, len);
 			s[len] = '\0';
 			s += len + 1;
@@ -415,7 +498,28 @@ spool_env_decode(const uint8_t *p, size_t n, struct fd_envelope *env,
 			env->mail_from = str;
 			break;
 		case SPOOL_ITEM_RCPT:
+			if (oc)
+				oc[ri] = empty;
+			if (nt)
+				nt[ri] = FD_NOTIFY_NONE;
 			rc[ri++] = str;
+			break;
+		case SPOOL_ITEM_RCPT_NOTIFY:
+			/* pass 1: ri >= 1 and nt != NULL here */
+			if (ri == 0 || !nt)
+				return SPOOL_DEC_ERR_ITEM;
+			nt[ri - 1] = v[0];
+			break;
+		case SPOOL_ITEM_RCPT_ORCPT:
+			if (ri == 0 || !oc)
+				return SPOOL_DEC_ERR_ITEM;
+			oc[ri - 1] = str;
+			break;
+		case SPOOL_ITEM_ENVID:
+			env->envid = str;
+			break;
+		case SPOOL_ITEM_RET:
+			env->ret = (enum fd_dsn_ret)v[0];
 			break;
 		case SPOOL_ITEM_HELO:
 			env->helo = str;

@@ -37,7 +37,10 @@
  *
  * ENV payload: envelope items, each  u8 type, u16 length, bytes; strings
  * carry no NUL; the last item is SPOOL_ITEM_END (length 0) and ends the
- * payload exactly.
+ * payload exactly. The DSN items (10-13) are written only when the
+ * envelope has them, so an envelope without DSN parameters encodes exactly
+ * as before they existed; RCPT_NOTIFY and RCPT_ORCPT belong to the RCPT
+ * item they follow (directly, or after that RCPT's other DSN item).
  */
 #ifndef FINALDOT_SPOOL_FORMAT_H
 #define FINALDOT_SPOOL_FORMAT_H
@@ -76,6 +79,10 @@ enum spool_item_type {
 	SPOOL_ITEM_SIZE = 7,       /* u64 */
 	SPOOL_ITEM_BODY = 8,       /* u8 enum fd_body_type */
 	SPOOL_ITEM_SMTPUTF8 = 9,   /* u8 0/1 */
+	SPOOL_ITEM_ENVID = 10,       /* string (xtext), not empty */
+	SPOOL_ITEM_RET = 11,         /* u8 enum fd_dsn_ret, 1 or 2 */
+	SPOOL_ITEM_RCPT_NOTIFY = 12, /* u8 fd_dsn_notify bits, not 0 */
+	SPOOL_ITEM_RCPT_ORCPT = 13,  /* string (addr-type;xtext), not empty */
 };
 
 /* Decoder results: AGAIN (need more bytes) is never an error (STYLE.md 5). */
@@ -206,16 +213,19 @@ enum spool_dec spool_rec_decode(const uint8_t *p, size_t n, uint64_t epoch,
 
 /*
  * Envelope items. spool_env_encoded_len() is 0 when the envelope cannot be
- * encoded (a string longer than SPOOL_ITEM_MAX, or the total above
- * SPOOL_ENV_MAX). spool_env_encode() returns bytes written or 0.
+ * encoded (a string longer than SPOOL_ITEM_MAX, the total above
+ * SPOOL_ENV_MAX, a ret or notify value outside its enum). A NULL envid
+ * counts as "". spool_env_encode() returns bytes written or 0.
  */
 size_t spool_env_encoded_len(const struct fd_envelope *env);
 size_t spool_env_encode(const struct fd_envelope *env, uint8_t *out,
 			size_t cap);
 /*
- * Decode into env, whose strings and rcpts array are placed in scratch
- * (scratch_len >= spool_env_scratch_len(n), any alignment). The envelope is
- * valid while scratch is.
+ * Decode into env, whose strings and its rcpts, notify and orcpts arrays are
+ * placed in scratch (scratch_len >= spool_env_scratch_len(n), any
+ * alignment). The envelope is valid while scratch is. envid is "" and
+ * notify / orcpts NULL when no item carried them; otherwise the array has
+ * n_rcpts entries (0 / "" for a recipient without).
  */
 size_t spool_env_scratch_len(size_t n);
 enum spool_dec spool_env_decode(const uint8_t *p, size_t n,

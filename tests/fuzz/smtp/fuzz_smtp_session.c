@@ -1,8 +1,9 @@
 /*
  * Fuzz target: one SMTP session driven by the input, against the fake
  * spool of the unit tests. Byte 0 picks the configuration (greet delay,
- * spool room, size limit), bytes 1-4 seed the split points and the commit
- * verdicts; the rest is what the client sends. Invariants checked:
+ * spool room, size limit, a recipient checker), bytes 1-4 seed the split
+ * points and the commit verdicts; the rest is what the client sends.
+ * Invariants checked:
  *  - every reply line is "ddd" + SP or "-", printable, CRLF-terminated;
  *  - "queued as" appears exactly as often as commit_done(0) was called;
  *  - the sink contract holds (append within room, on an open message...);
@@ -30,6 +31,17 @@ rnd(uint32_t *st)
 	*st ^= *st >> 17;
 	*st ^= *st << 5;
 	return *st;
+}
+
+/* A recipient checker that depends on the address only: local parts
+ * starting with 'u' are unknown, with 't' a temporary failure. */
+static int
+fuzz_rcpt_check(void *ctx, const char *addr)
+{
+	(void)ctx;
+	if (addr[0] == 'u')
+		return 0;
+	return addr[0] == 't' ? -1 : 1;
 }
 
 static void
@@ -73,6 +85,8 @@ run_once(const uint8_t *cfgb, const uint8_t *in, size_t n, bool split,
 	cfg.max_message_size = (cfgb[0] & 2) ? 64 : 33554432;
 	cfg.max_recipients = (cfgb[0] & 4) ? 2 : 100;
 	cfg.max_errors = (cfgb[0] & 8) ? 3 : 20;
+	if (cfgb[0] & 128)
+		cfg.rcpt_check = fuzz_rcpt_check;
 	if (!td_open(&t, &cfg, (cfgb[0] & 16) ? "2001:db8::5" : "192.0.2.5"))
 		abort();
 	t.auto_commit = false;

@@ -77,7 +77,14 @@ struct fake_sink {
 	enum fd_body_type body_type;
 	bool smtputf8;
 	uint64_t size_param, arrival_us;
+	/* DSN (RFC 3461): the first FS_DSN_RCPTS recipients' parameters. */
+	char envid[128];
+	enum fd_dsn_ret ret;
+	bool has_notify, has_orcpts;
+	uint8_t notify[4];
+	char orcpt[4][520];
 };
+#define FS_DSN_RCPTS 4
 
 static inline void *
 fs_begin(void *sink, const struct fd_envelope *env, void *sctx,
@@ -109,6 +116,21 @@ fs_begin(void *sink, const struct fd_envelope *env, void *sctx,
 	fs->smtputf8 = env->smtputf8;
 	fs->size_param = env->size_param;
 	fs->arrival_us = env->arrival_us;
+	if (!env->envid)
+		fs->violations++; /* the engine always sets it */
+	snprintf(fs->envid, sizeof(fs->envid), "%s",
+		 env->envid ? env->envid : "");
+	fs->ret = env->ret;
+	fs->has_notify = env->notify != NULL;
+	fs->has_orcpts = env->orcpts != NULL;
+	for (unsigned i = 0; i < FS_DSN_RCPTS; i++) {
+		bool in = i < env->n_rcpts;
+		fs->notify[i] = in && env->notify ? env->notify[i] : 0;
+		snprintf(fs->orcpt[i], sizeof(fs->orcpt[i]), "%s",
+			 in && env->orcpts ? env->orcpts[i] : "");
+		if (in && env->orcpts && !env->orcpts[i])
+			fs->violations++;
+	}
 	if (env->n_rcpts == 0 || !env->mail_from)
 		fs->violations++;
 	fs->body.len = 0;

@@ -138,7 +138,7 @@ static struct path_case rcpt_cases[] = {
 	 true},
 	{"TO:<b\xc0\xaf@example.com>", SMTP_PARSE_ERR_UTF8, "", "", false,
 	 true},
-	{"TO:<bob@example.com> NOTIFY=NEVER", SMTP_PARSE_ERR_PARAM_UNKNOWN, "",
+	{"TO:<bob@example.com> X-NOTIFY=NEVER", SMTP_PARSE_ERR_PARAM_UNKNOWN, "",
 	 "", false, false},
 	{"TO:<bob@example.com>x", SMTP_PARSE_ERR_SYNTAX, "", "", false, false},
 	{"TO:<01234567890123456789012345678901234567890123456789012345678901234"
@@ -261,4 +261,96 @@ Test(smtp_parse, utf8_validation)
 	cr_assert(!smtp_utf8_valid((const uint8_t *)"\xed\xa0\x80", 3));
 	cr_assert(!smtp_utf8_valid((const uint8_t *)"\xf4\x90\x80\x80", 4));
 	cr_assert(!smtp_utf8_valid((const uint8_t *)"\xff", 1));
+}
+
+Test(smtp_parse, xtext_rfc3461)
+{
+	cr_assert(smtp_xtext_valid("", 0));
+	cr_assert(smtp_xtext_valid("abc+2B+3D~!", 11));
+	cr_assert(!smtp_xtext_valid("a+2b", 4), "hex digits are upper case");
+	cr_assert(!smtp_xtext_valid("a+2", 3));
+	cr_assert(!smtp_xtext_valid("a+", 2));
+	cr_assert(!smtp_xtext_valid("a=b", 3));
+	cr_assert(!smtp_xtext_valid("a b", 3));
+	cr_assert(!smtp_xtext_valid("a\x7f", 2));
+	cr_assert(!smtp_xtext_valid("\xc3\xa9", 2));
+}
+
+Test(smtp_parse, mail_dsn_parameters)
+{
+	struct smtp_mail_args m;
+	const char *a;
+
+	a = "FROM:<a@b.example> RET=hdrs ENVID=x+2By";
+	cr_assert_eq(smtp_parse_mail(a, strlen(a), &m), SMTP_PARSE_OK);
+	cr_assert_eq(m.ret, FD_RET_HDRS);
+	cr_assert_eq(m.envid_len, 5);
+	cr_assert(memcmp(m.envid, "x+2By", 5) == 0);
+	cr_assert_eq(m.n_params, 2);
+	a = "FROM:<a@b.example>";
+	cr_assert_eq(smtp_parse_mail(a, strlen(a), &m), SMTP_PARSE_OK);
+	cr_assert_eq(m.ret, FD_RET_NONE);
+	cr_assert_null(m.envid);
+	a = "FROM:<a@b.example> RET=FULL RET=FULL";
+	cr_assert_eq(smtp_parse_mail(a, strlen(a), &m), SMTP_PARSE_ERR_SYNTAX);
+	a = "FROM:<a@b.example> RET=NONE";
+	cr_assert_eq(smtp_parse_mail(a, strlen(a), &m), SMTP_PARSE_ERR_SYNTAX);
+}
+
+Test(smtp_parse, rcpt_dsn_parameters)
+{
+	struct smtp_rcpt_args r;
+	const char *a;
+
+	a = "TO:<b@example.com> NOTIFY=failure,DELAY,success "
+	    "ORCPT=rfc822;b+2B1@example.com";
+	cr_assert_eq(smtp_parse_rcpt(a, strlen(a), &r), SMTP_PARSE_OK);
+	cr_assert_eq(r.notify, FD_NOTIFY_FAILURE | FD_NOTIFY_DELAY |
+				       FD_NOTIFY_SUCCESS);
+	cr_assert_eq(r.orcpt_len, strlen("rfc822;b+2B1@example.com"));
+	cr_assert(memcmp(r.orcpt, "rfc822;b+2B1@example.com", r.orcpt_len) ==
+		  0);
+	a = "TO:<b@example.com> NOTIFY=NEVER";
+	cr_assert_eq(smtp_parse_rcpt(a, strlen(a), &r), SMTP_PARSE_OK);
+	cr_assert_eq(r.notify, FD_NOTIFY_NEVER);
+	cr_assert_null(r.orcpt);
+	a = "TO:<b@example.com> NOTIFY=NEVER,NEVER,DELAY";
+	cr_assert_eq(smtp_parse_rcpt(a, strlen(a), &r), SMTP_PARSE_ERR_SYNTAX);
+	cr_assert(r.path_ok);
+	a = "TO:<b@example.com> ORCPT=x-foo;";
+	cr_assert_eq(smtp_parse_rcpt(a, strlen(a), &r), SMTP_PARSE_OK,
+		     "any atom as addr-type, empty xtext");
+	a = "TO:<b@example.com> ORCPT=utf-8;j\xc3\xb6rg@x";
+	cr_assert_eq(smtp_parse_rcpt(a, strlen(a), &r), SMTP_PARSE_OK,
+		     "RFC 6533 unitext under the utf-8 type");
+	a = "TO:<b@example.com> ORCPT=rfc822;j\xc3\xb6rg@x";
+	cr_assert_eq(smtp_parse_rcpt(a, strlen(a), &r), SMTP_PARSE_ERR_SYNTAX);
+}
+
+Test(smtp_parse, per_verb_line_limits)
+{
+	struct smtp_line l;
+	uint8_t buf[1100];
+	size_t used;
+	const char *c;
+
+	cr_assert_eq(smtp_line_limit("MAIL FROM:<>", 12), SMTP_PARAM_LINE_MAX);
+	cr_assert_eq(smtp_line_limit("rcpt TO:<a@b>", 13), SMTP_PARAM_LINE_MAX);
+	cr_assert_eq(smtp_line_limit("NOOP", 4), SMTP_LINE_MAX);
+	cr_assert_eq(smtp_line_limit("MAILX", 5), SMTP_LINE_MAX);
+	/* A raised limit keeps up to SMTP_PARAM_LINE_MAX octets. */
+	memset(buf, 'a', sizeof(buf));
+	buf[1022] = '\r';
+	buf[1023] = '\n';
+	smtp_line_reset(&l);
+	smtp_line_set_max(&l, SMTP_PARAM_LINE_MAX);
+	cr_assert_eq(smtp_line_feed(&l, buf, 1024, &used), SMTP_PARSE_OK);
+	cr_assert_eq(smtp_line_wire_len(&l), 1024);
+	cr_assert_eq(smtp_line_content(&l, &c), 1022);
+	smtp_line_reset(&l);
+	smtp_line_set_max(&l, 100000); /* clamped to the buffer */
+	buf[1023] = 'a';
+	buf[1024] = '\n';
+	cr_assert_eq(smtp_line_feed(&l, buf, 1025, &used),
+		     SMTP_PARSE_ERR_TOO_LONG);
 }

@@ -17,8 +17,8 @@ TestSuite(smtp_session, .fini = lsan_fini);
 #define GREETING "220 mx.example.com ESMTP finaldot\r\n"
 #define EHLO_REPLY                                                             \
 	"250-mx.example.com\r\n250-PIPELINING\r\n250-SIZE 33554432\r\n"         \
-	"250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n"           \
-	"250 CHUNKING\r\n"
+	"250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n"              \
+	"250-SMTPUTF8\r\n250 CHUNKING\r\n"
 #define RECEIVED_ONE                                                           \
 	"Received: from client.example.net ([192.0.2.1])\r\n"                  \
 	"\tby mx.example.com (finaldot) with ESMTP id 0000000000000001\r\n"   \
@@ -251,7 +251,7 @@ Test(smtp_session, mail_parameters)
 	expect("MAIL FROM:<>\r\nRCPT TO:<b\xc3\xa9@example.com>\r\n",
 	       "250 2.1.0 Ok\r\n553 5.6.7 Non-ASCII address requires "
 	       "SMTPUTF8\r\n");
-	expect("RCPT TO:<bob@example.com> NOTIFY=NEVER\r\n",
+	expect("RCPT TO:<bob@example.com> X-FOO=1\r\n",
 	       "555 5.5.4 Unsupported RCPT parameter\r\n");
 	expect("RCPT TO:<bob@example.com>\r\nDATA\r\n.\r\n",
 	       "250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -438,8 +438,8 @@ Test(smtp_session, message_size_limit)
 	take();
 	expect(HELLO FROM TO "DATA\r\n",
 	       "250-mx.example.com\r\n250-PIPELINING\r\n250-SIZE 20\r\n"
-	       "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n"
-	       "250 CHUNKING\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+	       "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n"
+	       "250-SMTPUTF8\r\n250 CHUNKING\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
 	       "354 End data with <CR><LF>.<CR><LF>\r\n");
 	expect(body, "552 5.3.4 Error: message size exceeds fixed limit\r\n");
 	cr_assert_eq(t.fs.aborts, 1);
@@ -1063,5 +1063,371 @@ Test(smtp_session, bdat_0_last_held_until_header_fits)
 	cr_assert(smtp_session_commit_pending(t.s));
 	cr_assert_str_eq(t.fs.body.p,
 			 RECEIVED_ONE);
+	finish();
+}
+
+/* ---- DSN parameters (RFC 3461) ---- */
+
+Test(smtp_session, dsn_advertised_after_ehlo_only)
+{
+	const char *out;
+
+	start();
+	take();
+	td_feeds(&t, HELLO);
+	out = take();
+	cr_assert(strstr(out, "\r\n250-DSN\r\n"), "%s", out);
+	td_feeds(&t, "HELO c.example.net\r\n");
+	cr_assert_str_eq(take(), "250 mx.example.com\r\n");
+	finish();
+}
+
+Test(smtp_session, dsn_parameters_stored_in_envelope)
+{
+	start();
+	take();
+	expect(HELLO "MAIL FROM:<alice@example.net> RET=HDRS "
+		     "ENVID=QQ314159+2Bx\r\n"
+		     "RCPT TO:<bob@example.com> NOTIFY=SUCCESS,FAILURE "
+		     "ORCPT=rfc822;bob+2B1@example.com\r\n"
+		     "RCPT TO:<carol@example.org>\r\n"
+		     "RCPT TO:<postmaster> NOTIFY=NEVER\r\n"
+		     "RCPT TO:<dave@example.com> ORCPT=utf-8;d\\x{E9}@x.example\r\n"
+		     "DATA\r\nx\r\n.\r\n",
+	       EHLO_REPLY "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+			  "250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+			  "354 End data with <CR><LF>.<CR><LF>\r\n"
+			  "250 2.0.0 Ok: queued as 0000000000000001\r\n");
+	cr_assert_eq(t.fs.n_rcpts, 4);
+	cr_assert_str_eq(t.fs.envid, "QQ314159+2Bx");
+	cr_assert_eq(t.fs.ret, FD_RET_HDRS);
+	cr_assert(t.fs.has_notify);
+	cr_assert_eq(t.fs.notify[0], FD_NOTIFY_SUCCESS | FD_NOTIFY_FAILURE);
+	cr_assert_eq(t.fs.notify[1], FD_NOTIFY_NONE);
+	cr_assert_eq(t.fs.notify[2], FD_NOTIFY_NEVER);
+	cr_assert_eq(t.fs.notify[3], FD_NOTIFY_NONE);
+	cr_assert(t.fs.has_orcpts);
+	cr_assert_str_eq(t.fs.orcpt[0], "rfc822;bob+2B1@example.com");
+	cr_assert_str_eq(t.fs.orcpt[1], "");
+	cr_assert_str_eq(t.fs.orcpt[2], "");
+	cr_assert_str_eq(t.fs.orcpt[3], "utf-8;d\\x{E9}@x.example");
+	/* The next transaction starts clean. */
+	expect(FROM TO "DATA\r\ny\r\n.\r\n",
+	       "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+	       "354 End data with <CR><LF>.<CR><LF>\r\n"
+	       "250 2.0.0 Ok: queued as 0000000000000002\r\n");
+	cr_assert_str_eq(t.fs.envid, "");
+	cr_assert_eq(t.fs.ret, FD_RET_NONE);
+	cr_assert(!t.fs.has_notify);
+	cr_assert(!t.fs.has_orcpts);
+	finish();
+}
+
+Test(smtp_session, dsn_keywords_case_insensitive_with_bdat)
+{
+	start();
+	take();
+	expect(HELLO "MAIL FROM:<> ret=full Envid=abc SIZE=3\r\n"
+		     "RCPT TO:<bob@example.com> orcpt=RFC822;b@x "
+		     "notify=delay,Success\r\nBDAT 3 LAST\r\nabc",
+	       EHLO_REPLY "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+			  "250 2.0.0 Ok: queued as 0000000000000001\r\n");
+	cr_assert_eq(t.fs.ret, FD_RET_FULL);
+	cr_assert_str_eq(t.fs.envid, "abc");
+	cr_assert_eq(t.fs.notify[0], FD_NOTIFY_DELAY | FD_NOTIFY_SUCCESS);
+	cr_assert_str_eq(t.fs.orcpt[0], "RFC822;b@x");
+	cr_assert_eq(t.fs.size_param, 3);
+	finish();
+}
+
+static void
+long_value(char *buf, size_t n, char c)
+{
+	memset(buf, c, n);
+	buf[n] = '\0';
+}
+
+Test(smtp_session, dsn_malformed_or_duplicate_parameters_501)
+{
+	static const char *const mail_bad[] = {
+		"RET=PARTIAL", "RET", "RET=", "RET=FULL RET=HDRS",
+		"RET=FULL RET=FULL", "ENVID", "ENVID=a+2", "ENVID=a+zz",
+		"ENVID=a+2b", "ENVID=a+", "ENVID=\xc3\xa9t\xc3\xa9",
+		"ENVID=a ENVID=b", "ENVID=a=b",
+	};
+	static const char *const rcpt_bad[] = {
+		"NOTIFY=NEVER,SUCCESS", "NOTIFY=SUCCESS,NEVER", "NOTIFY",
+		"NOTIFY=", "NOTIFY=SUCCESS,", "NOTIFY=,FAILURE",
+		"NOTIFY=SUCCES", "NOTIFY=DELAY NOTIFY=DELAY",
+		"ORCPT=rfc822", "ORCPT=;a@b.example", "ORCPT=rfc822;a+ZZ",
+		"ORCPT=rfc\"822;a@b", "ORCPT=rfc822;a@b ORCPT=rfc822;a@b",
+		"ORCPT=rfc822;a\xc3\xa9@b", "ORCPT",
+	};
+	char line[1100], v[600];
+	struct smtp_config cfg;
+
+	td_config(&cfg);
+	cfg.max_errors = 0;
+	start_cfg(&cfg, NULL);
+	take();
+	expect(HELLO, EHLO_REPLY);
+	for (size_t i = 0; i < sizeof(mail_bad) / sizeof(mail_bad[0]); i++) {
+		snprintf(line, sizeof(line), "MAIL FROM:<a@b.example> %s\r\n",
+			 mail_bad[i]);
+		expect(line, "501 5.5.4 Syntax error in MAIL parameters\r\n");
+	}
+	/* ENVID: 100 octets is the limit (RFC 3461 4.4). */
+	long_value(v, 101, 'e');
+	snprintf(line, sizeof(line), "MAIL FROM:<a@b.example> ENVID=%s\r\n", v);
+	expect(line, "501 5.5.4 Syntax error in MAIL parameters\r\n");
+	long_value(v, 100, 'e');
+	snprintf(line, sizeof(line), "MAIL FROM:<a@b.example> ENVID=%s\r\n", v);
+	expect(line, "250 2.1.0 Ok\r\n");
+	cr_assert_eq(smtp_server_stats(t.srv)->syntax_errors, 14);
+	for (size_t i = 0; i < sizeof(rcpt_bad) / sizeof(rcpt_bad[0]); i++) {
+		snprintf(line, sizeof(line), "RCPT TO:<bob@example.com> %s\r\n",
+			 rcpt_bad[i]);
+		expect(line, "501 5.5.4 Syntax error in RCPT parameters\r\n");
+	}
+	expect("DATA\r\n", "554 5.5.1 Error: no valid recipients\r\n");
+	cr_assert_eq(t.fs.begins, 0);
+	finish();
+}
+
+Test(smtp_session, dsn_orcpt_longer_than_500_rejected)
+{
+	char line[1200], v[1100];
+	struct smtp_config cfg;
+
+	td_config(&cfg);
+	cfg.max_errors = 0;
+	start_cfg(&cfg, NULL);
+	take();
+	expect(HELLO FROM, EHLO_REPLY "250 2.1.0 Ok\r\n");
+	/* "rfc822;" + 494 = 501 octets. */
+	long_value(v, 494, 'x');
+	snprintf(line, sizeof(line),
+		 "RCPT TO:<bob@example.com> ORCPT=rfc822;%s\r\n", v);
+	expect(line, "501 5.5.4 Syntax error in RCPT parameters\r\n");
+	/* 500 is fine, and the line (548 octets) is over 512: RCPT lines
+	 * may be longer (RFC 3461 4). */
+	long_value(v, 493, 'x');
+	snprintf(line, sizeof(line),
+		 "RCPT TO:<bob@example.com> ORCPT=rfc822;%s NOTIFY=DELAY\r\n",
+		 v);
+	cr_assert_gt(strlen(line), 512);
+	expect(line, "250 2.1.5 Ok\r\n");
+	/* Other verbs keep 512. */
+	long_value(v, 600, 'n');
+	snprintf(line, sizeof(line), "NOOP %s\r\n", v);
+	expect(line, "500 5.5.2 Error: line too long\r\n");
+	/* And MAIL/RCPT stop at 1024. */
+	long_value(v, 1030, 'x');
+	v[0] = '<';
+	snprintf(line, sizeof(line), "RCPT TO:%.1050s\r\n", v);
+	expect(line, "500 5.5.2 Error: line too long\r\n");
+	expect("DATA\r\nx\r\n.\r\n",
+	       "354 End data with <CR><LF>.<CR><LF>\r\n"
+	       "250 2.0.0 Ok: queued as 0000000000000001\r\n");
+	cr_assert_eq(strlen(t.fs.orcpt[0]), 500);
+	cr_assert_eq(t.fs.notify[0], FD_NOTIFY_DELAY);
+	finish();
+}
+
+Test(smtp_session, dsn_parameters_need_ehlo)
+{
+	start();
+	take();
+	expect("HELO c.example.net\r\n", "250 mx.example.com\r\n");
+	expect("MAIL FROM:<a@b.example> RET=FULL\r\n",
+	       "555 5.5.4 MAIL parameters require EHLO\r\n");
+	expect("MAIL FROM:<a@b.example>\r\n", "250 2.1.0 Ok\r\n");
+	expect("RCPT TO:<bob@example.com> NOTIFY=NEVER\r\n",
+	       "555 5.5.4 RCPT parameters require EHLO\r\n");
+	finish();
+}
+
+Test(smtp_session, dsn_orcpts_fill_the_arena_452)
+{
+	char line[700], v[450];
+	unsigned ok = 0, full = 0;
+	struct smtp_config cfg;
+
+	td_config(&cfg);
+	cfg.max_recipients = 100;
+	start_cfg(&cfg, NULL);
+	take();
+	expect(HELLO FROM, EHLO_REPLY "250 2.1.0 Ok\r\n");
+	long_value(v, 440, 'o');
+	for (int i = 0; i < 40; i++) {
+		snprintf(line, sizeof(line),
+			 "RCPT TO:<r%02d@example.com> ORCPT=rfc822;%02d%s\r\n",
+			 i, i, v);
+		td_feeds(&t, line);
+		const char *out = take();
+		if (strcmp(out, "250 2.1.5 Ok\r\n") == 0)
+			ok++;
+		else if (strcmp(out, "452 4.5.3 Error: too many "
+				     "recipients\r\n") == 0)
+			full++;
+	}
+	cr_assert_eq(ok + full, 40);
+	/* 8 KiB: about 460 octets per recipient with its ORCPT. */
+	cr_assert(ok >= 15 && ok <= 18 && full > 0, "ok %u full %u", ok, full);
+	/* A short recipient still fits in what a refused one left. */
+	expect("RCPT TO:<s@example.com>\r\n", "250 2.1.5 Ok\r\n");
+	expect("DATA\r\nx\r\n.\r\n",
+	       "354 End data with <CR><LF>.<CR><LF>\r\n"
+	       "250 2.0.0 Ok: queued as 0000000000000001\r\n");
+	cr_assert_eq(t.fs.n_rcpts, ok + 1);
+	cr_assert(strncmp(t.fs.orcpt[3], "rfc822;03ooo", 12) == 0);
+	cr_assert_eq(strlen(t.fs.orcpt[3]), 7 + 2 + 440);
+	finish();
+}
+
+/* Every split of a DSN transaction: same replies, same envelope. */
+Test(smtp_session, dsn_parameters_every_split)
+{
+	static const char in[] =
+		"EHLO a.example\r\nMAIL FROM:<a@a.example> ENVID=id+2B1 "
+		"RET=HDRS\r\nRCPT TO:<b@example.com> NOTIFY=FAILURE,DELAY "
+		"ORCPT=rfc822;b+2Bx@example.com\r\nRCPT TO:<c@example.com> "
+		"NOTIFY=NEVER\r\nRCPT TO:<d@example.com> NOTIFY=NEVER,DELAY"
+		"\r\nDATA\r\nbody\r\n.\r\nQUIT\r\n";
+	static const char replies[] =
+		EHLO_REPLY "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+			   "501 5.5.4 Syntax error in RCPT parameters\r\n"
+			   "354 End data with <CR><LF>.<CR><LF>\r\n"
+			   "250 2.0.0 Ok: queued as 0000000000000001\r\n"
+			   "221 2.0.0 Bye\r\n";
+	size_t n = sizeof(in) - 1;
+
+	for (size_t k = 0; k <= n + 1; k++) {
+		start();
+		take();
+		if (k <= n) {
+			td_feed(&t, in, k);
+			td_feed(&t, in + k, n - k);
+		} else {
+			for (size_t i = 0; i < n; i++)
+				td_feed(&t, in + i, 1);
+		}
+		cr_assert_str_eq(take(), replies, "split %zu", k);
+		cr_assert_str_eq(t.fs.envid, "id+2B1", "split %zu", k);
+		cr_assert_eq(t.fs.ret, FD_RET_HDRS, "split %zu", k);
+		cr_assert_eq(t.fs.n_rcpts, 2);
+		cr_assert_eq(t.fs.notify[0], FD_NOTIFY_FAILURE | FD_NOTIFY_DELAY);
+		cr_assert_eq(t.fs.notify[1], FD_NOTIFY_NEVER);
+		cr_assert_str_eq(t.fs.orcpt[0], "rfc822;b+2Bx@example.com");
+		cr_assert_str_eq(t.fs.orcpt[1], "");
+		finish();
+	}
+}
+
+/* ---- recipient check hook ---- */
+
+struct fake_rcptdb {
+	unsigned calls;
+	char last[300];
+};
+
+static int
+fake_rcpt_check(void *ctx, const char *addr)
+{
+	struct fake_rcptdb *db = ctx;
+
+	db->calls++;
+	snprintf(db->last, sizeof(db->last), "%s", addr);
+	if (strncmp(addr, "unknown", 7) == 0)
+		return 0;
+	if (strncmp(addr, "tempfail", 8) == 0)
+		return -5;
+	return 1;
+}
+
+static struct fake_rcptdb rdb;
+
+static void
+start_checked(unsigned max_errors)
+{
+	struct smtp_config cfg;
+
+	memset(&rdb, 0, sizeof(rdb));
+	td_config(&cfg);
+	cfg.rcpt_check = fake_rcpt_check;
+	cfg.rcpt_ctx = &rdb;
+	cfg.max_errors = max_errors;
+	start_cfg(&cfg, NULL);
+	take();
+	expect(HELLO FROM, EHLO_REPLY "250 2.1.0 Ok\r\n");
+}
+
+Test(smtp_session, rcpt_check_unknown_550_tempfail_450)
+{
+	start_checked(20);
+	expect("RCPT TO:<Bob@Example.COM>\r\n", "250 2.1.5 Ok\r\n");
+	cr_assert_eq(rdb.calls, 1);
+	cr_assert_str_eq(rdb.last, "Bob@Example.COM");
+	expect("RCPT TO:<unknown@example.com> NOTIFY=NEVER\r\n",
+	       "550 5.1.1 <unknown@example.com>: Recipient address "
+	       "rejected: User unknown\r\n");
+	expect("RCPT TO:<tempfail@example.org>\r\n",
+	       "450 4.1.1 <tempfail@example.org>: Recipient address "
+	       "rejected: try again later\r\n");
+	expect("RCPT TO:<carol@example.org> ORCPT=rfc822;c@x\r\n"
+	       "DATA\r\nx\r\n.\r\n",
+	       "250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+	       "250 2.0.0 Ok: queued as 0000000000000001\r\n");
+	/* Only the accepted ones, with their own parameters. */
+	cr_assert_eq(t.fs.n_rcpts, 2);
+	cr_assert_str_eq(t.fs.rcpt0, "Bob@Example.COM");
+	cr_assert(!t.fs.has_notify, "the refused RCPT's NOTIFY is gone");
+	cr_assert_str_eq(t.fs.orcpt[0], "");
+	cr_assert_str_eq(t.fs.orcpt[1], "rfc822;c@x");
+	cr_assert_eq(smtp_server_stats(t.srv)->rcpt_unknown, 1);
+	cr_assert_eq(smtp_server_stats(t.srv)->syntax_errors, 0);
+	finish();
+}
+
+Test(smtp_session, rcpt_check_skips_postmaster_and_relay_denied)
+{
+	start_checked(20);
+	expect("RCPT TO:<postmaster>\r\nRCPT TO:<PostMaster@example.org>\r\n"
+	       "RCPT TO:<postmaster@EXAMPLE.com>\r\n",
+	       "250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n");
+	expect("RCPT TO:<unknown@elsewhere.example>\r\n",
+	       "550 5.7.1 Relay access denied\r\n");
+	cr_assert_eq(rdb.calls, 0);
+	/* A quoted "postmaster" is an ordinary local part. */
+	expect("RCPT TO:<\"unknown\"@example.com>\r\n",
+	       "250 2.1.5 Ok\r\n");
+	cr_assert_eq(rdb.calls, 1);
+	cr_assert_str_eq(rdb.last, "\"unknown\"@example.com");
+	finish();
+}
+
+Test(smtp_session, rcpt_check_unknowns_count_toward_max_errors)
+{
+	start_checked(3);
+	expect("RCPT TO:<tempfail1@example.com>\r\n"
+	       "RCPT TO:<tempfail2@example.com>\r\n"
+	       "RCPT TO:<unknown1@example.com>\r\n"
+	       "RCPT TO:<unknown2@example.com>\r\nDATA\r\n",
+	       "450 4.1.1 <tempfail1@example.com>: Recipient address "
+	       "rejected: try again later\r\n"
+	       "450 4.1.1 <tempfail2@example.com>: Recipient address "
+	       "rejected: try again later\r\n"
+	       "550 5.1.1 <unknown1@example.com>: Recipient address "
+	       "rejected: User unknown\r\n"
+	       "550 5.1.1 <unknown2@example.com>: Recipient address "
+	       "rejected: User unknown\r\n"
+	       "554 5.5.1 Error: no valid recipients\r\n");
+	expect("RCPT TO:<unknown3@example.com>\r\nNOOP\r\n",
+	       "550 5.1.1 <unknown3@example.com>: Recipient address "
+	       "rejected: User unknown\r\n"
+	       "421 4.7.0 mx.example.com Error: too many errors\r\n");
+	cr_assert(smtp_session_want_close(t.s));
+	cr_assert_eq(smtp_server_stats(t.srv)->rcpt_unknown, 3);
+	cr_assert_eq(t.fs.begins, 0);
 	finish();
 }

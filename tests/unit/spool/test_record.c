@@ -148,6 +148,225 @@ Test(record, envelope_malformed_rejected)
 	cr_assert_neq(spool_env_decode(pl, n, &d, scr, 8), SPOOL_DEC_OK);
 }
 
+/* ---- DSN items (RFC 3461) ---- */
+
+static const uint8_t dsn_notify[] = { FD_NOTIFY_SUCCESS | FD_NOTIFY_FAILURE,
+				      FD_NOTIFY_NONE, FD_NOTIFY_NEVER };
+static const char *const dsn_orcpts[] = { "rfc822;a+2B1@example.org", "",
+					  "utf-8;\\x{E9}t\\x{E9}@example.com" };
+
+static struct fd_envelope
+dsn_env(void)
+{
+	struct fd_envelope e = sample_env();
+
+	e.envid = "QQ314159+2Bx";
+	e.ret = FD_RET_HDRS;
+	e.notify = dsn_notify;
+	e.orcpts = dsn_orcpts;
+	return e;
+}
+
+Test(record, envelope_dsn_round_trip)
+{
+	struct fd_envelope e = dsn_env(), d;
+	uint8_t pl[1024];
+	size_t n = spool_env_encode(&e, pl, sizeof(pl));
+	size_t sl = spool_env_scratch_len(n);
+	void *scr = malloc(sl);
+
+	cr_assert_gt(n, 0);
+	cr_assert_eq(n, spool_env_encoded_len(&e));
+	cr_assert_eq(spool_env_decode(pl, n, &d, scr, sl), SPOOL_DEC_OK);
+	cr_assert_str_eq(d.envid, "QQ314159+2Bx");
+	cr_assert_eq(d.ret, FD_RET_HDRS);
+	cr_assert_eq(d.n_rcpts, 3);
+	cr_assert_not_null(d.notify);
+	cr_assert_not_null(d.orcpts);
+	for (unsigned i = 0; i < 3; i++) {
+		cr_assert_str_eq(d.rcpts[i], rcpts[i]);
+		cr_assert_eq(d.notify[i], dsn_notify[i], "rcpt %u", i);
+		cr_assert_str_eq(d.orcpts[i], dsn_orcpts[i], "rcpt %u", i);
+	}
+	cr_assert_str_eq(d.mail_from, e.mail_from);
+	cr_assert_eq(d.arrival_us, e.arrival_us);
+	free(scr);
+
+	/* Only NOTIFY, only on the last recipient: orcpts stays NULL. */
+	static const uint8_t last_only[] = { 0, 0, FD_NOTIFY_DELAY };
+	e = sample_env();
+	e.notify = last_only;
+	n = spool_env_encode(&e, pl, sizeof(pl));
+	scr = malloc(spool_env_scratch_len(n));
+	cr_assert_eq(spool_env_decode(pl, n, &d, scr, spool_env_scratch_len(n)),
+		     SPOOL_DEC_OK);
+	cr_assert_null(d.orcpts);
+	cr_assert_eq(d.notify[0], FD_NOTIFY_NONE);
+	cr_assert_eq(d.notify[2], FD_NOTIFY_DELAY);
+	cr_assert_str_eq(d.envid, "");
+	cr_assert_eq(d.ret, FD_RET_NONE);
+	free(scr);
+}
+
+/* Without DSN parameters the payload is what it was before items 10-13:
+ * this golden was made by the encoder that predates them. */
+Test(record, envelope_without_dsn_is_byte_identical)
+{
+	static const char *const one[] = { "b" };
+	static const uint8_t golden[] = {
+		1, 1, 0, 'a', 2, 1, 0, 'b', 3, 1, 0, 'h', 4, 1, 0, 'c',
+		5, 1, 0, 'P', 6, 8, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+		7, 8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 8, 1, 0, 2, 9, 1, 0, 1,
+		0, 0, 0,
+	};
+	static const uint8_t none[] = { FD_NOTIFY_NONE };
+	static const char *const empty[] = { "" };
+	struct fd_envelope e = {
+		.mail_from = "a", .rcpts = one, .n_rcpts = 1, .helo = "h",
+		.client_addr = "c", .proto = "P", .arrival_us = 1,
+		.size_param = 2, .body = FD_BODY_8BITMIME, .smtputf8 = true,
+	};
+	uint8_t pl[256], scr[1024];
+	struct fd_envelope d;
+
+	cr_assert_eq(spool_env_encode(&e, pl, sizeof(pl)), sizeof(golden));
+	cr_assert_eq(memcmp(pl, golden, sizeof(golden)), 0);
+	/* Present but empty DSN fields are not written either. */
+	e.envid = "";
+	e.notify = none;
+	e.orcpts = empty;
+	cr_assert_eq(spool_env_encode(&e, pl, sizeof(pl)), sizeof(golden));
+	cr_assert_eq(memcmp(pl, golden, sizeof(golden)), 0);
+	cr_assert_eq(spool_env_decode(golden, sizeof(golden), &d, scr,
+				      sizeof(scr)),
+		     SPOOL_DEC_OK);
+	cr_assert_str_eq(d.envid, "");
+	cr_assert_eq(d.ret, FD_RET_NONE);
+	cr_assert_null(d.notify);
+	cr_assert_null(d.orcpts);
+}
+
+Test(record, envelope_dsn_values_outside_their_enum_not_encoded)
+{
+	static const uint8_t bad_notify[] = { 0, FD_NOTIFY_NEVER |
+						       FD_NOTIFY_DELAY, 0 };
+	struct fd_envelope e = sample_env();
+	uint8_t out[1024];
+
+	e.notify = bad_notify;
+	cr_assert_eq(spool_env_encoded_len(&e), 0);
+	cr_assert_eq(spool_env_encode(&e, out, sizeof(out)), 0);
+	e = sample_env();
+	e.ret = (enum fd_dsn_ret)3;
+	cr_assert_eq(spool_env_encoded_len(&e), 0);
+}
+
+static enum spool_dec
+dec(const uint8_t *p, size_t n)
+{
+	static uint8_t scr[4096];
+	struct fd_envelope d;
+
+	return spool_env_decode(p, n, &d, scr, sizeof(scr));
+}
+
+Test(record, envelope_dsn_items_malformed_rejected)
+{
+	/* RCPT b, NOTIFY, ORCPT (either order) are fine. */
+	uint8_t ok1[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 12, 1, 0, 2,
+			  13, 3, 0, 'x', ';', 'y', 0, 0, 0 };
+	uint8_t ok2[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 13, 3, 0, 'x', ';', 'y',
+			  12, 1, 0, 1, 0, 0, 0 };
+	cr_assert_eq(dec(ok1, sizeof(ok1)), SPOOL_DEC_OK);
+	cr_assert_eq(dec(ok2, sizeof(ok2)), SPOOL_DEC_OK);
+	/* NOTIFY before any RCPT */
+	uint8_t first[] = { 12, 1, 0, 2, 1, 1, 0, 'a', 2, 1, 0, 'b', 0, 0, 0 };
+	cr_assert_eq(dec(first, sizeof(first)), SPOOL_DEC_ERR_ITEM);
+	/* NOTIFY after another item that followed the RCPT */
+	uint8_t late[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 3, 1, 0, 'h',
+			   12, 1, 0, 2, 0, 0, 0 };
+	cr_assert_eq(dec(late, sizeof(late)), SPOOL_DEC_ERR_ITEM);
+	/* ORCPT right after MAIL_FROM */
+	uint8_t orc[] = { 2, 1, 0, 'b', 1, 1, 0, 'a', 13, 1, 0, 'x', 0, 0, 0 };
+	cr_assert_eq(dec(orc, sizeof(orc)), SPOOL_DEC_ERR_ITEM);
+	/* Two NOTIFYs for one RCPT; two ORCPTs for one RCPT */
+	uint8_t dn[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 12, 1, 0, 2, 12, 1, 0, 4,
+			 0, 0, 0 };
+	cr_assert_eq(dec(dn, sizeof(dn)), SPOOL_DEC_ERR_ITEM);
+	uint8_t dor[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 13, 1, 0, 'x', 12, 1, 0,
+			  2, 13, 1, 0, 'y', 0, 0, 0 };
+	cr_assert_eq(dec(dor, sizeof(dor)), SPOOL_DEC_ERR_ITEM);
+	/* NOTIFY values: 0, NEVER|SUCCESS, an unknown bit; wrong length */
+	uint8_t nv[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 12, 1, 0, 0, 0, 0, 0 };
+	static const uint8_t bad_bits[] = { 0, 3, 16, 0x80 };
+	for (size_t i = 0; i < sizeof(bad_bits); i++) {
+		nv[11] = bad_bits[i];
+		cr_assert_eq(dec(nv, sizeof(nv)), SPOOL_DEC_ERR_ITEM, "%u",
+			     bad_bits[i]);
+	}
+	nv[11] = 14;
+	cr_assert_eq(dec(nv, sizeof(nv)), SPOOL_DEC_OK);
+	uint8_t nl[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 12, 2, 0, 2, 2, 0, 0, 0 };
+	cr_assert_eq(dec(nl, sizeof(nl)), SPOOL_DEC_ERR_ITEM);
+	/* RET: 0, 3, length 2, twice */
+	uint8_t rt[] = { 1, 1, 0, 'a', 11, 1, 0, 0, 0, 0, 0 };
+	cr_assert_eq(dec(rt, sizeof(rt)), SPOOL_DEC_ERR_ITEM);
+	rt[7] = 3;
+	cr_assert_eq(dec(rt, sizeof(rt)), SPOOL_DEC_ERR_ITEM);
+	rt[7] = 2;
+	cr_assert_eq(dec(rt, sizeof(rt)), SPOOL_DEC_OK);
+	uint8_t r2[] = { 1, 1, 0, 'a', 11, 1, 0, 1, 11, 1, 0, 1, 0, 0, 0 };
+	cr_assert_eq(dec(r2, sizeof(r2)), SPOOL_DEC_ERR_ITEM);
+	uint8_t rl[] = { 1, 1, 0, 'a', 11, 2, 0, 1, 1, 0, 0, 0 };
+	cr_assert_eq(dec(rl, sizeof(rl)), SPOOL_DEC_ERR_ITEM);
+	/* ENVID / ORCPT: empty, NUL inside, ENVID twice */
+	uint8_t ee[] = { 1, 1, 0, 'a', 10, 0, 0, 0, 0, 0 };
+	cr_assert_eq(dec(ee, sizeof(ee)), SPOOL_DEC_ERR_ITEM);
+	uint8_t oe[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 13, 0, 0, 0, 0, 0 };
+	cr_assert_eq(dec(oe, sizeof(oe)), SPOOL_DEC_ERR_ITEM);
+	uint8_t en[] = { 1, 1, 0, 'a', 10, 2, 0, 'x', 0, 0, 0, 0 };
+	cr_assert_eq(dec(en, sizeof(en)), SPOOL_DEC_ERR_ITEM);
+	uint8_t on[] = { 1, 1, 0, 'a', 2, 1, 0, 'b', 13, 2, 0, 0, 'x', 0, 0, 0 };
+	cr_assert_eq(dec(on, sizeof(on)), SPOOL_DEC_ERR_ITEM);
+	uint8_t e2[] = { 1, 1, 0, 'a', 10, 1, 0, 'x', 10, 1, 0, 'y', 0, 0, 0 };
+	cr_assert_eq(dec(e2, sizeof(e2)), SPOOL_DEC_ERR_ITEM);
+
+	/* A DSN envelope truncated anywhere is never OK. */
+	struct fd_envelope e = dsn_env(), d;
+	uint8_t pl[1024], scr[8192];
+	size_t n = spool_env_encode(&e, pl, sizeof(pl));
+	for (size_t k = 0; k < n; k++)
+		cr_assert_neq(spool_env_decode(pl, k, &d, scr, sizeof(scr)),
+			      SPOOL_DEC_OK, "prefix %zu", k);
+}
+
+/* spool_env_scratch_len() bounds the worst case: every item a recipient
+ * (3 octets) with a NOTIFY and an ORCPT somewhere. ASan checks the bound. */
+Test(record, envelope_dsn_scratch_bound_holds)
+{
+	static uint8_t pl[SPOOL_ENV_MAX];
+	size_t n = 0;
+	struct fd_envelope d;
+
+	pl[n++] = 1, pl[n++] = 0, pl[n++] = 0; /* MAIL_FROM "" */
+	pl[n++] = 2, pl[n++] = 0, pl[n++] = 0;
+	pl[n++] = 12, pl[n++] = 1, pl[n++] = 0, pl[n++] = 8;
+	pl[n++] = 13, pl[n++] = 1, pl[n++] = 0, pl[n++] = 'x';
+	while (n + 6 <= sizeof(pl)) {
+		pl[n++] = 2, pl[n++] = 0, pl[n++] = 0;
+	}
+	pl[n++] = 0, pl[n++] = 0, pl[n++] = 0;
+	size_t sl = spool_env_scratch_len(n);
+	uint8_t *scr = malloc(sl);
+	cr_assert_eq(spool_env_decode(pl, n, &d, scr, sl), SPOOL_DEC_OK);
+	cr_assert_eq(d.n_rcpts, (n - 17) / 3 + 1);
+	cr_assert_str_eq(d.orcpts[0], "x");
+	cr_assert_str_eq(d.orcpts[d.n_rcpts - 1], "");
+	cr_assert_eq(d.notify[0], FD_NOTIFY_DELAY);
+	cr_assert_eq(d.notify[d.n_rcpts - 1], FD_NOTIFY_NONE);
+	free(scr);
+}
+
 Test(record, round_trip_every_type)
 {
 	uint8_t rec[2048], body[100];
