@@ -8,6 +8,7 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "finaldot/ctlport.h"
 #include "finaldot/log.h"
 #include "smtp/smtp.h"
 #include "spool/spool.h"
@@ -80,6 +81,38 @@ worker_commit_done(void *ctx, uint64_t msgid, int status)
 		cur_worker->wake(tctx);
 }
 
+/* The spool's announcements go to the control plane's ring (ctlport.h). */
+static void
+worker_announce(void *actx, const struct spool_announce *a)
+{
+	struct fd_worker *w = actx;
+	struct fd_ctl_event e = {
+		.type = (uint32_t)a->type,
+		.file_no = a->file_no,
+		.use_seq = a->use_seq,
+		.off = a->off,
+		.msgid = a->msgid,
+	};
+
+	fd_ctl_port_publish(w->port, &e);
+}
+
+void
+fd_worker_poll(struct fd_worker *w)
+{
+	struct fd_ctl_reclaim rq;
+
+	if (!w->port || !w->spool)
+		return;
+	if (w->port->n_backlog)
+		fd_ctl_port_flush(w->port);
+	while (fd_ring_pop(&w->port->down, &rq))
+		if (spool_reclaim(w->spool, rq.file_no, rq.use_seq) != 0)
+			fd_log(FD_LOG_ERR, "worker",
+			       "worker=%u event=reclaim_dropped file=%08" PRIx64,
+			       w->id, rq.file_no);
+}
+
 int
 fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 		fd_worker_wake_fn wake)
@@ -108,6 +141,10 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	sp.seed_msgid = w->seed_msgid;
 	sp.ring = ring;
 	sp.done = worker_commit_done;
+	if (w->port) {
+		sp.announce = worker_announce;
+		sp.announce_ctx = w;
+	}
 	w->spool = spool_create(&sp);
 	if (!w->spool) {
 		r = errno ? -errno : -EIO;
@@ -126,6 +163,8 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	sc.max_errors = c->max_errors;
 	sc.max_sessions = c->max_connections;
 	sc.greet_delay = c->greet_delay_ms > 0;
+	sc.rcpt_check = w->rcpt_check;
+	sc.rcpt_ctx = w->rcpt_ctx;
 	w->smtp = smtp_server_create(&sc, &spool_sink_ops, w->spool);
 	if (!w->smtp) {
 		spool_destroy(w->spool);
@@ -145,6 +184,14 @@ fd_worker_finish(struct fd_worker *w)
 	if (w->spool) {
 		f->spool = *spool_get_stats(w->spool);
 		spool_destroy(w->spool);
+	}
+	if (w->port) {
+		fd_ctl_port_flush(w->port);
+		if (w->port->n_backlog || w->port->lost)
+			fd_log(FD_LOG_WARN, "worker",
+			       "worker=%u event=announcements_lost "
+			       "backlog=%u lost=%" PRIu64,
+			       w->id, w->port->n_backlog, w->port->lost);
 	}
 	if (w->smtp)
 		f->smtp = *smtp_server_stats(w->smtp);

@@ -17,6 +17,7 @@
 #include "finaldot/compiler.h"
 #include "finaldot/config.h"
 
+struct fd_ctl_port;
 struct io_uring;
 struct smtp_server;
 struct smtp_session;
@@ -34,6 +35,11 @@ struct fd_worker {
 	fd_worker_wake_fn wake;
 	uint64_t seed_msgid;          /* from recovery, before start */
 	const cpu_set_t *helper_cpus; /* spool helper threads; NULL: inherit */
+	struct fd_ctl_port *port;     /* to the control plane; NULL: none */
+	/* Recipient check for RCPT (the control plane's --recipients
+	 * table); NULL: every local part is accepted. */
+	int (*rcpt_check)(void *ctx, const char *addr);
+	void *rcpt_ctx;
 	const char *domains[FD_CONFIG_MAX_DOMAINS];
 	pthread_t thread;
 	int wake_fd;                  /* eventfd: main thread -> worker */
@@ -50,6 +56,12 @@ struct fd_worker {
  */
 int fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 		    fd_worker_wake_fn wake);
+/*
+ * Once per loop iteration (or timer tick): take the control plane's reclaim
+ * requests and retry announcements its ring refused. Cheap when idle.
+ */
+void fd_worker_poll(struct fd_worker *w);
+
 /* Logs the worker's counters as one event=stats line; frees everything. */
 void fd_worker_finish(struct fd_worker *w);
 

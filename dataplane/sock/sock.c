@@ -829,6 +829,7 @@ sock_worker_run(struct fd_worker *w)
 		} while (seen);
 		run_timers(l);
 		service_dirty(l);
+		fd_worker_poll(w);
 		/* Idle: close the batch being filled (natural batching). */
 		spool_flush(w->spool);
 		if (atomic_load(&w->stop) && !l->stopping)

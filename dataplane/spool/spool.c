@@ -93,7 +93,15 @@ struct spool_msg {
 	uint64_t len;      /* body bytes appended */
 	uint32_t crc;      /* CRC32C of the body up to the last closed DATA */
 	uint64_t first_seq;
+	uint64_t first_use_seq; /* segment of its ENV: reclaim waits for it */
 	struct spool_msg *next;
+};
+
+/* A reclaim request waiting until no open message may have records in the
+ * segment (spool_reclaim()). */
+struct reclaim_req {
+	uint64_t file_no;
+	uint64_t use_seq;
 };
 
 struct spool {
@@ -142,9 +150,28 @@ struct spool {
 	uint64_t writes;
 	char fault_path[1024];
 
+	struct reclaim_req *reclaims;
+	size_t n_reclaims, cap_reclaims;
+
 	struct spool_stats st;
 	struct spool_stats *stp; /* == &st: counted from const functions */
 };
+
+static void
+announce(struct spool *sp, enum spool_an_type type, uint64_t file_no,
+	 uint64_t use_seq, uint64_t off, uint64_t msgid)
+{
+	struct spool_announce a = {
+		.type = type,
+		.file_no = file_no,
+		.use_seq = use_seq,
+		.off = off,
+		.msgid = msgid,
+	};
+
+	if (sp->p.announce)
+		sp->p.announce(sp->p.announce_ctx, &a);
+}
 
 void
 spool_params_defaults(struct spool_params *p)
@@ -261,6 +288,7 @@ switch_segment(struct spool *sp)
 		return r;
 	sp->active = s;
 	sp->stp->segments_used++;
+	announce(sp, SPOOL_AN_SEGMENT, s->file_no, s->use_seq, 0, 0);
 	if (old) {
 		old->retired = true;
 		fd_log(FD_LOG_INFO, "spool",
@@ -465,6 +493,7 @@ fail_pending(struct spool *sp, int status)
 		if (!sp->pend_head)
 			sp->pend_tail = NULL;
 		free_msg(sp, m);
+		announce(sp, SPOOL_AN_FAILED, 0, 0, 0, id);
 		if (!det)
 			sp->p.done(ctx, id, status);
 	}
@@ -524,6 +553,15 @@ complete_in_order(struct spool *sp)
 			sp->stp->bytes += b->len;
 			sp->stp->payload_bytes += b->payload;
 		}
+		/* Batches complete in order: everything up to the end of
+		 * this one is now final, on disk or abandoned. The FAILED
+		 * ids of this batch are announced first, so a reader never
+		 * takes a failed message whose records did reach the disk. */
+		for (struct spool_msg *m = b->msgs; m; m = m->next)
+			if (sp->any_failed && sp->last_failed_seq >= m->first_seq)
+				announce(sp, SPOOL_AN_FAILED, 0, 0, 0, m->id);
+		announce(sp, SPOOL_AN_DURABLE, b->seg->file_no,
+			 b->seg->use_seq, b->off + b->len, 0);
 		b->seg->inflight--;
 		seg_release(b->seg);
 		b->seg = NULL;
@@ -698,6 +736,7 @@ spool_msg_begin(struct spool *sp, const struct fd_envelope *env, void *ctx,
 	close_rec(sp);
 	pos = b->fill;
 	m->first_seq = b->seq;
+	m->first_use_seq = b->seg->use_seq;
 	spool_env_encode(env, b->buf + pos + SPOOL_REC_HDR_LEN, elen);
 	hdr_init(&h, b, SPOOL_REC_ENV, m->id, 0, 0);
 	h.len = (uint32_t)elen;
@@ -807,6 +846,7 @@ spool_msg_abort(struct spool *sp, struct spool_msg *m)
 		return;
 	if (sp->rec.open && sp->rec.m == m)
 		close_rec(sp);
+	announce(sp, SPOOL_AN_ABORTED, 0, 0, 0, m->id);
 	free_msg(sp, m);
 }
 
@@ -848,8 +888,66 @@ spool_room(const struct spool *sp)
 }
 
 int
+spool_reclaim(struct spool *sp, uint64_t file_no, uint64_t use_seq)
+{
+	if (sp->n_reclaims == sp->cap_reclaims) {
+		size_t cap = sp->cap_reclaims ? sp->cap_reclaims * 2 : 16;
+		struct reclaim_req *n =
+			realloc(sp->reclaims, cap * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		sp->reclaims = n;
+		sp->cap_reclaims = cap;
+	}
+	sp->reclaims[sp->n_reclaims++] =
+		(struct reclaim_req){.file_no = file_no, .use_seq = use_seq};
+	return 0;
+}
+
+/* May a message still being written have records in segment use_seq?
+ * Its records start in the segment of its ENV and go forward. */
+static bool
+reclaim_blocked(const struct spool *sp, uint64_t use_seq)
+{
+	if (sp->active && sp->active->use_seq <= use_seq)
+		return true;
+	for (unsigned i = 0; i < sp->p.max_msgs; i++)
+		if (sp->msgs[i].state != M_FREE &&
+		    sp->msgs[i].first_use_seq <= use_seq)
+			return true;
+	return false;
+}
+
+static void
+service_reclaims(struct spool *sp)
+{
+	uint64_t fno[16], useq[16];
+	unsigned n;
+	size_t keep = 0;
+
+	for (size_t i = 0; i < sp->n_reclaims; i++) {
+		struct reclaim_req *q = &sp->reclaims[i];
+		if (reclaim_blocked(sp, q->use_seq)) {
+			sp->reclaims[keep++] = *q;
+			continue;
+		}
+		if (spool_prep_recycle(sp->prep, q->file_no, q->use_seq) != 0)
+			sp->reclaims[keep++] = *q; /* no memory: later */
+	}
+	sp->n_reclaims = keep;
+	while ((n = spool_prep_recycled(sp->prep, fno, useq, 16)) > 0) {
+		for (unsigned i = 0; i < n; i++) {
+			sp->stp->reclaimed++;
+			announce(sp, SPOOL_AN_RECLAIMED, fno[i], useq[i], 0, 0);
+		}
+	}
+}
+
+int
 spool_flush(struct spool *sp)
 {
+	if (sp->n_reclaims || spool_prep_has_recycled(sp->prep))
+		service_reclaims(sp);
 	/* Only a batch with an END in it has somebody waiting for it; and
 	 * while enough writes are in flight, the messages arriving now are
 	 * better off sharing the next one (group commit: flushes per message
@@ -1057,6 +1155,7 @@ spool_destroy(struct spool *sp)
 	}
 	fail_pending(sp, -ECANCELED);
 	spool_prep_stop(sp->prep);
+	free(sp->reclaims);
 	if (sp->active) {
 		sp->active->retired = true;
 		seg_release(sp->active);

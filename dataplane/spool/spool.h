@@ -55,6 +55,39 @@ struct spool_msg;
 /* status: 0 durable; -ENOSPC; -EIO or another -errno. ctx as given. */
 typedef void (*spool_done_fn)(void *ctx, uint64_t msgid, int status);
 
+/*
+ * Announcements for the control plane (DESIGN.md "Spool -> control"), made
+ * on the owning thread, in this order per spool:
+ *   SEGMENT   a segment became active (file_no, use_seq): every later
+ *             record goes there until the next SEGMENT;
+ *   DURABLE   every batch up to byte `off` of segment use_seq is complete
+ *             (written and flushed, or failed and abandoned): a reader may
+ *             walk that prefix; the messages committed in it have had
+ *             their verdict;
+ *   FAILED    msgid was answered 451/452: its records, even if some are
+ *             on disk, must not be delivered;
+ *   ABORTED   msgid was dropped before commit (RSET, session lost);
+ *   RECLAIMED the segment (file_no, use_seq) handed back by
+ *             spool_reclaim() has a new epoch: its old records are gone.
+ * A later DURABLE supersedes an earlier one, so a consumer that misses
+ * some loses nothing but latency.
+ */
+enum spool_an_type {
+	SPOOL_AN_SEGMENT = 1,
+	SPOOL_AN_DURABLE = 2,
+	SPOOL_AN_FAILED = 3,
+	SPOOL_AN_ABORTED = 4,
+	SPOOL_AN_RECLAIMED = 5,
+};
+struct spool_announce {
+	enum spool_an_type type;
+	uint64_t file_no;
+	uint64_t use_seq;
+	uint64_t off;
+	uint64_t msgid;
+};
+typedef void (*spool_announce_fn)(void *actx, const struct spool_announce *a);
+
 #define SPOOL_UD_FLAG (1ULL << 63)
 
 struct spool_params {
@@ -85,6 +118,9 @@ struct spool_params {
 	 * lcore is pinned to a core it busy-polls: helpers left there wait
 	 * for its time slice, milliseconds per flush. */
 	const cpu_set_t *helper_cpus;
+	/* Announcements to the control plane; NULL: none. */
+	spool_announce_fn announce;
+	void *announce_ctx;
 };
 
 /* Fills the defaults above; dir, worker, max_msgs, done are left zero. */
@@ -144,6 +180,19 @@ void spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe);
 int spool_set_fault(struct spool *sp, const char *spec);
 #endif
 
+/*
+ * The control plane is done with a sealed segment: every message with a
+ * record in it is finished. The spool checks that no open message of its
+ * own may still have records there (a message spans segments while it is
+ * written), waits while one might, then hands the file to the preparer,
+ * which gives it a new epoch (the old records turn stale at once) and keeps
+ * it as a spare, or deletes it when enough spares are kept. RECLAIMED is
+ * announced once that is durable. Requests for the active segment, or a
+ * file_no/use_seq pair that does not match the file, are refused there and
+ * logged. Cheap to call; the work happens in spool_flush(). 0 or -ENOMEM.
+ */
+int spool_reclaim(struct spool *sp, uint64_t file_no, uint64_t use_seq);
+
 /* Batches submitted and not yet completed. */
 unsigned spool_inflight(const struct spool *sp);
 
@@ -157,6 +206,7 @@ struct spool_stats {
 	uint64_t segments_used;
 	uint64_t room_waits;    /* spool_room() returned 0, or begin() had
 				 * to answer -EAGAIN */
+	uint64_t reclaimed;     /* segments handed back by the control plane */
 };
 const struct spool_stats *spool_get_stats(const struct spool *sp);
 

@@ -49,6 +49,12 @@ struct cand {
 	bool rezero;
 };
 
+/* A segment handed back by the control plane (spool_prep_recycle()). */
+struct recyc {
+	uint64_t file_no;
+	uint64_t use_seq;
+};
+
 struct spool_prep {
 	char wdir[4096];
 	unsigned worker;
@@ -64,6 +70,9 @@ struct spool_prep {
 	int err;                 /* last failure, 0 once a spare was made */
 	struct spool_seg *head, *tail;
 	_Atomic unsigned ready;
+	struct recyc *rq, *rdone; /* requests, and finished ones to report */
+	size_t n_rq, cap_rq, n_rdone, cap_rdone;
+	_Atomic unsigned rdone_n;
 
 	/* preparer thread only */
 	struct cand *cands;
@@ -237,13 +246,15 @@ new_epoch(void)
 	return e;
 }
 
+static int publish(struct spool_prep *pp, const char *path,
+		   const struct spool_seg_hdr *hp);
+
 /* Make file `no` a ready spare. Returns 0 or -errno. */
 static int
 prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 {
 	char path[4200], tmp[4200];
 	struct spool_seg_hdr h;
-	struct spool_seg *s;
 	int fd, r = 0;
 
 	/* A fresh file is made under NNNNNNNN.tmp and renamed once zeroed
@@ -290,17 +301,35 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 	if (fresh && (r = fsync_dir(pp->wdir)) != 0)
 		goto out_close;
 	close(fd);
-	fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
+	pp->next_use_seq++;
+	return publish(pp, path, &h);
+
+out_close:
+	close(fd);
+	if (fresh && rezero) {
+		unlink(tmp); /* a half-made file would only confuse */
+		unlink(path);
+	}
+	return r;
+}
+
+/* A segment whose new header is durable joins the ready list. */
+static int
+publish(struct spool_prep *pp, const char *path, const struct spool_seg_hdr *hp)
+{
+	struct spool_seg_hdr h = *hp;
+	struct spool_seg *s;
+	int fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
+
 	if (fd < 0)
 		return -errno;
 	s = calloc(1, sizeof(*s));
 	if (!s) {
-		r = -ENOMEM;
-		goto out_close;
+		close(fd);
+		return -ENOMEM;
 	}
-	pp->next_use_seq++;
 	s->fd = fd;
-	s->file_no = no;
+	s->file_no = h.file_no;
 	s->use_seq = h.use_seq;
 	s->epoch = h.epoch;
 	s->size = h.size;
@@ -316,14 +345,161 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 	pthread_cond_broadcast(&pp->cv);
 	pthread_mutex_unlock(&pp->mu);
 	return 0;
+}
 
-out_close:
-	close(fd);
-	if (fresh && rezero) {
-		unlink(tmp); /* a half-made file would only confuse */
-		unlink(path);
+/*
+ * A sealed segment whose messages are all finished: a new header with a
+ * new epoch first, durable before anything else (its old records are stale
+ * from then on, so a crash can never bring finished messages back), then
+ * keep it ready, in reserve, or delete it. No zeros are written: the old
+ * bytes cannot validate under the new epoch.
+ */
+static void
+recycle_one(struct spool_prep *pp, const struct recyc *q)
+{
+	char path[4200];
+	uint8_t hb[SPOOL_SEG_HDR_LEN];
+	struct spool_seg_hdr h;
+	struct stat st;
+	bool keep_ready, keep_reserve;
+	int fd, r = 0;
+
+	seg_path(pp, q->file_no, path, sizeof(path));
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		goto out_log;
 	}
+	if (fstat(fd, &st) != 0 ||
+	    spool_read_fd(&fd, 0, hb, sizeof(hb)) != (long)sizeof(hb) ||
+	    spool_seg_hdr_decode(hb, sizeof(hb), &h) != SPOOL_DEC_OK) {
+		r = -EBADMSG;
+		goto out_close;
+	}
+	if (h.use_seq != q->use_seq) {
+		/* Already given a new header (a repeated request): its old
+		 * records are stale already; nothing to do. */
+		goto out_close;
+	}
+	h.use_seq = pp->next_use_seq++;
+	h.epoch = new_epoch();
+	h.created_us = fd_now_realtime_us();
+	memset(pp->zeros, 0, SPOOL_BLOCK);
+	spool_seg_hdr_encode(&h, pp->zeros);
+	r = pwrite_all(fd, pp->zeros, SPOOL_BLOCK, 0);
+	memset(pp->zeros, 0, SPOOL_BLOCK);
+	if (r == 0 && fdatasync(fd) != 0)
+		r = -errno;
+	if (r)
+		goto out_close;
+	close(fd);
+	fd = -1;
+	pthread_mutex_lock(&pp->mu);
+	keep_ready = atomic_load_explicit(&pp->ready, memory_order_relaxed) <
+		     pp->spares;
+	keep_reserve = !keep_ready && pp->n_cands < pp->spares;
+	pthread_mutex_unlock(&pp->mu);
+	if (h.size != pp->seg_size || (uint64_t)st.st_size != pp->seg_size)
+		keep_ready = keep_reserve = false; /* resized: make anew */
+	if (keep_ready) {
+		r = publish(pp, path, &h);
+	} else if (keep_reserve) {
+		struct cand *c =
+			realloc(pp->cands, (pp->n_cands + 1) * sizeof(*c));
+		if (c) {
+			pp->cands = c;
+			c[pp->n_cands].file_no = q->file_no;
+			c[pp->n_cands].rezero = false;
+			pp->n_cands++;
+		}
+	} else {
+		if (unlink(path) == 0) {
+			pp->n_files--;
+			r = fsync_dir(pp->wdir);
+		} else {
+			r = -errno;
+		}
+	}
+	fd_log(FD_LOG_INFO, "spool",
+	       "event=segment_reclaimed worker=%u file=%08" PRIx64
+	       " kept=%s",
+	       pp->worker, q->file_no,
+	       keep_ready ? "ready" : keep_reserve ? "reserve" : "deleted");
+	goto out_done;
+out_close:
+	if (fd >= 0)
+		close(fd);
+out_log:
+	if (r)
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=reclaim_failed worker=%u file=%08" PRIx64
+		       " err=%d",
+		       pp->worker, q->file_no, -r);
+out_done:
+	pthread_mutex_lock(&pp->mu);
+	if (pp->n_rdone == pp->cap_rdone) {
+		size_t cap = pp->cap_rdone ? pp->cap_rdone * 2 : 16;
+		struct recyc *n = realloc(pp->rdone, cap * sizeof(*n));
+		if (n) {
+			pp->rdone = n;
+			pp->cap_rdone = cap;
+		}
+	}
+	if (pp->n_rdone < pp->cap_rdone) {
+		pp->rdone[pp->n_rdone++] = *q;
+		atomic_store_explicit(&pp->rdone_n, (unsigned)pp->n_rdone,
+				      memory_order_relaxed);
+	}
+	pthread_mutex_unlock(&pp->mu);
+}
+
+int
+spool_prep_recycle(struct spool_prep *pp, uint64_t file_no, uint64_t use_seq)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&pp->mu);
+	if (pp->n_rq == pp->cap_rq) {
+		size_t cap = pp->cap_rq ? pp->cap_rq * 2 : 16;
+		struct recyc *n = realloc(pp->rq, cap * sizeof(*n));
+		if (!n) {
+			r = -ENOMEM;
+			goto out_unlock;
+		}
+		pp->rq = n;
+		pp->cap_rq = cap;
+	}
+	pp->rq[pp->n_rq++] =
+		(struct recyc){.file_no = file_no, .use_seq = use_seq};
+	pthread_cond_broadcast(&pp->cv);
+out_unlock:
+	pthread_mutex_unlock(&pp->mu);
 	return r;
+}
+
+unsigned
+spool_prep_recycled(struct spool_prep *pp, uint64_t *file_no,
+		    uint64_t *use_seq, unsigned max)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&pp->mu);
+	while (n < max && pp->n_rdone) {
+		struct recyc *q = &pp->rdone[--pp->n_rdone];
+		file_no[n] = q->file_no;
+		use_seq[n] = q->use_seq;
+		n++;
+	}
+	atomic_store_explicit(&pp->rdone_n, (unsigned)pp->n_rdone,
+			      memory_order_relaxed);
+	pthread_mutex_unlock(&pp->mu);
+	return n;
+}
+
+bool
+spool_prep_has_recycled(const struct spool_prep *pp)
+{
+	return atomic_load_explicit(&pp->rdone_n, memory_order_relaxed) != 0;
 }
 
 static int
@@ -353,6 +529,16 @@ prep_main(void *arg)
 
 	pthread_mutex_lock(&pp->mu);
 	for (;;) {
+		if (pp->n_rq && !pp->stop && !pp->no_space) {
+			struct recyc q = pp->rq[0];
+			memmove(pp->rq, pp->rq + 1,
+				(pp->n_rq - 1) * sizeof(*pp->rq));
+			pp->n_rq--;
+			pthread_mutex_unlock(&pp->mu);
+			recycle_one(pp, &q);
+			pthread_mutex_lock(&pp->mu);
+			continue;
+		}
 		if (r == 0 && !pp->stop &&
 		    atomic_load_explicit(&pp->ready, memory_order_relaxed) <
 			    pp->spares) {
@@ -502,6 +688,8 @@ spool_prep_stop(struct spool_prep *pp)
 	pthread_cond_destroy(&pp->cv);
 	pthread_mutex_destroy(&pp->mu);
 	free(pp->cands);
+	free(pp->rq);
+	free(pp->rdone);
 	free(pp->zeros);
 	free(pp);
 }

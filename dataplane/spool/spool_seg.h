@@ -41,6 +41,22 @@ int spool_prep_wait_ready(struct spool_prep *pp);
 int spool_prep_take(struct spool_prep *pp, struct spool_seg **out);
 /* Spares ready now (a relaxed read: for spool_room()). */
 unsigned spool_prep_ready(const struct spool_prep *pp);
+/*
+ * Hand a sealed segment back (spool_reclaim()): the preparer writes it a
+ * new header (new epoch, next use sequence) and fsyncs it, then keeps it as
+ * a spare (ready, or in reserve up to `spares` more) or deletes it. The
+ * file is checked first: its header must still say use_seq. Non-blocking.
+ */
+int spool_prep_recycle(struct spool_prep *pp, uint64_t file_no,
+		       uint64_t use_seq);
+/* Segments recycle() finished since the last call (up to max): their
+ * file_no/use_seq (the old one) pairs, for the RECLAIMED announcement.
+ * Non-blocking; returns the count. */
+unsigned spool_prep_recycled(struct spool_prep *pp, uint64_t *file_no,
+			     uint64_t *use_seq, unsigned max);
+/* A relaxed read: are there recycled segments to report? */
+bool spool_prep_has_recycled(const struct spool_prep *pp);
+
 /* Stops and joins the thread; untaken spares stay on disk as spares. */
 void spool_prep_stop(struct spool_prep *pp);
 
