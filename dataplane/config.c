@@ -29,6 +29,8 @@ enum opt_type {
 	OPT_DURATION_US, /* uint64_t microseconds, us/ms/s suffix */
 	OPT_LISTEN,   /* repeatable: listen[] */
 	OPT_DOMAIN,   /* repeatable: domains[] */
+	OPT_ROUTE,    /* repeatable: routes[] "DOMAIN=TARGET" */
+	OPT_BOOL,     /* bool with a value: on/off, yes/no, true/false, 1/0 */
 	OPT_TRANSPORT,
 	OPT_LOGLEVEL,
 	OPT_FLAG,     /* bool, flag only, no value */
@@ -98,6 +100,48 @@ static const struct opt options[] = {
 	{"max_segments", NULL, OPT_U64, F(max_segments), 0, "N",
 	 "segments per worker, 0 = until the disk is full; then 452 4.3.1 "
 	 "(default 0)"},
+	{"route", NULL, OPT_ROUTE, 0, 0, "DOMAIN=TARGET",
+	 "deliver mail for DOMAIN to TARGET, repeatable; TARGET is "
+	 "smtp:HOST:PORT, lmtp:HOST:PORT, lmtp:unix:PATH or maildir:DIR"},
+	{"relay", NULL, OPT_STR, F(relay), S(relay), "TARGET",
+	 "deliver mail for every accepted domain without its own route to "
+	 "TARGET (default: maildir:./var/maildir when no route is given)"},
+	{"bounce_relay", NULL, OPT_STR, F(bounce_relay), S(bounce_relay),
+	 "TARGET",
+	 "send DSNs (bounces) for senders outside the accepted domains to "
+	 "TARGET; without it such bounces are logged and dropped"},
+	{"recipients", NULL, OPT_STR, F(recipients), S(recipients), "FILE",
+	 "valid recipients, one user@domain or @domain per line; others get "
+	 "550 5.1.1 at RCPT (default: every local part is accepted)"},
+	{"delivery", NULL, OPT_BOOL, F(delivery), 0, "on|off",
+	 "deliver queued mail (default on; off only queues, for maintenance "
+	 "and benchmarks)"},
+	{"delivery_threads", NULL, OPT_UINT, F(delivery_threads), 0, "N",
+	 "delivery threads, each with at most one connection (default 32)"},
+	{"dest_concurrency", NULL, OPT_UINT, F(dest_concurrency), 0, "N",
+	 "deliveries in parallel to one next hop, at most; starts at 5 and "
+	 "grows with success (default 20)"},
+	{"retry_min", NULL, OPT_DURATION, F(retry_min_ms), 0, "DURATION",
+	 "first retry after a temporary failure; doubles per attempt "
+	 "(default 300s)"},
+	{"retry_max", NULL, OPT_DURATION, F(retry_max_ms), 0, "DURATION",
+	 "longest wait between retries (default 4000s)"},
+	{"queue_lifetime", NULL, OPT_DURATION, F(queue_lifetime_ms), 0,
+	 "DURATION",
+	 "a recipient still undelivered after DURATION is bounced (default "
+	 "5d)"},
+	{"smtp_connect_timeout", NULL, OPT_DURATION,
+	 F(smtp_connect_timeout_ms), 0, "DURATION",
+	 "delivery: connecting to a next hop (default 30s)"},
+	{"smtp_timeout", NULL, OPT_DURATION, F(smtp_timeout_ms), 0,
+	 "DURATION",
+	 "delivery: each reply from a next hop (RFC 5321 4.5.3.2; default "
+	 "300s)"},
+	{"smtp_data_timeout", NULL, OPT_DURATION, F(smtp_data_timeout_ms), 0,
+	 "DURATION",
+	 "delivery: the reply to the final dot (default 600s)"},
+	{"dlog_rotate", NULL, OPT_SIZE, F(dlog_rotate), 0, "BYTES",
+	 "the delivery log is compacted past this size (default 64M)"},
 	{"dpdk", NULL, OPT_DPDK, 0, 0, NULL,
 	 "same as --transport dpdk"},
 	{"dpdk_eal", "eal", OPT_STR, F(dpdk_eal), S(dpdk_eal), "\"ARGS\"",
@@ -149,6 +193,16 @@ fd_config_defaults(struct fd_config *c)
 	c->max_segments = 0;
 	c->log_level = FD_LOG_INFO;
 	strcpy(c->dpdk_offloads, "auto");
+	c->delivery = true;
+	c->delivery_threads = 32;
+	c->dest_concurrency = 20;
+	c->retry_min_ms = 300000;
+	c->retry_max_ms = 4000000;
+	c->queue_lifetime_ms = 5ull * 86400000;
+	c->smtp_connect_timeout_ms = 30000;
+	c->smtp_timeout_ms = 300000;
+	c->smtp_data_timeout_ms = 600000;
+	c->dlog_rotate = 64u << 20;
 }
 
 int
@@ -247,6 +301,8 @@ parse_u64(const char *v, uint64_t *out, int kind)
 			mul = 60000, end++;
 		else if (*end == 'h')
 			mul = 3600000, end++;
+		else if (*end == 'd')
+			mul = 86400000, end++;
 	}
 	if (*end != '\0' || (n != 0 && mul > UINT64_MAX / n))
 		return -EINVAL;
@@ -282,6 +338,7 @@ find_opt(const char *name, size_t len, bool flag)
 struct list_state {
 	bool listen_reset;
 	bool domain_reset;
+	bool route_reset;
 };
 
 static int
@@ -343,6 +400,36 @@ apply(struct fd_config *c, const struct opt *o, const char *v,
 		}
 		strcpy(c->domains[c->n_domains++], v);
 		break;
+	case OPT_ROUTE:
+		if (ls && !ls->route_reset) {
+			c->n_routes = 0;
+			ls->route_reset = true;
+		}
+		if (c->n_routes >= FD_CONFIG_MAX_ROUTES ||
+		    strlen(v) >= sizeof(c->routes[0]) || !strchr(v, '=')) {
+			fprintf(err, "%s: route: expected DOMAIN=TARGET (at "
+				"most %d routes)\n",
+				where, FD_CONFIG_MAX_ROUTES);
+			return -EINVAL;
+		}
+		strcpy(c->routes[c->n_routes++], v);
+		break;
+	case OPT_BOOL: {
+		static const char *yes[] = {"on", "yes", "true", "1"};
+		static const char *no[] = {"off", "no", "false", "0"};
+		r = -EINVAL;
+		for (int i = 0; i < 4; i++) {
+			if (strcmp(v, yes[i]) == 0) {
+				*(bool *)(void *)(base + o->off) = true;
+				r = 0;
+			}
+			if (strcmp(v, no[i]) == 0) {
+				*(bool *)(void *)(base + o->off) = false;
+				r = 0;
+			}
+		}
+		break;
+	}
 	case OPT_TRANSPORT:
 		if (strcmp(v, "kernel") == 0)
 			c->transport = FD_TRANSPORT_KERNEL;
@@ -649,6 +736,14 @@ fd_config_dump(const struct fd_config *c, FILE *out)
 			for (unsigned k = 0; k < c->n_domains; k++)
 				fprintf(out, "accept_domain = %s\n",
 					c->domains[k]);
+			break;
+		case OPT_ROUTE:
+			for (unsigned k = 0; k < c->n_routes; k++)
+				fprintf(out, "route = %s\n", c->routes[k]);
+			break;
+		case OPT_BOOL:
+			fprintf(out, "%s = %s\n", o->name,
+				*(const bool *)p ? "on" : "off");
 			break;
 		case OPT_TRANSPORT:
 			fprintf(out, "transport = %s\n",

@@ -3,10 +3,13 @@
  *
  * Start-up: configuration (defaults, file, flags) -> the spool directory ->
  * recovery (a scan of every segment: what is committed, what was torn) ->
- * one worker thread per configured thread, each with its own listeners,
- * sessions and spool -> "ready". The main thread then only waits for
- * SIGTERM/SIGINT, tells the workers to stop, joins them and prints the
- * totals (one event=stats line, the one tools/bench reads).
+ * the control plane rebuilds its queue from that scan and the delivery log
+ * and starts delivering -> one worker thread per configured thread, each
+ * with its own listeners, sessions and spool, and a port to the control
+ * plane -> "ready". The main thread then only waits for SIGTERM/SIGINT,
+ * tells the workers to stop, joins them, stops the control plane (after
+ * the workers, so it hears their last announcements) and prints the totals
+ * (one event=stats line, the one tools/bench reads).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -19,6 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "control/cplane.h"
 #include "control/spool_reader.h"
 #include "finaldot/config.h"
 #include "finaldot/log.h"
@@ -55,7 +59,7 @@ mkdir_p(const char *path)
  * what was found (committed messages, torn or stale records), and seed each
  * worker's message-id generator past the largest id on disk.
  */
-static int
+static struct ctl_spool_scan *
 recover(const char *dir, uint64_t *seeds)
 {
 	int err = 0;
@@ -66,7 +70,7 @@ recover(const char *dir, uint64_t *seeds)
 	if (!scan) {
 		fd_log(FD_LOG_ERR, "main", "event=recovery_failed dir=%s "
 		       "error=\"%s\"", dir, strerror(-err));
-		return -1;
+		return NULL;
 	}
 	sum = ctl_spool_scan_summary(scan);
 	memcpy(seeds, sum->max_msgid, sizeof(sum->max_msgid));
@@ -77,8 +81,40 @@ recover(const char *dir, uint64_t *seeds)
 	       dir, sum->segments, sum->msgs_committed, sum->msgs_incomplete,
 	       sum->records_bad, sum->records_stale, sum->body_bytes,
 	       (fd_now_monotonic_us() - t0) / 1000);
-	ctl_spool_scan_free(scan);
-	return 0;
+	return scan;
+}
+
+/* The control plane's settings, from ours; the arrays hold the pointers. */
+static void
+cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
+	       const char **doms, const char **routes)
+{
+	memset(cc, 0, sizeof(*cc));
+	for (unsigned i = 0; i < cfg->n_domains; i++)
+		doms[i] = cfg->domains[i];
+	for (unsigned i = 0; i < cfg->n_routes; i++)
+		routes[i] = cfg->routes[i];
+	cc->spool_dir = cfg->spool_dir;
+	cc->hostname = cfg->hostname;
+	cc->domains = doms;
+	cc->n_domains = cfg->n_domains;
+	cc->routes = routes;
+	cc->n_routes = cfg->n_routes;
+	cc->relay = cfg->relay;
+	cc->bounce_relay = cfg->bounce_relay;
+	cc->default_route = "maildir:./var/maildir";
+	cc->recipients = cfg->recipients;
+	cc->delivery_threads = cfg->delivery_threads;
+	cc->dest_concurrency = cfg->dest_concurrency;
+	cc->retry_min_ms = cfg->retry_min_ms;
+	cc->retry_max_ms = cfg->retry_max_ms;
+	cc->queue_lifetime_ms = cfg->queue_lifetime_ms;
+	cc->connect_timeout_ms = cfg->smtp_connect_timeout_ms;
+	cc->cmd_timeout_ms = cfg->smtp_timeout_ms;
+	cc->data_timeout_ms = cfg->smtp_data_timeout_ms;
+	cc->dlog_rotate_bytes = cfg->dlog_rotate;
+	cc->shutdown_timeout_ms = cfg->shutdown_timeout_ms;
+	cc->delivery = cfg->delivery;
 }
 
 static void *
@@ -96,7 +132,14 @@ main(int argc, char **argv)
 	static struct fd_config cfg;
 	struct fd_worker *workers;
 	static uint64_t seeds[256];
+	static const char *doms[FD_CONFIG_MAX_DOMAINS];
+	static const char *routes[FD_CONFIG_MAX_ROUTES];
 	struct fd_worker_totals tot = {0};
+	struct ctl_spool_scan *scan;
+	struct cp_config cc;
+	struct cplane *cp;
+	char why[600];
+	int err = 0;
 	sigset_t sigs;
 	int sig = 0, status = 0;
 	unsigned started = 0;
@@ -123,6 +166,11 @@ main(int argc, char **argv)
 		return 2;
 	}
 #endif
+	cp_config_from(&cc, &cfg, doms, routes);
+	if (cp_check_config(&cc, why, sizeof(why)) != 0) {
+		fprintf(stderr, "finaldot: %s\n", why);
+		return 2;
+	}
 	if (cfg.check) {
 		fd_config_dump(&cfg, stdout);
 		return 0;
@@ -134,12 +182,24 @@ main(int argc, char **argv)
 		       "error=\"%s\"", cfg.spool_dir, strerror(errno));
 		return 1;
 	}
-	if (recover(cfg.spool_dir, seeds) != 0)
+	if (!(scan = recover(cfg.spool_dir, seeds)))
+		return 1;
+	cp = cp_create(&cc, scan, &err);
+	ctl_spool_scan_free(scan);
+	if (!cp)
 		return 1;
 #ifdef FINALDOT_HAVE_DPDK
-	if (cfg.transport == FD_TRANSPORT_DPDK)
-		return net_dpdk_main(&cfg, seeds) == 0 ? 0 : 1;
+	if (cfg.transport == FD_TRANSPORT_DPDK) {
+		status = net_dpdk_main(&cfg, seeds, cp) == 0 ? 0 : 1;
+		cp_free(cp);
+		return status;
+	}
 #endif
+	if (cp_attach(cp, cfg.threads) != 0 || cp_start(cp, NULL) != 0) {
+		fd_log(FD_LOG_ERR, "main", "event=control_plane_failed");
+		cp_free(cp);
+		return 1;
+	}
 
 	/* Signals go to the main thread only: block them before threads. */
 	sigemptyset(&sigs);
@@ -156,12 +216,18 @@ main(int argc, char **argv)
 		w->id = i;
 		w->cfg = &cfg;
 		w->seed_msgid = seeds[i];
+		w->port = cp_port(cp, i);
+		w->rcpt_check = cp_rcpt_check_fn(cp);
+		w->rcpt_ctx = cp_rcpt_ctx(cp);
 		w->wake_fd = eventfd(0, EFD_CLOEXEC);
 		if (w->wake_fd < 0 ||
 		    pthread_create(&w->thread, NULL, worker_main, w) != 0) {
 			status = 1;
 			break;
 		}
+		char tname[16];
+		snprintf(tname, sizeof(tname), "fd-worker%u", i & 0xff);
+		pthread_setname_np(w->thread, tname);
 		started++;
 	}
 	/* Wait until every worker listens, or one of them failed. */
@@ -208,6 +274,7 @@ main(int argc, char **argv)
 		fd_worker_add_totals(&workers[i], &tot);
 		close(workers[i].wake_fd);
 	}
+	cp_stop(cp);
 	fd_log(FD_LOG_INFO, "main",
 	       "event=stats workers=%u sessions=%" PRIu64 " messages=%" PRIu64
 	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
@@ -218,5 +285,6 @@ main(int argc, char **argv)
 	       tot.messages ? (double)tot.flushes / (double)tot.messages : 0.0);
 	fd_log(FD_LOG_INFO, "main", "event=exit status=%d", status);
 	free(workers);
+	cp_free(cp);
 	return status;
 }

@@ -48,6 +48,7 @@
 #include <rte_mempool.h>
 #include <rte_ring.h>
 
+#include "control/cplane.h"
 #include "finaldot/config.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
@@ -572,6 +573,7 @@ shard_main(void *arg)
 		if (sh->now_us >= sh->next_scan_us) {
 			sh->next_scan_us = sh->now_us + TIMER_SCAN_US;
 			session_timers(sh);
+			fd_worker_poll(&sh->w);
 			if (g.stop && !sh->stopping)
 				shard_begin_stop(sh);
 		}
@@ -744,7 +746,8 @@ port_setup(unsigned nlcores)
 }
 
 int
-net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid)
+net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
+	      struct cplane *cp)
 {
 	static char eal_buf[sizeof(cfg->dpdk_eal) + 16];
 	char *argv[128];
@@ -858,6 +861,15 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid)
 		sh->w.seed_msgid = seed_msgid ? seed_msgid[i] : 0;
 		sh->w.helper_cpus =
 			CPU_COUNT(&g.helper_cpus) ? &g.helper_cpus : NULL;
+		if (cp) {
+			if (i == 0 && cp_attach(cp, g.nshards) != 0) {
+				status = -ENOMEM;
+				goto out_shards;
+			}
+			sh->w.port = cp_port(cp, i);
+			sh->w.rcpt_check = cp_rcpt_check_fn(cp);
+			sh->w.rcpt_ctx = cp_rcpt_ctx(cp);
+		}
 		sh->nconns = cfg->max_connections;
 		sh->conns = calloc(sh->nconns, sizeof(*sh->conns));
 		snprintf(rname, sizeof(rname), "fd_handoff%u", i);
@@ -920,10 +932,20 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid)
 		       g.rx_cksum ? "yes" : "no", ip, g.prefix, pool_n,
 		       mem.total, mem.idle_conn);
 	}
+	/* The control plane's threads go where the spool's helpers go: off
+	 * the busy-polled cores. */
+	if (cp && cp_start(cp, CPU_COUNT(&g.helper_cpus) ? &g.helper_cpus
+							  : NULL) != 0) {
+		fd_log(FD_LOG_ERR, "main", "event=control_plane_failed");
+		status = -ENOMEM;
+		goto out_shards;
+	}
 	fd_log(FD_LOG_INFO, "main", "event=ready transport=dpdk shards=%u",
 	       g.nshards);
 	rte_eal_mp_remote_launch(shard_main, NULL, CALL_MAIN);
 	rte_eal_mp_wait_lcore();
+	if (cp)
+		cp_stop(cp);
 	/* Let the PMDs reap their tx completions (af_xdp does it lazily,
 	 * inside a tx burst) so the count below sees every mbuf we sent. */
 	for (int round = 0; round < 3; round++) {

@@ -17,6 +17,10 @@ struct fd_config;
  * the TCP ports come from cfg->listen. seed_msgid[i]: the largest message
  * id recovery found for worker i (256 entries). Returns 0 on a clean stop.
  */
-int net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid);
+struct cplane;
+/* cp: the control plane, started here on the non-polled CPUs, stopped
+ * after the shards (NULL: none). */
+int net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
+		  struct cplane *cp);
 
 #endif

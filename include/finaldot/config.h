@@ -22,6 +22,7 @@
 
 #define FD_CONFIG_MAX_LISTEN 16
 #define FD_CONFIG_MAX_DOMAINS 64
+#define FD_CONFIG_MAX_ROUTES 64
 #define FD_CONFIG_STR 256
 
 enum fd_transport {
@@ -70,6 +71,23 @@ struct fd_config {
 	char dpdk_gateway[64];
 	char dpdk_offloads[16]; /* auto|none|ip|l4|all */
 	uint64_t dpdk_idle_sleep_us; /* 0: poll without pause */
+
+	/* delivery (the control plane) */
+	char routes[FD_CONFIG_MAX_ROUTES][640]; /* "DOMAIN=TARGET" */
+	unsigned n_routes;
+	char relay[640];
+	char bounce_relay[640];
+	char recipients[FD_CONFIG_STR];
+	bool delivery;
+	unsigned delivery_threads;
+	unsigned dest_concurrency;
+	uint64_t retry_min_ms;
+	uint64_t retry_max_ms;
+	uint64_t queue_lifetime_ms;
+	uint64_t smtp_connect_timeout_ms;
+	uint64_t smtp_timeout_ms;
+	uint64_t smtp_data_timeout_ms;
+	uint64_t dlog_rotate;
 
 	/* operations */
 	int log_level; /* enum fd_log_level */

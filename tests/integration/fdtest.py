@@ -49,7 +49,15 @@ class Daemon:
 
     def __init__(self, *args, threads=1, env=None, spool=None, port=None,
                  listen=None, domains=("example.com", "localhost"),
-                 wait_ready=True, wrap=()):
+                 wait_ready=True, wrap=(), delivery=False, relay=True,
+                 cwd=None):
+        # delivery=False: the acceptance tests read what the spool holds,
+        # so the control plane only queues (--delivery off). Either way
+        # nothing is written outside the test's temp dir: the default
+        # route is a Maildir in it unless the test gives its own.
+        self.delivery = delivery
+        self.relay = relay  # False: the embedded default route (cwd!)
+        self.cwd = cwd
         self.wrap = list(wrap)  # argv prefix, e.g. ip netns exec NS
         self.tmp = tempfile.mkdtemp(prefix="fdtest-")
         self.spool = spool or os.path.join(self.tmp, "spool")
@@ -73,11 +81,16 @@ class Daemon:
             argv += ["--listen", l]
         for d in self.domains:
             argv += ["--accept-domain", d]
+        if not self.delivery:
+            argv += ["--delivery", "off"]
+        if self.relay and "--relay" not in self.extra:
+            argv += ["--relay", f"maildir:{self.tmp}/maildir"]
         argv += self.extra
         self.log = open(self.logpath, "a+")
         self.log_start = self.log.tell()
         self.proc = subprocess.Popen(self.wrap + argv, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=self.cwd,
                                      stdin=subprocess.DEVNULL)
         if wait_ready:
             self.wait_log("event=ready", 15)
@@ -164,12 +177,20 @@ class Daemon:
         if exc_type is SystemExit and exc is not None and exc.code not in (
                 0, None, 77):
             failed = True
+        status = 0
         if self.proc and self.proc.poll() is None:
-            self.stop()
+            status = self.stop()
+        if status not in (0, None) and not failed:
+            # A clean stop exits 0; anything else (an ASan report, a leak,
+            # a crash at shutdown) fails the test that owned the daemon.
+            print(f"FAIL: finaldot exited {status} at the end of the test")
+            failed = True
         if failed:
             print("---- finaldot log (tail) ----")
             print(self.read_log()[-4000:])
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if status not in (0, None) and exc_type is None:
+            sys.exit(1)
         return False
 
 

@@ -1,0 +1,619 @@
+/*
+ * Delivery threads (contract in deliver.h).
+ *
+ * A job's life on this thread:
+ *   1. an ATTEMPT record per recipient goes to the delivery log;
+ *   2. the body is read from the spool segments (q_body_read: pread, the
+ *      body CRC32C checked as the last bytes are read); before those last
+ *      bytes are handed to the next hop (so before the final dot, the BDAT
+ *      LAST chunk or the Maildir rename) the ATTEMPT records must be
+ *      durable: a crash from then on is counted as a possible duplicate;
+ *   3. the transaction: Maildir per recipient, or one SMTP/LMTP
+ *      transaction for all the job's recipients (smtpc);
+ *   4. each recipient's outcome: 2xx delivered, 5xx bounced, anything else
+ *      (4xx, timeout, lost connection, local trouble) deferred.
+ *
+ * Rules taken from RFC 6531 and RFC 3030: a message that needs SMTPUTF8
+ * is bounced 5.6.7 when the next hop does not offer it (never downgraded);
+ * a BINARYMIME body needs CHUNKING (5.6.3 otherwise); a message larger
+ * than the next hop's SIZE is bounced 5.3.4.
+ *
+ * Connection reuse: a thread keeps the connection of its last job and asks
+ * the queue manager for another job to the same next hop first; an idle
+ * cached connection is closed after 5 s. A cached connection the next hop
+ * closed meanwhile fails at MAIL: the job is then retried once on a new
+ * connection (nothing reached the next hop).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "control/cplane.h"
+#include "control/deliver.h"
+#include "control/dlog.h"
+#include "control/dsn.h"
+#include "control/maildir.h"
+#include "control/queue.h"
+#include "control/route.h"
+#include "control/smtpc.h"
+#include "finaldot/crc32c.h"
+#include "finaldot/log.h"
+#include "finaldot/msgid.h"
+
+#define CONN_IDLE_US 5000000ull
+
+/* ---- body reader -------------------------------------------------------- */
+
+void
+q_body_init(struct q_body *b, const struct q_msg *m)
+{
+	memset(b, 0, sizeof(*b));
+	b->m = m;
+}
+
+long
+q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
+{
+	struct q_body *b = ctx;
+	const struct q_msg *m = b->m;
+	uint8_t *out = buf;
+	size_t got = 0;
+
+	if (off != b->pos) {
+		/* Not where the last read ended: find the piece again. From
+		 * the start the check starts over; elsewhere it cannot be
+		 * made for this pass. */
+		b->piece = 0;
+		b->piece_off = 0;
+		while (b->piece < m->n_pieces &&
+		       off >= b->piece_off + m->pieces[b->piece].len) {
+			b->piece_off += m->pieces[b->piece].len;
+			b->piece++;
+		}
+		b->pos = off;
+		b->crc = 0;
+		b->unchecked = off != 0;
+	}
+	if (off >= m->body_len) {
+		if (m->body_len == 0 && !b->last_done) {
+			if (b->before_last &&
+			    b->before_last(b->before_last_ctx) != 0)
+				return -EIO;
+			b->last_done = true;
+		}
+		return 0;
+	}
+	if (n > m->body_len - off)
+		n = (size_t)(m->body_len - off);
+	while (got < n) {
+		const struct q_piece *p;
+		uint64_t in;
+		size_t k;
+		ssize_t r;
+
+		if (b->piece >= m->n_pieces)
+			return -EIO; /* pieces shorter than the body length */
+		p = &m->pieces[b->piece];
+		in = b->pos - b->piece_off;
+		k = (size_t)(p->len - in);
+		if (k > n - got)
+			k = n - got;
+		if (p->seg->fd < 0)
+			return -EBADF;
+		r = pread(p->seg->fd, out + got, k,
+			  (off_t)(p->file_off + in));
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (r == 0)
+			return -EIO; /* the segment is shorter than recorded */
+		b->crc = fd_crc32c(b->crc, out + got, (size_t)r);
+		got += (size_t)r;
+		b->pos += (uint64_t)r;
+		if (b->pos - b->piece_off == p->len) {
+			b->piece_off += p->len;
+			b->piece++;
+		}
+	}
+	if (b->pos == m->body_len && !b->last_done) {
+		/* The last bytes: the point of no return for the caller. */
+		if (!b->unchecked && b->crc != m->body_crc) {
+			fd_log(FD_LOG_ERR, "deliver",
+			       "%016" PRIx64 " event=body_damaged "
+			       "expected_crc=%08x got=%08x",
+			       m->id, m->body_crc, b->crc);
+			return -EIO;
+		}
+		if (b->before_last && b->before_last(b->before_last_ctx) != 0)
+			return -EIO;
+		b->last_done = true;
+	}
+	return (long)got;
+}
+
+/* An in-memory body (the DSN). */
+struct mem_body {
+	const char *p;
+	size_t len;
+	int (*before_last)(void *ctx);
+	void *ctx;
+};
+
+static long
+mem_body_read(void *ctx, uint64_t off, void *buf, size_t n)
+{
+	struct mem_body *mb = ctx;
+
+	if (off >= mb->len)
+		return 0;
+	if (n > mb->len - off)
+		n = (size_t)(mb->len - off);
+	if (off + n == mb->len && mb->before_last &&
+	    mb->before_last(mb->ctx) != 0)
+		return -EIO;
+	memcpy(buf, mb->p + off, n);
+	return (long)n;
+}
+
+/* ---- outcomes ----------------------------------------------------------- */
+
+static void
+outcome_set(struct q_outcome *o, enum q_out out, const char *text)
+{
+	o->out = (uint8_t)out;
+	snprintf(o->text, sizeof(o->text), "%.*s", (int)sizeof(o->text) - 1,
+		 text ? text : "");
+}
+
+static void
+outcome_reply(struct q_outcome *o, const struct smtpc_reply *r)
+{
+	enum q_out out = r->code >= 200 && r->code < 300 ? QO_DELIVERED
+			 : r->code >= 500 && r->code < 600 && !r->local
+				 ? QO_BOUNCED
+				 : QO_DEFERRED;
+
+	outcome_set(o, out, r->text);
+	snprintf(o->enh, sizeof(o->enh), "%s", r->enh);
+}
+
+struct attempt_wait {
+	struct dlog *log;
+	uint64_t lsn;
+	bool called;
+};
+
+static int
+wait_attempt(void *ctx)
+{
+	struct attempt_wait *aw = ctx;
+
+	aw->called = true;
+	if (!aw->log || !aw->lsn)
+		return 0;
+	return dlog_wait(aw->log, aw->lsn);
+}
+
+/* ---- connections -------------------------------------------------------- */
+
+struct conn_cache {
+	struct smtpc *c;
+	char key[600];
+	uint64_t last_us;
+	unsigned uses;
+};
+
+static void
+cache_drop(struct conn_cache *cc, bool polite)
+{
+	if (!cc->c)
+		return;
+	if (polite)
+		smtpc_quit(cc->c);
+	else
+		smtpc_abort(cc->c);
+	cc->c = NULL;
+	cc->key[0] = '\0';
+}
+
+static struct smtpc *
+conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
+	 struct smtpc_reply *why, bool *reused)
+{
+	const struct cp_config *cfg = cp_config_of(cp);
+	struct smtpc_target t;
+	struct smtpc_params p;
+	int err = 0;
+
+	*reused = false;
+	if (cc->c && strcmp(cc->key, d->key) == 0) {
+		*reused = true;
+		return cc->c;
+	}
+	cache_drop(cc, true);
+	memset(&t, 0, sizeof(t));
+	t.proto = d->kind == ROUTE_SMTP ? SMTPC_SMTP : SMTPC_LMTP;
+	if (d->kind == ROUTE_LMTP_UNIX) {
+		snprintf(t.unix_path, sizeof(t.unix_path), "%.*s",
+			 (int)sizeof(t.unix_path) - 1, d->path);
+	} else {
+		snprintf(t.host, sizeof(t.host), "%s", d->host);
+		t.port = d->port;
+	}
+	smtpc_params_defaults(&p);
+	p.helo_name = cp_hostname(cp);
+	if (cfg->connect_timeout_ms)
+		p.connect_timeout_ms = cfg->connect_timeout_ms;
+	if (cfg->cmd_timeout_ms)
+		p.cmd_timeout_ms = cfg->cmd_timeout_ms;
+	if (cfg->data_timeout_ms)
+		p.data_timeout_ms = cfg->data_timeout_ms;
+	cc->c = smtpc_connect(&t, &p, why, &err);
+	if (!cc->c)
+		return NULL;
+	snprintf(cc->key, sizeof(cc->key), "%s", d->key);
+	cc->uses = 0;
+	return cc->c;
+}
+
+/* ---- jobs --------------------------------------------------------------- */
+
+/* SMTP/LMTP rules that bounce before anything is sent; true if it did. */
+static bool
+precheck(const struct q_msg *m, struct smtpc *c, struct q_job *j)
+{
+	unsigned ext = smtpc_exts(c);
+	uint64_t lim = smtpc_size_limit(c);
+	const char *why = NULL;
+
+	if (m->smtputf8 && !(ext & SMTPC_EXT_SMTPUTF8))
+		why = "550 5.6.7 the next hop does not support SMTPUTF8, "
+		      "which this message requires";
+	else if (m->body_type == FD_BODY_BINARYMIME &&
+		 !(ext & SMTPC_EXT_CHUNKING))
+		why = "554 5.6.3 the next hop does not support CHUNKING, "
+		      "which a BINARYMIME message requires";
+	else if (lim && m->body_len > lim)
+		why = "552 5.3.4 message larger than the next hop accepts";
+	if (!why)
+		return false;
+	for (unsigned i = 0; i < j->n; i++)
+		outcome_set(&j->out[i], QO_BOUNCED, why);
+	return true;
+}
+
+static void
+run_smtp(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
+	 struct attempt_wait *aw)
+{
+	const struct q_msg *m = j->m;
+	const char *rcpts[QJ_MAX_RCPTS], *orcpts[QJ_MAX_RCPTS];
+	uint8_t notify[QJ_MAX_RCPTS];
+	struct smtpc_reply mail, rrep[QJ_MAX_RCPTS], drep[QJ_MAX_RCPTS], why;
+	struct smtpc_msg sm;
+	struct q_body body;
+	bool reused;
+	int r;
+
+	for (unsigned i = 0; i < j->n; i++) {
+		const struct q_rcpt *rc = &m->rcpts[j->idx[i]];
+		rcpts[i] = rc->addr;
+		orcpts[i] = rc->orcpt;
+		notify[i] = rc->notify;
+	}
+	for (int round = 0; round < 2; round++) {
+		struct smtpc *c = conn_get(cp, j->dest, cc, &why, &reused);
+		if (!c) {
+			char buf[600];
+			snprintf(buf, sizeof(buf), "%s%s",
+				 why.local ? "4.4.1 " : "", why.text);
+			for (unsigned i = 0; i < j->n; i++)
+				outcome_set(&j->out[i],
+					    why.code >= 500 && !why.local
+						    ? QO_DEFERRED
+						    : QO_DEFERRED,
+					    buf);
+			j->conn_failed = true;
+			return;
+		}
+		snprintf(j->relay, sizeof(j->relay), "%s",
+			 smtpc_peer_name(c));
+		if (precheck(m, c, j))
+			return;
+		q_body_init(&body, m);
+		body.before_last = wait_attempt;
+		body.before_last_ctx = aw;
+		memset(&sm, 0, sizeof(sm));
+		sm.mail_from = m->sender;
+		sm.rcpts = rcpts;
+		sm.n_rcpts = j->n;
+		sm.notify = notify;
+		sm.orcpts = orcpts;
+		sm.envid = m->envid;
+		sm.ret = m->ret;
+		sm.size = m->body_len;
+		sm.body_type = m->body_type;
+		sm.smtputf8 = m->smtputf8;
+		sm.body = q_body_read;
+		sm.body_ctx = &body;
+		memset(&mail, 0, sizeof(mail));
+		r = smtpc_send(c, &sm, &mail, rrep, drep);
+		cc->last_us = fd_now_monotonic_us();
+		cc->uses++;
+		if (r != 0) {
+			cache_drop(cc, false);
+			/* A cached connection the peer had closed: nothing
+			 * was accepted, try once on a fresh one. */
+			if (reused && round == 0 &&
+			    (mail.code == 0 || mail.local) && !aw->called)
+				continue;
+			j->dup_risk = aw->called;
+		}
+		break;
+	}
+	if (mail.code && !(mail.code >= 200 && mail.code < 300)) {
+		/* MAIL refused: the same answer for every recipient. */
+		for (unsigned i = 0; i < j->n; i++)
+			outcome_reply(&j->out[i], &mail);
+		return;
+	}
+	for (unsigned i = 0; i < j->n; i++)
+		outcome_reply(&j->out[i], &drep[i]);
+	if (r != 0 && mail.code == 0)
+		j->conn_failed = true;
+}
+
+static void
+split_addr(const char *addr, char *local, size_t llen, const char **domain)
+{
+	const char *at = strrchr(addr, '@');
+	size_t n = at ? (size_t)(at - addr) : strlen(addr);
+
+	if (n >= llen)
+		n = llen - 1;
+	memcpy(local, addr, n);
+	local[n] = '\0';
+	*domain = at ? at + 1 : "";
+}
+
+static void
+run_maildir(struct q_job *j, struct attempt_wait *aw)
+{
+	const struct q_msg *m = j->m;
+
+	snprintf(j->relay, sizeof(j->relay), "maildir");
+	for (unsigned i = 0; i < j->n; i++) {
+		const struct q_rcpt *rc = &m->rcpts[j->idx[i]];
+		struct maildir_result res;
+		struct q_body body;
+		char prefix[1200], local[512];
+		const char *domain;
+		char text[600];
+
+		split_addr(rc->addr, local, sizeof(local), &domain);
+		snprintf(prefix, sizeof(prefix),
+			 "Return-Path: <%s>\r\nDelivered-To: %s\r\n",
+			 m->sender, rc->addr);
+		q_body_init(&body, m);
+		body.before_last = wait_attempt;
+		body.before_last_ctx = aw;
+		maildir_deliver(j->dest->path, domain, local, prefix,
+				q_body_read, &body, m->body_len, &res);
+		snprintf(text, sizeof(text), "%s %s",
+			 res.status == 0 ? "250" : res.permanent ? "550"
+								  : "451",
+			 res.text);
+		if (!strstr(res.text, res.enh))
+			snprintf(text, sizeof(text), "%s %s %s",
+				 res.status == 0	? "250"
+				 : res.permanent ? "550"
+						 : "451",
+				 res.enh, res.text);
+		outcome_set(&j->out[i],
+			    res.status == 0 ? QO_DELIVERED
+			    : res.permanent ? QO_BOUNCED
+					    : QO_DEFERRED,
+			    text);
+		snprintf(j->out[i].enh, sizeof(j->out[i].enh), "%s", res.enh);
+	}
+}
+
+/* "550 5.1.1 ..." -> "5.1.1"; otherwise a code fitting the class. */
+static void
+status_of(const char *reason, bool expired, char *out, size_t len)
+{
+	const char *p = reason ? reason : "";
+	unsigned a, b, c;
+	int n = 0;
+
+	if (expired) {
+		snprintf(out, len, "4.4.7");
+		return;
+	}
+	while (*p) {
+		if ((p[0] == '4' || p[0] == '5') && p[1] == '.' &&
+		    sscanf(p, "%u.%u.%u%n", &a, &b, &c, &n) == 3 && a < 10 &&
+		    b < 1000 && c < 1000) {
+			snprintf(out, len, "%u.%u.%u", a, b, c);
+			return;
+		}
+		p++;
+	}
+	snprintf(out, len, "5.0.0");
+}
+
+static bool
+memchr_8bit(const char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if ((unsigned char)p[i] >= 0x80)
+			return true;
+	return false;
+}
+
+static void
+run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
+	   struct attempt_wait *aw)
+{
+	const struct q_msg *m = j->m;
+	struct dsn_rcpt dr[QJ_MAX_RCPTS];
+	char status[QJ_MAX_RCPTS][16];
+	struct dsn_params dp;
+	struct dsn_buf out = {0};
+	struct q_body body;
+	struct mem_body mb;
+	int r;
+
+	for (unsigned i = 0; i < j->n; i++) {
+		const struct q_rcpt *rc = &m->rcpts[j->idx[i]];
+		status_of(j->reasons[i], rc->state == QR_EXPIRED, status[i],
+			  sizeof(status[i]));
+		dr[i] = (struct dsn_rcpt){
+			.addr = rc->addr,
+			.orcpt = rc->orcpt,
+			.action = DSN_ACTION_FAILED,
+			.status = status[i],
+			.remote_mta = NULL,
+			.diag = j->reasons[i],
+			.last_attempt_us = rc->last_us,
+		};
+	}
+	memset(&dp, 0, sizeof(dp));
+	dp.reporting_mta = cp_hostname(cp);
+	dp.orig_sender = m->sender;
+	dp.envid = m->envid;
+	dp.ret = m->ret;
+	dp.arrival_us = m->arrival_us;
+	dp.now_us = fd_now_realtime_us();
+	dp.msgid = m->id;
+	dp.full_limit = 64 * 1024;
+	q_body_init(&body, m);
+	r = dsn_build(&dp, dr, j->n, q_body_read, &body, m->body_len, &out);
+	if (r != 0) {
+		outcome_set(&j->out[0], QO_DEFERRED,
+			    "451 4.3.0 could not build the DSN");
+		dsn_buf_free(&out);
+		return;
+	}
+	mb = (struct mem_body){.p = out.p, .len = out.len,
+			       .before_last = wait_attempt, .ctx = aw};
+	if (j->dest->kind == ROUTE_MAILDIR) {
+		struct maildir_result res;
+		char local[512], text[600];
+		const char *domain;
+		split_addr(m->sender, local, sizeof(local), &domain);
+		maildir_deliver(j->dest->path, domain, local,
+				"Return-Path: <>\r\n", mem_body_read, &mb,
+				out.len, &res);
+		snprintf(text, sizeof(text), "%s %s",
+			 res.status == 0 ? "250" : res.permanent ? "550"
+								  : "451",
+			 res.text);
+		outcome_set(&j->out[0],
+			    res.status == 0 ? QO_DELIVERED
+			    : res.permanent ? QO_BOUNCED
+					    : QO_DEFERRED,
+			    text);
+	} else {
+		const char *rcpt = m->sender;
+		struct smtpc_reply mail, rr, drr, why;
+		struct smtpc_msg sm;
+		bool reused;
+		struct smtpc *c = conn_get(cp, j->dest, cc, &why, &reused);
+		if (!c) {
+			outcome_set(&j->out[0], QO_DEFERRED, why.text);
+			j->conn_failed = true;
+		} else {
+			memset(&sm, 0, sizeof(sm));
+			sm.mail_from = "";
+			sm.rcpts = &rcpt;
+			sm.n_rcpts = 1;
+			sm.size = out.len;
+			/* A report quoting 8-bit headers says 8bit: say so. */
+			sm.body_type = memchr_8bit(out.p, out.len)
+					       ? FD_BODY_8BITMIME
+					       : FD_BODY_NONE;
+			sm.body = mem_body_read;
+			sm.body_ctx = &mb;
+			memset(&mail, 0, sizeof(mail));
+			r = smtpc_send(c, &sm, &mail, &rr, &drr);
+			if (r != 0)
+				cache_drop(cc, false);
+			if (mail.code && (mail.code < 200 || mail.code >= 300))
+				outcome_reply(&j->out[0], &mail);
+			else
+				outcome_reply(&j->out[0], &drr);
+			snprintf(j->relay, sizeof(j->relay), "%s",
+				 c && r == 0 ? smtpc_peer_name(c) : "");
+		}
+	}
+	dsn_buf_free(&out);
+}
+
+static void
+run_job(struct cplane *cp, struct q_job *j, struct conn_cache *cc)
+{
+	struct dlog *log = cp_log(cp);
+	struct attempt_wait aw = {.log = log};
+	uint64_t now = fd_now_realtime_us();
+
+	/* The attempt is on record before anything can reach the next hop's
+	 * disk; waited for just before the final bytes go out. */
+	for (unsigned i = 0; i < j->n && log; i++) {
+		struct dlog_rec rec = {
+			.type = DLOG_ATTEMPT,
+			.msgid = j->m->id,
+			.rcpt = j->kind == QJ_BOUNCE ? DLOG_ALL : j->idx[i],
+			.time_us = now,
+			.text = j->dest->key,
+			.text_len = (uint16_t)strlen(j->dest->key),
+		};
+		if (j->kind == QJ_BOUNCE && i > 0)
+			break;
+		aw.lsn = dlog_append(log, &rec);
+	}
+	j->attempt_lsn = aw.lsn;
+	if (j->kind == QJ_BOUNCE)
+		run_bounce(cp, j, cc, &aw);
+	else if (j->dest->kind == ROUTE_MAILDIR)
+		run_maildir(j, &aw);
+	else
+		run_smtp(cp, j, cc, &aw);
+	if (j->dup_risk)
+		fd_log(FD_LOG_WARN, "deliver",
+		       "%016" PRIx64 " event=reply_lost route=%s "
+		       "note=\"the message may have been delivered; it is "
+		       "deferred and will be sent again\"",
+		       j->m->id, j->dest->key);
+}
+
+void *
+deliver_main(void *arg)
+{
+	struct deliver_ctx *dc = arg;
+	struct cplane *cp = dc->cp;
+	struct conn_cache cc;
+
+	memset(&cc, 0, sizeof(cc));
+	for (;;) {
+		struct q_job *j =
+			cp_job_take(cp, cc.c ? cc.key : NULL, 1000);
+		if (!j) {
+			if (cc.c &&
+			    fd_now_monotonic_us() - cc.last_us > CONN_IDLE_US)
+				cache_drop(&cc, true);
+			if (cp_quitting(cp))
+				break;
+			continue;
+		}
+		run_job(cp, j, &cc);
+		cp_job_done(cp, j);
+	}
+	cache_drop(&cc, true);
+	return NULL;
+}

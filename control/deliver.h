@@ -1,0 +1,36 @@
+/*
+ * Delivery threads (private to the control plane): each takes jobs from
+ * the queue manager (queue.h), performs them (SMTP or LMTP to a next hop,
+ * Maildir, or a DSN to a sender), fills in the per-recipient outcome and
+ * hands the job back. Blocking I/O with timeouts; one cached connection per
+ * thread, reused for the next job to the same next hop.
+ */
+#ifndef FINALDOT_CONTROL_DELIVER_H
+#define FINALDOT_CONTROL_DELIVER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct cplane;
+struct cp_config;
+struct dlog;
+struct q_job;
+
+struct deliver_ctx {
+	struct cplane *cp;
+};
+
+/* pthread entry point; arg is a struct deliver_ctx. */
+void *deliver_main(void *arg);
+
+/* The queue manager's side (qmgr.c). take: the next job, preferring one for
+ * next hop `prefer`, waiting at most wait_ms; NULL if none. */
+struct q_job *cp_job_take(struct cplane *cp, const char *prefer,
+			  uint64_t wait_ms);
+void cp_job_done(struct cplane *cp, struct q_job *j);
+bool cp_quitting(struct cplane *cp);
+const char *cp_hostname(const struct cplane *cp);
+const struct cp_config *cp_config_of(const struct cplane *cp);
+struct dlog *cp_log(const struct cplane *cp);
+
+#endif

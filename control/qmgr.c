@@ -1,0 +1,1963 @@
+/*
+ * The queue manager: the control plane's one owner thread (contracts in
+ * cplane.h, qmgr.h and queue.h).
+ *
+ * Its loop, every iteration (at most every 10 ms when idle, at once when a
+ * delivery thread hands a result back):
+ *   1. drain every worker's port: the tailers turn durable records into
+ *      queued messages (due now);
+ *   2. apply delivery results: per-recipient outcomes, destination
+ *      feedback, DSNs, the delivery log;
+ *   3. schedule what is due (a min-heap of messages by next attempt):
+ *      recipients grouped by destination into jobs, jobs queued per
+ *      destination (first attempts and retries in two lists, taken in
+ *      turn, so new mail is not starved behind a backlog of retries);
+ *   4. dispatch: each destination gets jobs handed to the delivery threads
+ *      while it has fewer out than its concurrency window;
+ *   5. release finished messages whose last log record is durable (their
+ *      segment references drop), and send reclaim requests for sealed
+ *      segments nothing references any more;
+ *   6. checkpoint the delivery log when it is large.
+ *
+ * Destination scheduling follows Postfix's qmgr (SCHEDULER_README): a
+ * concurrency window per next hop that starts at 5 (or the maximum, if
+ * lower), grows by 1/window per success up to dest_concurrency, shrinks by
+ * one per connection-level failure; two such failures in a row without a
+ * success mark the next hop dead for retry_min: its queued recipients are
+ * deferred at once ("delivery temporarily suspended") instead of waiting
+ * for connections that will fail. A slow next hop holds at most its window
+ * of delivery threads, never the acceptance path.
+ *
+ * Retries: the n-th deferral waits retry_min * 2^(n-1), at most retry_max,
+ * with +-25% jitter; a recipient still deferred after queue_lifetime
+ * expires and is bounced.
+ *
+ * Crash rules (docs/delivery.md): a recipient is recorded DELIVERED only
+ * after the next hop accepted it; an ATTEMPT record is durable before the
+ * final dot goes out, so an attempt cut short by a crash is known and
+ * counted (event=possible_duplicates at start); a message's segments are
+ * handed back only once its final records are durable.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "control/cplane.h"
+#include "control/deliver.h"
+#include "control/dlog.h"
+#include "control/qmgr.h"
+#include "control/rcptdb.h"
+#include "control/route.h"
+#include "control/spool_reader.h"
+#include "control/tail.h"
+#include "finaldot/ctlport.h"
+#include "finaldot/log.h"
+#include "finaldot/msgid.h"
+
+#define SEG_BUCKETS 4096u
+#define DEST_BUCKETS 1024u
+#define INIT_WINDOW 5.0
+
+struct cplane {
+	struct cp_config cfg;
+	char spool_dir[4096];
+	char hostname[256];
+	struct route_table *routes;
+	struct route_target def_target;
+	struct route_target bounce_target;
+	bool have_bounce_target;
+	struct rcptdb *rcpts;
+	struct dlog *log;
+
+	unsigned nworkers;
+	struct fd_ctl_port *ports;
+	struct tail **tails;
+
+	struct q_seg *seg_h[SEG_BUCKETS];
+	size_t n_segs;
+	struct q_seg **reclaimable; /* candidates to re-check */
+	size_t n_reclaimable, cap_reclaimable;
+
+	struct q_msg **msg_h;
+	size_t msg_cap, n_msgs;
+	struct q_msg **heap;
+	size_t heap_n, heap_cap;
+	struct q_msg *fin_head;     /* finished, waiting for the log */
+	struct q_msg *rel_head;     /* released, waiting for reclaim */
+	bool reclaims_heard;        /* RECLAIMED since the last sweep */
+
+	struct q_dest *dest_h[DEST_BUCKETS];
+	struct q_dest *ready_head, *ready_tail;
+
+	/* hand-off with the delivery threads */
+	pthread_mutex_t mu;
+	pthread_cond_t job_cv;
+	pthread_cond_t res_cv;
+	struct q_job *jobs_head, *jobs_tail;
+	struct q_job *res_head, *res_tail;
+	bool quit;          /* delivery threads: exit when idle */
+	unsigned jobs_out;  /* handed out, result not yet applied */
+
+	pthread_t thr;
+	bool thr_started;
+	pthread_t *dthr;
+	unsigned n_dthr;
+	_Atomic bool stop;
+	_Atomic bool stopped; /* qmgr loop ended */
+	uint64_t rng;
+
+	struct deliver_ctx dctx;
+
+	/* counters */
+	uint64_t st_queued, st_delivered, st_deferred, st_bounced;
+	uint64_t st_expired, st_dsn_sent, st_dsn_dropped, st_released;
+	uint64_t st_reclaim_sent, st_reclaimed;
+};
+
+
+const char *
+q_rstate_name(enum q_rstate s)
+{
+	switch (s) {
+	case QR_PENDING: return "pending";
+	case QR_DELIVERED: return "delivered";
+	case QR_BOUNCED: return "bounced";
+	case QR_EXPIRED: return "expired";
+	case QR_DELETED: return "deleted";
+	case QR_SUPPRESSED: return "suppressed";
+	}
+	return "?";
+}
+
+static uint64_t
+hash64(uint64_t x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdull;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ull;
+	x ^= x >> 33;
+	return x;
+}
+
+static uint64_t
+rnd(struct cplane *cp)
+{
+	cp->rng ^= cp->rng << 13;
+	cp->rng ^= cp->rng >> 7;
+	cp->rng ^= cp->rng << 17;
+	return cp->rng;
+}
+
+/* ---- segments ---------------------------------------------------------- */
+
+static size_t
+seg_bucket(unsigned worker, uint64_t use_seq)
+{
+	return (size_t)(hash64(use_seq * 256 + worker) & (SEG_BUCKETS - 1));
+}
+
+static struct q_seg *
+seg_lookup(struct cplane *cp, unsigned worker, uint64_t use_seq)
+{
+	for (struct q_seg *s = cp->seg_h[seg_bucket(worker, use_seq)]; s;
+	     s = s->hnext)
+		if (s->worker == worker && s->use_seq == use_seq)
+			return s;
+	return NULL;
+}
+
+struct q_seg *
+qm_seg_get(struct cplane *cp, unsigned worker, uint64_t file_no,
+	   uint64_t use_seq)
+{
+	struct q_seg *s = seg_lookup(cp, worker, use_seq);
+	size_t b;
+
+	if (s)
+		return s;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	s->worker = worker;
+	s->file_no = file_no;
+	s->use_seq = use_seq;
+	snprintf(s->path, sizeof(s->path), "%s/w%02x/%08" PRIx64 ".seg",
+		 cp->spool_dir, worker, file_no);
+	s->fd = open(s->path, O_RDONLY | O_CLOEXEC);
+	if (s->fd < 0)
+		fd_log(FD_LOG_ERR, "qmgr",
+		       "event=segment_open_failed path=%s error=\"%s\"",
+		       s->path, strerror(errno));
+	else /* read where told, nothing ahead: the rest may be unwritten */
+		posix_fadvise(s->fd, 0, 0, POSIX_FADV_RANDOM);
+	b = seg_bucket(worker, use_seq);
+	s->hnext = cp->seg_h[b];
+	cp->seg_h[b] = s;
+	cp->n_segs++;
+	return s;
+}
+
+static void
+seg_consider(struct cplane *cp, struct q_seg *s)
+{
+	if (!s->sealed || s->refs || s->reclaim_sent || s->reclaimed)
+		return;
+	if (cp->n_reclaimable == cp->cap_reclaimable) {
+		size_t cap = cp->cap_reclaimable ? cp->cap_reclaimable * 2 : 64;
+		struct q_seg **n = realloc(cp->reclaimable, cap * sizeof(*n));
+		if (!n)
+			return;
+		cp->reclaimable = n;
+		cp->cap_reclaimable = cap;
+	}
+	for (size_t i = 0; i < cp->n_reclaimable; i++)
+		if (cp->reclaimable[i] == s)
+			return;
+	cp->reclaimable[cp->n_reclaimable++] = s;
+}
+
+void
+qm_seg_ref(struct cplane *cp, struct q_seg *s)
+{
+	(void)cp;
+	s->refs++;
+}
+
+void
+qm_seg_unref(struct cplane *cp, struct q_seg *s)
+{
+	if (s->refs)
+		s->refs--;
+	if (s->refs == 0)
+		seg_consider(cp, s);
+}
+
+void
+qm_seg_seal(struct cplane *cp, struct q_seg *s)
+{
+	s->sealed = true;
+	seg_consider(cp, s);
+}
+
+void
+qm_seg_reclaimed(struct cplane *cp, unsigned worker, uint64_t file_no,
+		 uint64_t use_seq)
+{
+	struct q_seg *s = seg_lookup(cp, worker, use_seq);
+
+	cp->st_reclaimed++;
+	if (!s || s->file_no != file_no)
+		return;
+	s->reclaimed = true;
+	cp->reclaims_heard = true;
+	if (s->fd >= 0) {
+		close(s->fd);
+		s->fd = -1;
+	}
+}
+
+/* Send reclaim requests: sealed, unreferenced, not yet sent. A full ring
+ * keeps the rest for the next iteration. */
+static void
+send_reclaims(struct cplane *cp)
+{
+	size_t keep = 0;
+
+	for (size_t i = 0; i < cp->n_reclaimable; i++) {
+		struct q_seg *s = cp->reclaimable[i];
+		struct fd_ctl_reclaim rq = {.file_no = s->file_no,
+					    .use_seq = s->use_seq};
+		if (!s->sealed || s->refs || s->reclaim_sent || s->reclaimed)
+			continue;
+		if (s->worker >= cp->nworkers ||
+		    !fd_ring_push(&cp->ports[s->worker].down, &rq)) {
+			cp->reclaimable[keep++] = s;
+			continue;
+		}
+		s->reclaim_sent = true;
+		cp->st_reclaim_sent++;
+	}
+	cp->n_reclaimable = keep;
+}
+
+/* ---- messages ---------------------------------------------------------- */
+
+static struct q_msg **
+msg_slot(struct cplane *cp, uint64_t id)
+{
+	return &cp->msg_h[hash64(id) & (cp->msg_cap - 1)];
+}
+
+static struct q_msg *
+msg_find(struct cplane *cp, uint64_t id)
+{
+	for (struct q_msg *m = *msg_slot(cp, id); m; m = m->hnext)
+		if (m->id == id)
+			return m;
+	return NULL;
+}
+
+static int
+msg_hash_grow(struct cplane *cp)
+{
+	size_t cap = cp->msg_cap * 2;
+	struct q_msg **h = calloc(cap, sizeof(*h));
+
+	if (!h)
+		return -ENOMEM;
+	for (size_t i = 0; i < cp->msg_cap; i++) {
+		struct q_msg *m = cp->msg_h[i], *next;
+		for (; m; m = next) {
+			next = m->hnext;
+			size_t b = hash64(m->id) & (cap - 1);
+			m->hnext = h[b];
+			h[b] = m;
+		}
+	}
+	free(cp->msg_h);
+	cp->msg_h = h;
+	cp->msg_cap = cap;
+	return 0;
+}
+
+static void
+heap_swap(struct cplane *cp, size_t a, size_t b)
+{
+	struct q_msg *t = cp->heap[a];
+
+	cp->heap[a] = cp->heap[b];
+	cp->heap[b] = t;
+	cp->heap[a]->heap_idx = a + 1;
+	cp->heap[b]->heap_idx = b + 1;
+}
+
+static void
+heap_up(struct cplane *cp, size_t i)
+{
+	while (i > 0) {
+		size_t p = (i - 1) / 2;
+		if (cp->heap[p]->next_us <= cp->heap[i]->next_us)
+			break;
+		heap_swap(cp, p, i);
+		i = p;
+	}
+}
+
+static void
+heap_down(struct cplane *cp, size_t i)
+{
+	for (;;) {
+		size_t l = 2 * i + 1, r = l + 1, m = i;
+		if (l < cp->heap_n &&
+		    cp->heap[l]->next_us < cp->heap[m]->next_us)
+			m = l;
+		if (r < cp->heap_n &&
+		    cp->heap[r]->next_us < cp->heap[m]->next_us)
+			m = r;
+		if (m == i)
+			break;
+		heap_swap(cp, m, i);
+		i = m;
+	}
+}
+
+static void
+heap_remove(struct cplane *cp, struct q_msg *m)
+{
+	size_t i;
+
+	if (!m->heap_idx)
+		return;
+	i = m->heap_idx - 1;
+	m->heap_idx = 0;
+	cp->heap_n--;
+	if (i == cp->heap_n)
+		return;
+	cp->heap[i] = cp->heap[cp->heap_n];
+	cp->heap[i]->heap_idx = i + 1;
+	heap_down(cp, i);
+	heap_up(cp, i);
+}
+
+/* (Re)insert m at m->next_us. */
+static void
+heap_set(struct cplane *cp, struct q_msg *m, uint64_t at)
+{
+	heap_remove(cp, m);
+	m->next_us = at;
+	if (cp->heap_n == cp->heap_cap) {
+		size_t cap = cp->heap_cap ? cp->heap_cap * 2 : 1024;
+		struct q_msg **n = realloc(cp->heap, cap * sizeof(*n));
+		if (!n)
+			return; /* found again by the next full pass */
+		cp->heap = n;
+		cp->heap_cap = cap;
+	}
+	cp->heap[cp->heap_n] = m;
+	m->heap_idx = ++cp->heap_n;
+	heap_up(cp, cp->heap_n - 1);
+}
+
+static bool
+domain_accepted(const struct cplane *cp, const char *domain)
+{
+	for (unsigned i = 0; i < cp->cfg.n_domains; i++)
+		if (strcasecmp(cp->cfg.domains[i], domain) == 0)
+			return true;
+	return false;
+}
+
+static struct q_dest *
+dest_get(struct cplane *cp, const struct route_target *t)
+{
+	size_t b = 0;
+	struct q_dest *d;
+
+	for (const char *p = t->text; *p; p++)
+		b = b * 131 + (unsigned char)*p;
+	b &= DEST_BUCKETS - 1;
+	for (d = cp->dest_h[b]; d; d = d->hnext)
+		if (strcmp(d->key, t->text) == 0)
+			return d;
+	d = calloc(1, sizeof(*d));
+	if (!d)
+		return NULL;
+	snprintf(d->key, sizeof(d->key), "%s", t->text);
+	d->kind = (int)t->kind;
+	snprintf(d->host, sizeof(d->host), "%s", t->host);
+	d->port = t->port;
+	snprintf(d->path, sizeof(d->path), "%s", t->path);
+	d->limit = INIT_WINDOW < cp->cfg.dest_concurrency
+			   ? INIT_WINDOW
+			   : (double)cp->cfg.dest_concurrency;
+	if (t->kind == ROUTE_MAILDIR) /* local disk: no feedback needed */
+		d->limit = (double)cp->cfg.dest_concurrency;
+	d->hnext = cp->dest_h[b];
+	cp->dest_h[b] = d;
+	return d;
+}
+
+/* Where mail for this address goes: its route, the relay, the default. */
+static struct q_dest *
+dest_for_rcpt(struct cplane *cp, const char *addr)
+{
+	const struct route_target *t =
+		route_lookup(cp->routes, route_addr_domain(addr));
+
+	return dest_get(cp, t ? t : &cp->def_target);
+}
+
+/* Where a DSN to this sender goes, or NULL (no route for it). */
+static struct q_dest *
+dest_for_bounce(struct cplane *cp, const char *sender)
+{
+	const char *dom = route_addr_domain(sender);
+
+	if (*dom && domain_accepted(cp, dom))
+		return dest_for_rcpt(cp, sender);
+	if (cp->have_bounce_target)
+		return dest_get(cp, &cp->bounce_target);
+	return NULL;
+}
+
+static size_t
+str_size(const char *s)
+{
+	return s ? strlen(s) + 1 : 1;
+}
+
+static char *
+arena_str(char **ap, const char *s)
+{
+	char *d = *ap;
+	size_t n = s ? strlen(s) : 0;
+
+	if (n)
+		memcpy(d, s, n);
+	d[n] = '\0';
+	*ap += n + 1;
+	return d;
+}
+
+int
+qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
+	   const struct fd_envelope *env, uint64_t body_len,
+	   uint32_t body_crc, const struct q_piece *pieces, size_t n_pieces,
+	   struct q_seg *env_seg, struct q_seg *end_seg)
+{
+	struct q_msg *m;
+	size_t sz = sizeof(*m), nsegs = 0;
+	char *a;
+	struct q_seg **segs;
+
+	if (msg_find(cp, id))
+		return 0; /* found twice (scan and tailer): one is enough */
+	if ((cp->n_msgs + 1) * 2 > cp->msg_cap && msg_hash_grow(cp) != 0)
+		return -ENOMEM;
+	sz += env->n_rcpts * sizeof(struct q_rcpt);
+	sz += n_pieces * sizeof(struct q_piece);
+	sz += (n_pieces + 2) * sizeof(struct q_seg *);
+	sz += str_size(env->mail_from) + str_size(env->envid) +
+	      str_size(env->helo) + str_size(env->client_addr);
+	for (unsigned i = 0; i < env->n_rcpts; i++)
+		sz += str_size(env->rcpts[i]) +
+		      str_size(env->orcpts ? env->orcpts[i] : NULL);
+	m = calloc(1, sz);
+	if (!m)
+		return -ENOMEM;
+	m->rcpts = (struct q_rcpt *)(void *)(m + 1);
+	m->pieces = (struct q_piece *)(void *)(m->rcpts + env->n_rcpts);
+	segs = (struct q_seg **)(void *)(m->pieces + n_pieces);
+	a = (char *)(segs + n_pieces + 2);
+	m->id = id;
+	m->worker = worker;
+	m->arrival_us = env->arrival_us;
+	m->body_len = body_len;
+	m->body_crc = body_crc;
+	m->sender = arena_str(&a, env->mail_from);
+	m->envid = arena_str(&a, env->envid);
+	m->helo = arena_str(&a, env->helo);
+	m->client = arena_str(&a, env->client_addr);
+	m->ret = (uint8_t)env->ret;
+	m->body_type = (uint8_t)env->body;
+	m->smtputf8 = env->smtputf8;
+	m->n_rcpts = env->n_rcpts;
+	for (unsigned i = 0; i < env->n_rcpts; i++) {
+		struct q_rcpt *r = &m->rcpts[i];
+		r->addr = arena_str(&a, env->rcpts[i]);
+		r->orcpt = arena_str(&a, env->orcpts ? env->orcpts[i] : NULL);
+		r->notify = env->notify ? env->notify[i] : 0;
+		r->dest = dest_for_rcpt(cp, r->addr);
+	}
+	m->n_pieces = n_pieces;
+	if (n_pieces)
+		memcpy(m->pieces, pieces, n_pieces * sizeof(*pieces));
+	/* Distinct segments: pieces come in segment order. */
+	if (env_seg)
+		segs[nsegs++] = env_seg;
+	for (size_t i = 0; i < n_pieces; i++)
+		if (!nsegs || segs[nsegs - 1] != pieces[i].seg)
+			segs[nsegs++] = pieces[i].seg;
+	if (end_seg && segs[nsegs - 1] != end_seg)
+		segs[nsegs++] = end_seg;
+	m->segs = segs;
+	m->n_segs = (unsigned)nsegs;
+	for (unsigned i = 0; i < m->n_segs; i++)
+		qm_seg_ref(cp, m->segs[i]);
+	m->hnext = *msg_slot(cp, id);
+	*msg_slot(cp, id) = m;
+	cp->n_msgs++;
+	cp->st_queued++;
+	heap_set(cp, m, 0); /* due now */
+	return 0;
+}
+
+static void
+msg_free(struct cplane *cp, struct q_msg *m)
+{
+	struct q_msg **pp = msg_slot(cp, m->id);
+
+	while (*pp && *pp != m)
+		pp = &(*pp)->hnext;
+	if (*pp)
+		*pp = m->hnext;
+	heap_remove(cp, m);
+	for (unsigned i = 0; i < m->n_rcpts; i++)
+		free(m->rcpts[i].reason);
+	cp->n_msgs--;
+	free(m);
+}
+
+static void
+set_reason(struct q_rcpt *r, const char *text)
+{
+	char *n;
+
+	if (text == r->reason)
+		return; /* its own reason: nothing to do (and not to free) */
+	n = text && *text ? strdup(text) : NULL;
+	free(r->reason);
+	r->reason = n;
+}
+
+static uint64_t
+log_rec(struct cplane *cp, enum dlog_type type, const struct q_msg *m,
+	uint32_t rcpt, uint32_t attempts, uint64_t next_us, uint64_t aux,
+	const char *text)
+{
+	size_t tl = text ? strlen(text) : 0;
+	struct dlog_rec r = {
+		.type = type,
+		.msgid = m->id,
+		.rcpt = rcpt,
+		.attempts = attempts,
+		.time_us = fd_now_realtime_us(),
+		.next_us = next_us,
+		.aux = aux,
+		.text = text,
+		.text_len = (uint16_t)(tl < DLOG_TEXT_MAX ? tl : DLOG_TEXT_MAX),
+	};
+
+	return cp->log ? dlog_append(cp->log, &r) : 0;
+}
+
+static bool
+dsn_wanted(const struct q_msg *m, const struct q_rcpt *r)
+{
+	if (!*m->sender)
+		return false; /* never to the null sender (RFC 5321 6.1) */
+	if (r->notify & FD_NOTIFY_NEVER)
+		return false;
+	return r->notify == 0 || (r->notify & FD_NOTIFY_FAILURE);
+}
+
+static bool
+rcpt_final(const struct q_rcpt *r)
+{
+	return r->state != QR_PENDING;
+}
+
+static bool
+needs_dsn(const struct q_msg *m, const struct q_rcpt *r)
+{
+	(void)m;
+	return (r->state == QR_BOUNCED || r->state == QR_EXPIRED) &&
+	       !r->dsn_done;
+}
+
+/* Decide what m waits for now; finish it or put it in the heap. */
+static void
+msg_update(struct cplane *cp, struct q_msg *m, uint64_t lsn)
+{
+	uint64_t next = UINT64_MAX;
+	bool open = false;
+
+	if (m->finished)
+		return;
+	for (unsigned i = 0; i < m->n_rcpts; i++) {
+		struct q_rcpt *r = &m->rcpts[i];
+		if (r->busy) {
+			open = true;
+			continue;
+		}
+		if (!rcpt_final(r)) {
+			open = true;
+			if (r->next_us < next)
+				next = r->next_us;
+		} else if (needs_dsn(m, r)) {
+			if (!dsn_wanted(m, r)) {
+				r->dsn_done = true;
+				continue;
+			}
+			open = true;
+			if (!m->bounce_busy && m->bounce_next_us < next)
+				next = m->bounce_next_us;
+		}
+	}
+	if (open || m->jobs || m->bounce_busy) {
+		if (next != UINT64_MAX && !m->held)
+			heap_set(cp, m, next);
+		else
+			heap_remove(cp, m);
+		return;
+	}
+	m->finished = true;
+	heap_remove(cp, m);
+	m->final_lsn = lsn ? lsn : (cp->log ? dlog_durable(cp->log) : 0);
+	m->fnext = cp->fin_head;
+	cp->fin_head = m;
+}
+
+/* Release finished messages whose records are durable; free released
+ * ones whose segments all have a new epoch (a checkpoint no longer needs
+ * to remember them). */
+static void
+release_finished(struct cplane *cp)
+{
+	uint64_t durable = cp->log ? dlog_durable(cp->log) : UINT64_MAX;
+	struct q_msg **pp = &cp->fin_head;
+
+	while (*pp) {
+		struct q_msg *m = *pp;
+		if (m->final_lsn > durable) {
+			pp = &m->fnext;
+			continue;
+		}
+		*pp = m->fnext;
+		m->released = true;
+		cp->st_released++;
+		for (unsigned i = 0; i < m->n_segs; i++)
+			qm_seg_unref(cp, m->segs[i]);
+		m->fnext = cp->rel_head;
+		cp->rel_head = m;
+	}
+	/* Released messages wait for their segments' new epochs; the list is
+	 * long (a segment's worth), so it is walked only after a RECLAIMED. */
+	if (!cp->reclaims_heard)
+		return;
+	cp->reclaims_heard = false;
+	pp = &cp->rel_head;
+	while (*pp) {
+		struct q_msg *m = *pp;
+		bool gone = true;
+		for (unsigned i = 0; i < m->n_segs && gone; i++)
+			gone = m->segs[i]->reclaimed;
+		if (!gone) {
+			pp = &m->fnext;
+			continue;
+		}
+		*pp = m->fnext;
+		msg_free(cp, m);
+	}
+}
+
+/* ---- scheduling -------------------------------------------------------- */
+
+static uint64_t
+backoff_us(struct cplane *cp, uint32_t attempts)
+{
+	double base = (double)cp->cfg.retry_min_ms * 1000.0;
+	double cap = (double)cp->cfg.retry_max_ms * 1000.0;
+	double d = base;
+
+	for (uint32_t i = 1; i < attempts && d < cap; i++)
+		d *= 2;
+	if (d > cap)
+		d = cap;
+	/* +-25% so that a burst deferred together does not retry together */
+	d *= 0.75 + 0.5 * (double)(rnd(cp) % 1000001) / 1000000.0;
+	return (uint64_t)d;
+}
+
+static bool
+expired(const struct cplane *cp, const struct q_msg *m, uint64_t now_rt)
+{
+	return now_rt >= m->arrival_us + cp->cfg.queue_lifetime_ms * 1000;
+}
+
+static struct q_job *
+job_new(struct q_msg *m, struct q_dest *d, enum q_job_kind kind, unsigned n)
+{
+	struct q_job *j = calloc(1, sizeof(*j) + n * sizeof(struct q_outcome));
+
+	if (!j)
+		return NULL;
+	j->kind = kind;
+	j->m = m;
+	j->dest = d;
+	return j;
+}
+
+static void
+dest_enqueue(struct cplane *cp, struct q_dest *d, struct q_job *j)
+{
+	struct q_job **head = j->fresh ? &d->fresh_head : &d->retry_head;
+	struct q_job **tail = j->fresh ? &d->fresh_tail : &d->retry_tail;
+
+	j->next = NULL;
+	if (*tail)
+		(*tail)->next = j;
+	else
+		*head = j;
+	*tail = j;
+	if (!d->listed) {
+		d->listed = true;
+		d->next_ready = NULL;
+		if (cp->ready_tail)
+			cp->ready_tail->next_ready = d;
+		else
+			cp->ready_head = d;
+		cp->ready_tail = d;
+	}
+}
+
+static void
+log_outcome(const struct q_msg *m, const struct q_rcpt *r, const char *dest,
+	    const char *relay, const char *status, const char *text)
+{
+	char esc[700];
+	size_t k = 0;
+	double delay =
+		(double)(fd_now_realtime_us() - m->arrival_us) / 1e6;
+
+	/* The reply is printable already; quote it for key=value. */
+	for (const char *p = text ? text : ""; *p && k + 3 < sizeof(esc);
+	     p++) {
+		if (*p == '"' || *p == '\\')
+			esc[k++] = '\\';
+		esc[k++] = *p;
+	}
+	esc[k] = '\0';
+	fd_log(FD_LOG_INFO, "qmgr",
+	       "%016" PRIx64 " event=delivery to=<%s> route=%s relay=%s "
+	       "delay=%.3f attempts=%u status=%s reply=\"%s\"",
+	       m->id, r->addr, dest, relay && *relay ? relay : "none", delay,
+	       r->attempts, status, esc);
+}
+
+/* A recipient will not be tried now: defer it to `at`. */
+static void
+defer_rcpt(struct cplane *cp, struct q_msg *m, unsigned i, uint64_t at,
+	   const char *why, bool count)
+{
+	struct q_rcpt *r = &m->rcpts[i];
+	uint64_t now_rt = fd_now_realtime_us();
+	char last[520];
+
+	/* why may be r->reason itself: keep a copy before replacing it. */
+	snprintf(last, sizeof(last), "%.*s", (int)sizeof(last) - 1,
+		 why ? why : "none");
+	if (count)
+		r->attempts++;
+	set_reason(r, why);
+	if (expired(cp, m, now_rt)) {
+		char buf[600];
+		r->state = QR_EXPIRED;
+		snprintf(buf, sizeof(buf), "4.4.7 queue lifetime exceeded; "
+			 "last: %s", last);
+		set_reason(r, buf);
+		cp->st_expired++;
+		log_rec(cp, DLOG_EXPIRED, m, i, r->attempts, 0, 0, buf);
+		log_outcome(m, r, r->dest ? r->dest->key : "none", NULL,
+			    "expired", buf);
+		return;
+	}
+	r->next_us = at;
+	cp->st_deferred++;
+	log_rec(cp, DLOG_DEFERRED, m, i, r->attempts, at, 0, r->reason);
+}
+
+/* Make m's due recipients (and its due DSN) into jobs. */
+static void
+schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
+{
+	bool bounce_due = false;
+
+	if (m->held || m->finished)
+		return;
+	for (unsigned i = 0; i < m->n_rcpts; i++) {
+		struct q_rcpt *r = &m->rcpts[i];
+		struct q_dest *d = r->dest;
+		struct q_job *j;
+
+		if (r->busy || rcpt_final(r)) {
+			if (!r->busy && needs_dsn(m, r) && dsn_wanted(m, r))
+				bounce_due = true;
+			continue;
+		}
+		if (r->next_us > now_rt)
+			continue;
+		if (!d) {
+			defer_rcpt(cp, m, i, now_rt + backoff_us(cp, 1),
+				   "4.3.5 no route for this domain", true);
+			continue;
+		}
+		if (expired(cp, m, now_rt)) {
+			defer_rcpt(cp, m, i, 0, r->reason, false);
+			continue;
+		}
+		if (d->dead_until > now_rt) {
+			defer_rcpt(cp, m, i,
+				   d->dead_until + backoff_us(cp, 1) / 4,
+				   d->dead_reason ? d->dead_reason
+						  : "4.4.1 delivery "
+						    "temporarily suspended",
+				   false);
+			continue;
+		}
+		/* Other recipients for the same destination join this job. */
+		j = job_new(m, d, QJ_DELIVER, QJ_MAX_RCPTS);
+		if (!j)
+			break;
+		j->fresh = r->attempts == 0;
+		for (unsigned k = i; k < m->n_rcpts && j->n < QJ_MAX_RCPTS;
+		     k++) {
+			struct q_rcpt *rk = &m->rcpts[k];
+			if (rk->dest != d || rk->busy || rcpt_final(rk) ||
+			    rk->next_us > now_rt)
+				continue;
+			rk->busy = true;
+			j->idx[j->n++] = k;
+		}
+		m->jobs++;
+		dest_enqueue(cp, d, j);
+	}
+	if (bounce_due && !m->bounce_busy && m->bounce_next_us <= now_rt) {
+		struct q_dest *d = dest_for_bounce(cp, m->sender);
+		struct q_job *j = d ? job_new(m, d, QJ_BOUNCE, 1) : NULL;
+
+		if (!d) {
+			/* No way back to this sender: said and counted. */
+			for (unsigned i = 0; i < m->n_rcpts; i++) {
+				struct q_rcpt *r = &m->rcpts[i];
+				if (!needs_dsn(m, r))
+					continue;
+				r->dsn_done = true;
+				log_rec(cp, DLOG_DSN_DONE, m, i, 0, 0, 0,
+					"no route for the bounce");
+			}
+			cp->st_dsn_dropped++;
+			fd_log(FD_LOG_WARN, "qmgr",
+			       "%016" PRIx64 " event=bounce_dropped "
+			       "reason=no_bounce_relay",
+			       m->id);
+		} else if (j) {
+			for (unsigned i = 0; i < m->n_rcpts && j->n <
+							       QJ_MAX_RCPTS;
+			     i++) {
+				struct q_rcpt *r = &m->rcpts[i];
+				if (!needs_dsn(m, r) || !dsn_wanted(m, r))
+					continue;
+				j->reasons[j->n] = r->reason;
+				j->idx[j->n++] = i;
+			}
+			m->bounce_busy = true;
+			m->jobs++;
+			dest_enqueue(cp, d, j);
+		}
+	}
+	msg_update(cp, m, 0);
+}
+
+/* Hand out jobs while each destination is under its window. */
+static void
+dispatch(struct cplane *cp)
+{
+	struct q_dest **pp = &cp->ready_head, *prev = NULL;
+	struct q_job *out_head = NULL, *out_tail = NULL;
+	unsigned n_out = 0;
+
+	while (*pp) {
+		struct q_dest *d = *pp;
+		while ((double)d->active < d->limit &&
+		       (d->fresh_head || d->retry_head)) {
+			struct q_job *j;
+			bool take_fresh = d->fresh_head &&
+					  (!d->retry_head || !d->flip);
+			d->flip = !d->flip;
+			if (take_fresh) {
+				j = d->fresh_head;
+				d->fresh_head = j->next;
+				if (!d->fresh_head)
+					d->fresh_tail = NULL;
+			} else {
+				j = d->retry_head;
+				d->retry_head = j->next;
+				if (!d->retry_head)
+					d->retry_tail = NULL;
+			}
+			j->next = NULL;
+			d->active++;
+			if (out_tail)
+				out_tail->next = j;
+			else
+				out_head = j;
+			out_tail = j;
+			n_out++;
+		}
+		if (!d->fresh_head && !d->retry_head) {
+			*pp = d->next_ready;
+			d->listed = false;
+			if (cp->ready_tail == d)
+				cp->ready_tail = prev;
+			continue;
+		}
+		prev = d;
+		pp = &d->next_ready;
+	}
+	if (!out_head)
+		return;
+	pthread_mutex_lock(&cp->mu);
+	if (cp->jobs_tail)
+		cp->jobs_tail->next = out_head;
+	else
+		cp->jobs_head = out_head;
+	cp->jobs_tail = out_tail;
+	cp->jobs_out += n_out;
+	/* One waiter per job: a broadcast would wake every idle delivery
+	 * thread for each job (measured: most of the control plane's CPU
+	 * went to those wake-ups). */
+	for (unsigned i = 0; i < n_out && i < cp->n_dthr; i++)
+		pthread_cond_signal(&cp->job_cv);
+	pthread_mutex_unlock(&cp->mu);
+}
+
+/* A dead destination: its queued jobs are deferred now, not tried. */
+static void
+dest_drain_dead(struct cplane *cp, struct q_dest *d)
+{
+	struct q_job *lists[2] = {d->fresh_head, d->retry_head};
+
+	d->fresh_head = d->fresh_tail = d->retry_head = d->retry_tail = NULL;
+	for (int l = 0; l < 2; l++) {
+		struct q_job *j = lists[l], *next;
+		for (; j; j = next) {
+			struct q_msg *m = j->m;
+			next = j->next;
+			if (j->kind == QJ_BOUNCE) {
+				m->bounce_busy = false;
+				m->bounce_next_us = d->dead_until;
+			} else {
+				for (unsigned i = 0; i < j->n; i++) {
+					m->rcpts[j->idx[i]].busy = false;
+					defer_rcpt(cp, m, j->idx[i],
+						   d->dead_until,
+						   d->dead_reason, false);
+				}
+			}
+			m->jobs--;
+			free(j);
+			msg_update(cp, m, 0);
+		}
+	}
+}
+
+static void
+dest_feedback(struct cplane *cp, struct q_dest *d, const struct q_job *j)
+{
+	double max = (double)cp->cfg.dest_concurrency;
+
+	if (!j->conn_failed) {
+		d->fail_streak = 0;
+		d->limit += 1.0 / (d->limit > 1 ? d->limit : 1);
+		if (d->limit > max)
+			d->limit = max;
+		return;
+	}
+	d->fail_streak++;
+	d->limit = d->limit - 1 < 1 ? 1 : d->limit - 1;
+	if (d->fail_streak >= 2 && d->kind != ROUTE_MAILDIR) {
+		const char *why = j->n ? j->out[0].text : "connection failed";
+		char buf[600];
+		d->dead_until = fd_now_realtime_us() +
+				cp->cfg.retry_min_ms * 1000;
+		snprintf(buf, sizeof(buf),
+			 "4.4.1 delivery temporarily suspended: %s", why);
+		free(d->dead_reason);
+		d->dead_reason = strdup(buf);
+		fd_log(FD_LOG_WARN, "qmgr",
+		       "event=destination_dead route=%s for_s=%" PRIu64
+		       " reason=\"%s\"",
+		       d->key, cp->cfg.retry_min_ms / 1000, why);
+		d->fail_streak = 0;
+		dest_drain_dead(cp, d);
+	}
+}
+
+static void
+apply_result(struct cplane *cp, struct q_job *j)
+{
+	struct q_msg *m = j->m;
+	struct q_dest *d = j->dest;
+	uint64_t now_rt = fd_now_realtime_us(), lsn = 0;
+
+	if (d->active)
+		d->active--;
+	if (j->kind == QJ_BOUNCE) {
+		struct q_outcome *o = &j->out[0];
+		m->bounce_busy = false;
+		if (o->out == QO_DEFERRED && !expired(cp, m, now_rt)) {
+			m->bounce_attempts++;
+			m->bounce_next_us =
+				now_rt + backoff_us(cp, m->bounce_attempts);
+			fd_log(FD_LOG_INFO, "qmgr",
+			       "%016" PRIx64 " event=bounce status=deferred "
+			       "to=<%s> route=%s reply=\"%s\"",
+			       m->id, m->sender, d->key, o->text);
+		} else {
+			const char *st = o->out == QO_DELIVERED ? "sent"
+					 : o->out == QO_BOUNCED ? "bounced"
+								: "expired";
+			for (unsigned i = 0; i < j->n; i++) {
+				m->rcpts[j->idx[i]].dsn_done = true;
+				lsn = log_rec(cp, DLOG_DSN_DONE, m, j->idx[i],
+					      0, 0, 0, o->text);
+			}
+			if (o->out == QO_DELIVERED)
+				cp->st_dsn_sent++;
+			else
+				cp->st_dsn_dropped++;
+			fd_log(o->out == QO_DELIVERED ? FD_LOG_INFO
+						      : FD_LOG_WARN,
+			       "qmgr",
+			       "%016" PRIx64 " event=bounce status=%s to=<%s> "
+			       "route=%s reply=\"%s\"",
+			       m->id, st, m->sender, d->key, o->text);
+		}
+	} else {
+		for (unsigned i = 0; i < j->n; i++) {
+			unsigned k = j->idx[i];
+			struct q_rcpt *r = &m->rcpts[k];
+			struct q_outcome *o = &j->out[i];
+			r->busy = false;
+			r->last_us = now_rt;
+			switch ((enum q_out)o->out) {
+			case QO_DELIVERED:
+				r->attempts++;
+				r->state = QR_DELIVERED;
+				set_reason(r, o->text);
+				lsn = log_rec(cp, DLOG_DELIVERED, m, k,
+					      r->attempts, 0, 0, o->text);
+				cp->st_delivered++;
+				d->delivered++;
+				log_outcome(m, r, d->key, j->relay, "sent",
+					    o->text);
+				break;
+			case QO_BOUNCED:
+				r->attempts++;
+				r->state = QR_BOUNCED;
+				set_reason(r, o->text);
+				lsn = log_rec(cp, DLOG_BOUNCED, m, k,
+					      r->attempts, 0, 0, o->text);
+				cp->st_bounced++;
+				d->bounced++;
+				log_outcome(m, r, d->key, j->relay, "bounced",
+					    o->text);
+				if (!dsn_wanted(m, r))
+					r->dsn_done = true;
+				break;
+			case QO_DEFERRED:
+			default:
+				d->deferred++;
+				defer_rcpt(cp, m, k,
+					   now_rt + backoff_us(cp, r->attempts +
+									   1),
+					   o->text, true);
+				if (r->state == QR_PENDING)
+					log_outcome(m, r, d->key, j->relay,
+						    "deferred", o->text);
+				else
+					lsn = 0;
+				break;
+			}
+		}
+		dest_feedback(cp, d, j);
+	}
+	m->jobs--;
+	free(j);
+	msg_update(cp, m, lsn);
+}
+
+/* ---- delivery log replay and checkpoints -------------------------------- */
+
+struct replay_stats {
+	uint64_t applied, unknown;
+};
+
+static int
+replay_rec(void *ctx, const struct dlog_rec *rec)
+{
+	struct cplane *cp = ctx;
+	struct q_msg *m = msg_find(cp, rec->msgid);
+	unsigned lo, hi;
+
+	if (!m)
+		return 0; /* its segments were reclaimed: history */
+	if (rec->rcpt == DLOG_ALL) {
+		lo = 0;
+		hi = m->n_rcpts;
+	} else if (rec->rcpt < m->n_rcpts) {
+		lo = rec->rcpt;
+		hi = lo + 1;
+	} else {
+		return 0;
+	}
+	for (unsigned i = lo; i < hi; i++) {
+		struct q_rcpt *r = &m->rcpts[i];
+		char text[DLOG_TEXT_MAX + 1];
+		size_t tl = rec->text_len < DLOG_TEXT_MAX ? rec->text_len
+							 : DLOG_TEXT_MAX;
+		if (rec->text && tl)
+			memcpy(text, rec->text, tl);
+		text[tl] = '\0';
+		switch (rec->type) {
+		case DLOG_ATTEMPT:
+			r->attempt_open = true;
+			break;
+		case DLOG_DELIVERED:
+		case DLOG_BOUNCED:
+		case DLOG_EXPIRED:
+		case DLOG_DELETED:
+		case DLOG_SUPPRESSED:
+			r->state = rec->type == DLOG_DELIVERED ? QR_DELIVERED
+				   : rec->type == DLOG_BOUNCED ? QR_BOUNCED
+				   : rec->type == DLOG_EXPIRED ? QR_EXPIRED
+				   : rec->type == DLOG_DELETED ? QR_DELETED
+							       : QR_SUPPRESSED;
+			r->attempt_open = false;
+			if (rec->attempts)
+				r->attempts = rec->attempts;
+			set_reason(r, text);
+			break;
+		case DLOG_DEFERRED:
+			r->attempt_open = false;
+			r->attempts = rec->attempts;
+			r->next_us = rec->next_us;
+			set_reason(r, text);
+			break;
+		case DLOG_HELD:
+			m->held = true;
+			break;
+		case DLOG_RELEASED:
+			m->held = false;
+			break;
+		case DLOG_DSN_DONE:
+			r->dsn_done = true;
+			break;
+		case DLOG_NOTE:
+		case DLOG_CKPT_BEGIN:
+		case DLOG_CKPT_END:
+			break;
+		}
+	}
+	return 0;
+}
+
+struct snap_ctx {
+	struct cplane *cp;
+	dlog_emit_fn emit;
+	void *ectx;
+};
+
+static int
+snap_emit(struct snap_ctx *sc, enum dlog_type type, const struct q_msg *m,
+	  uint32_t rcpt, const struct q_rcpt *r)
+{
+	struct dlog_rec rec = {
+		.type = type,
+		.msgid = m->id,
+		.rcpt = rcpt,
+		.attempts = r ? r->attempts : 0,
+		.time_us = fd_now_realtime_us(),
+		.next_us = r && type == DLOG_DEFERRED ? r->next_us : 0,
+		.text = r ? r->reason : NULL,
+		.text_len = (uint16_t)(r && r->reason
+					       ? strnlen(r->reason,
+							 DLOG_TEXT_MAX)
+					       : 0),
+	};
+
+	return sc->emit(sc->ectx, &rec);
+}
+
+/* The state of every message still in the queue, released ones too (their
+ * segments may still hold them until reclaimed). */
+static int
+snapshot(void *ctx, dlog_emit_fn emit, void *ectx)
+{
+	struct snap_ctx sc = {.cp = ctx, .emit = emit, .ectx = ectx};
+	struct cplane *cp = ctx;
+
+	for (size_t b = 0; b < cp->msg_cap; b++) {
+		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext) {
+			int r = 0;
+			if (m->held)
+				r = snap_emit(&sc, DLOG_HELD, m, DLOG_ALL,
+					      NULL);
+			for (unsigned i = 0; i < m->n_rcpts && !r; i++) {
+				const struct q_rcpt *rc = &m->rcpts[i];
+				static const enum dlog_type map[] = {
+					[QR_PENDING] = DLOG_DEFERRED,
+					[QR_DELIVERED] = DLOG_DELIVERED,
+					[QR_BOUNCED] = DLOG_BOUNCED,
+					[QR_EXPIRED] = DLOG_EXPIRED,
+					[QR_DELETED] = DLOG_DELETED,
+					[QR_SUPPRESSED] = DLOG_SUPPRESSED,
+				};
+				/* A recipient in a job may have had its ATTEMPT
+				 * appended before this checkpoint: the snapshot
+				 * says so itself, or a crash would hide a
+				 * possible duplicate (over-counting is safe). */
+				if (rc->busy || (m->bounce_busy &&
+						 needs_dsn(m, rc)))
+					r = snap_emit(&sc, DLOG_ATTEMPT, m, i,
+						      NULL);
+				if (r || (rc->state == QR_PENDING &&
+					  rc->attempts == 0))
+					continue;
+				r = snap_emit(&sc, map[rc->state], m, i, rc);
+				if (!r && rc->dsn_done)
+					r = snap_emit(&sc, DLOG_DSN_DONE, m, i,
+						      NULL);
+			}
+			if (r)
+				return r;
+		}
+	}
+	return 0;
+}
+
+/* ---- the loop ---------------------------------------------------------- */
+
+static bool
+drain_ports(struct cplane *cp)
+{
+	bool any = false;
+
+	for (unsigned w = 0; w < cp->nworkers; w++) {
+		struct fd_ctl_event e;
+		unsigned n = 0;
+		while (n < 4096 && fd_ring_pop(&cp->ports[w].up, &e)) {
+			tail_event(cp->tails[w], &e);
+			n++;
+		}
+		any |= n > 0;
+	}
+	return any;
+}
+
+static bool
+apply_results(struct cplane *cp)
+{
+	struct q_job *list, *next;
+
+	pthread_mutex_lock(&cp->mu);
+	list = cp->res_head;
+	cp->res_head = cp->res_tail = NULL;
+	pthread_mutex_unlock(&cp->mu);
+	if (!list)
+		return false;
+	for (; list; list = next) {
+		next = list->next;
+		pthread_mutex_lock(&cp->mu);
+		cp->jobs_out--;
+		pthread_mutex_unlock(&cp->mu);
+		apply_result(cp, list);
+	}
+	return true;
+}
+
+static bool
+schedule_due(struct cplane *cp)
+{
+	uint64_t now_rt = fd_now_realtime_us();
+	unsigned n = 0;
+
+	/* Bounded per iteration so results and the ports are not starved
+	 * when a large backlog falls due at once. */
+	while (cp->heap_n && cp->heap[0]->next_us <= now_rt && n < 2048) {
+		struct q_msg *m = cp->heap[0];
+		heap_remove(cp, m);
+		schedule_msg(cp, m, now_rt);
+		n++;
+	}
+	return n > 0;
+}
+
+static void *
+qmgr_main(void *arg)
+{
+	struct cplane *cp = arg;
+	uint64_t idle_ms = 1, last_stats = fd_now_monotonic_us();
+
+	while (!atomic_load(&cp->stop)) {
+		bool busy = false;
+		struct timespec ts;
+
+		busy |= drain_ports(cp);
+		busy |= apply_results(cp);
+		if (cp->cfg.delivery) {
+			busy |= schedule_due(cp);
+			dispatch(cp);
+		}
+		release_finished(cp);
+		send_reclaims(cp);
+		if (cp->log && dlog_want_checkpoint(cp->log)) {
+			int r = dlog_checkpoint(cp->log, snapshot, cp);
+			fd_log(r ? FD_LOG_ERR : FD_LOG_INFO, "qmgr",
+			       "event=dlog_checkpoint messages=%zu err=%d",
+			       cp->n_msgs, -r);
+		}
+		if (fd_now_monotonic_us() - last_stats > 60000000ull) {
+			last_stats = fd_now_monotonic_us();
+			fd_log(FD_LOG_INFO, "qmgr",
+			       "event=queue_stats messages=%zu queued=%" PRIu64
+			       " delivered=%" PRIu64 " deferred=%" PRIu64
+			       " bounced=%" PRIu64 " expired=%" PRIu64
+			       " reclaimed=%" PRIu64,
+			       cp->n_msgs, cp->st_queued, cp->st_delivered,
+			       cp->st_deferred, cp->st_bounced, cp->st_expired,
+			       cp->st_reclaimed);
+		}
+		idle_ms = busy ? 1 : (idle_ms < 8 ? idle_ms * 2 : 10);
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += (long)(idle_ms * 1000000);
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_mutex_lock(&cp->mu);
+		if (!cp->res_head && !atomic_load(&cp->stop))
+			pthread_cond_timedwait(&cp->res_cv, &cp->mu, &ts);
+		pthread_mutex_unlock(&cp->mu);
+	}
+	atomic_store(&cp->stopped, true);
+	return NULL;
+}
+
+/* ---- delivery threads' side of the hand-off ----------------------------- */
+
+struct q_job *
+cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms)
+{
+	struct q_job *j = NULL, **pp;
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += (time_t)(wait_ms / 1000);
+	ts.tv_nsec += (long)((wait_ms % 1000) * 1000000);
+	if (ts.tv_nsec >= 1000000000) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000;
+	}
+	pthread_mutex_lock(&cp->mu);
+	while (!cp->jobs_head && !cp->quit)
+		if (pthread_cond_timedwait(&cp->job_cv, &cp->mu, &ts) != 0)
+			break;
+	/* A job for the next hop this thread holds a connection to first
+	 * (connection reuse), else the oldest. */
+	for (pp = &cp->jobs_head; prefer && *pp; pp = &(*pp)->next)
+		if (strcmp((*pp)->dest->key, prefer) == 0)
+			break;
+	if (!prefer || !*pp)
+		pp = &cp->jobs_head;
+	if (*pp) {
+		j = *pp;
+		*pp = j->next;
+		if (cp->jobs_tail == j) {
+			cp->jobs_tail = NULL;
+			for (struct q_job *k = cp->jobs_head; k; k = k->next)
+				cp->jobs_tail = k;
+		}
+		j->next = NULL;
+	}
+	pthread_mutex_unlock(&cp->mu);
+	return j;
+}
+
+bool
+cp_quitting(struct cplane *cp)
+{
+	bool q;
+
+	pthread_mutex_lock(&cp->mu);
+	q = cp->quit && !cp->jobs_head;
+	pthread_mutex_unlock(&cp->mu);
+	return q;
+}
+
+void
+cp_job_done(struct cplane *cp, struct q_job *j)
+{
+	bool first;
+
+	pthread_mutex_lock(&cp->mu);
+	j->next = NULL;
+	first = !cp->res_head;
+	if (cp->res_tail)
+		cp->res_tail->next = j;
+	else
+		cp->res_head = j;
+	cp->res_tail = j;
+	/* The queue manager takes every result at once: wake it for the
+	 * first one only. */
+	if (first)
+		pthread_cond_signal(&cp->res_cv);
+	pthread_mutex_unlock(&cp->mu);
+}
+
+/* ---- life cycle -------------------------------------------------------- */
+
+/* A Maildir root is made at start (mkdir -p, 0700): a first run with
+ * the default route must work; the mailboxes below it are made on first
+ * delivery. */
+static void
+maildir_root(const struct route_target *t, bool make)
+{
+	char buf[512];
+	size_t n;
+
+	if (!make || t->kind != ROUTE_MAILDIR)
+		return;
+	n = strlen(t->path);
+	if (n == 0 || n >= sizeof(buf))
+		return;
+	memcpy(buf, t->path, n + 1);
+	for (size_t i = 1; i <= n; i++) {
+		if (buf[i] != '/' && buf[i] != '\0')
+			continue;
+		char ch = buf[i];
+		buf[i] = '\0';
+		if (mkdir(buf, 0700) != 0 && errno != EEXIST)
+			fd_log(FD_LOG_WARN, "qmgr",
+			       "event=maildir_root_failed path=%s error=\"%s\"",
+			       buf, strerror(errno));
+		buf[i] = ch;
+	}
+}
+
+static int
+parse_routes(struct cplane *cp, const struct cp_config *c, char *why,
+	     size_t why_len, bool make)
+{
+	cp->routes = route_table_new();
+	if (!cp->routes) {
+		snprintf(why, why_len, "out of memory");
+		return -ENOMEM;
+	}
+	for (unsigned i = 0; i < c->n_routes; i++) {
+		char dom[256];
+		struct route_target t;
+		int r = route_parse_rule(c->routes[i], dom, sizeof(dom), &t,
+					 why, why_len);
+		if (r)
+			return r;
+		if (route_table_add(cp->routes, dom, &t) != 0) {
+			snprintf(why, why_len, "route: duplicate domain %s",
+				 dom);
+			return -EINVAL;
+		}
+		maildir_root(&t, make);
+	}
+	if (c->relay && *c->relay) {
+		if (route_parse_target(c->relay, &cp->def_target, why,
+				       why_len) != 0)
+			return -EINVAL;
+	} else if (route_parse_target(c->default_route, &cp->def_target, why,
+				      why_len) != 0) {
+		return -EINVAL;
+	}
+	maildir_root(&cp->def_target, make);
+	if (c->bounce_relay && *c->bounce_relay) {
+		if (route_parse_target(c->bounce_relay, &cp->bounce_target,
+				       why, why_len) != 0)
+			return -EINVAL;
+		cp->have_bounce_target = true;
+		maildir_root(&cp->bounce_target, make);
+	}
+	return 0;
+}
+
+int
+cp_check_config(const struct cp_config *c, char *why, size_t why_len)
+{
+	struct cplane tmp;
+	int r;
+
+	memset(&tmp, 0, sizeof(tmp));
+	r = parse_routes(&tmp, c, why, why_len, false);
+	route_table_free(tmp.routes);
+	if (r == 0 && c->recipients && *c->recipients) {
+		struct rcptdb *db = rcptdb_load(c->recipients, why, why_len);
+		if (!db)
+			return -EINVAL;
+		rcptdb_free(db);
+	}
+	return r;
+}
+
+/* Import one committed message of the recovery scan. */
+static int
+import_msg(struct cplane *cp, const struct ctl_spool_scan *scan,
+	   const struct ctl_spool_msg *sm, struct q_piece **buf, size_t *cap)
+{
+	const struct ctl_spool_seg *es, *ns;
+	struct q_seg *env_seg, *end_seg;
+
+	if (sm->n_pieces > *cap) {
+		struct q_piece *n = realloc(*buf, sm->n_pieces * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		*buf = n;
+		*cap = sm->n_pieces;
+	}
+	for (size_t i = 0; i < sm->n_pieces; i++) {
+		const struct ctl_spool_piece *p = &sm->pieces[i];
+		const struct ctl_spool_seg *g =
+			ctl_spool_scan_segment(scan, p->seg);
+		(*buf)[i] = (struct q_piece){
+			.seg = qm_seg_get(cp, g->worker, g->file_no,
+					  g->use_seq),
+			.file_off = p->file_off,
+			.len = p->len,
+		};
+		if (!(*buf)[i].seg)
+			return -ENOMEM;
+	}
+	es = ctl_spool_scan_segment(scan, sm->env_seg);
+	ns = ctl_spool_scan_segment(scan, sm->end_seg);
+	env_seg = qm_seg_get(cp, es->worker, es->file_no, es->use_seq);
+	end_seg = qm_seg_get(cp, ns->worker, ns->file_no, ns->use_seq);
+	if (!env_seg || !end_seg)
+		return -ENOMEM;
+	return qm_msg_add(cp, sm->worker, sm->id, &sm->env, sm->body_len,
+			  sm->body_crc, *buf, sm->n_pieces, env_seg, end_seg);
+}
+
+struct cplane *
+cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
+	  int *err)
+{
+	struct cplane *cp = calloc(1, sizeof(*cp));
+	char why[512], dir[4200];
+	struct dlog_params lp;
+	struct dlog_open_stats ost;
+	struct q_piece *pbuf = NULL;
+	size_t pcap = 0, in_flight = 0;
+	int r;
+
+	if (!cp) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	cp->cfg = *c;
+	snprintf(cp->spool_dir, sizeof(cp->spool_dir), "%s", c->spool_dir);
+	snprintf(cp->hostname, sizeof(cp->hostname), "%s", c->hostname);
+	cp->cfg.spool_dir = cp->spool_dir;
+	cp->cfg.hostname = cp->hostname;
+	if (cp->cfg.dest_concurrency == 0)
+		cp->cfg.dest_concurrency = 1;
+	cp->rng = fd_now_realtime_us() | 1;
+	pthread_mutex_init(&cp->mu, NULL);
+	pthread_cond_init(&cp->job_cv, NULL);
+	pthread_cond_init(&cp->res_cv, NULL);
+	if ((r = parse_routes(cp, c, why, sizeof(why), true)) != 0) {
+		fd_log(FD_LOG_ERR, "qmgr", "event=config_error reason=\"%s\"",
+		       why);
+		goto out_free;
+	}
+	if (c->recipients && *c->recipients) {
+		cp->rcpts = rcptdb_load(c->recipients, why, sizeof(why));
+		if (!cp->rcpts) {
+			fd_log(FD_LOG_ERR, "qmgr",
+			       "event=recipients_failed reason=\"%s\"", why);
+			r = -EINVAL;
+			goto out_free;
+		}
+		fd_log(FD_LOG_INFO, "qmgr",
+		       "event=recipients_loaded file=%s entries=%zu",
+		       c->recipients, rcptdb_count(cp->rcpts));
+	}
+	cp->msg_cap = 1024;
+	cp->msg_h = calloc(cp->msg_cap, sizeof(*cp->msg_h));
+	if (!cp->msg_h) {
+		r = -ENOMEM;
+		goto out_free;
+	}
+	/* The scan's committed messages, then every segment holding valid
+	 * records (sealed: the run that wrote them is over). */
+	for (size_t i = 0; scan && i < ctl_spool_scan_count(scan); i++)
+		if ((r = import_msg(cp, scan, ctl_spool_scan_msg(scan, i),
+				    &pbuf, &pcap)) != 0)
+			goto out_free;
+	free(pbuf);
+	pbuf = NULL;
+	for (size_t i = 0; scan && i < ctl_spool_scan_nsegs(scan); i++) {
+		const struct ctl_spool_seg *g = ctl_spool_scan_segment(scan, i);
+		struct q_seg *s;
+		if (!g->header_ok || g->records_ok == 0 || !g->path)
+			continue; /* the writer's (spares), or unreadable */
+		if (!(s = qm_seg_get(cp, g->worker, g->file_no, g->use_seq))) {
+			r = -ENOMEM;
+			goto out_free;
+		}
+		qm_seg_seal(cp, s);
+	}
+	/* Then what the delivery log says happened to them. */
+	snprintf(dir, sizeof(dir), "%s/dlog", cp->spool_dir);
+	dlog_params_defaults(&lp);
+	if (c->dlog_rotate_bytes)
+		lp.rotate_bytes = c->dlog_rotate_bytes;
+	memset(&ost, 0, sizeof(ost));
+	cp->log = dlog_open(dir, &lp, replay_rec, cp, &ost, &r);
+	if (!cp->log) {
+		fd_log(FD_LOG_ERR, "qmgr",
+		       "event=dlog_open_failed dir=%s error=\"%s\"", dir,
+		       strerror(-r));
+		goto out_free;
+	}
+	for (size_t b = 0; b < cp->msg_cap; b++) {
+		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext) {
+			bool open = false;
+			uint64_t next = 0;
+			for (unsigned i = 0; i < m->n_rcpts; i++) {
+				struct q_rcpt *rc = &m->rcpts[i];
+				if (rc->attempt_open) {
+					/* It may have reached the next hop:
+					 * a possible duplicate, said once. */
+					open = true;
+					rc->attempt_open = false;
+				}
+				if (rc->state == QR_PENDING &&
+				    rc->next_us > next)
+					next = rc->next_us;
+			}
+			if (open) {
+				in_flight++;
+				log_rec(cp, DLOG_NOTE, m, DLOG_ALL, 0, 0, 0,
+					"attempt in flight at a crash: "
+					"possible duplicate");
+			}
+			(void)next;
+		}
+	}
+	/* Everything imported is due at its own time: finish, or queue. */
+	for (size_t b = 0; b < cp->msg_cap; b++) {
+		struct q_msg *m = cp->msg_h[b], *next;
+		for (; m; m = next) {
+			next = m->hnext;
+			uint64_t due = UINT64_MAX;
+			for (unsigned i = 0; i < m->n_rcpts; i++)
+				if (m->rcpts[i].state == QR_PENDING &&
+				    m->rcpts[i].next_us < due)
+					due = m->rcpts[i].next_us;
+			heap_remove(cp, m);
+			msg_update(cp, m, 0);
+		}
+	}
+	fd_log(FD_LOG_INFO, "qmgr",
+	       "event=queue_rebuilt messages=%zu finished=%" PRIu64
+	       " segments=%zu dlog_records=%" PRIu64
+	       " dlog_records_bad=%" PRIu64 " possible_duplicates=%zu",
+	       cp->n_msgs, (uint64_t)0, cp->n_segs, ost.records,
+	       ost.records_bad, in_flight);
+	cp->dctx.cp = cp;
+	return cp;
+
+out_free:
+	free(pbuf);
+	*err = r ? r : -EINVAL;
+	cp_free(cp);
+	return NULL;
+}
+
+int
+cp_attach(struct cplane *cp, unsigned workers)
+{
+	if (cp->ports || workers == 0 || workers > 256)
+		return -EINVAL;
+	cp->ports = aligned_alloc(64, workers * sizeof(*cp->ports));
+	cp->tails = calloc(workers, sizeof(*cp->tails));
+	if (!cp->ports || !cp->tails)
+		return -ENOMEM;
+	for (unsigned w = 0; w < workers; w++) {
+		int r = fd_ctl_port_init(&cp->ports[w], w);
+		if (r)
+			return r;
+		cp->nworkers = w + 1;
+		if (!(cp->tails[w] = tail_new(cp, cp->spool_dir, w)))
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+struct fd_ctl_port *
+cp_port(struct cplane *cp, unsigned worker)
+{
+	return worker < cp->nworkers ? &cp->ports[worker] : NULL;
+}
+
+static int
+rcpt_check(void *ctx, const char *addr)
+{
+	return rcptdb_check(ctx, addr);
+}
+
+int (*cp_rcpt_check_fn(const struct cplane *cp))(void *, const char *)
+{
+	return cp->rcpts ? rcpt_check : NULL;
+}
+
+void *
+cp_rcpt_ctx(const struct cplane *cp)
+{
+	return cp->rcpts;
+}
+
+int
+cp_start(struct cplane *cp, const cpu_set_t *cpus)
+{
+	pthread_attr_t attr;
+	int r;
+
+	if (!cp->ports)
+		return -EINVAL;
+	pthread_attr_init(&attr);
+	if (cpus)
+		pthread_attr_setaffinity_np(&attr, sizeof(*cpus), cpus);
+	r = pthread_create(&cp->thr, &attr, qmgr_main, cp);
+	if (r) {
+		pthread_attr_destroy(&attr);
+		return -r;
+	}
+	cp->thr_started = true;
+	pthread_setname_np(cp->thr, "fd-qmgr");
+	if (cp->cfg.delivery && cp->cfg.delivery_threads) {
+		cp->dthr = calloc(cp->cfg.delivery_threads, sizeof(*cp->dthr));
+		for (unsigned i = 0; cp->dthr && i < cp->cfg.delivery_threads;
+		     i++) {
+			if (pthread_create(&cp->dthr[i], &attr, deliver_main,
+					   &cp->dctx) != 0)
+				break;
+			pthread_setname_np(cp->dthr[i], "fd-deliver");
+			cp->n_dthr++;
+		}
+	}
+	pthread_attr_destroy(&attr);
+	fd_log(FD_LOG_INFO, "qmgr",
+	       "event=started delivery=%s threads=%u default_route=%s",
+	       cp->cfg.delivery ? "on" : "off", cp->n_dthr,
+	       cp->def_target.text);
+	return 0;
+}
+
+void
+cp_stop(struct cplane *cp)
+{
+	uint64_t deadline;
+
+	if (!cp->thr_started)
+		return;
+	/* The last announcements of the stopped workers, then no more
+	 * dispatching: the loop ends, deliveries in flight finish. */
+	atomic_store(&cp->stop, true);
+	pthread_mutex_lock(&cp->mu);
+	pthread_cond_broadcast(&cp->res_cv);
+	pthread_mutex_unlock(&cp->mu);
+	pthread_join(cp->thr, NULL);
+	cp->thr_started = false;
+	drain_ports(cp);
+	pthread_mutex_lock(&cp->mu);
+	cp->quit = true;
+	/* Jobs not yet taken go back (their recipients stay pending). */
+	while (cp->jobs_head) {
+		struct q_job *j = cp->jobs_head;
+		cp->jobs_head = j->next;
+		cp->jobs_out--;
+		free(j);
+	}
+	cp->jobs_tail = NULL;
+	pthread_cond_broadcast(&cp->job_cv);
+	pthread_mutex_unlock(&cp->mu);
+	deadline = fd_now_monotonic_us() + cp->cfg.shutdown_timeout_ms * 1000;
+	for (;;) {
+		unsigned out;
+		apply_results(cp);
+		pthread_mutex_lock(&cp->mu);
+		out = cp->jobs_out;
+		pthread_mutex_unlock(&cp->mu);
+		if (out == 0 || fd_now_monotonic_us() >= deadline)
+			break;
+		usleep(10000);
+	}
+	if (cp->jobs_out == 0) {
+		for (unsigned i = 0; i < cp->n_dthr; i++)
+			pthread_join(cp->dthr[i], NULL);
+		cp->n_dthr = 0;
+	} else {
+		/* Deliveries still running (a next hop that does not answer):
+		 * their ATTEMPT records are durable, so the next start counts
+		 * them as possible duplicates. They are not waited for. */
+		fd_log(FD_LOG_WARN, "qmgr",
+		       "event=stop_timeout deliveries_in_flight=%u",
+		       cp->jobs_out);
+	}
+	fd_log(FD_LOG_INFO, "qmgr",
+	       "event=stats messages=%zu queued=%" PRIu64 " delivered=%" PRIu64
+	       " deferred=%" PRIu64 " bounced=%" PRIu64 " expired=%" PRIu64
+	       " dsn_sent=%" PRIu64 " dsn_dropped=%" PRIu64
+	       " reclaim_sent=%" PRIu64 " reclaimed=%" PRIu64,
+	       cp->n_msgs, cp->st_queued, cp->st_delivered, cp->st_deferred,
+	       cp->st_bounced, cp->st_expired, cp->st_dsn_sent,
+	       cp->st_dsn_dropped, cp->st_reclaim_sent, cp->st_reclaimed);
+	if (cp->log && cp->n_dthr == 0) {
+		dlog_close(cp->log);
+		cp->log = NULL;
+	}
+	atomic_store(&cp->stopped, true);
+}
+
+void
+cp_free(struct cplane *cp)
+{
+	if (!cp)
+		return;
+	if (cp->n_dthr)
+		return; /* threads still use it: the process is exiting */
+	if (cp->log)
+		dlog_close(cp->log);
+	for (unsigned w = 0; cp->tails && w < cp->nworkers; w++)
+		tail_free(cp->tails[w]);
+	for (size_t b = 0; cp->msg_h && b < cp->msg_cap; b++)
+		while (cp->msg_h[b])
+			msg_free(cp, cp->msg_h[b]);
+	for (size_t b = 0; b < SEG_BUCKETS; b++)
+		while (cp->seg_h[b]) {
+			struct q_seg *s = cp->seg_h[b];
+			cp->seg_h[b] = s->hnext;
+			if (s->fd >= 0)
+				close(s->fd);
+			free(s);
+		}
+	for (size_t b = 0; b < DEST_BUCKETS; b++)
+		while (cp->dest_h[b]) {
+			struct q_dest *d = cp->dest_h[b];
+			cp->dest_h[b] = d->hnext;
+			while (d->fresh_head) {
+				struct q_job *j = d->fresh_head;
+				d->fresh_head = j->next;
+				free(j);
+			}
+			while (d->retry_head) {
+				struct q_job *j = d->retry_head;
+				d->retry_head = j->next;
+				free(j);
+			}
+			free(d->dead_reason);
+			free(d);
+		}
+	for (unsigned w = 0; cp->ports && w < cp->nworkers; w++)
+		fd_ctl_port_fini(&cp->ports[w]);
+	free(cp->ports);
+	free(cp->tails);
+	free(cp->msg_h);
+	free(cp->heap);
+	free(cp->reclaimable);
+	free(cp->dthr);
+	route_table_free(cp->routes);
+	if (cp->rcpts)
+		rcptdb_free(cp->rcpts);
+	pthread_mutex_destroy(&cp->mu);
+	pthread_cond_destroy(&cp->job_cv);
+	pthread_cond_destroy(&cp->res_cv);
+	free(cp);
+}
+
+const char *
+cp_hostname(const struct cplane *cp)
+{
+	return cp->hostname;
+}
+
+const struct cp_config *
+cp_config_of(const struct cplane *cp)
+{
+	return &cp->cfg;
+}
+
+struct dlog *
+cp_log(const struct cplane *cp)
+{
+	return cp->log;
+}

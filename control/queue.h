@@ -1,0 +1,198 @@
+/*
+ * The queue: the control plane's in-memory picture of every accepted
+ * message that is not finished, and of the spool segments holding them
+ * (private to the control plane: qmgr.c owns it, tail.c fills it, deliver.c
+ * reads the immutable parts of a message while a job for it runs).
+ *
+ * Ownership and threads: one queue-manager thread owns every struct here
+ * and is the only one that changes them. A delivery thread gets a job that
+ * points at a message; while any job for a message is out (msg->jobs > 0)
+ * the queue manager never frees the message, its envelope, its pieces or
+ * the segment descriptors they name, and never changes them: the envelope,
+ * pieces and body are immutable after the message is queued. Per-recipient
+ * state is changed only by the queue manager, from job results.
+ *
+ * A segment (struct q_seg) is referenced by every queued message with a
+ * record in it and by every partial message the tailer is assembling; it
+ * goes back to its worker (reclaim) only when it is sealed (the worker
+ * writes elsewhere and the tailer walked all of it) and nothing references
+ * it, and only after the delivery log made every finished message's outcome
+ * durable (DESIGN.md: the spool shrinks only behind the log).
+ */
+#ifndef FINALDOT_CONTROL_QUEUE_H
+#define FINALDOT_CONTROL_QUEUE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "finaldot/envelope.h"
+
+struct route_target;
+
+enum q_rstate {
+	QR_PENDING = 0,  /* to be delivered (first time or retry) */
+	QR_DELIVERED,    /* next hop accepted it */
+	QR_BOUNCED,      /* permanent failure: DSN due (NOTIFY permitting) */
+	QR_EXPIRED,      /* queue lifetime over: DSN due */
+	QR_DELETED,      /* operator deleted it */
+	QR_SUPPRESSED,   /* resend of an in-doubt message (issue: RFC 1047) */
+};
+const char *q_rstate_name(enum q_rstate s);
+
+struct q_seg {
+	unsigned worker;
+	uint64_t file_no;
+	uint64_t use_seq;
+	int fd;           /* O_RDONLY, for the bodies; -1 until opened */
+	uint32_t refs;    /* queued messages + tailer partials with records */
+	bool sealed;      /* the worker left it and the tailer walked it all */
+	bool reclaim_sent;
+	bool reclaimed;   /* RECLAIMED heard: its records are stale now */
+	struct q_seg *hnext;
+	char path[4200];
+};
+
+struct q_piece {
+	struct q_seg *seg;
+	uint64_t file_off; /* of the payload in the segment file */
+	uint32_t len;
+};
+
+struct q_dest;
+
+struct q_rcpt {
+	const char *addr;   /* in the message's arena */
+	const char *orcpt;  /* ORCPT as received, or "" */
+	uint8_t notify;     /* enum fd_dsn_notify bits; 0 = not given */
+	uint8_t state;      /* enum q_rstate */
+	bool busy;          /* in a job now */
+	bool dsn_done;      /* a DSN about it went out or is not wanted */
+	bool attempt_open;  /* replay: an ATTEMPT without an outcome */
+	uint32_t attempts;
+	uint64_t next_us;   /* earliest next attempt (PENDING) */
+	uint64_t last_us;   /* last attempt */
+	char *reason;       /* last reply or reason (malloc'd) or NULL */
+	struct q_dest *dest;
+};
+
+struct q_msg {
+	uint64_t id;
+	unsigned worker;
+	uint64_t arrival_us;
+	uint64_t body_len;
+	uint32_t body_crc;
+	const char *sender; /* "" = null sender */
+	const char *envid;  /* "" none */
+	const char *helo;
+	const char *client;
+	uint8_t ret;        /* enum fd_dsn_ret */
+	uint8_t body_type;  /* enum fd_body_type */
+	bool smtputf8;
+	unsigned n_rcpts;
+	struct q_rcpt *rcpts;
+	size_t n_pieces;
+	struct q_piece *pieces;
+	unsigned n_segs;
+	struct q_seg **segs; /* distinct segments with a record of it */
+
+	/* queue manager only */
+	bool held;
+	bool finished;     /* every recipient final, DSN settled */
+	bool released;     /* its segment references are dropped */
+	unsigned jobs;     /* jobs out for it */
+	bool bounce_busy;
+	uint32_t bounce_attempts;
+	uint64_t bounce_next_us;
+	uint64_t next_us;  /* heap key: the earliest due recipient/bounce */
+	size_t heap_idx;   /* + 1; 0 = not in the heap */
+	uint64_t final_lsn;
+	struct q_msg *hnext;
+	struct q_msg *fnext; /* finished list */
+	/* the arena (strings, arrays) follows the struct */
+};
+
+/*
+ * A destination: one next hop (a route target; its text is the key), with
+ * Postfix-style concurrency feedback (qmgr.c). The target is immutable;
+ * the counters belong to the queue manager.
+ */
+struct q_dest {
+	char key[600];
+	int kind;           /* enum route_kind */
+	char host[256];
+	uint16_t port;
+	char path[512];
+	/* scheduler (queue manager only) */
+	unsigned active;    /* jobs out */
+	double limit;       /* concurrency window, 1..max */
+	unsigned fail_streak; /* connection-level failures in a row */
+	uint64_t dead_until;  /* no attempt before this (dead destination) */
+	char *dead_reason;
+	struct q_job *fresh_head, *fresh_tail; /* first attempts */
+	struct q_job *retry_head, *retry_tail; /* retries and bounces */
+	bool flip;          /* alternate fresh/retry */
+	bool listed;        /* on the ready list */
+	struct q_dest *next_ready;
+	struct q_dest *hnext;
+	uint64_t delivered, deferred, bounced;
+};
+
+enum q_job_kind { QJ_DELIVER = 1, QJ_BOUNCE = 2 };
+enum q_out { QO_DELIVERED = 1, QO_DEFERRED = 2, QO_BOUNCED = 3 };
+
+struct q_outcome {
+	uint8_t out;      /* enum q_out */
+	char enh[16];
+	char text[512];
+};
+
+#define QJ_MAX_RCPTS 64u
+
+/*
+ * One delivery attempt: recipients of one message for one destination
+ * (QJ_DELIVER), or the DSN about the recipients idx[] to the message's
+ * sender (QJ_BOUNCE). The queue manager fills the first part; the delivery
+ * thread fills the results; the job then goes back.
+ */
+struct q_job {
+	enum q_job_kind kind;
+	struct q_msg *m;
+	struct q_dest *dest;
+	bool fresh;        /* first attempt of these recipients */
+	unsigned n;
+	unsigned idx[QJ_MAX_RCPTS];
+	/* bounce: what the DSN reports, copied when the job was made */
+	const char *reasons[QJ_MAX_RCPTS];
+	/* results */
+	bool conn_failed;  /* the next hop could not be reached/used */
+	bool dup_risk;     /* the final dot went out, the reply was lost */
+	char relay[256];   /* the peer that answered, for logs and DSNs */
+	uint64_t attempt_lsn;
+	struct q_job *next;
+	struct q_outcome out[]; /* n of them (QJ_BOUNCE: one) */
+};
+
+/* A message's body, read from its segment pieces (pread), verifying the
+ * body CRC32C as the last bytes are read: a mismatch is -EIO before the
+ * last bytes are handed out, so a damaged message never completes a
+ * transaction. Sequential reads only (the common case); a read at another
+ * offset restarts the check. */
+struct q_body {
+	const struct q_msg *m;
+	uint64_t pos;     /* next expected offset */
+	uint32_t crc;
+	size_t piece;     /* index of the piece holding pos */
+	uint64_t piece_off; /* body offset where that piece starts */
+	/* Called once, before the bytes that complete the body are handed
+	 * out (the point of no return: the final dot follows): the ATTEMPT
+	 * record must be durable by then. Non-zero fails the read. */
+	int (*before_last)(void *ctx);
+	void *before_last_ctx;
+	bool last_done;
+	bool unchecked; /* a read skipped bytes: the CRC cannot be checked */
+};
+void q_body_init(struct q_body *b, const struct q_msg *m);
+long q_body_read(void *ctx, uint64_t off, void *buf, size_t n);
+
+#endif

@@ -1,0 +1,517 @@
+/*
+ * The tailer (contract in tail.h). One per worker, run on the queue
+ * manager's thread.
+ *
+ * Segments: the worker announces each segment it makes active; the tailer
+ * keeps them in use order. To walk up to DURABLE(use_seq, off) it finishes
+ * every earlier segment (to its size: the worker left it, and batches
+ * complete in order, so all of it is final) and walks the announced one up
+ * to off, resuming each walk where the last one ended. A segment walked to
+ * its end with a later one announced is sealed.
+ *
+ * Limits: a partial message keeps its envelope bytes and its piece list in
+ * memory (no body bytes). The announcement a worker's backlog had to drop
+ * (ctlport.h) can leave a partial that never completes: it keeps its
+ * segments referenced (never reclaimed) until the next start; counted in
+ * tail_stats.partials.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "control/qmgr.h"
+#include "control/tail.h"
+#include "finaldot/crc32c.h"
+#include "finaldot/log.h"
+#include "finaldot/spool_format.h"
+
+#define WIN_LEN (1u << 20)
+#define DEAD_IDS 65536u /* power of two */
+#define MAX_PIN 8u      /* segments one partial pins before it is broken */
+
+struct tseg {
+	struct q_seg *qs;
+	bool header_ok;
+	bool header_read;
+	uint64_t epoch;
+	uint64_t size;
+	uint64_t walked; /* resume point */
+};
+
+struct partial {
+	uint64_t id;
+	uint8_t *env;
+	uint32_t env_len;
+	uint64_t next_off;
+	uint32_t crc;
+	bool broken;
+	struct q_piece *pieces;
+	size_t n_pieces, cap_pieces;
+	struct q_seg *env_seg;
+	struct q_seg *pin[MAX_PIN];
+	unsigned n_pin;
+	struct partial *hnext;
+};
+
+struct tail {
+	struct cplane *q;
+	unsigned worker;
+	char wdir[4096];
+	struct tseg *segs; /* announced, in use order; [0, cur) finished */
+	size_t n_segs, cap_segs;
+	size_t cur;
+	uint8_t *win;
+
+	struct partial **ph; /* partials by id */
+	size_t ph_cap, n_partials;
+
+	uint64_t dead[DEAD_IDS]; /* failed/aborted ids, FIFO */
+	size_t dead_head;
+	uint64_t *dead_set; /* open addressing over the same ids */
+
+	struct tail_stats st;
+};
+
+static size_t
+hid(uint64_t id)
+{
+	id ^= id >> 33;
+	id *= 0xff51afd7ed558ccdull;
+	id ^= id >> 33;
+	return (size_t)id;
+}
+
+/* ---- failed/aborted ids ------------------------------------------------- */
+
+/* The set holds exactly the ids in the FIFO: an id leaves the set when the
+ * FIFO overwrites it (deletion with backward shift keeps probing right). */
+static void
+dead_set_del(struct tail *t, uint64_t id)
+{
+	size_t cap = 2 * DEAD_IDS, i = hid(id) & (cap - 1);
+
+	while (t->dead_set[i] && t->dead_set[i] != id)
+		i = (i + 1) & (cap - 1);
+	if (!t->dead_set[i])
+		return;
+	t->dead_set[i] = 0;
+	for (size_t j = (i + 1) & (cap - 1); t->dead_set[j];
+	     j = (j + 1) & (cap - 1)) {
+		size_t home = hid(t->dead_set[j]) & (cap - 1);
+		/* Move j back to i if i lies on j's probe path. */
+		if ((j > i && (home <= i || home > j)) ||
+		    (j < i && home <= i && home > j)) {
+			t->dead_set[i] = t->dead_set[j];
+			t->dead_set[j] = 0;
+			i = j;
+		}
+	}
+}
+
+static bool
+dead_has(const struct tail *t, uint64_t id)
+{
+	size_t cap = 2 * DEAD_IDS, i = hid(id) & (cap - 1);
+
+	while (t->dead_set[i]) {
+		if (t->dead_set[i] == id)
+			return true;
+		i = (i + 1) & (cap - 1);
+	}
+	return false;
+}
+
+static void
+dead_add(struct tail *t, uint64_t id)
+{
+	size_t cap = 2 * DEAD_IDS, i;
+	uint64_t old = t->dead[t->dead_head];
+
+	if (id == 0 || dead_has(t, id))
+		return;
+	if (old)
+		dead_set_del(t, old);
+	t->dead[t->dead_head] = id;
+	t->dead_head = (t->dead_head + 1) & (DEAD_IDS - 1);
+	i = hid(id) & (cap - 1);
+	while (t->dead_set[i])
+		i = (i + 1) & (cap - 1);
+	t->dead_set[i] = id;
+}
+
+/* ---- partial messages -------------------------------------------------- */
+
+static struct partial **
+p_slot(struct tail *t, uint64_t id)
+{
+	return &t->ph[hid(id) & (t->ph_cap - 1)];
+}
+
+static struct partial *
+p_find(struct tail *t, uint64_t id)
+{
+	for (struct partial *p = *p_slot(t, id); p; p = p->hnext)
+		if (p->id == id)
+			return p;
+	return NULL;
+}
+
+static void
+p_free(struct tail *t, struct partial *p)
+{
+	struct partial **pp = p_slot(t, p->id);
+
+	while (*pp && *pp != p)
+		pp = &(*pp)->hnext;
+	if (*pp)
+		*pp = p->hnext;
+	for (unsigned i = 0; i < p->n_pin; i++)
+		qm_seg_unref(t->q, p->pin[i]);
+	free(p->env);
+	free(p->pieces);
+	free(p);
+	t->n_partials--;
+}
+
+static void
+p_pin(struct tail *t, struct partial *p, struct q_seg *s)
+{
+	for (unsigned i = 0; i < p->n_pin; i++)
+		if (p->pin[i] == s)
+			return;
+	if (p->n_pin == MAX_PIN) {
+		p->broken = true; /* longer than 8 segments: not ours */
+		return;
+	}
+	qm_seg_ref(t->q, s);
+	p->pin[p->n_pin++] = s;
+}
+
+static struct partial *
+p_new(struct tail *t, uint64_t id)
+{
+	struct partial *p = calloc(1, sizeof(*p));
+
+	if (!p)
+		return NULL;
+	p->id = id;
+	p->hnext = *p_slot(t, id);
+	*p_slot(t, id) = p;
+	t->n_partials++;
+	return p;
+}
+
+/* ---- records ----------------------------------------------------------- */
+
+static void
+complete(struct tail *t, struct partial *p, const struct spool_rec_hdr *h,
+	 struct q_seg *seg)
+{
+	struct fd_envelope env;
+	size_t sl;
+	void *scratch;
+	int r;
+
+	if (p->broken || h->offset != p->next_off || h->aux != p->crc ||
+	    !p->env) {
+		t->st.dropped++;
+		fd_log(FD_LOG_WARN, "tail",
+		       "worker=%u event=message_broken id=%016" PRIx64,
+		       t->worker, p->id);
+		p_free(t, p);
+		return;
+	}
+	sl = spool_env_scratch_len(p->env_len);
+	scratch = malloc(sl);
+	if (!scratch ||
+	    spool_env_decode(p->env, p->env_len, &env, scratch, sl) !=
+		    SPOOL_DEC_OK) {
+		free(scratch);
+		t->st.dropped++;
+		p_free(t, p);
+		return;
+	}
+	r = qm_msg_add(t->q, t->worker, p->id, &env, h->offset, h->aux,
+		       p->pieces, p->n_pieces, p->env_seg, seg);
+	free(scratch);
+	if (r == 0)
+		t->st.messages++;
+	else
+		t->st.dropped++;
+	p_free(t, p);
+}
+
+struct walk_ctx {
+	struct tail *t;
+	struct tseg *ts;
+};
+
+static int
+on_rec(void *ctx, const struct spool_walk_rec *r)
+{
+	struct walk_ctx *wc = ctx;
+	struct tail *t = wc->t;
+	struct q_seg *seg = wc->ts->qs;
+	struct partial *p = p_find(t, r->h.msgid);
+
+	t->st.records++;
+	if (dead_has(t, r->h.msgid)) {
+		if (p)
+			p_free(t, p);
+		return 0;
+	}
+	switch ((enum spool_rec_type)r->h.type) {
+	case SPOOL_REC_ENV:
+		if (p) {
+			p->broken = true;
+			return 0;
+		}
+		p = p_new(t, r->h.msgid);
+		if (!p)
+			return -ENOMEM;
+		p->env = malloc(r->h.len ? r->h.len : 1);
+		if (!p->env)
+			return -ENOMEM;
+		memcpy(p->env, r->payload, r->h.len);
+		p->env_len = r->h.len;
+		p->env_seg = seg;
+		p_pin(t, p, seg);
+		return 0;
+	case SPOOL_REC_DATA:
+		if (!p)
+			return 0; /* no ENV in this run: not a message of ours */
+		if (r->h.offset != p->next_off) {
+			p->broken = true;
+			return 0;
+		}
+		if (p->n_pieces == p->cap_pieces) {
+			size_t cap = p->cap_pieces ? p->cap_pieces * 2 : 4;
+			struct q_piece *n =
+				realloc(p->pieces, cap * sizeof(*n));
+			if (!n)
+				return -ENOMEM;
+			p->pieces = n;
+			p->cap_pieces = cap;
+		}
+		p->pieces[p->n_pieces++] = (struct q_piece){
+			.seg = seg,
+			.file_off = r->off + SPOOL_REC_HDR_LEN,
+			.len = r->h.len,
+		};
+		p->crc = spool_crc32c_combine(p->crc, r->payload_crc,
+					      r->h.len);
+		p->next_off += r->h.len;
+		p_pin(t, p, seg);
+		return 0;
+	case SPOOL_REC_END:
+		if (p)
+			complete(t, p, &r->h, seg);
+		return 0;
+	}
+	return 0;
+}
+
+/* ---- segments ---------------------------------------------------------- */
+
+static int
+read_header(struct tail *t, struct tseg *ts)
+{
+	uint8_t hb[SPOOL_SEG_HDR_LEN];
+	struct spool_seg_hdr h;
+	int fd = ts->qs->fd;
+
+	ts->header_read = true;
+	if (fd < 0 ||
+	    spool_read_fd(&fd, 0, hb, sizeof(hb)) != (long)sizeof(hb) ||
+	    spool_seg_hdr_decode(hb, sizeof(hb), &h) != SPOOL_DEC_OK ||
+	    h.use_seq != ts->qs->use_seq) {
+		fd_log(FD_LOG_ERR, "tail",
+		       "worker=%u event=segment_unreadable file=%08" PRIx64,
+		       t->worker, ts->qs->file_no);
+		return -EIO;
+	}
+	ts->header_ok = true;
+	ts->epoch = h.epoch;
+	ts->size = h.size;
+	return 0;
+}
+
+/* Walk ts from where it stopped up to `limit`. */
+static void
+walk_to(struct tail *t, struct tseg *ts, uint64_t limit)
+{
+	struct walk_ctx wc = {.t = t, .ts = ts};
+	struct spool_walk w;
+	int fd = ts->qs->fd;
+	int r;
+
+	if (!ts->header_read)
+		read_header(t, ts);
+	if (!ts->header_ok)
+		return;
+	if (limit > ts->size)
+		limit = ts->size;
+	if (limit <= ts->walked)
+		return;
+	memset(&w, 0, sizeof(w));
+	w.read = spool_read_fd;
+	w.read_ctx = &fd;
+	w.size = limit;
+	w.start = ts->walked;
+	w.epoch = ts->epoch;
+	w.win = t->win;
+	w.win_len = WIN_LEN;
+	r = spool_walk_segment(&w, on_rec, &wc);
+	t->st.walked_bytes += w.end > ts->walked ? w.end - ts->walked : 0;
+	t->st.records_bad += w.records_bad;
+	if (r < 0) {
+		fd_log(FD_LOG_ERR, "tail",
+		       "worker=%u event=walk_failed file=%08" PRIx64
+		       " off=%" PRIu64 " err=%d",
+		       t->worker, ts->qs->file_no, w.end, -r);
+		return; /* retried at the next DURABLE */
+	}
+	/* Batches end on block boundaries, so a walk to a durable point
+	 * stops at it (or before, mid-header, to be resumed). */
+	ts->walked = w.end;
+}
+
+static struct tseg *
+seg_find(struct tail *t, uint64_t use_seq)
+{
+	for (size_t i = t->cur; i < t->n_segs; i++)
+		if (t->segs[i].qs->use_seq == use_seq)
+			return &t->segs[i];
+	return NULL;
+}
+
+static void
+on_segment(struct tail *t, uint64_t file_no, uint64_t use_seq)
+{
+	struct q_seg *qs;
+
+	if (seg_find(t, use_seq))
+		return;
+	if (t->n_segs == t->cap_segs) {
+		size_t cap = t->cap_segs ? t->cap_segs * 2 : 8;
+		struct tseg *n = realloc(t->segs, cap * sizeof(*n));
+		if (!n)
+			return;
+		t->segs = n;
+		t->cap_segs = cap;
+	}
+	qs = qm_seg_get(t->q, t->worker, file_no, use_seq);
+	if (!qs)
+		return;
+	qm_seg_ref(t->q, qs); /* ours while we follow it */
+	t->segs[t->n_segs++] = (struct tseg){.qs = qs};
+}
+
+static void
+on_durable(struct tail *t, uint64_t use_seq, uint64_t off)
+{
+	struct tseg *target = seg_find(t, use_seq);
+
+	if (!target) {
+		fd_log(FD_LOG_ERR, "tail",
+		       "worker=%u event=unknown_segment use_seq=%" PRIu64,
+		       t->worker, use_seq);
+		return;
+	}
+	while (&t->segs[t->cur] != target) {
+		struct tseg *ts = &t->segs[t->cur];
+		walk_to(t, ts, UINT64_MAX);
+		if (ts->header_ok && ts->walked < ts->size)
+			return; /* a read failed: retry later */
+		qm_seg_seal(t->q, ts->qs);
+		qm_seg_unref(t->q, ts->qs);
+		t->cur++;
+	}
+	walk_to(t, target, off);
+	/* Compact the finished prefix now and then. */
+	if (t->cur > 64) {
+		memmove(t->segs, t->segs + t->cur,
+			(t->n_segs - t->cur) * sizeof(*t->segs));
+		t->n_segs -= t->cur;
+		t->cur = 0;
+	}
+}
+
+void
+tail_event(struct tail *t, const struct fd_ctl_event *e)
+{
+	struct partial *p;
+
+	switch ((enum fd_ctl_ev_type)e->type) {
+	case FD_CTL_SEGMENT:
+		on_segment(t, e->file_no, e->use_seq);
+		break;
+	case FD_CTL_DURABLE:
+		on_durable(t, e->use_seq, e->off);
+		break;
+	case FD_CTL_FAILED:
+	case FD_CTL_ABORTED:
+		dead_add(t, e->msgid);
+		if ((p = p_find(t, e->msgid)) != NULL) {
+			t->st.dropped++;
+			p_free(t, p);
+		}
+		break;
+	case FD_CTL_RECLAIMED:
+		qm_seg_reclaimed(t->q, t->worker, e->file_no, e->use_seq);
+		break;
+	default:
+		fd_log(FD_LOG_ERR, "tail", "worker=%u event=bad_event type=%u",
+		       t->worker, e->type);
+		break;
+	}
+}
+
+struct tail *
+tail_new(struct cplane *q, const char *spool_root, unsigned worker)
+{
+	struct tail *t = calloc(1, sizeof(*t));
+
+	if (!t)
+		return NULL;
+	t->q = q;
+	t->worker = worker;
+	snprintf(t->wdir, sizeof(t->wdir), "%s/w%02x", spool_root, worker);
+	t->win = malloc(WIN_LEN);
+	t->ph_cap = 4096;
+	t->ph = calloc(t->ph_cap, sizeof(*t->ph));
+	t->dead_set = calloc(2 * DEAD_IDS, sizeof(*t->dead_set));
+	if (!t->win || !t->ph || !t->dead_set) {
+		tail_free(t);
+		return NULL;
+	}
+	return t;
+}
+
+void
+tail_free(struct tail *t)
+{
+	if (!t)
+		return;
+	for (size_t i = 0; t->ph && i < t->ph_cap; i++)
+		while (t->ph[i])
+			p_free(t, t->ph[i]);
+	for (size_t i = t->cur; i < t->n_segs; i++)
+		qm_seg_unref(t->q, t->segs[i].qs);
+	free(t->segs);
+	free(t->ph);
+	free(t->dead_set);
+	free(t->win);
+	free(t);
+}
+
+void
+tail_get_stats(const struct tail *t, struct tail_stats *st)
+{
+	*st = t->st;
+	st->partials = t->n_partials;
+}

@@ -1,0 +1,49 @@
+/*
+ * The tailer: follows one worker's spool as it becomes durable and turns
+ * its records into queued messages (private to the control plane).
+ *
+ * Input: the worker's announcements (finaldot/ctlport.h), in order.
+ * SEGMENT says which file the worker writes next; DURABLE(use_seq, off)
+ * says every batch up to there is final, so the tailer walks the records of
+ * that prefix (and the whole of every earlier segment) with the same walk
+ * recovery uses (spool_walk_segment(), reading the files with pread: never
+ * worker memory), and never a byte beyond it: a batch still being written
+ * could be read torn, and a torn record makes a walk skip to the next
+ * block. Records are assembled by the commit rule of docs/spool-format.md
+ * (ENV, contiguous DATA, END with matching length and CRC); a complete
+ * message goes to the queue manager. FAILED and ABORTED ids are remembered
+ * (the most recent 65536) so their records are dropped, whether they were
+ * walked before or after the announcement.
+ *
+ * A partial message (ENV seen, no END yet) holds a reference on each
+ * segment it has records in, so the segment is not reclaimed under a
+ * message still being written.
+ */
+#ifndef FINALDOT_CONTROL_TAIL_H
+#define FINALDOT_CONTROL_TAIL_H
+
+#include <stdint.h>
+
+#include "finaldot/ctlport.h"
+
+struct cplane;
+struct tail;
+
+/* spool_root/wNN/ of worker `worker`. NULL on allocation failure. */
+struct tail *tail_new(struct cplane *q, const char *spool_root, unsigned worker);
+void tail_free(struct tail *t);
+
+/* One announcement from the worker's ring. */
+void tail_event(struct tail *t, const struct fd_ctl_event *e);
+
+struct tail_stats {
+	uint64_t walked_bytes;
+	uint64_t records;
+	uint64_t records_bad;
+	uint64_t messages;
+	uint64_t dropped; /* failed/aborted/broken messages not queued */
+	uint64_t partials; /* now */
+};
+void tail_get_stats(const struct tail *t, struct tail_stats *st);
+
+#endif
