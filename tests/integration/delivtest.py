@@ -1,0 +1,77 @@
+"""Helpers shared by the delivery tests: send a message through a running
+finaldot with smtplib, find what a Maildir holds, wait for log lines."""
+import os
+import re
+import smtplib
+import time
+
+from fdtest import check, fail
+
+
+def send(d, sender, rcpts, body, mail_options=(), rcpt_options=()):
+    """One message through daemon d; returns its queue id."""
+    s = smtplib.SMTP("127.0.0.1", d.port, timeout=30)
+    try:
+        s.ehlo("client.test")
+        s.mail(sender, list(mail_options))
+        for r in rcpts:
+            code, msg = s.rcpt(r, list(rcpt_options))
+            check(code == 250, f"RCPT {r}: {code} {msg!r}")
+        code, msg = s.data(body)
+        check(code == 250, f"DATA: {code} {msg!r}")
+        m = re.search(rb"queued as ([0-9A-F]{16})", msg)
+        check(m is not None, f"no queue id in {msg!r}")
+        s.quit()
+        return m.group(1).decode().lower()
+    finally:
+        s.close()
+
+
+def message(n, size=2000, subject="test"):
+    """A message with CRLF line ends, a unique Message-ID, lines that
+    start with a dot (transparency), and roughly `size` body bytes."""
+    lines = [f"From: a@example.com", f"To: b@dest.test",
+             f"Subject: {subject} {n}",
+             f"Message-ID: <m{n}.{time.time_ns()}@client.test>", ""]
+    body = []
+    i = 0
+    while sum(len(x) + 2 for x in body) < size:
+        body.append(("." if i % 7 == 0 else "") + f"line {i} of {n} " +
+                    "x" * 50)
+        i += 1
+    return ("\r\n".join(lines + body) + "\r\n").encode()
+
+
+def maildir_files(root, addr):
+    """Files in the Maildir finaldot writes for addr under root."""
+    local, dom = addr.lower().rsplit("@", 1)
+    new = os.path.join(root, dom, local, "new")
+    try:
+        return sorted(os.path.join(new, f) for f in os.listdir(new))
+    except FileNotFoundError:
+        return []
+
+
+def wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def log_count(d, pattern):
+    return len(re.findall(pattern, d.read_log()))
+
+
+def strip_our_received(raw):
+    """The message as the client sent it, from what a next hop received
+    from us: our Received header (with its continuation lines) removed."""
+    lines = raw.split(b"\r\n")
+    check(lines[0].startswith(b"Received: "), f"no Received first: {raw[:80]!r}")
+    i = 1
+    while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+        i += 1
+    return b"\r\n".join(lines[i:])

@@ -1,0 +1,277 @@
+#!/usr/bin/python3
+"""Delivery against scripted next hops: every fault gets a clear outcome
+(deferral and retry, bounce with a DSN, expiry), never a crash or a loss.
+
+Each case starts its own finaldot (delivery on, retries after 1-2 s) and
+its own ScriptedHop on loopback, routes dest.test to the hop, and lets
+bounces for senders in example.com go to a Maildir in the test's temp dir.
+"""
+import email
+import email.policy
+import os
+import smtplib
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fdtest import Daemon, check, fail  # noqa: E402
+from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
+                       strip_our_received)
+from peers import (ScriptedHop, Script, fail_first, HANG, GARBAGE,  # noqa
+                   DEFAULT_EXTENSIONS)
+
+FAST = ["--retry-min", "1s", "--retry-max", "2s", "--smtp-timeout", "3s",
+        "--smtp-data-timeout", "3s", "--smtp-connect-timeout", "2s"]
+
+
+def daemon(hop_target, *extra):
+    return Daemon("--route", f"dest.test={hop_target}", *FAST, *extra,
+                  domains=("example.com", "dest.test"), delivery=True)
+
+
+def dsn_of(d, sender="a@example.com", n=1, timeout=20):
+    root = os.path.join(d.tmp, "maildir")
+    files = wait(lambda: len(maildir_files(root, sender)) >= n and
+                 maildir_files(root, sender), timeout, f"{n} DSN(s)")
+    with open(files[-1], "rb") as f:
+        return email.message_from_bytes(f.read(), policy=email.policy.default)
+
+
+def dsn_fields(msg):
+    """(per-message fields, [per-recipient fields]) of a DSN."""
+    check(msg.get_content_type() == "multipart/report",
+          f"DSN type {msg.get_content_type()}")
+    check(msg.get_param("report-type") == "delivery-status",
+          "report-type")
+    parts = list(msg.iter_parts())
+    check(len(parts) >= 2, f"{len(parts)} parts")
+    ds = parts[1]
+    check(ds.get_content_type() == "message/delivery-status",
+          f"part 2 is {ds.get_content_type()}")
+    raw = ds.get_payload()
+    blocks = []
+    if isinstance(raw, list):
+        blocks = [dict((k.lower(), str(v)) for k, v in b.items()) for b in raw]
+    else:
+        for chunk in str(raw).replace("\r\n", "\n").split("\n\n"):
+            fields = {}
+            for line in chunk.split("\n"):
+                if ":" in line and not line[:1].isspace():
+                    k, v = line.split(":", 1)
+                    fields[k.strip().lower()] = v.strip()
+            if fields:
+                blocks.append(fields)
+    check(len(blocks) >= 2, f"delivery-status blocks: {blocks}")
+    return blocks[0], blocks[1:]
+
+
+def case_retry():
+    """451 at the end of data, then 250: deferred, retried, delivered once."""
+    with ScriptedHop(script=Script(dot=fail_first(1))) as hop, \
+            daemon(hop.target) as d:
+        body = message(1)
+        qid = send(d, "a@example.com", ["bob@dest.test"], body)
+        hop.wait_for(2, 20)
+        wait(lambda: log_count(d, rf"{qid} event=delivery .*status=sent"),
+             10, "status=sent")
+        check(log_count(d, rf"{qid} event=delivery .*status=deferred") == 1,
+              "one deferral logged")
+        done = hop.completed()
+        check(len(done) == 2, f"{len(done)} transactions")
+        check(strip_our_received(done[1].body) == body,
+              "retried body differs from the client's message")
+        check(not maildir_files(os.path.join(d.tmp, "maildir"),
+                                "a@example.com"), "no DSN for a deferral")
+
+
+def case_bounce_dsn():
+    """550 for one recipient: the other is delivered, the sender gets one
+    DSN naming the refused recipient with the next hop's reply."""
+    s = Script(rcpt={"gone@dest.test": "550 5.1.1 <gone@dest.test>: "
+                                       "User unknown"})
+    with ScriptedHop(script=s) as hop, daemon(hop.target) as d:
+        qid = send(d, "a@example.com", ["ok@dest.test", "gone@dest.test"],
+                   message(2), rcpt_options=["NOTIFY=FAILURE"]
+                   if b"DSN" in ehlo(d) else [])
+        hop.wait_for(1, 20)
+        t = hop.completed()[0]
+        check([r[0].lower() for r in t.rcpts] == ["ok@dest.test"],
+              f"hop accepted {t.rcpts}")
+        msg = dsn_of(d)
+        check(msg["To"] and "a@example.com" in str(msg["To"]), "DSN To")
+        check(str(msg["Auto-Submitted"]).startswith("auto-replied"),
+              "Auto-Submitted")
+        per_msg, per_rcpt = dsn_fields(msg)
+        check(per_msg.get("reporting-mta", "").startswith("dns;"),
+              f"Reporting-MTA {per_msg}")
+        check(len(per_rcpt) == 1, f"recipients in DSN: {per_rcpt}")
+        r = per_rcpt[0]
+        check("gone@dest.test" in r.get("final-recipient", ""),
+              f"Final-Recipient {r}")
+        check(r.get("action") == "failed", f"Action {r}")
+        check(r.get("status") == "5.1.1", f"Status {r}")
+        check("User unknown" in r.get("diagnostic-code", ""),
+              f"Diagnostic-Code {r}")
+        wait(lambda: log_count(d, rf"{qid} event=bounce status=sent"), 10,
+             "bounce sent")
+        check(log_count(d, rf"{qid} event=delivery to=<gone@dest.test>.*"
+                        r"status=bounced") == 1, "bounced line")
+
+
+def case_null_sender_no_dsn():
+    """A bounce is never sent to the null sender (RFC 5321 6.1)."""
+    s = Script(rcpt={"gone@dest.test": "550 5.1.1 no such user"})
+    with ScriptedHop(script=s) as hop, daemon(hop.target) as d:
+        qid = send(d, "", ["gone@dest.test"], message(3))
+        wait(lambda: log_count(d, rf"{qid} event=delivery .*status=bounced"),
+             20, "bounced")
+        import time
+        time.sleep(1.5)
+        root = os.path.join(d.tmp, "maildir")
+        check(not os.path.exists(root) or not any(
+            files for _, _, files in os.walk(root)),
+            "a DSN was written for the null sender")
+        check(log_count(d, rf"{qid} event=bounce") == 0, "bounce attempted")
+
+
+def case_expiry_dsn():
+    """4xx until the queue lifetime is over: expired, DSN with 4.4.7."""
+    s = Script(dot="451 4.3.0 Try again later")
+    with ScriptedHop(script=s) as hop, \
+            daemon(hop.target, "--queue-lifetime", "3s") as d:
+        qid = send(d, "a@example.com", ["slow@dest.test"], message(4))
+        msg = dsn_of(d, timeout=30)
+        _, per_rcpt = dsn_fields(msg)
+        check(per_rcpt[0].get("status") == "4.4.7", f"Status {per_rcpt}")
+        check(per_rcpt[0].get("action") == "failed", f"Action {per_rcpt}")
+        check(log_count(d, rf"{qid} event=delivery .*status=expired") == 1,
+              "expired line")
+        check(hop.connections >= 1, "never tried")
+
+
+def case_smtputf8_needed():
+    """A message that needs SMTPUTF8, next hop without it: 5.6.7 bounce,
+    nothing sent (never downgraded)."""
+    ext = [e for e in DEFAULT_EXTENSIONS if e != "SMTPUTF8"]
+    with ScriptedHop(script=Script(extensions=ext)) as hop, \
+            daemon(hop.target) as d:
+        qid = send(d, "a@example.com", ["b@dest.test"],
+                   "Subject: caf\u00e9\r\n\r\nhi\r\n".encode(),
+                   mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        wait(lambda: log_count(d, rf"{qid} event=delivery .*status=bounced"),
+             20, "bounced")
+        check(log_count(d, r"5\.6\.7") >= 1, "5.6.7 in the log")
+        check(not hop.completed(), "the message was sent anyway")
+        _, per_rcpt = dsn_fields(dsn_of(d))
+        check(per_rcpt[0].get("status") == "5.6.7", f"{per_rcpt}")
+
+
+def case_bdat_and_data():
+    """With CHUNKING the stored bytes go out as BDAT; without it as DATA,
+    dot-stuffed. The next hop gets the client's message either way."""
+    no_chunking = [e for e in DEFAULT_EXTENSIONS if e != "CHUNKING"]
+    for ext, method in ((DEFAULT_EXTENSIONS, "BDAT"), (no_chunking, "DATA")):
+        with ScriptedHop(script=Script(extensions=ext)) as hop, \
+                daemon(hop.target) as d:
+            bodies = [message(10 + i, size=3000 + 40000 * i)
+                      for i in range(3)]
+            for b in bodies:
+                send(d, "a@example.com", ["b@dest.test"], b)
+            hop.wait_for(3, 20)
+            got = sorted(strip_our_received(t.body) for t in hop.completed())
+            check(got == sorted(bodies), f"{method}: bodies differ")
+            check(all(t.method == method for t in hop.completed()),
+                  f"methods {[t.method for t in hop.completed()]}")
+
+
+def case_hang_after_data():
+    """No reply to the final dot: the data timeout defers the message (the
+    log says the reply was lost), the next connection delivers it."""
+    with ScriptedHop(script=[Script(dot=HANG), Script()]) as hop, \
+            daemon(hop.target) as d:
+        qid = send(d, "a@example.com", ["b@dest.test"], message(20))
+        wait(lambda: log_count(d, rf"{qid} event=delivery .*status=sent"),
+             30, "delivered after the timeout")
+        check(log_count(d, rf"{qid} event=reply_lost") == 1,
+              "reply_lost logged")
+        check(log_count(d, rf"{qid} event=delivery .*status=deferred") == 1,
+              "one deferral")
+
+
+def case_garbage_and_close():
+    """Garbage for a reply, then a connection closed mid-data: each is a
+    deferral, then the message is delivered, once."""
+    scripts = [Script(mail=GARBAGE), Script(close_mid_data=500), Script()]
+    with ScriptedHop(script=scripts) as hop, daemon(hop.target) as d:
+        body = message(30, size=5000)
+        qid = send(d, "a@example.com", ["b@dest.test"], body)
+        wait(lambda: log_count(d, rf"{qid} event=delivery .*status=sent"),
+             30, "delivered")
+        check(log_count(d, rf"{qid} event=delivery .*status=deferred") == 2,
+              "two deferrals")
+        done = hop.completed()
+        check(len(done) == 1 and strip_our_received(done[0].body) == body,
+              f"completed: {done}")
+
+
+def case_dead_destination():
+    """Nothing listens: deferred, the next hop is marked dead, and
+    acceptance goes on answering 250 meanwhile."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with daemon(f"smtp:127.0.0.1:{port}") as d:
+        ids = [send(d, "a@example.com", ["b@dest.test"], message(40 + i))
+               for i in range(5)]
+        wait(lambda: log_count(d, r"event=destination_dead"), 20,
+             "destination_dead")
+        for q in ids:
+            wait(lambda q=q: log_count(d, rf"{q} event=delivery .*"
+                                          r"status=deferred"), 20,
+                 f"{q} deferred")
+        check(log_count(d, r"status=sent") == 0, "sent to nobody?")
+        send(d, "a@example.com", ["b@dest.test"], message(50))
+
+
+def ehlo(d):
+    s = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
+    try:
+        code, msg = s.ehlo("client.test")
+        return msg
+    finally:
+        s.close()
+
+
+def case_dsn_passthrough():
+    """RET/ENVID/NOTIFY/ORCPT go on to a next hop that offers DSN."""
+    with ScriptedHop(script=Script()) as hop, daemon(hop.target) as d:
+        if b"DSN" not in ehlo(d):
+            fail("finaldot does not advertise DSN")
+        send(d, "a@example.com", ["b@dest.test"], message(60),
+             mail_options=["RET=HDRS", "ENVID=abc+2Bdef"],
+             rcpt_options=["NOTIFY=SUCCESS,FAILURE",
+                           "ORCPT=rfc822;b+40dest.test"])
+        hop.wait_for(1, 20)
+        t = hop.completed()[0]
+        mp = [p.upper() for p in t.mail_params]
+        check("RET=HDRS" in mp and "ENVID=ABC+2BDEF" in mp, f"MAIL {mp}")
+        rp = [p.upper() for p in t.rcpts[0][1]]
+        check("NOTIFY=SUCCESS,FAILURE" in rp and
+              "ORCPT=RFC822;B+40DEST.TEST" in rp, f"RCPT {rp}")
+
+
+CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
+         case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
+         case_hang_after_data, case_garbage_and_close,
+         case_dead_destination, case_dsn_passthrough]
+
+if __name__ == "__main__":
+    only = sys.argv[1:]
+    for c in CASES:
+        if only and c.__name__ not in only:
+            continue
+        print(f"# {c.__name__}", flush=True)
+        c()
+        print(f"ok: {c.__name__}", flush=True)
+    print("ok")

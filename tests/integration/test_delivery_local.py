@@ -1,0 +1,141 @@
+#!/usr/bin/python3
+"""Local delivery and the spool's life cycle:
+
+- the embedded first-run route (maildir:./var/maildir, no --route/--relay);
+- a spool of small segments gives its space back as mail is delivered
+  (segments reclaimed: kept as spares or deleted), and shrinks after a
+  burst;
+- a restart delivers nothing twice (the delivery log), also after the log
+  was compacted many times;
+- --recipients: unknown users get 550 5.1.1 at RCPT, postmaster always
+  passes.
+"""
+import glob
+import os
+import smtplib
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fdtest import Daemon, check  # noqa: E402
+from delivtest import send, message, maildir_files, wait, log_count  # noqa
+
+
+def count_files(root):
+    """Delivered files: those in a new/ directory (tmp/ holds
+    deliveries in progress)."""
+    return sum(len(files) for d, _, files in os.walk(root)
+               if os.path.basename(d) == "new")
+
+
+def case_default_route():
+    cwd = tempfile.mkdtemp(prefix="fdtest-cwd-")
+    try:
+        with Daemon(delivery=True, relay=False, cwd=cwd,
+                    domains=("example.com",)) as d:
+            body = message(1)
+            send(d, "a@example.com", ["Bob@Example.com"], body)
+            root = os.path.join(cwd, "var", "maildir")
+            files = wait(lambda: maildir_files(root, "bob@example.com"), 20,
+                         "delivery into ./var/maildir")
+            with open(files[0], "rb") as f:
+                got = f.read()
+            check(got.startswith(b"Return-Path: <a@example.com>\n"
+                                 b"Delivered-To: Bob@Example.com\n"
+                                 b"Received: "), f"head {got[:120]!r}")
+            check(got.endswith(body.replace(b"\r\n", b"\n")),
+                  "body (LF line ends) differs")
+            check(b"\r" not in got, "CR left in a Maildir file")
+    finally:
+        import shutil
+        shutil.rmtree(cwd, ignore_errors=True)
+
+
+def seg_files(d):
+    return glob.glob(os.path.join(d.spool, "w*", "*.seg"))
+
+
+def case_reclaim_and_restart():
+    args = ["--segment-size", "1M", "--batch-size", "64k",
+            "--spare-segments", "1", "--dlog-rotate", "64k"]
+    with Daemon(*args, threads=2, delivery=True) as d:
+        root = os.path.join(d.tmp, "maildir")
+        n_clients, per = 4, 120
+
+        def client(k):
+            s = smtplib.SMTP("127.0.0.1", d.port, timeout=30)
+            for i in range(per):
+                s.sendmail("a@example.com", [f"u{k}@example.com"],
+                           message(k * 1000 + i, size=8000))
+            s.quit()
+
+        ts = [threading.Thread(target=client, args=(k,))
+              for k in range(n_clients)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        total = n_clients * per
+        wait(lambda: count_files(root) >= total, 60, f"{total} deliveries")
+        check(count_files(root) == total, f"{count_files(root)} files")
+        # ~4 MB through 1 MiB segments: most were filled, sealed and
+        # handed back; the spool keeps only what is in use and the spares.
+        wait(lambda: log_count(d, r"event=segment_reclaimed") >= 3, 20,
+             "segments reclaimed")
+        check(log_count(d, r"kept=deleted") >= 1 or
+              log_count(d, r"kept=reserve") >= 1, "no reclaim kept/deleted")
+        peak = int(d.read_log().count("event=segment_open")) + \
+            log_count(d, r"event=segment_switch")
+        now = len(seg_files(d))
+        # per worker: active + 1 ready + 1 reserve at most
+        check(now <= 2 * 3, f"{now} segment files after the burst "
+              f"({peak} segments used)")
+        check(log_count(d, r"event=dlog_checkpoint messages=\d+ err=0") >= 1,
+              "the delivery log was never compacted")
+        check(d.stop() == 0, "clean stop")
+        before = count_files(root)
+        # Restart: the log (compacted) says everything is delivered.
+        d.start()
+        time.sleep(2)
+        check(count_files(root) == before,
+              f"redelivered after restart: {count_files(root)} vs {before}")
+        check(log_count(d, r"event=queue_rebuilt messages=0 ") >= 1 or
+              log_count(d, r"status=sent") == total,
+              "restart queued old mail")
+
+
+def case_recipients():
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("# valid recipients\nalice@example.com\n@dest.test\n")
+        path = f.name
+    try:
+        with Daemon("--recipients", path,
+                    domains=("example.com", "dest.test")) as d:
+            s = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
+            s.ehlo("c.test")
+            s.mail("x@example.org")
+            for addr, want in (("alice@example.com", 250),
+                               ("ALICE@EXAMPLE.COM", 250),
+                               ("bob@example.com", 550),
+                               ("anyone@dest.test", 250),
+                               ("postmaster@example.com", 250)):
+                code, msg = s.rcpt(addr)
+                check(code == want, f"RCPT {addr}: {code} {msg!r}")
+                if want == 550:
+                    check(msg.startswith(b"5.1.1"), f"{addr}: {msg!r}")
+            s.quit()
+    finally:
+        os.unlink(path)
+
+
+CASES = [case_default_route, case_reclaim_and_restart, case_recipients]
+
+if __name__ == "__main__":
+    only = sys.argv[1:]
+    for c in CASES:
+        if only and c.__name__ not in only:
+            continue
+        print(f"# {c.__name__}", flush=True)
+        c()
+        print(f"ok: {c.__name__}", flush=True)
+    print("ok")

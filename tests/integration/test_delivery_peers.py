@@ -1,0 +1,102 @@
+#!/usr/bin/python3
+"""Delivery to real next hops started by the test on loopback:
+
+- Postfix (a private instance, its own config and queue) as the SMTP next
+  hop: every message arrives exactly once, byte-identical after our
+  Received header; pipelining clients, several connections.
+- Dovecot's LMTP server into Maildirs: a multi-recipient message with
+  mixed per-recipient replies (two users exist, one does not): the two
+  get it, the third is bounced to the sender with a DSN.
+"""
+import email
+import email.policy
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fdtest import Daemon, check  # noqa: E402
+from delivtest import send, message, maildir_files, wait, log_count  # noqa
+from peers import PostfixPeer, DovecotLMTP, delivered_content  # noqa: E402
+
+
+def case_postfix():
+    with PostfixPeer(domain="dest.test", catch_all=True) as pf, \
+            Daemon("--route", f"dest.test={pf.target}", "--threads", "2",
+                   domains=("example.com", "dest.test"), delivery=True) as d:
+        sent = {}
+        lock = threading.Lock()
+
+        def client(k):
+            for i in range(25):
+                rcpt = ["alice@dest.test", "bob@dest.test",
+                        f"u{k}@dest.test"][i % 3]
+                body = message(k * 100 + i, size=1000 + 300 * i)
+                send(d, "a@example.com", [rcpt], body)
+                with lock:
+                    sent.setdefault(rcpt, []).append(body)
+
+        ts = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        total = sum(len(v) for v in sent.values())
+        got = pf.wait_for(total, timeout=60)
+        check(len(got) == total, f"postfix got {len(got)} of {total}\n"
+              f"{pf.log()[-2000:]}")
+        for rcpt, bodies in sent.items():
+            msgs = pf.messages(rcpt)
+            check(len(msgs) == len(bodies),
+                  f"{rcpt}: {len(msgs)} delivered, {len(bodies)} sent")
+            check(sorted(delivered_content(m) for m in msgs) ==
+                  sorted(bodies), f"{rcpt}: content differs")
+        wait(lambda: log_count(d, r"status=sent") == total, 10,
+             "one sent line per message")
+
+
+def case_lmtp_mixed():
+    with DovecotLMTP(domain="lmtp.test") as lm, \
+            Daemon("--route", f"lmtp.test={lm.target_tcp}",
+                   domains=("example.com", "lmtp.test"), delivery=True) as d:
+        body = message(1)
+        qid = send(d, "sender@example.com",
+                   ["alice@lmtp.test", "nosuch@lmtp.test", "bob@lmtp.test"],
+                   body)
+        for u in ("alice@lmtp.test", "bob@lmtp.test"):
+            got = lm.wait_for(u, 1, 20)
+            check(len(got) == 1, f"{u}: {len(got)} messages")
+            check(delivered_content(got[0]) == body, f"{u}: content")
+        root = os.path.join(d.tmp, "maildir")
+        files = wait(lambda: maildir_files(root, "sender@example.com"), 20,
+                     "the DSN")
+        with open(files[0], "rb") as f:
+            dsn = email.message_from_bytes(f.read(),
+                                           policy=email.policy.default)
+        check(dsn.get_content_type() == "multipart/report", "DSN type")
+        text = dsn.as_string()
+        check("nosuch@lmtp.test" in text and "alice@lmtp.test" not in
+              text.split("Final-Recipient")[1] if "Final-Recipient" in text
+              else False, "DSN names nosuch only")
+        check(log_count(d, rf"{qid} event=delivery .*status=sent") == 2,
+              "two sent")
+        check(log_count(d, rf"{qid} event=delivery to=<nosuch@lmtp.test>"
+                        r".*status=bounced") == 1, "one bounced")
+    # The unix socket target works too.
+    with DovecotLMTP(domain="lmtp.test", unix=True) as lm, \
+            Daemon("--route", f"lmtp.test={lm.target_unix}",
+                   domains=("example.com", "lmtp.test"), delivery=True) as d:
+        send(d, "sender@example.com", ["carol@lmtp.test"], message(2))
+        check(len(lm.wait_for("carol@lmtp.test", 1, 20)) == 1,
+              "unix socket LMTP")
+
+
+CASES = [case_postfix, case_lmtp_mixed]
+
+if __name__ == "__main__":
+    only = sys.argv[1:]
+    for c in CASES:
+        if only and c.__name__ not in only:
+            continue
+        print(f"# {c.__name__}", flush=True)
+        c()
+        print(f"ok: {c.__name__}", flush=True)
+    print("ok")
