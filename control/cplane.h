@@ -77,4 +77,98 @@ int cp_start(struct cplane *cp, const cpu_set_t *cpus);
 void cp_stop(struct cplane *cp);
 void cp_free(struct cplane *cp);
 
+/* ---- the operator's view (control socket, metrics) ----------------------
+ *
+ * Counters and queue sizes, published by the queue manager a few times a
+ * second; any thread may read them (a copy under a lock). */
+struct cp_stats {
+	uint64_t started_us;
+	uint64_t messages;   /* in memory: queued, and finished ones whose
+			      * segments are not reclaimed yet */
+	uint64_t active;     /* a delivery is running */
+	uint64_t deferred;   /* waiting for a retry (or the first try) */
+	uint64_t held;
+	uint64_t segments;
+	uint64_t queued_total, delivered_total, deferred_total, bounced_total;
+	uint64_t expired_total, dsn_sent_total, dsn_dropped_total;
+	uint64_t reclaimed_total;
+};
+void cp_get_stats(struct cplane *cp, struct cp_stats *st);
+
+/*
+ * Run fn(cp, arg) on the queue manager's thread and return its result: the
+ * one way another thread may look at or change the queue. Blocks until it
+ * ran (the queue manager takes calls every iteration: milliseconds).
+ * -ESHUTDOWN once the control plane is stopping.
+ */
+typedef int (*cp_call_fn)(struct cplane *cp, void *arg);
+int cp_call(struct cplane *cp, cp_call_fn fn, void *arg);
+
+/* A message as the operator sees it; every pointer is valid only during
+ * the callback (it runs on the queue manager's thread: copy, do not
+ * block). */
+struct cp_rcpt_view {
+	const char *addr;
+	const char *orcpt;  /* "" none */
+	const char *state;  /* pending, delivered, bounced, expired, deleted */
+	const char *reason; /* last reply or reason, "" none */
+	const char *route;  /* the next hop's key, "" none */
+	uint32_t attempts;
+	uint64_t next_us;   /* pending: next attempt (0: now); else 0 */
+	uint64_t last_us;   /* last attempt, 0 none */
+	bool busy;          /* a delivery is running */
+};
+struct cp_msg_view {
+	uint64_t id;
+	unsigned worker;
+	uint64_t arrival_us;
+	uint64_t size;      /* stored bytes (our Received header included) */
+	const char *sender; /* "" = null sender */
+	const char *helo;
+	const char *client;
+	const char *envid;
+	bool held;
+	bool finished;
+	const char *state;  /* active, deferred, held, finished */
+	unsigned n_rcpts;
+	const struct cp_rcpt_view *rcpts;
+};
+typedef int (*cp_msg_view_fn)(void *ctx, const struct cp_msg_view *v);
+
+/*
+ * Queue listing in chunks, so a million-message queue streams without
+ * being built in memory: each call passes up to `max` messages (finished
+ * ones skipped) from position *cursor (0 to start) to fn and advances
+ * *cursor. Returns 1 while more may follow, 0 at the end, fn's non-zero
+ * result, or -errno. A live walk (like mailq): messages queued or removed
+ * meanwhile may or may not be listed. Call from any thread but the queue
+ * manager's.
+ */
+int cp_queue_list(struct cplane *cp, uint64_t *cursor, unsigned max,
+		  cp_msg_view_fn fn, void *ctx);
+/* One message: 0, -ENOENT, or fn's result. */
+int cp_queue_show(struct cplane *cp, uint64_t id, cp_msg_view_fn fn,
+		  void *ctx);
+/* The stored bytes of one message, in pieces, to fn (0 to go on). 0,
+ * -ENOENT, -EIO (damaged: CRC mismatch), or fn's result. */
+typedef int (*cp_bytes_fn)(void *ctx, const void *p, size_t n);
+int cp_queue_cat(struct cplane *cp, uint64_t id, cp_bytes_fn fn, void *ctx);
+
+enum cp_action {
+	CP_HOLD = 1,    /* no delivery until released (jobs running finish) */
+	CP_RELEASE = 2,
+	CP_DELETE = 3,  /* every recipient not yet final: deleted, no DSN */
+	CP_FLUSH = 4,   /* retry now (a dead next hop is tried again too) */
+};
+/*
+ * Apply a to the n messages in ids, or to every queued message when n is
+ * 0 (ALL), or, for CP_FLUSH with to_domain, to every message with a
+ * pending recipient in that domain. Each change is recorded in the
+ * delivery log. *affected: messages changed; *unknown: ids not found
+ * (may be NULL). 0 or -errno.
+ */
+int cp_queue_action(struct cplane *cp, enum cp_action a, const uint64_t *ids,
+		    size_t n, const char *to_domain, size_t *affected,
+		    size_t *unknown);
+
 #endif

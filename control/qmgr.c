@@ -107,6 +107,11 @@ struct cplane {
 	struct q_job *res_head, *res_tail;
 	bool quit;          /* delivery threads: exit when idle */
 	unsigned jobs_out;  /* handed out, result not yet applied */
+	struct cp_call *calls_head, *calls_tail; /* operator requests */
+	pthread_cond_t call_cv;
+	uint64_t started_us;
+	/* published by the queue manager each iteration (under mu) */
+	struct cp_stats pub;
 
 	pthread_t thr;
 	bool thr_started;
@@ -1102,6 +1107,15 @@ apply_result(struct cplane *cp, struct q_job *j)
 			struct q_outcome *o = &j->out[i];
 			r->busy = false;
 			r->last_us = now_rt;
+			if (r->state == QR_DELETED) {
+				/* Deleted by the operator meanwhile: said in
+				 * the log, nothing more to do. */
+				log_outcome(m, r, d->key, j->relay,
+					    o->out == QO_DELIVERED ? "sent"
+								   : "deleted",
+					    o->text);
+				continue;
+			}
 			switch ((enum q_out)o->out) {
 			case QO_DELIVERED:
 				r->attempts++;
@@ -1355,16 +1369,387 @@ schedule_due(struct cplane *cp)
 	return n > 0;
 }
 
+/* ---- operator requests (cplane.h: cp_call) ------------------------------- */
+
+struct cp_call {
+	cp_call_fn fn;
+	void *arg;
+	int ret;
+	bool done;
+	struct cp_call *next;
+};
+
+static bool
+run_calls(struct cplane *cp)
+{
+	struct cp_call *list;
+
+	pthread_mutex_lock(&cp->mu);
+	list = cp->calls_head;
+	cp->calls_head = cp->calls_tail = NULL;
+	pthread_mutex_unlock(&cp->mu);
+	if (!list)
+		return false;
+	while (list) {
+		struct cp_call *c = list;
+		list = c->next;
+		c->ret = c->fn(cp, c->arg);
+		pthread_mutex_lock(&cp->mu);
+		c->done = true;
+		pthread_cond_broadcast(&cp->call_cv);
+		pthread_mutex_unlock(&cp->mu);
+	}
+	return true;
+}
+
+int
+cp_call(struct cplane *cp, cp_call_fn fn, void *arg)
+{
+	struct cp_call c = {.fn = fn, .arg = arg};
+
+	pthread_mutex_lock(&cp->mu);
+	if (!cp->thr_started || atomic_load(&cp->stop)) {
+		pthread_mutex_unlock(&cp->mu);
+		return -ESHUTDOWN;
+	}
+	if (cp->calls_tail)
+		cp->calls_tail->next = &c;
+	else
+		cp->calls_head = &c;
+	cp->calls_tail = &c;
+	pthread_cond_signal(&cp->res_cv); /* the queue manager's wake-up */
+	while (!c.done)
+		pthread_cond_wait(&cp->call_cv, &cp->mu);
+	pthread_mutex_unlock(&cp->mu);
+	return c.ret;
+}
+
+/* ---- the operator's view and actions ------------------------------------ */
+
+static const char *
+msg_state(const struct q_msg *m)
+{
+	return m->finished ? "finished" : m->held ? "held"
+			 : m->jobs	 ? "active"
+					 : "deferred";
+}
+
+static int
+view_msg(struct cplane *cp, const struct q_msg *m, cp_msg_view_fn fn,
+	 void *ctx)
+{
+	struct cp_rcpt_view rv[64], *rp = rv;
+	struct cp_msg_view v;
+	int r;
+
+	(void)cp;
+	if (m->n_rcpts > 64 &&
+	    !(rp = calloc(m->n_rcpts, sizeof(*rp))))
+		return -ENOMEM;
+	for (unsigned i = 0; i < m->n_rcpts; i++) {
+		const struct q_rcpt *rc = &m->rcpts[i];
+		rp[i] = (struct cp_rcpt_view){
+			.addr = rc->addr,
+			.orcpt = rc->orcpt,
+			.state = q_rstate_name(rc->state),
+			.reason = rc->reason ? rc->reason : "",
+			.route = rc->dest ? rc->dest->key : "",
+			.attempts = rc->attempts,
+			.next_us = rc->state == QR_PENDING ? rc->next_us : 0,
+			.last_us = rc->last_us,
+			.busy = rc->busy,
+		};
+	}
+	v = (struct cp_msg_view){
+		.id = m->id,
+		.worker = m->worker,
+		.arrival_us = m->arrival_us,
+		.size = m->body_len,
+		.sender = m->sender,
+		.helo = m->helo,
+		.client = m->client,
+		.envid = m->envid,
+		.held = m->held,
+		.finished = m->finished,
+		.state = msg_state(m),
+		.n_rcpts = m->n_rcpts,
+		.rcpts = rp,
+	};
+	r = fn(ctx, &v);
+	if (rp != rv)
+		free(rp);
+	return r;
+}
+
+struct list_call {
+	uint64_t *cursor;
+	unsigned max;
+	cp_msg_view_fn fn;
+	void *ctx;
+	uint64_t id;
+};
+
+static int
+list_fn(struct cplane *cp, void *arg)
+{
+	struct list_call *lc = arg;
+	unsigned n = 0;
+	size_t b = (size_t)*lc->cursor;
+
+	for (; b < cp->msg_cap && n < lc->max; b++) {
+		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext) {
+			int r;
+			if (m->finished)
+				continue;
+			if ((r = view_msg(cp, m, lc->fn, lc->ctx)) != 0)
+				return r;
+			n++;
+		}
+	}
+	*lc->cursor = b;
+	return b < cp->msg_cap ? 1 : 0;
+}
+
+int
+cp_queue_list(struct cplane *cp, uint64_t *cursor, unsigned max,
+	      cp_msg_view_fn fn, void *ctx)
+{
+	struct list_call lc = {.cursor = cursor, .max = max ? max : 1,
+			       .fn = fn, .ctx = ctx};
+
+	return cp_call(cp, list_fn, &lc);
+}
+
+static int
+show_fn(struct cplane *cp, void *arg)
+{
+	struct list_call *lc = arg;
+	struct q_msg *m = msg_find(cp, lc->id);
+
+	return m ? view_msg(cp, m, lc->fn, lc->ctx) : -ENOENT;
+}
+
+int
+cp_queue_show(struct cplane *cp, uint64_t id, cp_msg_view_fn fn, void *ctx)
+{
+	struct list_call lc = {.id = id, .fn = fn, .ctx = ctx};
+
+	return cp_call(cp, show_fn, &lc);
+}
+
+struct cat_call {
+	uint64_t id;
+	cp_bytes_fn fn;
+	void *ctx;
+};
+
+static int
+cat_fn(struct cplane *cp, void *arg)
+{
+	struct cat_call *cc = arg;
+	struct q_msg *m = msg_find(cp, cc->id);
+	struct q_body body;
+	uint8_t buf[65536];
+	uint64_t off = 0;
+
+	if (!m || m->released)
+		return -ENOENT;
+	q_body_init(&body, m);
+	while (off < m->body_len) {
+		long n = q_body_read(&body, off, buf, sizeof(buf));
+		int r;
+		if (n <= 0)
+			return n < 0 ? (int)n : -EIO;
+		if ((r = cc->fn(cc->ctx, buf, (size_t)n)) != 0)
+			return r;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+int
+cp_queue_cat(struct cplane *cp, uint64_t id, cp_bytes_fn fn, void *ctx)
+{
+	struct cat_call cc = {.id = id, .fn = fn, .ctx = ctx};
+
+	return cp_call(cp, cat_fn, &cc);
+}
+
+/* One action on one message; true if it changed anything. */
+static bool
+act_one(struct cplane *cp, struct q_msg *m, enum cp_action a,
+	const char *to_domain)
+{
+	bool changed = false;
+	uint64_t lsn = 0;
+
+	if (m->finished)
+		return false;
+	switch (a) {
+	case CP_HOLD:
+		if (m->held)
+			return false;
+		m->held = true;
+		heap_remove(cp, m);
+		log_rec(cp, DLOG_HELD, m, DLOG_ALL, 0, 0, 0, "operator");
+		fd_log(FD_LOG_INFO, "qmgr", "%016" PRIx64 " event=held",
+		       m->id);
+		return true;
+	case CP_RELEASE:
+		if (!m->held)
+			return false;
+		m->held = false;
+		log_rec(cp, DLOG_RELEASED, m, DLOG_ALL, 0, 0, 0, "operator");
+		fd_log(FD_LOG_INFO, "qmgr", "%016" PRIx64 " event=released",
+		       m->id);
+		msg_update(cp, m, 0);
+		return true;
+	case CP_DELETE:
+		for (unsigned i = 0; i < m->n_rcpts; i++) {
+			struct q_rcpt *r = &m->rcpts[i];
+			if (r->state != QR_PENDING)
+				continue;
+			r->state = QR_DELETED;
+			set_reason(r, "deleted by the operator");
+			lsn = log_rec(cp, DLOG_DELETED, m, i, r->attempts, 0, 0,
+				      "operator");
+			changed = true;
+		}
+		if (changed) {
+			fd_log(FD_LOG_INFO, "qmgr",
+			       "%016" PRIx64 " event=deleted", m->id);
+			msg_update(cp, m, lsn);
+		}
+		return changed;
+	case CP_FLUSH:
+		for (unsigned i = 0; i < m->n_rcpts; i++) {
+			struct q_rcpt *r = &m->rcpts[i];
+			if (r->state != QR_PENDING || r->busy)
+				continue;
+			if (to_domain && *to_domain &&
+			    strcasecmp(route_addr_domain(r->addr),
+				       to_domain) != 0)
+				continue;
+			r->next_us = 0;
+			if (r->dest)
+				r->dest->dead_until = 0;
+			changed = true;
+		}
+		if (!to_domain || !*to_domain)
+			m->bounce_next_us = 0;
+		if (changed && !m->held)
+			heap_set(cp, m, 0);
+		return changed;
+	}
+	return false;
+}
+
+struct action_call {
+	enum cp_action a;
+	const uint64_t *ids;
+	size_t n;
+	const char *to_domain;
+	size_t affected, unknown;
+};
+
+static int
+action_fn(struct cplane *cp, void *arg)
+{
+	struct action_call *ac = arg;
+
+	if (ac->n) {
+		for (size_t i = 0; i < ac->n; i++) {
+			struct q_msg *m = msg_find(cp, ac->ids[i]);
+			if (!m || m->finished)
+				ac->unknown++;
+			else if (act_one(cp, m, ac->a, ac->to_domain))
+				ac->affected++;
+		}
+		return 0;
+	}
+	for (size_t b = 0; b < cp->msg_cap; b++) {
+		struct q_msg *m = cp->msg_h[b], *next;
+		for (; m; m = next) {
+			next = m->hnext;
+			if (act_one(cp, m, ac->a, ac->to_domain))
+				ac->affected++;
+		}
+	}
+	return 0;
+}
+
+int
+cp_queue_action(struct cplane *cp, enum cp_action a, const uint64_t *ids,
+		size_t n, const char *to_domain, size_t *affected,
+		size_t *unknown)
+{
+	struct action_call ac = {.a = a, .ids = ids, .n = n,
+				 .to_domain = to_domain};
+	int r;
+
+	if (a < CP_HOLD || a > CP_FLUSH)
+		return -EINVAL;
+	r = cp_call(cp, action_fn, &ac);
+	if (affected)
+		*affected = ac.affected;
+	if (unknown)
+		*unknown = ac.unknown;
+	return r;
+}
+
+static void
+publish_stats(struct cplane *cp)
+{
+	struct cp_stats s;
+
+	memset(&s, 0, sizeof(s));
+	s.messages = cp->n_msgs;
+	s.queued_total = cp->st_queued;
+	s.delivered_total = cp->st_delivered;
+	s.deferred_total = cp->st_deferred;
+	s.bounced_total = cp->st_bounced;
+	s.expired_total = cp->st_expired;
+	s.dsn_sent_total = cp->st_dsn_sent;
+	s.dsn_dropped_total = cp->st_dsn_dropped;
+	s.reclaimed_total = cp->st_reclaimed;
+	s.segments = cp->n_segs;
+	s.started_us = cp->started_us;
+	for (size_t b = 0; b < cp->msg_cap; b++)
+		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext) {
+			if (m->finished)
+				continue;
+			if (m->held)
+				s.held++;
+			else if (m->jobs)
+				s.active++;
+			else
+				s.deferred++;
+		}
+	pthread_mutex_lock(&cp->mu);
+	cp->pub = s;
+	pthread_mutex_unlock(&cp->mu);
+}
+
+void
+cp_get_stats(struct cplane *cp, struct cp_stats *st)
+{
+	pthread_mutex_lock(&cp->mu);
+	*st = cp->pub;
+	pthread_mutex_unlock(&cp->mu);
+}
+
 static void *
 qmgr_main(void *arg)
 {
 	struct cplane *cp = arg;
 	uint64_t idle_ms = 1, last_stats = fd_now_monotonic_us();
+	uint64_t last_pub = 0;
 
 	while (!atomic_load(&cp->stop)) {
 		bool busy = false;
 		struct timespec ts;
 
+		busy |= run_calls(cp);
 		busy |= drain_ports(cp);
 		busy |= apply_results(cp);
 		if (cp->cfg.delivery) {
@@ -1373,6 +1758,11 @@ qmgr_main(void *arg)
 		}
 		release_finished(cp);
 		send_reclaims(cp);
+		/* A full pass over the queue: at most 4 times a second. */
+		if (fd_now_monotonic_us() - last_pub > 250000) {
+			last_pub = fd_now_monotonic_us();
+			publish_stats(cp);
+		}
 		if (cp->log && dlog_want_checkpoint(cp->log)) {
 			int r = dlog_checkpoint(cp->log, snapshot, cp);
 			fd_log(r ? FD_LOG_ERR : FD_LOG_INFO, "qmgr",
@@ -1398,10 +1788,11 @@ qmgr_main(void *arg)
 			ts.tv_nsec -= 1000000000;
 		}
 		pthread_mutex_lock(&cp->mu);
-		if (!cp->res_head && !atomic_load(&cp->stop))
+		if (!cp->res_head && !cp->calls_head && !atomic_load(&cp->stop))
 			pthread_cond_timedwait(&cp->res_cv, &cp->mu, &ts);
 		pthread_mutex_unlock(&cp->mu);
 	}
+	run_calls(cp); /* callers waiting now get their answer */
 	atomic_store(&cp->stopped, true);
 	return NULL;
 }
@@ -1632,6 +2023,8 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 	pthread_mutex_init(&cp->mu, NULL);
 	pthread_cond_init(&cp->job_cv, NULL);
 	pthread_cond_init(&cp->res_cv, NULL);
+	pthread_cond_init(&cp->call_cv, NULL);
+	cp->started_us = fd_now_realtime_us();
 	if ((r = parse_routes(cp, c, why, sizeof(why), true)) != 0) {
 		fd_log(FD_LOG_ERR, "qmgr", "event=config_error reason=\"%s\"",
 		       why);
@@ -1831,12 +2224,15 @@ cp_stop(struct cplane *cp)
 		return;
 	/* The last announcements of the stopped workers, then no more
 	 * dispatching: the loop ends, deliveries in flight finish. */
-	atomic_store(&cp->stop, true);
 	pthread_mutex_lock(&cp->mu);
+	atomic_store(&cp->stop, true); /* under mu: cp_call() sees it */
 	pthread_cond_broadcast(&cp->res_cv);
 	pthread_mutex_unlock(&cp->mu);
 	pthread_join(cp->thr, NULL);
+	pthread_mutex_lock(&cp->mu);
 	cp->thr_started = false;
+	pthread_mutex_unlock(&cp->mu);
+	run_calls(cp); /* any caller that slipped in gets its answer */
 	drain_ports(cp);
 	pthread_mutex_lock(&cp->mu);
 	cp->quit = true;
@@ -1941,6 +2337,7 @@ cp_free(struct cplane *cp)
 	pthread_mutex_destroy(&cp->mu);
 	pthread_cond_destroy(&cp->job_cv);
 	pthread_cond_destroy(&cp->res_cv);
+	pthread_cond_destroy(&cp->call_cv);
 	free(cp);
 }
 
