@@ -160,6 +160,9 @@ static const struct opt options[] = {
 	 "row, giving the core back to the kernel; for shared or small "
 	 "machines (default 0: poll without pause, the lowest latency on "
 	 "dedicated cores)"},
+	{"log_file", NULL, OPT_STR, F(log_file), S(log_file), "PATH",
+	 "write the log to PATH (appended) instead of stderr; SIGUSR1 "
+	 "reopens it (logrotate); keep it off the spool's filesystem"},
 	{"log_level", NULL, OPT_LOGLEVEL, F(log_level), 0, "LEVEL",
 	 "error, warn, info or debug (default info)"},
 	{"check_config", NULL, OPT_FLAG, F(check), 0, NULL,

@@ -176,6 +176,15 @@ main(int argc, char **argv)
 		return 0;
 	}
 	fd_log_set_level((enum fd_log_level)cfg.log_level);
+	if (cfg.log_file[0] && (err = fd_log_open_file(cfg.log_file)) != 0) {
+		fprintf(stderr, "finaldot: --log-file %s: %s\n", cfg.log_file,
+			strerror(-err));
+		return 1;
+	}
+	/* From here on a worker's log line is a copy into its own buffer,
+	 * not a system call (finaldot/log.h). */
+	if (fd_log_start() != 0)
+		fd_log(FD_LOG_WARN, "main", "event=log_writer_failed");
 
 	if (mkdir_p(cfg.spool_dir) != 0) {
 		fd_log(FD_LOG_ERR, "main", "event=spool_dir_failed dir=%s "
@@ -192,6 +201,7 @@ main(int argc, char **argv)
 	if (cfg.transport == FD_TRANSPORT_DPDK) {
 		status = net_dpdk_main(&cfg, seeds, cp) == 0 ? 0 : 1;
 		cp_free(cp);
+		fd_log_stop();
 		return status;
 	}
 #endif
@@ -206,6 +216,7 @@ main(int argc, char **argv)
 	sigaddset(&sigs, SIGTERM);
 	sigaddset(&sigs, SIGINT);
 	sigaddset(&sigs, SIGPIPE);
+	sigaddset(&sigs, SIGUSR1); /* log reopen (logrotate) */
 	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 
 	workers = calloc(cfg.threads, sizeof(*workers));
@@ -254,10 +265,14 @@ main(int argc, char **argv)
 		       "threads=%u spool=%s hostname=%s",
 		       FINALDOT_VERSION, lbuf, cfg.threads, cfg.spool_dir,
 		       cfg.hostname);
-		sigaddset(&sigs, SIGUSR1); /* unused; keeps the set explicit */
 		sigdelset(&sigs, SIGPIPE);
-		sigdelset(&sigs, SIGUSR1);
-		sigwait(&sigs, &sig);
+		for (;;) {
+			sigwait(&sigs, &sig);
+			if (sig != SIGUSR1)
+				break;
+			fd_log_reopen();
+			fd_log(FD_LOG_INFO, "main", "event=log_reopen");
+		}
 		fd_log(FD_LOG_INFO, "main", "event=signal signal=%s",
 		       sig == SIGTERM ? "TERM" : "INT");
 	}
@@ -286,5 +301,6 @@ main(int argc, char **argv)
 	fd_log(FD_LOG_INFO, "main", "event=exit status=%d", status);
 	free(workers);
 	cp_free(cp);
+	fd_log_stop();
 	return status;
 }

@@ -132,6 +132,14 @@ on_signal(int sig)
 	g.stop = 1;
 }
 
+/* logrotate: the log writer reopens its file (async-signal-safe). */
+static void
+on_usr1(int sig)
+{
+	(void)sig;
+	fd_log_reopen();
+}
+
 /* ---- transmit ------------------------------------------------------------ */
 
 static void
@@ -806,6 +814,7 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 	}
 	signal(SIGTERM, on_signal);
 	signal(SIGINT, on_signal);
+	signal(SIGUSR1, on_usr1);
 	signal(SIGPIPE, SIG_IGN);
 
 	if (rte_eth_dev_count_avail() == 0) {

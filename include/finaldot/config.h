@@ -90,6 +90,7 @@ struct fd_config {
 	uint64_t dlog_rotate;
 
 	/* operations */
+	char log_file[FD_CONFIG_STR];
 	int log_level; /* enum fd_log_level */
 	bool help;
 	bool version;

@@ -23,6 +23,31 @@ enum fd_log_level {
 	FD_LOG_DEBUG = 3,
 };
 
+/*
+ * Off the hot path (once started): fd_log() formats the line on the
+ * calling thread into that thread's own buffer (a lock-free byte ring,
+ * no system call) and a writer thread drains every buffer with one
+ * write(2) per batch, every few milliseconds. Lines of one thread keep
+ * their order; lines of different threads may be written up to a batch
+ * out of order (each carries its own timestamp). A thread whose buffer is
+ * full writes its line directly (counted, never lost). Before
+ * fd_log_start() and after fd_log_stop() every line is one write(2), as
+ * tools and start-up errors need. After kill -9 the last few milliseconds
+ * of lines may be missing.
+ *
+ * fd_log_start(): 0 or -errno. fd_log_stop(): writes everything pending,
+ * stops the thread. fd_log_open_file(): lines go to PATH (appended, made
+ * 0640 if new) instead of stderr; 0 or -errno (the old destination stays).
+ * fd_log_reopen(): ask the writer to reopen that file (logrotate; SIGUSR1):
+ * async-signal-safe.
+ */
+int fd_log_start(void);
+void fd_log_stop(void);
+int fd_log_open_file(const char *path);
+void fd_log_reopen(void);
+/* Lines that found their buffer full and were written directly. */
+unsigned long fd_log_direct_writes(void);
+
 /* Lines above this level are dropped. Default FD_LOG_INFO. Set at start. */
 void fd_log_set_level(enum fd_log_level level);
 enum fd_log_level fd_log_get_level(void);
