@@ -47,6 +47,12 @@ struct cp_config {
 	uint64_t dlog_rotate_bytes;
 	uint64_t shutdown_timeout_ms;
 	bool delivery;              /* false: queue, never deliver */
+	/* RFC 1047: a message whose 250 may not have reached its client is
+	 * remembered for dedup_window (0: off) and held for dedup_settle
+	 * before delivery; a later message with the same fingerprint within
+	 * the window is answered 250 as usual but not delivered again. */
+	uint64_t dedup_window_ms;
+	uint64_t dedup_settle_ms;
 };
 
 /*
@@ -92,6 +98,8 @@ struct cp_stats {
 	uint64_t queued_total, delivered_total, deferred_total, bounced_total;
 	uint64_t expired_total, dsn_sent_total, dsn_dropped_total;
 	uint64_t reclaimed_total;
+	uint64_t indoubt_total, suppressed_total, indoubt_unknown_total;
+	uint64_t indoubt_entries; /* remembered now */
 };
 void cp_get_stats(struct cplane *cp, struct cp_stats *st);
 
@@ -130,6 +138,9 @@ struct cp_msg_view {
 	bool held;
 	bool finished;
 	const char *state;  /* active, deferred, held, finished */
+	bool indoubt;       /* its 250 may not have reached the client */
+	uint64_t dup_of;    /* suppressed as a resend of this id, or 0 */
+	uint64_t settle_until;
 	unsigned n_rcpts;
 	const struct cp_rcpt_view *rcpts;
 };

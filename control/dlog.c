@@ -66,7 +66,7 @@ static const uint8_t zeros[4096];
 static bool
 type_known(unsigned t)
 {
-	return (t >= DLOG_ATTEMPT && t <= DLOG_NOTE) || t == DLOG_CKPT_BEGIN ||
+	return (t >= DLOG_ATTEMPT && t <= DLOG_INDOUBT) || t == DLOG_CKPT_BEGIN ||
 	       t == DLOG_CKPT_END;
 }
 
@@ -79,7 +79,7 @@ type_ckpt(unsigned t)
 bool
 dlog_type_is_public(enum dlog_type t)
 {
-	return (unsigned)t >= DLOG_ATTEMPT && (unsigned)t <= DLOG_NOTE;
+	return (unsigned)t >= DLOG_ATTEMPT && (unsigned)t <= DLOG_INDOUBT;
 }
 
 const char *
@@ -97,6 +97,7 @@ dlog_type_name(enum dlog_type t)
 	case DLOG_DSN_DONE: return "dsn_done";
 	case DLOG_SUPPRESSED: return "suppressed";
 	case DLOG_NOTE: return "note";
+	case DLOG_INDOUBT: return "indoubt";
 	case DLOG_CKPT_BEGIN: return "ckpt_begin";
 	case DLOG_CKPT_END: return "ckpt_end";
 	}

@@ -46,6 +46,10 @@ enum dlog_type {
 	/* duplicate whose first copy's outcome applies; aux = original id */
 	DLOG_SUPPRESSED = 10,
 	DLOG_NOTE = 11, /* free-form message-level note */
+	/* the 250 of this message may not have reached its client (RFC 1047:
+	 * the connection ended with the reply unacknowledged); text = the
+	 * message's fingerprint (64 hex digits), time_us = when */
+	DLOG_INDOUBT = 12,
 	/* Internal, written by the log itself: never handed to a replay
 	 * function, refused by dlog_append() and by emit(). The codec
 	 * accepts them so that tools and tests can read whole files.

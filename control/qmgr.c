@@ -60,6 +60,8 @@
 #include "control/route.h"
 #include "control/spool_reader.h"
 #include "control/tail.h"
+#include <openssl/evp.h>
+
 #include "finaldot/ctlport.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
@@ -122,6 +124,16 @@ struct cplane {
 	uint64_t rng;
 
 	struct deliver_ctx dctx;
+
+	/* RFC 1047: messages whose 250 may not have arrived (fingerprint
+	 * table, chained by the fingerprint's first bytes), and the
+	 * fingerprints of recently freed messages (a ring) for in-doubt
+	 * news that comes after a message was delivered and freed. */
+	struct indoubt *id_h[1024];
+	size_t n_indoubt;
+	struct recent_fp *recent;
+	size_t recent_head;
+	uint64_t st_indoubt, st_suppressed, st_indoubt_unknown;
 
 	/* counters */
 	uint64_t st_queued, st_delivered, st_deferred, st_bounced;
@@ -297,6 +309,9 @@ send_reclaims(struct cplane *cp)
 }
 
 /* ---- messages ---------------------------------------------------------- */
+
+static void dedup_new(struct cplane *cp, struct q_msg *m);
+static void recent_remember(struct cplane *cp, const struct q_msg *m);
 
 static struct q_msg **
 msg_slot(struct cplane *cp, uint64_t id)
@@ -565,6 +580,7 @@ qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
 	cp->n_msgs++;
 	cp->st_queued++;
 	heap_set(cp, m, 0); /* due now */
+	dedup_new(cp, m);
 	return 0;
 }
 
@@ -578,6 +594,7 @@ msg_free(struct cplane *cp, struct q_msg *m)
 	if (*pp)
 		*pp = m->hnext;
 	heap_remove(cp, m);
+	recent_remember(cp, m);
 	for (unsigned i = 0; i < m->n_rcpts; i++)
 		free(m->rcpts[i].reason);
 	cp->n_msgs--;
@@ -671,6 +688,9 @@ msg_update(struct cplane *cp, struct q_msg *m, uint64_t lsn)
 		}
 	}
 	if (open || m->jobs || m->bounce_busy) {
+		/* Held for a resend to be matched (RFC 1047): not before. */
+		if (next != UINT64_MAX && m->settle_until > next)
+			next = m->settle_until;
 		if (next != UINT64_MAX && !m->held)
 			heap_set(cp, m, next);
 		else
@@ -724,6 +744,319 @@ release_finished(struct cplane *cp)
 		}
 		*pp = m->fnext;
 		msg_free(cp, m);
+	}
+}
+
+/* ---- RFC 1047: in-doubt acknowledgements and their resends ---------------
+ *
+ * A worker tells us when a session ended while the bytes of a 250 to a
+ * final dot were not acknowledged by the client's TCP: the client may not
+ * have seen it and may send the message again. The message's fingerprint
+ * (SHA-256 over the sender, the recipients in order and the body after our
+ * own Received header, which differs between copies) is remembered for
+ * dedup_window, durably (a DLOG_INDOUBT record; checkpoints keep the live
+ * ones). A message arriving later with the same fingerprint is a resend:
+ * it got its 250 like any other (the client must stop retrying), and is
+ * suppressed instead of delivered (DLOG_SUPPRESSED, aux = the original).
+ * The in-doubt message itself is held back dedup_settle (never longer) so
+ * that a quick resend is matched before the first copy goes out; once a
+ * resend is matched the original goes at once.
+ *
+ * Limits: only in-doubt messages are remembered, so a second copy of a
+ * message whose 250 was acknowledged is delivered. In-doubt news about a
+ * message already freed is matched through a ring of the last RECENT_FP
+ * fingerprints; older than that it is counted (indoubt_unknown) and the
+ * resend, if any, is delivered.
+ */
+#define RECENT_FP (1u << 18)
+
+struct indoubt {
+	uint8_t fp[32];
+	uint64_t msgid;
+	uint64_t at_us;
+	struct indoubt *next;
+};
+
+struct recent_fp {
+	uint64_t msgid;
+	uint8_t fp[32];
+};
+
+static size_t
+fp_bucket(const uint8_t *fp)
+{
+	return ((size_t)fp[0] | (size_t)fp[1] << 8) & 1023;
+}
+
+static void
+fp_hex(const uint8_t *fp, char *out)
+{
+	static const char hx[] = "0123456789abcdef";
+
+	for (int i = 0; i < 32; i++) {
+		out[2 * i] = hx[fp[i] >> 4];
+		out[2 * i + 1] = hx[fp[i] & 15];
+	}
+	out[64] = '\0';
+}
+
+static bool
+fp_unhex(const char *s, size_t n, uint8_t *fp)
+{
+	if (n < 64)
+		return false;
+	for (int i = 0; i < 64; i++) {
+		int c = s[i], v = c >= '0' && c <= '9'	 ? c - '0'
+				  : c >= 'a' && c <= 'f' ? c - 'a' + 10
+							 : -1;
+		if (v < 0)
+			return false;
+		if (i % 2)
+			fp[i / 2] = (uint8_t)(fp[i / 2] | v);
+		else
+			fp[i / 2] = (uint8_t)(v << 4);
+	}
+	return true;
+}
+
+/* The fingerprint of m: 0, or -errno (body unreadable). */
+static int
+fingerprint(const struct q_msg *m, uint8_t *fp)
+{
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+	struct q_body body;
+	uint8_t buf[16384];
+	uint64_t off = 0;
+	/* Skipping our Received header: its first line, and the lines that
+	 * continue it (starting with SP or HT). 0 in the first line, 1 just
+	 * after a CRLF in it, 2 hashing. */
+	int st = 0;
+	bool cr = false;
+	unsigned int len = 0;
+	int r = 0;
+
+	if (!ctx || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
+		EVP_MD_CTX_free(ctx);
+		return -ENOMEM;
+	}
+	EVP_DigestUpdate(ctx, m->sender, strlen(m->sender) + 1);
+	for (unsigned i = 0; i < m->n_rcpts; i++)
+		EVP_DigestUpdate(ctx, m->rcpts[i].addr,
+				 strlen(m->rcpts[i].addr) + 1);
+	EVP_DigestUpdate(ctx, "", 1);
+	q_body_init(&body, m);
+	while (off < m->body_len) {
+		long n = q_body_read(&body, off, buf, sizeof(buf));
+		size_t i = 0;
+		if (n <= 0) {
+			r = n < 0 ? (int)n : -EIO;
+			break;
+		}
+		while (st < 2 && i < (size_t)n) {
+			uint8_t c = buf[i];
+			if (st == 1) {
+				if (c == ' ' || c == '\t') {
+					st = 0;
+				} else {
+					st = 2;
+					break;
+				}
+			}
+			if (c == '\n' && cr)
+				st = 1;
+			cr = c == '\r';
+			i++;
+		}
+		if (st == 2)
+			EVP_DigestUpdate(ctx, buf + i, (size_t)n - i);
+		off += (uint64_t)n;
+	}
+	if (r == 0 && EVP_DigestFinal_ex(ctx, fp, &len) != 1)
+		r = -EIO;
+	EVP_MD_CTX_free(ctx);
+	return r;
+}
+
+static struct indoubt *
+indoubt_find(struct cplane *cp, const uint8_t *fp, uint64_t now_rt)
+{
+	struct indoubt **pp = &cp->id_h[fp_bucket(fp)];
+	uint64_t win = cp->cfg.dedup_window_ms * 1000;
+
+	while (*pp) {
+		struct indoubt *e = *pp;
+		if (e->at_us + win < now_rt) { /* out of the window */
+			*pp = e->next;
+			free(e);
+			cp->n_indoubt--;
+			continue;
+		}
+		if (memcmp(e->fp, fp, 32) == 0)
+			return e;
+		pp = &e->next;
+	}
+	return NULL;
+}
+
+static void
+indoubt_add(struct cplane *cp, const uint8_t *fp, uint64_t msgid,
+	    uint64_t at_us)
+{
+	struct indoubt *e = indoubt_find(cp, fp, fd_now_realtime_us());
+
+	if (e) {
+		if (at_us < e->at_us) { /* keep the first copy */
+			e->at_us = at_us;
+			e->msgid = msgid;
+		}
+		return;
+	}
+	if (!(e = calloc(1, sizeof(*e))))
+		return;
+	memcpy(e->fp, fp, 32);
+	e->msgid = msgid;
+	e->at_us = at_us;
+	e->next = cp->id_h[fp_bucket(fp)];
+	cp->id_h[fp_bucket(fp)] = e;
+	cp->n_indoubt++;
+}
+
+static void msg_update(struct cplane *cp, struct q_msg *m, uint64_t lsn);
+
+/* m is a resend of orig: answered 250 already, not delivered again. */
+static void
+suppress(struct cplane *cp, struct q_msg *m, uint64_t orig)
+{
+	char why[128];
+	uint64_t lsn = 0;
+
+	snprintf(why, sizeof(why),
+		 "250 2.0.0 suppressed: a resend of %016" PRIx64
+		 " (RFC 1047), delivered once",
+		 orig);
+	for (unsigned i = 0; i < m->n_rcpts; i++) {
+		struct q_rcpt *r = &m->rcpts[i];
+		if (r->state != QR_PENDING || r->busy)
+			continue;
+		r->state = QR_SUPPRESSED;
+		r->dsn_done = true;
+		set_reason(r, why);
+		lsn = log_rec(cp, DLOG_SUPPRESSED, m, i, r->attempts, 0, orig,
+			      why);
+	}
+	m->dup_of = orig;
+	cp->st_suppressed++;
+	fd_log(FD_LOG_INFO, "qmgr",
+	       "%016" PRIx64 " event=suppressed duplicate_of=%016" PRIx64
+	       " rcpts=%u reason=rfc1047_resend",
+	       m->id, orig, m->n_rcpts);
+	msg_update(cp, m, lsn);
+}
+
+/* The original of a matched resend need not wait any longer. */
+static void
+settle_release(struct cplane *cp, uint64_t orig)
+{
+	struct q_msg *o = msg_find(cp, orig);
+
+	if (o && o->settle_until) {
+		o->settle_until = 0;
+		msg_update(cp, o, 0);
+	}
+}
+
+/* A newly queued message: is it the resend of an in-doubt one? */
+static void
+dedup_new(struct cplane *cp, struct q_msg *m)
+{
+	uint64_t now = fd_now_realtime_us();
+	struct indoubt *e;
+
+	if (!cp->cfg.dedup_window_ms)
+		return;
+	m->fp_ok = fingerprint(m, m->fp) == 0;
+	if (!m->fp_ok || !cp->n_indoubt)
+		return;
+	e = indoubt_find(cp, m->fp, now);
+	if (!e || e->msgid == m->id || m->arrival_us < e->at_us)
+		return;
+	suppress(cp, m, e->msgid);
+	settle_release(cp, e->msgid);
+}
+
+static void
+recent_remember(struct cplane *cp, const struct q_msg *m)
+{
+	if (!cp->recent || !m->fp_ok)
+		return;
+	cp->recent[cp->recent_head].msgid = m->id;
+	memcpy(cp->recent[cp->recent_head].fp, m->fp, 32);
+	cp->recent_head = (cp->recent_head + 1) & (RECENT_FP - 1);
+}
+
+void
+qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
+{
+	struct q_msg *m = msg_find(cp, msgid);
+	uint64_t now = fd_now_realtime_us();
+	uint8_t fp[32];
+	char hex[65];
+	bool have = false;
+
+	(void)worker;
+	if (!cp->cfg.dedup_window_ms)
+		return;
+	if (m && m->fp_ok) {
+		memcpy(fp, m->fp, 32);
+		have = true;
+	}
+	for (size_t i = 0; !have && cp->recent && i < RECENT_FP; i++)
+		if (cp->recent[i].msgid == msgid) {
+			memcpy(fp, cp->recent[i].fp, 32);
+			have = true;
+		}
+	cp->st_indoubt++;
+	if (!have) {
+		cp->st_indoubt_unknown++;
+		fd_log(FD_LOG_WARN, "qmgr",
+		       "%016" PRIx64 " event=indoubt fingerprint=unknown "
+		       "note=\"too old to remember: a resend is delivered\"",
+		       msgid);
+		return;
+	}
+	fp_hex(fp, hex);
+	if (m)
+		log_rec(cp, DLOG_INDOUBT, m, DLOG_ALL, 0, 0, 0, hex);
+	else {
+		struct q_msg tmp = {.id = msgid};
+		log_rec(cp, DLOG_INDOUBT, &tmp, DLOG_ALL, 0, 0, 0, hex);
+	}
+	indoubt_add(cp, fp, msgid, now);
+	fd_log(FD_LOG_INFO, "qmgr",
+	       "%016" PRIx64 " event=indoubt settle_s=%" PRIu64
+	       " delivered=%s",
+	       msgid, cp->cfg.dedup_settle_ms / 1000,
+	       m && !m->finished ? "not_yet" : "yes");
+	/* A resend that came before this news (a quick reconnect) and is
+	 * not out yet: suppressed now, and the original goes at once. */
+	bool matched = false;
+	for (size_t b = 0; b < cp->msg_cap; b++)
+		for (struct q_msg *o = cp->msg_h[b]; o; o = o->hnext) {
+			if (o == m || !o->fp_ok || o->finished ||
+			    o->arrival_us < (m ? m->arrival_us : 0) ||
+			    memcmp(o->fp, fp, 32) != 0 || o->dup_of)
+				continue;
+			suppress(cp, o, msgid);
+			matched = true;
+		}
+	if (m && !m->finished && !m->dup_of) {
+		m->indoubt = true;
+		if (matched) {
+			settle_release(cp, msgid);
+		} else if (m->settle_until == 0 && !m->jobs) {
+			m->settle_until = now + cp->cfg.dedup_settle_ms * 1000;
+			msg_update(cp, m, 0);
+		}
 	}
 }
 
@@ -851,6 +1184,10 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 
 	if (m->held || m->finished)
 		return;
+	if (m->settle_until > now_rt) {
+		msg_update(cp, m, 0);
+		return;
+	}
 	for (unsigned i = 0; i < m->n_rcpts; i++) {
 		struct q_rcpt *r = &m->rcpts[i];
 		struct q_dest *d = r->dest;
@@ -1176,6 +1513,22 @@ replay_rec(void *ctx, const struct dlog_rec *rec)
 	struct q_msg *m = msg_find(cp, rec->msgid);
 	unsigned lo, hi;
 
+	if (rec->type == DLOG_INDOUBT) {
+		uint8_t fp[32];
+		uint64_t now = fd_now_realtime_us();
+		if (!cp->cfg.dedup_window_ms || !rec->text ||
+		    !fp_unhex(rec->text, rec->text_len, fp) ||
+		    rec->time_us + cp->cfg.dedup_window_ms * 1000 < now)
+			return 0;
+		indoubt_add(cp, fp, rec->msgid, rec->time_us);
+		if (m && !m->indoubt) {
+			uint64_t until = rec->time_us +
+					 cp->cfg.dedup_settle_ms * 1000;
+			m->indoubt = true;
+			m->settle_until = until > now ? until : 0;
+		}
+		return 0;
+	}
 	if (!m)
 		return 0; /* its segments were reclaimed: history */
 	if (rec->rcpt == DLOG_ALL) {
@@ -1230,10 +1583,13 @@ replay_rec(void *ctx, const struct dlog_rec *rec)
 			r->dsn_done = true;
 			break;
 		case DLOG_NOTE:
+		case DLOG_INDOUBT:
 		case DLOG_CKPT_BEGIN:
 		case DLOG_CKPT_END:
 			break;
 		}
+		if (rec->type == DLOG_SUPPRESSED)
+			m->dup_of = rec->aux;
 	}
 	return 0;
 }
@@ -1272,6 +1628,28 @@ snapshot(void *ctx, dlog_emit_fn emit, void *ectx)
 {
 	struct snap_ctx sc = {.cp = ctx, .emit = emit, .ectx = ectx};
 	struct cplane *cp = ctx;
+	uint64_t now = fd_now_realtime_us();
+
+	/* The in-doubt fingerprints still in their window, whether or not
+	 * their messages are. */
+	for (size_t b = 0; b < 1024; b++)
+		for (struct indoubt *e = cp->id_h[b]; e; e = e->next) {
+			char hex[65];
+			struct dlog_rec rec = {
+				.type = DLOG_INDOUBT,
+				.msgid = e->msgid,
+				.rcpt = DLOG_ALL,
+				.time_us = e->at_us,
+				.text = hex,
+				.text_len = 64,
+			};
+			int r;
+			if (e->at_us + cp->cfg.dedup_window_ms * 1000 < now)
+				continue;
+			fp_hex(e->fp, hex);
+			if ((r = emit(ectx, &rec)) != 0)
+				return r;
+		}
 
 	for (size_t b = 0; b < cp->msg_cap; b++) {
 		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext) {
@@ -1300,6 +1678,17 @@ snapshot(void *ctx, dlog_emit_fn emit, void *ectx)
 				if (r || (rc->state == QR_PENDING &&
 					  rc->attempts == 0))
 					continue;
+				if (rc->state == QR_SUPPRESSED) {
+					struct dlog_rec sr = {
+						.type = DLOG_SUPPRESSED,
+						.msgid = m->id,
+						.rcpt = i,
+						.time_us = now,
+						.aux = m->dup_of,
+					};
+					r = emit(ectx, &sr);
+					continue;
+				}
 				r = snap_emit(&sc, map[rc->state], m, i, rc);
 				if (!r && rc->dsn_done)
 					r = snap_emit(&sc, DLOG_DSN_DONE, m, i,
@@ -1472,6 +1861,9 @@ view_msg(struct cplane *cp, const struct q_msg *m, cp_msg_view_fn fn,
 		.held = m->held,
 		.finished = m->finished,
 		.state = msg_state(m),
+		.indoubt = m->indoubt,
+		.dup_of = m->dup_of,
+		.settle_until = m->settle_until,
 		.n_rcpts = m->n_rcpts,
 		.rcpts = rp,
 	};
@@ -1714,6 +2106,10 @@ publish_stats(struct cplane *cp)
 	s.reclaimed_total = cp->st_reclaimed;
 	s.segments = cp->n_segs;
 	s.started_us = cp->started_us;
+	s.indoubt_total = cp->st_indoubt;
+	s.suppressed_total = cp->st_suppressed;
+	s.indoubt_unknown_total = cp->st_indoubt_unknown;
+	s.indoubt_entries = cp->n_indoubt;
 	for (size_t b = 0; b < cp->msg_cap; b++)
 		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext) {
 			if (m->finished)
@@ -2044,7 +2440,9 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 	}
 	cp->msg_cap = 1024;
 	cp->msg_h = calloc(cp->msg_cap, sizeof(*cp->msg_h));
-	if (!cp->msg_h) {
+	if (c->dedup_window_ms)
+		cp->recent = calloc(RECENT_FP, sizeof(*cp->recent));
+	if (!cp->msg_h || (c->dedup_window_ms && !cp->recent)) {
 		r = -ENOMEM;
 		goto out_free;
 	}
@@ -2331,6 +2729,13 @@ cp_free(struct cplane *cp)
 	free(cp->heap);
 	free(cp->reclaimable);
 	free(cp->dthr);
+	free(cp->recent);
+	for (size_t b = 0; b < 1024; b++)
+		while (cp->id_h[b]) {
+			struct indoubt *e = cp->id_h[b];
+			cp->id_h[b] = e->next;
+			free(e);
+		}
 	route_table_free(cp->routes);
 	if (cp->rcpts)
 		rcptdb_free(cp->rcpts);

@@ -24,6 +24,8 @@ struct q_seg *qm_seg_get(struct cplane *q, unsigned worker, uint64_t file_no,
 			 uint64_t use_seq);
 void qm_seg_ref(struct cplane *q, struct q_seg *s);
 void qm_seg_unref(struct cplane *q, struct q_seg *s);
+/* A worker says msgid's 250 may not have reached its client. */
+void qm_indoubt(struct cplane *q, unsigned worker, uint64_t msgid);
 /* The tailer walked all of it and the worker writes elsewhere. */
 void qm_seg_seal(struct cplane *q, struct q_seg *s);
 /* RECLAIMED: the segment has a new epoch. */

@@ -96,6 +96,14 @@ struct q_msg {
 	unsigned n_segs;
 	struct q_seg **segs; /* distinct segments with a record of it */
 
+	/* RFC 1047 dedup (qmgr.c): SHA-256 over the envelope and the body
+	 * after our Received header; fp_ok once computed */
+	uint8_t fp[32];
+	bool fp_ok;
+	bool indoubt;          /* its 250 may not have arrived */
+	uint64_t settle_until; /* held for a resend to be matched */
+	uint64_t dup_of;       /* suppressed as a resend of this message */
+
 	/* queue manager only */
 	bool held;
 	bool finished;     /* every recipient final, DSN settled */

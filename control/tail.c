@@ -464,6 +464,9 @@ tail_event(struct tail *t, const struct fd_ctl_event *e)
 	case FD_CTL_RECLAIMED:
 		qm_seg_reclaimed(t->q, t->worker, e->file_no, e->use_seq);
 		break;
+	case FD_CTL_INDOUBT:
+		qm_indoubt(t->q, t->worker, e->msgid);
+		break;
 	default:
 		fd_log(FD_LOG_ERR, "tail", "worker=%u event=bad_event type=%u",
 		       t->worker, e->type);

@@ -140,6 +140,13 @@ static const struct opt options[] = {
 	{"smtp_data_timeout", NULL, OPT_DURATION, F(smtp_data_timeout_ms), 0,
 	 "DURATION",
 	 "delivery: the reply to the final dot (default 600s)"},
+	{"dedup_window", NULL, OPT_DURATION, F(dedup_window_ms), 0, "DURATION",
+	 "RFC 1047: remember a message whose 250 may not have reached its "
+	 "client this long, and deliver a resend of it once (default 24h; "
+	 "0 turns it off)"},
+	{"dedup_settle", NULL, OPT_DURATION, F(dedup_settle_ms), 0, "DURATION",
+	 "hold such a message back this long (never longer) so that a quick "
+	 "resend is matched before it goes out (default 3m)"},
 	{"dlog_rotate", NULL, OPT_SIZE, F(dlog_rotate), 0, "BYTES",
 	 "the delivery log is compacted past this size (default 64M)"},
 	{"dpdk", NULL, OPT_DPDK, 0, 0, NULL,
@@ -206,6 +213,8 @@ fd_config_defaults(struct fd_config *c)
 	c->smtp_timeout_ms = 300000;
 	c->smtp_data_timeout_ms = 600000;
 	c->dlog_rotate = 64u << 20;
+	c->dedup_window_ms = 24ull * 3600000;
+	c->dedup_settle_ms = 180000;
 }
 
 int
@@ -694,9 +703,13 @@ fd_config_usage(FILE *out, const char *prog)
 	fprintf(out,
 		"\nSignals: SIGTERM/SIGINT stop accepting, let commits in "
 		"flight finish (their\n250s go out), answer 421 to open "
-		"sessions and exit 0.\n"
-		"Environment: FINALDOT_SPOOL_FAULT injects spool I/O faults "
-		"(tests only; see\ndocs/spool-format.md).\n");
+		"sessions and exit 0.\n");
+#ifdef FINALDOT_FAULT_INJECTION
+	/* Only a test build (-Dfault_injection=true) reads it; tests use
+	 * this line to tell the two builds apart. */
+	fprintf(out, "Environment: FINALDOT_SPOOL_FAULT injects spool I/O "
+		     "faults (test build; see\ndocs/spool-format.md).\n");
+#endif
 }
 
 void

@@ -115,6 +115,8 @@ cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
 	cc->dlog_rotate_bytes = cfg->dlog_rotate;
 	cc->shutdown_timeout_ms = cfg->shutdown_timeout_ms;
 	cc->delivery = cfg->delivery;
+	cc->dedup_window_ms = cfg->dedup_window_ms;
+	cc->dedup_settle_ms = cfg->dedup_settle_ms;
 }
 
 static void *

@@ -88,6 +88,8 @@ struct fd_config {
 	uint64_t smtp_timeout_ms;
 	uint64_t smtp_data_timeout_ms;
 	uint64_t dlog_rotate;
+	uint64_t dedup_window_ms;
+	uint64_t dedup_settle_ms;
 
 	/* operations */
 	char log_file[FD_CONFIG_STR];

@@ -32,6 +32,9 @@ enum fd_ctl_ev_type {
 	FD_CTL_FAILED = 3,
 	FD_CTL_ABORTED = 4,
 	FD_CTL_RECLAIMED = 5,
+	/* msgid's 250 may not have reached the client: its connection ended
+	 * with the reply's bytes unacknowledged (RFC 1047) */
+	FD_CTL_INDOUBT = 6,
 };
 
 struct fd_ctl_event {
