@@ -10,6 +10,7 @@
 
 #include "finaldot/ctlport.h"
 #include "finaldot/log.h"
+#include "finaldot/msgid.h"
 #include "smtp/smtp.h"
 #include "spool/spool.h"
 #include "worker.h"
@@ -222,4 +223,17 @@ fd_worker_add_totals(const struct fd_worker *w, struct fd_worker_totals *t)
 	t->flushes += f->spool.flushes;
 	t->batches += f->spool.batches;
 	t->bytes += f->spool.bytes;
+}
+
+void
+fd_worker_indoubt(struct fd_worker *w, uint64_t msgid)
+{
+	struct fd_ctl_event e = {.type = FD_CTL_INDOUBT, .msgid = msgid};
+	char id[FD_MSGID_TEXT_LEN + 1];
+
+	fd_msgid_format(msgid, id);
+	fd_log(FD_LOG_INFO, "worker",
+	       "worker=%u event=reply_unacknowledged id=%s", w->id, id);
+	if (w->port)
+		fd_ctl_port_publish(w->port, &e);
 }

@@ -62,6 +62,10 @@ int fd_worker_start(struct fd_worker *w, struct io_uring *ring,
  */
 void fd_worker_poll(struct fd_worker *w);
 
+/* RFC 1047: a session ended with the 250 to msgid not acknowledged by the
+ * client's TCP (the transport checked): tell the control plane. */
+void fd_worker_indoubt(struct fd_worker *w, uint64_t msgid);
+
 /* Logs the worker's counters as one event=stats line; frees everything. */
 void fd_worker_finish(struct fd_worker *w);
 

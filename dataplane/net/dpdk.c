@@ -239,10 +239,36 @@ conn_free(struct dp_conn *c)
 	sh->in_use--;
 }
 
+/*
+ * RFC 1047: the session ends. Our stack knows what the client's TCP has
+ * acknowledged: everything handed to it but what is still queued
+ * (SND.UNA). A 250 to a final dot that ends beyond that may never have
+ * been read; the control plane is told. A session that ended with QUIT is
+ * taken as read (as on the kernel transport, sock.c).
+ */
+static void
+conn_check_indoubt(struct dp_conn *c, size_t unacked)
+{
+	struct smtp_ackpoint ap[SMTP_ACKPOINTS];
+	uint64_t acked;
+	unsigned n;
+
+	if (!c->s || smtp_session_quit_seen(c->s))
+		return;
+	n = smtp_session_ackpoints(c->s, ap);
+	if (n == 0)
+		return;
+	acked = smtp_session_output_total(c->s) - unacked;
+	for (unsigned i = 0; i < n; i++)
+		if (ap[i].end > acked)
+			fd_worker_indoubt(&c->sh->w, ap[i].msgid);
+}
+
 /* Session and connection both end; FIN after the queued replies. */
 static void
 conn_end(struct dp_conn *c)
 {
+	conn_check_indoubt(c, tcp_conn_snd_queued(c->tc));
 	smtp_session_close(c->s);
 	tcp_close(c->tc);
 	conn_free(c);
@@ -338,11 +364,12 @@ up_sent(void *u, size_t room)
 }
 
 static void
-up_closed(void *u, enum tcp_close_reason reason)
+up_closed(void *u, enum tcp_close_reason reason, size_t unacked)
 {
 	struct dp_conn *c = u;
 
 	(void)reason;
+	conn_check_indoubt(c, unacked);
 	smtp_session_close(c->s);
 	conn_free(c);
 }

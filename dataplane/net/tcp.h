@@ -74,7 +74,11 @@ struct tcp_upcall_ops {
 	size_t (*recv)(void *uctx, const uint8_t *p, size_t n);
 	void (*eof)(void *uctx);
 	void (*sent)(void *uctx, size_t room);
-	void (*closed)(void *uctx, enum tcp_close_reason reason);
+	/* unacked: octets the upper layer gave tcp_send() that the peer had
+	 * not acknowledged when the connection ended (RFC 1047: a reply in
+	 * them may never have been read). */
+	void (*closed)(void *uctx, enum tcp_close_reason reason,
+		       size_t unacked);
 };
 
 const char *tcp_state_name(enum tcp_state s);

@@ -240,11 +240,12 @@ tcp_drop(struct tcp_conn *c, enum tcp_close_reason why)
 	void *uctx = c->uctx;
 	bool tell = !(c->flags & TF_DETACHED) && uctx &&
 		    c->state != TCPS_SYN_RECEIVED;
+	size_t unacked = c->slen; /* before the entry is wiped */
 
 	c->flags |= TF_DETACHED;
 	tcp_conn_free(c);
 	if (tell && st->cfg.ops->closed)
-		st->cfg.ops->closed(uctx, why);
+		st->cfg.ops->closed(uctx, why, unacked);
 }
 
 void

@@ -180,6 +180,29 @@ void smtp_session_shutdown(struct smtp_session *s);
 void smtp_session_commit_done(struct smtp_session *s, uint64_t msgid,
 			      int status);
 
+/*
+ * RFC 1047's gap. Between the durable write and the client reading the
+ * 250 both sides hold the message; if the connection ends in that gap the
+ * client will send it again. The engine remembers its recent 250 replies
+ * to a final dot / BDAT LAST (at most SMTP_ACKPOINTS, oldest first): the
+ * message id, and the offset just past the reply in the session's output
+ * stream (octets handed out through smtp_session_output_done() since the
+ * session began, plus what is queued). When the session ends, the
+ * transport compares each end with the octets the client's TCP
+ * acknowledged: a reply not wholly acknowledged is in doubt.
+ */
+#define SMTP_ACKPOINTS 8
+struct smtp_ackpoint {
+	uint64_t msgid;
+	uint64_t end;
+};
+unsigned smtp_session_ackpoints(const struct smtp_session *s,
+				struct smtp_ackpoint *out);
+/* Octets the transport has been given so far (smtp_session_output_done). */
+uint64_t smtp_session_output_total(const struct smtp_session *s);
+/* The client said QUIT (it read its replies before: no doubt then). */
+bool smtp_session_quit_seen(const struct smtp_session *s);
+
 /* The transport should close once output is drained and this is true. */
 bool smtp_session_want_close(const struct smtp_session *s);
 /* A commit is in flight: input is paused until commit_done. */

@@ -107,6 +107,13 @@ struct smtp_session {
 	char client_addr[SMTP_ADDR_MAX];
 	char helo[SMTP_LINE_MAX];
 	size_t helo_len;
+	/* RFC 1047: where the recent 250s to a final dot end in the output
+	 * stream (octets handed to the transport since the session began),
+	 * for the transport's in-doubt check when the session ends. */
+	uint64_t out_total;
+	struct smtp_ackpoint ack[SMTP_ACKPOINTS];
+	unsigned n_ack;
+	bool quit_seen;
 
 	struct smtp_line line;
 
@@ -998,6 +1005,7 @@ smtp_cmd_quit(struct smtp_session *s, const struct smtp_cmd *c)
 	if (!check_no_arg(s, c, "QUIT"))
 		return true;
 	txn_reset(s);
+	s->quit_seen = true;
 	reply(s, "221 2.0.0 Bye");
 	smtp_close_after(s);
 	return true;
@@ -1287,6 +1295,11 @@ smtp_session_commit_done(struct smtp_session *s, uint64_t msgid, int status)
 	if (status == 0) {
 		/* RFC 1047 / DESIGN.md: durable now, and only now, 250. */
 		reply(s, "250 2.0.0 Ok: queued as %s", id);
+		s->ack[s->n_ack % SMTP_ACKPOINTS] = (struct smtp_ackpoint){
+			.msgid = msgid,
+			.end = s->out_total + (s->out_tail - s->out_head),
+		};
+		s->n_ack++;
 		srv->stats.messages_committed++;
 		fd_log(FD_LOG_INFO, "smtp",
 		       "%016" PRIx64 " event=queued id=%s size=%" PRIu64
@@ -1405,9 +1418,34 @@ smtp_session_output(struct smtp_session *s, const uint8_t **p)
 void
 smtp_session_output_done(struct smtp_session *s, size_t n)
 {
-	s->out_head += FD_MIN(n, s->out_tail - s->out_head);
+	n = FD_MIN(n, s->out_tail - s->out_head);
+	s->out_head += n;
+	s->out_total += n;
 	if (s->out_head == s->out_tail)
 		s->out_head = s->out_tail = 0;
+}
+
+unsigned
+smtp_session_ackpoints(const struct smtp_session *s,
+		       struct smtp_ackpoint *out)
+{
+	unsigned n = s->n_ack < SMTP_ACKPOINTS ? s->n_ack : SMTP_ACKPOINTS;
+
+	for (unsigned i = 0; i < n; i++)
+		out[i] = s->ack[(s->n_ack - n + i) % SMTP_ACKPOINTS];
+	return n;
+}
+
+uint64_t
+smtp_session_output_total(const struct smtp_session *s)
+{
+	return s->out_total;
+}
+
+bool
+smtp_session_quit_seen(const struct smtp_session *s)
+{
+	return s->quit_seen;
 }
 
 void *

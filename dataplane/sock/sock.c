@@ -46,6 +46,7 @@
 #include "finaldot/msgid.h"
 #include "smtp/smtp.h"
 #include "sock/sock.h"
+#include "sock/tcpinfo.h"
 #include "spool/spool.h"
 #include "worker.h"
 
@@ -236,6 +237,29 @@ conn_finalize(struct sock_conn *c)
 	l->in_use--;
 }
 
+/*
+ * RFC 1047: the session ends. A 250 to a final dot whose octets the
+ * client's TCP has not acknowledged may never have been read: the client
+ * will send the message again, and the control plane must know. A session
+ * that ended with QUIT is taken as read (the client read its replies
+ * before it said QUIT; a client that pipelined QUIT behind the final dot
+ * and lost the connection right then is the case this misses).
+ */
+static void
+conn_check_indoubt(struct sock_conn *c)
+{
+	struct smtp_ackpoint ap[SMTP_ACKPOINTS];
+	unsigned n = smtp_session_ackpoints(c->s, ap);
+	uint64_t acked;
+
+	if (n == 0 || smtp_session_quit_seen(c->s) || c->fd < 0 ||
+	    sock_bytes_acked(c->fd, &acked) != 0)
+		return;
+	for (unsigned i = 0; i < n; i++)
+		if (ap[i].end > acked)
+			fd_worker_indoubt(c->loop->w, ap[i].msgid);
+}
+
 /* Start closing: the session goes back to its pool now; the slot when the
  * last operation in flight has completed. */
 static void
@@ -246,6 +270,8 @@ conn_close(struct sock_conn *c, const char *why)
 	if (c->closing)
 		return;
 	c->closing = true;
+	if (c->s)
+		conn_check_indoubt(c);
 	if (c->s) {
 		fd_debug("sock", "%016" PRIx64 " event=close reason=%s",
 			 smtp_session_id(c->s), why);

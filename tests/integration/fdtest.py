@@ -99,10 +99,18 @@ class Daemon:
         with open(self.logpath, errors="replace") as f:
             return f.read()
 
+    def read_run_log(self):
+        """What the current run (since the last start) has logged."""
+        with open(self.logpath, errors="replace") as f:
+            f.seek(self.log_start)
+            return f.read()
+
     def wait_log(self, pattern, timeout):
+        """Wait for pattern in what this run logged (not an earlier run's
+        lines: after a restart the old "event=ready" is still there)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if re.search(pattern, self.read_log()):
+            if re.search(pattern, self.read_run_log()):
                 return
             if self.proc.poll() is not None:
                 fail(f"finaldot exited ({self.proc.returncode}) before "

@@ -203,10 +203,11 @@ fz_sent(void *u, size_t room)
 }
 
 static void
-fz_closed(void *u, enum tcp_close_reason why)
+fz_closed(void *u, enum tcp_close_reason why, size_t unacked)
 {
 	unsigned i = idx_of(u);
 	(void)why;
+	(void)unacked;
 	g_fz->used[i] = false;
 	g_fz->conn[i] = NULL;
 }

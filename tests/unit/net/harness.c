@@ -178,11 +178,12 @@ h_sent(void *uctx, size_t room)
 }
 
 static void
-h_closed(void *uctx, enum tcp_close_reason why)
+h_closed(void *uctx, enum tcp_close_reason why, size_t unacked)
 {
 	struct h_upper *u = u_of(uctx);
 	u->closed_calls++;
 	u->closed_reason = (int)why;
+	u->closed_unacked = unacked;
 	u->c = NULL;
 }
 

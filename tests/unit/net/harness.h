@@ -75,6 +75,7 @@ struct h_upper {
 	size_t consume_max;    /* per recv() call; SIZE_MAX: all */
 	unsigned recv_calls, eof_calls, sent_calls, closed_calls;
 	int closed_reason;
+	size_t closed_unacked; /* RFC 1047: what the peer had not acked */
 	bool close_on_eof;
 };
 
