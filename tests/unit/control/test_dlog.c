@@ -274,7 +274,7 @@ Test(dlog, codec_round_trip_every_type)
 {
 	uint8_t buf[DLOG_REC_MAX + 8];
 
-	for (unsigned t = 1; t <= 11; t++) {
+	for (unsigned t = 1; t <= DLOG_INDOUBT; t++) {
 		for (unsigned v = 0; v < 3; v++) {
 			struct dlog_rec r = mk(t - 1 + 11 * v), d;
 			size_t n, used = 0;
@@ -320,7 +320,7 @@ Test(dlog, codec_text_truncated_and_invalid_rejected)
 	r.text_len = 0;
 	r.type = (enum dlog_type)0;
 	cr_assert_eq(dlog_encode(&r, buf, sizeof(buf)), 0);
-	r.type = (enum dlog_type)12;
+	r.type = (enum dlog_type)(DLOG_INDOUBT + 1); /* the first unused */
 	cr_assert_eq(dlog_encode(&r, buf, sizeof(buf)), 0);
 	r.type = DLOG_CKPT_BEGIN;
 	r.text = big;
@@ -483,7 +483,7 @@ Test(dlog, append_rejects_invalid_records_and_wait_rejects_future_lsn)
 
 	r.type = (enum dlog_type)0;
 	cr_assert_eq(dlog_append(l, &r), 0);
-	r.type = (enum dlog_type)12;
+	r.type = (enum dlog_type)(DLOG_INDOUBT + 1); /* the first unused */
 	cr_assert_eq(dlog_append(l, &r), 0);
 	r.type = DLOG_CKPT_BEGIN;
 	cr_assert_eq(dlog_append(l, &r), 0);
