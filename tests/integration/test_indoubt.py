@@ -18,82 +18,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import Daemon, check, fail, skip  # noqa: E402
 from fdnet import Netns, DpdkDaemon, DPDK_IP  # noqa: E402
+from indoubt import body, send_once, drop_rule  # noqa: E402
 
 TRANSPORT = sys.argv[1] if len(sys.argv) > 1 else "kernel"
-
-# The client, run inside the namespace: one SMTP transaction; with
-# "hold" it stops before the final dot, says READY, waits for GO on stdin,
-# sends the dot, waits `wait` seconds for a reply and prints it (or NONE),
-# then closes (RST when no reply came, as a client that gave up).
-CLIENT = r'''
-import socket, struct, sys
-host, port, mode, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-body = sys.stdin.buffer.read(int(sys.argv[5]))
-s = socket.create_connection((host, port), timeout=10)
-f = s.makefile("rb")
-def reply():
-    while True:
-        l = f.readline()
-        if not l: raise SystemExit("eof")
-        if l[3:4] != b"-": return l
-reply()
-for c in (b"EHLO c.test", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA"):
-    s.sendall(c + b"\r\n"); reply()
-s.sendall(body)
-if mode == "hold":
-    print("READY", flush=True)
-    sys.stdin.readline()
-s.sendall(b".\r\n")
-s.settimeout(wait)
-try:
-    print(reply().decode().strip(), flush=True)
-    s.sendall(b"QUIT\r\n"); reply()
-    s.close()
-except (socket.timeout, OSError, SystemExit):
-    print("NONE", flush=True)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
-'''
-
-
-def body(tag):
-    return (f"Subject: in doubt {tag}\r\nMessage-ID: <{tag}@c.test>\r\n\r\n"
-            + "\r\n".join(f"line {i} {tag}" for i in range(40))
-            + "\r\n").encode()
-
 
 class Env:
     def __init__(self, ns, d, host, port):
         self.ns, self.d, self.host, self.port = ns, d, host, port
 
     def send(self, data, drop=False):
-        """One transaction; drop=True: the server's packets are dropped
-        from just before the final dot. Returns the reply or 'NONE'."""
-        p = subprocess.Popen(
-            self.ns.argv(["/usr/bin/python3", "-c", CLIENT, self.host,
-                          str(self.port), "hold" if drop else "plain",
-                          "3" if drop else "10", str(len(data))]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
-        p.stdin.write(data)
-        p.stdin.flush()
-        if drop:
-            line = p.stdout.readline()
-            check(line.strip() == b"READY", f"client: {line!r}")
-            self.ns.sh(self.drop_rule("-A"))
-            p.stdin.write(b"GO\n")
-            p.stdin.flush()
-        out, _ = p.communicate(timeout=30)
-        if drop:
-            self.ns.sh(self.drop_rule("-D"))
-        return out.decode().strip().splitlines()[-1] if out else "NONE"
+        return send_once(self.host, self.port, data, drop, self.ns.argv([]),
+                         DPDK_IP if TRANSPORT == "dpdk" else None)
 
     def drop_rule(self, op):
-        if TRANSPORT == "dpdk":
-            # The DPDK stack's packets reach the kernel side of the tap.
-            return (f"iptables {op} INPUT -p tcp -s {DPDK_IP} "
-                    f"--sport {self.port} -j DROP")
-        return (f"iptables {op} OUTPUT -p tcp -o lo --sport {self.port} "
-                f"-j DROP")
+        return drop_rule(op, self.port,
+                         DPDK_IP if TRANSPORT == "dpdk" else None)
 
     def copies(self, tag):
         root = os.path.join(self.d.tmp, "maildir", "example.com", "b", "new")
