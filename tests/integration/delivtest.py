@@ -62,8 +62,24 @@ def wait(cond, timeout, what):
     fail(f"timed out after {timeout}s waiting for {what}")
 
 
+def settled_log(d, quiet=0.05, timeout=3.0):
+    """The daemon's log once it stopped growing for `quiet` seconds: log
+    lines are written by a writer thread every few milliseconds, so an
+    event that is visible elsewhere (a file delivered) may not be in the
+    log yet."""
+    deadline = time.time() + timeout
+    text = d.read_log()
+    while time.time() < deadline:
+        time.sleep(quiet)
+        again = d.read_log()
+        if again == text:
+            break
+        text = again
+    return text
+
+
 def log_count(d, pattern):
-    return len(re.findall(pattern, d.read_log()))
+    return len(re.findall(pattern, settled_log(d)))
 
 
 def strip_our_received(raw):
