@@ -1301,6 +1301,9 @@ dispatch(struct cplane *cp)
 			}
 			j->next = NULL;
 			d->active++;
+			if (j->kind == QJ_DELIVER)
+				for (unsigned i = 0; i < j->n; i++)
+					j->m->rcpts[j->idx[i]].inflight = true;
 			if (out_tail)
 				out_tail->next = j;
 			else
@@ -1443,6 +1446,7 @@ apply_result(struct cplane *cp, struct q_job *j)
 			struct q_rcpt *r = &m->rcpts[k];
 			struct q_outcome *o = &j->out[i];
 			r->busy = false;
+			r->inflight = false;
 			r->last_us = now_rt;
 			if (r->state == QR_DELETED) {
 				/* Deleted by the operator meanwhile: said in
@@ -1667,12 +1671,14 @@ snapshot(void *ctx, dlog_emit_fn emit, void *ectx)
 					[QR_DELETED] = DLOG_DELETED,
 					[QR_SUPPRESSED] = DLOG_SUPPRESSED,
 				};
-				/* A recipient in a job may have had its ATTEMPT
-				 * appended before this checkpoint: the snapshot
-				 * says so itself, or a crash would hide a
-				 * possible duplicate (over-counting is safe). */
-				if (rc->busy || (m->bounce_busy &&
-						 needs_dsn(m, rc)))
+				/* A recipient whose job is out to a delivery
+				 * thread may have had its ATTEMPT appended before
+				 * this checkpoint: the snapshot says so itself,
+				 * or a crash would hide a possible duplicate
+				 * (over-counting is safe; jobs still queued have
+				 * appended nothing). */
+				if (rc->inflight || (m->bounce_busy &&
+						     needs_dsn(m, rc)))
 					r = snap_emit(&sc, DLOG_ATTEMPT, m, i,
 						      NULL);
 				if (r || (rc->state == QR_PENDING &&

@@ -67,6 +67,7 @@ struct q_rcpt {
 	uint8_t notify;     /* enum fd_dsn_notify bits; 0 = not given */
 	uint8_t state;      /* enum q_rstate */
 	bool busy;          /* in a job now */
+	bool inflight;      /* that job is out to a delivery thread */
 	bool dsn_done;      /* a DSN about it went out or is not wanted */
 	bool attempt_open;  /* replay: an ATTEMPT without an outcome */
 	uint32_t attempts;

@@ -23,6 +23,9 @@ SEED = int(sys.argv[2]) if len(sys.argv) > 2 else int(time.time())
 CLIENTS = 8
 
 
+refused = []  # 5xx to a final dot: the test's own messages are valid
+
+
 def client(port, tag, rng, acked, stop):
     n = 0
     while not stop.is_set():
@@ -44,8 +47,12 @@ def client(port, tag, rng, acked, stop):
             while not stop.is_set():
                 n += 1
                 size = rng.choice([10, 300, 5000, 70000])
+                # Lines of at most 78 octets: RFC 5321 4.5.3.1.6 caps a
+                # line at 1000, and a longer one is refused (not stored).
+                text = (f"{tag}-{n}-".encode() * (size // 10 + 1))[:size]
                 body = (f"Subject: {tag} {n}\r\n\r\n".encode() +
-                        (f"{tag}-{n}-".encode() * (size // 10 + 1))[:size] +
+                        CRLF.join(text[i:i + 78]
+                                  for i in range(0, len(text), 78)) +
                         CRLF)
                 s.sendall(b"MAIL FROM:<c@crash.test>\r\n"
                           b"RCPT TO:<u@example.com>\r\nDATA\r\n")
@@ -55,6 +62,8 @@ def client(port, tag, rng, acked, stop):
                 r = reply()
                 if r.startswith(b"250 2.0.0 Ok: queued as "):
                     acked.append((r.split()[-1].decode(), body))
+                elif r.startswith(b"5"):
+                    refused.append(r)
         except (OSError, ConnectionError):
             time.sleep(0.01)  # the daemon is down: try again
 
@@ -93,6 +102,7 @@ def main():
         ids = [m["id"] for m in d.scan()["messages"]]
         check(len(ids) == len(set(ids)), "message ids are unique")
     check(len(acked) > 0, "some messages were acknowledged")
+    check(not refused, f"{len(refused)} messages refused: {refused[:3]}")
     print(f"ok: {len(acked)} acknowledged messages survived {ROUNDS} kill -9")
 
 
