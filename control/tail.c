@@ -31,7 +31,6 @@
 
 #define WIN_LEN (1u << 20)
 #define DEAD_IDS 65536u /* power of two */
-#define MAX_PIN 8u      /* segments one partial pins before it is broken */
 
 struct tseg {
 	struct q_seg *qs;
@@ -52,8 +51,9 @@ struct partial {
 	struct q_piece *pieces;
 	size_t n_pieces, cap_pieces;
 	struct q_seg *env_seg;
-	struct q_seg *pin[MAX_PIN];
-	unsigned n_pin;
+	struct q_seg **pin; /* every segment it has records in (grows: a
+			     * 32 MiB message spans many small segments) */
+	unsigned n_pin, cap_pin;
 	struct partial *hnext;
 };
 
@@ -171,24 +171,34 @@ p_free(struct tail *t, struct partial *p)
 		*pp = p->hnext;
 	for (unsigned i = 0; i < p->n_pin; i++)
 		qm_seg_unref(t->q, p->pin[i]);
+	free(p->pin);
 	free(p->env);
 	free(p->pieces);
 	free(p);
 	t->n_partials--;
 }
 
-static void
+/* Records come in segment order: only the last pinned one can repeat. 0
+ * or -ENOMEM (the caller stops the walk: retried at the next DURABLE). */
+static int
 p_pin(struct tail *t, struct partial *p, struct q_seg *s)
 {
+	if (p->n_pin && p->pin[p->n_pin - 1] == s)
+		return 0;
 	for (unsigned i = 0; i < p->n_pin; i++)
 		if (p->pin[i] == s)
-			return;
-	if (p->n_pin == MAX_PIN) {
-		p->broken = true; /* longer than 8 segments: not ours */
-		return;
+			return 0;
+	if (p->n_pin == p->cap_pin) {
+		unsigned cap = p->cap_pin ? p->cap_pin * 2 : 4;
+		struct q_seg **n = realloc(p->pin, cap * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		p->pin = n;
+		p->cap_pin = cap;
 	}
 	qm_seg_ref(t->q, s);
 	p->pin[p->n_pin++] = s;
+	return 0;
 }
 
 static struct partial *
@@ -279,8 +289,7 @@ on_rec(void *ctx, const struct spool_walk_rec *r)
 		memcpy(p->env, r->payload, r->h.len);
 		p->env_len = r->h.len;
 		p->env_seg = seg;
-		p_pin(t, p, seg);
-		return 0;
+		return p_pin(t, p, seg);
 	case SPOOL_REC_DATA:
 		if (!p)
 			return 0; /* no ENV in this run: not a message of ours */
@@ -305,8 +314,7 @@ on_rec(void *ctx, const struct spool_walk_rec *r)
 		p->crc = spool_crc32c_combine(p->crc, r->payload_crc,
 					      r->h.len);
 		p->next_off += r->h.len;
-		p_pin(t, p, seg);
-		return 0;
+		return p_pin(t, p, seg);
 	case SPOOL_REC_END:
 		if (p)
 			complete(t, p, &r->h, seg);

@@ -128,7 +128,28 @@ def case_recipients():
         os.unlink(path)
 
 
-CASES = [case_default_route, case_reclaim_and_restart, case_recipients]
+def case_message_across_many_segments():
+    """A 12 MB message through 1 MiB segments spans a dozen of them: it is
+    queued, delivered intact, and only then are its segments given back
+    (the tailer once gave up on messages spanning more than 8 and the
+    acknowledged message was lost)."""
+    with Daemon("--segment-size", "1M", "--batch-size", "64k",
+                "--max-message-size", "32M", delivery=True) as d:
+        line = b"0123456789" * 7 + b"\r\n"
+        body = b"Subject: big\r\n\r\n" + line * (12 * 1024 * 1024 // 72)
+        send(d, "a@example.com", ["big@example.com"], body)
+        root = os.path.join(d.tmp, "maildir")
+        files = wait(lambda: maildir_files(root, "big@example.com"), 60,
+                     "the 12 MB message delivered")
+        with open(files[0], "rb") as f:
+            got = f.read()
+        check(got.endswith(body.replace(b"\r\n", b"\n")),
+              f"12 MB body differs ({len(got)} bytes)")
+        check(log_count(d, r"event=message_broken") == 0, "message_broken")
+
+
+CASES = [case_default_route, case_reclaim_and_restart, case_recipients,
+         case_message_across_many_segments]
 
 if __name__ == "__main__":
     only = sys.argv[1:]
