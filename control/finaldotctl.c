@@ -1,41 +1,81 @@
 /*
  * finaldotctl: the operator's command line.
  *
- *   finaldotctl spool scan DIR [--json]   committed messages in a spool
- *   finaldotctl spool cat DIR ID          one message's stored bytes
+ *   finaldotctl [--control PATH] status [--json]
+ *   finaldotctl [--control PATH] queue list|show|cat|hold|release|delete|flush
+ *   finaldotctl [--control PATH] pause|resume|reload
+ *   finaldotctl spool scan|cat|export DIR ...
  *
- * The spool commands read the files directly (spool_reader.h) and need no
- * running daemon. Commands that talk to the daemon over its control socket
- * will sit beside "spool" in the command table.
+ * status, queue, pause, resume and reload talk to the running daemon over
+ * its control socket (ctlsock.h; the protocol is docs/control-protocol.md,
+ * one JSON object per line each way). The spool commands read the files
+ * directly (spool_reader.h) and need no running daemon.
  *
- * Exit codes: 0 ok, 1 failure (unreadable spool, unknown id), 2 usage.
+ * The socket: --control PATH, else $FINALDOT_CONTROL, else
+ * ./var/control.sock (the daemon's default beside ./var/spool) if it
+ * exists, else /run/finaldot/control.sock (the systemd unit's).
+ *
+ * Errors are one line on stderr. Exit codes: 0 ok, 1 failure (the daemon
+ * refused: unknown id...; unreadable spool), 2 usage, 3 the daemon cannot
+ * be reached (not running, permission denied).
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/evp.h>
 
+#include "ctljson.h"
 #include "finaldot/msgid.h"
 #include "spool_reader.h"
 
+#define EXIT_FAIL 1
 #define EXIT_USAGE 2
+#define EXIT_UNREACHABLE 3
 
 static const char usage_main[] =
-	"usage: finaldotctl COMMAND ...\n"
+	"usage: finaldotctl [--control PATH] COMMAND ...\n"
 	"\n"
-	"commands:\n"
+	"commands (the running daemon, over its control socket):\n"
+	"  status [--json]          version, uptime, listener, workers, queue\n"
+	"  queue list [--json] [--state S] [--from X] [--to Y]\n"
+	"                           the queue, like postqueue -p (-j)\n"
+	"  queue show ID [--json]   one message and its recipients\n"
+	"  queue cat ID             one message's stored bytes\n"
+	"  queue hold ID...|ALL     stop delivering (postsuper -h)\n"
+	"  queue release ID...|ALL  deliver again (postsuper -H)\n"
+	"  queue delete ID...|ALL   drop, no bounce (postsuper -d)\n"
+	"  queue flush [ID...|ALL|--to-domain D]\n"
+	"                           retry now (postqueue -f, -i, -s)\n"
+	"  pause                    new connections get 421 4.3.2\n"
+	"  resume                   accept again\n"
+	"  reload                   reload the configuration (as SIGHUP)\n"
+	"\n"
+	"commands (no daemon needed):\n"
 	"  spool scan DIR [--json]  list the committed messages in the spool\n"
-	"                           at DIR (no daemon needed)\n"
+	"                           at DIR\n"
 	"  spool cat DIR ID         write message ID's stored bytes (Received\n"
 	"                           header and body) to stdout\n"
 	"  spool export DIR OUTDIR  write every committed message to\n"
 	"                           OUTDIR/ID.eml\n"
 	"\n"
-	"  finaldotctl COMMAND --help   help on one command\n";
+	"options:\n"
+	"  --control PATH           the daemon's control socket (default:\n"
+	"                           $FINALDOT_CONTROL, ./var/control.sock if it\n"
+	"                           exists, /run/finaldot/control.sock)\n"
+	"  --version                print the version and exit\n"
+	"  --help                   print this help and exit\n"
+	"\n"
+	"  finaldotctl COMMAND --help   help on one command\n"
+	"Exit status: 0 ok, 1 failure, 2 usage, 3 the daemon cannot be "
+	"reached.\n";
 
 static const char usage_spool[] =
 	"usage: finaldotctl spool scan DIR [--json]\n"
@@ -59,6 +99,12 @@ static const char usage_spool[] =
 
 /* ---- output helpers ---------------------------------------------------- */
 
+static bool
+is_help(const char *a)
+{
+	return strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0;
+}
+
 static void
 iso8601(uint64_t us, char *buf, size_t len)
 {
@@ -78,6 +124,18 @@ put_text(FILE *f, const char *s)
 {
 	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
 		if (*p > 0x20 && *p < 0x7f && *p != '\\')
+			fputc(*p, f);
+		else
+			fprintf(f, "\\x%02x", *p);
+	}
+}
+
+/* The same, keeping spaces: for free text such as a reply. */
+static void
+put_line(FILE *f, const char *s)
+{
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		if (*p >= 0x20 && *p < 0x7f && *p != '\\')
 			fputc(*p, f);
 		else
 			fprintf(f, "\\x%02x", *p);
@@ -379,13 +437,921 @@ cmd_spool_export(const char *dir, const char *outdir)
 	return rc;
 }
 
-/* ---- dispatch ---------------------------------------------------------- */
+/* ---- talking to the running daemon ------------------------------------- */
+
+static const char usage_status[] =
+	"usage: finaldotctl [--control PATH] status [--json]\n"
+	"\n"
+	"The running daemon's state: version, pid, uptime, transport, whether\n"
+	"the listener accepts or is paused, per worker sessions (open and\n"
+	"total), messages and flushes, the queue by state and the delivery\n"
+	"totals. --json prints the daemon's reply data as one JSON object.\n";
+
+static const char usage_queue[] =
+	"usage: finaldotctl [--control PATH] queue COMMAND ...\n"
+	"\n"
+	"  list [--json] [--state S] [--from X] [--to Y]\n"
+	"        every queued message, like postqueue -p: id (* active,\n"
+	"        ! held), size, arrival, sender, then each recipient not yet\n"
+	"        delivered with its last reason. --json: one JSON object per\n"
+	"        message per line, like postqueue -j. --state active, deferred\n"
+	"        or held; --from/--to: the sender/a recipient contains X/Y\n"
+	"        (case-insensitive; --from '<>' is the null sender). Streams.\n"
+	"  show ID [--json]\n"
+	"        one message: envelope, client, HELO, and per recipient its\n"
+	"        state, attempts, last reason, route, last and next attempt\n"
+	"  cat ID\n"
+	"        the stored bytes (finaldot's Received header, then the\n"
+	"        message as received) to stdout, like postcat -bh -q\n"
+	"  hold ID...|ALL      no delivery until released (postsuper -h)\n"
+	"  release ID...|ALL   undo hold (postsuper -H)\n"
+	"  delete ID...|ALL    drop the recipients not yet delivered, no\n"
+	"                      bounce (postsuper -d)\n"
+	"  flush [ID...|ALL|--to-domain D]\n"
+	"                      retry now (postqueue -f / -i / -s D); no\n"
+	"                      argument means ALL\n"
+	"\n"
+	"ID is a queue id, 16 hex digits (the \"queued as\" of the 250).\n"
+	"Exit status: 0 ok, 1 the daemon refused (unknown id...), 2 usage,\n"
+	"3 the daemon cannot be reached.\n";
+
+static const char usage_pause[] =
+	"usage: finaldotctl [--control PATH] pause\n"
+	"       finaldotctl [--control PATH] resume\n"
+	"\n"
+	"pause: new connections get \"421 4.3.2 ... Service not available\"\n"
+	"and are closed; sessions already open go on. resume: accept again.\n"
+	"The queue is delivered either way.\n";
+
+static const char usage_reload[] =
+	"usage: finaldotctl [--control PATH] reload\n"
+	"\n"
+	"Ask the daemon to reload its configuration, as SIGHUP does.\n";
+
+/* Set by main: --control, $FINALDOT_CONTROL, or the default. */
+static const char *ctl_path;
+
+struct client {
+	int fd;
+	char *buf;
+	size_t len, cap, off;
+	struct ctl_json_tok *tok;
+	uint32_t tok_cap;
+	struct ctl_json j;
+};
+
+static void
+client_close(struct client *c)
+{
+	if (c->fd >= 0)
+		close(c->fd);
+	free(c->buf);
+	free(c->tok);
+	memset(c, 0, sizeof(*c));
+	c->fd = -1;
+}
+
+/* Connect; on failure one line on stderr and EXIT_UNREACHABLE. */
+static int
+client_open(struct client *c)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+
+	memset(c, 0, sizeof(*c));
+	c->fd = -1;
+	if (strlen(ctl_path) >= sizeof(sa.sun_path)) {
+		fprintf(stderr, "finaldotctl: %s: path too long for a unix "
+				"socket\n", ctl_path);
+		return EXIT_USAGE;
+	}
+	strcpy(sa.sun_path, ctl_path);
+	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (c->fd >= 0 &&
+	    connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
+		return 0;
+	switch (errno) {
+	case ENOENT:
+		fprintf(stderr, "finaldotctl: finaldot is not running (no "
+				"control socket at %s; see --control)\n",
+			ctl_path);
+		break;
+	case ECONNREFUSED:
+		fprintf(stderr, "finaldotctl: finaldot is not running "
+				"(connection refused at %s)\n", ctl_path);
+		break;
+	case EACCES:
+	case EPERM:
+		fprintf(stderr, "finaldotctl: %s: permission denied (the "
+				"control socket is for the daemon's user and "
+				"its control_group)\n", ctl_path);
+		break;
+	default:
+		fprintf(stderr, "finaldotctl: %s: %s\n", ctl_path,
+			strerror(errno));
+	}
+	client_close(c);
+	return EXIT_UNREACHABLE;
+}
+
+static int
+client_send(struct client *c, struct ctl_jw *w)
+{
+	size_t off = 0;
+
+	ctl_jw_nl(w);
+	if (w->err) {
+		fprintf(stderr, "finaldotctl: request too large\n");
+		return EXIT_FAIL;
+	}
+	while (off < w->len) {
+		ssize_t r = send(c->fd, w->buf + off, w->len - off,
+				 MSG_NOSIGNAL);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			fprintf(stderr, "finaldotctl: %s: %s\n", ctl_path,
+				strerror(errno));
+			return EXIT_FAIL;
+		}
+		off += (size_t)r;
+	}
+	return 0;
+}
+
+/*
+ * The next reply line, parsed into c->j (valid until the next call).
+ * 0, or an exit status after one line on stderr.
+ */
+static int
+client_next(struct client *c)
+{
+	for (;;) {
+		char *nl = c->len > c->off
+				   ? memchr(c->buf + c->off, '\n',
+					    c->len - c->off)
+				   : NULL;
+		if (nl) {
+			char *line = c->buf + c->off;
+			size_t n = (size_t)(nl - line);
+			uint32_t need = (uint32_t)(n / 2 + 4);
+			c->off += n + 1;
+			if (need > c->tok_cap) {
+				struct ctl_json_tok *t =
+					realloc(c->tok, need * sizeof(*t));
+				if (!t) {
+					fprintf(stderr, "finaldotctl: out of "
+							"memory\n");
+					return EXIT_FAIL;
+				}
+				c->tok = t;
+				c->tok_cap = need;
+			}
+			if (ctl_json_parse(&c->j, line, n, c->tok,
+					   c->tok_cap) != 0 ||
+			    c->tok[0].type != CTL_JSON_OBJECT) {
+				fprintf(stderr, "finaldotctl: bad reply from "
+						"the daemon (%s)\n",
+					c->j.err ? c->j.err : "not an object");
+				return EXIT_FAIL;
+			}
+			return 0;
+		}
+		if (c->off) {
+			memmove(c->buf, c->buf + c->off, c->len - c->off);
+			c->len -= c->off;
+			c->off = 0;
+		}
+		if (c->len == c->cap) {
+			size_t cap = c->cap ? c->cap * 2 : 65536;
+			char *b;
+			if (cap > ((size_t)1 << 30) ||
+			    !(b = realloc(c->buf, cap))) {
+				fprintf(stderr, "finaldotctl: reply line too "
+						"long\n");
+				return EXIT_FAIL;
+			}
+			c->buf = b;
+			c->cap = cap;
+		}
+		ssize_t r = read(c->fd, c->buf + c->len, c->cap - c->len);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			fprintf(stderr, "finaldotctl: the daemon closed the "
+					"connection before answering%s%s\n",
+				r < 0 ? ": " : "", r < 0 ? strerror(errno) : "");
+			return EXIT_FAIL;
+		}
+		c->len += (size_t)r;
+	}
+}
+
+static const struct ctl_json_tok *
+tok_of(const struct client *c, int t)
+{
+	return &c->j.tok[t];
+}
+
+/* Member helpers on an object token; absent or wrong type: the default. */
+static uint64_t
+get_u64(const struct client *c, int obj, const char *key)
+{
+	int t = obj >= 0 ? ctl_json_get(&c->j, (uint32_t)obj, key) : -1;
+	uint64_t v = 0;
+
+	if (t >= 0)
+		ctl_json_u64(&c->j, (uint32_t)t, &v);
+	return v;
+}
+
+static const char *
+get_str(const struct client *c, int obj, const char *key, char *buf,
+	size_t n)
+{
+	int t = obj >= 0 ? ctl_json_get(&c->j, (uint32_t)obj, key) : -1;
+
+	buf[0] = '\0';
+	if (t >= 0 && ctl_json_string(&c->j, (uint32_t)t, buf, n) < 0)
+		buf[0] = '\0';
+	return buf;
+}
 
 static bool
-is_help(const char *a)
+get_bool(const struct client *c, int obj, const char *key)
 {
-	return strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0;
+	int t = obj >= 0 ? ctl_json_get(&c->j, (uint32_t)obj, key) : -1;
+	bool v = false;
+
+	if (t >= 0)
+		ctl_json_bool(&c->j, (uint32_t)t, &v);
+	return v;
 }
+
+/*
+ * A line with "ok" ends a reply. Returns 0 for such a line that says ok
+ * (*data: its data token, or -1), -1 for a line without "ok" (an item of
+ * a streaming reply), or an exit status after printing the daemon's error.
+ */
+static int
+terminator(const struct client *c, int *data)
+{
+	int ok = ctl_json_get(&c->j, 0, "ok");
+	bool v = false;
+	char msg[1024], code[64];
+
+	*data = -1;
+	if (ok < 0)
+		return -1;
+	if (ctl_json_bool(&c->j, (uint32_t)ok, &v) && v) {
+		*data = ctl_json_get(&c->j, 0, "data");
+		return 0;
+	}
+	int e = ctl_json_get(&c->j, 0, "error");
+	get_str(c, e, "message", msg, sizeof(msg));
+	get_str(c, e, "code", code, sizeof(code));
+	fprintf(stderr, "finaldotctl: %s\n", msg[0] ? msg : code);
+	return strcmp(code, "bad_request") == 0 ? EXIT_USAGE : EXIT_FAIL;
+}
+
+/* Send a request and wait for its one-line reply: 0 with *data, or an
+ * exit status (the client is closed then). */
+static int
+call(struct client *c, struct ctl_jw *req, int *data)
+{
+	int r = client_open(c);
+
+	if (r == 0)
+		r = client_send(c, req);
+	if (r == 0)
+		r = client_next(c);
+	if (r == 0) {
+		r = terminator(c, data);
+		if (r == 0)
+			return 0;
+		if (r < 0) {
+			fprintf(stderr, "finaldotctl: unexpected reply from "
+					"the daemon\n");
+			r = EXIT_FAIL;
+		}
+	}
+	client_close(c);
+	return r;
+}
+
+/* {"cmd":NAME,"args":{ ... the caller's members, then req_end(). */
+static void
+req_begin(struct ctl_jw *w, const char *cmd)
+{
+	ctl_jw_init(w, 0);
+	ctl_jw_obj(w);
+	ctl_jw_kstr(w, "cmd", cmd);
+	ctl_jw_key(w, "args");
+	ctl_jw_obj(w);
+}
+
+static void
+req_end(struct ctl_jw *w)
+{
+	ctl_jw_obj_end(w);
+	ctl_jw_obj_end(w);
+}
+
+/* A value token's JSON text, exactly as the daemon sent it. */
+static void
+print_raw(const struct client *c, int t)
+{
+	const struct ctl_json_tok *k = tok_of(c, t);
+
+	if (k->type == CTL_JSON_STRING)
+		fwrite(c->j.text + k->start - 1, 1, k->len + 2, stdout);
+	else
+		fwrite(c->j.text + k->start, 1, k->len, stdout);
+	fputc('\n', stdout);
+}
+
+static int
+finish_output(int rc)
+{
+	if (fflush(stdout) != 0 && rc == 0) {
+		fprintf(stderr, "finaldotctl: stdout: %s\n", strerror(errno));
+		rc = EXIT_FAIL;
+	}
+	return rc;
+}
+
+/* ---- status ------------------------------------------------------------ */
+
+static void
+duration(uint64_t s, char *buf, size_t n)
+{
+	if (s >= 86400)
+		snprintf(buf, n, "%" PRIu64 "d %02" PRIu64 ":%02" PRIu64
+			 ":%02" PRIu64, s / 86400, s / 3600 % 24, s / 60 % 60,
+			 s % 60);
+	else
+		snprintf(buf, n, "%02" PRIu64 ":%02" PRIu64 ":%02" PRIu64,
+			 s / 3600, s / 60 % 60, s % 60);
+}
+
+static int
+cmd_status(int argc, char **argv)
+{
+	struct client c;
+	struct ctl_jw req;
+	bool json = false;
+	char a[256], host[256], tr[32], since[64], up[64];
+	int data, r;
+
+	for (int i = 0; i < argc; i++) {
+		if (is_help(argv[i])) {
+			fputs(usage_status, stdout);
+			return 0;
+		}
+		if (strcmp(argv[i], "--json") != 0) {
+			fprintf(stderr, "finaldotctl: status: unknown "
+					"argument '%s' (see status --help)\n",
+				argv[i]);
+			return EXIT_USAGE;
+		}
+		json = true;
+	}
+	req_begin(&req, "status");
+	req_end(&req);
+	r = call(&c, &req, &data);
+	ctl_jw_free(&req);
+	if (r)
+		return r;
+	if (json) {
+		print_raw(&c, data);
+		client_close(&c);
+		return finish_output(0);
+	}
+	duration(get_u64(&c, data, "uptime_s"), up, sizeof(up));
+	printf("finaldot %s, pid %" PRIu64 ", %s, transport %s, up %s "
+	       "(since %s)\n",
+	       get_str(&c, data, "version", a, sizeof(a)),
+	       get_u64(&c, data, "pid"),
+	       get_str(&c, data, "hostname", host, sizeof(host)),
+	       get_str(&c, data, "transport", tr, sizeof(tr)), up,
+	       get_str(&c, data, "started", since, sizeof(since)));
+	printf("listener: %s on", get_str(&c, data, "listener", a,
+					  sizeof(a)));
+	int l = ctl_json_get(&c.j, (uint32_t)data, "listen");
+	if (l >= 0 && tok_of(&c, l)->type == CTL_JSON_ARRAY) {
+		uint32_t k = ctl_json_child((uint32_t)l);
+		for (uint32_t i = 0; i < tok_of(&c, l)->count; i++) {
+			if (ctl_json_string(&c.j, k, a, sizeof(a)) >= 0)
+				printf(" %s", a);
+			k = ctl_json_next(&c.j, k);
+		}
+	}
+	fputc('\n', stdout);
+	int q = ctl_json_get(&c.j, (uint32_t)data, "queue");
+	printf("queue: %" PRIu64 " messages (%" PRIu64 " active, %" PRIu64
+	       " deferred, %" PRIu64 " held), %" PRIu64 " spool segments\n",
+	       get_u64(&c, q, "queued"), get_u64(&c, q, "active"),
+	       get_u64(&c, q, "deferred"), get_u64(&c, q, "held"),
+	       get_u64(&c, q, "segments"));
+	int d = ctl_json_get(&c.j, (uint32_t)data, "delivery");
+	printf("delivery: %" PRIu64 " delivered, %" PRIu64 " deferred, %" PRIu64
+	       " bounced, %" PRIu64 " expired; DSNs %" PRIu64 " sent, %" PRIu64
+	       " dropped\n",
+	       get_u64(&c, d, "delivered_total"),
+	       get_u64(&c, d, "deferred_total"),
+	       get_u64(&c, d, "bounced_total"),
+	       get_u64(&c, d, "expired_total"),
+	       get_u64(&c, d, "dsn_sent_total"),
+	       get_u64(&c, d, "dsn_dropped_total"));
+	printf("%-7s %9s %14s %10s %10s %8s %8s\n", "worker", "sessions",
+	       "sessions_total", "messages", "flushes", "failed", "refused");
+	int w = ctl_json_get(&c.j, (uint32_t)data, "workers");
+	if (w >= 0 && tok_of(&c, w)->type == CTL_JSON_ARRAY) {
+		uint32_t k = ctl_json_child((uint32_t)w);
+		for (uint32_t i = 0; i < tok_of(&c, w)->count; i++) {
+			int o = (int)k;
+			printf("%-7" PRIu64 " %9" PRIu64 " %14" PRIu64
+			       " %10" PRIu64 " %10" PRIu64 " %8" PRIu64
+			       " %8" PRIu64 "\n",
+			       get_u64(&c, o, "id"), get_u64(&c, o, "sessions"),
+			       get_u64(&c, o, "sessions_total"),
+			       get_u64(&c, o, "messages"),
+			       get_u64(&c, o, "flushes"),
+			       get_u64(&c, o, "failed"),
+			       get_u64(&c, o, "refused_busy") +
+				       get_u64(&c, o, "refused_paused"));
+			k = ctl_json_next(&c.j, k);
+		}
+	}
+	int t = ctl_json_get(&c.j, (uint32_t)data, "totals");
+	printf("%-7s %9" PRIu64 " %14" PRIu64 " %10" PRIu64 " %10" PRIu64
+	       " %8" PRIu64 " %8" PRIu64 "\n",
+	       "total", get_u64(&c, t, "sessions"),
+	       get_u64(&c, t, "sessions_total"), get_u64(&c, t, "messages"),
+	       get_u64(&c, t, "flushes"), get_u64(&c, t, "failed"),
+	       get_u64(&c, t, "refused_busy") +
+		       get_u64(&c, t, "refused_paused"));
+	client_close(&c);
+	return finish_output(0);
+}
+
+/* ---- queue ------------------------------------------------------------- */
+
+static bool
+check_ids(int argc, char **argv, const char *cmd)
+{
+	uint64_t id;
+
+	for (int i = 0; i < argc; i++)
+		if (!fd_msgid_parse(argv[i], &id)) {
+			fprintf(stderr, "finaldotctl: queue %s: '%s' is not a "
+					"queue id (16 hex digits)\n", cmd,
+				argv[i]);
+			return false;
+		}
+	return true;
+}
+
+/* One message, postqueue -p style; *bytes and *n for the footer. */
+static void
+list_human(const struct client *c, int m, uint64_t *bytes, uint64_t *n)
+{
+	char id[32], sender[1024], state[32], when[64];
+	time_t t = (time_t)get_u64(c, m, "arrival_time");
+	uint64_t size = get_u64(c, m, "size");
+	struct tm tm;
+	int rc;
+
+	localtime_r(&t, &tm);
+	strftime(when, sizeof(when), "%a %b %e %H:%M:%S", &tm);
+	get_str(c, m, "state", state, sizeof(state));
+	get_str(c, m, "sender", sender, sizeof(sender));
+	printf("%-16s%c %8" PRIu64 " %s  ", get_str(c, m, "id", id, sizeof(id)),
+	       get_bool(c, m, "held") ? '!'
+	       : strcmp(state, "active") == 0 ? '*'
+					      : ' ',
+	       size, when);
+	if (sender[0])
+		put_text(stdout, sender);
+	else
+		fputs("MAILER-DAEMON", stdout);
+	fputc('\n', stdout);
+	rc = ctl_json_get(&c->j, (uint32_t)m, "recipients");
+	if (rc >= 0 && tok_of(c, rc)->type == CTL_JSON_ARRAY) {
+		uint32_t k = ctl_json_child((uint32_t)rc);
+		for (uint32_t i = 0; i < tok_of(c, rc)->count; i++) {
+			char addr[1024], status[32], reason[1024];
+			get_str(c, (int)k, "status", status, sizeof(status));
+			if (strcmp(status, "pending") == 0) {
+				get_str(c, (int)k, "reason", reason,
+					sizeof(reason));
+				if (reason[0]) {
+					fputc('(', stdout);
+					put_line(stdout, reason);
+					fputs(")\n", stdout);
+				}
+				printf("%47s", "");
+				put_text(stdout, get_str(c, (int)k, "address",
+							 addr, sizeof(addr)));
+				fputc('\n', stdout);
+			}
+			k = ctl_json_next(&c->j, k);
+		}
+	}
+	fputc('\n', stdout);
+	*bytes += size;
+	(*n)++;
+}
+
+static int
+queue_list(int argc, char **argv)
+{
+	static const char *const opts[] = {"--state", "--from", "--to"};
+	static const char *const keys[] = {"state", "from", "to"};
+	const char *val[3] = {NULL, NULL, NULL};
+	uint64_t bytes = 0, n = 0;
+	struct ctl_jw req;
+	struct client c;
+	bool json = false, done = false;
+	int data, r;
+
+	for (int i = 0; i < argc; i++) {
+		int o;
+		if (strcmp(argv[i], "--json") == 0) {
+			json = true;
+			continue;
+		}
+		for (o = 0; o < 3; o++)
+			if (strcmp(argv[i], opts[o]) == 0)
+				break;
+		if (o == 3 || i + 1 >= argc) {
+			fprintf(stderr, "finaldotctl: queue list: %s '%s' (see "
+					"queue --help)\n",
+				o == 3 ? "unknown argument" : "no value for",
+				argv[i]);
+			return EXIT_USAGE;
+		}
+		val[o] = argv[++i];
+	}
+	if (val[0] && strcmp(val[0], "active") && strcmp(val[0], "deferred") &&
+	    strcmp(val[0], "held")) {
+		fprintf(stderr, "finaldotctl: queue list: --state is active, "
+				"deferred or held\n");
+		return EXIT_USAGE;
+	}
+	req_begin(&req, "queue.list");
+	for (int o = 0; o < 3; o++)
+		if (val[o])
+			ctl_jw_kstr(&req, keys[o], val[o]);
+	req_end(&req);
+	r = client_open(&c);
+	if (r == 0)
+		r = client_send(&c, &req);
+	ctl_jw_free(&req);
+	while (r == 0 && (r = client_next(&c)) == 0) {
+		int item = ctl_json_get(&c.j, 0, "item");
+		if (item < 0) {
+			r = terminator(&c, &data);
+			if (r < 0) {
+				fprintf(stderr, "finaldotctl: unexpected line "
+						"from the daemon\n");
+				r = EXIT_FAIL;
+			}
+			done = r == 0;
+			break;
+		}
+		if (json) {
+			print_raw(&c, item);
+			continue;
+		}
+		if (n == 0) /* like postqueue -p: no header when empty */
+			printf("%-17s %8s %-20s  %s\n", "-Queue ID--------",
+			       "--Size--", "----Arrival Time----",
+			       "-Sender/Recipient-------");
+		list_human(&c, item, &bytes, &n);
+	}
+	if (done) {
+		if (!json && n == 0)
+			printf("Mail queue is empty\n");
+		else if (!json)
+			printf("-- %" PRIu64 " Kbytes in %" PRIu64
+			       " Request%s.\n",
+			       (bytes + 1023) / 1024, n, n == 1 ? "" : "s");
+	}
+	client_close(&c);
+	return finish_output(r);
+}
+
+static void
+show_time(const struct client *c, int o, const char *key, const char *label)
+{
+	char t[64];
+
+	get_str(c, o, key, t, sizeof(t));
+	if (t[0])
+		printf(" %s=%s", label, t);
+}
+
+static int
+queue_show(int argc, char **argv)
+{
+	char id[64], s[1024];
+	struct ctl_jw req;
+	struct client c;
+	bool json = false;
+	int data, r, rc;
+
+	if (argc == 2 && strcmp(argv[1], "--json") == 0)
+		json = true;
+	else if (argc == 2 && strcmp(argv[0], "--json") == 0)
+		json = true, argv++;
+	else if (argc != 1) {
+		fputs("usage: finaldotctl queue show ID [--json]\n", stderr);
+		return EXIT_USAGE;
+	}
+	if (!check_ids(1, argv, "show"))
+		return EXIT_USAGE;
+	req_begin(&req, "queue.show");
+	ctl_jw_kstr(&req, "id", argv[0]);
+	req_end(&req);
+	r = call(&c, &req, &data);
+	ctl_jw_free(&req);
+	if (r)
+		return r;
+	if (json) {
+		print_raw(&c, data);
+		client_close(&c);
+		return finish_output(0);
+	}
+	printf("id:       %s\n", get_str(&c, data, "id", id, sizeof(id)));
+	printf("state:    %s%s\n", get_str(&c, data, "state", s, sizeof(s)),
+	       get_bool(&c, data, "held") ? " (held)" : "");
+	printf("arrival:  %s\n", get_str(&c, data, "arrival", s, sizeof(s)));
+	printf("size:     %" PRIu64 "\n", get_u64(&c, data, "size"));
+	fputs("sender:   <", stdout);
+	put_text(stdout, get_str(&c, data, "sender", s, sizeof(s)));
+	fputs(">\nclient:   ", stdout);
+	put_text(stdout, get_str(&c, data, "client", s, sizeof(s)));
+	fputs(" helo=", stdout);
+	put_text(stdout, get_str(&c, data, "helo", s, sizeof(s)));
+	if (get_str(&c, data, "envid", s, sizeof(s))[0]) {
+		fputs("\nenvid:    ", stdout);
+		put_text(stdout, s);
+	}
+	printf("\nworker:   %" PRIu64 "\nrecipients:\n",
+	       get_u64(&c, data, "worker"));
+	rc = ctl_json_get(&c.j, (uint32_t)data, "recipients");
+	if (rc >= 0 && tok_of(&c, rc)->type == CTL_JSON_ARRAY) {
+		uint32_t k = ctl_json_child((uint32_t)rc);
+		for (uint32_t i = 0; i < tok_of(&c, rc)->count; i++) {
+			int o = (int)k;
+			fputs("  <", stdout);
+			put_text(stdout, get_str(&c, o, "address", s,
+						 sizeof(s)));
+			printf("> %s attempts=%" PRIu64,
+			       get_str(&c, o, "status", id, sizeof(id)),
+			       get_u64(&c, o, "attempts"));
+			if (get_bool(&c, o, "busy"))
+				fputs(" (delivering now)", stdout);
+			show_time(&c, o, "last_attempt", "last");
+			show_time(&c, o, "next_attempt", "next");
+			if (get_str(&c, o, "route", s, sizeof(s))[0]) {
+				fputs(" route=", stdout);
+				put_text(stdout, s);
+			}
+			if (get_str(&c, o, "orcpt", s, sizeof(s))[0]) {
+				fputs(" orcpt=", stdout);
+				put_text(stdout, s);
+			}
+			if (get_str(&c, o, "reason", s, sizeof(s))[0]) {
+				fputs("\n      ", stdout);
+				put_line(stdout, s);
+			}
+			fputc('\n', stdout);
+			k = ctl_json_next(&c.j, k);
+		}
+	}
+	client_close(&c);
+	return finish_output(0);
+}
+
+static int
+queue_cat(int argc, char **argv)
+{
+	struct ctl_jw req;
+	struct client c;
+	char *bin = NULL;
+	size_t bin_cap = 0;
+	int data, r;
+
+	if (argc != 1) {
+		fputs("usage: finaldotctl queue cat ID\n", stderr);
+		return EXIT_USAGE;
+	}
+	if (!check_ids(1, argv, "cat"))
+		return EXIT_USAGE;
+	req_begin(&req, "queue.cat");
+	ctl_jw_kstr(&req, "id", argv[0]);
+	req_end(&req);
+	r = client_open(&c);
+	if (r == 0)
+		r = client_send(&c, &req);
+	ctl_jw_free(&req);
+	while (r == 0 && (r = client_next(&c)) == 0) {
+		int ch = ctl_json_get(&c.j, 0, "chunk");
+		const struct ctl_json_tok *k;
+		long n;
+		if (ch < 0) {
+			r = terminator(&c, &data);
+			if (r < 0)
+				r = EXIT_FAIL;
+			break;
+		}
+		k = tok_of(&c, ch);
+		if (k->type != CTL_JSON_STRING) {
+			r = EXIT_FAIL;
+			break;
+		}
+		if (k->len > bin_cap) {
+			char *nb = realloc(bin, k->len);
+			if (!nb) {
+				r = EXIT_FAIL;
+				break;
+			}
+			bin = nb;
+			bin_cap = k->len;
+		}
+		n = ctl_b64_decode(c.j.text + k->start, k->len, bin);
+		if (n < 0) {
+			fprintf(stderr, "finaldotctl: bad chunk from the "
+					"daemon\n");
+			r = EXIT_FAIL;
+			break;
+		}
+		if (fwrite(bin, 1, (size_t)n, stdout) != (size_t)n) {
+			fprintf(stderr, "finaldotctl: stdout: %s\n",
+				strerror(errno));
+			r = EXIT_FAIL;
+			break;
+		}
+	}
+	free(bin);
+	client_close(&c);
+	return finish_output(r);
+}
+
+static int
+queue_action(int argc, char **argv, const char *cmd, const char *done)
+{
+	bool flush = strcmp(cmd, "flush") == 0, all = false;
+	const char *dom = NULL;
+	char name[32];
+	struct ctl_jw req;
+	struct client c;
+	int data, r, nids = 0;
+
+	for (int i = 0; i < argc; i++) {
+		if (flush && strcmp(argv[i], "--to-domain") == 0) {
+			if (i + 1 >= argc || dom) {
+				fputs("usage: finaldotctl queue flush "
+				      "--to-domain DOMAIN\n", stderr);
+				return EXIT_USAGE;
+			}
+			dom = argv[++i];
+		} else if (strcmp(argv[i], "ALL") == 0) {
+			all = true;
+		} else {
+			nids++;
+		}
+	}
+	if (!flush && !all && nids == 0) {
+		fprintf(stderr, "usage: finaldotctl queue %s ID...|ALL\n", cmd);
+		return EXIT_USAGE;
+	}
+	if ((all && nids) || (dom && (all || nids))) {
+		fprintf(stderr, "finaldotctl: queue %s: give ids, ALL%s, not "
+				"several\n", cmd, flush ? " or --to-domain" : "");
+		return EXIT_USAGE;
+	}
+	snprintf(name, sizeof(name), "queue.%s", cmd);
+	req_begin(&req, name);
+	if (dom) {
+		ctl_jw_kstr(&req, "to_domain", dom);
+	} else if (nids) {
+		ctl_jw_key(&req, "ids");
+		ctl_jw_arr(&req);
+		for (int i = 0; i < argc; i++) {
+			if (!check_ids(1, &argv[i], cmd)) {
+				ctl_jw_free(&req);
+				return EXIT_USAGE;
+			}
+			ctl_jw_str(&req, argv[i]);
+		}
+		ctl_jw_arr_end(&req);
+	} else {
+		ctl_jw_kbool(&req, "all", true);
+	}
+	req_end(&req);
+	r = call(&c, &req, &data);
+	ctl_jw_free(&req);
+	if (r)
+		return r;
+	uint64_t n = get_u64(&c, data, "affected");
+	printf("%" PRIu64 " message%s %s\n", n, n == 1 ? "" : "s", done);
+	client_close(&c);
+	return finish_output(0);
+}
+
+static int
+cmd_queue(int argc, char **argv)
+{
+	static const struct {
+		const char *name, *done;
+	} acts[] = {
+		{"hold", "held"},
+		{"release", "released"},
+		{"delete", "deleted"},
+		{"flush", "scheduled for delivery now"},
+	};
+
+	if (argc < 1) {
+		fprintf(stderr, "finaldotctl: queue: which command? (see queue "
+				"--help)\n");
+		return EXIT_USAGE;
+	}
+	for (int i = 0; i < argc; i++)
+		if (is_help(argv[i])) {
+			fputs(usage_queue, stdout);
+			return 0;
+		}
+	if (strcmp(argv[0], "list") == 0)
+		return queue_list(argc - 1, argv + 1);
+	if (strcmp(argv[0], "show") == 0)
+		return queue_show(argc - 1, argv + 1);
+	if (strcmp(argv[0], "cat") == 0)
+		return queue_cat(argc - 1, argv + 1);
+	for (size_t i = 0; i < sizeof(acts) / sizeof(acts[0]); i++)
+		if (strcmp(argv[0], acts[i].name) == 0)
+			return queue_action(argc - 1, argv + 1, acts[i].name,
+					    acts[i].done);
+	fprintf(stderr, "finaldotctl: unknown queue command '%s' (see queue "
+			"--help)\n", argv[0]);
+	return EXIT_USAGE;
+}
+
+/* pause, resume, reload: no arguments, one line of answer. */
+static int
+simple(int argc, char **argv, const char *cmd, const char *usage)
+{
+	struct ctl_jw req;
+	struct client c;
+	char s[64];
+	int data, r;
+
+	for (int i = 0; i < argc; i++) {
+		if (is_help(argv[i])) {
+			fputs(usage, stdout);
+			return 0;
+		}
+	}
+	if (argc) {
+		fprintf(stderr, "finaldotctl: %s takes no arguments (see %s "
+				"--help)\n", cmd, cmd);
+		return EXIT_USAGE;
+	}
+	req_begin(&req, cmd);
+	req_end(&req);
+	r = call(&c, &req, &data);
+	ctl_jw_free(&req);
+	if (r)
+		return r;
+	if (strcmp(cmd, "reload") == 0)
+		printf("reload requested\n");
+	else
+		printf("listener %s\n",
+		       get_str(&c, data, "listener", s, sizeof(s)));
+	client_close(&c);
+	return finish_output(0);
+}
+
+static int
+cmd_pause(int argc, char **argv)
+{
+	return simple(argc, argv, "pause", usage_pause);
+}
+
+static int
+cmd_resume(int argc, char **argv)
+{
+	return simple(argc, argv, "resume", usage_pause);
+}
+
+static int
+cmd_reload(int argc, char **argv)
+{
+	return simple(argc, argv, "reload", usage_reload);
+}
+
+/* ---- dispatch ---------------------------------------------------------- */
 
 static int
 cmd_spool(int argc, char **argv)
@@ -422,25 +1388,64 @@ static const struct {
 	const char *name;
 	int (*fn)(int argc, char **argv);
 } commands[] = {
+	{ "status", cmd_status },
+	{ "queue", cmd_queue },
+	{ "pause", cmd_pause },
+	{ "resume", cmd_resume },
+	{ "reload", cmd_reload },
 	{ "spool", cmd_spool },
-	/* control-socket commands (status, queue, ...) will go here */
 };
+
+static const char *
+default_path(void)
+{
+	const char *env = getenv("FINALDOT_CONTROL");
+	struct stat st;
+
+	if (env && env[0])
+		return env;
+	if (stat("./var/control.sock", &st) == 0)
+		return "./var/control.sock";
+	if (stat("/run/finaldot/control.sock", &st) == 0)
+		return "/run/finaldot/control.sock";
+	return "./var/control.sock";
+}
 
 int
 main(int argc, char **argv)
 {
-	if (argc < 2) {
-		fputs(usage_main, stderr);
+	int i = 1;
+
+	ctl_path = NULL;
+	for (; i < argc && argv[i][0] == '-'; i++) {
+		if (is_help(argv[i])) {
+			fputs(usage_main, stdout);
+			return 0;
+		}
+		if (strcmp(argv[i], "--version") == 0) {
+			printf("finaldotctl %s\n", FINALDOT_VERSION);
+			return 0;
+		}
+		if (strcmp(argv[i], "--control") == 0 && i + 1 < argc) {
+			ctl_path = argv[++i];
+		} else if (strncmp(argv[i], "--control=", 10) == 0) {
+			ctl_path = argv[i] + 10;
+		} else {
+			fprintf(stderr, "finaldotctl: unknown option '%s' (see "
+					"--help)\n", argv[i]);
+			return EXIT_USAGE;
+		}
+	}
+	if (!ctl_path || !ctl_path[0])
+		ctl_path = default_path();
+	if (i >= argc) {
+		fprintf(stderr, "finaldotctl: which command? (see --help)\n");
 		return EXIT_USAGE;
 	}
-	if (is_help(argv[1])) {
-		fputs(usage_main, stdout);
-		return 0;
-	}
-	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		if (strcmp(argv[1], commands[i].name) == 0)
-			return commands[i].fn(argc - 2, argv + 2);
-	fprintf(stderr, "finaldotctl: unknown command '%s'\n", argv[1]);
-	fputs(usage_main, stderr);
+	for (size_t k = 0; k < sizeof(commands) / sizeof(commands[0]); k++)
+		if (strcmp(argv[i], commands[k].name) == 0)
+			return commands[k].fn(argc - i - 1, argv + i + 1);
+	fprintf(stderr, "finaldotctl: unknown command '%s' (see --help)\n",
+		argv[i]);
 	return EXIT_USAGE;
 }

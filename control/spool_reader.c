@@ -3,14 +3,41 @@
  * finaldot/spool_format.h and docs/spool-format.md).
  *
  * Order of work: list wNN directories and their *.seg files; read each
- * header; sort the valid segments of a worker by use sequence (the order the
- * writer used them, whatever their file numbers); walk each with
+ * header; compare the listing with the worker's segment list (a file the
+ * writer made and never deleted that is gone: segment_missing); salvage
+ * damaged headers where the epoch can be found; sort the valid segments of
+ * a worker by use sequence (the order the writer used them, whatever their
+ * file numbers), a copy right after its original; walk each with
  * spool_walk_segment(); feed every valid record to the message table; then
- * keep the messages that pass the commit rule. A message's DATA records
- * must arrive in body order (the writer emits them so, in increasing batch
- * sequence, in increasing segment use order); anything else marks it broken.
+ * keep the messages that pass the commit rule.
+ *
+ * Assembly does not depend on the order records are met: a message's DATA
+ * pieces are sorted by body offset at the end and must cover [0, length)
+ * exactly; a record met twice (the same ENV bytes, the same DATA offset and
+ * length, the same END) is a duplicate from a copy of a segment, counted
+ * and skipped; two different ones for the same place break the message.
+ * Every record was validated with its segment's epoch, and the END's body
+ * CRC32C checks the assembled body, so order independence costs nothing in
+ * safety and recovers what a misordered (salvaged) or copied segment holds.
  * The body CRC is assembled from the records' payload CRCs with
  * spool_crc32c_combine(), so no body byte is read twice during a scan.
+ *
+ * Salvaging a damaged segment header (block 0 unreadable as a header: a
+ * flipped or zeroed byte, or worse). The epoch is what makes its records
+ * trustworthy, so it must be established, never guessed:
+ *  1. the damaged header's own epoch field, if a walk with it finds valid
+ *     records (the damage was elsewhere in the header);
+ *  2. else the epoch of a record at a block boundary that differs from that
+ *     field in exactly one byte (the damage was in the epoch field), again
+ *     confirmed by a walk. A client cannot forge a record with our epoch
+ *     (it never learns it), nor with one that close to it.
+ * The file number is then taken from the file name and the size from the
+ * file; the use sequence from the damaged field (XXX if the damage hit it,
+ * the segment may sort in the wrong place: only messages spanning its
+ * boundary suffer, and order-independent assembly still finds those whose
+ * records are all present). When nothing confirms an epoch (a zeroed
+ * header block and more), the segment is reported and its records are not
+ * used; the writer keeps the file (spool_seg.c) for a person to examine.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -25,11 +52,18 @@
 #include "finaldot/crc32c.h"
 #include "finaldot/log.h"
 #include "finaldot/spool_format.h"
+#include "spool/spool_ledger.h"
 #include "spool_reader.h"
 
 #define WIN_LEN (1u << 20)
 
 enum { MS_ENV = 1, MS_END = 2, MS_BROKEN = 4 };
+
+/* A DATA record's place, and its payload CRC for the body CRC. */
+struct rpiece {
+	struct ctl_spool_piece p;
+	uint32_t crc;
+};
 
 struct mstate {
 	uint64_t id;
@@ -37,14 +71,16 @@ struct mstate {
 	unsigned flags;
 	uint8_t *env_raw;
 	size_t env_len;
-	uint64_t next_off;
+	uint64_t next_off; /* end of the furthest piece so far */
 	uint32_t crc;
 	uint64_t total;
 	uint32_t end_crc;
 	uint32_t env_seg, end_seg;
 	uint64_t env_off, end_off;
-	struct ctl_spool_piece *pieces;
-	size_t n_pieces, cap_pieces;
+	struct rpiece *rp;
+	size_t n_rp, cap_rp;
+	struct ctl_spool_piece *pieces; /* finish(): sorted, for out[] */
+	size_t n_pieces;
 };
 
 struct segent {
@@ -52,6 +88,9 @@ struct segent {
 	char *path;
 	uint64_t epoch;
 	uint64_t walk_size;
+	bool damaged;     /* a file whose header did not decode */
+	uint64_t name_no; /* the number in its file name */
+	uint64_t avail;   /* file size */
 };
 
 struct ctl_spool_scan {
@@ -147,11 +186,16 @@ on_record(void *ctx, const struct spool_walk_rec *r)
 		s->sum.max_msgid[w] = r->h.msgid;
 	switch ((enum spool_rec_type)r->h.type) {
 	case SPOOL_REC_ENV:
-		if (m->flags & (MS_ENV | MS_END) || m->n_pieces) {
-			m->flags |= MS_BROKEN;
+		if (m->flags & MS_ENV) {
+			/* The same envelope again: a copy's record. */
+			if (r->payload && m->env_len == r->h.len &&
+			    memcmp(m->env_raw, r->payload, r->h.len) == 0)
+				s->sum.records_dup++;
+			else
+				m->flags |= MS_BROKEN;
 			break;
 		}
-		m->env_raw = malloc(r->h.len);
+		m->env_raw = malloc(r->h.len ? r->h.len : 1);
 		if (!m->env_raw)
 			return -ENOMEM;
 		memcpy(m->env_raw, r->payload, r->h.len);
@@ -161,31 +205,46 @@ on_record(void *ctx, const struct spool_walk_rec *r)
 		m->env_off = r->off;
 		break;
 	case SPOOL_REC_DATA:
-		if (m->flags & MS_END || r->h.offset != m->next_off) {
-			m->flags |= MS_BROKEN;
-			break;
+		if (r->h.offset < m->next_off) {
+			/* Behind the furthest piece: the same piece again
+			 * (a copy) or an overlap (broken); finish() finds
+			 * holes and overlaps among the rest. */
+			bool dup = false;
+			for (size_t k = m->n_rp; k-- > 0 && !dup;)
+				dup = m->rp[k].p.body_off == r->h.offset &&
+				      m->rp[k].p.len == r->h.len &&
+				      m->rp[k].crc == r->payload_crc;
+			if (dup) {
+				s->sum.records_dup++;
+				break;
+			}
 		}
-		if (m->n_pieces == m->cap_pieces) {
-			size_t cap = m->cap_pieces ? m->cap_pieces * 2 : 2;
-			struct ctl_spool_piece *n =
-				realloc(m->pieces, cap * sizeof(*n));
+		if (m->n_rp == m->cap_rp) {
+			size_t cap = m->cap_rp ? m->cap_rp * 2 : 2;
+			struct rpiece *n = realloc(m->rp, cap * sizeof(*n));
 			if (!n)
 				return -ENOMEM;
-			m->pieces = n;
-			m->cap_pieces = cap;
+			m->rp = n;
+			m->cap_rp = cap;
 		}
-		m->pieces[m->n_pieces++] = (struct ctl_spool_piece){
-			.seg = s->cur_seg,
-			.len = r->h.len,
-			.file_off = r->off + SPOOL_REC_HDR_LEN,
-			.body_off = r->h.offset,
+		m->rp[m->n_rp++] = (struct rpiece){
+			.p = {
+				.seg = s->cur_seg,
+				.len = r->h.len,
+				.file_off = r->off + SPOOL_REC_HDR_LEN,
+				.body_off = r->h.offset,
+			},
+			.crc = r->payload_crc,
 		};
-		m->crc = spool_crc32c_combine(m->crc, r->payload_crc, r->h.len);
-		m->next_off += r->h.len;
+		if (r->h.offset + r->h.len > m->next_off)
+			m->next_off = r->h.offset + r->h.len;
 		break;
 	case SPOOL_REC_END:
 		if (m->flags & MS_END) {
-			m->flags |= MS_BROKEN;
+			if (m->total == r->h.offset && m->end_crc == r->h.aux)
+				s->sum.records_dup++;
+			else
+				m->flags |= MS_BROKEN;
 			break;
 		}
 		m->flags |= MS_END;
@@ -246,9 +305,13 @@ seg_probe(struct segent *e, struct src *sr, uint64_t avail)
 	uint8_t hb[SPOOL_SEG_HDR_LEN];
 	struct spool_seg_hdr h;
 
+	e->avail = avail;
 	if (src_read(sr, 0, hb, sizeof(hb)) != (long)sizeof(hb) ||
-	    spool_seg_hdr_decode(hb, sizeof(hb), &h) != SPOOL_DEC_OK)
+	    spool_seg_hdr_decode(hb, sizeof(hb), &h) != SPOOL_DEC_OK) {
+		/* Salvaged later if a file long enough to hold records. */
+		e->damaged = avail > SPOOL_BLOCK;
 		return;
+	}
 	e->pub.header_ok = true;
 	e->pub.file_no = h.file_no;
 	e->pub.use_seq = h.use_seq;
@@ -260,6 +323,69 @@ seg_probe(struct segent *e, struct src *sr, uint64_t avail)
 	e->walk_size = h.size < avail ? h.size : avail;
 }
 
+/* The number in a segment's file name (NNNNNNNN.seg), or UINT64_MAX. */
+static uint64_t
+name_number(const char *name)
+{
+	char *end;
+	uint64_t no;
+
+	if (strlen(name) != 12 || strcmp(name + 8, ".seg") != 0)
+		return UINT64_MAX;
+	no = strtoull(name, &end, 16);
+	return end == name + 8 ? no : UINT64_MAX;
+}
+
+/*
+ * Files the writer listed in wdir/segments (spool_ledger.h) that the
+ * listing did not show: deleted or lost outside finaldot, with every
+ * message in them. The list is read after the directory, and a file is
+ * listed only once it exists and delisted before it is deleted, so a scan
+ * of a live spool cannot report a file the writer removed; one it made
+ * since the listing is found by the stat().
+ */
+static void
+check_ledger(struct ctl_spool_scan *s, const char *wdir, unsigned worker,
+	     size_t first)
+{
+	char path[4400], line[128];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/%s", wdir, SPOOL_LEDGER_NAME);
+	if (!(f = fopen(path, "r")))
+		return; /* none yet (an older spool, or a new worker) */
+	if (!fgets(line, sizeof(line), f) ||
+	    strncmp(line, SPOOL_LEDGER_MAGIC, strlen(SPOOL_LEDGER_MAGIC)) != 0) {
+		fd_log(FD_LOG_WARN, "spool",
+		       "event=segment_list_bad worker=%u path=%s", worker, path);
+		fclose(f);
+		return;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		uint64_t no, use;
+		struct stat st;
+		bool seen = false;
+		char fpath[4400];
+
+		if (sscanf(line, "%" SCNx64 " %" SCNu64, &no, &use) != 2)
+			continue;
+		for (size_t i = first; i < s->nsegs && !seen; i++)
+			seen = s->segs[i].name_no == no;
+		snprintf(fpath, sizeof(fpath), "%s/%08" PRIx64 ".seg", wdir,
+			 no);
+		if (seen || stat(fpath, &st) == 0)
+			continue;
+		s->sum.segments_missing++;
+		fd_log(FD_LOG_WARN, "spool",
+		       "event=segment_missing worker=%u file=%08" PRIx64
+		       " use_seq=%" PRIu64 " error=\"listed in %s but not on "
+		       "disk: the messages it held are lost unless it is "
+		       "restored\"",
+		       worker, no, use, SPOOL_LEDGER_NAME);
+	}
+	fclose(f);
+}
+
 static int
 list_worker(struct ctl_spool_scan *s, const char *root, const char *wname,
 	    unsigned worker)
@@ -267,6 +393,7 @@ list_worker(struct ctl_spool_scan *s, const char *root, const char *wname,
 	char wdir[4096];
 	DIR *d;
 	struct dirent *e;
+	size_t first = s->nsegs;
 
 	snprintf(wdir, sizeof(wdir), "%s/%s", root, wname);
 	d = opendir(wdir);
@@ -290,6 +417,7 @@ list_worker(struct ctl_spool_scan *s, const char *root, const char *wname,
 		se->path = strdup(path);
 		se->pub.path = se->path;
 		se->pub.worker = worker;
+		se->name_no = name_number(e->d_name);
 		sr.fd = open(path, O_RDONLY | O_CLOEXEC);
 		if (sr.fd >= 0 && fstat(sr.fd, &st) == 0)
 			seg_probe(se, &sr, (uint64_t)st.st_size);
@@ -299,7 +427,109 @@ list_worker(struct ctl_spool_scan *s, const char *root, const char *wname,
 			se->pub.header_ok = false; /* misplaced file */
 	}
 	closedir(d);
+	check_ledger(s, wdir, worker, first);
 	return 0;
+}
+
+static int
+stop_first(void *ctx, const struct spool_walk_rec *r)
+{
+	(void)ctx;
+	(void)r;
+	return 1;
+}
+
+/* Does a walk with this epoch find a valid record? */
+static bool
+epoch_confirmed(struct segent *e, struct src *sr, uint64_t epoch,
+		uint8_t *win)
+{
+	struct spool_walk w;
+
+	if (epoch == 0)
+		return false; /* never an epoch */
+	memset(&w, 0, sizeof(w));
+	w.read = src_read;
+	w.read_ctx = sr;
+	w.size = e->avail;
+	w.epoch = epoch;
+	w.win = win;
+	w.win_len = WIN_LEN;
+	return spool_walk_segment(&w, stop_first, NULL) == 1;
+}
+
+static unsigned
+bytes_differ(uint64_t a, uint64_t b)
+{
+	unsigned n = 0;
+
+	for (uint64_t x = a ^ b; x; x >>= 8)
+		n += (x & 0xff) != 0;
+	return n;
+}
+
+/* A damaged header: establish the epoch from the records (see the top of
+ * the file) or report the segment unusable. */
+static void
+salvage(struct ctl_spool_scan *s, struct segent *e, uint8_t *win)
+{
+	struct src sr = { .fd = -1, .mem = s->mem, .mem_len = s->mem_len };
+	uint8_t hb[SPOOL_SEG_HDR_LEN];
+	uint64_t raw_epoch, epoch = 0;
+	bool ok = false;
+
+	s->sum.segments_damaged++;
+	if (e->path && (sr.fd = open(e->path, O_RDONLY | O_CLOEXEC)) < 0)
+		goto out_log;
+	if (src_read(&sr, 0, hb, sizeof(hb)) != (long)sizeof(hb))
+		goto out_close;
+	raw_epoch = spool_get64(hb + 32);
+	if (epoch_confirmed(e, &sr, raw_epoch, win)) {
+		epoch = raw_epoch;
+		ok = true;
+	}
+	/* Each try walks the segment: a few distinct candidates at most (our
+	 * own records all carry one epoch; only crafted input has more). */
+	uint64_t tried = 0;
+	unsigned tries = 0;
+	for (uint64_t off = SPOOL_BLOCK; !ok && tries < 4 &&
+	     off + SPOOL_REC_HDR_LEN <= e->avail; off += SPOOL_BLOCK) {
+		uint8_t rb[SPOOL_REC_HDR_LEN];
+		struct spool_rec_hdr h;
+
+		if (src_read(&sr, off, rb, sizeof(rb)) != (long)sizeof(rb))
+			break;
+		if (spool_rec_hdr_decode(rb, sizeof(rb), &h) != SPOOL_DEC_OK ||
+		    bytes_differ(h.epoch, raw_epoch) != 1 || h.epoch == tried)
+			continue;
+		tried = h.epoch;
+		tries++;
+		if (epoch_confirmed(e, &sr, h.epoch, win)) {
+			epoch = h.epoch;
+			ok = true;
+		}
+	}
+	if (ok) {
+		e->pub.header_ok = true;
+		e->pub.salvaged = true;
+		e->epoch = epoch;
+		e->pub.use_seq = spool_get64(hb + 24);
+		e->pub.file_no = e->path ? e->name_no : spool_get64(hb + 16);
+		e->pub.created_us = spool_get64(hb + 40);
+		e->pub.size = e->avail;
+		e->walk_size = e->avail;
+		s->sum.segments_salvaged++;
+	}
+out_close:
+	if (sr.fd >= 0)
+		close(sr.fd);
+out_log:
+	fd_log(ok ? FD_LOG_WARN : FD_LOG_ERR, "spool",
+	       "event=segment_damaged worker=%u path=%s salvaged=%s%s",
+	       e->pub.worker, e->path ? e->path : "(memory)", ok ? "yes" : "no",
+	       ok ? ""
+		  : " error=\"header damaged and no epoch confirmed: its "
+		    "records are not used; the file is kept\"");
 }
 
 static int
@@ -334,6 +564,9 @@ walk_all(struct ctl_spool_scan *s)
 
 	if (!win)
 		return -ENOMEM;
+	for (size_t i = 0; i < s->nsegs; i++)
+		if (s->segs[i].damaged)
+			salvage(s, &s->segs[i], win);
 	if (s->nsegs > 1)
 		qsort(s->segs, s->nsegs, sizeof(*s->segs), seg_cmp);
 	for (size_t i = 0; i < s->nsegs; i++) {
@@ -346,6 +579,28 @@ walk_all(struct ctl_spool_scan *s)
 		if (!e->pub.header_ok) {
 			s->sum.segments_bad++;
 			continue;
+		}
+		/* A copy sorts right after its original (same use, equal
+		 * epoch; the file number breaks the tie). Still walked: if
+		 * the original is damaged, its records fill in. */
+		for (size_t k = i; k-- > 0;) {
+			struct segent *o = &s->segs[k];
+			if (!o->pub.header_ok || o->pub.worker != e->pub.worker ||
+			    o->pub.use_seq != e->pub.use_seq)
+				break;
+			if (o->epoch == e->epoch && !o->pub.duplicate) {
+				e->pub.duplicate = true;
+				s->sum.segments_duplicate++;
+				fd_log(FD_LOG_WARN, "spool",
+				       "event=segment_duplicate worker=%u "
+				       "path=%s copy_of=%s error=\"the same "
+				       "segment under two names: its messages "
+				       "are kept once; remove the copy\"",
+				       e->pub.worker,
+				       e->path ? e->path : "(memory)",
+				       o->path ? o->path : "(memory)");
+				break;
+			}
 		}
 		if (e->path && (sr.fd = open(e->path, O_RDONLY | O_CLOEXEC)) < 0) {
 			s->sum.segments_bad++;
@@ -391,6 +646,47 @@ mark_seg(struct ctl_spool_scan *s, uint32_t seg, uint32_t *last)
 }
 
 static int
+rp_cmp(const void *a, const void *b)
+{
+	const struct rpiece *x = a, *y = b;
+
+	if (x->p.body_off != y->p.body_off)
+		return x->p.body_off < y->p.body_off ? -1 : 1;
+	return x->p.len < y->p.len ? -1 : x->p.len > y->p.len ? 1 : 0;
+}
+
+/*
+ * The body of m from its DATA pieces, whatever order they came in: sorted
+ * by offset, they must tile [0, total) exactly. Fills m->pieces and m->crc.
+ * 0, 1 (not a whole body), -ENOMEM.
+ */
+static int
+assemble(struct mstate *m)
+{
+	uint64_t at = 0;
+	uint32_t crc = 0;
+
+	if (m->n_rp > 1)
+		qsort(m->rp, m->n_rp, sizeof(*m->rp), rp_cmp);
+	for (size_t k = 0; k < m->n_rp; k++) {
+		if (m->rp[k].p.body_off != at)
+			return 1; /* a hole or an overlap */
+		crc = spool_crc32c_combine(crc, m->rp[k].crc, m->rp[k].p.len);
+		at += m->rp[k].p.len;
+	}
+	if (at != m->total)
+		return 1;
+	m->pieces = malloc((m->n_rp ? m->n_rp : 1) * sizeof(*m->pieces));
+	if (!m->pieces)
+		return -ENOMEM;
+	for (size_t k = 0; k < m->n_rp; k++)
+		m->pieces[k] = m->rp[k].p;
+	m->n_pieces = m->n_rp;
+	m->crc = crc;
+	return 0;
+}
+
+static int
 finish(struct ctl_spool_scan *s)
 {
 	s->out = calloc(s->nms ? s->nms : 1, sizeof(*s->out));
@@ -403,8 +699,10 @@ finish(struct ctl_spool_scan *s)
 		size_t sl;
 		void *scr;
 
-		if (m->flags != (MS_ENV | MS_END) || m->next_off != m->total ||
-		    m->crc != m->end_crc) {
+		int ar = m->flags == (MS_ENV | MS_END) ? assemble(m) : 1;
+		if (ar < 0)
+			return ar;
+		if (ar || m->crc != m->end_crc) {
 			s->sum.msgs_incomplete++;
 			continue;
 		}
@@ -460,6 +758,7 @@ ctl_spool_scan_free(struct ctl_spool_scan *s)
 		return;
 	for (size_t i = 0; i < s->nms; i++) {
 		free(s->ms[i].env_raw);
+		free(s->ms[i].rp);
 		free(s->ms[i].pieces);
 	}
 	for (size_t i = 0; s->scratch && i < s->nout; i++)
@@ -556,11 +855,16 @@ ctl_spool_scan_log(const struct ctl_spool_scan *s)
 	fd_log(FD_LOG_INFO, "spool",
 	       "event=recovery workers=%u segments=%" PRIu64
 	       " segments_bad=%" PRIu64 " segments_empty=%" PRIu64
+	       " segments_damaged=%" PRIu64 " segments_salvaged=%" PRIu64
+	       " segments_duplicate=%" PRIu64 " segments_missing=%" PRIu64
 	       " records_ok=%" PRIu64 " records_bad=%" PRIu64
-	       " records_stale=%" PRIu64 " committed=%" PRIu64
-	       " incomplete=%" PRIu64 " bytes=%" PRIu64,
+	       " records_stale=%" PRIu64 " records_dup=%" PRIu64
+	       " committed=%" PRIu64 " incomplete=%" PRIu64
+	       " bytes=%" PRIu64,
 	       m->workers, m->segments, m->segments_bad, m->segments_empty,
-	       m->records_ok, m->records_bad, m->records_stale,
+	       m->segments_damaged, m->segments_salvaged,
+	       m->segments_duplicate, m->segments_missing, m->records_ok,
+	       m->records_bad, m->records_stale, m->records_dup,
 	       m->msgs_committed, m->msgs_incomplete, m->body_bytes);
 }
 

@@ -7,6 +7,16 @@
  * covering [0, length) contiguously and in order, and its END (length and
  * body CRC32C matching) were all found with the segment's epoch.
  *
+ * Damage it reports and works around (issue 10; docs/spool-format.md
+ * "Recovery"): a segment whose header block is damaged is salvaged when its
+ * epoch can still be established from its records (segments_salvaged),
+ * else counted in segments_damaged (its file is never reused: the writer
+ * keeps it); a copy of a segment under another name (same worker, use
+ * sequence and epoch) is recognised, its records counted in records_dup
+ * and every message kept once; a segment file listed in the worker's
+ * segment list (wNN/segments) but absent is counted in segments_missing.
+ * Each is logged as a warning naming the file.
+ *
  * Users: the daemon at start (summary in the log, msgid generators seeded
  * with max_msgid[worker]), finaldotctl, tests, the fuzz target.
  *
@@ -49,7 +59,11 @@ struct ctl_spool_msg {
 struct ctl_spool_seg {
 	const char *path; /* NULL for an in-memory segment */
 	unsigned worker;
-	bool header_ok;
+	bool header_ok;   /* valid, or salvaged */
+	bool salvaged;    /* header damaged; epoch found from its records, file
+			   * number from its name, use sequence as found */
+	bool duplicate;   /* same worker, use sequence and epoch as an earlier
+			   * segment: a copy (its records are duplicates) */
 	uint64_t file_no;
 	uint64_t use_seq;
 	uint64_t size;
@@ -64,6 +78,11 @@ struct ctl_spool_summary {
 	uint64_t segments;
 	uint64_t segments_bad; /* header invalid or unreadable */
 	uint64_t segments_empty; /* valid header, no valid record: spares */
+	uint64_t segments_damaged;   /* header damaged (salvaged or not) */
+	uint64_t segments_salvaged;  /* ... of which salvaged */
+	uint64_t segments_duplicate; /* copies of another segment */
+	uint64_t segments_missing;   /* listed in wNN/segments, not there */
+	uint64_t records_dup;        /* valid records seen twice (copies) */
 	uint64_t records_ok;
 	uint64_t records_bad;   /* torn or damaged (one per resync) */
 	uint64_t records_stale; /* intact but another epoch */

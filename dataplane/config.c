@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "finaldot/config.h"
@@ -79,7 +80,16 @@ static const struct opt options[] = {
 	{"max_connections", NULL, OPT_UINT, F(max_connections), 0, "N",
 	 "concurrent sessions per worker; more get 421 4.7.0 (default 4096)"},
 	{"idle_timeout", NULL, OPT_DURATION, F(idle_timeout_ms), 0, "DURATION",
-	 "close an idle session with 421 4.4.2 after DURATION (default 300s)"},
+	 "close a session that sent nothing for DURATION with 421 4.4.2 "
+	 "(default 300s)"},
+	{"command_timeout", NULL, OPT_DURATION, F(command_timeout_ms), 0,
+	 "DURATION",
+	 "a command line must be complete within DURATION of its first octet, "
+	 "or 421 4.4.2 (RFC 5321 4.5.3.2; stops clients that trickle a byte "
+	 "at a time; 0: no limit; default 300s)"},
+	{"data_timeout", NULL, OPT_DURATION, F(data_timeout_ms), 0, "DURATION",
+	 "a message's data (DATA or BDAT chunks) must be complete within "
+	 "DURATION of its start, or 421 4.4.2 (0: no limit; default 600s)"},
 	{"greet_delay", NULL, OPT_DURATION, F(greet_delay_ms), 0, "DURATION",
 	 "wait DURATION before the 220 greeting; clients that talk first are "
 	 "rejected with 554 (default 0: greet at once)"},
@@ -172,8 +182,23 @@ static const struct opt options[] = {
 	 "reopens it (logrotate); keep it off the spool's filesystem"},
 	{"log_level", NULL, OPT_LOGLEVEL, F(log_level), 0, "LEVEL",
 	 "error, warn, info or debug (default info)"},
+	{"control", NULL, OPT_STR, F(control), S(control), "PATH",
+	 "the control socket finaldotctl talks to, mode 0600 (default: "
+	 "control.sock beside the spool directory, ./var/control.sock; off: "
+	 "none)"},
+	{"control_group", NULL, OPT_STR, F(control_group), S(control_group),
+	 "GROUP",
+	 "members of GROUP may use the control socket too (mode 0660; "
+	 "default: its owner only)"},
+	{"metrics", NULL, OPT_STR, F(metrics), S(metrics), "ADDR:PORT",
+	 "serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. "
+	 "127.0.0.1:9125 (default off; use a loopback address unless the "
+	 "network is trusted)"},
 	{"check_config", NULL, OPT_FLAG, F(check), 0, NULL,
-	 "print the effective configuration and exit"},
+	 "check what a start would (the spool is writable and not in use, "
+	 "the listen addresses can be bound, the control socket and "
+	 "/metrics), print the effective configuration and exit; 1 on a "
+	 "problem"},
 	{"version", NULL, OPT_FLAG, F(version), 0, NULL, "print the version and exit"},
 	{"help", NULL, OPT_FLAG, F(help), 0, NULL, "print this help and exit"},
 };
@@ -192,6 +217,8 @@ fd_config_defaults(struct fd_config *c)
 	c->max_errors = 20;
 	c->max_connections = 4096;
 	c->idle_timeout_ms = 300000;
+	c->command_timeout_ms = 300000;
+	c->data_timeout_ms = 600000;
 	c->greet_delay_ms = 0;
 	c->shutdown_timeout_ms = 10000;
 	strcpy(c->spool_dir, "./var/spool");
@@ -486,24 +513,44 @@ trim(char *s)
 	return s;
 }
 
+/*
+ * A config file is a regular file (or a pipe, /dev/stdin) of text lines.
+ * A directory reads as empty on some systems and fails with EISDIR on
+ * others: either way it is an error, as is a read error midway and a NUL
+ * octet (it would silently cut the line short: "listen = a\0b").
+ */
 static int
 parse_file(struct fd_config *c, const char *path, struct list_state *file_ls,
 	   FILE *err)
 {
 	FILE *f = fopen(path, "r");
-	char line[2048], where[FD_CONFIG_STR + 32];
+	char *line = NULL, where[FD_CONFIG_STR + 32];
+	size_t cap = 0;
+	ssize_t got;
 	unsigned lineno = 0;
+	struct stat st;
 	int r = 0;
 
 	if (!f) {
-		fprintf(err, "%s: %s\n", path, strerror(errno));
-		return -errno;
+		r = -errno;
+		fprintf(err, "%s: %s\n", path, strerror(-r));
+		return r;
 	}
-	while (fgets(line, sizeof(line), f)) {
+	if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+		fprintf(err, "%s: %s\n", path, strerror(EISDIR));
+		fclose(f);
+		return -EISDIR;
+	}
+	while ((got = getline(&line, &cap, f)) > 0) {
 		char *hash, *eq, *key, *val;
 		const struct opt *o;
 		lineno++;
 		snprintf(where, sizeof(where), "%s:%u", path, lineno);
+		if (memchr(line, '\0', (size_t)got)) {
+			fprintf(err, "%s: NUL octet in the line\n", where);
+			r = -EINVAL;
+			break;
+		}
 		if ((hash = strchr(line, '#')))
 			*hash = '\0';
 		key = trim(line);
@@ -534,6 +581,12 @@ parse_file(struct fd_config *c, const char *path, struct list_state *file_ls,
 		if ((r = apply(c, o, val, file_ls, err, where)) != 0)
 			break;
 	}
+	if (r == 0 && ferror(f)) {
+		r = errno ? -errno : -EIO;
+		fprintf(err, "%s: read error after line %u: %s\n", path,
+			lineno, strerror(-r));
+	}
+	free(line);
 	fclose(f);
 	return r;
 }
@@ -638,6 +691,24 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 		fprintf(err, "threads must be at most 255\n");
 		return -EINVAL;
 	}
+	if (c->metrics[0] && strcmp(c->metrics, "off") != 0 &&
+	    fd_config_parse_listen(c->metrics, &c->metrics_addr) != 0) {
+		fprintf(err, "metrics: expected ADDR:PORT (127.0.0.1:9125, "
+			     "[::1]:9125), got \"%s\"\n", c->metrics);
+		return -EINVAL;
+	}
+	if (c->control[0] == '\0') {
+		/* Beside the spool: ./var/spool gives ./var/control.sock,
+		 * and two daemons never share one (they cannot share a
+		 * spool). Too long a path: none (the start logs it). */
+		const char *sl = strrchr(c->spool_dir, '/');
+		int n = sl ? (int)(sl - c->spool_dir) : 0;
+		c->control_derived = true;
+		if (snprintf(c->control, sizeof(c->control), "%.*s%scontrol.sock",
+			     n, c->spool_dir, sl ? "/" : "") >=
+		    (int)sizeof(c->control))
+			strcpy(c->control, "off");
+	}
 	return 0;
 }
 
@@ -703,7 +774,8 @@ fd_config_usage(FILE *out, const char *prog)
 	fprintf(out,
 		"\nSignals: SIGTERM/SIGINT stop accepting, let commits in "
 		"flight finish (their\n250s go out), answer 421 to open "
-		"sessions and exit 0.\n");
+		"sessions and exit 0. SIGHUP asks for a reload\n"
+		"(as finaldotctl reload does).\n");
 #ifdef FINALDOT_FAULT_INJECTION
 	/* Only a test build (-Dfault_injection=true) reads it; tests use
 	 * this line to tell the two builds apart. */

@@ -13,21 +13,26 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "control/cplane.h"
+#include "control/ctlsock.h"
+#include "control/sdnotify.h"
 #include "control/spool_reader.h"
 #include "finaldot/config.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "sock/sock.h"
+#include "spool/spool_lock.h"
 #include "worker.h"
 #ifdef FINALDOT_HAVE_DPDK
 #include "net/dpdk.h"
@@ -84,6 +89,47 @@ recover(const char *dir, uint64_t *seeds)
 	return scan;
 }
 
+/*
+ * The kernel transport holds one descriptor per connection: max_connections
+ * per worker, plus listeners, rings, eventfds and segment files; the
+ * control plane adds its delivery connections and files. Below that the
+ * accepts fail with EMFILE under load (issue 10), so raise the soft limit
+ * as far as the hard one allows, and say so when even that is short.
+ */
+static void
+fd_limit_check(const struct fd_config *cfg)
+{
+	struct rlimit rl;
+	rlim_t need = (rlim_t)cfg->threads * (cfg->max_connections + 64u) +
+		      2u * (rlim_t)cfg->delivery_threads + 256u;
+	rlim_t was;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY ||
+	    rl.rlim_cur >= need)
+		return;
+	was = rl.rlim_cur;
+	rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= need
+			      ? need
+			      : rl.rlim_max;
+	if (rl.rlim_cur > was && setrlimit(RLIMIT_NOFILE, &rl) == 0)
+		fd_log(FD_LOG_INFO, "main",
+		       "event=fd_limit_raised from=%llu to=%llu need=%llu",
+		       (unsigned long long)was,
+		       (unsigned long long)rl.rlim_cur,
+		       (unsigned long long)need);
+	else
+		rl.rlim_cur = was;
+	if (rl.rlim_cur < need)
+		fd_log(FD_LOG_WARN, "main",
+		       "event=fd_limit_low have=%llu need=%llu "
+		       "error=\"max_connections x threads needs more open "
+		       "files than the hard limit allows: accepts will fail "
+		       "with EMFILE under load; raise it (ulimit -Hn, "
+		       "LimitNOFILE=) or lower max_connections\"",
+		       (unsigned long long)rl.rlim_cur,
+		       (unsigned long long)need);
+}
+
 /* The control plane's settings, from ours; the arrays hold the pointers. */
 static void
 cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
@@ -119,6 +165,120 @@ cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
 	cc->dedup_settle_ms = cfg->dedup_settle_ms;
 }
 
+/* The workers as the control socket and /metrics see them. */
+static void
+workers_stats(void *ctx, unsigned i, struct ctl_worker_stats *out)
+{
+	fd_worker_read_stats(&((const struct fd_worker *)ctx)[i], out);
+}
+
+/* finaldotctl reload: the same as SIGHUP (the main thread's sigwait). */
+static int
+reload_raise(void *ctx)
+{
+	(void)ctx;
+	return kill(getpid(), SIGHUP) == 0 ? 0 : -errno;
+}
+
+static struct ctl_ops *
+ops_start(const struct fd_config *cfg, struct cplane *cp,
+	  struct fd_worker *workers, unsigned n)
+{
+	static const char *ltext[FD_CONFIG_MAX_LISTEN];
+	static struct ctl_sources src;
+	int err = 0;
+
+	for (unsigned i = 0; i < cfg->n_listen; i++)
+		ltext[i] = cfg->listen[i].text;
+	src = (struct ctl_sources){
+		.cp = cp, .version = FINALDOT_VERSION, .transport = "kernel",
+		.hostname = cfg->hostname, .listen = ltext,
+		.n_listen = cfg->n_listen, .started_us = fd_now_realtime_us(),
+		.n_workers = n, .worker_stats = workers_stats,
+		.worker_ctx = workers, .paused = &fd_paused,
+		.reload = reload_raise,
+	};
+	return ctl_ops_start(cfg, &src, NULL, &err);
+}
+
+/*
+ * --check-config: beyond the settings, what a start would refuse: a spool
+ * that cannot be written or is in use by another daemon, a listen address
+ * that cannot be bound, the control socket and /metrics. One line per
+ * problem on stderr; 0 when a start would get past them.
+ */
+static int
+check_start(const struct fd_config *cfg)
+{
+	char path[FD_CONFIG_STR + 32], why[600];
+	struct stat st;
+	pid_t holder = 0;
+	int bad = 0, r, fd;
+
+	if (stat(cfg->spool_dir, &st) == 0) {
+		snprintf(path, sizeof(path), "%s/.check-XXXXXX", cfg->spool_dir);
+		if ((fd = mkstemp(path)) < 0) {
+			fprintf(stderr, "finaldot: spool %s: not writable: %s\n",
+				cfg->spool_dir, strerror(errno));
+			bad = 1;
+		} else {
+			close(fd);
+			unlink(path);
+			/* Released when we exit, a moment from now. */
+			r = spool_lock_take(cfg->spool_dir, &holder);
+			if (r == -EWOULDBLOCK) {
+				fprintf(stderr, "finaldot: spool %s: in use by "
+					"another finaldot (pid %ld)\n",
+					cfg->spool_dir, (long)holder);
+				bad = 1;
+			}
+		}
+	} else {
+		const char *sl = strrchr(cfg->spool_dir, '/');
+		snprintf(path, sizeof(path), "%.*s",
+			 sl ? (int)(sl - cfg->spool_dir) + (sl == cfg->spool_dir)
+			    : 1,
+			 sl ? cfg->spool_dir : ".");
+		if (access(path, W_OK | X_OK) != 0 && errno != ENOENT) {
+			fprintf(stderr, "finaldot: spool %s cannot be made in "
+				"%s: %s\n", cfg->spool_dir, path,
+				strerror(errno));
+			bad = 1;
+		}
+	}
+	/* DPDK listens on its own port: nothing to bind here. */
+	for (unsigned i = 0; cfg->transport == FD_TRANSPORT_KERNEL &&
+			     i < cfg->n_listen; i++) {
+		const struct fd_listen *li = &cfg->listen[i];
+		int one = 1;
+		fd = socket(li->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		r = fd < 0 ? errno : 0;
+		if (fd >= 0) {
+			setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one,
+				   sizeof(one));
+			if (li->addr.ss_family == AF_INET6)
+				setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one,
+					   sizeof(one));
+			if (bind(fd, (const struct sockaddr *)&li->addr,
+				 li->addrlen) != 0)
+				r = errno;
+			close(fd);
+		}
+		if (r) {
+			fprintf(stderr, "finaldot: listen %s: %s\n", li->text,
+				strerror(r));
+			bad = 1;
+		}
+	}
+	r = ctl_ops_check(cfg, why, sizeof(why));
+	if (r) {
+		fprintf(stderr, "finaldot: %s%s\n", r > 0 ? "warning: " : "",
+			why);
+		bad |= r < 0;
+	}
+	return bad;
+}
+
 static void *
 worker_main(void *arg)
 {
@@ -144,7 +304,9 @@ main(int argc, char **argv)
 	int err = 0;
 	sigset_t sigs;
 	int sig = 0, status = 0;
+	pid_t holder = 0;
 	unsigned started = 0;
+	struct ctl_ops *ops = NULL;
 
 	fd_config_defaults(&cfg);
 	if (fd_config_parse_args(&cfg, argc, argv, stderr) != 0)
@@ -174,6 +336,8 @@ main(int argc, char **argv)
 		return 2;
 	}
 	if (cfg.check) {
+		if (check_start(&cfg) != 0)
+			return 1;
 		fd_config_dump(&cfg, stdout);
 		return 0;
 	}
@@ -183,6 +347,18 @@ main(int argc, char **argv)
 			strerror(-err));
 		return 1;
 	}
+	/* Signals go to the main thread's sigwait only: blocked before any
+	 * thread starts (the log writer's and the control plane's too), so
+	 * that none of them takes SIGHUP's or SIGTERM's default action (and
+	 * dies with the process). The DPDK transport installs handlers. */
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	sigaddset(&sigs, SIGPIPE);
+	sigaddset(&sigs, SIGUSR1); /* log reopen (logrotate) */
+	sigaddset(&sigs, SIGHUP);  /* reload */
+	if (cfg.transport == FD_TRANSPORT_KERNEL)
+		pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	/* From here on a worker's log line is a copy into its own buffer,
 	 * not a system call (finaldot/log.h). */
 	if (fd_log_start() != 0)
@@ -193,6 +369,23 @@ main(int argc, char **argv)
 		       "error=\"%s\"", cfg.spool_dir, strerror(errno));
 		return 1;
 	}
+	/* One daemon per spool (issue 10): the lock comes before recovery
+	 * reads anything, and is held until the process ends. */
+	if ((err = spool_lock_take(cfg.spool_dir, &holder)) < 0) {
+		if (err == -EWOULDBLOCK)
+			fd_log(FD_LOG_ERR, "main",
+			       "event=spool_locked dir=%s pid=%ld error=\"the "
+			       "spool is in use by another finaldot (pid %ld)\"",
+			       cfg.spool_dir, (long)holder, (long)holder);
+		else
+			fd_log(FD_LOG_ERR, "main",
+			       "event=spool_lock_failed dir=%s error=\"%s\"",
+			       cfg.spool_dir, strerror(-err));
+		fd_log_stop();
+		return 1;
+	}
+	if (cfg.transport == FD_TRANSPORT_KERNEL)
+		fd_limit_check(&cfg);
 	if (!(scan = recover(cfg.spool_dir, seeds)))
 		return 1;
 	cp = cp_create(&cc, scan, &err);
@@ -213,13 +406,6 @@ main(int argc, char **argv)
 		return 1;
 	}
 
-	/* Signals go to the main thread only: block them before threads. */
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGPIPE);
-	sigaddset(&sigs, SIGUSR1); /* log reopen (logrotate) */
-	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 
 	workers = calloc(cfg.threads, sizeof(*workers));
 	if (!workers)
@@ -255,6 +441,8 @@ main(int argc, char **argv)
 		if (!all)
 			usleep(1000);
 	}
+	if (status == 0 && !(ops = ops_start(&cfg, cp, workers, started)))
+		status = 1;
 	if (status == 0) {
 		char lbuf[512] = "";
 		for (unsigned i = 0; i < cfg.n_listen; i++) {
@@ -267,14 +455,27 @@ main(int argc, char **argv)
 		       "threads=%u spool=%s hostname=%s",
 		       FINALDOT_VERSION, lbuf, cfg.threads, cfg.spool_dir,
 		       cfg.hostname);
+		sdnotify("READY=1\nSTATUS=accepting mail");
 		sigdelset(&sigs, SIGPIPE);
 		for (;;) {
 			sigwait(&sigs, &sig);
+			if (sig == SIGHUP) {
+				/* XXX reload (issue 7, the lead's part): re-read
+				 * the configuration and apply it here. Until then
+				 * SIGHUP and finaldotctl reload only log and
+				 * notify, and change nothing. */
+				sdnotify_reloading();
+				fd_log(FD_LOG_INFO, "main",
+				       "event=reload_requested");
+				sdnotify("READY=1\nSTATUS=accepting mail");
+				continue;
+			}
 			if (sig != SIGUSR1)
 				break;
 			fd_log_reopen();
 			fd_log(FD_LOG_INFO, "main", "event=log_reopen");
 		}
+		sdnotify("STOPPING=1");
 		fd_log(FD_LOG_INFO, "main", "event=signal signal=%s",
 		       sig == SIGTERM ? "TERM" : "INT");
 	}
@@ -291,6 +492,7 @@ main(int argc, char **argv)
 		fd_worker_add_totals(&workers[i], &tot);
 		close(workers[i].wake_fd);
 	}
+	ctl_ops_stop(ops); /* before the workers' memory and the queue go */
 	cp_stop(cp);
 	fd_log(FD_LOG_INFO, "main",
 	       "event=stats workers=%u sessions=%" PRIu64 " messages=%" PRIu64

@@ -6,7 +6,10 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "finaldot/ctlport.h"
 #include "finaldot/log.h"
@@ -22,41 +25,109 @@ struct worker_final {
 };
 static struct worker_final finals[256];
 
+atomic_bool fd_paused;
+const char fd_version[] = FINALDOT_VERSION;
+
+/*
+ * The sink the engine sees is the worker: each open message is one of these
+ * (a pool of max_connections made at start, no allocation per message),
+ * wrapping the spool's message with what the operator's view needs: when
+ * its commit started and how many bytes it stored. The spool's completion
+ * comes back with this record as its context.
+ */
+struct fd_wmsg {
+	struct fd_worker *w;
+	struct spool_msg *m;
+	void *sctx;          /* the session */
+	uint64_t bytes;
+	uint64_t t0_ns;      /* commit started */
+	struct fd_wmsg *next_free;
+};
+
+static uint64_t
+now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void
+wmsg_put(struct fd_worker *w, struct fd_wmsg *wm)
+{
+	wm->next_free = w->wmsg_free;
+	w->wmsg_free = wm;
+}
+
 static void *
 sink_begin(void *sink, const struct fd_envelope *env, void *sctx,
 	   uint64_t *msgid, int *err)
 {
-	return spool_msg_begin(sink, env, sctx, msgid, err);
+	struct fd_worker *w = sink;
+	struct fd_wmsg *wm = w->wmsg_free;
+
+	if (!wm) {
+		*err = -EMFILE; /* as the spool would: one per session */
+		return NULL;
+	}
+	wm->m = spool_msg_begin(w->spool, env, wm, msgid, err);
+	if (!wm->m)
+		return NULL;
+	w->wmsg_free = wm->next_free;
+	wm->sctx = sctx;
+	wm->bytes = 0;
+	return wm;
 }
 
 static int
 sink_append(void *sink, void *msg, const void *p, size_t n)
 {
-	return spool_msg_append(sink, msg, p, n);
+	struct fd_worker *w = sink;
+	struct fd_wmsg *wm = msg;
+
+	wm->bytes += n;
+	return spool_msg_append(w->spool, wm->m, p, n);
 }
 
 static int
 sink_commit(void *sink, void *msg)
 {
-	return spool_msg_commit(sink, msg);
+	struct fd_worker *w = sink;
+	struct fd_wmsg *wm = msg;
+
+	wm->t0_ns = now_ns(); /* final-dot-to-250 starts here */
+	return spool_msg_commit(w->spool, wm->m);
 }
 
 static void
 sink_abort(void *sink, void *msg)
 {
-	spool_msg_abort(sink, msg);
+	struct fd_worker *w = sink;
+	struct fd_wmsg *wm = msg;
+
+	spool_msg_abort(w->spool, wm->m);
+	wmsg_put(w, wm);
 }
 
+/* The spool will not call back for a detached message: the record goes
+ * back now (its latency is not counted; nobody got the reply). */
 static void
 sink_detach(void *sink, void *msg)
 {
-	spool_msg_detach(sink, msg);
+	struct fd_worker *w = sink;
+	struct fd_wmsg *wm = msg;
+
+	spool_msg_detach(w->spool, wm->m);
+	wmsg_put(w, wm);
 }
 
 static size_t
 sink_room(void *sink)
 {
-	return spool_room(sink);
+	struct fd_worker *w = sink;
+
+	return spool_room(w->spool);
 }
 
 static const struct smtp_sink_ops spool_sink_ops = {
@@ -74,9 +145,18 @@ static __thread struct fd_worker *cur_worker;
 static void
 worker_commit_done(void *ctx, uint64_t msgid, int status)
 {
-	struct smtp_session *s = ctx;
+	struct fd_wmsg *wm = ctx;
+	struct fd_worker *w = wm->w;
+	struct smtp_session *s = wm->sctx;
 	void *tctx = smtp_session_tctx(s);
 
+	if (status == 0) {
+		uint64_t ns = now_ns() - wm->t0_ns; /* ... and ends here */
+		w->priv.lat[ctl_lat_bucket(ns)]++;
+		w->priv.lat_sum_ns += ns;
+		w->priv.message_bytes += wm->bytes;
+	}
+	wmsg_put(w, wm);
 	smtp_session_commit_done(s, msgid, status);
 	if (cur_worker && cur_worker->wake)
 		cur_worker->wake(tctx);
@@ -98,11 +178,62 @@ worker_announce(void *actx, const struct spool_announce *a)
 	fd_ctl_port_publish(w->port, &e);
 }
 
+/* Copy this thread's counters where other threads read them. */
+static void
+worker_publish(struct fd_worker *w)
+{
+	struct ctl_worker_stats *p = &w->priv;
+
+	if (w->smtp) {
+		const struct smtp_stats *ss = smtp_server_stats(w->smtp);
+		p->sessions = ss->sessions;
+		p->messages = ss->messages_committed;
+		p->failed = ss->messages_failed;
+		p->rejected = ss->messages_rejected;
+		/* The engine counts a relay denial as a syntax error too. */
+		p->syntax_errors = ss->syntax_errors >= ss->relay_denied
+					   ? ss->syntax_errors - ss->relay_denied
+					   : 0;
+		p->relay_denied = ss->relay_denied;
+		p->rcpt_unknown = ss->rcpt_unknown;
+		p->early_talkers = ss->early_talkers;
+		p->timeouts = ss->timeouts;
+	}
+	if (w->spool) {
+		const struct spool_stats *sp = spool_get_stats(w->spool);
+		p->flushes = sp->flushes;
+		p->batches = sp->batches;
+		p->batch_errors = sp->batch_errors;
+		p->spool_bytes = sp->bytes;
+		p->spool_payload = sp->payload_bytes;
+		p->segments = sp->segments_used;
+		p->reclaimed = sp->reclaimed;
+		p->room_waits = sp->room_waits;
+	}
+	p->conns_current = w->conns_current;
+	p->refused_busy = w->sessions_refused;
+	p->refused_paused = w->paused_refused;
+	ctl_worker_pub_store(&w->pub, p);
+}
+
+void
+fd_worker_read_stats(const struct fd_worker *w, struct ctl_worker_stats *out)
+{
+	ctl_worker_pub_load(&w->pub, out);
+}
+
 void
 fd_worker_poll(struct fd_worker *w)
 {
 	struct fd_ctl_reclaim rq;
+	uint64_t now = fd_now_monotonic_us();
 
+	/* Readers see counters at most 5 ms old while the loop is busy (it
+	 * comes here at least every 100 ms when idle). */
+	if (now >= w->pub_due_us) {
+		w->pub_due_us = now + 5000;
+		worker_publish(w);
+	}
 	if (!w->port || !w->spool)
 		return;
 	if (w->port->n_backlog)
@@ -127,6 +258,17 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	w->wake = wake;
 	for (unsigned i = 0; i < c->n_domains; i++)
 		w->domains[i] = c->domains[i];
+	snprintf(w->paused_reply, sizeof(w->paused_reply),
+		 "421 4.3.2 %.255s Service not available, closing "
+		 "transmission channel\r\n", c->hostname);
+	w->paused_len = strlen(w->paused_reply);
+	w->wmsgs = calloc(c->max_connections, sizeof(*w->wmsgs));
+	if (!w->wmsgs)
+		return -ENOMEM;
+	for (unsigned i = c->max_connections; i-- > 0;) {
+		w->wmsgs[i].w = w;
+		wmsg_put(w, &w->wmsgs[i]);
+	}
 
 	spool_params_defaults(&sp);
 	sp.dir = c->spool_dir;
@@ -152,6 +294,8 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 		fd_log(FD_LOG_ERR, "worker", "worker=%u event=spool_failed "
 		       "dir=%s error=\"%s\"", w->id, c->spool_dir,
 		       strerror(-r));
+		free(w->wmsgs);
+		w->wmsgs = w->wmsg_free = NULL;
 		return r;
 	}
 
@@ -164,12 +308,16 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	sc.max_errors = c->max_errors;
 	sc.max_sessions = c->max_connections;
 	sc.greet_delay = c->greet_delay_ms > 0;
+	sc.command_timeout_ms = c->command_timeout_ms;
+	sc.data_timeout_ms = c->data_timeout_ms;
 	sc.rcpt_check = w->rcpt_check;
 	sc.rcpt_ctx = w->rcpt_ctx;
-	w->smtp = smtp_server_create(&sc, &spool_sink_ops, w->spool);
+	w->smtp = smtp_server_create(&sc, &spool_sink_ops, w);
 	if (!w->smtp) {
 		spool_destroy(w->spool);
 		w->spool = NULL;
+		free(w->wmsgs);
+		w->wmsgs = w->wmsg_free = NULL;
 		return -ENOMEM;
 	}
 	return 0;
@@ -182,6 +330,7 @@ fd_worker_finish(struct fd_worker *w)
 
 	/* The loop has drained the spool (spool_inflight() == 0), so these
 	 * counters are final; destroy still waits, to be safe. */
+	worker_publish(w);
 	if (w->spool) {
 		f->spool = *spool_get_stats(w->spool);
 		spool_destroy(w->spool);
@@ -208,6 +357,9 @@ fd_worker_finish(struct fd_worker *w)
 		smtp_server_destroy(w->smtp);
 	w->smtp = NULL;
 	w->spool = NULL;
+	/* After the spool and the sessions: neither refers to these now. */
+	free(w->wmsgs);
+	w->wmsgs = w->wmsg_free = NULL;
 	cur_worker = NULL;
 }
 

@@ -14,10 +14,12 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "metrics.h" /* control/ */
 #include "finaldot/compiler.h"
 #include "finaldot/config.h"
 
 struct fd_ctl_port;
+struct fd_wmsg;
 struct io_uring;
 struct smtp_server;
 struct smtp_session;
@@ -47,7 +49,26 @@ struct fd_worker {
 	atomic_bool ready;            /* listening; main may report "ready" */
 	int exit_status;              /* 0 or -errno, set by the loop */
 	uint64_t sessions_refused;
+	/* The operator's view (control/metrics.h). The transport sets
+	 * conns_current and paused_refused; fd_worker_poll() publishes. */
+	unsigned conns_current;
+	uint64_t paused_refused;
+	char paused_reply[320];       /* 421 4.3.2 ... CRLF (fd_paused) */
+	size_t paused_len;
+	struct fd_wmsg *wmsgs, *wmsg_free; /* a commit's start time, size */
+	struct ctl_worker_stats priv; /* this thread's part of the counters */
+	uint64_t pub_due_us;
+	struct ctl_worker_pub pub fd_cache_aligned; /* read by other threads */
 } fd_cache_aligned;
+
+/*
+ * The listener is paused (finaldotctl pause): new connections get
+ * paused_reply and are closed; open sessions go on. One flag for the
+ * process, set by the control socket, read by every accept path.
+ */
+extern atomic_bool fd_paused;
+/* The program's version (FINALDOT_VERSION), for both transports. */
+extern const char fd_version[];
 
 /*
  * Create the worker's SMTP server and spool. ring: the transport's io_uring
@@ -81,5 +102,9 @@ struct fd_worker_totals {
 };
 void fd_worker_add_totals(const struct fd_worker *w,
 			  struct fd_worker_totals *t);
+
+/* The worker's last published counters; any thread. */
+void fd_worker_read_stats(const struct fd_worker *w,
+			  struct ctl_worker_stats *out);
 
 #endif

@@ -49,6 +49,8 @@
 #include <rte_ring.h>
 
 #include "control/cplane.h"
+#include "control/ctlsock.h"
+#include "control/sdnotify.h"
 #include "finaldot/config.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
@@ -104,6 +106,8 @@ struct shard {
 	/* counters */
 	uint64_t tx_dropped, handoff_out, handoff_in, handoff_full;
 	uint64_t rx_multiseg_dropped, refused;
+	/* the stack's drops by reason, for /metrics (shard_publish) */
+	_Atomic uint64_t pub_drops[CTL_DROP_N] __rte_cache_aligned;
 } __rte_cache_aligned;
 
 static struct {
@@ -123,13 +127,16 @@ static struct {
 	unsigned nports;
 	cpu_set_t helper_cpus; /* ours before EAL pinned us, minus the lcores */
 	volatile sig_atomic_t stop;
+	volatile sig_atomic_t reload; /* SIGHUP, taken by shard 0 */
 } g;
 
 static void
 on_signal(int sig)
 {
-	(void)sig;
-	g.stop = 1;
+	if (sig == SIGHUP)
+		g.reload = 1;
+	else
+		g.stop = 1;
 }
 
 /* logrotate: the log writer reopens its file (async-signal-safe). */
@@ -305,6 +312,14 @@ up_accept(void *arg, struct tcp_conn *tc, const struct tcp_endpoint *remote,
 	struct in_addr a = {.s_addr = htonl(remote->addr)};
 
 	(void)local_port;
+	/* Paused (finaldotctl pause): 421 4.3.2 and FIN (tcp_close() from
+	 * inside accept(), tcp.h); the sessions already open go on. */
+	if (atomic_load_explicit(&fd_paused, memory_order_relaxed)) {
+		tcp_send(tc, sh->w.paused_reply, sh->w.paused_len);
+		tcp_close(tc);
+		sh->w.paused_refused++;
+		return NULL;
+	}
 	if (!c || sh->stopping) {
 		sh->refused++;
 		return NULL; /* the stack answers RST */
@@ -554,6 +569,86 @@ shard_begin_stop(struct shard *sh)
 	}
 }
 
+/*
+ * The stack's drop counters by reason, where /metrics reads them (every
+ * 100 ms, with the worker's own counters).
+ */
+static void
+shard_publish(struct shard *sh)
+{
+	const struct net_counters *n = net_stack_counters(sh->st);
+	uint64_t d[CTL_DROP_N];
+
+	d[CTL_DROP_ETH_RUNT] = n->rx_runt;
+	d[CTL_DROP_NOT_FOR_US] = n->rx_not_for_us + n->ip_not_for_us +
+				 n->arp_not_for_us;
+	d[CTL_DROP_ETHERTYPE] = n->rx_ethertype;
+	d[CTL_DROP_IP_HEADER] = n->ip_too_short + n->ip_bad_version +
+				n->ip_bad_ihl + n->ip_bad_len + n->ip_options +
+				n->ip_ttl_zero + n->ip_bad_src;
+	d[CTL_DROP_IP_CKSUM] = n->ip_bad_cksum + n->icmp_bad_cksum;
+	d[CTL_DROP_IP_FRAGMENT] = n->ip_fragments;
+	d[CTL_DROP_IP_PROTO] = n->ip_unknown_proto;
+	d[CTL_DROP_IP_NO_ROUTE] = n->ip_no_route;
+	d[CTL_DROP_ARP_QUEUE] = n->arp_queue_full + n->arp_queued_dropped;
+	d[CTL_DROP_TCP_HEADER] = n->tcp_too_short + n->tcp_bad_off +
+				 n->tcp_bad_flags + n->tcp_bad_options;
+	d[CTL_DROP_TCP_CKSUM] = n->tcp_bad_cksum;
+	d[CTL_DROP_TCP_NO_PORT] = n->tcp_no_port;
+	d[CTL_DROP_TCP_CONN_FULL] = n->tcp_conn_full;
+	d[CTL_DROP_TCP_SYN_OVERLOAD] = n->tcp_syn_overload;
+	d[CTL_DROP_TCP_WINDOW] = n->tcp_out_of_window;
+	d[CTL_DROP_TCP_PAWS] = n->tcp_paws_drop;
+	d[CTL_DROP_TCP_OOO] = n->tcp_ooo_drop;
+	d[CTL_DROP_TCP_RCV_NOBUF] = n->tcp_rcv_nobuf;
+	d[CTL_DROP_HANDOFF_FULL] = sh->handoff_full;
+	d[CTL_DROP_TX_FULL] = sh->tx_dropped;
+	d[CTL_DROP_RX_MULTISEG] = sh->rx_multiseg_dropped;
+	for (unsigned i = 0; i < CTL_DROP_N; i++)
+		atomic_store_explicit(&sh->pub_drops[i], d[i],
+				      memory_order_relaxed);
+	sh->w.conns_current = sh->in_use;
+	sh->w.sessions_refused = sh->refused;
+}
+
+/* /metrics: the port's counters and every shard's published drops. */
+static void
+net_stats(void *ctx, struct ctl_net_stats *out)
+{
+	struct rte_eth_stats st;
+
+	(void)ctx;
+	if (rte_eth_stats_get(g.port, &st) == 0) {
+		out->rx_packets = st.ipackets;
+		out->tx_packets = st.opackets;
+		out->rx_bytes = st.ibytes;
+		out->tx_bytes = st.obytes;
+		out->rx_missed = st.imissed;
+		out->rx_errors = st.ierrors;
+		out->tx_errors = st.oerrors;
+		out->rx_nombuf = st.rx_nombuf;
+	}
+	for (unsigned i = 0; i < g.nshards; i++)
+		for (unsigned k = 0; k < CTL_DROP_N; k++)
+			out->drops[k] += atomic_load_explicit(
+				&g.shards[i]->pub_drops[k],
+				memory_order_relaxed);
+}
+
+static void
+shards_stats(void *ctx, unsigned i, struct ctl_worker_stats *out)
+{
+	(void)ctx;
+	fd_worker_read_stats(&g.shards[i]->w, out);
+}
+
+static int
+reload_raise(void *ctx)
+{
+	(void)ctx;
+	return kill(getpid(), SIGHUP) == 0 ? 0 : -errno;
+}
+
 static int
 shard_main(void *arg)
 {
@@ -588,7 +683,9 @@ shard_main(void *arg)
 			shard_input(sh, pkts[i]);
 		net_stack_poll_timers(sh->st);
 		done = spool_poll(sh->w.spool);
-		if (done > 0) {
+		/* Room also comes back without a completion: a spare segment
+		 * made ready (issue 10). */
+		if (done > 0 || spool_room_changed(sh->w.spool)) {
 			service_woken(sh);
 			resume_paused(sh);
 		}
@@ -608,9 +705,23 @@ shard_main(void *arg)
 		if (sh->now_us >= sh->next_scan_us) {
 			sh->next_scan_us = sh->now_us + TIMER_SCAN_US;
 			session_timers(sh);
+			shard_publish(sh);
 			fd_worker_poll(&sh->w);
-			if (g.stop && !sh->stopping)
+			if (sh->id == 0 && g.reload) {
+				/* XXX reload (issue 7, the lead's part): as
+				 * on the kernel transport, only logged and
+				 * notified for now. */
+				g.reload = 0;
+				sdnotify_reloading();
+				fd_log(FD_LOG_INFO, "main",
+				       "event=reload_requested");
+				sdnotify("READY=1\nSTATUS=accepting mail");
+			}
+			if (g.stop && !sh->stopping) {
+				if (sh->id == 0)
+					sdnotify("STOPPING=1");
 				shard_begin_stop(sh);
+			}
 		}
 		shard_tx_flush(sh);
 		if (sh->stopping &&
@@ -785,6 +896,7 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 	      struct cplane *cp)
 {
 	static char eal_buf[sizeof(cfg->dpdk_eal) + 16];
+	struct ctl_ops *ops = NULL;
 	char *argv[128];
 	int argc, r, status = 0;
 	unsigned nlcores, pool_n;
@@ -841,6 +953,7 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 	}
 	signal(SIGTERM, on_signal);
 	signal(SIGINT, on_signal);
+	signal(SIGHUP, on_signal);
 	signal(SIGUSR1, on_usr1);
 	signal(SIGPIPE, SIG_IGN);
 
@@ -976,10 +1089,39 @@ net_dpdk_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 		status = -ENOMEM;
 		goto out_shards;
 	}
+	{
+		static const char *ltext[FD_CONFIG_MAX_LISTEN];
+		static struct ctl_sources src;
+		int err = 0;
+		for (unsigned i = 0; i < cfg->n_listen; i++)
+			ltext[i] = cfg->listen[i].text;
+		src = (struct ctl_sources){
+			.cp = cp, .version = fd_version,
+			.transport = "dpdk", .hostname = cfg->hostname,
+			.listen = ltext, .n_listen = cfg->n_listen,
+			.started_us = fd_now_realtime_us(),
+			.n_workers = g.nshards, .worker_stats = shards_stats,
+			.net_stats = net_stats, .paused = &fd_paused,
+			.reload = reload_raise,
+		};
+		/* Off the busy-polled cores, like the control plane. */
+		ops = ctl_ops_start(cfg, &src,
+				    CPU_COUNT(&g.helper_cpus) ? &g.helper_cpus
+							      : NULL,
+				    &err);
+		if (!ops) {
+			status = err;
+			if (cp)
+				cp_stop(cp);
+			goto out_shards;
+		}
+	}
 	fd_log(FD_LOG_INFO, "main", "event=ready transport=dpdk shards=%u",
 	       g.nshards);
+	sdnotify("READY=1\nSTATUS=accepting mail");
 	rte_eal_mp_remote_launch(shard_main, NULL, CALL_MAIN);
 	rte_eal_mp_wait_lcore();
+	ctl_ops_stop(ops);
 	if (cp)
 		cp_stop(cp);
 	/* Let the PMDs reap their tx completions (af_xdp does it lazily,

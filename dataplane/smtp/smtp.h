@@ -103,9 +103,23 @@ struct smtp_config {
 	 */
 	int (*rcpt_check)(void *ctx, const char *addr);
 	void *rcpt_ctx;
+	/*
+	 * Deadlines (RFC 5321 4.5.3.2; issue 10: a client sending a byte a
+	 * second kept its slot forever, each byte resetting the transport's
+	 * idle timer). command_timeout_ms: from the first octet of a command
+	 * line to its LF. data_timeout_ms: from the 354 (or the first BDAT)
+	 * to the end of the message's data. Checked whenever input arrives
+	 * (silence is the transport's idle timeout); exceeded: 421 4.4.2 and
+	 * close. 0: no limit. mono_us: the clock (CLOCK_MONOTONIC us); NULL
+	 * is the real one (tests set their own).
+	 */
+	uint64_t command_timeout_ms;
+	uint64_t data_timeout_ms;
+	uint64_t (*mono_us)(void);
 };
 
-/* Defaults used by the daemon: 32 MiB, 100 recipients, 20 errors. */
+/* Defaults used by the daemon: 32 MiB, 100 recipients, 20 errors,
+ * 5 minutes per command line, 10 minutes per message's data. */
 void smtp_config_defaults(struct smtp_config *cfg);
 
 /* Counters, per server (per worker thread). Plain integers: one writer. */
@@ -119,7 +133,7 @@ struct smtp_stats {
 	uint64_t relay_denied;
 	uint64_t rcpt_unknown; /* 550 5.1.1 from cfg.rcpt_check */
 	uint64_t early_talkers;
-	uint64_t timeouts;
+	uint64_t timeouts; /* idle, command and data deadlines */
 };
 
 /* Copies cfg (strings are referenced, not copied: keep them alive). */
@@ -171,6 +185,15 @@ void smtp_session_timeout(struct smtp_session *s);
  * let finish first (its 250 or 451 goes out before the 421).
  */
 void smtp_session_shutdown(struct smtp_session *s);
+/*
+ * The shutdown deadline: the daemon will not wait any longer. A session
+ * whose commit is still in flight gets 421 4.3.2 now instead of its verdict
+ * (the message is detached: it may still become durable, so the client's
+ * retry may make a duplicate, which RFC 1047 allows; nothing acknowledged
+ * is lost). Any other session: as smtp_session_shutdown(). The transport
+ * closes once the output is drained.
+ */
+void smtp_session_shutdown_now(struct smtp_session *s);
 
 /*
  * The spool's verdict on the message committed by this session: status 0 =

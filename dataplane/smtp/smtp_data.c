@@ -7,7 +7,9 @@
  * can neither end the message nor start a "." line (this is what defeats
  * the 2023 "SMTP smuggling" family: \n.\n, \r.\r, \n.\r\n, \r\n.\n,
  * \r\n.\r). Bare CR/LF octets stay in the body and set d->bare; the session
- * decides what to do about it (it rejects the message).
+ * decides what to do about it (it rejects the message). A NUL octet is
+ * treated the same way (d->nul): harmless here, but a next hop that strips
+ * NULs turns "\r\n\0.\r\n" into the end of data (issue 10).
  *
  * The scanner walks the input once, returns runs pointing into the input
  * (the body is copied once, by the sink), and keeps its whole position in
@@ -29,6 +31,7 @@ smtp_data_init(struct smtp_data *d)
 	d->line_len = 0;
 	d->bare = false;
 	d->long_line = false;
+	d->nul = false;
 }
 
 enum smtp_data_result
@@ -92,10 +95,12 @@ smtp_data_scan(struct smtp_data *d, const uint8_t *p, size_t n, size_t budget,
 		text:
 			/* The state changes only once c is consumed, so a
 			 * stop before c leaves the scanner where it was. */
-			if (c == '\r' || c == '\n') {
+			if (c == '\r' || c == '\n' || c == 0) {
 				CHECK_LONG();
 				if (c == '\n')
 					FLAG(bare); /* LF without CR */
+				if (c == 0)
+					FLAG(nul);
 				CHECK_BUDGET();
 				EMIT();
 				d->pos = c == '\r' ? SMTP_DATA_CR : SMTP_DATA_TEXT;
@@ -107,7 +112,8 @@ smtp_data_scan(struct smtp_data *d, const uint8_t *p, size_t n, size_t budget,
 				CHECK_BUDGET();
 				EMIT();
 				d->pos = SMTP_DATA_TEXT;
-			} while (i < n && p[i] != '\r' && p[i] != '\n');
+			} while (i < n && p[i] != '\r' && p[i] != '\n' &&
+				 p[i] != 0);
 			break;
 		case SMTP_DATA_CR:
 			if (c != '\n') {

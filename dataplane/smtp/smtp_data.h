@@ -1,6 +1,7 @@
 /*
  * The DATA body scanner (RFC 5321 4.1.1.4, 4.5.2): finds the end of data,
- * removes dot-stuffing, and flags bare CR / bare LF and over-long lines.
+ * removes dot-stuffing, and flags bare CR / bare LF, NUL octets and
+ * over-long lines.
  * A resumable byte state machine: it can stop before any octet and resume
  * there, whatever the split of the input.
  */
@@ -29,6 +30,7 @@ struct smtp_data {
 	size_t line_len; /* octets of the current line as sent, so far */
 	bool bare;       /* a CR not followed by LF, or an LF not after CR */
 	bool long_line;  /* a line longer than SMTP_TEXT_LINE_MAX */
+	bool nul;        /* a NUL octet (kept in the body, like bare CR/LF) */
 };
 
 enum smtp_data_result {
@@ -54,7 +56,7 @@ void smtp_data_init(struct smtp_data *d);
  * Scan p[0..n) producing at most budget body octets. Invariants that make
  * every split of the input give the same body:
  *  - a run never spans a non-body octet (stuffing dot, terminator);
- *  - when bare or long_line becomes true, the call returns with an empty
+ *  - when bare, nul or long_line becomes true, the call returns with an empty
  *    run first, so everything in earlier runs precedes the offending octet
  *    and everything in later runs follows it;
  *  - on SMTP_DATA_END the CRLF before the dot is already in the body (it

@@ -42,7 +42,10 @@
  *
  * Limits: SMTP_OUT_SIZE output octets, SMTP_ARENA_SIZE octets of envelope
  * (sender, ENVID, recipients and their ORCPTs) per transaction,
- * cfg.max_recipients per message. A command line is 512 octets with its
+ * cfg.max_recipients per message; deadlines cfg.command_timeout_ms (one
+ * command line) and cfg.data_timeout_ms (one message's data), checked as
+ * input arrives (deadline_passed()). A NUL in the data rejects the message
+ * like a bare CR/LF. A command line is 512 octets with its
  * CRLF, MAIL and RCPT lines SMTP_PARAM_LINE_MAX (their DSN parameters).
  */
 #include <errno.h>
@@ -92,6 +95,7 @@ enum smtp_fail {
 	SMTP_FAIL_LOCAL,     /* 451 4.3.0 begin/commit other error */
 	SMTP_FAIL_SEQUENCE,  /* 503 5.5.1 BDAT outside a transaction */
 	SMTP_FAIL_NO_RCPT,   /* 554 5.5.1 BDAT after every RCPT failed */
+	SMTP_FAIL_NUL,       /* 550 5.6.0 NUL octet in the data */
 };
 
 struct smtp_session {
@@ -104,6 +108,9 @@ struct smtp_session {
 	bool esmtp;
 	bool shutdown_pending; /* 421 4.3.2 once the commit is done */
 	bool timeout_pending;  /* 421 4.4.2 once the commit is done */
+	bool cmd_started;      /* an octet of the next command line came */
+	uint64_t cmd_t0_us;    /* when it came (cfg.command_timeout_ms) */
+	uint64_t msg_t0_us;    /* 354 or first BDAT (cfg.data_timeout_ms) */
 	char client_addr[SMTP_ADDR_MAX];
 	char helo[SMTP_LINE_MAX];
 	size_t helo_len;
@@ -228,6 +235,8 @@ smtp_fail_name(enum smtp_fail f)
 		return "bad-sequence";
 	case SMTP_FAIL_NO_RCPT:
 		return "no-valid-recipients";
+	case SMTP_FAIL_NUL:
+		return "nul";
 	}
 	return "?";
 }
@@ -236,6 +245,13 @@ static uint64_t
 smtp_now(const struct smtp_server *srv)
 {
 	return srv->cfg.now_us ? srv->cfg.now_us() : fd_now_realtime_us();
+}
+
+/* For the deadlines: CLOCK_MONOTONIC, or the test's clock. */
+static uint64_t
+smtp_mono(const struct smtp_server *srv)
+{
+	return srv->cfg.mono_us ? srv->cfg.mono_us() : fd_now_monotonic_us();
 }
 
 /* ---- output ---- */
@@ -511,6 +527,11 @@ msg_reject(struct smtp_session *s, enum smtp_fail why)
 	case SMTP_FAIL_LONG_LINE:
 		reply(s, "550 5.6.0 Error: text line longer than %d octets",
 		      SMTP_TEXT_LINE_MAX);
+		break;
+	case SMTP_FAIL_NUL:
+		/* A next hop that strips NULs would see "\r\n\0.\r\n" as
+		 * the end of data: smuggling one hop later (issue 10). */
+		reply(s, "550 5.6.0 Error: NUL octet in message data");
 		break;
 	case SMTP_FAIL_WRITE:
 	case SMTP_FAIL_LOCAL:
@@ -857,16 +878,25 @@ smtp_cmd_data(struct smtp_session *s, const struct smtp_cmd *c)
 	err = msg_open(s);
 	if (err == -EAGAIN)
 		return false; /* every spool buffer in flight: hold DATA */
-	if (err == -ENOSPC) {
-		reply(s, "452 4.3.1 %.255s Error: insufficient system storage",
-		      s->srv->cfg.hostname);
-		return true;
-	} else if (err != 0) {
-		reply(s, "451 4.3.0 %.255s Error: local error in processing",
-		      s->srv->cfg.hostname);
+	if (err != 0) {
+		/* Our failure, not the client's: the transaction ends here
+		 * (as after a 4xx to the final dot), so the client may try
+		 * again at once with MAIL without a 503 (issue 10). */
+		if (err == -ENOSPC)
+			reply(s, "452 4.3.1 %.255s Error: insufficient system "
+				 "storage",
+			      s->srv->cfg.hostname);
+		else
+			reply(s, "451 4.3.0 %.255s Error: local error in "
+				 "processing",
+			      s->srv->cfg.hostname);
+		s->srv->stats.messages_failed++;
+		txn_reset(s);
+		smtp_enter_state(s, SMTP_S_READY);
 		return true;
 	}
 	smtp_data_init(&s->data);
+	s->msg_t0_us = smtp_mono(s->srv);
 	smtp_enter_state(s, SMTP_S_DATA);
 	/* 354 is an intermediate reply: no enhanced code (RFC 2034 3). */
 	reply(s, "354 End data with <CR><LF>.<CR><LF>");
@@ -911,6 +941,8 @@ smtp_cmd_bdat(struct smtp_session *s, const struct smtp_cmd *c)
 	s->bdat_last = last;
 	s->bdat_err = SMTP_FAIL_NONE;
 	s->bdat_prev = s->state;
+	if (s->state != SMTP_S_CHUNKING)
+		s->msg_t0_us = smtp_mono(srv); /* a message transfer starts */
 	switch (s->state) {
 	case SMTP_S_RCPT:
 		if (!s->esmtp) {
@@ -1130,6 +1162,7 @@ line_reset(struct smtp_session *s)
 {
 	smtp_line_reset(&s->line);
 	smtp_line_set_max(&s->line, SMTP_PARAM_LINE_MAX);
+	s->cmd_started = false;
 }
 
 static bool
@@ -1140,6 +1173,10 @@ step_command(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 
 	if (*off == n)
 		return false;
+	if (!s->cmd_started) {
+		s->cmd_started = true;
+		s->cmd_t0_us = smtp_mono(s->srv);
+	}
 	r = smtp_line_feed(&s->line, p + *off, n - *off, &used);
 	*off += used;
 	if (r == SMTP_PARSE_AGAIN)
@@ -1184,6 +1221,8 @@ step_data(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 		/* A new flag always comes with an empty run (smtp_data.h). */
 		if (s->data.bare)
 			msg_fail(s, SMTP_FAIL_BARE);
+		else if (s->data.nul)
+			msg_fail(s, SMTP_FAIL_NUL);
 		else if (s->data.long_line)
 			msg_fail(s, SMTP_FAIL_LONG_LINE);
 	}
@@ -1220,7 +1259,13 @@ step_bdat(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 		take = FD_MIN(take, s->srv->ops.room(s->srv->sink));
 		if (take == 0)
 			return false;
-		body_append(s, p + *off, take);
+		/* A chunk is binary for the transfer (RFC 3030), but without
+		 * BINARYMIME a NUL is not message content, and a next hop
+		 * may strip it (see SMTP_FAIL_NUL). */
+		if (memchr(p + *off, 0, take))
+			msg_fail(s, SMTP_FAIL_NUL);
+		else
+			body_append(s, p + *off, take);
 	}
 	*off += take;
 	s->bdat_left -= take;
@@ -1239,12 +1284,64 @@ early_talker(struct smtp_session *s)
 	smtp_close_after(s);
 }
 
+/*
+ * The deadlines of cfg (see smtp.h), checked when input arrives: a client
+ * that trickles octets never lets the idle timer fire, so the check sits
+ * where its octets come in. True: exceeded, 421 4.4.2 queued, closing.
+ */
+static bool
+deadline_passed(struct smtp_session *s)
+{
+	const struct smtp_config *cfg = &s->srv->cfg;
+	uint64_t limit_ms, t0;
+	const char *what;
+
+	switch (s->state) {
+	case SMTP_S_DATA:
+	case SMTP_S_BDAT:
+	case SMTP_S_CHUNKING:
+		limit_ms = cfg->data_timeout_ms;
+		t0 = s->msg_t0_us;
+		what = "data";
+		break;
+	case SMTP_S_INIT:
+	case SMTP_S_READY:
+	case SMTP_S_MAIL:
+	case SMTP_S_RCPT:
+		if (!s->cmd_started)
+			return false;
+		limit_ms = cfg->command_timeout_ms;
+		t0 = s->cmd_t0_us;
+		what = "command";
+		break;
+	case SMTP_S_FREE:
+	case SMTP_S_GREET_WAIT:
+	case SMTP_S_COMMIT:
+	case SMTP_S_CLOSING:
+	default:
+		return false;
+	}
+	if (limit_ms == 0 || smtp_mono(s->srv) - t0 <= limit_ms * 1000)
+		return false;
+	s->srv->stats.timeouts++;
+	fd_log(FD_LOG_INFO, "smtp",
+	       "%016" PRIx64 " event=timeout reason=%s state=%s", s->sid, what,
+	       smtp_state_name(s->state));
+	txn_reset(s); /* aborts a message being received */
+	reply(s, "421 4.4.2 %.255s Error: timeout exceeded",
+	      s->srv->cfg.hostname);
+	smtp_close_after(s);
+	return true;
+}
+
 size_t
 smtp_session_input(struct smtp_session *s, const uint8_t *p, size_t n)
 {
 	size_t off = 0;
 	bool more = true;
 
+	if (n > 0 && deadline_passed(s))
+		return 0;
 	if (s->state == SMTP_S_GREET_WAIT) {
 		if (n > 0)
 			early_talker(s);
@@ -1379,8 +1476,9 @@ smtp_session_timeout(struct smtp_session *s)
 	if (!end_now(s, &s->timeout_pending))
 		return;
 	s->srv->stats.timeouts++;
-	fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=timeout state=%s",
-	       s->sid, smtp_state_name(s->state));
+	fd_log(FD_LOG_INFO, "smtp",
+	       "%016" PRIx64 " event=timeout reason=idle state=%s", s->sid,
+	       smtp_state_name(s->state));
 	reply(s, "421 4.4.2 %.255s Error: timeout exceeded",
 	      s->srv->cfg.hostname);
 	smtp_close_after(s);
@@ -1393,6 +1491,30 @@ smtp_session_shutdown(struct smtp_session *s)
 		return;
 	reply(s, "421 4.3.2 %.255s Service shutting down",
 	      s->srv->cfg.hostname);
+	smtp_close_after(s);
+}
+
+void
+smtp_session_shutdown_now(struct smtp_session *s)
+{
+	struct smtp_server *srv = s->srv;
+	char id[FD_MSGID_TEXT_LEN + 1];
+
+	if (s->state != SMTP_S_COMMIT) {
+		smtp_session_shutdown(s);
+		return;
+	}
+	/* No 250 can come from here: only the spool's completion may send
+	 * it, and it has not come. The client hears 421 and retries. */
+	srv->ops.detach(srv->sink, s->msg);
+	s->msg = NULL;
+	fd_msgid_format(s->msgid, id);
+	fd_log(FD_LOG_WARN, "smtp",
+	       "%016" PRIx64 " event=commit_abandoned id=%s reason=shutdown",
+	       s->sid, id);
+	smtp_enter_state(s, SMTP_S_READY);
+	txn_reset(s);
+	reply(s, "421 4.3.2 %.255s Service shutting down", srv->cfg.hostname);
 	smtp_close_after(s);
 }
 
@@ -1530,6 +1652,9 @@ smtp_config_defaults(struct smtp_config *cfg)
 	cfg->max_sessions = 1024;
 	cfg->greet_delay = false;
 	cfg->now_us = NULL;
+	cfg->command_timeout_ms = 300000; /* RFC 5321 4.5.3.2.7 */
+	cfg->data_timeout_ms = 600000;
+	cfg->mono_us = NULL;
 }
 
 struct smtp_server *

@@ -10,9 +10,12 @@
  *      produce the 250s (worker.c);
  *   3. service "dirty" connections: offer held input again, start sends,
  *      close the ones that are done;
- *   4. timers: greeting delay, idle timeout;
+ *   4. timers: greeting delay, idle timeout (the command and message
+ *      deadlines are the engine's, checked as input arrives);
  *   5. spool_flush(): the loop is idle, so the batch being filled closes and
- *      goes out with the next submit (natural batching, DESIGN.md).
+ *      goes out with the next submit (natural batching, DESIGN.md);
+ *   6. stopping: at the force point 421 to everyone, at the deadline exit
+ *      (begin_stop()).
  *
  * Receives use single-shot recv with a provided-buffer ring (buffer
  * selection): an idle connection holds no buffer. A buffer the session did
@@ -39,7 +42,10 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <pthread.h>
+#include <stddef.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "finaldot/log.h"
@@ -62,6 +68,7 @@ enum op {
 	OP_ACCEPT = 3,
 	OP_WAKE = 4,
 	OP_IGNORE = 5, /* cancels: result not needed */
+	OP_SPOOL = 6,  /* the spool's wake eventfd: a spare is ready */
 };
 
 struct sock_loop;
@@ -113,9 +120,12 @@ struct sock_loop {
 	struct sock_conn *idle_head, *idle_tail;
 	struct sock_conn *dirty;
 	uint64_t wake_val;
+	uint64_t spool_wake_val;
 	bool wake_armed;
 	bool stopping;
-	uint64_t stop_deadline_us;
+	uint64_t stop_force_us;    /* shutdown: 421 to whoever still waits */
+	uint64_t stop_deadline_us; /* shutdown: close everything, exit */
+	bool stop_forced;
 	uint64_t sid_next;
 	uint64_t now_us;
 	uint64_t next_accept_rearm_us;
@@ -387,6 +397,17 @@ on_accept(struct sock_loop *l, struct sock_listener *ls, int fd)
 	socklen_t sl = sizeof(ss);
 	int one = 1;
 
+	/* Paused (finaldotctl pause): 421 4.3.2 and close, like busy_refuse;
+	 * the sessions already open go on. */
+	if (atomic_load_explicit(&fd_paused, memory_order_relaxed)) {
+		if (send(fd, l->w->paused_reply, l->w->paused_len,
+			 MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+			fd_debug("sock", "event=paused_send_failed errno=%d",
+				 errno);
+		close(fd);
+		l->w->paused_refused++;
+		return;
+	}
 	if (!c || l->stopping) {
 		busy_refuse(l, fd);
 		return;
@@ -460,6 +481,20 @@ arm_wake(struct sock_loop *l)
 	l->wake_armed = true;
 }
 
+/* The spool made room without a write completion (a spare segment is
+ * ready): held sessions get their input offered again (retry_held). */
+static void
+arm_spool_wake(struct sock_loop *l)
+{
+	struct io_uring_sqe *sqe = get_sqe(l);
+
+	if (!sqe)
+		return;
+	io_uring_prep_read(sqe, spool_wake_fd(l->w->spool), &l->spool_wake_val,
+			   sizeof(l->spool_wake_val), 0);
+	io_uring_sqe_set_data64(sqe, ud(l, OP_SPOOL));
+}
+
 /* Called by worker.c after a commit verdict reached a session. */
 static void
 wake_session(void *tctx)
@@ -467,14 +502,30 @@ wake_session(void *tctx)
 	mark_dirty(tctx);
 }
 
+/*
+ * Shutdown is bounded by shutdown_timeout (issue 10), whatever the disk
+ * does. Until the force point sessions end on their own: a commit in
+ * flight gets its verdict (250 or 451/452), then 421 4.3.2. At the force
+ * point (a quarter of the timeout, at most 1 s, before the deadline) every
+ * session still open is answered 421 4.3.2 at once, a commit still in
+ * flight included (smtp_session_shutdown_now()): the remaining time lets
+ * those replies go out. At the deadline the loop ends, with spool writes
+ * still in flight or not: no session waits for them any more.
+ */
 static void
 begin_stop(struct sock_loop *l)
 {
+	uint64_t t = l->w->cfg->shutdown_timeout_ms * 1000, grace = t / 4;
+
 	if (l->stopping)
 		return;
 	l->stopping = true;
-	l->stop_deadline_us =
-		l->now_us + l->w->cfg->shutdown_timeout_ms * 1000;
+	if (grace > 1000000)
+		grace = 1000000;
+	l->stop_force_us = l->now_us + t - grace;
+	l->stop_deadline_us = l->now_us + t;
+	if (l->stop_deadline_us < l->stop_force_us + 100000)
+		l->stop_deadline_us = l->stop_force_us + 100000;
 	for (unsigned i = 0; i < l->nlisteners; i++) {
 		/* Stop taking connections: the multishot accept ends. */
 		shutdown(l->listeners[i].fd, SHUT_RD);
@@ -565,6 +616,11 @@ on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
 		else
 			arm_wake(l);
 		return;
+	case OP_SPOOL:
+		l->spool_progress = true;
+		if (cqe->res >= 0 || cqe->res == -EAGAIN || cqe->res == -EINTR)
+			arm_spool_wake(l);
+		return;
 	case OP_NONE:
 	case OP_IGNORE:
 		return;
@@ -646,7 +702,8 @@ service_dirty(struct sock_loop *l)
 
 /*
  * Connections blocked on spool room get offered their input again after a
- * round that saw spool completions (a buffer may have come free). Commit
+ * round that saw spool completions (a buffer may have come free) or the
+ * spool's wake eventfd (a spare segment became ready: OP_SPOOL). Commit
  * verdicts wake their own session (wake_session), so this is only for room.
  * XXX: a scan of the connection table; a list of blocked connections would
  * make it proportional to the blocked ones.
@@ -665,6 +722,109 @@ retry_held(struct sock_loop *l)
 		    !smtp_session_commit_pending(c->s))
 			mark_dirty(c);
 	}
+}
+
+/*
+ * One owner per port (issue 10). Every worker binds its own listener with
+ * SO_REUSEPORT, and the kernel lets any socket of the same user join such a
+ * group: a second finaldot started on our port would silently take part of
+ * our connections. So before any worker binds, the first one to get here
+ * claims every configured address for the process:
+ *  1. it binds an abstract unix socket named after the address
+ *     ("@finaldot-listen 127.0.0.1:25") and keeps it open for the life of the
+ *     process. The name is unique per network namespace (as ports are),
+ *     taken atomically and released when the process ends, kill -9
+ *     included: of two finaldots started together exactly one gets it;
+ *  2. it binds a probe socket to the address WITHOUT SO_REUSEPORT and
+ *     closes it: that fails (EADDRINUSE) if anything listens there already,
+ *     with or without SO_REUSEPORT: another program, or a finaldot on an
+ *     overlapping address (0.0.0.0:25 against 127.0.0.1:25).
+ * Then every worker binds as before, and they share the port among
+ * themselves. The other workers wait for the claim and share its verdict.
+ * XXX a program other than finaldot that binds the port with SO_REUSEPORT,
+ * as our user, between the probe and our bind still joins the group: a
+ * window of two system calls, for a program that could hijack us anyway.
+ */
+static pthread_mutex_t claim_mu = PTHREAD_MUTEX_INITIALIZER;
+static bool claim_done;
+static int claim_err;
+static int claim_fds[FD_CONFIG_MAX_LISTEN];
+
+static int
+claim_one(const struct fd_listen *li, int *lock_fd)
+{
+	struct sockaddr_un un;
+	char host[INET6_ADDRSTRLEN] = "?";
+	unsigned port = 0;
+	socklen_t ulen;
+	int one = 1, fd, r = 0;
+
+	if (li->addr.ss_family == AF_INET) {
+		const struct sockaddr_in *a = (const void *)&li->addr;
+		inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+		port = ntohs(a->sin_port);
+	} else if (li->addr.ss_family == AF_INET6) {
+		const struct sockaddr_in6 *a = (const void *)&li->addr;
+		inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+		port = ntohs(a->sin6_port);
+	}
+	memset(&un, 0, sizeof(un));
+	un.sun_family = AF_UNIX;
+	/* sun_path[0] = 0: the abstract namespace (no file). */
+	int n = snprintf(un.sun_path + 1, sizeof(un.sun_path) - 1,
+			 "finaldot-listen %s%s%s:%u",
+			 li->addr.ss_family == AF_INET6 ? "[" : "", host,
+			 li->addr.ss_family == AF_INET6 ? "]" : "", port);
+	ulen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 +
+			   (size_t)n);
+	*lock_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (*lock_fd < 0)
+		return -errno;
+	if (bind(*lock_fd, (const struct sockaddr *)&un, ulen) != 0) {
+		r = -errno;
+		fd_log(FD_LOG_ERR, "sock",
+		       "event=listen_failed addr=%s error=\"%s\"", li->text,
+		       r == -EADDRINUSE
+			       ? "another finaldot listens on this address"
+			       : strerror(-r));
+		close(*lock_fd);
+		*lock_fd = -1;
+		return r;
+	}
+	fd = socket(li->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	/* SO_REUSEADDR as the listeners have it: a port whose last
+	 * connections sit in TIME_WAIT is free for a listener. */
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (li->addr.ss_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+	if (bind(fd, (const struct sockaddr *)&li->addr, li->addrlen) != 0) {
+		r = -errno;
+		fd_log(FD_LOG_ERR, "sock",
+		       "event=listen_failed addr=%s error=\"%s\"", li->text,
+		       r == -EADDRINUSE
+			       ? "address in use by another process"
+			       : strerror(-r));
+	}
+	close(fd);
+	return r;
+}
+
+static int
+claim_ports(const struct fd_config *cfg)
+{
+	int r;
+
+	pthread_mutex_lock(&claim_mu);
+	if (!claim_done) {
+		claim_done = true;
+		for (unsigned i = 0; i < cfg->n_listen && claim_err == 0; i++)
+			claim_err = claim_one(&cfg->listen[i], &claim_fds[i]);
+	}
+	r = claim_err;
+	pthread_mutex_unlock(&claim_mu);
+	return r;
 }
 
 static int
@@ -781,6 +941,27 @@ loop_fini(struct sock_loop *l)
 	munmap(l->bufs, (size_t)l->nbufs * BUF_SIZE);
 }
 
+/* The shutdown's force point: nobody waits past it for the spool. */
+static void
+force_stop(struct sock_loop *l)
+{
+	unsigned n = 0;
+
+	l->stop_forced = true;
+	for (unsigned i = 0; i < l->nconns; i++) {
+		struct sock_conn *c = &l->conns[i];
+		if (c->in_use && !c->closing && c->s) {
+			smtp_session_shutdown_now(c->s);
+			mark_dirty(c);
+			n++;
+		}
+	}
+	if (n)
+		fd_log(FD_LOG_WARN, "sock",
+		       "worker=%u event=stop_forced sessions=%u inflight=%u",
+		       l->w->id, n, spool_inflight(l->w->spool));
+}
+
 static bool
 loop_done(struct sock_loop *l)
 {
@@ -788,8 +969,7 @@ loop_done(struct sock_loop *l)
 		return false;
 	if (l->in_use == 0 && spool_inflight(l->w->spool) == 0)
 		return true;
-	return l->now_us >= l->stop_deadline_us &&
-	       spool_inflight(l->w->spool) == 0;
+	return l->now_us >= l->stop_deadline_us;
 }
 
 int
@@ -800,6 +980,8 @@ sock_worker_run(struct fd_worker *w)
 
 	if (!l)
 		return w->exit_status = -ENOMEM;
+	if ((r = claim_ports(w->cfg)) < 0)
+		goto out_free;
 	if ((r = loop_init(l, w)) < 0)
 		goto out_free;
 	if ((r = fd_worker_start(w, &l->ring, wake_session)) < 0)
@@ -820,6 +1002,7 @@ sock_worker_run(struct fd_worker *w)
 		arm_accept(l, &l->listeners[i]);
 	}
 	arm_wake(l);
+	arm_spool_wake(l);
 	atomic_store(&w->ready, true);
 
 	l->now_us = fd_now_monotonic_us();
@@ -855,11 +1038,21 @@ sock_worker_run(struct fd_worker *w)
 		} while (seen);
 		run_timers(l);
 		service_dirty(l);
+		w->conns_current = l->in_use;
 		fd_worker_poll(w);
 		/* Idle: close the batch being filled (natural batching). */
 		spool_flush(w->spool);
+		/* A verdict the flush produced (a commit that could not get a
+		 * segment) goes out now, not after the next wait. */
+		if (l->dirty)
+			service_dirty(l);
 		if (atomic_load(&w->stop) && !l->stopping)
 			begin_stop(l);
+		if (l->stopping && !l->stop_forced &&
+		    l->now_us >= l->stop_force_us) {
+			force_stop(l);
+			service_dirty(l);
+		}
 	}
 	r = 0;
 	if (l->in_use)
@@ -871,11 +1064,16 @@ sock_worker_run(struct fd_worker *w)
 			conn_close(&l->conns[i], "shutdown");
 out_worker:
 	/* Drain: every batch with a commit in it is written and completes,
-	 * and its callbacks run. */
+	 * and its callbacks run; but not past the shutdown deadline (the
+	 * sessions were answered 421: a write that never ends must not keep
+	 * the daemon; spool_destroy() logs what was left). */
 	while (w->spool && (spool_flush(w->spool), spool_inflight(w->spool))) {
 		struct io_uring_cqe *cqe;
+		struct __kernel_timespec ts = {.tv_nsec = TICK_US * 1000};
 		unsigned head, seen = 0;
-		io_uring_submit_and_wait(&l->ring, 1);
+		if (l->stopping && fd_now_monotonic_us() >= l->stop_deadline_us)
+			break;
+		io_uring_submit_and_wait_timeout(&l->ring, &cqe, 1, &ts, NULL);
 		io_uring_for_each_cqe(&l->ring, head, cqe)
 		{
 			if (spool_owns_cqe(cqe))

@@ -11,8 +11,11 @@ struct fd_worker;
 
 /*
  * Run worker w until w->stop is set and its sessions have ended (or the
- * shutdown timeout passed). Opens its own SO_REUSEPORT listeners on every
- * configured address. Sets w->exit_status; returns it.
+ * shutdown timeout passed: then whatever is left, spool writes included,
+ * is abandoned after a 421 to every session). Opens its own SO_REUSEPORT
+ * listeners on every configured address, once the first worker has
+ * claimed each address for this process (another finaldot there: every
+ * worker fails with -EADDRINUSE). Sets w->exit_status; returns it.
  */
 int sock_worker_run(struct fd_worker *w);
 

@@ -36,9 +36,15 @@
  * the one holding its END failed. Batches complete in order, so comparing
  * the last failed sequence number with the message's first one suffices.
  *
- * XXX: if the disk fills while a message is mid-body, spool_room() stays 0
- * for it until the preparer finds space again (retried each second); the
- * SMTP engine's data timeout ends such a session.
+ * Room comes back two ways: a batch completes (a buffer frees), or the
+ * preparer makes a spare segment ready (a new spare, a reclaimed segment,
+ * space found again after ENOSPC: retried each second). The first arrives
+ * as a CQE; the second is announced on spool_wake_fd() and counted for
+ * spool_room_changed(), so that a transport blocked in its ring wakes and
+ * offers held sessions their input again (issue 10). An END record that
+ * waited for a segment is written at the next spool_flush() once the
+ * spare is there. If the disk stays full, the SMTP engine's message
+ * deadline (--data-timeout) ends a session stuck mid-body.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -47,6 +53,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -64,7 +71,11 @@
 enum batch_state { B_FREE, B_FILLING, B_CLOSED, B_INFLIGHT, B_DONE };
 enum msg_state { M_FREE, M_OPEN, M_END_PENDING, M_COMMITTED };
 enum ud_op { OP_WRITE = 1, OP_FSYNC = 2, OP_NOP = 3 };
-enum fault_kind { F_NONE, F_FAIL_FROM, F_FAIL_ONCE, F_ENOSPC, F_HOLD };
+enum fault_kind {
+	F_NONE, F_FAIL_FROM, F_FAIL_ONCE, F_ENOSPC, F_HOLD,
+	F_NO_DSYNC,  /* mutant: writes without RWF_DSYNC or fdatasync */
+	F_NO_DIRSYNC /* mutant: applied by the preparer (spool_seg.c) */
+};
 
 struct batch {
 	uint8_t *buf;
@@ -141,6 +152,8 @@ struct spool {
 
 	struct spool_seg *active;
 	struct spool_prep *prep;
+	int wake_fd;             /* eventfd the preparer writes, or -1 */
+	uint64_t published_seen; /* spool_room_changed() */
 	struct fd_msgid_gen gen;
 	bool fsync_mode;
 	bool destroying;
@@ -212,6 +225,16 @@ parse_fault(struct spool *sp, const char *spec)
 	}
 	if (strcmp(spec, "enospc") == 0) {
 		sp->fault = F_ENOSPC;
+		return 0;
+	}
+	/* Durability mutants for the power-cut test (docs/powercut.md):
+	 * only a simulated power cut can tell them from the real thing. */
+	if (strcmp(spec, "no-dsync") == 0) {
+		sp->fault = F_NO_DSYNC;
+		return 0;
+	}
+	if (strcmp(spec, "no-dirsync") == 0) {
+		sp->fault = F_NO_DIRSYNC;
 		return 0;
 	}
 	if (strncmp(spec, "hold:", 5) == 0 && spec[5] &&
@@ -395,7 +418,7 @@ submit_batch(struct spool *sp, struct batch *b)
 	if (sp->fault == F_FAIL_ONCE && sp->writes == sp->fault_n)
 		fail = true;
 	b->fault_fail = fail;
-	b->fsync_mode = sp->fsync_mode && !fail;
+	b->fsync_mode = sp->fsync_mode && !fail && sp->fault != F_NO_DSYNC;
 	sqe = io_uring_get_sqe(sp->ring);
 	sqe2 = b->fsync_mode ? io_uring_get_sqe(sp->ring) : NULL;
 	if (!sqe || (b->fsync_mode && !sqe2))
@@ -416,7 +439,7 @@ submit_batch(struct spool *sp, struct batch *b)
 					    IORING_FSYNC_DATASYNC);
 			io_uring_sqe_set_data64(sqe2, ud_make(b, OP_FSYNC));
 			b->cqes_left = 2;
-		} else {
+		} else if (sp->fault != F_NO_DSYNC) {
 			sqe->rw_flags = RWF_DSYNC;
 		}
 	}
@@ -948,6 +971,10 @@ spool_flush(struct spool *sp)
 {
 	if (sp->n_reclaims || spool_prep_has_recycled(sp->prep))
 		service_reclaims(sp);
+	/* END records that found no segment: a spare may be ready now (the
+	 * preparer's wake, not a completion, brought us here). */
+	if (sp->pend_head)
+		service(sp);
 	/* Only a batch with an END in it has somebody waiting for it; and
 	 * while enough writes are in flight, the messages arriving now are
 	 * better off sharing the next one (group commit: flushes per message
@@ -956,6 +983,23 @@ spool_flush(struct spool *sp)
 		close_current(sp);
 	submit_closed(sp);
 	return 0;
+}
+
+int
+spool_wake_fd(const struct spool *sp)
+{
+	return sp->wake_fd;
+}
+
+bool
+spool_room_changed(struct spool *sp)
+{
+	uint64_t n = spool_prep_published(sp->prep);
+
+	if (n == sp->published_seen)
+		return false;
+	sp->published_seen = n;
+	return true;
 }
 
 unsigned
@@ -1026,7 +1070,14 @@ spool_create(const struct spool_params *p)
 		r = -EINVAL;
 		goto out_free;
 	}
+#ifdef FINALDOT_FAULT_INJECTION
 	fault = p->fault ? p->fault : getenv("FINALDOT_SPOOL_FAULT");
+#else
+	/* A release build has no seam: the environment is never read, so a
+	 * stray FINALDOT_SPOOL_FAULT can neither inject a fault nor stop the
+	 * daemon (issue 10). params.fault is a test API: refused below. */
+	fault = p->fault;
+#endif
 	if ((r = parse_fault(sp, fault)) != 0) {
 		fd_log(FD_LOG_ERR, "spool",
 		       "event=create_failed reason=fault_spec");
@@ -1089,12 +1140,17 @@ spool_create(const struct spool_params *p)
 		       "event=create_failed reason=mkdir err=%d", -r);
 		goto out_ring;
 	}
+	sp->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (sp->wake_fd < 0) {
+		r = -errno;
+		goto out_ring;
+	}
 	sp->prep = spool_prep_start(wdir, p->worker, p->segment_size,
 				    p->spare_segments, p->max_segments,
 				    sp->fault == F_ENOSPC, p->helper_cpus,
-				    &r);
+				    sp->wake_fd, &r);
 	if (!sp->prep)
-		goto out_ring;
+		goto out_wake;
 	r = spool_prep_wait_ready(sp->prep);
 	if (r && r != -ENOSPC && r != -EDQUOT) {
 		fd_log(FD_LOG_ERR, "spool",
@@ -1110,6 +1166,8 @@ spool_create(const struct spool_params *p)
 
 out_prep:
 	spool_prep_stop(sp->prep);
+out_wake:
+	close(sp->wake_fd);
 out_ring:
 	if (sp->own_ring)
 		io_uring_queue_exit(&sp->own);
@@ -1153,8 +1211,23 @@ spool_destroy(struct spool *sp)
 		       "event=destroy_busy worker=%u inflight=%u",
 		       sp->p.worker, sp->fifo_n);
 	}
+	/* Batches that never completed (the shutdown deadline passed with
+	 * writes held or in the kernel): no verdict will come; their
+	 * sessions were answered 421 and detached. Drop the segment
+	 * references they hold (the kernel holds its own on the file). */
+	while (sp->fifo_n) {
+		struct batch *b = &sp->b[sp->fifo[sp->fifo_head]];
+		sp->fifo_head = (sp->fifo_head + 1) % sp->nb;
+		sp->fifo_n--;
+		if (b->seg) {
+			b->seg->inflight--;
+			seg_release(b->seg);
+			b->seg = NULL;
+		}
+	}
 	fail_pending(sp, -ECANCELED);
 	spool_prep_stop(sp->prep);
+	close(sp->wake_fd);
 	free(sp->reclaims);
 	if (sp->active) {
 		sp->active->retired = true;

@@ -22,8 +22,9 @@
  * handed to spool_handle_cqe(). The kernel-socket transport shares its ring
  * this way so that one io_uring_submit_and_wait() serves network and disk.
  *
- * Fault injection (tests; see docs/spool-format.md): params.fault, or the
- * environment variable FINALDOT_SPOOL_FAULT, selects
+ * Fault injection (test builds only, -Dfault_injection=true; see
+ * docs/spool-format.md): params.fault, or the environment variable
+ * FINALDOT_SPOOL_FAULT (never read by a release build), selects
  *   "fail-write"        every batch write completes with -EIO
  *   "fail-write:N"      the N-th batch write (1-based) and later ones fail
  *   "fail-once:N"       only the N-th batch write fails
@@ -192,6 +193,20 @@ int spool_set_fault(struct spool *sp, const char *spec);
  * logged. Cheap to call; the work happens in spool_flush(). 0 or -ENOMEM.
  */
 int spool_reclaim(struct spool *sp, uint64_t file_no, uint64_t use_seq);
+
+/*
+ * Room that does not come from a write completion (issue 10): the segment
+ * preparer made a spare ready (new, reclaimed, or space found again after
+ * ENOSPC). spool_wake_fd() is an eventfd that becomes readable then (the
+ * caller reads its 8 bytes to re-arm it; the spool owns and closes it): a
+ * transport that sleeps in its ring polls it there. spool_room_changed()
+ * says the same to a polling loop: true once after each such event. Either
+ * way the caller offers held sessions their input again and calls
+ * spool_flush() (which also writes END records that waited for a
+ * segment).
+ */
+int spool_wake_fd(const struct spool *sp);
+bool spool_room_changed(struct spool *sp);
 
 /* Batches submitted and not yet completed. */
 unsigned spool_inflight(const struct spool *sp);

@@ -26,15 +26,26 @@ struct spool_prep;
 
 /*
  * Start the preparer for wdir (created if missing): it first classifies the
- * segments already there (those holding no valid record become spares),
- * then keeps `spares` zeroed segments of seg_size ready. no_space: make
+ * segments already there (those holding no valid record become spares; one
+ * whose header is damaged stays sealed if it holds any intact record) and
+ * writes the segment list (spool_ledger.h), then keeps `spares` zeroed
+ * segments of seg_size ready. no_space: make
  * nothing, report -ENOSPC (fault injection). cpus: the thread's affinity
  * (NULL: inherited). Returns NULL with *err set.
  */
 struct spool_prep *spool_prep_start(const char *wdir, unsigned worker,
 				    uint64_t seg_size, unsigned spares,
 				    uint64_t max_segments, bool no_space,
-				    const cpu_set_t *cpus, int *err);
+				    const cpu_set_t *cpus, int wake_fd,
+				    int *err);
+/*
+ * Segments made ready so far (a relaxed read): it grows each time a spare
+ * joins the ready list, which is when spool room may come back. The
+ * preparer also adds 1 to the eventfd wake_fd (if >= 0) each time, so a
+ * worker blocked in its ring wakes up (issue 10: a session waiting for
+ * room was otherwise woken only by a write completion).
+ */
+uint64_t spool_prep_published(const struct spool_prep *pp);
 /* Blocks until one spare is ready (0) or the preparer failed (-errno). */
 int spool_prep_wait_ready(struct spool_prep *pp);
 /* Non-blocking: 0 and *out, -EAGAIN (not ready yet), -ENOSPC or -errno. */

@@ -53,6 +53,8 @@ struct fd_config {
 	unsigned max_errors;
 	unsigned max_connections; /* per worker */
 	uint64_t idle_timeout_ms;
+	uint64_t command_timeout_ms; /* one command line, first octet to LF */
+	uint64_t data_timeout_ms;    /* one message's data, 354 to the end */
 	uint64_t greet_delay_ms;
 	uint64_t shutdown_timeout_ms;
 
@@ -94,6 +96,11 @@ struct fd_config {
 	/* operations */
 	char log_file[FD_CONFIG_STR];
 	int log_level; /* enum fd_log_level */
+	char control[FD_CONFIG_STR];      /* control socket path, or "off" */
+	bool control_derived;             /* not given: beside the spool */
+	char control_group[64];           /* "" none */
+	char metrics[64];                 /* ADDR:PORT, "" or "off": none */
+	struct fd_listen metrics_addr;    /* parsed, when metrics is on */
 	bool help;
 	bool version;
 	bool check;    /* --check-config: parse, print, exit */

@@ -211,3 +211,61 @@ Test(config, aliases_are_flags_only)
 	cr_assert_neq(parse(3, argv), 0, "the file spells it dpdk_eal");
 	unlink(path);
 }
+
+/* Issue 10: --config DIR is an error, not an empty config. */
+Test(config, config_directory_is_an_error)
+{
+	char dir[] = "/tmp/fdconfdirXXXXXX";
+	cr_assert_not_null(mkdtemp(dir));
+	char *argv[] = {"finaldot", "--config", dir};
+	cr_assert_neq(parse(3, argv), 0, "a directory read as a config");
+	cr_assert(strstr(errbuf, dir) && strstr(errbuf, "directory"), "%s",
+		  errbuf);
+	rmdir(dir);
+}
+
+/* Issue 10: a NUL octet cut "listen = 127.0.0.1:2600\0junk" short and the
+ * rest of the line went unread; now the line is an error naming it. */
+Test(config, nul_in_a_line_is_an_error_naming_it)
+{
+	char path[] = "/tmp/fdconfXXXXXX";
+	int fd = mkstemp(path);
+	static const char text[] = "threads = 2\nlisten = 127.0.0.1:2600\0x\n";
+	cr_assert_eq(write(fd, text, sizeof(text) - 1),
+		     (ssize_t)sizeof(text) - 1);
+	close(fd);
+	char *argv[] = {"finaldot", "--config", path};
+	cr_assert_neq(parse(3, argv), 0, "a NUL was taken as the end of line");
+	cr_assert(strstr(errbuf, ":2: NUL"), "%s", errbuf);
+	unlink(path);
+}
+
+/* A line longer than any buffer is one line, not several. */
+Test(config, long_line_is_one_line)
+{
+	char path[] = "/tmp/fdconfXXXXXX";
+	int fd = mkstemp(path);
+	FILE *f = fdopen(fd, "w");
+	fprintf(f, "hostname = ");
+	for (int i = 0; i < 3000; i++)
+		fputc('a', f);
+	fprintf(f, "\nthreads = 2\n");
+	fclose(f);
+	char *argv[] = {"finaldot", "--config", path};
+	cr_assert_neq(parse(3, argv), 0);
+	cr_assert(strstr(errbuf, ":1: hostname: value too long"), "%s",
+		  errbuf);
+	unlink(path);
+}
+
+/* Issue 10: the command and message deadlines are options. */
+Test(config, command_and_data_timeouts)
+{
+	char *argv[] = {"finaldot", "--command-timeout", "90s",
+			"--data-timeout", "20m"};
+	cr_assert_eq(c.command_timeout_ms, 300000, "RFC 5321 4.5.3.2");
+	cr_assert_eq(c.data_timeout_ms, 600000);
+	cr_assert_eq(parse(5, argv), 0, "%s", errbuf);
+	cr_assert_eq(c.command_timeout_ms, 90000);
+	cr_assert_eq(c.data_timeout_ms, 1200000);
+}

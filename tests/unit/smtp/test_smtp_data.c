@@ -177,3 +177,51 @@ Test(smtp_data, zero_budget_blocks_without_consuming)
 		     SMTP_DATA_END);
 	cr_assert_eq(run.used, 0);
 }
+
+/*
+ * Issue 10: a NUL is flagged at its octet, with an empty run first (so
+ * the body before it is exactly what preceded it), whatever the split and
+ * budget; it ends nothing: "\r\n\0.\r\n" and "\r\n.\0\r\n" are body.
+ */
+static void
+check_nul(const char *in, size_t n, size_t before, bool end)
+{
+	for (size_t piece = 0; piece <= n; piece++) {
+		for (size_t budget = 0; budget <= 3; budget++) {
+			struct smtp_data d;
+			size_t off = 0, body = 0, at = SIZE_MAX;
+			bool done = false;
+
+			smtp_data_init(&d);
+			while (off < n && !done) {
+				size_t e = piece ? FD_MIN_T(off + piece, n) : n;
+				while (off < e && !done) {
+					struct smtp_data_run run;
+					enum smtp_data_result r = smtp_data_scan(
+						&d, (const uint8_t *)in + off,
+						e - off,
+						budget ? budget : SIZE_MAX, &run);
+					off += run.used;
+					if (d.nul && at == SIZE_MAX) {
+						cr_assert_eq(run.len, 0);
+						at = body;
+					}
+					body += run.len;
+					done = r == SMTP_DATA_END;
+				}
+			}
+			cr_assert(d.nul, "no NUL seen (piece %zu)", piece);
+			cr_assert_eq(at, before, "piece %zu budget %zu", piece,
+				     budget);
+			cr_assert_eq(done, end, "piece %zu", piece);
+		}
+	}
+}
+
+Test(smtp_data, nul_flagged_never_ends_data)
+{
+	check_nul("ab\r\n\0.\r\nc\r\n.\r\n", 14, 4, true);
+	check_nul("ab\r\n.\0\r\nc\r\n.\r\n", 14, 4, true);
+	check_nul("\0", 1, 0, false);
+	check_nul("x\r\0\n", 4, 2, false);
+}

@@ -683,11 +683,15 @@ Test(smtp_session, begin_and_append_failures)
 	t.fs.begin_err = -ENOSPC;
 	expect("DATA\r\n", "452 4.3.1 mx.example.com Error: insufficient "
 			   "system storage\r\n");
+	/* A 4xx to DATA ends the transaction (issue 10). */
 	t.fs.begin_err = -EIO;
-	expect("DATA\r\n", "451 4.3.0 mx.example.com Error: local error in "
-			   "processing\r\n");
+	expect(FROM TO "DATA\r\n",
+	       "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+	       "451 4.3.0 mx.example.com Error: local error in "
+	       "processing\r\n");
 	t.fs.begin_err = -ENOSPC;
-	expect("BDAT 4 LAST\r\nabcdNOOP\r\n",
+	expect(FROM TO "BDAT 4 LAST\r\nabcdNOOP\r\n",
+	       "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
 	       "452 4.3.1 mx.example.com Error: insufficient system "
 	       "storage\r\n250 2.0.0 Ok\r\n");
 	t.fs.begin_err = 0;
@@ -742,7 +746,8 @@ Test(smtp_session, begin_eagain_holds_the_command)
 
 Test(smtp_session, bdat_chunks)
 {
-	static const char chunk[] = "a\r\n.\r\nb\nc\r.\r\n\0z"; /* 15 */
+	/* Binary but for NUL (issue 10: a NUL rejects, nul_in_bdat_chunk). */
+	static const char chunk[] = "a\r\n.\r\nb\nc\r.\r\n\1z"; /* 15 */
 	char in[256];
 	size_t n;
 
@@ -759,7 +764,7 @@ Test(smtp_session, bdat_chunks)
 				 "250 2.0.0 Ok: queued as 0000000000000001\r\n");
 	cr_assert_eq(t.fs.body.len, strlen(RECEIVED_ONE) + 18);
 	cr_assert(memcmp(t.fs.body.p + strlen(RECEIVED_ONE),
-			 "a\r\n.\r\nb\nc\r.\r\n\0zend", 18) == 0);
+			 "a\r\n.\r\nb\nc\r.\r\n\1zend", 18) == 0);
 	expect(FROM TO "BDAT 0 LAST\r\n",
 	       "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
 	       "250 2.0.0 Ok: queued as 0000000000000002\r\n");
@@ -1429,5 +1434,237 @@ Test(smtp_session, rcpt_check_unknowns_count_toward_max_errors)
 	cr_assert(smtp_session_want_close(t.s));
 	cr_assert_eq(smtp_server_stats(t.srv)->rcpt_unknown, 3);
 	cr_assert_eq(t.fs.begins, 0);
+	finish();
+}
+
+/* ---- issue 10 ---- */
+
+/*
+ * After a 4xx to DATA (the spool full or failing) the transaction is over:
+ * the client's next MAIL is a new transaction, not a nested MAIL (503) that
+ * would count toward max_errors. Here max_errors is 1: one such 503 would
+ * have ended the session with 421.
+ */
+Test(smtp_session, data_4xx_resets_the_transaction)
+{
+	struct smtp_config cfg;
+
+	td_config(&cfg);
+	cfg.max_errors = 1;
+	start_cfg(&cfg, NULL);
+	to_rcpt();
+	t.fs.begin_err = -ENOSPC;
+	expect("DATA\r\n", "452 4.3.1 mx.example.com Error: insufficient "
+			   "system storage\r\n");
+	t.fs.begin_err = -EIO;
+	expect(FROM TO "DATA\r\n",
+	       "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+	       "451 4.3.0 mx.example.com Error: local error in "
+	       "processing\r\n");
+	t.fs.begin_err = 0;
+	expect(FROM TO "DATA\r\nretry\r\n.\r\n",
+	       "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+	       "354 End data with <CR><LF>.<CR><LF>\r\n"
+	       "250 2.0.0 Ok: queued as 0000000000000001\r\n");
+	cr_assert(!smtp_session_want_close(t.s));
+	cr_assert_eq(smtp_server_stats(t.srv)->syntax_errors, 0);
+	cr_assert_eq(smtp_server_stats(t.srv)->messages_failed, 2);
+	finish();
+}
+
+/*
+ * NUL octets in DATA: stored and answered 250 before issue 10. A next hop
+ * that strips NULs turns "\r\n\0.\r\n" and "\r\n.\0\r\n" into the end of
+ * data, so the rest would be smuggled as a second message one hop later.
+ * Now a NUL rejects the message like a bare CR/LF: 550 5.6.0 at its end.
+ */
+static void
+nul_variant(const char *v, size_t vlen)
+{
+	char in[512];
+	size_t n = 0;
+	static const char head[] = "DATA\r\nhello\r\n";
+	static const char tail[] = "MAIL FROM:<evil@evil.example>\r\n"
+				   "\r\n.\r\nNOOP\r\n";
+
+	memcpy(in, head, sizeof(head) - 1);
+	n += sizeof(head) - 1;
+	memcpy(in + n, v, vlen);
+	n += vlen;
+	memcpy(in + n, tail, sizeof(tail) - 1);
+	n += sizeof(tail) - 1;
+	start();
+	to_rcpt();
+	td_feed(&t, in, n);
+	const char *out = take();
+	cr_assert_str_eq(out,
+			 "354 End data with <CR><LF>.<CR><LF>\r\n"
+			 "550 5.6.0 Error: NUL octet in message data\r\n"
+			 "250 2.0.0 Ok\r\n",
+			 "variant %zu: %s", vlen, out);
+	cr_assert_eq(t.fs.commits, 0);
+	cr_assert_eq(t.fs.aborts, 1);
+	cr_assert_eq(smtp_server_stats(t.srv)->messages_rejected, 1);
+	finish();
+}
+
+Test(smtp_session, nul_before_dot) { nul_variant("\0.\r\n", 4); }
+Test(smtp_session, nul_after_dot) { nul_variant(".\0\r\n", 4); }
+Test(smtp_session, nul_in_text) { nul_variant("a\0b\r\n", 5); }
+
+/*
+ * BDAT without BINARYMIME: a NUL in a chunk rejects the message too, in
+ * the reply to that chunk (RFC 3030 2: after a 5xx to a chunk the client
+ * sends no more of them), here the first of two.
+ */
+Test(smtp_session, nul_in_bdat_chunk)
+{
+	start();
+	to_rcpt();
+	td_feed(&t, "BDAT 5\r\nab\0cdNOOP\r\n", 19);
+	cr_assert_str_eq(take(), "550 5.6.0 Error: NUL octet in message "
+				 "data\r\n250 2.0.0 Ok\r\n");
+	cr_assert_eq(t.fs.commits, 0);
+	cr_assert_eq(t.fs.aborts, 1);
+	expect(FROM TO "BDAT 4 LAST\r\nab\r\n",
+	       "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+	       "250 2.0.0 Ok: queued as 0000000000000002\r\n");
+	finish();
+}
+
+/* ---- deadlines (RFC 5321 4.5.3.2; issue 10: slowloris) ---- */
+
+static uint64_t fake_mono;
+static uint64_t
+fake_clock(void)
+{
+	return fake_mono;
+}
+
+static void
+start_deadlines(void)
+{
+	struct smtp_config cfg;
+
+	td_config(&cfg);
+	cfg.mono_us = fake_clock;
+	cfg.command_timeout_ms = 60000;
+	cfg.data_timeout_ms = 120000;
+	fake_mono = 1000000;
+	start_cfg(&cfg, NULL);
+	take();
+}
+
+/* One octet every 10 s keeps any idle timer quiet; the command line has
+ * a deadline from its first octet. */
+Test(smtp_session, command_trickled_a_byte_at_a_time)
+{
+	static const char line[] = "NOOP and some more words to trickle\r\n";
+
+	start_deadlines();
+	expect(HELLO, EHLO_REPLY);
+	size_t i;
+	for (i = 0; i < sizeof(line) - 1 && !smtp_session_want_close(t.s);
+	     i++) {
+		td_feed(&t, line + i, 1);
+		fake_mono += 10 * 1000000;
+	}
+	cr_assert_lt(i, sizeof(line) - 1, "the line completed");
+	cr_assert_eq(i, 8, "the octet after 60 s ends it (%zu)", i);
+	cr_assert_str_eq(take(), "421 4.4.2 mx.example.com Error: timeout "
+				 "exceeded\r\n");
+	cr_assert(smtp_session_want_close(t.s));
+	cr_assert_eq(smtp_server_stats(t.srv)->timeouts, 1);
+	finish();
+}
+
+/* Quick commands after a long pause are fine: the deadline runs from the
+ * first octet of the line, silence is the transport's idle timeout. */
+Test(smtp_session, pause_between_commands_is_not_a_timeout)
+{
+	start_deadlines();
+	expect(HELLO, EHLO_REPLY);
+	fake_mono += 3600ull * 1000000;
+	expect("NOOP\r\n", "250 2.0.0 Ok\r\n");
+	fake_mono += 59 * 1000000;
+	expect("NO", "");
+	fake_mono += 59 * 1000000;
+	expect("OP\r\n", "250 2.0.0 Ok\r\n");
+	finish();
+}
+
+/* The message's data has a total limit, however fast each piece comes. */
+Test(smtp_session, data_total_time_limit)
+{
+	start_deadlines();
+	to_rcpt();
+	expect("DATA\r\n", "354 End data with <CR><LF>.<CR><LF>\r\n");
+	for (int i = 0; i < 11; i++) {
+		expect("a line of the body\r\n", "");
+		fake_mono += 10 * 1000000; /* 110 s in all */
+	}
+	fake_mono += 11 * 1000000;
+	expect("one too late\r\n",
+	       "421 4.4.2 mx.example.com Error: timeout exceeded\r\n");
+	cr_assert(smtp_session_want_close(t.s));
+	cr_assert_eq(t.fs.aborts, 1);
+	cr_assert_eq(t.fs.commits, 0);
+	finish();
+}
+
+/* BDAT: the limit spans the chunks and the commands between them. */
+Test(smtp_session, bdat_total_time_limit)
+{
+	start_deadlines();
+	to_rcpt();
+	expect("BDAT 3\r\nabc", "250 2.0.0 Ok: 3 octets received\r\n");
+	fake_mono += 100 * 1000000;
+	expect("BDAT 3\r\ndef", "250 2.0.0 Ok: 3 octets received\r\n");
+	fake_mono += 21 * 1000000;
+	expect("BDAT 3 LAST\r\nghi",
+	       "421 4.4.2 mx.example.com Error: timeout exceeded\r\n");
+	cr_assert_eq(t.fs.aborts, 1);
+	cr_assert_eq(t.fs.commits, 0);
+	finish();
+}
+
+/* 0 is no limit. */
+Test(smtp_session, deadlines_zero_is_no_limit)
+{
+	struct smtp_config cfg;
+
+	td_config(&cfg);
+	cfg.mono_us = fake_clock;
+	cfg.command_timeout_ms = 0;
+	cfg.data_timeout_ms = 0;
+	fake_mono = 1;
+	start_cfg(&cfg, NULL);
+	take();
+	expect("NO", "");
+	fake_mono += 86400ull * 1000000;
+	expect("OP\r\n", "250 2.0.0 Ok\r\n");
+	finish();
+}
+
+/* The shutdown deadline: a commit still in flight gets 421 4.3.2 instead
+ * of its verdict, and the message is detached (never aborted: it may yet
+ * become durable). */
+Test(smtp_session, shutdown_now_with_commit_in_flight)
+{
+	start();
+	to_rcpt();
+	t.auto_commit = false;
+	expect("DATA\r\nx\r\n.\r\n", "354 End data with <CR><LF>.<CR><LF>\r\n");
+	smtp_session_shutdown(t.s);
+	td_drain(&t);
+	cr_assert_str_eq(take(), "");
+	smtp_session_shutdown_now(t.s);
+	td_drain(&t);
+	cr_assert_str_eq(take(), "421 4.3.2 mx.example.com Service shutting "
+				 "down\r\n");
+	cr_assert(smtp_session_want_close(t.s));
+	cr_assert_eq(t.fs.detaches, 1);
+	cr_assert_eq(t.fs.aborts, 0);
+	cr_assert_eq(smtp_server_stats(t.srv)->messages_committed, 0);
 	finish();
 }

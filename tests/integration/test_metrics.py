@@ -1,0 +1,279 @@
+#!/usr/bin/python3
+"""/metrics (--metrics ADDR:PORT), in Prometheus' text format.
+
+  test_metrics.py            the exposition after real traffic: promtool
+                             check metrics passes, the counters say what
+                             happened (messages, bytes, rejections by
+                             reason, paused refusals, the final-dot-to-250
+                             histogram, the queue by state), no label
+                             carries an id or an address; and the HTTP
+                             side: 404, 405, HEAD, 400, 431, HTTP/1.0, an
+                             idle connection that does not block a scrape.
+  test_metrics.py prometheus a real Prometheus server (its own config and
+                             data in a temp dir, scraping finaldot every
+                             second on loopback) answers a query for the
+                             accepted-message counter after mail was sent.
+Skipped (77) with the reason when promtool / prometheus is missing.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fdtest import Daemon, FINALDOTCTL, FINALDOT, check, fail, free_port, \
+    skip  # noqa: E402
+from delivtest import send, message, wait  # noqa: E402
+
+
+def http(port, raw, timeout=10):
+    """Send raw bytes, return everything the server sent until it closed."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(raw)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    finally:
+        s.close()
+
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                timeout=10) as r:
+        check(r.status == 200, f"status {r.status}")
+        ctype = r.headers["Content-Type"]
+        check(ctype == "text/plain; version=0.0.4; charset=utf-8",
+              f"Content-Type {ctype}")
+        return r.read().decode()
+
+
+def samples(text):
+    """{'name{labels}': value} of every sample line."""
+    res = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, val = line.rsplit(" ", 1)
+        res[key] = float(val)
+    return res
+
+
+def ctl(d, *args):
+    r = subprocess.run([FINALDOTCTL, "--control",
+                        os.path.join(d.tmp, "control.sock"), *args],
+                       capture_output=True, timeout=30)
+    check(r.returncode == 0, f"finaldotctl {args}: {r.stderr!r}")
+
+
+def traffic(d):
+    """3 messages, one relay refusal, one syntax error, one paused
+    refusal."""
+    for i in range(3):
+        send(d, "a@example.com", ["u@localhost"], message(i))
+    c = d.connect()
+    c.expect(220)
+    c.cmd("EHLO m.test", 250)
+    c.cmd("MAIL FROM:<a@example.com>", 250)
+    c.cmd("RCPT TO:<x@elsewhere.org>", 550, r"5\.7\.1")
+    c.cmd("FROB", 500)
+    c.cmd("QUIT", 221)
+    c.close()
+    ctl(d, "pause")
+    c = d.connect()
+    c.expect(421, r"4\.3\.2")
+    c.close()
+    ctl(d, "resume")
+
+
+def exposition():
+    if not shutil.which("promtool"):
+        skip("promtool is not installed (Debian package prometheus)")
+    mport = free_port()
+    with Daemon("--metrics", f"127.0.0.1:{mport}", threads=2) as d:
+        traffic(d)
+        # Workers publish every few ms, the queue manager a few times a
+        # second: wait for the whole picture.
+        want = {
+            "finaldot_messages_accepted_total": 3,
+            'finaldot_smtp_rejections_total{class="5xx",reason='
+            '"relay_denied"}': 1,
+            'finaldot_smtp_rejections_total{class="5xx",reason="syntax"}':
+                1,
+            'finaldot_smtp_rejections_total{class="4xx",reason="paused"}':
+                1,
+            'finaldot_connections_refused_total{transport="kernel",'
+            'reason="paused"}': 1,
+            'finaldot_connections_total{transport="kernel"}': 4,
+            "finaldot_final_dot_latency_seconds_count": 3,
+            'finaldot_queue_messages{state="deferred"}': 3,
+            "finaldot_listener_paused": 0,
+            "finaldot_workers": 2,
+        }
+        got = {}
+
+        def settled():
+            got.update(samples(scrape(mport)))
+            return all(got.get(k) == v for k, v in want.items())
+        try:
+            wait(settled, 10, "the counters")
+        except SystemExit:
+            fail(f"metrics: {[(k, got.get(k), v) for k, v in want.items()]}")
+        text = scrape(mport)
+        r = subprocess.run(["promtool", "check", "metrics"],
+                           input=text.encode(), capture_output=True,
+                           timeout=60)
+        check(r.returncode == 0, f"promtool check metrics: "
+              f"{r.stdout.decode()} {r.stderr.decode()}")
+        s = samples(text)
+        check(s["finaldot_accepted_message_bytes_total"] > 3 * 2000,
+              "accepted bytes")
+        check(s['finaldot_build_info{version="%s",transport="kernel"}' %
+                subprocess.run([FINALDOT, "--version"], capture_output=True,
+                               text=True).stdout.split()[-1]] == 1,
+              "build_info")
+        # The histogram: cumulative buckets from 50 us to 10 s, +Inf last.
+        buckets = [(m.group(1), v) for k, v in s.items()
+                   if (m := re.match(r'finaldot_final_dot_latency_seconds_'
+                                     r'bucket\{le="([^"]+)"\}', k))]
+        check([b for b, _ in buckets][0] == "5e-05" and
+              buckets[-2][0] == "10" and buckets[-1][0] == "+Inf",
+              f"buckets {buckets}")
+        vals = [v for _, v in buckets]
+        check(vals == sorted(vals) and vals[-1] == 3, f"cumulative {vals}")
+        check(0 < s["finaldot_final_dot_latency_seconds_sum"] < 30,
+              "latency sum")
+        # Bounded labels: no address, no id, anywhere.
+        for k in s:
+            for lv in re.findall(r'="([^"]*)"', k):
+                check(not re.search(r"\d+\.\d+\.\d+\.\d+|[0-9A-Fa-f]{16}|@",
+                                    lv), f"unbounded label value in {k}")
+        check(len(s) < 200, f"{len(s)} series")
+
+        # HTTP.
+        def status_of(raw):
+            head = http(mport, raw).split(b"\r\n", 1)[0]
+            return head.decode()
+        check(status_of(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") ==
+              "HTTP/1.1 404 Not Found", "404")
+        resp = http(mport, b"POST /metrics HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Length: 0\r\n\r\n")
+        check(resp.startswith(b"HTTP/1.1 405 ") and
+              b"\r\nAllow: GET, HEAD\r\n" in resp, f"405: {resp[:200]!r}")
+        resp = http(mport, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body = resp.split(b"\r\n\r\n", 1)
+        check(head.startswith(b"HTTP/1.1 200 ") and body == b"" and
+              int(re.search(rb"Content-Length: (\d+)", head).group(1)) >
+              1000, f"HEAD: {resp[:300]!r}")
+        resp = http(mport, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n")
+        head, body = resp.split(b"\r\n\r\n", 1)
+        check(head.startswith(b"HTTP/1.1 200 ") and
+              int(re.search(rb"Content-Length: (\d+)", head).group(1)) ==
+              len(body) and b"finaldot_workers 2\n" in body,
+              "HTTP/1.0 with a query string")
+        check(status_of(b"hello\r\n\r\n").startswith("HTTP/1.1 400 "),
+              "garbage: 400")
+        check(status_of(b"GET /metrics HTTP/2.0\r\n\r\n").startswith(
+            "HTTP/1.1 400 "), "HTTP/2.0 text: 400")
+        check(status_of(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 5000 +
+                        b"\r\n\r\n").startswith("HTTP/1.1 431 "),
+              "an oversized head: 431")
+        idle = socket.create_connection(("127.0.0.1", mport))
+        idle.sendall(b"GET /metr")  # and nothing more
+        check("finaldot_workers 2" in scrape(mport),
+              "an idle connection blocked a scrape")
+        idle.close()
+        check(d.stop() == 0, "exit status")
+    with Daemon() as d:
+        check("metrics event=listening" not in d.read_log(),
+              "/metrics is on without --metrics")
+    r = subprocess.run([FINALDOT, "--metrics", "localhost", "--check-config"],
+                       capture_output=True, text=True)
+    check(r.returncode == 2 and "metrics: expected ADDR:PORT" in r.stderr,
+          f"a bad --metrics: {r.returncode} {r.stderr!r}")
+    print("ok: promtool check metrics passes; the counters match the "
+          "traffic; labels are bounded; 404/405/HEAD/400/431/HTTP 1.0 and "
+          "an idle client")
+
+
+def prometheus():
+    exe = shutil.which("prometheus")
+    if not exe:
+        skip("prometheus is not installed (Debian package prometheus)")
+    mport, pport = free_port(), free_port()
+    tmp = tempfile.mkdtemp(prefix="fdprom-")
+    proc = None
+    try:
+        with open(os.path.join(tmp, "prometheus.yml"), "w") as f:
+            f.write("global:\n  scrape_interval: 1s\n"
+                    "  evaluation_interval: 1s\n"
+                    "scrape_configs:\n  - job_name: finaldot\n"
+                    "    static_configs:\n"
+                    f"      - targets: ['127.0.0.1:{mport}']\n")
+        with Daemon("--metrics", f"127.0.0.1:{mport}") as d:
+            log = open(os.path.join(tmp, "prometheus.log"), "w")
+            proc = subprocess.Popen(
+                [exe, f"--config.file={tmp}/prometheus.yml",
+                 f"--storage.tsdb.path={tmp}/data",
+                 f"--web.listen-address=127.0.0.1:{pport}"],
+                stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=tmp)
+            base = f"http://127.0.0.1:{pport}"
+
+            def ready():
+                if proc.poll() is not None:
+                    with open(os.path.join(tmp, "prometheus.log")) as lf:
+                        fail(f"prometheus exited: {lf.read()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(base + "/-/ready",
+                                                timeout=2) as r:
+                        return r.status == 200
+                except (urllib.error.URLError, ConnectionError,
+                        socket.timeout):
+                    return False
+            wait(ready, 60, "prometheus ready")
+            for i in range(2):
+                send(d, "a@example.com", ["u@localhost"], message(i))
+
+            def query(q):
+                url = base + "/api/v1/query?" + urllib.parse.urlencode(
+                    {"query": q})
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    res = json.load(r)
+                check(res["status"] == "success", f"query {q}: {res}")
+                return [float(x["value"][1]) for x in res["data"]["result"]]
+            wait(lambda: query("finaldot_messages_accepted_total") == [2.0],
+                 60, "prometheus to see 2 accepted messages")
+            check(query('up{job="finaldot"}') == [1.0], "up == 1")
+            check(query("finaldot_final_dot_latency_seconds_count") ==
+                  [2.0], "the histogram scraped")
+    finally:
+        if proc and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("ok: a real Prometheus scraped finaldot and answered "
+          "finaldot_messages_accepted_total == 2")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["prometheus"]:
+        prometheus()
+    else:
+        exposition()

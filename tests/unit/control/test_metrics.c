@@ -1,0 +1,201 @@
+/*
+ * metrics: the exposition text from known counters (two fake workers, a
+ * fake queue, fake DPDK counters), the latency buckets' edges, and the
+ * workers' publish/load copy.
+ */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cplane.h"
+#include "metrics.h"
+
+/* The queue manager is not linked: this stands in for its stats. */
+void
+cp_get_stats(struct cplane *cp, struct cp_stats *st)
+{
+	(void)cp;
+	memset(st, 0, sizeof(*st));
+	st->active = 1;
+	st->deferred = 7;
+	st->held = 2;
+	st->delivered_total = 40;
+	st->bounced_total = 3;
+}
+
+static struct ctl_worker_stats fake[2];
+
+static void
+fake_stats(void *ctx, unsigned i, struct ctl_worker_stats *out)
+{
+	(void)ctx;
+	*out = fake[i];
+}
+
+static void
+fake_net(void *ctx, struct ctl_net_stats *out)
+{
+	(void)ctx;
+	out->rx_packets = 1000;
+	out->tx_packets = 900;
+	out->drops[CTL_DROP_TCP_NO_PORT] = 5;
+}
+
+static atomic_bool paused;
+
+static struct ctl_sources
+sources(bool net)
+{
+	static const char *listen[] = {"127.0.0.1:25"};
+	struct ctl_sources s = {
+		.cp = (struct cplane *)&paused, /* not dereferenced */
+		.version = "9.9.9", .transport = "kernel", .hostname = "mx",
+		.listen = listen, .n_listen = 1, .started_us = 1700000000000000,
+		.n_workers = 2, .worker_stats = fake_stats, .paused = &paused,
+	};
+	if (net) {
+		s.transport = "dpdk";
+		s.net_stats = fake_net;
+	}
+	return s;
+}
+
+/* The value of the sample line that starts with key followed by a space. */
+static const char *
+sample(const char *text, const char *key)
+{
+	size_t n = strlen(key);
+
+	for (const char *p = text; p && *p; p = strchr(p, '\n'), p = p ? p + 1
+								       : NULL)
+		if (strncmp(p, key, n) == 0 && p[n] == ' ')
+			return p + n + 1;
+	return NULL;
+}
+
+static long long
+num(const char *text, const char *key)
+{
+	const char *v = sample(text, key);
+
+	cr_assert_not_null(v, "no sample %s", key);
+	return atoll(v);
+}
+
+TestSuite(metrics);
+
+Test(metrics, totals_and_names)
+{
+	struct ctl_sources s = sources(false);
+	char *text = NULL;
+	size_t len = 0;
+
+	memset(fake, 0, sizeof(fake));
+	fake[0].messages = 10;
+	fake[1].messages = 5;
+	fake[0].message_bytes = 1000;
+	fake[1].relay_denied = 2;
+	fake[0].conns_current = 3;
+	fake[1].refused_paused = 4;
+	fake[0].lat[0] = 1;  /* <= 50 us */
+	fake[1].lat[5] = 2;  /* <= 2.5 ms */
+	fake[1].lat[CTL_LAT_BUCKETS] = 1; /* > 10 s */
+	fake[0].lat_sum_ns = 1500000000ull;
+	atomic_store(&paused, true);
+	cr_assert_eq(metrics_render(&s, &text, &len), 0);
+	cr_assert_eq(strlen(text), len);
+	cr_assert_eq(num(text, "finaldot_messages_accepted_total"), 15);
+	cr_assert_eq(num(text, "finaldot_accepted_message_bytes_total"), 1000);
+	cr_assert_eq(num(text, "finaldot_listener_paused"), 1);
+	cr_assert_eq(num(text, "finaldot_connections_open{transport=\"kernel\"}"),
+		     3);
+	cr_assert_eq(num(text, "finaldot_smtp_rejections_total{class=\"5xx\","
+			       "reason=\"relay_denied\"}"), 2);
+	cr_assert_eq(num(text, "finaldot_connections_refused_total{transport="
+			       "\"kernel\",reason=\"paused\"}"), 4);
+	cr_assert_eq(num(text, "finaldot_queue_messages{state=\"deferred\"}"),
+		     7);
+	cr_assert_eq(num(text, "finaldot_deliveries_total{outcome=\"bounced\"}"),
+		     3);
+	/* Cumulative buckets, +Inf == count, the sum in seconds. */
+	cr_assert_eq(num(text, "finaldot_final_dot_latency_seconds_bucket"
+			       "{le=\"5e-05\"}"), 1);
+	cr_assert_eq(num(text, "finaldot_final_dot_latency_seconds_bucket"
+			       "{le=\"0.001\"}"), 1);
+	cr_assert_eq(num(text, "finaldot_final_dot_latency_seconds_bucket"
+			       "{le=\"0.0025\"}"), 3);
+	cr_assert_eq(num(text, "finaldot_final_dot_latency_seconds_bucket"
+			       "{le=\"10\"}"), 3);
+	cr_assert_eq(num(text, "finaldot_final_dot_latency_seconds_bucket"
+			       "{le=\"+Inf\"}"), 4);
+	cr_assert_eq(num(text, "finaldot_final_dot_latency_seconds_count"), 4);
+	cr_assert_eq(strncmp(sample(text,
+				    "finaldot_final_dot_latency_seconds_sum"),
+			     "1.500000000\n", 12), 0);
+	/* No DPDK section on the kernel transport. */
+	cr_assert_null(strstr(text, "finaldot_dpdk_"));
+	/* Every sample's family is declared, and every counter ends in
+	 * _total. */
+	for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+		if (strncmp(line, "# TYPE ", 7) == 0 &&
+		    strstr(line, " counter"))
+			cr_assert(strstr(line, "_total counter"), "%s", line);
+		cr_assert(strncmp(line, "finaldot_", 9) == 0 ||
+			  strncmp(line, "# HELP finaldot_", 16) == 0 ||
+			  strncmp(line, "# TYPE finaldot_", 16) == 0,
+			  "%s", line);
+	}
+	free(text);
+}
+
+Test(metrics, dpdk_counters)
+{
+	struct ctl_sources s = sources(true);
+	char *text = NULL;
+	size_t len = 0;
+
+	memset(fake, 0, sizeof(fake));
+	cr_assert_eq(metrics_render(&s, &text, &len), 0);
+	cr_assert_eq(num(text, "finaldot_dpdk_port_packets_total{direction="
+			       "\"rx\"}"), 1000);
+	cr_assert_eq(num(text, "finaldot_net_drops_total{reason=\"tcp_no_port\"}"),
+		     5);
+	cr_assert_eq(num(text, "finaldot_connections_total{transport=\"dpdk\"}"),
+		     0);
+	free(text);
+	/* Every drop reason has its own name. */
+	for (int i = 0; i < CTL_DROP_N; i++) {
+		cr_assert_str_neq(ctl_net_drop_name((enum ctl_net_drop)i),
+				  "other");
+		for (int k = 0; k < i; k++)
+			cr_assert_str_neq(ctl_net_drop_name((enum ctl_net_drop)i),
+					  ctl_net_drop_name((enum ctl_net_drop)k));
+	}
+}
+
+Test(metrics, latency_bucket_edges)
+{
+	cr_assert_eq(ctl_lat_bucket(0), 0);
+	cr_assert_eq(ctl_lat_bucket(50000), 0, "50 us is in the first");
+	cr_assert_eq(ctl_lat_bucket(50001), 1);
+	cr_assert_eq(ctl_lat_bucket(1000000), 4, "1 ms: le 0.001");
+	cr_assert_eq(ctl_lat_bucket(10000000000ull), CTL_LAT_BUCKETS - 1,
+		     "10 s: the last bound");
+	cr_assert_eq(ctl_lat_bucket(10000000001ull), CTL_LAT_BUCKETS, "+Inf");
+	for (unsigned i = 1; i < CTL_LAT_BUCKETS; i++)
+		cr_assert_gt(ctl_lat_bound_us(i), ctl_lat_bound_us(i - 1));
+}
+
+Test(metrics, publish_and_load)
+{
+	struct ctl_worker_pub pub;
+	struct ctl_worker_stats a, b;
+	uint64_t *p = (uint64_t *)(void *)&a;
+
+	for (size_t i = 0; i < sizeof(a) / sizeof(uint64_t); i++)
+		p[i] = i * 1000003u + 7;
+	ctl_worker_pub_store(&pub, &a);
+	ctl_worker_pub_load(&pub, &b);
+	cr_assert_eq(memcmp(&a, &b, sizeof(a)), 0);
+}
