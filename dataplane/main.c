@@ -12,6 +12,7 @@
  * (one event=stats line, the one tools/bench reads).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -52,8 +53,28 @@ mkdir_p(const char *path)
 			continue;
 		char c = buf[i];
 		buf[i] = '\0';
-		if (mkdir(buf, 0750) != 0 && errno != EEXIST)
+		if (mkdir(buf, 0750) == 0) {
+			/* A new directory is durable only once its parent
+			 * is fsynced: a power cut could take it back, with
+			 * the spool in it. */
+			char *sl = strrchr(buf, '/');
+			int fd;
+			if (sl)
+				*sl = '\0';
+			fd = open(sl ? (sl == buf ? "/" : buf) : ".",
+				  O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+			if (sl)
+				*sl = '/';
+			if (fd < 0 || fsync(fd) != 0) {
+				int e = errno;
+				if (fd >= 0)
+					close(fd);
+				return -e;
+			}
+			close(fd);
+		} else if (errno != EEXIST) {
 			return -errno;
+		}
 		buf[i] = c;
 	}
 	return 0;

@@ -348,11 +348,14 @@ fd_worker_finish(struct fd_worker *w)
 	fd_log(FD_LOG_INFO, "worker",
 	       "worker=%u event=stats sessions=%" PRIu64 " messages=%" PRIu64
 	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
-	       " batches=%" PRIu64 " bytes=%" PRIu64 " refused=%" PRIu64,
+	       " batches=%" PRIu64 " bytes=%" PRIu64 " refused=%" PRIu64
+	       " gap_p50_us=%" PRIu64 " gap_p99_us=%" PRIu64,
 	       w->id, f->smtp.sessions, f->smtp.messages_committed,
 	       f->smtp.messages_failed, f->smtp.messages_rejected,
 	       f->spool.flushes, f->spool.batches, f->spool.bytes,
-	       w->sessions_refused);
+	       w->sessions_refused,
+	       smtp_gap_percentile(f->smtp.gap_hist, 50),
+	       smtp_gap_percentile(f->smtp.gap_hist, 99));
 	if (w->smtp)
 		smtp_server_destroy(w->smtp);
 	w->smtp = NULL;

@@ -122,6 +122,8 @@ struct smtp_config {
  * 5 minutes per command line, 10 minutes per message's data. */
 void smtp_config_defaults(struct smtp_config *cfg);
 
+#define SMTP_GAP_BUCKETS 96
+
 /* Counters, per server (per worker thread). Plain integers: one writer. */
 struct smtp_stats {
 	uint64_t sessions;
@@ -134,7 +136,17 @@ struct smtp_stats {
 	uint64_t rcpt_unknown; /* 550 5.1.1 from cfg.rcpt_check */
 	uint64_t early_talkers;
 	uint64_t timeouts; /* idle, command and data deadlines */
+	/* RFC 1047's gap as we can shorten it: from the durable write's
+	 * completion (smtp_session_commit_done) to the 250's last octet
+	 * handed to the transport (smtp_session_output_done), in
+	 * quarter-octave buckets of microseconds (smtp_gap_bucket()). */
+	uint64_t gap_hist[SMTP_GAP_BUCKETS];
 };
+
+/* Bucket b of gap_hist holds values up to smtp_gap_upper_us(b); the
+ * percentile p (0..100) of a histogram, as that upper bound (0: empty). */
+uint64_t smtp_gap_upper_us(unsigned b);
+uint64_t smtp_gap_percentile(const uint64_t *hist, unsigned p);
 
 /* Copies cfg (strings are referenced, not copied: keep them alive). */
 struct smtp_server *smtp_server_create(const struct smtp_config *cfg,

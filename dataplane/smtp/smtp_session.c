@@ -55,6 +55,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include "finaldot/compiler.h"
 #include "finaldot/log.h"
@@ -69,6 +70,61 @@
 #define SMTP_OUT_RESERVE (3 * SMTP_REPLY_MAX)
 #define SMTP_ARENA_SIZE 8192
 #define SMTP_ADDR_MAX 64
+
+/* ---- RFC 1047's gap: durable completion to the 250 handed out ---------- */
+
+static uint64_t
+gap_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Quarter octaves: bucket 4e+f holds x = us+1 in [(4+f)<<(e-2),
+ * (5+f)<<(e-2)); small values get their own buckets. */
+static unsigned
+smtp_gap_bucket(uint64_t us)
+{
+	uint64_t x = us + 1;
+	unsigned e = 63u - (unsigned)__builtin_clzll(x), b;
+
+	if (e < 2)
+		b = (unsigned)x - 1; /* 0, 1, 2 */
+	else
+		b = e * 4 + (unsigned)((x >> (e - 2)) & 3);
+	return b < SMTP_GAP_BUCKETS ? b : SMTP_GAP_BUCKETS - 1;
+}
+
+uint64_t
+smtp_gap_upper_us(unsigned b)
+{
+	unsigned e = b / 4, f = b % 4;
+
+	if (b < 3)
+		return b;
+	if (b < 8)
+		return 2; /* not used: x < 4 takes buckets 0..2 */
+	return ((uint64_t)(5 + f) << (e - 2)) - 2;
+}
+
+uint64_t
+smtp_gap_percentile(const uint64_t *hist, unsigned p)
+{
+	uint64_t total = 0, seen = 0;
+
+	for (unsigned b = 0; b < SMTP_GAP_BUCKETS; b++)
+		total += hist[b];
+	if (total == 0)
+		return 0;
+	for (unsigned b = 0; b < SMTP_GAP_BUCKETS; b++) {
+		seen += hist[b];
+		if (seen * 100 >= total * p)
+			return smtp_gap_upper_us(b);
+	}
+	return smtp_gap_upper_us(SMTP_GAP_BUCKETS - 1);
+}
 
 enum smtp_state {
 	SMTP_S_FREE = 0, /* in the pool */
@@ -121,6 +177,8 @@ struct smtp_session {
 	struct smtp_ackpoint ack[SMTP_ACKPOINTS];
 	unsigned n_ack;
 	bool quit_seen;
+	uint64_t gap_t0_ns;  /* the last 250's durable completion, 0 none */
+	uint64_t gap_end;    /* its end in the output stream */
 
 	struct smtp_line line;
 
@@ -1397,6 +1455,8 @@ smtp_session_commit_done(struct smtp_session *s, uint64_t msgid, int status)
 			.end = s->out_total + (s->out_tail - s->out_head),
 		};
 		s->n_ack++;
+		s->gap_t0_ns = gap_now_ns();
+		s->gap_end = s->ack[(s->n_ack - 1) % SMTP_ACKPOINTS].end;
 		srv->stats.messages_committed++;
 		fd_log(FD_LOG_INFO, "smtp",
 		       "%016" PRIx64 " event=queued id=%s size=%" PRIu64
@@ -1543,6 +1603,11 @@ smtp_session_output_done(struct smtp_session *s, size_t n)
 	n = FD_MIN(n, s->out_tail - s->out_head);
 	s->out_head += n;
 	s->out_total += n;
+	if (s->gap_t0_ns && s->out_total >= s->gap_end) {
+		uint64_t us = (gap_now_ns() - s->gap_t0_ns) / 1000;
+		s->srv->stats.gap_hist[smtp_gap_bucket(us)]++;
+		s->gap_t0_ns = 0;
+	}
 	if (s->out_head == s->out_tail)
 		s->out_head = s->out_tail = 0;
 }

@@ -1026,12 +1026,28 @@ ring_entries(unsigned batches)
 	return n;
 }
 
+/* Make directory d if missing; a new one is made durable in its parent
+ * (an fsync of the parent: without it a power cut can take the directory,
+ * and every segment in it, back; found by the power-cut simulator). */
 static int
 mkdir_p(const char *d)
 {
-	if (mkdir(d, 0750) != 0 && errno != EEXIST)
+	char parent[4096];
+	const char *sl;
+	int fd, r = 0;
+
+	if (mkdir(d, 0750) != 0)
+		return errno == EEXIST ? 0 : -errno;
+	sl = strrchr(d, '/');
+	snprintf(parent, sizeof(parent), "%.*s",
+		 sl ? (int)(sl == d ? 1 : sl - d) : 1, sl ? d : ".");
+	fd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
 		return -errno;
-	return 0;
+	if (fsync(fd) != 0)
+		r = -errno;
+	close(fd);
+	return r;
 }
 
 struct spool *

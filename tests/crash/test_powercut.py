@@ -80,14 +80,6 @@ def client(port, tag, rng, acked, stop):
             time.sleep(0.01)  # the daemon is down: try again
 
 
-def fsync_path(p):
-    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class PowerFS:
     """fdpowerfs mounted at mnt, its durable state kept in img."""
 
@@ -133,16 +125,6 @@ class PowerFS:
         self.proc = None
 
 
-def prepare_dirs(mnt):
-    """The spool's directories, made and fsynced (as an installer would).
-    XXX: the daemon makes them itself but does not fsync their parents, so
-    on a fresh spool the first power cut loses every segment (reported in
-    docs/powercut.md); the test starts from made directories instead."""
-    for d in ["spool"] + [f"spool/w{w:02x}" for w in range(WORKERS)]:
-        p = os.path.join(mnt, d)
-        os.mkdir(p, 0o750)
-        fsync_path(p)
-        fsync_path(os.path.dirname(p))
 
 
 def main():
@@ -163,7 +145,6 @@ def main():
     env = {"FINALDOT_SPOOL_FAULT": MUTANT} if MUTANT else None
     try:
         fs.mount()
-        prepare_dirs(fs.mnt)
         with Daemon("--segment-size", "2M", "--batch-size", "64k",
                     "--control", os.path.join(work, "ctl.sock"),
                     threads=WORKERS, spool=os.path.join(fs.mnt, "spool"),
