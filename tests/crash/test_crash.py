@@ -9,13 +9,13 @@ Usage: test_crash.py [ROUNDS] [SEED]   (CI runs a few rounds; tools/crash-soak
 runs many)."""
 import os
 import random
-import socket
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "integration"))
+import crashload  # noqa: E402
 from fdtest import CRLF, Daemon, check, strip_received  # noqa: E402
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -27,45 +27,19 @@ refused = []  # 5xx to a final dot: the test's own messages are valid
 
 
 def client(port, tag, rng, acked, stop):
-    n = 0
-    while not stop.is_set():
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            f = s.makefile("rb")
+    def body(n):
+        size = rng.choice([10, 300, 5000, 70000])
+        text = (f"{tag}-{n}-".encode() * (size // 10 + 1))[:size]
+        return None, (f"Subject: {tag} {n}\r\n\r\n".encode() +
+                      crashload.lines(text) + CRLF)
 
-            def reply():
-                while True:
-                    line = f.readline()
-                    if not line:
-                        raise ConnectionError("eof")
-                    if line[3:4] != b"-":
-                        return line
+    def seen(_, b, r):
+        if r.startswith(b"250 2.0.0 Ok: queued as "):
+            acked.append((r.split()[-1].decode(), b))
+        elif r.startswith(b"5"):
+            refused.append(r)
 
-            reply()
-            s.sendall(b"EHLO crash.test\r\n")
-            reply()
-            while not stop.is_set():
-                n += 1
-                size = rng.choice([10, 300, 5000, 70000])
-                # Lines of at most 78 octets: RFC 5321 4.5.3.1.6 caps a
-                # line at 1000, and a longer one is refused (not stored).
-                text = (f"{tag}-{n}-".encode() * (size // 10 + 1))[:size]
-                body = (f"Subject: {tag} {n}\r\n\r\n".encode() +
-                        CRLF.join(text[i:i + 78]
-                                  for i in range(0, len(text), 78)) +
-                        CRLF)
-                s.sendall(b"MAIL FROM:<c@crash.test>\r\n"
-                          b"RCPT TO:<u@example.com>\r\nDATA\r\n")
-                for _ in range(3):
-                    reply()
-                s.sendall(body + b".\r\n")
-                r = reply()
-                if r.startswith(b"250 2.0.0 Ok: queued as "):
-                    acked.append((r.split()[-1].decode(), body))
-                elif r.startswith(b"5"):
-                    refused.append(r)
-        except (OSError, ConnectionError):
-            time.sleep(0.01)  # the daemon is down: try again
+    crashload.client(port, stop, body, seen)
 
 
 def main():

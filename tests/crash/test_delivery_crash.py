@@ -12,13 +12,13 @@ Usage: test_delivery_crash.py [ROUNDS] [SEED]"""
 import os
 import random
 import re
-import socket
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "integration"))
+import crashload  # noqa: E402
 from fdtest import CRLF, Daemon, check  # noqa: E402
 from peers import ScriptedHop, Script, Delay  # noqa: E402
 
@@ -32,43 +32,21 @@ refused = []  # 5xx to a final dot: the test's own messages are valid
 
 
 def client(port, tag, rng, acked, stop):
-    n = 0
-    while not stop.is_set():
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            f = s.makefile("rb")
+    def body(n):
+        size = rng.choice([100, 3000, 20000])
+        name = f"{tag}-{n}"
+        return name, (f"Subject: {name}\r\n\r\n".encode() +
+                      CRLF.join([name.encode() + b" " + b"x" * 60] *
+                                (size // 70 + 1)) + CRLF)
 
-            def reply():
-                while True:
-                    line = f.readline()
-                    if not line:
-                        raise ConnectionError("eof")
-                    if line[3:4] != b"-":
-                        return line
+    def seen(name, _, r):
+        if r.startswith(b"250 "):
+            acked.append(name)
+        elif r.startswith(b"5"):
+            refused.append(r)
 
-            reply()
-            s.sendall(b"EHLO crash.test\r\n")
-            reply()
-            while not stop.is_set():
-                n += 1
-                size = rng.choice([100, 3000, 20000])
-                name = f"{tag}-{n}"
-                # Lines under 1000 octets (RFC 5321 4.5.3.1.6).
-                body = (f"Subject: {name}\r\n\r\n".encode() +
-                        CRLF.join([name.encode() + b" " + b"x" * 60] *
-                                  (size // 70 + 1)) + CRLF)
-                s.sendall(b"MAIL FROM:<c@example.com>\r\n"
-                          b"RCPT TO:<u@dest.test>\r\nDATA\r\n")
-                for _ in range(3):
-                    reply()
-                s.sendall(body + b".\r\n")
-                r = reply()
-                if r.startswith(b"250 "):
-                    acked.append(name)
-                elif r.startswith(b"5"):
-                    refused.append(r)
-        except (OSError, ConnectionError):
-            time.sleep(0.01)
+    crashload.client(port, stop, body, seen, sender=b"c@example.com",
+                     rcpt=b"u@dest.test")
 
 
 def main():

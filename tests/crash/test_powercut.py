@@ -17,7 +17,6 @@ Exits 0 pass, 1 fail, 77 skip (no FUSE, no simulator, no seam)."""
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "integration"))
+import crashload  # noqa: E402
 from fdtest import CRLF, Daemon, check, fail, skip, strip_received  # noqa
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
@@ -43,41 +43,17 @@ FDPOWERFS = os.environ.get("FDPOWERFS", "build/tests/crash/powercut/fdpowerfs")
 
 def client(port, tag, rng, acked, stop):
     """SMTP in a loop; every 250 goes into acked as (id, body)."""
-    n = 0
-    while not stop.is_set():
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            f = s.makefile("rb")
+    def body(n):
+        size = rng.choice([10, 300, 5000, 30000])
+        text = (f"{tag}-{n}-".encode() * (size // 10 + 1))[:size]
+        return None, (f"Subject: {tag} {n}\r\n\r\n".encode() +
+                      crashload.lines(text) + CRLF)
 
-            def reply():
-                while True:
-                    line = f.readline()
-                    if not line:
-                        raise ConnectionError("eof")
-                    if line[3:4] != b"-":
-                        return line
+    def seen(_, b, r):
+        if r.startswith(b"250 2.0.0 Ok: queued as "):
+            acked.append((r.split()[-1].decode(), b))
 
-            reply()
-            s.sendall(b"EHLO powercut.test\r\n")
-            reply()
-            while not stop.is_set():
-                n += 1
-                size = rng.choice([10, 300, 5000, 30000])
-                text = (f"{tag}-{n}-".encode() * (size // 10 + 1))[:size]
-                # lines of 76 octets: RFC 5321 4.5.3.1.6 allows 998
-                body = (f"Subject: {tag} {n}\r\n\r\n".encode() +
-                        CRLF.join(text[i:i + 76]
-                                  for i in range(0, len(text), 76)) + CRLF)
-                s.sendall(b"MAIL FROM:<c@powercut.test>\r\n"
-                          b"RCPT TO:<u@example.com>\r\nDATA\r\n")
-                for _ in range(3):
-                    reply()
-                s.sendall(body + b".\r\n")
-                r = reply()
-                if r.startswith(b"250 2.0.0 Ok: queued as "):
-                    acked.append((r.split()[-1].decode(), body))
-        except (OSError, ConnectionError):
-            time.sleep(0.01)  # the daemon is down: try again
+    crashload.client(port, stop, body, seen)
 
 
 class PowerFS:
