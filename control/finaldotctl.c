@@ -1097,6 +1097,17 @@ queue_show(int argc, char **argv)
 		fputs("\nenvid:    ", stdout);
 		put_text(stdout, s);
 	}
+	/* RFC 1047 (docs/rfc1047.md): the link between a resend and its
+	 * original, and a 250 that may not have arrived. */
+	if (get_str(&c, data, "duplicate_of", s, sizeof(s))[0]) {
+		fputs("\nresend:   of ", stdout);
+		put_text(stdout, s);
+		fputs(" (RFC 1047: suppressed, delivered once as that id)",
+		      stdout);
+	}
+	if (get_bool(&c, data, "indoubt"))
+		fputs("\nin doubt: its 250 may not have reached the client",
+		      stdout);
 	printf("\nworker:   %" PRIu64 "\nrecipients:\n",
 	       get_u64(&c, data, "worker"));
 	rc = ctl_json_get(&c.j, (uint32_t)data, "recipients");

@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import Daemon, check, fail, skip  # noqa: E402
+from fdtest import FINALDOTCTL, Daemon, check, fail, skip  # noqa: E402
 from fdnet import Netns, DpdkDaemon, DPDK_IP  # noqa: E402
 from indoubt import body, send_once, drop_rule  # noqa: E402
 
@@ -60,6 +60,13 @@ def scenario(env):
     r = env.send(b1)
     check(r.startswith("250"), f"the resend got {r}")
     d.wait_log(r"event=suppressed duplicate_of=", 15)
+    # The operator sees the link (finaldotctl queue show).
+    rid = r.split()[-1]
+    show = subprocess.run([FINALDOTCTL, "--control",
+                           os.path.join(d.tmp, "control.sock"), "queue",
+                           "show", rid], capture_output=True, text=True)
+    check(show.returncode == 0 and "resend:   of" in show.stdout,
+          f"queue show {rid}: {show.returncode} {show.stdout}{show.stderr}")
     time.sleep(1)
     check(wait_copies(env, "lost1", 1) == 1 and env.copies("lost1") == 1,
           f"lost1: {env.copies('lost1')} copies delivered, expected 1")
