@@ -312,12 +312,11 @@ run_smtp(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 			char buf[600];
 			snprintf(buf, sizeof(buf), "%s%s",
 				 why.local ? "4.4.1 " : "", why.text);
+			/* No session, whatever the greeting said (even a
+			 * 5xx: like Postfix skipping a 5xx greeting, the
+			 * recipients are retried, never bounced for it). */
 			for (unsigned i = 0; i < j->n; i++)
-				outcome_set(&j->out[i],
-					    why.code >= 500 && !why.local
-						    ? QO_DEFERRED
-						    : QO_DEFERRED,
-					    buf);
+				outcome_set(&j->out[i], QO_DEFERRED, buf);
 			j->conn_failed = true;
 			return;
 		}
