@@ -320,6 +320,15 @@ def bulk_list(d, n=600):
     _, out, _ = run("queue", "list", control=sock_path(d))
     check(out.rstrip().endswith(f"Kbytes in {n} Requests."),
           f"text listing: {out[-200:]!r}")
+    # status reports counters the queue manager publishes a few times a
+    # second (control/cplane.h, cp_get_stats): wait until they show the
+    # whole queue, so what follows tests the waiting listing, not that lag.
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        rc, out, err = run("status", "--json", control=sock_path(d))
+        if rc == 0 and json.loads(out)["queue"]["queued"] == n:
+            break
+        time.sleep(0.05)
     # A listing nobody reads: the daemon stops producing it (its output
     # buffer is bounded) and goes on answering others.
     slow = Raw(d)
