@@ -1,6 +1,6 @@
 /*
  * The control plane: what happens to an accepted message after its 250
- * (DESIGN.md). It rebuilds the queue at start from the spool scan plus the
+ * (the durable write is the acceptor's; all slow work is here). It rebuilds the queue at start from the spool scan plus the
  * delivery log, follows every worker's spool as it becomes durable, hands
  * messages to delivery threads (SMTP/LMTP relay, Maildir), retries with
  * back-off, sends DSNs, and gives finished segments back to their workers.

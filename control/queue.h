@@ -17,7 +17,7 @@
  * goes back to its worker (reclaim) only when it is sealed (the worker
  * writes elsewhere and the tailer walked all of it) and nothing references
  * it, and only after the delivery log made every finished message's outcome
- * durable (DESIGN.md: the spool shrinks only behind the log).
+ * durable (the spool shrinks only behind the log).
  */
 #ifndef FINALDOT_CONTROL_QUEUE_H
 #define FINALDOT_CONTROL_QUEUE_H

@@ -2,7 +2,7 @@
  * Worker glue: the SMTP engine's sink operations implemented by the spool,
  * and the spool's completion routed to the session. This file holds the
  * single path by which a durable write becomes a 250: spool completion ->
- * worker_commit_done() -> smtp_session_commit_done() (STYLE.md 10).
+ * worker_commit_done() -> smtp_session_commit_done(), and no other.
  */
 #include <errno.h>
 #include <inttypes.h>

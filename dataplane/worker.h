@@ -1,6 +1,6 @@
 /*
  * A worker: one thread (or DPDK lcore) with its own SMTP sessions and its
- * own spool, sharing nothing with the others (DESIGN.md). The transport that
+ * own spool, sharing nothing with the others. The transport that
  * runs the worker's loop (sock/ or net/) owns the connections; this module
  * wires the SMTP engine to the spool and routes the spool's completions back
  * to the sessions.

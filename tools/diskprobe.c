@@ -2,7 +2,7 @@
  * fd-diskprobe: how fast can this disk make 4 KiB durable?
  *
  * finaldot answers 250 to the final dot only after the message's batch is on
- * stable storage (RFC 1047, DESIGN.md "The durability rule"). The best its
+ * stable storage (RFC 1047). The best its
  * one-connection latency can do is one durable write of the device, so this
  * probe measures that floor on the filesystem of the spool, the way the spool
  * writes (io_uring, one request at a time, each waited for):
@@ -14,7 +14,8 @@
  *               (IOSQE_IO_LINK): what a naive spool does. For contrast.
  *   fallocate   O_DIRECT + RWF_DSYNC into fallocate()d, never written
  *               blocks: each first write converts an unwritten extent, a
- *               metadata commit at the flush (NOTES.md "Storage").
+ *               metadata commit at the flush (measured: ~184 us
+ *               against ~123 us into pre-zeroed blocks).
  *
  * Each mode writes --count requests of --size bytes after a short warm-up
  * and reports p50/p99/mean/min/max of the submit-to-completion time.
@@ -24,7 +25,7 @@
  * Limits: the numbers are for this machine at this moment; on shared or
  * virtual disks they move by tens of percent between runs, so compare figures
  * taken side by side in one run (tools/bench does). ext4 still journals the
- * mtime update of an "overwrite" (see NOTES.md); the probe measures what the
+ * mtime update of an "overwrite" (a journal commit); the probe measures what the
  * filesystem does, it does not work around it.
  *
  * Exit: 0 measured, 1 error, 2 usage, 77 skipped (no O_DIRECT here, or the

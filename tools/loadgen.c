@@ -5,7 +5,7 @@
  * of the end of data (the "\r\n.\r\n" after DATA, or the last byte of a
  * BDAT LAST chunk, RFC 3030) to reading the complete reply: the
  * final-dot-to-250 latency, which for finaldot is dominated by one durable
- * write of its group commit (RFC 1047, DESIGN.md). It also counts replies by
+ * write of its group commit (RFC 1047). It also counts replies by
  * class, messages/s over the wall time, and its own CPU time, so a run that
  * is limited by the generator rather than the server can be recognised.
  *

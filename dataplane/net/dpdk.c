@@ -14,8 +14,8 @@
  * its owner's queue. Where it does not (tap, af_packet, virtio, fewer queues
  * than lcores, another RETA size), the receiving shard computes the owner
  * itself and hands the frame over on the owner's ring: correctness never
- * depends on the NIC (NOTES.md: stacks that trusted RSS sent replies to the
- * wrong core). ARP frames go to every shard (each has its own ARP cache).
+ * depends on the NIC (user-space stacks that trusted the NIC's RSS sent
+ * replies to the wrong core). ARP frames go to every shard (each has its own ARP cache).
  *
  * The loop, per iteration (DPDK l2fwd/l3fwd shape):
  *   rx burst -> frames to the stack (which calls the SMTP glue below),
@@ -27,7 +27,8 @@
  * Checksums: the port's rx verdicts are used only when it reports GOOD; tx
  * offloads are used only when the port advertises them, and
  * --dpdk-offloads none|ip|l4|all narrows that further (some virtual ports
- * advertise offloads they do not perform: NOTES.md).
+ * advertise offloads they do not perform, e.g. VMware and
+ * bonding ports).
  */
 #include <arpa/inet.h>
 #include <errno.h>

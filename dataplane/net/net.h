@@ -36,7 +36,8 @@ struct net_iov {
 
 /* Offloads the port performs on transmit (cfg.tx_offload), and the request
  * passed with each frame (meta.flags). IP and L4 are separate switches:
- * some virtual ports advertise one and not the other (NOTES.md). */
+ * some virtual ports advertise one and not the other, or an offload
+ * they do not perform. */
 #define NET_OFFLOAD_IPV4_CKSUM 0x1u
 #define NET_OFFLOAD_L4_CKSUM 0x2u
 
@@ -76,7 +77,8 @@ struct net_limits {
 	uint32_t arp_queue;   /* frames held while their next hop resolves */
 	/* Admission control: new SYNs are dropped (counted) while fewer
 	 * than this many receive buffers are free, so that established
-	 * sessions keep theirs (NOTES.md). 0: off. */
+	 * sessions keep theirs (a stack without this back-pressure stalls
+	 * whole when its mbuf pool runs dry). 0: off. */
 	uint32_t admit_min_rcv_free;
 };
 

@@ -149,8 +149,8 @@ tcp_conn_alloc(struct net_stack *st, uint32_t raddr, uint16_t rport,
 	uint32_t b;
 
 	if (st->free_head == NET_NIL && st->tw_head != NET_NIL) {
-		/* table full: the oldest TIME_WAIT entry makes room (NOTES.md:
-		 * short SMTP sessions, and we close first, fill tables with
+		/* table full: the oldest TIME_WAIT entry makes room (other user-space
+		 * stacks learned it: short SMTP sessions, and we close first, fill tables with
 		 * TIME_WAIT). XXX: an old duplicate could then reach a new
 		 * incarnation of that 4-tuple; PAWS and the ISN clock make it
 		 * unlikely. */

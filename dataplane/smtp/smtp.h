@@ -5,7 +5,7 @@
  * spool in the envelope; the reports are the control plane's). Pure C: no
  * DPDK, no liburing, no sockets, no threads.
  *
- * Two boundaries (DESIGN.md):
+ * Two boundaries, so the engine is built and tested alone:
  *
  *  - Transport -> engine. A transport (kernel sockets, or the DPDK TCP stack)
  *    owns the connection. It feeds received bytes with smtp_session_input(),
@@ -18,7 +18,7 @@
  *    header and the dot-unstuffed body, then commits. The spool later calls
  *    smtp_session_commit_done() exactly once per commit; that function is the
  *    only place that produces the 250 reply to the final dot / BDAT LAST
- *    (STYLE.md 10).
+ *    (one place to check that no 250 precedes a durable write).
  *
  * Flow control. smtp_session_input() returns how many bytes it consumed. It
  * consumes everything it is given except when it cannot go on:

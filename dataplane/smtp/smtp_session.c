@@ -1448,7 +1448,7 @@ smtp_session_commit_done(struct smtp_session *s, uint64_t msgid, int status)
 	s->msg = NULL; /* the sink is done with it */
 	fd_msgid_format(msgid, id);
 	if (status == 0) {
-		/* RFC 1047 / DESIGN.md: durable now, and only now, 250. */
+		/* RFC 1047: durable now, and only now, 250. */
 		reply(s, "250 2.0.0 Ok: queued as %s", id);
 		s->ack[s->n_ack % SMTP_ACKPOINTS] = (struct smtp_ackpoint){
 			.msgid = msgid,

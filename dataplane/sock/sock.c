@@ -13,7 +13,7 @@
  *   4. timers: greeting delay, idle timeout (the command and message
  *      deadlines are the engine's, checked as input arrives);
  *   5. spool_flush(): the loop is idle, so the batch being filled closes and
- *      goes out with the next submit (natural batching, DESIGN.md);
+ *      goes out with the next submit (natural batching);
  *   6. stopping: at the force point 421 to everyone, at the deadline exit
  *      (begin_stop()).
  *

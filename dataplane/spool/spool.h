@@ -2,7 +2,7 @@
  * The spool writer: one per worker thread (lcore), shared-nothing. It packs
  * records back to back into aligned batch buffers and makes each batch
  * durable with one O_DIRECT write carrying RWF_DSYNC into pre-zeroed blocks
- * of a recycled segment file (DESIGN.md "The durability rule"). Completion
+ * of a recycled segment file (the durability rule: no 250 before this write completes). Completion
  * of that write, and nothing else, produces the done callback with status 0.
  *
  * Natural batching: a batch closes when it reaches batch_size, or when the
@@ -57,7 +57,7 @@ struct spool_msg;
 typedef void (*spool_done_fn)(void *ctx, uint64_t msgid, int status);
 
 /*
- * Announcements for the control plane (DESIGN.md "Spool -> control"), made
+ * Announcements for the control plane (its only view of the spool), made
  * on the owning thread, in this order per spool:
  *   SEGMENT   a segment became active (file_no, use_seq): every later
  *             record goes there until the next SEGMENT;

@@ -1,7 +1,7 @@
 /*
  * The segment preparer: one thread per spool that keeps `spares` segment
  * files ready, so the worker never creates, extends or zeroes a file on the
- * hot path (NOTES.md, "Storage": fallocate alone leaves unwritten extents
+ * hot path (measured on the development machines: fallocate alone leaves unwritten extents
  * whose first write costs a journal commit; appending writes are metadata).
  *
  * Preparing a segment: write zeros over the whole file (new, or a leftover

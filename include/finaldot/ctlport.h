@@ -1,7 +1,7 @@
 /*
  * The port between one worker and the control plane: two single-producer
- * single-consumer rings and nothing else (DESIGN.md, "Spool -> control" and
- * "Control -> spool").
+ * single-consumer rings and nothing else: the control plane never touches
+ * worker state, and a worker never waits for the control plane.
  *
  *   up   (worker -> control): the spool's announcements (spool.h): a
  *        segment became active, everything up to an offset is durable, a

@@ -2,7 +2,7 @@
  * The SMTP envelope of one message, as the SMTP engine hands it to the spool
  * and as the spool reader gives it back after a scan.
  *
- * This struct crosses the SMTP -> spool boundary (DESIGN.md). It only points:
+ * This struct crosses the SMTP -> spool boundary. It only points:
  * every string is owned by whoever filled it in (the session's arena for the
  * engine, the scan buffer for the reader) and is valid until that owner says
  * otherwise. Strings are NUL-terminated and never NULL, except envid, which

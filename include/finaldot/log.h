@@ -4,8 +4,8 @@
  *
  *   2026-11-23T01:02:03.456789Z LEVEL component key=value key=value ...
  *
- * Session-scoped lines put the 16-hex-digit session id first, as STYLE.md 12
- * asks: fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=queued id=%s", ...).
+ * Session-scoped lines put the 16-hex-digit session id first (so one grep finds a
+ * whole session): fd_log(FD_LOG_INFO, "smtp", "%016" PRIx64 " event=queued id=%s", ...).
  * Values that come from the network must go through fd_log_escape() first.
  *
  * fd_debug() compiles to nothing unless FINALDOT_DEBUG is defined (debug

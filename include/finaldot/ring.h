@@ -1,7 +1,7 @@
 /*
  * A single-producer single-consumer ring of fixed-size entries: how a
  * worker (a kernel-transport thread or a DPDK lcore) talks to the control
- * plane without a lock or a system call (DESIGN.md, "Spool -> control").
+ * plane without a lock or a system call.
  *
  * Contract: exactly one thread calls fd_ring_push() and exactly one other
  * thread calls fd_ring_pop() on a ring, for its whole life. Push never

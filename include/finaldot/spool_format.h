@@ -85,7 +85,7 @@ enum spool_item_type {
 	SPOOL_ITEM_RCPT_ORCPT = 13,  /* string (addr-type;xtext), not empty */
 };
 
-/* Decoder results: AGAIN (need more bytes) is never an error (STYLE.md 5). */
+/* Decoder results: AGAIN (need more bytes) is never an error. */
 enum spool_dec {
 	SPOOL_DEC_OK = 0,
 	SPOOL_DEC_AGAIN,

@@ -70,7 +70,8 @@ class DpdkDaemon(Daemon):
             vdev_arg = f"--vdev=net_tap0,iface={self.iface}"
         else:
             # af_packet / af_xdp on a veth pair; the kernel side (peer)
-            # must not leave TCP checksums to an offload (NOTES.md).
+            # must not leave TCP checksums to an offload: the PMD would
+            # hand over frames with bad checksums.
             peer = self.iface + "p"
             ns.sh(f"ip link add {self.iface} type veth peer name {peer} && "
                   f"ip link set {self.iface} up && ip link set {peer} up && "
