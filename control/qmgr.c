@@ -2407,7 +2407,7 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 	struct dlog_params lp;
 	struct dlog_open_stats ost;
 	struct q_piece *pbuf = NULL;
-	size_t pcap = 0, in_flight = 0;
+	size_t pcap = 0, in_flight = 0, finished = 0;
 	int r;
 
 	if (!cp) {
@@ -2484,21 +2484,17 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 		       strerror(-r));
 		goto out_free;
 	}
+	/* Every imported message: an attempt the log saw start but not end
+	 * may have reached its next hop (a possible duplicate, said once);
+	 * then it is finished, or due at its own time. */
 	for (size_t b = 0; b < cp->msg_cap; b++) {
-		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext) {
+		struct q_msg *m = cp->msg_h[b], *next;
+		for (; m; m = next) {
 			bool open = false;
-			uint64_t next = 0;
+			next = m->hnext;
 			for (unsigned i = 0; i < m->n_rcpts; i++) {
-				struct q_rcpt *rc = &m->rcpts[i];
-				if (rc->attempt_open) {
-					/* It may have reached the next hop:
-					 * a possible duplicate, said once. */
-					open = true;
-					rc->attempt_open = false;
-				}
-				if (rc->state == QR_PENDING &&
-				    rc->next_us > next)
-					next = rc->next_us;
+				open |= m->rcpts[i].attempt_open;
+				m->rcpts[i].attempt_open = false;
 			}
 			if (open) {
 				in_flight++;
@@ -2506,28 +2502,16 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 					"attempt in flight at a crash: "
 					"possible duplicate");
 			}
-			(void)next;
-		}
-	}
-	/* Everything imported is due at its own time: finish, or queue. */
-	for (size_t b = 0; b < cp->msg_cap; b++) {
-		struct q_msg *m = cp->msg_h[b], *next;
-		for (; m; m = next) {
-			next = m->hnext;
-			uint64_t due = UINT64_MAX;
-			for (unsigned i = 0; i < m->n_rcpts; i++)
-				if (m->rcpts[i].state == QR_PENDING &&
-				    m->rcpts[i].next_us < due)
-					due = m->rcpts[i].next_us;
 			heap_remove(cp, m);
 			msg_update(cp, m, 0);
+			finished += m->finished;
 		}
 	}
 	fd_log(FD_LOG_INFO, "qmgr",
-	       "event=queue_rebuilt messages=%zu finished=%" PRIu64
+	       "event=queue_rebuilt messages=%zu finished=%zu"
 	       " segments=%zu dlog_records=%" PRIu64
 	       " dlog_records_bad=%" PRIu64 " possible_duplicates=%zu",
-	       cp->n_msgs, (uint64_t)0, cp->n_segs, ost.records,
+	       cp->n_msgs, finished, cp->n_segs, ost.records,
 	       ost.records_bad, in_flight);
 	cp->dctx.cp = cp;
 	return cp;
