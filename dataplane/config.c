@@ -31,6 +31,8 @@ enum opt_type {
 	OPT_LISTEN,   /* repeatable: listen[] */
 	OPT_DOMAIN,   /* repeatable: domains[] */
 	OPT_ROUTE,    /* repeatable: routes[] "DOMAIN=TARGET" */
+	OPT_TLS_CERT, /* repeatable: tls_cert[] */
+	OPT_TLS_KEY,  /* repeatable: tls_key[] */
 	OPT_BOOL,     /* bool with a value: on/off, yes/no, true/false, 1/0 */
 	OPT_TRANSPORT,
 	OPT_LOGLEVEL,
@@ -96,6 +98,30 @@ static const struct opt options[] = {
 	{"shutdown_timeout", NULL, OPT_DURATION, F(shutdown_timeout_ms), 0,
 	 "DURATION",
 	 "on SIGTERM, wait at most DURATION for sessions to end (default 10s)"},
+	{"tls_cert", NULL, OPT_TLS_CERT, 0, 0, "FILE",
+	 "PEM certificate chain for STARTTLS, repeatable, paired by position "
+	 "with --tls-key (an ECDSA and an RSA pair for one name serve "
+	 "together; other names are chosen by SNI, the first is the "
+	 "default); without one STARTTLS is not offered"},
+	{"tls_key", NULL, OPT_TLS_KEY, 0, 0, "FILE",
+	 "PEM private key of the --tls-cert at the same position"},
+	{"tls_ciphers", NULL, OPT_STR, F(tls_ciphers), S(tls_ciphers),
+	 "LIST", "TLS 1.2 cipher list in OpenSSL syntax (default OpenSSL's)"},
+	{"tls_min_version", NULL, OPT_STR, F(tls_min_version),
+	 S(tls_min_version), "1.2|1.3", "lowest TLS version (default 1.2)"},
+	{"tls_required", NULL, OPT_BOOL, F(tls_required), 0, "on|off",
+	 "answer MAIL before STARTTLS with 530 5.7.0 (default off: a public "
+	 "MX should not require it, RFC 3207 4)"},
+	{"tls_handshake_timeout", NULL, OPT_DURATION,
+	 F(tls_handshake_timeout_ms), 0, "DURATION",
+	 "a TLS handshake must be done within this (default 30s)"},
+	{"tls_max_handshakes", NULL, OPT_UINT, F(tls_max_handshakes), 0, "N",
+	 "TLS handshakes running at once per worker; more wait their turn "
+	 "(default 32)"},
+	{"tls_ticket_lifetime", NULL, OPT_DURATION, F(tls_ticket_lifetime_ms),
+	 0, "DURATION",
+	 "session-ticket keys rotate this often; a ticket under the "
+	 "previous key still resumes (default 12h)"},
 	{"segment_size", NULL, OPT_SIZE, F(segment_size), 0, "BYTES",
 	 "spool segment file size, multiple of 4096 (default 64M)"},
 	{"batch_size", NULL, OPT_SIZE, F(batch_size), 0, "BYTES",
@@ -221,6 +247,10 @@ fd_config_defaults(struct fd_config *c)
 	c->data_timeout_ms = 600000;
 	c->greet_delay_ms = 0;
 	c->shutdown_timeout_ms = 10000;
+	strcpy(c->tls_min_version, "1.2");
+	c->tls_handshake_timeout_ms = 30000;
+	c->tls_max_handshakes = 32;
+	c->tls_ticket_lifetime_ms = 12ull * 3600000;
 	strcpy(c->spool_dir, "./var/spool");
 	c->segment_size = 64u << 20;
 	c->batch_size = 256u << 10;
@@ -378,7 +408,27 @@ struct list_state {
 	bool listen_reset;
 	bool domain_reset;
 	bool route_reset;
+	bool tls_cert_reset;
+	bool tls_key_reset;
 };
+
+static int
+add_tls_file(char (*list)[FD_CONFIG_STR], unsigned *n, bool *reset,
+	     const char *v, const char *name, FILE *err, const char *where)
+{
+	if (reset && !*reset) {
+		*n = 0;
+		*reset = true;
+	}
+	if (*n >= FD_CONFIG_MAX_TLS || strlen(v) >= FD_CONFIG_STR ||
+	    v[0] == '\0') {
+		fprintf(err, "%s: %s: empty, too long, or more than %d\n",
+			where, name, FD_CONFIG_MAX_TLS);
+		return -EINVAL;
+	}
+	strcpy(list[(*n)++], v);
+	return 0;
+}
 
 static int
 apply(struct fd_config *c, const struct opt *o, const char *v,
@@ -453,6 +503,14 @@ apply(struct fd_config *c, const struct opt *o, const char *v,
 		}
 		strcpy(c->routes[c->n_routes++], v);
 		break;
+	case OPT_TLS_CERT:
+		return add_tls_file(c->tls_cert, &c->n_tls_cert,
+				    ls ? &ls->tls_cert_reset : NULL, v,
+				    o->name, err, where);
+	case OPT_TLS_KEY:
+		return add_tls_file(c->tls_key, &c->n_tls_key,
+				    ls ? &ls->tls_key_reset : NULL, v, o->name,
+				    err, where);
 	case OPT_BOOL: {
 		static const char *yes[] = {"on", "yes", "true", "1"};
 		static const char *no[] = {"off", "no", "false", "0"};
@@ -687,6 +745,27 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 		fprintf(err, "dpdk_offloads must be auto, none, ip, l4 or all\n");
 		return -EINVAL;
 	}
+	if (c->n_tls_cert != c->n_tls_key) {
+		fprintf(err, "tls_cert and tls_key come in pairs: %u "
+			     "certificates, %u keys\n",
+			c->n_tls_cert, c->n_tls_key);
+		return -EINVAL;
+	}
+	if (strcmp(c->tls_min_version, "1.2") &&
+	    strcmp(c->tls_min_version, "1.3")) {
+		fprintf(err, "tls_min_version must be 1.2 or 1.3\n");
+		return -EINVAL;
+	}
+	if (c->tls_max_handshakes == 0 || c->tls_handshake_timeout_ms == 0) {
+		fprintf(err, "tls_max_handshakes and tls_handshake_timeout "
+			     "must be above 0\n");
+		return -EINVAL;
+	}
+	if (c->tls_required && c->n_tls_cert == 0) {
+		fprintf(err, "tls_required needs a --tls-cert/--tls-key "
+			     "pair\n");
+		return -EINVAL;
+	}
 	if (c->threads > 255) {
 		fprintf(err, "threads must be at most 255\n");
 		return -EINVAL;
@@ -828,6 +907,15 @@ fd_config_dump(const struct fd_config *c, FILE *out)
 		case OPT_ROUTE:
 			for (unsigned k = 0; k < c->n_routes; k++)
 				fprintf(out, "route = %s\n", c->routes[k]);
+			break;
+		case OPT_TLS_CERT:
+			for (unsigned k = 0; k < c->n_tls_cert; k++)
+				fprintf(out, "tls_cert = %s\n",
+					c->tls_cert[k]);
+			break;
+		case OPT_TLS_KEY:
+			for (unsigned k = 0; k < c->n_tls_key; k++)
+				fprintf(out, "tls_key = %s\n", c->tls_key[k]);
 			break;
 		case OPT_BOOL:
 			fprintf(out, "%s = %s\n", o->name,

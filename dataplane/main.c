@@ -34,6 +34,7 @@
 #include "finaldot/msgid.h"
 #include "sock/sock.h"
 #include "spool/spool_lock.h"
+#include "tls/tls.h"
 #include "worker.h"
 #ifdef FINALDOT_HAVE_DPDK
 #include "net/dpdk.h"
@@ -222,6 +223,54 @@ ops_start(const struct fd_config *cfg, struct cplane *cp,
 	return ctl_ops_start(cfg, &src, NULL, &err);
 }
 
+/* --tls-cert/--tls-key: load and check every pair (fd_tls). 0 or -1. */
+static int
+tls_load(const struct fd_config *cfg)
+{
+	struct fd_tls_opts o;
+	char err[600];
+
+	if (cfg->n_tls_cert == 0)
+		return 0;
+	fd_tls_opts_defaults(&o);
+	for (unsigned i = 0; i < cfg->n_tls_cert && i < FD_TLS_MAX_PAIRS; i++) {
+		o.cert[i] = cfg->tls_cert[i];
+		o.key[i] = cfg->tls_key[i];
+	}
+	o.npairs = cfg->n_tls_cert;
+	o.ciphers = cfg->tls_ciphers[0] ? cfg->tls_ciphers : NULL;
+	o.min_version = strcmp(cfg->tls_min_version, "1.3") == 0
+				? 0x0304
+				: 0x0303;
+	o.ticket_lifetime_s = cfg->tls_ticket_lifetime_ms / 1000;
+	if (o.ticket_lifetime_s == 0)
+		o.ticket_lifetime_s = 1;
+	o.handshake_timeout_ms = cfg->tls_handshake_timeout_ms;
+	if (fd_tls_server_new(&o, &fd_tls, err, sizeof(err)) != 0) {
+		fprintf(stderr, "finaldot: TLS: %s\n", err);
+		return -1;
+	}
+	if (cfg->transport == FD_TRANSPORT_DPDK)
+		fprintf(stderr, "finaldot: warning: STARTTLS is not offered "
+				"on the DPDK transport yet\n");
+	return 0;
+}
+
+static void
+tls_reload(void)
+{
+	char err[600], esc[1300];
+
+	if (!fd_tls)
+		return;
+	if (fd_tls_server_reload(fd_tls, err, sizeof(err)) == 0)
+		fd_log(FD_LOG_INFO, "main", "event=tls_reloaded");
+	else
+		fd_log(FD_LOG_ERR, "main",
+		       "event=tls_reload_failed kept=previous error=\"%s\"",
+		       fd_log_escape(esc, sizeof(esc), err, strlen(err)));
+}
+
 /*
  * --check-config: beyond the settings, what a start would refuse: a spool
  * that cannot be written or is in use by another daemon, a listen address
@@ -356,6 +405,11 @@ main(int argc, char **argv)
 		fprintf(stderr, "finaldot: %s\n", why);
 		return 2;
 	}
+	/* Certificates are checked before anything starts: a missing file,
+	 * a key that does not match, an expired certificate end the start
+	 * with the reason, not the first client's handshake. */
+	if (tls_load(&cfg) != 0)
+		return 2;
 	if (cfg.check) {
 		if (check_start(&cfg) != 0)
 			return 1;
@@ -481,13 +535,13 @@ main(int argc, char **argv)
 		for (;;) {
 			sigwait(&sigs, &sig);
 			if (sig == SIGHUP) {
-				/* XXX reload (issue 7, the lead's part): re-read
-				 * the configuration and apply it here. Until then
-				 * SIGHUP and finaldotctl reload only log and
-				 * notify, and change nothing. */
+				/* Reload: the TLS certificates (renewed files,
+				 * for new sessions). XXX the rest of the
+				 * configuration is read at start only. */
 				sdnotify_reloading();
 				fd_log(FD_LOG_INFO, "main",
 				       "event=reload_requested");
+				tls_reload();
 				sdnotify("READY=1\nSTATUS=accepting mail");
 				continue;
 			}
@@ -514,6 +568,8 @@ main(int argc, char **argv)
 		close(workers[i].wake_fd);
 	}
 	ctl_ops_stop(ops); /* before the workers' memory and the queue go */
+	fd_tls_server_free(fd_tls);
+	fd_tls = NULL;
 	cp_stop(cp);
 	fd_log(FD_LOG_INFO, "main",
 	       "event=stats workers=%u sessions=%" PRIu64 " messages=%" PRIu64

@@ -26,6 +26,7 @@ struct worker_final {
 static struct worker_final finals[256];
 
 atomic_bool fd_paused;
+struct fd_tls_server *fd_tls;
 const char fd_version[] = FINALDOT_VERSION;
 
 /*
@@ -312,6 +313,10 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	sc.data_timeout_ms = c->data_timeout_ms;
 	sc.rcpt_check = w->rcpt_check;
 	sc.rcpt_ctx = w->rcpt_ctx;
+	/* XXX the DPDK transport does not run TLS yet: offer STARTTLS only
+	 * where the transport can start it. */
+	sc.starttls = fd_tls != NULL && c->transport == FD_TRANSPORT_KERNEL;
+	sc.tls_required = c->tls_required;
 	w->smtp = smtp_server_create(&sc, &spool_sink_ops, w);
 	if (!w->smtp) {
 		spool_destroy(w->spool);

@@ -67,6 +67,11 @@ struct fd_worker {
  * process, set by the control socket, read by every accept path.
  */
 extern atomic_bool fd_paused;
+/* STARTTLS: the certificates and ticket keys every worker shares, or NULL
+ * (no --tls-cert: STARTTLS is not offered). Set by main before the workers
+ * start; reloaded in place (tls/tls.h). */
+struct fd_tls_server;
+extern struct fd_tls_server *fd_tls;
 /* The program's version (FINALDOT_VERSION), for both transports. */
 extern const char fd_version[];
 

@@ -1,9 +1,11 @@
 /*
  * The SMTP server engine: RFC 5321 with PIPELINING (2920), SIZE (1870),
  * 8BITMIME (6152), ENHANCEDSTATUSCODES (2034, 3463), SMTPUTF8 (6531),
- * CHUNKING (3030) and DSN (3461: its parameters are taken and handed to the
- * spool in the envelope; the reports are the control plane's). Pure C: no
- * DPDK, no liburing, no sockets, no threads.
+ * CHUNKING (3030), DSN (3461: its parameters are taken and handed to the
+ * spool in the envelope; the reports are the control plane's) and STARTTLS
+ * (3207: the engine speaks the command and resets the session; the
+ * transport runs the handshake and the records, see smtp_session_tls_*).
+ * Pure C: no DPDK, no liburing, no sockets, no threads, no OpenSSL.
  *
  * Two boundaries, so the engine is built and tested alone:
  *
@@ -116,6 +118,14 @@ struct smtp_config {
 	uint64_t command_timeout_ms;
 	uint64_t data_timeout_ms;
 	uint64_t (*mono_us)(void);
+	/*
+	 * STARTTLS (RFC 3207). starttls: the transport can run TLS (a
+	 * certificate is configured): advertise it before TLS, accept the
+	 * command. tls_required: MAIL before STARTTLS gets 530 5.7.0 (off by
+	 * default: RFC 3207 4 advises a public MX not to require it).
+	 */
+	bool starttls;
+	bool tls_required;
 };
 
 /* Defaults used by the daemon: 32 MiB, 100 recipients, 20 errors,
@@ -136,6 +146,10 @@ struct smtp_stats {
 	uint64_t rcpt_unknown; /* 550 5.1.1 from cfg.rcpt_check */
 	uint64_t early_talkers;
 	uint64_t timeouts; /* idle, command and data deadlines */
+	uint64_t tls_started;     /* STARTTLS accepted (220 sent) */
+	uint64_t tls_established; /* handshakes completed */
+	uint64_t tls_injected;    /* sessions that pipelined after STARTTLS */
+	uint64_t tls_required_refused; /* 530 5.7.0: MAIL before STARTTLS */
 	/* RFC 1047's gap as we can shorten it: from the durable write's
 	 * completion (smtp_session_commit_done) to the 250's last octet
 	 * handed to the transport (smtp_session_output_done), in
@@ -237,6 +251,22 @@ unsigned smtp_session_ackpoints(const struct smtp_session *s,
 uint64_t smtp_session_output_total(const struct smtp_session *s);
 /* The client said QUIT (it read its replies before: no doubt then). */
 bool smtp_session_quit_seen(const struct smtp_session *s);
+
+/*
+ * STARTTLS. After the 220 to STARTTLS the session waits for TLS: it discards
+ * every octet it is offered (plaintext the client pipelined behind the
+ * command must never be read as commands inside TLS: CVE-2011-0411), and
+ * smtp_session_tls_wanted() is true. The transport sends the pending output
+ * (the 220) in the clear, then feeds only what TLS decrypts. When the
+ * handshake is done it calls smtp_session_tls_ready() with a description
+ * for the Received header ("TLSv1.3 with cipher NAME (256/256 bits)"; it is
+ * copied, capped and reduced to printable ASCII): the session is back where
+ * it was after the greeting, needs a new EHLO, and says ESMTPS. A failed
+ * handshake: the transport closes the connection.
+ */
+bool smtp_session_tls_wanted(const struct smtp_session *s);
+void smtp_session_tls_ready(struct smtp_session *s, const char *desc);
+bool smtp_session_tls_active(const struct smtp_session *s);
 
 /* The transport should close once output is drained and this is true. */
 bool smtp_session_want_close(const struct smtp_session *s);

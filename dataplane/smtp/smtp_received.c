@@ -9,7 +9,11 @@
  *   	for <user@example.com>; Thu, 01 Jan 2026 00:00:00 +0000
  *
  * Without a single recipient the ";" ends the "by" line and the date gets
- * a line of its own. Contract: the EHLO name is client data; it is reduced
+ * a line of its own. Over TLS a comment line after "from" says how, in the
+ * style operators know from Postfix:
+ *
+ *   	(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))
+ * Contract: the EHLO name is client data; it is reduced
  * to [A-Za-z0-9.-_:[]] (others become '?') and capped at 255 octets, so no
  * CR, LF, ';' or comment can be smuggled into the header. Our hostname is
  * configuration and only capped. The date is UTC (+0000), computed without
@@ -69,26 +73,30 @@ smtp_received_format(char *buf, size_t size,
 		     const struct smtp_received_info *ri)
 {
 	char helo[NAME_CAP + 1], addr[NAME_CAP + 1], date[64], id[17];
+	char tls[SMTP_RECEIVED_TLS_MAX + 16] = "";
 	bool v6 = strchr(ri->client_addr, ':') != NULL;
 	int r;
 
+	if (ri->tls)
+		snprintf(tls, sizeof(tls), "\r\n\t(using %.*s)",
+			 SMTP_RECEIVED_TLS_MAX, ri->tls);
 	sanitize(helo, ri->helo, ri->helo_len);
 	sanitize(addr, ri->client_addr, strlen(ri->client_addr));
 	smtp_rfc5322_date(date, sizeof(date), ri->now_us);
 	snprintf(id, sizeof(id), "%016llX", (unsigned long long)ri->msgid);
 	if (ri->rcpt)
 		r = snprintf(buf, size,
-			     "Received: from %s ([%s%s])\r\n"
+			     "Received: from %s ([%s%s])%s\r\n"
 			     "\tby %.255s (finaldot) with %s id %s\r\n"
 			     "\tfor <%.256s>; %s\r\n",
-			     helo, v6 ? "IPv6:" : "", addr, ri->hostname,
+			     helo, v6 ? "IPv6:" : "", addr, tls, ri->hostname,
 			     ri->proto, id, ri->rcpt, date);
 	else
 		r = snprintf(buf, size,
-			     "Received: from %s ([%s%s])\r\n"
+			     "Received: from %s ([%s%s])%s\r\n"
 			     "\tby %.255s (finaldot) with %s id %s;\r\n"
 			     "\t%s\r\n",
-			     helo, v6 ? "IPv6:" : "", addr, ri->hostname,
+			     helo, v6 ? "IPv6:" : "", addr, tls, ri->hostname,
 			     ri->proto, id, date);
 	if (r < 0)
 		return 0;

@@ -10,13 +10,17 @@
 
 /* Upper bound of smtp_received_format()'s output (names are capped). */
 #define SMTP_RECEIVED_MAX 1280
+#define SMTP_RECEIVED_TLS_MAX 160
 
 struct smtp_received_info {
 	const char *helo; /* client-controlled: sanitized, capped at 255 */
 	size_t helo_len;
 	const char *client_addr; /* "192.0.2.1" or "2001:db8::1" */
 	const char *hostname;    /* ours, capped at 255 */
-	const char *proto;       /* "SMTP", "ESMTP", "UTF8SMTP" (RFC 6531) */
+	const char *proto;       /* "SMTP", "ESMTP", "ESMTPS" (RFC 3848),
+				  * "UTF8SMTP", "UTF8SMTPS" (RFC 6531) */
+	const char *tls; /* "TLSv1.3 with cipher ..." or NULL (no TLS):
+			  * printable ASCII, at most SMTP_RECEIVED_TLS_MAX */
 	uint64_t msgid;
 	const char *rcpt; /* the one recipient, or NULL (several) */
 	uint64_t now_us;  /* CLOCK_REALTIME microseconds */

@@ -137,6 +137,7 @@ enum smtp_state {
 	SMTP_S_BDAT,
 	SMTP_S_CHUNKING,
 	SMTP_S_COMMIT,
+	SMTP_S_TLS_WAIT, /* 220 to STARTTLS queued: the handshake is next */
 	SMTP_S_CLOSING,
 };
 
@@ -177,6 +178,9 @@ struct smtp_session {
 	struct smtp_ackpoint ack[SMTP_ACKPOINTS];
 	unsigned n_ack;
 	bool quit_seen;
+	bool tls;          /* TLS is up (smtp_session_tls_ready) */
+	uint64_t tls_discarded; /* plaintext dropped after STARTTLS */
+	char tls_desc[SMTP_RECEIVED_TLS_MAX + 1];
 	uint64_t gap_t0_ns;  /* the last 250's durable completion, 0 none */
 	uint64_t gap_end;    /* its end in the output stream */
 
@@ -257,6 +261,8 @@ smtp_state_name(enum smtp_state st)
 		return "chunking";
 	case SMTP_S_COMMIT:
 		return "commit";
+	case SMTP_S_TLS_WAIT:
+		return "tls-wait";
 	case SMTP_S_CLOSING:
 		return "closing";
 	}
@@ -451,12 +457,16 @@ msg_fail(struct smtp_session *s, enum smtp_fail why)
 	msg_abort(s);
 }
 
+/* The RFC 3848 / RFC 6531 "with" keyword. HELO over TLS has no keyword of
+ * its own; it says SMTP, and the comment line says TLS. */
 static const char *
 received_proto(const struct smtp_session *s)
 {
 	if (s->smtputf8)
-		return "UTF8SMTP"; /* RFC 6531 3.7.3 */
-	return s->esmtp ? "ESMTP" : "SMTP";
+		return s->tls ? "UTF8SMTPS" : "UTF8SMTP"; /* RFC 6531 3.7.3 */
+	if (!s->esmtp)
+		return "SMTP";
+	return s->tls ? "ESMTPS" : "ESMTP";
 }
 
 static size_t
@@ -468,6 +478,7 @@ received_build(struct smtp_session *s, uint64_t msgid, uint64_t now)
 		.client_addr = s->client_addr,
 		.hostname = s->srv->cfg.hostname,
 		.proto = received_proto(s),
+		.tls = s->tls ? s->tls_desc : NULL,
 		.msgid = msgid,
 		.rcpt = s->n_rcpts == 1 ? s->rcpts[0] : NULL,
 		.now_us = now,
@@ -489,7 +500,7 @@ msg_open(struct smtp_session *s)
 		.n_rcpts = s->n_rcpts,
 		.helo = s->helo,
 		.client_addr = s->client_addr,
-		.proto = s->esmtp ? "ESMTP" : "SMTP",
+		.proto = !s->esmtp ? "SMTP" : s->tls ? "ESMTPS" : "ESMTP",
 		.arrival_us = now,
 		.size_param = s->size_param,
 		.body = s->body,
@@ -641,6 +652,8 @@ msg_commit(struct smtp_session *s)
 	smtp_enter_state(s, SMTP_S_COMMIT);
 }
 
+static void line_reset(struct smtp_session *s);
+
 /* ---- verbs ---- */
 
 typedef bool (*smtp_verb_fn)(struct smtp_session *s, const struct smtp_cmd *c);
@@ -680,7 +693,8 @@ smtp_cmd_helo_common(struct smtp_session *s, const struct smtp_cmd *c,
 	s->helo[s->helo_len] = '\0';
 	s->esmtp = esmtp;
 	smtp_enter_state(s, SMTP_S_READY);
-	/* RFC 2034 3: no enhanced code in the EHLO/HELO reply. */
+	/* RFC 2034 3: no enhanced code in the EHLO/HELO reply. RFC 3207
+	 * 4.2: STARTTLS is not offered again once TLS is up. */
 	if (!esmtp)
 		reply(s, "250 %.255s", srv->cfg.hostname);
 	else
@@ -690,10 +704,12 @@ smtp_cmd_helo_common(struct smtp_session *s, const struct smtp_cmd *c,
 		      "250-SIZE %" PRIu64 "\r\n"
 		      "250-8BITMIME\r\n"
 		      "250-ENHANCEDSTATUSCODES\r\n"
+		      "%s"
 		      "250-DSN\r\n"
 		      "250-SMTPUTF8\r\n"
 		      "250 CHUNKING",
-		      srv->cfg.hostname, srv->cfg.max_message_size);
+		      srv->cfg.hostname, srv->cfg.max_message_size,
+		      srv->cfg.starttls && !s->tls ? "250-STARTTLS\r\n" : "");
 	return true;
 }
 
@@ -738,6 +754,14 @@ smtp_cmd_mail(struct smtp_session *s, const struct smtp_cmd *c)
 		return true;
 	case SMTP_PARSE_ERR_PARAM_VALUE:
 		error_reply(s, "555 5.5.4 Unsupported MAIL parameter value");
+		return true;
+	}
+	if (s->srv->cfg.tls_required && !s->tls) {
+		/* RFC 3207 4: 530 to any command but NOOP, EHLO, STARTTLS
+		 * and QUIT; MAIL is the one that matters (RCPT and DATA
+		 * cannot come without it). */
+		s->srv->stats.tls_required_refused++;
+		reply(s, "530 5.7.0 Must issue a STARTTLS command first");
 		return true;
 	}
 	if (!s->esmtp && m.n_params > 0) {
@@ -1033,6 +1057,7 @@ smtp_cmd_bdat(struct smtp_session *s, const struct smtp_cmd *c)
 	case SMTP_S_DATA:
 	case SMTP_S_BDAT:
 	case SMTP_S_COMMIT:
+	case SMTP_S_TLS_WAIT:
 	case SMTP_S_CLOSING:
 		s->bdat_err = SMTP_FAIL_SEQUENCE; /* not reached: verb table */
 		break;
@@ -1101,6 +1126,40 @@ smtp_cmd_quit(struct smtp_session *s, const struct smtp_cmd *c)
 	return true;
 }
 
+/*
+ * RFC 3207. Not offered (no certificate): 502, as for any command we do not
+ * implement. Offered: only after EHLO and outside a transaction (the
+ * session is reset anyway, and a client that started a transaction in the
+ * clear is confused), never twice.
+ */
+static bool
+smtp_cmd_starttls(struct smtp_session *s, const struct smtp_cmd *c)
+{
+	if (!s->srv->cfg.starttls) {
+		error_reply(s, "502 5.5.1 Error: command not implemented");
+		return true;
+	}
+	if (s->tls) {
+		error_reply(s, "503 5.5.1 Error: TLS already active");
+		return true;
+	}
+	if (!check_no_arg(s, c, "STARTTLS"))
+		return true;
+	if (s->state == SMTP_S_INIT) {
+		error_reply(s, "503 5.5.1 Error: send EHLO first");
+		return true;
+	}
+	if (s->state != SMTP_S_READY) {
+		error_reply(s, "503 5.5.1 Error: MAIL transaction in progress");
+		return true;
+	}
+	txn_reset(s);
+	s->srv->stats.tls_started++;
+	reply(s, "220 2.0.0 Ready to start TLS");
+	smtp_enter_state(s, SMTP_S_TLS_WAIT);
+	return true;
+}
+
 static bool
 smtp_cmd_vrfy(struct smtp_session *s, const struct smtp_cmd *c)
 {
@@ -1148,7 +1207,7 @@ static const struct smtp_verb smtp_verbs[] = {
 	{"VRFY", ST_CMD, smtp_cmd_vrfy},
 	{"HELP", ST_CMD, smtp_cmd_help},
 	{"EXPN", ST_CMD, smtp_cmd_not_implemented},
-	{"STARTTLS", ST_CMD, smtp_cmd_not_implemented},
+	{"STARTTLS", ST_CMD, smtp_cmd_starttls},
 	{"AUTH", ST_CMD, smtp_cmd_not_implemented},
 	{"TURN", ST_CMD, smtp_cmd_not_implemented},
 	{"ETRN", ST_CMD, smtp_cmd_not_implemented},
@@ -1375,6 +1434,7 @@ deadline_passed(struct smtp_session *s)
 	case SMTP_S_FREE:
 	case SMTP_S_GREET_WAIT:
 	case SMTP_S_COMMIT:
+	case SMTP_S_TLS_WAIT:
 	case SMTP_S_CLOSING:
 	default:
 		return false;
@@ -1419,6 +1479,22 @@ smtp_session_input(struct smtp_session *s, const uint8_t *p, size_t n)
 			break;
 		case SMTP_S_BDAT:
 			more = step_bdat(s, p, n, &off);
+			break;
+		case SMTP_S_TLS_WAIT:
+			/* Pipelined behind STARTTLS: never a command. */
+			if (off < n) {
+				if (s->tls_discarded == 0) {
+					s->srv->stats.tls_injected++;
+					fd_log(FD_LOG_WARN, "smtp",
+					       "%016" PRIx64
+					       " event=starttls_pipelining "
+					       "discarded=%zu",
+					       s->sid, n - off);
+				}
+				s->tls_discarded += n - off;
+				off = n;
+			}
+			more = false;
 			break;
 		case SMTP_S_FREE:
 		case SMTP_S_GREET_WAIT:
@@ -1524,6 +1600,7 @@ end_now(struct smtp_session *s, bool *pending)
 	case SMTP_S_DATA:
 	case SMTP_S_BDAT:
 	case SMTP_S_CHUNKING:
+	case SMTP_S_TLS_WAIT:
 		break;
 	}
 	txn_reset(s);
@@ -1576,6 +1653,43 @@ smtp_session_shutdown_now(struct smtp_session *s)
 	txn_reset(s);
 	reply(s, "421 4.3.2 %.255s Service shutting down", srv->cfg.hostname);
 	smtp_close_after(s);
+}
+
+bool
+smtp_session_tls_wanted(const struct smtp_session *s)
+{
+	return s->state == SMTP_S_TLS_WAIT;
+}
+
+bool
+smtp_session_tls_active(const struct smtp_session *s)
+{
+	return s->tls;
+}
+
+void
+smtp_session_tls_ready(struct smtp_session *s, const char *desc)
+{
+	size_t i;
+
+	if (s->state != SMTP_S_TLS_WAIT)
+		return;
+	/* RFC 3207 4.2: forget everything learned before TLS, the EHLO
+	 * name included; the client must say EHLO again. */
+	txn_reset(s);
+	line_reset(s);
+	s->helo_len = 0;
+	s->helo[0] = '\0';
+	s->esmtp = false;
+	s->tls = true;
+	for (i = 0; desc && desc[i] && i < SMTP_RECEIVED_TLS_MAX; i++)
+		s->tls_desc[i] =
+			desc[i] >= 0x20 && desc[i] < 0x7f && desc[i] != '\\'
+				? desc[i]
+				: '?';
+	s->tls_desc[i] = '\0';
+	s->srv->stats.tls_established++;
+	smtp_enter_state(s, SMTP_S_INIT);
 }
 
 bool

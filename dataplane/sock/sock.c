@@ -31,6 +31,15 @@
  * Lifetime of a connection: in use from accept until it is closing AND has
  * no operation in flight; the smtp session is closed (returned to its pool)
  * as soon as the connection starts closing.
+ *
+ * STARTTLS: after the 220 to STARTTLS went out in the clear, the connection
+ * gets a struct fd_tls_conn (tls/tls.h) and from then on received octets go
+ * to it, and what it produces is sent; it feeds the session. Octets the
+ * client pipelined behind STARTTLS never reach the session as commands: the
+ * engine drops what came with the command, and while it waits for TLS no
+ * input is offered to it (what arrives then is for the handshake). At most
+ * tls_max_handshakes handshakes run at once per worker; a connection beyond
+ * that waits, its ClientHello held, until one ends.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -54,6 +63,7 @@
 #include "sock/sock.h"
 #include "sock/tcpinfo.h"
 #include "spool/spool.h"
+#include "tls/tls.h"
 #include "worker.h"
 
 #define RING_ENTRIES 4096u
@@ -91,6 +101,11 @@ struct sock_conn {
 	uint32_t held_len;
 	uint64_t last_active_us;
 	uint64_t greet_due_us; /* 0: greeted */
+	struct fd_tls_conn *tls; /* after STARTTLS; freed with the slot */
+	bool hs_running;        /* counted in loop->handshakes */
+	bool hs_waiting;        /* waits for a handshake slot */
+	bool tls_closing;       /* close_notify queued */
+	uint64_t hs_wait_us;    /* since when (oldest goes first) */
 	struct sock_conn *idle_prev, *idle_next; /* LRU, oldest first */
 	struct sock_conn *dirty_next;
 	struct sock_conn *free_next;
@@ -135,6 +150,8 @@ struct sock_loop {
 	unsigned nstarved;     /* connections with starved set */
 	unsigned nheld;        /* connections with held set */
 	bool spool_progress;   /* spool completions this round */
+	unsigned handshakes;   /* TLS handshakes running */
+	unsigned hs_waiting;   /* connections waiting for one */
 } __attribute__((aligned(64)));
 
 static inline uint64_t
@@ -237,6 +254,9 @@ conn_finalize(struct sock_conn *c)
 	if (c->fd >= 0)
 		close(c->fd);
 	c->fd = -1;
+	/* Only now: a send in flight may point into its buffers. */
+	fd_tls_conn_free(c->tls);
+	c->tls = NULL;
 	if (c->starved) {
 		c->starved = false;
 		l->nstarved--;
@@ -265,9 +285,45 @@ conn_check_indoubt(struct sock_conn *c)
 	if (n == 0 || smtp_session_quit_seen(c->s) || c->fd < 0 ||
 	    sock_bytes_acked(c->fd, &acked) != 0)
 		return;
-	for (unsigned i = 0; i < n; i++)
-		if (ap[i].end > acked)
+	/* Under TLS the client acknowledges ciphertext: compare with where
+	 * the record that carried the reply ends in the TCP stream. */
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t end = c->tls ? fd_tls_conn_wire_end(c->tls, ap[i].end)
+				      : ap[i].end;
+		if (end > acked)
 			fd_worker_indoubt(c->loop->w, ap[i].msgid);
+	}
+}
+
+/*
+ * A handshake ended (done, failed, or the connection closes): its slot goes
+ * to the connection that has waited longest. XXX a scan of the table, once
+ * per handshake, and only while some wait.
+ */
+static void
+hs_release(struct sock_conn *c)
+{
+	struct sock_loop *l = c->loop;
+	struct sock_conn *next = NULL;
+
+	if (c->hs_waiting) {
+		c->hs_waiting = false;
+		l->hs_waiting--;
+	}
+	if (!c->hs_running)
+		return;
+	c->hs_running = false;
+	l->handshakes--;
+	if (l->hs_waiting == 0)
+		return;
+	for (unsigned i = 0; i < l->nconns; i++) {
+		struct sock_conn *w = &l->conns[i];
+		if (w->in_use && w->hs_waiting &&
+		    (!next || w->hs_wait_us < next->hs_wait_us))
+			next = w;
+	}
+	if (next)
+		mark_dirty(next);
 }
 
 /* Start closing: the session goes back to its pool now; the slot when the
@@ -289,6 +345,7 @@ conn_close(struct sock_conn *c, const char *why)
 		c->s = NULL;
 	}
 	(void)why;
+	hs_release(c);
 	idle_unlink(l, c);
 	conn_release_held(c);
 	if (c->inflight == 0) {
@@ -344,6 +401,8 @@ conn_send_output(struct sock_conn *c)
  * Offer held input, send what the session produced, re-arm the receive,
  * close when done. The one place that decides what a connection does next.
  */
+static void conn_service_tls(struct sock_conn *c);
+
 static void
 conn_service(struct sock_conn *c)
 {
@@ -351,7 +410,12 @@ conn_service(struct sock_conn *c)
 
 	if (c->closing || !c->s)
 		return;
-	if (c->held) {
+	if (c->tls) {
+		conn_service_tls(c);
+		return;
+	}
+	/* Waiting for TLS: what arrives now is the handshake's. */
+	if (c->held && !smtp_session_tls_wanted(c->s)) {
 		const uint8_t *p = l->bufs + (size_t)c->held_bid * BUF_SIZE +
 				   c->held_off;
 		size_t used = smtp_session_input(c->s, p, c->held_len);
@@ -366,8 +430,120 @@ conn_service(struct sock_conn *c)
 			conn_close(c, "done");
 		return;
 	}
+	if (smtp_session_tls_wanted(c->s) && !c->send_armed) {
+		const uint8_t *p;
+		if (smtp_session_output(c->s, &p) == 0) {
+			/* The 220 is out: TLS from the next octet on. */
+			c->tls = fd_tls_conn_new(fd_tls, smtp_session_id(c->s),
+						 smtp_session_output_total(c->s),
+						 l->now_us);
+			if (!c->tls) {
+				fd_log(FD_LOG_WARN, "sock",
+				       "%016" PRIx64 " event=tls_no_memory",
+				       smtp_session_id(c->s));
+				conn_close(c, "tls_no_memory");
+				return;
+			}
+			conn_service_tls(c);
+			return;
+		}
+	}
 	if (c->held)
 		return; /* paused: the session will be offered it again */
+	if (c->peer_eof) {
+		conn_close(c, "peer_closed");
+		return;
+	}
+	if (!c->recv_armed && !c->starved)
+		conn_arm_recv(c);
+}
+
+/* Send what TLS produced (one send in flight at a time, as in the clear). */
+static void
+conn_send_tls(struct sock_conn *c)
+{
+	const uint8_t *p;
+	size_t n;
+	struct io_uring_sqe *sqe;
+
+	if (c->send_armed)
+		return;
+	n = fd_tls_conn_out(c->tls, &p);
+	if (n == 0)
+		return;
+	sqe = get_sqe(c->loop);
+	if (!sqe)
+		return;
+	/* p stays valid until fd_tls_conn_out_done() (the ring's writer
+	 * only fills the free part). */
+	io_uring_prep_send(sqe, c->fd, p, n, MSG_NOSIGNAL);
+	io_uring_sqe_set_data64(sqe, ud(c, OP_SEND));
+	c->send_armed = true;
+	c->inflight++;
+}
+
+/* conn_service() once TLS has started. */
+static void
+conn_service_tls(struct sock_conn *c)
+{
+	struct sock_loop *l = c->loop;
+	const struct fd_config *cfg = l->w->cfg;
+	enum fd_tls_status st = FD_TLS_OK;
+	bool hs = !fd_tls_conn_established(c->tls);
+
+	if (c->held) {
+		const uint8_t *p = l->bufs + (size_t)c->held_bid * BUF_SIZE +
+				   c->held_off;
+		size_t used = fd_tls_conn_in(c->tls, p, c->held_len);
+		c->held_off += (uint32_t)used;
+		c->held_len -= (uint32_t)used;
+		if (c->held_len == 0)
+			conn_release_held(c);
+	}
+	if (hs && !c->hs_running) {
+		if (l->handshakes >= cfg->tls_max_handshakes) {
+			if (!c->hs_waiting) {
+				c->hs_waiting = true;
+				c->hs_wait_us = l->now_us;
+				l->hs_waiting++;
+			}
+			goto recv; /* its turn comes in hs_release() */
+		}
+		if (c->hs_waiting) {
+			c->hs_waiting = false;
+			l->hs_waiting--;
+		}
+		c->hs_running = true;
+		l->handshakes++;
+	}
+	st = fd_tls_conn_pump(c->tls, c->s, l->now_us);
+	if (hs && fd_tls_conn_established(c->tls))
+		hs_release(c);
+	if (st == FD_TLS_FAILED) {
+		/* The alert OpenSSL queued goes out if the socket takes it
+		 * now; nothing waits for it. */
+		const uint8_t *p;
+		size_t n = fd_tls_conn_out(c->tls, &p);
+		if (n && !c->send_armed)
+			(void)send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+		conn_close(c, "tls_failed");
+		return;
+	}
+	if (smtp_session_want_close(c->s) && !c->tls_closing) {
+		c->tls_closing = true;
+		fd_tls_conn_shutdown(c->tls);
+	}
+	conn_send_tls(c);
+	if (c->tls_closing || st == FD_TLS_CLOSED) {
+		const uint8_t *p;
+		if (!c->send_armed && fd_tls_conn_out(c->tls, &p) == 0)
+			conn_close(c, st == FD_TLS_CLOSED ? "peer_closed"
+							  : "done");
+		return;
+	}
+recv:
+	if (c->held)
+		return; /* paused: offered again when TLS has room */
 	if (c->peer_eof) {
 		conn_close(c, "peer_closed");
 		return;
@@ -582,7 +758,9 @@ on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
 		c = ud_ptr(u);
 		c->inflight--;
 		c->send_armed = false;
-		if (cqe->res > 0 && c->s && !c->closing) {
+		if (cqe->res > 0 && c->tls && !c->closing) {
+			fd_tls_conn_out_done(c->tls, (size_t)cqe->res);
+		} else if (cqe->res > 0 && c->s && !c->closing) {
 			smtp_session_output_done(c->s, (size_t)cqe->res);
 		} else if (cqe->res < 0 && !c->closing) {
 			conn_close(c, "send_error");
@@ -660,6 +838,29 @@ run_timers(struct sock_loop *l)
 			mark_dirty(c);
 		}
 	}
+	/* TLS handshakes have a deadline of their own (a client sending a
+	 * byte at a time never lets the idle timer fire); one waiting for
+	 * its turn too. */
+	if (l->handshakes + l->hs_waiting > 0) {
+		for (unsigned i = 0; i < l->nconns; i++) {
+			struct sock_conn *c = &l->conns[i];
+			uint64_t d = c->in_use && c->tls && !c->closing
+					     ? fd_tls_conn_deadline_us(c->tls)
+					     : 0;
+			if (d == 0 || d > l->now_us)
+				continue;
+			if (c->hs_running) {
+				mark_dirty(c); /* the pump says why */
+			} else {
+				fd_log(FD_LOG_INFO, "sock",
+				       "%016" PRIx64 " event=tls_failed "
+				       "reason=\"handshake timeout (waited "
+				       "for a handshake slot)\"",
+				       smtp_session_id(c->s));
+				conn_close(c, "tls_timeout");
+			}
+		}
+	}
 	if (cfg->greet_delay_ms == 0)
 		return;
 	for (unsigned i = 0; i < l->nconns; i++) {
@@ -718,7 +919,8 @@ retry_held(struct sock_loop *l)
 		return;
 	for (unsigned i = 0; i < l->nconns; i++) {
 		struct sock_conn *c = &l->conns[i];
-		if (c->in_use && c->held && !c->closing &&
+		bool holding = c->held || (c->tls && fd_tls_conn_holding(c->tls));
+		if (c->in_use && holding && !c->closing &&
 		    !smtp_session_commit_pending(c->s))
 			mark_dirty(c);
 	}

@@ -24,6 +24,7 @@
 #define FD_CONFIG_MAX_DOMAINS 64
 #define FD_CONFIG_MAX_ROUTES 64
 #define FD_CONFIG_STR 256
+#define FD_CONFIG_MAX_TLS 8
 
 enum fd_transport {
 	FD_TRANSPORT_KERNEL = 0,
@@ -57,6 +58,18 @@ struct fd_config {
 	uint64_t data_timeout_ms;    /* one message's data, 354 to the end */
 	uint64_t greet_delay_ms;
 	uint64_t shutdown_timeout_ms;
+
+	/* STARTTLS (RFC 3207): pairs by position, cert[i] with key[i] */
+	char tls_cert[FD_CONFIG_MAX_TLS][FD_CONFIG_STR];
+	unsigned n_tls_cert;
+	char tls_key[FD_CONFIG_MAX_TLS][FD_CONFIG_STR];
+	unsigned n_tls_key;
+	char tls_ciphers[512];
+	char tls_min_version[8]; /* "1.2" or "1.3" */
+	bool tls_required;
+	uint64_t tls_handshake_timeout_ms;
+	unsigned tls_max_handshakes; /* per worker; more wait */
+	uint64_t tls_ticket_lifetime_ms;
 
 	/* spool */
 	char spool_dir[FD_CONFIG_STR];
