@@ -255,7 +255,7 @@ read_leaf(const char *path)
 	X509 *x;
 
 	if (!f)
-		return NULL;
+		return NULL; /* errno says why */
 	x = PEM_read_X509(f, NULL, NULL, NULL);
 	fclose(f);
 	return x;
@@ -349,8 +349,10 @@ set_load(struct fd_tls_server *t, char *err, size_t errlen)
 		SSL_CTX *ctx;
 
 		if (!leaf) {
+			int e = errno;
 			snprintf(err, errlen, "cannot read certificate %s: %s",
-				 cp, ssl_reason(why, sizeof(why)));
+				 cp, ERR_peek_error() ? ssl_reason(why, sizeof(why))
+						      : strerror(e));
 			goto fail;
 		}
 		if (check_dates(leaf, cp, err, errlen) != 0) {
@@ -573,18 +575,16 @@ fd_tls_conn_out_done(struct fd_tls_conn *c, size_t n)
 static enum fd_tls_status
 conn_fail(struct fd_tls_conn *c, const char *why)
 {
-	char esc[256];
-
 	if (!c->failed) {
 		c->failed = true;
 		snprintf(c->err, sizeof(c->err), "%s", why);
 		if (!c->established)
 			atomic_fetch_add(&c->srv->failed, 1);
+		/* OpenSSL's reason text or ours: not the peer's octets. */
 		fd_log(FD_LOG_INFO, "tls",
 		       "%016" PRIx64 " event=tls_failed established=%d "
 		       "reason=\"%s\"",
-		       c->sid, c->established,
-		       fd_log_escape(esc, sizeof(esc), c->err, strlen(c->err)));
+		       c->sid, c->established, c->err);
 	}
 	return FD_TLS_FAILED;
 }
