@@ -250,9 +250,6 @@ tls_load(const struct fd_config *cfg)
 		fprintf(stderr, "finaldot: TLS: %s\n", err);
 		return -1;
 	}
-	if (cfg->transport == FD_TRANSPORT_DPDK)
-		fprintf(stderr, "finaldot: warning: STARTTLS is not offered "
-				"on the DPDK transport yet\n");
 	return 0;
 }
 

@@ -313,9 +313,7 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	sc.data_timeout_ms = c->data_timeout_ms;
 	sc.rcpt_check = w->rcpt_check;
 	sc.rcpt_ctx = w->rcpt_ctx;
-	/* XXX the DPDK transport does not run TLS yet: offer STARTTLS only
-	 * where the transport can start it. */
-	sc.starttls = fd_tls != NULL && c->transport == FD_TRANSPORT_KERNEL;
+	sc.starttls = fd_tls != NULL;
 	sc.tls_required = c->tls_required;
 	w->smtp = smtp_server_create(&sc, &spool_sink_ops, w);
 	if (!w->smtp) {

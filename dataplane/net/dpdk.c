@@ -60,6 +60,7 @@
 #include "net/tcp.h"
 #include "smtp/smtp.h"
 #include "spool/spool.h"
+#include "tls/tls.h"
 #include "worker.h"
 
 #define BURST 32
@@ -82,6 +83,12 @@ struct dp_conn {
 	uint64_t last_active_us;
 	uint64_t greet_due_us;
 	struct dp_conn *next_free;
+	/* STARTTLS: from the octet after the 220 on (tls/tls.h) */
+	struct fd_tls_conn *tls;
+	bool hs_running;  /* counted in shard->handshakes */
+	bool hs_waiting;  /* waits for a handshake slot */
+	bool tls_closing; /* close_notify queued */
+	uint64_t hs_wait_us;
 	char addr[INET_ADDRSTRLEN];
 };
 
@@ -99,6 +106,8 @@ struct shard {
 	unsigned nconns;
 	unsigned in_use;
 	unsigned npaused; /* connections with paused set */
+	unsigned handshakes, hs_waiting; /* TLS: running, waiting a slot */
+	unsigned ntls; /* connections with TLS */
 	uint64_t sid;
 	uint64_t now_us;
 	uint64_t next_scan_us;
@@ -225,11 +234,50 @@ set_paused(struct dp_conn *c, bool paused)
 	c->paused = paused;
 }
 
+static bool conn_flush(struct dp_conn *c);
+
+/*
+ * A TLS handshake ended (or its connection): the slot goes to the
+ * connection that waited longest. XXX a scan, once per handshake, only
+ * while some wait; the same rule as the kernel transport's.
+ */
+static void
+hs_release(struct dp_conn *c)
+{
+	struct shard *sh = c->sh;
+	struct dp_conn *next = NULL;
+
+	if (c->hs_waiting) {
+		c->hs_waiting = false;
+		sh->hs_waiting--;
+	}
+	if (!c->hs_running)
+		return;
+	c->hs_running = false;
+	sh->handshakes--;
+	if (sh->hs_waiting == 0)
+		return;
+	for (unsigned i = 0; i < sh->nconns; i++) {
+		struct dp_conn *w = &sh->conns[i];
+		if (w->in_use && w->hs_waiting &&
+		    (!next || w->hs_wait_us < next->hs_wait_us))
+			next = w;
+	}
+	if (next && conn_flush(next) && next->paused)
+		tcp_resume(next->tc);
+}
+
 static void
 conn_free(struct dp_conn *c)
 {
 	struct shard *sh = c->sh;
 
+	hs_release(c);
+	if (c->tls) {
+		fd_tls_conn_free(c->tls); /* tcp_send() copied what it took */
+		c->tls = NULL;
+		sh->ntls--;
+	}
 	set_paused(c, false);
 	if (c->woken) { /* unlink: the slot may be reused before servicing */
 		struct dp_conn **pp = &sh->woken;
@@ -266,10 +314,17 @@ conn_check_indoubt(struct dp_conn *c, size_t unacked)
 	n = smtp_session_ackpoints(c->s, ap);
 	if (n == 0)
 		return;
-	acked = smtp_session_output_total(c->s) - unacked;
-	for (unsigned i = 0; i < n; i++)
-		if (ap[i].end > acked)
+	/* Under TLS the stream carries ciphertext: compare where the record
+	 * with the reply ends. */
+	acked = (c->tls ? fd_tls_conn_wire_sent(c->tls)
+			: smtp_session_output_total(c->s)) -
+		unacked;
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t end = c->tls ? fd_tls_conn_wire_end(c->tls, ap[i].end)
+				      : ap[i].end;
+		if (end > acked)
 			fd_worker_indoubt(&c->sh->w, ap[i].msgid);
+	}
 }
 
 /* Session and connection both end; FIN after the queued replies. */
@@ -282,6 +337,71 @@ conn_end(struct dp_conn *c)
 	conn_free(c);
 }
 
+/* Ciphertext into the TCP send buffer. True: all of it went. */
+static bool
+tls_push(struct dp_conn *c)
+{
+	const uint8_t *p;
+	size_t n;
+
+	while ((n = fd_tls_conn_out(c->tls, &p)) > 0) {
+		size_t k = tcp_send(c->tc, p, n);
+		fd_tls_conn_out_done(c->tls, k);
+		if (k < n)
+			return false; /* sent() will call again */
+	}
+	return true;
+}
+
+/*
+ * conn_flush() once TLS has started: run the handshake (within the
+ * shard's cap on concurrent ones), feed the session what TLS decrypted,
+ * encrypt its replies, send. False when the connection ended.
+ */
+static bool
+conn_flush_tls(struct dp_conn *c)
+{
+	struct shard *sh = c->sh;
+	bool hs = !fd_tls_conn_established(c->tls);
+	enum fd_tls_status st;
+
+	if (hs && !c->hs_running) {
+		if (sh->handshakes >= g.cfg->tls_max_handshakes) {
+			if (!c->hs_waiting) {
+				c->hs_waiting = true;
+				c->hs_wait_us = sh->now_us;
+				sh->hs_waiting++;
+			}
+			return true; /* hs_release() calls again */
+		}
+		if (c->hs_waiting) {
+			c->hs_waiting = false;
+			sh->hs_waiting--;
+		}
+		c->hs_running = true;
+		sh->handshakes++;
+	}
+	st = fd_tls_conn_pump(c->tls, c->s, sh->now_us);
+	if (hs && fd_tls_conn_established(c->tls))
+		hs_release(c);
+	if (st == FD_TLS_FAILED) {
+		tls_push(c); /* the alert, if it fits; then FIN */
+		conn_end(c);
+		return false;
+	}
+	if (smtp_session_want_close(c->s) && !c->tls_closing) {
+		c->tls_closing = true;
+		fd_tls_conn_shutdown(c->tls);
+	}
+	if (!tls_push(c))
+		return true;
+	if (c->tls_closing || st == FD_TLS_CLOSED) {
+		conn_end(c);
+		return false;
+	}
+	return true;
+}
+
 /* Move the session's replies into the TCP send buffer; end the connection
  * when the session is done. Returns false when the connection ended. */
 static bool
@@ -290,6 +410,8 @@ conn_flush(struct dp_conn *c)
 	const uint8_t *p;
 	size_t n;
 
+	if (c->tls)
+		return conn_flush_tls(c);
 	while ((n = smtp_session_output(c->s, &p)) > 0) {
 		size_t k = tcp_send(c->tc, p, n);
 		if (k)
@@ -300,6 +422,21 @@ conn_flush(struct dp_conn *c)
 	if (smtp_session_want_close(c->s)) {
 		conn_end(c);
 		return false;
+	}
+	/* The 220 to STARTTLS is in the send buffer: the stream is TLS
+	 * from the next octet on, both ways. */
+	if (smtp_session_tls_wanted(c->s)) {
+		c->tls = fd_tls_conn_new(fd_tls, smtp_session_id(c->s),
+					 smtp_session_output_total(c->s),
+					 c->sh->now_us);
+		if (!c->tls) {
+			fd_log(FD_LOG_WARN, "dpdk",
+			       "%016" PRIx64 " event=tls_no_memory",
+			       smtp_session_id(c->s));
+			conn_end(c);
+			return false;
+		}
+		c->sh->ntls++;
 	}
 	return true;
 }
@@ -351,8 +488,17 @@ static size_t
 up_recv(void *u, const uint8_t *p, size_t n)
 {
 	struct dp_conn *c = u;
-	size_t used = smtp_session_input(c->s, p, n);
+	size_t used;
 
+	if (c->tls) {
+		used = fd_tls_conn_in(c->tls, p, n);
+		c->last_active_us = c->sh->now_us;
+		set_paused(c, used < n);
+		if (!conn_flush(c))
+			return n;
+		return used;
+	}
+	used = smtp_session_input(c->s, p, n);
 	c->last_active_us = c->sh->now_us;
 	set_paused(c, used < n);
 	if (!conn_flush(c))
@@ -431,11 +577,16 @@ service_woken(struct shard *sh)
 static void
 resume_paused(struct shard *sh)
 {
-	if (sh->npaused == 0)
+	if (sh->npaused == 0 && sh->ntls == 0)
 		return;
 	for (unsigned i = 0; i < sh->nconns; i++) {
 		struct dp_conn *c = &sh->conns[i];
-		if (c->in_use && c->paused && !smtp_session_commit_pending(c->s))
+		if (!c->in_use || smtp_session_commit_pending(c->s))
+			continue;
+		/* Under TLS the session's input waits in the TLS layer. */
+		if (c->tls && fd_tls_conn_holding(c->tls) && !conn_flush(c))
+			continue;
+		if (c->paused)
 			tcp_resume(c->tc);
 	}
 }
@@ -454,6 +605,22 @@ session_timers(struct shard *sh)
 		if (c->greet_due_us && c->greet_due_us <= sh->now_us) {
 			c->greet_due_us = 0;
 			smtp_session_greet(c->s);
+			if (!conn_flush(c))
+				continue;
+		}
+		/* A TLS handshake's own deadline (a trickling client keeps
+		 * the idle timer from firing); the pump ends it. */
+		if (c->tls && fd_tls_conn_deadline_us(c->tls) &&
+		    fd_tls_conn_deadline_us(c->tls) <= sh->now_us) {
+			if (!c->hs_running) {
+				fd_log(FD_LOG_INFO, "dpdk",
+				       "%016" PRIx64 " event=tls_failed "
+				       "reason=\"handshake timeout (waited for "
+				       "a handshake slot)\"",
+				       smtp_session_id(c->s));
+				conn_end(c);
+				continue;
+			}
 			if (!conn_flush(c))
 				continue;
 		}
@@ -709,13 +876,25 @@ shard_main(void *arg)
 			shard_publish(sh);
 			fd_worker_poll(&sh->w);
 			if (sh->id == 0 && g.reload) {
-				/* XXX reload (issue 7, the lead's part): as
-				 * on the kernel transport, only logged and
-				 * notified for now. */
+				/* Reload: the TLS certificates, as on the
+				 * kernel transport (a file read, on shard 0:
+				 * rare, and the operator asked for it). XXX
+				 * the rest of the configuration is read at
+				 * start only. */
+				char err[600];
 				g.reload = 0;
 				sdnotify_reloading();
 				fd_log(FD_LOG_INFO, "main",
 				       "event=reload_requested");
+				if (fd_tls && fd_tls_server_reload(
+						      fd_tls, err, sizeof(err)) == 0)
+					fd_log(FD_LOG_INFO, "main",
+					       "event=tls_reloaded");
+				else if (fd_tls)
+					fd_log(FD_LOG_ERR, "main",
+					       "event=tls_reload_failed "
+					       "kept=previous error=\"%s\"",
+					       err);
 				sdnotify("READY=1\nSTATUS=accepting mail");
 			}
 			if (g.stop && !sh->stopping) {

@@ -767,6 +767,12 @@ fd_tls_conn_wire_end(const struct fd_tls_conn *c, uint64_t plain_end)
 	return c->wire_base + c->wire_taken + BIO_ctrl_pending(c->net);
 }
 
+uint64_t
+fd_tls_conn_wire_sent(const struct fd_tls_conn *c)
+{
+	return c->wire_base + c->wire_taken;
+}
+
 size_t
 fd_tls_conn_buffer_bytes(void)
 {

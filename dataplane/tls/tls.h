@@ -124,6 +124,10 @@ const char *fd_tls_conn_error(const struct fd_tls_conn *c);
  */
 uint64_t fd_tls_conn_wire_end(const struct fd_tls_conn *c, uint64_t plain_end);
 
+/* Octets of the TCP stream handed to the transport so far (the clear part
+ * before TLS included). */
+uint64_t fd_tls_conn_wire_sent(const struct fd_tls_conn *c);
+
 /* Memory a connection holds besides OpenSSL's own objects (for the docs'
  * bytes-per-idle-session figure). */
 size_t fd_tls_conn_buffer_bytes(void);
