@@ -53,6 +53,11 @@ struct cp_config {
 	 * the window is answered 250 as usual but not delivered again. */
 	uint64_t dedup_window_ms;
 	uint64_t dedup_settle_ms;
+	/* STARTTLS to next hops without a tls= of their own (route.h):
+	 * "none", "may" (the default), "encrypt" or "verify"; the CA file for
+	 * verify ("" or NULL: the system store). */
+	const char *smtp_tls;
+	const char *smtp_tls_ca;
 };
 
 /*

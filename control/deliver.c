@@ -26,6 +26,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,6 +202,45 @@ wait_attempt(void *ctx)
 
 /* ---- connections -------------------------------------------------------- */
 
+/*
+ * Client TLS contexts, one per CA file ("" the system store), made on
+ * first use and kept for the life of the process: loading a CA store
+ * costs milliseconds, a connection must not pay it. A handful at most
+ * (one per distinct ca= of the routes); shared by the delivery threads.
+ */
+#define TLS_CTX_MAX 16
+static pthread_mutex_t tls_ctx_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+	char ca[256];
+	void *ctx;
+} tls_ctxs[TLS_CTX_MAX];
+
+static void *
+tls_ctx_for(const char *ca, char *err, size_t errlen)
+{
+	void *ctx = NULL;
+	unsigned i;
+
+	pthread_mutex_lock(&tls_ctx_mu);
+	for (i = 0; i < TLS_CTX_MAX && tls_ctxs[i].ctx; i++)
+		if (strcmp(tls_ctxs[i].ca, ca) == 0) {
+			ctx = tls_ctxs[i].ctx;
+			break;
+		}
+	if (!ctx && i < TLS_CTX_MAX) {
+		ctx = smtpc_tls_ctx_new(ca, err, errlen);
+		if (ctx) {
+			snprintf(tls_ctxs[i].ca, sizeof(tls_ctxs[i].ca), "%s",
+				 ca);
+			tls_ctxs[i].ctx = ctx;
+		}
+	} else if (!ctx) {
+		snprintf(err, errlen, "too many distinct ca= files");
+	}
+	pthread_mutex_unlock(&tls_ctx_mu);
+	return ctx;
+}
+
 struct conn_cache {
 	struct smtpc *c;
 	char key[600];
@@ -253,6 +293,24 @@ conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
 		p.cmd_timeout_ms = cfg->cmd_timeout_ms;
 	if (cfg->data_timeout_ms)
 		p.data_timeout_ms = cfg->data_timeout_ms;
+	/* STARTTLS per the route (queue.h: resolved against --smtp-tls);
+	 * not over a unix socket, which never leaves the machine. */
+	if (d->kind != ROUTE_LMTP_UNIX && d->tls != ROUTE_TLS_NONE) {
+		char err_text[300];
+		p.tls = d->tls == ROUTE_TLS_VERIFY    ? SMTPC_TLS_VERIFY
+			: d->tls == ROUTE_TLS_ENCRYPT ? SMTPC_TLS_ENCRYPT
+						      : SMTPC_TLS_MAY;
+		p.tls_ctx = tls_ctx_for(d->tls_ca, err_text, sizeof(err_text));
+		if (!p.tls_ctx && p.tls != SMTPC_TLS_MAY) {
+			memset(why, 0, sizeof(*why));
+			why->code = 451;
+			why->local = true;
+			snprintf(why->enh, sizeof(why->enh), "4.7.5");
+			snprintf(why->text, sizeof(why->text),
+				 "451 4.7.5 TLS required: %s", err_text);
+			return NULL;
+		}
+	}
 	cc->c = smtpc_connect(&t, &p, why, &err);
 	if (!cc->c)
 		return NULL;
@@ -322,6 +380,7 @@ run_smtp(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 		}
 		snprintf(j->relay, sizeof(j->relay), "%s",
 			 smtpc_peer_name(c));
+		snprintf(j->tls, sizeof(j->tls), "%s", smtpc_tls_desc(c));
 		if (precheck(m, c, j))
 			return;
 		q_body_init(&body, m);
@@ -549,6 +608,8 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 				outcome_reply(&j->out[0], &drr);
 			snprintf(j->relay, sizeof(j->relay), "%s",
 				 c && r == 0 ? smtpc_peer_name(c) : "");
+			snprintf(j->tls, sizeof(j->tls), "%s",
+				 c && r == 0 ? smtpc_tls_desc(c) : "");
 		}
 	}
 	dsn_buf_free(&out);

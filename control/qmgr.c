@@ -76,6 +76,7 @@ struct cplane {
 	char hostname[256];
 	struct route_table *routes;
 	struct route_target def_target;
+	int def_tls; /* enum route_tls: --smtp-tls */
 	struct route_target bounce_target;
 	bool have_bounce_target;
 	struct rcptdb *rcpts;
@@ -458,6 +459,11 @@ dest_get(struct cplane *cp, const struct route_target *t)
 	snprintf(d->host, sizeof(d->host), "%s", t->host);
 	d->port = t->port;
 	snprintf(d->path, sizeof(d->path), "%s", t->path);
+	/* The route's TLS policy, or the daemon's (--smtp-tls). */
+	d->tls = t->tls ? (int)t->tls : cp->def_tls;
+	snprintf(d->tls_ca, sizeof(d->tls_ca), "%s",
+		 t->tls_ca[0] ? t->tls_ca
+			      : cp->cfg.smtp_tls_ca ? cp->cfg.smtp_tls_ca : "");
 	d->limit = INIT_WINDOW < cp->cfg.dest_concurrency
 			   ? INIT_WINDOW
 			   : (double)cp->cfg.dest_concurrency;
@@ -1122,7 +1128,8 @@ dest_enqueue(struct cplane *cp, struct q_dest *d, struct q_job *j)
 
 static void
 log_outcome(const struct q_msg *m, const struct q_rcpt *r, const char *dest,
-	    const char *relay, const char *status, const char *text)
+	    const char *relay, const char *tls, const char *status,
+	    const char *text)
 {
 	char esc[700];
 	size_t k = 0;
@@ -1139,9 +1146,9 @@ log_outcome(const struct q_msg *m, const struct q_rcpt *r, const char *dest,
 	esc[k] = '\0';
 	fd_log(FD_LOG_INFO, "qmgr",
 	       "%016" PRIx64 " event=delivery to=<%s> route=%s relay=%s "
-	       "delay=%.3f attempts=%u status=%s reply=\"%s\"",
-	       m->id, r->addr, dest, relay && *relay ? relay : "none", delay,
-	       r->attempts, status, esc);
+	       "tls=\"%s\" delay=%.3f attempts=%u status=%s reply=\"%s\"",
+	       m->id, r->addr, dest, relay && *relay ? relay : "none",
+	       tls && *tls ? tls : "none", delay, r->attempts, status, esc);
 }
 
 /* A recipient will not be tried now: defer it to `at`. */
@@ -1167,7 +1174,7 @@ defer_rcpt(struct cplane *cp, struct q_msg *m, unsigned i, uint64_t at,
 		set_reason(r, buf);
 		cp->st_expired++;
 		log_rec(cp, DLOG_EXPIRED, m, i, r->attempts, 0, 0, buf);
-		log_outcome(m, r, r->dest ? r->dest->key : "none", NULL,
+		log_outcome(m, r, r->dest ? r->dest->key : "none", NULL, NULL,
 			    "expired", buf);
 		return;
 	}
@@ -1451,7 +1458,7 @@ apply_result(struct cplane *cp, struct q_job *j)
 			if (r->state == QR_DELETED) {
 				/* Deleted by the operator meanwhile: said in
 				 * the log, nothing more to do. */
-				log_outcome(m, r, d->key, j->relay,
+				log_outcome(m, r, d->key, j->relay, j->tls,
 					    o->out == QO_DELIVERED ? "sent"
 								   : "deleted",
 					    o->text);
@@ -1466,7 +1473,7 @@ apply_result(struct cplane *cp, struct q_job *j)
 					      r->attempts, 0, 0, o->text);
 				cp->st_delivered++;
 				d->delivered++;
-				log_outcome(m, r, d->key, j->relay, "sent",
+				log_outcome(m, r, d->key, j->relay, j->tls, "sent",
 					    o->text);
 				break;
 			case QO_BOUNCED:
@@ -1477,7 +1484,7 @@ apply_result(struct cplane *cp, struct q_job *j)
 					      r->attempts, 0, 0, o->text);
 				cp->st_bounced++;
 				d->bounced++;
-				log_outcome(m, r, d->key, j->relay, "bounced",
+				log_outcome(m, r, d->key, j->relay, j->tls, "bounced",
 					    o->text);
 				if (!dsn_wanted(m, r))
 					r->dsn_done = true;
@@ -1490,7 +1497,7 @@ apply_result(struct cplane *cp, struct q_job *j)
 									   1),
 					   o->text, true);
 				if (r->state == QR_PENDING)
-					log_outcome(m, r, d->key, j->relay,
+					log_outcome(m, r, d->key, j->relay, j->tls,
 						    "deferred", o->text);
 				else
 					lsn = 0;
@@ -2309,6 +2316,11 @@ parse_routes(struct cplane *cp, const struct cp_config *c, char *why,
 		snprintf(why, why_len, "out of memory");
 		return -ENOMEM;
 	}
+	cp->def_tls = c->smtp_tls && *c->smtp_tls
+			      ? route_tls_parse(c->smtp_tls, strlen(c->smtp_tls))
+			      : ROUTE_TLS_MAY;
+	if (cp->def_tls < 0)
+		cp->def_tls = ROUTE_TLS_MAY;
 	for (unsigned i = 0; i < c->n_routes; i++) {
 		char dom[256];
 		struct route_target t;
@@ -2349,6 +2361,12 @@ cp_check_config(const struct cp_config *c, char *why, size_t why_len)
 	int r;
 
 	memset(&tmp, 0, sizeof(tmp));
+	if (c->smtp_tls && *c->smtp_tls &&
+	    route_tls_parse(c->smtp_tls, strlen(c->smtp_tls)) < 0) {
+		snprintf(why, why_len,
+			 "smtp_tls must be none, may, encrypt or verify");
+		return -EINVAL;
+	}
 	r = parse_routes(&tmp, c, why, why_len, false);
 	route_table_free(tmp.routes);
 	if (r == 0 && c->recipients && *c->recipients) {

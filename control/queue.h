@@ -132,6 +132,8 @@ struct q_dest {
 	char host[256];
 	uint16_t port;
 	char path[512];
+	int tls;            /* enum route_tls, DEFAULT resolved at start */
+	char tls_ca[256];   /* "" : the system CA store */
 	/* scheduler (queue manager only) */
 	unsigned active;    /* jobs out */
 	double limit;       /* concurrency window, 1..max */
@@ -177,6 +179,7 @@ struct q_job {
 	bool conn_failed;  /* the next hop could not be reached/used */
 	bool dup_risk;     /* the final dot went out, the reply was lost */
 	char relay[256];   /* the peer that answered, for logs and DSNs */
+	char tls[200];     /* how (smtpc_tls_desc), "" in the clear */
 	uint64_t attempt_lsn;
 	struct q_job *next;
 	struct q_outcome out[]; /* n of them (QJ_BOUNCE: one) */

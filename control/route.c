@@ -254,10 +254,81 @@ parse_path(const char *p, size_t max, char *dst, char *why, size_t why_len,
 /* ---- parsing ----------------------------------------------------------- */
 
 int
+route_tls_parse(const char *s, size_t n)
+{
+	static const char *names[] = {"none", "may", "encrypt", "verify"};
+
+	for (int i = 0; i < 4; i++)
+		if (strlen(names[i]) == n && !strncmp(s, names[i], n))
+			return ROUTE_TLS_NONE + i;
+	return -1;
+}
+
+const char *
+route_tls_name(enum route_tls t)
+{
+	switch (t) {
+	case ROUTE_TLS_NONE:
+		return "none";
+	case ROUTE_TLS_MAY:
+		return "may";
+	case ROUTE_TLS_ENCRYPT:
+		return "encrypt";
+	case ROUTE_TLS_VERIFY:
+		return "verify";
+	case ROUTE_TLS_DEFAULT:
+		break;
+	}
+	return "default";
+}
+
+/* ",tls=POLICY" and ",ca=FILE" after HOST:PORT. */
+static int
+parse_options(const char *o, struct route_target *t, char *why,
+	      size_t why_len, const char *q)
+{
+	while (*o == ',') {
+		const char *v, *e;
+		o++;
+		e = strchr(o, ',');
+		if (!e)
+			e = o + strlen(o);
+		v = memchr(o, '=', (size_t)(e - o));
+		if (!v)
+			return fail(why, why_len, "option without '=' in '%s'",
+				    q);
+		v++;
+		if (v - o == 4 && !strncmp(o, "tls=", 4)) {
+			int p = route_tls_parse(v, (size_t)(e - v));
+			if (p < 0)
+				return fail(why, why_len,
+					    "tls= takes none, may, encrypt or "
+					    "verify in '%s'",
+					    q);
+			t->tls = (enum route_tls)p;
+		} else if (v - o == 3 && !strncmp(o, "ca=", 3)) {
+			size_t n = (size_t)(e - v);
+			if (n == 0 || n >= sizeof(t->tls_ca))
+				return fail(why, why_len, "bad ca= in '%s'", q);
+			memcpy(t->tls_ca, v, n);
+			t->tls_ca[n] = '\0';
+		} else {
+			return fail(why, why_len,
+				    "unknown option in '%s' (tls=, ca=)", q);
+		}
+		o = e;
+	}
+	if (*o)
+		return fail(why, why_len, "trailing text in '%s'", q);
+	return 0;
+}
+
+int
 route_parse_target(const char *s, struct route_target *t, char *why,
 		   size_t why_len)
 {
-	char q[72];
+	char q[72], hp[600];
+	const char *comma;
 	int r;
 
 	if (!s || !t)
@@ -266,6 +337,20 @@ route_parse_target(const char *s, struct route_target *t, char *why,
 	memset(t, 0, sizeof(*t));
 	if (!*s)
 		return fail(why, why_len, "empty target");
+	/* Options follow HOST:PORT of smtp: and lmtp: over TCP. */
+	comma = strncmp(s, "maildir:", 8) && strncmp(s, "lmtp:unix:", 10)
+			? strchr(s, ',')
+			: NULL;
+	if (comma) {
+		if ((size_t)(comma - s) >= sizeof(hp))
+			return fail(why, why_len, "target too long: '%s'", q);
+		memcpy(hp, s, (size_t)(comma - s));
+		hp[comma - s] = '\0';
+		r = parse_options(comma, t, why, why_len, q);
+		if (r != 0)
+			return r;
+		s = hp;
+	}
 	if (!strncmp(s, "smtp:", 5)) {
 		t->kind = ROUTE_SMTP;
 		r = parse_hostport(s + 5, t, why, why_len, q);
@@ -295,9 +380,12 @@ route_parse_target(const char *s, struct route_target *t, char *why,
 	case ROUTE_SMTP:
 	case ROUTE_LMTP:
 		snprintf(t->text, sizeof(t->text),
-			 strchr(t->host, ':') ? "%s:[%s]:%u" : "%s:%s:%u",
+			 strchr(t->host, ':') ? "%s:[%s]:%u%s%s%s%s"
+					      : "%s:%s:%u%s%s%s%s",
 			 t->kind == ROUTE_SMTP ? "smtp" : "lmtp", t->host,
-			 (unsigned)t->port);
+			 (unsigned)t->port, t->tls ? ",tls=" : "",
+			 t->tls ? route_tls_name(t->tls) : "",
+			 t->tls_ca[0] ? ",ca=" : "", t->tls_ca);
 		break;
 	case ROUTE_LMTP_UNIX:
 		snprintf(t->text, sizeof(t->text), "lmtp:unix:%s", t->path);

@@ -11,6 +11,18 @@
  *   maildir:DIR           deliver into DIR/DOMAIN/LOCALPART/ (maildir.h)
  * HOST is an IPv4 literal, an IPv6 literal in brackets ("[::1]"), or a host
  * name (letters, digits, hyphens, dots). PORT is 1..65535 and required.
+ *
+ * SMTP and LMTP over TCP take options after a comma (RFC 3207 STARTTLS to
+ * the next hop; the default is the daemon's --smtp-tls):
+ *   smtp:HOST:PORT,tls=none|may|encrypt|verify[,ca=FILE]
+ *     none     never STARTTLS
+ *     may      STARTTLS when offered, any certificate; in the clear when
+ *              not offered, and once more in the clear when the handshake
+ *              fails (opportunistic, RFC 7435)
+ *     encrypt  STARTTLS or defer; any certificate
+ *     verify   STARTTLS or defer; the certificate must chain to the system
+ *              CA store (or ca=FILE) and name HOST
+ *   ca=FILE    PEM CA certificates for verify, instead of the system store
  * "lmtp:unix:" always introduces a socket path, so an LMTP host named
  * "unix" is refused.
  *
@@ -26,6 +38,19 @@
 
 enum route_kind { ROUTE_SMTP, ROUTE_LMTP, ROUTE_LMTP_UNIX, ROUTE_MAILDIR };
 
+/* STARTTLS to the next hop (see above). DEFAULT: the daemon's setting. */
+enum route_tls {
+	ROUTE_TLS_DEFAULT = 0,
+	ROUTE_TLS_NONE,
+	ROUTE_TLS_MAY,
+	ROUTE_TLS_ENCRYPT,
+	ROUTE_TLS_VERIFY,
+};
+
+/* "none", "may", "encrypt", "verify" -> ROUTE_TLS_*; -1 otherwise. */
+int route_tls_parse(const char *s, size_t n);
+const char *route_tls_name(enum route_tls t);
+
 struct route_target {
 	enum route_kind kind;
 	/* SMTP/LMTP: IPv4 literal, IPv6 literal without brackets (in the
@@ -36,9 +61,12 @@ struct route_target {
 	/* LMTP unix socket path (at most 107 bytes: it must fit sun_path),
 	 * or Maildir root directory. "" for SMTP/LMTP over TCP. */
 	char path[512];
+	enum route_tls tls; /* SMTP/LMTP over TCP */
+	char tls_ca[256];   /* ca=FILE, or "" */
 	/* Canonical text form, for logs and --check-config:
 	 * "smtp:127.0.0.1:25", "smtp:[::1]:2525",
-	 * "lmtp:unix:/run/dovecot/lmtp", "maildir:./var/maildir".
+	 * "lmtp:unix:/run/dovecot/lmtp", "maildir:./var/maildir",
+	 * "smtp:mx.example.org:25,tls=verify,ca=/etc/ca.pem".
 	 * It is also the stable key of the next hop, for per-destination
 	 * queues: same text => same destination. It parses back to the same
 	 * target. */

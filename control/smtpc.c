@@ -33,7 +33,11 @@
  * The state at the moment of a failure names the step in the local reply
  * ("421 4.4.2 timeout waiting for reply to RCPT TO").
  *
- * Limits: no STARTTLS or AUTH yet; DATA and BDAT are not pipelined (BDAT
+ * STARTTLS (smtpc.h): after EHLO, then EHLO again inside TLS; io_read()
+ * and io_write() go through OpenSSL on the same non-blocking socket once
+ * it is up, waiting with poll() on whatever OpenSSL wants.
+ *
+ * Limits: no AUTH; DATA and BDAT are not pipelined (BDAT
  * chunks are 1 MiB, so a round trip per chunk costs little); getaddrinfo()
  * is not bounded by a timeout.
  */
@@ -54,6 +58,11 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include "finaldot/log.h"
 #include "smtpc.h"
@@ -100,6 +109,12 @@ struct smtpc {
 	struct smtpc_reply r421;
 	char helo[256];
 	char peer[256];
+	char host[256];     /* the target's host, for SNI and VERIFY */
+	enum smtpc_tls tls;
+	SSL_CTX *tls_ctx;
+	SSL *ssl;           /* TLS is up */
+	bool tls_failed;    /* the handshake failed (MAY: retry in clear) */
+	char tls_desc[200];
 	size_t roff, rlen; /* unread reply bytes: rbuf[roff..rlen) */
 	size_t olen;       /* queued output: obuf[0..olen) */
 	uint8_t rbuf[RBUF_LEN];
@@ -449,10 +464,47 @@ wait_fd(int fd, short events, int64_t deadline)
 	}
 }
 
+/* An SSL call returned r <= 0: wait for what it wants (0: call again),
+ * or the failure as -errno (1: a clean close). */
+static int
+ssl_wait(struct smtpc *c, int r, int64_t deadline)
+{
+	int e = SSL_get_error(c->ssl, r);
+
+	switch (e) {
+	case SSL_ERROR_WANT_READ:
+		return wait_fd(c->fd, POLLIN, deadline);
+	case SSL_ERROR_WANT_WRITE:
+		return wait_fd(c->fd, POLLOUT, deadline);
+	case SSL_ERROR_ZERO_RETURN:
+		return 1;
+	case SSL_ERROR_SYSCALL:
+		return errno && errno != EAGAIN ? -errno : -ECONNRESET;
+	default:
+		ERR_clear_error();
+		return -EPROTO;
+	}
+}
+
 /* Some bytes (> 0), 0 when the peer closed, or -errno. */
 static long
 io_read(struct smtpc *c, void *buf, size_t n, int64_t deadline)
 {
+	while (c->ssl) {
+		int k, rc;
+
+		ERR_clear_error();
+		k = SSL_read(c->ssl, buf, n > INT_MAX ? INT_MAX : (int)n);
+		if (k > 0)
+			return k;
+		rc = ssl_wait(c, k, deadline);
+		if (rc == 1)
+			return 0;
+		if (rc < 0) {
+			c->fail_write = false;
+			return rc;
+		}
+	}
 	for (;;) {
 		ssize_t k = recv(c->fd, buf, n, MSG_DONTWAIT);
 		int rc;
@@ -481,6 +533,22 @@ io_write(struct smtpc *c, const void *buf, size_t n, uint64_t timeout_ms)
 	const uint8_t *p = buf;
 	int64_t deadline = deadline_in(timeout_ms);
 
+	while (n && c->ssl) {
+		int k, rc;
+
+		ERR_clear_error();
+		k = SSL_write(c->ssl, p, n > INT_MAX ? INT_MAX : (int)n);
+		if (k > 0) {
+			p += k;
+			n -= (size_t)k;
+			continue;
+		}
+		rc = ssl_wait(c, k, deadline);
+		if (rc != 0) {
+			c->fail_write = true;
+			return rc < 0 ? rc : -ECONNRESET;
+		}
+	}
 	while (n) {
 		ssize_t k = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
 		int rc;
@@ -669,6 +737,118 @@ ehlo_hook(struct smtpc *c, const struct rparse *ps, const uint8_t *txt,
 	}
 }
 
+static bool
+is_ip_literal(const char *h)
+{
+	unsigned char a[16];
+
+	return inet_pton(AF_INET, h, a) == 1 || inet_pton(AF_INET6, h, a) == 1;
+}
+
+/*
+ * STARTTLS and the handshake (READY, after EHLO). 0: TLS is up (a new EHLO
+ * is due) or, for MAY, the session goes on in the clear (c->ssl NULL);
+ * -errno with why set otherwise.
+ */
+static int
+starttls(struct smtpc *c, struct smtpc_reply *why)
+{
+	int64_t deadline;
+	int rc;
+
+	if (!(c->exts & SMTPC_EXT_STARTTLS)) {
+		if (c->tls == SMTPC_TLS_MAY)
+			return 0;
+		reply_local(why, 451, "4.7.10",
+			    "TLS is required, but the next hop does not "
+			    "offer STARTTLS");
+		return -EPROTO;
+	}
+	rc = send_cmd(c, "STARTTLS\r\n");
+	if (rc == 0)
+		rc = read_reply(c, c->cmd_to, why, NULL);
+	if (rc < 0) {
+		failure_reply(c, rc, why);
+		return rc;
+	}
+	if (why->code != 220) {
+		char text[SMTPC_TEXT_MAX];
+		if (c->tls == SMTPC_TLS_MAY && why->code / 100 != 4 &&
+		    why->code != 554)
+			return 0;
+		snprintf(text, sizeof(text), "%s", why->text);
+		reply_local(why, 451, "4.7.10",
+			    "TLS is required, but STARTTLS was refused: %s",
+			    text);
+		return -EPROTO;
+	}
+	/* Octets after the 220, before the handshake: a server (or a
+	 * man in the middle) injecting replies (CVE-2011-0411's mirror). */
+	if (c->roff != c->rlen) {
+		reply_local(why, 421, "4.7.0",
+			    "octets after the 220 to STARTTLS, before TLS");
+		return -EPROTO;
+	}
+	c->ssl = SSL_new(c->tls_ctx);
+	if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
+		ERR_clear_error();
+		reply_local(why, 421, "4.3.0", "cannot set up TLS");
+		return -ENOMEM;
+	}
+	if (c->host[0] && !is_ip_literal(c->host))
+		SSL_set_tlsext_host_name(c->ssl, c->host);
+	if (c->tls == SMTPC_TLS_VERIFY) {
+		SSL_set_verify(c->ssl, SSL_VERIFY_PEER, NULL);
+		if (!c->host[0] ||
+		    (is_ip_literal(c->host)
+			     ? X509_VERIFY_PARAM_set1_ip_asc(
+				       SSL_get0_param(c->ssl), c->host) != 1
+			     : SSL_set1_host(c->ssl, c->host) != 1)) {
+			reply_local(why, 421, "4.7.0",
+				    "no host name to verify the certificate "
+				    "against");
+			return -EPROTO;
+		}
+	} else {
+		SSL_set_verify(c->ssl, SSL_VERIFY_NONE, NULL);
+	}
+	deadline = deadline_in(c->cmd_to);
+	for (;;) {
+		int r;
+		ERR_clear_error();
+		r = SSL_connect(c->ssl);
+		if (r == 1)
+			break;
+		rc = ssl_wait(c, r, deadline);
+		if (rc == 0)
+			continue;
+		long v = SSL_get_verify_result(c->ssl);
+		c->tls_failed = true;
+		if (c->tls == SMTPC_TLS_VERIFY && v != X509_V_OK)
+			reply_local(why, 421, "4.7.5",
+				    "certificate verification failed: %s",
+				    X509_verify_cert_error_string(v));
+		else if (rc == -ETIMEDOUT)
+			reply_local(why, 421, "4.4.2",
+				    "timeout in the TLS handshake");
+		else
+			reply_local(why, 421, "4.7.0", "TLS handshake failed");
+		SSL_free(c->ssl);
+		c->ssl = NULL;
+		return rc < 0 ? rc : -ECONNRESET;
+	}
+	{
+		const SSL_CIPHER *ci = SSL_get_current_cipher(c->ssl);
+		int alg = 0, bits = ci ? SSL_CIPHER_get_bits(ci, &alg) : 0;
+		snprintf(c->tls_desc, sizeof(c->tls_desc),
+			 "%s with cipher %s (%d/%d bits)%s",
+			 SSL_get_version(c->ssl),
+			 ci ? SSL_CIPHER_get_name(ci) : "?", bits, alg,
+			 c->tls == SMTPC_TLS_VERIFY ? " verified" : "");
+	}
+	return 0;
+}
+
 static int
 session_open(struct smtpc *c, struct smtpc_reply *why)
 {
@@ -717,6 +897,28 @@ session_open(struct smtpc *c, struct smtpc_reply *why)
 		return -EPROTO;
 out_ready:
 	enter_state(c, ST_READY);
+	if (c->tls != SMTPC_TLS_NONE && !c->ssl && c->proto == SMTPC_SMTP) {
+		rc = starttls(c, why);
+		if (rc < 0)
+			return rc;
+		if (c->ssl) {
+			/* RFC 3207 4.2: what EHLO said before TLS is void. */
+			enter_state(c, ST_EHLO);
+			c->exts = 0;
+			c->size_limit = 0;
+			snprintf(line, sizeof(line), "EHLO %s\r\n", c->helo);
+			rc = send_cmd(c, line);
+			if (rc == 0)
+				rc = read_reply(c, c->cmd_to, why, ehlo_hook);
+			if (rc == -ECONNRESET && c->got_421)
+				return -EPROTO;
+			if (rc < 0)
+				goto out_local;
+			if (why->code / 100 != 2)
+				return -EPROTO;
+			enter_state(c, ST_READY);
+		}
+	}
 	return 0;
 out_local:
 	failure_reply(c, rc, why);
@@ -730,6 +932,8 @@ smtpc_params_defaults(struct smtpc_params *p)
 	p->connect_timeout_ms = 30000;
 	p->cmd_timeout_ms = 300000;
 	p->data_timeout_ms = 600000;
+	p->tls = SMTPC_TLS_NONE;
+	p->tls_ctx = NULL;
 }
 
 /* Octets a command line may carry from the caller: no control octet (no
@@ -778,6 +982,10 @@ session_new(enum smtpc_proto proto, const struct smtpc_params *p, int *err)
 	c->connect_to = d.connect_timeout_ms;
 	c->cmd_to = d.cmd_timeout_ms;
 	c->data_to = d.data_timeout_ms;
+	if (p && p->tls_ctx && p->tls != SMTPC_TLS_NONE) {
+		c->tls = p->tls;
+		c->tls_ctx = p->tls_ctx;
+	}
 	snprintf(c->helo, sizeof(c->helo), "%s", d.helo_name);
 	return c;
 }
@@ -927,6 +1135,14 @@ smtpc_connect(const struct smtpc_target *t, const struct smtpc_params *p,
 		reply_local(why, 421, "4.3.5", "bad client parameters");
 		return NULL;
 	}
+	snprintf(c->host, sizeof(c->host), "%s", t->host);
+	if (c->host[0] == '[') { /* "[::1]" */
+		size_t hl = strlen(c->host);
+		memmove(c->host, c->host + 1, hl);
+		if (hl >= 2 && c->host[hl - 2] == ']')
+			c->host[hl - 2] = '\0';
+	}
+again:
 	fd = connect_target(t, c->connect_to);
 	if (fd < 0) {
 		*err = fd;
@@ -940,6 +1156,19 @@ smtpc_connect(const struct smtpc_target *t, const struct smtpc_params *p,
 	}
 	c->fd = fd;
 	*err = session_open(c, why);
+	if (*err < 0 && c->tls_failed && c->tls == SMTPC_TLS_MAY) {
+		/* Opportunistic: the handshake failed, the clear is better
+		 * than no delivery (RFC 7435). Once. */
+		close(fd);
+		c->fd = -1;
+		c->tls = SMTPC_TLS_NONE;
+		c->tls_failed = false;
+		c->got_421 = false;
+		c->roff = c->rlen = c->olen = 0;
+		c->st = ST_CONNECT;
+		reply_clear(why);
+		goto again;
+	}
 	if (*err < 0) {
 		close(fd);
 		free(c);
@@ -1509,7 +1738,52 @@ smtpc_abort(struct smtpc *c)
 {
 	if (!c)
 		return;
+	if (c->ssl) {
+		/* close_notify if the socket takes it now; no waiting. */
+		if (c->st != ST_BROKEN)
+			(void)SSL_shutdown(c->ssl);
+		SSL_free(c->ssl);
+		ERR_clear_error();
+	}
 	if (c->fd >= 0)
 		close(c->fd);
 	free(c);
+}
+
+void *
+smtpc_tls_ctx_new(const char *ca_file, char *err, size_t errlen)
+{
+	SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+	int ok;
+
+	if (!ctx) {
+		snprintf(err, errlen, "SSL_CTX_new failed");
+		return NULL;
+	}
+	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
+				      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+	ok = ca_file && *ca_file
+		     ? SSL_CTX_load_verify_locations(ctx, ca_file, NULL)
+		     : SSL_CTX_set_default_verify_paths(ctx);
+	if (ok != 1) {
+		snprintf(err, errlen, "cannot load CA certificates from %s",
+			 ca_file && *ca_file ? ca_file : "the system store");
+		ERR_clear_error();
+		SSL_CTX_free(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
+void
+smtpc_tls_ctx_free(void *ctx)
+{
+	SSL_CTX_free(ctx);
+}
+
+const char *
+smtpc_tls_desc(const struct smtpc *c)
+{
+	return c->ssl ? c->tls_desc : "";
 }

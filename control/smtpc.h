@@ -33,6 +33,29 @@ struct smtpc_target {
 	char unix_path[108]; /* a unix socket when non-empty (LMTP usually) */
 };
 
+/*
+ * STARTTLS to the next hop (RFC 3207), after the EHLO exchange:
+ *  NONE     never
+ *  MAY      when offered, any certificate; in the clear when not offered or
+ *           refused; a failed handshake makes smtpc_connect() connect once
+ *           more and go on in the clear (opportunistic TLS, RFC 7435)
+ *  ENCRYPT  required (else -EPROTO, a local 4.7.10 reply), any certificate
+ *  VERIFY   required, and the certificate chains to tls_ctx's CA store and
+ *           names the target host (SNI is sent for names)
+ */
+enum smtpc_tls {
+	SMTPC_TLS_NONE = 0,
+	SMTPC_TLS_MAY,
+	SMTPC_TLS_ENCRYPT,
+	SMTPC_TLS_VERIFY,
+};
+
+/* A client TLS context (OpenSSL SSL_CTX) with the CA store for VERIFY:
+ * ca_file, or the system store when NULL or "". Shared by any number of
+ * threads; made once per CA file. NULL with a reason in err. */
+void *smtpc_tls_ctx_new(const char *ca_file, char *err, size_t errlen);
+void smtpc_tls_ctx_free(void *ctx);
+
 /* A timeout of 0 means its default. */
 struct smtpc_params {
 	const char *helo_name;       /* our name for EHLO/LHLO; copied */
@@ -43,6 +66,8 @@ struct smtpc_params {
 	/* the reply (LMTP: each reply) after the final dot / BDAT LAST:
 	 * 10 minutes (RFC 5321 4.5.3.2.6) */
 	uint64_t data_timeout_ms;
+	enum smtpc_tls tls; /* with tls_ctx; NONE when tls_ctx is NULL */
+	void *tls_ctx;      /* smtpc_tls_ctx_new() */
 };
 
 void smtpc_params_defaults(struct smtpc_params *p);
@@ -99,6 +124,9 @@ struct smtpc *smtpc_connect_fd(int fd, enum smtpc_proto proto,
 			       struct smtpc_reply *why, int *err);
 
 unsigned smtpc_exts(const struct smtpc *c);      /* enum smtpc_ext bits */
+/* "TLSv1.3 with cipher NAME (256/256 bits)" ("verified" appended when the
+ * certificate was checked), or "" in the clear: for logs. */
+const char *smtpc_tls_desc(const struct smtpc *c);
 uint64_t smtpc_size_limit(const struct smtpc *c); /* "SIZE n": n; 0 none */
 /* The first word of the greeting (the peer's domain), printable, "" when
  * absent; valid until smtpc_quit()/smtpc_abort(). For logs and the DSN

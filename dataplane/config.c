@@ -176,6 +176,13 @@ static const struct opt options[] = {
 	{"smtp_data_timeout", NULL, OPT_DURATION, F(smtp_data_timeout_ms), 0,
 	 "DURATION",
 	 "delivery: the reply to the final dot (default 600s)"},
+	{"smtp_tls", NULL, OPT_STR, F(smtp_tls), S(smtp_tls),
+	 "none|may|encrypt|verify",
+	 "STARTTLS to next hops whose route has no tls= of its own: may "
+	 "uses it when offered (default), encrypt defers without it, verify "
+	 "also checks the certificate and the host name"},
+	{"smtp_tls_ca", NULL, OPT_STR, F(smtp_tls_ca), S(smtp_tls_ca), "FILE",
+	 "PEM CA certificates for verify (default: the system store)"},
 	{"dedup_window", NULL, OPT_DURATION, F(dedup_window_ms), 0, "DURATION",
 	 "RFC 1047: remember a message whose 250 may not have reached its "
 	 "client this long, and deliver a resend of it once (default 24h; "
@@ -248,6 +255,7 @@ fd_config_defaults(struct fd_config *c)
 	c->greet_delay_ms = 0;
 	c->shutdown_timeout_ms = 10000;
 	strcpy(c->tls_min_version, "1.2");
+	strcpy(c->smtp_tls, "may");
 	c->tls_handshake_timeout_ms = 30000;
 	c->tls_max_handshakes = 32;
 	c->tls_ticket_lifetime_ms = 12ull * 3600000;

@@ -185,6 +185,8 @@ cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
 	cc->delivery = cfg->delivery;
 	cc->dedup_window_ms = cfg->dedup_window_ms;
 	cc->dedup_settle_ms = cfg->dedup_settle_ms;
+	cc->smtp_tls = cfg->smtp_tls;
+	cc->smtp_tls_ca = cfg->smtp_tls_ca;
 }
 
 /* The workers as the control socket and /metrics see them. */

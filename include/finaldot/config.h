@@ -102,6 +102,8 @@ struct fd_config {
 	uint64_t smtp_connect_timeout_ms;
 	uint64_t smtp_timeout_ms;
 	uint64_t smtp_data_timeout_ms;
+	char smtp_tls[16];                /* none|may|encrypt|verify */
+	char smtp_tls_ca[FD_CONFIG_STR];  /* "" : the system CA store */
 	uint64_t dlog_rotate;
 	uint64_t dedup_window_ms;
 	uint64_t dedup_settle_ms;

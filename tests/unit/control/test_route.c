@@ -381,3 +381,57 @@ Test(route, addr_domain)
 	cr_expect_str_eq(route_addr_domain(""), "");
 	cr_expect_str_eq(route_addr_domain(NULL), "");
 }
+
+/* STARTTLS options after HOST:PORT (route.h): parsed, canonical, refused
+ * with a reason; not taken from a path (a path may hold a comma). */
+Test(route, tls_options)
+{
+	struct route_target t;
+	char why[200];
+
+	cr_assert_eq(route_parse_target("smtp:mx.example.org:25,tls=verify",
+					&t, why, sizeof(why)),
+		     0, "%s", why);
+	cr_assert_eq(t.tls, ROUTE_TLS_VERIFY);
+	cr_assert_str_eq(t.host, "mx.example.org");
+	cr_assert_eq(t.port, 25);
+	cr_assert_str_eq(t.text, "smtp:mx.example.org:25,tls=verify");
+
+	cr_assert_eq(route_parse_target("smtp:[::1]:2525,ca=/etc/ca.pem,"
+					"tls=encrypt",
+					&t, why, sizeof(why)),
+		     0, "%s", why);
+	cr_assert_eq(t.tls, ROUTE_TLS_ENCRYPT);
+	cr_assert_str_eq(t.tls_ca, "/etc/ca.pem");
+	cr_assert_str_eq(t.text, "smtp:[::1]:2525,tls=encrypt,ca=/etc/ca.pem");
+	/* The canonical text parses back to the same target. */
+	struct route_target u;
+	cr_assert_eq(route_parse_target(t.text, &u, why, sizeof(why)), 0);
+	cr_assert_str_eq(u.text, t.text);
+
+	cr_assert_eq(route_parse_target("lmtp:10.0.0.1:24,tls=none", &t, why,
+					sizeof(why)),
+		     0);
+	cr_assert_eq(t.tls, ROUTE_TLS_NONE);
+	cr_assert_eq(route_parse_target("smtp:h:25", &t, why, sizeof(why)), 0);
+	cr_assert_eq(t.tls, ROUTE_TLS_DEFAULT);
+
+	cr_assert_eq(route_parse_target("maildir:/var/a,b", &t, why,
+					sizeof(why)),
+		     0);
+	cr_assert_str_eq(t.path, "/var/a,b");
+	cr_assert_eq(t.tls, ROUTE_TLS_DEFAULT);
+
+	cr_assert_eq(route_parse_target("smtp:h:25,tls=maybe", &t, why,
+					sizeof(why)),
+		     -EINVAL);
+	cr_assert(strstr(why, "tls= takes"), "%s", why);
+	cr_assert_eq(route_parse_target("smtp:h:25,tls", &t, why, sizeof(why)),
+		     -EINVAL);
+	cr_assert_eq(route_parse_target("smtp:h:25,foo=1", &t, why,
+					sizeof(why)),
+		     -EINVAL);
+	cr_assert(strstr(why, "unknown option"), "%s", why);
+	cr_assert_eq(route_parse_target("smtp:h:25,ca=", &t, why, sizeof(why)),
+		     -EINVAL);
+}
