@@ -172,6 +172,25 @@ render_workers(FILE *f, const struct ctl_sources *src,
 	lab2(f, name, "class", "4xx", "reason", "timeout", t->timeouts);
 	lab2(f, name, "class", "4xx", "reason", "busy", t->refused_busy);
 	lab2(f, name, "class", "4xx", "reason", "paused", t->refused_paused);
+	lab2(f, name, "class", "5xx", "reason", "tls_required",
+	     t->tls_required);
+
+	one(f, "finaldot_starttls_total", "counter",
+	    "STARTTLS commands answered 220 (the handshake follows).",
+	    t->starttls);
+	name = "finaldot_tls_handshakes_total";
+	head(f, name, "counter",
+	     "TLS handshakes after STARTTLS, by result (failed: a bad or "
+	     "truncated handshake, or its deadline).");
+	lab2(f, name, "transport", tr, "result", "ok", t->tls_ok);
+	lab2(f, name, "transport", tr, "result", "failed", t->tls_failed);
+	one(f, "finaldot_tls_resumed_total", "counter",
+	    "TLS handshakes that resumed a session by ticket.",
+	    t->tls_resumed);
+	one(f, "finaldot_starttls_pipelining_total", "counter",
+	    "Sessions that sent commands behind STARTTLS in the same "
+	    "segment (discarded, never answered: CVE-2011-0411).",
+	    t->tls_injected);
 
 	name = "finaldot_final_dot_latency_seconds";
 	head(f, name, "histogram",

@@ -73,6 +73,12 @@ struct ctl_worker_stats {
 	uint64_t segments;        /* segments taken into use */
 	uint64_t reclaimed;       /* segments handed back */
 	uint64_t room_waits;      /* a message waited for a batch buffer */
+	uint64_t starttls;        /* 220 to STARTTLS */
+	uint64_t tls_ok;          /* handshakes completed */
+	uint64_t tls_resumed;     /* ... of which by session ticket */
+	uint64_t tls_failed;      /* handshakes failed or timed out */
+	uint64_t tls_injected;    /* plaintext pipelined behind STARTTLS */
+	uint64_t tls_required;    /* 530 5.7.0 */
 	uint64_t lat[CTL_LAT_BUCKETS + 1]; /* per bucket, not cumulative */
 	uint64_t lat_sum_ns;
 };

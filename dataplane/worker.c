@@ -199,7 +199,13 @@ worker_publish(struct fd_worker *w)
 		p->rcpt_unknown = ss->rcpt_unknown;
 		p->early_talkers = ss->early_talkers;
 		p->timeouts = ss->timeouts;
+		p->starttls = ss->tls_started;
+		p->tls_ok = ss->tls_established;
+		p->tls_injected = ss->tls_injected;
+		p->tls_required = ss->tls_required_refused;
 	}
+	p->tls_failed = w->tls_failed;
+	p->tls_resumed = w->tls_resumed;
 	if (w->spool) {
 		const struct spool_stats *sp = spool_get_stats(w->spool);
 		p->flushes = sp->flushes;

@@ -53,6 +53,7 @@ struct fd_worker {
 	 * conns_current and paused_refused; fd_worker_poll() publishes. */
 	unsigned conns_current;
 	uint64_t paused_refused;
+	uint64_t tls_failed, tls_resumed; /* the transport counts these */
 	char paused_reply[320];       /* 421 4.3.2 ... CRLF (fd_paused) */
 	size_t paused_len;
 	struct fd_wmsg *wmsgs, *wmsg_free; /* a commit's start time, size */

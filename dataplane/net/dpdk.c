@@ -273,6 +273,9 @@ conn_free(struct dp_conn *c)
 	struct shard *sh = c->sh;
 
 	hs_release(c);
+	/* A handshake that never completed, whatever ended it: once. */
+	if (c->tls && !fd_tls_conn_established(c->tls))
+		sh->w.tls_failed++;
 	if (c->tls) {
 		fd_tls_conn_free(c->tls); /* tcp_send() copied what it took */
 		c->tls = NULL;
@@ -382,8 +385,11 @@ conn_flush_tls(struct dp_conn *c)
 		sh->handshakes++;
 	}
 	st = fd_tls_conn_pump(c->tls, c->s, sh->now_us);
-	if (hs && fd_tls_conn_established(c->tls))
+	if (hs && fd_tls_conn_established(c->tls)) {
 		hs_release(c);
+		if (fd_tls_conn_resumed(c->tls))
+			sh->w.tls_resumed++;
+	}
 	if (st == FD_TLS_FAILED) {
 		tls_push(c); /* the alert, if it fits; then FIN */
 		conn_end(c);

@@ -345,6 +345,10 @@ conn_close(struct sock_conn *c, const char *why)
 		c->s = NULL;
 	}
 	(void)why;
+	/* A handshake that never completed, whatever ended it (a bad
+	 * record, its deadline, the client gone): counted once, here. */
+	if (c->tls && !fd_tls_conn_established(c->tls))
+		l->w->tls_failed++;
 	hs_release(c);
 	idle_unlink(l, c);
 	conn_release_held(c);
@@ -517,8 +521,11 @@ conn_service_tls(struct sock_conn *c)
 		l->handshakes++;
 	}
 	st = fd_tls_conn_pump(c->tls, c->s, l->now_us);
-	if (hs && fd_tls_conn_established(c->tls))
+	if (hs && fd_tls_conn_established(c->tls)) {
 		hs_release(c);
+		if (fd_tls_conn_resumed(c->tls))
+			l->w->tls_resumed++;
+	}
 	if (st == FD_TLS_FAILED) {
 		/* The alert OpenSSL queued goes out if the socket takes it
 		 * now; nothing waits for it. */

@@ -731,6 +731,12 @@ fd_tls_conn_established(const struct fd_tls_conn *c)
 }
 
 bool
+fd_tls_conn_resumed(const struct fd_tls_conn *c)
+{
+	return c->established && SSL_session_reused(c->ssl) == 1;
+}
+
+bool
 fd_tls_conn_holding(const struct fd_tls_conn *c)
 {
 	return c->plain_len > 0;

@@ -109,6 +109,8 @@ void fd_tls_conn_out_done(struct fd_tls_conn *c, size_t n);
 void fd_tls_conn_shutdown(struct fd_tls_conn *c);
 
 bool fd_tls_conn_established(const struct fd_tls_conn *c);
+/* Established by resuming a session (a ticket). */
+bool fd_tls_conn_resumed(const struct fd_tls_conn *c);
 /* Plaintext decrypted but not yet taken by the session. */
 bool fd_tls_conn_holding(const struct fd_tls_conn *c);
 /* While the handshake runs: when it must be done by (0 once it is). */

@@ -28,8 +28,8 @@ import tempfile
 import threading
 import time
 
-from fdtest import (Daemon, by_id, check, fail, skip, smtplib_body,
-                    strip_received, FINALDOT, queued_id)
+from fdtest import (Daemon, by_id, check, fail, free_port, skip,
+                    smtplib_body, strip_received, FINALDOT, queued_id)
 
 if not shutil.which("openssl"):
     skip("the openssl command is missing")
@@ -324,6 +324,35 @@ def truncated_handshakes(d, n=1000):
     print(f"ok: {n} truncated handshakes ({cut_counts}); daemon alive")
 
 
+def metrics(port):
+    """The TLS counters in /metrics, after everything above."""
+    import urllib.request
+    time.sleep(1.2)  # workers publish about once a second
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                  timeout=10).read().decode()
+    vals = {}
+    for line in text.splitlines():
+        if line.startswith("finaldot_") and " " in line:
+            k, v = line.rsplit(" ", 1)
+            vals[k] = float(v)
+
+    def get(prefix):
+        return sum(v for k, v in vals.items() if k.startswith(prefix))
+    ok = get('finaldot_tls_handshakes_total{transport="kernel",result="ok"')
+    bad = get(
+        'finaldot_tls_handshakes_total{transport="kernel",result="failed"')
+    started = get("finaldot_starttls_total")
+    injected = get("finaldot_starttls_pipelining_total")
+    check(injected == 1, f"starttls_pipelining_total {injected}")
+    # smtplib twice, the injection, the trickle (may or may not finish),
+    # and the truncated handshakes that completed.
+    check(ok >= 3, f"handshakes ok {ok}")
+    check(bad >= 500, f"handshakes failed {bad}")
+    check(started >= ok + bad, f"starttls {started} < {ok} + {bad}")
+    print(f"ok: /metrics: starttls={started:.0f} handshakes ok={ok:.0f} "
+          f"failed={bad:.0f} pipelining={injected:.0f}")
+
+
 def startup_errors():
     port_args = ["--listen", "127.0.0.1:1", "--spool", f"{TMP}/nospool"]
     cases = [
@@ -366,14 +395,16 @@ def main():
     try:
         startup_errors()
         required()
+        mport = free_port()
         with Daemon(*TLS_ARGS, "--tls-handshake-timeout", "2s",
-                    threads=2) as d:
+                    "--metrics", f"127.0.0.1:{mport}", threads=2) as d:
             smtplib_messages(d)
             injection(d)
             garbage_handshake(d)
             stalls(d)
             truncated_handshakes(d)
             smtplib_messages(d)  # still serving, still byte-identical
+            metrics(mport)
         with Daemon(*TLS_ARGS, "--tls-max-handshakes", "1",
                     "--tls-handshake-timeout", "20s") as d:
             handshake_cap(d)
