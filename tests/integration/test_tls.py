@@ -353,6 +353,54 @@ def metrics(port):
           f"failed={bad:.0f} pipelining={injected:.0f}")
 
 
+def peer_cn(port):
+    """The CN of the certificate a new STARTTLS session gets."""
+    import ssl as _ssl
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.starttls(context=client_ctx())
+        der = s.sock.getpeercert(binary_form=True)
+    pem = _ssl.DER_cert_to_PEM_cert(der)
+    r = subprocess.run(["openssl", "x509", "-noout", "-subject"],
+                       input=pem.encode(), capture_output=True, timeout=30)
+    return r.stdout.decode().strip()
+
+
+def reload_certificates():
+    """SIGHUP re-reads the files: new sessions get the renewed
+    certificate; a broken file keeps the one serving."""
+    import signal
+    crt, key = f"{TMP}/live.crt", f"{TMP}/live.key"
+    shutil.copy(EC[0], crt)
+    shutil.copy(EC[1], key)
+    with Daemon("--tls-cert", crt, "--tls-key", key) as d:
+        before = peer_cn(d.port)
+        check("mx.test" in before, f"first certificate: {before}")
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
+                "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out",
+                crt, "-days", "30", "-subj", "/CN=renewed.test")
+        # A session in TLS across the reload keeps working.
+        held = smtplib.SMTP("127.0.0.1", d.port, timeout=30)
+        held.ehlo("client.test")
+        held.starttls(context=client_ctx())
+        held.ehlo("client.test")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_log(r"event=tls_reloaded", 10)
+        after = peer_cn(d.port)
+        check("renewed.test" in after, f"after SIGHUP: {after}")
+        code, _ = held.noop()
+        check(code == 250, "the session in TLS across the reload")
+        held.quit()
+        with open(crt, "w") as f:
+            f.write("not a certificate\n")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_log(r"event=tls_reload_failed kept=previous", 10)
+        still = peer_cn(d.port)
+        check("renewed.test" in still, f"after a failed reload: {still}")
+    print("ok: SIGHUP: renewed certificate for new sessions, open ones go "
+          "on; a broken file keeps the previous one")
+
+
 def startup_errors():
     port_args = ["--listen", "127.0.0.1:1", "--spool", f"{TMP}/nospool"]
     cases = [
@@ -395,6 +443,7 @@ def main():
     try:
         startup_errors()
         required()
+        reload_certificates()
         mport = free_port()
         with Daemon(*TLS_ARGS, "--tls-handshake-timeout", "2s",
                     "--metrics", f"127.0.0.1:{mport}", threads=2) as d:
