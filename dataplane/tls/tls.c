@@ -184,6 +184,11 @@ ticket_cb(SSL *ssl, unsigned char name[16], unsigned char *iv,
 		k = t->cur;
 	} else if (t->cur.valid && memcmp(name, t->cur.name, 16) == 0) {
 		k = t->cur;
+		/* A TLS 1.3 client uses a ticket once (RFC 8446 C.4): renew
+		 * it, or a resumed session leaves the client none for the
+		 * next connection. */
+		if (SSL_version(ssl) >= TLS1_3_VERSION)
+			ret = 2;
 	} else if (t->prev.valid && memcmp(name, t->prev.name, 16) == 0 &&
 		   wall_s() - t->prev.born_s < 2 * t->opts.ticket_lifetime_s) {
 		k = t->prev;
@@ -229,23 +234,55 @@ set_put(struct tls_certset *set)
 	free(set);
 }
 
+/*
+ * SNI picks the context, from the ClientHello callback: it runs before
+ * OpenSSL looks for a session to resume, so a session (ticket) made under
+ * one name's context is checked against the context of the name the client
+ * asks for now, and its session id context (one per context) refuses it
+ * when they differ (RFC 6066 3: no resumption across names). The
+ * server_name extension: list length (2), then entries of type (1), name
+ * length (2), name; only host_name entries (type 0) count.
+ */
 static int
-sni_cb(SSL *ssl, int *alert, void *arg)
+client_hello_cb(SSL *ssl, int *alert, void *arg)
 {
 	struct tls_certset *set = arg;
-	const char *name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+	const unsigned char *p;
+	size_t len, list;
+	char name[256];
 
 	(void)alert;
-	if (!name || !set)
-		return SSL_TLSEXT_ERR_OK;
-	for (unsigned i = 0; i < set->nctx; i++) {
-		if (X509_check_host(set->leaf[i], name, 0, 0, NULL) == 1) {
-			if (i > 0)
-				SSL_set_SSL_CTX(ssl, set->ctx[i]);
-			return SSL_TLSEXT_ERR_OK;
+	if (!set || set->nctx < 2 ||
+	    SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_server_name, &p,
+				      &len) != 1 ||
+	    len < 2)
+		return SSL_CLIENT_HELLO_SUCCESS;
+	list = (size_t)p[0] << 8 | p[1];
+	if (list + 2 != len)
+		return SSL_CLIENT_HELLO_SUCCESS; /* malformed: OpenSSL says */
+	for (size_t off = 2; off + 3 <= len;) {
+		unsigned type = p[off];
+		size_t n = (size_t)p[off + 1] << 8 | p[off + 2];
+		off += 3;
+		if (off + n > len)
+			break;
+		if (type == TLSEXT_NAMETYPE_host_name && n > 0 &&
+		    n < sizeof(name) && !memchr(p + off, 0, n)) {
+			memcpy(name, p + off, n);
+			name[n] = '\0';
+			for (unsigned i = 1; i < set->nctx; i++)
+				if (X509_check_host(set->leaf[i], name, n, 0,
+						    NULL) == 1 &&
+				    X509_check_host(set->leaf[0], name, n, 0,
+						    NULL) != 1) {
+					SSL_set_SSL_CTX(ssl, set->ctx[i]);
+					break;
+				}
+			break;
 		}
+		off += n;
 	}
-	return SSL_TLSEXT_ERR_OK; /* no match: the default certificate */
+	return SSL_CLIENT_HELLO_SUCCESS; /* no match: the default */
 }
 
 static X509 *
@@ -311,13 +348,12 @@ ctx_new(struct fd_tls_server *t, struct tls_certset *set, char *err,
 				      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
 				      SSL_MODE_RELEASE_BUFFERS);
 	/* Stateless resumption only: no server-side session cache to share
-	 * between workers; one ticket per full handshake is enough for a
-	 * client that reconnects. */
+	 * between workers. One ticket per handshake (a resumed TLS 1.3
+	 * session gets a fresh one: ticket_cb). */
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
 	SSL_CTX_set_num_tickets(ctx, 1);
 	SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
-	SSL_CTX_set_tlsext_servername_callback(ctx, sni_cb);
-	SSL_CTX_set_tlsext_servername_arg(ctx, set);
+	SSL_CTX_set_client_hello_cb(ctx, client_hello_cb, set);
 	if (t->opts.ciphers &&
 	    SSL_CTX_set_cipher_list(ctx, t->opts.ciphers) != 1) {
 		snprintf(err, errlen, "--tls-ciphers '%s': no usable cipher",
@@ -377,6 +413,24 @@ set_load(struct fd_tls_server *t, char *err, size_t errlen)
 			}
 			set->ctx[c] = ctx;
 			set->leaf[c] = leaf;
+			/* Sessions resume only in the context (name) that
+			 * made them: a digest of the leaf's subject. */
+			{
+				unsigned char md[EVP_MAX_MD_SIZE];
+				unsigned mdlen = 0;
+				if (X509_NAME_digest(X509_get_subject_name(leaf),
+						     EVP_sha256(), md,
+						     &mdlen) != 1 ||
+				    SSL_CTX_set_session_id_context(
+					    ctx, md,
+					    FD_MIN(mdlen,
+						   (unsigned)SSL_MAX_SID_CTX_LENGTH)) != 1) {
+					snprintf(err, errlen,
+						 "session id context for %s",
+						 cp);
+					goto fail;
+				}
+			}
 			set->key_types[c][0] = type;
 			set->nctx++;
 		} else {
