@@ -384,6 +384,7 @@ conn_flush_tls(struct dp_conn *c)
 		c->hs_running = true;
 		sh->handshakes++;
 	}
+again:
 	st = fd_tls_conn_pump(c->tls, c->s, sh->now_us);
 	if (hs && fd_tls_conn_established(c->tls)) {
 		hs_release(c);
@@ -399,8 +400,20 @@ conn_flush_tls(struct dp_conn *c)
 		c->tls_closing = true;
 		fd_tls_conn_shutdown(c->tls);
 	}
-	if (!tls_push(c))
-		return true;
+	{
+		uint64_t sent0 = fd_tls_conn_wire_sent(c->tls);
+		if (!tls_push(c))
+			return true; /* sent() calls again */
+		/* Everything went into TCP: the TLS ring has room again, and
+		 * the pump may have stopped for it (replies waiting to be
+		 * encrypted, input waiting for them): pump once more, as
+		 * up_recv() does in the clear. */
+		if (fd_tls_conn_wire_sent(c->tls) != sent0 && !c->tls_closing &&
+		    st == FD_TLS_OK) {
+			hs = !fd_tls_conn_established(c->tls);
+			goto again;
+		}
+	}
 	if (c->tls_closing || st == FD_TLS_CLOSED) {
 		conn_end(c);
 		return false;
@@ -504,11 +517,29 @@ up_recv(void *u, const uint8_t *p, size_t n)
 			return n;
 		return used;
 	}
-	used = smtp_session_input(c->s, p, n);
+	/*
+	 * The session stops taking input when its replies fill its output
+	 * buffer (a client pipelining hundreds of commands). Moving them into
+	 * the TCP send buffer makes room again, and when TCP took them all
+	 * nothing else would wake this session (no sent() is due, no spool
+	 * event: it would hang until its idle timeout), so offer the rest at
+	 * once. Stop when an offer neither took input nor sent replies: the
+	 * session waits for a commit (service_woken), for spool room
+	 * (resume_paused) or for TCP room (sent()).
+	 */
+	used = 0;
 	c->last_active_us = c->sh->now_us;
+	for (;;) {
+		uint64_t out0 = smtp_session_output_total(c->s);
+		size_t k = smtp_session_input(c->s, p + used, n - used);
+		used += k;
+		if (!conn_flush(c))
+			return n; /* ended: nothing more will be read */
+		if (used == n || c->tls ||
+		    (k == 0 && smtp_session_output_total(c->s) == out0))
+			break;
+	}
 	set_paused(c, used < n);
-	if (!conn_flush(c))
-		return n; /* ended: nothing more will be read */
 	return used;
 }
 
