@@ -324,6 +324,30 @@ def truncated_handshakes(d, n=1000):
     print(f"ok: {n} truncated handshakes ({cut_counts}); daemon alive")
 
 
+def pipelined(d, n=4000):
+    """n commands in one write, in the clear and inside TLS: every reply
+    arrives (replies fill the output; the session must go on when they
+    drain)."""
+    for tls in (False, True):
+        c = d.connect(timeout=30)
+        c.expect(220)
+        if tls:
+            c.send("EHLO client.test\r\n")
+            c.expect(250)
+            c.cmd("STARTTLS", 220)
+            wrap(c)
+        t0 = time.time()
+        c.send(b"EHLO c\r\n" + b"RSET\r\nNOOP\r\n" * (n // 2) +
+               b"QUIT\r\n")
+        c.expect(250)
+        for i in range(n):
+            c.expect(250)
+        c.expect(221)
+        c.close()
+        print(f"ok: {n} pipelined commands, tls={tls}: all replies in "
+              f"{time.time() - t0:.2f}s")
+
+
 def metrics(port):
     """The TLS counters in /metrics, after everything above."""
     import urllib.request
@@ -448,6 +472,7 @@ def main():
         with Daemon(*TLS_ARGS, "--tls-handshake-timeout", "2s",
                     "--metrics", f"127.0.0.1:{mport}", threads=2) as d:
             smtplib_messages(d)
+            pipelined(d)
             injection(d)
             garbage_handshake(d)
             stalls(d)
