@@ -58,6 +58,11 @@ struct cp_config {
 	 * verify ("" or NULL: the system store). */
 	const char *smtp_tls;
 	const char *smtp_tls_ca;
+	/* RCPT-time verification by probing the next hop (verify.h), when
+	 * there is no recipients table; TTLs 0: the defaults. */
+	bool verify_recipients;
+	uint64_t verify_positive_ttl_ms;
+	uint64_t verify_negative_ttl_ms;
 };
 
 /*

@@ -261,29 +261,24 @@ cache_drop(struct conn_cache *cc, bool polite)
 	cc->key[0] = '\0';
 }
 
-static struct smtpc *
-conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
-	 struct smtpc_reply *why, bool *reused)
+struct smtpc *
+deliver_connect(struct cplane *cp, int kind, const char *host, uint16_t port,
+		const char *path, int tls, const char *tls_ca,
+		struct smtpc_reply *why)
 {
 	const struct cp_config *cfg = cp_config_of(cp);
 	struct smtpc_target t;
 	struct smtpc_params p;
 	int err = 0;
 
-	*reused = false;
-	if (cc->c && strcmp(cc->key, d->key) == 0) {
-		*reused = true;
-		return cc->c;
-	}
-	cache_drop(cc, true);
 	memset(&t, 0, sizeof(t));
-	t.proto = d->kind == ROUTE_SMTP ? SMTPC_SMTP : SMTPC_LMTP;
-	if (d->kind == ROUTE_LMTP_UNIX) {
+	t.proto = kind == ROUTE_SMTP ? SMTPC_SMTP : SMTPC_LMTP;
+	if (kind == ROUTE_LMTP_UNIX) {
 		snprintf(t.unix_path, sizeof(t.unix_path), "%.*s",
-			 (int)sizeof(t.unix_path) - 1, d->path);
+			 (int)sizeof(t.unix_path) - 1, path);
 	} else {
-		snprintf(t.host, sizeof(t.host), "%s", d->host);
-		t.port = d->port;
+		snprintf(t.host, sizeof(t.host), "%s", host);
+		t.port = port;
 	}
 	smtpc_params_defaults(&p);
 	p.helo_name = cp_hostname(cp);
@@ -295,12 +290,12 @@ conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
 		p.data_timeout_ms = cfg->data_timeout_ms;
 	/* STARTTLS per the route (queue.h: resolved against --smtp-tls);
 	 * not over a unix socket, which never leaves the machine. */
-	if (d->kind != ROUTE_LMTP_UNIX && d->tls != ROUTE_TLS_NONE) {
+	if (kind != ROUTE_LMTP_UNIX && tls != ROUTE_TLS_NONE) {
 		char err_text[300];
-		p.tls = d->tls == ROUTE_TLS_VERIFY    ? SMTPC_TLS_VERIFY
-			: d->tls == ROUTE_TLS_ENCRYPT ? SMTPC_TLS_ENCRYPT
-						      : SMTPC_TLS_MAY;
-		p.tls_ctx = tls_ctx_for(d->tls_ca, err_text, sizeof(err_text));
+		p.tls = tls == ROUTE_TLS_VERIFY	   ? SMTPC_TLS_VERIFY
+			: tls == ROUTE_TLS_ENCRYPT ? SMTPC_TLS_ENCRYPT
+						   : SMTPC_TLS_MAY;
+		p.tls_ctx = tls_ctx_for(tls_ca, err_text, sizeof(err_text));
 		if (!p.tls_ctx && p.tls != SMTPC_TLS_MAY) {
 			memset(why, 0, sizeof(*why));
 			why->code = 451;
@@ -311,7 +306,21 @@ conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
 			return NULL;
 		}
 	}
-	cc->c = smtpc_connect(&t, &p, why, &err);
+	return smtpc_connect(&t, &p, why, &err);
+}
+
+static struct smtpc *
+conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
+	 struct smtpc_reply *why, bool *reused)
+{
+	*reused = false;
+	if (cc->c && strcmp(cc->key, d->key) == 0) {
+		*reused = true;
+		return cc->c;
+	}
+	cache_drop(cc, true);
+	cc->c = deliver_connect(cp, d->kind, d->host, d->port, d->path, d->tls,
+				d->tls_ca, why);
 	if (!cc->c)
 		return NULL;
 	snprintf(cc->key, sizeof(cc->key), "%s", d->key);

@@ -57,6 +57,7 @@
 #include "control/dlog.h"
 #include "control/qmgr.h"
 #include "control/rcptdb.h"
+#include "control/verify.h"
 #include "control/route.h"
 #include "control/spool_reader.h"
 #include "control/tail.h"
@@ -80,6 +81,7 @@ struct cplane {
 	struct route_target bounce_target;
 	bool have_bounce_target;
 	struct rcptdb *rcpts;
+	struct verify *verify; /* --verify-recipients: probes */
 	struct dlog *log;
 
 	unsigned nworkers;
@@ -2416,6 +2418,32 @@ import_msg(struct cplane *cp, const struct ctl_spool_scan *scan,
 			  sm->body_crc, *buf, sm->n_pieces, env_seg, end_seg);
 }
 
+/* verify_open_fn: the route of addr, as the delivery would take it. */
+static struct smtpc *
+verify_open(void *ctx, const char *addr, bool connect, char *key,
+	    size_t key_len, bool *local, struct smtpc_reply *why)
+{
+	struct cplane *cp = ctx;
+	const struct route_target *t =
+		route_lookup(cp->routes, route_addr_domain(addr));
+	int tls;
+
+	if (!t)
+		t = &cp->def_target;
+	*local = t->kind == ROUTE_MAILDIR;
+	snprintf(key, key_len, "%s", t->text);
+	if (*local || !connect)
+		return NULL;
+	tls = t->tls ? (int)t->tls : cp->def_tls;
+	return deliver_connect(cp, (int)t->kind, t->host, t->port, t->path,
+			       tls,
+			       t->tls_ca[0] ? t->tls_ca
+					    : cp->cfg.smtp_tls_ca
+						      ? cp->cfg.smtp_tls_ca
+						      : "",
+			       why);
+}
+
 struct cplane *
 cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 	  int *err)
@@ -2461,6 +2489,27 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 		fd_log(FD_LOG_INFO, "qmgr",
 		       "event=recipients_loaded file=%s entries=%zu",
 		       c->recipients, rcptdb_count(cp->rcpts));
+	}
+	if (c->verify_recipients && !cp->rcpts) {
+		struct verify_opts vo;
+		verify_opts_defaults(&vo);
+		if (c->verify_positive_ttl_ms)
+			vo.positive_ttl_ms = c->verify_positive_ttl_ms;
+		if (c->verify_negative_ttl_ms)
+			vo.negative_ttl_ms = c->verify_negative_ttl_ms;
+		cp->verify = verify_new(&vo, verify_open, cp);
+		if (!cp->verify) {
+			fd_log(FD_LOG_ERR, "qmgr",
+			       "event=verify_failed error=\"%s\"",
+			       strerror(errno));
+			r = -ENOMEM;
+			goto out_free;
+		}
+		fd_log(FD_LOG_INFO, "qmgr",
+		       "event=verify_started threads=%u positive_ttl_s=%" PRIu64
+		       " negative_ttl_s=%" PRIu64,
+		       vo.threads, vo.positive_ttl_ms / 1000,
+		       vo.negative_ttl_ms / 1000);
 	}
 	cp->msg_cap = 1024;
 	cp->msg_h = calloc(cp->msg_cap, sizeof(*cp->msg_h));
@@ -2567,22 +2616,29 @@ cp_port(struct cplane *cp, unsigned worker)
 	return worker < cp->nworkers ? &cp->ports[worker] : NULL;
 }
 
+/* The table answers when there is one (it is the operator's word);
+ * else the probe (verify.h). */
 static int
 rcpt_check(void *ctx, const char *addr)
 {
-	return rcptdb_check(ctx, addr);
+	struct cplane *cp = ctx;
+
+	if (cp->rcpts)
+		return rcptdb_check(cp->rcpts, addr);
+	return verify_check(cp->verify, addr);
 }
 
 int (*cp_rcpt_check_fn(const struct cplane *cp))(void *, const char *)
 {
-	return cp->rcpts ? rcpt_check : NULL;
+	return cp->rcpts || cp->verify ? rcpt_check : NULL;
 }
 
 void *
 cp_rcpt_ctx(const struct cplane *cp)
 {
-	return cp->rcpts;
+	return (void *)cp;
 }
+
 
 int
 cp_start(struct cplane *cp, const cpu_set_t *cpus)
@@ -2697,6 +2753,8 @@ cp_free(struct cplane *cp)
 		return;
 	if (cp->n_dthr)
 		return; /* threads still use it: the process is exiting */
+	verify_free(cp->verify);
+	cp->verify = NULL;
 	if (cp->log)
 		dlog_close(cp->log);
 	for (unsigned w = 0; cp->tails && w < cp->nworkers; w++)

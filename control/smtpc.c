@@ -1365,6 +1365,49 @@ do_rset(struct smtpc *c)
 	return 0;
 }
 
+int
+smtpc_probe(struct smtpc *c, const char *rcpt, struct smtpc_reply *reply)
+{
+	char line[CMD_LINE_MAX];
+	int rc;
+
+	reply_clear(reply);
+	if (c->st != ST_READY) {
+		reply_local(reply, 421, "4.4.2", "connection not usable");
+		return -ENOTCONN;
+	}
+	if (!rcpt || !*rcpt || strlen(rcpt) > 512 || !printable(rcpt, true)) {
+		reply_local(reply, 501, "5.1.3", "bad recipient address");
+		return -EINVAL;
+	}
+	enter_state(c, ST_MAIL);
+	rc = send_cmd(c, "MAIL FROM:<>\r\n");
+	if (rc == 0)
+		rc = read_reply(c, c->cmd_to, reply, NULL);
+	if (rc < 0)
+		goto fail;
+	if (!is2xx(reply)) {
+		/* The sender refused: the answer says nothing about rcpt. */
+		struct smtpc_reply mail = *reply;
+		rc = do_rset(c);
+		*reply = mail;
+		return rc < 0 ? rc : 1;
+	}
+	enter_state(c, ST_RCPT);
+	snprintf(line, sizeof(line), "RCPT TO:<%s>\r\n", rcpt);
+	rc = send_cmd(c, line);
+	if (rc == 0)
+		rc = read_reply(c, c->cmd_to, reply, NULL);
+	if (rc < 0)
+		goto fail;
+	rc = do_rset(c);
+	return rc < 0 ? rc : 0;
+fail:
+	failure_reply(c, rc, reply);
+	enter_state(c, ST_BROKEN);
+	return rc;
+}
+
 /* MAIL and RCPTs: with PIPELINING as many as fit in one write, then their
  * replies in order (RFC 2920 3.1); without, one command per round trip. */
 static int

@@ -209,6 +209,17 @@ struct smtpc_msg {
  * 4.5.0 invalid reply to ...", "451 4.3.0 error reading message body", or
  * (after a peer's 421) that 421 copied, so the caller defers those.
  */
+/*
+ * Ask whether the next hop takes mail for rcpt, without sending any:
+ * MAIL FROM:<> (the null sender: a probe must not cause a bounce), RCPT
+ * TO:<rcpt>, RSET (RFC 5321 3.3: what Postfix's address verification does).
+ * 0 with *reply the reply to RCPT; 1 with *reply the reply to MAIL, which
+ * was refused (it says nothing about rcpt); the connection READY again
+ * either way. -errno with *reply a local one (the connection is then
+ * unusable: smtpc_abort()).
+ */
+int smtpc_probe(struct smtpc *c, const char *rcpt, struct smtpc_reply *reply);
+
 int smtpc_send(struct smtpc *c, const struct smtpc_msg *m,
 	       struct smtpc_reply *mail, struct smtpc_reply *rcpt,
 	       struct smtpc_reply *data);

@@ -183,6 +183,16 @@ static const struct opt options[] = {
 	 "also checks the certificate and the host name"},
 	{"smtp_tls_ca", NULL, OPT_STR, F(smtp_tls_ca), S(smtp_tls_ca), "FILE",
 	 "PEM CA certificates for verify (default: the system store)"},
+	{"verify_recipients", NULL, OPT_BOOL, F(verify_recipients), 0,
+	 "on|off",
+	 "without --recipients, ask the route's next hop at RCPT time "
+	 "(MAIL FROM:<>, RCPT TO, RSET) whether it takes the address; "
+	 "unknown users get 550 5.1.1, a first or undecided answer 450 4.1.1 "
+	 "while the probe runs (default off)"},
+	{"verify_positive_ttl", NULL, OPT_DURATION, F(verify_positive_ttl_ms),
+	 0, "DURATION", "how long a valid answer is kept (default 7d)"},
+	{"verify_negative_ttl", NULL, OPT_DURATION, F(verify_negative_ttl_ms),
+	 0, "DURATION", "how long an unknown-user answer is kept (default 3h)"},
 	{"dedup_window", NULL, OPT_DURATION, F(dedup_window_ms), 0, "DURATION",
 	 "RFC 1047: remember a message whose 250 may not have reached its "
 	 "client this long, and deliver a resend of it once (default 24h; "
@@ -256,6 +266,8 @@ fd_config_defaults(struct fd_config *c)
 	c->shutdown_timeout_ms = 10000;
 	strcpy(c->tls_min_version, "1.2");
 	strcpy(c->smtp_tls, "may");
+	c->verify_positive_ttl_ms = 7ull * 86400000;
+	c->verify_negative_ttl_ms = 3ull * 3600000;
 	c->tls_handshake_timeout_ms = 30000;
 	c->tls_max_handshakes = 32;
 	c->tls_ticket_lifetime_ms = 12ull * 3600000;

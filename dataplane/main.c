@@ -187,6 +187,9 @@ cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
 	cc->dedup_settle_ms = cfg->dedup_settle_ms;
 	cc->smtp_tls = cfg->smtp_tls;
 	cc->smtp_tls_ca = cfg->smtp_tls_ca;
+	cc->verify_recipients = cfg->verify_recipients;
+	cc->verify_positive_ttl_ms = cfg->verify_positive_ttl_ms;
+	cc->verify_negative_ttl_ms = cfg->verify_negative_ttl_ms;
 }
 
 /* The workers as the control socket and /metrics see them. */

@@ -104,6 +104,9 @@ struct fd_config {
 	uint64_t smtp_data_timeout_ms;
 	char smtp_tls[16];                /* none|may|encrypt|verify */
 	char smtp_tls_ca[FD_CONFIG_STR];  /* "" : the system CA store */
+	bool verify_recipients;           /* RCPT-time probe of the next hop */
+	uint64_t verify_positive_ttl_ms;
+	uint64_t verify_negative_ttl_ms;
 	uint64_t dlog_rotate;
 	uint64_t dedup_window_ms;
 	uint64_t dedup_settle_ms;

@@ -1,0 +1,92 @@
+#!/usr/bin/python3
+"""Recipient verification by probe (--verify-recipients, like Postfix's
+reject_unverified_recipient): finaldot A routes example.com to finaldot B,
+which knows its users (--recipients). At RCPT time A asks B (MAIL FROM:<>,
+RCPT TO, RSET): the first RCPT for an address gets 450 4.1.1 while the
+probe runs, later ones the cached answer: 250 for a user B has, 550 5.1.1
+for one it has not. postmaster is never probed; a local (maildir:) route
+needs no probe; a next hop that is down leaves the answer at 450. B never
+receives a message from the probes."""
+import os
+import re
+import smtplib
+import time
+
+from delivtest import wait
+from fdtest import Daemon, check, free_port
+
+
+def rcpt(port, addr):
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("sender@client.test")
+        code, msg = s.rcpt(addr)
+        s.rset()
+    return code, msg.decode()
+
+
+def until(port, addr, code, timeout=10):
+    """RCPT again until the answer is code (the probe came back)."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = rcpt(port, addr)
+        if last[0] == code:
+            return last
+        time.sleep(0.1)
+    check(False, f"{addr}: still {last} after {timeout}s, expected {code}")
+
+
+def main():
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    users = os.path.join(tmp, f"fdverify-{os.getpid()}.txt")
+    with open(users, "w") as f:
+        f.write("good@example.com\n")
+    try:
+        with Daemon("--recipients", users) as b:
+            with Daemon("--verify-recipients", "on", "--route",
+                        f"example.com=smtp:127.0.0.1:{b.port}",
+                        "--route",
+                        f"down.example.com=smtp:127.0.0.1:{free_port()}",
+                        domains=("example.com", "down.example.com",
+                                 "localhost")) as a:
+                code, msg = rcpt(a.port, "good@example.com")
+                check(code == 450 and msg.startswith("4.1.1"),
+                      f"first RCPT: {code} {msg}")
+                code, msg = until(a.port, "good@example.com", 250)
+                print(f"ok: good@example.com: 450 4.1.1 first, then {code}")
+                code, msg = rcpt(a.port, "bad@example.com")
+                check(code == 450, f"first RCPT bad: {code} {msg}")
+                code, msg = until(a.port, "bad@example.com", 550)
+                check(msg.startswith("5.1.1"), f"bad: {code} {msg}")
+                print(f"ok: bad@example.com: 450 then {code} {msg[:40]}")
+                # Cached: B is not asked again (one probe line each).
+                for _ in range(3):
+                    check(rcpt(a.port, "good@example.com")[0] == 250, "good")
+                    check(rcpt(a.port, "BAD@Example.COM")[0] == 550, "bad")
+                log = a.read_run_log()
+                n_good = len(re.findall(r"event=probe rcpt=good@example\.com",
+                                        log))
+                check(n_good == 1, f"{n_good} probes for good@example.com")
+                code, _ = rcpt(a.port, "postmaster@example.com")
+                check(code == 250, f"postmaster: {code}")
+                code, _ = rcpt(a.port, "anyone@localhost")
+                check(code == 250, f"local route: {code}")
+                print("ok: cached answers, postmaster unprobed, local route "
+                      "valid at once")
+                code, _ = rcpt(a.port, "x@down.example.com")
+                check(code == 450, f"down, first: {code}")
+                a.wait_log(r"event=probe rcpt=x@down\.example\.com "
+                           r"result=tempfail", 15)
+                code, msg = rcpt(a.port, "x@down.example.com")
+                check(code == 450, f"down, after the probe: {code} {msg}")
+                print("ok: next hop down: 450 4.1.1, probe tempfail")
+            check(not b.scan()["messages"], "a probe left a message at B")
+            check(re.search(r"event=rcpt_unknown rcpt=bad@example\.com",
+                            b.read_run_log()), "B was not asked")
+    finally:
+        os.unlink(users)
+    print("ok: the next hop received no message")
+
+
+main()
