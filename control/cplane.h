@@ -88,6 +88,11 @@ void *cp_rcpt_ctx(const struct cplane *cp);
  * NULL when no --recipients table is configured. */
 int (*cp_rcpt_check_fn(const struct cplane *cp))(void *, const char *);
 int cp_start(struct cplane *cp, const cpu_set_t *cpus);
+
+/* SIGHUP: read the --recipients file again; on failure (why says it) the
+ * table in use stays. 0 also when there is no table. One caller at a time
+ * (the thread that takes signals). */
+int cp_reload_recipients(struct cplane *cp, char *why, size_t why_len);
 /* Stops dispatching, waits (at most shutdown_timeout) for deliveries in
  * flight, makes the log durable. Call after the workers stopped. */
 void cp_stop(struct cplane *cp);

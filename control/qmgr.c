@@ -80,7 +80,12 @@ struct cplane {
 	int def_tls; /* enum route_tls: --smtp-tls */
 	struct route_target bounce_target;
 	bool have_bounce_target;
-	struct rcptdb *rcpts;
+	/* --recipients: read by every worker at RCPT time. A reload swaps
+	 * in a new table and keeps the one it replaced until the next
+	 * reload: a check that loaded the old pointer a moment ago has long
+	 * finished by then (reloads are an operator's, seconds apart). */
+	struct rcptdb *_Atomic rcpts;
+	struct rcptdb *rcpts_retired;
 	struct verify *verify; /* --verify-recipients: probes */
 	struct dlog *log;
 
@@ -2623,9 +2628,32 @@ rcpt_check(void *ctx, const char *addr)
 {
 	struct cplane *cp = ctx;
 
-	if (cp->rcpts)
-		return rcptdb_check(cp->rcpts, addr);
+	struct rcptdb *db =
+		atomic_load_explicit(&cp->rcpts, memory_order_acquire);
+
+	if (db)
+		return rcptdb_check(db, addr);
 	return verify_check(cp->verify, addr);
+}
+
+int
+cp_reload_recipients(struct cplane *cp, char *why, size_t why_len)
+{
+	struct rcptdb *db, *old;
+
+	if (!cp->rcpts || !cp->cfg.recipients || !*cp->cfg.recipients)
+		return 0; /* no table at start: nothing to reload */
+	db = rcptdb_load(cp->cfg.recipients, why, why_len);
+	if (!db)
+		return -EINVAL;
+	old = atomic_exchange_explicit(&cp->rcpts, db, memory_order_acq_rel);
+	if (cp->rcpts_retired)
+		rcptdb_free(cp->rcpts_retired);
+	cp->rcpts_retired = old;
+	fd_log(FD_LOG_INFO, "qmgr",
+	       "event=recipients_reloaded file=%s entries=%zu",
+	       cp->cfg.recipients, rcptdb_count(db));
+	return 0;
 }
 
 int (*cp_rcpt_check_fn(const struct cplane *cp))(void *, const char *)
@@ -2805,6 +2833,8 @@ cp_free(struct cplane *cp)
 	route_table_free(cp->routes);
 	if (cp->rcpts)
 		rcptdb_free(cp->rcpts);
+	if (cp->rcpts_retired)
+		rcptdb_free(cp->rcpts_retired);
 	pthread_mutex_destroy(&cp->mu);
 	pthread_cond_destroy(&cp->job_cv);
 	pthread_cond_destroy(&cp->res_cv);

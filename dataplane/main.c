@@ -544,6 +544,12 @@ main(int argc, char **argv)
 				fd_log(FD_LOG_INFO, "main",
 				       "event=reload_requested");
 				tls_reload();
+				if (cp_reload_recipients(cp, why,
+							 sizeof(why)) != 0)
+					fd_log(FD_LOG_ERR, "main",
+					       "event=recipients_reload_failed "
+					       "kept=previous error=\"%s\"",
+					       why);
 				sdnotify("READY=1\nSTATUS=accepting mail");
 				continue;
 			}

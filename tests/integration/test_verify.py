@@ -37,6 +37,29 @@ def until(port, addr, code, timeout=10):
     check(False, f"{addr}: still {last} after {timeout}s, expected {code}")
 
 
+def reload_table(users):
+    """SIGHUP re-reads --recipients: an address added is valid for the next
+    RCPT; a broken file keeps the table in use."""
+    import signal
+    with open(users, "w") as f:
+        f.write("good@example.com\n")
+    with Daemon("--recipients", users) as d:
+        check(rcpt(d.port, "new@example.com")[0] == 550, "before")
+        with open(users, "a") as f:
+            f.write("new@example.com\n")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_log(r"event=recipients_reloaded .*entries=2", 10)
+        code, msg = rcpt(d.port, "new@example.com")
+        check(code == 250, f"after the reload: {code} {msg}")
+        with open(users, "w") as f:
+            f.write("no-at-sign\n")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_log(r"event=recipients_reload_failed kept=previous", 10)
+        check(rcpt(d.port, "new@example.com")[0] == 250, "kept")
+        check(rcpt(d.port, "other@example.com")[0] == 550, "kept (550)")
+    print("ok: SIGHUP reloads --recipients; a broken file keeps the table")
+
+
 def main():
     tmp = os.environ.get("TMPDIR", "/tmp")
     users = os.path.join(tmp, f"fdverify-{os.getpid()}.txt")
@@ -84,6 +107,7 @@ def main():
             check(not b.scan()["messages"], "a probe left a message at B")
             check(re.search(r"event=rcpt_unknown rcpt=bad@example\.com",
                             b.read_run_log()), "B was not asked")
+        reload_table(users)
     finally:
         os.unlink(users)
     print("ok: the next hop received no message")
