@@ -112,6 +112,7 @@ struct cp_stats {
 	uint64_t segments;
 	uint64_t queued_total, delivered_total, deferred_total, bounced_total;
 	uint64_t expired_total, dsn_sent_total, dsn_dropped_total;
+	uint64_t damaged_total; /* held: the body failed its checksum */
 	uint64_t reclaimed_total;
 	uint64_t indoubt_total, suppressed_total, indoubt_unknown_total;
 	uint64_t indoubt_entries; /* remembered now */

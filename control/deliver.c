@@ -128,6 +128,7 @@ q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
 			       "%016" PRIx64 " event=body_damaged "
 			       "expected_crc=%08x got=%08x",
 			       m->id, m->body_crc, b->crc);
+			b->damaged = true;
 			return -EIO;
 		}
 		if (b->before_last && b->before_last(b->before_last_ctx) != 0)
@@ -410,6 +411,7 @@ run_smtp(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 		sm.body_ctx = &body;
 		memset(&mail, 0, sizeof(mail));
 		r = smtpc_send(c, &sm, &mail, rrep, drep);
+		j->damaged |= body.damaged;
 		cc->last_us = fd_now_monotonic_us();
 		cc->uses++;
 		if (r != 0) {
@@ -471,6 +473,7 @@ run_maildir(struct q_job *j, struct attempt_wait *aw)
 		body.before_last_ctx = aw;
 		maildir_deliver(j->dest->path, domain, local, prefix,
 				q_body_read, &body, m->body_len, &res);
+		j->damaged |= body.damaged;
 		snprintf(text, sizeof(text), "%s %s",
 			 res.status == 0 ? "250" : res.permanent ? "550"
 								  : "451",
@@ -561,6 +564,7 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 	dp.full_limit = 64 * 1024;
 	q_body_init(&body, m);
 	r = dsn_build(&dp, dr, j->n, q_body_read, &body, m->body_len, &out);
+	j->damaged |= body.damaged;
 	if (r != 0) {
 		outcome_set(&j->out[0], QO_DEFERRED,
 			    "451 4.3.0 could not build the DSN");

@@ -258,6 +258,11 @@ render_queue(FILE *f, const struct cp_stats *s)
 	     "the sender).");
 	lab(f, name, "outcome", "sent", s->dsn_sent_total);
 	lab(f, name, "outcome", "dropped", s->dsn_dropped_total);
+	one(f, "finaldot_queue_damaged_total", "counter",
+	    "Messages held because their body read back from the spool did "
+	    "not match its checksum (see the log: event=held "
+	    "reason=damaged).",
+	    s->damaged_total);
 	/* RFC 1047 (docs/delivery.md): 250s that may not have arrived. */
 	one(f, "finaldot_dedup_indoubt_total", "counter",
 	    "Messages whose 250 may not have reached the client (its "

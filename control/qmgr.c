@@ -146,6 +146,7 @@ struct cplane {
 	/* counters */
 	uint64_t st_queued, st_delivered, st_deferred, st_bounced;
 	uint64_t st_expired, st_dsn_sent, st_dsn_dropped, st_released;
+	uint64_t st_damaged; /* held: body checksum mismatch */
 	uint64_t st_reclaim_sent, st_reclaimed;
 };
 
@@ -1414,6 +1415,31 @@ dest_feedback(struct cplane *cp, struct q_dest *d, const struct q_job *j)
 	}
 }
 
+/*
+ * The body read back from the spool does not match its checksum: the copy
+ * we own is damaged (a disk error, a bug). Retrying would fail the same
+ * way until the queue lifetime, then bounce a message we can no longer
+ * quote. Hold it instead, at once and durably: nothing more is tried, the
+ * operator sees it (finaldotctl queue show: held, the reason in the log and
+ * /metrics) and decides (release to try again after a repair, delete).
+ */
+static void
+hold_damaged(struct cplane *cp, struct q_msg *m)
+{
+	if (m->held || m->finished)
+		return;
+	m->held = true;
+	heap_remove(cp, m);
+	log_rec(cp, DLOG_HELD, m, DLOG_ALL, 0, 0, 0,
+		"damaged: body checksum mismatch");
+	cp->st_damaged++;
+	fd_log(FD_LOG_ERR, "qmgr",
+	       "%016" PRIx64 " event=held reason=damaged detail=\"the body "
+	       "read back from the spool does not match its checksum; held "
+	       "for the operator (finaldotctl queue release|delete)\"",
+	       m->id);
+}
+
 static void
 apply_result(struct cplane *cp, struct q_job *j)
 {
@@ -1513,6 +1539,8 @@ apply_result(struct cplane *cp, struct q_job *j)
 		}
 		dest_feedback(cp, d, j);
 	}
+	if (j->damaged)
+		hold_damaged(cp, m);
 	m->jobs--;
 	free(j);
 	msg_update(cp, m, lsn);
@@ -2123,6 +2151,7 @@ publish_stats(struct cplane *cp)
 	s.expired_total = cp->st_expired;
 	s.dsn_sent_total = cp->st_dsn_sent;
 	s.dsn_dropped_total = cp->st_dsn_dropped;
+	s.damaged_total = cp->st_damaged;
 	s.reclaimed_total = cp->st_reclaimed;
 	s.segments = cp->n_segs;
 	s.started_us = cp->started_us;

@@ -178,6 +178,7 @@ struct q_job {
 	/* results */
 	bool conn_failed;  /* the next hop could not be reached/used */
 	bool dup_risk;     /* the final dot went out, the reply was lost */
+	bool damaged;      /* the body read back damaged (q_body.damaged) */
 	char relay[256];   /* the peer that answered, for logs and DSNs */
 	char tls[200];     /* how (smtpc_tls_desc), "" in the clear */
 	uint64_t attempt_lsn;
@@ -203,6 +204,7 @@ struct q_body {
 	void *before_last_ctx;
 	bool last_done;
 	bool unchecked; /* a read skipped bytes: the CRC cannot be checked */
+	bool damaged;   /* the body's CRC32C did not match: never sent */
 };
 void q_body_init(struct q_body *b, const struct q_msg *m);
 long q_body_read(void *ctx, uint64_t off, void *buf, size_t n);
