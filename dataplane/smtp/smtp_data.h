@@ -3,7 +3,9 @@
  * removes dot-stuffing, and flags bare CR / bare LF, NUL octets and
  * over-long lines.
  * A resumable byte state machine: it can stop before any octet and resume
- * there, whatever the split of the input.
+ * there, whatever the split of the input. It moves through ordinary octets
+ * many at a time, but stops and flags exactly where a scanner taking one
+ * octet at a time would.
  */
 #ifndef FINALDOT_SMTP_DATA_H
 #define FINALDOT_SMTP_DATA_H
