@@ -155,6 +155,8 @@ enum smtp_fail {
 	SMTP_FAIL_NUL,       /* 550 5.6.0 NUL octet in the data */
 };
 
+#define SMTP_SUMMARY_VERBS 16 /* entries of smtp_verbs[] */
+
 struct smtp_session {
 	struct smtp_server *srv;
 	void *tctx;
@@ -179,6 +181,14 @@ struct smtp_session {
 	unsigned n_ack;
 	bool quit_seen;
 	bool tls;          /* TLS is up (smtp_session_tls_ready) */
+	/* The session's summary line (smtp_session_close): commands per
+	 * verb (smtp_verbs order, then "unknown"), how many got a 2xx/3xx,
+	 * messages queued and refused, why it ended. */
+	uint16_t cmd_n[SMTP_SUMMARY_VERBS + 1], cmd_ok[SMTP_SUMMARY_VERBS + 1];
+	unsigned msgs_queued, msgs_refused;
+	int last_code;        /* of the last reply queued */
+	const char *end_why;  /* set where the session decides to end */
+	uint64_t open_mono_us;
 	uint64_t tls_discarded; /* plaintext dropped after STARTTLS */
 	char tls_desc[SMTP_RECEIVED_TLS_MAX + 1];
 	uint64_t gap_t0_ns;  /* the last 250's durable completion, 0 none */
@@ -225,6 +235,7 @@ struct smtp_session {
 
 struct smtp_server {
 	struct smtp_config cfg;
+	uint64_t sid_epoch; /* added to session ids: unique across restarts */
 	struct smtp_sink_ops ops;
 	void *sink;
 	struct smtp_stats stats;
@@ -357,6 +368,8 @@ reply(struct smtp_session *s, const char *fmt, ...)
 	}
 	memcpy(s->out + s->out_tail, buf, n);
 	s->out_tail += n;
+	s->last_code = (buf[0] - '0') * 100 + (buf[1] - '0') * 10 +
+		       (buf[2] - '0');
 	return true;
 }
 
@@ -382,6 +395,7 @@ count_error(struct smtp_session *s)
 		       s->sid, s->errors);
 		reply(s, "421 4.7.0 %.255s Error: too many errors",
 		      s->srv->cfg.hostname);
+		s->end_why = "errors";
 		smtp_close_after(s);
 	}
 }
@@ -622,6 +636,7 @@ msg_reject(struct smtp_session *s, enum smtp_fail why)
 		srv->stats.messages_failed++;
 	else
 		srv->stats.messages_rejected++;
+	s->msgs_refused++;
 	fd_log(FD_LOG_INFO, "smtp",
 	       "%016" PRIx64 " event=rejected reason=%s size=%" PRIu64, s->sid,
 	       smtp_fail_name(why), s->body_size);
@@ -973,6 +988,7 @@ smtp_cmd_data(struct smtp_session *s, const struct smtp_cmd *c)
 				 "processing",
 			      s->srv->cfg.hostname);
 		s->srv->stats.messages_failed++;
+		s->msgs_refused++;
 		txn_reset(s);
 		smtp_enter_state(s, SMTP_S_READY);
 		return true;
@@ -1122,6 +1138,7 @@ smtp_cmd_quit(struct smtp_session *s, const struct smtp_cmd *c)
 	txn_reset(s);
 	s->quit_seen = true;
 	reply(s, "221 2.0.0 Bye");
+	s->end_why = "quit";
 	smtp_close_after(s);
 	return true;
 }
@@ -1194,7 +1211,7 @@ smtp_cmd_not_implemented(struct smtp_session *s, const struct smtp_cmd *c)
 #define ST_CMD (ST(INIT) | ST(READY) | ST(MAIL) | ST(RCPT) | ST(CHUNKING))
 
 /* The verbs, where each is allowed, and what it does (RFC 5321 4.1.4). */
-static const struct smtp_verb smtp_verbs[] = {
+static const struct smtp_verb smtp_verbs[SMTP_SUMMARY_VERBS] = {
 	{"EHLO", ST_CMD, smtp_cmd_ehlo},
 	{"HELO", ST_CMD, smtp_cmd_helo},
 	{"MAIL", ST(READY), smtp_cmd_mail},
@@ -1241,6 +1258,7 @@ smtp_execute(struct smtp_session *s)
 
 	if (r == SMTP_PARSE_ERR_CHAR) {
 		s->srv->stats.commands++;
+		s->cmd_n[SMTP_SUMMARY_VERBS]++;
 		error_reply(s, "500 5.5.2 Error: bad character in command");
 		return true;
 	}
@@ -1256,19 +1274,28 @@ smtp_execute(struct smtp_session *s)
 	}
 	if (!v) {
 		s->srv->stats.commands++;
+		s->cmd_n[SMTP_SUMMARY_VERBS]++;
 		error_reply(s, "500 5.5.2 Error: command not recognized");
 		return true;
 	}
 	fd_debug("smtp", "%016" PRIx64 " event=command verb=%s state=%s",
 		 s->sid, v->name, smtp_state_name(s->state));
+	size_t vi = (size_t)(v - smtp_verbs);
 	if (!(v->states & (1u << s->state))) {
 		s->srv->stats.commands++;
+		s->cmd_n[vi]++;
 		bad_sequence(s, v);
 		return true;
 	}
+	s->last_code = 0;
 	if (!v->fn(s, &c))
 		return false;
 	s->srv->stats.commands++;
+	s->cmd_n[vi]++;
+	/* A 2xx or 3xx to the command (a BDAT or DATA whose verdict comes
+	 * later counts by its 354 or its acceptance of the chunk). */
+	if (s->last_code >= 200 && s->last_code < 400)
+		s->cmd_ok[vi]++;
 	return true;
 }
 
@@ -1398,6 +1425,7 @@ early_talker(struct smtp_session *s)
 	/* RFC 5321 3.1: 554 may replace the 220 greeting. */
 	reply(s, "554 5.5.0 %.255s Error: SMTP protocol synchronization",
 	      s->srv->cfg.hostname);
+	s->end_why = "early_talker";
 	smtp_close_after(s);
 }
 
@@ -1448,6 +1476,7 @@ deadline_passed(struct smtp_session *s)
 	txn_reset(s); /* aborts a message being received */
 	reply(s, "421 4.4.2 %.255s Error: timeout exceeded",
 	      s->srv->cfg.hostname);
+	s->end_why = "timeout";
 	smtp_close_after(s);
 	return true;
 }
@@ -1534,6 +1563,7 @@ smtp_session_commit_done(struct smtp_session *s, uint64_t msgid, int status)
 		s->gap_t0_ns = gap_now_ns();
 		s->gap_end = s->ack[(s->n_ack - 1) % SMTP_ACKPOINTS].end;
 		srv->stats.messages_committed++;
+		s->msgs_queued++;
 		fd_log(FD_LOG_INFO, "smtp",
 		       "%016" PRIx64 " event=queued id=%s size=%" PRIu64
 		       " rcpts=%u",
@@ -1548,6 +1578,7 @@ smtp_session_commit_done(struct smtp_session *s, uint64_t msgid, int status)
 				 "processing",
 			      srv->cfg.hostname);
 		srv->stats.messages_failed++;
+		s->msgs_refused++;
 		fd_log(FD_LOG_WARN, "smtp",
 		       "%016" PRIx64 " event=commit_failed id=%s status=%d",
 		       s->sid, id, status);
@@ -1557,10 +1588,12 @@ smtp_session_commit_done(struct smtp_session *s, uint64_t msgid, int status)
 	if (s->shutdown_pending) {
 		reply(s, "421 4.3.2 %.255s Service shutting down",
 		      srv->cfg.hostname);
+		s->end_why = "shutdown";
 		smtp_close_after(s);
 	} else if (s->timeout_pending) {
 		reply(s, "421 4.4.2 %.255s Error: timeout exceeded",
 		      srv->cfg.hostname);
+		s->end_why = "timeout";
 		smtp_close_after(s);
 	}
 }
@@ -1618,6 +1651,7 @@ smtp_session_timeout(struct smtp_session *s)
 	       smtp_state_name(s->state));
 	reply(s, "421 4.4.2 %.255s Error: timeout exceeded",
 	      s->srv->cfg.hostname);
+	s->end_why = "timeout";
 	smtp_close_after(s);
 }
 
@@ -1628,6 +1662,7 @@ smtp_session_shutdown(struct smtp_session *s)
 		return;
 	reply(s, "421 4.3.2 %.255s Service shutting down",
 	      s->srv->cfg.hostname);
+	s->end_why = "shutdown";
 	smtp_close_after(s);
 }
 
@@ -1652,6 +1687,7 @@ smtp_session_shutdown_now(struct smtp_session *s)
 	smtp_enter_state(s, SMTP_S_READY);
 	txn_reset(s);
 	reply(s, "421 4.3.2 %.255s Service shutting down", srv->cfg.hostname);
+	s->end_why = "shutdown";
 	smtp_close_after(s);
 }
 
@@ -1778,7 +1814,11 @@ smtp_session_open(struct smtp_server *srv, void *tctx,
 	s->rcpts = rcpts;
 	s->srv = srv;
 	s->tctx = tctx;
-	s->sid = sid;
+	/* Unique across restarts: the transport's worker byte stays on top,
+	 * its counter is offset by the server's start time in us. */
+	s->sid = (sid & (0xffull << 56)) |
+		 ((sid + srv->sid_epoch) & ((1ull << 56) - 1));
+	s->open_mono_us = smtp_mono(srv);
 	snprintf(s->client_addr, sizeof(s->client_addr), "%s",
 		 client_addr ? client_addr : "");
 	line_reset(s);
@@ -1796,6 +1836,70 @@ smtp_session_open(struct smtp_server *srv, void *tctx,
 	return s;
 }
 
+/*
+ * One line per session, like Postfix's "disconnect" line, so that "what
+ * happened to this client" is one grep: where from, who it said it was,
+ * how long, what it sent (commands per verb, "rcpt=1/2" when only some got
+ * a 2xx/3xx), messages queued and refused, TLS, and why it ended (quit,
+ * timeout, errors, early_talker, shutdown; "lost" when the connection ended
+ * without one of those, "closed" for a TLS failure or the like).
+ */
+static void
+log_summary(const struct smtp_session *s)
+{
+	char cmds[SMTP_SUMMARY_VERBS * 24 + 32], helo[SMTP_LINE_MAX * 4],
+		addr[SMTP_ADDR_MAX * 4], tls[SMTP_RECEIVED_TLS_MAX + 1];
+	size_t k = 0;
+	uint64_t ms = (smtp_mono(s->srv) - s->open_mono_us) / 1000;
+
+	cmds[0] = '\0';
+	for (size_t i = 0; i <= SMTP_SUMMARY_VERBS; i++) {
+		char name[16];
+		int r;
+		if (!s->cmd_n[i])
+			continue;
+		snprintf(name, sizeof(name), "%s",
+			 i < SMTP_SUMMARY_VERBS ? smtp_verbs[i].name : "unknown");
+		for (char *c = name; *c; c++)
+			*c = (char)(*c >= 'A' && *c <= 'Z' ? *c + 32 : *c);
+		if (i < SMTP_SUMMARY_VERBS && s->cmd_ok[i] != s->cmd_n[i])
+			r = snprintf(cmds + k, sizeof(cmds) - k, " %s=%u/%u",
+				     name, s->cmd_ok[i], s->cmd_n[i]);
+		else
+			r = snprintf(cmds + k, sizeof(cmds) - k, " %s=%u",
+				     name, s->cmd_n[i]);
+		if (r > 0 && (size_t)r < sizeof(cmds) - k)
+			k += (size_t)r;
+	}
+	/* "TLSv1.3 with cipher X (...)" -> "TLSv1.3/X" for a key=value. */
+	snprintf(tls, sizeof(tls), "%s", s->tls ? s->tls_desc : "none");
+	if (s->tls) {
+		char *w = strstr(tls, " with cipher ");
+		if (w) {
+			char *e;
+			memmove(w + 1, w + 13, strlen(w + 13) + 1);
+			*w = '/';
+			e = strchr(w, ' ');
+			if (e)
+				*e = '\0';
+		}
+	}
+	fd_log(FD_LOG_INFO, "smtp",
+	       "%016" PRIx64 " event=disconnect client=%s helo=%s "
+	       "duration_ms=%" PRIu64 " messages=%u refused=%u tls=%s "
+	       "end=%s state=%s errors=%u%s",
+	       s->sid,
+	       fd_log_escape(addr, sizeof(addr), s->client_addr,
+			     strlen(s->client_addr)),
+	       s->helo_len ? fd_log_escape(helo, sizeof(helo), s->helo,
+					   s->helo_len)
+			   : "-",
+	       ms, s->msgs_queued, s->msgs_refused, tls,
+	       s->end_why ? s->end_why
+			  : s->state == SMTP_S_CLOSING ? "closed" : "lost",
+	       smtp_state_name(s->state), s->errors, cmds);
+}
+
 void
 smtp_session_close(struct smtp_session *s)
 {
@@ -1810,9 +1914,7 @@ smtp_session_close(struct smtp_session *s)
 			srv->ops.abort(srv->sink, s->msg);
 		s->msg = NULL;
 	}
-	fd_log(FD_LOG_INFO, "smtp",
-	       "%016" PRIx64 " event=disconnect state=%s errors=%u", s->sid,
-	       smtp_state_name(s->state), s->errors);
+	log_summary(s);
 	smtp_enter_state(s, SMTP_S_FREE);
 	s->next_free = srv->free_list;
 	srv->free_list = s;
@@ -1850,6 +1952,8 @@ smtp_server_create(const struct smtp_config *cfg,
 	if (!srv)
 		return NULL;
 	srv->cfg = *cfg;
+	/* A test clock keeps ids as given (reproducible logs). */
+	srv->sid_epoch = cfg->now_us ? 0 : fd_now_realtime_us();
 	if (srv->cfg.max_recipients == 0)
 		srv->cfg.max_recipients = 1;
 	srv->ops = *ops;
