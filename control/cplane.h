@@ -102,6 +102,8 @@ void cp_free(struct cplane *cp);
  *
  * Counters and queue sizes, published by the queue manager a few times a
  * second; any thread may read them (a copy under a lock). */
+#define CP_ROUTES_PUB 32
+
 struct cp_stats {
 	uint64_t started_us;
 	uint64_t messages;   /* in memory: queued, and finished ones whose
@@ -116,6 +118,18 @@ struct cp_stats {
 	uint64_t reclaimed_total;
 	uint64_t indoubt_total, suppressed_total, indoubt_unknown_total;
 	uint64_t indoubt_entries; /* remembered now */
+	/* Per next hop (route), for /metrics: the first CP_ROUTES_PUB by
+	 * attempts, the rest summed as route "other" (bounded labels; in
+	 * practice every route fits: routes are configuration). Latency is
+	 * from a delivery thread taking the job to its outcome, buckets as
+	 * the final dot's (metrics.h). */
+	unsigned n_routes;
+	struct cp_route_stats {
+		char route[128];
+		uint64_t lat[18]; /* CTL_LAT_BUCKETS + 1 */
+		uint64_t lat_sum_ns;
+		uint64_t delivered, deferred, bounced; /* per recipient */
+	} routes[CP_ROUTES_PUB + 1];
 };
 void cp_get_stats(struct cplane *cp, struct cp_stats *st);
 

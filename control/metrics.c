@@ -230,6 +230,75 @@ render_workers(FILE *f, const struct ctl_sources *src,
 	    t->room_waits);
 }
 
+/* A label value: \\ and " escaped, newlines dropped (Prometheus text). */
+static const char *
+label_value(char *buf, size_t n, const char *s)
+{
+	size_t k = 0;
+
+	for (; *s && k + 3 < n; s++) {
+		if (*s == '\n')
+			continue;
+		if (*s == '\\' || *s == '"')
+			buf[k++] = '\\';
+		buf[k++] = *s;
+	}
+	buf[k] = '\0';
+	return buf;
+}
+
+/* Per next hop: delivery latency and outcomes (bounded: cplane.h). */
+static void
+render_routes(FILE *f, const struct cp_stats *s)
+{
+	static const char *const le[CTL_LAT_BUCKETS] = {
+		"5e-05", "0.0001", "0.00025", "0.0005", "0.001", "0.0025",
+		"0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
+		"2.5", "5", "10"};
+	const char *name = "finaldot_delivery_duration_seconds";
+	char rl[300];
+	unsigned n = s->n_routes;
+
+	if (s->routes[CP_ROUTES_PUB].route[0])
+		n = CP_ROUTES_PUB + 1; /* "other" too */
+	head(f, name, "histogram",
+	     "Delivery attempts by route: from a delivery thread taking the "
+	     "job to its outcome (connection, transaction, final reply).");
+	for (unsigned i = 0; i < n; i++) {
+		const struct cp_route_stats *r = &s->routes[i];
+		uint64_t cum = 0;
+		if (!r->route[0])
+			continue;
+		label_value(rl, sizeof(rl), r->route);
+		for (unsigned b = 0; b < CTL_LAT_BUCKETS; b++) {
+			cum += r->lat[b];
+			fprintf(f, "%s_bucket{route=\"%s\",le=\"%s\"} %" PRIu64
+				   "\n",
+				name, rl, le[b], cum);
+		}
+		cum += r->lat[CTL_LAT_BUCKETS];
+		fprintf(f, "%s_bucket{route=\"%s\",le=\"+Inf\"} %" PRIu64 "\n",
+			name, rl, cum);
+		fprintf(f, "%s_sum{route=\"%s\"} %" PRIu64 ".%09" PRIu64 "\n",
+			name, rl, r->lat_sum_ns / 1000000000u,
+			r->lat_sum_ns % 1000000000u);
+		fprintf(f, "%s_count{route=\"%s\"} %" PRIu64 "\n", name, rl,
+			cum);
+	}
+	name = "finaldot_route_deliveries_total";
+	head(f, name, "counter",
+	     "Delivery outcomes per recipient, by route.");
+	for (unsigned i = 0; i < n; i++) {
+		const struct cp_route_stats *r = &s->routes[i];
+		if (!r->route[0])
+			continue;
+		label_value(rl, sizeof(rl), r->route);
+		lab2(f, name, "route", rl, "outcome", "delivered", r->delivered);
+		lab2(f, name, "route", rl, "outcome", "deferred", r->deferred);
+		lab2(f, name, "route", rl, "outcome", "bounced", r->bounced);
+	}
+}
+
 static void
 render_queue(FILE *f, const struct cp_stats *s)
 {
@@ -333,6 +402,7 @@ metrics_render(const struct ctl_sources *src, char **buf, size_t *len)
 	if (src->cp) {
 		cp_get_stats(src->cp, &cs);
 		render_queue(f, &cs);
+		render_routes(f, &cs);
 	}
 	if (src->net_stats) {
 		struct ctl_net_stats ns;

@@ -58,6 +58,7 @@
 #include "control/qmgr.h"
 #include "control/rcptdb.h"
 #include "control/verify.h"
+#include "control/metrics.h"
 #include "control/route.h"
 #include "control/spool_reader.h"
 #include "control/tail.h"
@@ -1449,6 +1450,11 @@ apply_result(struct cplane *cp, struct q_job *j)
 
 	if (d->active)
 		d->active--;
+	if (j->taken_us) {
+		uint64_t ns = (fd_now_monotonic_us() - j->taken_us) * 1000;
+		d->lat[ctl_lat_bucket(ns)]++;
+		d->lat_sum_ns += ns;
+	}
 	if (j->kind == QJ_BOUNCE) {
 		struct q_outcome *o = &j->out[0];
 		m->bounce_busy = false;
@@ -2137,6 +2143,75 @@ cp_queue_action(struct cplane *cp, enum cp_action a, const uint64_t *ids,
 	return r;
 }
 
+static uint64_t
+dest_attempts(const struct q_dest *d)
+{
+	uint64_t n = 0;
+
+	for (unsigned i = 0; i <= CTL_LAT_BUCKETS; i++)
+		n += d->lat[i];
+	return n;
+}
+
+static int
+by_attempts(const void *a, const void *b)
+{
+	uint64_t x = dest_attempts(*(const struct q_dest *const *)a);
+	uint64_t y = dest_attempts(*(const struct q_dest *const *)b);
+
+	return x < y ? 1 : x > y ? -1 : 0;
+}
+
+static void
+route_add(struct cp_route_stats *r, const struct q_dest *d)
+{
+	for (unsigned x = 0; x <= CTL_LAT_BUCKETS; x++)
+		r->lat[x] += d->lat[x];
+	r->lat_sum_ns += d->lat_sum_ns;
+	r->delivered += d->delivered;
+	r->deferred += d->deferred;
+	r->bounced += d->bounced;
+}
+
+/* The busiest CP_ROUTES_PUB destinations by name, the rest as "other".
+ * Destinations are routes from the configuration: a handful. */
+static void
+publish_routes(struct cplane *cp, struct cp_stats *s)
+{
+	const struct q_dest *v[256];
+	size_t n = 0, other = 0;
+
+	_Static_assert(sizeof(s->routes[0].lat) ==
+			       (CTL_LAT_BUCKETS + 1) * sizeof(uint64_t),
+		       "latency buckets");
+	for (size_t b = 0; b < DEST_BUCKETS; b++)
+		for (const struct q_dest *d = cp->dest_h[b]; d; d = d->hnext) {
+			if (!dest_attempts(d) && !d->delivered &&
+			    !d->deferred && !d->bounced)
+				continue;
+			if (n < FD_ARRAY_SIZE(v))
+				v[n++] = d;
+			else
+				route_add(&s->routes[CP_ROUTES_PUB], d), other++;
+		}
+	qsort(v, n, sizeof(v[0]), by_attempts);
+	for (size_t i = 0; i < n; i++) {
+		if (i < CP_ROUTES_PUB) {
+			struct cp_route_stats *r = &s->routes[s->n_routes++];
+			/* A long key (ca=PATH) is cut: still one series. */
+			snprintf(r->route, sizeof(r->route), "%.*s",
+				 (int)sizeof(r->route) - 1, v[i]->key);
+			route_add(r, v[i]);
+		} else {
+			route_add(&s->routes[CP_ROUTES_PUB], v[i]);
+			other++;
+		}
+	}
+	if (other)
+		snprintf(s->routes[CP_ROUTES_PUB].route,
+			 sizeof(s->routes[CP_ROUTES_PUB].route), "other");
+}
+
 static void
 publish_stats(struct cplane *cp)
 {
@@ -2159,6 +2234,7 @@ publish_stats(struct cplane *cp)
 	s.suppressed_total = cp->st_suppressed;
 	s.indoubt_unknown_total = cp->st_indoubt_unknown;
 	s.indoubt_entries = cp->n_indoubt;
+	publish_routes(cp, &s);
 	for (size_t b = 0; b < cp->msg_cap; b++)
 		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext) {
 			if (m->finished)
@@ -2277,6 +2353,7 @@ cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms)
 				cp->jobs_tail = k;
 		}
 		j->next = NULL;
+		j->taken_us = fd_now_monotonic_us();
 	}
 	pthread_mutex_unlock(&cp->mu);
 	return j;

@@ -147,6 +147,8 @@ struct q_dest {
 	struct q_dest *next_ready;
 	struct q_dest *hnext;
 	uint64_t delivered, deferred, bounced;
+	uint64_t lat[18];   /* delivery latency (cplane.h cp_route_stats) */
+	uint64_t lat_sum_ns;
 };
 
 enum q_job_kind { QJ_DELIVER = 1, QJ_BOUNCE = 2 };
@@ -182,6 +184,7 @@ struct q_job {
 	char relay[256];   /* the peer that answered, for logs and DSNs */
 	char tls[200];     /* how (smtpc_tls_desc), "" in the clear */
 	uint64_t attempt_lsn;
+	uint64_t taken_us;  /* a delivery thread took it (monotonic) */
 	struct q_job *next;
 	struct q_outcome out[]; /* n of them (QJ_BOUNCE: one) */
 };

@@ -16,11 +16,39 @@ from fdtest import Daemon, check, free_port
 MARK = b"DAMAGE-ME-0123456789"
 
 
+def metrics(mport, bport):
+    """The damaged count and the route's delivery series in /metrics."""
+    import urllib.request
+    time.sleep(0.6)  # the queue manager publishes 4 times a second
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics",
+                                  timeout=10).read().decode()
+    vals = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            vals[k] = float(v)
+    route = f"smtp:127.0.0.1:{bport}"
+    check(vals.get("finaldot_queue_damaged_total") == 1,
+          f"damaged_total {vals.get('finaldot_queue_damaged_total')}")
+    deferred = vals.get('finaldot_route_deliveries_total{route="%s",'
+                        'outcome="deferred"}' % route, 0)
+    check(deferred >= 2, f"route deferred {deferred}")
+    count = vals.get('finaldot_delivery_duration_seconds_count{route="%s"}'
+                     % route, 0)
+    check(count >= 2, f"route attempts {count}")
+    inf = vals.get('finaldot_delivery_duration_seconds_bucket{route="%s",'
+                   'le="+Inf"}' % route)
+    check(inf == count, f"+Inf {inf} != count {count}")
+    print(f"ok: /metrics: damaged=1, route {route}: {count:.0f} attempts, "
+          f"{deferred:.0f} deferred")
+
+
 def main():
     bport = free_port()
+    mport = free_port()
     with Daemon("--route", f"example.com=smtp:127.0.0.1:{bport}",
                 "--retry-min", "1s", "--retry-max", "1s",
-                "--metrics", f"127.0.0.1:{free_port()}",
+                "--metrics", f"127.0.0.1:{mport}",
                 delivery=True) as a:
         body = message(1, 3000, "damaged") + MARK + b"\r\n"
         qid = send(a, "s@client.test", ["u@example.com"], body)
@@ -28,6 +56,9 @@ def main():
         # Flip one byte of the body in the segment file.
         hit = 0
         for path in glob.glob(os.path.join(a.spool, "w*", "*")):
+            # Segments being prepared (.tmp) come and go: not ours.
+            if path.endswith(".tmp") or not os.path.isfile(path):
+                continue
             with open(path, "r+b") as f:
                 data = f.read()
                 at = data.find(MARK)
@@ -49,6 +80,7 @@ def main():
                   "the held message was tried again")
             check(not b.scan()["messages"],
                   "the damaged message reached the next hop")
+        metrics(mport, bport)
         print(f"ok: damaged body held at once, never sent, not retried")
 
 
