@@ -89,6 +89,18 @@ void *cp_rcpt_ctx(const struct cplane *cp);
 int (*cp_rcpt_check_fn(const struct cplane *cp))(void *, const char *);
 int cp_start(struct cplane *cp, const cpu_set_t *cpus);
 
+/*
+ * SIGHUP: a new configuration for delivery: routes, relay, bounce relay,
+ * --smtp-tls and its CA, retry settings, queue lifetime, per-destination
+ * concurrency. Checked first (a bad route: -EINVAL with why, nothing
+ * changes); then swapped in on the queue manager's thread: deliveries in
+ * flight finish where they were going, every message takes the new routes
+ * when it is next tried. Other fields of nc are ignored (read at start).
+ * The strings of nc are not kept.
+ */
+int cp_reload(struct cplane *cp, const struct cp_config *nc, char *why,
+	      size_t why_len);
+
 /* SIGHUP: read the --recipients file again; on failure (why says it) the
  * table in use stays. 0 also when there is no table. One caller at a time
  * (the thread that takes signals). */

@@ -72,15 +72,41 @@
 #define DEST_BUCKETS 1024u
 #define INIT_WINDOW 5.0
 
+struct cp_routing {
+	struct route_table *rt;
+	struct route_target def;    /* --relay, or the default route */
+	struct route_target bounce; /* --bounce-relay */
+	bool have_bounce;
+	int def_tls;                /* enum route_tls: --smtp-tls */
+	char tls_ca[256];           /* --smtp-tls-ca */
+};
+
+static void
+routing_free(struct cp_routing *rg)
+{
+	if (!rg)
+		return;
+	route_table_free(rg->rt);
+	free(rg);
+}
+
+static inline struct cp_routing *
+routing_of(const struct cplane *cp);
+
 struct cplane {
 	struct cp_config cfg;
 	char spool_dir[4096];
 	char hostname[256];
 	struct route_table *routes;
-	struct route_target def_target;
-	int def_tls; /* enum route_tls: --smtp-tls */
-	struct route_target bounce_target;
-	bool have_bounce_target;
+	/* Where mail goes (routes, relay, bounce relay, TLS default): one
+	 * object, swapped whole by a reload (cp_reload) and read by the
+	 * queue manager and by worker and probe threads (verify_open); the
+	 * replaced one is retired until the next reload. route_gen counts
+	 * swaps: a message re-resolves its recipients' next hops when its
+	 * route_gen is older. */
+	struct cp_routing *_Atomic routing;
+	struct cp_routing *routing_retired;
+	uint32_t route_gen;
 	/* --recipients: read by every worker at RCPT time. A reload swaps
 	 * in a new table and keeps the one it replaced until the next
 	 * reload: a check that loaded the old pointer a moment ago has long
@@ -448,6 +474,17 @@ domain_accepted(const struct cplane *cp, const char *domain)
 	return false;
 }
 
+/* The route's TLS policy, or the daemon's (--smtp-tls). */
+static void
+dest_policy(struct cplane *cp, struct q_dest *d, const struct route_target *t)
+{
+	const struct cp_routing *rg = routing_of(cp);
+
+	d->tls = t->tls ? (int)t->tls : rg->def_tls;
+	snprintf(d->tls_ca, sizeof(d->tls_ca), "%s",
+		 t->tls_ca[0] ? t->tls_ca : rg->tls_ca);
+}
+
 static struct q_dest *
 dest_get(struct cplane *cp, const struct route_target *t)
 {
@@ -469,10 +506,7 @@ dest_get(struct cplane *cp, const struct route_target *t)
 	d->port = t->port;
 	snprintf(d->path, sizeof(d->path), "%s", t->path);
 	/* The route's TLS policy, or the daemon's (--smtp-tls). */
-	d->tls = t->tls ? (int)t->tls : cp->def_tls;
-	snprintf(d->tls_ca, sizeof(d->tls_ca), "%s",
-		 t->tls_ca[0] ? t->tls_ca
-			      : cp->cfg.smtp_tls_ca ? cp->cfg.smtp_tls_ca : "");
+	dest_policy(cp, d, t);
 	d->limit = INIT_WINDOW < cp->cfg.dest_concurrency
 			   ? INIT_WINDOW
 			   : (double)cp->cfg.dest_concurrency;
@@ -487,10 +521,11 @@ dest_get(struct cplane *cp, const struct route_target *t)
 static struct q_dest *
 dest_for_rcpt(struct cplane *cp, const char *addr)
 {
+	const struct cp_routing *rg = routing_of(cp);
 	const struct route_target *t =
-		route_lookup(cp->routes, route_addr_domain(addr));
+		route_lookup(rg->rt, route_addr_domain(addr));
 
-	return dest_get(cp, t ? t : &cp->def_target);
+	return dest_get(cp, t ? t : &rg->def);
 }
 
 /* Where a DSN to this sender goes, or NULL (no route for it). */
@@ -501,8 +536,8 @@ dest_for_bounce(struct cplane *cp, const char *sender)
 
 	if (*dom && domain_accepted(cp, dom))
 		return dest_for_rcpt(cp, sender);
-	if (cp->have_bounce_target)
-		return dest_get(cp, &cp->bounce_target);
+	if (routing_of(cp)->have_bounce)
+		return dest_get(cp, &routing_of(cp)->bounce);
 	return NULL;
 }
 
@@ -575,6 +610,7 @@ qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
 		r->notify = env->notify ? env->notify[i] : 0;
 		r->dest = dest_for_rcpt(cp, r->addr);
 	}
+	m->route_gen = cp->route_gen;
 	m->n_pieces = n_pieces;
 	if (n_pieces)
 		memcpy(m->pieces, pieces, n_pieces * sizeof(*pieces));
@@ -1203,6 +1239,15 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 	if (m->settle_until > now_rt) {
 		msg_update(cp, m, 0);
 		return;
+	}
+	/* The routes were reloaded since: the next hops again (a recipient
+	 * in a job keeps the one it is being tried at). */
+	if (m->route_gen != cp->route_gen) {
+		for (unsigned i = 0; i < m->n_rcpts; i++)
+			if (!m->rcpts[i].busy && !rcpt_final(&m->rcpts[i]))
+				m->rcpts[i].dest =
+					dest_for_rcpt(cp, m->rcpts[i].addr);
+		m->route_gen = cp->route_gen;
 	}
 	for (unsigned i = 0; i < m->n_rcpts; i++) {
 		struct q_rcpt *r = &m->rcpts[i];
@@ -2420,69 +2465,83 @@ maildir_root(const struct route_target *t, bool make)
 	}
 }
 
-static int
-parse_routes(struct cplane *cp, const struct cp_config *c, char *why,
-	     size_t why_len, bool make)
+/* The routing of configuration c, or NULL with why (make: create the
+ * Maildir roots). */
+static struct cp_routing *
+parse_routes(const struct cp_config *c, char *why, size_t why_len, bool make)
 {
-	cp->routes = route_table_new();
-	if (!cp->routes) {
+	struct cp_routing *rg = calloc(1, sizeof(*rg));
+
+	if (!rg || !(rg->rt = route_table_new())) {
+		free(rg);
 		snprintf(why, why_len, "out of memory");
-		return -ENOMEM;
+		return NULL;
 	}
-	cp->def_tls = c->smtp_tls && *c->smtp_tls
+	rg->def_tls = c->smtp_tls && *c->smtp_tls
 			      ? route_tls_parse(c->smtp_tls, strlen(c->smtp_tls))
 			      : ROUTE_TLS_MAY;
-	if (cp->def_tls < 0)
-		cp->def_tls = ROUTE_TLS_MAY;
+	if (rg->def_tls < 0)
+		rg->def_tls = ROUTE_TLS_MAY;
+	snprintf(rg->tls_ca, sizeof(rg->tls_ca), "%s",
+		 c->smtp_tls_ca ? c->smtp_tls_ca : "");
 	for (unsigned i = 0; i < c->n_routes; i++) {
 		char dom[256];
 		struct route_target t;
-		int r = route_parse_rule(c->routes[i], dom, sizeof(dom), &t,
-					 why, why_len);
-		if (r)
-			return r;
-		if (route_table_add(cp->routes, dom, &t) != 0) {
+		if (route_parse_rule(c->routes[i], dom, sizeof(dom), &t, why,
+				     why_len) != 0)
+			goto fail;
+		if (route_table_add(rg->rt, dom, &t) != 0) {
 			snprintf(why, why_len, "route: duplicate domain %s",
 				 dom);
-			return -EINVAL;
+			goto fail;
 		}
 		maildir_root(&t, make);
 	}
 	if (c->relay && *c->relay) {
-		if (route_parse_target(c->relay, &cp->def_target, why,
-				       why_len) != 0)
-			return -EINVAL;
-	} else if (route_parse_target(c->default_route, &cp->def_target, why,
+		if (route_parse_target(c->relay, &rg->def, why, why_len) != 0)
+			goto fail;
+	} else if (route_parse_target(c->default_route, &rg->def, why,
 				      why_len) != 0) {
-		return -EINVAL;
+		goto fail;
 	}
-	maildir_root(&cp->def_target, make);
+	maildir_root(&rg->def, make);
 	if (c->bounce_relay && *c->bounce_relay) {
-		if (route_parse_target(c->bounce_relay, &cp->bounce_target,
-				       why, why_len) != 0)
-			return -EINVAL;
-		cp->have_bounce_target = true;
-		maildir_root(&cp->bounce_target, make);
+		if (route_parse_target(c->bounce_relay, &rg->bounce, why,
+				       why_len) != 0)
+			goto fail;
+		rg->have_bounce = true;
+		maildir_root(&rg->bounce, make);
 	}
-	return 0;
+	return rg;
+fail:
+	routing_free(rg);
+	return NULL;
+}
+
+static inline struct cp_routing *
+routing_of(const struct cplane *cp)
+{
+	return atomic_load_explicit(&((struct cplane *)cp)->routing,
+				    memory_order_acquire);
 }
 
 int
 cp_check_config(const struct cp_config *c, char *why, size_t why_len)
 {
-	struct cplane tmp;
-	int r;
+	struct cp_routing *rg;
+	int r = 0;
 
-	memset(&tmp, 0, sizeof(tmp));
 	if (c->smtp_tls && *c->smtp_tls &&
 	    route_tls_parse(c->smtp_tls, strlen(c->smtp_tls)) < 0) {
 		snprintf(why, why_len,
 			 "smtp_tls must be none, may, encrypt or verify");
 		return -EINVAL;
 	}
-	r = parse_routes(&tmp, c, why, why_len, false);
-	route_table_free(tmp.routes);
-	if (r == 0 && c->recipients && *c->recipients) {
+	rg = parse_routes(c, why, why_len, false);
+	if (!rg)
+		return -EINVAL;
+	routing_free(rg);
+	if (c->recipients && *c->recipients) {
 		struct rcptdb *db = rcptdb_load(c->recipients, why, why_len);
 		if (!db)
 			return -EINVAL;
@@ -2535,24 +2594,23 @@ verify_open(void *ctx, const char *addr, bool connect, char *key,
 	    size_t key_len, bool *local, struct smtpc_reply *why)
 {
 	struct cplane *cp = ctx;
+	/* A worker or probe thread: the routing may be swapped meanwhile;
+	 * the one loaded here stays valid (retired, not freed, until the
+	 * next reload). */
+	const struct cp_routing *rg = routing_of(cp);
 	const struct route_target *t =
-		route_lookup(cp->routes, route_addr_domain(addr));
+		route_lookup(rg->rt, route_addr_domain(addr));
 	int tls;
 
 	if (!t)
-		t = &cp->def_target;
+		t = &rg->def;
 	*local = t->kind == ROUTE_MAILDIR;
 	snprintf(key, key_len, "%s", t->text);
 	if (*local || !connect)
 		return NULL;
-	tls = t->tls ? (int)t->tls : cp->def_tls;
+	tls = t->tls ? (int)t->tls : rg->def_tls;
 	return deliver_connect(cp, (int)t->kind, t->host, t->port, t->path,
-			       tls,
-			       t->tls_ca[0] ? t->tls_ca
-					    : cp->cfg.smtp_tls_ca
-						      ? cp->cfg.smtp_tls_ca
-						      : "",
-			       why);
+			       tls, t->tls_ca[0] ? t->tls_ca : rg->tls_ca, why);
 }
 
 struct cplane *
@@ -2584,9 +2642,11 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 	pthread_cond_init(&cp->res_cv, NULL);
 	pthread_cond_init(&cp->call_cv, NULL);
 	cp->started_us = fd_now_realtime_us();
-	if ((r = parse_routes(cp, c, why, sizeof(why), true)) != 0) {
+	cp->routing = parse_routes(c, why, sizeof(why), true);
+	if (!cp->routing) {
 		fd_log(FD_LOG_ERR, "qmgr", "event=config_error reason=\"%s\"",
 		       why);
+		r = -EINVAL;
 		goto out_free;
 	}
 	if (c->recipients && *c->recipients) {
@@ -2742,6 +2802,77 @@ rcpt_check(void *ctx, const char *addr)
 	return verify_check(cp->verify, addr);
 }
 
+struct reload_arg {
+	struct cp_routing *rg;
+	const struct cp_config *nc;
+};
+
+/* On the queue manager's thread (cp_call): nothing else changes the queue
+ * or reads cp->cfg's scalars meanwhile. */
+static int
+reload_apply(struct cplane *cp, void *arg)
+{
+	struct reload_arg *a = arg;
+	const struct cp_config *nc = a->nc;
+	struct cp_routing *old =
+		atomic_exchange_explicit(&cp->routing, a->rg,
+					 memory_order_acq_rel);
+
+	routing_free(cp->routing_retired);
+	cp->routing_retired = old;
+	cp->route_gen++;
+	if (nc->retry_min_ms)
+		cp->cfg.retry_min_ms = nc->retry_min_ms;
+	if (nc->retry_max_ms)
+		cp->cfg.retry_max_ms = nc->retry_max_ms;
+	if (nc->queue_lifetime_ms)
+		cp->cfg.queue_lifetime_ms = nc->queue_lifetime_ms;
+	if (nc->dest_concurrency)
+		cp->cfg.dest_concurrency = nc->dest_concurrency;
+	/* Next hops already known: their TLS policy as now configured (a
+	 * route's own tls= is in its key; the default may have changed). */
+	for (size_t b = 0; b < DEST_BUCKETS; b++)
+		for (struct q_dest *d = cp->dest_h[b]; d; d = d->hnext) {
+			struct route_target t;
+			if (route_parse_target(d->key, &t, NULL, 0) == 0)
+				dest_policy(cp, d, &t);
+		}
+	/* Every message re-resolves its next hops when it is next due;
+	 * the deferred ones are not made due early. */
+	fd_log(FD_LOG_INFO, "qmgr",
+	       "event=reloaded route_gen=%u routes=%u default_route=%s "
+	       "retry_min_s=%" PRIu64 " retry_max_s=%" PRIu64
+	       " queue_lifetime_s=%" PRIu64 " dest_concurrency=%u",
+	       cp->route_gen, nc->n_routes, a->rg->def.text,
+	       cp->cfg.retry_min_ms / 1000, cp->cfg.retry_max_ms / 1000,
+	       cp->cfg.queue_lifetime_ms / 1000, cp->cfg.dest_concurrency);
+	return 0;
+}
+
+int
+cp_reload(struct cplane *cp, const struct cp_config *nc, char *why,
+	  size_t why_len)
+{
+	struct reload_arg a = {.nc = nc};
+	int r;
+
+	if (nc->smtp_tls && *nc->smtp_tls &&
+	    route_tls_parse(nc->smtp_tls, strlen(nc->smtp_tls)) < 0) {
+		snprintf(why, why_len,
+			 "smtp_tls must be none, may, encrypt or verify");
+		return -EINVAL;
+	}
+	a.rg = parse_routes(nc, why, why_len, true);
+	if (!a.rg)
+		return -EINVAL;
+	r = cp_call(cp, reload_apply, &a);
+	if (r != 0) {
+		routing_free(a.rg);
+		snprintf(why, why_len, "the queue manager is stopping");
+	}
+	return r;
+}
+
 int
 cp_reload_recipients(struct cplane *cp, char *why, size_t why_len)
 {
@@ -2807,7 +2938,7 @@ cp_start(struct cplane *cp, const cpu_set_t *cpus)
 	fd_log(FD_LOG_INFO, "qmgr",
 	       "event=started delivery=%s threads=%u default_route=%s",
 	       cp->cfg.delivery ? "on" : "off", cp->n_dthr,
-	       cp->def_target.text);
+	       routing_of(cp)->def.text);
 	return 0;
 }
 
@@ -2936,7 +3067,8 @@ cp_free(struct cplane *cp)
 			cp->id_h[b] = e->next;
 			free(e);
 		}
-	route_table_free(cp->routes);
+	routing_free(cp->routing);
+	routing_free(cp->routing_retired);
 	if (cp->rcpts)
 		rcptdb_free(cp->rcpts);
 	if (cp->rcpts_retired)

@@ -83,6 +83,7 @@ struct q_msg {
 	uint64_t arrival_us;
 	uint64_t body_len;
 	uint32_t body_crc;
+	uint32_t route_gen; /* cplane route_gen its next hops were taken at */
 	const char *sender; /* "" = null sender */
 	const char *envid;  /* "" none */
 	const char *helo;

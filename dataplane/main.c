@@ -228,6 +228,54 @@ ops_start(const struct fd_config *cfg, struct cplane *cp,
 	return ctl_ops_start(cfg, &src, NULL, &err);
 }
 
+/*
+ * SIGHUP: read the configuration again (the same command line, so the same
+ * --config file) and hand the delivery settings to the control plane
+ * (cp_reload: routes, relay, retries, ...). A file that does not parse is
+ * refused with its line, and nothing changes. XXX the dataplane's policy
+ * (accepted domains, limits, timeouts) is read at start only: applying it
+ * needs each worker to take a new copy between sessions.
+ */
+static void
+config_reload(int argc, char **argv, struct cplane *cp)
+{
+	struct fd_config *nc = malloc(sizeof(*nc));
+	static const char *doms[FD_CONFIG_MAX_DOMAINS];
+	static const char *routes[FD_CONFIG_MAX_ROUTES];
+	char *msg = NULL, why[600];
+	size_t msg_len = 0;
+	struct cp_config cc;
+	FILE *err;
+	int r;
+
+	if (!nc)
+		return;
+	fd_config_defaults(nc);
+	err = open_memstream(&msg, &msg_len);
+	r = err ? fd_config_parse_args(nc, argc, argv, err) : -ENOMEM;
+	if (err)
+		fclose(err);
+	if (r != 0) {
+		/* The parser's own words (FILE:LINE: reason), one line. */
+		while (msg_len && (msg[msg_len - 1] == '\n'))
+			msg[--msg_len] = '\0';
+		for (size_t i = 0; i < msg_len; i++)
+			if (msg[i] == '\n' || msg[i] == '"')
+				msg[i] = msg[i] == '"' ? '\'' : ';';
+		fd_log(FD_LOG_ERR, "main",
+		       "event=reload_failed kept=previous error=\"%s\"",
+		       msg ? msg : "");
+		goto out;
+	}
+	cp_config_from(&cc, nc, doms, routes);
+	if (cp_reload(cp, &cc, why, sizeof(why)) != 0)
+		fd_log(FD_LOG_ERR, "main",
+		       "event=reload_failed kept=previous error=\"%s\"", why);
+out:
+	free(msg);
+	free(nc);
+}
+
 /* --tls-cert/--tls-key: load and check every pair (fd_tls). 0 or -1. */
 static int
 tls_load(const struct fd_config *cfg)
@@ -544,6 +592,7 @@ main(int argc, char **argv)
 				fd_log(FD_LOG_INFO, "main",
 				       "event=reload_requested");
 				tls_reload();
+				config_reload(argc, argv, cp);
 				if (cp_reload_recipients(cp, why,
 							 sizeof(why)) != 0)
 					fd_log(FD_LOG_ERR, "main",
@@ -579,14 +628,7 @@ main(int argc, char **argv)
 	fd_tls_server_free(fd_tls);
 	fd_tls = NULL;
 	cp_stop(cp);
-	fd_log(FD_LOG_INFO, "main",
-	       "event=stats workers=%u sessions=%" PRIu64 " messages=%" PRIu64
-	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
-	       " batches=%" PRIu64 " bytes=%" PRIu64
-	       " flushes_per_message=%.4f",
-	       started, tot.sessions, tot.messages, tot.failed, tot.rejected,
-	       tot.flushes, tot.batches, tot.bytes,
-	       tot.messages ? (double)tot.flushes / (double)tot.messages : 0.0);
+	fd_worker_log_totals(started, &tot);
 	fd_log(FD_LOG_INFO, "main", "event=exit status=%d", status);
 	free(workers);
 	cp_free(cp);
