@@ -94,6 +94,9 @@ struct fd_tls_conn {
 	bool established;
 	bool failed;
 	bool peer_closed;
+	bool out_waiting;  /* session output the last pump could not write */
+	bool close_wanted; /* fd_tls_conn_shutdown() was called */
+	bool close_sent;
 	uint64_t wire_base;    /* octets sent in the clear before TLS */
 	uint64_t wire_taken;   /* ciphertext handed to the transport */
 	uint64_t plain_total;  /* session output so far (from its start) */
@@ -445,8 +448,19 @@ set_load(struct fd_tls_server *t, char *err, size_t errlen)
 		}
 		if (SSL_CTX_use_PrivateKey_file(ctx, kp, SSL_FILETYPE_PEM) !=
 		    1) {
-			snprintf(err, errlen, "key %s: %s", kp,
-				 ssl_reason(why, sizeof(why)));
+			/* A key of the certificate's type is checked against
+			 * it right here (one of another type below). */
+			unsigned long e = ERR_peek_error();
+			if (ERR_GET_LIB(e) == ERR_LIB_X509 &&
+			    ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH) {
+				snprintf(err, errlen,
+					 "key %s does not match certificate %s",
+					 kp, cp);
+				ERR_clear_error();
+			} else {
+				snprintf(err, errlen, "key %s: %s", kp,
+					 ssl_reason(why, sizeof(why)));
+			}
 			goto fail;
 		}
 		if (SSL_CTX_check_private_key(ctx) != 1) {
@@ -702,6 +716,19 @@ wire_mark(struct fd_tls_conn *c)
 	c->nmap++;
 }
 
+/* After SSL_shutdown() OpenSSL refuses SSL_write() ("protocol is
+ * shutdown"): close_notify goes out only behind the session's last reply. */
+static void
+close_notify(struct fd_tls_conn *c)
+{
+	if (c->close_sent || !c->established || c->failed)
+		return;
+	c->close_sent = true;
+	ERR_clear_error();
+	SSL_shutdown(c->ssl);
+	ERR_clear_error();
+}
+
 enum fd_tls_status
 fd_tls_conn_pump(struct fd_tls_conn *c, struct smtp_session *s,
 		 uint64_t now_us)
@@ -765,17 +792,21 @@ fd_tls_conn_pump(struct fd_tls_conn *c, struct smtp_session *s,
 			progress = true;
 		}
 	}
+	{
+		const uint8_t *p;
+		c->out_waiting = smtp_session_output(s, &p) > 0;
+	}
+	if (c->close_wanted && !c->out_waiting)
+		close_notify(c);
 	return c->peer_closed && c->plain_len == 0 ? FD_TLS_CLOSED : FD_TLS_OK;
 }
 
 void
 fd_tls_conn_shutdown(struct fd_tls_conn *c)
 {
-	if (c->established && !c->failed) {
-		ERR_clear_error();
-		SSL_shutdown(c->ssl);
-		ERR_clear_error();
-	}
+	c->close_wanted = true;
+	if (!c->out_waiting)
+		close_notify(c);
 }
 
 bool
