@@ -22,11 +22,32 @@
  * Message text: lg_msg.c (deterministic, exact size, unique Message-ID,
  * lines <= 998 octets, dot-stuffed per RFC 5321 4.5.2 for DATA).
  *
+ * TLS (--starttls, RFC 3207): EHLO, STARTTLS, a client handshake (OpenSSL,
+ * on the same nonblocking socket, driven by the same epoll edges), EHLO
+ * again inside TLS, then the same message loop. The server's certificate is
+ * not verified: this measures, it does not authenticate. Output goes
+ * through a fixed staging buffer per connection (tx[], one record's worth),
+ * so pipelined commands share a record as a buffered client's would and
+ * nothing is allocated per message; the end of data counts as handed to
+ * the kernel when the SSL_write holding its last byte has returned. With
+ * --tls-resume each connection slot keeps the first resumable session it
+ * was given (a TLS 1.2 ticket or a TLS 1.3 NewSessionTicket, which arrives
+ * with the first reply inside TLS) and offers a copy of it on every
+ * reconnection.
+ * --handshakes N: each slot does N times connect, EHLO, STARTTLS,
+ * handshake, QUIT, and the report counts handshakes (full and resumed)
+ * and their latency, from the 220 to STARTTLS to the client's handshake
+ * done. --hold SEC: every connection stops once it is ready for MAIL (after
+ * the EHLO inside TLS with --starttls), says "holding N idle sessions" on
+ * stderr when all are, and after SEC seconds or SIGTERM/SIGINT QUITs: for
+ * the server's memory per idle session.
+ *
  * Policy: it connects only to the one numeric address given, and refuses
  * (exit 2) anything but loopback (127.0.0.0/8, ::1) unless --allow-nonlocal.
  *
- * Exit: 0 every message accepted; 1 some message not accepted (unless
- * --allow-failures) or the server lacks a requested extension; 2 usage.
+ * Exit: 0 every message accepted (--handshakes: every handshake done;
+ * --hold: every session held); 1 otherwise (unless --allow-failures), or the
+ * server lacks a requested extension (STARTTLS included); 2 usage.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -49,10 +70,18 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/objects.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+
 #include "finaldot/msgid.h"
 #include "lg_msg.h"
 
 #define LG_IN_MAX 8192
+/* one TLS record's plaintext at most: what is staged for one SSL_write */
+#define LG_TX_MAX 16384
 #define LG_CMD_MAX 2048
 #define LG_SEGS 8
 #define LG_EXPECT 8
@@ -67,12 +96,20 @@ enum lg_tag {
 	LG_TAG_DATA,
 	LG_TAG_FINAL, /* reply to the final dot or to BDAT LAST */
 	LG_TAG_RSET,
+	LG_TAG_STARTTLS,
 	LG_TAG_QUIT,
 };
 
+/*
+ * CONNECTING -> OPEN (SMTP in the clear) -> HANDSHAKE (after the 220 to
+ * STARTTLS; c->ssl set, no SMTP bytes move) -> OPEN (SMTP inside TLS) ->
+ * DONE (no more reconnections). Any state goes back to CONNECTING on a
+ * reconnection.
+ */
 enum lg_cstate {
 	LG_CS_CONNECTING,
 	LG_CS_OPEN,
+	LG_CS_HANDSHAKE,
 	LG_CS_DONE,
 };
 
@@ -98,7 +135,20 @@ struct lg_conn {
 	char in[LG_IN_MAX];
 	size_t in_len;
 	uint64_t t_rx; /* time of the read that brought the latest bytes */
-	bool ext_pipelining, ext_chunking;
+	bool ext_pipelining, ext_chunking, ext_starttls;
+
+	/* TLS: ssl from the 220 to STARTTLS to the close */
+	SSL *ssl;
+	SSL_SESSION *sess; /* --tls-resume: this slot's session, owned */
+	bool tls_broken;   /* a fatal TLS error: no close_notify */
+	uint64_t t_starttls;
+	char tx[LG_TX_MAX]; /* staged plaintext, stable across retries */
+	size_t tx_len;
+	bool tx_eod; /* tx ends a message's data */
+	char err[160];
+
+	unsigned hs_left; /* --handshakes: this slot's handshakes to go */
+	bool holding;     /* --hold: idle, ready for MAIL */
 
 	enum lg_tag expect[LG_EXPECT];
 	unsigned exp_first, exp_n;
@@ -121,6 +171,10 @@ struct lg_opts {
 	bool pipelining, bdat, json, allow_failures, allow_nonlocal;
 	const char *from, *to, *ehlo;
 	unsigned timeout_s;
+	bool starttls, tls_resume;
+	int tls_version;     /* 0: OpenSSL's range, else pinned */
+	unsigned handshakes; /* per connection slot; 0: send messages */
+	unsigned hold_s;     /* 0: no holding */
 };
 
 struct lg_run {
@@ -135,9 +189,20 @@ struct lg_run {
 	uint64_t started, accepted, tempfail, rejected, errors;
 	unsigned err_logged;
 	bool fatal;
-	uint64_t *lat_ns;
-	size_t lat_n;
+	uint64_t *lat_ns; /* final dot, or handshake with --handshakes */
+	size_t lat_n, lat_cap;
+
+	SSL_CTX *ssl_ctx;
+	uint64_t hs_done, hs_full, hs_resumed, hs_failed;
+	const char *tls_version, *tls_cipher; /* OpenSSL's static text */
+	char peer_key[32];
+
+	unsigned holding, held_max;
+	bool hold_announced, hold_over;
+	uint64_t hold_until;
 };
+
+static volatile sig_atomic_t lg_stop; /* --hold: SIGTERM or SIGINT seen */
 
 static const char lg_eod_dot[] = ".\r\n";
 
@@ -250,13 +315,175 @@ lg_flush(struct lg_conn *c)
 	return total;
 }
 
+/* ---- TLS I/O ---------------------------------------------------------- */
+
+/*
+ * A fatal TLS error (SSL_get_error() result e) into c->err, with OpenSSL's
+ * first queued reason; the connection must not send close_notify after it.
+ */
+static const char *
+lg_tls_reason(struct lg_conn *c, const char *what, int e)
+{
+	unsigned long q = ERR_get_error();
+	char why[120];
+
+	if (q)
+		ERR_error_string_n(q, why, sizeof(why));
+	else if (e == SSL_ERROR_SYSCALL && errno)
+		snprintf(why, sizeof(why), "%s", strerror(errno));
+	else
+		snprintf(why, sizeof(why), "SSL error %d", e);
+	ERR_clear_error();
+	snprintf(c->err, sizeof(c->err), "TLS %s: %s", what, why);
+	c->tls_broken = true;
+	return c->err;
+}
+
+/* Copy queued segments into tx[] (empty) as far as they fit. */
+static void
+lg_stage(struct lg_conn *c)
+{
+	while (c->seg_n > 0 && c->tx_len < sizeof(c->tx)) {
+		struct lg_seg *s = &c->seg[c->seg_first];
+		size_t take = sizeof(c->tx) - c->tx_len;
+		if (take > s->len)
+			take = s->len;
+		memcpy(c->tx + c->tx_len, s->p, take);
+		c->tx_len += take;
+		s->p += take;
+		s->len -= take;
+		if (s->len == 0) {
+			c->seg_first = (c->seg_first + 1) % LG_SEGS;
+			c->seg_n--;
+		}
+	}
+	if (c->seg_n == 0) {
+		c->cmd_len = 0; /* nothing points into cmd[] any more */
+		c->tx_eod = c->eod_last;
+		c->eod_last = false;
+	}
+}
+
+/*
+ * lg_flush() inside TLS. SSL_write is retried with the same tx[] and
+ * length after WANT_WRITE (OpenSSL requires it), so tx[] is refilled only
+ * once it went out whole. Returns plaintext bytes written, or -EPROTO with
+ * the reason in c->err.
+ */
+static ssize_t
+lg_tls_flush(struct lg_conn *c)
+{
+	ssize_t total = 0;
+	for (;;) {
+		if (c->tx_len == 0) {
+			if (c->seg_n == 0)
+				return total;
+			lg_stage(c);
+		}
+		ERR_clear_error();
+		int w = SSL_write(c->ssl, c->tx, (int)c->tx_len);
+		if (w <= 0) {
+			int e = SSL_get_error(c->ssl, w);
+			if (e == SSL_ERROR_WANT_WRITE ||
+			    e == SSL_ERROR_WANT_READ)
+				return total;
+			lg_tls_reason(c, "write", e);
+			return -EPROTO;
+		}
+		total += w;
+		c->tx_len = 0;
+		if (c->tx_eod) {
+			c->t_eod = lg_now_ns();
+			c->tx_eod = false;
+		}
+	}
+}
+
+static ssize_t
+lg_send(struct lg_conn *c)
+{
+	return c->ssl ? lg_tls_flush(c) : lg_flush(c);
+}
+
+/*
+ * Read into c->in: bytes read, 0 at the end of the stream, -EAGAIN when
+ * nothing is there yet, -EINTR, or -errno / -EPROTO (reason in c->err).
+ */
+static ssize_t
+lg_recv(struct lg_conn *c, size_t room)
+{
+	if (!c->ssl) {
+		ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
+		if (n >= 0)
+			return n;
+		return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+	}
+	ERR_clear_error();
+	int n = SSL_read(c->ssl, c->in + c->in_len, (int)room);
+	if (n > 0)
+		return n;
+	int e = SSL_get_error(c->ssl, n);
+	switch (e) {
+	case SSL_ERROR_WANT_READ:
+	case SSL_ERROR_WANT_WRITE:
+		return -EAGAIN; /* the edge that unblocks it comes by epoll */
+	case SSL_ERROR_ZERO_RETURN:
+		return 0;
+	default:
+		lg_tls_reason(c, "read", e);
+		return -EPROTO;
+	}
+}
+
+/* A slot's session, kept the first time the server gives a resumable one
+ * (only installed with --tls-resume). Returns 1: the reference is ours. */
+static int
+lg_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+	struct lg_conn *c = SSL_get_app_data(ssl);
+
+	if (!c || c->sess || !SSL_SESSION_is_resumable(sess))
+		return 0;
+	c->sess = sess;
+	return 1;
+}
+
 /* ---- connections ----------------------------------------------------- */
 
 static void lg_conn_open(struct lg_run *r, struct lg_conn *c);
 
+/* Whether a slot whose connection ended should connect again. */
+static bool
+lg_more(const struct lg_run *r, const struct lg_conn *c)
+{
+	if (r->fatal || c->fails >= LG_MAX_CONN_FAILS)
+		return false;
+	if (r->o.handshakes)
+		return c->hs_left > 0;
+	if (r->o.hold_s)
+		return !r->hold_over;
+	return r->to_start > 0;
+}
+
 static void
 lg_conn_close(struct lg_run *r, struct lg_conn *c, bool reconnect)
 {
+	if (c->ssl) {
+		/* close_notify, best effort (one nonblocking write), so the
+		 * server sees an orderly end rather than a truncation */
+		if (c->state == LG_CS_OPEN && !c->tls_broken)
+			SSL_shutdown(c->ssl);
+		ERR_clear_error();
+		SSL_free(c->ssl); /* the socket BIO leaves the fd open */
+		c->ssl = NULL;
+	}
+	c->tls_broken = false;
+	c->tx_len = 0;
+	c->tx_eod = false;
+	if (c->holding) {
+		c->holding = false;
+		r->holding--;
+	}
 	if (c->fd >= 0)
 		close(c->fd);
 	c->fd = -1;
@@ -269,8 +496,7 @@ lg_conn_close(struct lg_run *r, struct lg_conn *c, bool reconnect)
 	c->exp_n = 0;
 	c->exp_first = 0;
 	c->session_msgs = 0;
-	if (reconnect && r->to_start > 0 && !r->fatal &&
-	    c->fails < LG_MAX_CONN_FAILS) {
+	if (reconnect && lg_more(r, c)) {
 		lg_conn_open(r, c);
 		return;
 	}
@@ -308,6 +534,8 @@ lg_conn_fail(struct lg_run *r, struct lg_conn *c, const char *why, int err)
 	else
 		lg_err(r, c, "%s", why);
 	lg_msg_done(r, c, 0);
+	if (c->state == LG_CS_HANDSHAKE)
+		r->hs_failed++;
 	c->fails++;
 	lg_conn_close(r, c, true);
 }
@@ -390,15 +618,133 @@ lg_start_message(struct lg_run *r, struct lg_conn *c)
 	return lg_cmd(c, "DATA\r\n");
 }
 
+static void
+lg_hold_check(struct lg_run *r)
+{
+	if (r->holding > r->held_max)
+		r->held_max = r->holding;
+	if (r->hold_announced || r->holding == 0 || r->holding < r->active)
+		return;
+	r->hold_announced = true;
+	r->hold_until = lg_now_ns() + (uint64_t)r->o.hold_s * 1000000000u;
+	fprintf(stderr, "fd-loadgen: holding %u idle sessions\n", r->holding);
+	fflush(stderr);
+}
+
 /* What a connection does when it is idle between messages. */
 static int
 lg_next(struct lg_run *r, struct lg_conn *c)
 {
-	if (r->to_start > 0 && !r->fatal &&
+	if (r->o.hold_s && !r->hold_over && !r->fatal) {
+		c->holding = true;
+		r->holding++;
+		lg_hold_check(r);
+		return 0;
+	}
+	if (!r->o.handshakes && !r->o.hold_s && r->to_start > 0 && !r->fatal &&
 	    (r->o.per_session == 0 || c->session_msgs < r->o.per_session))
 		return lg_start_message(r, c);
 	lg_expect(c, LG_TAG_QUIT);
 	return lg_cmd(c, "QUIT\r\n");
+}
+
+/* The 220 to STARTTLS: the TLS layer takes over the socket. */
+static int
+lg_tls_start(struct lg_run *r, struct lg_conn *c)
+{
+	c->ssl = SSL_new(r->ssl_ctx);
+	if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
+		ERR_clear_error();
+		c->tls_broken = true; /* nothing to shut down */
+		return -ENOMEM;
+	}
+	SSL_set_app_data(c->ssl, c);
+	/*
+	 * A copy is offered, never the kept session itself: OpenSSL's TLS 1.3
+	 * client marks a session it resumed as no longer resumable (tickets are
+	 * single use, RFC 8446 C.4), which would make every handshake after a
+	 * slot's first resumption a full one. The server's work is the same
+	 * either way: one ticket to decrypt and one to issue per resumption.
+	 */
+	if (c->sess) {
+		SSL_SESSION *copy = SSL_SESSION_dup(c->sess);
+		if (copy) {
+			SSL_set_session(c->ssl, copy); /* takes a reference */
+			SSL_SESSION_free(copy);
+		}
+	}
+	SSL_set_connect_state(c->ssl);
+	c->state = LG_CS_HANDSHAKE;
+	c->t_starttls = c->t_rx;
+	c->deadline = c->t_rx + (uint64_t)r->o.timeout_s * 1000000000u;
+	return 0;
+}
+
+static void
+lg_tls_note_peer(struct lg_run *r, struct lg_conn *c)
+{
+	const SSL_CIPHER *ci = SSL_get_current_cipher(c->ssl);
+	X509 *x = SSL_get0_peer_certificate(c->ssl);
+	EVP_PKEY *k = x ? X509_get0_pubkey(x) : NULL;
+
+	r->tls_version = SSL_get_version(c->ssl);
+	r->tls_cipher = ci ? SSL_CIPHER_get_name(ci) : "?";
+	if (k) {
+		int id = EVP_PKEY_get_base_id(k);
+		const char *kind = id == EVP_PKEY_EC    ? "EC"
+		                   : id == EVP_PKEY_RSA ? "RSA"
+		                                        : OBJ_nid2sn(id);
+		snprintf(r->peer_key, sizeof(r->peer_key), "%s-%d", kind,
+		         EVP_PKEY_get_bits(k));
+	}
+}
+
+/*
+ * Drive the client handshake. Returns 1 when it is done (EHLO, or QUIT with
+ * --handshakes, queued), 0 while it waits for the socket, -1 when the
+ * connection was closed.
+ */
+static int
+lg_tls_handshake(struct lg_run *r, struct lg_conn *c)
+{
+	ERR_clear_error();
+	int h = SSL_do_handshake(c->ssl);
+	if (h != 1) {
+		int e = SSL_get_error(c->ssl, h);
+		if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+			return 0;
+		lg_conn_fail(r, c, lg_tls_reason(c, "handshake", e), 0);
+		return -1;
+	}
+	uint64_t t = lg_now_ns();
+	c->state = LG_CS_OPEN;
+	r->hs_done++;
+	if (SSL_session_reused(c->ssl) == 1)
+		r->hs_resumed++;
+	else
+		r->hs_full++;
+	if (!r->tls_version)
+		lg_tls_note_peer(r, c);
+	c->fails = 0;
+	c->deadline = t + (uint64_t)r->o.timeout_s * 1000000000u;
+	/* RFC 3207 4.2: what the server said before TLS is forgotten */
+	c->ext_pipelining = c->ext_chunking = c->ext_starttls = false;
+	int rc;
+	if (r->o.handshakes) {
+		if (r->lat_n < r->lat_cap)
+			r->lat_ns[r->lat_n++] = t - c->t_starttls;
+		c->hs_left--;
+		lg_expect(c, LG_TAG_QUIT);
+		rc = lg_cmd(c, "QUIT\r\n");
+	} else {
+		lg_expect(c, LG_TAG_EHLO);
+		rc = lg_cmd(c, "EHLO %s\r\n", r->o.ehlo);
+	}
+	if (rc < 0) {
+		lg_conn_fail(r, c, "internal: output queue full", 0);
+		return -1;
+	}
+	return 1;
 }
 
 static int
@@ -443,6 +789,19 @@ lg_on_reply(struct lg_run *r, struct lg_conn *c, enum lg_tag tag, int code)
 	case LG_TAG_EHLO:
 		if (code / 100 != 2)
 			goto out_bad;
+		if (r->o.starttls && !c->ssl) {
+			if (c->ext_starttls) {
+				lg_expect(c, LG_TAG_STARTTLS);
+				rc = lg_cmd(c, "STARTTLS\r\n");
+				break;
+			}
+			if (!r->fatal)
+				fprintf(stderr, "fd-loadgen: the server does "
+				                "not advertise STARTTLS\n");
+			r->fatal = true;
+			rc = lg_next(r, c);
+			break;
+		}
 		if (((r->o.pipelining && !c->ext_pipelining) ||
 		     (r->o.bdat && !c->ext_chunking)) &&
 		    !r->fatal) {
@@ -508,6 +867,17 @@ lg_on_reply(struct lg_run *r, struct lg_conn *c, enum lg_tag tag, int code)
 			goto out_bad;
 		rc = lg_next(r, c);
 		break;
+	case LG_TAG_STARTTLS:
+		if (code != 220) {
+			r->hs_failed++;
+			goto out_bad;
+		}
+		if (lg_tls_start(r, c) < 0) {
+			r->fatal = true;
+			lg_conn_fail(r, c, "SSL_new failed", ENOMEM);
+			return -1;
+		}
+		break;
 	case LG_TAG_QUIT:
 		lg_conn_close(r, c, true);
 		return -1;
@@ -536,6 +906,8 @@ lg_ehlo_keyword(struct lg_conn *c, const char *p, size_t n)
 		c->ext_pipelining = true;
 	if (k == 8 && strncasecmp(p, "CHUNKING", 8) == 0)
 		c->ext_chunking = true;
+	if (k == 8 && strncasecmp(p, "STARTTLS", 8) == 0)
+		c->ext_starttls = true;
 }
 
 /* Parse complete replies in c->in. Returns -1 if c was closed. */
@@ -572,6 +944,19 @@ lg_parse(struct lg_run *r, struct lg_conn *c)
 		c->exp_n--;
 		if (lg_on_reply(r, c, tag, code) < 0)
 			return -1;
+		if (c->state == LG_CS_HANDSHAKE) {
+			/* octets after the 220 came in the clear and must not
+			 * be taken as if from inside TLS (command injection) */
+			if (pos != c->in_len) {
+				lg_conn_fail(r, c,
+				             "octets after the 220 to "
+				             "STARTTLS",
+				             0);
+				return -1;
+			}
+			c->in_len = 0;
+			return 0;
+		}
 	}
 	if (pos > 0) {
 		memmove(c->in, c->in + pos, c->in_len - pos);
@@ -600,7 +985,7 @@ lg_pump(struct lg_run *r, struct lg_conn *c)
 			return;
 		}
 		c->state = LG_CS_OPEN;
-		c->ext_pipelining = c->ext_chunking = false;
+		c->ext_pipelining = c->ext_chunking = c->ext_starttls = false;
 		lg_expect(c, LG_TAG_GREETING);
 	}
 	/*
@@ -608,11 +993,22 @@ lg_pump(struct lg_run *r, struct lg_conn *c)
 	 * "no more". A recv that returned less than it asked for has emptied
 	 * the socket (new data raises a new edge), and lg_flush() stops only
 	 * when the queue is empty or the socket is full: so per reply this is
-	 * one send and one recv, not a third call that returns EAGAIN.
+	 * one send and one recv, not a third call that returns EAGAIN. Inside
+	 * TLS a read returns one record at most, so reads go on until OpenSSL
+	 * wants the socket (its read-ahead has taken all the kernel had).
+	 * The handshake is driven here too: after the 220 to STARTTLS at once
+	 * (the socket is writable and no new edge would come), then on edges.
 	 */
 	bool drained = false;
 	for (;;) {
-		ssize_t w = lg_flush(c);
+		if (c->state == LG_CS_HANDSHAKE &&
+		    (lg_tls_handshake(r, c) <= 0 || gen != c->gen))
+			return;
+		ssize_t w = lg_send(c);
+		if (w == -EPROTO) {
+			lg_conn_fail(r, c, c->err, 0);
+			return;
+		}
 		if (w < 0) {
 			lg_conn_fail(r, c, "send", (int)-w);
 			return;
@@ -623,13 +1019,13 @@ lg_pump(struct lg_run *r, struct lg_conn *c)
 		if (drained)
 			return;
 		size_t room = sizeof(c->in) - c->in_len;
-		ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
+		ssize_t n = lg_recv(c, room);
 		if (n > 0) {
 			c->t_rx = lg_now_ns();
 			c->deadline = c->t_rx +
 			              (uint64_t)r->o.timeout_s * 1000000000u;
 			c->in_len += (size_t)n;
-			drained = (size_t)n < room;
+			drained = !c->ssl && (size_t)n < room;
 			if (lg_parse(r, c) < 0 || gen != c->gen)
 				return;
 			continue; /* replies may have queued commands */
@@ -638,15 +1034,85 @@ lg_pump(struct lg_run *r, struct lg_conn *c)
 			lg_conn_fail(r, c, "server closed the connection", 0);
 			return;
 		}
-		if (errno == EINTR)
+		if (n == -EINTR)
 			continue;
-		if (errno != EAGAIN && errno != EWOULDBLOCK)
-			lg_conn_fail(r, c, "recv", errno);
+		if (n == -EPROTO)
+			lg_conn_fail(r, c, c->err, 0);
+		else if (n != -EAGAIN)
+			lg_conn_fail(r, c, "recv", (int)-n);
 		return; /* output was flushed at the top of this pass */
 	}
 }
 
+/* --hold is over: every idle session QUITs (and nothing reconnects). */
+static void
+lg_hold_end(struct lg_run *r)
+{
+	r->hold_over = true;
+	for (unsigned i = 0; i < r->nconns; i++) {
+		struct lg_conn *c = &r->conns[i];
+		if (!c->holding)
+			continue;
+		c->holding = false;
+		r->holding--;
+		lg_expect(c, LG_TAG_QUIT);
+		if (lg_cmd(c, "QUIT\r\n") < 0) {
+			lg_conn_fail(r, c, "internal: output queue full", 0);
+			continue;
+		}
+		lg_pump(r, c); /* no edge would come: the socket is idle */
+	}
+}
+
 /* ---- options, address policy, report --------------------------------- */
+
+static void
+lg_on_stop(int sig)
+{
+	(void)sig;
+	lg_stop = 1;
+}
+
+/*
+ * The client context: no verification (a self-signed bench certificate is
+ * the normal case here), read-ahead so a record comes in one recv rather
+ * than header and body apart, an unexpected EOF reported as the end of the
+ * stream (the server's close after 221 may race our close_notify), and
+ * with --tls-resume the client cache's callback without its internal store
+ * (each slot keeps its own session).
+ */
+static int
+lg_tls_ctx(struct lg_run *r)
+{
+	SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+
+	if (!ctx)
+		goto out_err;
+	SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+	SSL_CTX_set_read_ahead(ctx, 1);
+	SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+	if (r->o.tls_version &&
+	    (SSL_CTX_set_min_proto_version(ctx, r->o.tls_version) != 1 ||
+	     SSL_CTX_set_max_proto_version(ctx, r->o.tls_version) != 1))
+		goto out_free_ctx;
+	if (r->o.tls_resume) {
+		SSL_CTX_set_session_cache_mode(
+		        ctx, SSL_SESS_CACHE_CLIENT |
+		                     SSL_SESS_CACHE_NO_INTERNAL_STORE);
+		SSL_CTX_sess_set_new_cb(ctx, lg_new_session);
+	} else {
+		SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+	}
+	r->ssl_ctx = ctx;
+	return 0;
+out_free_ctx:
+	SSL_CTX_free(ctx);
+out_err:;
+	char why[120];
+	ERR_error_string_n(ERR_get_error(), why, sizeof(why));
+	fprintf(stderr, "fd-loadgen: TLS client context: %s\n", why);
+	return -1;
+}
 
 static int
 lg_parse_addr(const char *s, struct sockaddr_storage *ss, socklen_t *len)
@@ -732,6 +1198,20 @@ lg_usage(FILE *f)
 	        "  --ehlo NAME          EHLO name (default loadgen.localhost)\n"
 	        "  --timeout SEC        give up on a silent connection "
 	        "(default 30)\n"
+	        "  --starttls           STARTTLS (RFC 3207) and EHLO again "
+	        "before the messages\n"
+	        "  --tls-resume         offer each slot's first session on "
+	        "reconnections\n"
+	        "  --tls-version V      1.2 or 1.3 only (default: "
+	        "whatever is negotiated)\n"
+	        "  --handshakes N       no messages: per connection slot N "
+	        "times connect,\n"
+	        "                       EHLO, STARTTLS, handshake, QUIT "
+	        "(implies --starttls)\n"
+	        "  --hold SEC           no messages: open the sessions, "
+	        "hold them idle for SEC\n"
+	        "                       seconds (or until SIGTERM), then "
+	        "QUIT\n"
 	        "  --json               one flat JSON object on stdout\n"
 	        "  --allow-failures     exit 0 even if some message was not "
 	        "accepted\n"
@@ -739,8 +1219,8 @@ lg_usage(FILE *f)
 	        "(test namespaces only)\n"
 	        "  --help               this text\n"
 	        "\n"
-	        "Exit: 0 all accepted, 1 some not accepted (or a missing "
-	        "extension), 2 usage.\n");
+	        "Exit: 0 all accepted (or all handshakes done, all sessions "
+	        "held), 1 not,\nor a missing extension, 2 usage.\n");
 }
 
 static int
@@ -797,7 +1277,16 @@ lg_report(struct lg_run *r, double wall_s)
 	uint64_t not_sent = r->o.messages - r->started;
 	size_t msize = r->msg.head_len + r->msg.body_raw_len;
 	const char *mode = r->o.bdat ? "BDAT" : "DATA";
+	/* --handshakes: the latencies are the handshakes', not final dots' */
+	bool hs = r->o.handshakes > 0;
+	double hs_rate = wall_s > 0 ? (double)r->hs_done / wall_s : 0;
+	double hs_cpu = r->hs_done ? (cu + cs) * 1e6 / (double)r->hs_done : 0;
 
+	if (hs || r->o.hold_s) {
+		rate = cpu_per = 0;
+		not_sent = 0;
+		mode = hs ? "handshakes" : "hold";
+	}
 	if (r->o.json) {
 		printf("{\"server\":\"%s\",\"connections\":%u,\"messages\":%u,"
 		       "\"per_session\":%u,\"size\":%zu,\"mode\":\"%s\","
@@ -809,19 +1298,63 @@ lg_report(struct lg_run *r, double wall_s)
 		       "\"lat_p90_us\":%.1f,\"lat_p99_us\":%.1f,"
 		       "\"lat_max_us\":%.1f,\"lat_mean_us\":%.1f,"
 		       "\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,"
-		       "\"cpu_us_per_msg\":%.1f}\n",
-		       r->o.server, r->o.connections, r->o.messages,
-		       r->o.per_session, msize, mode,
-		       r->o.pipelining ? "true" : "false", r->started,
-		       r->accepted, r->tempfail, r->rejected, r->errors,
-		       not_sent, wall_s, rate, p50, p90, p99, mx, mean, cu, cs,
-		       cpu_per);
+		       "\"cpu_us_per_msg\":%.1f",
+		       r->o.server, r->o.connections,
+		       hs || r->o.hold_s ? 0 : r->o.messages, r->o.per_session,
+		       msize, mode, r->o.pipelining ? "true" : "false",
+		       r->started, r->accepted, r->tempfail, r->rejected,
+		       r->errors, not_sent, wall_s, rate, hs ? 0 : p50,
+		       hs ? 0 : p90, hs ? 0 : p99, hs ? 0 : mx, hs ? 0 : mean,
+		       cu, cs, cpu_per);
+		if (r->o.starttls)
+			printf(",\"tls_version\":\"%s\",\"tls_cipher\":\"%s\","
+			       "\"peer_key\":\"%s\",\"tls_resume\":%s,"
+			       "\"handshakes\":%" PRIu64 ",\"hs_full\":%" PRIu64
+			       ",\"hs_resumed\":%" PRIu64
+			       ",\"hs_failed\":%" PRIu64,
+			       r->tls_version ? r->tls_version : "-",
+			       r->tls_cipher ? r->tls_cipher : "-",
+			       r->peer_key[0] ? r->peer_key : "-",
+			       r->o.tls_resume ? "true" : "false", r->hs_done,
+			       r->hs_full, r->hs_resumed, r->hs_failed);
+		if (hs)
+			printf(",\"hs_per_s\":%.1f,\"hs_p50_us\":%.1f,"
+			       "\"hs_p99_us\":%.1f,\"cpu_us_per_hs\":%.1f",
+			       hs_rate, p50, p99, hs_cpu);
+		if (r->o.hold_s)
+			printf(",\"held\":%u", r->held_max);
+		printf("}\n");
 		return;
 	}
 	printf("fd-loadgen: server=%s connections=%u messages=%u size=%zu "
 	       "mode=%s pipelining=%s per_session=%u\n",
-	       r->o.server, r->o.connections, r->o.messages, msize, mode,
+	       r->o.server, r->o.connections,
+	       hs || r->o.hold_s ? 0 : r->o.messages, msize, mode,
 	       r->o.pipelining ? "yes" : "no", r->o.per_session);
+	if (r->o.starttls)
+		printf("  TLS %s %s, server key %s%s: handshakes %" PRIu64
+		       " (full %" PRIu64 ", resumed %" PRIu64
+		       ", failed %" PRIu64 ")\n",
+		       r->tls_version ? r->tls_version : "-",
+		       r->tls_cipher ? r->tls_cipher : "-",
+		       r->peer_key[0] ? r->peer_key : "-",
+		       r->o.tls_resume ? ", resumption offered" : "",
+		       r->hs_done, r->hs_full, r->hs_resumed, r->hs_failed);
+	if (hs) {
+		printf("  wall %.3f s  %.1f handshakes/s\n", wall_s, hs_rate);
+		printf("  220-to-STARTTLS-to-handshake-done us: p50 %.1f  "
+		       "p90 %.1f  p99 %.1f  max %.1f  mean %.1f\n",
+		       p50, p90, p99, mx, mean);
+		printf("  loadgen cpu: user %.3f s  sys %.3f s  %.1f "
+		       "us/handshake\n",
+		       cu, cs, hs_cpu);
+		return;
+	}
+	if (r->o.hold_s) {
+		printf("  held %u sessions at most, wall %.3f s\n", r->held_max,
+		       wall_s);
+		return;
+	}
 	printf("  sent %" PRIu64 "  accepted %" PRIu64
 	       "  tempfail (4xx) %" PRIu64 "  rejected (5xx) %" PRIu64
 	       "  errors %" PRIu64 "  not sent %" PRIu64 "\n",
@@ -853,6 +1386,11 @@ lg_parse_opts(int argc, char **argv, struct lg_opts *o)
 	        {"json", no_argument, NULL, 'j'},
 	        {"allow-failures", no_argument, NULL, 'F'},
 	        {"allow-nonlocal", no_argument, NULL, 'N'},
+	        {"starttls", no_argument, NULL, 'L'},
+	        {"tls-resume", no_argument, NULL, 'R'},
+	        {"tls-version", required_argument, NULL, 'V'},
+	        {"handshakes", required_argument, NULL, 'H'},
+	        {"hold", required_argument, NULL, 'O'},
 	        {"help", no_argument, NULL, 'h'},
 	        {NULL, 0, NULL, 0},
 	};
@@ -912,6 +1450,30 @@ lg_parse_opts(int argc, char **argv, struct lg_opts *o)
 		case 'N':
 			o->allow_nonlocal = true;
 			break;
+		case 'L':
+			o->starttls = true;
+			break;
+		case 'R':
+			o->tls_resume = true;
+			break;
+		case 'V':
+			if (strcmp(optarg, "1.2") == 0)
+				o->tls_version = TLS1_2_VERSION;
+			else if (strcmp(optarg, "1.3") == 0)
+				o->tls_version = TLS1_3_VERSION;
+			else
+				goto out_bad;
+			break;
+		case 'H':
+			if (lg_parse_uint(optarg, 10000000, &v) || v == 0)
+				goto out_bad;
+			o->handshakes = (unsigned)v;
+			break;
+		case 'O':
+			if (lg_parse_uint(optarg, 86400, &v) || v == 0)
+				goto out_bad;
+			o->hold_s = (unsigned)v;
+			break;
 		case 'h':
 			lg_usage(stdout);
 			exit(0);
@@ -922,6 +1484,18 @@ lg_parse_opts(int argc, char **argv, struct lg_opts *o)
 	}
 	if (optind != argc)
 		goto out_bad;
+	if (o->handshakes && o->hold_s) {
+		fprintf(stderr, "fd-loadgen: --handshakes and --hold do not "
+		                "go together\n");
+		return -1;
+	}
+	if (o->handshakes)
+		o->starttls = true;
+	if ((o->tls_resume || o->tls_version) && !o->starttls) {
+		fprintf(stderr, "fd-loadgen: --tls-resume and --tls-version "
+		                "need --starttls\n");
+		return -1;
+	}
 	if (strlen(o->from) > 256 || strlen(o->to) > 256 ||
 	    strlen(o->ehlo) > 255 || strpbrk(o->from, "\r\n<>") ||
 	    strpbrk(o->to, "\r\n<>") || strpbrk(o->ehlo, "\r\n ")) {
@@ -971,9 +1545,16 @@ main(int argc, char **argv)
 		return 2;
 	}
 	signal(SIGPIPE, SIG_IGN);
+	bool no_msgs = r.o.handshakes || r.o.hold_s;
+	if (r.o.hold_s) {
+		/* no SA_RESTART: epoll_wait returns and the loop sees it */
+		struct sigaction sa = {.sa_handler = lg_on_stop};
+		sigaction(SIGTERM, &sa, NULL);
+		sigaction(SIGINT, &sa, NULL);
+	}
 
-	r.nconns =
-	        r.o.connections < r.o.messages ? r.o.connections : r.o.messages;
+	r.nconns = no_msgs || r.o.connections < r.o.messages ? r.o.connections
+	                                                     : r.o.messages;
 	struct rlimit rl;
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < r.nconns + 16) {
 		rl.rlim_cur = rl.rlim_max < r.nconns + 64 ? rl.rlim_max
@@ -994,12 +1575,17 @@ main(int argc, char **argv)
 		        strerror(-e));
 		return 1;
 	}
+	r.lat_cap = r.o.handshakes ? (size_t)r.nconns * r.o.handshakes
+	                           : r.o.messages;
 	r.conns = calloc(r.nconns, sizeof(*r.conns));
-	r.lat_ns = calloc(r.o.messages, sizeof(*r.lat_ns));
+	r.lat_ns = calloc(r.lat_cap, sizeof(*r.lat_ns));
 	if (!r.conns || !r.lat_ns)
 		goto out_oom;
+	if (r.o.starttls && lg_tls_ctx(&r) < 0)
+		goto out_free;
 	for (unsigned i = 0; i < r.nconns; i++) {
 		r.conns[i].fd = -1;
+		r.conns[i].hs_left = r.o.handshakes;
 		r.conns[i].head = malloc(r.msg.head_len);
 		if (!r.conns[i].head)
 			goto out_oom;
@@ -1011,7 +1597,7 @@ main(int argc, char **argv)
 		goto out_free;
 	}
 
-	r.to_start = r.o.messages;
+	r.to_start = no_msgs ? 0 : r.o.messages;
 	uint64_t t0 = lg_now_ns();
 	r.active = r.nconns;
 	for (unsigned i = 0; i < r.nconns; i++)
@@ -1031,20 +1617,31 @@ main(int argc, char **argv)
 				lg_pump(&r, c);
 		}
 		uint64_t t = lg_now_ns();
+		if (r.o.hold_s && !r.hold_over &&
+		    (lg_stop || (r.hold_announced && t >= r.hold_until)))
+			lg_hold_end(&r);
 		if (t < next_check)
 			continue;
 		next_check = t + 100000000u;
 		for (unsigned i = 0; i < r.nconns; i++) {
 			struct lg_conn *c = &r.conns[i];
-			if (c->state != LG_CS_DONE && t > c->deadline)
+			if (c->state != LG_CS_DONE && !c->holding &&
+			    t > c->deadline)
 				lg_conn_fail(&r, c, "timeout", 0);
 		}
 	}
 	double wall_s = (double)(lg_now_ns() - t0) / 1e9;
 	lg_report(&r, wall_s);
+	bool all;
+	if (r.o.handshakes)
+		all = r.hs_done == (uint64_t)r.nconns * r.o.handshakes;
+	else if (r.o.hold_s)
+		all = r.held_max == r.nconns;
+	else
+		all = r.accepted == r.o.messages;
 	if (r.fatal)
 		rc = 1;
-	else if (r.accepted == r.o.messages || r.o.allow_failures)
+	else if (all || r.o.allow_failures)
 		rc = 0;
 	else
 		rc = 1;
@@ -1055,10 +1652,13 @@ out_free:
 	if (r.epfd >= 0)
 		close(r.epfd);
 	for (unsigned i = 0; r.conns && i < r.nconns; i++) {
+		SSL_free(r.conns[i].ssl);
+		SSL_SESSION_free(r.conns[i].sess);
 		if (r.conns[i].fd >= 0)
 			close(r.conns[i].fd);
 		free(r.conns[i].head);
 	}
+	SSL_CTX_free(r.ssl_ctx);
 	free(r.conns);
 	free(r.lat_ns);
 	lg_msg_free(&r.msg);
