@@ -628,7 +628,14 @@ main(int argc, char **argv)
 	fd_tls_server_free(fd_tls);
 	fd_tls = NULL;
 	cp_stop(cp);
-	fd_worker_log_totals(started, &tot);
+	fd_log(FD_LOG_INFO, "main",
+	       "event=stats workers=%u sessions=%" PRIu64 " messages=%" PRIu64
+	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
+	       " batches=%" PRIu64 " bytes=%" PRIu64
+	       " flushes_per_message=%.4f",
+	       started, tot.sessions, tot.messages, tot.failed, tot.rejected,
+	       tot.flushes, tot.batches, tot.bytes,
+	       tot.messages ? (double)tot.flushes / (double)tot.messages : 0.0);
 	fd_log(FD_LOG_INFO, "main", "event=exit status=%d", status);
 	free(workers);
 	cp_free(cp);
