@@ -1000,7 +1000,7 @@ TLS_TEST(shutdown_while_replies_wait_for_room)
 	for (unsigned tries = 0; tries < NCONN; tries++) {
 		const uint8_t *p;
 		k = &K[tries];
-		n = 1300 + 60 * tries;
+		n = 600 + 60 * tries; /* ring (8 KiB) + session output (4 KiB) */
 		conn_up(k, NULL);
 		say(k, HELLO);
 		noops = malloc(6 * n + 7);
