@@ -440,9 +440,10 @@ add_tls_file(char (*list)[FD_CONFIG_STR], unsigned *n, bool *reset,
 		*n = 0;
 		*reset = true;
 	}
-	if (*n >= FD_CONFIG_MAX_TLS || strlen(v) >= FD_CONFIG_STR ||
-	    v[0] == '\0') {
-		fprintf(err, "%s: %s: empty, too long, or more than %d\n",
+	if (v[0] == '\0')
+		return 0; /* "tls_cert =": none (the default) */
+	if (*n >= FD_CONFIG_MAX_TLS || strlen(v) >= FD_CONFIG_STR) {
+		fprintf(err, "%s: %s: too long, or more than %d\n",
 			where, name, FD_CONFIG_MAX_TLS);
 		return -EINVAL;
 	}
