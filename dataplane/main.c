@@ -37,7 +37,7 @@
 #include "tls/tls.h"
 #include "worker.h"
 #ifdef FINALDOT_HAVE_DPDK
-#include "net/dpdk.h"
+#include "dpdk/dpdk.h"
 #endif
 
 static int
@@ -519,7 +519,7 @@ main(int argc, char **argv)
 		return 1;
 #ifdef FINALDOT_HAVE_DPDK
 	if (cfg.transport == FD_TRANSPORT_DPDK) {
-		status = net_dpdk_main(&cfg, seeds, cp) == 0 ? 0 : 1;
+		status = dpdk_transport_main(&cfg, seeds, cp) == 0 ? 0 : 1;
 		cp_free(cp);
 		fd_log_stop();
 		return status;
@@ -628,14 +628,7 @@ main(int argc, char **argv)
 	fd_tls_server_free(fd_tls);
 	fd_tls = NULL;
 	cp_stop(cp);
-	fd_log(FD_LOG_INFO, "main",
-	       "event=stats workers=%u sessions=%" PRIu64 " messages=%" PRIu64
-	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
-	       " batches=%" PRIu64 " bytes=%" PRIu64
-	       " flushes_per_message=%.4f",
-	       started, tot.sessions, tot.messages, tot.failed, tot.rejected,
-	       tot.flushes, tot.batches, tot.bytes,
-	       tot.messages ? (double)tot.flushes / (double)tot.messages : 0.0);
+	fd_worker_log_totals(started, &tot);
 	fd_log(FD_LOG_INFO, "main", "event=exit status=%d", status);
 	free(workers);
 	cp_free(cp);

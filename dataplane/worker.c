@@ -390,6 +390,19 @@ fd_worker_add_totals(const struct fd_worker *w, struct fd_worker_totals *t)
 }
 
 void
+fd_worker_log_totals(unsigned workers, const struct fd_worker_totals *t)
+{
+	fd_log(FD_LOG_INFO, "main",
+	       "event=stats workers=%u sessions=%" PRIu64 " messages=%" PRIu64
+	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
+	       " batches=%" PRIu64 " bytes=%" PRIu64
+	       " flushes_per_message=%.4f",
+	       workers, t->sessions, t->messages, t->failed, t->rejected,
+	       t->flushes, t->batches, t->bytes,
+	       t->messages ? (double)t->flushes / (double)t->messages : 0.0);
+}
+
+void
 fd_worker_indoubt(struct fd_worker *w, uint64_t msgid)
 {
 	struct fd_ctl_event e = {.type = FD_CTL_INDOUBT, .msgid = msgid};

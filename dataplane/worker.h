@@ -1,9 +1,9 @@
 /*
  * A worker: one thread (or DPDK lcore) with its own SMTP sessions and its
- * own spool, sharing nothing with the others. The transport that
- * runs the worker's loop (sock/ or net/) owns the connections; this module
- * wires the SMTP engine to the spool and routes the spool's completions back
- * to the sessions.
+ * own spool, sharing nothing with the others. The transport that runs the
+ * worker's loop (sock/ or dpdk/, both through conn/) owns the connections;
+ * this module wires the SMTP engine to the spool and routes the spool's
+ * completions back to the sessions.
  */
 #ifndef FINALDOT_WORKER_H
 #define FINALDOT_WORKER_H
@@ -108,6 +108,9 @@ struct fd_worker_totals {
 };
 void fd_worker_add_totals(const struct fd_worker *w,
 			  struct fd_worker_totals *t);
+/* The process's final event=stats line (tools/bench reads it): the same
+ * fields whatever the transport. */
+void fd_worker_log_totals(unsigned workers, const struct fd_worker_totals *t);
 
 /* The worker's last published counters; any thread. */
 void fd_worker_read_stats(const struct fd_worker *w,

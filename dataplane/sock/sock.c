@@ -2,44 +2,39 @@
  * Kernel-socket transport: one io_uring per worker thread carries accepts,
  * receives, sends and the spool's durable writes, so that one
  * io_uring_submit_and_wait() per loop iteration serves network and disk.
+ * What a connection does with its octets (the session, TLS, timers,
+ * shutdown) is the connection layer's (conn/conn.h); this file holds the
+ * sockets, the ring, the receive buffers and the loop.
  *
  * Per iteration:
- *   1. submit what is queued and wait (bounded by the next timer) for a CQE;
- *   2. handle every CQE that is ready: accept -> new session; recv -> feed
- *      the session; send -> next piece of output; spool -> completions, which
- *      produce the 250s (worker.c);
- *   3. service "dirty" connections: offer held input again, start sends,
- *      close the ones that are done;
- *   4. timers: greeting delay, idle timeout (the command and message
- *      deadlines are the engine's, checked as input arrives);
- *   5. spool_flush(): the loop is idle, so the batch being filled closes and
+ *   1. submit what is queued and wait (bounded by the next tick) for a CQE;
+ *   2. handle every CQE that is ready: accept -> conn_open(); recv ->
+ *      conn_input(); send -> conn_send_done(); spool -> completions, which
+ *      produce the 250s (worker.c) and wake their sessions;
+ *   3. the connection layer services the connections it marked (woken,
+ *      spool room, timers: conn_set_service(), conn_set_tick());
+ *   4. spool_flush(): the loop is idle, so the batch being filled closes and
  *      goes out with the next submit (natural batching);
- *   6. stopping: at the force point 421 to everyone, at the deadline exit
- *      (begin_stop()).
+ *   5. stopping: conn_set_begin_stop() answers everyone 421 by the force
+ *      point; the loop ends at the deadline.
  *
  * Receives use single-shot recv with a provided-buffer ring (buffer
  * selection): an idle connection holds no buffer. A buffer the session did
  * not fully consume (it is waiting for a commit, for spool room, or for its
- * output to drain) stays held by the connection and no new recv is armed, so
- * the kernel's receive window, not our memory, absorbs a client that talks
- * ahead. Multishot accept keeps one accept armed per listener.
+ * output to drain) stays held by the connection and no new recv is armed,
+ * so the kernel's receive window, not our memory, absorbs a client that
+ * talks ahead; the layer asks for it again (ops->resume). Sends are
+ * asynchronous: one in flight per connection, from the session's (or
+ * TLS's) output buffer, which stays put until the completion. Multishot
+ * accept keeps one accept armed per listener.
  *
  * user_data: a pointer to a connection, a listener or the loop (all 8-byte
  * aligned) with the operation in the low 3 bits. The spool's CQEs carry the
  * top bit (spool_owns_cqe()). Never set here.
  *
- * Lifetime of a connection: in use from accept until it is closing AND has
- * no operation in flight; the smtp session is closed (returned to its pool)
- * as soon as the connection starts closing.
- *
- * STARTTLS: after the 220 to STARTTLS went out in the clear, the connection
- * gets a struct fd_tls_conn (tls/tls.h) and from then on received octets go
- * to it, and what it produces is sent; it feeds the session. Octets the
- * client pipelined behind STARTTLS never reach the session as commands: the
- * engine drops what came with the command, and while it waits for TLS no
- * input is offered to it (what arrives then is for the handshake). At most
- * tls_max_handshakes handshakes run at once per worker; a connection beyond
- * that waits, its ClientHello held, until one ends.
+ * Lifetime of a slot: in use from accept until the layer closed it AND no
+ * operation is in flight (a send may point into the session's or TLS's
+ * buffers until then: conn_release() comes last).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -57,13 +52,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "conn/conn.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
-#include "smtp/smtp.h"
 #include "sock/sock.h"
 #include "sock/tcpinfo.h"
 #include "spool/spool.h"
-#include "tls/tls.h"
 #include "worker.h"
 
 #define RING_ENTRIES 4096u
@@ -84,32 +78,20 @@ enum op {
 struct sock_loop;
 
 struct sock_conn {
+	struct conn conn;      /* the connection layer's part */
 	struct sock_loop *loop;
-	struct smtp_session *s;
 	int fd;
 	unsigned inflight;     /* recv + send SQEs not yet completed */
 	bool in_use;
 	bool recv_armed;
 	bool send_armed;
-	bool peer_eof;
-	bool closing;
-	bool dirty;
+	bool closing;          /* the layer closed it (sock_close) */
 	bool starved;          /* last recv found no provided buffer */
 	bool held;             /* holds provided buffer held_bid */
 	uint16_t held_bid;
 	uint32_t held_off;
 	uint32_t held_len;
-	uint64_t last_active_us;
-	uint64_t greet_due_us; /* 0: greeted */
-	struct fd_tls_conn *tls; /* after STARTTLS; freed with the slot */
-	bool hs_running;        /* counted in loop->handshakes */
-	bool hs_waiting;        /* waits for a handshake slot */
-	bool tls_closing;       /* close_notify queued */
-	uint64_t hs_wait_us;    /* since when (oldest goes first) */
-	struct sock_conn *idle_prev, *idle_next; /* LRU, oldest first */
-	struct sock_conn *dirty_next;
 	struct sock_conn *free_next;
-	char addr[INET6_ADDRSTRLEN];
 } __attribute__((aligned(64)));
 
 struct sock_listener {
@@ -121,6 +103,7 @@ struct sock_listener {
 
 struct sock_loop {
 	struct fd_worker *w;
+	struct conn_set cs;
 	struct io_uring ring;
 	struct io_uring_buf_ring *br;
 	size_t br_bytes;
@@ -132,26 +115,15 @@ struct sock_loop {
 	unsigned in_use;
 	struct sock_listener listeners[FD_CONFIG_MAX_LISTEN];
 	unsigned nlisteners;
-	struct sock_conn *idle_head, *idle_tail;
-	struct sock_conn *dirty;
 	uint64_t wake_val;
 	uint64_t spool_wake_val;
 	bool wake_armed;
-	bool stopping;
-	uint64_t stop_force_us;    /* shutdown: 421 to whoever still waits */
-	uint64_t stop_deadline_us; /* shutdown: close everything, exit */
-	bool stop_forced;
-	uint64_t sid_next;
-	uint64_t now_us;
 	uint64_t next_accept_rearm_us;
 	uint64_t next_accept_log_us;
 	uint64_t accept_errors;
 	bool buffers_returned; /* re-arm starved connections */
 	unsigned nstarved;     /* connections with starved set */
-	unsigned nheld;        /* connections with held set */
 	bool spool_progress;   /* spool completions this round */
-	unsigned handshakes;   /* TLS handshakes running */
-	unsigned hs_waiting;   /* connections waiting for one */
 } __attribute__((aligned(64)));
 
 static inline uint64_t
@@ -172,6 +144,13 @@ ud_ptr(uint64_t u)
 	return (void *)(uintptr_t)(u & ~(uint64_t)7);
 }
 
+static inline struct sock_conn *
+sock_of(struct conn *c)
+{
+	return (struct sock_conn *)(void *)((char *)c -
+					    offsetof(struct sock_conn, conn));
+}
+
 static struct io_uring_sqe *
 get_sqe(struct sock_loop *l)
 {
@@ -186,45 +165,6 @@ get_sqe(struct sock_loop *l)
 }
 
 /* ---- connection bookkeeping ------------------------------------------ */
-
-static void
-idle_unlink(struct sock_loop *l, struct sock_conn *c)
-{
-	if (c->idle_prev)
-		c->idle_prev->idle_next = c->idle_next;
-	else if (l->idle_head == c)
-		l->idle_head = c->idle_next;
-	if (c->idle_next)
-		c->idle_next->idle_prev = c->idle_prev;
-	else if (l->idle_tail == c)
-		l->idle_tail = c->idle_prev;
-	c->idle_prev = c->idle_next = NULL;
-}
-
-static void
-idle_touch(struct sock_loop *l, struct sock_conn *c)
-{
-	c->last_active_us = l->now_us;
-	if (l->idle_tail == c)
-		return;
-	idle_unlink(l, c);
-	c->idle_prev = l->idle_tail;
-	if (l->idle_tail)
-		l->idle_tail->idle_next = c;
-	else
-		l->idle_head = c;
-	l->idle_tail = c;
-}
-
-static void
-mark_dirty(struct sock_conn *c)
-{
-	if (c->dirty || !c->in_use)
-		return;
-	c->dirty = true;
-	c->dirty_next = c->loop->dirty;
-	c->loop->dirty = c;
-}
 
 static void
 buf_return(struct sock_loop *l, uint16_t bid)
@@ -242,7 +182,6 @@ conn_release_held(struct sock_conn *c)
 	if (c->held) {
 		buf_return(c->loop, c->held_bid);
 		c->held = false;
-		c->loop->nheld--;
 	}
 }
 
@@ -254,9 +193,8 @@ conn_finalize(struct sock_conn *c)
 	if (c->fd >= 0)
 		close(c->fd);
 	c->fd = -1;
-	/* Only now: a send in flight may point into its buffers. */
-	fd_tls_conn_free(c->tls);
-	c->tls = NULL;
+	/* Only now: a send in flight may point into TLS's buffers. */
+	conn_release(&c->conn);
 	if (c->starved) {
 		c->starved = false;
 		l->nstarved--;
@@ -267,90 +205,106 @@ conn_finalize(struct sock_conn *c)
 	l->in_use--;
 }
 
-/*
- * RFC 1047: the session ends. A 250 to a final dot whose octets the
- * client's TCP has not acknowledged may never have been read: the client
- * will send the message again, and the control plane must know. A session
- * that ended with QUIT is taken as read (the client read its replies
- * before it said QUIT; a client that pipelined QUIT behind the final dot
- * and lost the connection right then is the case this misses).
- */
 static void
-conn_check_indoubt(struct sock_conn *c)
+conn_arm_recv(struct sock_conn *c)
 {
-	struct smtp_ackpoint ap[SMTP_ACKPOINTS];
-	unsigned n = smtp_session_ackpoints(c->s, ap);
-	uint64_t acked;
+	struct sock_loop *l = c->loop;
+	struct io_uring_sqe *sqe;
 
-	if (n == 0 || smtp_session_quit_seen(c->s) || c->fd < 0 ||
-	    sock_bytes_acked(c->fd, &acked) != 0)
+	if (c->closing || c->held || c->recv_armed || c->starved)
 		return;
-	/* Under TLS the client acknowledges ciphertext: compare with where
-	 * the record that carried the reply ends in the TCP stream. */
-	for (unsigned i = 0; i < n; i++) {
-		uint64_t end = c->tls ? fd_tls_conn_wire_end(c->tls, ap[i].end)
-				      : ap[i].end;
-		if (end > acked)
-			fd_worker_indoubt(c->loop->w, ap[i].msgid);
+	sqe = get_sqe(l);
+	if (!sqe) {
+		/* Retried with the starved ones, next round. */
+		c->starved = true;
+		l->nstarved++;
+		l->buffers_returned = true;
+		return;
 	}
+	io_uring_prep_recv(sqe, c->fd, NULL, BUF_SIZE, 0);
+	sqe->flags |= IOSQE_BUFFER_SELECT;
+	sqe->buf_group = BUF_GROUP;
+	io_uring_sqe_set_data64(sqe, ud(c, OP_RECV));
+	c->recv_armed = true;
+	c->inflight++;
 }
 
 /*
- * A handshake ended (done, failed, or the connection closes): its slot goes
- * to the connection that has waited longest. XXX a scan of the table, once
- * per handshake, and only while some wait.
+ * Offer the held buffer to the connection layer; what it did not take
+ * stays held (it asks again: sock_resume). Once it took everything, the
+ * buffer goes back and the next receive is armed.
  */
 static void
-hs_release(struct sock_conn *c)
+conn_offer(struct sock_conn *c)
 {
 	struct sock_loop *l = c->loop;
-	struct sock_conn *next = NULL;
 
-	if (c->hs_waiting) {
-		c->hs_waiting = false;
-		l->hs_waiting--;
+	if (c->held) {
+		const uint8_t *p = l->bufs + (size_t)c->held_bid * BUF_SIZE +
+				   c->held_off;
+		size_t used = conn_input(&c->conn, p, c->held_len);
+		if (c->closing)
+			return; /* sock_close() returned the buffer */
+		c->held_off += (uint32_t)used;
+		c->held_len -= (uint32_t)used;
+		if (c->held_len)
+			return;
+		conn_release_held(c);
 	}
-	if (!c->hs_running)
-		return;
-	c->hs_running = false;
-	l->handshakes--;
-	if (l->hs_waiting == 0)
-		return;
-	for (unsigned i = 0; i < l->nconns; i++) {
-		struct sock_conn *w = &l->conns[i];
-		if (w->in_use && w->hs_waiting &&
-		    (!next || w->hs_wait_us < next->hs_wait_us))
-			next = w;
-	}
-	if (next)
-		mark_dirty(next);
+	conn_arm_recv(c);
 }
 
-/* Start closing: the session goes back to its pool now; the slot when the
- * last operation in flight has completed. */
-static void
-conn_close(struct sock_conn *c, const char *why)
-{
-	struct sock_loop *l = c->loop;
+/* ---- the connection layer's operations (conn/conn.h) ------------------ */
 
+static size_t
+sock_send(struct conn *cn, const uint8_t *p, size_t n, bool final)
+{
+	struct sock_conn *c = sock_of(cn);
+	struct io_uring_sqe *sqe;
+
+	if (final) {
+		ssize_t r = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+		return r > 0 ? (size_t)r : 0;
+	}
+	sqe = get_sqe(c->loop);
+	if (!sqe)
+		return 0; /* tried again when the connection next moves */
+	io_uring_prep_send(sqe, c->fd, p, n, MSG_NOSIGNAL);
+	io_uring_sqe_set_data64(sqe, ud(c, OP_SEND));
+	c->send_armed = true;
+	c->inflight++;
+	return CONN_SEND_ARMED;
+}
+
+static void
+sock_resume(struct conn *cn)
+{
+	conn_offer(sock_of(cn));
+}
+
+static int
+sock_acked(struct conn *cn, uint64_t sent, uint64_t *acked)
+{
+	struct sock_conn *c = sock_of(cn);
+
+	(void)sent;
+	if (c->fd < 0)
+		return -EBADF;
+	return sock_bytes_acked(c->fd, acked);
+}
+
+/* The session ended: the slot goes when the last operation in flight has
+ * completed. */
+static void
+sock_close(struct conn *cn, enum conn_close_how how, const char *why)
+{
+	struct sock_conn *c = sock_of(cn);
+
+	(void)how; /* the kernel sends what it has, then FIN, either way */
+	(void)why;
 	if (c->closing)
 		return;
 	c->closing = true;
-	if (c->s)
-		conn_check_indoubt(c);
-	if (c->s) {
-		fd_debug("sock", "%016" PRIx64 " event=close reason=%s",
-			 smtp_session_id(c->s), why);
-		smtp_session_close(c->s);
-		c->s = NULL;
-	}
-	(void)why;
-	/* A handshake that never completed, whatever ended it (a bad
-	 * record, its deadline, the client gone): counted once, here. */
-	if (c->tls && !fd_tls_conn_established(c->tls))
-		l->w->tls_failed++;
-	hs_release(c);
-	idle_unlink(l, c);
 	conn_release_held(c);
 	if (c->inflight == 0) {
 		conn_finalize(c);
@@ -360,217 +314,12 @@ conn_close(struct sock_conn *c, const char *why)
 	shutdown(c->fd, SHUT_RDWR);
 }
 
-static void
-conn_arm_recv(struct sock_conn *c)
-{
-	struct io_uring_sqe *sqe = get_sqe(c->loop);
-
-	if (!sqe)
-		return; /* retried when the connection is next dirty */
-	io_uring_prep_recv(sqe, c->fd, NULL, BUF_SIZE, 0);
-	sqe->flags |= IOSQE_BUFFER_SELECT;
-	sqe->buf_group = BUF_GROUP;
-	io_uring_sqe_set_data64(sqe, ud(c, OP_RECV));
-	c->recv_armed = true;
-	if (c->starved)
-		c->loop->nstarved--;
-	c->starved = false;
-	c->inflight++;
-}
-
-static void
-conn_send_output(struct sock_conn *c)
-{
-	const uint8_t *p;
-	size_t n;
-	struct io_uring_sqe *sqe;
-
-	if (c->send_armed || !c->s)
-		return;
-	n = smtp_session_output(c->s, &p);
-	if (n == 0)
-		return;
-	sqe = get_sqe(c->loop);
-	if (!sqe)
-		return;
-	/* p stays valid until output_done (the engine appends behind it
-	 * and never moves bytes that were handed out). */
-	io_uring_prep_send(sqe, c->fd, p, n, MSG_NOSIGNAL);
-	io_uring_sqe_set_data64(sqe, ud(c, OP_SEND));
-	c->send_armed = true;
-	c->inflight++;
-}
-
-/*
- * Offer held input, send what the session produced, re-arm the receive,
- * close when done. The one place that decides what a connection does next.
- */
-static void conn_service_tls(struct sock_conn *c);
-
-static void
-conn_service(struct sock_conn *c)
-{
-	struct sock_loop *l = c->loop;
-
-	if (c->closing || !c->s)
-		return;
-	if (c->tls) {
-		conn_service_tls(c);
-		return;
-	}
-	/* Waiting for TLS: what arrives now is the handshake's. */
-	if (c->held && !smtp_session_tls_wanted(c->s)) {
-		const uint8_t *p = l->bufs + (size_t)c->held_bid * BUF_SIZE +
-				   c->held_off;
-		size_t used = smtp_session_input(c->s, p, c->held_len);
-		c->held_off += (uint32_t)used;
-		c->held_len -= (uint32_t)used;
-		if (c->held_len == 0)
-			conn_release_held(c);
-	}
-	conn_send_output(c);
-	if (smtp_session_want_close(c->s)) {
-		if (!c->send_armed)
-			conn_close(c, "done");
-		return;
-	}
-	if (smtp_session_tls_wanted(c->s) && !c->send_armed) {
-		const uint8_t *p;
-		if (smtp_session_output(c->s, &p) == 0) {
-			/* The 220 is out: TLS from the next octet on. */
-			c->tls = fd_tls_conn_new(fd_tls, smtp_session_id(c->s),
-						 smtp_session_output_total(c->s),
-						 l->now_us);
-			if (!c->tls) {
-				fd_log(FD_LOG_WARN, "sock",
-				       "%016" PRIx64 " event=tls_no_memory",
-				       smtp_session_id(c->s));
-				conn_close(c, "tls_no_memory");
-				return;
-			}
-			conn_service_tls(c);
-			return;
-		}
-	}
-	if (c->held)
-		return; /* paused: the session will be offered it again */
-	if (c->peer_eof) {
-		conn_close(c, "peer_closed");
-		return;
-	}
-	if (!c->recv_armed && !c->starved)
-		conn_arm_recv(c);
-}
-
-/* Send what TLS produced (one send in flight at a time, as in the clear). */
-static void
-conn_send_tls(struct sock_conn *c)
-{
-	const uint8_t *p;
-	size_t n;
-	struct io_uring_sqe *sqe;
-
-	if (c->send_armed)
-		return;
-	n = fd_tls_conn_out(c->tls, &p);
-	if (n == 0)
-		return;
-	sqe = get_sqe(c->loop);
-	if (!sqe)
-		return;
-	/* p stays valid until fd_tls_conn_out_done() (the ring's writer
-	 * only fills the free part). */
-	io_uring_prep_send(sqe, c->fd, p, n, MSG_NOSIGNAL);
-	io_uring_sqe_set_data64(sqe, ud(c, OP_SEND));
-	c->send_armed = true;
-	c->inflight++;
-}
-
-/* conn_service() once TLS has started. */
-static void
-conn_service_tls(struct sock_conn *c)
-{
-	struct sock_loop *l = c->loop;
-	const struct fd_config *cfg = l->w->cfg;
-	enum fd_tls_status st = FD_TLS_OK;
-	bool hs = !fd_tls_conn_established(c->tls);
-
-	if (c->held) {
-		const uint8_t *p = l->bufs + (size_t)c->held_bid * BUF_SIZE +
-				   c->held_off;
-		size_t used = fd_tls_conn_in(c->tls, p, c->held_len);
-		c->held_off += (uint32_t)used;
-		c->held_len -= (uint32_t)used;
-		if (c->held_len == 0)
-			conn_release_held(c);
-	}
-	if (hs && !c->hs_running) {
-		if (l->handshakes >= cfg->tls_max_handshakes) {
-			if (!c->hs_waiting) {
-				c->hs_waiting = true;
-				c->hs_wait_us = l->now_us;
-				l->hs_waiting++;
-			}
-			goto recv; /* its turn comes in hs_release() */
-		}
-		if (c->hs_waiting) {
-			c->hs_waiting = false;
-			l->hs_waiting--;
-		}
-		c->hs_running = true;
-		l->handshakes++;
-	}
-	st = fd_tls_conn_pump(c->tls, c->s, l->now_us);
-	if (hs && fd_tls_conn_established(c->tls)) {
-		hs_release(c);
-		if (fd_tls_conn_resumed(c->tls))
-			l->w->tls_resumed++;
-	}
-	if (st == FD_TLS_FAILED) {
-		/* The alert OpenSSL queued goes out if the socket takes it
-		 * now; nothing waits for it. */
-		const uint8_t *p;
-		size_t n = fd_tls_conn_out(c->tls, &p);
-		if (n && !c->send_armed)
-			(void)send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-		conn_close(c, "tls_failed");
-		return;
-	}
-	if (smtp_session_want_close(c->s) && !c->tls_closing) {
-		c->tls_closing = true;
-		fd_tls_conn_shutdown(c->tls);
-	}
-	conn_send_tls(c);
-	if (c->tls_closing || st == FD_TLS_CLOSED) {
-		const uint8_t *p;
-		if (!c->send_armed && fd_tls_conn_out(c->tls, &p) == 0)
-			conn_close(c, st == FD_TLS_CLOSED ? "peer_closed"
-							  : "done");
-		return;
-	}
-recv:
-	if (c->held)
-		return; /* paused: offered again when TLS has room */
-	if (c->peer_eof) {
-		conn_close(c, "peer_closed");
-		return;
-	}
-	if (!c->recv_armed && !c->starved)
-		conn_arm_recv(c);
-}
-
-static void
-busy_refuse(struct sock_loop *l, int fd)
-{
-	size_t len;
-	const char *msg = smtp_busy_reply(l->w->smtp, &len);
-
-	/* Best effort on a fresh socket: the reply fits its send buffer. */
-	if (send(fd, msg, len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
-		fd_debug("sock", "event=busy_send_failed errno=%d", errno);
-	close(fd);
-	l->w->sessions_refused++;
-}
+static const struct conn_ops sock_conn_ops = {
+	.send = sock_send,
+	.resume = sock_resume,
+	.acked = sock_acked,
+	.close = sock_close,
+};
 
 static void
 on_accept(struct sock_loop *l, struct sock_listener *ls, int fd)
@@ -578,65 +327,49 @@ on_accept(struct sock_loop *l, struct sock_listener *ls, int fd)
 	struct sock_conn *c = l->free;
 	struct sockaddr_storage ss;
 	socklen_t sl = sizeof(ss);
+	char addr[INET6_ADDRSTRLEN] = "unknown";
+	const char *reply;
+	size_t len;
 	int one = 1;
 
-	/* Paused (finaldotctl pause): 421 4.3.2 and close, like busy_refuse;
-	 * the sessions already open go on. */
-	if (atomic_load_explicit(&fd_paused, memory_order_relaxed)) {
-		if (send(fd, l->w->paused_reply, l->w->paused_len,
-			 MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
-			fd_debug("sock", "event=paused_send_failed errno=%d",
-				 errno);
-		close(fd);
-		l->w->paused_refused++;
-		return;
-	}
-	if (!c || l->stopping) {
-		busy_refuse(l, fd);
-		return;
-	}
 	(void)ls;
-	l->free = c->free_next;
-	/* A slot freed in this round may still sit on the dirty list: keep
-	 * its link intact (service_dirty skips slots not in use). */
-	bool was_dirty = c->dirty;
-	struct sock_conn *dnext = c->dirty_next;
-	memset(c, 0, sizeof(*c));
-	c->dirty = was_dirty;
-	c->dirty_next = dnext;
-	c->loop = l;
-	c->fd = fd;
-	c->in_use = true;
-	l->in_use++;
-	strcpy(c->addr, "unknown");
 	if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
 		if (ss.ss_family == AF_INET) {
 			inet_ntop(AF_INET,
 				  &((struct sockaddr_in *)&ss)->sin_addr,
-				  c->addr, sizeof(c->addr));
+				  addr, sizeof(addr));
 		} else if (ss.ss_family == AF_INET6) {
 			struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
 			if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr))
 				inet_ntop(AF_INET, &a6->sin6_addr.s6_addr[12],
-					  c->addr, sizeof(c->addr));
+					  addr, sizeof(addr));
 			else
-				inet_ntop(AF_INET6, &a6->sin6_addr, c->addr,
-					  sizeof(c->addr));
+				inet_ntop(AF_INET6, &a6->sin6_addr, addr,
+					  sizeof(addr));
 		}
 	}
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	c->s = smtp_session_open(l->w->smtp, c, c->addr,
-				 (uint64_t)l->w->id << 56 | l->sid_next++);
-	if (!c->s) {
+	if (c) {
+		struct sock_conn *next = c->free_next;
+		memset(c, 0, sizeof(*c));
+		c->free_next = next;
 		c->fd = -1;
-		conn_finalize(c);
-		busy_refuse(l, fd);
+	}
+	if (conn_open(&l->cs, c ? &c->conn : NULL, addr, &reply, &len) != 0) {
+		/* Paused, busy or stopping: best effort on a fresh socket,
+		 * the reply fits its send buffer. */
+		if (send(fd, reply, len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+			fd_debug("sock", "event=refuse_send_failed errno=%d",
+				 errno);
+		close(fd);
 		return;
 	}
-	if (l->w->cfg->greet_delay_ms)
-		c->greet_due_us = l->now_us + l->w->cfg->greet_delay_ms * 1000;
-	idle_touch(l, c);
-	mark_dirty(c);
+	l->free = c->free_next;
+	c->loop = l;
+	c->fd = fd;
+	c->in_use = true;
+	l->in_use++;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	conn_arm_recv(c);
 }
 
 static void
@@ -665,7 +398,7 @@ arm_wake(struct sock_loop *l)
 }
 
 /* The spool made room without a write completion (a spare segment is
- * ready): held sessions get their input offered again (retry_held). */
+ * ready): held sessions get their input offered again (conn_set_room). */
 static void
 arm_spool_wake(struct sock_loop *l)
 {
@@ -678,57 +411,53 @@ arm_spool_wake(struct sock_loop *l)
 	io_uring_sqe_set_data64(sqe, ud(l, OP_SPOOL));
 }
 
-/* Called by worker.c after a commit verdict reached a session. */
-static void
-wake_session(void *tctx)
-{
-	mark_dirty(tctx);
-}
-
-/*
- * Shutdown is bounded by shutdown_timeout (issue 10), whatever the disk
- * does. Until the force point sessions end on their own: a commit in
- * flight gets its verdict (250 or 451/452), then 421 4.3.2. At the force
- * point (a quarter of the timeout, at most 1 s, before the deadline) every
- * session still open is answered 421 4.3.2 at once, a commit still in
- * flight included (smtp_session_shutdown_now()): the remaining time lets
- * those replies go out. At the deadline the loop ends, with spool writes
- * still in flight or not: no session waits for them any more.
- */
+/* Shutdown (conn/conn.h has the bounds): no new connections, every session
+ * told. */
 static void
 begin_stop(struct sock_loop *l)
 {
-	uint64_t t = l->w->cfg->shutdown_timeout_ms * 1000, grace = t / 4;
-
-	if (l->stopping)
+	if (conn_set_stopping(&l->cs))
 		return;
-	l->stopping = true;
-	if (grace > 1000000)
-		grace = 1000000;
-	l->stop_force_us = l->now_us + t - grace;
-	l->stop_deadline_us = l->now_us + t;
-	if (l->stop_deadline_us < l->stop_force_us + 100000)
-		l->stop_deadline_us = l->stop_force_us + 100000;
+	conn_set_begin_stop(&l->cs);
 	for (unsigned i = 0; i < l->nlisteners; i++) {
 		/* Stop taking connections: the multishot accept ends. */
 		shutdown(l->listeners[i].fd, SHUT_RD);
 	}
-	for (unsigned i = 0; i < l->nconns; i++) {
-		struct sock_conn *c = &l->conns[i];
-		if (c->in_use && !c->closing && c->s) {
-			smtp_session_shutdown(c->s);
-			mark_dirty(c);
+}
+
+static void
+on_recv(struct sock_loop *l, struct sock_conn *c,
+	const struct io_uring_cqe *cqe)
+{
+	if (cqe->res > 0 && (cqe->flags & IORING_CQE_F_BUFFER)) {
+		uint16_t bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+		if (c->closing) {
+			buf_return(l, bid);
+			return;
 		}
+		c->held = true;
+		c->held_bid = bid;
+		c->held_off = 0;
+		c->held_len = (uint32_t)cqe->res;
+		conn_offer(c);
+	} else if (c->closing) {
+		return;
+	} else if (cqe->res == -ENOBUFS) {
+		if (!c->starved)
+			l->nstarved++;
+		c->starved = true; /* re-armed when a buffer returns */
+	} else if (cqe->res == -EINTR) {
+		conn_arm_recv(c);
+	} else {
+		conn_eof(&c->conn); /* 0, or an error: the peer is gone */
 	}
-	fd_log(FD_LOG_INFO, "sock", "worker=%u event=stopping sessions=%u",
-	       l->w->id, l->in_use);
 }
 
 static void
 on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
 {
 	uint64_t u = io_uring_cqe_get_data64(cqe);
-	struct sock_conn *c;
+	struct sock_conn *c = NULL;
 
 	if (spool_owns_cqe(cqe)) {
 		spool_handle_cqe(l->w->spool, cqe);
@@ -740,38 +469,14 @@ on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
 		c = ud_ptr(u);
 		c->inflight--;
 		c->recv_armed = false;
-		if (cqe->res > 0 && (cqe->flags & IORING_CQE_F_BUFFER)) {
-			uint16_t bid =
-				(uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
-			if (c->closing) {
-				buf_return(l, bid);
-			} else {
-				c->held = true;
-				l->nheld++;
-				c->held_bid = bid;
-				c->held_off = 0;
-				c->held_len = (uint32_t)cqe->res;
-				idle_touch(l, c);
-			}
-		} else if (cqe->res == -ENOBUFS) {
-			if (!c->starved)
-				l->nstarved++;
-			c->starved = true; /* re-armed when a buffer returns */
-		} else if (cqe->res == 0 || cqe->res != -EINTR) {
-			c->peer_eof = true;
-		}
+		on_recv(l, c, cqe);
 		break;
 	case OP_SEND:
 		c = ud_ptr(u);
 		c->inflight--;
 		c->send_armed = false;
-		if (cqe->res > 0 && c->tls && !c->closing) {
-			fd_tls_conn_out_done(c->tls, (size_t)cqe->res);
-		} else if (cqe->res > 0 && c->s && !c->closing) {
-			smtp_session_output_done(c->s, (size_t)cqe->res);
-		} else if (cqe->res < 0 && !c->closing) {
-			conn_close(c, "send_error");
-		}
+		if (!c->closing)
+			conn_send_done(&c->conn, cqe->res);
 		break;
 	case OP_ACCEPT: {
 		struct sock_listener *ls = ud_ptr(u);
@@ -780,11 +485,11 @@ on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
 		if (cqe->res >= 0) {
 			on_accept(l, ls, cqe->res);
 		} else if (cqe->res != -EINVAL && cqe->res != -ECANCELED &&
-			   !l->stopping) {
+			   !conn_set_stopping(&l->cs)) {
 			/* One line a second at most, with the count. */
 			l->accept_errors++;
-			if (l->now_us >= l->next_accept_log_us) {
-				l->next_accept_log_us = l->now_us + 1000000;
+			if (l->cs.now_us >= l->next_accept_log_us) {
+				l->next_accept_log_us = l->cs.now_us + 1000000;
 				fd_log(FD_LOG_WARN, "sock",
 				       "worker=%u event=accept_error "
 				       "error=\"%s\" count=%" PRIu64,
@@ -810,127 +515,53 @@ on_cqe(struct sock_loop *l, const struct io_uring_cqe *cqe)
 	case OP_IGNORE:
 		return;
 	}
-	c = ud_ptr(u);
-	if (c->closing) {
-		if (c->inflight == 0)
-			conn_finalize(c);
-		return;
-	}
-	mark_dirty(c);
+	/* A closed connection's slot goes with its last operation. */
+	if (c && c->closing && c->in_use && c->inflight == 0)
+		conn_finalize(c);
 }
 
 static void
 run_timers(struct sock_loop *l)
 {
-	const struct fd_config *cfg = l->w->cfg;
-	uint64_t idle_us = cfg->idle_timeout_ms * 1000;
-
 	/* A multishot accept the kernel ended (an error such as EMFILE, or
 	 * a CQE without F_MORE for any reason) is armed again here, at most
 	 * once per tick, so a lasting error cannot spin the loop. */
-	if (!l->stopping && l->now_us >= l->next_accept_rearm_us) {
-		l->next_accept_rearm_us = l->now_us + TICK_US;
+	if (!conn_set_stopping(&l->cs) &&
+	    l->cs.now_us >= l->next_accept_rearm_us) {
+		l->next_accept_rearm_us = l->cs.now_us + TICK_US;
 		for (unsigned i = 0; i < l->nlisteners; i++)
 			if (!l->listeners[i].armed)
 				arm_accept(l, &l->listeners[i]);
 	}
-
-	/* Oldest first: stop at the first connection that is not due. */
-	while (l->idle_head &&
-	       l->idle_head->last_active_us + idle_us <= l->now_us) {
-		struct sock_conn *c = l->idle_head;
-		idle_unlink(l, c);
-		if (c->s && !c->closing) {
-			smtp_session_timeout(c->s);
-			mark_dirty(c);
-		}
-	}
-	/* TLS handshakes have a deadline of their own (a client sending a
-	 * byte at a time never lets the idle timer fire); one waiting for
-	 * its turn too. */
-	if (l->handshakes + l->hs_waiting > 0) {
-		for (unsigned i = 0; i < l->nconns; i++) {
-			struct sock_conn *c = &l->conns[i];
-			uint64_t d = c->in_use && c->tls && !c->closing
-					     ? fd_tls_conn_deadline_us(c->tls)
-					     : 0;
-			if (d == 0 || d > l->now_us)
-				continue;
-			if (c->hs_running) {
-				mark_dirty(c); /* the pump says why */
-			} else {
-				fd_log(FD_LOG_INFO, "sock",
-				       "%016" PRIx64 " event=tls_failed "
-				       "reason=\"handshake timeout (waited "
-				       "for a handshake slot)\"",
-				       smtp_session_id(c->s));
-				conn_close(c, "tls_timeout");
-			}
-		}
-	}
-	if (cfg->greet_delay_ms == 0)
-		return;
-	for (unsigned i = 0; i < l->nconns; i++) {
-		struct sock_conn *c = &l->conns[i];
-		if (c->in_use && c->greet_due_us &&
-		    c->greet_due_us <= l->now_us) {
-			c->greet_due_us = 0;
-			if (c->s && !c->closing) {
-				smtp_session_greet(c->s);
-				mark_dirty(c);
-			}
-		}
-	}
+	/* Greeting delay, idle timeout, handshake deadlines, the force
+	 * point of a shutdown. */
+	conn_set_tick(&l->cs);
 }
 
 static void
-service_dirty(struct sock_loop *l)
+service(struct sock_loop *l)
 {
 	/* Connections starved of receive buffers try again once some came
-	 * back; conn_service() re-arms them. */
+	 * back. */
 	if (l->buffers_returned && l->nstarved) {
 		for (unsigned i = 0; i < l->nconns; i++) {
 			struct sock_conn *c = &l->conns[i];
 			if (c->in_use && c->starved) {
 				c->starved = false;
 				l->nstarved--;
-				mark_dirty(c);
+				conn_arm_recv(c);
 			}
 		}
 	}
 	l->buffers_returned = false;
-	while (l->dirty) {
-		struct sock_conn *c = l->dirty;
-		l->dirty = c->dirty_next;
-		c->dirty = false;
-		if (c->in_use)
-			conn_service(c);
+	/* Sessions blocked on spool room are offered their input again
+	 * after a round that saw spool completions (a buffer may have come
+	 * free) or the spool's wake eventfd (OP_SPOOL). */
+	if (l->spool_progress) {
+		l->spool_progress = false;
+		conn_set_room(&l->cs);
 	}
-}
-
-/*
- * Connections blocked on spool room get offered their input again after a
- * round that saw spool completions (a buffer may have come free) or the
- * spool's wake eventfd (a spare segment became ready: OP_SPOOL). Commit
- * verdicts wake their own session (wake_session), so this is only for room.
- * XXX: a scan of the connection table; a list of blocked connections would
- * make it proportional to the blocked ones.
- */
-static void
-retry_held(struct sock_loop *l)
-{
-	if (!l->spool_progress)
-		return;
-	l->spool_progress = false;
-	if (l->nheld == 0)
-		return;
-	for (unsigned i = 0; i < l->nconns; i++) {
-		struct sock_conn *c = &l->conns[i];
-		bool holding = c->held || (c->tls && fd_tls_conn_holding(c->tls));
-		if (c->in_use && holding && !c->closing &&
-		    !smtp_session_commit_pending(c->s))
-			mark_dirty(c);
-	}
+	conn_set_service(&l->cs);
 }
 
 /*
@@ -1066,6 +697,7 @@ loop_init(struct sock_loop *l, struct fd_worker *w)
 
 	memset(l, 0, sizeof(*l));
 	l->w = w;
+	conn_set_init(&l->cs, w, &sock_conn_ops, fd_now_monotonic_us());
 	memset(&p, 0, sizeof(p));
 	p.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN |
 		  IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
@@ -1150,37 +782,6 @@ loop_fini(struct sock_loop *l)
 	munmap(l->bufs, (size_t)l->nbufs * BUF_SIZE);
 }
 
-/* The shutdown's force point: nobody waits past it for the spool. */
-static void
-force_stop(struct sock_loop *l)
-{
-	unsigned n = 0;
-
-	l->stop_forced = true;
-	for (unsigned i = 0; i < l->nconns; i++) {
-		struct sock_conn *c = &l->conns[i];
-		if (c->in_use && !c->closing && c->s) {
-			smtp_session_shutdown_now(c->s);
-			mark_dirty(c);
-			n++;
-		}
-	}
-	if (n)
-		fd_log(FD_LOG_WARN, "sock",
-		       "worker=%u event=stop_forced sessions=%u inflight=%u",
-		       l->w->id, n, spool_inflight(l->w->spool));
-}
-
-static bool
-loop_done(struct sock_loop *l)
-{
-	if (!l->stopping)
-		return false;
-	if (l->in_use == 0 && spool_inflight(l->w->spool) == 0)
-		return true;
-	return l->now_us >= l->stop_deadline_us;
-}
-
 int
 sock_worker_run(struct fd_worker *w)
 {
@@ -1193,7 +794,7 @@ sock_worker_run(struct fd_worker *w)
 		goto out_free;
 	if ((r = loop_init(l, w)) < 0)
 		goto out_free;
-	if ((r = fd_worker_start(w, &l->ring, wake_session)) < 0)
+	if ((r = fd_worker_start(w, &l->ring, conn_wake)) < 0)
 		goto out_fini;
 	for (unsigned i = 0; i < w->cfg->n_listen; i++) {
 		int fd = open_listener(&w->cfg->listen[i]);
@@ -1214,8 +815,10 @@ sock_worker_run(struct fd_worker *w)
 	arm_spool_wake(l);
 	atomic_store(&w->ready, true);
 
-	l->now_us = fd_now_monotonic_us();
-	while (!loop_done(l)) {
+	conn_set_clock(&l->cs, fd_now_monotonic_us());
+	/* Until every session and every operation in flight is done, or the
+	 * shutdown deadline. */
+	while (!conn_set_done(&l->cs, l->in_use == 0)) {
 		struct io_uring_cqe *cqe;
 		struct __kernel_timespec ts = {.tv_sec = 0,
 					       .tv_nsec = TICK_US * 1000};
@@ -1231,7 +834,7 @@ sock_worker_run(struct fd_worker *w)
 			       "error=\"%s\"", w->id, strerror(-r));
 			break;
 		}
-		l->now_us = fd_now_monotonic_us();
+		conn_set_clock(&l->cs, fd_now_monotonic_us());
 		/* Handle everything ready; new CQEs may arrive while we do,
 		 * and are taken in the same iteration. */
 		do {
@@ -1242,35 +845,26 @@ sock_worker_run(struct fd_worker *w)
 				seen++;
 			}
 			io_uring_cq_advance(&l->ring, seen);
-			retry_held(l);
-			service_dirty(l);
+			service(l);
 		} while (seen);
 		run_timers(l);
-		service_dirty(l);
+		service(l);
 		w->conns_current = l->in_use;
 		fd_worker_poll(w);
 		/* Idle: close the batch being filled (natural batching). */
 		spool_flush(w->spool);
 		/* A verdict the flush produced (a commit that could not get a
 		 * segment) goes out now, not after the next wait. */
-		if (l->dirty)
-			service_dirty(l);
-		if (atomic_load(&w->stop) && !l->stopping)
+		if (conn_set_pending(&l->cs))
+			service(l);
+		if (atomic_load(&w->stop))
 			begin_stop(l);
-		if (l->stopping && !l->stop_forced &&
-		    l->now_us >= l->stop_force_us) {
-			force_stop(l);
-			service_dirty(l);
-		}
+		/* The force point, as soon as it is reached. */
+		if (conn_set_stopping(&l->cs))
+			conn_set_tick(&l->cs);
 	}
 	r = 0;
-	if (l->in_use)
-		fd_log(FD_LOG_WARN, "sock",
-		       "worker=%u event=stop_timeout sessions=%u", w->id,
-		       l->in_use);
-	for (unsigned i = 0; i < l->nconns; i++)
-		if (l->conns[i].in_use && !l->conns[i].closing)
-			conn_close(&l->conns[i], "shutdown");
+	conn_set_close_all(&l->cs);
 out_worker:
 	/* Drain: every batch with a commit in it is written and completes,
 	 * and its callbacks run; but not past the shutdown deadline (the
@@ -1280,7 +874,8 @@ out_worker:
 		struct io_uring_cqe *cqe;
 		struct __kernel_timespec ts = {.tv_nsec = TICK_US * 1000};
 		unsigned head, seen = 0;
-		if (l->stopping && fd_now_monotonic_us() >= l->stop_deadline_us)
+		conn_set_clock(&l->cs, fd_now_monotonic_us());
+		if (conn_set_past_deadline(&l->cs))
 			break;
 		io_uring_submit_and_wait_timeout(&l->ring, &cqe, 1, &ts, NULL);
 		io_uring_for_each_cqe(&l->ring, head, cqe)

@@ -95,6 +95,16 @@ def main():
             check(mb and int(mb["leaked"]) == 0 and
                   int(mb["in_use_end"]) <= int(mb["in_use_start"]),
                   f"mbufs not all returned: {mb}")
+            # The final stats line has the kernel transport's fields.
+            st = [l for l in d.read_log().splitlines()
+                  if "main event=stats" in l]
+            kv = dict(f.split("=", 1) for f in st[-1].split()
+                      if "=" in f) if st else {}
+            check(all(k in kv for k in ("sessions", "messages", "failed",
+                                        "rejected", "flushes", "batches",
+                                        "bytes")) and
+                  int(kv["messages"]) > 0 and int(kv["bytes"]) > 0,
+                  f"stats line: {st[-1:]}")
             port = [l for l in d.read_log().splitlines()
                     if "event=port_ready" in l]
             if OFFLOADS == "none":
