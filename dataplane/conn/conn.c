@@ -498,8 +498,17 @@ conn_input(struct conn *c, const uint8_t *p, size_t n)
 			return n;
 	}
 	if (c->tls) {
-		used = fd_tls_conn_in(c->tls, p, n);
-		conn_drive(c);
+		/* The ring may take less than offered; once the pump has
+		 * drained it (the session took the plaintext) it takes more:
+		 * go on while it does, as the clear path does, since nothing
+		 * else would offer the rest. */
+		for (;;) {
+			size_t k = fd_tls_conn_in(c->tls, p + used, n - used);
+			used += k;
+			conn_drive(c);
+			if (!c->open || !c->tls || used == n || k == 0)
+				break;
+		}
 	} else if (!smtp_session_tls_wanted(c->s)) {
 		for (;;) {
 			uint64_t out0 = smtp_session_output_total(c->s);
