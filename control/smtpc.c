@@ -773,8 +773,9 @@ starttls(struct smtpc *c, struct smtpc_reply *why)
 	}
 	if (why->code != 220) {
 		char text[SMTPC_TEXT_MAX];
-		if (c->tls == SMTPC_TLS_MAY && why->code / 100 != 4 &&
-		    why->code != 554)
+		/* Opportunistic: a refusal (454 TLS not available, a 5xx)
+		 * leaves the session as it was; go on in the clear. */
+		if (c->tls == SMTPC_TLS_MAY)
 			return 0;
 		snprintf(text, sizeof(text), "%s", why->text);
 		reply_local(why, 451, "4.7.10",

@@ -1892,3 +1892,100 @@ Test(smtpc, smtp_sink_lmtp_delivery)
 {
 	sink_deliver(true);
 }
+
+/* ---- STARTTLS policies against a server that refuses or misbehaves ---- */
+
+static struct smtpc *
+open_tls(struct srv *s, enum smtpc_tls pol, struct smtpc_reply *why,
+	 int *err)
+{
+	struct smtpc_target t;
+	struct smtpc_params p = params(5000, 5000);
+	char e[200];
+
+	target_of(s, SMTPC_SMTP, &t);
+	p.tls = pol;
+	p.tls_ctx = smtpc_tls_ctx_new(NULL, e, sizeof(e));
+	cr_assert_not_null(p.tls_ctx, "%s", e);
+	struct smtpc *c = smtpc_connect(&t, &p, why, err);
+	smtpc_tls_ctx_free(p.tls_ctx); /* the connection holds its own ref */
+	return c;
+}
+
+Test(smtpc, starttls_may_goes_on_in_the_clear_after_454)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 STARTTLS\r\n" },
+		{ "STARTTLS", "454 4.7.0 TLS not available right now\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc_reply why;
+	int err = 0;
+	struct smtpc *c = open_tls(s, SMTPC_TLS_MAY, &why, &err);
+
+	cr_assert_not_null(c, "may: %d %s", err, why.text);
+	cr_assert_str_eq(smtpc_tls_desc(c), "");
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, starttls_encrypt_defers_after_454_or_when_not_offered)
+{
+	static const struct step refused[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 STARTTLS\r\n" },
+		{ "STARTTLS", "454 4.7.0 TLS not available right now\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	static const struct step absent[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 PIPELINING\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	struct smtpc_reply why;
+	int err = 0;
+	struct srv *s = srv_start(refused, false);
+	struct smtpc *c = open_tls(s, SMTPC_TLS_ENCRYPT, &why, &err);
+
+	cr_assert_null(c);
+	cr_assert_eq(err, -EPROTO);
+	cr_assert(strstr(why.text, "4.7.10 TLS is required, but STARTTLS was "
+				   "refused: 454"),
+		  "%s", why.text);
+	srv_end(s);
+	srv_free(s);
+	s = srv_start(absent, false);
+	c = open_tls(s, SMTPC_TLS_VERIFY, &why, &err);
+	cr_assert_null(c);
+	cr_assert(strstr(why.text, "does not offer STARTTLS"), "%s", why.text);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, starttls_octets_after_the_220_are_refused)
+{
+	/* A reply injected behind the 220 (read in the clear, then taken
+	 * as if it came inside TLS): never. */
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 STARTTLS\r\n" },
+		{ "STARTTLS", "220 2.0.0 go ahead\r\n250 2.1.0 injected\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	struct smtpc_reply why;
+	int err = 0;
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_tls(s, SMTPC_TLS_ENCRYPT, &why, &err);
+
+	cr_assert_null(c);
+	cr_assert(strstr(why.text, "octets after the 220"), "%s", why.text);
+	srv_end(s);
+	srv_free(s);
+}
