@@ -229,12 +229,44 @@ ops_start(const struct fd_config *cfg, struct cplane *cp,
 }
 
 /*
+ * The SMTP policy of a reloaded configuration, for the workers (worker.h).
+ * The one it replaces stays alive until the next reload (a worker that
+ * loaded it a moment ago has long applied it by then: it copies the
+ * scalars and the domain pointers into its server, which point into the
+ * new one from then on).
+ */
+static void
+policy_publish(const struct fd_config *nc)
+{
+	static struct fd_policy *retired;
+	struct fd_policy *p = calloc(1, sizeof(*p)), *old;
+
+	if (!p)
+		return;
+	for (unsigned i = 0; i < nc->n_domains; i++) {
+		memcpy(p->store[i], nc->domains[i], sizeof(p->store[i]));
+		p->domains[i] = p->store[i];
+	}
+	p->n_domains = nc->n_domains;
+	p->max_message_size = nc->max_message_size;
+	p->max_recipients = nc->max_recipients;
+	p->max_errors = nc->max_errors;
+	p->command_timeout_ms = nc->command_timeout_ms;
+	p->data_timeout_ms = nc->data_timeout_ms;
+	old = atomic_exchange_explicit(&fd_policy_live, p,
+				       memory_order_acq_rel);
+	free(retired);
+	retired = old;
+}
+
+/*
  * SIGHUP: read the configuration again (the same command line, so the same
- * --config file) and hand the delivery settings to the control plane
- * (cp_reload: routes, relay, retries, ...). A file that does not parse is
- * refused with its line, and nothing changes. XXX the dataplane's policy
- * (accepted domains, limits, timeouts) is read at start only: applying it
- * needs each worker to take a new copy between sessions.
+ * --config file): the delivery settings go to the control plane
+ * (cp_reload: routes, relay, retries, ...), the SMTP policy to the workers
+ * (accepted domains, message size, recipients, errors, command and data
+ * deadlines). A file that does not parse is refused with its line, and
+ * nothing changes. XXX listen addresses, threads, the spool, the idle
+ * timeout and greeting delay are read at start only.
  */
 static void
 config_reload(int argc, char **argv, struct cplane *cp)
@@ -268,9 +300,12 @@ config_reload(int argc, char **argv, struct cplane *cp)
 		goto out;
 	}
 	cp_config_from(&cc, nc, doms, routes);
-	if (cp_reload(cp, &cc, why, sizeof(why)) != 0)
+	if (cp_reload(cp, &cc, why, sizeof(why)) != 0) {
 		fd_log(FD_LOG_ERR, "main",
 		       "event=reload_failed kept=previous error=\"%s\"", why);
+		goto out;
+	}
+	policy_publish(nc);
 out:
 	free(msg);
 	free(nc);

@@ -27,6 +27,7 @@ static struct worker_final finals[256];
 
 atomic_bool fd_paused;
 struct fd_tls_server *fd_tls;
+struct fd_policy *_Atomic fd_policy_live;
 const char fd_version[] = FINALDOT_VERSION;
 
 /*
@@ -240,6 +241,22 @@ fd_worker_poll(struct fd_worker *w)
 	if (now >= w->pub_due_us) {
 		w->pub_due_us = now + 5000;
 		worker_publish(w);
+	}
+	/* A reload: the new policy, on this thread, between commands. */
+	const struct fd_policy *pol =
+		atomic_load_explicit(&fd_policy_live, memory_order_acquire);
+	if (pol && pol != w->policy_seen && w->smtp) {
+		w->policy_seen = pol;
+		smtp_server_set_policy(w->smtp, pol->domains, pol->n_domains,
+				       pol->max_message_size,
+				       pol->max_recipients, pol->max_errors,
+				       pol->command_timeout_ms,
+				       pol->data_timeout_ms);
+		fd_log(FD_LOG_INFO, "worker",
+		       "worker=%u event=policy_reloaded domains=%u "
+		       "max_message_size=%" PRIu64 " max_recipients=%u",
+		       w->id, pol->n_domains, pol->max_message_size,
+		       pol->max_recipients);
 	}
 	if (!w->port || !w->spool)
 		return;

@@ -59,6 +59,7 @@ struct fd_worker {
 	struct fd_wmsg *wmsgs, *wmsg_free; /* a commit's start time, size */
 	struct ctl_worker_stats priv; /* this thread's part of the counters */
 	uint64_t pub_due_us;
+	const struct fd_policy *policy_seen; /* the last one applied */
 	struct ctl_worker_pub pub fd_cache_aligned; /* read by other threads */
 } fd_cache_aligned;
 
@@ -73,6 +74,22 @@ extern atomic_bool fd_paused;
  * start; reloaded in place (tls/tls.h). */
 struct fd_tls_server;
 extern struct fd_tls_server *fd_tls;
+
+/*
+ * A reload's SMTP policy (smtp_server_set_policy): published by the thread
+ * that takes signals, picked up by each worker in fd_worker_poll(), on its
+ * own thread, between commands. A published policy is never freed while
+ * the process runs the one after it (main retires the one before).
+ */
+struct fd_policy {
+	const char *domains[FD_CONFIG_MAX_DOMAINS];
+	char store[FD_CONFIG_MAX_DOMAINS][FD_CONFIG_STR];
+	unsigned n_domains;
+	uint64_t max_message_size;
+	unsigned max_recipients, max_errors;
+	uint64_t command_timeout_ms, data_timeout_ms;
+};
+extern struct fd_policy *_Atomic fd_policy_live;
 /* The program's version (FINALDOT_VERSION), for both transports. */
 extern const char fd_version[];
 

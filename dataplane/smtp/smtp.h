@@ -162,6 +162,19 @@ struct smtp_stats {
 uint64_t smtp_gap_upper_us(unsigned b);
 uint64_t smtp_gap_percentile(const uint64_t *hist, unsigned p);
 
+/*
+ * A reload: new policy for the commands that come from now on, on the
+ * server's own thread: accepted domains (referenced: keep them alive),
+ * message size, recipients per message (at most what the server was
+ * created with: its slots are allocated then; more is capped), errors
+ * before 421, the command and data deadlines. Sessions keep their state.
+ */
+void smtp_server_set_policy(struct smtp_server *srv,
+			    const char *const *domains, unsigned n_domains,
+			    uint64_t max_message_size, unsigned max_recipients,
+			    unsigned max_errors, uint64_t command_timeout_ms,
+			    uint64_t data_timeout_ms);
+
 /* Copies cfg (strings are referenced, not copied: keep them alive). */
 struct smtp_server *smtp_server_create(const struct smtp_config *cfg,
 				       const struct smtp_sink_ops *ops,

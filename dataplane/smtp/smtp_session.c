@@ -235,6 +235,7 @@ struct smtp_session {
 
 struct smtp_server {
 	struct smtp_config cfg;
+	unsigned rcpt_cap; /* recipient slots per session (allocated) */
 	uint64_t sid_epoch; /* added to session ids: unique across restarts */
 	struct smtp_sink_ops ops;
 	void *sink;
@@ -1956,6 +1957,7 @@ smtp_server_create(const struct smtp_config *cfg,
 	srv->sid_epoch = cfg->now_us ? 0 : fd_now_realtime_us();
 	if (srv->cfg.max_recipients == 0)
 		srv->cfg.max_recipients = 1;
+	srv->rcpt_cap = srv->cfg.max_recipients;
 	srv->ops = *ops;
 	srv->sink = sink;
 	srv->sessions = calloc(cfg->max_sessions, sizeof(*srv->sessions));
@@ -2018,6 +2020,24 @@ smtp_server_destroy(struct smtp_server *srv)
 	free(srv->rcpt_slots);
 	free(srv->sessions);
 	free(srv);
+}
+
+void
+smtp_server_set_policy(struct smtp_server *srv, const char *const *domains,
+		       unsigned n_domains, uint64_t max_message_size,
+		       unsigned max_recipients, unsigned max_errors,
+		       uint64_t command_timeout_ms, uint64_t data_timeout_ms)
+{
+	srv->cfg.domains = domains;
+	srv->cfg.n_domains = n_domains;
+	srv->cfg.max_message_size = max_message_size;
+	srv->cfg.max_recipients = max_recipients == 0 ? 1
+				  : max_recipients > srv->rcpt_cap
+					  ? srv->rcpt_cap
+					  : max_recipients;
+	srv->cfg.max_errors = max_errors;
+	srv->cfg.command_timeout_ms = command_timeout_ms;
+	srv->cfg.data_timeout_ms = data_timeout_ms;
 }
 
 const struct smtp_stats *

@@ -6,8 +6,10 @@ across the reload; a file with a bad line is refused with that line and the
 previous configuration stays."""
 import os
 import re
+import shutil
 import signal
 import smtplib
+import tempfile
 import time
 
 from delivtest import message, send, wait
@@ -17,6 +19,40 @@ from fdtest import Daemon, check, free_port
 def in_spool(d, subject):
     return any(f"Subject: {subject}".encode() in raw
                for raw in d.export().values())
+
+
+def policy():
+    """The SMTP policy reloads too: an accepted domain added, the message
+    size lowered, for the next commands of open and new sessions."""
+    tmp = tempfile.mkdtemp(prefix="fdreload-")
+    conf = os.path.join(tmp, "p.conf")
+    with open(conf, "w") as f:
+        f.write("accept_domain = example.com\nmax_message_size = 10M\n")
+    with Daemon("--config", conf, domains=()) as d:
+        c = d.connect()
+        c.expect(220)
+        c.cmd("EHLO client.test", 250)
+        c.cmd("MAIL FROM:<a@client.test>", 250)
+        c.cmd("RCPT TO:<u@new.test>", 550, r"5\.7\.1")
+        with open(conf, "w") as f:
+            f.write("accept_domain = example.com\naccept_domain = new.test\n"
+                    "max_message_size = 1M\n")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_log(r"event=policy_reloaded domains=2 "
+                   r"max_message_size=1048576", 10)
+        # The open session: the next RCPT sees the new domain.
+        c.cmd("RCPT TO:<u@new.test>", 250)
+        c.cmd("RSET", 250)
+        c.cmd("MAIL FROM:<a@client.test> SIZE=2000000", 552, r"5\.3\.4")
+        c.cmd("QUIT", 221)
+        c.close()
+        lines = smtplib.SMTP("127.0.0.1", d.port, timeout=30)
+        code, msg = lines.ehlo("client.test")
+        check(b"SIZE 1048576" in msg, f"EHLO after the reload: {msg!r}")
+        lines.quit()
+    shutil.rmtree(tmp, ignore_errors=True)
+    print("ok: reload applies accepted domains and the size limit to open "
+          "and new sessions")
 
 
 def main():
@@ -71,6 +107,7 @@ def main():
                                 a.read_run_log()), "the daemon stopped")
     print("ok: reload re-routes new and deferred mail, keeps open sessions; "
           "a bad file is refused and changes nothing")
+    policy()
 
 
 main()
