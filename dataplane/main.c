@@ -311,6 +311,37 @@ out:
 	free(nc);
 }
 
+static void tls_reload(void);
+
+/* What a reload needs, kept by main() for reload_all(). */
+static struct {
+	int argc;
+	char **argv;
+	struct cplane *cp;
+} rl;
+
+/*
+ * SIGHUP / finaldotctl reload, on the kernel transport's signal thread or
+ * on a thread of its own (DPDK: never on a polled core): certificates, the
+ * configuration, the recipients table.
+ */
+static void
+reload_all(void)
+{
+	char why[600];
+
+	sdnotify_reloading();
+	fd_log(FD_LOG_INFO, "main", "event=reload_requested");
+	tls_reload();
+	config_reload(rl.argc, rl.argv, rl.cp);
+	if (cp_reload_recipients(rl.cp, why, sizeof(why)) != 0)
+		fd_log(FD_LOG_ERR, "main",
+		       "event=recipients_reload_failed kept=previous "
+		       "error=\"%s\"",
+		       why);
+	sdnotify("READY=1\nSTATUS=accepting mail");
+}
+
 /* --tls-cert/--tls-key: load and check every pair (fd_tls). 0 or -1. */
 static int
 tls_load(const struct fd_config *cfg)
@@ -552,9 +583,14 @@ main(int argc, char **argv)
 	ctl_spool_scan_free(scan);
 	if (!cp)
 		return 1;
+	rl.argc = argc;
+	rl.argv = argv;
+	rl.cp = cp;
 #ifdef FINALDOT_HAVE_DPDK
 	if (cfg.transport == FD_TRANSPORT_DPDK) {
-		status = dpdk_transport_main(&cfg, seeds, cp) == 0 ? 0 : 1;
+		status = dpdk_transport_main(&cfg, seeds, cp, reload_all) == 0
+				 ? 0
+				 : 1;
 		cp_free(cp);
 		fd_log_stop();
 		return status;
@@ -623,18 +659,7 @@ main(int argc, char **argv)
 				/* Reload: the TLS certificates (renewed files,
 				 * for new sessions). XXX the rest of the
 				 * configuration is read at start only. */
-				sdnotify_reloading();
-				fd_log(FD_LOG_INFO, "main",
-				       "event=reload_requested");
-				tls_reload();
-				config_reload(argc, argv, cp);
-				if (cp_reload_recipients(cp, why,
-							 sizeof(why)) != 0)
-					fd_log(FD_LOG_ERR, "main",
-					       "event=recipients_reload_failed "
-					       "kept=previous error=\"%s\"",
-					       why);
-				sdnotify("READY=1\nSTATUS=accepting mail");
+				reload_all();
 				continue;
 			}
 			if (sig != SIGUSR1)

@@ -26,6 +26,8 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -348,24 +350,36 @@ reload_raise(void *ctx)
 	return kill(getpid(), SIGHUP) == 0 ? 0 : -errno;
 }
 
-/* SIGHUP on shard 0: the TLS certificates, as on the kernel transport (a
- * file read: rare, and the operator asked for it). XXX the rest of the
- * configuration is read at start only. */
+static void (*reload_fn)(void);
+static atomic_bool reloading;
+
+static void *
+reload_main(void *arg)
+{
+	(void)arg;
+	reload_fn();
+	atomic_store(&reloading, false);
+	return NULL;
+}
+
+/* SIGHUP seen by shard 0: the reload (files read, the control plane
+ * called: milliseconds) runs on a thread of its own, never on a polled
+ * core; one at a time (a SIGHUP meanwhile is taken after it). */
 static void
 shard_reload(void)
 {
-	char err[600];
+	pthread_t t;
 
+	if (atomic_exchange(&reloading, true))
+		return; /* g.reload stays set: the next tick tries again */
 	g.reload = 0;
-	sdnotify_reloading();
-	fd_log(FD_LOG_INFO, "main", "event=reload_requested");
-	if (fd_tls && fd_tls_server_reload(fd_tls, err, sizeof(err)) == 0)
-		fd_log(FD_LOG_INFO, "main", "event=tls_reloaded");
-	else if (fd_tls)
-		fd_log(FD_LOG_ERR, "main",
-		       "event=tls_reload_failed kept=previous error=\"%s\"",
-		       err);
-	sdnotify("READY=1\nSTATUS=accepting mail");
+	if (!reload_fn || pthread_create(&t, NULL, reload_main, NULL) != 0) {
+		atomic_store(&reloading, false);
+		fd_log(FD_LOG_ERR, "main", "event=reload_failed "
+		       "error=\"no thread for the reload\"");
+		return;
+	}
+	pthread_detach(t);
 }
 
 static int
@@ -548,11 +562,13 @@ shard_create(unsigned i, const struct net_port_info *pi, struct cplane *cp,
 
 int
 dpdk_transport_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
-		    struct cplane *cp)
+		    struct cplane *cp, void (*reload)(void))
 {
 	struct ctl_ops *ops = NULL;
 	struct net_port_info pi;
 	int r, status = 0;
+
+	reload_fn = reload;
 
 	g.cfg = cfg;
 	if (parse_ipv4(cfg->dpdk_ip, &g.addr, &g.prefix) != 0) {

@@ -18,9 +18,10 @@ struct fd_config;
  * the TCP ports come from cfg->listen. seed_msgid[i]: the largest message
  * id recovery found for worker i (256 entries). cp: the control plane,
  * started here on the non-polled CPUs, stopped after the shards (NULL:
- * none). Returns 0 on a clean stop.
+ * none). reload: what SIGHUP does (run on a thread of its own, one at a
+ * time, never on a polled core). Returns 0 on a clean stop.
  */
 int dpdk_transport_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
-			struct cplane *cp);
+			struct cplane *cp, void (*reload)(void));
 
 #endif
