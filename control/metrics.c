@@ -121,17 +121,45 @@ lab2(FILE *f, const char *name, const char *k1, const char *v1,
 		v2, n);
 }
 
+/*
+ * One histogram's series in the latency buckets of metrics.h: cumulative
+ * buckets, +Inf, sum in seconds, count. label: `route="x"` or NULL.
+ */
 static void
-render_workers(FILE *f, const struct ctl_sources *src,
-	       const struct ctl_worker_stats *t)
+histogram(FILE *f, const char *name, const char *label,
+	  const uint64_t lat[CTL_LAT_BUCKETS + 1], uint64_t sum_ns)
 {
 	static const char *const le[CTL_LAT_BUCKETS] = {
 		"5e-05", "0.0001", "0.00025", "0.0005", "0.001", "0.0025",
 		"0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
 		"2.5", "5", "10"};
+	const char *sep = label ? "," : "";
+	uint64_t cum = 0;
+
+	if (!label)
+		label = "";
+	for (unsigned b = 0; b < CTL_LAT_BUCKETS; b++) {
+		cum += lat[b];
+		fprintf(f, "%s_bucket{%s%sle=\"%s\"} %" PRIu64 "\n", name, label,
+			sep, le[b], cum);
+	}
+	cum += lat[CTL_LAT_BUCKETS];
+	fprintf(f, "%s_bucket{%s%sle=\"+Inf\"} %" PRIu64 "\n", name, label,
+		sep, cum);
+	fprintf(f, *label ? "%s_sum{%s} %" PRIu64 ".%09" PRIu64 "\n"
+			  : "%s_sum%s %" PRIu64 ".%09" PRIu64 "\n",
+		name, label, sum_ns / 1000000000u, sum_ns % 1000000000u);
+	fprintf(f, *label ? "%s_count{%s} %" PRIu64 "\n"
+			  : "%s_count%s %" PRIu64 "\n",
+		name, label, cum);
+}
+
+static void
+render_workers(FILE *f, const struct ctl_sources *src,
+	       const struct ctl_worker_stats *t)
+{
 	const char *tr = src->transport;
 	const char *name;
-	uint64_t cum = 0;
 
 	one(f, "finaldot_workers", "gauge",
 	    "Worker threads (DPDK: shards), each with its own sessions and "
@@ -196,16 +224,7 @@ render_workers(FILE *f, const struct ctl_sources *src,
 	head(f, name, "histogram",
 	     "From the final dot (or BDAT LAST) to the 250: the spool's "
 	     "group commit.");
-	for (unsigned i = 0; i < CTL_LAT_BUCKETS; i++) {
-		cum += t->lat[i];
-		fprintf(f, "%s_bucket{le=\"%s\"} %" PRIu64 "\n", name, le[i],
-			cum);
-	}
-	cum += t->lat[CTL_LAT_BUCKETS];
-	fprintf(f, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, cum);
-	fprintf(f, "%s_sum %" PRIu64 ".%09" PRIu64 "\n", name,
-		t->lat_sum_ns / 1000000000u, t->lat_sum_ns % 1000000000u);
-	fprintf(f, "%s_count %" PRIu64 "\n", name, cum);
+	histogram(f, name, NULL, t->lat, t->lat_sum_ns);
 
 	one(f, "finaldot_spool_flushes_total", "counter",
 	    "Durable spool writes issued (one per batch; messages per flush "
@@ -251,12 +270,8 @@ label_value(char *buf, size_t n, const char *s)
 static void
 render_routes(FILE *f, const struct cp_stats *s)
 {
-	static const char *const le[CTL_LAT_BUCKETS] = {
-		"5e-05", "0.0001", "0.00025", "0.0005", "0.001", "0.0025",
-		"0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
-		"2.5", "5", "10"};
 	const char *name = "finaldot_delivery_duration_seconds";
-	char rl[300];
+	char rl[300], label[320];
 	unsigned n = s->n_routes;
 
 	if (s->routes[CP_ROUTES_PUB].route[0])
@@ -266,24 +281,11 @@ render_routes(FILE *f, const struct cp_stats *s)
 	     "job to its outcome (connection, transaction, final reply).");
 	for (unsigned i = 0; i < n; i++) {
 		const struct cp_route_stats *r = &s->routes[i];
-		uint64_t cum = 0;
 		if (!r->route[0])
 			continue;
-		label_value(rl, sizeof(rl), r->route);
-		for (unsigned b = 0; b < CTL_LAT_BUCKETS; b++) {
-			cum += r->lat[b];
-			fprintf(f, "%s_bucket{route=\"%s\",le=\"%s\"} %" PRIu64
-				   "\n",
-				name, rl, le[b], cum);
-		}
-		cum += r->lat[CTL_LAT_BUCKETS];
-		fprintf(f, "%s_bucket{route=\"%s\",le=\"+Inf\"} %" PRIu64 "\n",
-			name, rl, cum);
-		fprintf(f, "%s_sum{route=\"%s\"} %" PRIu64 ".%09" PRIu64 "\n",
-			name, rl, r->lat_sum_ns / 1000000000u,
-			r->lat_sum_ns % 1000000000u);
-		fprintf(f, "%s_count{route=\"%s\"} %" PRIu64 "\n", name, rl,
-			cum);
+		snprintf(label, sizeof(label), "route=\"%s\"",
+			 label_value(rl, sizeof(rl), r->route));
+		histogram(f, name, label, r->lat, r->lat_sum_ns);
 	}
 	name = "finaldot_route_deliveries_total";
 	head(f, name, "counter",

@@ -850,80 +850,77 @@ starttls(struct smtpc *c, struct smtpc_reply *why)
 	return 0;
 }
 
+/*
+ * One greeting command (EHLO, LHLO or HELO) in state st: its reply in why.
+ * 0 with why->code set (2xx or not: the caller decides), -EPROTO when the
+ * peer said 421 (why holds it), or -errno with a local reply in why.
+ */
+static int
+hello(struct smtpc *c, enum state st, const char *verb, line_hook_fn hook,
+      struct smtpc_reply *why)
+{
+	char line[300];
+	int rc;
+
+	enter_state(c, st);
+	c->exts = 0;
+	c->size_limit = 0;
+	snprintf(line, sizeof(line), "%s %s\r\n", verb, c->helo);
+	rc = send_cmd(c, line);
+	if (rc == 0)
+		rc = read_reply(c, c->cmd_to, why, hook);
+	if (rc == -ECONNRESET && c->got_421)
+		return -EPROTO;
+	if (rc < 0)
+		failure_reply(c, rc, why);
+	return rc;
+}
+
 static int
 session_open(struct smtpc *c, struct smtpc_reply *why)
 {
-	char line[300];
 	int rc;
 
 	enter_state(c, ST_GREETING);
 	rc = read_reply(c, c->cmd_to, why, greeting_hook);
 	if (rc == -ECONNRESET && c->got_421)
 		return -EPROTO; /* why holds the 421 */
-	if (rc < 0)
-		goto out_local;
+	if (rc < 0) {
+		failure_reply(c, rc, why);
+		return rc;
+	}
 	if (why->code / 100 != 2)
 		return -EPROTO;
 
-	enter_state(c, ST_EHLO);
-	c->exts = 0;
-	c->size_limit = 0;
-	snprintf(line, sizeof(line), "%s %s\r\n",
-		 c->proto == SMTPC_LMTP ? "LHLO" : "EHLO", c->helo);
-	rc = send_cmd(c, line);
-	if (rc == 0)
-		rc = read_reply(c, c->cmd_to, why, ehlo_hook);
-	if (rc == -ECONNRESET && c->got_421)
-		return -EPROTO;
+	rc = hello(c, ST_EHLO, c->proto == SMTPC_LMTP ? "LHLO" : "EHLO",
+		   ehlo_hook, why);
 	if (rc < 0)
-		goto out_local;
-	if (why->code / 100 == 2)
-		goto out_ready;
-	if (why->code / 100 != 5 || c->proto == SMTPC_LMTP)
-		return -EPROTO;
-
-	/* RFC 5321 4.1.4: a server not knowing EHLO answers 5xx; HELO then */
-	enter_state(c, ST_HELO);
-	c->exts = 0;
-	c->size_limit = 0;
-	snprintf(line, sizeof(line), "HELO %s\r\n", c->helo);
-	rc = send_cmd(c, line);
-	if (rc == 0)
-		rc = read_reply(c, c->cmd_to, why, NULL);
-	if (rc == -ECONNRESET && c->got_421)
-		return -EPROTO;
-	if (rc < 0)
-		goto out_local;
-	if (why->code / 100 != 2)
-		return -EPROTO;
-out_ready:
+		return rc;
+	if (why->code / 100 != 2) {
+		if (why->code / 100 != 5 || c->proto == SMTPC_LMTP)
+			return -EPROTO;
+		/* RFC 5321 4.1.4: a server not knowing EHLO answers 5xx;
+		 * HELO then */
+		rc = hello(c, ST_HELO, "HELO", NULL, why);
+		if (rc < 0)
+			return rc;
+		if (why->code / 100 != 2)
+			return -EPROTO;
+	}
 	enter_state(c, ST_READY);
 	if (c->tls != SMTPC_TLS_NONE && !c->ssl && c->proto == SMTPC_SMTP) {
 		rc = starttls(c, why);
+		if (rc < 0 || !c->ssl)
+			return rc;
+		/* RFC 3207 4.2: what EHLO said before TLS is void. */
+		rc = hello(c, ST_EHLO, "EHLO", ehlo_hook, why);
 		if (rc < 0)
 			return rc;
-		if (c->ssl) {
-			/* RFC 3207 4.2: what EHLO said before TLS is void. */
-			enter_state(c, ST_EHLO);
-			c->exts = 0;
-			c->size_limit = 0;
-			snprintf(line, sizeof(line), "EHLO %s\r\n", c->helo);
-			rc = send_cmd(c, line);
-			if (rc == 0)
-				rc = read_reply(c, c->cmd_to, why, ehlo_hook);
-			if (rc == -ECONNRESET && c->got_421)
-				return -EPROTO;
-			if (rc < 0)
-				goto out_local;
-			if (why->code / 100 != 2)
-				return -EPROTO;
-			enter_state(c, ST_READY);
-		}
+		if (why->code / 100 != 2)
+			return -EPROTO;
+		enter_state(c, ST_READY);
 	}
 	return 0;
-out_local:
-	failure_reply(c, rc, why);
-	return rc;
 }
 
 void
