@@ -656,9 +656,8 @@ main(int argc, char **argv)
 		for (;;) {
 			sigwait(&sigs, &sig);
 			if (sig == SIGHUP) {
-				/* Reload: the TLS certificates (renewed files,
-				 * for new sessions). XXX the rest of the
-				 * configuration is read at start only. */
+				/* Reload: certificates, configuration,
+				 * recipients (reload_all()). */
 				reload_all();
 				continue;
 			}
