@@ -90,6 +90,17 @@ int (*cp_rcpt_check_fn(const struct cplane *cp))(void *, const char *);
 int cp_start(struct cplane *cp, const cpu_set_t *cpus);
 
 /*
+ * A message's history from the delivery log: every record about id in the
+ * log files (since the last compaction: a checkpoint keeps the state, not
+ * the steps), oldest first, to fn (return non-zero to stop). Reads the
+ * files on the caller's thread (a control thread, never the queue
+ * manager's): milliseconds per MiB of log. 0, or -errno.
+ */
+struct dlog_rec;
+typedef int (*cp_history_fn)(void *ctx, const struct dlog_rec *r);
+int cp_history(struct cplane *cp, uint64_t id, cp_history_fn fn, void *ctx);
+
+/*
  * SIGHUP: a new configuration for delivery: routes, relay, bounce relay,
  * --smtp-tls and its CA, retry settings, queue lifetime, per-destination
  * concurrency. Checked first (a bad route: -EINVAL with why, nothing

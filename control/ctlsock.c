@@ -41,6 +41,7 @@
 #include "cplane.h"
 #include "ctljson.h"
 #include "ctlsock.h"
+#include "dlog.h"
 #include "finaldot/config.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
@@ -450,7 +451,8 @@ jw_msg(struct ctl_jw *w, const struct cp_msg_view *v, bool full)
 		ctl_jw_obj_end(w);
 	}
 	ctl_jw_arr_end(w);
-	ctl_jw_obj_end(w);
+	if (!full)
+		ctl_jw_obj_end(w); /* queue.show adds its history first */
 }
 
 static bool
@@ -536,6 +538,8 @@ cmd_list(struct ctl_server *sv, struct ctl_client *c, struct req *rq)
 	return 0;
 }
 
+/* On the queue manager's thread: the reply up to the message's history,
+ * which cmd_show() adds and closes. */
 static int
 show_one(void *ctx, const struct cp_msg_view *v)
 {
@@ -543,7 +547,33 @@ show_one(void *ctx, const struct cp_msg_view *v)
 
 	ok_begin(&c->out);
 	jw_msg(&c->out, v, true);
-	ok_end(&c->out);
+	return c->out.err;
+}
+
+/* One delivery-log record of the message, on this (control) thread. */
+static int
+history_one(void *ctx, const struct dlog_rec *r)
+{
+	struct ctl_client *c = ctx;
+	char t[40];
+
+	if (!dlog_type_is_public(r->type))
+		return 0;
+	if (c->count++ >= 200)
+		return 1; /* enough for one screen; the log has the rest */
+	ctl_jw_obj(&c->out);
+	iso8601(r->time_us, t, sizeof(t));
+	ctl_jw_kstr(&c->out, "time", t);
+	ctl_jw_kstr(&c->out, "event", dlog_type_name(r->type));
+	ctl_jw_key(&c->out, "rcpt");
+	if (r->rcpt == DLOG_ALL)
+		ctl_jw_null(&c->out);
+	else
+		ctl_jw_u64(&c->out, r->rcpt);
+	ctl_jw_ku64(&c->out, "attempts", r->attempts);
+	ctl_jw_key(&c->out, "text");
+	ctl_jw_strn(&c->out, r->text ? r->text : "", r->text_len);
+	ctl_jw_obj_end(&c->out);
 	return c->out.err;
 }
 
@@ -557,10 +587,20 @@ cmd_show(struct ctl_server *sv, struct ctl_client *c, struct req *rq)
 	if (arg_id(c, rq, &id) < 0)
 		return -1;
 	r = cp_queue_show(sv->src.cp, id, show_one, c);
-	if (r == 0)
-		return 0;
-	ctl_jw_rewind(&c->out, mark);
-	return reply_cp_err(c, "queue.show", r);
+	if (r != 0) {
+		ctl_jw_rewind(&c->out, mark);
+		return reply_cp_err(c, "queue.show", r);
+	}
+	/* The message's object is still open: its delivery history, read
+	 * from the log files here, not on the queue manager's thread. */
+	ctl_jw_key(&c->out, "history");
+	ctl_jw_arr(&c->out);
+	c->count = 0;
+	cp_history(sv->src.cp, id, history_one, c);
+	ctl_jw_arr_end(&c->out);
+	ctl_jw_obj_end(&c->out);
+	ok_end(&c->out);
+	return 0;
 }
 
 struct cat_ctx {

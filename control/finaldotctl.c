@@ -1051,6 +1051,50 @@ show_time(const struct client *c, int o, const char *key, const char *label)
 		printf(" %s=%s", label, t);
 }
 
+/* The delivery log's record of the message, oldest first: what was
+ * tried when, and what the next hop said. rcpts: the recipients array
+ * (a record names a recipient by its index). */
+static void
+show_history(struct client *c, int data, int rcpts)
+{
+	char t[64], ev[32], addr[600], text[1100];
+	int h = ctl_json_get(&c->j, (uint32_t)data, "history");
+
+	if (h < 0 || tok_of(c, h)->type != CTL_JSON_ARRAY ||
+	    tok_of(c, h)->count == 0)
+		return;
+	fputs("history (delivery log, since its last compaction):\n", stdout);
+	for (uint32_t i = 0, k = ctl_json_child((uint32_t)h);
+	     i < tok_of(c, h)->count; i++, k = ctl_json_next(&c->j, k)) {
+		int o = (int)k, r = ctl_json_get(&c->j, k, "rcpt");
+		addr[0] = '\0';
+		if (r >= 0 && tok_of(c, r)->type == CTL_JSON_NUMBER &&
+		    rcpts >= 0) {
+			uint64_t idx = get_u64(c, o, "rcpt");
+			uint32_t e = ctl_json_child((uint32_t)rcpts);
+			for (uint64_t x = 0; x < idx && x < tok_of(c, rcpts)->count;
+			     x++)
+				e = ctl_json_next(&c->j, e);
+			if (idx < tok_of(c, rcpts)->count)
+				get_str(c, (int)e, "address", addr, sizeof(addr));
+		}
+		printf("  %s %-10s ", get_str(c, o, "time", t, sizeof(t)),
+		       get_str(c, o, "event", ev, sizeof(ev)));
+		if (addr[0]) {
+			fputc('<', stdout);
+			put_text(stdout, addr);
+			fputs("> ", stdout);
+		} else {
+			fputs("(message) ", stdout);
+		}
+		if (get_u64(c, o, "attempts"))
+			printf("attempt %" PRIu64 " ", get_u64(c, o, "attempts"));
+		if (get_str(c, o, "text", text, sizeof(text))[0])
+			put_line(stdout, text);
+		fputc('\n', stdout);
+	}
+}
+
 static int
 queue_show(int argc, char **argv)
 {
@@ -1141,6 +1185,7 @@ queue_show(int argc, char **argv)
 			k = ctl_json_next(&c.j, k);
 		}
 	}
+	show_history(&c, data, rc);
 	client_close(&c);
 	return finish_output(0);
 }

@@ -49,6 +49,8 @@
 #include <strings.h>
 #include <time.h>
 #include <fcntl.h>
+#include <dirent.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -2871,6 +2873,78 @@ cp_reload(struct cplane *cp, const struct cp_config *nc, char *why,
 		snprintf(why, why_len, "the queue manager is stopping");
 	}
 	return r;
+}
+
+struct history_ctx {
+	uint64_t id;
+	cp_history_fn fn;
+	void *ctx;
+	int stop;
+};
+
+static int
+history_rec(void *ctx, const struct dlog_rec *r)
+{
+	struct history_ctx *h = ctx;
+
+	if (r->msgid != h->id || h->stop)
+		return 0;
+	h->stop = h->fn(h->ctx, r);
+	return 0;
+}
+
+static int
+name_cmp(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int
+cp_history(struct cplane *cp, uint64_t id, cp_history_fn fn, void *ctx)
+{
+	struct history_ctx h = {.id = id, .fn = fn, .ctx = ctx};
+	char dir[4200], path[4300];
+	char *names[64];
+	unsigned n = 0;
+	struct dirent *e;
+	DIR *d;
+
+	snprintf(dir, sizeof(dir), "%s/dlog", cp->spool_dir);
+	if (!(d = opendir(dir)))
+		return -errno;
+	while ((e = readdir(d)) && n < FD_ARRAY_SIZE(names)) {
+		size_t l = strlen(e->d_name);
+		if (l > 4 && strcmp(e->d_name + l - 4, ".log") == 0)
+			names[n++] = strdup(e->d_name);
+	}
+	closedir(d);
+	/* Generations are fixed-width hex: name order is log order. */
+	qsort(names, n, sizeof(names[0]), name_cmp);
+	for (unsigned i = 0; i < n; i++) {
+		struct dlog_scan_result res;
+		struct stat st;
+		void *p;
+		int fd;
+		if (!names[i])
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		free(names[i]);
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || fstat(fd, &st) != 0 || st.st_size == 0) {
+			if (fd >= 0)
+				close(fd);
+			continue; /* compacted away meanwhile: fine */
+		}
+		p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+		close(fd);
+		if (p == MAP_FAILED)
+			continue;
+		if (!h.stop)
+			dlog_scan_mem(p, (size_t)st.st_size, history_rec, &h,
+				      &res);
+		munmap(p, (size_t)st.st_size);
+	}
+	return 0;
 }
 
 int

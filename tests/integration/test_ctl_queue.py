@@ -131,6 +131,19 @@ def main():
         check(v["sender"] == "s1@example.com" and v["helo"] ==
               "client.test" and v["client"] == "127.0.0.1" and
               v["recipients"][0]["route"] == hop.target, f"show --json {v}")
+        # The delivery history, from the delivery log: the attempt and
+        # the deferral with the next hop's 451, in that order.
+        events = [(h["event"], h["rcpt"]) for h in v["history"]]
+        check(("attempt", 0) in events and ("deferred", 0) in events and
+              events.index(("attempt", 0)) < events.index(("deferred", 0)),
+              f"history {v['history']}")
+        check(any("451 4.3.0" in h["text"] for h in v["history"]
+                  if h["event"] == "deferred"), f"history {v['history']}")
+        _, out, _ = ctl(d, "queue", "show", ids[1])
+        check(re.search(r"history .*\n  \S+ attempt +<bob1@dest\.test>",
+                        out) and
+              re.search(r"deferred +<bob1@dest\.test> attempt 1 .*451 4\.3\.0",
+                        out), f"queue show history:\n{out}")
         r = subprocess.run([FINALDOTCTL, "--control",
                             os.path.join(d.tmp, "control.sock"), "queue",
                             "cat", ids[1]], capture_output=True, timeout=60)
