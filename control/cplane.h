@@ -103,7 +103,8 @@ int cp_history(struct cplane *cp, uint64_t id, cp_history_fn fn, void *ctx);
 /*
  * SIGHUP: a new configuration for delivery: routes, relay, bounce relay,
  * --smtp-tls and its CA, retry settings, queue lifetime, per-destination
- * concurrency. Checked first (a bad route: -EINVAL with why, nothing
+ * concurrency, the accepted domains (bounces to senders there are routed
+ * like mail to them; copied). Checked first (a bad route: -EINVAL with why, nothing
  * changes); then swapped in on the queue manager's thread: deliveries in
  * flight finish where they were going, every message takes the new routes
  * when it is next tried. Other fields of nc are ignored (read at start).

@@ -109,6 +109,11 @@ struct cplane {
 	struct cp_routing *_Atomic routing;
 	struct cp_routing *routing_retired;
 	uint32_t route_gen;
+	/* The accepted domains after a reload (cfg.domains points here; only
+	 * this thread reads them: bounces to senders in them are routed like
+	 * mail to them). NULL until the first reload. */
+	char *dom_store;
+	const char **dom_ptrs;
 	/* --recipients: read by every worker at RCPT time. A reload swaps
 	 * in a new table and keeps the one it replaced until the next
 	 * reload: a check that loaded the old pointer a moment ago has long
@@ -2831,6 +2836,33 @@ reload_apply(struct cplane *cp, void *arg)
 		cp->cfg.queue_lifetime_ms = nc->queue_lifetime_ms;
 	if (nc->dest_concurrency)
 		cp->cfg.dest_concurrency = nc->dest_concurrency;
+	if (nc->n_domains && nc->domains) {
+		size_t total = 0;
+		char *store, *w;
+		const char **ptrs;
+		for (unsigned i = 0; i < nc->n_domains; i++)
+			total += strlen(nc->domains[i]) + 1;
+		store = malloc(total);
+		ptrs = calloc(nc->n_domains, sizeof(*ptrs));
+		if (store && ptrs) {
+			w = store;
+			for (unsigned i = 0; i < nc->n_domains; i++) {
+				size_t l = strlen(nc->domains[i]) + 1;
+				memcpy(w, nc->domains[i], l);
+				ptrs[i] = w;
+				w += l;
+			}
+			free(cp->dom_store);
+			free((void *)cp->dom_ptrs);
+			cp->dom_store = store;
+			cp->dom_ptrs = ptrs;
+			cp->cfg.domains = ptrs;
+			cp->cfg.n_domains = nc->n_domains;
+		} else {
+			free(store);
+			free((void *)ptrs);
+		}
+	}
 	/* Next hops already known: their TLS policy as now configured (a
 	 * route's own tls= is in its key; the default may have changed). */
 	for (size_t b = 0; b < DEST_BUCKETS; b++)
@@ -3143,6 +3175,8 @@ cp_free(struct cplane *cp)
 		}
 	routing_free(cp->routing);
 	routing_free(cp->routing_retired);
+	free(cp->dom_store);
+	free((void *)cp->dom_ptrs);
 	if (cp->rcpts)
 		rcptdb_free(cp->rcpts);
 	if (cp->rcpts_retired)

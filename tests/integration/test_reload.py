@@ -55,6 +55,39 @@ def policy():
           "and new sessions")
 
 
+def bounce_domain():
+    """A domain accepted by a reload: a bounce to a sender there is routed
+    like mail to it (before, with no bounce relay, it was dropped)."""
+    from delivtest import maildir_files
+    tmp = tempfile.mkdtemp(prefix="fdreload-")
+    users = os.path.join(tmp, "users")
+    with open(users, "w") as f:
+        f.write("known@example.com\n")
+    conf = os.path.join(tmp, "a.conf")
+    with Daemon("--recipients", users) as b:
+        def write(extra):
+            with open(conf, "w") as f:
+                f.write(f"route = example.com=smtp:127.0.0.1:{b.port}\n"
+                        f"accept_domain = example.com\n{extra}")
+        write("")
+        with Daemon("--config", conf, delivery=True, domains=()) as a:
+            q1 = send(a, "s@new.test", ["unknown@example.com"],
+                      message(1, 300, "bounce before"))
+            a.wait_log(rf"{q1} event=bounce_dropped", 20)
+            write(f"accept_domain = new.test\n"
+                  f"route = new.test=maildir:{tmp}/md\n")
+            os.kill(a.proc.pid, signal.SIGHUP)
+            a.wait_log(r"event=reloaded route_gen=1 ", 10)
+            q2 = send(a, "s@new.test", ["unknown@example.com"],
+                      message(2, 300, "bounce after"))
+            a.wait_log(rf"{q2} event=bounce status=sent to=<s@new\.test>",
+                       20)
+            check(maildir_files(f"{tmp}/md", "s@new.test"),
+                  "the DSN is not in new.test's Maildir")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print("ok: a domain accepted by a reload gets its bounces")
+
+
 def main():
     down = free_port()
     with Daemon() as b1, Daemon() as b2:
@@ -108,6 +141,7 @@ def main():
     print("ok: reload re-routes new and deferred mail, keeps open sessions; "
           "a bad file is refused and changes nothing")
     policy()
+    bounce_domain()
 
 
 main()
