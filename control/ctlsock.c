@@ -550,31 +550,64 @@ show_one(void *ctx, const struct cp_msg_view *v)
 	return c->out.err;
 }
 
+/* The latest HISTORY_MAX records of a message: a message retried for
+ * days has hundreds; the newest are the ones an operator needs. */
+#define HISTORY_MAX 200
+
+struct history {
+	struct hist_rec {
+		uint64_t time_us;
+		enum dlog_type type;
+		uint32_t rcpt, attempts;
+		uint16_t text_len;
+		char text[DLOG_TEXT_MAX];
+	} *ring;
+	unsigned n; /* records seen; the ring holds the last HISTORY_MAX */
+};
+
 /* One delivery-log record of the message, on this (control) thread. */
 static int
 history_one(void *ctx, const struct dlog_rec *r)
 {
-	struct ctl_client *c = ctx;
-	char t[40];
+	struct history *h = ctx;
+	struct hist_rec *e;
 
 	if (!dlog_type_is_public(r->type))
 		return 0;
-	if (c->count++ >= 200)
-		return 1; /* enough for one screen; the log has the rest */
-	ctl_jw_obj(&c->out);
-	iso8601(r->time_us, t, sizeof(t));
-	ctl_jw_kstr(&c->out, "time", t);
-	ctl_jw_kstr(&c->out, "event", dlog_type_name(r->type));
-	ctl_jw_key(&c->out, "rcpt");
-	if (r->rcpt == DLOG_ALL)
-		ctl_jw_null(&c->out);
-	else
-		ctl_jw_u64(&c->out, r->rcpt);
-	ctl_jw_ku64(&c->out, "attempts", r->attempts);
-	ctl_jw_key(&c->out, "text");
-	ctl_jw_strn(&c->out, r->text ? r->text : "", r->text_len);
-	ctl_jw_obj_end(&c->out);
-	return c->out.err;
+	e = &h->ring[h->n++ % HISTORY_MAX];
+	e->time_us = r->time_us;
+	e->type = r->type;
+	e->rcpt = r->rcpt;
+	e->attempts = r->attempts;
+	e->text_len = (uint16_t)(r->text_len < DLOG_TEXT_MAX ? r->text_len
+							     : DLOG_TEXT_MAX);
+	if (e->text_len)
+		memcpy(e->text, r->text, e->text_len);
+	return 0;
+}
+
+static void
+history_write(struct ctl_jw *w, const struct history *h)
+{
+	unsigned n = h->n < HISTORY_MAX ? h->n : HISTORY_MAX;
+	char t[40];
+
+	for (unsigned i = 0; i < n; i++) {
+		const struct hist_rec *e = &h->ring[(h->n - n + i) % HISTORY_MAX];
+		ctl_jw_obj(w);
+		iso8601(e->time_us, t, sizeof(t));
+		ctl_jw_kstr(w, "time", t);
+		ctl_jw_kstr(w, "event", dlog_type_name(e->type));
+		ctl_jw_key(w, "rcpt");
+		if (e->rcpt == DLOG_ALL)
+			ctl_jw_null(w);
+		else
+			ctl_jw_u64(w, e->rcpt);
+		ctl_jw_ku64(w, "attempts", e->attempts);
+		ctl_jw_key(w, "text");
+		ctl_jw_strn(w, e->text, e->text_len);
+		ctl_jw_obj_end(w);
+	}
 }
 
 static int
@@ -595,8 +628,15 @@ cmd_show(struct ctl_server *sv, struct ctl_client *c, struct req *rq)
 	 * from the log files here, not on the queue manager's thread. */
 	ctl_jw_key(&c->out, "history");
 	ctl_jw_arr(&c->out);
-	c->count = 0;
-	cp_history(sv->src.cp, id, history_one, c);
+	{
+		struct history h = {
+			.ring = malloc(HISTORY_MAX * sizeof(*h.ring))};
+		if (h.ring) {
+			cp_history(sv->src.cp, id, history_one, &h);
+			history_write(&c->out, &h);
+			free(h.ring);
+		}
+	}
 	ctl_jw_arr_end(&c->out);
 	ctl_jw_obj_end(&c->out);
 	ok_end(&c->out);
