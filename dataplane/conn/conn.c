@@ -132,6 +132,9 @@ timer_arm(struct conn_list *l, struct conn_node *n, uint64_t due_us)
 static void
 mark_dirty(struct conn *c)
 {
+	/* Marked again after conn_set_service()'s first pass drove it: the
+	 * news needs a whole service, not just its held input. */
+	c->driven = false;
 	if (c->open && !c->n_dirty.linked)
 		list_push(&c->cs->dirty, &c->n_dirty);
 }
@@ -265,6 +268,7 @@ conn_close(struct conn *c, const char *why, enum conn_close_how how)
 		cs->w->tls_failed++;
 	hs_release(c);
 	c->open = false;
+	c->driven = false;
 	list_del(&cs->open, &c->n_open);
 	list_del(&cs->dirty, &c->n_dirty);
 	list_del(&cs->blocked, &c->n_blocked);
@@ -463,12 +467,10 @@ can_take(const struct conn *c)
 	return c->tls || !smtp_session_tls_wanted(c->s);
 }
 
+/* The input the transport holds for c, offered again. */
 static void
-conn_service(struct conn *c)
+conn_take_held(struct conn *c)
 {
-	if (!c->open)
-		return;
-	conn_drive(c);
 	if (c->open && c->held && can_take(c)) {
 		c->resuming = true;
 		c->cs->ops->resume(c);
@@ -476,6 +478,15 @@ conn_service(struct conn *c)
 	}
 	if (c->open)
 		blocked_update(c);
+}
+
+static void
+conn_service(struct conn *c)
+{
+	if (!c->open)
+		return;
+	conn_drive(c);
+	conn_take_held(c);
 }
 
 /* ---- transport events --------------------------------------------------- */
@@ -645,13 +656,45 @@ conn_set_room(struct conn_set *cs)
 	}
 }
 
+/*
+ * Two passes. First every marked connection's replies go to the transport
+ * and the transport pushes them out (ops->push): a group commit wakes many
+ * sessions at once, and a 250 must not wait while the sessions before it
+ * parse the messages their clients pipelined behind the dot (RFC 1047's
+ * gap: the 250 is the one reply that has to race the link). Then each
+ * one's held input. conn_drive() may close a connection (it leaves the
+ * list, the next one stays) or mark another (appended: driven in the
+ * second pass).
+ */
 void
 conn_set_service(struct conn_set *cs)
 {
+	struct conn_node *n, *next;
+
+	if (!cs->dirty.head)
+		return;
+	for (n = cs->dirty.head; n; n = next) {
+		struct conn *c = CONN_OF(n, n_dirty);
+
+		next = n->next;
+		conn_drive(c);
+		c->driven = true;
+	}
+	if (cs->ops->push)
+		cs->ops->push(cs);
 	while (cs->dirty.head) {
 		struct conn *c = CONN_OF(cs->dirty.head, n_dirty);
+
 		list_del(&cs->dirty, &c->n_dirty);
-		conn_service(c);
+		if (c->driven) {
+			/* Driven once already: a second drive would send
+			 * again after a short send (the transport says when
+			 * it has room). */
+			c->driven = false;
+			conn_take_held(c);
+		} else {
+			conn_service(c);
+		}
 	}
 }
 

@@ -81,6 +81,10 @@ struct conn_ops {
 	/* Offer the held input again by calling conn_input() from inside
 	 * (or later, when the transport cannot now). */
 	void (*resume)(struct conn *c);
+	/* Optional: put what send() took so far on the wire now, before the
+	 * layer offers the sessions their held input (conn_set_service()).
+	 * NULL: the transport sends at its own time. */
+	void (*push)(struct conn_set *cs);
 	/* RFC 1047: octets of this connection's stream the peer's TCP
 	 * acknowledged. sent: octets handed over (send()) so far. 0, or
 	 * -errno when the transport cannot tell (no check then). */
@@ -105,6 +109,8 @@ struct conn {
 	bool hs_running;  /* counted in cs->handshakes */
 	bool hs_waiting;  /* on cs->hswait, for a handshake slot */
 	bool tls_closing; /* close_notify queued */
+	bool driven;      /* conn_set_service(): its replies went out in the
+			   * first pass, its held input waits for the second */
 	struct conn_node n_open, n_dirty, n_blocked, n_hswait;
 	struct conn_node t_idle, t_greet, t_hs;
 };

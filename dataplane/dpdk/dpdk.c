@@ -14,10 +14,12 @@
  *   rx burst and frames handed over -> the stack (which calls the upcalls
  *   below: conn_input() and the rest), stack timers, spool completions (the
  *   250s: conn_wake() only marks the sessions, conn_set_tick() services them
- *   after spool_poll() returned, with the session timers), spool_flush()
- *   when the rx burst was not full (natural batching: nothing more to read
- *   now), counters every 100 ms, tx burst of everything queued in this
- *   iteration (never held back).
+ *   after spool_poll() returned, with the session timers: their replies are
+ *   pushed out with a tx burst before any session parses held input),
+ *   spool_flush() when the rx burst was not full (natural batching: nothing
+ *   more to read now), spool_submit() (the writes go to the kernel after
+ *   the 250s left), counters every 100 ms, tx burst of everything queued
+ *   in this iteration (never held back).
  *
  * The stack is synchronous: tcp_send() copies what it takes, so the layer
  * sees a transport that takes octets at once (or calls conn_writable() from
@@ -50,6 +52,7 @@
 #include "net/net.h"
 #include "net/port.h"
 #include "net/tcp.h"
+#include "smtp/smtp.h"
 #include "spool/spool.h"
 #include "tls/tls.h"
 #include "worker.h"
@@ -181,9 +184,32 @@ dp_close(struct conn *c, enum conn_close_how how, const char *why)
 	sh->in_use--;
 }
 
+/*
+ * The frames queued so far go to the port; once none is left waiting, the
+ * 250s among them are on the wire as far as software can see, and their
+ * gap samples end here (the engine staged them: smtp_server_gap_staged()).
+ */
+static void
+shard_tx_flush(struct shard *sh)
+{
+	net_port_tx_flush(sh->q);
+	if (sh->w.smtp && !net_port_tx_queued(sh->q))
+		smtp_server_gap_settle(sh->w.smtp);
+}
+
+/* The replies a group commit released leave before the sessions parse
+ * the input they hold (conn_set_service()). */
+static void
+dp_push(struct conn_set *cs)
+{
+	shard_tx_flush((struct shard *)(void *)((char *)cs -
+						offsetof(struct shard, cs)));
+}
+
 static const struct conn_ops dp_conn_ops = {
 	.send = dp_send,
 	.resume = dp_resume,
+	.push = dp_push,
 	.acked = dp_acked,
 	.close = dp_close,
 };
@@ -396,6 +422,9 @@ shard_main(void *arg)
 	conn_set_clock(&sh->cs, fd_now_monotonic_us());
 	if (fd_worker_start(&sh->w, NULL, conn_wake) != 0)
 		return -1;
+	/* RFC 1047's gap on this path ends at the tx burst, not when the
+	 * stack copied the reply. */
+	smtp_server_gap_staged(sh->w.smtp, true);
 	if (sh->id == 0)
 		net_stack_start(sh->st); /* gratuitous ARP, once per port */
 	atomic_store(&sh->w.ready, true);
@@ -429,6 +458,9 @@ shard_main(void *arg)
 		}
 		if (!full)
 			spool_flush(sh->w.spool);
+		/* The writes queued since spool_poll(), now that the 250s
+		 * its completions released are out (conn_set_tick()). */
+		spool_submit(sh->w.spool);
 		if (sh->cs.now_us >= sh->next_publish_us) {
 			sh->next_publish_us = sh->cs.now_us + PUBLISH_US;
 			shard_publish(sh);
@@ -442,7 +474,7 @@ shard_main(void *arg)
 				conn_set_service(&sh->cs);
 			}
 		}
-		net_port_tx_flush(sh->q);
+		shard_tx_flush(sh);
 		/* The sessions, then the stack's own connections (FINs
 		 * acknowledged), or the deadline; and the spool drained. */
 		if (conn_set_done(&sh->cs, net_stack_conn_count(sh->st) == 0) &&
@@ -450,7 +482,7 @@ shard_main(void *arg)
 			break;
 	}
 	conn_set_close_all(&sh->cs);
-	net_port_tx_flush(sh->q);
+	shard_tx_flush(sh);
 	fd_worker_finish(&sh->w);
 	const struct net_counters *nc = net_stack_counters(sh->st);
 	const struct net_port_q_stats *qs = net_port_q_stats(sh->q);

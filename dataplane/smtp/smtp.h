@@ -133,6 +133,7 @@ struct smtp_config {
 void smtp_config_defaults(struct smtp_config *cfg);
 
 #define SMTP_GAP_BUCKETS 96
+#define SMTP_GAP_STAGE 256 /* staged samples; more are recorded at once */
 
 /* Counters, per server (per worker thread). Plain integers: one writer. */
 struct smtp_stats {
@@ -152,8 +153,9 @@ struct smtp_stats {
 	uint64_t tls_required_refused; /* 530 5.7.0: MAIL before STARTTLS */
 	/* RFC 1047's gap as we can shorten it: from the durable write's
 	 * completion (smtp_session_commit_done) to the 250's last octet
-	 * handed to the transport (smtp_session_output_done), in
-	 * quarter-octave buckets of microseconds (smtp_gap_bucket()). */
+	 * handed to the transport (smtp_session_output_done), or, staged
+	 * (smtp_server_gap_staged()), to the transport's word that it is on
+	 * the wire; in quarter-octave buckets of microseconds. */
 	uint64_t gap_hist[SMTP_GAP_BUCKETS];
 };
 
@@ -174,6 +176,17 @@ void smtp_server_set_policy(struct smtp_server *srv,
 			    uint64_t max_message_size, unsigned max_recipients,
 			    unsigned max_errors, uint64_t command_timeout_ms,
 			    uint64_t data_timeout_ms);
+
+/*
+ * Where the gap ends. Off (the default): when the transport takes the
+ * 250's last octet (kernel sockets: the send completed, the kernel has
+ * it). On: the sample waits until the transport calls
+ * smtp_server_gap_settle() after the octets left (DPDK: after the tx burst
+ * that carried them), so the gap includes whatever the loop did between
+ * taking the reply and sending the frame.
+ */
+void smtp_server_gap_staged(struct smtp_server *srv, bool on);
+void smtp_server_gap_settle(struct smtp_server *srv);
 
 /* Copies cfg (strings are referenced, not copied: keep them alive). */
 struct smtp_server *smtp_server_create(const struct smtp_config *cfg,

@@ -247,7 +247,21 @@ struct smtp_server {
 	struct smtp_session *free_list;
 	size_t busy_len;
 	char busy[SMTP_REPLY_MAX];
+	/* RFC 1047's gap measured to the wire (smtp_server_gap_staged()):
+	 * the durable-completion times of 250s the transport took but has
+	 * not yet put on the wire. */
+	bool gap_staged;
+	unsigned n_gap_stage;
+	uint64_t gap_stage[SMTP_GAP_STAGE];
 };
+
+static void
+gap_record(struct smtp_server *srv, uint64_t t0_ns, uint64_t now_ns)
+{
+	uint64_t us = now_ns > t0_ns ? (now_ns - t0_ns) / 1000 : 0;
+
+	srv->stats.gap_hist[smtp_gap_bucket(us)]++;
+}
 
 static const char *
 smtp_state_name(enum smtp_state st)
@@ -1755,8 +1769,12 @@ smtp_session_output_done(struct smtp_session *s, size_t n)
 	s->out_head += n;
 	s->out_total += n;
 	if (s->gap_t0_ns && s->out_total >= s->gap_end) {
-		uint64_t us = (gap_now_ns() - s->gap_t0_ns) / 1000;
-		s->srv->stats.gap_hist[smtp_gap_bucket(us)]++;
+		struct smtp_server *srv = s->srv;
+
+		if (srv->gap_staged && srv->n_gap_stage < SMTP_GAP_STAGE)
+			srv->gap_stage[srv->n_gap_stage++] = s->gap_t0_ns;
+		else
+			gap_record(srv, s->gap_t0_ns, gap_now_ns());
 		s->gap_t0_ns = 0;
 	}
 	if (s->out_head == s->out_tail)
@@ -2044,6 +2062,26 @@ const struct smtp_stats *
 smtp_server_stats(const struct smtp_server *srv)
 {
 	return &srv->stats;
+}
+
+void
+smtp_server_gap_staged(struct smtp_server *srv, bool on)
+{
+	smtp_server_gap_settle(srv);
+	srv->gap_staged = on;
+}
+
+void
+smtp_server_gap_settle(struct smtp_server *srv)
+{
+	uint64_t now;
+
+	if (!srv->n_gap_stage)
+		return;
+	now = gap_now_ns();
+	for (unsigned i = 0; i < srv->n_gap_stage; i++)
+		gap_record(srv, srv->gap_stage[i], now);
+	srv->n_gap_stage = 0;
 }
 
 const char *

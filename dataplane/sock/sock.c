@@ -314,9 +314,23 @@ sock_close(struct conn *cn, enum conn_close_how how, const char *why)
 	shutdown(c->fd, SHUT_RDWR);
 }
 
+/* The sends armed so far go to the kernel now, before the sessions parse
+ * their held input: one submission for all the 250s a group commit
+ * released (conn_set_service()). */
+static void
+sock_push(struct conn_set *cs)
+{
+	struct sock_loop *l = (struct sock_loop *)(void *)((char *)cs -
+						offsetof(struct sock_loop, cs));
+
+	if (io_uring_sq_ready(&l->ring))
+		io_uring_submit(&l->ring);
+}
+
 static const struct conn_ops sock_conn_ops = {
 	.send = sock_send,
 	.resume = sock_resume,
+	.push = sock_push,
 	.acked = sock_acked,
 	.close = sock_close,
 };

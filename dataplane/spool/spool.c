@@ -692,11 +692,20 @@ spool_poll(struct spool *sp)
 			spool_handle_cqe(sp, &c);
 		n++;
 	}
+	/* What the callbacks and service() queued is submitted by the
+	 * caller's spool_submit(), after it sent the 250s these completions
+	 * released: the submission is a system call that may do the write
+	 * inline, and the replies should not wait for it (RFC 1047's gap). */
 	service(sp);
+	return n;
+}
+
+void
+spool_submit(struct spool *sp)
+{
 	submit_closed(sp);
 	if (io_uring_sq_ready(sp->ring))
 		io_uring_submit(sp->ring);
-	return n;
 }
 
 int

@@ -164,8 +164,12 @@ size_t spool_room(const struct spool *sp);
  */
 int spool_flush(struct spool *sp);
 /* Own ring only: submit what is queued, harvest completions without
- * waiting, run callbacks. Returns completions handled. */
+ * waiting, run callbacks. What the callbacks queue waits for the next
+ * spool_poll() or spool_submit(), so that the caller can send the replies
+ * they produced first. Returns completions handled. */
 int spool_poll(struct spool *sp);
+/* Own ring only: submit every closed batch and queued operation now. */
+void spool_submit(struct spool *sp);
 /* Own ring only: like spool_poll(), but first waits for at least one
  * completion if a batch is in the kernel. For tests and shutdown. */
 int spool_wait(struct spool *sp);

@@ -118,11 +118,24 @@ ft_offer(struct ft *t)
 	t->held.len -= used;
 }
 
+/* What the layer asked of the transport, in order: 'R' resume, 'P' push. */
+static char trace[64];
+static unsigned ntrace;
+static unsigned pushes;
+
+static void
+trace_add(char e)
+{
+	if (ntrace + 1 < sizeof(trace))
+		trace[ntrace++] = e;
+}
+
 static void
 ft_resume(struct conn *c)
 {
 	struct ft *t = ft_of(c);
 
+	trace_add('R');
 	t->resumes++;
 	ft_offer(t);
 }
@@ -152,9 +165,34 @@ ft_close(struct conn *c, enum conn_close_how how, const char *why)
 	}
 }
 
+/* Every 250 handed over so far, across the fake connections. */
+static unsigned
+queued_replies(void)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < NFT; i++)
+		for (const char *p = F[i].out.p; p &&
+		     (p = strstr(p, "250 2.0.0 Ok: queued")); p++)
+			n++;
+	return n;
+}
+
+static unsigned queued_at_push;
+
+static void
+ft_push(struct conn_set *set)
+{
+	cr_assert_eq(set, &cs);
+	trace_add('P');
+	pushes++;
+	queued_at_push = queued_replies();
+}
+
 static const struct conn_ops ft_ops = {
 	.send = ft_send,
 	.resume = ft_resume,
+	.push = ft_push,
 	.acked = ft_acked,
 	.close = ft_close,
 };
@@ -253,6 +291,10 @@ setup_with(bool starttls)
 	w.paused_len = strlen(w.paused_reply);
 	nindoubt = 0;
 	nclosed = 0;
+	ntrace = 0;
+	memset(trace, 0, sizeof(trace));
+	pushes = 0;
+	queued_at_push = 0;
 	fake_inflight = 0;
 	atomic_store(&fd_paused, false);
 	now = T0;
@@ -426,6 +468,51 @@ Test(conn, held_input_offered_again_after_the_verdict)
 	cr_assert(t->closed, "QUIT: closed once the 221 left");
 	cr_assert_eq(t->how, CONN_CLOSE_FIN);
 	cr_assert_eq(nindoubt, 0, "QUIT: the client read its replies");
+}
+
+/*
+ * RFC 1047's gap: one group commit wakes two sessions whose clients
+ * pipelined their next message behind the dot. Both 250s are handed over
+ * and pushed before either session is offered its held input: a 250 does
+ * not wait while another session parses a message.
+ */
+Test(conn, woken_250s_leave_before_any_held_input_is_parsed)
+{
+	static const char *const tx =
+		"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n"
+		"RCPT TO:<u@example.com>\r\nDATA\r\n"
+		"Subject: x\r\n\r\nbody\r\n.\r\n"
+		"MAIL FROM:<b@c.test>\r\nRCPT TO:<u@example.com>\r\n";
+	struct fake_msg *m[2];
+	struct ft *t[2];
+
+	start();
+	for (unsigned i = 0; i < 2; i++) {
+		t[i] = ft_open();
+		conn_set_service(&cs);
+		ft_input(t[i], tx);
+		m[i] = sink.pending;
+		cr_assert_not_null(m[i], "session %u committed", i);
+		sink.pending = NULL; /* the fake sink keeps one */
+		cr_assert(t[i]->held.len > 0, "its next message waits");
+	}
+	ntrace = 0;
+	pushes = 0;
+	for (unsigned i = 0; i < 2; i++) {
+		smtp_session_commit_done(m[i]->sctx, m[i]->id, 0);
+		conn_wake(smtp_session_tctx(m[i]->sctx));
+	}
+	conn_set_service(&cs);
+	cr_assert_eq(pushes, 1, "one push per service");
+	cr_assert_eq(queued_at_push, 2, "both 250s out at the push (%u)",
+		     queued_at_push);
+	cr_assert_eq(trace[0], 'P', "the push before any resume: %s", trace);
+	for (unsigned i = 0; i < 2; i++) {
+		cr_assert_eq(t[i]->resumes, 1, "held input offered once");
+		cr_assert_eq(t[i]->held.len, 0);
+		cr_assert(strstr(outp(t[i]), "250 2.1.0"),
+			  "the pipelined MAIL answered after the push");
+	}
 }
 
 Test(conn, spool_room_offers_held_input_again)

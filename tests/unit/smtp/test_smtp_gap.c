@@ -3,6 +3,7 @@
  * durable-completion-to-250 gap histogram. */
 #include <criterion/criterion.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "smtp_test_sink.h"
 
@@ -108,6 +109,44 @@ Test(smtp_gap, one_gap_sample_per_250_handed_out)
 	cr_assert_eq(n, 5);
 	cr_assert_lt(smtp_gap_percentile(st->gap_hist, 99), 1000000,
 		     "an in-memory gap is not a second");
+	td_close(&t);
+}
+
+static uint64_t
+samples(const struct smtp_stats *st)
+{
+	uint64_t n = 0;
+
+	for (unsigned b = 0; b < SMTP_GAP_BUCKETS; b++)
+		n += st->gap_hist[b];
+	return n;
+}
+
+/* Staged (DPDK): a 250 handed over is not yet on the wire; its sample ends
+ * when the transport settles, and the wait in between is counted. */
+Test(smtp_gap, staged_samples_end_when_the_transport_settles)
+{
+	struct td t;
+	const struct smtp_stats *st;
+
+	open_td(&t);
+	smtp_server_gap_staged(t.srv, true);
+	td_feeds(&t, "EHLO c.test\r\n");
+	for (int i = 0; i < 3; i++)
+		td_feeds(&t, msg);
+	st = smtp_server_stats(t.srv);
+	cr_assert(strstr(t.out.p, "250 2.0.0 Ok: queued"), "%s", t.out.p);
+	cr_assert_eq(samples(st), 0, "handed over is not on the wire");
+	usleep(3000);
+	smtp_server_gap_settle(t.srv);
+	cr_assert_eq(samples(st), 3);
+	cr_assert_geq(smtp_gap_percentile(st->gap_hist, 50), 2500,
+		      "the wait before the settle is in the gap");
+	smtp_server_gap_settle(t.srv);
+	cr_assert_eq(samples(st), 3, "each sample once");
+	smtp_server_gap_staged(t.srv, false);
+	td_feeds(&t, msg);
+	cr_assert_eq(samples(st), 4, "unstaged: recorded when handed over");
 	td_close(&t);
 }
 
