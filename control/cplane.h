@@ -214,10 +214,38 @@ int cp_queue_list(struct cplane *cp, uint64_t *cursor, unsigned max,
 /* One message: 0, -ENOENT, or fn's result. */
 int cp_queue_show(struct cplane *cp, uint64_t id, cp_msg_view_fn fn,
 		  void *ctx);
-/* The stored bytes of one message, in pieces, to fn (0 to go on). 0,
- * -ENOENT, -EIO (damaged: CRC mismatch), or fn's result. */
-typedef int (*cp_bytes_fn)(void *ctx, const void *p, size_t n);
-int cp_queue_cat(struct cplane *cp, uint64_t id, cp_bytes_fn fn, void *ctx);
+/*
+ * The stored bytes of one message, read by the caller a piece at a time so
+ * that neither the queue manager nor the caller holds the message whole.
+ *
+ * cp_queue_cat_open() runs on the queue manager's thread just long enough
+ * to find the message, take a reference on each of its segments (a pinned
+ * segment is never handed back to its worker, so its bytes stay this
+ * message's however long the reading takes) and copy where the body lies
+ * (segment, offset, length per piece; a descriptor of its own per
+ * segment). 0 with *out, -ENOENT (not in memory, or already released),
+ * -ENOMEM, -EBADF (a segment could not be opened) or -ESHUTDOWN. A message
+ * that is finished but not yet released can be read, as queue.show shows
+ * it.
+ *
+ * cp_queue_cat_read() runs on the caller's thread, never the queue
+ * manager's: the next at most n bytes, read with pread() from where the
+ * last call stopped. It returns their count, 0 at the end, -EIO when the
+ * body does not match its CRC32C (checked before the bytes that complete
+ * the body are returned, so a damaged body never reads to its end) or when
+ * the segment is shorter than recorded, or -errno.
+ *
+ * cp_queue_cat_close() drops the references (a cp_call) and frees k,
+ * whatever it returns: 0, -ESTALE when the message was queued at open
+ * and has finished since (delivered, bounced, deleted: the bytes read
+ * were still its own, but the caller should not present a message that
+ * left the queue as a successful read), or -ESHUTDOWN (the queue manager
+ * stopped: its segments go with it).
+ */
+struct cp_cat;
+int cp_queue_cat_open(struct cplane *cp, uint64_t id, struct cp_cat **out);
+long cp_queue_cat_read(struct cp_cat *k, void *buf, size_t n);
+int cp_queue_cat_close(struct cplane *cp, struct cp_cat *k);
 
 enum cp_action {
 	CP_HOLD = 1,    /* no delivery until released (jobs running finish) */

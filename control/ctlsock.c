@@ -10,10 +10,16 @@
  * client that does not read costs the daemon at most that much memory and
  * holds up nobody else. Every reply ends with exactly one line that has an
  * "ok" member; streaming replies send "item"/"chunk" lines before it.
+ * A streaming reply is resumable: the client keeps a cursor (queue.list:
+ * its position in the queue; queue.cat: the open message and its offset)
+ * and the next part is produced only once the output has drained below
+ * CTL_OUT_HIGH, so a reply of any size costs a few chunks of memory.
  *
  * The queue is only reached through cplane.h's operator API. Its callbacks
  * run on the queue manager's thread while this thread waits in cp_call(),
  * and only append to the client's output buffer (memory, never a socket).
+ * queue.cat's bytes are read here, not there (cp_queue_cat_read()): the
+ * queue manager only pins the message's segments for the read.
  *
  * A request that cannot be parsed, names an unknown command or argument,
  * or gives a bad value gets an error reply and the connection goes on; a
@@ -66,6 +72,10 @@ struct ctl_client {
 	bool listing;
 	uint64_t cursor, count;
 	char f_state[16], f_from[256], f_to[256];
+	/* a queue.cat being streamed: its segments stay pinned until
+	 * cat_end() (or client_close()) gives cat back */
+	struct cp_cat *cat;
+	uint64_t cat_id, cat_sent;
 };
 
 struct ctl_server {
@@ -79,6 +89,7 @@ struct ctl_server {
 	struct ctl_client cl[CTL_MAX_CLIENTS];
 	struct ctl_json_tok *tok;
 	uint32_t tok_cap;
+	uint8_t cat_buf[CTL_CAT_PIECE]; /* one piece at a time, any client */
 };
 
 enum ctl_err {
@@ -643,58 +654,79 @@ cmd_show(struct ctl_server *sv, struct ctl_client *c, struct req *rq)
 	return 0;
 }
 
-struct cat_ctx {
-	struct ctl_client *c;
-	uint64_t size;
-};
-
-/* On the queue manager's thread: the pieces become chunk lines. */
-static int
-cat_piece(void *ctx, const void *p, size_t n)
+/* The end of a cat: the pin dropped, then the terminating line. r: the
+ * read's result (0: the whole body was sent). */
+static void
+cat_end(struct ctl_server *sv, struct ctl_client *c, int r)
 {
-	struct cat_ctx *cc = ctx;
-	const uint8_t *b = p;
+	char t[FD_MSGID_TEXT_LEN + 1];
+	int rc = cp_queue_cat_close(sv->src.cp, c->cat);
 
-	while (n) {
-		size_t k = n < CTL_CAT_PIECE ? n : CTL_CAT_PIECE;
-		ctl_jw_obj(&cc->c->out);
-		ctl_jw_key(&cc->c->out, "chunk");
-		ctl_jw_b64(&cc->c->out, b, k);
-		ctl_jw_obj_end(&cc->c->out);
-		ctl_jw_nl(&cc->c->out);
-		b += k;
-		n -= k;
-		cc->size += k;
+	c->cat = NULL;
+	if (r == 0 && rc == -ESTALE) {
+		/* Every byte sent was the message's (its segments were
+		 * pinned), but it is not in the queue any more: a script
+		 * must not take that for a successful cat. */
+		reply_err(c, E_UNKNOWN_ID, "queue.cat: %s left the queue "
+			  "(delivered, bounced or deleted) while it was being "
+			  "sent", fd_msgid_format(c->cat_id, t));
+		return;
 	}
-	return cc->c->out.err;
+	if (r == 0 && rc != 0)
+		r = rc;
+	if (r == 0) {
+		ok_begin(&c->out);
+		ctl_jw_obj(&c->out);
+		ctl_jw_ku64(&c->out, "size", c->cat_sent);
+		ctl_jw_obj_end(&c->out);
+		ok_end(&c->out);
+		return;
+	}
+	fd_log(FD_LOG_WARN, "ctl", "%016" PRIx64 " event=cat_failed uid=%u "
+	       "sent=%" PRIu64 " error=\"%s\"", c->cat_id, (unsigned)c->uid,
+	       c->cat_sent, strerror(-r));
+	reply_cp_err(c, "queue.cat", r);
+}
+
+/* The next piece of a cat as one chunk line; the terminator after the
+ * last. Called only while the client's output is below CTL_OUT_HIGH. */
+static void
+cat_more(struct ctl_server *sv, struct ctl_client *c)
+{
+	size_t mark = c->out.len;
+	long n = cp_queue_cat_read(c->cat, sv->cat_buf, CTL_CAT_PIECE);
+
+	if (n <= 0) {
+		cat_end(sv, c, (int)n);
+		return;
+	}
+	ctl_jw_obj(&c->out);
+	ctl_jw_key(&c->out, "chunk");
+	ctl_jw_b64(&c->out, sv->cat_buf, (size_t)n);
+	ctl_jw_obj_end(&c->out);
+	ctl_jw_nl(&c->out);
+	if (c->out.err) {
+		ctl_jw_rewind(&c->out, mark);
+		cat_end(sv, c, -ENOMEM);
+		return;
+	}
+	c->cat_sent += (uint64_t)n;
 }
 
 static int
 cmd_cat(struct ctl_server *sv, struct ctl_client *c, struct req *rq)
 {
-	struct cat_ctx cc = {.c = c};
-	size_t mark = c->out.len;
 	uint64_t id;
 	int r;
 
 	if (arg_id(c, rq, &id) < 0)
 		return -1;
-	/* XXX: the whole message is encoded before the first byte goes
-	 * out (cp_queue_cat() has no offset to resume from), so a cat
-	 * holds up to 4/3 of max_message_size in memory. */
-	r = cp_queue_cat(sv->src.cp, id, cat_piece, &cc);
-	if (r != 0) {
-		ctl_jw_rewind(&c->out, mark);
-		if (r == -E2BIG || r == -ENOMEM)
-			return reply_err(c, E_FAILED, "queue.cat: out of "
-					 "memory");
+	r = cp_queue_cat_open(sv->src.cp, id, &c->cat);
+	if (r != 0)
 		return reply_cp_err(c, "queue.cat", r);
-	}
-	ok_begin(&c->out);
-	ctl_jw_obj(&c->out);
-	ctl_jw_ku64(&c->out, "size", cc.size);
-	ctl_jw_obj_end(&c->out);
-	ok_end(&c->out);
+	c->cat_id = id;
+	c->cat_sent = 0;
+	cat_more(sv, c);
 	return 0;
 }
 
@@ -991,8 +1023,10 @@ out_pending(const struct ctl_client *c)
 }
 
 static void
-client_close(struct ctl_client *c)
+client_close(struct ctl_server *sv, struct ctl_client *c)
 {
+	/* A cat cut short (the client left, the server stops): unpin. */
+	cp_queue_cat_close(sv->src.cp, c->cat);
 	close(c->fd);
 	free(c->in);
 	ctl_jw_free(&c->out);
@@ -1007,6 +1041,10 @@ client_process(struct ctl_server *sv, struct ctl_client *c)
 	while (!c->closing && out_pending(c) < CTL_OUT_HIGH) {
 		if (c->listing) {
 			list_more(sv, c);
+			continue;
+		}
+		if (c->cat) {
+			cat_more(sv, c);
 			continue;
 		}
 		char *nl = c->in_len ? memchr(c->in, '\n', c->in_len) : NULL;
@@ -1107,8 +1145,17 @@ client_write(struct ctl_client *c)
 		}
 		if (r < 0 && errno == EINTR)
 			continue;
-		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			/* The buffer is emptied only once all of it went out,
+			 * and a client that reads as fast as the next chunk
+			 * comes may never let it: drop what was sent, or a
+			 * long stream would grow it to its whole size. */
+			if (c->out_off >= CTL_OUT_HIGH) {
+				ctl_jw_consume(&c->out, c->out_off);
+				c->out_off = 0;
+			}
 			return;
+		}
 		/* The peer is gone: nothing more to say to it. */
 		c->closing = true;
 		c->out.len = c->out_off = 0;
@@ -1178,15 +1225,19 @@ ctl_main(void *arg)
 				continue;
 			if (c->last_us + CTL_IDLE_S * 1000000ull < now ||
 			    (c->closing && !out_pending(c)) ||
-			    (c->eof && !c->listing && !out_pending(c) &&
-			     c->in_len == 0)) {
-				client_close(c);
+			    (c->eof && !c->listing && !c->cat &&
+			     !out_pending(c) && c->in_len == 0)) {
+				client_close(sv, c);
 				continue;
 			}
-			if (!c->eof && !c->closing && !c->listing &&
+			if (!c->eof && !c->closing && !c->listing && !c->cat &&
 			    out_pending(c) < CTL_OUT_HIGH)
 				ev |= POLLIN;
-			if (out_pending(c))
+			/* A stream whose output drained to nothing in the
+			 * last pass has no byte to wait for: wait for room,
+			 * and the pass after it produces the next part. */
+			if (out_pending(c) ||
+			    ((c->listing || c->cat) && !c->closing))
 				ev |= POLLOUT;
 			if (!ev)
 				ev = POLLIN; /* EOF, errors */
@@ -1210,7 +1261,7 @@ ctl_main(void *arg)
 	}
 	for (unsigned i = 0; i < CTL_MAX_CLIENTS; i++)
 		if (sv->cl[i].in_use)
-			client_close(&sv->cl[i]);
+			client_close(sv, &sv->cl[i]);
 	return NULL;
 }
 

@@ -18,7 +18,10 @@
  *
  * Limits: CTL_MAX_CLIENTS at once (more get an error line and are closed),
  * CTL_MAX_LINE bytes per request, a client idle for CTL_IDLE_S seconds is
- * closed. queue.cat holds one message (base64) in memory while it is sent.
+ * closed. A streaming reply (queue.list, queue.cat) holds a few chunks in
+ * memory whatever its size; a queue.cat keeps the message's spool segments
+ * from being reclaimed until it ends (at most CTL_IDLE_S after its client
+ * stops reading).
  */
 #ifndef FINALDOT_CONTROL_CTLSOCK_H
 #define FINALDOT_CONTROL_CTLSOCK_H

@@ -1190,6 +1190,9 @@ queue_show(int argc, char **argv)
 	return finish_output(0);
 }
 
+/* The chunks go to stdout as they come (a message may be larger than we
+ * care to hold); so a failure after some of them is told by the exit
+ * status and stderr, never by stdout alone. */
 static int
 queue_cat(int argc, char **argv)
 {
@@ -1197,6 +1200,7 @@ queue_cat(int argc, char **argv)
 	struct client c;
 	char *bin = NULL;
 	size_t bin_cap = 0;
+	uint64_t total = 0;
 	int data, r;
 
 	if (argc != 1) {
@@ -1220,6 +1224,13 @@ queue_cat(int argc, char **argv)
 			r = terminator(&c, &data);
 			if (r < 0)
 				r = EXIT_FAIL;
+			if (r == 0 && get_u64(&c, data, "size") != total) {
+				fprintf(stderr, "finaldotctl: queue cat: %" PRIu64
+					" bytes received, the daemon says it "
+					"sent %" PRIu64 "\n", total,
+					get_u64(&c, data, "size"));
+				r = EXIT_FAIL;
+			}
 			break;
 		}
 		k = tok_of(&c, ch);
@@ -1249,6 +1260,7 @@ queue_cat(int argc, char **argv)
 			r = EXIT_FAIL;
 			break;
 		}
+		total += (uint64_t)n;
 	}
 	free(bin);
 	client_close(&c);

@@ -66,6 +66,7 @@
 #include "control/tail.h"
 #include <openssl/evp.h>
 
+#include "finaldot/crc32c.h"
 #include "finaldot/ctlport.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
@@ -2035,42 +2036,210 @@ cp_queue_show(struct cplane *cp, uint64_t id, cp_msg_view_fn fn, void *ctx)
 	return cp_call(cp, show_fn, &lc);
 }
 
-struct cat_call {
-	uint64_t id;
-	cp_bytes_fn fn;
-	void *ctx;
+/* ---- queue.cat: found here, read on the caller's thread -----------------
+ *
+ * The queue manager only finds the message and pins its segments, one
+ * reference each, as a queued message holds them: a referenced segment is
+ * never offered for reclaim, so its worker cannot write another epoch's
+ * records over this message's bytes however long the reading takes (a
+ * client that stops reading is closed after CTL_IDLE_S, which ends the
+ * pin). The reading itself, tens of MiB to a client of any speed, is the
+ * caller's, with descriptors of its own: this loop never waits for a disk
+ * or a socket on its behalf.
+ */
+struct cp_cat_piece {
+	int fd;            /* one of k->fds */
+	uint32_t len;
+	uint64_t file_off; /* of the payload in the segment file */
 };
 
-static int
-cat_fn(struct cplane *cp, void *arg)
-{
-	struct cat_call *cc = arg;
-	struct q_msg *m = msg_find(cp, cc->id);
-	struct q_body body;
-	uint8_t buf[65536];
-	uint64_t off = 0;
+struct cp_cat {
+	uint64_t id;
+	uint64_t body_len;
+	uint32_t body_crc;
+	bool was_queued;   /* not finished at open */
+	/* the queue manager's: the pinned segments; fds[j] is a dup of
+	 * segs[j]'s descriptor if a piece lies in it, else -1 */
+	unsigned n_segs;
+	struct q_seg **segs;
+	int *fds;
+	/* the reader's */
+	uint64_t pos;      /* body bytes returned so far */
+	uint32_t crc;      /* CRC32C of those */
+	int err;           /* sticky: once a read failed, every read does */
+	bool checked;      /* the whole body matched body_crc */
+	size_t piece;      /* the piece holding pos */
+	uint64_t piece_off; /* body offset where that piece starts */
+	size_t n_pieces;
+	struct cp_cat_piece pieces[];
+};
 
+struct cat_open {
+	uint64_t id;
+	struct cp_cat *k;
+};
+
+static void
+cat_close_fds(struct cp_cat *k, unsigned n)
+{
+	for (unsigned j = 0; j < n; j++)
+		if (k->fds[j] >= 0)
+			close(k->fds[j]);
+}
+
+static int
+cat_open_fn(struct cplane *cp, void *arg)
+{
+	struct cat_open *co = arg;
+	struct q_msg *m = msg_find(cp, co->id);
+	struct cp_cat *k;
+	unsigned j;
+	int r;
+
+	/* Released: its references are gone, its segments may be reused. */
 	if (!m || m->released)
 		return -ENOENT;
-	q_body_init(&body, m);
-	while (off < m->body_len) {
-		long n = q_body_read(&body, off, buf, sizeof(buf));
-		int r;
-		if (n <= 0)
-			return n < 0 ? (int)n : -EIO;
-		if ((r = cc->fn(cc->ctx, buf, (size_t)n)) != 0)
-			return r;
-		off += (uint64_t)n;
+	k = calloc(1, sizeof(*k) + m->n_pieces * sizeof(k->pieces[0]) +
+			      m->n_segs * (sizeof(*k->segs) + sizeof(*k->fds)));
+	if (!k)
+		return -ENOMEM;
+	k->segs = (struct q_seg **)(void *)(k->pieces + m->n_pieces);
+	k->fds = (int *)(void *)(k->segs + m->n_segs);
+	for (j = 0; j < m->n_segs; j++) {
+		k->segs[j] = m->segs[j];
+		k->fds[j] = -1;
 	}
+	for (size_t i = 0; i < m->n_pieces; i++) {
+		const struct q_piece *p = &m->pieces[i];
+		for (j = 0; j < m->n_segs && m->segs[j] != p->seg; j++)
+			;
+		if (j == m->n_segs) {
+			r = -EIO; /* qm_msg_add() lists every piece's */
+			goto out_close;
+		}
+		if (k->fds[j] < 0) {
+			if (p->seg->fd < 0) {
+				r = -EBADF; /* logged when it failed to open */
+				goto out_close;
+			}
+			k->fds[j] = fcntl(p->seg->fd, F_DUPFD_CLOEXEC, 0);
+			if (k->fds[j] < 0) {
+				r = -errno;
+				goto out_close;
+			}
+		}
+		k->pieces[i] = (struct cp_cat_piece){
+			.fd = k->fds[j], .len = p->len, .file_off = p->file_off};
+	}
+	k->id = m->id;
+	k->body_len = m->body_len;
+	k->body_crc = m->body_crc;
+	k->was_queued = !m->finished;
+	k->n_pieces = m->n_pieces;
+	k->n_segs = m->n_segs;
+	for (j = 0; j < k->n_segs; j++)
+		qm_seg_ref(cp, k->segs[j]);
+	co->k = k;
 	return 0;
+
+out_close:
+	cat_close_fds(k, m->n_segs);
+	free(k);
+	return r;
 }
 
 int
-cp_queue_cat(struct cplane *cp, uint64_t id, cp_bytes_fn fn, void *ctx)
+cp_queue_cat_open(struct cplane *cp, uint64_t id, struct cp_cat **out)
 {
-	struct cat_call cc = {.id = id, .fn = fn, .ctx = ctx};
+	struct cat_open co = {.id = id};
+	int r = cp_call(cp, cat_open_fn, &co);
 
-	return cp_call(cp, cat_fn, &cc);
+	*out = r == 0 ? co.k : NULL;
+	return r;
+}
+
+long
+cp_queue_cat_read(struct cp_cat *k, void *buf, size_t n)
+{
+	uint8_t *out = buf;
+	size_t got = 0;
+
+	if (k->err)
+		return k->err;
+	if (n > k->body_len - k->pos)
+		n = (size_t)(k->body_len - k->pos);
+	while (got < n) {
+		const struct cp_cat_piece *p;
+		uint64_t in;
+		size_t want;
+		ssize_t r;
+
+		if (k->piece >= k->n_pieces)
+			return k->err = -EIO; /* pieces short of body_len */
+		p = &k->pieces[k->piece];
+		in = k->pos - k->piece_off;
+		if (in == p->len) { /* an empty piece */
+			k->piece_off += p->len;
+			k->piece++;
+			continue;
+		}
+		want = (size_t)(p->len - in);
+		if (want > n - got)
+			want = n - got;
+		r = pread(p->fd, out + got, want, (off_t)(p->file_off + in));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return k->err = -errno;
+		if (r == 0)
+			return k->err = -EIO; /* shorter than recorded */
+		k->crc = fd_crc32c(k->crc, out + got, (size_t)r);
+		got += (size_t)r;
+		k->pos += (uint64_t)r;
+		if (k->pos - k->piece_off == p->len) {
+			k->piece_off += p->len;
+			k->piece++;
+		}
+	}
+	/* The bytes that complete the body are only returned if it is the
+	 * body that was accepted: the caller's last piece is never damage. */
+	if (k->pos == k->body_len && !k->checked) {
+		if (k->crc != k->body_crc) {
+			fd_log(FD_LOG_ERR, "qmgr", "%016" PRIx64 " event=body_"
+			       "damaged reader=cat expected_crc=%08x got=%08x",
+			       k->id, k->body_crc, k->crc);
+			return k->err = -EIO;
+		}
+		k->checked = true;
+	}
+	return (long)got;
+}
+
+static int
+cat_close_fn(struct cplane *cp, void *arg)
+{
+	struct cp_cat *k = arg;
+	struct q_msg *m = msg_find(cp, k->id);
+	bool left = k->was_queued && (!m || m->finished);
+
+	for (unsigned j = 0; j < k->n_segs; j++)
+		qm_seg_unref(cp, k->segs[j]);
+	return left ? -ESTALE : 0;
+}
+
+int
+cp_queue_cat_close(struct cplane *cp, struct cp_cat *k)
+{
+	int r;
+
+	if (!k)
+		return 0;
+	/* Failing only once the queue manager stopped: the references then
+	 * go with its segments in cp_free(). */
+	r = cp_call(cp, cat_close_fn, k);
+	cat_close_fds(k, k->n_segs);
+	free(k);
+	return r;
 }
 
 /* One action on one message; true if it changed anything. */

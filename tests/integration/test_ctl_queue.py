@@ -14,6 +14,20 @@ Then, through finaldotctl only:
     ALL retry at once once the hop accepts, release lets a held one go;
   - unknown ids, bad ids and bad arguments are one line on stderr and a
     non-zero exit.
+
+Then queue cat of a 20 MiB message (cat_big):
+  - it is byte for byte what the spool holds, while the daemon's peak
+    RSS grows by less than CAT_RSS_MAX (the old cat built the whole
+    base64 reply, 27 MiB, before sending a byte) and the bytes are read
+    by the control socket's thread, not the queue manager's;
+  - a cat whose client stops reading stays a few chunks in memory, and
+    meanwhile other mail is delivered and status answers;
+  - a message deleted while its cat streams: its segments stay pinned (4
+    MiB segments: the message spans several, sealed ones among them, and
+    none is reclaimed until the cat ends), every byte sent is still the
+    message's, the reply ends in an error and finaldotctl exits 1;
+  - a damaged body (one byte flipped in the segment file): the chunk that
+    would complete it is withheld, the error says damaged, exit 1.
 """
 import json
 import os
@@ -23,11 +37,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import Daemon, FINALDOTCTL, check, fail  # noqa: E402
+from fdtest import Daemon, FINALDOTCTL, check, fail, free_port  # noqa: E402
 from delivtest import send, message, wait, log_count  # noqa: E402
 from peers import ScriptedHop, Script  # noqa: E402
 
 DEFER = "451 4.3.0 Try again later"
+BIG = 20 << 20
+# What a cat may add to the daemon's peak RSS: its output buffer (256 KiB
+# and a chunk) and one piece; the rest is allocator slack.
+CAT_RSS_MAX = 4 << 20
 
 
 def ctl(d, *args, ok=True):
@@ -70,6 +88,194 @@ def delivered_subjects(hop):
             if m:
                 res.add(int(m.group(1)))
     return res
+
+
+def big_message(size):
+    """size bytes or a little more of base64 lines (an attachment), every
+    seventh starting with a dot (transparency), CRLF line ends."""
+    import base64
+    out = [b"From: big@example.com\r\nTo: x@stuck.test\r\n"
+           b"Subject: big\r\n\r\n"]
+    n = len(out[0])
+    i = 0
+    while n < size:
+        line = base64.b64encode(os.urandom(57)) + b"\r\n"
+        if i % 7 == 0:
+            line = b"." + line
+        out.append(line)
+        n += len(line)
+        i += 1
+    return b"".join(out)
+
+
+def mem(pid, key):
+    """VmRSS or VmHWM of pid, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    fail(f"no {key} in /proc/{pid}/status")
+
+
+def reset_hwm(pid):
+    """VmHWM back to the current RSS (Linux 4.0+: clear_refs 5); False if
+    the kernel does not let us."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def thread_reads(pid):
+    """Bytes read by read()/pread() (rchar), summed per thread name, or
+    None where /proc does not tell."""
+    res = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/io") as f:
+                m = re.search(r"^rchar: (\d+)", f.read(), re.M)
+            res[comm] = res.get(comm, 0) + int(m.group(1))
+    except (OSError, AttributeError):
+        return None
+    return res
+
+
+def flip_byte(spool, marker):
+    """Flip a byte just after marker in the one segment file holding it."""
+    import glob
+    hit = 0
+    for path in glob.glob(os.path.join(spool, "w*", "*.seg")):
+        with open(path, "r+b") as f:
+            data = f.read()
+            at = data.find(marker)
+            if at >= 0:
+                f.seek(at + len(marker))
+                f.write(b"#")
+                f.flush()
+                os.fsync(f.fileno())
+                hit += 1
+    check(hit == 1, f"marker {marker!r} found in {hit} segment files")
+
+
+def cat_big():
+    dead = free_port()  # nobody listens: mail for stuck.test waits
+    with ScriptedHop() as hop, \
+            Daemon("--route", f"dest.test={hop.target}",
+                   "--route", f"stuck.test=smtp:127.0.0.1:{dead}",
+                   "--retry-min", "1h", "--retry-max", "1h",
+                   "--segment-size", "4M",
+                   domains=("example.com", "dest.test", "stuck.test"),
+                   threads=2, delivery=True) as d:
+        sock = os.path.join(d.tmp, "control.sock")
+        pid = d.proc.pid
+        body = big_message(BIG)
+        big = send(d, "big@example.com", ["x@stuck.test"], body).upper()
+        wait(lambda: log_count(
+            d, rf"(?i){big} event=delivery .*status=deferred"), 60,
+            "the big message deferred")
+        stored = d.cat(big)
+        check(len(stored) > BIG and stored.endswith(body),
+              f"spool cat: {len(stored)} bytes")
+
+        # The whole message, through finaldotctl.
+        rss0 = mem(pid, "VmRSS")
+        hwm_reset = reset_hwm(pid)
+        hwm0 = mem(pid, "VmHWM")
+        io0 = thread_reads(pid)
+        t0 = time.time()
+        r = subprocess.run([FINALDOTCTL, "--control", sock, "queue", "cat",
+                            big], capture_output=True, timeout=120)
+        took = time.time() - t0
+        hwm1 = mem(pid, "VmHWM")
+        io1 = thread_reads(pid)
+        check(r.returncode == 0, f"queue cat: exit {r.returncode} "
+              f"{r.stderr!r}")
+        check(r.stdout == stored, f"queue cat: {len(r.stdout)} bytes, not "
+              f"the {len(stored)} stored")
+        grew = hwm1 - (rss0 if hwm_reset else hwm0)
+        print(f"cat of {len(stored)} bytes in {took:.2f}s: RSS before "
+              f"{rss0 >> 10} KiB, peak after {hwm1 >> 10} KiB (reset: "
+              f"{hwm_reset}), grew {grew >> 10} KiB")
+        check(grew < CAT_RSS_MAX, f"the cat grew the daemon's peak RSS by "
+              f"{grew >> 10} KiB (at most {CAT_RSS_MAX >> 10})")
+        if io0 is None or io1 is None or "fd-ctl" not in io1:
+            print("note: /proc/PID/task/*/io unreadable: which thread "
+                  "read the message is not checked")
+        else:
+            ctl_read = io1["fd-ctl"] - io0.get("fd-ctl", 0)
+            qm_read = io1.get("fd-qmgr", 0) - io0.get("fd-qmgr", 0)
+            print(f"read by fd-ctl {ctl_read}, by fd-qmgr {qm_read}")
+            check(ctl_read >= len(stored), f"fd-ctl read {ctl_read}")
+            check(qm_read < len(stored) // 8,
+                  f"the queue manager read {qm_read} bytes during the cat")
+
+        # A cat nobody reads (finaldotctl writing to a pipe we leave
+        # full): the daemon stops producing it, and goes on.
+        rss0 = mem(pid, "VmRSS")
+        p = subprocess.Popen([FINALDOTCTL, "--control", sock, "queue",
+                              "cat", big], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        grew = mem(pid, "VmRSS") - rss0
+        print(f"stalled cat: RSS grew {grew >> 10} KiB")
+        check(grew < CAT_RSS_MAX, f"a stalled cat grew the daemon's RSS "
+              f"by {grew >> 10} KiB")
+        check(p.poll() is None, "finaldotctl ended with its stdout full")
+        small = [send(d, "s@example.com", [f"u{n}@dest.test"],
+                      message(n, subject="during cat")) for n in range(3)]
+        check(len(hop.wait_for(3, 30)) >= 3,
+              "mail not delivered while a cat waits")
+        check(json.loads(ctl(d, "status", "--json")[1])["pid"] == pid,
+              "status while a cat waits")
+        # Deleted while it streams: the message finishes, its segments
+        # stay pinned, so the rest of the bytes are still its own.
+        check(ctl(d, "queue", "delete", big)[1] == "1 message deleted\n",
+              "delete the big message")
+        wait(lambda: big not in {m["id"] for m in jlist(d)}, 10,
+             "the deleted message leaves the listing")
+        # Finished, its log record durable, its references dropped: only
+        # the cat's pins keep its sealed segments from their workers.
+        time.sleep(1.0)
+        check(log_count(d, r"event=segment_reclaimed") == 0,
+              "a segment was reclaimed under a cat")
+        out, err = p.communicate(timeout=120)
+        err = err.decode(errors="replace")
+        check(p.returncode == 1 and re.search(
+            r"left the queue .*while it was being sent", err),
+            f"cat of a message deleted meanwhile: exit {p.returncode} "
+            f"{err!r}")
+        check(out == stored, f"cat of a message deleted meanwhile: "
+              f"{len(out)} bytes, not the stored {len(stored)}")
+        check(len(small) == 3, "sent")
+        wait(lambda: log_count(d, r"event=segment_reclaimed"), 10,
+             "the big message's segments reclaimed once the cat ended")
+
+        # A damaged body: the chunk that completes it never goes out.
+        mark = b"DAMAGE-HERE-0123456789"
+        dmg = big_message(300 << 10).replace(b"\r\n\r\n",
+                                             b"\r\n\r\n" + mark, 1)
+        qd = send(d, "big@example.com", ["y@stuck.test"], dmg).upper()
+        wait(lambda: log_count(
+            d, rf"(?i){qd} event=delivery .*status=deferred"), 30,
+            "the damaged message deferred")
+        flip_byte(d.spool, mark)
+        r = subprocess.run([FINALDOTCTL, "--control", sock, "queue", "cat",
+                            qd], capture_output=True, timeout=60)
+        err = r.stderr.decode(errors="replace")
+        check(r.returncode == 1 and re.search(r"damaged", err) and
+              len(err.strip().splitlines()) == 1,
+              f"damaged cat: exit {r.returncode} {err!r}")
+        check(0 < len(r.stdout) < len(dmg) and mark in r.stdout,
+              f"damaged cat: {len(r.stdout)} bytes out of {len(dmg)}")
+    print("ok: a 20 MiB queue cat is byte-identical, read by the control "
+          "thread with the peak RSS grown by less than 4 MiB; a stalled "
+          "cat stays small while mail is delivered; deleted meanwhile or "
+          "damaged: an error and exit 1")
 
 
 def main():
@@ -234,6 +440,7 @@ def main():
                 "list", "--state", "frozen")
         failing(d, 2, "unknown argument", "queue", "list", "--bogus")
         failing(d, 2, "unknown queue command", "queue", "frobnicate")
+    cat_big()
     print("ok: list/show/cat/status see every deferred message; hold, "
           "release, delete and flush (ID, domain, ALL) do what they say; "
           "errors are one line and a non-zero exit")
