@@ -101,9 +101,12 @@ list_del(struct conn_list *l, struct conn_node *n)
 static void
 timer_arm(struct conn_list *l, struct conn_node *n, uint64_t due_us)
 {
-	struct conn_node *at = l->tail;
+	struct conn_node *at;
 
+	/* Unlinked first: n may be the tail (input again on the connection
+	 * that had the last input), and must not be its own neighbour. */
 	list_del(l, n);
+	at = l->tail;
 	n->due_us = due_us;
 	while (at && at->due_us > due_us)
 		at = at->prev;

@@ -30,6 +30,17 @@ def idle_timeout():
         c.expect(421, r"4\.4\.2")
         check(c.closed(), "closed after the idle timeout")
         check(0.8 < time.time() - t0 < 5, "timed out after about 1 s")
+        # A client that talked, then went quiet: the timer re-armed by its
+        # commands still fires (it once fell off the timer list when the
+        # connection with the latest input got input again).
+        c = d.connect()
+        c.expect(220)
+        c.cmd("EHLO idle.test", 250)
+        c.cmd("NOOP", 250)
+        t0 = time.time()
+        c.expect(421, r"4\.4\.2")
+        check(c.closed(), "closed after the idle timeout")
+        check(0.8 < time.time() - t0 < 5, "timed out about 1 s after NOOP")
 
 
 def connection_limit():

@@ -576,6 +576,40 @@ Test(conn, greeting_and_idle_timers_fire_in_due_order)
 	cr_assert(strstr(outp(a), "421 4.4.2"));
 }
 
+/* Input again on the connection with the latest input (the idle list's
+ * tail), alone or behind another: its timer stays on the list and fires. */
+Test(conn, idle_timer_rearmed_at_the_tail_still_fires)
+{
+	struct ft *a, *b;
+
+	cfg.idle_timeout_ms = 300;
+	start();
+	a = ft_open(); /* t = 0 */
+	conn_set_service(&cs);
+	tick(10);
+	ft_input(a, "NOOP\r\n");
+	tick(20);
+	ft_input(a, "NOOP\r\n"); /* alone on the list, its tail */
+	tick(319);
+	cr_assert_not(a->closed);
+	tick(320);
+	cr_assert(a->closed, "idle 300 ms after its last input");
+	cr_assert(strstr(outp(a), "421 4.4.2"));
+
+	b = ft_open(); /* t = 320 */
+	a = ft_open();
+	conn_set_service(&cs);
+	tick(330);
+	ft_input(a, "NOOP\r\n"); /* a is the tail, b before it */
+	tick(340);
+	ft_input(a, "NOOP\r\n");
+	tick(620);
+	cr_assert(b->closed);
+	cr_assert_not(a->closed);
+	tick(640);
+	cr_assert(a->closed, "a's timer survived being re-armed at the tail");
+}
+
 Test(conn, timers_due_together_fire_oldest_first)
 {
 	struct ft *a, *b, *c;
