@@ -253,6 +253,8 @@ policy_publish(const struct fd_config *nc)
 	p->max_errors = nc->max_errors;
 	p->command_timeout_ms = nc->command_timeout_ms;
 	p->data_timeout_ms = nc->data_timeout_ms;
+	p->idle_timeout_ms = nc->idle_timeout_ms;
+	p->greet_delay_ms = nc->greet_delay_ms;
 	old = atomic_exchange_explicit(&fd_policy_live, p,
 				       memory_order_acq_rel);
 	free(retired);
@@ -264,9 +266,10 @@ policy_publish(const struct fd_config *nc)
  * --config file): the delivery settings go to the control plane
  * (cp_reload: routes, relay, retries, ...), the SMTP policy to the workers
  * (accepted domains, message size, recipients, errors, command and data
- * deadlines). A file that does not parse is refused with its line, and
- * nothing changes. XXX listen addresses, threads, the spool, the idle
- * timeout and greeting delay are read at start only.
+ * deadlines, the idle timeout and the greeting delay). A file that does
+ * not parse is refused with its line, and nothing changes. Listen
+ * addresses, threads, the spool and the transport are the process's
+ * shape: read at start only (a restart changes them; docs/operations.md).
  */
 static void
 config_reload(int argc, char **argv, struct cplane *cp)

@@ -251,12 +251,15 @@ fd_worker_poll(struct fd_worker *w)
 				       pol->max_message_size,
 				       pol->max_recipients, pol->max_errors,
 				       pol->command_timeout_ms,
-				       pol->data_timeout_ms);
+				       pol->data_timeout_ms,
+				       pol->greet_delay_ms > 0);
 		fd_log(FD_LOG_INFO, "worker",
 		       "worker=%u event=policy_reloaded domains=%u "
-		       "max_message_size=%" PRIu64 " max_recipients=%u",
+		       "max_message_size=%" PRIu64 " max_recipients=%u "
+		       "idle_timeout_ms=%" PRIu64 " greet_delay_ms=%" PRIu64,
 		       w->id, pol->n_domains, pol->max_message_size,
-		       pol->max_recipients);
+		       pol->max_recipients, pol->idle_timeout_ms,
+		       pol->greet_delay_ms);
 	}
 	if (!w->port || !w->spool)
 		return;

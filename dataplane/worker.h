@@ -88,6 +88,7 @@ struct fd_policy {
 	uint64_t max_message_size;
 	unsigned max_recipients, max_errors;
 	uint64_t command_timeout_ms, data_timeout_ms;
+	uint64_t idle_timeout_ms, greet_delay_ms; /* the connection layer's */
 };
 extern struct fd_policy *_Atomic fd_policy_live;
 /* The program's version (FINALDOT_VERSION), for both transports. */

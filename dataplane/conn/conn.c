@@ -161,8 +161,7 @@ idle_touch(struct conn *c)
 {
 	struct conn_set *cs = c->cs;
 
-	timer_arm(&cs->idle, &c->t_idle,
-		  cs->now_us + cs->w->cfg->idle_timeout_ms * 1000);
+	timer_arm(&cs->idle, &c->t_idle, cs->now_us + cs->idle_ms * 1000);
 }
 
 /* ---- TLS handshake slots ------------------------------------------------ */
@@ -599,6 +598,44 @@ conn_wake(void *tctx)
 
 /* ---- the set ------------------------------------------------------------ */
 
+/*
+ * Every timer on l moves by the same amount: from a timer of old_ms to one
+ * of new_ms. The list stays in due order (each entry's start is kept), and
+ * a connection already past the new length is due now.
+ */
+static void
+timers_retime(struct conn_list *l, uint64_t old_ms, uint64_t new_ms)
+{
+	for (struct conn_node *n = l->head; n; n = n->next) {
+		uint64_t start = n->due_us - old_ms * 1000;
+		n->due_us = start + new_ms * 1000;
+		if (n->due_us < start) /* new_ms absurdly large */
+			n->due_us = UINT64_MAX;
+	}
+}
+
+/* A reload's idle timeout and greeting delay (fd_worker_poll() took the
+ * policy on this thread): for the connections open now too. */
+static void
+policy_update(struct conn_set *cs)
+{
+	const struct fd_policy *p = cs->w->policy_seen;
+
+	if (!p || p == cs->policy_seen)
+		return;
+	cs->policy_seen = p;
+	if (p->idle_timeout_ms != cs->idle_ms) {
+		timers_retime(&cs->idle, cs->idle_ms, p->idle_timeout_ms);
+		cs->idle_ms = p->idle_timeout_ms;
+	}
+	if (p->greet_delay_ms != cs->greet_ms) {
+		timers_retime(&cs->greet, cs->greet_ms,
+			      p->greet_delay_ms);
+		cs->greet_ms = p->greet_delay_ms;
+	}
+}
+
+
 void
 conn_set_init(struct conn_set *cs, struct fd_worker *w,
 	      const struct conn_ops *ops, uint64_t now_us)
@@ -607,6 +644,8 @@ conn_set_init(struct conn_set *cs, struct fd_worker *w,
 	cs->w = w;
 	cs->ops = ops;
 	cs->now_us = now_us;
+	cs->idle_ms = w->cfg->idle_timeout_ms;
+	cs->greet_ms = w->cfg->greet_delay_ms;
 }
 
 int
@@ -626,6 +665,9 @@ conn_open(struct conn_set *cs, struct conn *c, const char *addr,
 	if (!c || cs->stopping)
 		goto busy;
 	fd_tls_conn_free(c->tls); /* a slot the transport did not release */
+	/* The engine took a reload's greeting delay already (it greets at
+	 * open or not): the timer must agree with it. */
+	policy_update(cs);
 	memset(c, 0, sizeof(*c));
 	c->cs = cs;
 	c->s = smtp_session_open(w->smtp, c, addr,
@@ -636,9 +678,9 @@ conn_open(struct conn_set *cs, struct conn *c, const char *addr,
 	cs->nopen++;
 	list_push(&cs->open, &c->n_open);
 	idle_touch(c);
-	if (w->cfg->greet_delay_ms)
+	if (cs->greet_ms)
 		timer_arm(&cs->greet, &c->t_greet,
-			  cs->now_us + w->cfg->greet_delay_ms * 1000);
+			  cs->now_us + cs->greet_ms * 1000);
 	mark_dirty(c); /* the greeting */
 	return 0;
 busy:
@@ -744,6 +786,8 @@ void
 conn_set_tick(struct conn_set *cs)
 {
 	struct conn_list *l;
+
+	policy_update(cs);
 
 	while ((l = timer_next(cs))) {
 		struct conn_node *n = l->head;

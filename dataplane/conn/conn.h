@@ -43,6 +43,7 @@
 
 struct conn;
 struct conn_set;
+struct fd_policy;
 struct fd_tls_conn;
 struct fd_worker;
 struct smtp_session;
@@ -129,6 +130,10 @@ struct conn_set {
 	struct conn_list blocked; /* input held: waits for room or a verdict */
 	struct conn_list hswait;  /* for a handshake slot, oldest first */
 	struct conn_list idle, greet, hsdl; /* timers, earliest first */
+	/* The idle timeout and greeting delay now: the start configuration's,
+	 * then a reload's (policy_seen: the worker's policy they came from). */
+	uint64_t idle_ms, greet_ms;
+	const struct fd_policy *policy_seen;
 	bool stopping, stop_forced;
 	uint64_t stop_force_us;    /* shutdown: 421 to whoever still waits */
 	uint64_t stop_deadline_us; /* shutdown: close everything */

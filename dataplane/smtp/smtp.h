@@ -169,13 +169,15 @@ uint64_t smtp_gap_percentile(const uint64_t *hist, unsigned p);
  * server's own thread: accepted domains (referenced: keep them alive),
  * message size, recipients per message (at most what the server was
  * created with: its slots are allocated then; more is capped), errors
- * before 421, the command and data deadlines. Sessions keep their state.
+ * before 421, the command and data deadlines, and whether sessions opened
+ * from now on wait for smtp_session_greet() (greet_delay). Sessions keep
+ * their state.
  */
 void smtp_server_set_policy(struct smtp_server *srv,
 			    const char *const *domains, unsigned n_domains,
 			    uint64_t max_message_size, unsigned max_recipients,
 			    unsigned max_errors, uint64_t command_timeout_ms,
-			    uint64_t data_timeout_ms);
+			    uint64_t data_timeout_ms, bool greet_delay);
 
 /*
  * Where the gap ends. Off (the default): when the transport takes the

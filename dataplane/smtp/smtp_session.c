@@ -2044,7 +2044,8 @@ void
 smtp_server_set_policy(struct smtp_server *srv, const char *const *domains,
 		       unsigned n_domains, uint64_t max_message_size,
 		       unsigned max_recipients, unsigned max_errors,
-		       uint64_t command_timeout_ms, uint64_t data_timeout_ms)
+		       uint64_t command_timeout_ms, uint64_t data_timeout_ms,
+		       bool greet_delay)
 {
 	srv->cfg.domains = domains;
 	srv->cfg.n_domains = n_domains;
@@ -2056,6 +2057,7 @@ smtp_server_set_policy(struct smtp_server *srv, const char *const *domains,
 	srv->cfg.max_errors = max_errors;
 	srv->cfg.command_timeout_ms = command_timeout_ms;
 	srv->cfg.data_timeout_ms = data_timeout_ms;
+	srv->cfg.greet_delay = greet_delay;
 }
 
 const struct smtp_stats *

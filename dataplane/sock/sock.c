@@ -838,8 +838,8 @@ sock_worker_run(struct fd_worker *w)
 					       .tv_nsec = TICK_US * 1000};
 		unsigned head, seen = 0;
 
-		if (l->w->cfg->greet_delay_ms && l->w->cfg->greet_delay_ms < 100)
-			ts.tv_nsec = (long long)l->w->cfg->greet_delay_ms *
+		if (l->cs.greet_ms && l->cs.greet_ms < 100)
+			ts.tv_nsec = (long long)l->cs.greet_ms *
 				     250000; /* a quarter of the delay */
 		r = io_uring_submit_and_wait_timeout(&l->ring, &cqe, 1, &ts,
 						     NULL);

@@ -55,6 +55,38 @@ def policy():
           "and new sessions")
 
 
+def timers():
+    """The idle timeout and the greeting delay reload too: a session open
+    across the reload meets the new (shorter) idle timeout, counted from
+    its last command; a new connection waits for the new greeting delay."""
+    tmp = tempfile.mkdtemp(prefix="fdreload-")
+    conf = os.path.join(tmp, "t.conf")
+    with open(conf, "w") as f:
+        f.write("accept_domain = example.com\nidle_timeout = 10m\n")
+    with Daemon("--config", conf, domains=()) as d:
+        c = d.connect(timeout=30)
+        c.expect(220)
+        c.cmd("EHLO client.test", 250)
+        with open(conf, "w") as f:
+            f.write("accept_domain = example.com\nidle_timeout = 2s\n"
+                    "greet_delay = 1500ms\n")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_log(r"event=policy_reloaded .*idle_timeout_ms=2000 "
+                   r"greet_delay_ms=1500", 10)
+        t0 = time.time()
+        n = d.connect(timeout=30)
+        n.expect(220)
+        waited = time.time() - t0
+        check(1.3 < waited < 10, f"greeted after {waited:.2f} s, not 1.5")
+        n.cmd("QUIT", 221)
+        c.expect(421, r"4\.4\.2")
+        gone = time.time() - t0
+        check(gone < 10, f"the open session timed out after {gone:.1f} s")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print("ok: reload applies the idle timeout to open sessions and the "
+          "greeting delay to new ones")
+
+
 def bounce_domain():
     """A domain accepted by a reload: a bounce to a sender there is routed
     like mail to it (before, with no bounce relay, it was dropped)."""
@@ -141,6 +173,7 @@ def main():
     print("ok: reload re-routes new and deferred mail, keeps open sessions; "
           "a bad file is refused and changes nothing")
     policy()
+    timers()
     bounce_domain()
 
 

@@ -576,6 +576,55 @@ Test(conn, greeting_and_idle_timers_fire_in_due_order)
 	cr_assert(strstr(outp(a), "421 4.4.2"));
 }
 
+/*
+ * A reload's idle timeout and greeting delay (the worker took the policy:
+ * w.policy_seen) apply to the connections open now, counted from their
+ * last input or their open, and to the ones that come later; the engine
+ * and the timer agree on whether a new session waits for its greeting.
+ */
+Test(conn, reload_retimes_idle_and_greeting)
+{
+	static struct fd_policy pol;
+	struct ft *a, *b, *c;
+
+	cfg.greet_delay_ms = 0;
+	cfg.idle_timeout_ms = 10000;
+	start();
+	a = ft_open(); /* t = 0 */
+	conn_set_service(&cs);
+	cr_assert_str_eq(outp(a), "220 mx.example.com ESMTP finaldot\r\n");
+	tick(100);
+	b = ft_open();
+	conn_set_service(&cs);
+	tick(200);
+	ft_input(b, "NOOP\r\n"); /* b's idle time runs from 200 */
+
+	memset(&pol, 0, sizeof(pol));
+	pol.idle_timeout_ms = 1000;
+	pol.greet_delay_ms = 300;
+	/* What fd_worker_poll() does on the worker's thread. */
+	smtp_server_set_policy(w.smtp, NULL, 0, 1 << 20, 10, 10, 300000,
+			       600000, true);
+	w.policy_seen = &pol;
+
+	tick(999);
+	cr_assert_eq(nclosed, 0, "a's idle time ends at 1000, not 10000");
+	tick(1000);
+	cr_assert(a->closed && strstr(outp(a), "421 4.4.2"), "%s", outp(a));
+	cr_assert_not(b->closed);
+	c = ft_open(); /* t = 1000, with the delay */
+	conn_set_service(&cs);
+	cr_assert_eq(c->out.len, 0, "the new delay holds the greeting");
+	tick(1199);
+	cr_assert_not(b->closed);
+	tick(1200);
+	cr_assert(b->closed, "1000 ms after its last input");
+	tick(1299);
+	cr_assert_eq(c->out.len, 0);
+	tick(1300);
+	cr_assert_str_eq(outp(c), "220 mx.example.com ESMTP finaldot\r\n");
+}
+
 /* Input again on the connection with the latest input (the idle list's
  * tail), alone or behind another: its timer stays on the list and fires. */
 Test(conn, idle_timer_rearmed_at_the_tail_still_fires)
