@@ -154,6 +154,27 @@ histogram(FILE *f, const char *name, const char *label,
 		name, label, cum);
 }
 
+/* A histogram of counts (not seconds): n bounds, per-bucket counts
+ * (n + 1, the last above every bound), and their sum. */
+static void
+histogram_counts(FILE *f, const char *name, const char *help,
+		 const char *const *le, unsigned n, const uint64_t *v,
+		 uint64_t sum)
+{
+	uint64_t cum = 0;
+
+	head(f, name, "histogram", help);
+	for (unsigned b = 0; b < n; b++) {
+		cum += v[b];
+		fprintf(f, "%s_bucket{le=\"%s\"} %" PRIu64 "\n", name, le[b],
+			cum);
+	}
+	cum += v[n];
+	fprintf(f, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, cum);
+	fprintf(f, "%s_sum %" PRIu64 "\n", name, sum);
+	fprintf(f, "%s_count %" PRIu64 "\n", name, cum);
+}
+
 static void
 render_workers(FILE *f, const struct ctl_sources *src,
 	       const struct ctl_worker_stats *t)
@@ -233,6 +254,23 @@ render_workers(FILE *f, const struct ctl_sources *src,
 	head(f, name, "counter", "Spool batch writes completed, by result.");
 	lab(f, name, "result", "ok", t->batches);
 	lab(f, name, "result", "error", t->batch_errors);
+	{
+		static const char *const msgs[CTL_FLUSH_MSG_BUCKETS] = {
+			"1", "2", "4", "8", "16", "32", "64", "128", "256"};
+		static const char *const bytes[CTL_FLUSH_BYTE_BUCKETS] = {
+			"4096", "16384", "65536", "262144", "1048576",
+			"4194304"};
+		histogram_counts(f, "finaldot_spool_flush_messages",
+				 "Messages made durable per completed spool "
+				 "write (group commit: high under load).",
+				 msgs, CTL_FLUSH_MSG_BUCKETS, t->flush_msgs,
+				 t->flush_msgs_sum);
+		histogram_counts(f, "finaldot_spool_flush_bytes",
+				 "Bytes per completed spool write, block "
+				 "padding included.",
+				 bytes, CTL_FLUSH_BYTE_BUCKETS, t->flush_bytes,
+				 t->spool_bytes);
+	}
 	one(f, "finaldot_spool_written_bytes_total", "counter",
 	    "Bytes written to the spool, block padding included (bytes per "
 	    "batch = this / flushes).", t->spool_bytes);

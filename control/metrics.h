@@ -31,6 +31,10 @@ struct cplane;
 /* final-dot-to-250 latency buckets, upper bounds in microseconds: 50 us to
  * 10 s; one more bucket counts what is above the last bound. */
 #define CTL_LAT_BUCKETS 17
+/* Messages per flush: up to 1, 2, 4 ... 256; bytes per flush: up to 4 KiB,
+ * 16 KiB ... 4 MiB (the spool's buckets: worker.c copies them). */
+#define CTL_FLUSH_MSG_BUCKETS 9
+#define CTL_FLUSH_BYTE_BUCKETS 6
 static inline uint64_t
 ctl_lat_bound_us(unsigned i)
 {
@@ -81,6 +85,11 @@ struct ctl_worker_stats {
 	uint64_t tls_required;    /* 530 5.7.0 */
 	uint64_t lat[CTL_LAT_BUCKETS + 1]; /* per bucket, not cumulative */
 	uint64_t lat_sum_ns;
+	/* per completed batch: messages made durable, bytes written
+	 * (buckets of spool.h's spool_stats; not cumulative) */
+	uint64_t flush_msgs[CTL_FLUSH_MSG_BUCKETS + 1];
+	uint64_t flush_msgs_sum;
+	uint64_t flush_bytes[CTL_FLUSH_BYTE_BUCKETS + 1];
 };
 
 _Static_assert(sizeof(struct ctl_worker_stats) % sizeof(uint64_t) == 0,

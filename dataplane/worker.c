@@ -217,6 +217,12 @@ worker_publish(struct fd_worker *w)
 		p->segments = sp->segments_used;
 		p->reclaimed = sp->reclaimed;
 		p->room_waits = sp->room_waits;
+		_Static_assert(CTL_FLUSH_MSG_BUCKETS == SPOOL_FLUSH_MSG_BUCKETS &&
+			       CTL_FLUSH_BYTE_BUCKETS == SPOOL_FLUSH_BYTE_BUCKETS,
+			       "the flush histograms share their buckets");
+		memcpy(p->flush_msgs, sp->flush_msgs, sizeof(p->flush_msgs));
+		p->flush_msgs_sum = sp->flush_msgs_sum;
+		memcpy(p->flush_bytes, sp->flush_bytes, sizeof(p->flush_bytes));
 	}
 	p->conns_current = w->conns_current;
 	p->refused_busy = w->sessions_refused;

@@ -549,6 +549,18 @@ service(struct spool *sp)
 
 /* ---- completions ------------------------------------------------------- */
 
+/* The first bucket holds up to `first`, each next one four times (bytes)
+ * or twice (messages) as much; the last, index n, everything above. */
+unsigned
+spool_flush_bucket(uint64_t v, uint64_t first, unsigned n)
+{
+	unsigned shift = n == SPOOL_FLUSH_BYTE_BUCKETS ? 2 : 1, i = 0;
+
+	while (i < n && v > first << (shift * i))
+		i++;
+	return i;
+}
+
 static void
 complete_in_order(struct spool *sp)
 {
@@ -572,9 +584,18 @@ complete_in_order(struct spool *sp)
 			       sp->p.worker, b->seg->file_no, b->off, b->len,
 			       -b->res);
 		} else {
+			unsigned nm = 0;
+
+			for (struct spool_msg *m = b->msgs; m; m = m->next)
+				nm++;
 			sp->stp->batches++;
 			sp->stp->bytes += b->len;
 			sp->stp->payload_bytes += b->payload;
+			sp->stp->flush_msgs[spool_flush_bucket(
+				nm, 1, SPOOL_FLUSH_MSG_BUCKETS)]++;
+			sp->stp->flush_msgs_sum += nm;
+			sp->stp->flush_bytes[spool_flush_bucket(
+				b->len, 4096, SPOOL_FLUSH_BYTE_BUCKETS)]++;
 		}
 		/* Batches complete in order: everything up to the end of
 		 * this one is now final, on disk or abandoned. The FAILED

@@ -215,6 +215,13 @@ bool spool_room_changed(struct spool *sp);
 /* Batches submitted and not yet completed. */
 unsigned spool_inflight(const struct spool *sp);
 
+/* Per completed batch (group commit at work): how many messages it made
+ * durable, in buckets up to 1, 2, 4 ... 256 and above; how many bytes, up
+ * to 4 KiB, 16 KiB ... 4 MiB and above. spool_flush_bucket() picks. */
+#define SPOOL_FLUSH_MSG_BUCKETS 9
+#define SPOOL_FLUSH_BYTE_BUCKETS 6
+unsigned spool_flush_bucket(uint64_t v, uint64_t first, unsigned n);
+
 struct spool_stats {
 	uint64_t batches;       /* batch writes completed ok */
 	uint64_t batch_errors;  /* batch writes that failed */
@@ -226,6 +233,9 @@ struct spool_stats {
 	uint64_t room_waits;    /* spool_room() returned 0, or begin() had
 				 * to answer -EAGAIN */
 	uint64_t reclaimed;     /* segments handed back by the control plane */
+	uint64_t flush_msgs[SPOOL_FLUSH_MSG_BUCKETS + 1];   /* ok batches */
+	uint64_t flush_msgs_sum;
+	uint64_t flush_bytes[SPOOL_FLUSH_BYTE_BUCKETS + 1]; /* ok batches */
 };
 const struct spool_stats *spool_get_stats(const struct spool *sp);
 

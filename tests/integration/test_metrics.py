@@ -155,6 +155,16 @@ def exposition():
         check(vals == sorted(vals) and vals[-1] == 3, f"cumulative {vals}")
         check(0 < s["finaldot_final_dot_latency_seconds_sum"] < 30,
               "latency sum")
+        # Group commit per write: every completed batch in each flush
+        # histogram once; the message histogram sums to the messages.
+        ok = s['finaldot_spool_batches_total{result="ok"}']
+        for h in ("finaldot_spool_flush_messages", "finaldot_spool_flush_bytes"):
+            check(s[h + "_count"] == ok and s[h + '_bucket{le="+Inf"}'] == ok,
+                  f"{h}: count {s[h + '_count']}, batches {ok}")
+        check(s["finaldot_spool_flush_messages_sum"] == 3,
+              f"messages over flushes: {s['finaldot_spool_flush_messages_sum']}")
+        check(s["finaldot_spool_flush_bytes_sum"] ==
+              s["finaldot_spool_written_bytes_total"], "flush bytes sum")
         # Bounded labels: no address, no id, anywhere.
         for k in s:
             for lv in re.findall(r'="([^"]*)"', k):

@@ -370,7 +370,32 @@ Test(spool, natural_batching_one_write)
 	}
 	cr_assert_eq(spool_get_stats(sp)->flushes, 1);
 	cr_assert_eq(spool_get_stats(sp)->messages, 50);
+	/* The flush histograms: one write of 50 messages (bucket "up to
+	 * 64"), its bytes in the bucket of its length. */
+	const struct spool_stats *st = spool_get_stats(sp);
+	for (unsigned b = 0; b <= SPOOL_FLUSH_MSG_BUCKETS; b++)
+		cr_assert_eq(st->flush_msgs[b], b == 6 ? 1u : 0u, "bucket %u", b);
+	cr_assert_eq(st->flush_msgs_sum, 50);
+	cr_assert_eq(st->flush_bytes[spool_flush_bucket(
+			     st->bytes, 4096, SPOOL_FLUSH_BYTE_BUCKETS)], 1);
 	spool_destroy(sp);
+}
+
+Test(spool, flush_buckets)
+{
+	cr_assert_eq(spool_flush_bucket(1, 1, SPOOL_FLUSH_MSG_BUCKETS), 0);
+	cr_assert_eq(spool_flush_bucket(2, 1, SPOOL_FLUSH_MSG_BUCKETS), 1);
+	cr_assert_eq(spool_flush_bucket(3, 1, SPOOL_FLUSH_MSG_BUCKETS), 2);
+	cr_assert_eq(spool_flush_bucket(256, 1, SPOOL_FLUSH_MSG_BUCKETS), 8);
+	cr_assert_eq(spool_flush_bucket(257, 1, SPOOL_FLUSH_MSG_BUCKETS), 9);
+	cr_assert_eq(spool_flush_bucket(4096, 4096, SPOOL_FLUSH_BYTE_BUCKETS),
+		     0);
+	cr_assert_eq(spool_flush_bucket(4097, 4096, SPOOL_FLUSH_BYTE_BUCKETS),
+		     1);
+	cr_assert_eq(spool_flush_bucket(4u << 20, 4096,
+					SPOOL_FLUSH_BYTE_BUCKETS), 5);
+	cr_assert_eq(spool_flush_bucket((4u << 20) + 1, 4096,
+					SPOOL_FLUSH_BYTE_BUCKETS), 6);
 }
 
 Test(spool, fault_fail_write_then_recovers)
