@@ -199,34 +199,6 @@ workers_stats(void *ctx, unsigned i, struct ctl_worker_stats *out)
 	fd_worker_read_stats(&((const struct fd_worker *)ctx)[i], out);
 }
 
-/* finaldotctl reload: the same as SIGHUP (the main thread's sigwait). */
-static int
-reload_raise(void *ctx)
-{
-	(void)ctx;
-	return kill(getpid(), SIGHUP) == 0 ? 0 : -errno;
-}
-
-static struct ctl_ops *
-ops_start(const struct fd_config *cfg, struct cplane *cp,
-	  struct fd_worker *workers, unsigned n)
-{
-	static const char *ltext[FD_CONFIG_MAX_LISTEN];
-	static struct ctl_sources src;
-	int err = 0;
-
-	for (unsigned i = 0; i < cfg->n_listen; i++)
-		ltext[i] = cfg->listen[i].text;
-	src = (struct ctl_sources){
-		.cp = cp, .version = FINALDOT_VERSION, .transport = "kernel",
-		.hostname = cfg->hostname, .listen = ltext,
-		.n_listen = cfg->n_listen, .started_us = fd_now_realtime_us(),
-		.n_workers = n, .worker_stats = workers_stats,
-		.worker_ctx = workers, .paused = &fd_paused,
-		.reload = reload_raise,
-	};
-	return ctl_ops_start(cfg, &src, NULL, &err);
-}
 
 /*
  * The SMTP policy of a reloaded configuration, for the workers (worker.h).
@@ -496,6 +468,7 @@ main(int argc, char **argv)
 	pid_t holder = 0;
 	unsigned started = 0;
 	struct ctl_ops *ops = NULL;
+	int cerr = 0;
 
 	fd_config_defaults(&cfg);
 	if (fd_config_parse_args(&cfg, argc, argv, stderr) != 0)
@@ -640,7 +613,9 @@ main(int argc, char **argv)
 		if (!all)
 			usleep(1000);
 	}
-	if (status == 0 && !(ops = ops_start(&cfg, cp, workers, started)))
+	if (status == 0 && !(ops = fd_ctl_start(&cfg, cp, "kernel", started,
+						workers_stats, workers, NULL,
+						NULL, &cerr)))
 		status = 1;
 	if (status == 0) {
 		char lbuf[512] = "";

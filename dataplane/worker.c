@@ -11,6 +11,10 @@
 #include <string.h>
 #include <time.h>
 
+#include <signal.h>
+#include <unistd.h>
+
+#include "control/ctlsock.h"
 #include "finaldot/ctlport.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
@@ -439,4 +443,40 @@ fd_worker_indoubt(struct fd_worker *w, uint64_t msgid)
 	       "worker=%u event=reply_unacknowledged id=%s", w->id, id);
 	if (w->port)
 		fd_ctl_port_publish(w->port, &e);
+}
+
+/* finaldotctl reload: the same as SIGHUP (each transport's signal path
+ * takes it from there). */
+static int
+reload_raise(void *ctx)
+{
+	(void)ctx;
+	return kill(getpid(), SIGHUP) == 0 ? 0 : -errno;
+}
+
+struct ctl_ops *
+fd_ctl_start(const struct fd_config *cfg, struct cplane *cp,
+	     const char *transport, unsigned n_workers,
+	     void (*worker_stats)(void *ctx, unsigned i,
+				  struct ctl_worker_stats *out),
+	     void *worker_ctx,
+	     void (*net_stats)(void *ctx, struct ctl_net_stats *out),
+	     const cpu_set_t *cpus, int *err)
+{
+	/* Static: the control socket and /metrics read them until the end. */
+	static const char *ltext[FD_CONFIG_MAX_LISTEN];
+	static struct ctl_sources src;
+
+	for (unsigned i = 0; i < cfg->n_listen; i++)
+		ltext[i] = cfg->listen[i].text;
+	src = (struct ctl_sources){
+		.cp = cp, .version = fd_version, .transport = transport,
+		.hostname = cfg->hostname, .listen = ltext,
+		.n_listen = cfg->n_listen, .started_us = fd_now_realtime_us(),
+		.n_workers = n_workers, .worker_stats = worker_stats,
+		.worker_ctx = worker_ctx, .net_stats = net_stats,
+		.paused = &fd_paused, .reload = reload_raise,
+	};
+	*err = 0;
+	return ctl_ops_start(cfg, &src, cpus, err);
 }

@@ -95,6 +95,24 @@ extern struct fd_policy *_Atomic fd_policy_live;
 extern const char fd_version[];
 
 /*
+ * The control socket and /metrics, for either transport: what they show
+ * (the listen addresses, the workers' published counters through
+ * worker_stats, DPDK's port and stack counters through net_stats or NULL)
+ * and finaldotctl reload (a SIGHUP to this process). cpus: where their
+ * threads run, or NULL. NULL and *err on failure (ctl_ops_start()).
+ */
+struct cplane;
+struct ctl_ops;
+struct ctl_ops *fd_ctl_start(const struct fd_config *cfg, struct cplane *cp,
+			     const char *transport, unsigned n_workers,
+			     void (*worker_stats)(void *ctx, unsigned i,
+						  struct ctl_worker_stats *out),
+			     void *worker_ctx,
+			     void (*net_stats)(void *ctx,
+					       struct ctl_net_stats *out),
+			     const cpu_set_t *cpus, int *err);
+
+/*
  * Create the worker's SMTP server and spool. ring: the transport's io_uring
  * to share with the spool, or NULL (the spool makes its own). Must run on
  * the worker's own thread (the ring's single issuer). 0 or -errno.

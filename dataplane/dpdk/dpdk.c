@@ -369,13 +369,6 @@ shards_stats(void *ctx, unsigned i, struct ctl_worker_stats *out)
 	fd_worker_read_stats(&g.shards[i]->w, out);
 }
 
-static int
-reload_raise(void *ctx)
-{
-	(void)ctx;
-	return kill(getpid(), SIGHUP) == 0 ? 0 : -errno;
-}
-
 static void (*reload_fn)(void);
 static atomic_bool reloading;
 
@@ -668,25 +661,13 @@ dpdk_transport_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 		goto out_shards;
 	}
 	{
-		static const char *ltext[FD_CONFIG_MAX_LISTEN];
-		static struct ctl_sources src;
 		int err = 0;
-		for (unsigned i = 0; i < cfg->n_listen; i++)
-			ltext[i] = cfg->listen[i].text;
-		src = (struct ctl_sources){
-			.cp = cp, .version = fd_version,
-			.transport = "dpdk", .hostname = cfg->hostname,
-			.listen = ltext, .n_listen = cfg->n_listen,
-			.started_us = fd_now_realtime_us(),
-			.n_workers = g.nshards, .worker_stats = shards_stats,
-			.net_stats = net_stats, .paused = &fd_paused,
-			.reload = reload_raise,
-		};
 		/* Off the busy-polled cores, like the control plane. */
-		ops = ctl_ops_start(cfg, &src,
-				    CPU_COUNT(&g.helper_cpus) ? &g.helper_cpus
-							      : NULL,
-				    &err);
+		ops = fd_ctl_start(cfg, cp, "dpdk", g.nshards, shards_stats,
+				   NULL, net_stats,
+				   CPU_COUNT(&g.helper_cpus) ? &g.helper_cpus
+							     : NULL,
+				   &err);
 		if (!ops) {
 			status = err;
 			if (cp)
