@@ -1449,6 +1449,17 @@ dlog_open(const char *dir, const struct dlog_params *p, dlog_replay_fn fn,
 		dlog_params_defaults(&l->p);
 	if (l->p.pending_max < DLOG_REC_MAX)
 		l->p.pending_max = DLOG_REC_MAX;
+#ifdef FINALDOT_FAULT_INJECTION
+	/* Test seam: FINALDOT_DELIVERY_FAULT=no-dlog-sync leaves out the
+	 * batch fdatasync (no_sync), a mutant the power-cut test must catch
+	 * (docs/powercut.md). A release build never reads it. */
+	{
+		const char *f = getenv("FINALDOT_DELIVERY_FAULT");
+
+		if (f && strcmp(f, "no-dlog-sync") == 0)
+			l->p.no_sync = true;
+	}
+#endif
 	l->fd = -1;
 	l->dir = strdup(dir);
 	if (!l->dir) {

@@ -15,6 +15,13 @@
  * file is written. link() rather than rename() moves tmp/ to new/: it
  * fails rather than replace an existing file (qmail's convention).
  *
+ * Test seam (test builds only, -Dfault_injection=true; a release build
+ * never reads it): FINALDOT_DELIVERY_FAULT names one of these durability
+ * points to leave out, a mutant the power-cut test must catch
+ * (docs/powercut.md): "no-maildir-fsync", the file is linked into new/
+ * without its fsync; "no-maildir-dirsync", new/ is not fsynced after the
+ * link.
+ *
  * Limits: filesystems without hard links are not supported. XXX: if a
  * mailbox directory was created by a call that then failed to fsync its
  * parent, later calls find it existing and do not fsync the parent again;
@@ -39,6 +46,21 @@
 #define HOST_MAX 64
 
 static atomic_ulong seq;
+
+/* The test seam (see the top of the file): is durability point `what`
+ * to be left out? Always false in a release build. */
+static bool
+fault(const char *what)
+{
+#ifdef FINALDOT_FAULT_INJECTION
+	const char *f = getenv("FINALDOT_DELIVERY_FAULT");
+
+	return f && strcmp(f, what) == 0;
+#else
+	(void)what;
+	return false;
+#endif
+}
 
 static char
 lower(char c)
@@ -379,7 +401,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, -r, false, c.source ? "4.3.0" : NULL, what);
 		goto out_close_file;
 	}
-	if (fsync(c.fd) != 0) {
+	if (!fault("no-maildir-fsync") && fsync(c.fd) != 0) {
 		set_fail(res, errno, false, NULL, "fsync tmp file");
 		goto out_close_file;
 	}
@@ -394,7 +416,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, errno, false, NULL, "link into new");
 		goto out_unlink_tmp;
 	}
-	if (fsync(newfd) != 0) {
+	if (!fault("no-maildir-dirsync") && fsync(newfd) != 0) {
 		set_fail(res, errno, false, NULL, "fsync new");
 		/* Not reported delivered: do not leave it to be read and then
 		 * delivered again on retry. */

@@ -2613,14 +2613,41 @@ cp_job_done(struct cplane *cp, struct q_job *j)
 
 /* ---- life cycle -------------------------------------------------------- */
 
+/* fsync the directory holding path's last component: what makes a
+ * directory just made there durable. 0 or -errno. */
+static int
+sync_parent(char *path)
+{
+	char *sl = strrchr(path, '/');
+	int fd, r = 0;
+
+	if (sl)
+		*sl = '\0';
+	fd = open(sl ? (sl == path ? "/" : path) : ".",
+		  O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (sl)
+		*sl = '/';
+	if (fd < 0)
+		return -errno;
+	if (fsync(fd) != 0)
+		r = -errno;
+	close(fd);
+	return r;
+}
+
 /* A Maildir root is made at start (mkdir -p, 0700): a first run with
  * the default route must work; the mailboxes below it are made on first
- * delivery. */
+ * delivery. Each directory made here is made durable in its parent:
+ * maildir_deliver() fsyncs only what it creates below the root, and
+ * without this a power cut took the whole root back, with every message
+ * delivered into it, while the delivery log kept them as delivered
+ * (found by tests/crash/test_powercut_delivery.py). */
 static void
 maildir_root(const struct route_target *t, bool make)
 {
 	char buf[512];
 	size_t n;
+	int r;
 
 	if (!make || t->kind != ROUTE_MAILDIR)
 		return;
@@ -2633,10 +2660,14 @@ maildir_root(const struct route_target *t, bool make)
 			continue;
 		char ch = buf[i];
 		buf[i] = '\0';
-		if (mkdir(buf, 0700) != 0 && errno != EEXIST)
+		if (mkdir(buf, 0700) == 0)
+			r = sync_parent(buf);
+		else
+			r = errno == EEXIST ? 0 : -errno;
+		if (r)
 			fd_log(FD_LOG_WARN, "qmgr",
 			       "event=maildir_root_failed path=%s error=\"%s\"",
-			       buf, strerror(errno));
+			       buf, strerror(-r));
 		buf[i] = ch;
 	}
 }

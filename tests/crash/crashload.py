@@ -2,7 +2,7 @@
 messages in a loop until told to stop, reconnecting while the daemon is
 down (killed, restarting), and hands each reply to a final dot to a
 callback. Shared by test_crash.py, test_delivery_crash.py and
-test_powercut.py."""
+test_powercut.py and test_powercut_delivery.py."""
 import socket
 import time
 
@@ -19,7 +19,9 @@ def lines(text, width=76):
 def client(port, stop, make_body, on_reply, sender=b"c@crash.test",
            rcpt=b"u@example.com"):
     """Until stop is set: make_body(n) -> (key, body); one transaction;
-    on_reply(key, body, reply_line). Connection errors are retried."""
+    on_reply(key, body, reply_line). Connection errors are retried.
+    rcpt: one address, or a list of them (one RCPT each)."""
+    rcpts = [rcpt] if isinstance(rcpt, bytes) else list(rcpt)
     n = 0
     while not stop.is_set():
         try:
@@ -40,9 +42,10 @@ def client(port, stop, make_body, on_reply, sender=b"c@crash.test",
             while not stop.is_set():
                 n += 1
                 key, body = make_body(n)
-                s.sendall(b"MAIL FROM:<" + sender + b">\r\nRCPT TO:<" +
-                          rcpt + b">\r\nDATA\r\n")
-                for _ in range(3):
+                s.sendall(b"MAIL FROM:<" + sender + b">\r\n" +
+                          b"".join(b"RCPT TO:<" + r + b">\r\n"
+                                   for r in rcpts) + b"DATA\r\n")
+                for _ in range(2 + len(rcpts)):
                     reply()
                 s.sendall(body + b".\r\n")
                 on_reply(key, body, reply())

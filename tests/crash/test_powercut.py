@@ -17,7 +17,6 @@ Exits 0 pass, 1 fail, 77 skip (no FUSE, no simulator, no seam)."""
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,7 +25,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "integration"))
 import crashload  # noqa: E402
-from fdtest import CRLF, Daemon, check, fail, skip, strip_received  # noqa
+from fdtest import CRLF, Daemon, check, skip, strip_received  # noqa
+from powerfs import FDPOWERFS, PowerFS  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 MUTANT = None
@@ -38,7 +38,6 @@ SEED = int(args[1]) if len(args) > 1 else int(time.time())
 CLIENTS = 6
 WORKERS = 2
 MODES = ("drop", "torn512", "torn4k")
-FDPOWERFS = os.environ.get("FDPOWERFS", "build/tests/crash/powercut/fdpowerfs")
 
 
 def client(port, tag, rng, acked, stop):
@@ -54,53 +53,6 @@ def client(port, tag, rng, acked, stop):
             acked.append((r.split()[-1].decode(), b))
 
     crashload.client(port, stop, body, seen)
-
-
-class PowerFS:
-    """fdpowerfs mounted at mnt, its durable state kept in img."""
-
-    def __init__(self, work):
-        self.mnt = os.path.join(work, "mnt")
-        self.img = os.path.join(work, "image")
-        self.log = os.path.join(work, "fdpowerfs.log")
-        os.mkdir(self.mnt)
-        self.proc = None
-
-    def mount(self):
-        self.proc = subprocess.Popen([FDPOWERFS, self.img, self.mnt],
-                                     stdout=open(self.log, "a"),
-                                     stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while not os.path.ismount(self.mnt):
-            if self.proc.poll() is not None or time.time() > deadline:
-                fail(f"fdpowerfs did not mount:\n{open(self.log).read()}")
-            time.sleep(0.02)
-
-    def stats(self):
-        with open(os.path.join(self.mnt, ".powercut")) as f:
-            return dict(kv.split("=") for kv in f.read().split())
-
-    def cut(self, mode, seed):
-        with open(os.path.join(self.mnt, ".powercut"), "w") as f:
-            f.write(f"cut {mode} {seed}")
-        self.unmount()
-
-    def unmount(self):
-        # Lazy: io_uring may still hold the dead daemon's files a moment.
-        subprocess.run(["umount", "-l", self.mnt], check=False)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            fail("fdpowerfs did not exit after the unmount")
-        check(self.proc.returncode == 0,
-              f"fdpowerfs exited {self.proc.returncode}:\n"
-              f"{open(self.log).read()[-2000:]}")
-        self.proc = None
-
-
 
 
 def main():
@@ -178,9 +130,7 @@ def main():
             d.stop()
         fs.unmount()
     finally:
-        if fs.proc:
-            subprocess.run(["umount", "-l", fs.mnt], check=False)
-            fs.proc.wait(20)
+        fs.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     check(len(acked) > 0, "some messages were acknowledged")
     if MUTANT:
