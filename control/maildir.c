@@ -22,14 +22,20 @@
  * without its fsync; "no-maildir-dirsync", new/ is not fsynced after the
  * link.
  *
- * Limits: filesystems without hard links are not supported. XXX: if a
- * mailbox directory was created by a call that then failed to fsync its
- * parent, later calls find it existing and do not fsync the parent again;
- * a crash could then lose that directory with mail delivered into it. It
- * takes an fsync error followed by a crash.
+ * Directories. A mailbox's directories (domain, mailbox, tmp/new/cur) are
+ * durable in their parents before the first message is reported
+ * delivered into them: each one this call made is synced in its parent,
+ * and so is each one it found, unless this process already knows the
+ * mailbox durable (a small table of mailboxes it synced). Finding a
+ * directory is not knowing it durable: another thread may have made it a
+ * moment ago and not yet synced its parent, an earlier call may have
+ * failed to, or another program made it.
+ *
+ * Limits: filesystems without hard links are not supported.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +52,7 @@
 #define HOST_MAX 64
 
 static atomic_ulong seq;
+
 
 /* The test seam (see the top of the file): is durability point `what`
  * to be left out? Always false in a release build. */
@@ -172,6 +179,51 @@ set_fail(struct maildir_result *res, int err, bool permanent,
 	res->path[0] = '\0';
 }
 
+/*
+ * Mailboxes known durable (above): a 64-bit hash of root, domain and local
+ * part per slot. A slot taken by another mailbox only costs that mailbox
+ * its directory syncs once more.
+ */
+#define KNOWN_SLOTS 4096
+static uint64_t known[KNOWN_SLOTS];
+static pthread_mutex_t known_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static uint64_t
+mailbox_hash(const char *root, const char *dom, const char *lp)
+{
+	const char *parts[3] = {root, dom, lp};
+	uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+
+	for (unsigned i = 0; i < 3; i++) {
+		for (const char *p = parts[i]; *p; p++) {
+			h ^= (uint8_t)*p; /* dom and lp come lower-cased */
+			h *= 0x100000001b3ull;
+		}
+		h ^= 0xff; /* a separator no name holds */
+		h *= 0x100000001b3ull;
+	}
+	return h ? h : 1;
+}
+
+static bool
+known_durable(uint64_t h)
+{
+	bool r;
+
+	pthread_mutex_lock(&known_mu);
+	r = known[h % KNOWN_SLOTS] == h;
+	pthread_mutex_unlock(&known_mu);
+	return r;
+}
+
+static void
+known_add(uint64_t h)
+{
+	pthread_mutex_lock(&known_mu);
+	known[h % KNOWN_SLOTS] = h;
+	pthread_mutex_unlock(&known_mu);
+}
+
 /* mkdir parent/name (0700) unless it exists, then open it as a directory
  * that is not a symlink. An fd, or -errno. */
 static int
@@ -293,7 +345,8 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 	char host[HOST_MAX + 8], name[160], path[sizeof(res->path)];
 	char what[sizeof(res->text)];
 	struct copy c = { .fd = -1 };
-	bool made = false, made_sub = false;
+	bool made = false, made_sub = false, sure;
+	uint64_t mh;
 	struct timespec ts;
 	const char *e;
 	int r, rootfd, dfd, mfd, tmpfd, newfd;
@@ -338,6 +391,8 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 	}
 	c.out = c.in + CHUNK;
 
+	mh = mailbox_hash(root, dom, lp);
+	sure = known_durable(mh);
 	rootfd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (rootfd < 0) {
 		r = errno;
@@ -350,7 +405,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, -dfd, false, NULL, what);
 		goto out_close_root;
 	}
-	if (made && fsync(rootfd) != 0) {
+	if ((made || !sure) && fsync(rootfd) != 0) {
 		set_fail(res, errno, false, NULL, "fsync root");
 		goto out_close_dom;
 	}
@@ -360,7 +415,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, -mfd, false, NULL, what);
 		goto out_close_dom;
 	}
-	if (made && fsync(dfd) != 0) {
+	if ((made || !sure) && fsync(dfd) != 0) {
 		snprintf(what, sizeof(what), "fsync %.100s", dom);
 		set_fail(res, errno, false, NULL, what);
 		goto out_close_mbox;
@@ -379,7 +434,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, errno, false, NULL, "mkdir cur");
 		goto out_close_new;
 	}
-	if (made_sub && fsync(mfd) != 0) {
+	if ((made_sub || !sure) && fsync(mfd) != 0) {
 		snprintf(what, sizeof(what), "fsync %.100s/%.100s", dom, lp);
 		set_fail(res, errno, false, NULL, what);
 		goto out_close_new;
@@ -423,9 +478,13 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		unlinkat(newfd, name, 0);
 		goto out_unlink_tmp;
 	}
+	if (!sure)
+		known_add(mh);
 	/* Delivered. A stale tmp/ name is harmless (readers clean tmp/ of
-	 * old files) and must not turn this into a failure. */
-	if (unlinkat(tmpfd, name, 0) != 0 || fsync(tmpfd) != 0) {
+	 * old files, and a power cut that brings one back leaves a second
+	 * link to a complete file): no fsync of tmp/ for its removal, and no
+	 * failure. */
+	if (unlinkat(tmpfd, name, 0) != 0) {
 		char esc[256];
 		fd_log(FD_LOG_WARN, "maildir",
 		       "event=tmp_cleanup_failed file=%s err=%d",

@@ -2660,10 +2660,13 @@ maildir_root(const struct route_target *t, bool make)
 			continue;
 		char ch = buf[i];
 		buf[i] = '\0';
-		if (mkdir(buf, 0700) == 0)
+		/* Made now, or found: either way synced in its parent
+		 * (one found may have been made by a start that died before
+		 * syncing it). */
+		if (mkdir(buf, 0700) == 0 || errno == EEXIST)
 			r = sync_parent(buf);
 		else
-			r = errno == EEXIST ? 0 : -errno;
+			r = -errno;
 		if (r)
 			fd_log(FD_LOG_WARN, "qmgr",
 			       "event=maildir_root_failed path=%s error=\"%s\"",
