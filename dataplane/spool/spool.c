@@ -74,6 +74,7 @@ enum ud_op { OP_WRITE = 1, OP_FSYNC = 2, OP_NOP = 3 };
 enum fault_kind {
 	F_NONE, F_FAIL_FROM, F_FAIL_ONCE, F_ENOSPC, F_HOLD,
 	F_NO_DSYNC,  /* mutant: writes without RWF_DSYNC or fdatasync */
+	F_PREP_SLOW, /* the preparer sleeps fault_n ms per chunk of zeros */
 	F_NO_DIRSYNC /* mutant: applied by the preparer (spool_seg.c) */
 };
 
@@ -235,6 +236,14 @@ parse_fault(struct spool *sp, const char *spec)
 	}
 	if (strcmp(spec, "no-dirsync") == 0) {
 		sp->fault = F_NO_DIRSYNC;
+		return 0;
+	}
+	if (strncmp(spec, "prep-slow:", 10) == 0) {
+		unsigned long long v = strtoull(spec + 10, &end, 10);
+		if (spec[10] < '0' || spec[10] > '9' || *end || v > 10000)
+			return -EINVAL;
+		sp->fault = F_PREP_SLOW;
+		sp->fault_n = v;
 		return 0;
 	}
 	if (strncmp(spec, "hold:", 5) == 0 && spec[5] &&
@@ -445,6 +454,7 @@ submit_batch(struct spool *sp, struct batch *b)
 	}
 	b->state = B_INFLIGHT;
 	sp->kernel++;
+	spool_prep_flights(sp->prep, sp->kernel);
 	return true;
 }
 
@@ -673,6 +683,7 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 			sp->fsync_mode = true;
 			b->state = B_CLOSED;
 			sp->kernel--;
+			spool_prep_flights(sp->prep, sp->kernel);
 			submit_closed(sp);
 			return;
 		}
@@ -693,6 +704,7 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 		return;
 	b->state = B_DONE;
 	sp->kernel--;
+	spool_prep_flights(sp->prep, sp->kernel);
 	complete_in_order(sp);
 }
 
@@ -1197,6 +1209,10 @@ spool_create(const struct spool_params *p)
 				    sp->wake_fd, &r);
 	if (!sp->prep)
 		goto out_wake;
+#ifdef FINALDOT_FAULT_INJECTION
+	if (sp->fault == F_PREP_SLOW)
+		spool_prep_set_slow(sp->prep, (unsigned)sp->fault_n);
+#endif
 	r = spool_prep_wait_ready(sp->prep);
 	if (r && r != -ENOSPC && r != -EDQUOT) {
 		fd_log(FD_LOG_ERR, "spool",

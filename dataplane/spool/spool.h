@@ -30,6 +30,8 @@
  *   "fail-once:N"       only the N-th batch write fails
  *   "enospc"            no segment can be made: begin() fails with -ENOSPC
  *   "hold:PATH"         batches are not submitted while PATH exists
+ *   "prep-slow:MS"      the segment preparer sleeps MS ms per chunk of
+ *                       zeros it writes (a slow or busy disk)
  * A failed write fails every message with a record in that batch (-EIO);
  * the next batch goes to fresh blocks and later messages are unaffected.
  *

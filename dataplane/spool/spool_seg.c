@@ -47,7 +47,20 @@
 #include "spool_ledger.h"
 #include "spool_seg.h"
 
-#define ZERO_CHUNK (1u << 20)
+/*
+ * Zeroing (issue 9: the preparer must not compete with the flushes the
+ * clients wait for). Zeros go O_DIRECT, so no flood of dirty pages meets
+ * a flush in the page cache's writeback or in the final fsync, in chunks
+ * of ZERO_CHUNK, so that one of them ahead of a flush in the device's
+ * queue delays it by little. And politely: while at least one spare is
+ * ready, each chunk first waits (up to ZERO_YIELD_US) for the worker's
+ * flushes in flight to complete; with none ready the worker needs the
+ * segment more than any flush needs the disk, and zeroing goes at full
+ * speed.
+ */
+#define ZERO_CHUNK (256u << 10)
+#define ZERO_YIELD_US 2000
+#define ZERO_POLL_US 100
 
 static uint64_t
 min_u64(uint64_t a, uint64_t b)
@@ -102,8 +115,74 @@ struct spool_prep {
 	uint64_t next_file_no;
 	uint64_t next_use_seq;
 	uint64_t n_files;
-	uint8_t *zeros;
+	uint8_t *zeros;          /* ZERO_CHUNK, aligned for O_DIRECT */
+	/* the worker's flushes in flight (spool_prep_flights()) */
+	_Atomic unsigned flights;
+	uint64_t zero_waits_us;  /* time zeroing gave way, for the log */
+	_Atomic unsigned slow_ms; /* test seam: "prep-slow:MS" */
 };
+
+#ifdef FINALDOT_FAULT_INJECTION
+void
+spool_prep_set_slow(struct spool_prep *pp, unsigned ms)
+{
+	atomic_store(&pp->slow_ms, ms);
+}
+#endif
+
+void
+spool_prep_flights(struct spool_prep *pp, unsigned n)
+{
+	if (pp)
+		atomic_store_explicit(&pp->flights, n, memory_order_relaxed);
+}
+
+/* Before a chunk of zeros: give way to the worker's flushes (above). */
+static void
+zero_yield(struct spool_prep *pp)
+{
+	struct timespec ts = {.tv_nsec = ZERO_POLL_US * 1000};
+	unsigned waited = 0;
+
+	while (waited < ZERO_YIELD_US &&
+	       atomic_load_explicit(&pp->ready, memory_order_relaxed) > 0 &&
+	       atomic_load_explicit(&pp->flights, memory_order_relaxed) > 0) {
+		nanosleep(&ts, NULL);
+		waited += ZERO_POLL_US;
+	}
+	pp->zero_waits_us += waited;
+}
+
+static int pwrite_all(int fd, const void *p, size_t n, uint64_t off);
+
+/* Zeros over [0, size) of the file at path, O_DIRECT where the
+ * filesystem has it (buffered otherwise: the fsync that follows covers
+ * both). 0 or -errno. */
+static int
+zero_file(struct spool_prep *pp, const char *path, int fd)
+{
+	int dfd = open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
+	int wfd = dfd >= 0 ? dfd : fd;
+	int r = 0;
+
+	for (uint64_t off = 0; off < pp->seg_size && !r; off += ZERO_CHUNK) {
+		size_t n = (size_t)min_u64(ZERO_CHUNK, pp->seg_size - off);
+
+		zero_yield(pp);
+#ifdef FINALDOT_FAULT_INJECTION
+		unsigned slow = atomic_load(&pp->slow_ms);
+		if (slow) {
+			struct timespec ts = {.tv_sec = slow / 1000,
+					      .tv_nsec = (slow % 1000) * 1000000L};
+			nanosleep(&ts, NULL);
+		}
+#endif
+		r = pwrite_all(wfd, pp->zeros, n, off);
+	}
+	if (dfd >= 0)
+		close(dfd);
+	return r;
+}
 
 void
 spool_seg_free(struct spool_seg *s)
@@ -412,16 +491,19 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 	if (fd < 0)
 		return -errno;
 	if (rezero) {
+		uint64_t t0 = fd_now_monotonic_us(), w0 = pp->zero_waits_us;
+
 		if (ftruncate(fd, 0) != 0) {
 			r = -errno;
 			goto out_close;
 		}
-		for (uint64_t off = 0; off < pp->seg_size; off += ZERO_CHUNK) {
-			size_t n = (size_t)min_u64(ZERO_CHUNK,
-						      pp->seg_size - off);
-			if ((r = pwrite_all(fd, pp->zeros, n, off)) != 0)
-				goto out_close;
-		}
+		if ((r = zero_file(pp, fresh ? tmp : path, fd)) != 0)
+			goto out_close;
+		fd_log(FD_LOG_INFO, "spool",
+		       "event=segment_zeroed worker=%u file=%08" PRIx64
+		       " ms=%" PRIu64 " gave_way_ms=%" PRIu64,
+		       pp->worker, no, (fd_now_monotonic_us() - t0) / 1000,
+		       (pp->zero_waits_us - w0) / 1000);
 	}
 	h.worker = pp->worker;
 	h.file_no = no;
@@ -781,7 +863,10 @@ spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
 	pp->no_dirsync = f && strcmp(f, "no-dirsync") == 0;
 #endif
 	pp->wake_fd = wake_fd;
-	pp->zeros = calloc(1, ZERO_CHUNK);
+	if (posix_memalign((void **)&pp->zeros, SPOOL_BLOCK, ZERO_CHUNK) != 0)
+		pp->zeros = NULL;
+	else
+		memset(pp->zeros, 0, ZERO_CHUNK);
 	if (!pp->zeros) {
 		*err = -ENOMEM;
 		goto out_free;

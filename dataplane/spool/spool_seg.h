@@ -70,6 +70,13 @@ bool spool_prep_has_recycled(const struct spool_prep *pp);
 
 /* Stops and joins the thread; untaken spares stay on disk as spares. */
 void spool_prep_stop(struct spool_prep *pp);
+/* The worker's batch writes in flight now (the preparer's zeroing gives
+ * way to them). Worker thread; a relaxed store. */
+void spool_prep_flights(struct spool_prep *pp, unsigned n);
+#ifdef FINALDOT_FAULT_INJECTION
+/* Test seam ("prep-slow:MS"): sleep ms per chunk of zeros. */
+void spool_prep_set_slow(struct spool_prep *pp, unsigned ms);
+#endif
 
 void spool_seg_free(struct spool_seg *s);
 

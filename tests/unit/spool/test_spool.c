@@ -531,6 +531,90 @@ Test(spool, fault_hold_path)
 	spool_destroy(sp);
 }
 
+/*
+ * Segment preparation (issue 9): a preparer slowed to a crawl (a busy
+ * disk) makes the worker wait for room, never fail or lose a message:
+ * every commit completes, in order.
+ */
+Test(spool, slowed_preparer_still_answers)
+{
+	struct spool_params p;
+	params(&p, "prep-slow:30");
+	p.max_msgs = 4;
+	p.segment_size = 4096 + 2 * (16384 + 69632 + 4096);
+	p.spare_segments = 1;
+	struct spool *sp = make(&p);
+	enum { N = 80 };
+	uint8_t body[1000];
+
+	memset(body, 's', sizeof(body));
+	for (int i = 0; i < N; i++) {
+		struct fd_envelope e = env1();
+		struct spool_msg *m;
+		uint64_t id;
+		int err = 0;
+
+		body[0] = (uint8_t)i;
+		/* No room until the preparer delivers: -EAGAIN, and the
+		 * engine would hold the session and come back, as here. */
+		while (!(m = spool_msg_begin(sp, &e, NULL, &id, &err))) {
+			cr_assert_eq(err, -EAGAIN, "begin: %d", err);
+			spool_flush(sp);
+			spool_poll(sp);
+			usleep(1000);
+		}
+		append_all(sp, m, body, sizeof(body));
+		cr_assert_eq(spool_msg_commit(sp, m), 0);
+		spool_flush(sp);
+		drain(sp);
+	}
+	cr_assert_eq(n_done, N);
+	for (int i = 0; i < N; i++) {
+		cr_assert_eq(dones[i].status, 0, "message %d", i);
+		if (i)
+			cr_assert_gt(dones[i].id, dones[i - 1].id);
+	}
+	/* Three segments or more were made while messages waited: each one
+	 * after the seam's sleep (whether a message then waits in begin()
+	 * or with its END pending is the scheduler's choice). */
+	cr_assert_geq(spool_get_stats(sp)->segments_used, 4);
+	spool_destroy(sp);
+}
+
+/* A crash while zeroing leaves NNNNNNNN.tmp (never the .seg name): the
+ * next start discards it, and the spool works. */
+Test(spool, leftover_tmp_from_a_crash_is_discarded)
+{
+	struct spool_params p;
+	params(&p, NULL);
+	struct spool *sp = make(&p);
+	char wdir[256], tmp[300];
+	uint8_t junk[8192];
+	int fd;
+
+	put_msg(sp, "before\r\n", 8);
+	spool_flush(sp);
+	drain(sp);
+	spool_destroy(sp);
+	snprintf(wdir, sizeof(wdir), "%s/w05", root);
+	snprintf(tmp, sizeof(tmp), "%s/%08x.tmp", wdir, 0x77u);
+	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0640);
+	cr_assert_geq(fd, 0, "%s: %s", tmp, strerror(errno));
+	memset(junk, 0, sizeof(junk));
+	cr_assert_eq(write(fd, junk, sizeof(junk)), (ssize_t)sizeof(junk));
+	close(fd);
+
+	n_done = 0;
+	sp = make(&p);
+	cr_assert_neq(access(tmp, F_OK), 0, "the half-made segment is gone");
+	put_msg(sp, "after\r\n", 7);
+	spool_flush(sp);
+	drain(sp);
+	cr_assert_eq(n_done, 1);
+	cr_assert_eq(dones[0].status, 0);
+	spool_destroy(sp);
+}
+
 Test(spool, segment_rollover)
 {
 	struct spool_params p;
