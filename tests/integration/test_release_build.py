@@ -5,7 +5,9 @@ A binary built with the default options (-Dfault_injection=false) must not
 read FINALDOT_SPOOL_FAULT at all: with every fault spec in its environment
 it starts, logs no event=fault_injection, and answers 250 to a message
 that is then in its spool. Its --help does not mention the variable; a
-test build's --help does (that line is how the two are told apart).
+test build's --help does (that line is how the two are told apart). Nor
+does the binary hold the name of either seam's variable
+(FINALDOT_SPOOL_FAULT, FINALDOT_DELIVERY_FAULT).
 
 Which binary: this build's own finaldot when it was configured without the
 seam (FINALDOT_SEAM=off); otherwise FINALDOT_RELEASE, the default-options
@@ -59,6 +61,20 @@ def main():
     check("FINALDOT_SPOOL_FAULT" not in help_text(binary),
           f"{binary} --help mentions FINALDOT_SPOOL_FAULT: built with "
           f"the seam")
+    # The delivery mutants (FINALDOT_DELIVERY_FAULT: a Maildir file or
+    # directory not synced, the delivery log not synced) cannot be seen
+    # from outside without a power cut; a release build must not even
+    # hold the variable's name, which only the seam's getenv() uses.
+    with open(binary, "rb") as f:
+        image = f.read()
+    for name in (b"FINALDOT_DELIVERY_FAULT", b"FINALDOT_SPOOL_FAULT"):
+        check(name not in image,
+              f"{binary} holds {name.decode()}: a seam is compiled in")
+    if seam != "off":
+        with open(own, "rb") as f:
+            check(b"FINALDOT_DELIVERY_FAULT" in f.read(),
+                  "the test build's delivery seam is where this test "
+                  "looks for it")
     fdtest.FINALDOT = binary
     with tempfile.TemporaryDirectory(prefix="fdrel-") as tmp:
         hold = os.path.join(tmp, "hold")
@@ -72,7 +88,8 @@ def main():
                 check("event=fault_injection" not in log,
                       f"{spec}: the release binary announced a fault seam")
     print(f"ok: {binary} ignores FINALDOT_SPOOL_FAULT ({', '.join(SPECS)}, "
-          f"hold:PATH): 250 and stored; its --help does not name it")
+          f"hold:PATH): 250 and stored; its --help does not name it; "
+          f"neither it nor FINALDOT_DELIVERY_FAULT is in the binary")
 
 
 main()
