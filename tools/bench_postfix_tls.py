@@ -7,7 +7,13 @@ own main.cf and master.cf in DIR, listening only on 127.0.0.1:PORT,
 everything it writes under DIR (its log too, unless --log FILE), stopped
 by its own PIDs), plus:
 
-  smtpd_tls_cert_file/key_file   the pair tools/bench made
+  smtpd_tls_cert_file/key_file   --cert/--key: a pair tools/bench made
+                                 (Postfix's RSA slot; an ECDSA pair there
+                                 works too, as the messages load has it)
+  smtpd_tls_eccert_file/eckey_file
+                                 --eccert/--eckey: Postfix's ECDSA slot
+                                 (the handshake loads give one slot each,
+                                 so which key signs is certain)
   smtpd_tls_security_level       may (STARTTLS offered, not required)
   tlsmgr in master.cf            smtpd's TLS session-ticket keys and PRNG
   smtpd_data_restrictions        check_client_access static:HOLD: every
@@ -20,6 +26,16 @@ by its own PIDs), plus:
                                  taking the CPU
   recipients                     alice@dest.test (and any local part of
                                  dest.test): the bench sends --to there
+
+Session resumption is Postfix's default: tlsmgr makes the ticket keys
+(RFC 5077; TLS 1.3 tickets too) and smtpd issues tickets while
+smtpd_tls_session_cache_timeout (3600s) is not 0; no server-side session
+cache database is configured.
+
+With --cgroup DIR (a directory the bench made in the cgroup v2 hierarchy)
+this process moves itself into DIR before it starts Postfix, so the master
+and everything it forks, exited processes included, are counted in
+DIR/cpu.stat: the bench reads Postfix's CPU there.
 
 It writes "PORT MASTER_PID" to --ready FILE once smtpd greets, then waits
 for SIGTERM or SIGINT, stops Postfix and exits 0. Exit 77 when Postfix,
@@ -52,26 +68,48 @@ def main():
                     help="Postfix's directory (config, queue, log); its "
                     "parents must be traversable by the postfix user")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--cert", required=True)
-    ap.add_argument("--key", required=True)
+    ap.add_argument("--cert", help="smtpd_tls_cert_file")
+    ap.add_argument("--key", help="smtpd_tls_key_file")
+    ap.add_argument("--eccert", help="smtpd_tls_eccert_file")
+    ap.add_argument("--eckey", help="smtpd_tls_eckey_file")
+    ap.add_argument("--cgroup",
+                    help="cgroup v2 directory to move into before Postfix "
+                    "starts (its cpu.stat then counts all of Postfix)")
     ap.add_argument("--log",
                     help="Postfix's log file (default DIR/maillog); the "
                     "bench puts it on tmpfs, as it does finaldot's")
     ap.add_argument("--ready", required=True,
                     help="file to write 'PORT MASTER_PID' into when up")
     a = ap.parse_args()
+    if bool(a.cert) != bool(a.key) or bool(a.eccert) != bool(a.eckey) or \
+            not (a.cert or a.eccert):
+        ap.error("give --cert and --key, or --eccert and --eckey, or both")
     stop = {"now": False}
 
     def on_signal(signum, frame):
         stop["now"] = True
 
     main_cf = {
-        "smtpd_tls_cert_file": os.path.abspath(a.cert),
-        "smtpd_tls_key_file": os.path.abspath(a.key),
         "smtpd_tls_security_level": "may",
         "smtpd_tls_loglevel": "0",
         "smtpd_data_restrictions": "check_client_access static:HOLD",
     }
+    if a.cert:
+        main_cf["smtpd_tls_cert_file"] = os.path.abspath(a.cert)
+        main_cf["smtpd_tls_key_file"] = os.path.abspath(a.key)
+    if a.eccert:
+        main_cf["smtpd_tls_eccert_file"] = os.path.abspath(a.eccert)
+        main_cf["smtpd_tls_eckey_file"] = os.path.abspath(a.eckey)
+    if a.cgroup:
+        # Before `postfix start`: the master inherits the cgroup, and so
+        # does every process it forks from then on.
+        try:
+            with open(os.path.join(a.cgroup, "cgroup.procs"), "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            print(f"bench_postfix_tls: cannot join {a.cgroup}: {e}",
+                  file=sys.stderr)
+            return 1
     if a.log:
         log = os.path.abspath(a.log)
         main_cf["maillog_file"] = log
