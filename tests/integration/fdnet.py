@@ -93,6 +93,33 @@ class DpdkDaemon(Daemon):
                          wrap=ns.argv([]), **kw)
 
     def start(self, wait_ready=True):
+        try:
+            self._start_dpdk()
+        except BaseException:
+            # A start that failed (no ready line, no ping) exits the test
+            # from here, before any `with` owns the daemon: stop the
+            # busy-polling process now, not never.
+            self.kill9()
+            self._remove_runtime()
+            raise
+
+    def _remove_runtime(self):
+        # EAL's runtime directory of this --file-prefix (they pile up in
+        # /var/run/dpdk otherwise).
+        shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)
+
+    def stop(self, *args, **kw):
+        try:
+            return super().stop(*args, **kw)
+        finally:
+            if self.proc is None or self.proc.poll() is not None:
+                self._remove_runtime()
+
+    def kill9(self):
+        super().kill9()
+        self._remove_runtime()
+
+    def _start_dpdk(self):
         super().start(wait_ready=False)
         self.wait_log("event=ready transport=dpdk", 30)
         if self.vdev == "tap":
