@@ -17,6 +17,11 @@
  *               metadata commit at the flush (measured: ~184 us
  *               against ~123 us into pre-zeroed blocks).
  *
+ *   seq         (--seq-mib N) N MiB in 1 MiB O_DIRECT + RWF_DSYNC writes,
+ *               4 in flight, over a pre-zeroed file: the disk's sequential
+ *               durable bandwidth, what the spool can reach with large
+ *               messages (tools/bench's size sweep compares with it).
+ *
  * Each mode writes --count requests of --size bytes after a short warm-up
  * and reports p50/p99/mean/min/max of the submit-to-completion time.
  * Requests rotate over a region of at most 64 MiB (overwrite) so a long run
@@ -60,7 +65,11 @@ struct probe_opts {
 	unsigned size;
 	bool json;
 	bool fallocate;
+	unsigned seq_mib; /* 0: no sequential-bandwidth mode */
 };
+
+#define PROBE_SEQ_CHUNK (1u << 20)
+#define PROBE_SEQ_DEPTH 4u
 
 struct probe_stats {
 	const char *mode;
@@ -70,7 +79,7 @@ struct probe_stats {
 };
 
 struct probe_files {
-	char path[3][4096];
+	char path[4][4096];
 	int n;
 };
 
@@ -155,7 +164,7 @@ probe_fs_name(long type)
 static int
 probe_open(const char *dir, const char *tag, int flags)
 {
-	if (probe_files.n >= 3)
+	if (probe_files.n >= 4)
 		return -EMFILE;
 	char *p = probe_files.path[probe_files.n];
 	int len = snprintf(p, sizeof(probe_files.path[0]),
@@ -316,12 +325,87 @@ out_close_fd:
 	return rc;
 }
 
+/*
+ * The sequential mode: seq_mib MiB over a pre-zeroed file in 1 MiB
+ * O_DIRECT + RWF_DSYNC writes, PROBE_SEQ_DEPTH in flight. MB/s (10^6).
+ */
+static int
+probe_seq(const struct probe_opts *o, struct io_uring *ring, void *zbuf,
+	  size_t zlen, double *mb_s)
+{
+	uint64_t len = (uint64_t)o->seq_mib << 20, next = 0, done = 0;
+	void *bufs[PROBE_SEQ_DEPTH] = {NULL};
+	unsigned inflight = 0;
+	uint64_t t0;
+	int fd, rc = 0;
+
+	fd = probe_open(o->dir, "seq", O_DIRECT);
+	if (fd < 0)
+		return fd;
+	for (unsigned i = 0; i < PROBE_SEQ_DEPTH; i++) {
+		if (posix_memalign(&bufs[i], PROBE_ALIGN, PROBE_SEQ_CHUNK)) {
+			rc = -ENOMEM;
+			goto out;
+		}
+		probe_stamp(bufs[i], PROBE_SEQ_CHUNK, i);
+	}
+	if ((rc = probe_prezero(fd, o->dir, zbuf, zlen, len)) < 0)
+		goto out;
+	t0 = probe_now_ns();
+	while (done < len) {
+		struct io_uring_cqe *cqe;
+
+		while (inflight < PROBE_SEQ_DEPTH && next < len) {
+			struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+			if (!sqe)
+				break;
+			io_uring_prep_write(sqe, fd, bufs[inflight],
+					    PROBE_SEQ_CHUNK, next);
+			sqe->rw_flags = RWF_DSYNC;
+			next += PROBE_SEQ_CHUNK;
+			inflight++;
+		}
+		if ((rc = io_uring_submit_and_wait(ring, 1)) < 0)
+			goto out;
+		rc = 0;
+		while (io_uring_peek_cqe(ring, &cqe) == 0) {
+			int res = cqe->res;
+			io_uring_cqe_seen(ring, cqe);
+			if (res < 0) {
+				rc = res;
+				goto out;
+			}
+			if ((unsigned)res != PROBE_SEQ_CHUNK) {
+				rc = -EIO;
+				goto out;
+			}
+			done += PROBE_SEQ_CHUNK;
+			inflight--;
+		}
+	}
+	*mb_s = (double)len / 1e6 /
+		((double)(probe_now_ns() - t0) / 1e9);
+out:
+	/* Nothing in flight may point into a freed buffer. */
+	while (inflight) {
+		struct io_uring_cqe *cqe;
+		if (io_uring_wait_cqe(ring, &cqe) < 0)
+			break;
+		io_uring_cqe_seen(ring, cqe);
+		inflight--;
+	}
+	for (unsigned i = 0; i < PROBE_SEQ_DEPTH; i++)
+		free(bufs[i]);
+	close(fd);
+	return rc;
+}
+
 static void
 probe_usage(FILE *f)
 {
 	fprintf(f,
 	        "usage: fd-diskprobe [--dir DIR] [--count N] [--size BYTES] "
-	        "[--no-fallocate] [--json]\n"
+	        "[--no-fallocate] [--seq-mib N] [--json]\n"
 	        "\n"
 	        "Measures durable-write latency on DIR's filesystem (put DIR "
 	        "on "
@@ -340,6 +424,10 @@ probe_usage(FILE *f)
 	        "  --size BYTES    bytes per write, a multiple of 4096 "
 	        "(default 4096)\n"
 	        "  --no-fallocate  skip the fallocate mode\n"
+	        "  --seq-mib N     also the sequential durable bandwidth: N "
+	        "MiB in 1 MiB\n"
+	        "                  O_DIRECT + RWF_DSYNC writes, 4 in flight, "
+	        "pre-zeroed file\n"
 	        "  --json          one flat JSON object on stdout\n"
 	        "  --help          this text\n"
 	        "\n"
@@ -363,7 +451,7 @@ probe_parse_uint(const char *s, unsigned *out)
 
 static void
 probe_print(const struct probe_opts *o, const char *fs,
-            const struct probe_stats *st, size_t n)
+            const struct probe_stats *st, size_t n, double seq_mb_s)
 {
 	if (o->json) {
 		printf("{\"dir\":\"");
@@ -386,6 +474,9 @@ probe_print(const struct probe_opts *o, const char *fs,
 			       st[i].mode, st[i].min_us, st[i].mode,
 			       st[i].max_us);
 		}
+		if (o->seq_mib)
+			printf(",\"seq_mib\":%u,\"seq_mb_s\":%.1f", o->seq_mib,
+			       seq_mb_s);
 		printf("}\n");
 		return;
 	}
@@ -404,6 +495,10 @@ probe_print(const struct probe_opts *o, const char *fs,
 	if (ow->done && ap->done && ow->p50_us > 0)
 		printf("append/overwrite p50 ratio: %.2f\n",
 		       ap->p50_us / ow->p50_us);
+	if (o->seq_mib)
+		printf("seq: %u MiB in 1 MiB O_DIRECT+RWF_DSYNC writes, %u in "
+		       "flight: %.1f MB/s\n", o->seq_mib, PROBE_SEQ_DEPTH,
+		       seq_mb_s);
 }
 
 int
@@ -417,11 +512,12 @@ main(int argc, char **argv)
 	        {"size", required_argument, NULL, 's'},
 	        {"json", no_argument, NULL, 'j'},
 	        {"no-fallocate", no_argument, NULL, 'F'},
+	        {"seq-mib", required_argument, NULL, 'S'},
 	        {"help", no_argument, NULL, 'h'},
 	        {NULL, 0, NULL, 0},
 	};
 	int c;
-	while ((c = getopt_long(argc, argv, "d:n:s:jFh", lopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "d:n:s:jFS:h", lopts, NULL)) != -1) {
 		switch (c) {
 		case 'd':
 			o.dir = optarg;
@@ -446,6 +542,14 @@ main(int argc, char **argv)
 			break;
 		case 'F':
 			o.fallocate = false;
+			break;
+		case 'S':
+			if (probe_parse_uint(optarg, &o.seq_mib) < 0 ||
+			    o.seq_mib == 0 || o.seq_mib > 65536) {
+				fprintf(stderr, "fd-diskprobe: --seq-mib must be "
+				                "1..65536\n");
+				return 2;
+			}
 			break;
 		case 'h':
 			probe_usage(stdout);
@@ -527,7 +631,15 @@ main(int argc, char **argv)
 			goto out_ring;
 		}
 	}
-	probe_print(&o, fs, st, 3);
+	double seq_mb_s = 0;
+	if (o.seq_mib) {
+		e = probe_seq(&o, &ring, zbuf, zlen, &seq_mb_s);
+		if (e < 0) {
+			fprintf(stderr, "fd-diskprobe: seq: %s\n", strerror(-e));
+			goto out_ring;
+		}
+	}
+	probe_print(&o, fs, st, 3, seq_mb_s);
 	rc = 0;
 out_ring:
 	io_uring_queue_exit(&ring);
