@@ -469,11 +469,17 @@ shard_main(void *arg)
 		}
 		shard_tx_flush(sh);
 		/* The sessions, then the stack's own connections (FINs
-		 * acknowledged), or the deadline; and the spool drained. */
-		if (conn_set_done(&sh->cs, net_stack_conn_count(sh->st) == 0) &&
-		    spool_inflight(sh->w.spool) == 0)
+		 * acknowledged) and the spool drained; or the shutdown
+		 * deadline, whatever is still in flight (issue 10: writes
+		 * that cannot finish must not keep the daemon; the sessions
+		 * waiting for them were answered 421 at the force point). */
+		if (conn_set_done(&sh->cs, net_stack_conn_count(sh->st) == 0))
 			break;
 	}
+	/* Past the deadline with writes unfinished: no waiting for them in
+	 * spool_destroy() either (it logs what it gave up). */
+	if (spool_inflight(sh->w.spool))
+		spool_abandon(sh->w.spool);
 	conn_set_close_all(&sh->cs);
 	shard_tx_flush(sh);
 	fd_worker_finish(&sh->w);

@@ -158,6 +158,7 @@ struct spool {
 	struct fd_msgid_gen gen;
 	bool fsync_mode;
 	bool destroying;
+	bool abandoned; /* spool_abandon(): destroy waits for nothing */
 
 	enum fault_kind fault;
 	uint64_t fault_n;
@@ -734,6 +735,12 @@ spool_poll(struct spool *sp)
 }
 
 void
+spool_abandon(struct spool *sp)
+{
+	sp->abandoned = true;
+}
+
+void
 spool_submit(struct spool *sp)
 {
 	submit_closed(sp);
@@ -1254,7 +1261,12 @@ spool_destroy(struct spool *sp)
 	if (!sp)
 		return;
 	sp->destroying = true;
-	if (sp->own_ring) {
+	if (sp->abandoned) {
+		fd_log(FD_LOG_WARN, "spool",
+		       "event=destroy_abandoned worker=%u inflight=%u "
+		       "reason=shutdown_deadline",
+		       sp->p.worker, sp->fifo_n);
+	} else if (sp->own_ring) {
 		for (;;) {
 			spool_flush(sp);
 			if (!sp->fifo_n && !sp->pend_head)

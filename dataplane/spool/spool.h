@@ -172,6 +172,10 @@ int spool_flush(struct spool *sp);
 int spool_poll(struct spool *sp);
 /* Own ring only: submit every closed batch and queued operation now. */
 void spool_submit(struct spool *sp);
+/* The shutdown's deadline passed with writes unfinished: spool_destroy()
+ * does not wait for them (nor submits held ones); their messages get no
+ * verdict (their sessions were answered 421 and detached). */
+void spool_abandon(struct spool *sp);
 /* Own ring only: like spool_poll(), but first waits for at least one
  * completion if a batch is in the kernel. For tests and shutdown. */
 int spool_wait(struct spool *sp);
