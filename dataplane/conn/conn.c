@@ -635,7 +635,6 @@ policy_update(struct conn_set *cs)
 	}
 }
 
-
 void
 conn_set_init(struct conn_set *cs, struct fd_worker *w,
 	      const struct conn_ops *ops, uint64_t now_us)
@@ -723,7 +722,8 @@ conn_set_service(struct conn_set *cs)
 
 		next = n->next;
 		conn_drive(c);
-		c->driven = true;
+		if (c->open)
+			c->driven = true;
 	}
 	if (cs->ops->push)
 		cs->ops->push(cs);
