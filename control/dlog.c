@@ -32,7 +32,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <libgen.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +43,7 @@
 
 #include "dlog.h"
 #include "finaldot/crc32c.h"
+#include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/spool_format.h"
 
@@ -1103,26 +1103,6 @@ cmp_gen_desc(const void *a, const void *b)
 	return x < y ? 1 : x > y ? -1 : 0;
 }
 
-/* mkdir, then make the new directory's entry durable in its parent. */
-static int
-make_dir(const char *dir)
-{
-	char *copy;
-	int pfd, rc = 0;
-
-	if (mkdir(dir, 0750) != 0)
-		return errno == EEXIST ? 0 : -errno;
-	copy = strdup(dir);
-	if (!copy)
-		return -ENOMEM;
-	pfd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (pfd < 0 || fsync(pfd) != 0)
-		rc = -errno;
-	if (pfd >= 0)
-		close(pfd);
-	free(copy);
-	return rc;
-}
 
 /* The *.log generations (sorted newest first) and the highest generation
  * of any kind; leftover *.tmp files (interrupted creations) are deleted. */
@@ -1466,7 +1446,7 @@ dlog_open(const char *dir, const struct dlog_params *p, dlog_replay_fn fn,
 		rc = -ENOMEM;
 		goto out_free;
 	}
-	rc = make_dir(dir);
+	rc = fd_mkdir_durable(dir, 0750);
 	if (rc)
 		goto out_free;
 	l->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);

@@ -67,6 +67,7 @@
 #include <openssl/evp.h>
 
 #include "finaldot/crc32c.h"
+#include "finaldot/fsync.h"
 #include "finaldot/ctlport.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
@@ -2613,27 +2614,6 @@ cp_job_done(struct cplane *cp, struct q_job *j)
 
 /* ---- life cycle -------------------------------------------------------- */
 
-/* fsync the directory holding path's last component: what makes a
- * directory just made there durable. 0 or -errno. */
-static int
-sync_parent(char *path)
-{
-	char *sl = strrchr(path, '/');
-	int fd, r = 0;
-
-	if (sl)
-		*sl = '\0';
-	fd = open(sl ? (sl == path ? "/" : path) : ".",
-		  O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (sl)
-		*sl = '/';
-	if (fd < 0)
-		return -errno;
-	if (fsync(fd) != 0)
-		r = -errno;
-	close(fd);
-	return r;
-}
 
 /* A Maildir root is made at start (mkdir -p, 0700): a first run with
  * the default route must work; the mailboxes below it are made on first
@@ -2664,7 +2644,7 @@ maildir_root(const struct route_target *t, bool make)
 		 * (one found may have been made by a start that died before
 		 * syncing it). */
 		if (mkdir(buf, 0700) == 0 || errno == EEXIST)
-			r = sync_parent(buf);
+			r = fd_fsync_parent(buf);
 		else
 			r = -errno;
 		if (r)

@@ -30,6 +30,7 @@
 #include "control/sdnotify.h"
 #include "control/spool_reader.h"
 #include "finaldot/config.h"
+#include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "sock/sock.h"
@@ -54,28 +55,12 @@ mkdir_p(const char *path)
 			continue;
 		char c = buf[i];
 		buf[i] = '\0';
-		if (mkdir(buf, 0750) == 0) {
-			/* A new directory is durable only once its parent
-			 * is fsynced: a power cut could take it back, with
-			 * the spool in it. */
-			char *sl = strrchr(buf, '/');
-			int fd;
-			if (sl)
-				*sl = '\0';
-			fd = open(sl ? (sl == buf ? "/" : buf) : ".",
-				  O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-			if (sl)
-				*sl = '/';
-			if (fd < 0 || fsync(fd) != 0) {
-				int e = errno;
-				if (fd >= 0)
-					close(fd);
-				return -e;
-			}
-			close(fd);
-		} else if (errno != EEXIST) {
-			return -errno;
-		}
+		/* A new directory is durable only once its parent is
+		 * fsynced: a power cut could take it back, with the spool
+		 * in it. */
+		int r = fd_mkdir_durable(buf, 0750);
+		if (r != 0)
+			return r;
 		buf[i] = c;
 	}
 	return 0;

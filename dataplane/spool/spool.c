@@ -58,6 +58,7 @@
 #include <unistd.h>
 
 #include "finaldot/crc32c.h"
+#include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "finaldot/spool_format.h"
@@ -1075,29 +1076,6 @@ ring_entries(unsigned batches)
 	return n;
 }
 
-/* Make directory d if missing; a new one is made durable in its parent
- * (an fsync of the parent: without it a power cut can take the directory,
- * and every segment in it, back; found by the power-cut simulator). */
-static int
-mkdir_p(const char *d)
-{
-	char parent[4096];
-	const char *sl;
-	int fd, r = 0;
-
-	if (mkdir(d, 0750) != 0)
-		return errno == EEXIST ? 0 : -errno;
-	sl = strrchr(d, '/');
-	snprintf(parent, sizeof(parent), "%.*s",
-		 sl ? (int)(sl == d ? 1 : sl - d) : 1, sl ? d : ".");
-	fd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0)
-		return -errno;
-	if (fsync(fd) != 0)
-		r = -errno;
-	close(fd);
-	return r;
-}
 
 struct spool *
 spool_create(const struct spool_params *p)
@@ -1200,7 +1178,11 @@ spool_create(const struct spool_params *p)
 		}
 	}
 	snprintf(wdir, sizeof(wdir), "%s/w%02x", p->dir, p->worker);
-	if ((r = mkdir_p(p->dir)) != 0 || (r = mkdir_p(wdir)) != 0) {
+	/* A new directory is made durable in its parent: without that a
+	 * power cut can take it back with every segment in it (found by the
+	 * power-cut simulator). */
+	if ((r = fd_mkdir_durable(p->dir, 0750)) != 0 ||
+	    (r = fd_mkdir_durable(wdir, 0750)) != 0) {
 		fd_log(FD_LOG_ERR, "spool",
 		       "event=create_failed reason=mkdir err=%d", -r);
 		goto out_ring;

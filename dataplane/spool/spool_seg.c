@@ -41,6 +41,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "finaldot/spool_format.h"
@@ -353,19 +354,6 @@ scan_dir(struct spool_prep *pp)
 	return 0;
 }
 
-static int
-fsync_dir(const char *dir)
-{
-	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	int r = 0;
-
-	if (fd < 0)
-		return -errno;
-	if (fsync(fd) != 0)
-		r = -errno;
-	close(fd);
-	return r;
-}
 
 /* ---- the segment list (spool_ledger.h) ---------------------------------- */
 
@@ -431,7 +419,7 @@ led_write(struct spool_prep *pp)
 	if (r == 0 && rename(tmp, path) != 0)
 		r = -errno;
 	if (r == 0 && !pp->no_dirsync)
-		r = fsync_dir(pp->wdir);
+		r = fd_fsync_dir(pp->wdir);
 out_log:
 	if (r)
 		fd_log(FD_LOG_WARN, "spool",
@@ -525,7 +513,7 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 		r = -errno;
 		goto out_close;
 	}
-	if (fresh && !pp->no_dirsync && (r = fsync_dir(pp->wdir)) != 0)
+	if (fresh && !pp->no_dirsync && (r = fd_fsync_dir(pp->wdir)) != 0)
 		goto out_close;
 	close(fd);
 	pp->next_use_seq++;
@@ -669,7 +657,7 @@ recycle_one(struct spool_prep *pp, const struct recyc *q)
 		led_write(pp);
 		if (unlink(path) == 0) {
 			pp->n_files--;
-			r = fsync_dir(pp->wdir);
+			r = fd_fsync_dir(pp->wdir);
 		} else {
 			r = -errno;
 		}

@@ -1,0 +1,48 @@
+/* Making names durable (finaldot/fsync.h). */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "finaldot/fsync.h"
+
+int
+fd_fsync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int r = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (fsync(fd) != 0)
+		r = -errno;
+	close(fd);
+	return r;
+}
+
+int
+fd_fsync_parent(const char *path)
+{
+	const char *sl = strrchr(path, '/');
+	char parent[4096];
+
+	if (!sl)
+		return fd_fsync_dir(".");
+	if (sl == path)
+		return fd_fsync_dir("/");
+	if ((size_t)(sl - path) >= sizeof(parent))
+		return -ENAMETOOLONG;
+	memcpy(parent, path, (size_t)(sl - path));
+	parent[sl - path] = '\0';
+	return fd_fsync_dir(parent);
+}
+
+int
+fd_mkdir_durable(const char *path, mode_t mode)
+{
+	if (mkdir(path, mode) != 0)
+		return errno == EEXIST ? 0 : -errno;
+	return fd_fsync_parent(path);
+}

@@ -1,0 +1,23 @@
+/*
+ * Making names durable. A file's data is made durable by fsync of the
+ * file; its name, and a new directory, only by fsync of the directory
+ * that holds it (POSIX promises no more, and the power-cut simulator
+ * holds us to exactly that: docs/powercut.md).
+ */
+#ifndef FINALDOT_FSYNC_H
+#define FINALDOT_FSYNC_H
+
+#include <sys/types.h>
+
+/* fsync the directory dir: its entries as they are now. 0 or -errno. */
+int fd_fsync_dir(const char *dir);
+
+/* fsync the directory holding path's last component ("." for a name
+ * without a slash, "/" for one right under the root). 0 or -errno. */
+int fd_fsync_parent(const char *path);
+
+/* mkdir path (mode) unless it exists; one made here is made durable in
+ * its parent. 0 (made or found) or -errno. */
+int fd_mkdir_durable(const char *path, mode_t mode);
+
+#endif
