@@ -2,12 +2,40 @@
 docs/powercut.md): mount it, read its counters, cut the power, mount what
 survived. Shared by test_powercut.py and test_powercut_delivery.py."""
 import os
+import shutil
 import subprocess
+import sys
 import time
 
-from fdtest import check, fail
+from fdtest import check, fail, skip
 
 FDPOWERFS = os.environ.get("FDPOWERFS", "build/tests/crash/powercut/fdpowerfs")
+
+
+def loop_args():
+    """[ROUNDS] [SEED] [--mutant SPEC] of the power-cut loops: (rounds,
+    seed, mutant or None)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    mutant = None
+    if "--mutant" in sys.argv:
+        mutant = sys.argv[sys.argv.index("--mutant") + 1]
+        args.remove(mutant)
+    rounds = int(args[0]) if args else 3
+    seed = int(args[1]) if len(args) > 1 else int(time.time())
+    return rounds, seed, mutant
+
+
+def need_powerfs(mutant=None):
+    """Skip (77) without what the simulator needs, or without the fault
+    seam a mutant run needs."""
+    if not os.path.exists("/dev/fuse"):
+        skip("no /dev/fuse")
+    if not os.access(FDPOWERFS, os.X_OK):
+        skip(f"no simulator at {FDPOWERFS} (libfuse3-dev missing at build)")
+    if shutil.which("umount") is None:
+        skip("no umount")
+    if mutant and os.environ.get("FINALDOT_SEAM") == "off":
+        skip("this build has no fault seam (-Dfault_injection=false)")
 
 
 class PowerFS:

@@ -25,16 +25,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "integration"))
 import crashload  # noqa: E402
-from fdtest import CRLF, Daemon, check, skip, strip_received  # noqa
-from powerfs import FDPOWERFS, PowerFS  # noqa: E402
+from fdtest import CRLF, Daemon, check, strip_received  # noqa
+from powerfs import PowerFS, loop_args, need_powerfs  # noqa: E402
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-MUTANT = None
-if "--mutant" in sys.argv:
-    MUTANT = sys.argv[sys.argv.index("--mutant") + 1]
-    args.remove(MUTANT)
-ROUNDS = int(args[0]) if args else 3
-SEED = int(args[1]) if len(args) > 1 else int(time.time())
+ROUNDS, SEED, MUTANT = loop_args()
 CLIENTS = 6
 WORKERS = 2
 MODES = ("drop", "torn512", "torn4k")
@@ -56,14 +50,7 @@ def client(port, tag, rng, acked, stop):
 
 
 def main():
-    if not os.path.exists("/dev/fuse"):
-        skip("no /dev/fuse")
-    if not os.access(FDPOWERFS, os.X_OK):
-        skip(f"no simulator at {FDPOWERFS} (libfuse3-dev missing at build)")
-    if shutil.which("umount") is None:
-        skip("no umount")
-    if MUTANT and os.environ.get("FINALDOT_SEAM") == "off":
-        skip("this build has no fault seam (-Dfault_injection=false)")
+    need_powerfs(MUTANT)
     rng = random.Random(SEED)
     print(f"powercut: {ROUNDS} rounds, seed {SEED}, "
           f"mutant {MUTANT or 'none'}", flush=True)

@@ -46,16 +46,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "integration"))
 import crashload  # noqa: E402
-from fdtest import CRLF, FINALDOTCTL, Daemon, check, fail, skip  # noqa: E402
-from powerfs import FDPOWERFS, PowerFS  # noqa: E402
+from fdtest import CRLF, FINALDOTCTL, Daemon, check, fail  # noqa: E402
+from powerfs import PowerFS, loop_args, need_powerfs  # noqa: E402
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-MUTANT = None
-if "--mutant" in sys.argv:
-    MUTANT = sys.argv[sys.argv.index("--mutant") + 1]
-    args.remove(MUTANT)
-ROUNDS = int(args[0]) if args else 3
-SEED = int(args[1]) if len(args) > 1 else int(time.time())
+ROUNDS, SEED, MUTANT = loop_args()
 CLIENTS = 6
 WORKERS = 2
 MODES = ("drop", "torn512", "torn4k")
@@ -274,14 +268,7 @@ def drain(d, ctl, timeout=90):
 
 
 def main():
-    if not os.path.exists("/dev/fuse"):
-        skip("no /dev/fuse")
-    if not os.access(FDPOWERFS, os.X_OK):
-        skip(f"no simulator at {FDPOWERFS} (libfuse3-dev missing at build)")
-    if shutil.which("umount") is None:
-        skip("no umount")
-    if MUTANT and os.environ.get("FINALDOT_SEAM") == "off":
-        skip("this build has no fault seam (-Dfault_injection=false)")
+    need_powerfs(MUTANT)
     rng = random.Random(SEED)
     print(f"powercut delivery: {ROUNDS} rounds, seed {SEED}, "
           f"mutant {MUTANT or 'none'}", flush=True)

@@ -14,12 +14,11 @@ import shutil
 import smtplib
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "integration"))
-from fdtest import Daemon, check, skip  # noqa: E402
-from powerfs import FDPOWERFS, PowerFS  # noqa: E402
+from fdtest import Daemon, check  # noqa: E402
+from powerfs import PowerFS, need_powerfs  # noqa: E402
 
 DOMAIN = "example.com"
 
@@ -30,12 +29,7 @@ def new_files(root, lp):
 
 
 def main():
-    if not os.path.exists("/dev/fuse"):
-        skip("no /dev/fuse")
-    if not os.access(FDPOWERFS, os.X_OK):
-        skip(f"no simulator at {FDPOWERFS} (libfuse3-dev missing at build)")
-    if shutil.which("umount") is None:
-        skip("no umount")
+    need_powerfs()
     work = tempfile.mkdtemp(prefix="fdpowercut-premade-")
     fs = PowerFS(work)
     try:
