@@ -683,6 +683,22 @@ class PostfixPeer(_Peer):
         except OSError:
             return ""
 
+    RELAYED = re.compile(r"status=sent \(250 2\.0\.0 Ok: queued as "
+                         r"([0-9A-F]{16})\)")
+
+    def relayed_id(self, line, relay, what=""):
+        """Postfix's delivery line `line` says it sent the message to relay
+        (HOST[ADDR]:PORT) and finaldot answered 250: finaldot's queue id.
+        Fails the test otherwise; what names the message in the reason."""
+        from fdtest import check
+        check("status=sent" in line, f"postfix did not deliver{what}: "
+              f"{line}\n{self.log()[-3000:]}")
+        check(f"relay={relay}" in line, f"{what.strip()} relayed elsewhere: "
+              f"{line}".lstrip())
+        m = self.RELAYED.search(line)
+        check(m is not None, f"finaldot's queue id in {line}")
+        return m.group(1)
+
     def _split(self, addr):
         local, _, dom = addr.lower().rpartition("@")
         if dom != self.domain:

@@ -291,14 +291,7 @@ def check_relayed(d, pf, sent, outcomes):
     got = {}
     for qid, body in sent.items():
         line, tls = outcomes[qid]
-        check("status=sent" in line, f"postfix did not deliver {qid}: "
-              f"{line}\n{pf.log()[-3000:]}")
-        check(f"relay={DPDK_IP}[{DPDK_IP}]:25" in line,
-              f"{qid} relayed elsewhere: {line}")
-        m = re.search(r"status=sent \(250 2\.0\.0 Ok: queued as "
-                      r"([0-9A-F]{16})\)", line)
-        check(m is not None, f"finaldot's queue id in {line}")
-        mid = m.group(1)
+        mid = pf.relayed_id(line, f"{DPDK_IP}[{DPDK_IP}]:25", f" {qid}")
         check(tls is not None, f"{qid}: no 'TLS connection established' "
               f"line before its delivery:\n{pf.log()[-3000:]}")
         t = PF_TLS.search(tls)
