@@ -351,90 +351,162 @@ precheck(const struct q_msg *m, struct smtpc *c, struct q_job *j)
 	if (!why)
 		return false;
 	for (unsigned i = 0; i < j->n; i++)
-		outcome_set(&j->out[i], QO_BOUNCED, why);
+		outcome_set(&j->res->out[i], QO_BOUNCED, why);
 	return true;
 }
 
-static void
-run_smtp(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
-	 struct attempt_wait *aw)
-{
-	const struct q_msg *m = j->m;
+/* One job of a batch on its way through smtpc_send_many(). */
+struct sjob {
 	const char *rcpts[QJ_MAX_RCPTS], *orcpts[QJ_MAX_RCPTS];
 	uint8_t notify[QJ_MAX_RCPTS];
-	struct smtpc_reply mail, rrep[QJ_MAX_RCPTS], drep[QJ_MAX_RCPTS], why;
 	struct smtpc_msg sm;
 	struct q_body body;
-	bool reused;
-	int r;
+	struct smtpc_reply *rcpt, *data; /* its n replies each */
+	bool final; /* outcome set; not in (another) round */
+	bool retry; /* never reached the peer: once more on a new connection */
+};
 
-	for (unsigned i = 0; i < j->n; i++) {
-		const struct q_rcpt *rc = &m->rcpts[j->idx[i]];
-		rcpts[i] = rc->addr;
-		orcpts[i] = rc->orcpt;
-		notify[i] = rc->notify;
+/*
+ * SMTP/LMTP for jobs[0..nj) (one next hop): one transaction each over the
+ * thread's connection, pipelined (smtpc_send_many). If the cached
+ * connection turns out dead (the peer closed it while idle) before a
+ * message reached the peer, those messages go once more on a new one.
+ */
+static void
+run_smtp(struct cplane *cp, struct q_job **jobs, unsigned nj,
+	 struct conn_cache *cc, struct attempt_wait *aw)
+{
+	struct sjob *sj = calloc(nj, sizeof(*sj));
+	struct smtpc_tx *tx = calloc(nj, sizeof(*tx));
+	unsigned *txj = calloc(nj, sizeof(*txj)), total = 0, ntx;
+	struct smtpc_reply *reps, why;
+	struct q_dest *d = jobs[0]->dest;
+	bool reused;
+	int r = 0;
+
+	for (unsigned k = 0; k < nj; k++)
+		total += jobs[k]->n;
+	reps = calloc(total * 2 + 1, sizeof(*reps));
+	if (!sj || !tx || !txj || !reps) {
+		for (unsigned k = 0; k < nj; k++)
+			for (unsigned i = 0; i < jobs[k]->n; i++)
+				outcome_set(&jobs[k]->res->out[i], QO_DEFERRED,
+					    "4.3.0 out of memory");
+		goto out;
+	}
+	total = 0;
+	for (unsigned k = 0; k < nj; k++) {
+		struct q_job *j = jobs[k];
+		const struct q_msg *m = j->m;
+		struct sjob *s = &sj[k];
+		for (unsigned i = 0; i < j->n; i++) {
+			const struct q_rcpt *rc = &m->rcpts[j->idx[i]];
+			s->rcpts[i] = rc->addr;
+			s->orcpts[i] = rc->orcpt;
+			s->notify[i] = rc->notify;
+		}
+		s->sm.mail_from = m->sender;
+		s->sm.rcpts = s->rcpts;
+		s->sm.n_rcpts = j->n;
+		s->sm.notify = s->notify;
+		s->sm.orcpts = s->orcpts;
+		s->sm.envid = m->envid;
+		s->sm.ret = m->ret;
+		s->sm.size = m->body_len;
+		s->sm.body_type = m->body_type;
+		s->sm.smtputf8 = m->smtputf8;
+		s->sm.body = q_body_read;
+		s->sm.body_ctx = &s->body;
+		s->retry = true;
+		s->rcpt = reps + total;
+		s->data = reps + total + j->n;
+		total += 2 * j->n;
 	}
 	for (int round = 0; round < 2; round++) {
-		struct smtpc *c = conn_get(cp, j->dest, cc, &why, &reused);
+		struct smtpc *c = conn_get(cp, d, cc, &why, &reused);
+		bool again = false;
+
 		if (!c) {
 			char buf[600];
+			bool first = true;
 			snprintf(buf, sizeof(buf), "%s%s",
 				 why.local ? "4.4.1 " : "", why.text);
 			/* No session, whatever the greeting said (even a
 			 * 5xx: like Postfix skipping a 5xx greeting, the
-			 * recipients are retried, never bounced for it). */
-			for (unsigned i = 0; i < j->n; i++)
-				outcome_set(&j->out[i], QO_DEFERRED, buf);
-			j->conn_failed = true;
-			return;
+			 * recipients are retried, never bounced for it).
+			 * One failure for the window, however many jobs. */
+			for (unsigned k = 0; k < nj; k++) {
+				if (sj[k].final || !sj[k].retry)
+					continue;
+				for (unsigned i = 0; i < jobs[k]->n; i++)
+					outcome_set(&jobs[k]->res->out[i],
+						    QO_DEFERRED, buf);
+				jobs[k]->conn_failed = true;
+				jobs[k]->no_feedback = !first;
+				first = false;
+				sj[k].final = true;
+			}
+			break;
 		}
-		snprintf(j->relay, sizeof(j->relay), "%s",
-			 smtpc_peer_name(c));
-		snprintf(j->tls, sizeof(j->tls), "%s", smtpc_tls_desc(c));
-		if (precheck(m, c, j))
-			return;
-		q_body_init(&body, m);
-		body.before_last = wait_attempt;
-		body.before_last_ctx = aw;
-		memset(&sm, 0, sizeof(sm));
-		sm.mail_from = m->sender;
-		sm.rcpts = rcpts;
-		sm.n_rcpts = j->n;
-		sm.notify = notify;
-		sm.orcpts = orcpts;
-		sm.envid = m->envid;
-		sm.ret = m->ret;
-		sm.size = m->body_len;
-		sm.body_type = m->body_type;
-		sm.smtputf8 = m->smtputf8;
-		sm.body = q_body_read;
-		sm.body_ctx = &body;
-		memset(&mail, 0, sizeof(mail));
-		r = smtpc_send(c, &sm, &mail, rrep, drep);
-		j->damaged |= body.damaged;
-		cc->last_us = fd_now_monotonic_us();
-		cc->uses++;
-		if (r != 0) {
-			cache_drop(cc, false);
-			/* A cached connection the peer had closed: nothing
-			 * was accepted, try once on a fresh one. */
-			if (reused && round == 0 &&
-			    (mail.code == 0 || mail.local) && !aw->called)
+		ntx = 0;
+		for (unsigned k = 0; k < nj; k++) {
+			struct q_job *j = jobs[k];
+			if (sj[k].final || !sj[k].retry)
 				continue;
-			j->dup_risk = aw->called;
+			snprintf(j->res->relay, sizeof(j->res->relay), "%s",
+				 smtpc_peer_name(c));
+			snprintf(j->res->tls, sizeof(j->res->tls), "%s",
+				 smtpc_tls_desc(c));
+			if (precheck(j->m, c, j)) {
+				sj[k].final = true;
+				continue;
+			}
+			q_body_init(&sj[k].body, j->m);
+			sj[k].body.before_last = wait_attempt;
+			sj[k].body.before_last_ctx = aw;
+			tx[ntx].m = &sj[k].sm;
+			tx[ntx].rcpt = sj[k].rcpt;
+			tx[ntx].data = sj[k].data;
+			txj[ntx++] = k;
 		}
-		break;
+		if (ntx == 0)
+			break;
+		r = smtpc_send_many(c, tx, ntx);
+		cc->last_us = fd_now_monotonic_us();
+		cc->uses += ntx;
+		for (unsigned t = 0; t < ntx; t++) {
+			struct q_job *j = jobs[txj[t]];
+			struct sjob *s = &sj[txj[t]];
+			j->damaged |= s->body.damaged;
+			s->retry = r != 0 && reused && round == 0 &&
+				   tx[t].rc < 0 && !tx[t].last_out &&
+				   (tx[t].mail.code == 0 || tx[t].mail.local) &&
+				   !s->body.damaged;
+			again |= s->retry;
+			if (s->retry)
+				continue;
+			s->final = true;
+			j->dup_risk = tx[t].rc < 0 && tx[t].last_out;
+			if (tx[t].mail.code && tx[t].mail.code / 100 != 2) {
+				/* MAIL refused: the same answer for all. */
+				for (unsigned i = 0; i < j->n; i++)
+					outcome_reply(&j->res->out[i],
+						      &tx[t].mail);
+				continue;
+			}
+			for (unsigned i = 0; i < j->n; i++)
+				outcome_reply(&j->res->out[i], &tx[t].data[i]);
+		}
+		if (r != 0)
+			cache_drop(cc, false);
+		if (!again)
+			break;
 	}
-	if (mail.code && !(mail.code >= 200 && mail.code < 300)) {
-		/* MAIL refused: the same answer for every recipient. */
-		for (unsigned i = 0; i < j->n; i++)
-			outcome_reply(&j->out[i], &mail);
-		return;
-	}
-	for (unsigned i = 0; i < j->n; i++)
-		outcome_reply(&j->out[i], &drep[i]);
-	if (r != 0 && mail.code == 0)
-		j->conn_failed = true;
+out:
+	free(reps);
+	free(txj);
+	free(tx);
+	free(sj);
 }
 
 static void
@@ -455,7 +527,7 @@ run_maildir(struct q_job *j, struct attempt_wait *aw)
 {
 	const struct q_msg *m = j->m;
 
-	snprintf(j->relay, sizeof(j->relay), "maildir");
+	snprintf(j->res->relay, sizeof(j->res->relay), "maildir");
 	for (unsigned i = 0; i < j->n; i++) {
 		const struct q_rcpt *rc = &m->rcpts[j->idx[i]];
 		struct maildir_result res;
@@ -484,12 +556,13 @@ run_maildir(struct q_job *j, struct attempt_wait *aw)
 				 : res.permanent ? "550"
 						 : "451",
 				 res.enh, res.text);
-		outcome_set(&j->out[i],
+		outcome_set(&j->res->out[i],
 			    res.status == 0 ? QO_DELIVERED
 			    : res.permanent ? QO_BOUNCED
 					    : QO_DEFERRED,
 			    text);
-		snprintf(j->out[i].enh, sizeof(j->out[i].enh), "%s", res.enh);
+		snprintf(j->res->out[i].enh, sizeof(j->res->out[i].enh), "%s",
+			 res.enh);
 	}
 }
 
@@ -566,7 +639,7 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 	r = dsn_build(&dp, dr, j->n, q_body_read, &body, m->body_len, &out);
 	j->damaged |= body.damaged;
 	if (r != 0) {
-		outcome_set(&j->out[0], QO_DEFERRED,
+		outcome_set(&j->res->out[0], QO_DEFERRED,
 			    "451 4.3.0 could not build the DSN");
 		dsn_buf_free(&out);
 		return;
@@ -585,7 +658,7 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 			 res.status == 0 ? "250" : res.permanent ? "550"
 								  : "451",
 			 res.text);
-		outcome_set(&j->out[0],
+		outcome_set(&j->res->out[0],
 			    res.status == 0 ? QO_DELIVERED
 			    : res.permanent ? QO_BOUNCED
 					    : QO_DEFERRED,
@@ -597,7 +670,7 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 		bool reused;
 		struct smtpc *c = conn_get(cp, j->dest, cc, &why, &reused);
 		if (!c) {
-			outcome_set(&j->out[0], QO_DEFERRED, why.text);
+			outcome_set(&j->res->out[0], QO_DEFERRED, why.text);
 			j->conn_failed = true;
 		} else {
 			memset(&sm, 0, sizeof(sm));
@@ -616,53 +689,74 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 			if (r != 0)
 				cache_drop(cc, false);
 			if (mail.code && (mail.code < 200 || mail.code >= 300))
-				outcome_reply(&j->out[0], &mail);
+				outcome_reply(&j->res->out[0], &mail);
 			else
-				outcome_reply(&j->out[0], &drr);
-			snprintf(j->relay, sizeof(j->relay), "%s",
+				outcome_reply(&j->res->out[0], &drr);
+			snprintf(j->res->relay, sizeof(j->res->relay), "%s",
 				 c && r == 0 ? smtpc_peer_name(c) : "");
-			snprintf(j->tls, sizeof(j->tls), "%s",
+			snprintf(j->res->tls, sizeof(j->res->tls), "%s",
 				 c && r == 0 ? smtpc_tls_desc(c) : "");
 		}
 	}
 	dsn_buf_free(&out);
 }
 
+/* The attempt of each job on record (one ATTEMPT per recipient, one for a
+ * bounce) before anything can reach the next hop's disk; aw gets the
+ * newest record, waited for just before the first final bytes go out. */
 static void
-run_job(struct cplane *cp, struct q_job *j, struct conn_cache *cc)
+log_attempts(struct cplane *cp, struct q_job **jobs, unsigned nj,
+	     struct attempt_wait *aw)
 {
 	struct dlog *log = cp_log(cp);
-	struct attempt_wait aw = {.log = log};
 	uint64_t now = fd_now_realtime_us();
 
-	/* The attempt is on record before anything can reach the next hop's
-	 * disk; waited for just before the final bytes go out. */
-	for (unsigned i = 0; i < j->n && log; i++) {
-		struct dlog_rec rec = {
-			.type = DLOG_ATTEMPT,
-			.msgid = j->m->id,
-			.rcpt = j->kind == QJ_BOUNCE ? DLOG_ALL : j->idx[i],
-			.time_us = now,
-			.text = j->dest->key,
-			.text_len = (uint16_t)strlen(j->dest->key),
-		};
-		if (j->kind == QJ_BOUNCE && i > 0)
-			break;
-		aw.lsn = dlog_append(log, &rec);
+	aw->log = log;
+	for (unsigned k = 0; k < nj; k++) {
+		struct q_job *j = jobs[k];
+		for (unsigned i = 0; i < j->n && log; i++) {
+			struct dlog_rec rec = {
+				.type = DLOG_ATTEMPT,
+				.msgid = j->m->id,
+				.rcpt = j->kind == QJ_BOUNCE ? DLOG_ALL
+							     : j->idx[i],
+				.time_us = now,
+				.text = j->dest->key,
+				.text_len = (uint16_t)strlen(j->dest->key),
+			};
+			if (j->kind == QJ_BOUNCE && i > 0)
+				break;
+			j->attempt_lsn = dlog_append(log, &rec);
+			aw->lsn = j->attempt_lsn;
+		}
 	}
-	j->attempt_lsn = aw.lsn;
-	if (j->kind == QJ_BOUNCE)
-		run_bounce(cp, j, cc, &aw);
-	else if (j->dest->kind == ROUTE_MAILDIR)
-		run_maildir(j, &aw);
-	else
-		run_smtp(cp, j, cc, &aw);
-	if (j->dup_risk)
-		fd_log(FD_LOG_WARN, "deliver",
-		       "%016" PRIx64 " event=reply_lost route=%s "
-		       "note=\"the message may have been delivered; it is "
-		       "deferred and will be sent again\"",
-		       j->m->id, j->dest->key);
+}
+
+/* Jobs taken together (cp_job_take: one next hop; a bounce or a Maildir
+ * job alone). */
+static void
+run_jobs(struct cplane *cp, struct q_job **jobs, unsigned nj,
+	 struct conn_cache *cc)
+{
+	struct attempt_wait aw = {0};
+
+	log_attempts(cp, jobs, nj, &aw);
+	if (jobs[0]->kind == QJ_BOUNCE) {
+		for (unsigned k = 0; k < nj; k++)
+			run_bounce(cp, jobs[k], cc, &aw);
+	} else if (jobs[0]->dest->kind == ROUTE_MAILDIR) {
+		for (unsigned k = 0; k < nj; k++)
+			run_maildir(jobs[k], &aw);
+	} else {
+		run_smtp(cp, jobs, nj, cc, &aw);
+	}
+	for (unsigned k = 0; k < nj; k++)
+		if (jobs[k]->dup_risk)
+			fd_log(FD_LOG_WARN, "deliver",
+			       "%016" PRIx64 " event=reply_lost route=%s "
+			       "note=\"the message may have been delivered; "
+			       "it is deferred and will be sent again\"",
+			       jobs[k]->m->id, jobs[k]->dest->key);
 }
 
 void *
@@ -674,9 +768,10 @@ deliver_main(void *arg)
 
 	memset(&cc, 0, sizeof(cc));
 	for (;;) {
-		struct q_job *j =
-			cp_job_take(cp, cc.c ? cc.key : NULL, 1000);
-		if (!j) {
+		struct q_job *jobs[QJ_BATCH];
+		unsigned nj = cp_job_take(cp, cc.c ? cc.key : NULL, 1000,
+					  jobs, QJ_BATCH);
+		if (nj == 0) {
 			if (cc.c &&
 			    fd_now_monotonic_us() - cc.last_us > CONN_IDLE_US)
 				cache_drop(&cc, true);
@@ -684,8 +779,8 @@ deliver_main(void *arg)
 				break;
 			continue;
 		}
-		run_job(cp, j, &cc);
-		cp_job_done(cp, j);
+		run_jobs(cp, jobs, nj, &cc);
+		cp_job_done(cp, jobs, nj);
 	}
 	cache_drop(&cc, true);
 	return NULL;

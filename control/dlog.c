@@ -1479,6 +1479,8 @@ dlog_open(const char *dir, const struct dlog_params *p, dlog_replay_fn fn,
 	rc = -pthread_create(&l->writer, NULL, writer_main, l);
 	if (rc)
 		goto out_destroy;
+	/* named like the other control-plane threads (top -H, perf) */
+	pthread_setname_np(l->writer, "fd-dlog");
 	fd_log(FD_LOG_INFO, COMP,
 	       "event=open dir=%s generation=%016" PRIx64 " files=%" PRIu64
 	       " records=%" PRIu64 " bad=%" PRIu64 " bytes=%" PRIu64

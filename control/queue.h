@@ -137,7 +137,13 @@ struct q_dest {
 	char tls_ca[256];   /* "" : the system CA store */
 	/* scheduler (queue manager only) */
 	unsigned active;    /* jobs out */
-	double limit;       /* concurrency window, 1..max */
+	/* concurrency window, 1..max: connections (delivery threads) at
+	 * once, each with up to QJ_BATCH jobs */
+	double limit;
+	/* under the queue manager's mutex: jobs of this destination waiting
+	 * in the hand-out list, delivery threads working for it, and the
+	 * window as a whole number for them (copied from limit) */
+	unsigned listed_jobs, conns, conn_cap;
 	unsigned fail_streak; /* connection-level failures in a row */
 	uint64_t dead_until;  /* no attempt before this (dead destination) */
 	char *dead_reason;
@@ -162,6 +168,21 @@ struct q_outcome {
 };
 
 #define QJ_MAX_RCPTS 64u
+/* Jobs a delivery thread takes at once for one next hop: their attempts go
+ * on record with one wait for the delivery log, and SMTP/LMTP pipelines
+ * them over one connection (smtpc_send_many). */
+#define QJ_BATCH 16u
+
+/* What a delivery thread found out. Only a job handed to a delivery thread
+ * carries one (made by the queue manager when it hands the job out, freed
+ * when it applies it): a queued job stays small, so a backlog of a million
+ * due messages costs tens of megabytes of jobs, not tens of gigabytes
+ * (an outcome is half a kilobyte and a job may have 64 recipients). */
+struct q_result {
+	char relay[256];        /* the peer that answered, for logs and DSNs */
+	char tls[200];          /* how (smtpc_tls_desc), "" in the clear */
+	struct q_outcome out[]; /* the job's n (QJ_BOUNCE: one) */
+};
 
 /*
  * One delivery attempt: recipients of one message for one destination
@@ -173,21 +194,23 @@ struct q_job {
 	enum q_job_kind kind;
 	struct q_msg *m;
 	struct q_dest *dest;
-	bool fresh;        /* first attempt of these recipients */
-	unsigned n;
-	unsigned idx[QJ_MAX_RCPTS];
-	/* bounce: what the DSN reports, copied when the job was made */
-	const char *reasons[QJ_MAX_RCPTS];
+	bool fresh; /* first attempt of these recipients */
 	/* results */
 	bool conn_failed;  /* the next hop could not be reached/used */
 	bool dup_risk;     /* the final dot went out, the reply was lost */
 	bool damaged;      /* the body read back damaged (q_body.damaged) */
-	char relay[256];   /* the peer that answered, for logs and DSNs */
-	char tls[200];     /* how (smtpc_tls_desc), "" in the clear */
+	/* one failure of a batch (a connection that could not be made) is
+	 * one failure for the concurrency window, not one per job */
+	bool no_feedback;
+	unsigned n;        /* recipients in idx[] (1..QJ_MAX_RCPTS) */
 	uint64_t attempt_lsn;
 	uint64_t taken_us;  /* a delivery thread took it (monotonic) */
 	struct q_job *next;
-	struct q_outcome out[]; /* n of them (QJ_BOUNCE: one) */
+	struct q_result *res; /* set when handed out, see struct q_result */
+	/* bounce: what the DSN reports per idx[], copied when the job was
+	 * made (in the job's own allocation); NULL for QJ_DELIVER */
+	const char **reasons;
+	unsigned idx[]; /* n of them: indexes into m->rcpts */
 };
 
 /* A message's body, read from its segment pieces (pread), verifying the

@@ -37,7 +37,11 @@
  * and io_write() go through OpenSSL on the same non-blocking socket once
  * it is up, waiting with poll() on whatever OpenSSL wants.
  *
- * Limits: no AUTH; DATA and BDAT are not pipelined (BDAT
+ * Pipelining: smtpc_send() pipelines MAIL and the RCPTs; smtpc_send_many()
+ * pipelines whole transactions (RSET/MAIL/RCPT/BDAT LAST with the body, or
+ * the body and dot of one message with the next one's MAIL/RCPT/DATA).
+ *
+ * Limits: no AUTH; chunks of a body over 64 KiB are not pipelined (BDAT
  * chunks are 1 MiB, so a round trip per chunk costs little); getaddrinfo()
  * is not bounded by a timeout.
  */
@@ -106,6 +110,9 @@ struct smtpc {
 	bool fail_write;  /* in io_write (else in io_read) */
 	bool fail_body;   /* the body source */
 	bool got_421;     /* the peer announced it closes */
+	/* smtpc_send(): the message's final octets (its final dot, its
+	 * BDAT LAST chunk) were queued to go out */
+	bool last_out;
 	struct smtpc_reply r421;
 	char helo[256];
 	char peer[256];
@@ -1592,8 +1599,10 @@ body_data(struct smtpc *c, const struct smtpc_msg *m,
 	 * is just the "." line */
 	if (st.total && !(st.before_last == '\r' && st.last == '\n'))
 		rc = out_put(c, "\r\n", 2);
-	if (rc == 0)
+	if (rc == 0) {
+		c->last_out = true;
 		rc = out_put(c, ".\r\n", 3);
+	}
 	if (rc == 0)
 		rc = out_flush(c);
 	if (rc < 0)
@@ -1653,6 +1662,7 @@ body_bdat(struct smtpc *c, const struct smtpc_msg *m,
 				c->fail_body = true;
 				return k < 0 ? (int)k : -EIO;
 			}
+			c->last_out = true;
 		}
 		rc = out_flush(c);
 		if (rc < 0)
@@ -1716,7 +1726,7 @@ smtpc_send(struct smtpc *c, const struct smtpc_msg *m, struct smtpc_reply *mail,
 			return 0;
 		}
 	}
-	c->fail_write = c->fail_body = false;
+	c->fail_write = c->fail_body = c->last_out = false;
 
 	rc = envelope(c, m, mail, rcpt);
 	if (rc < 0)
@@ -1746,6 +1756,491 @@ out_broken:
 	if (mail->code == 0)
 		*mail = fail;
 	resolve_data(n, mail, rcpt, data, &fail);
+	return rc;
+}
+
+/* ---- several transactions, pipelined ------------------------------------ */
+
+/*
+ * Limits of a pipelined batch (smtpc.h smtpc_send_many): a message whose
+ * commands take more than ENV_MAX octets goes alone (smtpc_send()), and
+ * replies are read before more than PIPE_BYTES octets or PIPE_CMDS
+ * commands are outstanding, so that a peer which writes its replies with
+ * blocking writes cannot fill both directions and deadlock us (RFC 2920
+ * 3.1): their replies stay far below any socket buffer.
+ */
+#define ENV_MAX 16384u
+#define PIPE_BYTES (256u * 1024u)
+#define PIPE_CMDS 128u
+
+/* What smtpc_send() checks before sending anything: 1 when the message was
+ * answered locally (replies filled, rc 0), -EINVAL, or 0 to go on. Replies
+ * cleared either way. */
+static int
+tx_begin(const struct smtpc *c, struct smtpc_tx *t)
+{
+	const struct smtpc_msg *m = t->m;
+	struct smtpc_reply fail;
+	struct cmdline l;
+	unsigned n = m ? m->n_rcpts : 0;
+
+	reply_clear(&t->mail);
+	for (unsigned i = 0; t->rcpt && t->data && i < n; i++) {
+		reply_clear(&t->rcpt[i]);
+		reply_clear(&t->data[i]);
+	}
+	t->last_out = false;
+	t->rc = 0;
+	if (!m || !t->rcpt || !t->data || n == 0 || !m->rcpts || !m->body ||
+	    !m->mail_from)
+		return t->rc = -EINVAL;
+	if (m->smtputf8 && !(c->exts & SMTPC_EXT_SMTPUTF8))
+		reply_local(&fail, 554, "5.6.7",
+			    "next hop does not support SMTPUTF8");
+	else if (m->body_type == 3 &&
+		 (~c->exts & (SMTPC_EXT_BINARYMIME | SMTPC_EXT_CHUNKING)))
+		reply_local(&fail, 554, "5.6.3",
+			    "next hop does not support BINARYMIME");
+	else {
+		build_mail(c, m, &l);
+		if (!l.bad)
+			return 0;
+		reply_local(&fail, 553, "5.1.7",
+			    "invalid sender address (not sent)");
+	}
+	fill_all(n, &t->mail, t->rcpt, t->data, &fail);
+	return 1;
+}
+
+/* Queue MAIL and the RCPTs of t (an unsendable address: its local 553 in
+ * rcpt[i], not sent) after an RSET when rset. The number of commands
+ * queued, or 0 when they would take more than ENV_MAX octets (then nothing
+ * is queued). */
+static unsigned
+tx_queue_envelope(struct smtpc *c, struct smtpc_tx *t, bool rset, int *rc)
+{
+	const struct smtpc_msg *m = t->m;
+	struct cmdline l;
+	size_t total = rset ? 6 : 0;
+	unsigned cmds = 1u + (rset ? 1u : 0u);
+
+	build_mail(c, m, &l);
+	total += l.len;
+	for (unsigned i = 0; i < m->n_rcpts; i++) {
+		build_rcpt(c, m, i, &l);
+		total += l.bad ? 0 : l.len;
+	}
+	if (total > ENV_MAX)
+		return 0;
+	*rc = rset ? out_put(c, "RSET\r\n", 6) : 0;
+	build_mail(c, m, &l);
+	if (*rc == 0)
+		*rc = out_put(c, l.s, l.len);
+	for (unsigned i = 0; *rc == 0 && i < m->n_rcpts; i++) {
+		build_rcpt(c, m, i, &l);
+		if (l.bad) {
+			reply_local(&t->rcpt[i], 553, "5.1.3",
+				    "invalid recipient address (not sent)");
+			continue;
+		}
+		*rc = out_put(c, l.s, l.len);
+		cmds++;
+	}
+	return cmds;
+}
+
+/* The replies to what tx_queue_envelope() queued, in order; the number of
+ * recipients accepted (0 also when MAIL was refused). */
+static int
+tx_read_envelope(struct smtpc *c, struct smtpc_tx *t, bool rset,
+		 unsigned *n_ok)
+{
+	struct smtpc_reply r;
+	int rc;
+
+	*n_ok = 0;
+	if (rset) {
+		enter_state(c, ST_RSET);
+		rc = read_reply(c, c->cmd_to, &r, NULL);
+		if (rc == 0 && !is2xx(&r))
+			rc = -EPROTO;
+		if (rc < 0)
+			return rc;
+	}
+	enter_state(c, ST_MAIL);
+	rc = read_reply(c, c->cmd_to, &t->mail, NULL);
+	if (rc == 0)
+		rc = final_class(&t->mail);
+	enter_state(c, ST_RCPT);
+	for (unsigned i = 0; rc == 0 && i < t->m->n_rcpts; i++) {
+		if (t->rcpt[i].code)
+			continue; /* refused here, not sent */
+		rc = read_reply(c, c->cmd_to, &t->rcpt[i], NULL);
+		if (rc == 0)
+			rc = final_class(&t->rcpt[i]);
+		if (rc == 0 && is2xx(&t->mail))
+			*n_ok += is2xx(&t->rcpt[i]);
+	}
+	return rc;
+}
+
+/* The reply(ies) to the final dot or BDAT LAST of t: with n_ok accepted
+ * recipients as read_final(); with none (MAIL or every RCPT refused) the
+ * one refusal the peer owes, dropped: the envelope's replies stand. */
+static int
+tx_read_final(struct smtpc *c, struct smtpc_tx *t, unsigned n_ok)
+{
+	struct smtpc_reply r;
+	int rc;
+
+	enter_state(c, ST_DOT);
+	if (n_ok)
+		rc = read_final(c, t->m->n_rcpts, t->rcpt, t->data);
+	else
+		rc = read_reply(c, c->data_to, &r, NULL);
+	if (rc == 0)
+		resolve_data(t->m->n_rcpts, &t->mail, t->rcpt, t->data, NULL);
+	return rc;
+}
+
+/* The whole body of m into c->bbuf (it fits: m->size <= PIECE_LEN), and
+ * checked to end there. Calls the source's last-bytes hook. */
+static int
+tx_read_body(struct smtpc *c, const struct smtpc_msg *m)
+{
+	uint64_t got = 0;
+	uint8_t probe;
+	long k;
+
+	while (got < m->size) {
+		k = body_read(c, m, got, c->bbuf + got, m->size - got);
+		if (k <= 0) {
+			c->fail_body = true;
+			return k < 0 ? (int)k : -EIO;
+		}
+		got += (uint64_t)k;
+	}
+	k = body_read(c, m, got, &probe, 1);
+	if (k != 0) {
+		c->fail_body = true;
+		return k < 0 ? (int)k : -EIO;
+	}
+	return 0;
+}
+
+/* A failure rc broke the connection: every transaction from first on
+ * that has no final answer gets the local reply standing for rc. */
+static void
+tx_broken(struct smtpc *c, struct smtpc_tx *tx, unsigned n, const bool *done,
+	  int rc)
+{
+	struct smtpc_reply fail;
+
+	/* (already BROKEN: a message sent alone failed and said why) */
+	failure_reply(c, c->st == ST_BROKEN ? -ENOTCONN : rc, &fail);
+	enter_state(c, ST_BROKEN);
+	for (unsigned i = 0; i < n; i++) {
+		struct smtpc_tx *t = &tx[i];
+		if (done[i] || !t->m || !t->rcpt || !t->data)
+			continue;
+		if (t->mail.code == 0)
+			t->mail = fail;
+		resolve_data(t->m->n_rcpts, &t->mail, t->rcpt, t->data, &fail);
+		t->rc = rc;
+	}
+}
+
+/* Every accepted recipient of t got a 2xx after its data: the peer holds
+ * no open transaction. */
+static bool
+tx_all_ok(const struct smtpc_tx *t, unsigned n_ok)
+{
+	if (n_ok == 0)
+		return false;
+	for (unsigned i = 0; i < t->m->n_rcpts; i++)
+		if (is2xx(&t->rcpt[i]) && !is2xx(&t->data[i]))
+			return false;
+	return true;
+}
+
+/* With CHUNKING: RSET (between transactions), MAIL, RCPTs, BDAT n LAST and
+ * the body of every message, as many as the limits allow in one write,
+ * then all their replies. A body that cannot be read whole is found before
+ * any of its message is queued: that message alone fails (451 4.3.0). */
+static int
+many_bdat(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
+{
+	unsigned i = 0, rd = 0, n_ok;
+	bool rset = false, open = false;
+	bool *rs = calloc(n ? n : 1, sizeof(*rs));
+	int rc = 0;
+
+	if (!rs)
+		return -ENOMEM;
+	while (rc == 0 && rd < n) {
+		size_t bytes = 0;
+		unsigned cmds = 0;
+		bool alone = false;
+
+		/* queue */
+		for (; rc == 0 && i < n && bytes < PIPE_BYTES &&
+		       cmds < PIPE_CMDS;
+		     i++) {
+			struct smtpc_tx *t = &tx[i];
+			char hdr[HDR_ROOM];
+			int hl, b = tx_begin(c, t);
+			unsigned k;
+
+			if (b != 0) {
+				done[i] = true;
+				continue;
+			}
+			if (t->m->size > PIECE_LEN) {
+				alone = true; /* below */
+				break;
+			}
+			c->fail_body = false;
+			rc = tx_read_body(c, t->m);
+			if (rc < 0) {
+				struct smtpc_reply f;
+				failure_reply(c, rc, &f);
+				fill_all(t->m->n_rcpts, &t->mail, t->rcpt,
+					 t->data, &f);
+				t->rc = rc;
+				c->fail_body = false;
+				rc = 0;
+				done[i] = true;
+				continue;
+			}
+			k = tx_queue_envelope(c, t, rset, &rc);
+			if (k == 0) {
+				alone = true; /* below */
+				break;
+			}
+			hl = snprintf(hdr, sizeof(hdr),
+				      "BDAT %" PRIu64 " LAST\r\n", t->m->size);
+			if (rc == 0)
+				rc = out_put(c, hdr, (size_t)hl);
+			if (rc == 0)
+				rc = out_put(c, c->bbuf, (size_t)t->m->size);
+			t->last_out = true;
+			rs[i] = rset;
+			rset = true;
+			bytes += (size_t)t->m->size + ENV_MAX / 16;
+			cmds += k + 1;
+		}
+		if (rc == 0)
+			rc = out_flush(c);
+		/* read */
+		for (; rc == 0 && rd < i; rd++) {
+			if (done[rd])
+				continue;
+			rc = tx_read_envelope(c, &tx[rd], rs[rd], &n_ok);
+			if (rc == 0)
+				rc = tx_read_final(c, &tx[rd], n_ok);
+			if (rc == 0) {
+				done[rd] = true;
+				open = !tx_all_ok(&tx[rd], n_ok);
+			}
+		}
+		if (rc == 0 && alone) {
+			/* Too big for the pipeline: on its own, from READY
+			 * (an RSET closes what the last one left open). */
+			if (open)
+				rc = do_rset(c);
+			if (rc == 0)
+				enter_state(c, ST_READY);
+			if (rc == 0) {
+				tx[i].rc = smtpc_send(c, tx[i].m, &tx[i].mail,
+						      tx[i].rcpt, tx[i].data);
+				tx[i].last_out = c->last_out;
+				rc = tx[i].rc < 0 ? tx[i].rc : 0;
+				done[i] = true;
+				rset = open = false;
+			}
+			i++;
+			rd = i;
+			if (rc < 0) {
+				free(rs);
+				return rc; /* smtpc_send() said it all */
+			}
+		}
+	}
+	/* The last transaction may have been refused and left open. */
+	if (rc == 0 && open)
+		rc = do_rset(c);
+	free(rs);
+	return rc;
+}
+
+/* Without CHUNKING: message i's RSET (after a refusal), MAIL, RCPTs and
+ * DATA go in the write that carries message i-1's body and final dot;
+ * then i-1's final reply and i's envelope replies are read. One round
+ * trip per message. */
+static int
+many_data(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
+{
+	int pend = -1; /* body and dot queued, final reply not read */
+	unsigned pend_ok = 0, n_ok;
+	bool need_rset = false;
+	int rc = 0;
+
+	for (unsigned i = 0; rc == 0 && i < n; i++) {
+		struct smtpc_tx *t = &tx[i];
+		struct smtpc_reply r;
+		bool rset = need_rset;
+		unsigned k;
+		int b = tx_begin(c, t);
+
+		if (b != 0) {
+			done[i] = true;
+			continue;
+		}
+		k = tx_queue_envelope(c, t, rset, &rc);
+		if (k == 0) {
+			/* Too big for the pipeline: alone, from READY. */
+			rc = out_flush(c);
+			if (rc == 0 && pend >= 0) {
+				rc = tx_read_final(c, &tx[pend], pend_ok);
+				done[pend] = rc == 0;
+				pend = -1;
+			}
+			if (rc == 0 && need_rset)
+				rc = do_rset(c);
+			if (rc < 0)
+				break;
+			need_rset = false;
+			enter_state(c, ST_READY);
+			t->rc = smtpc_send(c, t->m, &t->mail, t->rcpt, t->data);
+			t->last_out = c->last_out;
+			done[i] = true;
+			if (t->rc < 0)
+				return t->rc;
+			continue;
+		}
+		if (rc == 0)
+			rc = out_put(c, "DATA\r\n", 6);
+		if (rc == 0)
+			rc = out_flush(c);
+		if (rc == 0 && pend >= 0) {
+			rc = tx_read_final(c, &tx[pend], pend_ok);
+			if (rc == 0)
+				done[pend] = true;
+			pend = -1;
+		}
+		if (rc == 0)
+			rc = tx_read_envelope(c, t, rset, &n_ok);
+		if (rc < 0)
+			break;
+		enter_state(c, ST_DATA);
+		rc = read_reply(c, c->cmd_to, &r, NULL);
+		if (rc < 0)
+			break;
+		need_rset = false;
+		if (r.code == 354) {
+			/* With nobody to deliver to, an empty message whose
+			 * reply is dropped (a peer that says 354 anyway). */
+			struct stuff st = { .last = '\n' };
+			enter_state(c, ST_BODY);
+			c->fail_body = false;
+			for (; n_ok;) {
+				long kk = body_read(c, t->m, st.total, c->bbuf,
+						    PIECE_LEN);
+				if (kk < 0) {
+					rc = (int)kk;
+					break;
+				}
+				if (kk == 0)
+					break;
+				rc = stuff_put(c, c->bbuf, (size_t)kk, &st);
+				if (rc < 0)
+					break;
+			}
+			if (rc == 0 && st.total &&
+			    !(st.before_last == '\r' && st.last == '\n'))
+				rc = out_put(c, "\r\n", 2);
+			if (rc == 0)
+				rc = out_put(c, ".\r\n", 3);
+			if (rc < 0)
+				break;
+			t->last_out = n_ok > 0;
+			need_rset = n_ok == 0;
+			pend = (int)i;
+			pend_ok = n_ok;
+			continue;
+		}
+		if (r.code / 100 != 4 && r.code / 100 != 5) {
+			rc = -EPROTO;
+			break;
+		}
+		/* DATA refused: it stands for the accepted recipients; the
+		 * transaction MAIL opened is closed by the next RSET. */
+		for (unsigned j = 0; n_ok && j < t->m->n_rcpts; j++)
+			if (is2xx(&t->rcpt[j]))
+				t->data[j] = r;
+		resolve_data(t->m->n_rcpts, &t->mail, t->rcpt, t->data, NULL);
+		need_rset = is2xx(&t->mail);
+		done[i] = true;
+	}
+	if (rc == 0 && pend >= 0) {
+		rc = out_flush(c);
+		if (rc == 0)
+			rc = tx_read_final(c, &tx[pend], pend_ok);
+		if (rc == 0)
+			done[pend] = true;
+	}
+	if (rc == 0 && need_rset)
+		rc = do_rset(c);
+	return rc;
+}
+
+int
+smtpc_send_many(struct smtpc *c, struct smtpc_tx *tx, unsigned n)
+{
+	bool *done;
+	int rc = 0;
+
+	if (!c || (!tx && n))
+		return -EINVAL;
+	if (n == 0)
+		return 0;
+	if (c->st != ST_READY || !(c->exts & SMTPC_EXT_PIPELINING) || n == 1) {
+		/* One at a time: smtpc_send() says everything. */
+		for (unsigned i = 0; i < n; i++) {
+			struct smtpc_tx *t = &tx[i];
+			c->last_out = false;
+			t->rc = smtpc_send(c, t->m, &t->mail, t->rcpt, t->data);
+			t->last_out = c->last_out;
+			if (t->rc < 0 && rc == 0 && t->rc != -EINVAL)
+				rc = t->rc;
+		}
+		return rc;
+	}
+	/* Every slot holds a reply when this returns, also those of
+	 * transactions a failure kept from being started. */
+	for (unsigned i = 0; i < n; i++) {
+		struct smtpc_tx *t = &tx[i];
+		reply_clear(&t->mail);
+		for (unsigned k = 0; t->m && t->rcpt && t->data &&
+				     k < t->m->n_rcpts;
+		     k++) {
+			reply_clear(&t->rcpt[k]);
+			reply_clear(&t->data[k]);
+		}
+		t->rc = 0;
+		t->last_out = false;
+	}
+	done = calloc(n, sizeof(*done));
+	if (!done)
+		return -ENOMEM;
+	c->fail_write = c->fail_body = false;
+	rc = (c->exts & SMTPC_EXT_CHUNKING) ? many_bdat(c, tx, n, done)
+					    : many_data(c, tx, n, done);
+	if (rc < 0)
+		tx_broken(c, tx, n, done, rc);
+	else
+		enter_state(c, ST_READY);
+	free(done);
 	return rc;
 }
 

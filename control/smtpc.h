@@ -224,6 +224,45 @@ int smtpc_send(struct smtpc *c, const struct smtpc_msg *m,
 	       struct smtpc_reply *mail, struct smtpc_reply *rcpt,
 	       struct smtpc_reply *data);
 
+/* One transaction of smtpc_send_many(): the message, where its replies go
+ * (rcpt and data: arrays of m->n_rcpts, as smtpc_send()), and after the
+ * call its result. */
+struct smtpc_tx {
+	const struct smtpc_msg *m;
+	struct smtpc_reply mail;
+	struct smtpc_reply *rcpt, *data;
+	int rc; /* what smtpc_send() would have returned for it */
+	/* its final octets (the final dot, the BDAT LAST chunk) were handed
+	 * to the connection: when no final reply came (rc < 0) the peer may
+	 * have the message anyway (RFC 1047) */
+	bool last_out;
+};
+
+/*
+ * Several transactions over one connection, in order, each with the
+ * outcome smtpc_send() would give it (tx[i].rc and its replies), for
+ * fewer round trips. Without PIPELINING, or for one message, it is
+ * smtpc_send() for each. With PIPELINING (RFC 2920) and CHUNKING (RFC
+ * 3030): for each message whose body is at most 64 KiB, RSET (from the
+ * second on: whatever a refusal left open is closed), MAIL, RCPTs, "BDAT n
+ * LAST" and the body, all in as few writes as the output buffer allows,
+ * then the replies; replies are read before 256 KiB or 128 commands are
+ * outstanding, so no peer can deadlock us. The body is read whole before
+ * any of its message is queued: a body that cannot be read fails that
+ * message alone (451 4.3.0, rc < 0), the connection stays usable. With
+ * PIPELINING and no CHUNKING: message i's MAIL, RCPTs and DATA go in the
+ * write that carries message i-1's body and final dot (RFC 2920 3.1: the
+ * data may start a group, DATA ends one): one round trip per message. A
+ * message that does not fit that (over 64 KiB with BDAT, or over 16 KiB of
+ * commands) is sent alone with smtpc_send() in its turn.
+ *
+ * Returns 0 when the connection is usable (READY) after the last one, or
+ * the -errno that broke it: every transaction without a final answer then
+ * has that rc and local 4xx replies as smtpc_send() gives them; those with
+ * last_out false never reached the peer and can be tried elsewhere.
+ */
+int smtpc_send_many(struct smtpc *c, struct smtpc_tx *tx, unsigned n);
+
 /* Liveness check of a cached connection: RSET, expect 2xx. 0 or -errno
  * (-EPROTO for a non-2xx reply); on error the connection is broken. */
 int smtpc_rset(struct smtpc *c);

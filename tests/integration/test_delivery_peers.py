@@ -11,6 +11,7 @@
 import email
 import email.policy
 import os
+import re
 import sys
 import threading
 
@@ -89,7 +90,75 @@ def case_lmtp_mixed():
               "unix socket LMTP")
 
 
-CASES = [case_postfix, case_lmtp_mixed]
+def case_backlog_batches():
+    """A backlog falls due at once (queued with delivery off, then a
+    restart with it on): the delivery threads take up to 16 jobs per next
+    hop and pipeline them over one connection (BDAT to Postfix and to
+    Dovecot's LMTP, both offer CHUNKING and PIPELINING). Every message
+    arrives exactly once and intact, a message over 64 KiB (sent alone in
+    its batch) included; LMTP's per-recipient refusals stay with their
+    message: one bounce per message that named the unknown user."""
+    with PostfixPeer(domain="dest.test", catch_all=True) as pf, \
+            DovecotLMTP(domain="lmtp.test") as lm:
+        with Daemon("--route", f"dest.test={pf.target}",
+                    "--route", f"lmtp.test={lm.target_tcp}",
+                    domains=("example.com", "dest.test",
+                             "lmtp.test")) as d:
+            sent, lmtp_want, bounced = {}, {}, 0
+            for i in range(120):
+                rcpts = [f"u{i % 5}@dest.test"]
+                if i % 4 == 0:
+                    rcpts.append(f"w{i % 3}@dest.test")
+                size = 90000 if i == 57 else 800 + 37 * i
+                body = message(1000 + i, size=size)
+                send(d, "a@example.com", rcpts, body)
+                for r in rcpts:
+                    sent.setdefault(r, []).append(body)
+            for i in range(30):
+                rcpts = ["alice@lmtp.test", "bob@lmtp.test"]
+                if i % 3 == 0:
+                    rcpts.insert(1, "nosuch@lmtp.test")
+                    bounced += 1
+                body = message(2000 + i, size=1500)
+                send(d, "sender@example.com", rcpts, body)
+                for r in ("alice@lmtp.test", "bob@lmtp.test"):
+                    lmtp_want.setdefault(r, []).append(body)
+            d.stop()
+            d.delivery = True
+            d.start()
+            total = sum(len(v) for v in sent.values())
+            got = pf.wait_for(total, timeout=60)
+            check(len(got) == total, f"postfix got {len(got)} of {total}\n"
+                  f"{pf.log()[-2000:]}")
+            for rcpt, bodies in sent.items():
+                msgs = pf.messages(rcpt)
+                check(sorted(delivered_content(m) for m in msgs) ==
+                      sorted(bodies), f"{rcpt}: {len(msgs)} delivered, "
+                      f"{len(bodies)} sent, or content differs")
+            for u, bodies in lmtp_want.items():
+                msgs = lm.wait_for(u, len(bodies), 30)
+                check(sorted(delivered_content(m) for m in msgs) ==
+                      sorted(bodies), f"{u}: {len(msgs)} delivered, "
+                      f"{len(bodies)} sent, or content differs")
+            root = os.path.join(d.tmp, "maildir")
+            wait(lambda: len(maildir_files(root, "sender@example.com")) ==
+                 bounced, 30, f"{bounced} DSNs")
+            wait(lambda: log_count(d, r"status=sent") ==
+                 total + 2 * 30 + bounced, 10, "one sent line per delivery")
+            check(log_count(d, r"to=<nosuch@lmtp.test>.*status=bounced") ==
+                  bounced, "one bounce line per unknown-user recipient")
+            check(log_count(d, r"event=reply_lost") == 0, "no reply lost")
+        # Pipelined: Postfix's smtpd counts each session's commands when
+        # the (cached, now closed) connection ends; an RSET goes between
+        # the transactions of a batch, never in one at a time.
+        wait(lambda: "disconnect from" in pf.log(), 10, "postfix sessions")
+        batched = [int(m.group(1)) for m in re.finditer(
+            r"disconnect from \S+ .*\brset=(\d+)", pf.log())]
+        check(batched and max(batched) >= 4,
+              f"no pipelined batch in Postfix's sessions: rset={batched}")
+
+
+CASES = [case_postfix, case_lmtp_mixed, case_backlog_batches]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

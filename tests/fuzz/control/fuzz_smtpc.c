@@ -7,12 +7,15 @@
  *    every prefix of an erroneous one is AGAIN or the same error), *used
  *    stays inside the input, the text is printable and NUL-terminated.
  * 2. A whole session over a socketpair, the peer's bytes queued up front
- *    and then end of file: connect, one or two transactions, RSET, QUIT.
- *    Nothing may crash or hang, and after smtpc_send() every reply slot
- *    must hold a reply (received or local): the caller acts on each.
+ *    and then end of file: connect, one transaction (smtpc_send) or two
+ *    pipelined ones (smtpc_send_many, as the delivery threads send
+ *    batches), RSET, QUIT. Nothing may crash or hang, and after either
+ *    every reply slot must hold a reply (received or local): the caller
+ *    acts on each.
  *
- * Flags: bit 0 LMTP; bits 1-2 recipients - 1; bit 3 empty body; bit 4 a
- * second transaction; bit 5 SMTPUTF8; bit 6 null sender; bit 7 DSN fields.
+ * Flags: bit 0 LMTP; bits 1-2 recipients - 1; bit 3 empty body; bit 4 two
+ * transactions, pipelined; bit 5 SMTPUTF8; bit 6 null sender; bit 7 DSN
+ * fields.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -136,7 +139,30 @@ session(unsigned flags, const uint8_t *p, size_t n)
 		m.envid = "e+2B1";
 		m.ret = 1;
 	}
-	for (int t = 0; t < (flags & 16 ? 2 : 1); t++) {
+	if (flags & 16) {
+		struct smtpc_reply r2[2][2][4];
+		struct smtpc_tx tx[2];
+		int rc;
+
+		memset(tx, 0, sizeof(tx));
+		for (int t = 0; t < 2; t++) {
+			tx[t].m = &m;
+			tx[t].rcpt = r2[t][0];
+			tx[t].data = r2[t][1];
+		}
+		rc = smtpc_send_many(c, tx, 2);
+		if (rc == -EINVAL || rc > 0)
+			abort();
+		for (int t = 0; t < 2; t++) {
+			if (tx[t].rc == -EINVAL || tx[t].rc > 0)
+				abort();
+			check_reply(&tx[t].mail, 2);
+			for (unsigned i = 0; i < nr; i++) {
+				check_reply(&tx[t].rcpt[i], 2);
+				check_reply(&tx[t].data[i], 2);
+			}
+		}
+	} else {
 		int rc = smtpc_send(c, &m, &mail, rcpt, dat);
 		if (rc == -EINVAL)
 			abort();
@@ -145,8 +171,6 @@ session(unsigned flags, const uint8_t *p, size_t n)
 			check_reply(&rcpt[i], 2);
 			check_reply(&dat[i], 2);
 		}
-		if (rc < 0)
-			break;
 	}
 	(void)smtpc_rset(c);
 	smtpc_quit(c);
