@@ -1812,6 +1812,24 @@ tx_begin(const struct smtpc *c, struct smtpc_tx *t)
 	return 1;
 }
 
+/* t's RSET (when rset), MAIL and RCPT lines take at most ENV_MAX octets:
+ * what one pipelined group may carry. */
+static bool
+tx_envelope_fits(const struct smtpc *c, const struct smtpc_tx *t, bool rset)
+{
+	const struct smtpc_msg *m = t->m;
+	struct cmdline l;
+	size_t total = rset ? 6 : 0;
+
+	build_mail(c, m, &l);
+	total += l.len;
+	for (unsigned i = 0; i < m->n_rcpts; i++) {
+		build_rcpt(c, m, i, &l);
+		total += l.bad ? 0 : l.len;
+	}
+	return total <= ENV_MAX;
+}
+
 /* Queue MAIL and the RCPTs of t (an unsendable address: its local 553 in
  * rcpt[i], not sent) after an RSET when rset. The number of commands
  * queued, or 0 when they would take more than ENV_MAX octets (then nothing
@@ -1821,16 +1839,9 @@ tx_queue_envelope(struct smtpc *c, struct smtpc_tx *t, bool rset, int *rc)
 {
 	const struct smtpc_msg *m = t->m;
 	struct cmdline l;
-	size_t total = rset ? 6 : 0;
 	unsigned cmds = 1u + (rset ? 1u : 0u);
 
-	build_mail(c, m, &l);
-	total += l.len;
-	for (unsigned i = 0; i < m->n_rcpts; i++) {
-		build_rcpt(c, m, i, &l);
-		total += l.bad ? 0 : l.len;
-	}
-	if (total > ENV_MAX)
+	if (!tx_envelope_fits(c, t, rset))
 		return 0;
 	*rc = rset ? out_put(c, "RSET\r\n", 6) : 0;
 	build_mail(c, m, &l);
@@ -1950,6 +1961,17 @@ tx_broken(struct smtpc *c, struct smtpc_tx *tx, unsigned n, const bool *done,
 	}
 }
 
+/* Recipients of t accepted at RCPT after MAIL was. */
+static unsigned
+tx_accepted(const struct smtpc_tx *t)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; is2xx(&t->mail) && i < t->m->n_rcpts; i++)
+		n += is2xx(&t->rcpt[i]);
+	return n;
+}
+
 /* Every accepted recipient of t got a 2xx after its data: the peer holds
  * no open transaction. */
 static bool
@@ -1995,7 +2017,9 @@ many_bdat(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 				done[i] = true;
 				continue;
 			}
-			if (t->m->size > PIECE_LEN) {
+			/* before its body is read: smtpc_send() reads it */
+			if (t->m->size > PIECE_LEN ||
+			    !tx_envelope_fits(c, t, rset)) {
 				alone = true; /* below */
 				break;
 			}
@@ -2056,7 +2080,11 @@ many_bdat(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 				tx[i].last_out = c->last_out;
 				rc = tx[i].rc < 0 ? tx[i].rc : 0;
 				done[i] = true;
-				rset = open = false;
+				/* A refusal may have left it open, as in the
+				 * pipeline: the next one starts with an RSET
+				 * (pipelined, free), the batch ends with one. */
+				rset = true;
+				open = !tx_all_ok(&tx[i], tx_accepted(&tx[i]));
 			}
 			i++;
 			rd = i;

@@ -246,15 +246,17 @@ struct smtpc_tx {
  * 3030): for each message whose body is at most 64 KiB, RSET (from the
  * second on: whatever a refusal left open is closed), MAIL, RCPTs, "BDAT n
  * LAST" and the body, all in as few writes as the output buffer allows,
- * then the replies; replies are read before 256 KiB or 128 commands are
- * outstanding, so no peer can deadlock us. The body is read whole before
- * any of its message is queued: a body that cannot be read fails that
- * message alone (451 4.3.0, rc < 0), the connection stays usable. With
+ * then the replies; once 256 KiB or 128 commands are queued (the message
+ * crossing the line goes whole) the replies are read before any more, so
+ * no peer can deadlock us. The body is read whole before any of its
+ * message is queued: a body that cannot be read fails that message alone
+ * (451 4.3.0, rc < 0), the connection stays usable. With
  * PIPELINING and no CHUNKING: message i's MAIL, RCPTs and DATA go in the
  * write that carries message i-1's body and final dot (RFC 2920 3.1: the
  * data may start a group, DATA ends one): one round trip per message. A
  * message that does not fit that (over 64 KiB with BDAT, or over 16 KiB of
- * commands) is sent alone with smtpc_send() in its turn.
+ * commands) is sent alone with smtpc_send() in its turn (its body read
+ * by smtpc_send() only), and the next one starts with an RSET.
  *
  * Returns 0 when the connection is usable (READY) after the last one, or
  * the -errno that broke it: every transaction without a final answer then

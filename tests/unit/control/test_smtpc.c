@@ -3,8 +3,9 @@
  * a 127.0.0.1 ephemeral port (or a unix socket in a temp dir) that reads
  * what the client sends, checks each command against its script, records
  * the command lines and the raw DATA/BDAT bytes, and answers per script.
- * Plus the reply parser on byte strings, and one delivery to Postfix's
- * smtp-sink when it is installed.
+ * For smtpc_send_many()'s limits, a second peer that answers only when
+ * the client falls silent. Plus the reply parser on byte strings, and one
+ * delivery to Postfix's smtp-sink when it is installed.
  */
 #include <criterion/criterion.h>
 #include <dirent.h>
@@ -1988,4 +1989,1313 @@ Test(smtpc, starttls_octets_after_the_220_are_refused)
 	cr_assert(strstr(why.text, "octets after the 220"), "%s", why.text);
 	srv_end(s);
 	srv_free(s);
+}
+
+/* ---- several transactions: smtpc_send_many() ----------------------------- */
+
+#define EHLO_PC                                                              \
+	{ "EHLO client.test",                                                \
+	  "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n" }
+#define EHLO_P { "EHLO client.test", "250-mx.test\r\n250 PIPELINING\r\n" }
+
+static const char *const RA[] = { "a@y.test", "b@y.test" };
+static const char *const RC[] = { "c@y.test" };
+
+/* One message of a batch: its body and its reply storage. */
+struct bmsg {
+	struct mem_body b;
+	struct smtpc_msg m;
+	struct smtpc_reply rcpt[4], data[4];
+};
+
+static void
+bm_init(struct smtpc_tx *t, struct bmsg *bm, const char *from,
+	const char *const *rcpts, unsigned n, const void *body, size_t len)
+{
+	memset(bm, 0, sizeof(*bm));
+	memset(t, 0, sizeof(*t));
+	bm->b.p = body;
+	bm->b.n = len;
+	bm->m = msg1(from, rcpts, n, &bm->b);
+	t->m = &bm->m;
+	t->rcpt = bm->rcpt;
+	t->data = bm->data;
+}
+
+/* body: a string literal or a char array (its length without the NUL) */
+#define BM(t, bm, from, r, n, body)                                          \
+	bm_init(t, bm, from, r, n, body, sizeof(body) - 1)
+
+static unsigned
+lf_in(const void *p, size_t n)
+{
+	const uint8_t *b = p;
+	unsigned k = 0;
+
+	for (size_t i = 0; i < n; i++)
+		k += b[i] == '\n';
+	return k;
+}
+
+/* The server saw exactly want[0..n) after EHLO (lines[1..]). */
+static void
+lines_are(const struct srv *s, const char *const *want, unsigned n)
+{
+	cr_assert_eq(s->n_lines, n + 1, "server saw %u lines", s->n_lines);
+	for (unsigned i = 0; i < n; i++)
+		cr_assert_str_eq(s->lines[i + 1], want[i], "line %u", i + 1);
+}
+
+static void
+body_is(const struct srv *s, unsigned i, const void *p, size_t n)
+{
+	cr_assert_eq(s->body_len[i], n, "body %u: %zu octets", i,
+		     s->body_len[i]);
+	if (n)
+		cr_assert_arr_eq(s->body[i], p, n, "body %u", i);
+}
+
+/* A reply from the peer (not made up here) with this text. */
+static void
+peer_said(const struct smtpc_reply *r, const char *text)
+{
+	cr_assert_str_eq(r->text, text);
+	cr_assert_not(r->local, "%s is local", r->text);
+}
+
+static void
+delivered(const struct smtpc_tx *t, const char *text)
+{
+	cr_assert_eq(t->rc, 0);
+	cr_assert(t->last_out);
+	cr_assert_eq(t->mail.code, 250, "%s", t->mail.text);
+	for (unsigned i = 0; i < t->m->n_rcpts; i++) {
+		cr_assert_eq(t->rcpt[i].code, 250, "%s", t->rcpt[i].text);
+		peer_said(&t->data[i], text);
+	}
+}
+
+static const char B1[] = "Subject: one\r\n\r\n.dot line, not stuffed\r\n";
+/* a NUL, a bare LF, a lone '.' line and no final CRLF: BDAT is verbatim */
+static const char B2[] = "two\r\n\0nul\n.\r\nno final crlf";
+static const char B3[] = "";
+
+/* 1. Three messages, MAIL + RCPTs + BDAT LAST + body each, RSET between
+ * them, in one write before any reply; all accepted. */
+Test(smtpc, many_bdat_three_messages_one_write)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@x.test>\r\n", NULL },
+		{ "RCPT TO:<r@y.test>\r\n", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@x.test>\r\n", NULL },
+		{ "RCPT TO:<a@y.test>\r\n", NULL },
+		{ "RCPT TO:<b@y.test>\r\n", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s3@x.test>\r\n", NULL },
+		{ "RCPT TO:<r@y.test>\r\n", NULL },
+		{ "BDAT 0 LAST\r\n",
+		  "250 2.1.0 s1 ok\r\n250 2.1.5 r ok\r\n"
+		  "250 2.0.0 queued as M1\r\n"
+		  "250 2.0.0 reset\r\n250 2.1.0 s2 ok\r\n250 2.1.5 a ok\r\n"
+		  "250 2.1.5 b ok\r\n250 2.0.0 queued as M2\r\n"
+		  "250 2.0.0 reset\r\n250 2.1.0 s3 ok\r\n250 2.1.5 r ok\r\n"
+		  "250 2.0.0 queued as M3\r\n" },
+		/* the next line is smtpc_rset()'s: the batch sent no RSET
+		 * after the last message, every transaction being closed */
+		{ "RSET\r\n", "250 2.0.0 still here\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+	char l1[32], l2[32];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, B1);
+	BM(&tx[1], &bm[1], "s2@x.test", RA, 2, B2);
+	BM(&tx[2], &bm[2], "s3@x.test", R1, 1, B3);
+	cr_assert_eq(smtpc_send_many(c, tx, 3), 0);
+	delivered(&tx[0], "250 2.0.0 queued as M1");
+	delivered(&tx[1], "250 2.0.0 queued as M2");
+	delivered(&tx[2], "250 2.0.0 queued as M3");
+	peer_said(&tx[1].mail, "250 2.1.0 s2 ok");
+	peer_said(&tx[1].rcpt[1], "250 2.1.5 b ok");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+
+	snprintf(l1, sizeof(l1), "BDAT %zu LAST\r\n", sizeof(B1) - 1);
+	snprintf(l2, sizeof(l2), "BDAT %zu LAST\r\n", sizeof(B2) - 1);
+	const char *const want[] = {
+		"MAIL FROM:<s1@x.test>\r\n", "RCPT TO:<r@y.test>\r\n", l1,
+		"RSET\r\n", "MAIL FROM:<s2@x.test>\r\n",
+		"RCPT TO:<a@y.test>\r\n", "RCPT TO:<b@y.test>\r\n", l2,
+		"RSET\r\n", "MAIL FROM:<s3@x.test>\r\n",
+		"RCPT TO:<r@y.test>\r\n", "BDAT 0 LAST\r\n",
+		"RSET\r\n", "QUIT\r\n",
+	};
+	lines_are(s, want, 14);
+	/* one write: when MAIL 1 was read, every later command (and body
+	 * line) was already there */
+	cr_assert_eq(s->ahead[2], 11 + lf_in(B1, sizeof(B1) - 1) +
+					  lf_in(B2, sizeof(B2) - 1));
+	cr_assert_eq(s->ahead[13], 0);
+	cr_assert_eq(s->n_bodies, 3);
+	body_is(s, 0, B1, sizeof(B1) - 1);
+	body_is(s, 1, B2, sizeof(B2) - 1);
+	body_is(s, 2, B3, 0);
+	srv_free(s);
+}
+
+/* 2. Message 2's MAIL gets a 451; its RCPTs and BDAT, already sent, get
+ * 503s. What applies to its recipients is the 451 (retry later), never
+ * the 503 (a bounce for a sender only deferred). */
+Test(smtpc, many_bdat_mail_refused_its_recipients_get_the_mail_reply)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT TO:<a@", NULL },
+		{ "RCPT TO:<b@", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s3@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ",
+		  "250 ok\r\n250 ok\r\n250 2.0.0 queued as M1\r\n"
+		  "250 ok\r\n451 4.3.0 sender check deferred\r\n"
+		  "503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n"
+		  "503 5.5.1 need MAIL\r\n"
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued as M3\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", RA, 2, "two\r\n");
+	BM(&tx[2], &bm[2], "s3@x.test", R1, 1, "three\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 3), 0);
+	delivered(&tx[0], "250 2.0.0 queued as M1");
+	delivered(&tx[2], "250 2.0.0 queued as M3");
+	cr_assert_eq(tx[1].rc, 0);
+	peer_said(&tx[1].mail, "451 4.3.0 sender check deferred");
+	for (int i = 0; i < 2; i++) {
+		peer_said(&tx[1].rcpt[i], "503 5.5.1 need MAIL");
+		peer_said(&tx[1].data[i], "451 4.3.0 sender check deferred");
+	}
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_bodies, 3);
+	body_is(s, 0, "one\r\n", 5);
+	body_is(s, 2, "three\r\n", 7);
+	/* RSET before messages 2 and 3, and smtpc_rset()'s */
+	cr_assert_str_eq(s->lines[4], "RSET\r\n");
+	cr_assert_str_eq(s->lines[9], "RSET\r\n");
+	cr_assert_str_eq(s->lines[13], "RSET\r\n");
+	cr_assert_eq(s->n_lines, 15);
+	srv_free(s);
+}
+
+/* 3. Every RCPT of the last message refused (its BDAT gets the 554 that
+ * says so): data[] are the RCPT refusals, and the batch ends with an
+ * RSET, the last transaction being possibly open. */
+Test(smtpc, many_bdat_last_message_refused_rset_at_the_end)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT TO:<a@", NULL },
+		{ "RCPT TO:<b@", NULL },
+		{ "BDAT ",
+		  "250 ok\r\n250 ok\r\n250 2.0.0 queued as M1\r\n"
+		  "250 ok\r\n250 ok\r\n550 5.1.1 a unknown\r\n"
+		  "450 4.2.1 b try later\r\n"
+		  "554 5.5.1 no valid recipients\r\n" },
+		/* the batch's own RSET, before it returns */
+		{ "RSET\r\n", "250 2.0.0 reset\r\n" },
+		{ "RSET\r\n", "250 2.0.0 still here\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[2];
+	struct bmsg bm[2];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", RA, 2, "two\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 2), 0);
+	delivered(&tx[0], "250 2.0.0 queued as M1");
+	cr_assert_eq(tx[1].rc, 0);
+	peer_said(&tx[1].mail, "250 ok");
+	peer_said(&tx[1].data[0], "550 5.1.1 a unknown");
+	peer_said(&tx[1].data[1], "450 4.2.1 b try later");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_lines, 12);
+	cr_assert_str_eq(s->lines[9], "RSET\r\n");
+	cr_assert_str_eq(s->lines[10], "RSET\r\n");
+	cr_assert_str_eq(s->lines[11], "QUIT\r\n");
+	srv_free(s);
+}
+
+/* 4. LMTP over a unix socket: after BDAT LAST one reply per accepted
+ * recipient, in RCPT order (RFC 2033 4.2), message by message. */
+Test(smtpc, many_bdat_lmtp_per_recipient_replies)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "LHLO client.test",
+		  "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n" },
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT TO:<a@", NULL },
+		{ "RCPT TO:<b@", NULL },
+		{ "BDAT 5 LAST\r\n", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT TO:<c@", NULL },
+		{ "BDAT 5 LAST\r\n",
+		  "250 ok\r\n250 ok\r\n250 ok\r\n"
+		  "250 2.0.0 a delivered\r\n452 4.2.2 b over quota\r\n"
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 c delivered\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, true);
+	struct smtpc *c = open_to(s, SMTPC_LMTP);
+	struct smtpc_tx tx[2];
+	struct bmsg bm[2];
+
+	BM(&tx[0], &bm[0], "s1@x.test", RA, 2, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", RC, 1, "two\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 2), 0);
+	cr_assert_eq(tx[0].rc, 0);
+	cr_assert(tx[0].last_out);
+	peer_said(&tx[0].data[0], "250 2.0.0 a delivered");
+	peer_said(&tx[0].data[1], "452 4.2.2 b over quota");
+	delivered(&tx[1], "250 2.0.0 c delivered");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->ahead[2], 9); /* one write (2 body lines) */
+	cr_assert_eq(s->n_bodies, 2);
+	body_is(s, 0, "one\r\n", 5);
+	body_is(s, 1, "two\r\n", 5);
+	srv_free(s);
+}
+
+/* LMTP, a message with no recipient accepted in the middle: its BDAT gets
+ * one refusal (not one per recipient), which must be read and dropped, or
+ * the replies of the next message are taken one off. */
+Test(smtpc, many_bdat_lmtp_message_without_recipients)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "LHLO client.test",
+		  "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n" },
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT TO:<a@", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT TO:<a@", NULL },
+		{ "RCPT TO:<b@", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s3@", NULL },
+		{ "RCPT TO:<c@", NULL },
+		{ "BDAT ",
+		  "250 ok\r\n250 ok\r\n250 2.0.0 a delivered\r\n"
+		  "250 ok\r\n250 ok\r\n550 5.1.1 a unknown\r\n"
+		  "550 5.1.1 b unknown\r\n503 5.5.1 no valid recipients\r\n"
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 c delivered\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, true);
+	struct smtpc *c = open_to(s, SMTPC_LMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+
+	BM(&tx[0], &bm[0], "s1@x.test", RA, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", RA, 2, "two\r\n");
+	BM(&tx[2], &bm[2], "s3@x.test", RC, 1, "three\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 3), 0);
+	delivered(&tx[0], "250 2.0.0 a delivered");
+	cr_assert_eq(tx[1].rc, 0);
+	peer_said(&tx[1].data[0], "550 5.1.1 a unknown");
+	peer_said(&tx[1].data[1], "550 5.1.1 b unknown");
+	delivered(&tx[2], "250 2.0.0 c delivered");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* 5. PIPELINING without CHUNKING: message i's MAIL, RCPTs and DATA go in
+ * the write that carries message i-1's body and final dot. Message 2's
+ * DATA is refused: RSET before message 3's MAIL. */
+Test(smtpc, many_data_pipelined_with_the_previous_dot)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_P,
+		{ "MAIL FROM:<s1@x.test>\r\n", NULL },
+		{ "RCPT TO:<r@y.test>\r\n", NULL },
+		{ "DATA\r\n", "250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n" },
+		{ ".", NULL },
+		{ "MAIL FROM:<s2@x.test>\r\n", NULL },
+		{ "RCPT TO:<a@y.test>\r\n", NULL },
+		{ "RCPT TO:<b@y.test>\r\n", NULL },
+		{ "DATA\r\n",
+		  "250 2.0.0 queued as D1\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n"
+		  "250 2.1.5 ok\r\n554 5.7.1 no data today\r\n" },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s3@x.test>\r\n", NULL },
+		{ "RCPT TO:<r@y.test>\r\n", NULL },
+		{ "DATA\r\n",
+		  "250 2.0.0 reset\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n"
+		  "354 go\r\n" },
+		{ ".", "250 2.0.0 queued as D3\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	static const char b1[] = ".hidden\r\n..two dots\r\nno final crlf";
+	static const char w1[] = "..hidden\r\n...two dots\r\nno final crlf\r\n";
+	static const char b3[] = ".\r\nend\r\n";
+	static const char w3[] = "..\r\nend\r\n";
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, b1);
+	BM(&tx[1], &bm[1], "s2@x.test", RA, 2, "never sent\r\n");
+	BM(&tx[2], &bm[2], "s3@x.test", R1, 1, b3);
+	cr_assert_eq(smtpc_send_many(c, tx, 3), 0);
+	delivered(&tx[0], "250 2.0.0 queued as D1");
+	delivered(&tx[2], "250 2.0.0 queued as D3");
+	cr_assert_eq(tx[1].rc, 0);
+	cr_assert_not(tx[1].last_out);
+	peer_said(&tx[1].mail, "250 2.1.0 ok");
+	for (int i = 0; i < 2; i++) {
+		peer_said(&tx[1].rcpt[i], "250 2.1.5 ok");
+		peer_said(&tx[1].data[i], "554 5.7.1 no data today");
+	}
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	const char *const want[] = {
+		"MAIL FROM:<s1@x.test>\r\n", "RCPT TO:<r@y.test>\r\n",
+		"DATA\r\n", "MAIL FROM:<s2@x.test>\r\n",
+		"RCPT TO:<a@y.test>\r\n", "RCPT TO:<b@y.test>\r\n",
+		"DATA\r\n", "RSET\r\n", "MAIL FROM:<s3@x.test>\r\n",
+		"RCPT TO:<r@y.test>\r\n", "DATA\r\n", "RSET\r\n", "QUIT\r\n",
+	};
+	lines_are(s, want, 13);
+	cr_assert_eq(s->ahead[2], 2);  /* MAIL, RCPT, DATA: one write */
+	cr_assert_eq(s->ahead[5], 4);  /* message 2's envelope behind dot 1 */
+	cr_assert_eq(s->ahead[10], 3); /* RSET, MAIL, RCPT, DATA */
+	cr_assert_eq(s->ahead[14], 0);
+	cr_assert_eq(s->n_bodies, 2);
+	body_is(s, 0, w1, sizeof(w1) - 1);
+	body_is(s, 1, w3, sizeof(w3) - 1);
+	srv_free(s);
+}
+
+/* Without CHUNKING, a message whose recipients were all refused: DATA was
+ * pipelined anyway; a peer that says 354 to it gets an empty message (its
+ * reply dropped), then RSET, which goes out with the next envelope. */
+Test(smtpc, many_data_no_recipient_accepted_354_anyway)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_P,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "DATA\r\n", "250 ok\r\n550 5.1.1 r unknown\r\n354 go\r\n" },
+		{ ".", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT", NULL },
+		{ "DATA\r\n",
+		  "554 5.5.1 no valid recipients\r\n250 reset\r\n250 ok\r\n"
+		  "250 ok\r\n354 go\r\n" },
+		{ ".", "250 2.0.0 queued as E2\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[2];
+	struct bmsg bm[2];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "not for anyone\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", R1, 1, "two\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 2), 0);
+	cr_assert_eq(tx[0].rc, 0);
+	cr_assert_not(tx[0].last_out);
+	peer_said(&tx[0].data[0], "550 5.1.1 r unknown");
+	delivered(&tx[1], "250 2.0.0 queued as E2");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->ahead[5], 4);
+	cr_assert_eq(s->n_bodies, 2);
+	body_is(s, 0, "", 0);
+	body_is(s, 1, "two\r\n", 5);
+	srv_free(s);
+}
+
+/* 6. Message 2's body cannot be read: it fails alone, before any of it
+ * is sent; the others go, the connection stays usable. Also for a body
+ * source shorter or longer than m->size (BDAT promises the size). */
+Test(smtpc, many_bdat_unreadable_body_fails_that_message_alone)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT 5 LAST\r\n", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s3@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT 7 LAST\r\n",
+		  "250 ok\r\n250 ok\r\n250 2.0.0 queued as M1\r\n"
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued as M3\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+
+	for (int how = 0; how < 3; how++) {
+		struct srv *s = srv_start(st, false);
+		struct smtpc *c = open_to(s, SMTPC_SMTP);
+		struct smtpc_tx tx[3];
+		struct bmsg bm[3];
+
+		BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+		BM(&tx[1], &bm[1], "s2@x.test", RA, 2, "two two\r\n");
+		BM(&tx[2], &bm[2], "s3@x.test", R1, 1, "three\r\n");
+		if (how == 0) {
+			bm[1].b.fail = -EIO;
+			bm[1].b.fail_at = 4; /* after a first piece */
+			bm[1].b.piece = 4;
+		} else {
+			bm[1].m.size += how == 1 ? 1 : -1;
+		}
+		cr_assert_eq(smtpc_send_many(c, tx, 3), 0, "case %d", how);
+		delivered(&tx[0], "250 2.0.0 queued as M1");
+		delivered(&tx[2], "250 2.0.0 queued as M3");
+		cr_assert_eq(tx[1].rc, -EIO, "case %d: %d", how, tx[1].rc);
+		cr_assert_not(tx[1].last_out);
+		cr_assert(tx[1].mail.local);
+		for (int i = 0; i < 2; i++) {
+			cr_assert(tx[1].data[i].local);
+			cr_assert_str_eq(tx[1].data[i].text,
+					 "451 4.3.0 error reading message "
+					 "body");
+			cr_assert_eq(tx[1].rcpt[i].code, 451);
+		}
+		cr_assert_eq(smtpc_rset(c), 0);
+		smtpc_quit(c);
+		srv_end(s);
+		for (unsigned i = 0; i < s->n_lines; i++)
+			cr_assert_null(strstr(s->lines[i], "s2@"), "%s",
+				       s->lines[i]);
+		cr_assert_eq(s->n_lines, 10);
+		cr_assert_eq(s->n_bodies, 2);
+		body_is(s, 0, "one\r\n", 5);
+		body_is(s, 1, "three\r\n", 7);
+		srv_free(s);
+	}
+}
+
+/* 7. The peer closes after answering message 1: message 1 has its final
+ * reply, rc 0; messages 2 and 3 (their BDAT LAST sent, so maybe held by
+ * the peer: last_out) fail with local 4xx replies. */
+Test(smtpc, many_bdat_peer_closes_after_the_first_message)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s3@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ", "250 ok\r\n250 ok\r\n250 2.0.0 queued as M1\r\n" },
+		{ "<close>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", RA, 2, "two\r\n");
+	BM(&tx[2], &bm[2], "s3@x.test", R1, 1, "three\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 3), -ECONNRESET);
+	delivered(&tx[0], "250 2.0.0 queued as M1");
+	for (int k = 1; k < 3; k++) {
+		cr_assert_eq(tx[k].rc, -ECONNRESET);
+		cr_assert(tx[k].last_out, "message %d", k + 1);
+		cr_assert(tx[k].mail.local);
+		cr_assert_eq(tx[k].mail.code, 421);
+		for (unsigned i = 0; i < tx[k].m->n_rcpts; i++) {
+			cr_assert(tx[k].data[i].local);
+			cr_assert_str_eq(tx[k].data[i].text,
+					 "421 4.4.2 connection lost during "
+					 "RSET");
+		}
+	}
+	cr_assert_eq(smtpc_rset(c), -ENOTCONN); /* broken */
+	smtpc_abort(c);
+	srv_end(s);
+	cr_assert_eq(s->n_bodies, 3);
+	srv_free(s);
+}
+
+static uint8_t *
+big_body(size_t n, unsigned seed)
+{
+	uint8_t *p = malloc(n);
+
+	for (size_t i = 0; i < n; i++)
+		p[i] = (uint8_t)rand_r(&seed);
+	return p;
+}
+
+/* The same, a message over 64 KiB (sent alone, after the batch) waiting
+ * its turn: it never reached the peer, last_out false; message 2 did. */
+Test(smtpc, many_bdat_peer_closes_before_the_big_message)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ", "250 ok\r\n250 ok\r\n250 2.0.0 queued as M1\r\n" },
+		{ "<close>", NULL },
+		END,
+	};
+	size_t n = 70000;
+	uint8_t *big = big_body(n, 3);
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", R1, 1, "two\r\n");
+	bm_init(&tx[2], &bm[2], "s3@x.test", R1, 1, big, n);
+	cr_assert_eq(smtpc_send_many(c, tx, 3), -ECONNRESET);
+	delivered(&tx[0], "250 2.0.0 queued as M1");
+	cr_assert(tx[1].last_out);
+	cr_assert_not(tx[2].last_out);
+	for (int k = 1; k < 3; k++) {
+		cr_assert_eq(tx[k].rc, -ECONNRESET);
+		cr_assert_eq(tx[k].mail.code, 421);
+		cr_assert(tx[k].data[0].local);
+		cr_assert_eq(tx[k].data[0].code / 100, 4, "%s",
+			     tx[k].data[0].text);
+	}
+	smtpc_abort(c);
+	srv_end(s);
+	cr_assert_eq(s->n_lines, 8); /* nothing of message 3 */
+	free(big);
+	srv_free(s);
+}
+
+/* Without CHUNKING: the peer closes having read dot 1 and message 2's
+ * envelope. Message 1 may have been taken (last_out), 2 and 3 not. */
+Test(smtpc, many_data_peer_closes_after_the_first_dot)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_P,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "DATA\r\n", "250 ok\r\n250 ok\r\n354 go\r\n" },
+		{ ".", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT", NULL },
+		{ "DATA\r\n", NULL },
+		{ "<close>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", R1, 1, "two\r\n");
+	BM(&tx[2], &bm[2], "s3@x.test", RA, 2, "three\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 3), -ECONNRESET);
+	cr_assert(tx[0].last_out);
+	cr_assert_not(tx[1].last_out);
+	cr_assert_not(tx[2].last_out);
+	cr_assert_str_eq(tx[0].data[0].text,
+			 "421 4.4.2 connection lost during end of data");
+	for (int k = 0; k < 3; k++) {
+		cr_assert_eq(tx[k].rc, -ECONNRESET, "message %d", k + 1);
+		for (unsigned i = 0; i < tx[k].m->n_rcpts; i++) {
+			cr_assert(tx[k].data[i].local);
+			cr_assert_eq(tx[k].data[i].code, 421);
+		}
+	}
+	cr_assert_eq(smtpc_rset(c), -ENOTCONN);
+	smtpc_abort(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* 8. A message over 64 KiB in a BDAT batch goes alone with smtpc_send()
+ * (BDAT chunks, each awaiting its reply), in its turn; the batch goes on
+ * after it, in order. */
+Test(smtpc, many_bdat_big_message_goes_alone_in_its_turn)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		/* message 1 closed its transaction: no RSET */
+		{ "BDAT 5 LAST\r\n",
+		  "250 ok\r\n250 ok\r\n250 2.0.0 queued as M1\r\n" },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT", "250 ok\r\n250 ok\r\n" },
+		{ "BDAT 4464\r\n", "250 2.0.0 chunk\r\n" },
+		{ "BDAT 65536 LAST\r\n", "250 2.0.0 queued as M2\r\n" },
+		/* after one sent alone, an RSET first (as in the pipeline:
+		 * a refusal may have left its transaction open) */
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s3@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT 7 LAST\r\n",
+		  "250 ok\r\n250 ok\r\n250 ok\r\n"
+		  "250 2.0.0 queued as M3\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	size_t n = 70000;
+	uint8_t *big = big_body(n, 5);
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	bm_init(&tx[1], &bm[1], "s2@x.test", R1, 1, big, n);
+	BM(&tx[2], &bm[2], "s3@x.test", R1, 1, "three\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 3), 0);
+	delivered(&tx[0], "250 2.0.0 queued as M1");
+	delivered(&tx[1], "250 2.0.0 queued as M2");
+	delivered(&tx[2], "250 2.0.0 queued as M3");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	/* nothing of message 2 pipelined behind message 1; its BDAT waited
+	 * for the envelope's replies, its last chunk for the first's */
+	cr_assert_eq(s->ahead[4], 0);
+	cr_assert_eq(s->ahead[5], 1);
+	cr_assert_eq(s->ahead[6], 0);
+	cr_assert_eq(s->ahead[7], 0);
+	cr_assert_eq(s->ahead[8], 0);
+	/* message 3 pipelined again: MAIL, RCPT, BDAT and its body line
+	 * behind the RSET */
+	cr_assert_eq(s->ahead[9], 4);
+	cr_assert_str_eq(s->lines[4], "MAIL FROM:<s2@x.test>\r\n");
+	cr_assert_str_eq(s->lines[8], "RSET\r\n");
+	cr_assert_str_eq(s->lines[9], "MAIL FROM:<s3@x.test>\r\n");
+	cr_assert_eq(s->n_bodies, 3);
+	body_is(s, 0, "one\r\n", 5);
+	body_is(s, 1, big, n);
+	body_is(s, 2, "three\r\n", 7);
+	free(big);
+	srv_free(s);
+}
+
+/* A body source keeping smtpc_body_fn's promise to it: offsets only grow,
+ * and the end is read once. */
+struct order_body {
+	struct mem_body mb;
+	uint64_t next;
+	unsigned ends, backwards;
+};
+
+static long
+order_read(void *ctx, uint64_t off, void *buf, size_t n)
+{
+	struct order_body *ob = ctx;
+	long k;
+
+	if (off < ob->next)
+		ob->backwards++;
+	k = mem_read(&ob->mb, off, buf, n);
+	if (k == 0)
+		ob->ends++;
+	if (k > 0)
+		ob->next = off + (uint64_t)k;
+	return k;
+}
+
+/* A message whose commands exceed what one pipelined group takes (over
+ * 16 KiB: nine recipients of 1900 octets) goes alone too, after an RSET
+ * when the transaction before it may be open (its recipient refused).
+ * Its body source's calls are counted in ob. */
+static void
+long_envelope(struct order_body *ob)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT 5 LAST\r\n",
+		  "250 ok\r\n550 5.1.1 r unknown\r\n"
+		  "554 5.5.1 no valid recipients\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT TO:<0", NULL },
+		{ "RCPT TO:<1", NULL },
+		{ "RCPT TO:<2", NULL },
+		{ "RCPT TO:<3", NULL },
+		{ "RCPT TO:<4", NULL },
+		{ "RCPT TO:<5", NULL },
+		{ "RCPT TO:<6", NULL },
+		{ "RCPT TO:<7", NULL },
+		{ "RCPT TO:<8",
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n"
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n" },
+		{ "BDAT 5 LAST\r\n", "250 2.0.0 queued as M2\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	static char addr[9][1901];
+	const char *r9[9];
+	struct smtpc_reply rcpt9[9], data9[9];
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[2];
+	struct bmsg bm[2];
+
+	for (int i = 0; i < 9; i++) {
+		memset(addr[i], 'a' + i, 1900);
+		addr[i][0] = (char)('0' + i);
+		memcpy(addr[i] + 1890, "@y.test", 8);
+		r9[i] = addr[i];
+	}
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", r9, 1, "two\r\n");
+	bm[1].m.n_rcpts = 9;
+	bm[1].m.body = order_read;
+	bm[1].m.body_ctx = ob;
+	tx[1].rcpt = rcpt9;
+	tx[1].data = data9;
+	cr_assert_eq(smtpc_send_many(c, tx, 2), 0);
+	cr_assert_eq(tx[0].rc, 0);
+	peer_said(&tx[0].data[0], "550 5.1.1 r unknown");
+	delivered(&tx[1], "250 2.0.0 queued as M2");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->ahead[4], 0);  /* message 2 not behind message 1 */
+	cr_assert_eq(s->ahead[5], 0);  /* the RSET awaited its reply */
+	cr_assert_eq(s->ahead[6], 9);  /* smtpc_send() pipelines RCPTs */
+	cr_assert_eq(s->ahead[15], 0); /* BDAT awaited their replies */
+	cr_assert_eq(s->n_bodies, 2);
+	body_is(s, 1, "two\r\n", 5);
+	srv_free(s);
+}
+
+Test(smtpc, many_bdat_long_envelope_goes_alone)
+{
+	struct order_body ob = { .mb = { .p = (const uint8_t *)"two\r\n",
+					 .n = 5 } };
+
+	long_envelope(&ob);
+	cr_assert_geq(ob.ends, 1);
+}
+
+/* smtpc_body_fn's promise: increasing offsets, the end read once (the
+ * envelope is measured before the body is read: a message sent alone has
+ * its body read by smtpc_send() only). */
+Test(smtpc, many_bdat_long_envelope_body_read_once)
+{
+	struct order_body ob = { .mb = { .p = (const uint8_t *)"two\r\n",
+					 .n = 5 } };
+
+	long_envelope(&ob);
+	cr_assert_eq(ob.backwards, 0, "body read again from the start");
+	cr_assert_eq(ob.ends, 1, "end of body read %u times", ob.ends);
+}
+
+/* 9. No PIPELINING: smtpc_send() for each message, every command waiting
+ * for its reply, no RSET between them. */
+Test(smtpc, many_without_pipelining_one_command_at_a_time)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO client.test", "250-mx.test\r\n250 CHUNKING\r\n" },
+		{ "MAIL FROM:<s1@", "250 ok\r\n" },
+		{ "RCPT TO:<r@", "250 ok\r\n" },
+		{ "BDAT 5 LAST\r\n", "250 2.0.0 queued as N1\r\n" },
+		{ "MAIL FROM:<s2@", "250 ok\r\n" },
+		{ "RCPT TO:<a@", "250 ok\r\n" },
+		{ "RCPT TO:<b@", "550 5.1.1 b unknown\r\n" },
+		{ "BDAT 5 LAST\r\n", "250 2.0.0 queued as N2\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[2];
+	struct bmsg bm[2];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", RA, 2, "two\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 2), 0);
+	delivered(&tx[0], "250 2.0.0 queued as N1");
+	cr_assert_eq(tx[1].rc, 0);
+	cr_assert(tx[1].last_out);
+	peer_said(&tx[1].data[0], "250 2.0.0 queued as N2");
+	peer_said(&tx[1].data[1], "550 5.1.1 b unknown");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	for (unsigned i = 2; i <= 9; i++)
+		cr_assert_eq(s->ahead[i], 0, "step %u", i);
+	const char *const want[] = {
+		"MAIL FROM:<s1@x.test>\r\n", "RCPT TO:<r@y.test>\r\n",
+		"BDAT 5 LAST\r\n", "MAIL FROM:<s2@x.test>\r\n",
+		"RCPT TO:<a@y.test>\r\n", "RCPT TO:<b@y.test>\r\n",
+		"BDAT 5 LAST\r\n", "RSET\r\n", "QUIT\r\n",
+	};
+	lines_are(s, want, 9);
+	body_is(s, 0, "one\r\n", 5);
+	body_is(s, 1, "two\r\n", 5);
+	srv_free(s);
+}
+
+/* One message is smtpc_send(): MAIL and RCPT pipelined, BDAT after their
+ * replies, no RSET. */
+Test(smtpc, many_with_one_message_is_smtpc_send)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT TO:<r@", "250 ok\r\n250 ok\r\n" },
+		{ "BDAT 5 LAST\r\n", "250 2.0.0 queued as O1\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[1];
+	struct bmsg bm[1];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 1), 0);
+	delivered(&tx[0], "250 2.0.0 queued as O1");
+	cr_assert_eq(smtpc_send_many(c, tx, 0), 0); /* nothing, no I/O */
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->ahead[2], 1);
+	cr_assert_eq(s->ahead[3], 0);
+	cr_assert_eq(s->n_lines, 5);
+	srv_free(s);
+}
+
+/* Messages answered here (SMTPUTF8 the peer lacks, a sender holding a
+ * control octet) or invalid (no recipient) take no part in the batch:
+ * nothing of theirs is sent, and no RSET stands for them. */
+Test(smtpc, many_bdat_locally_answered_messages_send_nothing)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT 5 LAST\r\n", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s5@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT 5 LAST\r\n",
+		  "250 ok\r\n250 ok\r\n250 2.0.0 queued as L2\r\n"
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued as L5\r\n" },
+		QUIT,
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[5];
+	struct bmsg bm[5];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	bm[0].m.smtputf8 = true;
+	BM(&tx[1], &bm[1], "s2@x.test", R1, 1, "two\r\n");
+	BM(&tx[2], &bm[2], "s3@x.test", R1, 1, "three\r\n");
+	bm[2].m.n_rcpts = 0;
+	BM(&tx[3], &bm[3], "s4\r\nRSET@x.test", R1, 1, "four\r\n");
+	BM(&tx[4], &bm[4], "s5@x.test", R1, 1, "fiv\r\n");
+	cr_assert_eq(smtpc_send_many(c, tx, 5), 0);
+	cr_assert_eq(tx[0].rc, 0);
+	cr_assert_not(tx[0].last_out);
+	cr_assert(tx[0].data[0].local);
+	cr_assert_str_eq(tx[0].data[0].enh, "5.6.7");
+	delivered(&tx[1], "250 2.0.0 queued as L2");
+	cr_assert_eq(tx[2].rc, -EINVAL);
+	cr_assert_eq(tx[3].rc, 0);
+	cr_assert(tx[3].data[0].local);
+	cr_assert_str_eq(tx[3].data[0].enh, "5.1.7");
+	delivered(&tx[4], "250 2.0.0 queued as L5");
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->n_lines, 9);
+	srv_free(s);
+}
+
+/* Reply slots a caller reuses (deliver.c retries on a second connection
+ * with the same arrays): a failure before a transaction was begun must
+ * still leave local 4xx replies in its slots, not the old ones. */
+Test(smtpc, many_data_failure_overwrites_stale_slots)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_P,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "DATA\r\n", "250 ok\r\n250 ok\r\n354 go\r\n" },
+		{ ".", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT", NULL },
+		{ "DATA\r\n", NULL },
+		{ "<close>", NULL },
+		END,
+	};
+	struct smtpc_reply stale = { .code = 250, .text = "250 stale" };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[3];
+	struct bmsg bm[3];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", R1, 1, "two\r\n");
+	BM(&tx[2], &bm[2], "s3@x.test", RA, 2, "three\r\n");
+	for (int k = 0; k < 3; k++) {
+		tx[k].mail = stale;
+		tx[k].rc = 0;
+		tx[k].last_out = true;
+		for (int i = 0; i < 2; i++)
+			bm[k].rcpt[i] = bm[k].data[i] = stale;
+	}
+	cr_assert_eq(smtpc_send_many(c, tx, 3), -ECONNRESET);
+	cr_assert(tx[0].last_out);
+	cr_assert_not(tx[1].last_out);
+	cr_assert_not(tx[2].last_out);
+	for (int k = 0; k < 3; k++) {
+		cr_assert_eq(tx[k].rc, -ECONNRESET, "message %d", k + 1);
+		for (unsigned i = 0; i < tx[k].m->n_rcpts; i++) {
+			cr_assert(tx[k].data[i].local, "%d: %s", k,
+				  tx[k].data[i].text);
+			cr_assert_eq(tx[k].data[i].code, 421);
+		}
+	}
+	cr_assert(tx[2].mail.local);
+	smtpc_abort(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* ---- a lazy peer: it answers only once the client stops sending ---------- */
+
+/*
+ * Pipelining without bounds fills both directions with a peer that writes
+ * its replies with blocking writes (RFC 2920 3.1). This peer reads all it
+ * is sent and answers only after 50 ms of silence, so each burst it sees
+ * is what the client sent before waiting for replies: a batch must come
+ * in several bursts, each within the limits.
+ */
+#define LAZY_BURSTS 64
+
+struct lazy {
+	int lfd, fd;
+	uint16_t port;
+	pthread_t th;
+	unsigned n_mail, n_rset, n_quit, n_bursts;
+	unsigned burst_cmds[LAZY_BURSTS];
+	size_t burst_bytes[LAZY_BURSTS];
+	uint8_t *body; /* every BDAT payload, in order */
+	size_t body_len;
+	char err[128];
+};
+
+/* Replies held back until the client falls silent. */
+struct held {
+	char *p;
+	size_t len, cap;
+};
+
+static void
+lazy_out(struct held *h, const char *r)
+{
+	size_t k = strlen(r);
+
+	if (h->len + k > h->cap) {
+		h->cap = (h->len + k) * 2;
+		h->p = realloc(h->p, h->cap);
+	}
+	memcpy(h->p + h->len, r, k);
+	h->len += k;
+}
+
+static void *
+lazy_main(void *arg)
+{
+	struct lazy *z = arg;
+	struct pollfd pfd = { .fd = z->lfd, .events = POLLIN };
+	uint8_t *in = NULL;
+	struct held out = { 0 };
+	size_t in_len = 0, in_cap = 0;
+	size_t bdat_left = 0, bytes = 0;
+	unsigned cmds = 0;
+
+	if (poll(&pfd, 1, 10000) != 1 ||
+	    (z->fd = accept(z->lfd, NULL, NULL)) < 0) {
+		snprintf(z->err, sizeof(z->err), "no client");
+		return NULL;
+	}
+	send(z->fd, "220 lazy\r\n", 10, MSG_NOSIGNAL);
+	for (;;) {
+		struct pollfd p = { .fd = z->fd, .events = POLLIN };
+		size_t pos = 0;
+		ssize_t k;
+		int r = poll(&p, 1, 50);
+
+		if (r == 0) {
+			if (!out.len)
+				continue;
+			if (z->n_bursts < LAZY_BURSTS) {
+				z->burst_cmds[z->n_bursts] = cmds;
+				z->burst_bytes[z->n_bursts] = bytes;
+			}
+			z->n_bursts++;
+			send(z->fd, out.p, out.len, MSG_NOSIGNAL);
+			out.len = bytes = cmds = 0;
+			continue;
+		}
+		if (in_cap - in_len < 65536) {
+			in_cap = in_cap * 2 + 65536;
+			in = realloc(in, in_cap);
+		}
+		k = recv(z->fd, in + in_len, in_cap - in_len, 0);
+		if (k <= 0)
+			break;
+		in_len += (size_t)k;
+		bytes += (size_t)k;
+		for (;;) {
+			uint8_t *nl;
+			const char *l;
+
+			if (bdat_left) {
+				size_t t = in_len - pos < bdat_left
+						   ? in_len - pos
+						   : bdat_left;
+				z->body = realloc(z->body, z->body_len + t + 1);
+				memcpy(z->body + z->body_len, in + pos, t);
+				z->body_len += t;
+				pos += t;
+				bdat_left -= t;
+				if (bdat_left)
+					break;
+				lazy_out(&out, "250 2.0.0 queued\r\n");
+				continue;
+			}
+			nl = memchr(in + pos, '\n', in_len - pos);
+			if (!nl)
+				break;
+			l = (const char *)in + pos;
+			pos = (size_t)(nl - in) + 1;
+			cmds++;
+			if (!strncmp(l, "EHLO", 4)) {
+				lazy_out(&out, "250-lazy\r\n250-PIPELINING\r\n"
+					 "250 CHUNKING\r\n");
+			} else if (!strncmp(l, "MAIL", 4)) {
+				z->n_mail++;
+				lazy_out(&out, "250 ok\r\n");
+			} else if (!strncmp(l, "RCPT", 4)) {
+				lazy_out(&out, "250 ok\r\n");
+			} else if (!strncmp(l, "RSET", 4)) {
+				z->n_rset++;
+				lazy_out(&out, "250 ok\r\n");
+			} else if (!strncmp(l, "BDAT ", 5)) {
+				bdat_left = strtoull(l + 5, NULL, 10);
+				if (!bdat_left)
+					lazy_out(&out, "250 2.0.0 queued\r\n");
+			} else if (!strncmp(l, "QUIT", 4)) {
+				z->n_quit++;
+				lazy_out(&out, "221 bye\r\n");
+				send(z->fd, out.p, out.len, MSG_NOSIGNAL);
+				goto out_close;
+			} else {
+				snprintf(z->err, sizeof(z->err),
+					 "unexpected %.40s", l);
+				lazy_out(&out, "500 what\r\n");
+			}
+		}
+		memmove(in, in + pos, in_len - pos);
+		in_len -= pos;
+	}
+out_close:
+	close(z->fd);
+	free(in);
+	free(out.p);
+	return NULL;
+}
+
+static struct lazy *
+lazy_start(void)
+{
+	struct lazy *z = calloc(1, sizeof(*z));
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	socklen_t sl = sizeof(sin);
+
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	z->lfd = socket(AF_INET, SOCK_STREAM, 0);
+	cr_assert_eq(bind(z->lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+	getsockname(z->lfd, (struct sockaddr *)&sin, &sl);
+	z->port = ntohs(sin.sin_port);
+	cr_assert_eq(listen(z->lfd, 1), 0);
+	cr_assert_eq(pthread_create(&z->th, NULL, lazy_main, z), 0);
+	return z;
+}
+
+static void
+lazy_end(struct lazy *z)
+{
+	pthread_join(z->th, NULL);
+	close(z->lfd);
+	cr_assert_str_empty(z->err, "lazy peer: %s", z->err);
+	cr_assert_eq(z->n_quit, 1);
+}
+
+/* n messages of size octets each to a lazy peer, all accepted; returns
+ * the peer for its counts. */
+static struct lazy *
+lazy_batch(unsigned n, size_t size)
+{
+	struct lazy *z = lazy_start();
+	struct smtpc_target t = { .proto = SMTPC_SMTP, .host = "127.0.0.1",
+				  .port = z->port };
+	struct smtpc_params p = params(5000, 5000);
+	struct smtpc_reply why;
+	int err = 0;
+	struct smtpc *c = smtpc_connect(&t, &p, &why, &err);
+	struct smtpc_tx *tx = calloc(n, sizeof(*tx));
+	struct bmsg *bm = calloc(n, sizeof(*bm));
+	uint8_t *all = big_body(n * size, 11);
+
+	cr_assert_not_null(c, "%d %s", err, why.text);
+	for (unsigned i = 0; i < n; i++)
+		bm_init(&tx[i], &bm[i], "s@x.test", R1, 1, all + i * size,
+			size);
+	cr_assert_eq(smtpc_send_many(c, tx, n), 0);
+	for (unsigned i = 0; i < n; i++)
+		delivered(&tx[i], "250 2.0.0 queued");
+	smtpc_quit(c);
+	lazy_end(z);
+	cr_assert_eq(z->n_mail, n);
+	cr_assert_eq(z->n_rset, n - 1);
+	cr_assert_eq(z->body_len, n * size);
+	cr_assert_arr_eq(z->body, all, n * size);
+	free(all);
+	free(bm);
+	free(tx);
+	return z;
+}
+
+static void
+lazy_free(struct lazy *z)
+{
+	free(z->body);
+	free(z);
+}
+
+/* 100 small messages: 399 commands. Replies are awaited before 128 are
+ * outstanding (give or take the message that crosses the line: 4
+ * commands), so they come in at least 4 bursts after EHLO's. */
+Test(smtpc, many_bdat_rounds_bounded_by_commands)
+{
+	struct lazy *z = lazy_batch(100, 6);
+	unsigned max = 0;
+
+	cr_assert_leq(z->n_bursts, LAZY_BURSTS);
+	for (unsigned i = 1; i < z->n_bursts; i++)
+		if (z->burst_cmds[i] > max)
+			max = z->burst_cmds[i];
+	cr_assert_eq(z->burst_cmds[0], 1); /* EHLO */
+	cr_assert_geq(z->n_bursts, 5, "%u bursts", z->n_bursts);
+	cr_assert_leq(max, 128 + 3, "a burst of %u commands", max);
+	lazy_free(z);
+}
+
+/* 20 messages of 40000 octets: 800 KB. Replies are awaited before 256
+ * KiB are outstanding (give or take the message crossing the line). */
+Test(smtpc, many_bdat_rounds_bounded_by_bytes)
+{
+	struct lazy *z = lazy_batch(20, 40000);
+	size_t max = 0;
+
+	cr_assert_leq(z->n_bursts, LAZY_BURSTS);
+	for (unsigned i = 1; i < z->n_bursts; i++)
+		if (z->burst_bytes[i] > max)
+			max = z->burst_bytes[i];
+	cr_assert_geq(z->n_bursts, 4, "%u bursts", z->n_bursts);
+	cr_assert_leq(max, 256 * 1024 + 40000 + 4096, "a burst of %zu", max);
+	lazy_free(z);
 }
