@@ -630,8 +630,17 @@ parse_file(struct fd_config *c, const char *path, struct list_state *file_ls,
 			r = -EINVAL;
 			break;
 		}
-		if ((hash = strchr(line, '#')))
-			*hash = '\0';
+		/* A comment starts at a '#' outside double quotes: a quoted
+		 * value may hold one (a path, a route's CA file), and
+		 * --check-config's dump quotes every value. */
+		bool quoted = false;
+		for (hash = line; *hash; hash++) {
+			if (*hash == '"')
+				quoted = !quoted;
+			else if (*hash == '#' && !quoted)
+				break;
+		}
+		*hash = '\0';
 		key = trim(line);
 		if (*key == '\0')
 			continue;
@@ -917,26 +926,28 @@ fd_config_dump(const struct fd_config *c, FILE *out)
 			break;
 		case OPT_LISTEN:
 			for (unsigned k = 0; k < c->n_listen; k++)
-				fprintf(out, "listen = %s\n",
+				fprintf(out, "listen = \"%s\"\n",
 					c->listen[k].text);
 			break;
 		case OPT_DOMAIN:
 			for (unsigned k = 0; k < c->n_domains; k++)
-				fprintf(out, "accept_domain = %s\n",
+				fprintf(out, "accept_domain = \"%s\"\n",
 					c->domains[k]);
 			break;
 		case OPT_ROUTE:
 			for (unsigned k = 0; k < c->n_routes; k++)
-				fprintf(out, "route = %s\n", c->routes[k]);
+				fprintf(out, "route = \"%s\"\n",
+					c->routes[k]);
 			break;
 		case OPT_TLS_CERT:
 			for (unsigned k = 0; k < c->n_tls_cert; k++)
-				fprintf(out, "tls_cert = %s\n",
+				fprintf(out, "tls_cert = \"%s\"\n",
 					c->tls_cert[k]);
 			break;
 		case OPT_TLS_KEY:
 			for (unsigned k = 0; k < c->n_tls_key; k++)
-				fprintf(out, "tls_key = %s\n", c->tls_key[k]);
+				fprintf(out, "tls_key = \"%s\"\n",
+					c->tls_key[k]);
 			break;
 		case OPT_BOOL:
 			fprintf(out, "%s = %s\n", o->name,

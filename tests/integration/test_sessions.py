@@ -120,8 +120,8 @@ def config_file():
                         "--check-config"], capture_output=True, text=True)
     check(r.returncode == 0, f"--check-config: {r.stderr}")
     out = r.stdout
-    for want in ("listen = 127.0.0.1:2999", "accept_domain = a.test",
-                 "accept_domain = b.test", "max_message_size = 10485760",
+    for want in ('listen = "127.0.0.1:2999"', 'accept_domain = "a.test"',
+                 'accept_domain = "b.test"', "max_message_size = 10485760",
                  "idle_timeout = 120000ms", "threads = 3"):
         check(want in out, f"{want!r} in effective config:\n{out}")
     with open(conf, "a") as f:

@@ -189,6 +189,45 @@ Test(config, help_documents_every_option_and_dump_round_trips)
 	unlink(path);
 }
 
+/* Values with '#' and spaces: quoted in the file they are values, not
+ * comments, and the dump (every value quoted) reads back the same. */
+Test(config, quoted_values_keep_hash_and_dump_round_trips)
+{
+	char path[] = "/tmp/fdconfXXXXXX", path2[] = "/tmp/fdconfXXXXXX";
+	int fd = mkstemp(path);
+	FILE *f = fdopen(fd, "w");
+	fprintf(f, "spool = \"/var/spool/fd #1\"   # the spool\n"
+		   "tls_cert = \"/etc/fd/a#b.pem\"\n"
+		   "tls_key = \"/etc/fd/a#b.key\" # its key\n"
+		   "route = \"x.test=maildir:/srv/mail #x\"\n"
+		   "relay = smtp:127.0.0.1:2525 # unquoted: comment\n");
+	fclose(f);
+	cr_assert_eq(fd_config_parse_file(&c, path, err), 0, "%s", errbuf);
+	cr_assert_str_eq(c.spool_dir, "/var/spool/fd #1");
+	cr_assert_eq(c.n_tls_cert, 1);
+	cr_assert_str_eq(c.tls_cert[0], "/etc/fd/a#b.pem");
+	cr_assert_str_eq(c.tls_key[0], "/etc/fd/a#b.key");
+	cr_assert_eq(c.n_routes, 1);
+	cr_assert_str_eq(c.routes[0], "x.test=maildir:/srv/mail #x");
+	cr_assert_str_eq(c.relay, "smtp:127.0.0.1:2525");
+
+	fd = mkstemp(path2);
+	f = fdopen(fd, "w");
+	fd_config_dump(&c, f);
+	fclose(f);
+	struct fd_config d;
+	fd_config_defaults(&d);
+	cr_assert_eq(fd_config_parse_file(&d, path2, err), 0, "%s", errbuf);
+	cr_assert_str_eq(d.spool_dir, c.spool_dir);
+	cr_assert_str_eq(d.tls_cert[0], c.tls_cert[0]);
+	cr_assert_str_eq(d.tls_key[0], c.tls_key[0]);
+	cr_assert_eq(d.n_routes, 1);
+	cr_assert_str_eq(d.routes[0], c.routes[0]);
+	cr_assert_str_eq(d.relay, c.relay);
+	unlink(path);
+	unlink(path2);
+}
+
 Test(config, dpdk_flag_and_aliases)
 {
 	char *argv[] = {"finaldot", "--dpdk", "--eal", "-l 0 --no-huge",
