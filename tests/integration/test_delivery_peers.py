@@ -21,6 +21,22 @@ from delivtest import send, message, maildir_files, wait, log_count  # noqa
 from peers import PostfixPeer, DovecotLMTP, delivered_content  # noqa: E402
 
 
+def postfix_got_each_once(pf, sent):
+    """Postfix got every message of sent ({rcpt: [body, ...]}) once, each
+    byte-identical after our Received header; the number of them."""
+    total = sum(len(v) for v in sent.values())
+    got = pf.wait_for(total, timeout=60)
+    check(len(got) == total, f"postfix got {len(got)} of {total}\n"
+          f"{pf.log()[-2000:]}")
+    for rcpt, bodies in sent.items():
+        msgs = pf.messages(rcpt)
+        check(len(msgs) == len(bodies),
+              f"{rcpt}: {len(msgs)} delivered, {len(bodies)} sent")
+        check(sorted(delivered_content(m) for m in msgs) ==
+              sorted(bodies), f"{rcpt}: content differs")
+    return total
+
+
 def case_postfix():
     with PostfixPeer(domain="dest.test", catch_all=True) as pf, \
             Daemon("--route", f"dest.test={pf.target}", "--threads", "2",
@@ -40,16 +56,7 @@ def case_postfix():
         ts = [threading.Thread(target=client, args=(k,)) for k in range(4)]
         [t.start() for t in ts]
         [t.join() for t in ts]
-        total = sum(len(v) for v in sent.values())
-        got = pf.wait_for(total, timeout=60)
-        check(len(got) == total, f"postfix got {len(got)} of {total}\n"
-              f"{pf.log()[-2000:]}")
-        for rcpt, bodies in sent.items():
-            msgs = pf.messages(rcpt)
-            check(len(msgs) == len(bodies),
-                  f"{rcpt}: {len(msgs)} delivered, {len(bodies)} sent")
-            check(sorted(delivered_content(m) for m in msgs) ==
-                  sorted(bodies), f"{rcpt}: content differs")
+        total = postfix_got_each_once(pf, sent)
         wait(lambda: log_count(d, r"status=sent") == total, 10,
              "one sent line per message")
 
@@ -126,15 +133,7 @@ def case_backlog_batches():
             d.stop()
             d.delivery = True
             d.start()
-            total = sum(len(v) for v in sent.values())
-            got = pf.wait_for(total, timeout=60)
-            check(len(got) == total, f"postfix got {len(got)} of {total}\n"
-                  f"{pf.log()[-2000:]}")
-            for rcpt, bodies in sent.items():
-                msgs = pf.messages(rcpt)
-                check(sorted(delivered_content(m) for m in msgs) ==
-                      sorted(bodies), f"{rcpt}: {len(msgs)} delivered, "
-                      f"{len(bodies)} sent, or content differs")
+            total = postfix_got_each_once(pf, sent)
             for u, bodies in lmtp_want.items():
                 msgs = lm.wait_for(u, len(bodies), 30)
                 check(sorted(delivered_content(m) for m in msgs) ==
