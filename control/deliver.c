@@ -1,15 +1,18 @@
 /*
  * Delivery threads (contract in deliver.h).
  *
- * A job's life on this thread:
- *   1. an ATTEMPT record per recipient goes to the delivery log;
+ * A thread takes a batch: up to QJ_BATCH jobs for one next hop
+ * (cp_job_take), or one bounce or Maildir job. A job's life on it:
+ *   1. an ATTEMPT record per recipient goes to the delivery log (those of
+ *      the whole batch first, so that one wait covers them all);
  *   2. the body is read from the spool segments (q_body_read: pread, the
  *      body CRC32C checked as the last bytes are read); before those last
  *      bytes are handed to the next hop (so before the final dot, the BDAT
  *      LAST chunk or the Maildir rename) the ATTEMPT records must be
  *      durable: a crash from then on is counted as a possible duplicate;
  *   3. the transaction: Maildir per recipient, or one SMTP/LMTP
- *      transaction for all the job's recipients (smtpc);
+ *      transaction for all the job's recipients, the batch's transactions
+ *      pipelined over one connection (smtpc_send_many);
  *   4. each recipient's outcome: 2xx delivered, 5xx bounced, anything else
  *      (4xx, timeout, lost connection, local trouble) deferred.
  *
@@ -21,8 +24,8 @@
  * Connection reuse: a thread keeps the connection of its last job and asks
  * the queue manager for another job to the same next hop first; an idle
  * cached connection is closed after 5 s. A cached connection the next hop
- * closed meanwhile fails at MAIL: the job is then retried once on a new
- * connection (nothing reached the next hop).
+ * closed meanwhile fails at once: the batch's messages that never reached
+ * the next hop are then retried once on a new connection.
  */
 #include <errno.h>
 #include <inttypes.h>

@@ -1,9 +1,10 @@
 /*
  * Delivery threads (private to the control plane): each takes jobs from
- * the queue manager (queue.h), performs them (SMTP or LMTP to a next hop,
- * Maildir, or a DSN to a sender), fills in the per-recipient outcome and
- * hands the job back. Blocking I/O with timeouts; one cached connection per
- * thread, reused for the next job to the same next hop.
+ * the queue manager (queue.h), a batch for one next hop at a time, performs
+ * them (SMTP or LMTP to a next hop, pipelined; Maildir; or a DSN to a
+ * sender), fills in the per-recipient outcomes and hands the batch back.
+ * Blocking I/O with timeouts; one cached connection per thread, reused for
+ * the next batch to the same next hop.
  */
 #ifndef FINALDOT_CONTROL_DELIVER_H
 #define FINALDOT_CONTROL_DELIVER_H

@@ -1256,7 +1256,6 @@ defer_rcpt(struct cplane *cp, struct q_msg *m, unsigned i, uint64_t at,
 	log_rec(cp, DLOG_DEFERRED, m, i, r->attempts, at, 0, r->reason);
 }
 
-/* Make m's due recipients (and its due DSN) into jobs. */
 /* Recipient r goes in the job being made for destination d. */
 static bool
 rcpt_joins(const struct q_rcpt *r, const struct q_dest *d, uint64_t now_rt)
@@ -1265,6 +1264,7 @@ rcpt_joins(const struct q_rcpt *r, const struct q_dest *d, uint64_t now_rt)
 	       r->next_us <= now_rt;
 }
 
+/* Make m's due recipients (and its due DSN) into jobs. */
 static void
 schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 {
