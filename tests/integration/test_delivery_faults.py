@@ -261,10 +261,55 @@ def case_dsn_passthrough():
               "ORCPT=RFC822;B+40DEST.TEST" in rp, f"RCPT {rp}")
 
 
+def case_window_counts_connections():
+    """--dest-concurrency 2 and a slow next hop: 60 messages queued at
+    once go out in batches over at most 2 connections at a time (the
+    window counts connections, each carrying up to 16 pipelined
+    transactions), every one exactly once."""
+    import threading
+    import time
+    lock = threading.Lock()
+    active, peak = set(), [0]
+
+    def mail(session, addr, params):
+        with lock:
+            active.add(session.conn)
+            peak[0] = max(peak[0], len(active))
+        return "250 2.1.0 Ok"
+
+    def dot(session):
+        time.sleep(0.02)
+        with lock:
+            active.discard(session.conn)
+        return "250 2.0.0 Ok"
+
+    with ScriptedHop(script=Script(mail=mail, dot=dot)) as hop, \
+            Daemon("--route", f"dest.test={hop.target}", *FAST,
+                   domains=("example.com", "dest.test")) as d:
+        bodies = [message(300 + i, size=600) for i in range(60)]
+        for b in bodies:
+            send(d, "a@example.com", ["b@dest.test"], b)
+        d.stop()
+        d.delivery = True
+        d.extra += ["--dest-concurrency", "2"]
+        d.start()
+        got = hop.wait_for(60, timeout=30)
+        check(len(got) == 60, f"{len(got)} of 60 delivered")
+        check(sorted(strip_our_received(t.body) for t in got) ==
+              sorted(bodies), "each message once, intact")
+        check(peak[0] <= 2, f"{peak[0]} connections at once, window 2")
+        check(peak[0] == 2, "the window's second connection was not used")
+        check(max(s.pipelined for s in hop.sessions) > 0,
+              "no transaction was pipelined")
+        check(len(hop.sessions) <= 4, f"{len(hop.sessions)} connections "
+              "for 60 messages: batches not reusing their connection")
+
+
 CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
          case_hang_after_data, case_garbage_and_close,
-         case_dead_destination, case_dsn_passthrough]
+         case_dead_destination, case_dsn_passthrough,
+         case_window_counts_connections]
 
 if __name__ == "__main__":
     only = sys.argv[1:]
