@@ -13,7 +13,8 @@
  *      destination (first attempts and retries in two lists, taken in
  *      turn, so new mail is not starved behind a backlog of retries);
  *   4. dispatch: each destination gets jobs handed to the delivery threads
- *      while it has fewer out than its concurrency window;
+ *      while it has fewer out than its concurrency window (connections)
+ *      times QJ_BATCH; a thread takes a batch of them (cp_job_take);
  *   5. release finished messages whose last log record is durable (their
  *      segment references drop), and send reclaim requests for sealed
  *      segments nothing references any more;
@@ -25,8 +26,10 @@
  * one per connection-level failure; two such failures in a row without a
  * success mark the next hop dead for retry_min: its queued recipients are
  * deferred at once ("delivery temporarily suspended") instead of waiting
- * for connections that will fail. A slow next hop holds at most its window
- * of delivery threads, never the acceptance path.
+ * for connections that will fail. The window counts connections (delivery
+ * threads working for the next hop, each with up to QJ_BATCH jobs): a slow
+ * next hop holds at most its window of delivery threads, never the
+ * acceptance path.
  *
  * Retries: the n-th deferral waits retry_min * 2^(n-1), at most retry_max,
  * with +-25% jitter; a recipient still deferred after queue_lifetime

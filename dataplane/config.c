@@ -155,8 +155,9 @@ static const struct opt options[] = {
 	{"delivery_threads", NULL, OPT_UINT, F(delivery_threads), 0, "N",
 	 "delivery threads, each with at most one connection (default 32)"},
 	{"dest_concurrency", NULL, OPT_UINT, F(dest_concurrency), 0, "N",
-	 "deliveries in parallel to one next hop, at most; starts at 5 and "
-	 "grows with success (default 20)"},
+	 "connections to one next hop at once, at most, each carrying up "
+	 "to 16 pipelined messages; starts at 5 and grows with success "
+	 "(default 20)"},
 	{"retry_min", NULL, OPT_DURATION, F(retry_min_ms), 0, "DURATION",
 	 "first retry after a temporary failure; doubles per attempt "
 	 "(default 300s)"},
