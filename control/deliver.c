@@ -47,7 +47,78 @@
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 
+#include <openssl/evp.h>
+
 #define CONN_IDLE_US 5000000ull
+
+/* ---- fingerprint ------------------------------------------------------- */
+
+int
+q_fp_begin(struct q_fp *f, const struct q_msg *m)
+{
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+
+	memset(f, 0, sizeof(*f));
+	if (!ctx || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
+		EVP_MD_CTX_free(ctx);
+		return -ENOMEM;
+	}
+	EVP_DigestUpdate(ctx, m->sender, strlen(m->sender) + 1);
+	for (unsigned i = 0; i < m->n_rcpts; i++)
+		EVP_DigestUpdate(ctx, m->rcpts[i].addr,
+				 strlen(m->rcpts[i].addr) + 1);
+	EVP_DigestUpdate(ctx, "", 1);
+	f->ctx = ctx;
+	return 0;
+}
+
+void
+q_fp_feed(struct q_fp *f, const uint8_t *p, size_t n)
+{
+	size_t i = 0;
+
+	if (!f->ctx)
+		return;
+	/* Our Received header: its first line and the lines continuing it
+	 * (starting with SP or HT) are skipped. */
+	while (f->st < 2 && i < n) {
+		uint8_t c = p[i];
+		if (f->st == 1) {
+			if (c == ' ' || c == '\t') {
+				f->st = 0;
+			} else {
+				f->st = 2;
+				break;
+			}
+		}
+		if (c == '\n' && f->cr)
+			f->st = 1;
+		f->cr = c == '\r';
+		i++;
+	}
+	if (f->st == 2 && i < n)
+		EVP_DigestUpdate(f->ctx, p + i, n - i);
+}
+
+int
+q_fp_end(struct q_fp *f, uint8_t *out32)
+{
+	unsigned int len = 0;
+	int r = f->ctx && EVP_DigestFinal_ex(f->ctx, out32, &len) == 1 &&
+			len == 32
+		? 0
+		: -EIO;
+
+	q_fp_abort(f);
+	return r;
+}
+
+void
+q_fp_abort(struct q_fp *f)
+{
+	EVP_MD_CTX_free(f->ctx);
+	f->ctx = NULL;
+}
 
 /* ---- body reader -------------------------------------------------------- */
 
@@ -56,6 +127,14 @@ q_body_init(struct q_body *b, const struct q_msg *m)
 {
 	memset(b, 0, sizeof(*b));
 	b->m = m;
+}
+
+void
+q_body_fini(struct q_body *b)
+{
+	if (b->fp)
+		q_fp_abort(b->fp);
+	b->fp = NULL;
 }
 
 long
@@ -80,6 +159,10 @@ q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
 		b->pos = off;
 		b->crc = 0;
 		b->unchecked = off != 0;
+		if (b->fp && (off != 0 || q_fp_begin(b->fp, m) != 0)) {
+			q_fp_abort(b->fp);
+			b->fp = NULL; /* out of order: no fingerprint */
+		}
 	}
 	if (off >= m->body_len) {
 		if (m->body_len == 0 && !b->last_done) {
@@ -87,6 +170,10 @@ q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
 			    b->before_last(b->before_last_ctx) != 0)
 				return -EIO;
 			b->last_done = true;
+			if (b->fp) {
+				b->fp_ok = q_fp_end(b->fp, b->fp_out) == 0;
+				b->fp = NULL;
+			}
 		}
 		return 0;
 	}
@@ -117,6 +204,8 @@ q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
 		if (r == 0)
 			return -EIO; /* the segment is shorter than recorded */
 		b->crc = fd_crc32c(b->crc, out + got, (size_t)r);
+		if (b->fp)
+			q_fp_feed(b->fp, out + got, (size_t)r);
 		got += (size_t)r;
 		b->pos += (uint64_t)r;
 		if (b->pos - b->piece_off == p->len) {
@@ -137,6 +226,10 @@ q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
 		if (b->before_last && b->before_last(b->before_last_ctx) != 0)
 			return -EIO;
 		b->last_done = true;
+		if (b->fp && !b->unchecked) {
+			b->fp_ok = q_fp_end(b->fp, b->fp_out) == 0;
+			b->fp = NULL;
+		}
 	}
 	return (long)got;
 }
@@ -364,6 +457,7 @@ struct sjob {
 	uint8_t notify[QJ_MAX_RCPTS];
 	struct smtpc_msg sm;
 	struct q_body body;
+	struct q_fp fp;
 	struct smtpc_reply *rcpt, *data; /* its n replies each */
 	bool final; /* outcome set; not in (another) round */
 	bool retry; /* never reached the peer: once more on a new connection */
@@ -464,9 +558,12 @@ run_smtp(struct cplane *cp, struct q_job **jobs, unsigned nj,
 				sj[k].final = true;
 				continue;
 			}
+			q_body_fini(&sj[k].body);
 			q_body_init(&sj[k].body, j->m);
 			sj[k].body.before_last = wait_attempt;
 			sj[k].body.before_last_ctx = aw;
+			if (j->want_fp && q_fp_begin(&sj[k].fp, j->m) == 0)
+				sj[k].body.fp = &sj[k].fp;
 			tx[ntx].m = &sj[k].sm;
 			tx[ntx].rcpt = sj[k].rcpt;
 			tx[ntx].data = sj[k].data;
@@ -481,6 +578,10 @@ run_smtp(struct cplane *cp, struct q_job **jobs, unsigned nj,
 			struct q_job *j = jobs[txj[t]];
 			struct sjob *s = &sj[txj[t]];
 			j->damaged |= s->body.damaged;
+			if (s->body.fp_ok) {
+				memcpy(j->res->fp, s->body.fp_out, 32);
+				j->res->fp_ok = true;
+			}
 			s->retry = r != 0 && reused && round == 0 &&
 				   tx[t].rc < 0 && !tx[t].last_out &&
 				   (tx[t].mail.code == 0 || tx[t].mail.local) &&
@@ -506,6 +607,8 @@ run_smtp(struct cplane *cp, struct q_job **jobs, unsigned nj,
 			break;
 	}
 out:
+	for (unsigned k = 0; sj && k < nj; k++)
+		q_body_fini(&sj[k].body);
 	free(reps);
 	free(txj);
 	free(tx);
@@ -543,12 +646,21 @@ run_maildir(struct q_job *j, struct attempt_wait *aw)
 		snprintf(prefix, sizeof(prefix),
 			 "Return-Path: <%s>\r\nDelivered-To: %s\r\n",
 			 m->sender, rc->addr);
+		struct q_fp fp;
+
 		q_body_init(&body, m);
 		body.before_last = wait_attempt;
 		body.before_last_ctx = aw;
+		if (j->want_fp && !j->res->fp_ok && q_fp_begin(&fp, m) == 0)
+			body.fp = &fp;
 		maildir_deliver(j->dest->path, domain, local, prefix,
 				q_body_read, &body, m->body_len, &res);
 		j->damaged |= body.damaged;
+		if (body.fp_ok) {
+			memcpy(j->res->fp, body.fp_out, 32);
+			j->res->fp_ok = true;
+		}
+		q_body_fini(&body);
 		snprintf(text, sizeof(text), "%s %s",
 			 res.status == 0 ? "250" : res.permanent ? "550"
 								  : "451",

@@ -359,6 +359,7 @@ send_reclaims(struct cplane *cp)
 /* ---- messages ---------------------------------------------------------- */
 
 static void dedup_new(struct cplane *cp, struct q_msg *m);
+static bool msg_fp(struct q_msg *m);
 static void recent_remember(struct cplane *cp, const struct q_msg *m);
 
 static struct q_msg **
@@ -783,6 +784,10 @@ release_finished(struct cplane *cp)
 			continue;
 		}
 		*pp = m->fnext;
+		/* Its fingerprint for the ring of recent ones (in-doubt news
+		 * may still come), while the body can still be read. */
+		if (cp->recent)
+			msg_fp(m);
 		m->released = true;
 		cp->st_released++;
 		for (unsigned i = 0; i < m->n_segs; i++)
@@ -842,6 +847,7 @@ struct indoubt {
 
 struct recent_fp {
 	uint64_t msgid;
+	uint64_t ekey; /* env_key() */
 	uint8_t fp[32];
 };
 
@@ -882,62 +888,73 @@ fp_unhex(const char *s, size_t n, uint8_t *fp)
 	return true;
 }
 
-/* The fingerprint of m: 0, or -errno (body unreadable). */
+/* The fingerprint of m, read from its segments: 0, or -errno (body
+ * unreadable or damaged). */
 static int
 fingerprint(const struct q_msg *m, uint8_t *fp)
 {
-	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+	struct q_fp f;
 	struct q_body body;
 	uint8_t buf[16384];
 	uint64_t off = 0;
-	/* Skipping our Received header: its first line, and the lines that
-	 * continue it (starting with SP or HT). 0 in the first line, 1 just
-	 * after a CRLF in it, 2 hashing. */
-	int st = 0;
-	bool cr = false;
-	unsigned int len = 0;
-	int r = 0;
+	int r;
 
-	if (!ctx || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
-		EVP_MD_CTX_free(ctx);
-		return -ENOMEM;
-	}
-	EVP_DigestUpdate(ctx, m->sender, strlen(m->sender) + 1);
-	for (unsigned i = 0; i < m->n_rcpts; i++)
-		EVP_DigestUpdate(ctx, m->rcpts[i].addr,
-				 strlen(m->rcpts[i].addr) + 1);
-	EVP_DigestUpdate(ctx, "", 1);
+	if ((r = q_fp_begin(&f, m)) != 0)
+		return r;
 	q_body_init(&body, m);
-	while (off < m->body_len) {
+	body.fp = &f;
+	while (off < m->body_len || (m->body_len == 0 && !body.last_done)) {
 		long n = q_body_read(&body, off, buf, sizeof(buf));
-		size_t i = 0;
-		if (n <= 0) {
-			r = n < 0 ? (int)n : -EIO;
-			break;
+		if (n < 0 || (n == 0 && off < m->body_len)) {
+			q_body_fini(&body);
+			return n < 0 ? (int)n : -EIO;
 		}
-		while (st < 2 && i < (size_t)n) {
-			uint8_t c = buf[i];
-			if (st == 1) {
-				if (c == ' ' || c == '\t') {
-					st = 0;
-				} else {
-					st = 2;
-					break;
-				}
-			}
-			if (c == '\n' && cr)
-				st = 1;
-			cr = c == '\r';
-			i++;
-		}
-		if (st == 2)
-			EVP_DigestUpdate(ctx, buf + i, (size_t)n - i);
 		off += (uint64_t)n;
+		if (n == 0)
+			break;
 	}
-	if (r == 0 && EVP_DigestFinal_ex(ctx, fp, &len) != 1)
-		r = -EIO;
-	EVP_MD_CTX_free(ctx);
-	return r;
+	if (!body.fp_ok) {
+		q_body_fini(&body);
+		return -EIO;
+	}
+	memcpy(fp, body.fp_out, 32);
+	return 0;
+}
+
+/* m's fingerprint, computed the first time it is needed (a delivery
+ * thread usually computed it already while the body went out): new
+ * messages are fingerprinted only while some message is in doubt, and
+ * the rest when they are released (their body still readable), for the
+ * ring of recent ones. true when m->fp holds it. */
+static bool
+msg_fp(struct q_msg *m)
+{
+	if (!m->fp_ok && !m->fp_tried && !m->released) {
+		m->fp_tried = true;
+		m->fp_ok = fingerprint(m, m->fp) == 0;
+	}
+	return m->fp_ok;
+}
+
+/* A cheap key of the envelope (FNV-1a over the sender and recipients, as
+ * the fingerprint hashes them): two messages with the same fingerprint
+ * have the same key, so a different key rules a candidate out without
+ * reading its body. */
+static uint64_t
+env_key(const struct q_msg *m)
+{
+	uint64_t h = 1469598103934665603ull;
+	const char *s = m->sender;
+
+	for (unsigned i = 0;; i++) {
+		for (; *s; s++)
+			h = (h ^ (uint8_t)*s) * 1099511628211ull;
+		h = (h ^ 0xff) * 1099511628211ull;
+		if (i >= m->n_rcpts)
+			break;
+		s = m->rcpts[i].addr;
+	}
+	return h;
 }
 
 static struct indoubt *
@@ -1035,10 +1052,7 @@ dedup_new(struct cplane *cp, struct q_msg *m)
 	uint64_t now = fd_now_realtime_us();
 	struct indoubt *e;
 
-	if (!cp->cfg.dedup_window_ms)
-		return;
-	m->fp_ok = fingerprint(m, m->fp) == 0;
-	if (!m->fp_ok || !cp->n_indoubt)
+	if (!cp->cfg.dedup_window_ms || !cp->n_indoubt || !msg_fp(m))
 		return;
 	e = indoubt_find(cp, m->fp, now);
 	if (!e || e->msgid == m->id || m->arrival_us < e->at_us)
@@ -1053,6 +1067,7 @@ recent_remember(struct cplane *cp, const struct q_msg *m)
 	if (!cp->recent || !m->fp_ok)
 		return;
 	cp->recent[cp->recent_head].msgid = m->id;
+	cp->recent[cp->recent_head].ekey = env_key(m);
 	memcpy(cp->recent[cp->recent_head].fp, m->fp, 32);
 	cp->recent_head = (cp->recent_head + 1) & (RECENT_FP - 1);
 }
@@ -1063,19 +1078,22 @@ qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
 	struct q_msg *m = msg_find(cp, msgid);
 	uint64_t now = fd_now_realtime_us();
 	uint8_t fp[32];
+	uint64_t ekey = 0;
 	char hex[65];
 	bool have = false;
 
 	(void)worker;
 	if (!cp->cfg.dedup_window_ms)
 		return;
-	if (m && m->fp_ok) {
+	if (m && msg_fp(m)) {
 		memcpy(fp, m->fp, 32);
+		ekey = env_key(m);
 		have = true;
 	}
 	for (size_t i = 0; !have && cp->recent && i < RECENT_FP; i++)
 		if (cp->recent[i].msgid == msgid) {
 			memcpy(fp, cp->recent[i].fp, 32);
+			ekey = cp->recent[i].ekey;
 			have = true;
 		}
 	cp->st_indoubt++;
@@ -1105,9 +1123,10 @@ qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
 	bool matched = false;
 	for (size_t b = 0; b < cp->msg_cap; b++)
 		for (struct q_msg *o = cp->msg_h[b]; o; o = o->hnext) {
-			if (o == m || !o->fp_ok || o->finished ||
+			if (o == m || o->finished || o->dup_of ||
 			    o->arrival_us < (m ? m->arrival_us : 0) ||
-			    memcmp(o->fp, fp, 32) != 0 || o->dup_of)
+			    env_key(o) != ekey || !msg_fp(o) ||
+			    memcmp(o->fp, fp, 32) != 0)
 				continue;
 			suppress(cp, o, msgid);
 			matched = true;
@@ -1420,6 +1439,9 @@ dispatch(struct cplane *cp)
 			}
 			j->next = NULL;
 			j->res = res;
+			/* computed on the way out, not read again later */
+			j->want_fp = cp->recent && !j->m->fp_ok &&
+				     !j->m->fp_tried && j->kind == QJ_DELIVER;
 			d->active++;
 			if (j->kind == QJ_DELIVER)
 				for (unsigned i = 0; i < j->n; i++)
@@ -1666,6 +1688,10 @@ apply_result(struct cplane *cp, struct q_job *j)
 			}
 		}
 		dest_feedback(cp, d, j);
+	}
+	if (j->res->fp_ok && !m->fp_ok) {
+		memcpy(m->fp, j->res->fp, 32);
+		m->fp_ok = m->fp_tried = true;
 	}
 	if (j->damaged)
 		hold_damaged(cp, m);

@@ -99,9 +99,11 @@ struct q_msg {
 	struct q_seg **segs; /* distinct segments with a record of it */
 
 	/* RFC 1047 dedup (qmgr.c): SHA-256 over the envelope and the body
-	 * after our Received header; fp_ok once computed */
+	 * after our Received header (struct q_fp); computed only when needed
+	 * (qmgr.c msg_fp): fp_ok once computed, fp_tried once tried */
 	uint8_t fp[32];
 	bool fp_ok;
+	bool fp_tried;
 	bool indoubt;          /* its 250 may not have arrived */
 	uint64_t settle_until; /* held for a resend to be matched */
 	uint64_t dup_of;       /* suppressed as a resend of this message */
@@ -181,6 +183,10 @@ struct q_outcome {
 struct q_result {
 	char relay[256];        /* the peer that answered, for logs and DSNs */
 	char tls[200];          /* how (smtpc_tls_desc), "" in the clear */
+	/* the message's fingerprint, computed while its body streamed
+	 * (q_job.want_fp): the queue manager then need not read it again */
+	bool fp_ok;
+	uint8_t fp[32];
 	struct q_outcome out[]; /* the job's n (QJ_BOUNCE: one) */
 };
 
@@ -202,6 +208,7 @@ struct q_job {
 	/* one failure of a batch (a connection that could not be made) is
 	 * one failure for the concurrency window, not one per job */
 	bool no_feedback;
+	bool want_fp;      /* compute the message's fingerprint on the way */
 	unsigned n;        /* recipients in idx[] (1..QJ_MAX_RCPTS) */
 	uint64_t attempt_lsn;
 	uint64_t taken_us;  /* a delivery thread took it (monotonic) */
@@ -212,6 +219,24 @@ struct q_job {
 	const char **reasons;
 	unsigned idx[]; /* n of them: indexes into m->rcpts */
 };
+
+/*
+ * The RFC 1047 fingerprint of a message (qmgr.c: resends of a message whose
+ * 250 may not have arrived): SHA-256 over the sender, the recipients in
+ * order and the body after our own Received header (its first line and the
+ * lines continuing it), which differs between copies. Streamed: begin,
+ * feed the body in order in pieces of any size, end. Any thread.
+ */
+struct q_fp {
+	void *ctx; /* EVP_MD_CTX; NULL: not started or given up */
+	int st;    /* 0 in the first line, 1 after a CRLF in it, 2 hashing */
+	bool cr;
+};
+
+int q_fp_begin(struct q_fp *f, const struct q_msg *m); /* 0 or -ENOMEM */
+void q_fp_feed(struct q_fp *f, const uint8_t *p, size_t n);
+int q_fp_end(struct q_fp *f, uint8_t *out32); /* 0 or -EIO; frees */
+void q_fp_abort(struct q_fp *f);
 
 /* A message's body, read from its segment pieces (pread), verifying the
  * body CRC32C as the last bytes are read: a mismatch is -EIO before the
@@ -232,8 +257,17 @@ struct q_body {
 	bool last_done;
 	bool unchecked; /* a read skipped bytes: the CRC cannot be checked */
 	bool damaged;   /* the body's CRC32C did not match: never sent */
+	/* Optional: the fingerprint computed on the way (fp begun by the
+	 * caller). fp_ok once the whole body was read in order and matched
+	 * its CRC; a read out of order gives it up (a restart from 0 begins
+	 * again). */
+	struct q_fp *fp;
+	bool fp_ok;
+	uint8_t fp_out[32];
 };
 void q_body_init(struct q_body *b, const struct q_msg *m);
 long q_body_read(void *ctx, uint64_t off, void *buf, size_t n);
+/* Gives up a fingerprint still being computed (b->fp). */
+void q_body_fini(struct q_body *b);
 
 #endif

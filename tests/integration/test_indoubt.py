@@ -100,6 +100,31 @@ def scenario(env):
           f"lost4: {env.copies('lost4')} copies after kill -9, expected 1")
 
 
+def scenario_queued(env):
+    """The in-doubt message is still queued when the news comes (delivery
+    off): its fingerprint is computed then, from the spool (a delivered
+    message's was computed while its body went out), and the resend is
+    still recognised."""
+    d = env.d
+    before = d.read_log().count("event=suppressed ")
+    b5 = body("queued5")
+    check(env.send(b5, drop=True) == "NONE", "drop 5")
+    deadline = time.time() + 15
+    while "delivered=not_yet" not in d.read_log() and \
+            time.time() < deadline:
+        time.sleep(0.05)
+    check("delivered=not_yet" in d.read_log(),
+          f"no in-doubt news for a queued message:\n{d.read_log()[-2000:]}")
+    r = env.send(b5)
+    check(r.startswith("250"), f"the resend got {r}")
+    deadline = time.time() + 15
+    while d.read_log().count("event=suppressed ") <= before and \
+            time.time() < deadline:
+        time.sleep(0.05)
+    check(d.read_log().count("event=suppressed ") == before + 1,
+          "the resend of a queued in-doubt message was not suppressed")
+
+
 def main():
     if os.geteuid() != 0:
         skip("needs root (network namespace, iptables)")
@@ -126,6 +151,15 @@ def main():
             d.stop()
             d.start()
             scenario(Env(ns, d, host, port))
+            if ns.sh("iptables -S", check_rc=False).stdout.count("DROP"):
+                fail("a DROP rule was left behind")
+        if TRANSPORT == "kernel":
+            with Daemon(*args[:2], wrap=ns.argv([]),
+                        domains=("example.com",), wait_ready=False,
+                        listen=["127.0.0.1:2526"], port=2526) as d:
+                d.stop()
+                d.start()
+                scenario_queued(Env(ns, d, "127.0.0.1", 2526))
             if ns.sh("iptables -S", check_rc=False).stdout.count("DROP"):
                 fail("a DROP rule was left behind")
     print(f"ok: {TRANSPORT}")
