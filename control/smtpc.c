@@ -113,6 +113,9 @@ struct smtpc {
 	/* smtpc_send(): the message's final octets (its final dot, its
 	 * BDAT LAST chunk) were queued to go out */
 	bool last_out;
+	/* the last socket operation was a write: the next read waits for
+	 * the peer first (a recv then would only say EAGAIN) */
+	bool wrote;
 	struct smtpc_reply r421;
 	char helo[256];
 	char peer[256];
@@ -512,6 +515,14 @@ io_read(struct smtpc *c, void *buf, size_t n, int64_t deadline)
 			return rc;
 		}
 	}
+	if (c->wrote) {
+		int rc = wait_fd(c->fd, POLLIN, deadline);
+		c->wrote = false;
+		if (rc < 0) {
+			c->fail_write = false;
+			return rc;
+		}
+	}
 	for (;;) {
 		ssize_t k = recv(c->fd, buf, n, MSG_DONTWAIT);
 		int rc;
@@ -563,6 +574,7 @@ io_write(struct smtpc *c, const void *buf, size_t n, uint64_t timeout_ms)
 		if (k > 0) {
 			p += k;
 			n -= (size_t)k;
+			c->wrote = true;
 			continue;
 		}
 		if (k < 0 && errno == EINTR)
