@@ -159,9 +159,12 @@ q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
 		b->pos = off;
 		b->crc = 0;
 		b->unchecked = off != 0;
-		if (b->fp && (off != 0 || q_fp_begin(b->fp, m) != 0)) {
+		if (b->fp) {
+			/* From the start the fingerprint starts over too;
+			 * out of order, there is none. */
 			q_fp_abort(b->fp);
-			b->fp = NULL; /* out of order: no fingerprint */
+			if (off != 0 || q_fp_begin(b->fp, m) != 0)
+				b->fp = NULL;
 		}
 	}
 	if (off >= m->body_len) {
