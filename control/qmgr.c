@@ -69,6 +69,7 @@
 #include "control/tail.h"
 #include <openssl/evp.h>
 
+#include "finaldot/compiler.h"
 #include "finaldot/crc32c.h"
 #include "finaldot/fsync.h"
 #include "finaldot/ctlport.h"
@@ -1480,13 +1481,12 @@ dispatch(struct cplane *cp)
 	unsigned wake = 0;
 	for (struct q_job *j = out_head; j;) {
 		struct q_dest *d = j->dest;
-		unsigned cap, n = 0;
-		d->conn_cap = (unsigned)d->limit;
+		unsigned n = 0;
+		d->conn_cap = (unsigned)d->limit; /* limit >= 1 */
 		for (; j && j->dest == d; j = j->next, n++)
 			d->listed_jobs++;
-		cap = d->conn_cap ? d->conn_cap : 1;
-		if (cap > d->conns)
-			wake += n < cap - d->conns ? n : cap - d->conns;
+		if (d->conn_cap > d->conns)
+			wake += FD_MIN(n, d->conn_cap - d->conns);
 	}
 	for (unsigned i = 0; i < wake && i < cp->n_dthr; i++)
 		pthread_cond_signal(&cp->job_cv);
@@ -2650,11 +2650,12 @@ jobs_unlink(struct cplane *cp, struct q_job **pp, struct q_job *prev)
 	return j;
 }
 
-/* A destination one more thread may work for now: under its window. */
+/* A destination one more thread may work for now: under its window
+ * (conn_cap is set, >= 1, when dispatch lists its first job). */
 static bool
 dest_open(const struct q_dest *d)
 {
-	return d->conns < (d->conn_cap ? d->conn_cap : 1);
+	return d->conns < d->conn_cap;
 }
 
 unsigned
@@ -2694,10 +2695,9 @@ cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms,
 			break;
 	}
 	if (*pp) {
-		unsigned cap, free_slots;
+		unsigned free_slots;
 		d = (*pp)->dest;
-		cap = d->conn_cap ? d->conn_cap : 1;
-		free_slots = cap > d->conns ? cap - d->conns : 1;
+		free_slots = d->conn_cap - d->conns; /* > 0: dest_open() */
 		/* Shared out: at most an even share of what waits for this
 		 * next hop per connection its window still allows. */
 		want = (d->listed_jobs + free_slots - 1) / free_slots;
