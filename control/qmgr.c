@@ -2675,10 +2675,13 @@ cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms,
 		ts.tv_nsec -= 1000000000;
 	}
 	pthread_mutex_lock(&cp->mu);
-	for (;;) {
+	for (bool timed_out = false;;) {
 		/* A job for the next hop this thread holds a connection to
 		 * first (connection reuse), else the oldest whose next hop
-		 * is under its window. */
+		 * is under its window. Scanned again after every wait, the
+		 * timed-out one too: pp and prev point into a list that
+		 * other threads change while this one waits (a job taken
+		 * and freed, one appended for a next hop at its window). */
 		for (pp = &cp->jobs_head, prev = NULL; prefer && *pp;
 		     prev = *pp, pp = &(*pp)->next)
 			if (strcmp((*pp)->dest->key, prefer) == 0 &&
@@ -2689,10 +2692,10 @@ cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms,
 			     *pp && !dest_open((*pp)->dest);
 			     prev = *pp, pp = &(*pp)->next)
 				;
-		if (*pp || cp->quit)
+		if (*pp || cp->quit || timed_out)
 			break;
 		if (pthread_cond_timedwait(&cp->job_cv, &cp->mu, &ts) != 0)
-			break;
+			timed_out = true;
 	}
 	if (*pp) {
 		unsigned free_slots;

@@ -305,11 +305,51 @@ def case_window_counts_connections():
               "for 60 messages: batches not reusing their connection")
 
 
+def case_idle_thread_at_full_window():
+    """--dest-concurrency 1 and a next hop slow on its first message:
+    while the window's one connection waits, messages for the same next
+    hop are listed and the other delivery threads, idle, time out of
+    their wait for work. A timed-out thread must look at the list again,
+    not at where it stood before the wait (the job listed meanwhile is
+    for a next hop at its window: taking it divided by zero free
+    connections, and a stale predecessor corrupted the list). Every
+    message arrives once and the daemon stops cleanly."""
+    import time
+    slow = [True]
+
+    def dot(session):
+        if slow[0]:
+            slow[0] = False
+            time.sleep(2.5)
+        return "250 2.0.0 Ok"
+
+    with ScriptedHop(script=Script(dot=dot)) as hop, \
+            daemon(hop.target, "--dest-concurrency", "1",
+                   "--delivery-threads", "4") as d:
+        first = message(400, size=600)
+        send(d, "a@example.com", ["b@dest.test"], first)
+        deadline = time.time() + 10
+        while not hop.transactions and time.time() < deadline:
+            time.sleep(0.01)
+        check(hop.transactions, "the first message never reached the hop")
+        rest = [message(401 + i, size=600) for i in range(3)]
+        for b in rest:
+            send(d, "a@example.com", ["b@dest.test"], b)
+        got = hop.wait_for(4, timeout=20)
+        check(d.proc.poll() is None,
+              f"finaldot exited ({d.proc.returncode}):\n"
+              f"{d.read_log()[-2000:]}")
+        check(len(got) == 4, f"{len(got)} of 4 delivered")
+        check(sorted(strip_our_received(t.body) for t in got) ==
+              sorted([first] + rest), "each message once, intact")
+        check(d.stop() == 0, "clean stop")
+
+
 CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
          case_hang_after_data, case_garbage_and_close,
          case_dead_destination, case_dsn_passthrough,
-         case_window_counts_connections]
+         case_window_counts_connections, case_idle_thread_at_full_window]
 
 if __name__ == "__main__":
     only = sys.argv[1:]
