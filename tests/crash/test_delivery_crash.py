@@ -93,6 +93,9 @@ def main():
                         got.get(mt.group(1).decode(), 0) + 1
             if all(a in got for a in acked):
                 break
+            check(d.proc.poll() is None,
+                  f"finaldot exited ({d.proc.returncode}) while delivering:"
+                  f"\n{d.read_log()[-2000:]}")
             time.sleep(0.2)
         missing = [a for a in acked if a not in got]
         check(not missing, f"{len(missing)} acknowledged messages never "
