@@ -883,12 +883,14 @@ deliver_main(void *arg)
 	struct deliver_ctx *dc = arg;
 	struct cplane *cp = dc->cp;
 	struct conn_cache cc;
+	struct q_job *jobs[QJ_BATCH];
 
 	memset(&cc, 0, sizeof(cc));
-	for (;;) {
-		struct q_job *jobs[QJ_BATCH];
-		unsigned nj = cp_job_take(cp, cc.c ? cc.key : NULL, 1000,
-					  jobs, QJ_BATCH);
+	for (unsigned nj = 0;;) {
+		/* The last batch goes back in the same call that takes
+		 * the next one (the thread keeps its slot). */
+		nj = cp_job_take(cp, jobs, nj, cc.c ? cc.key : NULL, 1000,
+				 jobs, QJ_BATCH);
 		if (nj == 0) {
 			if (cc.c &&
 			    fd_now_monotonic_us() - cc.last_us > CONN_IDLE_US)
@@ -898,7 +900,6 @@ deliver_main(void *arg)
 			continue;
 		}
 		run_jobs(cp, jobs, nj, &cc);
-		cp_job_done(cp, jobs, nj);
 	}
 	cache_drop(&cc, true);
 	return NULL;

@@ -34,15 +34,17 @@ struct smtpc *deliver_connect(struct cplane *cp, int kind, const char *host,
 /* pthread entry point; arg is a struct deliver_ctx. */
 void *deliver_main(void *arg);
 
-/* The queue manager's side (qmgr.c). take: jobs for one next hop, at most
- * max (QJ_BATCH), preferring next hop `prefer` (the thread's cached
- * connection), waiting at most wait_ms; 0 if none. A next hop at its
- * concurrency window (threads working for it) is skipped; the jobs waiting
- * for one are shared out among the threads its window still allows. done:
- * the same jobs back, results filled, with the thread's slot. */
-unsigned cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms,
-		     struct q_job **out, unsigned max);
-void cp_job_done(struct cplane *cp, struct q_job **jobs, unsigned n);
+/* The queue manager's side (qmgr.c). take: first the n_done jobs of the
+ * thread's last batch back, results filled, with its slot in their next
+ * hop's window; then jobs for one next hop, at most max (QJ_BATCH),
+ * preferring next hop `prefer` (the thread's cached connection), waiting
+ * at most wait_ms; 0 if none. A next hop at its concurrency window
+ * (threads working for it) is skipped; the jobs waiting for one are shared
+ * out among the threads its window still allows. done and out may be the
+ * same array. */
+unsigned cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
+		     const char *prefer, uint64_t wait_ms, struct q_job **out,
+		     unsigned max);
 bool cp_quitting(struct cplane *cp);
 const char *cp_hostname(const struct cplane *cp);
 const struct cp_config *cp_config_of(const struct cplane *cp);

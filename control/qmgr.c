@@ -2658,12 +2658,37 @@ dest_open(const struct q_dest *d)
 	return d->conns < d->conn_cap;
 }
 
+/* A batch's results back to the queue manager, with the thread's slot in
+ * its next hop's window. Under cp->mu. */
+static void
+jobs_done_locked(struct cplane *cp, struct q_job **jobs, unsigned n)
+{
+	bool first = !cp->res_head;
+
+	for (unsigned i = 0; i < n; i++) {
+		struct q_job *j = jobs[i];
+		j->next = NULL;
+		if (cp->res_tail)
+			cp->res_tail->next = j;
+		else
+			cp->res_head = j;
+		cp->res_tail = j;
+	}
+	if (jobs[0]->dest->conns)
+		jobs[0]->dest->conns--;
+	/* The queue manager takes every result at once: wake it for the
+	 * first one only. */
+	if (first)
+		pthread_cond_signal(&cp->res_cv);
+}
+
 unsigned
-cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms,
-	    struct q_job **out, unsigned max)
+cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
+	    const char *prefer, uint64_t wait_ms, struct q_job **out,
+	    unsigned max)
 {
 	struct q_job **pp, *prev = NULL, *j;
-	struct q_dest *d = NULL;
+	struct q_dest *d = NULL, *dd = NULL;
 	struct timespec ts;
 	unsigned n = 0, want;
 
@@ -2675,6 +2700,16 @@ cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms,
 		ts.tv_nsec -= 1000000000;
 	}
 	pthread_mutex_lock(&cp->mu);
+	/* The slot of the batch handed back is this thread's to use again
+	 * before any other thread can see it free: a thread that just
+	 * finished a batch and holds the connection goes on with the next
+	 * one, rather than a thread without one opening a new connection
+	 * while the cached one idles. Had another thread been waiting for
+	 * the slot, the scan below finds the same jobs for this one. */
+	if (n_done) {
+		dd = done[0]->dest;
+		jobs_done_locked(cp, done, n_done);
+	}
 	for (bool timed_out = false;;) {
 		/* A job for the next hop this thread holds a connection to
 		 * first (connection reuse), else the oldest whose next hop
@@ -2694,6 +2729,8 @@ cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms,
 				;
 		if (*pp || cp->quit || timed_out)
 			break;
+		/* Nothing open: nor is there for another thread. */
+		dd = NULL;
 		if (pthread_cond_timedwait(&cp->job_cv, &cp->mu, &ts) != 0)
 			timed_out = true;
 	}
@@ -2724,6 +2761,11 @@ cp_job_take(struct cplane *cp, const char *prefer, uint64_t wait_ms,
 		}
 		d->conns++;
 	}
+	/* Work left that another thread may take: a slot freed above and
+	 * not used by this one, or the rest of an even share. */
+	if ((dd && dd->listed_jobs && dest_open(dd)) ||
+	    (d && d->listed_jobs && dest_open(d)))
+		pthread_cond_signal(&cp->job_cv);
 	pthread_mutex_unlock(&cp->mu);
 	return n;
 }
@@ -2737,34 +2779,6 @@ cp_quitting(struct cplane *cp)
 	q = cp->quit && !cp->jobs_head;
 	pthread_mutex_unlock(&cp->mu);
 	return q;
-}
-
-void
-cp_job_done(struct cplane *cp, struct q_job **jobs, unsigned n)
-{
-	bool first;
-
-	if (n == 0)
-		return;
-	pthread_mutex_lock(&cp->mu);
-	first = !cp->res_head;
-	for (unsigned i = 0; i < n; i++) {
-		struct q_job *j = jobs[i];
-		j->next = NULL;
-		if (cp->res_tail)
-			cp->res_tail->next = j;
-		else
-			cp->res_head = j;
-		cp->res_tail = j;
-	}
-	if (jobs[0]->dest->conns)
-		jobs[0]->dest->conns--;
-	/* The queue manager takes every result at once: wake it for the
-	 * first one only. A thread may be waiting for this slot. */
-	if (first)
-		pthread_cond_signal(&cp->res_cv);
-	pthread_cond_signal(&cp->job_cv);
-	pthread_mutex_unlock(&cp->mu);
 }
 
 /* ---- life cycle -------------------------------------------------------- */
