@@ -3134,7 +3134,7 @@ cp_attach(struct cplane *cp, unsigned workers)
 		if (r)
 			return r;
 		cp->nworkers = w + 1;
-		if (!(cp->tails[w] = tail_new(cp, cp->spool_dir, w)))
+		if (!(cp->tails[w] = tail_new(cp, cp->spool_dir, w, !cp->cfg.delivery)))
 			return -ENOMEM;
 	}
 	return 0;

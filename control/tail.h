@@ -22,6 +22,7 @@
 #ifndef FINALDOT_CONTROL_TAIL_H
 #define FINALDOT_CONTROL_TAIL_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "finaldot/ctlport.h"
@@ -29,8 +30,12 @@
 struct cplane;
 struct tail;
 
-/* spool_root/wNN/ of worker `worker`. NULL on allocation failure. */
-struct tail *tail_new(struct cplane *q, const char *spool_root, unsigned worker);
+/* spool_root/wNN/ of worker `worker`. direct: read the segments with
+ * O_DIRECT (when no delivery thread will read the bodies soon after: a
+ * buffered read leaves them in the page cache for it). NULL on allocation
+ * failure. */
+struct tail *tail_new(struct cplane *q, const char *spool_root, unsigned worker,
+		      bool direct);
 void tail_free(struct tail *t);
 
 /* One announcement from the worker's ring. */
