@@ -60,3 +60,27 @@ Test(crc32c, incremental_equals_oneshot)
 		cr_assert_eq(s, whole);
 	}
 }
+
+/* The fast path joins three lanes of 256 and of 4096 octets: lengths
+ * around every block boundary, odd alignments and a running CRC in. */
+Test(crc32c, lanes_equal_sw_around_block_sizes)
+{
+	static const size_t base[] = {768, 1536, 12288, 24576, 12288 + 768};
+	uint8_t *b = malloc(40000);
+	unsigned seed = 99;
+
+	for (size_t i = 0; i < 40000; i++)
+		b[i] = (uint8_t)rand_r(&seed);
+	for (size_t k = 0; k < sizeof(base) / sizeof(base[0]); k++)
+		for (size_t n = base[k] - 9; n <= base[k] + 9; n++)
+			for (size_t off = 0; off < 3; off++) {
+				uint32_t in = (uint32_t)rand_r(&seed);
+				cr_assert_eq(fd_crc32c(in, b + off, n),
+					     fd_crc32c_sw(in, b + off, n),
+					     "n %zu off %zu", n, off);
+			}
+	for (size_t n = 0; n < 40000; n += 997)
+		cr_assert_eq(fd_crc32c(0, b, n), fd_crc32c_sw(0, b, n),
+			     "n %zu", n);
+	free(b);
+}
