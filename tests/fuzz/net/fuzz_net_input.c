@@ -14,9 +14,10 @@
  *         b0 >= 0xf0, what later accept() calls do (b1 % 5): accept,
  *         greet, greet+close, abort, refuse
  * Oracles: every frame the stack sends fits the MTU and carries correct
- * IPv4/TCP/ICMP checksums; the advertised right edge never moves left (but
- * for window-scale truncation); pool counters stay within bounds; after
- * every timer ran out, every entry and buffer is back in its pool.
+ * IPv4/TCP/ICMP checksums; the right edge a connection advertises never
+ * moves left (but for window-scale truncation), judged per connection as
+ * its peer sees it (struct edge_rec); pool counters stay within bounds;
+ * after every timer ran out, every entry and buffer is back in its pool.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,15 +42,70 @@ struct fz {
 	bool consume[NU];
 	uint8_t sink[4096];
 	uint32_t stack_nxt; /* end of the last segment the stack sent */
+	struct net_stack *st;
+	/* The frame being fed, while net_stack_input() runs: its 4-tuple
+	 * (fed_tcp: it parsed as TCP) and the figures before it that tell
+	 * a connection's birth (note_birth()). */
+	bool feeding, fed_tcp, fed_arp, born;
+	uint16_t fed_port;
+	uint32_t fed_ip, fed_seq;
+	uint32_t syn_received0;
+	uint64_t cookies_ok0, cookies_sent0;
+	/* Per step (step_begin(), step_end()): the stack's segment counts
+	 * before it, and the segments with a window it sent at once. */
+	uint64_t segs0, rsts0;
+	uint32_t sent_win;
+	/* steps that ended with no frame held for ARP; held_any: the value
+	 * when a step not tied to one 4-tuple (timers, upper-layer calls)
+	 * made a segment with a window that did not leave at once */
+	uint32_t drained, held_any, held_any_gen;
 };
 
-/* Per peer port: the advertised right edge (oracle: it never moves left
- * by more than window-scale truncation). gen tells this input's entries
- * from earlier ones without clearing the table. */
-static struct {
-	uint32_t gen, edge;
+/*
+ * The window oracle: the right edge (ACK + window << scale) that the
+ * connection now on a 4-tuple advertised to its peer never moves left by a
+ * scale unit or more (RFC 9293 3.8.6.2.2; RFC 7323 2.4 lets truncation
+ * take less than one unit).
+ *
+ * A record follows one connection, not a peer port: a port is reused by a
+ * later connection (RST, then a new SYN) with an unrelated sequence space,
+ * and edges of two connections do not compare. Hence:
+ * - the birth of a connection (note_birth()) starts its 4-tuple's record
+ *   over, before that connection's first frame is judged (else, when its
+ *   SYN-ACK never left, its first ACK met the edge of the connection the
+ *   port had before: regress-port-reused-synack-dropped);
+ * - a SYN-ACK sets the edge and the scale; a connection made from a SYN
+ *   cookie (no window scaling: the cookie SYN-ACK offers none) starts from
+ *   the cookie SYN-ACK it acknowledged, or else from its first segment;
+ * - a frame sent while an ARP frame is fed was held until the peer's
+ *   address resolved (arp.c): it left later than it was made, maybe after
+ *   its connection was reset and another took the 4-tuple. It is judged
+ *   only when it cannot be older than the record's connection: when that
+ *   one was born, no segment with a window made for its port (or by a
+ *   step that could have made one for any port) had failed to leave since
+ *   the ARP queue was last empty, or the queue has been empty since. The
+ *   input kept as regress-held-synack-port-reused did that: the SYN-ACK of
+ *   a connection reset since, let out of the ARP queue, set the edge of
+ *   port 40005, whose new connection (its own SYN-ACK dropped by the full
+ *   queue) then seemed to move it 2^31 octets left.
+ * Indexed by peer port, the peer's address kept to tell two peers apart;
+ * gen tells this input's records from earlier ones without clearing.
+ */
+struct edge_rec {
+	uint32_t gen, ip;
+	bool have;     /* edge and ws are known */
+	bool ws0;      /* cookie connection, no edge yet: its next segment's */
+	bool held_old; /* frames older than this connection may be held */
 	uint8_t ws;
-} edges[65536];
+	uint32_t edge;
+	uint32_t drained; /* fz.drained at the birth */
+	/* fz.drained when a step fed on this port made a segment with a
+	 * window that did not leave at once */
+	uint32_t held_gen, held_at;
+	/* the last cookie SYN-ACK sent to this port */
+	uint32_t ck_gen, ck_ip, ck_ack, ck_edge;
+};
+static struct edge_rec edges[65536];
 static uint32_t gen;
 
 static uint32_t
@@ -63,6 +119,134 @@ static uint64_t
 fz_clock(void *ctx)
 {
 	return ((struct fz *)ctx)->now_us;
+}
+
+/*
+ * Only a fed segment makes a connection, and only on its own 4-tuple: the
+ * stack made a SYN_RECEIVED entry, or one from a valid SYN cookie, when
+ * the pool's SYN_RECEIVED count or the cookies-accepted counter rose since
+ * the segment went in. Then the peer's record of that 4-tuple is of an
+ * older connection: start it over. Runs before every frame is judged and
+ * once more after the input, for a birth whose frames never left.
+ */
+static void
+note_birth(struct fz *z)
+{
+	const struct net_counters *k;
+	struct net_pool_stats ps;
+	struct edge_rec *r;
+	bool cookie;
+
+	if (!z->feeding || z->born)
+		return;
+	k = net_stack_counters(z->st);
+	net_stack_pools(z->st, &ps);
+	cookie = k->tcp_syncookies_ok != z->cookies_ok0;
+	if (!cookie && ps.syn_received <= z->syn_received0)
+		return;
+	z->born = true;
+	if (!z->fed_tcp) {
+		/* cannot tell whose: forget every record, and trust no
+		 * held frame until the ARP queue drains */
+		gen++;
+		z->held_any_gen = gen;
+		z->held_any = z->drained;
+		return;
+	}
+	r = &edges[z->fed_port];
+	r->gen = gen;
+	r->ip = z->fed_ip;
+	r->have = false;
+	r->ws0 = cookie;
+	r->held_old = (r->held_gen == gen && r->held_at == z->drained) ||
+		      (z->held_any_gen == gen && z->held_any == z->drained);
+	r->drained = z->drained;
+	/* the ACK that made it acknowledged the cookie SYN-ACK: the
+	 * SYN-ACK's ack (IRS + 1) is that segment's seq */
+	if (cookie && r->ck_gen == gen && r->ck_ip == z->fed_ip &&
+	    r->ck_ack == z->fed_seq) {
+		r->have = true;
+		r->ws = 0;
+		r->edge = r->ck_edge;
+	}
+}
+
+/* The window scale a SYN-ACK offers (0: none). */
+static uint8_t
+synack_ws(const uint8_t *t, size_t thl)
+{
+	uint8_t ws = 0;
+
+	for (size_t o = 20; o + 2 < thl;) {
+		if (t[o] == 0)
+			break;
+		if (t[o] == 1) {
+			o++;
+			continue;
+		}
+		if (t[o] == 3)
+			ws = t[o + 2];
+		o += t[o + 1] ? t[o + 1] : 1;
+	}
+	return ws;
+}
+
+/* The window oracle (struct edge_rec) on a TCP segment the stack sent to
+ * dst; t: its header, thl octets with options. */
+static void
+judge_edge(struct fz *z, uint32_t dst, const uint8_t *t, size_t thl)
+{
+	uint16_t dport = (uint16_t)(t[2] << 8 | t[3]);
+	uint32_t ack = rd32(t + 8);
+	uint32_t wnd = (uint32_t)(t[14] << 8 | t[15]);
+	struct edge_rec *r = &edges[dport];
+	uint32_t e;
+
+	if (!(t[13] & 0x10) || (t[13] & 0x04))
+		return; /* RST or no ACK: no window to judge */
+	if (!(z->feeding && z->fed_arp))
+		z->sent_win++;
+	if (z->feeding && z->fed_arp &&
+	    (r->gen != gen || r->ip != dst ||
+	     (r->held_old && r->drained == z->drained)))
+		return; /* held for ARP, maybe by an older connection */
+	note_birth(z);
+	if (t[13] & 0x02) {
+		/* RFC 7323 2.2: a SYN's window is never scaled */
+		if (z->feeding &&
+		    net_stack_counters(z->st)->tcp_syncookies_sent !=
+			    z->cookies_sent0) {
+			/* from no connection: kept for the one its ACK
+			 * may make */
+			r->ck_gen = gen;
+			r->ck_ip = dst;
+			r->ck_ack = ack;
+			r->ck_edge = ack + wnd;
+			return;
+		}
+		r->gen = gen;
+		r->ip = dst;
+		r->have = true;
+		r->ws0 = false;
+		r->ws = synack_ws(t, thl);
+		r->edge = ack + wnd;
+		return;
+	}
+	if (r->gen != gen || r->ip != dst)
+		return;
+	if (!r->have) {
+		if (r->ws0) {
+			r->have = true;
+			r->ws = 0;
+			r->edge = ack + wnd;
+		}
+		return;
+	}
+	e = ack + (wnd << r->ws);
+	if ((int32_t)(e + (1u << r->ws) - r->edge) <= 0)
+		__builtin_trap();
+	if ((int32_t)(e - r->edge) > 0)
+		r->edge = e;
 }
 
 static int
@@ -96,35 +280,7 @@ fz_tx(void *ctx, const struct net_iov *iov, unsigned n,
 			((struct fz *)ctx)->stack_nxt =
 				rd32(t + 4) + (uint32_t)(tot - 20 - thl) +
 				(t[13] & 1) + ((t[13] >> 1) & 1);
-			if ((t[13] & 0x10) && !(t[13] & 0x04)) {
-				uint16_t dport = (uint16_t)(t[2] << 8 | t[3]);
-				uint32_t ack = rd32(t + 8);
-				uint32_t wnd = (uint32_t)(t[14] << 8 | t[15]);
-				if (t[13] & 0x02) {
-					uint8_t ws = 0;
-					for (size_t o = 20; o + 2 < thl;) {
-						if (t[o] == 0)
-							break;
-						if (t[o] == 1) {
-							o++;
-							continue;
-						}
-						if (t[o] == 3)
-							ws = t[o + 2];
-						o += t[o + 1] ? t[o + 1] : 1;
-					}
-					edges[dport].gen = gen;
-					edges[dport].ws = ws;
-					edges[dport].edge = ack + wnd;
-				} else if (edges[dport].gen == gen) {
-					uint32_t e = ack + (wnd << edges[dport].ws);
-					if ((int32_t)(e + (1u << edges[dport].ws) -
-						      edges[dport].edge) <= 0)
-						__builtin_trap();
-					if ((int32_t)(e - edges[dport].edge) > 0)
-						edges[dport].edge = e;
-				}
-			}
+			judge_edge(ctx, rd32(ip + 16), t, thl);
 		} else if (ip[9] == 1) {
 			if (fold(sum16(0, ip + 20, tot - 20)) != 0)
 				__builtin_trap();
@@ -215,8 +371,80 @@ fz_closed(void *u, enum tcp_close_reason why, size_t unacked)
 static const struct tcp_upcall_ops fz_ops = {fz_accept, fz_recv, fz_eof,
 					     fz_sent, fz_closed};
 
+/* Before each step of the input. */
 static void
-feed_l4(struct net_stack *st, const uint8_t *d, size_t n, bool fix)
+step_begin(struct fz *z)
+{
+	const struct net_counters *k = net_stack_counters(z->st);
+
+	z->segs0 = k->tcp_segs_tx;
+	z->rsts0 = k->tcp_rst_tx;
+	z->sent_win = 0;
+	z->fed_tcp = false;
+}
+
+/*
+ * After each step: if it made a segment with a window (every one the stack
+ * makes but a RST) that did not leave at once, that one may be held for ARP
+ * (or was dropped): mark its port, or every port when the step was not a
+ * frame fed. Then count the step as drained if no frame is held.
+ */
+static void
+step_end(struct fz *z)
+{
+	const struct net_counters *k = net_stack_counters(z->st);
+	struct net_pool_stats ps;
+	uint64_t made =
+		(k->tcp_segs_tx - z->segs0) - (k->tcp_rst_tx - z->rsts0);
+
+	if (made > z->sent_win) {
+		if (z->fed_tcp) {
+			edges[z->fed_port].held_gen = gen;
+			edges[z->fed_port].held_at = z->drained;
+		} else {
+			z->held_any_gen = gen;
+			z->held_any = z->drained;
+		}
+	}
+	net_stack_pools(z->st, &ps);
+	if (ps.arp_held == 0)
+		z->drained++;
+}
+
+/* One Ethernet frame into the stack, noting what note_birth() and
+ * judge_edge() need of it. */
+static void
+feed(struct fz *z, const uint8_t *f, size_t len, unsigned rx_flags)
+{
+	const struct net_counters *k = net_stack_counters(z->st);
+	struct net_pool_stats ps;
+	const uint8_t *ip = f + 14;
+	size_t ihl;
+
+	net_stack_pools(z->st, &ps);
+	z->syn_received0 = ps.syn_received;
+	z->cookies_ok0 = k->tcp_syncookies_ok;
+	z->cookies_sent0 = k->tcp_syncookies_sent;
+	z->born = false;
+	z->fed_arp = len >= 14 && f[12] == 0x08 && f[13] == 0x06;
+	z->fed_tcp = false;
+	if (len >= 34 && f[12] == 0x08 && f[13] == 0x00 && ip[9] == 6) {
+		ihl = (size_t)(ip[0] & 0xf) * 4;
+		if (ihl >= 20 && len >= 14 + ihl + 8) {
+			z->fed_tcp = true;
+			z->fed_ip = rd32(ip + 12);
+			z->fed_port = (uint16_t)(ip[ihl] << 8 | ip[ihl + 1]);
+			z->fed_seq = rd32(ip + ihl + 4);
+		}
+	}
+	z->feeding = true;
+	net_stack_input(z->st, f, len, rx_flags);
+	note_birth(z); /* e.g. its SYN-ACK dropped by a full ARP queue */
+	z->feeding = false;
+}
+
+static void
+feed_l4(struct fz *z, const uint8_t *d, size_t n, bool fix)
 {
 	uint8_t f[1600];
 	uint8_t *ip = f + 14;
@@ -247,7 +475,7 @@ feed_l4(struct net_stack *st, const uint8_t *d, size_t n, bool fix)
 		/* ACK with ack 0: acknowledge what the stack last sent, so
 		 * handshakes complete without knowing the ISS */
 		if (l4 >= 14 && (t[13] & 0x10) && rd32(t + 8) == 0) {
-			uint32_t a = g_fz->stack_nxt;
+			uint32_t a = z->stack_nxt;
 			t[8] = (uint8_t)(a >> 24);
 			t[9] = (uint8_t)(a >> 16);
 			t[10] = (uint8_t)(a >> 8);
@@ -264,8 +492,8 @@ feed_l4(struct net_stack *st, const uint8_t *d, size_t n, bool fix)
 		ip[22] = (uint8_t)(s >> 8);
 		ip[23] = (uint8_t)s;
 	}
-	net_stack_input(st, f, 34 + l4,
-			fix ? 0 : NET_RX_IPV4_CKSUM_GOOD | NET_RX_L4_CKSUM_GOOD);
+	feed(z, f, 34 + l4,
+	     fix ? 0 : NET_RX_IPV4_CKSUM_GOOD | NET_RX_L4_CKSUM_GOOD);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -309,6 +537,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	st = net_stack_create(&cfg);
 	if (!st)
 		__builtin_trap();
+	z.st = st;
 	net_stack_start(st);
 	for (size_t k = 0; k < sizeof(payload); k++)
 		payload[k] = (uint8_t)k;
@@ -322,15 +551,16 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (len > size - i)
 			len = size - i;
 		i += len;
+		step_begin(&z);
 		switch (op) {
 		case 0:
-			net_stack_input(st, d, len, 0);
+			feed(&z, d, len, 0);
 			break;
 		case 1:
-			feed_l4(st, d, len, true);
+			feed_l4(&z, d, len, true);
 			break;
 		case 2:
-			feed_l4(st, d, len, false);
+			feed_l4(&z, d, len, false);
 			break;
 		case 3:
 			if (len >= 2)
@@ -375,6 +605,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			break;
 		}
 		}
+		step_end(&z);
 		net_stack_pools(st, &ps);
 		if (ps.conns_used > ps.conns_max || ps.rcv_free > ps.rcv_slots ||
 		    ps.snd_free > ps.snd_slots || ps.syn_received > ps.conns_used)
