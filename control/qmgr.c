@@ -3134,7 +3134,11 @@ cp_attach(struct cplane *cp, unsigned workers)
 		if (r)
 			return r;
 		cp->nworkers = w + 1;
-		if (!(cp->tails[w] = tail_new(cp, cp->spool_dir, w, !cp->cfg.delivery)))
+		/* Direct reads when no delivery thread reads the bodies
+		 * after the tailer (tail_new()). */
+		cp->tails[w] = tail_new(cp, cp->spool_dir, w,
+					!cp->cfg.delivery);
+		if (!cp->tails[w])
 			return -ENOMEM;
 	}
 	return 0;
