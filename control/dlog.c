@@ -53,6 +53,7 @@
 #define SCAN_WIN (1u << 20)
 #define PEND_INIT (64u << 10)
 #define PEND_MAX_DEFAULT (16u << 20)
+#define LAZY_DELAY_DEFAULT_US 10000u
 #define ROTATE_DEFAULT (64ull << 20)
 #define CKPT_BUF (256u << 10)
 #define NAME_MAX_LEN 32
@@ -598,7 +599,10 @@ struct dlog {
 	uint64_t durable_lsn; /* read lock-free */
 	int err;
 	bool stop;
-	bool hurry; /* someone waits for room or a checkpoint: no delay */
+	bool hurry; /* someone waits for room, a checkpoint or a record still
+		     * pending: no delay */
+	bool urgent; /* pending holds a record not appended lazily */
+	uint64_t swapped_lsn; /* last LSN handed to the writer */
 	bool ckpt_active;
 	pthread_t ckpt_thread;
 
@@ -1022,6 +1026,18 @@ writer_main(void *arg)
 			pthread_cond_wait(&l->cv_work, &l->mu);
 		if (!l->pend_len)
 			break;
+		/* Lazy records alone: wait for a record or a waiter that
+		 * wants a flush now, at most lazy_delay_us. */
+		if (!l->urgent && !l->hurry && !l->stop &&
+		    l->p.lazy_delay_us) {
+			struct timespec dl;
+
+			deadline_after(&dl, l->p.lazy_delay_us);
+			while (!l->urgent && !l->hurry && !l->stop &&
+			       pthread_cond_timedwait(&l->cv_work, &l->mu,
+						      &dl) != ETIMEDOUT)
+				;
+		}
 		if (l->p.flush_delay_us && !l->stop && !l->hurry) {
 			struct timespec dl;
 
@@ -1032,6 +1048,7 @@ writer_main(void *arg)
 				;
 		}
 		l->hurry = false;
+		l->urgent = false;
 		buf = l->pend;
 		cap = l->pend_cap;
 		n = l->pend_len;
@@ -1041,6 +1058,7 @@ writer_main(void *arg)
 		l->wbuf_cap = cap;
 		l->pend_len = 0;
 		last = l->last_lsn;
+		l->swapped_lsn = last;
 		pthread_cond_broadcast(&l->cv_room);
 		fd = l->fd;
 		gen = l->gen;
@@ -1093,6 +1111,7 @@ dlog_params_defaults(struct dlog_params *p)
 	memset(p, 0, sizeof(*p));
 	p->rotate_bytes = ROTATE_DEFAULT;
 	p->pending_max = PEND_MAX_DEFAULT;
+	p->lazy_delay_us = LAZY_DELAY_DEFAULT_US;
 }
 
 static int
@@ -1535,12 +1554,12 @@ pend_room(struct dlog *l, size_t need)
 	return true;
 }
 
-uint64_t
-dlog_append(struct dlog *l, const struct dlog_rec *r)
+static uint64_t
+append(struct dlog *l, const struct dlog_rec *r, bool lazy)
 {
 	size_t need;
 	uint64_t lsn;
-	bool was_empty;
+	bool wake;
 
 	if (!l || !r || !dlog_type_is_public(r->type) ||
 	    (r->text_len && !r->text))
@@ -1567,11 +1586,15 @@ dlog_append(struct dlog *l, const struct dlog_rec *r)
 		pthread_cond_wait(&l->cv_room, &l->mu);
 	}
 	(void)dlog_encode_salted(r, l->salt, l->pend + l->pend_len, need);
-	was_empty = l->pend_len == 0;
+	/* The writer waits for the first record, and then, while all it
+	 * has is lazy, for the first one that is not. */
+	wake = l->pend_len == 0 || (!lazy && !l->urgent);
 	l->pend_len += need;
+	if (!lazy)
+		l->urgent = true;
 	lsn = ++l->last_lsn;
 	l->st.appended++;
-	if (was_empty)
+	if (wake)
 		pthread_cond_signal(&l->cv_work);
 	pthread_mutex_unlock(&l->mu);
 	return lsn;
@@ -1579,6 +1602,18 @@ dlog_append(struct dlog *l, const struct dlog_rec *r)
 out_refuse:
 	pthread_mutex_unlock(&l->mu);
 	return 0;
+}
+
+uint64_t
+dlog_append(struct dlog *l, const struct dlog_rec *r)
+{
+	return append(l, r, false);
+}
+
+uint64_t
+dlog_append_lazy(struct dlog *l, const struct dlog_rec *r)
+{
+	return append(l, r, true);
 }
 
 int
@@ -1598,6 +1633,12 @@ dlog_wait(struct dlog *l, uint64_t lsn)
 	if (lsn > l->last_lsn) {
 		pthread_mutex_unlock(&l->mu);
 		return -EINVAL;
+	}
+	if (!l->err && lsn > l->swapped_lsn && !l->hurry) {
+		/* Still pending: maybe behind lazy records only, which
+		 * the writer holds back. */
+		l->hurry = true;
+		pthread_cond_signal(&l->cv_work);
 	}
 	while (!l->err && l->durable_lsn < lsn)
 		pthread_cond_wait(&l->cv_durable, &l->mu);

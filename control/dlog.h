@@ -90,6 +90,9 @@ struct dlog_params {
 	 * arrives; default 0 (natural batching: what accumulated while the
 	 * previous fdatasync ran) */
 	uint64_t flush_delay_us;
+	/* how long records appended with dlog_append_lazy() alone may wait
+	 * for a flush; default 10 ms */
+	uint64_t lazy_delay_us;
 	/* hard cap on bytes waiting for the writer; appenders block above
 	 * it; default 16 MiB, at least DLOG_REC_MAX */
 	uint64_t pending_max;
@@ -148,6 +151,16 @@ struct dlog *dlog_open(const char *dir, const struct dlog_params *p,
  * public type, text NULL with text_len > 0, or called from inside snap()).
  */
 uint64_t dlog_append(struct dlog *l, const struct dlog_rec *r);
+
+/*
+ * The same for a record nobody will dlog_wait() for soon (a delivery's
+ * result: only the release of a finished message waits for it, through
+ * dlog_durable()). It does not start a flush of its own: it goes with the
+ * next one that a dlog_append() or a dlog_wait() starts, or after
+ * lazy_delay_us. Each flush is a device cache flush that the spool's
+ * durable writes, on the same disk, queue behind.
+ */
+uint64_t dlog_append_lazy(struct dlog *l, const struct dlog_rec *r);
 
 /*
  * Block until every record up to lsn is durable. 0, -EINVAL for an LSN not

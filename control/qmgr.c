@@ -696,7 +696,18 @@ log_rec(struct cplane *cp, enum dlog_type type, const struct q_msg *m,
 		.text_len = (uint16_t)(tl < DLOG_TEXT_MAX ? tl : DLOG_TEXT_MAX),
 	};
 
-	return cp->log ? dlog_append(cp->log, &r) : 0;
+	if (!cp->log)
+		return 0;
+	/* What deliveries find out goes with the next flush (an ATTEMPT's,
+	 * or within the log's lazy delay): a flush of its own per result
+	 * was a second device cache flush per message that the spool's
+	 * writes queued behind. A crash before it is the in-flight case
+	 * (the ATTEMPT is durable: counted as a possible duplicate). What
+	 * an operator ordered is flushed at once. */
+	if (type == DLOG_DELETED || type == DLOG_HELD ||
+	    type == DLOG_RELEASED)
+		return dlog_append(cp->log, &r);
+	return dlog_append_lazy(cp->log, &r);
 }
 
 static bool

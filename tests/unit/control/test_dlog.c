@@ -1427,3 +1427,71 @@ Test(dlog, checkpoints_during_concurrent_appends_lose_nothing)
 	dlog_close(l);
 	coll_free(&c);
 }
+
+static uint64_t
+mono_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
+}
+
+/* Lazy records (delivery results) do not start a flush of their own: the
+ * next ordinary append's flush carries them. */
+Test(dlog, lazy_records_wait_for_the_next_flush)
+{
+	struct dlog_params p;
+	struct dlog *l;
+	struct dlog_rec r1 = mk(1), r2 = mk(2);
+	uint64_t a, b;
+
+	dlog_params_defaults(&p);
+	p.lazy_delay_us = 30ull * 1000000; /* longer than the test */
+	l = open_at(root, &p, NULL, NULL);
+	a = dlog_append_lazy(l, &r1);
+	cr_assert_gt(a, 0);
+	usleep(200 * 1000);
+	cr_assert_lt(dlog_durable(l), a, "a lazy record alone was flushed");
+	b = dlog_append(l, &r2);
+	cr_assert_eq(dlog_wait(l, b), 0);
+	cr_assert_geq(dlog_durable(l), a);
+	dlog_close(l);
+}
+
+/* Waiting for a lazy record flushes it at once, not after the delay. */
+Test(dlog, waiting_for_a_lazy_record_flushes_it)
+{
+	struct dlog_params p;
+	struct dlog *l;
+	struct dlog_rec r = mk(1);
+	uint64_t a, t0;
+
+	dlog_params_defaults(&p);
+	p.lazy_delay_us = 30ull * 1000000;
+	l = open_at(root, &p, NULL, NULL);
+	a = dlog_append_lazy(l, &r);
+	t0 = mono_ms();
+	cr_assert_eq(dlog_wait(l, a), 0);
+	cr_assert_lt(mono_ms() - t0, 10000, "the wait sat out the lazy delay");
+	dlog_close(l);
+}
+
+/* Alone, a lazy record is flushed after the delay. */
+Test(dlog, lazy_record_alone_is_flushed_after_the_delay)
+{
+	struct dlog_params p;
+	struct dlog *l;
+	struct dlog_rec r = mk(1);
+	uint64_t a, t0;
+
+	dlog_params_defaults(&p);
+	p.lazy_delay_us = 50 * 1000;
+	l = open_at(root, &p, NULL, NULL);
+	a = dlog_append_lazy(l, &r);
+	t0 = mono_ms();
+	while (dlog_durable(l) < a && mono_ms() - t0 < 20000)
+		usleep(5 * 1000);
+	cr_assert_geq(dlog_durable(l), a, "never flushed");
+	dlog_close(l);
+}
