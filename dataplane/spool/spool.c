@@ -123,6 +123,9 @@ struct spool {
 	struct io_uring own;
 	struct io_uring *ring;
 	bool own_ring;
+	/* The batch buffers are registered with the ring (write_fixed):
+	 * their pages are pinned once, not on every write. */
+	bool fixed_bufs;
 
 	struct batch *b;
 	unsigned nb;
@@ -440,8 +443,13 @@ submit_batch(struct spool *sp, struct batch *b)
 		io_uring_sqe_set_data64(sqe, ud_make(b, OP_NOP));
 		b->cqes_left = 1;
 	} else {
-		io_uring_prep_write(sqe, b->seg->fd, b->buf, (unsigned)b->len,
-				    b->off);
+		if (sp->fixed_bufs)
+			io_uring_prep_write_fixed(sqe, b->seg->fd, b->buf,
+						  (unsigned)b->len, b->off,
+						  (int)b->idx);
+		else
+			io_uring_prep_write(sqe, b->seg->fd, b->buf,
+					    (unsigned)b->len, b->off);
 		io_uring_sqe_set_data64(sqe, ud_make(b, OP_WRITE));
 		b->cqes_left = 1;
 		if (sqe2) {
@@ -1052,6 +1060,12 @@ spool_room_changed(struct spool *sp)
 	return true;
 }
 
+bool
+spool_buffers_registered(const struct spool *sp)
+{
+	return sp->fixed_bufs;
+}
+
 unsigned
 spool_inflight(const struct spool *sp)
 {
@@ -1076,6 +1090,31 @@ ring_entries(unsigned batches)
 	return n;
 }
 
+
+/* Register the batch buffers with the ring. A failure (RLIMIT_MEMLOCK
+ * for an unprivileged user on older kernels, a ring that has buffers
+ * registered already) only costs the per-write pinning: plain writes. */
+static void
+register_bufs(struct spool *sp)
+{
+	struct iovec *iov = calloc(sp->nb, sizeof(*iov));
+	int r = -ENOMEM;
+
+	if (iov) {
+		for (unsigned i = 0; i < sp->nb; i++) {
+			iov[i].iov_base = sp->b[i].buf;
+			iov[i].iov_len = sp->cap;
+		}
+		r = io_uring_register_buffers(sp->ring, iov, sp->nb);
+		free(iov);
+	}
+	sp->fixed_bufs = r == 0;
+	if (r < 0)
+		fd_log(FD_LOG_INFO, "spool",
+		       "event=buffers_not_registered worker=%u err=%d "
+		       "note=\"plain writes\"",
+		       sp->p.worker, -r);
+}
 
 struct spool *
 spool_create(const struct spool_params *p)
@@ -1177,6 +1216,7 @@ spool_create(const struct spool_params *p)
 				       p->worker, -ar);
 		}
 	}
+	register_bufs(sp);
 	snprintf(wdir, sizeof(wdir), "%s/w%02x", p->dir, p->worker);
 	/* A new directory is made durable in its parent: without that a
 	 * power cut can take it back with every segment in it (found by the
@@ -1210,9 +1250,10 @@ spool_create(const struct spool_params *p)
 	}
 	fd_log(FD_LOG_INFO, "spool",
 	       "event=started worker=%u batch_size=%zu batches=%u "
-	       "segment_size=%" PRIu64 " sync=%s",
+	       "segment_size=%" PRIu64 " sync=%s buffers=%s",
 	       p->worker, p->batch_size, p->batches, p->segment_size,
-	       sp->fsync_mode ? "linked_fdatasync" : "rwf_dsync");
+	       sp->fsync_mode ? "linked_fdatasync" : "rwf_dsync",
+	       sp->fixed_bufs ? "registered" : "plain");
 	return sp;
 
 out_prep:
@@ -1222,6 +1263,8 @@ out_wake:
 out_ring:
 	if (sp->own_ring)
 		io_uring_queue_exit(&sp->own);
+	else if (sp->fixed_bufs)
+		io_uring_unregister_buffers(sp->ring); /* nothing in flight */
 out_bufs:
 	for (unsigned i = 0; i < sp->nb; i++)
 		free(sp->b[i].buf);
@@ -1240,6 +1283,8 @@ out_free:
 void
 spool_destroy(struct spool *sp)
 {
+	bool busy = false;
+
 	if (!sp)
 		return;
 	sp->destroying = true;
@@ -1266,6 +1311,7 @@ spool_destroy(struct spool *sp)
 		fd_log(FD_LOG_ERR, "spool",
 		       "event=destroy_busy worker=%u inflight=%u",
 		       sp->p.worker, sp->fifo_n);
+		busy = true;
 	}
 	/* Batches that never completed (the shutdown deadline passed with
 	 * writes held or in the kernel): no verdict will come; their
@@ -1291,6 +1337,11 @@ spool_destroy(struct spool *sp)
 	}
 	if (sp->own_ring)
 		io_uring_queue_exit(&sp->own);
+	else if (sp->fixed_bufs && !sp->abandoned && !busy)
+		/* The worker's ring outlives us. With writes still in the
+		 * kernel, unregistering would wait for them: the ring's
+		 * teardown drops the registration instead. */
+		io_uring_unregister_buffers(sp->ring);
 	for (unsigned i = 0; i < sp->nb; i++)
 		free(sp->b[i].buf);
 	free(sp->msgs);
