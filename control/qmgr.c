@@ -3121,6 +3121,11 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 	       " dlog_records_bad=%" PRIu64 " possible_duplicates=%zu",
 	       cp->n_msgs, finished, cp->n_segs, ost.records,
 	       ost.records_bad, in_flight);
+	/* The counts `finaldotctl status` shows, before the control socket
+	 * can ask: until the queue manager's first pass they were zeros, and
+	 * a restarted daemon with a full queue said it was empty (a
+	 * power-cut test's drain wait took that for "drained"). */
+	publish_stats(cp);
 	cp->dctx.cp = cp;
 	return cp;
 
