@@ -35,7 +35,7 @@
 struct tseg {
 	struct q_seg *qs;
 	int dfd; /* O_DIRECT reader for the walk; -1: not open or not usable */
-	bool dfd_tried;
+	bool dfd_tried; /* set from the start when the tail reads buffered */
 	bool header_ok;
 	bool header_read;
 	uint64_t epoch;
@@ -366,21 +366,14 @@ read_header(struct tail *t, struct tseg *ts)
  * SPOOL_BLOCK). Where the filesystem refuses O_DIRECT (tmpfs) or a read is
  * refused (EINVAL), the segment's ordinary descriptor is used instead.
  */
-struct tread {
-	struct tseg *ts;
-	bool direct;
-};
-
 static long
 tail_read(void *ctx, uint64_t off, void *buf, size_t n)
 {
-	struct tseg *ts = ((struct tread *)ctx)->ts;
+	struct tseg *ts = ctx;
 	long r;
 
 	if (!ts->dfd_tried) {
 		ts->dfd_tried = true;
-		if (!((struct tread *)ctx)->direct)
-			goto buffered;
 		ts->dfd = open(ts->qs->path, O_RDONLY | O_DIRECT | O_CLOEXEC);
 	}
 	if (ts->dfd >= 0 && off % SPOOL_BLOCK == 0 && n % SPOOL_BLOCK == 0) {
@@ -390,7 +383,6 @@ tail_read(void *ctx, uint64_t off, void *buf, size_t n)
 		close(ts->dfd);
 		ts->dfd = -1;
 	}
-buffered:
 	return spool_read_fd(&ts->qs->fd, off, buf, n);
 }
 
@@ -408,7 +400,6 @@ static void
 walk_to(struct tail *t, struct tseg *ts, uint64_t limit)
 {
 	struct walk_ctx wc = {.t = t, .ts = ts};
-	struct tread rc = {.ts = ts, .direct = t->direct};
 	struct spool_walk w;
 	int r;
 
@@ -422,7 +413,7 @@ walk_to(struct tail *t, struct tseg *ts, uint64_t limit)
 		return;
 	memset(&w, 0, sizeof(w));
 	w.read = tail_read;
-	w.read_ctx = &rc;
+	w.read_ctx = ts;
 	w.size = limit;
 	w.start = ts->walked;
 	w.epoch = ts->epoch;
@@ -471,7 +462,8 @@ on_segment(struct tail *t, uint64_t file_no, uint64_t use_seq)
 	if (!qs)
 		return;
 	qm_seg_ref(t->q, qs); /* ours while we follow it */
-	t->segs[t->n_segs++] = (struct tseg){.qs = qs, .dfd = -1};
+	t->segs[t->n_segs++] =
+		(struct tseg){.qs = qs, .dfd = -1, .dfd_tried = !t->direct};
 }
 
 static void
