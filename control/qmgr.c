@@ -2586,6 +2586,19 @@ cp_get_stats(struct cplane *cp, struct cp_stats *st)
 	pthread_mutex_unlock(&cp->mu);
 }
 
+/* CLOCK_REALTIME ms from now, for pthread_cond_timedwait(). */
+static void
+deadline_after_ms(struct timespec *ts, uint64_t ms)
+{
+	clock_gettime(CLOCK_REALTIME, ts);
+	ts->tv_sec += (time_t)(ms / 1000);
+	ts->tv_nsec += (long)((ms % 1000) * 1000000);
+	if (ts->tv_nsec >= 1000000000) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000;
+	}
+}
+
 static void *
 qmgr_main(void *arg)
 {
@@ -2629,12 +2642,7 @@ qmgr_main(void *arg)
 			       cp->st_reclaimed);
 		}
 		idle_ms = busy ? 1 : (idle_ms < 8 ? idle_ms * 2 : 10);
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += (long)(idle_ms * 1000000);
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
+		deadline_after_ms(&ts, idle_ms);
 		pthread_mutex_lock(&cp->mu);
 		if (!cp->res_head && !cp->calls_head && !atomic_load(&cp->stop))
 			pthread_cond_timedwait(&cp->res_cv, &cp->mu, &ts);
@@ -2703,13 +2711,7 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 	struct timespec ts;
 	unsigned n = 0, want;
 
-	clock_gettime(CLOCK_REALTIME, &ts);
-	ts.tv_sec += (time_t)(wait_ms / 1000);
-	ts.tv_nsec += (long)((wait_ms % 1000) * 1000000);
-	if (ts.tv_nsec >= 1000000000) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000;
-	}
+	deadline_after_ms(&ts, wait_ms);
 	pthread_mutex_lock(&cp->mu);
 	/* The slot of the batch handed back is this thread's to use again
 	 * before any other thread can see it free: a thread that just
