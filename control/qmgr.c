@@ -5,7 +5,8 @@
  * Its loop, every iteration (at most every 10 ms when idle, at once when a
  * delivery thread hands a result back):
  *   1. drain every worker's port: the tailers turn durable records into
- *      queued messages (due now);
+ *      queued messages (due now; a tailer reads what became durable in
+ *      batches of up to 512 KiB or 5 ms, tail.h);
  *   2. apply delivery results: per-recipient outcomes, destination
  *      feedback, DSNs, the delivery log;
  *   3. schedule what is due (a min-heap of messages by next attempt):
@@ -1981,6 +1982,8 @@ struct cp_call {
 	struct cp_call *next;
 };
 
+static bool drain_ports(struct cplane *cp);
+
 static bool
 run_calls(struct cplane *cp)
 {
@@ -1992,6 +1995,10 @@ run_calls(struct cplane *cp)
 	pthread_mutex_unlock(&cp->mu);
 	if (!list)
 		return false;
+	/* An operator sees every message answered 250 before the call. */
+	drain_ports(cp);
+	for (unsigned w = 0; w < cp->nworkers; w++)
+		tail_flush(cp->tails[w]);
 	while (list) {
 		struct cp_call *c = list;
 		list = c->next;
@@ -2610,8 +2617,13 @@ qmgr_main(void *arg)
 		bool busy = false;
 		struct timespec ts;
 
+		uint64_t walk_us = UINT64_MAX;
+
 		busy |= run_calls(cp);
 		busy |= drain_ports(cp);
+		for (unsigned w = 0; w < cp->nworkers; w++)
+			busy |= tail_tick(cp->tails[w], fd_now_monotonic_us(),
+					  &walk_us);
 		busy |= apply_results(cp);
 		if (cp->cfg.delivery) {
 			busy |= schedule_due(cp);
@@ -2642,6 +2654,9 @@ qmgr_main(void *arg)
 			       cp->st_reclaimed);
 		}
 		idle_ms = busy ? 1 : (idle_ms < 8 ? idle_ms * 2 : 10);
+		/* A tailer's waiting DURABLE point is walked on time. */
+		if (walk_us != UINT64_MAX && walk_us / 1000 + 1 < idle_ms)
+			idle_ms = walk_us / 1000 + 1;
 		deadline_after_ms(&ts, idle_ms);
 		pthread_mutex_lock(&cp->mu);
 		if (!cp->res_head && !cp->calls_head && !atomic_load(&cp->stop))

@@ -38,8 +38,17 @@ struct tail *tail_new(struct cplane *q, const char *spool_root, unsigned worker,
 		      bool direct);
 void tail_free(struct tail *t);
 
-/* One announcement from the worker's ring. */
+/* One announcement from the worker's ring. A DURABLE point is walked at
+ * once only when 512 KiB or more wait behind it or it is in a later
+ * segment; otherwise by tail_tick() or tail_flush(). */
 void tail_event(struct tail *t, const struct fd_ctl_event *e);
+
+/* Walk a DURABLE point that has waited 5 ms (true: it walked). Otherwise,
+ * when one waits, lowers *next_us to the microseconds until it is due. */
+bool tail_tick(struct tail *t, uint64_t now_us, uint64_t *next_us);
+
+/* Walk what was announced, now (before answering an operator's call). */
+void tail_flush(struct tail *t);
 
 struct tail_stats {
 	uint64_t walked_bytes;

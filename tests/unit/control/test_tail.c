@@ -1,0 +1,344 @@
+/*
+ * The tailer on segments written by the real spool writer, its
+ * announcements fed in as the worker's ring would carry them, and the queue
+ * manager's side (qm_*) replaced by a recorder: when a durable point is
+ * walked (at once, after its delay, before an INDOUBT, on a flush) and that
+ * every committed message reaches the queue once.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "control/qmgr.h"
+#include "control/queue.h"
+#include "control/tail.h"
+#include "finaldot/ctlport.h"
+#include "finaldot/msgid.h"
+#include "spool.h"
+
+#define MAX_EV 4096
+#define MAX_MSG 1024
+
+static char root[64];
+static struct fd_ctl_event ev[MAX_EV];
+static size_t n_ev, fed;
+static uint64_t added[MAX_MSG];
+static size_t n_added;
+static uint64_t indoubt_id;
+static bool indoubt_queued;
+static struct q_seg *segs[64];
+static size_t n_segs;
+
+/* ---- the queue manager's side, recorded ------------------------------- */
+
+struct q_seg *
+qm_seg_get(struct cplane *q, unsigned worker, uint64_t file_no,
+	   uint64_t use_seq)
+{
+	struct q_seg *s;
+
+	(void)q;
+	for (size_t i = 0; i < n_segs; i++)
+		if (segs[i]->use_seq == use_seq)
+			return segs[i];
+	cr_assert_lt(n_segs, 64);
+	s = calloc(1, sizeof(*s));
+	cr_assert_not_null(s);
+	s->worker = worker;
+	s->file_no = file_no;
+	s->use_seq = use_seq;
+	snprintf(s->path, sizeof(s->path), "%s/w%02x/%08llx.seg", root,
+		 worker, (unsigned long long)file_no);
+	s->fd = open(s->path, O_RDONLY | O_CLOEXEC);
+	cr_assert_geq(s->fd, 0, "%s", s->path);
+	segs[n_segs++] = s;
+	return s;
+}
+
+void
+qm_seg_ref(struct cplane *q, struct q_seg *s)
+{
+	(void)q;
+	s->refs++;
+}
+
+void
+qm_seg_unref(struct cplane *q, struct q_seg *s)
+{
+	(void)q;
+	cr_assert_gt(s->refs, 0);
+	s->refs--;
+}
+
+void
+qm_seg_seal(struct cplane *q, struct q_seg *s)
+{
+	(void)q;
+	s->sealed = true;
+}
+
+void
+qm_seg_reclaimed(struct cplane *q, unsigned worker, uint64_t file_no,
+		 uint64_t use_seq)
+{
+	(void)q;
+	(void)worker;
+	(void)file_no;
+	(void)use_seq;
+}
+
+void
+qm_indoubt(struct cplane *q, unsigned worker, uint64_t msgid)
+{
+	(void)q;
+	(void)worker;
+	indoubt_id = msgid;
+	indoubt_queued = false;
+	for (size_t i = 0; i < n_added; i++)
+		indoubt_queued |= added[i] == msgid;
+}
+
+int
+qm_msg_add(struct cplane *q, unsigned worker, uint64_t id,
+	   const struct fd_envelope *env, uint64_t body_len,
+	   uint32_t body_crc, const struct q_piece *pieces, size_t n_pieces,
+	   struct q_seg *env_seg, struct q_seg *end_seg)
+{
+	(void)q;
+	(void)worker;
+	(void)env;
+	(void)body_len;
+	(void)body_crc;
+	(void)pieces;
+	(void)n_pieces;
+	(void)env_seg;
+	(void)end_seg;
+	for (size_t i = 0; i < n_added; i++)
+		cr_assert_neq(added[i], id, "message queued twice");
+	cr_assert_lt(n_added, MAX_MSG);
+	added[n_added++] = id;
+	return 0;
+}
+
+/* ---- the worker's side: the real writer ------------------------------- */
+
+static void
+on_announce(void *ctx, const struct spool_announce *a)
+{
+	(void)ctx;
+	cr_assert_lt(n_ev, MAX_EV);
+	ev[n_ev++] = (struct fd_ctl_event){
+		.type = (uint32_t)a->type,
+		.file_no = a->file_no,
+		.use_seq = a->use_seq,
+		.off = a->off,
+		.msgid = a->msgid,
+	};
+}
+
+static void
+on_done(void *ctx, uint64_t id, int status)
+{
+	(void)ctx;
+	(void)id;
+	cr_assert_eq(status, 0);
+}
+
+static int
+rm_one(const char *p, const struct stat *st, int flag, struct FTW *f)
+{
+	(void)st;
+	(void)flag;
+	(void)f;
+	return remove(p);
+}
+
+static void
+setup(void)
+{
+	strcpy(root, "/var/tmp/fdtail.XXXXXX");
+	cr_assert_not_null(mkdtemp(root));
+	n_ev = fed = n_added = n_segs = 0;
+	indoubt_id = 0;
+}
+
+static void
+teardown(void)
+{
+	for (size_t i = 0; i < n_segs; i++) {
+		close(segs[i]->fd);
+		free(segs[i]);
+	}
+	nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+TestSuite(tail, .init = setup, .fini = teardown, .timeout = 60);
+
+static const char *const rcpts[] = {"r@example.org"};
+
+static struct spool *
+open_spool(void)
+{
+	struct spool_params p;
+
+	spool_params_defaults(&p);
+	p.dir = root;
+	p.worker = 1;
+	p.segment_size = 8u << 20;
+	p.batch_size = 16384;
+	p.batches = 4;
+	p.max_msgs = 4;
+	p.spare_segments = 1;
+	p.done = on_done;
+	p.announce = on_announce;
+	struct spool *sp = spool_create(&p);
+	if (!sp && (errno == EINVAL || errno == ENOSYS || errno == EPERM))
+		cr_skip_test("io_uring or O_DIRECT unavailable");
+	cr_assert_not_null(sp);
+	return sp;
+}
+
+/* One message of n octets, flushed and durable before it returns (one
+ * DURABLE announcement per message, as a quiet session makes). */
+static uint64_t
+write_msg(struct spool *sp, size_t n)
+{
+	struct fd_envelope e = {
+		.mail_from = "s@example.org",
+		.rcpts = rcpts,
+		.n_rcpts = 1,
+		.helo = "h.example",
+		.client_addr = "198.51.100.7",
+		.proto = "ESMTP",
+		.arrival_us = 1712345678901234ull,
+	};
+	static uint8_t body[8192];
+	uint64_t id;
+	int err;
+	struct spool_msg *m = spool_msg_begin(sp, &e, NULL, &id, &err);
+
+	cr_assert_not_null(m);
+	memset(body, 'x', sizeof(body));
+	cr_assert_leq(n, sizeof(body));
+	while (n) {
+		size_t r = spool_room(sp), k = n < r ? n : r;
+		if (!k) {
+			spool_flush(sp);
+			spool_wait(sp);
+			continue;
+		}
+		cr_assert_eq(spool_msg_append(sp, m, body, k), 0);
+		n -= k;
+	}
+	cr_assert_eq(spool_msg_commit(sp, m), 0);
+	spool_flush(sp);
+	while (spool_inflight(sp))
+		cr_assert_geq(spool_wait(sp), 0);
+	return id;
+}
+
+/* Every announcement not fed yet goes to the tailer. */
+static void
+feed(struct tail *t)
+{
+	for (; fed < n_ev; fed++)
+		tail_event(t, &ev[fed]);
+}
+
+static struct tail *
+new_tail(void)
+{
+	struct tail *t = tail_new((struct cplane *)(void *)root, root, 1,
+				  false);
+	cr_assert_not_null(t);
+	return t;
+}
+
+Test(tail, a_durable_point_waits_for_its_delay)
+{
+	struct spool *sp = open_spool();
+	struct tail *t = new_tail();
+	uint64_t next = UINT64_MAX;
+
+	for (int i = 0; i < 3; i++)
+		write_msg(sp, 4000);
+	feed(t);
+	cr_assert_eq(n_added, 0, "walked at once: %zu", n_added);
+	/* Before its delay: not walked, and the caller learns when. */
+	cr_assert_not(tail_tick(t, fd_now_monotonic_us(), &next));
+	cr_assert_leq(next, 5000);
+	cr_assert_eq(n_added, 0);
+	/* After it: walked, all three queued. */
+	next = UINT64_MAX;
+	cr_assert(tail_tick(t, fd_now_monotonic_us() + 5001, &next));
+	cr_assert_eq(n_added, 3);
+	cr_assert_eq(next, UINT64_MAX);
+	/* Nothing waits now. */
+	cr_assert_not(tail_tick(t, fd_now_monotonic_us() + 10000, &next));
+	cr_assert_eq(next, UINT64_MAX);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+Test(tail, a_flush_walks_at_once)
+{
+	struct spool *sp = open_spool();
+	struct tail *t = new_tail();
+
+	write_msg(sp, 1000);
+	write_msg(sp, 2000);
+	feed(t);
+	cr_assert_eq(n_added, 0);
+	tail_flush(t);
+	cr_assert_eq(n_added, 2);
+	tail_flush(t); /* nothing more: nothing twice */
+	cr_assert_eq(n_added, 2);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* The control plane looks an INDOUBT id up in its queue; the message's
+ * DURABLE point, however recent, is walked first. */
+Test(tail, an_indoubt_message_is_queued_before_it_is_looked_up)
+{
+	struct spool *sp = open_spool();
+	struct tail *t = new_tail();
+	uint64_t id = write_msg(sp, 3000);
+
+	on_announce(NULL, &(struct spool_announce){.type = 6, .msgid = id});
+	feed(t);
+	cr_assert_eq(indoubt_id, id);
+	cr_assert(indoubt_queued, "INDOUBT looked up before its message was");
+	cr_assert_eq(n_added, 1);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* Past 512 KiB behind the walk a point is walked without waiting, so the
+ * memory and the reads a backlog of points stands for stay bounded. */
+Test(tail, a_large_backlog_is_walked_without_waiting)
+{
+	struct spool *sp = open_spool();
+	struct tail *t = new_tail();
+	size_t n = 0;
+
+	while (n_added == 0 && n < 300) {
+		write_msg(sp, 8000);
+		n++;
+		feed(t);
+	}
+	cr_assert_gt(n_added, 0, "never walked without a tick");
+	/* 8000-octet messages, one 8 KiB-or-more batch each: the first walk
+	 * comes at 512 KiB, not at the first message. */
+	cr_assert_geq(n, 30, "walked after %zu messages", n);
+	cr_assert_leq(n, 70, "walked after %zu messages", n);
+	tail_flush(t);
+	cr_assert_eq(n_added, n);
+	tail_free(t);
+	spool_destroy(sp);
+}
