@@ -546,6 +546,30 @@ Test(record, crc_combine_matches_oneshot)
 		     fd_crc32c(0, b, 10));
 }
 
+/* Lengths far beyond one message (every bit of the length used): joining
+ * A, B, C as (AB)C and as A(BC) gives one CRC. */
+Test(record, crc_combine_is_associative_at_any_length)
+{
+	unsigned seed = 7;
+
+	for (int i = 0; i < 200; i++) {
+		uint32_t a = (uint32_t)rand_r(&seed), b = (uint32_t)rand_r(&seed);
+		uint32_t c = (uint32_t)rand_r(&seed);
+		uint64_t nb = (uint64_t)rand_r(&seed) << 31 |
+			      (uint64_t)rand_r(&seed);
+		uint64_t nc = (uint64_t)rand_r(&seed) << 17 ^
+			      (uint64_t)rand_r(&seed);
+
+		nb >>= i % 40;
+		uint32_t left = spool_crc32c_combine(
+			spool_crc32c_combine(a, b, nb), c, nc);
+		uint32_t right = spool_crc32c_combine(
+			a, spool_crc32c_combine(b, c, nc), nb + nc);
+		cr_assert_eq(left, right, "lengths %llu %llu",
+			     (unsigned long long)nb, (unsigned long long)nc);
+	}
+}
+
 Test(record, dec_names_distinct)
 {
 	cr_assert_str_eq(spool_dec_name(SPOOL_DEC_OK), "ok");
