@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../testdir.h"
 #include "dlog.h"
 #include "finaldot/log.h"
 
@@ -45,28 +46,18 @@ static uint8_t *img;
 static size_t img_len;
 static bool img_failed;
 
-static int
-rm_one(const char *p, const struct stat *st, int flag, struct FTW *f)
-{
-	(void)st;
-	(void)flag;
-	(void)f;
-	return remove(p);
-}
-
 static void
 setup(void)
 {
 	fd_log_set_level(FD_LOG_ERR); /* warnings are expected here */
-	strcpy(root, "/var/tmp/fddlog.XXXXXX");
-	cr_assert_not_null(mkdtemp(root));
+	fd_test_dir_make(root, sizeof(root), "/var/tmp", "dlog");
 }
 
 static void
 teardown(void)
 {
 	dlog_set_io_hook(NULL, NULL);
-	nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+	fd_test_dir_remove(root);
 	free(img);
 	img = NULL;
 #ifdef DLOG_TEST_ASAN
@@ -903,7 +894,7 @@ Test(dlog, torn_tail_at_every_8_bytes_replays_a_prefix)
 			cr_assert_eq(st.records_bad, 0);
 			dlog_close(l);
 			coll_free(&c);
-			nftw(dir2, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+			fd_test_dir_remove(dir2);
 		}
 	}
 	free(orig);

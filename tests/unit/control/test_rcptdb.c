@@ -13,30 +13,21 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../testdir.h"
 #include "rcptdb.h"
 
 static char dir[64];
 
-static int
-rm_one(const char *p, const struct stat *st, int flag, struct FTW *f)
-{
-	(void)st;
-	(void)flag;
-	(void)f;
-	return remove(p);
-}
-
 static void
 setup(void)
 {
-	strcpy(dir, "/tmp/fdrcptdb.XXXXXX");
-	cr_assert_not_null(mkdtemp(dir));
+	fd_test_dir_make(dir, sizeof(dir), "/tmp", "rcptdb");
 }
 
 static void
 teardown(void)
 {
-	nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+	fd_test_dir_remove(dir);
 }
 
 TestSuite(rcptdb, .init = setup, .fini = teardown, .timeout = 60);

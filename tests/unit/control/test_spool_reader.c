@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../testdir.h"
 #include "finaldot/crc32c.h"
 #include "finaldot/spool_format.h"
 #include "spool.h"
@@ -30,27 +31,17 @@ on_done(void *ctx, uint64_t id, int status)
 	n_ok += status == 0;
 }
 
-static int
-rm_one(const char *p, const struct stat *st, int flag, struct FTW *f)
-{
-	(void)st;
-	(void)flag;
-	(void)f;
-	return remove(p);
-}
-
 static void
 setup(void)
 {
-	strcpy(root, "/var/tmp/fdreader.XXXXXX");
-	cr_assert_not_null(mkdtemp(root));
+	fd_test_dir_make(root, sizeof(root), "/var/tmp", "reader");
 	n_done = n_ok = 0;
 }
 
 static void
 teardown(void)
 {
-	nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+	fd_test_dir_remove(root);
 }
 
 TestSuite(spool_reader, .init = setup, .fini = teardown, .timeout = 60);

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../testdir.h"
 #include "control/qmgr.h"
 #include "control/queue.h"
 #include "control/tail.h"
@@ -149,20 +150,10 @@ on_done(void *ctx, uint64_t id, int status)
 	cr_assert_eq(status, 0);
 }
 
-static int
-rm_one(const char *p, const struct stat *st, int flag, struct FTW *f)
-{
-	(void)st;
-	(void)flag;
-	(void)f;
-	return remove(p);
-}
-
 static void
 setup(void)
 {
-	strcpy(root, "/var/tmp/fdtail.XXXXXX");
-	cr_assert_not_null(mkdtemp(root));
+	fd_test_dir_make(root, sizeof(root), "/var/tmp", "tail");
 	n_ev = fed = n_added = n_segs = 0;
 	indoubt_id = 0;
 }
@@ -174,7 +165,7 @@ teardown(void)
 		close(segs[i]->fd);
 		free(segs[i]);
 	}
-	nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+	fd_test_dir_remove(root);
 }
 
 TestSuite(tail, .init = setup, .fini = teardown, .timeout = 60);

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../testdir.h"
 #include "finaldot/msgid.h"
 #include "spool.h"
 #include "spool_reader.h"
@@ -38,27 +39,17 @@ on_done(void *ctx, uint64_t id, int status)
 	n_done++;
 }
 
-static int
-rm_one(const char *p, const struct stat *st, int flag, struct FTW *f)
-{
-	(void)st;
-	(void)flag;
-	(void)f;
-	return remove(p);
-}
-
 static void
 setup(void)
 {
-	strcpy(root, "/var/tmp/fdspool.XXXXXX");
-	cr_assert_not_null(mkdtemp(root));
+	fd_test_dir_make(root, sizeof(root), "/var/tmp", "spool");
 	n_done = 0;
 }
 
 static void
 teardown(void)
 {
-	nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+	fd_test_dir_remove(root);
 }
 
 TestSuite(spool, .init = setup, .fini = teardown, .timeout = 60);
