@@ -18,6 +18,10 @@ TestSuite(verify);
 
 static atomic_uint connects;
 static atomic_ullong clock_ms;
+/* A probe's connection waits while this is false: a test can keep a
+ * probe pending as long as it needs to (the probe thread could otherwise
+ * finish before the test's next call). */
+static atomic_bool probes_go = true;
 
 static uint64_t
 fake_now(void)
@@ -33,6 +37,8 @@ fake_open(void *ctx, const char *addr, bool connect, char *key, size_t n,
 	*local = strstr(addr, "@local.test") != NULL;
 	snprintf(key, n, "smtp:%s:25", strchr(addr, '@') + 1);
 	if (connect) {
+		while (!atomic_load(&probes_go))
+			usleep(1000);
 		atomic_fetch_add(&connects, 1);
 		if (why) {
 			memset(why, 0, sizeof(*why));
@@ -96,9 +102,11 @@ Test(verify, unreachable_next_hop_stays_not_known_and_is_cached)
 	struct verify *v = start(16);
 	struct verify_stats st;
 
+	atomic_store(&probes_go, false);
 	cr_assert_eq(verify_check(v, "u@down.test"), -1);
-	/* While pending: no second probe queued. */
+	/* While pending: no second probe queued, no answer from the cache. */
 	cr_assert_eq(verify_check(v, "U@Down.Test"), -1);
+	atomic_store(&probes_go, true);
 	wait_probes(v, 1);
 	cr_assert_eq(verify_check(v, "u@down.test"), -1);
 	verify_get_stats(v, &st);
