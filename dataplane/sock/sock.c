@@ -44,6 +44,7 @@
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/filter.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <pthread.h>
@@ -579,39 +580,123 @@ service(struct sock_loop *l)
 }
 
 /*
- * One owner per port (issue 10). Every worker binds its own listener with
- * SO_REUSEPORT, and the kernel lets any socket of the same user join such a
- * group: a second finaldot started on our port would silently take part of
- * our connections. So before any worker binds, the first one to get here
- * claims every configured address for the process:
+ * One owner per port (issue 10). The workers share each address through a
+ * SO_REUSEPORT group, and the kernel lets any socket of the same user join
+ * such a group at any time: a second finaldot (or any program) started on
+ * our port would silently take part of our connections. So the first
+ * worker to get here makes every worker's listener, per address:
  *  1. it binds an abstract unix socket named after the address
  *     ("@finaldot-listen 127.0.0.1:25") and keeps it open for the life of the
  *     process. The name is unique per network namespace (as ports are),
  *     taken atomically and released when the process ends, kill -9
- *     included: of two finaldots started together exactly one gets it;
- *  2. it binds a probe socket to the address WITHOUT SO_REUSEPORT and
- *     closes it: that fails (EADDRINUSE) if anything listens there already,
- *     with or without SO_REUSEPORT: another program, or a finaldot on an
- *     overlapping address (0.0.0.0:25 against 127.0.0.1:25).
- * Then every worker binds as before, and they share the port among
- * themselves. The other workers wait for the claim and share its verdict.
- * XXX a program other than finaldot that binds the port with SO_REUSEPORT,
- * as our user, between the probe and our bind still joins the group: a
- * window of two system calls, for a program that could hijack us anyway.
+ *     included: of two finaldots started together exactly one gets it, and
+ *     the other says "another finaldot listens on this address";
+ *  2. it binds the first listener WITHOUT SO_REUSEPORT: that fails
+ *     (EADDRINUSE) if anything is bound there already, with or without
+ *     SO_REUSEPORT: another program, or a finaldot on an overlapping
+ *     address (0.0.0.0:25 against 127.0.0.1:25). Only then does it set
+ *     SO_REUSEPORT on it and listen, which makes the group with this
+ *     socket first;
+ *  3. it attaches a classic BPF program to the group that picks the
+ *     listener for a new connection among the first `threads` members by a
+ *     hash of the client's address and port: ours, bound next, one per
+ *     worker. A socket that joins later (same user, SO_REUSEPORT) is never
+ *     picked: it gets no connection.
+ * Left: a program of our user that binds with SO_REUSEPORT in the
+ * microseconds between our own binds would take one of our slots in the
+ * group (and one worker's share of connections).
  */
 static pthread_mutex_t claim_mu = PTHREAD_MUTEX_INITIALIZER;
 static bool claim_done;
 static int claim_err;
 static int claim_fds[FD_CONFIG_MAX_LISTEN];
+static int *listen_fds; /* [address * threads + worker]; -1 once taken */
+
+/*
+ * The group's choice (SO_ATTACH_REUSEPORT_CBPF: the program's return is the
+ * member's index; one at or above the group's size would let the kernel
+ * choose among all members). It reads the headers relative to the network
+ * header (SKF_NET_OFF): source port and the last 32 bits of the source
+ * address, mixed, modulo n.
+ */
+static int
+attach_choice(int fd, unsigned n)
+{
+	struct sock_filter code[] = {
+		/* 0: A = IP version */
+		BPF_STMT(BPF_LD | BPF_B | BPF_ABS, (uint32_t)SKF_NET_OFF + 0),
+		BPF_STMT(BPF_ALU | BPF_RSH | BPF_K, 4),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 6, 0, 4),
+		/* 3: IPv6: X = source port (after the 40-octet header),
+		 * A = the source address's last word */
+		BPF_STMT(BPF_LD | BPF_H | BPF_ABS, (uint32_t)SKF_NET_OFF + 40),
+		BPF_STMT(BPF_MISC | BPF_TAX, 0),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, (uint32_t)SKF_NET_OFF + 20),
+		BPF_JUMP(BPF_JMP | BPF_JA, 7, 0, 0),
+		/* 7: IPv4: X = IHL * 4, then X = source port, A = address */
+		BPF_STMT(BPF_LD | BPF_B | BPF_ABS, (uint32_t)SKF_NET_OFF + 0),
+		BPF_STMT(BPF_ALU | BPF_AND | BPF_K, 0xf),
+		BPF_STMT(BPF_ALU | BPF_LSH | BPF_K, 2),
+		BPF_STMT(BPF_MISC | BPF_TAX, 0),
+		BPF_STMT(BPF_LD | BPF_H | BPF_IND, (uint32_t)SKF_NET_OFF + 0),
+		BPF_STMT(BPF_MISC | BPF_TAX, 0),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, (uint32_t)SKF_NET_OFF + 12),
+		/* 14: mix, keep the well-mixed high half, modulo n */
+		BPF_STMT(BPF_ALU | BPF_XOR | BPF_X, 0),
+		BPF_STMT(BPF_ALU | BPF_MUL | BPF_K, 0x9e3779b1u),
+		BPF_STMT(BPF_ALU | BPF_RSH | BPF_K, 16),
+		BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, n),
+		BPF_STMT(BPF_RET | BPF_A, 0),
+	};
+	struct sock_fprog prog = {
+		.len = (unsigned short)(sizeof(code) / sizeof(code[0])),
+		.filter = code,
+	};
+
+	if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog,
+		       sizeof(prog)) != 0)
+		return -errno;
+	return 0;
+}
+
+/* A listener for li; first: bound without SO_REUSEPORT (see above). */
+static int
+open_listener(const struct fd_listen *li, bool first)
+{
+	int one = 1, r = 0;
+	int fd = socket(li->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		return -errno;
+	/* SO_REUSEADDR: a port whose last connections sit in TIME_WAIT is
+	 * free for a listener. */
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (li->addr.ss_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+	if (!first)
+		setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+	if (bind(fd, (const struct sockaddr *)&li->addr, li->addrlen) != 0)
+		r = -errno;
+	if (!r && first &&
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
+		r = -errno;
+	if (!r && listen(fd, 4096) != 0)
+		r = -errno;
+	if (r) {
+		close(fd);
+		return r;
+	}
+	return fd;
+}
 
 static int
-claim_one(const struct fd_listen *li, int *lock_fd)
+claim_one(const struct fd_listen *li, int *lock_fd, int *fds, unsigned n)
 {
 	struct sockaddr_un un;
 	char host[INET6_ADDRSTRLEN] = "?";
 	unsigned port = 0;
 	socklen_t ulen;
-	int one = 1, fd, r = 0;
+	int r = 0;
 
 	if (li->addr.ss_family == AF_INET) {
 		const struct sockaddr_in *a = (const void *)&li->addr;
@@ -625,12 +710,12 @@ claim_one(const struct fd_listen *li, int *lock_fd)
 	memset(&un, 0, sizeof(un));
 	un.sun_family = AF_UNIX;
 	/* sun_path[0] = 0: the abstract namespace (no file). */
-	int n = snprintf(un.sun_path + 1, sizeof(un.sun_path) - 1,
-			 "finaldot-listen %s%s%s:%u",
-			 li->addr.ss_family == AF_INET6 ? "[" : "", host,
-			 li->addr.ss_family == AF_INET6 ? "]" : "", port);
+	int len = snprintf(un.sun_path + 1, sizeof(un.sun_path) - 1,
+			   "finaldot-listen %s%s%s:%u",
+			   li->addr.ss_family == AF_INET6 ? "[" : "", host,
+			   li->addr.ss_family == AF_INET6 ? "]" : "", port);
 	ulen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 +
-			   (size_t)n);
+			   (size_t)len);
 	*lock_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (*lock_fd < 0)
 		return -errno;
@@ -645,26 +730,34 @@ claim_one(const struct fd_listen *li, int *lock_fd)
 		*lock_fd = -1;
 		return r;
 	}
-	fd = socket(li->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return -errno;
-	/* SO_REUSEADDR as the listeners have it: a port whose last
-	 * connections sit in TIME_WAIT is free for a listener. */
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (li->addr.ss_family == AF_INET6)
-		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-	if (bind(fd, (const struct sockaddr *)&li->addr, li->addrlen) != 0) {
-		r = -errno;
-		fd_log(FD_LOG_ERR, "sock",
-		       "event=listen_failed addr=%s error=\"%s\"", li->text,
-		       r == -EADDRINUSE
-			       ? "address in use by another process"
-			       : strerror(-r));
+	for (unsigned k = 0; k < n; k++) {
+		fds[k] = open_listener(li, k == 0);
+		if (fds[k] < 0) {
+			r = fds[k];
+			fd_log(FD_LOG_ERR, "sock",
+			       "event=listen_failed addr=%s error=\"%s\"",
+			       li->text,
+			       r == -EADDRINUSE && k == 0
+				       ? "address in use by another process"
+				       : strerror(-r));
+			while (k--) {
+				close(fds[k]);
+				fds[k] = -1;
+			}
+			return r;
+		}
+		if (k == 0 && (r = attach_choice(fds[0], n)) != 0)
+			/* Connections still reach us; a later joiner of our
+			 * user could take a share: said, not fatal. */
+			fd_log(FD_LOG_WARN, "sock",
+			       "event=reuseport_filter_failed addr=%s "
+			       "error=\"%s\"", li->text, strerror(-r));
 	}
-	close(fd);
-	return r;
+	return 0;
 }
 
+/* Every address claimed, with one listener per worker; the first caller
+ * does it, the others share its verdict. */
 static int
 claim_ports(const struct fd_config *cfg)
 {
@@ -673,33 +766,50 @@ claim_ports(const struct fd_config *cfg)
 	pthread_mutex_lock(&claim_mu);
 	if (!claim_done) {
 		claim_done = true;
+		listen_fds = malloc((size_t)cfg->n_listen * cfg->threads *
+				    sizeof(*listen_fds));
+		if (!listen_fds && cfg->n_listen)
+			claim_err = -ENOMEM;
+		for (size_t k = 0; listen_fds &&
+				   k < (size_t)cfg->n_listen * cfg->threads;
+		     k++)
+			listen_fds[k] = -1;
 		for (unsigned i = 0; i < cfg->n_listen && claim_err == 0; i++)
-			claim_err = claim_one(&cfg->listen[i], &claim_fds[i]);
+			claim_err = claim_one(&cfg->listen[i], &claim_fds[i],
+					      listen_fds + i * cfg->threads,
+					      cfg->threads);
 	}
 	r = claim_err;
 	pthread_mutex_unlock(&claim_mu);
 	return r;
 }
 
+/* Worker `id`'s listener for address i (made by claim_ports()); it is the
+ * worker's from now on. */
 static int
-open_listener(const struct fd_listen *li)
+take_listener(const struct fd_config *cfg, unsigned i, unsigned id)
 {
-	int one = 1;
-	int fd = socket(li->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	int fd;
 
-	if (fd < 0)
-		return -errno;
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-	if (li->addr.ss_family == AF_INET6)
-		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-	if (bind(fd, (const struct sockaddr *)&li->addr, li->addrlen) != 0 ||
-	    listen(fd, 4096) != 0) {
-		int e = -errno;
-		close(fd);
-		return e;
-	}
+	pthread_mutex_lock(&claim_mu);
+	fd = listen_fds[i * cfg->threads + id];
+	listen_fds[i * cfg->threads + id] = -1;
+	pthread_mutex_unlock(&claim_mu);
 	return fd;
+}
+
+/* A worker that ends before it took its listeners closes them: left in
+ * the group they would be picked for connections nobody accepts. */
+static void
+drop_listeners(const struct fd_config *cfg, unsigned id)
+{
+	if (!listen_fds)
+		return;
+	for (unsigned i = 0; i < cfg->n_listen; i++) {
+		int fd = take_listener(cfg, i, id);
+		if (fd >= 0)
+			close(fd);
+	}
 }
 
 static int
@@ -811,13 +921,13 @@ sock_worker_run(struct fd_worker *w)
 	if ((r = fd_worker_start(w, &l->ring, conn_wake)) < 0)
 		goto out_fini;
 	for (unsigned i = 0; i < w->cfg->n_listen; i++) {
-		int fd = open_listener(&w->cfg->listen[i]);
+		int fd = take_listener(w->cfg, i, w->id);
 		if (fd < 0) {
-			r = fd;
+			r = -EBADF;
 			fd_log(FD_LOG_ERR, "sock",
 			       "worker=%u event=listen_failed addr=%s "
-			       "error=\"%s\"",
-			       w->id, w->cfg->listen[i].text, strerror(-r));
+			       "error=\"no listener for this worker\"",
+			       w->id, w->cfg->listen[i].text);
 			goto out_worker;
 		}
 		l->listeners[i] = (struct sock_listener){
@@ -904,6 +1014,7 @@ out_worker:
 out_fini:
 	loop_fini(l);
 out_free:
+	drop_listeners(w->cfg, w->id);
 	free(l);
 	return w->exit_status = r;
 }

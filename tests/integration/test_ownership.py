@@ -8,13 +8,20 @@
     still takes every connection (all greetings carry its hostname);
   - two started at the same moment on one port: exactly one gets it;
   - the spool lock does not outlive its holder: after kill -9 a new daemon
-    starts on the same spool and port at once."""
+    starts on the same spool and port at once;
+  - a program of our user listening with SO_REUSEPORT before the start
+    makes the start fail (no shared group); one that joins the group
+    after the start (the kernel lets it) gets no connection, and both
+    workers still get theirs."""
+import json
 import os
 import re
+import socket
+import subprocess
 import time
 
 import fdtest
-from fdtest import Daemon, check, queued_id
+from fdtest import Daemon, FINALDOTCTL, check, queued_id
 
 HOST1 = "mx.test"  # Daemon's --hostname
 HOST2 = "intruder.test"
@@ -116,11 +123,86 @@ def restart_after_kill9():
                       "the lock file names the new owner")
 
 
+def early_reuseport_listener():
+    """A program of our user already listening with SO_REUSEPORT: finaldot
+    does not join its group (its first bind is exclusive)."""
+    port = fdtest.free_port()
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", port))
+    other.listen(8)
+    try:
+        with Daemon(port=port, wait_ready=False) as d:
+            wait_exit(d, "port held by a SO_REUSEPORT listener")
+            log = d.read_log()
+            check(re.search(r"event=listen_failed .*in use by another "
+                            r"process", log), f"no clear listen error:\n{log}")
+    finally:
+        other.close()
+
+
+def late_reuseport_joiner(n=64):
+    with Daemon(threads=2) as d1:
+        intruder = socket.socket()
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            # The kernel's rule: same user, SO_REUSEPORT on every member.
+            intruder.bind(("127.0.0.1", d1.port))
+            intruder.listen(64)
+        except OSError as e:
+            intruder.close()
+            check(False, f"joining the group was refused ({e}): the "
+                  "kernel changed; this test needs rethinking")
+        intruder.setblocking(False)
+        stolen = 0
+        greetings = set()
+        try:
+            for _ in range(n):
+                c = d1.connect(timeout=5)
+                try:
+                    while True:
+                        a, _ = intruder.accept()
+                        stolen += 1
+                        a.close()
+                except BlockingIOError:
+                    pass
+                if stolen == 0:
+                    greetings.add(c.expect(220)[0].split()[1])
+                c.close()
+        finally:
+            intruder.close()
+        check(stolen == 0, f"the late joiner took {stolen} of {n} "
+              "connections")
+        check(greetings == {HOST1}, f"greetings {greetings}")
+        # The workers publish their counters now and then: wait for all.
+        deadline = time.time() + 15
+        while True:
+            r = subprocess.run([FINALDOTCTL, "--control",
+                                os.path.join(d1.tmp, "control.sock"),
+                                "status", "--json"], capture_output=True,
+                               timeout=30)
+            check(r.returncode == 0, f"finaldotctl status: {r.stderr!r}")
+            per = [w["sessions_total"]
+                   for w in json.loads(r.stdout)["workers"]]
+            if sum(per) >= n or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        # 64 connections split by a hash of the client port: each worker
+        # gets some (all to one would be a broken choice, p < 1e-18).
+        check(len(per) == 2 and min(per) > 0 and sum(per) == n,
+              f"sessions per worker {per}")
+
+
 same_spool()
 same_port()
 same_port(wildcard=True)
 started_together()
 restart_after_kill9()
+early_reuseport_listener()
+late_reuseport_joiner()
 print("ok: a second daemon on the spool exits 1 naming the owner's pid; on "
       "the port (same or wildcard address) it fails to start and the "
-      "first keeps every connection; kill -9 leaves no stale lock")
+      "first keeps every connection; kill -9 leaves no stale lock; a late "
+      "SO_REUSEPORT joiner gets no connection")
