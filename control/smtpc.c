@@ -1997,6 +1997,25 @@ tx_all_ok(const struct smtpc_tx *t, unsigned n_ok)
 	return true;
 }
 
+/* Message t on its own, from READY (too big for the pipeline: its
+ * envelope, or a body over PIECE_LEN that smtpc_send() streams); open: the
+ * last transaction was left open, an RSET closes it first. *done is set
+ * once smtpc_send() ran (its outcome is in t, and its error, < 0, is
+ * returned: the connection is gone); an error before that leaves it. */
+static int
+send_alone(struct smtpc *c, struct smtpc_tx *t, bool open, bool *done)
+{
+	int rc = open ? do_rset(c) : 0;
+
+	if (rc < 0)
+		return rc;
+	enter_state(c, ST_READY);
+	t->rc = smtpc_send(c, t->m, &t->mail, t->rcpt, t->data);
+	t->last_out = c->last_out;
+	*done = true;
+	return t->rc < 0 ? t->rc : 0;
+}
+
 /* With CHUNKING: RSET (between transactions), MAIL, RCPTs, BDAT n LAST and
  * the body of every message, as many as the limits allow in one write,
  * then all their replies. A body that cannot be read whole is found before
@@ -2080,18 +2099,8 @@ many_bdat(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 			}
 		}
 		if (rc == 0 && alone) {
-			/* Too big for the pipeline: on its own, from READY
-			 * (an RSET closes what the last one left open). */
-			if (open)
-				rc = do_rset(c);
-			if (rc == 0)
-				enter_state(c, ST_READY);
-			if (rc == 0) {
-				tx[i].rc = smtpc_send(c, tx[i].m, &tx[i].mail,
-						      tx[i].rcpt, tx[i].data);
-				tx[i].last_out = c->last_out;
-				rc = tx[i].rc < 0 ? tx[i].rc : 0;
-				done[i] = true;
+			rc = send_alone(c, &tx[i], open, &done[i]);
+			if (done[i]) {
 				/* A refusal may have left it open, as in the
 				 * pipeline: the next one starts with an RSET
 				 * (pipelined, free), the batch ends with one. */
@@ -2138,24 +2147,21 @@ many_data(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 		}
 		k = tx_queue_envelope(c, t, rset, &rc);
 		if (k == 0) {
-			/* Too big for the pipeline: alone, from READY. */
+			/* Too big for the pipeline: what is queued goes and
+			 * is answered first. */
 			rc = out_flush(c);
 			if (rc == 0 && pend >= 0) {
 				rc = tx_read_final(c, &tx[pend], pend_ok);
 				done[pend] = rc == 0;
 				pend = -1;
 			}
-			if (rc == 0 && need_rset)
-				rc = do_rset(c);
+			if (rc == 0)
+				rc = send_alone(c, t, need_rset, &done[i]);
+			if (rc < 0 && done[i])
+				return rc; /* smtpc_send() said it all */
 			if (rc < 0)
 				break;
 			need_rset = false;
-			enter_state(c, ST_READY);
-			t->rc = smtpc_send(c, t->m, &t->mail, t->rcpt, t->data);
-			t->last_out = c->last_out;
-			done[i] = true;
-			if (t->rc < 0)
-				return t->rc;
 			continue;
 		}
 		if (rc == 0)
