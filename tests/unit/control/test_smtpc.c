@@ -2873,6 +2873,72 @@ Test(smtpc, many_bdat_long_envelope_body_read_once)
 	cr_assert_eq(ob.ends, 1, "end of body read %u times", ob.ends);
 }
 
+/* The same without CHUNKING: message 1's only recipient refused, its
+ * pipelined DATA refused; message 2's envelope is too long for the
+ * pipeline, so it goes alone, after an RSET that closes message 1's
+ * transaction (MAIL was accepted). */
+Test(smtpc, many_data_long_envelope_goes_alone_after_rset)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_P,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "DATA\r\n",
+		  "250 ok\r\n550 5.1.1 r unknown\r\n"
+		  "554 5.5.1 no valid recipients\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT TO:<0", NULL },
+		{ "RCPT TO:<1", NULL },
+		{ "RCPT TO:<2", NULL },
+		{ "RCPT TO:<3", NULL },
+		{ "RCPT TO:<4", NULL },
+		{ "RCPT TO:<5", NULL },
+		{ "RCPT TO:<6", NULL },
+		{ "RCPT TO:<7", NULL },
+		{ "RCPT TO:<8",
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n"
+		  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n" },
+		{ "DATA\r\n", "354 go\r\n" },
+		{ ".", "250 2.0.0 queued as M2\r\n" },
+		{ "RSET\r\n", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	static char addr[9][1901];
+	const char *r9[9];
+	struct smtpc_reply rcpt9[9], data9[9];
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[2];
+	struct bmsg bm[2];
+
+	for (int i = 0; i < 9; i++) {
+		memset(addr[i], 'a' + i, 1900);
+		addr[i][0] = (char)('0' + i);
+		memcpy(addr[i] + 1890, "@y.test", 8);
+		r9[i] = addr[i];
+	}
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", r9, 1, "two\r\n");
+	bm[1].m.n_rcpts = 9;
+	tx[1].rcpt = rcpt9;
+	tx[1].data = data9;
+	cr_assert_eq(smtpc_send_many(c, tx, 2), 0);
+	cr_assert_eq(tx[0].rc, 0);
+	cr_assert_not(tx[0].last_out);
+	peer_said(&tx[0].rcpt[0], "550 5.1.1 r unknown");
+	delivered(&tx[1], "250 2.0.0 queued as M2");
+	cr_assert_eq(smtpc_rset(c), 0);
+	smtpc_quit(c);
+	srv_end(s);
+	cr_assert_eq(s->ahead[5], 0); /* the RSET awaited its reply */
+	cr_assert_eq(s->n_bodies, 1);
+	body_is(s, 0, "two\r\n", 5);
+	srv_free(s);
+}
+
 /* 9. No PIPELINING: smtpc_send() for each message, every command waiting
  * for its reply, no RSET between them. */
 Test(smtpc, many_without_pipelining_one_command_at_a_time)
