@@ -131,6 +131,11 @@ static const struct opt options[] = {
 	{"flush_inflight", NULL, OPT_UINT, F(flush_inflight), 0, "N",
 	 "group commit: while N durable writes are in flight, arriving "
 	 "messages wait to share the next one (default 1)"},
+	{"spool_sync", NULL, OPT_STR, F(spool_sync), S(spool_sync),
+	 "auto|dsync|fdatasync",
+	 "how a spool write is made durable: RWF_DSYNC on the write, or a "
+	 "linked fdatasync after it; auto: fdatasync where the spool's disk "
+	 "has no FUA, dsync otherwise (default auto)"},
 	{"spare_segments", NULL, OPT_UINT, F(spare_segments), 0, "N",
 	 "pre-zeroed segments kept ready per worker (default 2)"},
 	{"max_segments", NULL, OPT_U64, F(max_segments), 0, "N",
@@ -277,6 +282,7 @@ fd_config_defaults(struct fd_config *c)
 	c->batch_size = 256u << 10;
 	c->batches = 8;
 	c->flush_inflight = 1;
+	strcpy(c->spool_sync, "auto");
 	c->spare_segments = 2;
 	c->max_segments = 0;
 	c->log_level = FD_LOG_INFO;
@@ -768,6 +774,11 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 		fprintf(err, "batches must be >= 2, flush_inflight between 1 "
 			     "and batches, max_connections and max_recipients "
 			     ">= 1\n");
+		return -EINVAL;
+	}
+	if (strcmp(c->spool_sync, "auto") && strcmp(c->spool_sync, "dsync") &&
+	    strcmp(c->spool_sync, "fdatasync")) {
+		fprintf(err, "spool_sync must be auto, dsync or fdatasync\n");
 		return -EINVAL;
 	}
 	if (strcmp(c->dpdk_offloads, "auto") && strcmp(c->dpdk_offloads, "none") &&

@@ -34,6 +34,7 @@
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "sock/sock.h"
+#include "spool/spool.h"
 #include "spool/spool_lock.h"
 #include "tls/tls.h"
 #include "worker.h"
@@ -538,6 +539,15 @@ main(int argc, char **argv)
 	}
 	if (cfg.transport == FD_TRANSPORT_KERNEL)
 		fd_limit_check(&cfg);
+	{
+		char sync_why[96];
+		cfg.spool_fdatasync =
+			spool_sync_linked(cfg.spool_dir, cfg.spool_sync,
+					  sync_why, sizeof(sync_why));
+		fd_log(FD_LOG_INFO, "main",
+		       "event=spool_sync mode=%s reason=\"%s\"",
+		       cfg.spool_fdatasync ? "fdatasync" : "dsync", sync_why);
+	}
 	if (!(scan = recover(cfg.spool_dir, seeds)))
 		return 1;
 	cp = cp_create(&cc, scan, &err);

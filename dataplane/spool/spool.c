@@ -55,6 +55,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "finaldot/crc32c.h"
@@ -1114,6 +1115,46 @@ register_bufs(struct spool *sp)
 		       "event=buffers_not_registered worker=%u err=%d "
 		       "note=\"plain writes\"",
 		       sp->p.worker, -r);
+}
+
+bool
+spool_sync_linked(const char *dir, const char *mode, char *why, size_t n)
+{
+	char path[96];
+	struct stat st;
+	int fd = -1;
+	char v = 0;
+
+	if (strcmp(mode, "auto") != 0) {
+		snprintf(why, n, "configured");
+		return strcmp(mode, "fdatasync") == 0;
+	}
+	if (stat(dir, &st) != 0) {
+		snprintf(why, n, "auto: cannot stat the spool (%s)",
+			 strerror(errno));
+		return false;
+	}
+	/* The device itself, then (a partition) the disk above it. */
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/fua",
+		 major(st.st_dev), minor(st.st_dev));
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		snprintf(path, sizeof(path),
+			 "/sys/dev/block/%u:%u/../queue/fua",
+			 major(st.st_dev), minor(st.st_dev));
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+	}
+	if (fd < 0 || read(fd, &v, 1) != 1 || (v != '0' && v != '1')) {
+		if (fd >= 0)
+			close(fd);
+		snprintf(why, n, "auto: no block device %u:%u to ask",
+			 major(st.st_dev), minor(st.st_dev));
+		return false;
+	}
+	close(fd);
+	snprintf(why, n, "auto: device %u:%u %s FUA", major(st.st_dev),
+		 minor(st.st_dev), v == '1' ? "has" : "has no");
+	return v == '0';
 }
 
 struct spool *

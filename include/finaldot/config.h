@@ -77,6 +77,8 @@ struct fd_config {
 	uint64_t batch_size;
 	unsigned batches;
 	unsigned flush_inflight;
+	char spool_sync[16]; /* auto|dsync|fdatasync */
+	bool spool_fdatasync; /* spool_sync resolved at start (not an option) */
 	unsigned spare_segments;
 	uint64_t max_segments;
 

@@ -8,10 +8,12 @@ subset of unflushed 512-byte / 4 KiB sectors: torn, reordered writes),
 unmount, mount what survived, restart the daemon, and check that every
 message whose 250 a client saw is there, byte-identical.
 
-Usage: test_powercut.py [ROUNDS] [SEED] [--mutant SPEC]
+Usage: test_powercut.py [ROUNDS] [SEED] [--mutant SPEC] [--sync MODE]
   --mutant SPEC   run with FINALDOT_SPOOL_FAULT=SPEC (no-dsync, no-dirsync:
                   durability removed) and PASS only if a loss is detected:
                   proof that the simulator catches missing durability.
+  --sync MODE     the daemon's --spool-sync (dsync or fdatasync; default:
+                  auto, which is dsync on fdpowerfs: no block device).
 Environment: FDPOWERFS (the simulator binary), FINALDOT, FINALDOTCTL.
 Exits 0 pass, 1 fail, 77 skip (no FUSE, no simulator, no seam)."""
 import os
@@ -28,6 +30,10 @@ import crashload  # noqa: E402
 from fdtest import CRLF, Daemon, check, strip_received  # noqa
 from powerfs import PowerFS, loop_args, need_powerfs  # noqa: E402
 
+SYNC = None
+if "--sync" in sys.argv:
+    SYNC = sys.argv[sys.argv.index("--sync") + 1]
+    del sys.argv[sys.argv.index("--sync"):sys.argv.index("--sync") + 2]
 ROUNDS, SEED, MUTANT = loop_args()
 CLIENTS = 6
 WORKERS = 2
@@ -53,15 +59,16 @@ def main():
     need_powerfs(MUTANT)
     rng = random.Random(SEED)
     print(f"powercut: {ROUNDS} rounds, seed {SEED}, "
-          f"mutant {MUTANT or 'none'}", flush=True)
+          f"mutant {MUTANT or 'none'}, sync {SYNC or 'auto'}", flush=True)
     work = tempfile.mkdtemp(prefix="fdpowercut-")
     fs = PowerFS(work)
     acked, lost_total, cuts = [], set(), []
     env = {"FINALDOT_SPOOL_FAULT": MUTANT} if MUTANT else None
     try:
         fs.mount()
+        sync = ("--spool-sync", SYNC) if SYNC else ()
         with Daemon("--segment-size", "2M", "--batch-size", "64k",
-                    "--control", os.path.join(work, "ctl.sock"),
+                    "--control", os.path.join(work, "ctl.sock"), *sync,
                     threads=WORKERS, spool=os.path.join(fs.mnt, "spool"),
                     env=env) as d:
             for rnd in range(ROUNDS):
@@ -86,6 +93,14 @@ def main():
                           f"no durable write reached fdpowerfs: {st}")
                     check(int(st["fsyncdirs"]) > 0,
                           f"no directory fsync reached fdpowerfs: {st}")
+                if rnd == 0 and SYNC:
+                    want = {"dsync": "rwf_dsync",
+                            "fdatasync": "linked_fdatasync"}[SYNC]
+                    check(f"sync={want} " in d.read_log(),
+                          f"the spool did not run {want}")
+                    if SYNC == "fdatasync" and not MUTANT:
+                        check(int(st["fdatasyncs"]) > 0,
+                              f"no fdatasync reached fdpowerfs: {st}")
                 mode = rng.choice(MODES)
                 cseed = rng.randrange(1 << 32)
                 fs.cut(mode, cseed)

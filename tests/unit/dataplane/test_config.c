@@ -132,6 +132,28 @@ Test(config, file_errors_name_the_line)
 	unlink(path);
 }
 
+/* The spool's durable write: auto by default, the two modes by name,
+ * anything else an error naming the choices. */
+Test(config, spool_sync_modes)
+{
+	char *a0[] = {"finaldot"};
+	cr_assert_eq(parse(1, a0), 0);
+	cr_assert_str_eq(c.spool_sync, "auto");
+	setup();
+	char *a1[] = {"finaldot", "--spool-sync", "fdatasync"};
+	cr_assert_eq(parse(3, a1), 0, "%s", errbuf);
+	cr_assert_str_eq(c.spool_sync, "fdatasync");
+	setup();
+	char *a2[] = {"finaldot", "--spool-sync", "dsync"};
+	cr_assert_eq(parse(3, a2), 0, "%s", errbuf);
+	setup();
+	char *a3[] = {"finaldot", "--spool-sync", "fsync"};
+	cr_assert_neq(parse(3, a3), 0);
+	fflush(err);
+	cr_assert(strstr(errbuf, "spool_sync must be auto, dsync or fdatasync"),
+		  "%s", errbuf);
+}
+
 Test(config, bad_values_are_errors)
 {
 	char *a1[] = {"finaldot", "--threads", "many"};

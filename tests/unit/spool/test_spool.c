@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "../testdir.h"
@@ -929,4 +931,43 @@ Test(spool, damaged_header_magic_byte_never_reused)
 Test(spool, zeroed_header_block_never_reused)
 {
 	damaged_header_kept(0, true);
+}
+
+/* spool_sync_linked(): named modes as named; auto asks the disk under
+ * the directory (its queue/fua in sysfs) and takes dsync where there is
+ * no block device to ask (tmpfs). */
+Test(spool, sync_mode_choice)
+{
+	char why[96], path[128], v = 0;
+	struct stat st;
+	int fd;
+
+	cr_assert(spool_sync_linked(root, "fdatasync", why, sizeof(why)));
+	cr_assert_not(spool_sync_linked(root, "dsync", why, sizeof(why)));
+	cr_assert_str_eq(why, "configured");
+	if (stat("/dev/shm", &st) == 0 && major(st.st_dev) == 0) {
+		cr_assert_not(spool_sync_linked("/dev/shm", "auto", why,
+						sizeof(why)));
+		cr_assert(strstr(why, "no block device"), "%s", why);
+	}
+	cr_assert_eq(stat(root, &st), 0);
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/fua",
+		 major(st.st_dev), minor(st.st_dev));
+	fd = open(path, O_RDONLY);
+	if (fd < 0) {
+		snprintf(path, sizeof(path),
+			 "/sys/dev/block/%u:%u/../queue/fua",
+			 major(st.st_dev), minor(st.st_dev));
+		fd = open(path, O_RDONLY);
+	}
+	if (fd < 0) {
+		fd_test_dir_remove(root); /* a skip does not reach .fini */
+		cr_skip_test("no queue/fua for %s's device", root);
+	}
+	cr_assert_eq(read(fd, &v, 1), 1);
+	close(fd);
+	cr_assert_eq(spool_sync_linked(root, "auto", why, sizeof(why)),
+		     v == '0', "%s", why);
+	cr_assert(strstr(why, v == '0' ? "has no FUA" : "has FUA"), "%s",
+		  why);
 }
