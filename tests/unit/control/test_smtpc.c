@@ -2781,6 +2781,28 @@ order_read(void *ctx, uint64_t off, void *buf, size_t n)
 	return k;
 }
 
+/* Message 1 to one recipient; message 2 to nine of 1,900 octets each:
+ * over 16 KiB of commands, too long for one pipelined group. */
+static void
+long_envelope_tx(struct smtpc_tx tx[2], struct bmsg bm[2],
+		 struct smtpc_reply rcpt9[9], struct smtpc_reply data9[9])
+{
+	static char addr[9][1901];
+	static const char *r9[9];
+
+	for (int i = 0; i < 9; i++) {
+		memset(addr[i], 'a' + i, 1900);
+		addr[i][0] = (char)('0' + i);
+		memcpy(addr[i] + 1890, "@y.test", 8);
+		r9[i] = addr[i];
+	}
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", r9, 1, "two\r\n");
+	bm[1].m.n_rcpts = 9;
+	tx[1].rcpt = rcpt9;
+	tx[1].data = data9;
+}
+
 /* A message whose commands exceed what one pipelined group takes (over
  * 16 KiB: nine recipients of 1900 octets) goes alone too, after an RSET
  * when the transaction before it may be open (its recipient refused).
@@ -2814,27 +2836,15 @@ long_envelope(struct order_body *ob)
 		QUIT,
 		END,
 	};
-	static char addr[9][1901];
-	const char *r9[9];
 	struct smtpc_reply rcpt9[9], data9[9];
 	struct srv *s = srv_start(st, false);
 	struct smtpc *c = open_to(s, SMTPC_SMTP);
 	struct smtpc_tx tx[2];
 	struct bmsg bm[2];
 
-	for (int i = 0; i < 9; i++) {
-		memset(addr[i], 'a' + i, 1900);
-		addr[i][0] = (char)('0' + i);
-		memcpy(addr[i] + 1890, "@y.test", 8);
-		r9[i] = addr[i];
-	}
-	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
-	BM(&tx[1], &bm[1], "s2@x.test", r9, 1, "two\r\n");
-	bm[1].m.n_rcpts = 9;
+	long_envelope_tx(tx, bm, rcpt9, data9);
 	bm[1].m.body = order_read;
 	bm[1].m.body_ctx = ob;
-	tx[1].rcpt = rcpt9;
-	tx[1].data = data9;
 	cr_assert_eq(smtpc_send_many(c, tx, 2), 0);
 	cr_assert_eq(tx[0].rc, 0);
 	peer_said(&tx[0].data[0], "550 5.1.1 r unknown");
@@ -2906,25 +2916,13 @@ Test(smtpc, many_data_long_envelope_goes_alone_after_rset)
 		QUIT,
 		END,
 	};
-	static char addr[9][1901];
-	const char *r9[9];
 	struct smtpc_reply rcpt9[9], data9[9];
 	struct srv *s = srv_start(st, false);
 	struct smtpc *c = open_to(s, SMTPC_SMTP);
 	struct smtpc_tx tx[2];
 	struct bmsg bm[2];
 
-	for (int i = 0; i < 9; i++) {
-		memset(addr[i], 'a' + i, 1900);
-		addr[i][0] = (char)('0' + i);
-		memcpy(addr[i] + 1890, "@y.test", 8);
-		r9[i] = addr[i];
-	}
-	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
-	BM(&tx[1], &bm[1], "s2@x.test", r9, 1, "two\r\n");
-	bm[1].m.n_rcpts = 9;
-	tx[1].rcpt = rcpt9;
-	tx[1].data = data9;
+	long_envelope_tx(tx, bm, rcpt9, data9);
 	cr_assert_eq(smtpc_send_many(c, tx, 2), 0);
 	cr_assert_eq(tx[0].rc, 0);
 	cr_assert_not(tx[0].last_out);
