@@ -2781,6 +2781,17 @@ order_read(void *ctx, uint64_t off, void *buf, size_t n)
 	return k;
 }
 
+/* The peer's side of long_envelope_tx()'s message 2: its nine RCPTs,
+ * answered (with MAIL's reply first) when the last arrives. */
+#define LONG_RCPT_STEPS                                                      \
+	{ "RCPT TO:<0", NULL }, { "RCPT TO:<1", NULL },                      \
+	{ "RCPT TO:<2", NULL }, { "RCPT TO:<3", NULL },                      \
+	{ "RCPT TO:<4", NULL }, { "RCPT TO:<5", NULL },                      \
+	{ "RCPT TO:<6", NULL }, { "RCPT TO:<7", NULL },                      \
+	{ "RCPT TO:<8",                                                      \
+	  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n"                 \
+	  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n" }
+
 /* Message 1 to one recipient; message 2 to nine of 1,900 octets each:
  * over 16 KiB of commands, too long for one pipelined group. */
 static void
@@ -2820,17 +2831,7 @@ long_envelope(struct order_body *ob)
 		  "554 5.5.1 no valid recipients\r\n" },
 		{ "RSET\r\n", "250 ok\r\n" },
 		{ "MAIL FROM:<s2@", NULL },
-		{ "RCPT TO:<0", NULL },
-		{ "RCPT TO:<1", NULL },
-		{ "RCPT TO:<2", NULL },
-		{ "RCPT TO:<3", NULL },
-		{ "RCPT TO:<4", NULL },
-		{ "RCPT TO:<5", NULL },
-		{ "RCPT TO:<6", NULL },
-		{ "RCPT TO:<7", NULL },
-		{ "RCPT TO:<8",
-		  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n"
-		  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n" },
+		LONG_RCPT_STEPS,
 		{ "BDAT 5 LAST\r\n", "250 2.0.0 queued as M2\r\n" },
 		{ "RSET\r\n", "250 ok\r\n" },
 		QUIT,
@@ -2899,17 +2900,7 @@ Test(smtpc, many_data_long_envelope_goes_alone_after_rset)
 		  "554 5.5.1 no valid recipients\r\n" },
 		{ "RSET\r\n", "250 ok\r\n" },
 		{ "MAIL FROM:<s2@", NULL },
-		{ "RCPT TO:<0", NULL },
-		{ "RCPT TO:<1", NULL },
-		{ "RCPT TO:<2", NULL },
-		{ "RCPT TO:<3", NULL },
-		{ "RCPT TO:<4", NULL },
-		{ "RCPT TO:<5", NULL },
-		{ "RCPT TO:<6", NULL },
-		{ "RCPT TO:<7", NULL },
-		{ "RCPT TO:<8",
-		  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n"
-		  "250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n" },
+		LONG_RCPT_STEPS,
 		{ "DATA\r\n", "354 go\r\n" },
 		{ ".", "250 2.0.0 queued as M2\r\n" },
 		{ "RSET\r\n", "250 ok\r\n" },
