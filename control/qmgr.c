@@ -2682,13 +2682,13 @@ qmgr_main(void *arg)
 		bool busy = false;
 		struct timespec ts;
 
-		uint64_t walk_us = UINT64_MAX;
+		uint64_t walk_us = UINT64_MAX, now_us;
 
 		busy |= run_calls(cp);
 		busy |= drain_ports(cp);
+		now_us = fd_now_monotonic_us();
 		for (unsigned w = 0; w < cp->nworkers; w++)
-			busy |= tail_tick(cp->tails[w], fd_now_monotonic_us(),
-					  &walk_us);
+			busy |= tail_tick(cp->tails[w], now_us, &walk_us);
 		busy |= apply_results(cp);
 		if (cp->cfg.delivery) {
 			busy |= schedule_due(cp);
