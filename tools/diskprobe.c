@@ -284,6 +284,8 @@ probe_run(const struct probe_opts *o, struct io_uring *ring, enum probe_mode m,
 	int rc = 0;
 	uint64_t region = 0;
 	unsigned blocks = 0;
+	/* durable by a linked fdatasync; the others by RWF_DSYNC */
+	bool linked = m == PM_APPEND || m == PM_OVERWRITE_FSYNC;
 
 	switch (m) {
 	case PM_OVERWRITE:
@@ -320,9 +322,8 @@ probe_run(const struct probe_opts *o, struct io_uring *ring, enum probe_mode m,
 		                       ? (uint64_t)i * o->size
 		                       : (uint64_t)(i % blocks) * o->size;
 		probe_stamp(buf, o->size, i);
-		rc = probe_one(ring, fd, buf, o->size, off,
-		               m != PM_APPEND && m != PM_OVERWRITE_FSYNC,
-		               m == PM_APPEND || m == PM_OVERWRITE_FSYNC, &t);
+		rc = probe_one(ring, fd, buf, o->size, off, !linked, linked,
+		               &t);
 		if (rc < 0)
 			goto out_close_fd;
 		if (i >= PROBE_WARMUP)
