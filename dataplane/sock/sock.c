@@ -57,6 +57,7 @@
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "sock/sock.h"
+#include "sock/owner.h"
 #include "sock/tcpinfo.h"
 #include "spool/spool.h"
 #include "worker.h"
@@ -602,9 +603,11 @@ service(struct sock_loop *l)
  *     hash of the client's address and port: ours, bound next, one per
  *     worker. A socket that joins later (same user, SO_REUSEPORT) is never
  *     picked: it gets no connection.
- * Left: a program of our user that binds with SO_REUSEPORT in the
- * microseconds between our own binds would take one of our slots in the
- * group (and one worker's share of connections).
+ *  4. once all are bound it reads the kernel's list of listening sockets
+ *     (owner.c): a program of our user that joined with SO_REUSEPORT in
+ *     the microseconds between our own binds took one of the first
+ *     `threads` slots (a share of the connections); then the start fails
+ *     and says so. One that joins after this check is never picked (3).
  */
 static pthread_mutex_t claim_mu = PTHREAD_MUTEX_INITIALIZER;
 static bool claim_done;
@@ -689,6 +692,63 @@ open_listener(const struct fd_listen *li, bool first)
 	return fd;
 }
 
+/*
+ * The test seam (a test build only: -Dfault_injection=true):
+ * FINALDOT_SOCK_FAULT=join-between-binds makes this process itself join
+ * the group after the first bind, as another program of our user could in
+ * that window; the socket is left open, a stranger to the check below.
+ */
+static void
+join_between_binds(const struct fd_listen *li)
+{
+#ifdef FINALDOT_FAULT_INJECTION
+	const char *f = getenv("FINALDOT_SOCK_FAULT");
+	int one = 1, fd;
+
+	if (!f || strcmp(f, "join-between-binds") != 0)
+		return;
+	fd = socket(li->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+	if (li->addr.ss_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+	if (bind(fd, (const struct sockaddr *)&li->addr, li->addrlen) != 0 ||
+	    listen(fd, 8) != 0)
+		close(fd);
+#else
+	(void)li;
+#endif
+}
+
+/* Step 4 above: every listener on li's address is one of fds[0..n). Not
+ * being able to read the list is said, not fatal (no /proc: the filter of
+ * step 3 still keeps later joiners out). */
+static int
+check_owned(const struct fd_listen *li, int *fds, unsigned n)
+{
+	unsigned long inode;
+	int r = sock_listen_strangers(&li->addr, fds, n, &inode);
+
+	if (r < 0) {
+		fd_log(FD_LOG_WARN, "sock",
+		       "event=listen_owner_unchecked addr=%s error=\"%s\"",
+		       li->text, strerror(-r));
+		return 0;
+	}
+	if (r == 0)
+		return 0;
+	fd_log(FD_LOG_ERR, "sock",
+	       "event=listen_failed addr=%s error=\"another process joined "
+	       "this address's SO_REUSEPORT group while finaldot was binding "
+	       "it\" strangers=%d socket_inode=%lu", li->text, r, inode);
+	for (unsigned k = 0; k < n; k++) {
+		close(fds[k]);
+		fds[k] = -1;
+	}
+	return -EADDRINUSE;
+}
+
 static int
 claim_one(const struct fd_listen *li, int *lock_fd, int *fds, unsigned n)
 {
@@ -752,8 +812,10 @@ claim_one(const struct fd_listen *li, int *lock_fd, int *fds, unsigned n)
 			fd_log(FD_LOG_WARN, "sock",
 			       "event=reuseport_filter_failed addr=%s "
 			       "error=\"%s\"", li->text, strerror(-r));
+		if (k == 0)
+			join_between_binds(li);
 	}
-	return 0;
+	return check_owned(li, fds, n);
 }
 
 /* Every address claimed, with one listener per worker; the first caller
