@@ -6,8 +6,8 @@ read FINALDOT_SPOOL_FAULT at all: with every fault spec in its environment
 it starts, logs no event=fault_injection, and answers 250 to a message
 that is then in its spool. Its --help does not mention the variable; a
 test build's --help does (that line is how the two are told apart). Nor
-does the binary hold the name of either seam's variable
-(FINALDOT_SPOOL_FAULT, FINALDOT_DELIVERY_FAULT).
+does the binary hold the name of any seam's variable
+(FINALDOT_SPOOL_FAULT, FINALDOT_DELIVERY_FAULT, FINALDOT_SOCK_FAULT).
 
 Which binary: this build's own finaldot when it was configured without the
 seam (FINALDOT_SEAM=off); otherwise FINALDOT_RELEASE, the default-options
@@ -67,14 +67,17 @@ def main():
     # hold the variable's name, which only the seam's getenv() uses.
     with open(binary, "rb") as f:
         image = f.read()
-    for name in (b"FINALDOT_DELIVERY_FAULT", b"FINALDOT_SPOOL_FAULT"):
+    for name in (b"FINALDOT_DELIVERY_FAULT", b"FINALDOT_SPOOL_FAULT",
+                 b"FINALDOT_SOCK_FAULT"):
         check(name not in image,
               f"{binary} holds {name.decode()}: a seam is compiled in")
     if seam != "off":
         with open(own, "rb") as f:
-            check(b"FINALDOT_DELIVERY_FAULT" in f.read(),
-                  "the test build's delivery seam is where this test "
-                  "looks for it")
+            own_image = f.read()
+        for name in (b"FINALDOT_DELIVERY_FAULT", b"FINALDOT_SOCK_FAULT"):
+            check(name in own_image,
+                  f"the test build's seam {name.decode()} is where this "
+                  "test looks for it")
     fdtest.FINALDOT = binary
     with tempfile.TemporaryDirectory(prefix="fdrel-") as tmp:
         hold = os.path.join(tmp, "hold")
@@ -89,7 +92,8 @@ def main():
                       f"{spec}: the release binary announced a fault seam")
     print(f"ok: {binary} ignores FINALDOT_SPOOL_FAULT ({', '.join(SPECS)}, "
           f"hold:PATH): 250 and stored; its --help does not name it; "
-          f"neither it nor FINALDOT_DELIVERY_FAULT is in the binary")
+          f"neither it nor FINALDOT_DELIVERY_FAULT nor FINALDOT_SOCK_FAULT is "
+          f"in the binary")
 
 
 main()
