@@ -271,6 +271,12 @@ render_workers(FILE *f, const struct ctl_sources *src,
 				 bytes, CTL_FLUSH_BYTE_BUCKETS, t->flush_bytes,
 				 t->spool_bytes);
 	}
+	name = "finaldot_spool_flush_seconds";
+	head(f, name, "histogram",
+	     "From a spool batch's durable write being submitted to its "
+	     "completion (the disk's flush as the worker sees it; the final "
+	     "dot waits for it).");
+	histogram(f, name, NULL, t->flush_lat, t->flush_lat_sum_ns);
 	one(f, "finaldot_spool_written_bytes_total", "counter",
 	    "Bytes written to the spool, block padding included (bytes per "
 	    "batch = this / flushes).", t->spool_bytes);

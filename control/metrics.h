@@ -26,11 +26,13 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "finaldot/lathist.h"
+
 struct cplane;
 
-/* final-dot-to-250 latency buckets, upper bounds in microseconds: 50 us to
- * 10 s; one more bucket counts what is above the last bound. */
-#define CTL_LAT_BUCKETS 17
+/* final-dot-to-250 latency buckets (finaldot/lathist.h: 50 us to 10 s,
+ * and one more for what is above). */
+#define CTL_LAT_BUCKETS FD_LAT_BUCKETS
 /* Messages per flush: up to 1, 2, 4 ... 256; bytes per flush: up to 4 KiB,
  * 16 KiB ... 4 MiB (the spool's buckets: worker.c copies them). */
 #define CTL_FLUSH_MSG_BUCKETS 9
@@ -38,20 +40,13 @@ struct cplane;
 static inline uint64_t
 ctl_lat_bound_us(unsigned i)
 {
-	static const uint64_t b[CTL_LAT_BUCKETS] = {
-		50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000,
-		100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000};
-	return b[i];
+	return fd_lat_bound_us(i);
 }
 /* The bucket of a latency in nanoseconds: 0..CTL_LAT_BUCKETS. */
 static inline unsigned
 ctl_lat_bucket(uint64_t ns)
 {
-	unsigned i = 0;
-
-	while (i < CTL_LAT_BUCKETS && ns > ctl_lat_bound_us(i) * 1000)
-		i++;
-	return i;
+	return fd_lat_bucket(ns);
 }
 
 /* One worker's counters, as last published (a plain copy for readers). */
@@ -90,6 +85,9 @@ struct ctl_worker_stats {
 	uint64_t flush_msgs[CTL_FLUSH_MSG_BUCKETS + 1];
 	uint64_t flush_msgs_sum;
 	uint64_t flush_bytes[CTL_FLUSH_BYTE_BUCKETS + 1];
+	/* per completed batch: submission to completion (CTL_LAT buckets) */
+	uint64_t flush_lat[CTL_LAT_BUCKETS + 1];
+	uint64_t flush_lat_sum_ns;
 };
 
 _Static_assert(sizeof(struct ctl_worker_stats) % sizeof(uint64_t) == 0,

@@ -227,6 +227,10 @@ worker_publish(struct fd_worker *w)
 		memcpy(p->flush_msgs, sp->flush_msgs, sizeof(p->flush_msgs));
 		p->flush_msgs_sum = sp->flush_msgs_sum;
 		memcpy(p->flush_bytes, sp->flush_bytes, sizeof(p->flush_bytes));
+		_Static_assert(sizeof(p->flush_lat) == sizeof(sp->flush_lat),
+			       "the flush latency buckets are lathist.h's");
+		memcpy(p->flush_lat, sp->flush_lat, sizeof(p->flush_lat));
+		p->flush_lat_sum_ns = sp->flush_lat_sum_ns;
 	}
 	p->conns_current = w->conns_current;
 	p->refused_busy = w->sessions_refused;
@@ -389,13 +393,20 @@ fd_worker_finish(struct fd_worker *w)
 	       "worker=%u event=stats sessions=%" PRIu64 " messages=%" PRIu64
 	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
 	       " batches=%" PRIu64 " bytes=%" PRIu64 " refused=%" PRIu64
-	       " gap_p50_us=%" PRIu64 " gap_p99_us=%" PRIu64,
+	       " gap_p50_us=%" PRIu64 " gap_p99_us=%" PRIu64
+	       " flush_mean_us=%" PRIu64 " flush_p50_le_us=%" PRIu64
+	       " flush_p99_le_us=%" PRIu64,
 	       w->id, f->smtp.sessions, f->smtp.messages_committed,
 	       f->smtp.messages_failed, f->smtp.messages_rejected,
 	       f->spool.flushes, f->spool.batches, f->spool.bytes,
 	       w->sessions_refused,
 	       smtp_gap_percentile(f->smtp.gap_hist, 50),
-	       smtp_gap_percentile(f->smtp.gap_hist, 99));
+	       smtp_gap_percentile(f->smtp.gap_hist, 99),
+	       f->spool.batches
+		       ? f->spool.flush_lat_sum_ns / 1000 / f->spool.batches
+		       : 0,
+	       fd_lat_percentile_us(f->spool.flush_lat, 50),
+	       fd_lat_percentile_us(f->spool.flush_lat, 99));
 	if (w->smtp)
 		smtp_server_destroy(w->smtp);
 	w->smtp = NULL;

@@ -56,6 +56,7 @@
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "finaldot/crc32c.h"
@@ -92,6 +93,8 @@ struct batch {
 	size_t len;     /* write length, a multiple of SPOOL_BLOCK */
 	uint64_t payload;
 	unsigned cqes_left;
+	uint64_t t_submit_ns; /* CLOCK_MONOTONIC at submission */
+	uint64_t lat_ns;      /* ... to the reaping of its last completion */
 	bool fsync_mode;
 	bool fault_fail;
 	int res;
@@ -419,6 +422,17 @@ rotate_if_full(struct spool *sp)
 	(void)open_current(sp); /* may leave cur NULL: handled lazily */
 }
 
+/* The clock of the flush latencies (one read per batch and per batch
+ * completion, not per message). */
+static uint64_t
+mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static bool
 submit_batch(struct spool *sp, struct batch *b)
 {
@@ -464,6 +478,7 @@ submit_batch(struct spool *sp, struct batch *b)
 		}
 	}
 	b->state = B_INFLIGHT;
+	b->t_submit_ns = mono_ns();
 	sp->kernel++;
 	spool_prep_flights(sp->prep, sp->kernel);
 	return true;
@@ -617,6 +632,8 @@ complete_in_order(struct spool *sp)
 			sp->stp->flush_msgs_sum += nm;
 			sp->stp->flush_bytes[spool_flush_bucket(
 				b->len, 4096, SPOOL_FLUSH_BYTE_BUCKETS)]++;
+			sp->stp->flush_lat[fd_lat_bucket(b->lat_ns)]++;
+			sp->stp->flush_lat_sum_ns += b->lat_ns;
 		}
 		/* Batches complete in order: everything up to the end of
 		 * this one is now final, on disk or abandoned. The FAILED
@@ -714,6 +731,7 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 	if (--b->cqes_left)
 		return;
 	b->state = B_DONE;
+	b->lat_ns = mono_ns() - b->t_submit_ns;
 	sp->kernel--;
 	spool_prep_flights(sp->prep, sp->kernel);
 	complete_in_order(sp);

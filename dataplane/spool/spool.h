@@ -49,6 +49,7 @@
 #include <stdint.h>
 
 #include "finaldot/envelope.h"
+#include "finaldot/lathist.h"
 
 struct io_uring;
 struct io_uring_cqe;
@@ -263,6 +264,11 @@ struct spool_stats {
 	uint64_t flush_msgs[SPOOL_FLUSH_MSG_BUCKETS + 1];   /* ok batches */
 	uint64_t flush_msgs_sum;
 	uint64_t flush_bytes[SPOOL_FLUSH_BYTE_BUCKETS + 1]; /* ok batches */
+	/* per ok batch: from its submission to the reaping of its last
+	 * completion (the disk's durable write as the worker sees it), in
+	 * the buckets of finaldot/lathist.h */
+	uint64_t flush_lat[FD_LAT_BUCKETS + 1];
+	uint64_t flush_lat_sum_ns;
 };
 const struct spool_stats *spool_get_stats(const struct spool *sp);
 

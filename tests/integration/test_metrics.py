@@ -165,6 +165,14 @@ def exposition():
               f"messages over flushes: {s['finaldot_spool_flush_messages_sum']}")
         check(s["finaldot_spool_flush_bytes_sum"] ==
               s["finaldot_spool_written_bytes_total"], "flush bytes sum")
+        # The disk's side of the final dot: one flush latency per ok
+        # batch, each no longer than the final dot that waited for it.
+        h = "finaldot_spool_flush_seconds"
+        check(s[h + "_count"] == ok and s[h + '_bucket{le="+Inf"}'] == ok,
+              f"{h}: count {s[h + '_count']}, batches {ok}")
+        check(0 < s[h + "_sum"] <= s["finaldot_final_dot_latency_seconds_sum"],
+              f"{h}_sum {s[h + '_sum']}, final dots "
+              f"{s['finaldot_final_dot_latency_seconds_sum']}")
         # Bounded labels: no address, no id, anywhere.
         for k in s:
             for lv in re.findall(r'="([^"]*)"', k):

@@ -6,6 +6,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <ftw.h>
 #include <liburing.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../testdir.h"
@@ -383,12 +385,15 @@ Test(spool, natural_batching_one_write)
 	params(&p, NULL);
 	p.batch_size = 256 * 1024;
 	struct spool *sp = make(&p);
+	struct timespec t0, t1;
 
 	for (int i = 0; i < 50; i++)
 		put_msg(sp, "short body\r\n", 12);
 	cr_assert_eq(spool_inflight(sp), 0, "nothing sent before the flush");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	spool_flush(sp);
 	drain(sp);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
 	cr_assert_eq(n_done, 50);
 	for (unsigned i = 0; i < n_done; i++) {
 		cr_assert_eq(dones[i].status, 0);
@@ -406,8 +411,43 @@ Test(spool, natural_batching_one_write)
 	cr_assert_eq(st->flush_msgs_sum, 50);
 	cr_assert_eq(st->flush_bytes[spool_flush_bucket(
 			     st->bytes, 4096, SPOOL_FLUSH_BYTE_BUCKETS)], 1);
+	/* Its latency: one count, in the bucket of its sum, which lies
+	 * within the time from the flush to the last callback. */
+	uint64_t wall = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u +
+			(uint64_t)t1.tv_nsec - (uint64_t)t0.tv_nsec;
+	unsigned lat_n = 0;
+	for (unsigned b = 0; b <= FD_LAT_BUCKETS; b++)
+		lat_n += (unsigned)st->flush_lat[b];
+	cr_assert_eq(lat_n, 1);
+	cr_assert_gt(st->flush_lat_sum_ns, 0);
+	cr_assert_leq(st->flush_lat_sum_ns, wall, "%" PRIu64 " ns > %" PRIu64,
+		      st->flush_lat_sum_ns, wall);
+	cr_assert_eq(st->flush_lat[fd_lat_bucket(st->flush_lat_sum_ns)], 1);
 	spool_destroy(sp);
 }
+
+Test(spool, flush_latency_counts_every_ok_batch)
+{
+	struct spool_params p;
+
+	/* Ten batches, one after the other: ten latencies. */
+	params(&p, NULL);
+	p.batch_size = 4096;
+	struct spool *sp = make(&p);
+	for (int i = 0; i < 10; i++) {
+		put_msg(sp, "one batch each\r\n", 16);
+		spool_flush(sp);
+		drain(sp);
+	}
+	const struct spool_stats *st = spool_get_stats(sp);
+	uint64_t lat_n = 0;
+	for (unsigned b = 0; b <= FD_LAT_BUCKETS; b++)
+		lat_n += st->flush_lat[b];
+	cr_assert_eq(st->batches, 10);
+	cr_assert_eq(lat_n, st->batches, "one latency per ok batch");
+	spool_destroy(sp);
+}
+
 
 Test(spool, flush_buckets)
 {
@@ -556,6 +596,43 @@ Test(spool, fault_hold_path)
 	cr_assert_eq(n_done, 1);
 	cr_assert_eq(dones[0].id, id);
 	cr_assert_eq(dones[0].status, 0);
+	spool_destroy(sp);
+}
+
+/* A batch held back before its submission (the seam's hold): the time it
+ * waits to be sent is not the disk's, and is not in its flush latency. */
+Test(spool, flush_latency_starts_at_submission)
+{
+	char hold[128], spec[160];
+	struct spool_params p;
+	struct timespec t0, t1;
+
+	snprintf(hold, sizeof(hold), "%s.hold", root);
+	FILE *f = fopen(hold, "w");
+	cr_assert_not_null(f);
+	fclose(f);
+	snprintf(spec, sizeof(spec), "hold:%s", hold);
+	params(&p, spec);
+	struct spool *sp = make(&p);
+	put_msg(sp, "held", 4);
+	spool_flush(sp);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	do {
+		spool_poll(sp);
+		usleep(1000);
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+	} while (t1.tv_sec - t0.tv_sec < 2);
+	cr_assert_eq(n_done, 0);
+	unlink(hold);
+	for (int i = 0; i < 10000 && n_done == 0; i++) {
+		spool_poll(sp);
+		usleep(500);
+	}
+	cr_assert_eq(n_done, 1);
+	const struct spool_stats *st = spool_get_stats(sp);
+	cr_assert_eq(st->batches, 1);
+	cr_assert_lt(st->flush_lat_sum_ns, 1000000000u,
+		     "the time the batch was held counted as flush time");
 	spool_destroy(sp);
 }
 
