@@ -50,15 +50,6 @@ struct fd_wmsg {
 	struct fd_wmsg *next_free;
 };
 
-static uint64_t
-now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void
 wmsg_put(struct fd_worker *w, struct fd_wmsg *wm)
 {
@@ -102,7 +93,7 @@ sink_commit(void *sink, void *msg)
 	struct fd_worker *w = sink;
 	struct fd_wmsg *wm = msg;
 
-	wm->t0_ns = now_ns(); /* final-dot-to-250 starts here */
+	wm->t0_ns = fd_now_monotonic_ns(); /* final-dot-to-250 starts here */
 	return spool_msg_commit(w->spool, wm->m);
 }
 
@@ -157,7 +148,7 @@ worker_commit_done(void *ctx, uint64_t msgid, int status)
 	void *tctx = smtp_session_tctx(s);
 
 	if (status == 0) {
-		uint64_t ns = now_ns() - wm->t0_ns; /* ... and ends here */
+		uint64_t ns = fd_now_monotonic_ns() - wm->t0_ns; /* ... and ends here */
 		w->priv.lat[ctl_lat_bucket(ns)]++;
 		w->priv.lat_sum_ns += ns;
 		w->priv.message_bytes += wm->bytes;

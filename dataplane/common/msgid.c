@@ -76,3 +76,12 @@ fd_now_monotonic_us(void)
 {
 	return now_us(CLOCK_MONOTONIC);
 }
+
+uint64_t
+fd_now_monotonic_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}

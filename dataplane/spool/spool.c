@@ -56,7 +56,6 @@
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "finaldot/crc32c.h"
@@ -422,17 +421,6 @@ rotate_if_full(struct spool *sp)
 	(void)open_current(sp); /* may leave cur NULL: handled lazily */
 }
 
-/* The clock of the flush latencies (one read per batch and per batch
- * completion, not per message). */
-static uint64_t
-mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static bool
 submit_batch(struct spool *sp, struct batch *b)
 {
@@ -478,7 +466,7 @@ submit_batch(struct spool *sp, struct batch *b)
 		}
 	}
 	b->state = B_INFLIGHT;
-	b->t_submit_ns = mono_ns();
+	b->t_submit_ns = fd_now_monotonic_ns();
 	sp->kernel++;
 	spool_prep_flights(sp->prep, sp->kernel);
 	return true;
@@ -731,7 +719,7 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 	if (--b->cqes_left)
 		return;
 	b->state = B_DONE;
-	b->lat_ns = mono_ns() - b->t_submit_ns;
+	b->lat_ns = fd_now_monotonic_ns() - b->t_submit_ns;
 	sp->kernel--;
 	spool_prep_flights(sp->prep, sp->kernel);
 	complete_in_order(sp);

@@ -47,5 +47,7 @@ fd_msgid_time_us(uint64_t id)
 /* CLOCK_REALTIME and CLOCK_MONOTONIC in microseconds. */
 uint64_t fd_now_realtime_us(void);
 uint64_t fd_now_monotonic_us(void);
+/* The same clock in nanoseconds (latencies). */
+uint64_t fd_now_monotonic_ns(void);
 
 #endif
