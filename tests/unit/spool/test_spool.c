@@ -569,18 +569,27 @@ Test(spool, fault_enospc_begin_fails)
 	spool_destroy(sp);
 }
 
-Test(spool, fault_hold_path)
+/* A spool whose writes are held (the seam's hold) while the file hold
+ * names exists; the test removes it to let them go. */
+static struct spool *
+make_held(char *hold, size_t holdlen)
 {
-	char hold[128], spec[160];
+	char spec[160];
 	struct spool_params p;
 
-	snprintf(hold, sizeof(hold), "%s.hold", root);
+	snprintf(hold, holdlen, "%s.hold", root);
 	FILE *f = fopen(hold, "w");
 	cr_assert_not_null(f);
 	fclose(f);
 	snprintf(spec, sizeof(spec), "hold:%s", hold);
 	params(&p, spec);
-	struct spool *sp = make(&p);
+	return make(&p);
+}
+
+Test(spool, fault_hold_path)
+{
+	char hold[128];
+	struct spool *sp = make_held(hold, sizeof(hold));
 	uint64_t id = put_msg(sp, "held", 4);
 	spool_flush(sp);
 	for (int i = 0; i < 50; i++) {
@@ -603,17 +612,10 @@ Test(spool, fault_hold_path)
  * waits to be sent is not the disk's, and is not in its flush latency. */
 Test(spool, flush_latency_starts_at_submission)
 {
-	char hold[128], spec[160];
-	struct spool_params p;
+	char hold[128];
 	struct timespec t0, t1;
+	struct spool *sp = make_held(hold, sizeof(hold));
 
-	snprintf(hold, sizeof(hold), "%s.hold", root);
-	FILE *f = fopen(hold, "w");
-	cr_assert_not_null(f);
-	fclose(f);
-	snprintf(spec, sizeof(spec), "hold:%s", hold);
-	params(&p, spec);
-	struct spool *sp = make(&p);
 	put_msg(sp, "held", 4);
 	spool_flush(sp);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
