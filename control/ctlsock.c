@@ -331,6 +331,10 @@ jw_worker(struct ctl_jw *w, const struct ctl_worker_stats *s)
 	ctl_jw_ku64(w, "messages", s->messages);
 	ctl_jw_ku64(w, "bytes", s->message_bytes);
 	ctl_jw_ku64(w, "flushes", s->flushes);
+	/* The spool disk's durable writes since the start, submission to
+	 * completion: what every final dot waits for. */
+	ctl_jw_ku64(w, "flush_mean_us",
+		    s->batches ? s->flush_lat_sum_ns / 1000u / s->batches : 0);
 	ctl_jw_ku64(w, "failed", s->failed);
 	ctl_jw_ku64(w, "rejected", s->rejected);
 	ctl_jw_ku64(w, "refused_busy", s->refused_busy);

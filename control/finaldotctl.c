@@ -444,8 +444,10 @@ static const char usage_status[] =
 	"\n"
 	"The running daemon's state: version, pid, uptime, transport, whether\n"
 	"the listener accepts or is paused, per worker sessions (open and\n"
-	"total), messages and flushes, the queue by state and the delivery\n"
-	"totals. --json prints the daemon's reply data as one JSON object.\n";
+	"total), messages, flushes and their mean time in microseconds from\n"
+	"submission to completion (flush_us: the spool disk's side of every\n"
+	"final dot), the queue by state and the delivery totals. --json\n"
+	"prints the daemon's reply data as one JSON object.\n";
 
 static const char usage_queue[] =
 	"usage: finaldotctl [--control PATH] queue COMMAND ...\n"
@@ -862,8 +864,9 @@ cmd_status(int argc, char **argv)
 	       get_u64(&c, d, "expired_total"),
 	       get_u64(&c, d, "dsn_sent_total"),
 	       get_u64(&c, d, "dsn_dropped_total"));
-	printf("%-7s %9s %14s %10s %10s %8s %8s\n", "worker", "sessions",
-	       "sessions_total", "messages", "flushes", "failed", "refused");
+	printf("%-7s %9s %14s %10s %10s %8s %8s %8s\n", "worker", "sessions",
+	       "sessions_total", "messages", "flushes", "flush_us", "failed",
+	       "refused");
 	int w = ctl_json_get(&c.j, (uint32_t)data, "workers");
 	if (w >= 0 && tok_of(&c, w)->type == CTL_JSON_ARRAY) {
 		uint32_t k = ctl_json_child((uint32_t)w);
@@ -871,11 +874,12 @@ cmd_status(int argc, char **argv)
 			int o = (int)k;
 			printf("%-7" PRIu64 " %9" PRIu64 " %14" PRIu64
 			       " %10" PRIu64 " %10" PRIu64 " %8" PRIu64
-			       " %8" PRIu64 "\n",
+			       " %8" PRIu64 " %8" PRIu64 "\n",
 			       get_u64(&c, o, "id"), get_u64(&c, o, "sessions"),
 			       get_u64(&c, o, "sessions_total"),
 			       get_u64(&c, o, "messages"),
 			       get_u64(&c, o, "flushes"),
+			       get_u64(&c, o, "flush_mean_us"),
 			       get_u64(&c, o, "failed"),
 			       get_u64(&c, o, "refused_busy") +
 				       get_u64(&c, o, "refused_paused"));
@@ -884,10 +888,11 @@ cmd_status(int argc, char **argv)
 	}
 	int t = ctl_json_get(&c.j, (uint32_t)data, "totals");
 	printf("%-7s %9" PRIu64 " %14" PRIu64 " %10" PRIu64 " %10" PRIu64
-	       " %8" PRIu64 " %8" PRIu64 "\n",
+	       " %8" PRIu64 " %8" PRIu64 " %8" PRIu64 "\n",
 	       "total", get_u64(&c, t, "sessions"),
 	       get_u64(&c, t, "sessions_total"), get_u64(&c, t, "messages"),
-	       get_u64(&c, t, "flushes"), get_u64(&c, t, "failed"),
+	       get_u64(&c, t, "flushes"), get_u64(&c, t, "flush_mean_us"),
+	       get_u64(&c, t, "failed"),
 	       get_u64(&c, t, "refused_busy") +
 		       get_u64(&c, t, "refused_paused"));
 	client_close(&c);

@@ -96,7 +96,10 @@ def status(d):
     check(len(st["workers"]) == 2 and
           sum(w["messages"] for w in st["workers"]) == 3 and
           st["totals"]["sessions_total"] == 3 and
-          st["totals"]["flushes"] >= 1 and st["totals"]["bytes"] > 0,
+          st["totals"]["flushes"] >= 1 and st["totals"]["bytes"] > 0 and
+          st["totals"]["flush_mean_us"] > 0 and
+          max(w["flush_mean_us"] for w in st["workers"]) >=
+          st["totals"]["flush_mean_us"],
           f"workers {st['workers']} totals {st['totals']}")
     # Open sessions drop to 0 once the worker's loop publishes again.
     last = {}
@@ -108,7 +111,8 @@ def status(d):
                 f"listener: accepting on 127.0.0.1:{d.port}" in out and
                 re.search(r"^queue: 3 messages \(0 active, 3 deferred, 0 "
                           r"held\)", out, re.M) and
-                re.search(r"^total +0 +3 +3 ", out, re.M))
+                re.search(r"^total +0 +3 +3 +\d+ +[1-9]\d* +0 +0$", out,
+                          re.M))
     deadline = time.time() + 10
     while not text_ok() and time.time() < deadline:
         time.sleep(0.05)
