@@ -385,8 +385,8 @@ fd_worker_finish(struct fd_worker *w)
 	       " failed=%" PRIu64 " rejected=%" PRIu64 " flushes=%" PRIu64
 	       " batches=%" PRIu64 " bytes=%" PRIu64 " refused=%" PRIu64
 	       " gap_p50_us=%" PRIu64 " gap_p99_us=%" PRIu64
-	       " flush_mean_us=%" PRIu64 " flush_p50_le_us=%" PRIu64
-	       " flush_p99_le_us=%" PRIu64,
+	       " flush_mean_us=%" PRIu64 " flush_p50_us=%" PRIu64
+	       " flush_p99_us=%" PRIu64,
 	       w->id, f->smtp.sessions, f->smtp.messages_committed,
 	       f->smtp.messages_failed, f->smtp.messages_rejected,
 	       f->spool.flushes, f->spool.batches, f->spool.bytes,
@@ -396,8 +396,8 @@ fd_worker_finish(struct fd_worker *w)
 	       f->spool.batches
 		       ? f->spool.flush_lat_sum_ns / 1000 / f->spool.batches
 		       : 0,
-	       fd_lat_percentile_us(f->spool.flush_lat, 50),
-	       fd_lat_percentile_us(f->spool.flush_lat, 99));
+	       fd_qlat_percentile_us(f->spool.flush_qlat, 50),
+	       fd_qlat_percentile_us(f->spool.flush_qlat, 99));
 	if (w->smtp)
 		smtp_server_destroy(w->smtp);
 	w->smtp = NULL;

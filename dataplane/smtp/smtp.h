@@ -46,6 +46,7 @@
 #include <stdint.h>
 
 #include "finaldot/envelope.h"
+#include "finaldot/lathist.h"
 
 struct smtp_server;
 struct smtp_session;
@@ -132,7 +133,7 @@ struct smtp_config {
  * 5 minutes per command line, 10 minutes per message's data. */
 void smtp_config_defaults(struct smtp_config *cfg);
 
-#define SMTP_GAP_BUCKETS 96
+#define SMTP_GAP_BUCKETS FD_QLAT_BUCKETS
 #define SMTP_GAP_STAGE 256 /* staged samples; more are recorded at once */
 
 /* Counters, per server (per worker thread). Plain integers: one writer. */

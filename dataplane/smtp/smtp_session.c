@@ -55,9 +55,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
 #include "finaldot/compiler.h"
+#include "finaldot/lathist.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "smtp/smtp.h"
@@ -73,57 +73,16 @@
 
 /* ---- RFC 1047's gap: durable completion to the 250 handed out ---------- */
 
-static uint64_t
-gap_now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Quarter octaves: bucket 4e+f holds x = us+1 in [(4+f)<<(e-2),
- * (5+f)<<(e-2)); small values get their own buckets. */
-static unsigned
-smtp_gap_bucket(uint64_t us)
-{
-	uint64_t x = us + 1;
-	unsigned e = 63u - (unsigned)__builtin_clzll(x), b;
-
-	if (e < 2)
-		b = (unsigned)x - 1; /* 0, 1, 2 */
-	else
-		b = e * 4 + (unsigned)((x >> (e - 2)) & 3);
-	return b < SMTP_GAP_BUCKETS ? b : SMTP_GAP_BUCKETS - 1;
-}
-
 uint64_t
 smtp_gap_upper_us(unsigned b)
 {
-	unsigned e = b / 4, f = b % 4;
-
-	if (b < 3)
-		return b;
-	if (b < 8)
-		return 2; /* not used: x < 4 takes buckets 0..2 */
-	return ((uint64_t)(5 + f) << (e - 2)) - 2;
+	return fd_qlat_upper_us(b);
 }
 
 uint64_t
 smtp_gap_percentile(const uint64_t *hist, unsigned p)
 {
-	uint64_t total = 0, seen = 0;
-
-	for (unsigned b = 0; b < SMTP_GAP_BUCKETS; b++)
-		total += hist[b];
-	if (total == 0)
-		return 0;
-	for (unsigned b = 0; b < SMTP_GAP_BUCKETS; b++) {
-		seen += hist[b];
-		if (seen * 100 >= total * p)
-			return smtp_gap_upper_us(b);
-	}
-	return smtp_gap_upper_us(SMTP_GAP_BUCKETS - 1);
+	return fd_qlat_percentile_us(hist, p);
 }
 
 enum smtp_state {
@@ -260,7 +219,7 @@ gap_record(struct smtp_server *srv, uint64_t t0_ns, uint64_t now_ns)
 {
 	uint64_t us = now_ns > t0_ns ? (now_ns - t0_ns) / 1000 : 0;
 
-	srv->stats.gap_hist[smtp_gap_bucket(us)]++;
+	srv->stats.gap_hist[fd_qlat_bucket(us)]++;
 }
 
 static const char *
@@ -1575,7 +1534,7 @@ smtp_session_commit_done(struct smtp_session *s, uint64_t msgid, int status)
 			.end = s->out_total + (s->out_tail - s->out_head),
 		};
 		s->n_ack++;
-		s->gap_t0_ns = gap_now_ns();
+		s->gap_t0_ns = fd_now_monotonic_ns();
 		s->gap_end = s->ack[(s->n_ack - 1) % SMTP_ACKPOINTS].end;
 		srv->stats.messages_committed++;
 		s->msgs_queued++;
@@ -1774,7 +1733,7 @@ smtp_session_output_done(struct smtp_session *s, size_t n)
 		if (srv->gap_staged && srv->n_gap_stage < SMTP_GAP_STAGE)
 			srv->gap_stage[srv->n_gap_stage++] = s->gap_t0_ns;
 		else
-			gap_record(srv, s->gap_t0_ns, gap_now_ns());
+			gap_record(srv, s->gap_t0_ns, fd_now_monotonic_ns());
 		s->gap_t0_ns = 0;
 	}
 	if (s->out_head == s->out_tail)
@@ -2080,7 +2039,7 @@ smtp_server_gap_settle(struct smtp_server *srv)
 
 	if (!srv->n_gap_stage)
 		return;
-	now = gap_now_ns();
+	now = fd_now_monotonic_ns();
 	for (unsigned i = 0; i < srv->n_gap_stage; i++)
 		gap_record(srv, srv->gap_stage[i], now);
 	srv->n_gap_stage = 0;

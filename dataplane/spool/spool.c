@@ -622,6 +622,7 @@ complete_in_order(struct spool *sp)
 				b->len, 4096, SPOOL_FLUSH_BYTE_BUCKETS)]++;
 			sp->stp->flush_lat[fd_lat_bucket(b->lat_ns)]++;
 			sp->stp->flush_lat_sum_ns += b->lat_ns;
+			sp->stp->flush_qlat[fd_qlat_bucket(b->lat_ns / 1000u)]++;
 		}
 		/* Batches complete in order: everything up to the end of
 		 * this one is now final, on disk or abandoned. The FAILED

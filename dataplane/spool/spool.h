@@ -269,6 +269,7 @@ struct spool_stats {
 	 * the buckets of finaldot/lathist.h */
 	uint64_t flush_lat[FD_LAT_BUCKETS + 1];
 	uint64_t flush_lat_sum_ns;
+	uint64_t flush_qlat[FD_QLAT_BUCKETS]; /* the same, finer (the log's) */
 };
 const struct spool_stats *spool_get_stats(const struct spool *sp);
 

@@ -32,26 +32,57 @@ fd_lat_bucket(uint64_t ns)
 }
 
 /*
- * The upper bound, in microseconds, of the bucket that holds the p-th
- * percentile of counts h[0..FD_LAT_BUCKETS] (what a reader of the
- * histogram can say: "p99 <= 2.5 ms"); 0 for an empty histogram, and
- * UINT64_MAX when it falls above the last bound.
+ * Fine histograms, for the percentiles the logs print: quarter octaves of
+ * microseconds. Bucket 4e+f holds x = us + 1 in [(4+f) << (e-2),
+ * (5+f) << (e-2)) (a bucket is at most a quarter wider than its lower
+ * bound); 0, 1 and 2 us have their own; the last bucket takes everything
+ * from about 2^23 us (8 s) up.
  */
-static inline uint64_t
-fd_lat_percentile_us(const uint64_t h[FD_LAT_BUCKETS + 1], unsigned p)
-{
-	uint64_t n = 0, seen = 0;
+#define FD_QLAT_BUCKETS 96
 
-	for (unsigned i = 0; i <= FD_LAT_BUCKETS; i++)
-		n += h[i];
-	if (n == 0)
+static inline unsigned
+fd_qlat_bucket(uint64_t us)
+{
+	uint64_t x = us + 1;
+	unsigned e = 63u - (unsigned)__builtin_clzll(x), b;
+
+	if (e < 2)
+		b = (unsigned)x - 1; /* 0, 1, 2 */
+	else
+		b = e * 4 + (unsigned)((x >> (e - 2)) & 3);
+	return b < FD_QLAT_BUCKETS ? b : FD_QLAT_BUCKETS - 1;
+}
+
+/* The largest value in microseconds that bucket b holds. */
+static inline uint64_t
+fd_qlat_upper_us(unsigned b)
+{
+	unsigned e = b / 4, f = b % 4;
+
+	if (b < 3)
+		return b;
+	if (b < 8)
+		return 2; /* not used: x < 4 takes buckets 0..2 */
+	return ((uint64_t)(5 + f) << (e - 2)) - 2;
+}
+
+/* The p-th percentile (0..100) of h[0..FD_QLAT_BUCKETS), as the upper
+ * bound of the bucket that holds it; 0 for an empty histogram. */
+static inline uint64_t
+fd_qlat_percentile_us(const uint64_t h[FD_QLAT_BUCKETS], unsigned p)
+{
+	uint64_t total = 0, seen = 0;
+
+	for (unsigned b = 0; b < FD_QLAT_BUCKETS; b++)
+		total += h[b];
+	if (total == 0)
 		return 0;
-	for (unsigned i = 0; i < FD_LAT_BUCKETS; i++) {
-		seen += h[i];
-		if (seen * 100 >= n * p)
-			return fd_lat_bound_us(i);
+	for (unsigned b = 0; b < FD_QLAT_BUCKETS; b++) {
+		seen += h[b];
+		if (seen * 100 >= total * p)
+			return fd_qlat_upper_us(b);
 	}
-	return UINT64_MAX;
+	return fd_qlat_upper_us(FD_QLAT_BUCKETS - 1);
 }
 
 #endif

@@ -423,6 +423,13 @@ Test(spool, natural_batching_one_write)
 	cr_assert_leq(st->flush_lat_sum_ns, wall, "%" PRIu64 " ns > %" PRIu64,
 		      st->flush_lat_sum_ns, wall);
 	cr_assert_eq(st->flush_lat[fd_lat_bucket(st->flush_lat_sum_ns)], 1);
+	/* The log's finer copy: the same one count, its bucket's upper bound
+	 * at most a quarter (and the rounding to us) above the value. */
+	uint64_t us = st->flush_lat_sum_ns / 1000u, p50;
+	cr_assert_eq(st->flush_qlat[fd_qlat_bucket(us)], 1);
+	p50 = fd_qlat_percentile_us(st->flush_qlat, 50);
+	cr_assert(p50 >= us && p50 <= us + us / 4 + 2, "p50 %" PRIu64
+		  " for %" PRIu64 " us", p50, us);
 	spool_destroy(sp);
 }
 
@@ -445,6 +452,10 @@ Test(spool, flush_latency_counts_every_ok_batch)
 		lat_n += st->flush_lat[b];
 	cr_assert_eq(st->batches, 10);
 	cr_assert_eq(lat_n, st->batches, "one latency per ok batch");
+	lat_n = 0;
+	for (unsigned b = 0; b < FD_QLAT_BUCKETS; b++)
+		lat_n += st->flush_qlat[b];
+	cr_assert_eq(lat_n, st->batches, "and one in the finer histogram");
 	spool_destroy(sp);
 }
 
