@@ -148,7 +148,8 @@ worker_commit_done(void *ctx, uint64_t msgid, int status)
 	void *tctx = smtp_session_tctx(s);
 
 	if (status == 0) {
-		uint64_t ns = fd_now_monotonic_ns() - wm->t0_ns; /* ... and ends here */
+		/* ... and ends here */
+		uint64_t ns = fd_now_monotonic_ns() - wm->t0_ns;
 		w->priv.lat[ctl_lat_bucket(ns)]++;
 		w->priv.lat_sum_ns += ns;
 		w->priv.message_bytes += wm->bytes;
@@ -391,11 +392,9 @@ fd_worker_finish(struct fd_worker *w)
 	       f->smtp.messages_failed, f->smtp.messages_rejected,
 	       f->spool.flushes, f->spool.batches, f->spool.bytes,
 	       w->sessions_refused,
-	       smtp_gap_percentile(f->smtp.gap_hist, 50),
-	       smtp_gap_percentile(f->smtp.gap_hist, 99),
-	       f->spool.batches
-		       ? f->spool.flush_lat_sum_ns / 1000 / f->spool.batches
-		       : 0,
+	       fd_qlat_percentile_us(f->smtp.gap_hist, 50),
+	       fd_qlat_percentile_us(f->smtp.gap_hist, 99),
+	       fd_lat_mean_us(f->spool.flush_lat_sum_ns, f->spool.batches),
 	       fd_qlat_percentile_us(f->spool.flush_qlat, 50),
 	       fd_qlat_percentile_us(f->spool.flush_qlat, 99));
 	if (w->smtp)

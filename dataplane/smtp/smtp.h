@@ -160,10 +160,9 @@ struct smtp_stats {
 	uint64_t gap_hist[SMTP_GAP_BUCKETS];
 };
 
-/* Bucket b of gap_hist holds values up to smtp_gap_upper_us(b); the
- * percentile p (0..100) of a histogram, as that upper bound (0: empty). */
-uint64_t smtp_gap_upper_us(unsigned b);
-uint64_t smtp_gap_percentile(const uint64_t *hist, unsigned p);
+/* gap_hist is a finaldot/lathist.h quarter-octave histogram: bucket b
+ * holds values up to fd_qlat_upper_us(b); fd_qlat_percentile_us() reads
+ * a percentile from it. */
 
 /*
  * A reload: new policy for the commands that come from now on, on the

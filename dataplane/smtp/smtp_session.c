@@ -73,18 +73,6 @@
 
 /* ---- RFC 1047's gap: durable completion to the 250 handed out ---------- */
 
-uint64_t
-smtp_gap_upper_us(unsigned b)
-{
-	return fd_qlat_upper_us(b);
-}
-
-uint64_t
-smtp_gap_percentile(const uint64_t *hist, unsigned p)
-{
-	return fd_qlat_percentile_us(hist, p);
-}
-
 enum smtp_state {
 	SMTP_S_FREE = 0, /* in the pool */
 	SMTP_S_GREET_WAIT,

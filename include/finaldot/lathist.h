@@ -11,6 +11,13 @@
 
 #define FD_LAT_BUCKETS 17
 
+/* The mean in microseconds of n latencies that sum to sum_ns (0 for none). */
+static inline uint64_t
+fd_lat_mean_us(uint64_t sum_ns, uint64_t n)
+{
+	return n ? sum_ns / 1000u / n : 0;
+}
+
 static inline uint64_t
 fd_lat_bound_us(unsigned i)
 {

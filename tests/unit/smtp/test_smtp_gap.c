@@ -107,7 +107,7 @@ Test(smtp_gap, one_gap_sample_per_250_handed_out)
 	for (unsigned b = 0; b < SMTP_GAP_BUCKETS; b++)
 		n += st->gap_hist[b];
 	cr_assert_eq(n, 5);
-	cr_assert_lt(smtp_gap_percentile(st->gap_hist, 99), 1000000,
+	cr_assert_lt(fd_qlat_percentile_us(st->gap_hist, 99), 1000000,
 		     "an in-memory gap is not a second");
 	td_close(&t);
 }
@@ -140,7 +140,7 @@ Test(smtp_gap, staged_samples_end_when_the_transport_settles)
 	usleep(3000);
 	smtp_server_gap_settle(t.srv);
 	cr_assert_eq(samples(st), 3);
-	cr_assert_geq(smtp_gap_percentile(st->gap_hist, 50), 2500,
+	cr_assert_geq(fd_qlat_percentile_us(st->gap_hist, 50), 2500,
 		      "the wait before the settle is in the gap");
 	smtp_server_gap_settle(t.srv);
 	cr_assert_eq(samples(st), 3, "each sample once");
@@ -155,15 +155,15 @@ Test(smtp_gap, percentiles_and_bucket_bounds)
 	uint64_t h[SMTP_GAP_BUCKETS];
 
 	for (unsigned b = 1; b < SMTP_GAP_BUCKETS; b++)
-		cr_assert_geq(smtp_gap_upper_us(b), smtp_gap_upper_us(b - 1),
+		cr_assert_geq(fd_qlat_upper_us(b), fd_qlat_upper_us(b - 1),
 			      "bucket %u", b);
 	memset(h, 0, sizeof(h));
-	cr_assert_eq(smtp_gap_percentile(h, 50), 0, "empty");
+	cr_assert_eq(fd_qlat_percentile_us(h, 50), 0, "empty");
 	h[40] = 99; /* e = 10: about 1-1.25 ms */
 	h[60] = 1;
-	cr_assert_eq(smtp_gap_percentile(h, 50), smtp_gap_upper_us(40));
-	cr_assert_eq(smtp_gap_percentile(h, 99), smtp_gap_upper_us(40));
-	cr_assert_eq(smtp_gap_percentile(h, 100), smtp_gap_upper_us(60));
-	cr_assert(smtp_gap_upper_us(40) >= 1000 && smtp_gap_upper_us(40) < 1300,
-		  "%lu", (unsigned long)smtp_gap_upper_us(40));
+	cr_assert_eq(fd_qlat_percentile_us(h, 50), fd_qlat_upper_us(40));
+	cr_assert_eq(fd_qlat_percentile_us(h, 99), fd_qlat_upper_us(40));
+	cr_assert_eq(fd_qlat_percentile_us(h, 100), fd_qlat_upper_us(60));
+	cr_assert(fd_qlat_upper_us(40) >= 1000 && fd_qlat_upper_us(40) < 1300,
+		  "%lu", (unsigned long)fd_qlat_upper_us(40));
 }
