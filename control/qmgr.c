@@ -262,7 +262,7 @@ qm_seg_get(struct cplane *cp, unsigned worker, uint64_t file_no,
 	s->use_seq = use_seq;
 	snprintf(s->path, sizeof(s->path), "%s/w%02x/%08" PRIx64 ".seg",
 		 cp->spool_dir, worker, file_no);
-	s->fd = open(s->path, O_RDONLY | O_CLOEXEC);
+	s->fd = fd_open_noatime(s->path, O_RDONLY | O_CLOEXEC);
 	if (s->fd < 0)
 		fd_log(FD_LOG_ERR, "qmgr",
 		       "event=segment_open_failed path=%s error=\"%s\"",
@@ -3415,7 +3415,7 @@ cp_history(struct cplane *cp, uint64_t id, cp_history_fn fn, void *ctx)
 			continue;
 		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
 		free(names[i]);
-		fd = open(path, O_RDONLY | O_CLOEXEC);
+		fd = fd_open_noatime(path, O_RDONLY | O_CLOEXEC);
 		if (fd < 0 || fstat(fd, &st) != 0 || st.st_size == 0) {
 			if (fd >= 0)
 				close(fd);

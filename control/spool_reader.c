@@ -50,6 +50,7 @@
 #include <unistd.h>
 
 #include "finaldot/crc32c.h"
+#include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/spool_format.h"
 #include "spool/spool_ledger.h"
@@ -418,7 +419,7 @@ list_worker(struct ctl_spool_scan *s, const char *root, const char *wname,
 		se->pub.path = se->path;
 		se->pub.worker = worker;
 		se->name_no = name_number(e->d_name);
-		sr.fd = open(path, O_RDONLY | O_CLOEXEC);
+		sr.fd = fd_open_noatime(path, O_RDONLY | O_CLOEXEC);
 		if (sr.fd >= 0 && fstat(sr.fd, &st) == 0)
 			seg_probe(se, &sr, (uint64_t)st.st_size);
 		if (sr.fd >= 0)
@@ -479,7 +480,8 @@ salvage(struct ctl_spool_scan *s, struct segent *e, uint8_t *win)
 	bool ok = false;
 
 	s->sum.segments_damaged++;
-	if (e->path && (sr.fd = open(e->path, O_RDONLY | O_CLOEXEC)) < 0)
+	if (e->path &&
+	    (sr.fd = fd_open_noatime(e->path, O_RDONLY | O_CLOEXEC)) < 0)
 		goto out_log;
 	if (src_read(&sr, 0, hb, sizeof(hb)) != (long)sizeof(hb))
 		goto out_close;
@@ -602,7 +604,9 @@ walk_all(struct ctl_spool_scan *s)
 				break;
 			}
 		}
-		if (e->path && (sr.fd = open(e->path, O_RDONLY | O_CLOEXEC)) < 0) {
+		if (e->path &&
+		    (sr.fd = fd_open_noatime(e->path,
+					     O_RDONLY | O_CLOEXEC)) < 0) {
 			s->sum.segments_bad++;
 			continue;
 		}
@@ -928,7 +932,8 @@ ctl_spool_read_body(const struct ctl_spool_scan *s,
 		if (!s->mem && pc->seg != open_seg) {
 			if (sr.fd >= 0)
 				close(sr.fd);
-			sr.fd = open(s->segs[pc->seg].path, O_RDONLY | O_CLOEXEC);
+			sr.fd = fd_open_noatime(s->segs[pc->seg].path,
+						       O_RDONLY | O_CLOEXEC);
 			if (sr.fd < 0) {
 				r = -errno;
 				break;

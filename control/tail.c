@@ -28,6 +28,7 @@
 #include "control/qmgr.h"
 #include "control/tail.h"
 #include "finaldot/crc32c.h"
+#include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "finaldot/spool_format.h"
@@ -388,7 +389,8 @@ tail_read(void *ctx, uint64_t off, void *buf, size_t n)
 
 	if (!ts->dfd_tried) {
 		ts->dfd_tried = true;
-		ts->dfd = open(ts->qs->path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+		ts->dfd = fd_open_noatime(ts->qs->path,
+					  O_RDONLY | O_DIRECT | O_CLOEXEC);
 	}
 	if (ts->dfd >= 0 && off % SPOOL_BLOCK == 0 && n % SPOOL_BLOCK == 0) {
 		r = spool_read_fd(&ts->dfd, off, buf, n);

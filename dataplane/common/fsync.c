@@ -1,4 +1,4 @@
-/* Making names durable (finaldot/fsync.h). */
+/* Making names durable, reading without writing (finaldot/fsync.h). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -45,4 +45,14 @@ fd_mkdir_durable(const char *path, mode_t mode)
 	if (mkdir(path, mode) != 0)
 		return errno == EEXIST ? 0 : -errno;
 	return fd_fsync_parent(path);
+}
+
+int
+fd_open_noatime(const char *path, int flags)
+{
+	int fd = open(path, flags | O_NOATIME);
+
+	if (fd < 0 && errno == EPERM)
+		fd = open(path, flags);
+	return fd;
 }

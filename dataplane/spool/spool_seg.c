@@ -245,7 +245,7 @@ classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 	int fd;
 
 	seg_path(pp, no, path, sizeof(path));
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	fd = fd_open_noatime(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return;
 	pp->n_files++;

@@ -1,5 +1,7 @@
 /*
- * Making names durable. A file's data is made durable by fsync of the
+ * Files: making names durable, and reading without writing.
+ *
+ * A file's data is made durable by fsync of the
  * file; its name, and a new directory, only by fsync of the directory
  * that holds it (POSIX promises no more, and the power-cut simulator
  * holds us to exactly that: docs/powercut.md).
@@ -19,5 +21,15 @@ int fd_fsync_parent(const char *path);
 /* mkdir path (mode) unless it exists; one made here is made durable in
  * its parent. 0 (made or found) or -errno. */
 int fd_mkdir_durable(const char *path, mode_t mode);
+
+/* open(2) path with flags (O_RDONLY and any of O_DIRECT, O_CLOEXEC...)
+ * plus O_NOATIME where the kernel lets us (we own the file, or hold
+ * CAP_FOWNER), flags alone where it does not (EPERM). The spool's
+ * readers (the tailer, delivery, recovery, the scan) use it: under
+ * relatime a read after each write would otherwise dirty the segment's
+ * inode again and again while a worker writes it, and with it the inode
+ * table block its next flush may have to write. A descriptor or -1 with
+ * errno, as open(2). */
+int fd_open_noatime(const char *path, int flags);
 
 #endif

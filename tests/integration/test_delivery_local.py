@@ -8,7 +8,9 @@
 - a restart delivers nothing twice (the delivery log), also after the log
   was compacted many times;
 - --recipients: unknown users get 550 5.1.1 at RCPT, postmaster always
-  passes.
+  passes;
+- the spool's readers (the tailer, delivery) leave the segments' atime
+  alone (O_NOATIME), so a read never dirties the inode a flush writes.
 """
 import glob
 import os
@@ -148,8 +150,41 @@ def case_message_across_many_segments():
         check(log_count(d, r"event=message_broken") == 0, "message_broken")
 
 
+def case_readers_leave_atime():
+    with Daemon(delivery=True) as d:
+        old = 1700000000 * 10**9
+        segs = seg_files(d)
+        check(segs, "no segment files")
+        for p in segs:
+            st = os.stat(p)
+            os.utime(p, ns=(old, st.st_mtime_ns))
+        # The control: under relatime a plain read now moves atime (it
+        # is older than mtime); where it does not (noatime) there is
+        # nothing to show.
+        probe = os.path.join(d.tmp, "atime-probe")
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.utime(probe, ns=(old, old + 3600 * 10**9))
+        with open(probe, "rb") as f:
+            f.read()
+        if os.stat(probe).st_atime_ns == old:
+            print("skip: atime is not updated on read here (noatime)")
+            sys.exit(77)
+        root = os.path.join(d.tmp, "maildir")
+        for i in range(20):
+            send(d, "a@example.com", [f"r{i}@example.com"], message(i))
+        wait(lambda: count_files(root) >= 20, 30, "20 deliveries")
+        for p in segs:
+            st = os.stat(p)
+            if st.st_mtime_ns > old:
+                check(st.st_atime_ns == old,
+                      f"{os.path.basename(p)}: atime moved "
+                      f"({st.st_atime_ns} after {old}): a reader "
+                      "without O_NOATIME")
+
+
 CASES = [case_default_route, case_reclaim_and_restart, case_recipients,
-         case_message_across_many_segments]
+         case_message_across_many_segments, case_readers_leave_atime]
 
 if __name__ == "__main__":
     only = sys.argv[1:]
