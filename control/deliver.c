@@ -46,6 +46,7 @@
 #include "finaldot/crc32c.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
+#include "finaldot/thread.h"
 
 #include <openssl/evp.h>
 
@@ -886,6 +887,17 @@ deliver_main(void *arg)
 	struct q_job *jobs[QJ_BATCH];
 
 	memset(&cc, 0, sizeof(cc));
+	/* Below acceptance when asked (delivery_nice): when a load fills
+	 * the CPUs, the workers and the kernel work behind each spool flush
+	 * get them first and delivery takes what is left. */
+	if (cp_config_of(cp)->delivery_nice) {
+		unsigned nice = cp_config_of(cp)->delivery_nice;
+		int r = fd_thread_set_nice((int)nice);
+		if (r)
+			fd_log(FD_LOG_WARN, "deliver",
+			       "event=nice_failed nice=%u error=\"%s\"",
+			       nice, strerror(-r));
+	}
 	for (unsigned nj = 0;;) {
 		/* The last batch goes back in the same call that takes
 		 * the next one (the thread keeps its slot). */

@@ -46,6 +46,7 @@
 #include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/spool_format.h"
+#include "finaldot/thread.h"
 
 #define COMP "dlog"
 #define FILE_HDR_CRC_OFF 60u
@@ -1011,6 +1012,14 @@ static void *
 writer_main(void *arg)
 {
 	struct dlog *l = arg;
+
+	if (l->p.nice) {
+		int r = fd_thread_set_nice((int)l->p.nice);
+		if (r)
+			fd_log(FD_LOG_WARN, COMP,
+			       "event=nice_failed nice=%u error=\"%s\"",
+			       l->p.nice, strerror(-r));
+	}
 
 	pthread_mutex_lock(&l->mu);
 	for (;;) {

@@ -3164,6 +3164,7 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 	/* Then what the delivery log says happened to them. */
 	snprintf(dir, sizeof(dir), "%s/dlog", cp->spool_dir);
 	dlog_params_defaults(&lp);
+	lp.nice = c->delivery_nice;
 	if (c->dlog_rotate_bytes)
 		lp.rotate_bytes = c->dlog_rotate_bytes;
 	memset(&ost, 0, sizeof(ost));

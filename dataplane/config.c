@@ -159,6 +159,11 @@ static const struct opt options[] = {
 	 "and benchmarks)"},
 	{"delivery_threads", NULL, OPT_UINT, F(delivery_threads), 0, "N",
 	 "delivery threads, each with at most one connection (default 32)"},
+	{"delivery_nice", NULL, OPT_UINT, F(delivery_nice), 0, "N",
+	 "scheduling nice value (0-19) of the delivery threads and the "
+	 "delivery log's writer; above 0 they give the CPUs to acceptance "
+	 "when both want them, and the queue absorbs the difference "
+	 "(default 0)"},
 	{"dest_concurrency", NULL, OPT_UINT, F(dest_concurrency), 0, "N",
 	 "connections to one next hop at once, at most, each carrying up "
 	 "to 16 pipelined messages; starts at 5 and grows with success "
@@ -774,6 +779,10 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 		fprintf(err, "batches must be >= 2, flush_inflight between 1 "
 			     "and batches, max_connections and max_recipients "
 			     ">= 1\n");
+		return -EINVAL;
+	}
+	if (c->delivery_nice > 19) {
+		fprintf(err, "delivery_nice must be between 0 and 19\n");
 		return -EINVAL;
 	}
 	if (strcmp(c->spool_sync, "auto") && strcmp(c->spool_sync, "dsync") &&

@@ -159,6 +159,7 @@ cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
 	cc->default_route = "maildir:./var/maildir";
 	cc->recipients = cfg->recipients;
 	cc->delivery_threads = cfg->delivery_threads;
+	cc->delivery_nice = cfg->delivery_nice;
 	cc->dest_concurrency = cfg->dest_concurrency;
 	cc->retry_min_ms = cfg->retry_min_ms;
 	cc->retry_max_ms = cfg->retry_max_ms;

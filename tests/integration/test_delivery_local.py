@@ -10,7 +10,9 @@
 - --recipients: unknown users get 550 5.1.1 at RCPT, postmaster always
   passes;
 - the spool's readers (the tailer, delivery) leave the segments' atime
-  alone (O_NOATIME), so a read never dirties the inode a flush writes.
+  alone (O_NOATIME), so a read never dirties the inode a flush writes;
+- --delivery-nice N: the delivery threads and the delivery log's writer
+  run at nice N, the workers and the queue manager at the daemon's own.
 """
 import glob
 import os
@@ -183,8 +185,47 @@ def case_readers_leave_atime():
                       "without O_NOATIME")
 
 
+def thread_nice(pid):
+    """{thread name: [nice values]} of the process's threads."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read()
+        except FileNotFoundError:
+            continue  # a thread that just ended
+        name = st[st.index("(") + 1:st.rindex(")")]
+        fields = st[st.rindex(")") + 2:].split()
+        out.setdefault(name, []).append(int(fields[16]))  # field 19
+    return out
+
+
+def case_delivery_nice():
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    check(own <= 12, f"the test runs at nice {own}: no room to show 7")
+    with Daemon("--delivery-nice", "7", "--delivery-threads", "3",
+                delivery=True) as d:
+        root = os.path.join(d.tmp, "maildir")
+        send(d, "a@example.com", ["n@example.com"], message(1))
+        wait(lambda: count_files(root) >= 1, 30, "the delivery")
+        tn = thread_nice(d.proc.pid)
+        want = own + 7 if own + 7 <= 19 else 19
+        check(tn.get("fd-deliver") == [want] * 3,
+              f"delivery threads at {tn.get('fd-deliver')}, want {want}")
+        check(tn.get("fd-dlog") == [want], f"fd-dlog at {tn.get('fd-dlog')}")
+        for name in ("fd-worker0", "fd-qmgr"):
+            check(tn.get(name) and set(tn[name]) == {own},
+                  f"{name} at {tn.get(name)}, "
+                  f"want {own} (only delivery yields)")
+    with Daemon(delivery=True) as d:
+        tn = thread_nice(d.proc.pid)
+        check(tn.get("fd-deliver") and set(tn["fd-deliver"]) == {own},
+              f"default: delivery threads at {tn.get('fd-deliver')}")
+
+
 CASES = [case_default_route, case_reclaim_and_restart, case_recipients,
-         case_message_across_many_segments, case_readers_leave_atime]
+         case_message_across_many_segments, case_readers_leave_atime,
+         case_delivery_nice]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

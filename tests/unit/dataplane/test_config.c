@@ -154,6 +154,26 @@ Test(config, spool_sync_modes)
 		  "%s", errbuf);
 }
 
+Test(config, delivery_nice_range)
+{
+	char *a0[] = {"finaldot"};
+	cr_assert_eq(parse(1, a0), 0);
+	cr_assert_eq(c.delivery_nice, 0u);
+	setup();
+	char *a1[] = {"finaldot", "--delivery-nice", "19"};
+	cr_assert_eq(parse(3, a1), 0, "%s", errbuf);
+	cr_assert_eq(c.delivery_nice, 19u);
+	setup();
+	char *a2[] = {"finaldot", "--delivery-nice", "20"};
+	cr_assert_neq(parse(3, a2), 0);
+	fflush(err);
+	cr_assert(strstr(errbuf, "delivery_nice must be between 0 and 19"),
+		  "%s", errbuf);
+	setup();
+	char *a3[] = {"finaldot", "--delivery-nice", "-1"};
+	cr_assert_neq(parse(3, a3), 0);
+}
+
 Test(config, bad_values_are_errors)
 {
 	char *a1[] = {"finaldot", "--threads", "many"};
