@@ -37,7 +37,7 @@ struct cp_config {
 	const char *default_route;  /* used when no route and no relay */
 	const char *recipients;     /* valid-recipients file or "" */
 	unsigned delivery_threads;
-	unsigned delivery_nice;     /* delivery threads and dlog writer */
+	unsigned delivery_nice;     /* nice steps: delivery, dlog writer */
 	unsigned dest_concurrency;  /* per next hop, at most */
 	uint64_t retry_min_ms;
 	uint64_t retry_max_ms;

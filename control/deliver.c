@@ -892,10 +892,10 @@ deliver_main(void *arg)
 	 * get them first and delivery takes what is left. */
 	if (cp_config_of(cp)->delivery_nice) {
 		unsigned nice = cp_config_of(cp)->delivery_nice;
-		int r = fd_thread_set_nice((int)nice);
+		int r = fd_thread_nice_by(nice);
 		if (r)
 			fd_log(FD_LOG_WARN, "deliver",
-			       "event=nice_failed nice=%u error=\"%s\"",
+			       "event=nice_failed delivery_nice=%u error=\"%s\"",
 			       nice, strerror(-r));
 	}
 	for (unsigned nj = 0;;) {

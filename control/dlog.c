@@ -1014,10 +1014,10 @@ writer_main(void *arg)
 	struct dlog *l = arg;
 
 	if (l->p.nice) {
-		int r = fd_thread_set_nice((int)l->p.nice);
+		int r = fd_thread_nice_by(l->p.nice);
 		if (r)
 			fd_log(FD_LOG_WARN, COMP,
-			       "event=nice_failed nice=%u error=\"%s\"",
+			       "event=nice_failed delivery_nice=%u error=\"%s\"",
 			       l->p.nice, strerror(-r));
 	}
 

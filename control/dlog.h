@@ -99,7 +99,8 @@ struct dlog_params {
 	/* benchmarks only: skip fdatasync. UNSAFE: nothing is durable, and
 	 * dlog_wait() still reports success. */
 	bool no_sync;
-	/* the writer thread's nice value (0..19); default 0 */
+	/* the writer thread runs this many nice steps below the caller's
+	 * priority (at most nice 19); default 0 */
 	unsigned nice;
 };
 void dlog_params_defaults(struct dlog_params *p);

@@ -160,10 +160,10 @@ static const struct opt options[] = {
 	{"delivery_threads", NULL, OPT_UINT, F(delivery_threads), 0, "N",
 	 "delivery threads, each with at most one connection (default 32)"},
 	{"delivery_nice", NULL, OPT_UINT, F(delivery_nice), 0, "N",
-	 "scheduling nice value (0-19) of the delivery threads and the "
-	 "delivery log's writer; above 0 they give the CPUs to acceptance "
-	 "when both want them, and the queue absorbs the difference "
-	 "(default 0)"},
+	 "run the delivery threads and the delivery log's writer N nice "
+	 "steps (0-19) below the daemon; above 0 they give the CPUs to "
+	 "acceptance when both want them, and the queue absorbs the "
+	 "difference (default 0)"},
 	{"dest_concurrency", NULL, OPT_UINT, F(dest_concurrency), 0, "N",
 	 "connections to one next hop at once, at most, each carrying up "
 	 "to 16 pipelined messages; starts at 5 and grows with success "

@@ -7,10 +7,20 @@
 #include "finaldot/thread.h"
 
 int
-fd_thread_set_nice(int nice)
+fd_thread_nice_by(unsigned incr)
 {
 	/* PRIO_PROCESS with a thread id names that thread alone. */
-	if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice) != 0)
+	id_t tid = (id_t)syscall(SYS_gettid);
+	int cur, want;
+
+	errno = 0;
+	cur = getpriority(PRIO_PROCESS, tid);
+	if (cur == -1 && errno)
+		return -errno;
+	want = cur + (int)(incr > 39u ? 39u : incr);
+	if (want > 19)
+		want = 19;
+	if (setpriority(PRIO_PROCESS, tid, want) != 0)
 		return -errno;
 	return 0;
 }

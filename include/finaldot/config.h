@@ -97,7 +97,7 @@ struct fd_config {
 	char recipients[FD_CONFIG_STR];
 	bool delivery;
 	unsigned delivery_threads;
-	unsigned delivery_nice;    /* 0..19: delivery threads, dlog writer */
+	unsigned delivery_nice;    /* +0..19 nice: delivery, dlog writer */
 	unsigned dest_concurrency;
 	uint64_t retry_min_ms;
 	uint64_t retry_max_ms;

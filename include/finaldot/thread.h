@@ -4,8 +4,10 @@
 #ifndef FINALDOT_THREAD_H
 #define FINALDOT_THREAD_H
 
-/* Set the calling thread's nice value (Linux: per thread, not per
- * process) to nice, 0..19. Raising it needs no privilege. 0 or -errno. */
-int fd_thread_set_nice(int nice);
+/* Lower the calling thread's priority (Linux: per thread, not per
+ * process) by incr nice steps from where it is now, at most to 19; the
+ * daemon's own nice (systemd's Nice=, nice(1)) stays the base. Raising the
+ * nice value needs no privilege. 0 or -errno. */
+int fd_thread_nice_by(unsigned incr);
 
 #endif
