@@ -895,7 +895,8 @@ deliver_main(void *arg)
 		int r = fd_thread_nice_by(nice);
 		if (r)
 			fd_log(FD_LOG_WARN, "deliver",
-			       "event=nice_failed delivery_nice=%u error=\"%s\"",
+			       "event=nice_failed delivery_nice=%u "
+			       "error=\"%s\"",
 			       nice, strerror(-r));
 	}
 	for (unsigned nj = 0;;) {

@@ -1017,7 +1017,8 @@ writer_main(void *arg)
 		int r = fd_thread_nice_by(l->p.nice);
 		if (r)
 			fd_log(FD_LOG_WARN, COMP,
-			       "event=nice_failed delivery_nice=%u error=\"%s\"",
+			       "event=nice_failed delivery_nice=%u "
+			       "error=\"%s\"",
 			       l->p.nice, strerror(-r));
 	}
 
