@@ -890,15 +890,7 @@ deliver_main(void *arg)
 	/* Below acceptance when asked (delivery_nice): when a load fills
 	 * the CPUs, the workers and the kernel work behind each spool flush
 	 * get them first and delivery takes what is left. */
-	if (cp_config_of(cp)->delivery_nice) {
-		unsigned nice = cp_config_of(cp)->delivery_nice;
-		int r = fd_thread_nice_by(nice);
-		if (r)
-			fd_log(FD_LOG_WARN, "deliver",
-			       "event=nice_failed delivery_nice=%u "
-			       "error=\"%s\"",
-			       nice, strerror(-r));
-	}
+	(void)fd_thread_nice_by(cp_config_of(cp)->delivery_nice, "deliver");
 	for (unsigned nj = 0;;) {
 		/* The last batch goes back in the same call that takes
 		 * the next one (the thread keeps its slot). */

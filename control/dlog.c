@@ -1013,14 +1013,7 @@ writer_main(void *arg)
 {
 	struct dlog *l = arg;
 
-	if (l->p.nice) {
-		int r = fd_thread_nice_by(l->p.nice);
-		if (r)
-			fd_log(FD_LOG_WARN, COMP,
-			       "event=nice_failed delivery_nice=%u "
-			       "error=\"%s\"",
-			       l->p.nice, strerror(-r));
-	}
+	(void)fd_thread_nice_by(l->p.nice, COMP);
 
 	pthread_mutex_lock(&l->mu);
 	for (;;) {

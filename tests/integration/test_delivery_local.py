@@ -209,7 +209,7 @@ def case_delivery_nice():
         send(d, "a@example.com", ["n@example.com"], message(1))
         wait(lambda: count_files(root) >= 1, 30, "the delivery")
         tn = thread_nice(d.proc.pid)
-        want = own + 7 if own + 7 <= 19 else 19
+        want = own + 7
         check(tn.get("fd-deliver") == [want] * 3,
               f"delivery threads at {tn.get('fd-deliver')}, want {want}")
         check(tn.get("fd-dlog") == [want], f"fd-dlog at {tn.get('fd-dlog')}")

@@ -28,9 +28,9 @@ body(void *arg)
 	/* The daemon started at nice 3 (systemd's Nice=3, say). */
 	setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 3);
 	s->base = my_nice();
-	s->r4 = fd_thread_nice_by(4);
+	s->r4 = fd_thread_nice_by(4, "test");
 	s->after4 = my_nice();
-	s->rmany = fd_thread_nice_by(30);
+	s->rmany = fd_thread_nice_by(30, "test");
 	s->after_many = my_nice();
 	return NULL;
 }
