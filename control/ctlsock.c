@@ -334,7 +334,8 @@ jw_worker(struct ctl_jw *w, const struct ctl_worker_stats *s)
 	/* The spool disk's durable writes since the start, submission to
 	 * completion: what every final dot waits for. */
 	ctl_jw_ku64(w, "flush_mean_us",
-		    fd_lat_mean_us(s->flush_lat_sum_ns, s->batches));
+		    fd_lat_mean_us(s->flush_lat_sum_ns,
+				   s->batches - s->unflushed));
 	ctl_jw_ku64(w, "failed", s->failed);
 	ctl_jw_ku64(w, "rejected", s->rejected);
 	ctl_jw_ku64(w, "refused_busy", s->refused_busy);

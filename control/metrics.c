@@ -248,12 +248,17 @@ render_workers(FILE *f, const struct ctl_sources *src,
 	histogram(f, name, NULL, t->lat, t->lat_sum_ns);
 
 	one(f, "finaldot_spool_flushes_total", "counter",
-	    "Durable spool writes issued (one per batch; messages per flush "
-	    "= accepted / flushes).", t->flushes);
+	    "Durable spool writes issued (one per batch, except batches "
+	    "without an END record in fdatasync mode; messages per flush = "
+	    "accepted / flushes).", t->flushes);
 	name = "finaldot_spool_batches_total";
 	head(f, name, "counter", "Spool batch writes completed, by result.");
 	lab(f, name, "result", "ok", t->batches);
 	lab(f, name, "result", "error", t->batch_errors);
+	one(f, "finaldot_spool_unflushed_batches_total", "counter",
+	    "Batches written ok without a flush of their own (no END record "
+	    "in them, fdatasync mode): the next flush in the same file "
+	    "covers them.", t->unflushed);
 	{
 		static const char *const msgs[CTL_FLUSH_MSG_BUCKETS] = {
 			"1", "2", "4", "8", "16", "32", "64", "128", "256"};
@@ -261,8 +266,8 @@ render_workers(FILE *f, const struct ctl_sources *src,
 			"4096", "16384", "65536", "262144", "1048576",
 			"4194304"};
 		histogram_counts(f, "finaldot_spool_flush_messages",
-				 "Messages made durable per completed spool "
-				 "write (group commit: high under load).",
+				 "Messages made durable per completed flush "
+				 "(group commit: high under load).",
 				 msgs, CTL_FLUSH_MSG_BUCKETS, t->flush_msgs,
 				 t->flush_msgs_sum);
 		histogram_counts(f, "finaldot_spool_flush_bytes",
@@ -279,7 +284,7 @@ render_workers(FILE *f, const struct ctl_sources *src,
 	histogram(f, name, NULL, t->flush_lat, t->flush_lat_sum_ns);
 	one(f, "finaldot_spool_written_bytes_total", "counter",
 	    "Bytes written to the spool, block padding included (bytes per "
-	    "batch = this / flushes).", t->spool_bytes);
+	    "batch = this / ok batches).", t->spool_bytes);
 	one(f, "finaldot_spool_record_bytes_total", "counter",
 	    "Record bytes written to the spool, padding excluded.",
 	    t->spool_payload);

@@ -65,8 +65,10 @@ struct ctl_worker_stats {
 	uint64_t early_talkers;   /* 554 */
 	uint64_t timeouts;        /* 421 4.4.2 */
 	uint64_t flushes;         /* durable writes issued */
-	uint64_t batches;         /* ... completed ok */
+	uint64_t batches;         /* batch writes completed ok */
 	uint64_t batch_errors;    /* ... failed */
+	uint64_t unflushed;       /* ok, written without a flush of their
+				   * own (a later flush covers them) */
 	uint64_t spool_bytes;     /* bytes written, padding included */
 	uint64_t spool_payload;   /* record bytes */
 	uint64_t segments;        /* segments taken into use */

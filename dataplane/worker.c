@@ -208,6 +208,7 @@ worker_publish(struct fd_worker *w)
 		p->flushes = sp->flushes;
 		p->batches = sp->batches;
 		p->batch_errors = sp->batch_errors;
+		p->unflushed = sp->unflushed;
 		p->spool_bytes = sp->bytes;
 		p->spool_payload = sp->payload_bytes;
 		p->segments = sp->segments_used;
@@ -394,7 +395,8 @@ fd_worker_finish(struct fd_worker *w)
 	       w->sessions_refused,
 	       fd_qlat_percentile_us(f->smtp.gap_hist, 50),
 	       fd_qlat_percentile_us(f->smtp.gap_hist, 99),
-	       fd_lat_mean_us(f->spool.flush_lat_sum_ns, f->spool.batches),
+	       fd_lat_mean_us(f->spool.flush_lat_sum_ns,
+			      f->spool.batches - f->spool.unflushed),
 	       fd_qlat_percentile_us(f->spool.flush_qlat, 50),
 	       fd_qlat_percentile_us(f->spool.flush_qlat, 99));
 	if (w->smtp)

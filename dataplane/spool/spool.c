@@ -77,7 +77,12 @@ enum fault_kind {
 	F_NONE, F_FAIL_FROM, F_FAIL_ONCE, F_ENOSPC, F_HOLD,
 	F_NO_DSYNC,  /* mutant: writes without RWF_DSYNC or fdatasync */
 	F_PREP_SLOW, /* the preparer sleeps fault_n ms per chunk of zeros */
-	F_NO_DIRSYNC /* mutant: applied by the preparer (spool_seg.c) */
+	F_NO_DIRSYNC, /* mutant: applied by the preparer (spool_seg.c) */
+	F_LAZY_LATE,  /* an unflushed batch goes to the kernel only after a
+		       * later batch did (the reordering io-wq may cause) */
+	F_LAZY_NOWAIT, /* mutant: F_LAZY_LATE, and a flush does not wait for
+			* the unflushed writes before it */
+	F_LAZY_SEGLAST /* mutant: a segment's last batch may go unflushed */
 };
 
 struct batch {
@@ -95,6 +100,12 @@ struct batch {
 	uint64_t t_submit_ns; /* CLOCK_MONOTONIC at submission */
 	uint64_t lat_ns;      /* ... to the reaping of its last completion */
 	bool fsync_mode;
+	bool seg_last;    /* the last batch of its segment file */
+	bool unflushed;   /* written without a flush (see submit_batch) */
+	bool fsync_later; /* written plain; its fdatasync follows once the
+			   * unflushed writes before it completed */
+	bool fsync_sent;
+	bool written;     /* the write's completion arrived */
 	bool fault_fail;
 	int res;
 	struct spool_msg *msgs; /* messages whose END is in this batch, */
@@ -246,6 +257,18 @@ parse_fault(struct spool *sp, const char *spec)
 		sp->fault = F_NO_DIRSYNC;
 		return 0;
 	}
+	if (strcmp(spec, "lazy-late") == 0) {
+		sp->fault = F_LAZY_LATE;
+		return 0;
+	}
+	if (strcmp(spec, "lazy-nowait") == 0) {
+		sp->fault = F_LAZY_NOWAIT;
+		return 0;
+	}
+	if (strcmp(spec, "lazy-seglast") == 0) {
+		sp->fault = F_LAZY_SEGLAST;
+		return 0;
+	}
 	if (strncmp(spec, "prep-slow:", 10) == 0) {
 		unsigned long long v = strtoull(spec + 10, &end, 10);
 		if (spec[10] < '0' || spec[10] > '9' || *end || v > 10000)
@@ -370,6 +393,7 @@ open_current(struct spool *sp)
 	b->res = 0;
 	b->msgs = b->msgs_tail = NULL;
 	b->fault_fail = false;
+	b->unflushed = b->fsync_later = b->fsync_sent = b->written = false;
 	sp->cur = b;
 	return 0;
 }
@@ -405,6 +429,9 @@ close_current(struct spool *sp)
 	memset(b->buf + b->fill, 0, b->len - b->fill);
 	b->seg->off += b->len;
 	b->seg->inflight++;
+	/* open_current() moves to a new file when this one has no room for
+	 * a whole buffer more: then this batch is its last. */
+	b->seg_last = b->seg->size - b->seg->off < sp->cap;
 	b->state = B_CLOSED;
 	sp->fifo[(sp->fifo_head + sp->fifo_n) % sp->nb] = b->idx;
 	sp->fifo_n++;
@@ -421,13 +448,68 @@ rotate_if_full(struct spool *sp)
 	(void)open_current(sp); /* may leave cur NULL: handled lazily */
 }
 
+/*
+ * Unflushed batches. Nobody waits for a batch without an END record (the
+ * middle of large messages), so in fdatasync mode it is written without a
+ * flush of its own: the fdatasync that makes the next END durable covers
+ * it, provided two rules hold.
+ *  - That fdatasync is issued only after every unflushed write before it
+ *    in the same file has completed: fdatasync covers the writes that
+ *    completed before it, not those still in the kernel (io-wq may run
+ *    them in any order). A batch with an END whose file still has
+ *    unflushed writes in flight goes as a plain write, and its fdatasync
+ *    follows from submit_fsyncs() once they completed.
+ *  - The last batch of a segment file is always flushed: a message may
+ *    end in the next file, and an fdatasync of one file promises nothing
+ *    for another.
+ * Only in fdatasync mode: with RWF_DSYNC a disk with FUA makes just the
+ * write itself durable (no cache flush), which would not cover the
+ * others. Messages still complete in batch order, so a message's callback
+ * waits for the flushes of every file it has records in.
+ */
+static bool
+batch_unflushed(const struct spool *sp, const struct batch *b)
+{
+	return sp->fsync_mode && !b->msgs &&
+	       (!b->seg_last || sp->fault == F_LAZY_SEGLAST);
+}
+
+/* An unflushed write before b, in b's file, has not completed. */
+static bool
+unflushed_before(const struct spool *sp, const struct batch *b)
+{
+	if (sp->fault == F_LAZY_NOWAIT)
+		return false;
+	for (unsigned i = 0; i < sp->fifo_n; i++) {
+		const struct batch *e =
+			&sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
+		if (e == b)
+			break;
+		if (e->seg == b->seg && e->unflushed && !e->written)
+			return true;
+		if (e->seg == b->seg && e->state == B_CLOSED &&
+		    batch_unflushed(sp, e))
+			return true;
+	}
+	return false;
+}
+
 static bool
 submit_batch(struct spool *sp, struct batch *b)
 {
 	struct io_uring_sqe *sqe, *sqe2;
-	bool fail = false;
+	bool fail = false, later = false;
 
-	if (io_uring_sq_space_left(sp->ring) < (sp->fsync_mode ? 2u : 1u))
+	b->unflushed = false;
+	b->fsync_sent = false;
+	b->written = false;
+	b->fsync_mode = sp->fsync_mode && sp->fault != F_NO_DSYNC;
+	if (b->fsync_mode) {
+		b->unflushed = batch_unflushed(sp, b);
+		later = !b->unflushed && unflushed_before(sp, b);
+	}
+	if (io_uring_sq_space_left(sp->ring) <
+	    (b->fsync_mode && !b->unflushed && !later ? 2u : 1u))
 		return false;
 	sp->writes++;
 	if (sp->fault == F_FAIL_FROM && sp->writes >= sp->fault_n)
@@ -435,10 +517,17 @@ submit_batch(struct spool *sp, struct batch *b)
 	if (sp->fault == F_FAIL_ONCE && sp->writes == sp->fault_n)
 		fail = true;
 	b->fault_fail = fail;
-	b->fsync_mode = sp->fsync_mode && !fail && sp->fault != F_NO_DSYNC;
+	if (fail) {
+		b->fsync_mode = false;
+		b->unflushed = false;
+		later = false;
+	}
+	b->fsync_later = later;
 	sqe = io_uring_get_sqe(sp->ring);
-	sqe2 = b->fsync_mode ? io_uring_get_sqe(sp->ring) : NULL;
-	if (!sqe || (b->fsync_mode && !sqe2))
+	sqe2 = b->fsync_mode && !b->unflushed && !later
+		       ? io_uring_get_sqe(sp->ring)
+		       : NULL;
+	if (!sqe)
 		return false; /* cannot happen: space was checked */
 	if (fail) {
 		/* The write is "lost": nothing reaches the disk. */
@@ -454,14 +543,14 @@ submit_batch(struct spool *sp, struct batch *b)
 			io_uring_prep_write(sqe, b->seg->fd, b->buf,
 					    (unsigned)b->len, b->off);
 		io_uring_sqe_set_data64(sqe, ud_make(b, OP_WRITE));
-		b->cqes_left = 1;
+		b->cqes_left = later ? 2 : 1;
 		if (sqe2) {
 			sqe->flags |= IOSQE_IO_LINK;
 			io_uring_prep_fsync(sqe2, b->seg->fd,
 					    IORING_FSYNC_DATASYNC);
 			io_uring_sqe_set_data64(sqe2, ud_make(b, OP_FSYNC));
 			b->cqes_left = 2;
-		} else if (sp->fault != F_NO_DSYNC) {
+		} else if (!b->fsync_mode && sp->fault != F_NO_DSYNC) {
 			sqe->rw_flags = RWF_DSYNC;
 		}
 	}
@@ -472,15 +561,88 @@ submit_batch(struct spool *sp, struct batch *b)
 	return true;
 }
 
+/* Batches closed or in flight that will carry a flush (what group commit
+ * counts: unflushed writes hold nobody's reply). */
+static unsigned
+flushes_queued(const struct spool *sp)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < sp->fifo_n; i++) {
+		const struct batch *b =
+			&sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
+		n += b->state == B_CLOSED ? !batch_unflushed(sp, b)
+					  : !b->unflushed;
+	}
+	return n;
+}
+
+/* The fdatasyncs that waited for unflushed writes before them. */
+static void
+submit_fsyncs(struct spool *sp)
+{
+	for (unsigned i = 0; i < sp->fifo_n; i++) {
+		unsigned idx = sp->fifo[(sp->fifo_head + i) % sp->nb];
+		struct batch *b = &sp->b[idx];
+		struct io_uring_sqe *sqe;
+
+		if (b->state != B_INFLIGHT || !b->fsync_later ||
+		    b->fsync_sent || !b->written || unflushed_before(sp, b))
+			continue;
+		if (!(sqe = io_uring_get_sqe(sp->ring)))
+			return;
+		io_uring_prep_fsync(sqe, b->seg->fd, IORING_FSYNC_DATASYNC);
+		io_uring_sqe_set_data64(sqe, ud_make(b, OP_FSYNC));
+		b->fsync_sent = true;
+		sp->stp->late_flushes++;
+	}
+}
+
+/*
+ * F_LAZY_LATE: an unflushed batch goes to the kernel last, as io-wq may
+ * order it: only once a later batch was submitted and every later batch
+ * in the kernel has completed, or waits for this one (its write done, its
+ * fdatasync held back). Not while the spool shuts down, nor when every
+ * buffer is taken (no later batch can come).
+ */
+static bool
+lazy_held(const struct spool *sp, unsigned pos, const struct batch *b)
+{
+	bool later = false;
+
+	if ((sp->fault != F_LAZY_LATE && sp->fault != F_LAZY_NOWAIT) ||
+	    sp->destroying || sp->nfree == 0 || !batch_unflushed(sp, b))
+		return false;
+	for (unsigned i = pos + 1; i < sp->fifo_n; i++) {
+		const struct batch *e =
+			&sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
+
+		if (e->state == B_CLOSED)
+			continue;
+		later = true;
+		if (e->state == B_INFLIGHT &&
+		    !(e->written && e->fsync_later && !e->fsync_sent))
+			return true;
+	}
+	return !later;
+}
+
 static void
 submit_closed(struct spool *sp)
 {
 	if (held(sp))
 		return;
-	for (unsigned i = 0; i < sp->fifo_n; i++) {
-		struct batch *b = &sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
-		if (b->state == B_CLOSED && !submit_batch(sp, b))
-			break;
+	submit_fsyncs(sp);
+	for (int pass = 0; pass < 2; pass++) {
+		for (unsigned i = 0; i < sp->fifo_n; i++) {
+			unsigned idx = sp->fifo[(sp->fifo_head + i) % sp->nb];
+			struct batch *b = &sp->b[idx];
+
+			if (b->state != B_CLOSED || lazy_held(sp, i, b))
+				continue;
+			if (!submit_batch(sp, b))
+				return;
+		}
 	}
 }
 
@@ -596,7 +758,8 @@ complete_in_order(struct spool *sp)
 			break;
 		sp->fifo_head = (sp->fifo_head + 1) % sp->nb;
 		sp->fifo_n--;
-		sp->stp->flushes++;
+		if (!b->unflushed)
+			sp->stp->flushes++;
 		if (b->res < 0) {
 			sp->any_failed = true;
 			sp->last_failed_seq = b->seq;
@@ -615,24 +778,33 @@ complete_in_order(struct spool *sp)
 			sp->stp->batches++;
 			sp->stp->bytes += b->len;
 			sp->stp->payload_bytes += b->payload;
-			sp->stp->flush_msgs[spool_flush_bucket(
-				nm, 1, SPOOL_FLUSH_MSG_BUCKETS)]++;
-			sp->stp->flush_msgs_sum += nm;
 			sp->stp->flush_bytes[spool_flush_bucket(
 				b->len, 4096, SPOOL_FLUSH_BYTE_BUCKETS)]++;
-			sp->stp->flush_lat[fd_lat_bucket(b->lat_ns)]++;
-			sp->stp->flush_lat_sum_ns += b->lat_ns;
-			sp->stp->flush_qlat[fd_qlat_bucket(b->lat_ns / 1000u)]++;
+			if (b->unflushed) {
+				sp->stp->unflushed++;
+			} else {
+				sp->stp->flush_msgs[spool_flush_bucket(
+					nm, 1, SPOOL_FLUSH_MSG_BUCKETS)]++;
+				sp->stp->flush_msgs_sum += nm;
+				sp->stp->flush_lat[fd_lat_bucket(b->lat_ns)]++;
+				sp->stp->flush_lat_sum_ns += b->lat_ns;
+				sp->stp->flush_qlat[fd_qlat_bucket(
+					b->lat_ns / 1000u)]++;
+			}
 		}
 		/* Batches complete in order: everything up to the end of
 		 * this one is now final, on disk or abandoned. The FAILED
 		 * ids of this batch are announced first, so a reader never
-		 * takes a failed message whose records did reach the disk. */
+		 * takes a failed message whose records did reach the disk.
+		 * An unflushed batch is not durable yet: the next flushed
+		 * one in its file (there is one: a file's last batch is
+		 * flushed) announces both. */
 		for (struct spool_msg *m = b->msgs; m; m = m->next)
 			if (sp->any_failed && sp->last_failed_seq >= m->first_seq)
 				announce(sp, SPOOL_AN_FAILED, 0, 0, 0, m->id);
-		announce(sp, SPOOL_AN_DURABLE, b->seg->file_no,
-			 b->seg->use_seq, b->off + b->len, 0);
+		if (!b->unflushed || b->res < 0)
+			announce(sp, SPOOL_AN_DURABLE, b->seg->file_no,
+				 b->seg->use_seq, b->off + b->len, 0);
 		b->seg->inflight--;
 		seg_release(b->seg);
 		b->seg = NULL;
@@ -663,7 +835,8 @@ complete_in_order(struct spool *sp)
 	/* Group commit: the messages committed while that write was in
 	 * flight share the next one, sent now rather than at the caller's
 	 * next idle point. */
-	if (sp->cur && sp->cur->msgs && sp->fifo_n < sp->p.flush_inflight) {
+	if (sp->cur && sp->cur->msgs &&
+	    flushes_queued(sp) < sp->p.flush_inflight) {
 		close_current(sp);
 		submit_closed(sp);
 	}
@@ -688,6 +861,7 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 	b = &sp->b[idx];
 	switch (op) {
 	case OP_WRITE:
+		b->written = true;
 		if (!b->fsync_mode && (res == -EOPNOTSUPP || res == -EINVAL)) {
 			/* RWF_DSYNC rejected: nothing was written. Resubmit
 			 * as write + linked fdatasync (once: a batch in that
@@ -706,6 +880,13 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 		}
 		if (res >= 0 && (size_t)res != b->len)
 			res = -EIO; /* short write */
+		if (res < 0 && b->fsync_later && !b->fsync_sent) {
+			/* failed: there is nothing to flush */
+			b->fsync_later = false;
+			b->cqes_left--;
+		}
+		/* This write may be what an fdatasync waited for. */
+		submit_fsyncs(sp);
 		break;
 	case OP_FSYNC:
 		break;
@@ -717,13 +898,18 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 	}
 	if (res < 0 && b->res == 0)
 		b->res = res;
-	if (--b->cqes_left)
+	if (--b->cqes_left) {
+		if (sp->fault == F_LAZY_LATE || sp->fault == F_LAZY_NOWAIT)
+			submit_closed(sp); /* lazy_held() may let go now */
 		return;
+	}
 	b->state = B_DONE;
 	b->lat_ns = fd_now_monotonic_ns() - b->t_submit_ns;
 	sp->kernel--;
 	spool_prep_flights(sp->prep, sp->kernel);
 	complete_in_order(sp);
+	if (sp->fault == F_LAZY_LATE || sp->fault == F_LAZY_NOWAIT)
+		submit_closed(sp); /* lazy_held() may let go now */
 }
 
 int
@@ -1045,7 +1231,8 @@ spool_flush(struct spool *sp)
 	 * while enough writes are in flight, the messages arriving now are
 	 * better off sharing the next one (group commit: flushes per message
 	 * fall as the load rises). */
-	if (sp->cur && sp->cur->msgs && sp->fifo_n < sp->p.flush_inflight)
+	if (sp->cur && sp->cur->msgs &&
+	    flushes_queued(sp) < sp->p.flush_inflight)
 		close_current(sp);
 	submit_closed(sp);
 	return 0;

@@ -1,9 +1,14 @@
 /*
  * The spool writer: one per worker thread (lcore), shared-nothing. It packs
  * records back to back into aligned batch buffers and makes each batch
- * durable with one O_DIRECT write carrying RWF_DSYNC into pre-zeroed blocks
- * of a recycled segment file (the durability rule: no 250 before this write completes). Completion
- * of that write, and nothing else, produces the done callback with status 0.
+ * durable with one O_DIRECT write carrying RWF_DSYNC (or followed by a
+ * linked fdatasync) into pre-zeroed blocks of a recycled segment file (the
+ * durability rule: no 250 before that write is durable). Completion of the
+ * flush, and nothing else, produces the done callback with status 0. In
+ * fdatasync mode a batch holding no END record (the middle of large
+ * messages) is written without a flush of its own: the flush of the next
+ * batch with an END in the same file, issued only after that write has
+ * completed, covers it; a file's last batch is always flushed.
  *
  * Natural batching: a batch closes when it reaches batch_size, or when the
  * caller says the poll loop is idle (spool_flush()). Up to `batches` batch
@@ -32,6 +37,12 @@
  *   "hold:PATH"         batches are not submitted while PATH exists
  *   "prep-slow:MS"      the segment preparer sleeps MS ms per chunk of
  *                       zeros it writes (a slow or busy disk)
+ *   "lazy-late"         a batch written without a flush goes to the
+ *                       kernel only after a later batch did (the
+ *                       reordering io-wq may do)
+ * and durability mutants for the power-cut tests: "no-dsync", "no-dirsync",
+ * "lazy-nowait" (lazy-late, and flushes do not wait for unflushed writes
+ * before them), "lazy-seglast" (a file's last batch may go unflushed).
  * A failed write fails every message with a record in that batch (-EIO);
  * the next batch goes to fresh blocks and later messages are unaffected.
  *
@@ -253,7 +264,14 @@ unsigned spool_flush_bucket(uint64_t v, uint64_t first, unsigned n);
 struct spool_stats {
 	uint64_t batches;       /* batch writes completed ok */
 	uint64_t batch_errors;  /* batch writes that failed */
-	uint64_t flushes;       /* durable writes issued (== batches + errors) */
+	uint64_t flushes;       /* durable writes issued (batches + errors
+				 * - unflushed) */
+	uint64_t unflushed;     /* ok batches written without a flush of
+				 * their own (no END in them, fdatasync
+				 * mode: a later flush covers them) */
+	uint64_t late_flushes;  /* fdatasyncs issued after their batch's
+				 * write, once the unflushed writes before
+				 * it had completed */
 	uint64_t messages;      /* messages reported durable */
 	uint64_t bytes;         /* bytes written, padding included */
 	uint64_t payload_bytes; /* record bytes, padding excluded */
@@ -261,10 +279,11 @@ struct spool_stats {
 	uint64_t room_waits;    /* spool_room() returned 0, or begin() had
 				 * to answer -EAGAIN */
 	uint64_t reclaimed;     /* segments handed back by the control plane */
-	uint64_t flush_msgs[SPOOL_FLUSH_MSG_BUCKETS + 1];   /* ok batches */
+	/* flushed ok batches */
+	uint64_t flush_msgs[SPOOL_FLUSH_MSG_BUCKETS + 1];
 	uint64_t flush_msgs_sum;
 	uint64_t flush_bytes[SPOOL_FLUSH_BYTE_BUCKETS + 1]; /* ok batches */
-	/* per ok batch: from its submission to the reaping of its last
+	/* per flushed ok batch: from its submission to the reaping of its last
 	 * completion (the disk's durable write as the worker sees it), in
 	 * the buckets of finaldot/lathist.h */
 	uint64_t flush_lat[FD_LAT_BUCKETS + 1];

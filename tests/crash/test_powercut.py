@@ -8,17 +8,26 @@ subset of unflushed 512-byte / 4 KiB sectors: torn, reordered writes),
 unmount, mount what survived, restart the daemon, and check that every
 message whose 250 a client saw is there, byte-identical.
 
-Usage: test_powercut.py [ROUNDS] [SEED] [--mutant SPEC] [--sync MODE]
-  --mutant SPEC   run with FINALDOT_SPOOL_FAULT=SPEC (no-dsync, no-dirsync:
-                  durability removed) and PASS only if a loss is detected:
-                  proof that the simulator catches missing durability.
+Usage: test_powercut.py [ROUNDS] [SEED] [--mutant SPEC] [--fault SPEC]
+                        [--sync MODE] [--quiet-tail]
+  --mutant SPEC   run with FINALDOT_SPOOL_FAULT=SPEC (no-dsync, no-dirsync,
+                  lazy-nowait, lazy-seglast: durability removed) and PASS
+                  only if a loss is detected: proof that the simulator
+                  catches missing durability.
+  --fault SPEC    run with FINALDOT_SPOOL_FAULT=SPEC (lazy-late: writes
+                  reordered as io-wq may) and lose nothing, as without.
   --sync MODE     the daemon's --spool-sync (dsync or fdatasync; default:
                   auto, which is dsync on fdpowerfs: no block device).
+  --quiet-tail    end each round's load, then send one large message
+                  (its middle is written without a flush of its own in
+                  fdatasync mode) and cut the power right after its 250,
+                  with no later flush to hide a missing one.
 Environment: FDPOWERFS (the simulator binary), FINALDOT, FINALDOTCTL.
 Exits 0 pass, 1 fail, 77 skip (no FUSE, no simulator, no seam)."""
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -34,6 +43,13 @@ SYNC = None
 if "--sync" in sys.argv:
     SYNC = sys.argv[sys.argv.index("--sync") + 1]
     del sys.argv[sys.argv.index("--sync"):sys.argv.index("--sync") + 2]
+FAULT = None
+if "--fault" in sys.argv:
+    FAULT = sys.argv[sys.argv.index("--fault") + 1]
+    del sys.argv[sys.argv.index("--fault"):sys.argv.index("--fault") + 2]
+QUIET_TAIL = "--quiet-tail" in sys.argv
+if QUIET_TAIL:
+    sys.argv.remove("--quiet-tail")
 ROUNDS, SEED, MUTANT = loop_args()
 CLIENTS = 6
 WORKERS = 2
@@ -43,7 +59,9 @@ MODES = ("drop", "torn512", "torn4k")
 def client(port, tag, rng, acked, stop):
     """SMTP in a loop; every 250 goes into acked as (id, body)."""
     def body(n):
-        size = rng.choice([10, 300, 5000, 30000])
+        # 200000: several batches without an END record (written without
+        # a flush of their own in fdatasync mode), across segment files
+        size = rng.choice([10, 300, 5000, 30000, 200000])
         text = (f"{tag}-{n}-".encode() * (size // 10 + 1))[:size]
         return None, (f"Subject: {tag} {n}\r\n\r\n".encode() +
                       crashload.lines(text) + CRLF)
@@ -55,15 +73,45 @@ def client(port, tag, rng, acked, stop):
     crashload.client(port, stop, body, seen)
 
 
+def tail_message(port, tag, acked):
+    """One large message on its own session, after the load stopped:
+    acknowledged, it goes into acked."""
+    text = (f"{tag}-".encode() * 40000)[:300000]
+    body = f"Subject: {tag}\r\n\r\n".encode() + crashload.lines(text) + CRLF
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        f = s.makefile("rb")
+
+        def reply():
+            while True:
+                line = f.readline()
+                check(line, "the daemon closed the tail session")
+                if line[3:4] != b"-":
+                    return line
+
+        reply()
+        for cmd in (b"EHLO crash.test", b"MAIL FROM:<c@crash.test>",
+                    b"RCPT TO:<u@example.com>", b"DATA"):
+            s.sendall(cmd + CRLF)
+            r = reply()
+        check(r.startswith(b"354"), f"DATA: {r!r}")
+        s.sendall(body + b".\r\n")
+        r = reply()
+        check(r.startswith(b"250 2.0.0 Ok: queued as "),
+              f"tail message: {r!r}")
+        acked.append((r.split()[-1].decode(), body))
+
+
 def main():
-    need_powerfs(MUTANT)
+    need_powerfs(MUTANT or FAULT)
     rng = random.Random(SEED)
     print(f"powercut: {ROUNDS} rounds, seed {SEED}, "
-          f"mutant {MUTANT or 'none'}, sync {SYNC or 'auto'}", flush=True)
+          f"mutant {MUTANT or 'none'}, fault {FAULT or 'none'}, "
+          f"sync {SYNC or 'auto'}, quiet tail {QUIET_TAIL}", flush=True)
     work = tempfile.mkdtemp(prefix="fdpowercut-")
     fs = PowerFS(work)
     acked, lost_total, cuts = [], set(), []
-    env = {"FINALDOT_SPOOL_FAULT": MUTANT} if MUTANT else None
+    env = {"FINALDOT_SPOOL_FAULT": MUTANT or FAULT} \
+        if MUTANT or FAULT else None
     try:
         fs.mount()
         sync = ("--spool-sync", SYNC) if SYNC else ()
@@ -81,6 +129,11 @@ def main():
                 for t in threads:
                     t.start()
                 time.sleep(rng.uniform(0.2, 1.0))
+                if QUIET_TAIL:
+                    stop.set()
+                    for t in threads:
+                        t.join(10)
+                    tail_message(d.port, f"r{rnd}tail", acked)
                 d.kill9()
                 stop.set()
                 for t in threads:
