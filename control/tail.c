@@ -41,6 +41,18 @@
  * second, each an I/O of its own with O_DIRECT); batched, a few hundred. */
 #define WALK_BATCH (512u << 10)
 #define WALK_DELAY_US 5000u
+/*
+ * Without delivery (tail_new()'s direct) nobody takes messages from the
+ * queue but an operator's call, which walks first (tail_flush()). The
+ * walk's reads then only compete with the workers' writes for the disk:
+ * 1 MiB messages at 32 pipelining sessions doubled in MB/s without it
+ * (docs/bench.md). So it waits until the worker has announced nothing new
+ * for this long, or until it is asked. Not shorter: a worker waiting for
+ * the disk (a flush, a segment being zeroed) is quiet for 50-500 ms
+ * under such a load, and a walk then takes the disk from it.
+ */
+#define WALK_QUIET_US 1000000u
+#define WALK_STEP (4u << 20) /* per tail_tick() then */
 
 struct tseg {
 	struct q_seg *qs;
@@ -90,6 +102,7 @@ struct tail {
 	bool pend;
 	uint64_t pend_seq, pend_off;
 	uint64_t pend_since_us;
+	uint64_t last_durable_us; /* direct: when the last one arrived */
 
 	struct tail_stats st;
 };
@@ -411,9 +424,11 @@ tseg_done(struct tail *t, struct tseg *ts)
 	qm_seg_unref(t->q, ts->qs);
 }
 
-/* Walk ts from where it stopped up to `limit`. */
-static void
-walk_to(struct tail *t, struct tseg *ts, uint64_t limit)
+/* Walk ts from where it stopped up to `limit`; with a budget (octets, 0:
+ * none), stop at the first record boundary that far on. True if the
+ * budget stopped it short of limit. */
+static bool
+walk_to(struct tail *t, struct tseg *ts, uint64_t limit, uint64_t budget)
 {
 	struct walk_ctx wc = {.t = t, .ts = ts};
 	struct spool_walk w;
@@ -422,11 +437,11 @@ walk_to(struct tail *t, struct tseg *ts, uint64_t limit)
 	if (!ts->header_read)
 		read_header(t, ts);
 	if (!ts->header_ok)
-		return;
+		return false;
 	if (limit > ts->size)
 		limit = ts->size;
 	if (limit <= ts->walked)
-		return;
+		return false;
 	memset(&w, 0, sizeof(w));
 	w.read = tail_read;
 	w.read_ctx = ts;
@@ -435,6 +450,7 @@ walk_to(struct tail *t, struct tseg *ts, uint64_t limit)
 	w.epoch = ts->epoch;
 	w.win = t->win;
 	w.win_len = WIN_LEN;
+	w.stop_at = budget ? ts->walked + budget : 0;
 	r = spool_walk_segment(&w, on_rec, &wc);
 	t->st.walked_bytes += w.end > ts->walked ? w.end - ts->walked : 0;
 	t->st.records_bad += w.records_bad;
@@ -443,11 +459,12 @@ walk_to(struct tail *t, struct tseg *ts, uint64_t limit)
 		       "worker=%u event=walk_failed file=%08" PRIx64
 		       " off=%" PRIu64 " err=%d",
 		       t->worker, ts->qs->file_no, w.end, -r);
-		return; /* retried at the next DURABLE */
+		return false; /* retried at the next DURABLE */
 	}
 	/* Batches end on block boundaries, so a walk to a durable point
 	 * stops at it (or before, mid-header, to be resumed). */
 	ts->walked = w.end;
+	return w.stop_at && w.end >= w.stop_at && w.end < limit;
 }
 
 static struct tseg *
@@ -482,9 +499,10 @@ on_segment(struct tail *t, uint64_t file_no, uint64_t use_seq)
 		(struct tseg){.qs = qs, .dfd = -1, .dfd_tried = !t->direct};
 }
 
-/* Walk up to the DURABLE point kept in t->pend. */
+/* Walk up to the pending DURABLE point; with a budget (octets, 0: none)
+ * only about that much, the point staying pending for the next call. */
 static void
-catch_up(struct tail *t)
+catch_up_budget(struct tail *t, uint64_t budget)
 {
 	struct tseg *target;
 
@@ -500,14 +518,29 @@ catch_up(struct tail *t)
 	}
 	while (&t->segs[t->cur] != target) {
 		struct tseg *ts = &t->segs[t->cur];
-		walk_to(t, ts, UINT64_MAX);
+		uint64_t before = ts->walked;
+
+		if (walk_to(t, ts, UINT64_MAX, budget)) {
+			t->pend = true; /* the rest at the next call */
+			return;
+		}
 		if (ts->header_ok && ts->walked < ts->size)
 			return; /* a read failed: retry later */
+		uint64_t used = ts->walked - before;
+
 		qm_seg_seal(t->q, ts->qs);
 		tseg_done(t, ts);
 		t->cur++;
+		if (budget) {
+			if (used >= budget) {
+				t->pend = true;
+				return;
+			}
+			budget -= used;
+		}
 	}
-	walk_to(t, target, t->pend_off);
+	if (walk_to(t, target, t->pend_off, budget))
+		t->pend = true;
 	/* Compact the finished prefix now and then. */
 	if (t->cur > 64) {
 		memmove(t->segs, t->segs + t->cur,
@@ -517,6 +550,12 @@ catch_up(struct tail *t)
 	}
 }
 
+static void
+catch_up(struct tail *t)
+{
+	catch_up_budget(t, 0);
+}
+
 /* Remember the point; walk now only when enough waits behind it or it is
  * in a later segment than the one being walked (so earlier ones are
  * sealed at once). */
@@ -524,12 +563,16 @@ static void
 on_durable(struct tail *t, uint64_t use_seq, uint64_t off)
 {
 	const struct tseg *ts = t->cur < t->n_segs ? &t->segs[t->cur] : NULL;
+	uint64_t now = fd_now_monotonic_us();
 
 	if (!t->pend)
-		t->pend_since_us = fd_now_monotonic_us();
+		t->pend_since_us = now;
 	t->pend = true;
 	t->pend_seq = use_seq;
 	t->pend_off = off;
+	t->last_durable_us = now;
+	if (t->direct)
+		return; /* until the worker is quiet, or asked (above) */
 	if (!ts || ts->qs->use_seq != use_seq ||
 	    off >= ts->walked + WALK_BATCH)
 		catch_up(t);
@@ -542,9 +585,12 @@ tail_tick(struct tail *t, uint64_t now_us, uint64_t *next_us)
 
 	if (!t->pend)
 		return false;
-	due = t->pend_since_us + WALK_DELAY_US;
+	due = t->direct ? t->last_durable_us + WALK_QUIET_US
+			: t->pend_since_us + WALK_DELAY_US;
 	if (now_us >= due) {
-		catch_up(t);
+		/* direct: a step at a time, so that a worker busy again
+		 * (a new DURABLE moves `due` on) gets the disk back soon */
+		catch_up_budget(t, t->direct ? WALK_STEP : 0);
 		return true;
 	}
 	if (due - now_us < *next_us)

@@ -30,21 +30,24 @@
 struct cplane;
 struct tail;
 
-/* spool_root/wNN/ of worker `worker`. direct: read the segments with
- * O_DIRECT (when no delivery thread will read the bodies soon after: a
- * buffered read leaves them in the page cache for it). NULL on allocation
- * failure. */
+/* spool_root/wNN/ of worker `worker`. direct (delivery off): read the
+ * segments with O_DIRECT (no delivery thread will read the bodies soon
+ * after: a buffered read leaves them in the page cache for it), and walk
+ * only once the worker has announced nothing for 1 s, or when asked
+ * (tail_flush()): the reads would compete with its writes for the disk.
+ * NULL on allocation failure. */
 struct tail *tail_new(struct cplane *q, const char *spool_root, unsigned worker,
 		      bool direct);
 void tail_free(struct tail *t);
 
 /* One announcement from the worker's ring. A DURABLE point is walked at
  * once only when 512 KiB or more wait behind it or it is in a later
- * segment; otherwise by tail_tick() or tail_flush(). */
+ * segment (never when direct); otherwise by tail_tick() or tail_flush(). */
 void tail_event(struct tail *t, const struct fd_ctl_event *e);
 
-/* Walk a DURABLE point that has waited 5 ms (true: it walked). Otherwise,
- * when one waits, lowers *next_us to the microseconds until it is due. */
+/* Walk a DURABLE point that has waited 5 ms (direct: 1 s after the last
+ * one, 4 MiB per call) (true: it walked). Otherwise, when one waits,
+ * lowers *next_us to the microseconds until it is due. */
 bool tail_tick(struct tail *t, uint64_t now_us, uint64_t *next_us);
 
 /* Walk what was announced, now (before answering an operator's call). */

@@ -671,7 +671,8 @@ spool_walk_segment(struct spool_walk *w, spool_walk_fn on_rec, void *ctx)
 	chunk_max = w->win_len - SPOOL_BLOCK;
 	w->win_off = 0;
 	w->win_have = 0;
-	while (pos + SPOOL_REC_HDR_LEN <= w->size) {
+	while (pos + SPOOL_REC_HDR_LEN <= w->size &&
+	       (!w->stop_at || pos < w->stop_at)) {
 		struct spool_walk_rec rec;
 		const uint8_t *p;
 		uint8_t hdr[SPOOL_REC_HDR_LEN];

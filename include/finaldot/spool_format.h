@@ -278,6 +278,8 @@ struct spool_walk {
 	uint64_t epoch; /* from the segment header */
 	uint8_t *win;   /* caller's buffer */
 	size_t win_len;
+	uint64_t stop_at; /* 0, or stop at the first record that starts at
+			   * or past it (a clean resume point, see end) */
 	/* results */
 	uint64_t records_ok;
 	uint64_t records_bad;   /* resyncs after a damaged/torn record */

@@ -333,3 +333,88 @@ Test(tail, a_large_backlog_is_walked_without_waiting)
 	tail_free(t);
 	spool_destroy(sp);
 }
+
+static struct tail *
+new_direct_tail(void)
+{
+	/* direct: delivery off (no delivery thread reads the bodies) */
+	struct tail *t = tail_new((struct cplane *)(void *)root, root, 1,
+				  true);
+	cr_assert_not_null(t);
+	return t;
+}
+
+/* Without delivery nobody takes from the queue but an operator's call,
+ * which flushes first: the walk waits until the worker has been quiet
+ * for a second, however much is behind it, so its reads do not take the
+ * disk from the writes. */
+Test(tail, without_delivery_the_walk_waits_for_a_quiet_worker)
+{
+	struct spool *sp = open_spool();
+	struct tail *t = new_direct_tail();
+	uint64_t next = UINT64_MAX, now;
+
+	for (int i = 0; i < 100; i++)
+		write_msg(sp, 8000); /* > 512 KiB: would be walked at once */
+	feed(t);
+	cr_assert_eq(n_added, 0, "walked while the worker was busy");
+	now = fd_now_monotonic_us();
+	cr_assert_not(tail_tick(t, now + 5001, &next));
+	cr_assert_eq(n_added, 0, "walked after the 5 ms of delivery on");
+	cr_assert_gt(next, 900000, "due in %llu us", (unsigned long long)next);
+	cr_assert_leq(next, 1000000);
+	cr_assert(tail_tick(t, now + 1000001, &next));
+	cr_assert_eq(n_added, 100);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* The quiet walk goes 4 MiB per tick, across segment files, so that a
+ * worker busy again gets the disk back soon; every message once. */
+Test(tail, the_quiet_walk_goes_a_step_at_a_time)
+{
+	struct spool *sp = open_spool();
+	struct tail *t = new_direct_tail();
+	uint64_t next = UINT64_MAX, now;
+	size_t last = 0;
+	unsigned ticks = 0;
+	enum { N = 1000 }; /* 12 KiB each: 12 MB, two 8 MiB segments */
+
+	for (int i = 0; i < N; i++)
+		write_msg(sp, 8000);
+	feed(t);
+	cr_assert_eq(n_added, 0);
+	now = fd_now_monotonic_us() + 1000001;
+	while (tail_tick(t, now, &next)) {
+		ticks++;
+		cr_assert_gt(n_added, last, "tick %u walked nothing", ticks);
+		cr_assert_leq(n_added - last, 4u * 1024 * 1024 / 12288 + 1,
+			      "tick %u walked %zu messages", ticks,
+			      n_added - last);
+		last = n_added;
+		cr_assert_lt(ticks, 10);
+	}
+	cr_assert_geq(ticks, 3, "%u ticks for 12 MB", ticks);
+	cr_assert_eq(n_added, N, "every message, once");
+	cr_assert_geq(n_segs, 2);
+	tail_flush(t);
+	cr_assert_eq(n_added, N);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* An operator's call walks everything at once, busy worker or not. */
+Test(tail, without_delivery_a_flush_still_walks_at_once)
+{
+	struct spool *sp = open_spool();
+	struct tail *t = new_direct_tail();
+
+	for (int i = 0; i < 10; i++)
+		write_msg(sp, 8000);
+	feed(t);
+	cr_assert_eq(n_added, 0);
+	tail_flush(t);
+	cr_assert_eq(n_added, 10);
+	tail_free(t);
+	spool_destroy(sp);
+}
