@@ -136,8 +136,15 @@ static const struct opt options[] = {
 	 "how a spool write is made durable: RWF_DSYNC on the write, or a "
 	 "linked fdatasync after it; auto: fdatasync where the spool's disk "
 	 "has no FUA, dsync otherwise (default auto)"},
+	{"spool_prepare", NULL, OPT_STR, F(spool_prepare), S(spool_prepare),
+	 "auto|zero|fallocate",
+	 "how a new spool segment is made: zeros over the whole file (each "
+	 "later write an overwrite), or fallocate (unwritten extents, no "
+	 "zeros: the first write into each block also updates the extent "
+	 "tree); auto: fallocate on ext4 without a journal, zero otherwise "
+	 "(default auto)"},
 	{"spare_segments", NULL, OPT_UINT, F(spare_segments), 0, "N",
-	 "pre-zeroed segments kept ready per worker (default 2)"},
+	 "segments kept ready per worker (default 2)"},
 	{"max_segments", NULL, OPT_U64, F(max_segments), 0, "N",
 	 "segments per worker, 0 = until the disk is full; then 452 4.3.1 "
 	 "(default 0)"},
@@ -288,6 +295,7 @@ fd_config_defaults(struct fd_config *c)
 	c->batches = 8;
 	c->flush_inflight = 1;
 	strcpy(c->spool_sync, "auto");
+	strcpy(c->spool_prepare, "auto");
 	c->spare_segments = 2;
 	c->max_segments = 0;
 	c->log_level = FD_LOG_INFO;
@@ -788,6 +796,12 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 	if (strcmp(c->spool_sync, "auto") && strcmp(c->spool_sync, "dsync") &&
 	    strcmp(c->spool_sync, "fdatasync")) {
 		fprintf(err, "spool_sync must be auto, dsync or fdatasync\n");
+		return -EINVAL;
+	}
+	if (strcmp(c->spool_prepare, "auto") &&
+	    strcmp(c->spool_prepare, "zero") &&
+	    strcmp(c->spool_prepare, "fallocate")) {
+		fprintf(err, "spool_prepare must be auto, zero or fallocate\n");
 		return -EINVAL;
 	}
 	if (strcmp(c->dpdk_offloads, "auto") && strcmp(c->dpdk_offloads, "none") &&

@@ -548,6 +548,13 @@ main(int argc, char **argv)
 		fd_log(FD_LOG_INFO, "main",
 		       "event=spool_sync mode=%s reason=\"%s\"",
 		       cfg.spool_fdatasync ? "fdatasync" : "dsync", sync_why);
+		cfg.spool_fallocate =
+			spool_prepare_fallocate(cfg.spool_dir,
+						cfg.spool_prepare, sync_why,
+						sizeof(sync_why));
+		fd_log(FD_LOG_INFO, "main",
+		       "event=spool_prepare mode=%s reason=\"%s\"",
+		       cfg.spool_fallocate ? "fallocate" : "zero", sync_why);
 	}
 	if (!(scan = recover(cfg.spool_dir, seeds)))
 		return 1;

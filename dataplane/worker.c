@@ -312,6 +312,7 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	sp.batches = c->batches;
 	sp.flush_inflight = c->flush_inflight;
 	sp.linked_fdatasync = c->spool_fdatasync;
+	sp.fallocate_segments = c->spool_fallocate;
 	sp.helper_cpus = w->helper_cpus;
 	sp.max_msgs = c->max_connections;
 	sp.spare_segments = c->spare_segments;

@@ -55,6 +55,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -69,6 +70,7 @@
 #ifndef RWF_DSYNC
 #define RWF_DSYNC 0x00000002
 #endif
+#define EXT4_MAGIC 0xEF53 /* statfs f_type of ext2, ext3 and ext4 */
 
 enum batch_state { B_FREE, B_FILLING, B_CLOSED, B_INFLIGHT, B_DONE };
 enum msg_state { M_FREE, M_OPEN, M_END_PENDING, M_COMMITTED };
@@ -1351,6 +1353,60 @@ spool_sync_linked(const char *dir, const char *mode, char *why, size_t n)
 	return v == '0';
 }
 
+bool
+spool_prepare_fallocate(const char *dir, const char *mode, char *why,
+			size_t n)
+{
+	char path[128], link[256], jt[32];
+	struct statfs sf;
+	struct stat st;
+	const char *dev;
+	ssize_t k;
+	int fd;
+
+	if (strcmp(mode, "auto") != 0) {
+		snprintf(why, n, "configured");
+		return strcmp(mode, "fallocate") == 0;
+	}
+	if (statfs(dir, &sf) != 0 || stat(dir, &st) != 0) {
+		snprintf(why, n, "auto: cannot stat the spool (%s)",
+			 strerror(errno));
+		return false;
+	}
+	if (sf.f_type != EXT4_MAGIC) {
+		snprintf(why, n, "auto: not ext4 (f_type 0x%lx)",
+			 (unsigned long)sf.f_type);
+		return false;
+	}
+	/* ext4's sysfs directory is named after the block device. */
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u",
+		 major(st.st_dev), minor(st.st_dev));
+	k = readlink(path, link, sizeof(link) - 1);
+	if (k <= 0) {
+		snprintf(why, n, "auto: ext4 on %u:%u, no device to ask",
+			 major(st.st_dev), minor(st.st_dev));
+		return false;
+	}
+	link[k] = 0;
+	dev = strrchr(link, '/') ? strrchr(link, '/') + 1 : link;
+	snprintf(path, sizeof(path), "/sys/fs/ext4/%.64s/journal_task", dev);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	k = fd >= 0 ? read(fd, jt, sizeof(jt) - 1) : -1;
+	if (fd >= 0)
+		close(fd);
+	if (k <= 0) {
+		snprintf(why, n, "auto: ext4 on %.64s, journal unknown", dev);
+		return false;
+	}
+	jt[k] = 0;
+	if (strncmp(jt, "<none>", 6) != 0) {
+		snprintf(why, n, "auto: ext4 on %.64s has a journal", dev);
+		return false;
+	}
+	snprintf(why, n, "auto: ext4 on %.64s has no journal", dev);
+	return true;
+}
+
 struct spool *
 spool_create(const struct spool_params *p)
 {
@@ -1469,7 +1525,8 @@ spool_create(const struct spool_params *p)
 	}
 	sp->prep = spool_prep_start(wdir, p->worker, p->segment_size,
 				    p->spare_segments, p->max_segments,
-				    sp->fault == F_ENOSPC, p->helper_cpus,
+				    sp->fault == F_ENOSPC,
+				    p->fallocate_segments, p->helper_cpus,
 				    sp->wake_fd, &r);
 	if (!sp->prep)
 		goto out_wake;

@@ -133,6 +133,10 @@ struct spool_params {
 	 * lcore is pinned to a core it busy-polls: helpers left there wait
 	 * for its time slice, milliseconds per flush. */
 	const cpu_set_t *helper_cpus;
+	/* New segments by fallocate() (unwritten extents) instead of zeros
+	 * (spool_prepare_fallocate()); falls back to zeros where the
+	 * filesystem has no fallocate. */
+	bool fallocate_segments;
 	/* Announcements to the control plane; NULL: none. */
 	spool_announce_fn announce;
 	void *announce_ctx;
@@ -156,6 +160,27 @@ void spool_params_defaults(struct spool_params *p);
  */
 bool spool_sync_linked(const char *dir, const char *mode, char *why,
 		       size_t n);
+
+/*
+ * How new segments are made for the spool under dir (config
+ * spool_prepare), as spool_params.fallocate_segments. mode: "zero",
+ * "fallocate" or "auto". Zeros make every later write an overwrite of
+ * allocated, initialised blocks: no metadata to make durable with it, at
+ * the price of writing each segment twice (the zeros go to the disk
+ * beside the batches while a fresh spool fills). fallocate() writes
+ * nothing but leaves unwritten extents: the first write into each block
+ * also changes the extent tree, which its flush must then carry. On ext4
+ * with a journal, or XFS, that is a journal commit per flush; on ext4
+ * without a journal it is the inode block, which each flush writes anyway
+ * (its mtime, with i_version). So auto: fallocate on ext4 without a
+ * journal (the filesystem's sysfs journal_task says "<none>"), zeros
+ * everywhere else. Even with fallocate the first segment the preparer
+ * makes after a start is zeroed (the start waits for one anyway, and
+ * single sessions on a fresh spool then write at overwrite speed). why (n
+ * octets): the reason, for the log.
+ */
+bool spool_prepare_fallocate(const char *dir, const char *mode, char *why,
+			     size_t n);
 
 /* NULL with errno set on failure (and a log line saying why). */
 struct spool *spool_create(const struct spool_params *p);

@@ -1,11 +1,13 @@
 /*
  * The segment preparer: one thread per spool that keeps `spares` segment
  * files ready, so the worker never creates, extends or zeroes a file on the
- * hot path (measured on the development machines: fallocate alone leaves unwritten extents
- * whose first write costs a journal commit; appending writes are metadata).
+ * hot path (appending writes are metadata to make durable with each
+ * flush).
  *
  * Preparing a segment: write zeros over the whole file (new, or a leftover
- * of unknown state), then block 0 with a fresh header (new random epoch,
+ * of unknown state), or with spool_prepare = fallocate reserve it as
+ * unwritten extents (where that is cheap: spool_prepare_fallocate() in
+ * spool.h says where), then block 0 with a fresh header (new random epoch,
  * next use sequence), fsync the file and, for a new file, its directory.
  * A leftover segment whose header is valid and whose walk finds no valid
  * record (a spare of an earlier run, or one whose only batches were torn)
@@ -94,6 +96,8 @@ struct spool_prep {
 	uint64_t max_segments;
 	bool no_space;
 	bool no_dirsync; /* test mutant "no-dirsync" (issue 10) */
+	bool falloc;     /* new segments by fallocate(), not zeros */
+	bool made_one;   /* a segment was prepared since the start */
 
 	pthread_t thr;
 	pthread_mutex_t mu;
@@ -183,6 +187,27 @@ zero_file(struct spool_prep *pp, const char *path, int fd)
 	if (dfd >= 0)
 		close(dfd);
 	return r;
+}
+
+/*
+ * The whole file as unwritten extents (spool_prepare = fallocate): blocks
+ * reserved, nothing written; they read as zeros until written. Where the
+ * filesystem has no fallocate, says so once and leaves pp->falloc off:
+ * -EOPNOTSUPP, and the caller writes zeros. 0 or -errno (-ENOSPC: no room,
+ * as the zeros would have found).
+ */
+static int
+alloc_file(struct spool_prep *pp, int fd)
+{
+	if (fallocate(fd, 0, 0, (off_t)pp->seg_size) == 0)
+		return 0;
+	if (errno != EOPNOTSUPP && errno != ENOSYS)
+		return -errno;
+	fd_log(FD_LOG_WARN, "spool",
+	       "event=fallocate_unsupported worker=%u fallback=zero",
+	       pp->worker);
+	pp->falloc = false;
+	return -EOPNOTSUPP;
 }
 
 void
@@ -485,13 +510,29 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 			r = -errno;
 			goto out_close;
 		}
-		if ((r = zero_file(pp, fresh ? tmp : path, fd)) != 0)
+		/* The first one since the start is zeroed even so: the
+		 * start waits for it anyway (tens of ms for 64 MiB on an
+		 * idle disk), and the first minutes on a fresh spool then
+		 * write into it at overwrite speed. */
+		if (pp->falloc && pp->made_one &&
+		    (r = alloc_file(pp, fd)) == 0) {
+			fd_log(FD_LOG_INFO, "spool",
+			       "event=segment_allocated worker=%u "
+			       "file=%08" PRIx64 " ms=%" PRIu64,
+			       pp->worker, no,
+			       (fd_now_monotonic_us() - t0) / 1000);
+		} else if (r && r != -EOPNOTSUPP) {
 			goto out_close;
-		fd_log(FD_LOG_INFO, "spool",
-		       "event=segment_zeroed worker=%u file=%08" PRIx64
-		       " ms=%" PRIu64 " gave_way_ms=%" PRIu64,
-		       pp->worker, no, (fd_now_monotonic_us() - t0) / 1000,
-		       (pp->zero_waits_us - w0) / 1000);
+		} else {
+			if ((r = zero_file(pp, fresh ? tmp : path, fd)) != 0)
+				goto out_close;
+			fd_log(FD_LOG_INFO, "spool",
+			       "event=segment_zeroed worker=%u file=%08" PRIx64
+			       " ms=%" PRIu64 " gave_way_ms=%" PRIu64,
+			       pp->worker, no,
+			       (fd_now_monotonic_us() - t0) / 1000,
+			       (pp->zero_waits_us - w0) / 1000);
+		}
 	}
 	h.worker = pp->worker;
 	h.file_no = no;
@@ -516,6 +557,7 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 	if (fresh && !pp->no_dirsync && (r = fd_fsync_dir(pp->wdir)) != 0)
 		goto out_close;
 	close(fd);
+	pp->made_one = true;
 	pp->next_use_seq++;
 	led_set(pp, no, h.use_seq);
 	led_write(pp); /* a new file is listed once it is durable */
@@ -823,7 +865,7 @@ prep_main(void *arg)
 struct spool_prep *
 spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
 		 unsigned spares, uint64_t max_segments, bool no_space,
-		 const cpu_set_t *cpus, int wake_fd, int *err)
+		 bool falloc, const cpu_set_t *cpus, int wake_fd, int *err)
 {
 	struct spool_prep *pp = calloc(1, sizeof(*pp));
 
@@ -841,6 +883,7 @@ spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
 	pp->spares = spares ? spares : 1;
 	pp->max_segments = max_segments;
 	pp->no_space = no_space;
+	pp->falloc = falloc;
 #ifdef FINALDOT_FAULT_INJECTION
 	/* XXX: read from the environment, not from the spool's parsed spec,
 	 * to keep spool_prep_start()'s signature; so params.fault cannot ask

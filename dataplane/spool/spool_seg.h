@@ -36,8 +36,8 @@ struct spool_prep;
 struct spool_prep *spool_prep_start(const char *wdir, unsigned worker,
 				    uint64_t seg_size, unsigned spares,
 				    uint64_t max_segments, bool no_space,
-				    const cpu_set_t *cpus, int wake_fd,
-				    int *err);
+				    bool falloc, const cpu_set_t *cpus,
+				    int wake_fd, int *err);
 /*
  * Segments made ready so far (a relaxed read): it grows each time a spare
  * joins the ready list, which is when spool room may come back. The

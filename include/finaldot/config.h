@@ -79,6 +79,8 @@ struct fd_config {
 	unsigned flush_inflight;
 	char spool_sync[16]; /* auto|dsync|fdatasync */
 	bool spool_fdatasync; /* spool_sync resolved at start (not an option) */
+	char spool_prepare[16]; /* auto|zero|fallocate */
+	bool spool_fallocate; /* spool_prepare resolved at start (no option) */
 	unsigned spare_segments;
 	uint64_t max_segments;
 

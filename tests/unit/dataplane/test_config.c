@@ -154,6 +154,30 @@ Test(config, spool_sync_modes)
 		  "%s", errbuf);
 }
 
+/* How new segments are made: auto by default, zero or fallocate by name,
+ * anything else an error naming the choices. */
+Test(config, spool_prepare_modes)
+{
+	char *a0[] = {"finaldot"};
+	cr_assert_eq(parse(1, a0), 0);
+	cr_assert_str_eq(c.spool_prepare, "auto");
+	setup();
+	char *a1[] = {"finaldot", "--spool-prepare", "fallocate"};
+	cr_assert_eq(parse(3, a1), 0, "%s", errbuf);
+	cr_assert_str_eq(c.spool_prepare, "fallocate");
+	setup();
+	char *a2[] = {"finaldot", "--spool-prepare", "zero"};
+	cr_assert_eq(parse(3, a2), 0, "%s", errbuf);
+	cr_assert_str_eq(c.spool_prepare, "zero");
+	setup();
+	char *a3[] = {"finaldot", "--spool-prepare", "zeros"};
+	cr_assert_neq(parse(3, a3), 0);
+	fflush(err);
+	cr_assert(strstr(errbuf, "spool_prepare must be auto, zero or "
+				 "fallocate"),
+		  "%s", errbuf);
+}
+
 Test(config, delivery_nice_range)
 {
 	char *a0[] = {"finaldot"};

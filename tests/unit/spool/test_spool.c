@@ -12,6 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <time.h>
@@ -1250,4 +1253,124 @@ Test(spool, sync_mode_choice)
 		     v == '0', "%s", why);
 	cr_assert(strstr(why, v == '0' ? "has no FUA" : "has FUA"), "%s",
 		  why);
+}
+
+/* Bytes of path in extents the filesystem reports unwritten (allocated,
+ * never written: they read as zeros); -1 where FIEMAP is not there. */
+static long long
+unwritten_bytes(const char *path)
+{
+	enum { NX = 256 };
+	size_t len = sizeof(struct fiemap) + NX * sizeof(struct fiemap_extent);
+	struct fiemap *fm = calloc(1, len);
+	long long n = 0;
+	int fd = open(path, O_RDONLY);
+
+	cr_assert_not_null(fm);
+	cr_assert_geq(fd, 0, "%s", path);
+	fm->fm_length = FIEMAP_MAX_OFFSET;
+	fm->fm_flags = FIEMAP_FLAG_SYNC;
+	fm->fm_extent_count = NX;
+	if (ioctl(fd, FS_IOC_FIEMAP, fm) != 0) {
+		close(fd);
+		free(fm);
+		return -1;
+	}
+	for (unsigned i = 0; i < fm->fm_mapped_extents; i++)
+		if (fm->fm_extents[i].fe_flags & FIEMAP_EXTENT_UNWRITTEN)
+			n += (long long)fm->fm_extents[i].fe_length;
+	close(fd);
+	free(fm);
+	return n;
+}
+
+/* spool_prepare = fallocate: a new segment is unwritten extents, not
+ * zeros (nothing but its header written), except the first since the
+ * start (the start waits for one anyway); messages across both kinds of
+ * file land intact. */
+Test(spool, fallocated_segments_are_unwritten_extents)
+{
+	struct spool_params p;
+	char path[128], seg1[128];
+	struct stat st;
+
+	/* Does this filesystem show fallocate()'s unwritten extents? */
+	snprintf(path, sizeof(path), "%s/probe", root);
+	int pfd = open(path, O_RDWR | O_CREAT, 0600);
+	cr_assert_geq(pfd, 0);
+	bool shows = fallocate(pfd, 0, 0, 1 << 20) == 0 &&
+		     unwritten_bytes(path) > 0;
+	close(pfd);
+	unlink(path);
+	if (!shows) {
+		fd_test_dir_remove(root); /* a skip does not reach .fini */
+		cr_skip_test("%s shows no unwritten extents after fallocate",
+			     root);
+	}
+	params(&p, NULL);
+	p.fallocate_segments = true;
+	p.max_msgs = 4;
+	p.segment_size = 4096 + 2 * (16384 + 69632 + 4096);
+	p.spare_segments = 2; /* the first and one more made at start */
+	struct spool *sp = make(&p);
+	snprintf(path, sizeof(path), "%s/w05/00000000.seg", root);
+	snprintf(seg1, sizeof(seg1), "%s/w05/00000001.seg", root);
+	for (int i = 0; i < 5000 && stat(seg1, &st) != 0; i++)
+		usleep(1000);
+	cr_assert_eq(stat(seg1, &st), 0, "no spare %s", seg1);
+	cr_assert_eq(unwritten_bytes(path), 0, "the first one is zeroed");
+	long long u = unwritten_bytes(seg1);
+	cr_assert_geq(u, (long long)p.segment_size - 2 * 4096,
+		      "%lld unwritten of %llu", u,
+		      (unsigned long long)p.segment_size);
+	size_t n = 12 * p.batch_size + 77;
+	uint8_t *body = rand_body(n, 11);
+	uint64_t id = put_msg(sp, body, n);
+	spool_flush(sp);
+	drain(sp);
+	cr_assert_eq(n_done, 1);
+	cr_assert_eq(dones[0].status, 0);
+	cr_assert_geq(spool_get_stats(sp)->segments_used, 2);
+	check_on_disk(id, body, n);
+	free(body);
+	spool_destroy(sp);
+}
+
+/* spool_prepare = zero: every block of a new segment written (zeros), so
+ * that each batch is an overwrite. */
+Test(spool, zeroed_segments_have_no_unwritten_extents)
+{
+	struct spool_params p;
+	char path[128];
+
+	params(&p, NULL);
+	struct spool *sp = make(&p);
+	snprintf(path, sizeof(path), "%s/w05/00000000.seg", root);
+	long long u = unwritten_bytes(path);
+	spool_destroy(sp);
+	if (u < 0) {
+		fd_test_dir_remove(root);
+		cr_skip_test("no FIEMAP on %s", root);
+	}
+	cr_assert_eq(u, 0, "%lld octets unwritten", u);
+}
+
+Test(spool, prepare_mode_choice)
+{
+	char why[96];
+	struct stat st;
+	bool f;
+
+	cr_assert(spool_prepare_fallocate(root, "fallocate", why, sizeof(why)));
+	cr_assert_str_eq(why, "configured");
+	cr_assert_not(spool_prepare_fallocate(root, "zero", why, sizeof(why)));
+	if (stat("/dev/shm", &st) == 0 && major(st.st_dev) == 0) {
+		cr_assert_not(spool_prepare_fallocate("/dev/shm", "auto", why,
+						      sizeof(why)));
+		cr_assert(strstr(why, "not ext4"), "%s", why);
+	}
+	f = spool_prepare_fallocate(root, "auto", why, sizeof(why));
+	cr_assert(strncmp(why, "auto: ", 6) == 0, "%s", why);
+	cr_assert_eq(f, strstr(why, "has no journal") != NULL, "%d %s", f,
+		     why);
 }
