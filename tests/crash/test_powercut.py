@@ -76,7 +76,7 @@ def client(port, tag, rng, acked, stop):
 def tail_message(port, tag, acked):
     """One large message on its own session, after the load stopped:
     acknowledged, it goes into acked."""
-    text = (f"{tag}-".encode() * 40000)[:300000]
+    text = (f"{tag}-".encode() * 60000)[:300000]
     body = f"Subject: {tag}\r\n\r\n".encode() + crashload.lines(text) + CRLF
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         f = s.makefile("rb")
