@@ -9,7 +9,7 @@ unmount, mount what survived, restart the daemon, and check that every
 message whose 250 a client saw is there, byte-identical.
 
 Usage: test_powercut.py [ROUNDS] [SEED] [--mutant SPEC] [--fault SPEC]
-                        [--sync MODE] [--quiet-tail]
+                        [--sync MODE] [--prepare MODE] [--quiet-tail]
   --mutant SPEC   run with FINALDOT_SPOOL_FAULT=SPEC (no-dsync, no-dirsync,
                   lazy-nowait, lazy-seglast: durability removed) and PASS
                   only if a loss is detected: proof that the simulator
@@ -18,6 +18,8 @@ Usage: test_powercut.py [ROUNDS] [SEED] [--mutant SPEC] [--fault SPEC]
                   reordered as io-wq may) and lose nothing, as without.
   --sync MODE     the daemon's --spool-sync (dsync or fdatasync; default:
                   auto, which is dsync on fdpowerfs: no block device).
+  --prepare MODE  the daemon's --spool-prepare (zero or fallocate; default:
+                  auto, which is zero on fdpowerfs: not ext4).
   --quiet-tail    end each round's load, then send one large message
                   (its middle is written without a flush of its own in
                   fdatasync mode) and cut the power right after its 250,
@@ -43,6 +45,10 @@ SYNC = None
 if "--sync" in sys.argv:
     SYNC = sys.argv[sys.argv.index("--sync") + 1]
     del sys.argv[sys.argv.index("--sync"):sys.argv.index("--sync") + 2]
+PREPARE = None
+if "--prepare" in sys.argv:
+    PREPARE = sys.argv[sys.argv.index("--prepare") + 1]
+    del sys.argv[sys.argv.index("--prepare"):sys.argv.index("--prepare") + 2]
 FAULT = None
 if "--fault" in sys.argv:
     FAULT = sys.argv[sys.argv.index("--fault") + 1]
@@ -106,7 +112,8 @@ def main():
     rng = random.Random(SEED)
     print(f"powercut: {ROUNDS} rounds, seed {SEED}, "
           f"mutant {MUTANT or 'none'}, fault {FAULT or 'none'}, "
-          f"sync {SYNC or 'auto'}, quiet tail {QUIET_TAIL}", flush=True)
+          f"sync {SYNC or 'auto'}, prepare {PREPARE or 'auto'}, "
+          f"quiet tail {QUIET_TAIL}", flush=True)
     work = tempfile.mkdtemp(prefix="fdpowercut-")
     fs = PowerFS(work)
     acked, lost_total, cuts = [], set(), []
@@ -115,6 +122,8 @@ def main():
     try:
         fs.mount()
         sync = ("--spool-sync", SYNC) if SYNC else ()
+        if PREPARE:
+            sync += ("--spool-prepare", PREPARE)
         with Daemon("--segment-size", "2M", "--batch-size", "64k",
                     "--control", os.path.join(work, "ctl.sock"), *sync,
                     threads=WORKERS, spool=os.path.join(fs.mnt, "spool"),
@@ -154,6 +163,13 @@ def main():
                     if SYNC == "fdatasync" and not MUTANT:
                         check(int(st["fdatasyncs"]) > 0,
                               f"no fdatasync reached fdpowerfs: {st}")
+                if rnd == 0 and PREPARE == "fallocate":
+                    # fdpowerfs has fallocate: new segments after the
+                    # first must have been made by it, not by zeros.
+                    check("event=segment_allocated " in d.read_log() and
+                          "event=fallocate_unsupported" not in
+                          d.read_log(),
+                          "no segment was fallocated")
                 # A mutant must lose what it left volatile, so its cut is
                 # `drop` (every unsynced change gone, a valid power cut):
                 # the torn modes keep a directory's unsynced renames with
