@@ -245,31 +245,25 @@ parse_fault(struct spool *sp, const char *spec)
 		sp->fault_n = v;
 		return 0;
 	}
-	if (strcmp(spec, "enospc") == 0) {
-		sp->fault = F_ENOSPC;
-		return 0;
-	}
-	/* Durability mutants for the power-cut test (docs/powercut.md):
-	 * only a simulated power cut can tell them from the real thing. */
-	if (strcmp(spec, "no-dsync") == 0) {
-		sp->fault = F_NO_DSYNC;
-		return 0;
-	}
-	if (strcmp(spec, "no-dirsync") == 0) {
-		sp->fault = F_NO_DIRSYNC;
-		return 0;
-	}
-	if (strcmp(spec, "lazy-late") == 0) {
-		sp->fault = F_LAZY_LATE;
-		return 0;
-	}
-	if (strcmp(spec, "lazy-nowait") == 0) {
-		sp->fault = F_LAZY_NOWAIT;
-		return 0;
-	}
-	if (strcmp(spec, "lazy-seglast") == 0) {
-		sp->fault = F_LAZY_SEGLAST;
-		return 0;
+	/* The faults named without an argument; among them the durability
+	 * mutants for the power-cut tests (docs/powercut.md): only a
+	 * simulated power cut can tell them from the real thing. */
+	static const struct {
+		const char *name;
+		enum fault_kind kind;
+	} plain[] = {
+		{"enospc", F_ENOSPC},
+		{"lazy-late", F_LAZY_LATE},
+		{"no-dsync", F_NO_DSYNC},
+		{"no-dirsync", F_NO_DIRSYNC},
+		{"lazy-nowait", F_LAZY_NOWAIT},
+		{"lazy-seglast", F_LAZY_SEGLAST},
+	};
+	for (size_t i = 0; i < sizeof(plain) / sizeof(plain[0]); i++) {
+		if (strcmp(spec, plain[i].name) == 0) {
+			sp->fault = plain[i].kind;
+			return 0;
+		}
 	}
 	if (strncmp(spec, "prep-slow:", 10) == 0) {
 		unsigned long long v = strtoull(spec + 10, &end, 10);
@@ -317,6 +311,20 @@ held(const struct spool *sp)
 {
 	return sp->fault == F_HOLD && !sp->destroying &&
 	       access(sp->fault_path, F_OK) == 0;
+}
+
+/* The i-th closed batch, oldest first (i < fifo_n). */
+static struct batch *
+fifo_at(const struct spool *sp, unsigned i)
+{
+	return &sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
+}
+
+/* The seam reorders unflushed writes (F_LAZY_LATE, F_LAZY_NOWAIT). */
+static bool
+lazy_fault(const struct spool *sp)
+{
+	return sp->fault == F_LAZY_LATE || sp->fault == F_LAZY_NOWAIT;
 }
 
 /* ---- user_data --------------------------------------------------------- */
@@ -483,8 +491,8 @@ unflushed_before(const struct spool *sp, const struct batch *b)
 	if (sp->fault == F_LAZY_NOWAIT)
 		return false;
 	for (unsigned i = 0; i < sp->fifo_n; i++) {
-		const struct batch *e =
-			&sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
+		const struct batch *e = fifo_at(sp, i);
+
 		if (e == b)
 			break;
 		if (e->seg == b->seg && e->unflushed && !e->written)
@@ -571,8 +579,8 @@ flushes_queued(const struct spool *sp)
 	unsigned n = 0;
 
 	for (unsigned i = 0; i < sp->fifo_n; i++) {
-		const struct batch *b =
-			&sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
+		const struct batch *b = fifo_at(sp, i);
+
 		n += b->state == B_CLOSED ? !batch_unflushed(sp, b)
 					  : !b->unflushed;
 	}
@@ -584,8 +592,7 @@ static void
 submit_fsyncs(struct spool *sp)
 {
 	for (unsigned i = 0; i < sp->fifo_n; i++) {
-		unsigned idx = sp->fifo[(sp->fifo_head + i) % sp->nb];
-		struct batch *b = &sp->b[idx];
+		struct batch *b = fifo_at(sp, i);
 		struct io_uring_sqe *sqe;
 
 		if (b->state != B_INFLIGHT || !b->fsync_later ||
@@ -612,12 +619,10 @@ lazy_held(const struct spool *sp, unsigned pos, const struct batch *b)
 {
 	bool later = false;
 
-	if ((sp->fault != F_LAZY_LATE && sp->fault != F_LAZY_NOWAIT) ||
-	    sp->destroying || sp->nfree == 0 || !batch_unflushed(sp, b))
+	if (!lazy_fault(sp) || sp->destroying || sp->nfree == 0 || !batch_unflushed(sp, b))
 		return false;
 	for (unsigned i = pos + 1; i < sp->fifo_n; i++) {
-		const struct batch *e =
-			&sp->b[sp->fifo[(sp->fifo_head + i) % sp->nb]];
+		const struct batch *e = fifo_at(sp, i);
 
 		if (e->state == B_CLOSED)
 			continue;
@@ -637,8 +642,7 @@ submit_closed(struct spool *sp)
 	submit_fsyncs(sp);
 	for (int pass = 0; pass < 2; pass++) {
 		for (unsigned i = 0; i < sp->fifo_n; i++) {
-			unsigned idx = sp->fifo[(sp->fifo_head + i) % sp->nb];
-			struct batch *b = &sp->b[idx];
+			struct batch *b = fifo_at(sp, i);
 
 			if (b->state != B_CLOSED || lazy_held(sp, i, b))
 				continue;
@@ -753,7 +757,7 @@ static void
 complete_in_order(struct spool *sp)
 {
 	while (sp->fifo_n) {
-		struct batch *b = &sp->b[sp->fifo[sp->fifo_head]];
+		struct batch *b = fifo_at(sp, 0);
 		struct spool_msg *list;
 
 		if (b->state != B_DONE)
@@ -901,7 +905,7 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 	if (res < 0 && b->res == 0)
 		b->res = res;
 	if (--b->cqes_left) {
-		if (sp->fault == F_LAZY_LATE || sp->fault == F_LAZY_NOWAIT)
+		if (lazy_fault(sp))
 			submit_closed(sp); /* lazy_held() may let go now */
 		return;
 	}
@@ -910,7 +914,7 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 	sp->kernel--;
 	spool_prep_flights(sp->prep, sp->kernel);
 	complete_in_order(sp);
-	if (sp->fault == F_LAZY_LATE || sp->fault == F_LAZY_NOWAIT)
+	if (lazy_fault(sp))
 		submit_closed(sp); /* lazy_held() may let go now */
 }
 
@@ -1610,7 +1614,7 @@ spool_destroy(struct spool *sp)
 	 * sessions were answered 421 and detached. Drop the segment
 	 * references they hold (the kernel holds its own on the file). */
 	while (sp->fifo_n) {
-		struct batch *b = &sp->b[sp->fifo[sp->fifo_head]];
+		struct batch *b = fifo_at(sp, 0);
 		sp->fifo_head = (sp->fifo_head + 1) % sp->nb;
 		sp->fifo_n--;
 		if (b->seg) {
