@@ -241,13 +241,20 @@ feed(struct tail *t)
 		tail_event(t, &ev[fed]);
 }
 
+/* direct: delivery off (no delivery thread reads the bodies) */
+static struct tail *
+new_tail_mode(bool direct)
+{
+	struct tail *t = tail_new((struct cplane *)(void *)root, root, 1,
+				  direct);
+	cr_assert_not_null(t);
+	return t;
+}
+
 static struct tail *
 new_tail(void)
 {
-	struct tail *t = tail_new((struct cplane *)(void *)root, root, 1,
-				  false);
-	cr_assert_not_null(t);
-	return t;
+	return new_tail_mode(false);
 }
 
 Test(tail, a_durable_point_waits_for_its_delay)
@@ -334,16 +341,6 @@ Test(tail, a_large_backlog_is_walked_without_waiting)
 	spool_destroy(sp);
 }
 
-static struct tail *
-new_direct_tail(void)
-{
-	/* direct: delivery off (no delivery thread reads the bodies) */
-	struct tail *t = tail_new((struct cplane *)(void *)root, root, 1,
-				  true);
-	cr_assert_not_null(t);
-	return t;
-}
-
 /* Without delivery nobody takes from the queue but an operator's call,
  * which flushes first: the walk waits until the worker has been quiet
  * for a second, however much is behind it, so its reads do not take the
@@ -351,7 +348,7 @@ new_direct_tail(void)
 Test(tail, without_delivery_the_walk_waits_for_a_quiet_worker)
 {
 	struct spool *sp = open_spool();
-	struct tail *t = new_direct_tail();
+	struct tail *t = new_tail_mode(true);
 	uint64_t next = UINT64_MAX, now;
 
 	for (int i = 0; i < 100; i++)
@@ -374,7 +371,7 @@ Test(tail, without_delivery_the_walk_waits_for_a_quiet_worker)
 Test(tail, the_quiet_walk_goes_a_step_at_a_time)
 {
 	struct spool *sp = open_spool();
-	struct tail *t = new_direct_tail();
+	struct tail *t = new_tail_mode(true);
 	uint64_t next = UINT64_MAX, now;
 	size_t last = 0;
 	unsigned ticks = 0;
@@ -407,7 +404,7 @@ Test(tail, the_quiet_walk_goes_a_step_at_a_time)
 Test(tail, without_delivery_a_flush_still_walks_at_once)
 {
 	struct spool *sp = open_spool();
-	struct tail *t = new_direct_tail();
+	struct tail *t = new_tail_mode(true);
 
 	for (int i = 0; i < 10; i++)
 		write_msg(sp, 8000);

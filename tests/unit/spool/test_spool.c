@@ -325,17 +325,25 @@ Test(spool, interleaved_messages)
 	spool_destroy(sp);
 }
 
+/* A body of n pseudo-random octets (caller frees). */
+static uint8_t *
+rand_body(size_t n, unsigned seed)
+{
+	uint8_t *body = malloc(n);
+
+	cr_assert_not_null(body);
+	for (size_t i = 0; i < n; i++)
+		body[i] = (uint8_t)rand_r(&seed);
+	return body;
+}
+
 Test(spool, body_larger_than_several_batches)
 {
 	struct spool_params p;
 	params(&p, NULL);
 	struct spool *sp = make(&p);
 	size_t n = 6 * p.batch_size + 1234;
-	uint8_t *body = malloc(n);
-	unsigned seed = 1;
-
-	for (size_t i = 0; i < n; i++)
-		body[i] = (uint8_t)rand_r(&seed);
+	uint8_t *body = rand_body(n, 1);
 	uint64_t id = put_msg(sp, body, n);
 	spool_flush(sp);
 	drain(sp);
@@ -357,18 +365,6 @@ on_announce(void *actx, const struct spool_announce *a)
 	(void)actx;
 	if (a->type == SPOOL_AN_DURABLE && n_durable < 256)
 		durable_offs[n_durable++] = a->off;
-}
-
-/* A body of n pseudo-random octets (caller frees). */
-static uint8_t *
-rand_body(size_t n, unsigned seed)
-{
-	uint8_t *body = malloc(n);
-
-	cr_assert_not_null(body);
-	for (size_t i = 0; i < n; i++)
-		body[i] = (uint8_t)rand_r(&seed);
-	return body;
 }
 
 /*
@@ -545,9 +541,8 @@ Test(spool, registered_buffers_write_what_was_given)
 	params(&p, NULL);
 	struct spool *sp = make(&p);
 	size_t n = 3 * p.batch_size + 777;
-	uint8_t *body = malloc(n);
+	uint8_t *body = rand_body(n, 5);
 	uint64_t ids[4];
-	unsigned seed = 5;
 
 	if (!spool_buffers_registered(sp)) {
 		spool_destroy(sp);
@@ -555,8 +550,6 @@ Test(spool, registered_buffers_write_what_was_given)
 		cr_skip_test("the kernel refused to register the buffers "
 			     "(RLIMIT_MEMLOCK?): plain writes, covered above");
 	}
-	for (size_t i = 0; i < n; i++)
-		body[i] = (uint8_t)rand_r(&seed);
 	for (unsigned k = 0; k < 4; k++) {
 		body[0] = (uint8_t)k; /* four different messages */
 		ids[k] = put_msg(sp, body, n);
