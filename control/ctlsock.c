@@ -340,6 +340,11 @@ jw_worker(struct ctl_jw *w, const struct ctl_worker_stats *s)
 	ctl_jw_ku64(w, "rejected", s->rejected);
 	ctl_jw_ku64(w, "refused_busy", s->refused_busy);
 	ctl_jw_ku64(w, "refused_paused", s->refused_paused);
+	/* DPDK only: where the busy-polled lcore's time went. */
+	if (s->lcore_busy_ns || s->lcore_idle_ns) {
+		ctl_jw_ku64(w, "lcore_busy_us", s->lcore_busy_ns / 1000u);
+		ctl_jw_ku64(w, "lcore_idle_us", s->lcore_idle_ns / 1000u);
+	}
 }
 
 static int

@@ -895,6 +895,21 @@ cmd_status(int argc, char **argv)
 	       get_u64(&c, t, "failed"),
 	       get_u64(&c, t, "refused_busy") +
 		       get_u64(&c, t, "refused_paused"));
+	/* DPDK: how much of each busy-polled lcore's time did work. */
+	if (w >= 0 && tok_of(&c, w)->type == CTL_JSON_ARRAY) {
+		uint32_t k = ctl_json_child((uint32_t)w);
+		for (uint32_t i = 0; i < tok_of(&c, w)->count; i++) {
+			uint64_t b = get_u64(&c, (int)k, "lcore_busy_us");
+			uint64_t n = b + get_u64(&c, (int)k, "lcore_idle_us");
+			if (n > 0)
+				printf("lcore of worker %" PRIu64 ": busy "
+				       "%.1f%% of %.1f s polled\n",
+				       get_u64(&c, (int)k, "id"),
+				       100.0 * (double)b / (double)n,
+				       (double)n / 1e6);
+			k = ctl_json_next(&c.j, k);
+		}
+	}
 	client_close(&c);
 	return finish_output(0);
 }

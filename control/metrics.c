@@ -121,6 +121,15 @@ lab2(FILE *f, const char *name, const char *k1, const char *v1,
 		v2, n);
 }
 
+/* A sample with one label, in seconds from nanoseconds. */
+static void
+lab_sec(FILE *f, const char *name, const char *k, const char *v,
+	uint64_t ns)
+{
+	fprintf(f, "%s{%s=\"%s\"} %" PRIu64 ".%09" PRIu64 "\n", name, k, v,
+		ns / 1000000000u, ns % 1000000000u);
+}
+
 /*
  * One histogram's series in the latency buckets of metrics.h: cumulative
  * buckets, +Inf, sum in seconds, count. label: `route="x"` or NULL.
@@ -197,6 +206,16 @@ render_workers(FILE *f, const struct ctl_sources *src,
 	     "free) or paused (finaldotctl pause).");
 	lab2(f, name, "transport", tr, "reason", "busy", t->refused_busy);
 	lab2(f, name, "transport", tr, "reason", "paused", t->refused_paused);
+	if (strcmp(tr, "dpdk") == 0) {
+		name = "finaldot_dpdk_lcore_seconds_total";
+		head(f, name, "counter",
+		     "The busy-polled lcores' time in loop iterations that "
+		     "moved frames, spool completions or replies (busy) and "
+		     "in iterations that found nothing (idle): busy / (busy + "
+		     "idle) is how loaded the shards are.");
+		lab_sec(f, name, "state", "busy", t->lcore_busy_ns);
+		lab_sec(f, name, "state", "idle", t->lcore_idle_ns);
+	}
 
 	one(f, "finaldot_messages_accepted_total", "counter",
 	    "Messages answered 250 after the final dot (durable in the "

@@ -80,6 +80,10 @@ struct ctl_worker_stats {
 	uint64_t tls_failed;      /* handshakes failed or timed out */
 	uint64_t tls_injected;    /* plaintext pipelined behind STARTTLS */
 	uint64_t tls_required;    /* 530 5.7.0 */
+	/* DPDK: the lcore's wall time in loop iterations that moved
+	 * something, and in iterations that polled and found nothing (the
+	 * busy-polling); 0 on the kernel transport, whose workers sleep. */
+	uint64_t lcore_busy_ns, lcore_idle_ns;
 	uint64_t lat[CTL_LAT_BUCKETS + 1]; /* per bucket, not cumulative */
 	uint64_t lat_sum_ns;
 	/* per completed batch: messages made durable, bytes written

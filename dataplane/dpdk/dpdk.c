@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include <rte_common.h>
+#include <rte_cycles.h>
 #include <rte_launch.h>
 #include <rte_lcore.h>
 #include <rte_malloc.h>
@@ -84,6 +85,12 @@ struct shard {
 	uint64_t next_publish_us;
 	/* the stack's drops by reason, for /metrics (shard_publish) */
 	_Atomic uint64_t pub_drops[CTL_DROP_N] __rte_cache_aligned;
+	/* The lcore's time in TSC cycles, stored every iteration (plain
+	 * stores on this thread, read by the control plane's): iterations
+	 * that moved something (frames, spool completions, replies) and
+	 * iterations that polled and found nothing. The back-off sleep
+	 * (--dpdk-idle-sleep) is in neither. */
+	_Atomic uint64_t busy_cyc, idle_cyc;
 } __rte_cache_aligned;
 
 static struct {
@@ -362,11 +369,29 @@ net_stats(void *ctx, struct ctl_net_stats *out)
 				memory_order_relaxed);
 }
 
+static uint64_t
+cyc_to_ns(uint64_t cyc)
+{
+	uint64_t hz = rte_get_tsc_hz();
+
+	if (hz == 0)
+		return 0;
+	return cyc / hz * 1000000000u + cyc % hz * 1000000000u / hz;
+}
+
 static void
 shards_stats(void *ctx, unsigned i, struct ctl_worker_stats *out)
 {
+	struct shard *sh = g.shards[i];
+
 	(void)ctx;
-	fd_worker_read_stats(&g.shards[i]->w, out);
+	fd_worker_read_stats(&sh->w, out);
+	/* Live, not the last publication: a reader that samples around a
+	 * load (tools/bench) gets the lcore's split to the iteration. */
+	out->lcore_busy_ns = cyc_to_ns(
+		atomic_load_explicit(&sh->busy_cyc, memory_order_relaxed));
+	out->lcore_idle_ns = cyc_to_ns(
+		atomic_load_explicit(&sh->idle_cyc, memory_order_relaxed));
 }
 
 static void (*reload_fn)(void);
@@ -407,6 +432,7 @@ shard_main(void *arg)
 	int idx = rte_lcore_index((int)rte_lcore_id());
 	struct shard *sh;
 	unsigned idle = 0;
+	uint64_t t_last, busy_cyc = 0, idle_cyc = 0;
 
 	(void)arg;
 	if (idx < 0 || (unsigned)idx >= g.nshards)
@@ -422,10 +448,12 @@ shard_main(void *arg)
 		net_stack_start(sh->st); /* gratuitous ARP, once per port */
 	atomic_store(&sh->w.ready, true);
 
+	t_last = rte_rdtsc();
 	for (;;) {
-		bool full;
+		bool full, moved;
 		unsigned n;
 		int done;
+		uint64_t t;
 
 		conn_set_clock(&sh->cs, fd_now_monotonic_us());
 		n = net_port_rx(sh->q, &full);
@@ -441,10 +469,12 @@ shard_main(void *arg)
 		/* Optional back-off (--dpdk-idle-sleep): on a shared core the
 		 * kernel work we depend on (tap, io-wq flushes) runs only
 		 * when we let it. */
-		if (n == 0 && done == 0 && !net_port_tx_queued(sh->q)) {
+		moved = n > 0 || done > 0 || net_port_tx_queued(sh->q);
+		if (!moved) {
 			if (g.cfg->dpdk_idle_sleep_us && ++idle >= 100) {
 				idle = 0;
 				usleep((useconds_t)g.cfg->dpdk_idle_sleep_us);
+				t_last = rte_rdtsc(); /* asleep: not polling */
 			}
 		} else {
 			idle = 0;
@@ -468,6 +498,19 @@ shard_main(void *arg)
 			}
 		}
 		shard_tx_flush(sh);
+		/* The lcore's busy share (issue 9's CPU per message with the
+		 * busy-polling taken out): an rdtsc and a plain store a turn. */
+		t = rte_rdtsc();
+		if (moved) {
+			busy_cyc += t - t_last;
+			atomic_store_explicit(&sh->busy_cyc, busy_cyc,
+					      memory_order_relaxed);
+		} else {
+			idle_cyc += t - t_last;
+			atomic_store_explicit(&sh->idle_cyc, idle_cyc,
+					      memory_order_relaxed);
+		}
+		t_last = t;
 		/* The sessions, then the stack's own connections (FINs
 		 * acknowledged) and the spool drained; or the shutdown
 		 * deadline, whatever is still in flight (issue 10: writes
@@ -490,10 +533,13 @@ shard_main(void *arg)
 	       " tx_frames=%" PRIu64 " tcp_accepted=%" PRIu64
 	       " tcp_retransmits=%" PRIu64 " tx_dropped=%" PRIu64
 	       " handoff_out=%" PRIu64 " handoff_in=%" PRIu64
-	       " handoff_full=%" PRIu64 " refused=%" PRIu64,
+	       " handoff_full=%" PRIu64 " refused=%" PRIu64
+	       " lcore_busy_ms=%" PRIu64 " lcore_idle_ms=%" PRIu64,
 	       sh->id, nc->rx_frames, nc->tx_frames, nc->tcp_accepted,
 	       nc->tcp_retransmits, qs->tx_dropped, qs->handoff_out,
-	       qs->handoff_in, qs->handoff_full, sh->w.sessions_refused);
+	       qs->handoff_in, qs->handoff_full, sh->w.sessions_refused,
+	       cyc_to_ns(busy_cyc) / 1000000u,
+	       cyc_to_ns(idle_cyc) / 1000000u);
 	return 0;
 }
 

@@ -101,6 +101,9 @@ def status(d):
           max(w["flush_mean_us"] for w in st["workers"]) >=
           st["totals"]["flush_mean_us"],
           f"workers {st['workers']} totals {st['totals']}")
+    # The lcore split is the DPDK transport's: these workers sleep.
+    check(not any("lcore_busy_us" in w for w in st["workers"]),
+          f"lcore figures on the kernel transport: {st['workers']}")
     # Open sessions drop to 0 once the worker's loop publishes again.
     last = {}
 
@@ -117,6 +120,7 @@ def status(d):
     while not text_ok() and time.time() < deadline:
         time.sleep(0.05)
     check(text_ok(), f"status text:\n{last['out']}")
+    check("lcore" not in last["out"], f"status text:\n{last['out']}")
 
 
 def pause_resume(d):

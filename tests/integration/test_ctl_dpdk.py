@@ -4,7 +4,9 @@ this test makes): finaldotctl status says transport dpdk; pause makes a new
 connection through finaldot's own TCP stack get 421 4.3.2 and a FIN while
 an open session still gets its 250, resume a 220; SIGHUP is logged and the
 daemon goes on; /metrics (on the namespace's loopback) passes promtool and
-carries the port's counters and the stack's drops by reason.
+carries the port's counters and the stack's drops by reason; the lcore's
+time is split into busy (iterations that moved something) and idle
+(polling that found nothing) in status and /metrics.
 Root and a DPDK build; skipped (77) with the reason otherwise."""
 import json
 import os
@@ -13,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdnet import DPDK_IP, DpdkDaemon, Netns, need_root_netns  # noqa: E402
@@ -68,6 +71,21 @@ def main():
                      "Subject: dpdk\n\nbody\n.", "QUIT")
         check(out[0].startswith("220 ") and
               re.match(r"250 2\.0\.0 Ok: queued as", out[5]), f"{out}")
+        # The lcore's split: a session's work was busy time; a quiet
+        # second after it is idle polling (between the back-off's
+        # sleeps), with next to nothing busy.
+        w0 = json.loads(ctl(d, "status", "--json"))["workers"][0]
+        check(w0.get("lcore_busy_us", 0) > 0 and
+              w0.get("lcore_idle_us", 0) > 0, f"lcore split {w0}")
+        time.sleep(1.0)
+        w1 = json.loads(ctl(d, "status", "--json"))["workers"][0]
+        busy = w1["lcore_busy_us"] - w0["lcore_busy_us"]
+        idle = w1["lcore_idle_us"] - w0["lcore_idle_us"]
+        check(idle > 5000 and busy < idle / 10,
+              f"a quiet second: busy {busy} us, idle {idle} us")
+        check(re.search(r"^lcore of worker 0: busy \d+\.\d% of "
+                        r"\d+\.\d s polled$", ctl(d, "status"), re.M),
+              "the lcore line of finaldotctl status")
         ctl(d, "pause")
         out = client(ns)
         check(out[0].startswith("421 4.3.2 ") and out[1] == "EOF",
@@ -98,6 +116,10 @@ def main():
         check(rx and int(rx.group(1)) > 10, "port rx packets")
         check(re.search(r'^finaldot_net_drops_total\{reason="tcp_no_port"\} '
                         r'\d+$', text, re.M), "stack drops by reason")
+        lc = dict(re.findall(r'^finaldot_dpdk_lcore_seconds_total\{state='
+                             r'"(busy|idle)"\} (\d+\.\d{9})$', text, re.M))
+        check(float(lc.get("busy", 0)) > 0 and float(lc.get("idle", 0)) > 0.005,
+              f"lcore seconds in /metrics: {lc}")
         check('finaldot_build_info{version="' in text and
               'transport="dpdk"} 1' in text, "build_info")
         if shutil.which("promtool"):

@@ -138,6 +138,8 @@ def exposition():
         check(r.returncode == 0, f"promtool check metrics: "
               f"{r.stdout.decode()} {r.stderr.decode()}")
         s = samples(text)
+        check(not any(k.startswith("finaldot_dpdk_") for k in s),
+              "DPDK series on the kernel transport")
         check(s["finaldot_accepted_message_bytes_total"] > 3 * 2000,
               "accepted bytes")
         check(s['finaldot_build_info{version="%s",transport="kernel"}' %
