@@ -139,9 +139,10 @@ struct spool {
 	struct io_uring own;
 	struct io_uring *ring;
 	bool own_ring;
-	/* The batch buffers are registered with the ring (write_fixed):
-	 * their pages are pinned once, not on every write. */
-	bool fixed_bufs;
+	/* Buffers 0..nfixed-1 are registered with the ring (write_fixed):
+	 * their pages are pinned once, not on every write. The rest, if
+	 * RLIMIT_MEMLOCK took fewer, go as plain writes. */
+	unsigned nfixed;
 
 	struct batch *b;
 	unsigned nb;
@@ -545,7 +546,7 @@ submit_batch(struct spool *sp, struct batch *b)
 		io_uring_sqe_set_data64(sqe, ud_make(b, OP_NOP));
 		b->cqes_left = 1;
 	} else {
-		if (sp->fixed_bufs)
+		if (b->idx < sp->nfixed)
 			io_uring_prep_write_fixed(sqe, b->seg->fd, b->buf,
 						  (unsigned)b->len, b->off,
 						  (int)b->idx);
@@ -1261,10 +1262,10 @@ spool_room_changed(struct spool *sp)
 	return true;
 }
 
-bool
+unsigned
 spool_buffers_registered(const struct spool *sp)
 {
-	return sp->fixed_bufs;
+	return sp->nfixed;
 }
 
 unsigned
@@ -1299,6 +1300,7 @@ static void
 register_bufs(struct spool *sp)
 {
 	struct iovec *iov = calloc(sp->nb, sizeof(*iov));
+	unsigned n = sp->nb;
 	int r = -ENOMEM;
 
 	if (iov) {
@@ -1306,15 +1308,28 @@ register_bufs(struct spool *sp)
 			iov[i].iov_base = sp->b[i].buf;
 			iov[i].iov_len = sp->cap;
 		}
-		r = io_uring_register_buffers(sp->ring, iov, sp->nb);
+		/* Pinned pages count against RLIMIT_MEMLOCK (unless the
+		 * process may lock memory at will): over it the kernel
+		 * refuses the lot, so offer half as many until it takes
+		 * them. A buffer taken from the free list lowest index
+		 * first, the registered ones serve a light load alone. */
+		for (;;) {
+			r = io_uring_register_buffers(sp->ring, iov, n);
+			if (r != -ENOMEM || n == 1)
+				break;
+			n /= 2;
+		}
 		free(iov);
 	}
-	sp->fixed_bufs = r == 0;
-	if (r < 0)
+	sp->nfixed = r == 0 ? n : 0;
+	if (sp->nfixed < sp->nb)
 		fd_log(FD_LOG_INFO, "spool",
-		       "event=buffers_not_registered worker=%u err=%d "
-		       "note=\"plain writes\"",
-		       sp->p.worker, -r);
+		       "event=buffers_not_registered worker=%u registered=%u "
+		       "batches=%u err=%d note=\"plain writes for the rest: "
+		       "raise RLIMIT_MEMLOCK (LimitMEMLOCK=) to %zu KiB per "
+		       "worker\"",
+		       sp->p.worker, sp->nfixed, sp->nb, r < 0 ? -r : ENOMEM,
+		       (size_t)sp->nb * sp->cap / 1024);
 }
 
 bool
@@ -1549,7 +1564,9 @@ spool_create(const struct spool_params *p)
 	       "segment_size=%" PRIu64 " sync=%s buffers=%s",
 	       p->worker, p->batch_size, p->batches, p->segment_size,
 	       sp->fsync_mode ? "linked_fdatasync" : "rwf_dsync",
-	       sp->fixed_bufs ? "registered" : "plain");
+	       sp->nfixed == sp->nb ? "registered"
+	       : sp->nfixed ? "partly_registered"
+			    : "plain");
 	return sp;
 
 out_prep:
@@ -1559,7 +1576,7 @@ out_wake:
 out_ring:
 	if (sp->own_ring)
 		io_uring_queue_exit(&sp->own);
-	else if (sp->fixed_bufs)
+	else if (sp->nfixed)
 		io_uring_unregister_buffers(sp->ring); /* nothing in flight */
 out_bufs:
 	for (unsigned i = 0; i < sp->nb; i++)
@@ -1633,7 +1650,7 @@ spool_destroy(struct spool *sp)
 	}
 	if (sp->own_ring)
 		io_uring_queue_exit(&sp->own);
-	else if (sp->fixed_bufs && !sp->abandoned && !busy)
+	else if (sp->nfixed && !sp->abandoned && !busy)
 		/* The worker's ring outlives us. With writes still in the
 		 * kernel, unregistering would wait for them: the ring's
 		 * teardown drops the registration instead. */

@@ -274,10 +274,11 @@ bool spool_room_changed(struct spool *sp);
 /* Batches submitted and not yet completed. */
 unsigned spool_inflight(const struct spool *sp);
 
-/* The batch buffers are registered with the ring (writes go as
- * write_fixed: no page pinning per write); false where the kernel refused
- * (e.g. RLIMIT_MEMLOCK), with plain writes instead. */
-bool spool_buffers_registered(const struct spool *sp);
+/* How many batch buffers are registered with the ring (their writes go
+ * as write_fixed: no page pinning per write): all of them, or as many as
+ * RLIMIT_MEMLOCK allowed (halving until the kernel took them), or 0 where
+ * it refused; the rest go as plain writes. */
+unsigned spool_buffers_registered(const struct spool *sp);
 
 /* Per completed batch (group commit at work): how many messages it made
  * durable, in buckets up to 1, 2, 4 ... 256 and above; how many bytes, up

@@ -12,9 +12,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
 #include <linux/fiemap.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <time.h>
@@ -561,6 +564,49 @@ Test(spool, registered_buffers_write_what_was_given)
 	for (unsigned k = 0; k < 4; k++)
 		cr_assert_eq(dones[k].status, 0);
 	cr_assert_geq(spool_get_stats(sp)->batches, 12);
+	free(body);
+	spool_destroy(sp);
+}
+
+/* Without the right to lock memory at will, registration is held to
+ * RLIMIT_MEMLOCK: the spool registers as many buffers as the limit takes
+ * (halving from all of them) and writes from the rest plain; a message
+ * whose batches go through both kinds lands intact. */
+Test(spool, memlock_limit_registers_part_of_the_buffers)
+{
+	struct __user_cap_header_struct h = {
+		.version = _LINUX_CAPABILITY_VERSION_3};
+	struct __user_cap_data_struct d[2];
+	struct spool_params p;
+	unsigned nfixed;
+
+	cr_assert_eq(syscall(SYS_capget, &h, d), 0);
+	d[CAP_TO_INDEX(CAP_IPC_LOCK)].effective &=
+		~CAP_TO_MASK(CAP_IPC_LOCK);
+	cr_assert_eq(syscall(SYS_capset, &h, d), 0, "capset: %d", errno);
+	params(&p, NULL);
+	p.batch_size = 256 * 1024;
+	p.batches = 8;
+	/* Room for three buffers: 8 and 4 are refused, 2 are taken. */
+	struct rlimit rl = {3 * p.batch_size + 65536, 3 * p.batch_size + 65536};
+	cr_assert_eq(setrlimit(RLIMIT_MEMLOCK, &rl), 0);
+	struct spool *sp = make(&p);
+	size_t n = 6 * p.batch_size + 999; /* seven batches, none drained */
+	uint8_t *body = rand_body(n, 9);
+
+	/* (The limit counts the user's locked memory in every process
+	 * without CAP_IPC_LOCK: none other here.) */
+	nfixed = spool_buffers_registered(sp);
+	cr_assert(nfixed >= 1 && nfixed <= 2,
+		  "%u buffers registered under a limit of 3", nfixed);
+	uint64_t id = put_msg(sp, body, n);
+	spool_flush(sp);
+	drain(sp);
+	cr_assert_eq(n_done, 1);
+	cr_assert_eq(dones[0].status, 0);
+	cr_assert_eq(spool_get_stats(sp)->batch_errors, 0);
+	cr_assert_geq(spool_get_stats(sp)->batches, 7);
+	check_on_disk(id, body, n);
 	free(body);
 	spool_destroy(sp);
 }
