@@ -127,7 +127,7 @@ static const struct opt options[] = {
 	{"batch_size", NULL, OPT_SIZE, F(batch_size), 0, "BYTES",
 	 "a spool batch closes at this size (default 256k)"},
 	{"batches", NULL, OPT_UINT, F(batches), 0, "N",
-	 "spool batch buffers per worker, bounds writes in flight (default 8)"},
+	 "spool batch buffers per worker, bounds writes in flight (default 32)"},
 	{"flush_inflight", NULL, OPT_UINT, F(flush_inflight), 0, "N",
 	 "group commit: while N durable writes are in flight, arriving "
 	 "messages wait to share the next one (default 1)"},
@@ -292,7 +292,7 @@ fd_config_defaults(struct fd_config *c)
 	strcpy(c->spool_dir, "./var/spool");
 	c->segment_size = 64u << 20;
 	c->batch_size = 256u << 10;
-	c->batches = 8;
+	c->batches = 32;
 	c->flush_inflight = 1;
 	strcpy(c->spool_sync, "auto");
 	strcpy(c->spool_prepare, "auto");

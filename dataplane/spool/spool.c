@@ -216,7 +216,7 @@ spool_params_defaults(struct spool_params *p)
 	p->segment_size = 64ull << 20;
 	p->flush_inflight = 1;
 	p->batch_size = 256u << 10;
-	p->batches = 8;
+	p->batches = 32;
 	p->spare_segments = 2;
 }
 
@@ -1293,9 +1293,10 @@ ring_entries(unsigned batches)
 }
 
 
-/* Register the batch buffers with the ring. A failure (RLIMIT_MEMLOCK
- * for an unprivileged user on older kernels, a ring that has buffers
- * registered already) only costs the per-write pinning: plain writes. */
+/* Register the batch buffers with the ring. A refusal (RLIMIT_MEMLOCK for
+ * a process without CAP_IPC_LOCK, a ring that has buffers registered
+ * already) only costs the per-write pinning of the buffers left out:
+ * plain writes for them. */
 static void
 register_bufs(struct spool *sp)
 {
