@@ -1312,8 +1312,8 @@ register_bufs(struct spool *sp)
 		/* Pinned pages count against RLIMIT_MEMLOCK (unless the
 		 * process may lock memory at will): over it the kernel
 		 * refuses the lot, so offer half as many until it takes
-		 * them. A buffer taken from the free list lowest index
-		 * first, the registered ones serve a light load alone. */
+		 * them. Buffers leave the free list lowest index first, so
+		 * the registered ones carry a light load alone. */
 		for (;;) {
 			r = io_uring_register_buffers(sp->ring, iov, n);
 			if (r != -ENOMEM || n == 1)
