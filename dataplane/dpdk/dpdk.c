@@ -498,8 +498,8 @@ shard_main(void *arg)
 			}
 		}
 		shard_tx_flush(sh);
-		/* The lcore's busy share (issue 9's CPU per message with the
-		 * busy-polling taken out): an rdtsc and a plain store a turn. */
+		/* The lcore's busy share (the CPU per message without the
+		 * busy-polling): an rdtsc and a plain store a turn. */
 		t = rte_rdtsc();
 		if (moved) {
 			busy_cyc += t - t_last;

@@ -119,7 +119,8 @@ def main():
                         r'\d+$', text, re.M), "stack drops by reason")
         lc = dict(re.findall(r'^finaldot_dpdk_lcore_seconds_total\{state='
                              r'"(busy|idle)"\} (\d+\.\d{9})$', text, re.M))
-        check(float(lc.get("busy", 0)) > 0 and float(lc.get("idle", 0)) > 0.005,
+        check(float(lc.get("busy", 0)) > 0 and
+              float(lc.get("idle", 0)) > 0.005,
               f"lcore seconds in /metrics: {lc}")
         check('finaldot_build_info{version="' in text and
               'transport="dpdk"} 1' in text, "build_info")

@@ -587,8 +587,10 @@ Test(spool, memlock_limit_registers_part_of_the_buffers)
 	params(&p, NULL);
 	p.batch_size = 256 * 1024;
 	p.batches = 8;
-	/* Room for three buffers: 8 and 4 are refused, 2 are taken. */
-	struct rlimit rl = {3 * p.batch_size + 65536, 3 * p.batch_size + 65536};
+	/* 832 KiB, where a buffer is ~324 KiB (the batch and its headroom):
+	 * 8 and 4 buffers are refused, 2 are taken. */
+	rlim_t lim = 3 * p.batch_size + 65536;
+	struct rlimit rl = {lim, lim};
 	cr_assert_eq(setrlimit(RLIMIT_MEMLOCK, &rl), 0);
 	struct spool *sp = make(&p);
 	size_t n = 6 * p.batch_size + 999; /* seven batches, none drained */
