@@ -47,6 +47,7 @@
 #include <linux/filter.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <sys/socket.h>
@@ -874,6 +875,30 @@ drop_listeners(const struct fd_config *cfg, unsigned id)
 	}
 }
 
+/*
+ * io_uring's rings and registered buffers count against RLIMIT_MEMLOCK
+ * for a process without CAP_IPC_LOCK, and the kernel says only ENOMEM:
+ * a container's or a login's default limit (64 KiB here and there) stops
+ * the start with nothing to go on. The log line names the limit.
+ */
+static void
+log_ring_failed(unsigned worker, const char *event, int err)
+{
+	struct rlimit rl;
+
+	if (err == -ENOMEM && getrlimit(RLIMIT_MEMLOCK, &rl) == 0 &&
+	    rl.rlim_cur != RLIM_INFINITY)
+		fd_log(FD_LOG_ERR, "sock", "worker=%u event=%s error=\"%s\" "
+		       "memlock_kib=%llu note=\"io_uring counts its rings "
+		       "against RLIMIT_MEMLOCK: raise it (LimitMEMLOCK=, "
+		       "ulimit -l, docker --ulimit memlock=)\"",
+		       worker, event, strerror(-err),
+		       (unsigned long long)rl.rlim_cur / 1024);
+	else
+		fd_log(FD_LOG_ERR, "sock", "worker=%u event=%s error=\"%s\"",
+		       worker, event, strerror(-err));
+}
+
 static int
 loop_init(struct sock_loop *l, struct fd_worker *w)
 {
@@ -893,8 +918,7 @@ loop_init(struct sock_loop *l, struct fd_worker *w)
 		r = io_uring_queue_init_params(RING_ENTRIES, &l->ring, &p);
 	}
 	if (r < 0) {
-		fd_log(FD_LOG_ERR, "sock", "worker=%u event=io_uring_failed "
-		       "error=\"%s\"", w->id, strerror(-r));
+		log_ring_failed(w->id, "io_uring_failed", r);
 		return r;
 	}
 
@@ -919,8 +943,7 @@ loop_init(struct sock_loop *l, struct fd_worker *w)
 	reg.bgid = BUF_GROUP;
 	r = io_uring_register_buf_ring(&l->ring, &reg, 0);
 	if (r < 0) {
-		fd_log(FD_LOG_ERR, "sock", "worker=%u event=buf_ring_failed "
-		       "error=\"%s\"", w->id, strerror(-r));
+		log_ring_failed(w->id, "buf_ring_failed", r);
 		goto out_unmap;
 	}
 	io_uring_buf_ring_init(l->br);

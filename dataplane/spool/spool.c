@@ -1323,8 +1323,10 @@ register_bufs(struct spool *sp)
 		free(iov);
 	}
 	sp->nfixed = r == 0 ? n : 0;
+	/* A warning: every write from an unregistered buffer pins its pages
+	 * again (several percent of the worker's CPU for large mail). */
 	if (sp->nfixed < sp->nb)
-		fd_log(FD_LOG_INFO, "spool",
+		fd_log(FD_LOG_WARN, "spool",
 		       "event=buffers_not_registered worker=%u registered=%u "
 		       "batches=%u err=%d note=\"plain writes for the rest: "
 		       "raise RLIMIT_MEMLOCK (LimitMEMLOCK=) to %zu KiB per "
