@@ -340,18 +340,31 @@ rand_body(size_t n, unsigned seed)
 	return body;
 }
 
+/* One message of n pseudo-random octets, committed, flushed and drained:
+ * it was answered ok. Its body (caller frees) and id (may be NULL). */
+static uint8_t *
+put_one_ok(struct spool *sp, size_t n, unsigned seed, uint64_t *id)
+{
+	uint8_t *body = rand_body(n, seed);
+	uint64_t i = put_msg(sp, body, n);
+
+	if (id)
+		*id = i;
+	spool_flush(sp);
+	drain(sp);
+	cr_assert_eq(n_done, 1);
+	cr_assert_eq(dones[0].status, 0);
+	return body;
+}
+
 Test(spool, body_larger_than_several_batches)
 {
 	struct spool_params p;
 	params(&p, NULL);
 	struct spool *sp = make(&p);
 	size_t n = 6 * p.batch_size + 1234;
-	uint8_t *body = rand_body(n, 1);
-	uint64_t id = put_msg(sp, body, n);
-	spool_flush(sp);
-	drain(sp);
-	cr_assert_eq(n_done, 1);
-	cr_assert_eq(dones[0].status, 0);
+	uint64_t id;
+	uint8_t *body = put_one_ok(sp, n, 1, &id);
 	cr_assert_geq(spool_get_stats(sp)->batches, 6);
 	check_on_disk(id, body, n);
 	free(body);
@@ -385,14 +398,9 @@ Test(spool, fdatasync_mode_flushes_only_batches_with_an_end)
 	n_durable = 0;
 	struct spool *sp = make(&p);
 	size_t n = 6 * p.batch_size + 1234;
-	uint8_t *body = rand_body(n, 7);
-	uint64_t id = put_msg(sp, body, n);
-
-	spool_flush(sp);
-	drain(sp);
+	uint64_t id;
+	uint8_t *body = put_one_ok(sp, n, 7, &id);
 	const struct spool_stats *st = spool_get_stats(sp);
-	cr_assert_eq(n_done, 1);
-	cr_assert_eq(dones[0].status, 0);
 	cr_assert_geq(st->batches, 7);
 	cr_assert_eq(st->flushes, 1, "one flush, for the END: %" PRIu64,
 		     st->flushes);
@@ -416,14 +424,8 @@ Test(spool, dsync_mode_flushes_every_batch)
 	params(&p, NULL);
 	struct spool *sp = make(&p);
 	size_t n = 6 * p.batch_size + 1234;
-	uint8_t *body = rand_body(n, 8);
-
-	put_msg(sp, body, n);
-	spool_flush(sp);
-	drain(sp);
+	uint8_t *body = put_one_ok(sp, n, 8, NULL);
 	const struct spool_stats *st = spool_get_stats(sp);
-	cr_assert_eq(n_done, 1);
-	cr_assert_eq(dones[0].status, 0);
 	cr_assert_geq(st->batches, 7);
 	cr_assert_eq(st->flushes, st->batches);
 	cr_assert_eq(st->unflushed, 0);
@@ -449,14 +451,9 @@ Test(spool, fdatasync_mode_flushes_each_files_last_batch)
 	n_durable = 0;
 	struct spool *sp = make(&p);
 	size_t n = 24 * p.batch_size;
-	uint8_t *body = rand_body(n, 9);
-	uint64_t id = put_msg(sp, body, n);
-
-	spool_flush(sp);
-	drain(sp);
+	uint64_t id;
+	uint8_t *body = put_one_ok(sp, n, 9, &id);
 	const struct spool_stats *st = spool_get_stats(sp);
-	cr_assert_eq(n_done, 1);
-	cr_assert_eq(dones[0].status, 0);
 	cr_assert_geq(st->segments_used, 3);
 	cr_assert_eq(st->flushes, st->segments_used,
 		     "a flush per file: %" PRIu64 " flushes, %" PRIu64
@@ -594,18 +591,14 @@ Test(spool, memlock_limit_registers_part_of_the_buffers)
 	cr_assert_eq(setrlimit(RLIMIT_MEMLOCK, &rl), 0);
 	struct spool *sp = make(&p);
 	size_t n = 6 * p.batch_size + 999; /* seven batches, none drained */
-	uint8_t *body = rand_body(n, 9);
+	uint64_t id;
 
 	/* (The limit counts the user's locked memory in every process
 	 * without CAP_IPC_LOCK: none other here.) */
 	nfixed = spool_buffers_registered(sp);
 	cr_assert(nfixed >= 1 && nfixed <= 2,
 		  "%u buffers registered under a limit of 3", nfixed);
-	uint64_t id = put_msg(sp, body, n);
-	spool_flush(sp);
-	drain(sp);
-	cr_assert_eq(n_done, 1);
-	cr_assert_eq(dones[0].status, 0);
+	uint8_t *body = put_one_ok(sp, n, 9, &id);
 	cr_assert_eq(spool_get_stats(sp)->batch_errors, 0);
 	cr_assert_geq(spool_get_stats(sp)->batches, 7);
 	check_on_disk(id, body, n);
@@ -1365,12 +1358,8 @@ Test(spool, fallocated_segments_are_unwritten_extents)
 		      "%lld unwritten of %llu", u,
 		      (unsigned long long)p.segment_size);
 	size_t n = 12 * p.batch_size + 77;
-	uint8_t *body = rand_body(n, 11);
-	uint64_t id = put_msg(sp, body, n);
-	spool_flush(sp);
-	drain(sp);
-	cr_assert_eq(n_done, 1);
-	cr_assert_eq(dones[0].status, 0);
+	uint64_t id;
+	uint8_t *body = put_one_ok(sp, n, 11, &id);
 	cr_assert_geq(spool_get_stats(sp)->segments_used, 2);
 	check_on_disk(id, body, n);
 	free(body);
