@@ -132,50 +132,49 @@ Test(config, file_errors_name_the_line)
 	unlink(path);
 }
 
+/*
+ * A setting with named choices: def by default, each of good taken as
+ * given (field: where c keeps it), bad refused with an error naming the
+ * choices (msg).
+ */
+static void
+check_choices(const char *flag, const char *field, const char *def,
+	      const char *const good[2], const char *bad, const char *msg)
+{
+	char *a0[] = {"finaldot"};
+	cr_assert_eq(parse(1, a0), 0);
+	cr_assert_str_eq(field, def);
+	for (unsigned i = 0; i < 2; i++) {
+		setup();
+		char *a[] = {"finaldot", (char *)flag, (char *)good[i]};
+		cr_assert_eq(parse(3, a), 0, "%s", errbuf);
+		cr_assert_str_eq(field, good[i]);
+	}
+	setup();
+	char *a3[] = {"finaldot", (char *)flag, (char *)bad};
+	cr_assert_neq(parse(3, a3), 0);
+	fflush(err);
+	cr_assert(strstr(errbuf, msg), "%s", errbuf);
+}
+
 /* The spool's durable write: auto by default, the two modes by name,
  * anything else an error naming the choices. */
 Test(config, spool_sync_modes)
 {
-	char *a0[] = {"finaldot"};
-	cr_assert_eq(parse(1, a0), 0);
-	cr_assert_str_eq(c.spool_sync, "auto");
-	setup();
-	char *a1[] = {"finaldot", "--spool-sync", "fdatasync"};
-	cr_assert_eq(parse(3, a1), 0, "%s", errbuf);
-	cr_assert_str_eq(c.spool_sync, "fdatasync");
-	setup();
-	char *a2[] = {"finaldot", "--spool-sync", "dsync"};
-	cr_assert_eq(parse(3, a2), 0, "%s", errbuf);
-	setup();
-	char *a3[] = {"finaldot", "--spool-sync", "fsync"};
-	cr_assert_neq(parse(3, a3), 0);
-	fflush(err);
-	cr_assert(strstr(errbuf, "spool_sync must be auto, dsync or fdatasync"),
-		  "%s", errbuf);
+	static const char *const good[2] = {"fdatasync", "dsync"};
+
+	check_choices("--spool-sync", c.spool_sync, "auto", good, "fsync",
+		      "spool_sync must be auto, dsync or fdatasync");
 }
 
 /* How new segments are made: auto by default, zero or fallocate by name,
  * anything else an error naming the choices. */
 Test(config, spool_prepare_modes)
 {
-	char *a0[] = {"finaldot"};
-	cr_assert_eq(parse(1, a0), 0);
-	cr_assert_str_eq(c.spool_prepare, "auto");
-	setup();
-	char *a1[] = {"finaldot", "--spool-prepare", "fallocate"};
-	cr_assert_eq(parse(3, a1), 0, "%s", errbuf);
-	cr_assert_str_eq(c.spool_prepare, "fallocate");
-	setup();
-	char *a2[] = {"finaldot", "--spool-prepare", "zero"};
-	cr_assert_eq(parse(3, a2), 0, "%s", errbuf);
-	cr_assert_str_eq(c.spool_prepare, "zero");
-	setup();
-	char *a3[] = {"finaldot", "--spool-prepare", "zeros"};
-	cr_assert_neq(parse(3, a3), 0);
-	fflush(err);
-	cr_assert(strstr(errbuf, "spool_prepare must be auto, zero or "
-				 "fallocate"),
-		  "%s", errbuf);
+	static const char *const good[2] = {"fallocate", "zero"};
+
+	check_choices("--spool-prepare", c.spool_prepare, "auto", good,
+		      "zeros", "spool_prepare must be auto, zero or fallocate");
 }
 
 Test(config, delivery_nice_range)
