@@ -620,7 +620,8 @@ lazy_held(const struct spool *sp, unsigned pos, const struct batch *b)
 {
 	bool later = false;
 
-	if (!lazy_fault(sp) || sp->destroying || sp->nfree == 0 || !batch_unflushed(sp, b))
+	if (!lazy_fault(sp) || sp->destroying || sp->nfree == 0 ||
+	    !batch_unflushed(sp, b))
 		return false;
 	for (unsigned i = pos + 1; i < sp->fifo_n; i++) {
 		const struct batch *e = fifo_at(sp, i);
