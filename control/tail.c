@@ -46,10 +46,11 @@
  * queue but an operator's call, which walks first (tail_flush()). The
  * walk's reads then only compete with the workers' writes for the disk
  * (1 MiB messages at 32 pipelining sessions: ~20% more MB/s without them
- * during the load, docs/bench.md). So it waits until the worker has announced nothing new
- * for this long, or until it is asked. Not shorter: a worker waiting for
- * the disk (a flush, a segment being zeroed) is quiet for 50-500 ms
- * under such a load, and a walk then takes the disk from it.
+ * during the load, docs/bench.md). So it waits until the worker has
+ * announced nothing new for this long, or until it is asked. Not
+ * shorter: a worker waiting for the disk (a flush, a segment being
+ * zeroed) is quiet for 50-500 ms under such a load, and a walk then
+ * takes the disk from it.
  */
 #define WALK_QUIET_US 1000000u
 #define WALK_STEP (4u << 20) /* per tail_tick() then */

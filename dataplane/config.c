@@ -127,7 +127,8 @@ static const struct opt options[] = {
 	{"batch_size", NULL, OPT_SIZE, F(batch_size), 0, "BYTES",
 	 "a spool batch closes at this size (default 256k)"},
 	{"batches", NULL, OPT_UINT, F(batches), 0, "N",
-	 "spool batch buffers per worker, bounds writes in flight (default 32)"},
+	 "spool batch buffers per worker, bounds writes in flight "
+	 "(default 32)"},
 	{"flush_inflight", NULL, OPT_UINT, F(flush_inflight), 0, "N",
 	 "group commit: while N durable writes are in flight, arriving "
 	 "messages wait to share the next one (default 1)"},
