@@ -19,7 +19,12 @@
  *      point; the loop ends at the deadline.
  *
  * Receives use single-shot recv with a provided-buffer ring (buffer
- * selection): an idle connection holds no buffer. A buffer the session did
+ * selection): an idle connection holds no buffer. The ring holds only as
+ * many buffers as the connections in use plus a margin (ring_fill()), the
+ * most recently returned first, so that receives cycle through a small,
+ * warm set instead of through the whole pool (max_connections + 64 buffers
+ * of 16 KiB: 128 MiB by default), which cost a page fault per fresh page
+ * and a cache miss per line. A buffer the session did
  * not fully consume (it is waiting for a commit, for spool room, or for its
  * output to drain) stays held by the connection and no new recv is armed,
  * so the kernel's receive window, not our memory, absorbs a client that
@@ -66,6 +71,9 @@
 #define RING_ENTRIES 4096u
 #define BUF_GROUP 1
 #define BUF_SIZE (16u * 1024u)
+/* Buffers in the ring beyond one per connection in use (each arms at most
+ * one receive, so this is room to spare, not a limit). */
+#define BUF_RING_SLACK 64u
 #define TICK_US 100000u /* longest wait without a timer due */
 
 enum op {
@@ -111,7 +119,11 @@ struct sock_loop {
 	struct io_uring_buf_ring *br;
 	size_t br_bytes;
 	uint8_t *bufs;
-	unsigned nbufs;
+	unsigned nbufs;        /* the pool: bids 0 .. nbufs-1 */
+	unsigned ring_avail;   /* buffers in the ring, not taken yet */
+	unsigned fresh;        /* bids from here on never used */
+	uint16_t *spare;       /* returned bids out of the ring, a stack */
+	unsigned nspare;
 	struct sock_conn *conns;
 	struct sock_conn *free;
 	unsigned nconns;
@@ -154,6 +166,52 @@ sock_of(struct conn *c)
 					    offsetof(struct sock_conn, conn));
 }
 
+/* A buffer the kernel filled comes back: onto the spare stack, from which
+ * ring_fill() puts it back in the ring before the next submit. */
+static void
+buf_return(struct sock_loop *l, uint16_t bid)
+{
+	l->spare[l->nspare++] = bid;
+	l->buffers_returned = true;
+}
+
+/*
+ * Keep the ring at one buffer per connection in use plus BUF_RING_SLACK,
+ * taking the most recently returned buffers first (warm in the cache and
+ * already mapped), then pool buffers never used. A ring above its target
+ * (connections gone) shrinks as the kernel takes from it. Called before
+ * every submit (a connection may take several buffers in one iteration)
+ * and before starved connections are re-armed.
+ */
+static void
+ring_fill(struct sock_loop *l)
+{
+	unsigned target = l->in_use + BUF_RING_SLACK, n = 0;
+
+	if (target > l->nbufs)
+		target = l->nbufs;
+	while (l->ring_avail + n < target) {
+		unsigned bid;
+
+		if (l->nspare)
+			bid = l->spare[--l->nspare];
+		else if (l->fresh < l->nbufs)
+			bid = l->fresh++;
+		else
+			break;
+		io_uring_buf_ring_add(l->br, l->bufs + (size_t)bid * BUF_SIZE,
+				      BUF_SIZE, (unsigned short)bid,
+				      io_uring_buf_ring_mask(l->nbufs),
+				      (int)n);
+		n++;
+	}
+	if (n) {
+		io_uring_buf_ring_advance(l->br, (int)n);
+		l->ring_avail += n;
+		l->buffers_returned = true; /* for starved connections */
+	}
+}
+
 static struct io_uring_sqe *
 get_sqe(struct sock_loop *l)
 {
@@ -161,6 +219,7 @@ get_sqe(struct sock_loop *l)
 
 	if (!sqe) {
 		/* SQ full: submit what is there and try again. */
+		ring_fill(l);
 		io_uring_submit(&l->ring);
 		sqe = io_uring_get_sqe(&l->ring);
 	}
@@ -168,16 +227,6 @@ get_sqe(struct sock_loop *l)
 }
 
 /* ---- connection bookkeeping ------------------------------------------ */
-
-static void
-buf_return(struct sock_loop *l, uint16_t bid)
-{
-	io_uring_buf_ring_add(l->br, l->bufs + (size_t)bid * BUF_SIZE,
-			      BUF_SIZE, bid,
-			      io_uring_buf_ring_mask(l->nbufs), 0);
-	io_uring_buf_ring_advance(l->br, 1);
-	l->buffers_returned = true;
-}
 
 static void
 conn_release_held(struct sock_conn *c)
@@ -326,6 +375,7 @@ sock_push(struct conn_set *cs)
 	struct sock_loop *l = (struct sock_loop *)(void *)((char *)cs -
 						offsetof(struct sock_loop, cs));
 
+	ring_fill(l);
 	if (io_uring_sq_ready(&l->ring))
 		io_uring_submit(&l->ring);
 }
@@ -446,12 +496,18 @@ static void
 on_recv(struct sock_loop *l, struct sock_conn *c,
 	const struct io_uring_cqe *cqe)
 {
-	if (cqe->res > 0 && (cqe->flags & IORING_CQE_F_BUFFER)) {
-		uint16_t bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
-		if (c->closing) {
-			buf_return(l, bid);
+	bool has_buf = cqe->flags & IORING_CQE_F_BUFFER;
+	uint16_t bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+
+	/* A buffer reported is a buffer taken from the ring, whatever the
+	 * result: one not kept goes back, or the ring would shrink. */
+	if (has_buf)
+		l->ring_avail--;
+	if (has_buf && (cqe->res <= 0 || c->closing))
+		buf_return(l, bid);
+	if (cqe->res > 0 && has_buf) {
+		if (c->closing)
 			return;
-		}
 		c->held = true;
 		c->held_bid = bid;
 		c->held_off = 0;
@@ -560,6 +616,7 @@ service(struct sock_loop *l)
 {
 	/* Connections starved of receive buffers try again once some came
 	 * back. */
+	ring_fill(l);
 	if (l->buffers_returned && l->nstarved) {
 		for (unsigned i = 0; i < l->nconns; i++) {
 			struct sock_conn *c = &l->conns[i];
@@ -930,10 +987,13 @@ loop_init(struct sock_loop *l, struct fd_worker *w)
 	l->br_bytes = l->nbufs * sizeof(struct io_uring_buf);
 	l->br = mmap(NULL, l->br_bytes, PROT_READ | PROT_WRITE,
 		     MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+	/* Address space for the whole pool; pages are touched only as
+	 * ring_fill() first hands a buffer out. */
 	l->bufs = mmap(NULL, (size_t)l->nbufs * BUF_SIZE,
 		       PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE,
 		       -1, 0);
-	if (l->br == MAP_FAILED || l->bufs == MAP_FAILED) {
+	l->spare = calloc(l->nbufs, sizeof(*l->spare));
+	if (l->br == MAP_FAILED || l->bufs == MAP_FAILED || !l->spare) {
 		r = -ENOMEM;
 		goto out_unmap;
 	}
@@ -947,12 +1007,7 @@ loop_init(struct sock_loop *l, struct fd_worker *w)
 		goto out_unmap;
 	}
 	io_uring_buf_ring_init(l->br);
-	for (unsigned i = 0; i < l->nbufs; i++)
-		io_uring_buf_ring_add(l->br, l->bufs + (size_t)i * BUF_SIZE,
-				      BUF_SIZE, (unsigned short)i,
-				      io_uring_buf_ring_mask(l->nbufs),
-				      (int)i);
-	io_uring_buf_ring_advance(l->br, (int)l->nbufs);
+	ring_fill(l);
 
 	l->nconns = w->cfg->max_connections;
 	l->conns = aligned_alloc(64, sizeof(*l->conns) * l->nconns);
@@ -969,6 +1024,7 @@ loop_init(struct sock_loop *l, struct fd_worker *w)
 	return 0;
 
 out_unmap:
+	free(l->spare);
 	if (l->br != MAP_FAILED && l->br)
 		munmap(l->br, l->br_bytes);
 	if (l->bufs != MAP_FAILED && l->bufs)
@@ -989,6 +1045,7 @@ loop_fini(struct sock_loop *l)
 	io_uring_queue_exit(&l->ring);
 	munmap(l->br, l->br_bytes);
 	munmap(l->bufs, (size_t)l->nbufs * BUF_SIZE);
+	free(l->spare);
 }
 
 int
@@ -1036,6 +1093,7 @@ sock_worker_run(struct fd_worker *w)
 		if (l->cs.greet_ms && l->cs.greet_ms < 100)
 			ts.tv_nsec = (long long)l->cs.greet_ms *
 				     250000; /* a quarter of the delay */
+		ring_fill(l);
 		r = io_uring_submit_and_wait_timeout(&l->ring, &cqe, 1, &ts,
 						     NULL);
 		if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY) {
