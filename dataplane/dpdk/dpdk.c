@@ -532,11 +532,13 @@ shard_main(void *arg)
 	       "shard=%u event=net_stats rx_frames=%" PRIu64
 	       " tx_frames=%" PRIu64 " tcp_accepted=%" PRIu64
 	       " tcp_retransmits=%" PRIu64 " tx_dropped=%" PRIu64
+	       " rx_bursts=%" PRIu64 " tx_bursts=%" PRIu64
 	       " handoff_out=%" PRIu64 " handoff_in=%" PRIu64
 	       " handoff_full=%" PRIu64 " refused=%" PRIu64
 	       " lcore_busy_ms=%" PRIu64 " lcore_idle_ms=%" PRIu64,
 	       sh->id, nc->rx_frames, nc->tx_frames, nc->tcp_accepted,
-	       nc->tcp_retransmits, qs->tx_dropped, qs->handoff_out,
+	       nc->tcp_retransmits, qs->tx_dropped, qs->rx_bursts,
+	       qs->tx_bursts, qs->handoff_out,
 	       qs->handoff_in, qs->handoff_full, sh->w.sessions_refused,
 	       cyc_to_ns(busy_cyc) / 1000000u,
 	       cyc_to_ns(idle_cyc) / 1000000u);

@@ -309,6 +309,7 @@ net_port_tx_flush(struct net_port_q *q)
 	if (q->ntx == 0)
 		return;
 	sent = rte_eth_tx_burst(g.port, q->queue, q->tx, (uint16_t)q->ntx);
+	q->stats.tx_bursts++;
 	for (unsigned i = sent; i < q->ntx; i++) {
 		rte_pktmbuf_free(q->tx[i]);
 		q->stats.tx_dropped++; /* TCP recovers by retransmission */
@@ -456,6 +457,7 @@ net_port_rx(struct net_port_q *q, bool *full)
 	uint16_t n = rte_eth_rx_burst(g.port, q->queue, pkts, BURST);
 	unsigned h;
 
+	q->stats.rx_bursts += n != 0;
 	for (uint16_t i = 0; i < n; i++)
 		q_rx(q, pkts[i]);
 	h = rte_ring_dequeue_burst(q->handoff, (void **)pkts, BURST, NULL);

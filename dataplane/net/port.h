@@ -65,6 +65,9 @@ bool net_port_tx_queued(const struct net_port_q *q);
 
 struct net_port_q_stats {
 	uint64_t tx_dropped;    /* the tx ring was full */
+	uint64_t tx_bursts;     /* tx bursts handed to the PMD (on af_xdp
+				 * each is a sendto() kick) */
+	uint64_t rx_bursts;     /* rx polls that found frames */
 	uint64_t handoff_out, handoff_in, handoff_full;
 	uint64_t rx_multiseg_dropped;
 };
