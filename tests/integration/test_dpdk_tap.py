@@ -105,6 +105,20 @@ def main():
                                         "bytes")) and
                   int(kv["messages"]) > 0 and int(kv["bytes"]) > 0,
                   f"stats line: {st[-1:]}")
+            # The shards' exit lines: frames and the bursts that carried
+            # them (a burst holds at least one frame; summed, as a shard
+            # may poll frames that it hands to another).
+            ns_lines = [l for l in d.read_log().splitlines()
+                        if "event=net_stats" in l]
+            tot = {"rx_bursts": 0, "tx_bursts": 0, "rx_frames": 0,
+                   "tx_frames": 0}
+            for l in ns_lines:
+                f = dict(x.split("=", 1) for x in l.split() if "=" in x)
+                for k in tot:
+                    tot[k] += int(f[k])
+            check(ns_lines and 0 < tot["rx_bursts"] <= tot["rx_frames"] and
+                  0 < tot["tx_bursts"] <= tot["tx_frames"],
+                  f"bursts against frames: {ns_lines}")
             port = [l for l in d.read_log().splitlines()
                     if "event=port_ready" in l]
             if OFFLOADS == "none":
