@@ -22,10 +22,10 @@
  * selection): an idle connection holds no buffer. The ring holds only as
  * many buffers as the connections in use plus a margin (ring_fill()), the
  * most recently returned first, so that receives cycle through a small,
- * warm set instead of through the whole pool (max_connections + 64 buffers
- * of 16 KiB: 128 MiB by default), which cost a page fault per fresh page
- * and a cache miss per line. A buffer the session did
- * not fully consume (it is waiting for a commit, for spool room, or for its
+ * warm set instead of through the whole pool (max_connections + 64
+ * buffers of 16 KiB: 128 MiB by default), which cost a page fault per
+ * fresh page and a cache miss per line. A buffer the session did not
+ * fully consume (it is waiting for a commit, for spool room, or for its
  * output to drain) stays held by the connection and no new recv is armed,
  * so the kernel's receive window, not our memory, absorbs a client that
  * talks ahead; the layer asks for it again (ops->resume). Sends are
