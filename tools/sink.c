@@ -21,7 +21,6 @@
  *
  * Exit: 0 ok, 1 error, 2 usage.
  */
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -37,6 +36,8 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include "lg_addr.h"
 
 #define IN_CAP (64u * 1024u)
 #define OUT_CAP (16u * 1024u)
@@ -305,62 +306,6 @@ conn_event(int ep, struct conn *c)
 	}
 }
 
-static bool
-is_loopback(const struct sockaddr_storage *ss)
-{
-	if (ss->ss_family == AF_INET) {
-		const struct sockaddr_in *a = (const void *)ss;
-		return (ntohl(a->sin_addr.s_addr) >> 24) == 127;
-	}
-	if (ss->ss_family == AF_INET6) {
-		const struct sockaddr_in6 *a = (const void *)ss;
-		return IN6_IS_ADDR_LOOPBACK(&a->sin6_addr);
-	}
-	return false;
-}
-
-/* "HOST:PORT" or "[V6]:PORT", numeric. 0 or -1. */
-static int
-parse_addr(const char *s, struct sockaddr_storage *ss, socklen_t *len)
-{
-	char host[128];
-	const char *colon = strrchr(s, ':');
-	size_t hl;
-	char *end;
-	long port;
-
-	if (!colon)
-		return -1;
-	port = strtol(colon + 1, &end, 10);
-	if (*end || port < 1 || port > 65535)
-		return -1;
-	hl = (size_t)(colon - s);
-	if (hl >= 2 && s[0] == '[' && s[hl - 1] == ']') {
-		s++;
-		hl -= 2;
-	}
-	if (hl == 0 || hl >= sizeof(host))
-		return -1;
-	memcpy(host, s, hl);
-	host[hl] = 0;
-	memset(ss, 0, sizeof(*ss));
-	struct sockaddr_in *a4 = (void *)ss;
-	struct sockaddr_in6 *a6 = (void *)ss;
-	if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
-		a4->sin_family = AF_INET;
-		a4->sin_port = htons((uint16_t)port);
-		*len = sizeof(*a4);
-		return 0;
-	}
-	if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
-		a6->sin6_family = AF_INET6;
-		a6->sin6_port = htons((uint16_t)port);
-		*len = sizeof(*a6);
-		return 0;
-	}
-	return -1;
-}
-
 static void
 usage(FILE *f)
 {
@@ -416,11 +361,12 @@ main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (optind != argc || !listen_at || parse_addr(listen_at, &ss, &sl)) {
+	if (optind != argc || !listen_at ||
+	    lg_parse_addr(listen_at, &ss, &sl) != 0) {
 		usage(stderr);
 		return 2;
 	}
-	if (!is_loopback(&ss)) {
+	if (!lg_is_loopback(&ss)) {
 		fprintf(stderr,
 			"fd-sink: refusing %s: not a loopback address\n",
 			listen_at);
