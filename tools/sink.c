@@ -15,6 +15,11 @@
  * group). DATA ends at CRLF.CRLF (found across reads); BDAT consumes its
  * octet count. Lines longer than the buffer are answered 500 and skipped.
  *
+ * --stall N:MS (tests): the connection that carries the N-th message
+ * stops for MS milliseconds after its data ended: the final reply held,
+ * nothing read or written on it, the other connections served meanwhile
+ * (a next hop stuck on one connection).
+ *
  * Binds loopback only (127.0.0.0/8, ::1): it is an instrument, not a
  * server. SIGTERM or SIGINT ends it; it then prints one JSON object with
  * the counts on stdout.
@@ -35,6 +40,7 @@
 #include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "lg_addr.h"
@@ -63,8 +69,20 @@ struct conn {
 static struct {
 	uint64_t sessions, messages, data_msgs, bdat_msgs, bytes;
 	bool chunking;
+	uint64_t stall_n, stall_ms;  /* --stall N:MS, 0: none */
+	struct conn *stalled;        /* the connection stopped, until */
+	uint64_t stall_until_ms;
 	volatile sig_atomic_t stop;
 } g = {.chunking = true};
+
+static uint64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
 
 static void
 on_signal(int sig)
@@ -95,6 +113,10 @@ message_done(struct conn *c, bool bdat)
 	else
 		g.data_msgs++;
 	reply(c, "250 2.0.0 Ok: discarded\r\n");
+	if (g.stall_n && g.messages == g.stall_n) {
+		g.stalled = c;
+		g.stall_until_ms = now_ms() + g.stall_ms;
+	}
 }
 
 static bool
@@ -168,7 +190,7 @@ parse(struct conn *c)
 	size_t off = 0;
 	bool full = false;
 
-	while (off < c->in_len && !c->closing) {
+	while (off < c->in_len && !c->closing && g.stalled != c) {
 		if (OUT_CAP - c->out_len < OUT_ROOM) {
 			full = true;
 			break;
@@ -274,9 +296,16 @@ conn_event(int ep, struct conn *c)
 {
 	for (;;) {
 		bool more = parse(c);
-		int r = flush_out(c);
+		int r;
 		uint32_t want = EPOLLIN;
 
+		if (g.stalled == c) {
+			/* Out of the epoll set (a hang-up would still be
+			 * reported) until main() resumes it. */
+			epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+			return;
+		}
+		r = flush_out(c);
 		if (r < 0 || (r == 0 && c->closing)) {
 			conn_close(ep, c);
 			return;
@@ -310,7 +339,8 @@ static void
 usage(FILE *f)
 {
 	fprintf(f,
-		"usage: fd-sink --listen HOST:PORT [--no-chunking]\n"
+		"usage: fd-sink --listen HOST:PORT [--no-chunking] "
+		"[--stall N:MS]\n"
 		"\n"
 		"An SMTP server that stores nothing (tools/bench's delivery "
 		"next hop):\n"
@@ -322,6 +352,11 @@ usage(FILE *f)
 		"::1) to bind\n"
 		"  --no-chunking       do not offer CHUNKING (as Postfix's "
 		"smtp-sink)\n"
+		"  --stall N:MS        hold the final reply to the N-th "
+		"message, and its\n"
+		"                      connection, for MS milliseconds "
+		"(tests: a next hop\n"
+		"                      stuck on one connection)\n"
 		"  --help              this text\n"
 		"\n"
 		"SIGTERM or SIGINT ends it; it then prints one JSON object: "
@@ -336,6 +371,7 @@ main(int argc, char **argv)
 	static const struct option opts[] = {
 		{"listen", required_argument, NULL, 'l'},
 		{"no-chunking", no_argument, NULL, 'C'},
+		{"stall", required_argument, NULL, 'S'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
@@ -353,6 +389,19 @@ main(int argc, char **argv)
 		case 'C':
 			g.chunking = false;
 			break;
+		case 'S': {
+			char *end;
+			errno = 0;
+			g.stall_n = strtoull(optarg, &end, 10);
+			if (*end == ':')
+				g.stall_ms = strtoull(end + 1, &end, 10);
+			if (errno || *end || !g.stall_n || !g.stall_ms ||
+			    strchr(optarg, '-')) {
+				usage(stderr);
+				return 2;
+			}
+			break;
+		}
 		case 'h':
 			usage(stdout);
 			return 0;
@@ -393,7 +442,28 @@ main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 
 	while (!g.stop) {
-		int n = epoll_wait(ep, evs, MAX_EVENTS, 200);
+		int wait_ms = 200, n;
+
+		if (g.stalled) {
+			uint64_t t = now_ms();
+			if (t >= g.stall_until_ms) {
+				struct conn *c = g.stalled;
+				struct epoll_event e = {.events = EPOLLIN,
+							.data.ptr = c};
+				g.stalled = NULL;
+				g.stall_n = 0;
+				if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &e)) {
+					close(c->fd);
+					free(c);
+					continue;
+				}
+				conn_event(ep, c);
+				continue;
+			}
+			if (g.stall_until_ms - t < (uint64_t)wait_ms)
+				wait_ms = (int)(g.stall_until_ms - t);
+		}
+		n = epoll_wait(ep, evs, MAX_EVENTS, wait_ms);
 
 		for (int i = 0; i < n; i++) {
 			struct conn *c = evs[i].data.ptr;
