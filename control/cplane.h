@@ -154,6 +154,7 @@ struct cp_stats {
 		uint64_t lat[18]; /* CTL_LAT_BUCKETS + 1 */
 		uint64_t lat_sum_ns;
 		uint64_t delivered, deferred, bounced; /* per recipient */
+		uint64_t batches; /* taken by a delivery thread at once */
 	} routes[CP_ROUTES_PUB + 1];
 };
 void cp_get_stats(struct cplane *cp, struct cp_stats *st);

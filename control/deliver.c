@@ -288,17 +288,23 @@ struct attempt_wait {
 	struct dlog *log;
 	uint64_t lsn;
 	bool called;
+	uint64_t waited_us; /* in dlog_wait: not the next hop's time */
 };
 
 static int
 wait_attempt(void *ctx)
 {
 	struct attempt_wait *aw = ctx;
+	uint64_t t0;
+	int r;
 
 	aw->called = true;
 	if (!aw->log || !aw->lsn)
 		return 0;
-	return dlog_wait(aw->log, aw->lsn);
+	t0 = fd_now_monotonic_us();
+	r = dlog_wait(aw->log, aw->lsn);
+	aw->waited_us += fd_now_monotonic_us() - t0;
+	return r;
 }
 
 /* ---- connections -------------------------------------------------------- */
@@ -858,6 +864,7 @@ run_jobs(struct cplane *cp, struct q_job **jobs, unsigned nj,
 	 struct conn_cache *cc)
 {
 	struct attempt_wait aw = {0};
+	uint64_t t0 = fd_now_monotonic_us(), wire;
 
 	log_attempts(cp, jobs, nj, &aw);
 	if (jobs[0]->kind == QJ_BOUNCE) {
@@ -869,6 +876,13 @@ run_jobs(struct cplane *cp, struct q_job **jobs, unsigned nj,
 	} else {
 		run_smtp(cp, jobs, nj, cc, &aw);
 	}
+	/* The next hop's share of the batch per job, the wait for the
+	 * delivery log taken out (the queue manager's measure of a fast next
+	 * hop: q_dest.job_us). */
+	wire = fd_now_monotonic_us() - t0;
+	wire = wire > aw.waited_us ? wire - aw.waited_us : 0;
+	for (unsigned k = 0; k < nj; k++)
+		jobs[k]->wire_us = wire / nj;
 	for (unsigned k = 0; k < nj; k++)
 		if (jobs[k]->dup_risk)
 			fd_log(FD_LOG_WARN, "deliver",

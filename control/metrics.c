@@ -367,6 +367,19 @@ render_routes(FILE *f, const struct cp_stats *s)
 		lab2(f, name, "route", rl, "outcome", "deferred", r->deferred);
 		lab2(f, name, "route", rl, "outcome", "bounced", r->bounced);
 	}
+	name = "finaldot_route_batches_total";
+	head(f, name, "counter",
+	     "Batches of delivery attempts, by route: the jobs a delivery "
+	     "thread took at once for one next hop (up to 16, pipelined over "
+	     "one connection); attempts per batch is the delivery duration "
+	     "histogram's count over this.");
+	for (unsigned i = 0; i < n; i++) {
+		const struct cp_route_stats *r = &s->routes[i];
+		if (!r->route[0])
+			continue;
+		lab(f, name, "route", label_value(rl, sizeof(rl), r->route),
+		    r->batches);
+	}
 }
 
 static void

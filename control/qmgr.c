@@ -80,6 +80,12 @@
 #define SEG_BUCKETS 4096u
 #define DEST_BUCKETS 1024u
 #define INIT_WINDOW 5.0
+/* A next hop that takes a whole batch (QJ_BATCH jobs at its moving average
+ * per job, the wait for the delivery log not counted) in less than this is
+ * fast: its jobs wait for a thread already working for it and go in whole
+ * batches, and a job waits at most this long for that before another
+ * thread is woken for it (coalesce_stale). */
+#define COALESCE_US 10000.0
 
 struct cp_routing {
 	struct route_table *rt;
@@ -523,6 +529,7 @@ dest_get(struct cplane *cp, const struct route_target *t)
 	snprintf(d->path, sizeof(d->path), "%s", t->path);
 	/* The route's TLS policy, or the daemon's (--smtp-tls). */
 	dest_policy(cp, d, t);
+	d->job_us = COALESCE_US; /* not fast until it shows it */
 	d->limit = INIT_WINDOW < cp->cfg.dest_concurrency
 			   ? INIT_WINDOW
 			   : (double)cp->cfg.dest_concurrency;
@@ -1464,12 +1471,82 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 	msg_update(cp, m, 0);
 }
 
+/* A destination one more thread may work for now: under its window
+ * (conn_cap is set, >= 1, when dispatch lists its first job). Under
+ * cp->mu, like the rest of the hand-out list's bookkeeping. */
+static bool
+dest_open(const struct q_dest *d)
+{
+	return d->conns < d->conn_cap;
+}
+
+/*
+ * Whether jobs of d waiting in the hand-out list call for one more thread.
+ * A slow next hop: yes while its window allows (its messages go out side
+ * by side, over as many connections as it takes). A fast one (coalesce):
+ * only when no thread works for it or a whole batch waits; the threads
+ * working for it take the rest with their next batch. One thread then
+ * sends up to 16 messages in one pipelined exchange, with one wait for
+ * the delivery log, one wake-up and one lock round, where one thread
+ * woken a message paid each of those for few messages (measured on
+ * loopback, fd-sink: 15 attempts a batch instead of 6, 0.37 context
+ * switches a message instead of 0.95, a quarter less delivery CPU).
+ * coalesce_stale() bounds how long a job waits for that.
+ */
+static bool
+dest_wants_thread(const struct q_dest *d)
+{
+	return dest_open(d) && d->listed_jobs &&
+	       (!d->coalesce || d->conns == 0 || d->listed_jobs >= QJ_BATCH);
+}
+
+/* Whether a thread without a connection to j's next hop may take j now:
+ * dest_wants_thread(), or j waited COALESCE_US for the threads working for
+ * its next hop. */
+static bool
+job_takeable(const struct q_job *j, uint64_t now)
+{
+	return dest_wants_thread(j->dest) ||
+	       (dest_open(j->dest) &&
+		now > j->listed_us + (uint64_t)COALESCE_US);
+}
+
+/* Threads to wake for d after n of its jobs were listed. */
+static unsigned
+dest_wake(const struct q_dest *d, unsigned n)
+{
+	if (!d->coalesce)
+		return n;
+	if (!dest_wants_thread(d))
+		return 0;
+	return FD_MAX(1u, d->listed_jobs / QJ_BATCH);
+}
+
+/* A fast next hop's jobs wait for the threads working for it; one that has
+ * waited COALESCE_US gets a thread of its own after all (the thread it
+ * waits for may be stuck on a next hop that stopped answering, for as long
+ * as the client's timeouts). A job listed longest ago is first in the
+ * list: one wake-up per pass, for the oldest job that can go. */
+static void
+coalesce_stale(struct cplane *cp, uint64_t now)
+{
+	pthread_mutex_lock(&cp->mu);
+	for (struct q_job *j = cp->jobs_head;
+	     j && now > j->listed_us + (uint64_t)COALESCE_US; j = j->next)
+		if (dest_open(j->dest)) {
+			pthread_cond_signal(&cp->job_cv);
+			break;
+		}
+	pthread_mutex_unlock(&cp->mu);
+}
+
 /* Hand out jobs while each destination is under its window. */
 static void
 dispatch(struct cplane *cp)
 {
 	struct q_dest **pp = &cp->ready_head, *prev = NULL;
 	struct q_job *out_head = NULL, *out_tail = NULL;
+	uint64_t now = fd_now_monotonic_us();
 	unsigned n_out = 0;
 
 	while (*pp) {
@@ -1503,6 +1580,7 @@ dispatch(struct cplane *cp)
 			}
 			j->next = NULL;
 			j->res = res;
+			j->listed_us = now;
 			/* computed on the way out, not read again later */
 			j->want_fp = cp->recent && !j->m->fp_ok &&
 				     !j->m->fp_tried && j->kind == QJ_DELIVER;
@@ -1536,20 +1614,24 @@ dispatch(struct cplane *cp)
 		cp->jobs_head = out_head;
 	cp->jobs_tail = out_tail;
 	cp->jobs_out += n_out;
-	/* One waiter per connection the jobs can use: each thread takes its
-	 * share of a next hop's jobs (cp_job_take), and a thread woken for a
-	 * next hop at its window only goes back to sleep (measured: with one
-	 * wake-up per job, 5.7 context switches per delivered message). The
-	 * jobs of one next hop are adjacent in out_head. */
+	/* One waiter per connection the jobs can use (dest_wake): each
+	 * thread takes its share of a next hop's jobs (cp_job_take), and a
+	 * thread woken for a next hop at its window only goes back to sleep
+	 * (measured: with one wake-up per job, 5.7 context switches per
+	 * delivered message). The jobs of one next hop are adjacent in
+	 * out_head. */
 	unsigned wake = 0;
 	for (struct q_job *j = out_head; j;) {
 		struct q_dest *d = j->dest;
 		unsigned n = 0;
 		d->conn_cap = (unsigned)d->limit; /* limit >= 1 */
+		d->coalesce = d->kind != ROUTE_MAILDIR &&
+			      d->job_us * QJ_BATCH < COALESCE_US;
 		for (; j && j->dest == d; j = j->next, n++)
 			d->listed_jobs++;
 		if (d->conn_cap > d->conns)
-			wake += FD_MIN(n, d->conn_cap - d->conns);
+			wake += FD_MIN(dest_wake(d, n),
+				       d->conn_cap - d->conns);
 	}
 	for (unsigned i = 0; i < wake && i < cp->n_dthr; i++)
 		pthread_cond_signal(&cp->job_cv);
@@ -1660,6 +1742,10 @@ apply_result(struct cplane *cp, struct q_job *j)
 		d->lat[ctl_lat_bucket(ns)]++;
 		d->lat_sum_ns += ns;
 	}
+	if (j->batch_first)
+		d->batches++;
+	if (j->kind == QJ_DELIVER && !j->conn_failed)
+		d->job_us += ((double)j->wire_us - d->job_us) / 8.0;
 	if (j->kind == QJ_BOUNCE) {
 		struct q_outcome *o = &j->res->out[0];
 		m->bounce_busy = false;
@@ -2553,6 +2639,7 @@ route_add(struct cp_route_stats *r, const struct q_dest *d)
 	for (unsigned x = 0; x <= CTL_LAT_BUCKETS; x++)
 		r->lat[x] += d->lat[x];
 	r->lat_sum_ns += d->lat_sum_ns;
+	r->batches += d->batches;
 	r->delivered += d->delivered;
 	r->deferred += d->deferred;
 	r->bounced += d->bounced;
@@ -2693,6 +2780,7 @@ qmgr_main(void *arg)
 		if (cp->cfg.delivery) {
 			busy |= schedule_due(cp);
 			dispatch(cp);
+			coalesce_stale(cp, now_us);
 		}
 		release_finished(cp);
 		send_reclaims(cp);
@@ -2749,14 +2837,6 @@ jobs_unlink(struct cplane *cp, struct q_job **pp, struct q_job *prev)
 	return j;
 }
 
-/* A destination one more thread may work for now: under its window
- * (conn_cap is set, >= 1, when dispatch lists its first job). */
-static bool
-dest_open(const struct q_dest *d)
-{
-	return d->conns < d->conn_cap;
-}
-
 /* A batch's results back to the queue manager, with the thread's slot in
  * its next hop's window. Under cp->mu. */
 static void
@@ -2789,6 +2869,7 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 	struct q_job **pp, *prev = NULL, *j;
 	struct q_dest *d = NULL, *dd = NULL;
 	struct timespec ts;
+	uint64_t now;
 	unsigned n = 0, want;
 
 	deadline_after_ms(&ts, wait_ms);
@@ -2806,18 +2887,20 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 	for (bool timed_out = false;;) {
 		/* A job for the next hop this thread holds a connection to
 		 * first (connection reuse), else the oldest whose next hop
-		 * is under its window. Scanned again after every wait, the
-		 * timed-out one too: pp and prev point into a list that
-		 * other threads change while this one waits (a job taken
-		 * and freed, one appended for a next hop at its window). */
+		 * is under its window (a fast one's: job_takeable).
+		 * Scanned again after every wait, the timed-out one too:
+		 * pp and prev point into a list that other threads change
+		 * while this one waits (a job taken and freed, one
+		 * appended for a next hop at its window). */
 		for (pp = &cp->jobs_head, prev = NULL; prefer && *pp;
 		     prev = *pp, pp = &(*pp)->next)
 			if (strcmp((*pp)->dest->key, prefer) == 0 &&
 			    dest_open((*pp)->dest))
 				break;
 		if (!prefer || !*pp)
-			for (pp = &cp->jobs_head, prev = NULL;
-			     *pp && !dest_open((*pp)->dest);
+			for (pp = &cp->jobs_head, prev = NULL,
+			    now = fd_now_monotonic_us();
+			     *pp && !job_takeable(*pp, now);
 			     prev = *pp, pp = &(*pp)->next)
 				;
 		if (*pp || cp->quit || timed_out)
@@ -2831,9 +2914,12 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 		unsigned free_slots;
 		d = (*pp)->dest;
 		free_slots = d->conn_cap - d->conns; /* > 0: dest_open() */
-		/* Shared out: at most an even share of what waits for this
-		 * next hop per connection its window still allows. */
+		/* A slow next hop's jobs shared out: at most an even share
+		 * of what waits for it per connection its window still
+		 * allows. A fast one's in whole batches. */
 		want = (d->listed_jobs + free_slots - 1) / free_slots;
+		if (d->coalesce) /* dest_wants_thread() */
+			want = d->listed_jobs;
 		if (want > max)
 			want = max;
 		if (want == 0)
@@ -2846,6 +2932,7 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 			    (n == 0 || (*pp)->kind == QJ_DELIVER)) {
 				j = jobs_unlink(cp, pp, prev);
 				j->taken_us = fd_now_monotonic_us();
+				j->batch_first = n == 0;
 				out[n++] = j;
 				continue;
 			}
@@ -2856,8 +2943,7 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 	}
 	/* Work left that another thread may take: a slot freed above and
 	 * not used by this one, or the rest of an even share. */
-	if ((dd && dd->listed_jobs && dest_open(dd)) ||
-	    (d && d->listed_jobs && dest_open(d)))
+	if ((dd && dest_wants_thread(dd)) || (d && dest_wants_thread(d)))
 		pthread_cond_signal(&cp->job_cv);
 	pthread_mutex_unlock(&cp->mu);
 	return n;

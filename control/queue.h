@@ -146,6 +146,13 @@ struct q_dest {
 	 * in the hand-out list, delivery threads working for it, and the
 	 * window as a whole number for them (copied from limit) */
 	unsigned listed_jobs, conns, conn_cap;
+	/* a fast next hop (a batch's wire time, QJ_BATCH * job_us, below
+	 * COALESCE_US, qmgr.c): its jobs wait for a thread already working
+	 * for it, in batches, rather than each waking a thread of its own;
+	 * copied under the mutex by dispatch */
+	bool coalesce;
+	double job_us;   /* queue manager only: moving average of wire_us */
+	uint64_t batches; /* queue manager only: batches taken (metrics) */
 	unsigned fail_streak; /* connection-level failures in a row */
 	uint64_t dead_until;  /* no attempt before this (dead destination) */
 	char *dead_reason;
@@ -211,7 +218,12 @@ struct q_job {
 	bool want_fp;      /* compute the message's fingerprint on the way */
 	unsigned n;        /* recipients in idx[] (1..QJ_MAX_RCPTS) */
 	uint64_t attempt_lsn;
+	uint64_t listed_us; /* handed out for the threads (monotonic) */
 	uint64_t taken_us;  /* a delivery thread took it (monotonic) */
+	bool batch_first;   /* the first job of the batch it was taken in */
+	/* the batch's time with the next hop, the wait for the delivery log
+	 * taken out, divided by its jobs (set by the delivery thread) */
+	uint64_t wire_us;
 	struct q_job *next;
 	struct q_result *res; /* set when handed out, see struct q_result */
 	/* bounce: what the DSN reports per idx[], copied when the job was
