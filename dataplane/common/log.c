@@ -77,6 +77,11 @@ static struct {
 
 static __thread struct log_ring *my_ring;
 static __thread unsigned my_generation;
+/* The line's date and time to the second, made once a second per thread
+ * ("YYYY-MM-DDTHH:MM:SS", 19 octets): gmtime_r() and strftime() per line
+ * were a tenth of the queue manager's CPU under load. */
+static __thread time_t stamp_sec = -1;
+static __thread char stamp[24];
 
 void
 fd_log_set_level(enum fd_log_level level)
@@ -190,6 +195,8 @@ ring_flush(struct log_ring *r)
 	pthread_mutex_unlock(&g.write_mu);
 }
 
+#define STAMP_LEN 19u
+
 void
 fd_log(enum fd_log_level level, const char *component, const char *fmt, ...)
 {
@@ -197,19 +204,38 @@ fd_log(enum fd_log_level level, const char *component, const char *fmt, ...)
 	struct timespec ts;
 	struct tm tm;
 	struct log_ring *ring;
-	size_t n;
+	const char *lv;
+	size_t n, k;
 	int r;
 	va_list ap;
 
 	if (level > cur_level)
 		return;
 	clock_gettime(CLOCK_REALTIME, &ts);
-	gmtime_r(&ts.tv_sec, &tm);
-	n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-	r = snprintf(line + n, sizeof(line) - n, ".%06ldZ %s %s ",
-		     ts.tv_nsec / 1000, level_name(level), component);
-	if (r > 0)
-		n += (size_t)r;
+	if (ts.tv_sec != stamp_sec) {
+		gmtime_r(&ts.tv_sec, &tm);
+		if (strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S",
+			     &tm) != STAMP_LEN)
+			memset(stamp, '?', STAMP_LEN);
+		stamp_sec = ts.tv_sec;
+	}
+	memcpy(line, stamp, STAMP_LEN);
+	n = STAMP_LEN;
+	line[n++] = '.';
+	for (long us = ts.tv_nsec / 1000, i = 5; i >= 0; i--, us /= 10)
+		line[n + (size_t)i] = (char)('0' + us % 10);
+	n += 6;
+	line[n++] = 'Z';
+	line[n++] = ' ';
+	lv = level_name(level);
+	k = strlen(lv);
+	memcpy(line + n, lv, k);
+	n += k;
+	line[n++] = ' ';
+	k = strnlen(component, 64);
+	memcpy(line + n, component, k);
+	n += k;
+	line[n++] = ' ';
 	va_start(ap, fmt);
 	r = vsnprintf(line + n, sizeof(line) - n, fmt, ap);
 	va_end(ap);

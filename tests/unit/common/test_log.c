@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "finaldot/log.h"
@@ -100,4 +101,73 @@ Test(log, buffered_lines_all_written_in_thread_order)
 	fclose(f);
 	unlink(path);
 	cr_assert_eq(total, (long)LT_THREADS * LT_LINES, "%ld lines", total);
+}
+
+/* The time at the head of a line, in microseconds since the epoch, or -1
+ * when the head is not YYYY-MM-DDTHH:MM:SS.uuuuuuZ. */
+static long long
+line_time_us(const char *line)
+{
+	struct tm tm;
+	int us = -1, n = 0;
+
+	memset(&tm, 0, sizeof(tm));
+	if (sscanf(line, "%4d-%2d-%2dT%2d:%2d:%2d.%6dZ%n", &tm.tm_year,
+		   &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
+		   &tm.tm_sec, &us, &n) != 7 || n != 27)
+		return -1;
+	tm.tm_year -= 1900;
+	tm.tm_mon -= 1;
+	return (long long)timegm(&tm) * 1000000 + us;
+}
+
+static long long
+now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Each line carries its own time, to the microsecond, also on a thread
+ * that logged in an earlier second (the date and time to the second are
+ * made once a second per thread, not once a line). */
+Test(log, each_line_its_own_time)
+{
+	char path[] = "/tmp/fdlogtimeXXXXXX";
+	int fd = mkstemp(path);
+	long long before[3], after[3];
+	char line[256];
+	FILE *f;
+	int i = 0;
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+	cr_assert_eq(fd_log_open_file(path), 0);
+	for (int k = 0; k < 3; k++) {
+		before[k] = now_us();
+		fd_log(FD_LOG_WARN, "clock", "k=%d", k);
+		after[k] = now_us();
+		if (k == 0) /* the next line in the next second */
+			usleep((useconds_t)(1000000 - after[0] % 1000000 +
+					    20000));
+	}
+	f = fopen(path, "r");
+	cr_assert_not_null(f);
+	while (fgets(line, sizeof(line), f) && i < 3) {
+		long long t = line_time_us(line);
+		char want[32];
+
+		cr_assert_geq(t, 0, "no time at the head of: %s", line);
+		cr_assert(t >= before[i] && t <= after[i],
+			  "line %d at %lld us, logged within %lld..%lld: %s",
+			  i, t, before[i], after[i], line);
+		snprintf(want, sizeof(want), " warn clock k=%d\n", i);
+		cr_assert_str_eq(line + 27, want);
+		i++;
+	}
+	fclose(f);
+	unlink(path);
+	cr_assert_eq(i, 3, "%d lines", i);
 }
