@@ -1526,13 +1526,22 @@ dest_wake(const struct q_dest *d, unsigned n)
  * waited COALESCE_US gets a thread of its own after all (the thread it
  * waits for may be stuck on a next hop that stopped answering, for as long
  * as the client's timeouts). A job listed longest ago is first in the
- * list: one wake-up per pass, for the oldest job that can go. */
+ * list: one wake-up per pass, for the oldest such job that can go. Jobs
+ * that waited that long and cannot go are for next hops at their window:
+ * at most STALE_SCAN jobs are looked at per pass, under the lock; one
+ * behind more is found by an idle thread's periodic look (cp_job_take,
+ * every second). */
+#define STALE_SCAN 256u
 static void
 coalesce_stale(struct cplane *cp, uint64_t now)
 {
+	unsigned k = 0;
+
 	pthread_mutex_lock(&cp->mu);
 	for (struct q_job *j = cp->jobs_head;
-	     j && now > j->listed_us + (uint64_t)COALESCE_US; j = j->next)
+	     j && k < STALE_SCAN &&
+	     now > j->listed_us + (uint64_t)COALESCE_US;
+	     j = j->next, k++)
 		if (dest_open(j->dest)) {
 			pthread_cond_signal(&cp->job_cv);
 			break;
