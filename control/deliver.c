@@ -2,7 +2,8 @@
  * Delivery threads (contract in deliver.h).
  *
  * A thread takes a batch: up to QJ_BATCH jobs for one next hop
- * (cp_job_take), or one bounce or Maildir job. A job's life on it:
+ * (QJ_BATCH_FAST for a fast one; cp_job_take), or one bounce or Maildir
+ * job. A job's life on it:
  *   1. an ATTEMPT record per recipient goes to the delivery log (those of
  *      the whole batch first, so that one wait covers them all);
  *   2. the body is read from the spool segments (q_body_read: pread, the
@@ -898,7 +899,7 @@ deliver_main(void *arg)
 	struct deliver_ctx *dc = arg;
 	struct cplane *cp = dc->cp;
 	struct conn_cache cc;
-	struct q_job *jobs[QJ_BATCH];
+	struct q_job *jobs[QJ_BATCH_FAST];
 
 	memset(&cc, 0, sizeof(cc));
 	/* Below acceptance when asked (delivery_nice): when a load fills
@@ -909,7 +910,7 @@ deliver_main(void *arg)
 		/* The last batch goes back in the same call that takes
 		 * the next one (the thread keeps its slot). */
 		nj = cp_job_take(cp, jobs, nj, cc.c ? cc.key : NULL, 1000,
-				 jobs, QJ_BATCH);
+				 jobs, QJ_BATCH_FAST);
 		if (nj == 0) {
 			if (cc.c &&
 			    fd_now_monotonic_us() - cc.last_us > CONN_IDLE_US)

@@ -36,12 +36,13 @@ void *deliver_main(void *arg);
 
 /* The queue manager's side (qmgr.c). take: first the n_done jobs of the
  * thread's last batch back, results filled, with its slot in their next
- * hop's window; then jobs for one next hop, at most max (QJ_BATCH),
+ * hop's window; then jobs for one next hop, at most max (QJ_BATCH_FAST),
  * preferring next hop `prefer` (the thread's cached connection), waiting
  * at most wait_ms; 0 if none. A next hop at its concurrency window
- * (threads working for it) is skipped; the jobs waiting for one are shared
- * out among the threads its window still allows. done and out may be the
- * same array. */
+ * (threads working for it) is skipped; the jobs waiting for a slow one
+ * are shared out among the threads its window still allows (at most
+ * QJ_BATCH each), a fast one's go in whole batches (qmgr.c,
+ * dest_wants_thread). done and out may be the same array. */
 unsigned cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 		     const char *prefer, uint64_t wait_ms, struct q_job **out,
 		     unsigned max);

@@ -370,9 +370,9 @@ render_routes(FILE *f, const struct cp_stats *s)
 	name = "finaldot_route_batches_total";
 	head(f, name, "counter",
 	     "Batches of delivery attempts, by route: the jobs a delivery "
-	     "thread took at once for one next hop (up to 16, pipelined over "
-	     "one connection); attempts per batch is the delivery duration "
-	     "histogram's count over this.");
+	     "thread took at once for one next hop (up to 16, 32 for a fast "
+	     "one, pipelined over one connection); attempts per batch is the "
+	     "delivery duration histogram's count over this.");
 	for (unsigned i = 0; i < n; i++) {
 		const struct cp_route_stats *r = &s->routes[i];
 		if (!r->route[0])
