@@ -159,7 +159,7 @@ struct cplane {
 
 	/* hand-off with the delivery threads */
 	pthread_mutex_t mu;
-	pthread_cond_t job_cv;
+	struct job_waiter *idle; /* waiting for jobs, latest first */
 	pthread_cond_t res_cv;
 	struct q_job *jobs_head, *jobs_tail;
 	struct q_job *res_head, *res_tail;
@@ -1471,6 +1471,53 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 	msg_update(cp, m, 0);
 }
 
+/*
+ * A delivery thread waiting for jobs (cp_job_take), on cp->idle, the one
+ * that began waiting last first. Each has a condition of its own, so that
+ * the one woken can be chosen: for a next hop, a thread holding a
+ * connection to it, else the one idle the shortest time. With one shared
+ * condition any waiter woke, and every delivery thread in turn opened a
+ * connection of its own to a busy next hop (fd-sink saw 33 connections
+ * from 32 threads where two at a time did the work) and kept it open;
+ * now the threads that work keep their connections busy and the others'
+ * close when idle (CONN_IDLE_US). Under cp->mu.
+ */
+struct job_waiter {
+	pthread_cond_t cv;
+	const char *prefer; /* the next hop it holds a connection to, or NULL */
+	bool woken;
+	struct job_waiter *next, **pprev;
+};
+
+static void
+waiter_unlink(struct job_waiter *w)
+{
+	*w->pprev = w->next;
+	if (w->next)
+		w->next->pprev = w->pprev;
+	w->next = NULL;
+	w->pprev = NULL;
+}
+
+/* Wake one waiting thread for d (NULL: any): false if none waits. */
+static bool
+wake_one(struct cplane *cp, const struct q_dest *d)
+{
+	struct job_waiter *w = cp->idle;
+
+	for (struct job_waiter *x = cp->idle; d && x; x = x->next)
+		if (x->prefer && strcmp(x->prefer, d->key) == 0) {
+			w = x;
+			break;
+		}
+	if (!w)
+		return false;
+	waiter_unlink(w);
+	w->woken = true;
+	pthread_cond_signal(&w->cv);
+	return true;
+}
+
 /* A destination one more thread may work for now: under its window
  * (conn_cap is set, >= 1, when dispatch lists its first job). Under
  * cp->mu, like the rest of the hand-out list's bookkeeping. */
@@ -1545,7 +1592,7 @@ coalesce_stale(struct cplane *cp, uint64_t now)
 	     now > j->listed_us + (uint64_t)COALESCE_US;
 	     j = j->next, k++)
 		if (dest_open(j->dest)) {
-			pthread_cond_signal(&cp->job_cv);
+			wake_one(cp, j->dest);
 			break;
 		}
 	pthread_mutex_unlock(&cp->mu);
@@ -1631,21 +1678,19 @@ dispatch(struct cplane *cp)
 	 * (measured: with one wake-up per job, 5.7 context switches per
 	 * delivered message). The jobs of one next hop are adjacent in
 	 * out_head. */
-	unsigned wake = 0;
 	for (struct q_job *j = out_head; j;) {
 		struct q_dest *d = j->dest;
-		unsigned n = 0;
+		unsigned n = 0, wake = 0;
 		d->conn_cap = (unsigned)d->limit; /* limit >= 1 */
 		d->coalesce = d->kind != ROUTE_MAILDIR &&
 			      d->job_us * QJ_BATCH < COALESCE_US;
 		for (; j && j->dest == d; j = j->next, n++)
 			d->listed_jobs++;
 		if (d->conn_cap > d->conns)
-			wake += FD_MIN(dest_wake(d, n),
-				       d->conn_cap - d->conns);
+			wake = FD_MIN(dest_wake(d, n), d->conn_cap - d->conns);
+		while (wake-- > 0 && wake_one(cp, d))
+			;
 	}
-	for (unsigned i = 0; i < wake && i < cp->n_dthr; i++)
-		pthread_cond_signal(&cp->job_cv);
 	pthread_mutex_unlock(&cp->mu);
 }
 
@@ -2880,10 +2925,13 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 	struct q_job **pp, *prev = NULL, *j;
 	struct q_dest *d = NULL, *dd = NULL;
 	struct timespec ts;
+	struct job_waiter w;
 	uint64_t now;
 	unsigned n = 0, want;
+	int rc;
 
 	deadline_after_ms(&ts, wait_ms);
+	pthread_cond_init(&w.cv, NULL);
 	pthread_mutex_lock(&cp->mu);
 	/* The slot of the batch handed back is this thread's to use again
 	 * before any other thread can see it free: a thread that just
@@ -2918,7 +2966,17 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 			break;
 		/* Nothing open: nor is there for another thread. */
 		dd = NULL;
-		if (pthread_cond_timedwait(&cp->job_cv, &cp->mu, &ts) != 0)
+		w.prefer = prefer;
+		w.woken = false;
+		w.next = cp->idle;
+		w.pprev = &cp->idle;
+		if (cp->idle)
+			cp->idle->pprev = &w.next;
+		cp->idle = &w;
+		rc = pthread_cond_timedwait(&w.cv, &cp->mu, &ts);
+		if (!w.woken) /* timed out, or woken by no one */
+			waiter_unlink(&w);
+		if (rc != 0 && !w.woken)
 			timed_out = true;
 	}
 	if (*pp) {
@@ -2956,9 +3014,12 @@ cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 	}
 	/* Work left that another thread may take: a slot freed above and
 	 * not used by this one, or the rest of an even share. */
-	if ((dd && dest_wants_thread(dd)) || (d && dest_wants_thread(d)))
-		pthread_cond_signal(&cp->job_cv);
+	if (dd && dest_wants_thread(dd))
+		wake_one(cp, dd);
+	else if (d && dest_wants_thread(d))
+		wake_one(cp, d);
 	pthread_mutex_unlock(&cp->mu);
+	pthread_cond_destroy(&w.cv);
 	return n;
 }
 
@@ -3189,7 +3250,6 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 		cp->cfg.dest_concurrency = 1;
 	cp->rng = fd_now_realtime_us() | 1;
 	pthread_mutex_init(&cp->mu, NULL);
-	pthread_cond_init(&cp->job_cv, NULL);
 	pthread_cond_init(&cp->res_cv, NULL);
 	pthread_cond_init(&cp->call_cv, NULL);
 	cp->started_us = fd_now_realtime_us();
@@ -3632,7 +3692,8 @@ cp_stop(struct cplane *cp)
 		job_free(j);
 	}
 	cp->jobs_tail = NULL;
-	pthread_cond_broadcast(&cp->job_cv);
+	while (wake_one(cp, NULL))
+		;
 	pthread_mutex_unlock(&cp->mu);
 	deadline = fd_now_monotonic_us() + cp->cfg.shutdown_timeout_ms * 1000;
 	for (;;) {
@@ -3737,7 +3798,6 @@ cp_free(struct cplane *cp)
 	if (cp->rcpts_retired)
 		rcptdb_free(cp->rcpts_retired);
 	pthread_mutex_destroy(&cp->mu);
-	pthread_cond_destroy(&cp->job_cv);
 	pthread_cond_destroy(&cp->res_cv);
 	pthread_cond_destroy(&cp->call_cv);
 	free(cp);
