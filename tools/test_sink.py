@@ -3,7 +3,8 @@
 (DATA and BDAT, plain and pipelined) gets every message answered 250 and
 counted by kind; the end of DATA is found however the octets are split;
 BDAT 0 LAST ends a message; a pipelined flood of commands gets every
-reply; an overlong line gets one 500; a non-loopback address is refused."""
+reply; an overlong line gets one 500; a non-loopback address is refused;
+--stall holds one message's reply, and its connection, and no other."""
 import json
 import os
 import signal
@@ -20,9 +21,9 @@ SINK = os.environ["FD_SINK"]
 LOADGEN = os.environ["FD_LOADGEN"]
 
 
-def start():
+def start(*extra):
     port = free_port()
-    p = subprocess.Popen([SINK, "--listen", f"127.0.0.1:{port}"],
+    p = subprocess.Popen([SINK, "--listen", f"127.0.0.1:{port}", *extra],
                          stdout=subprocess.PIPE, text=True)
     for _ in range(100):
         try:
@@ -110,7 +111,42 @@ def by_hand(port):
     s.close()
 
 
+def stall(port_args):
+    """--stall 2:600: the second message's reply waits 0.6 s, and its
+    connection with it; another connection is answered meanwhile."""
+    p, port = start(*port_args)
+    try:
+        a = socket.create_connection(("127.0.0.1", port), timeout=10)
+        replies(a, 1)
+        a.sendall(b"EHLO a\r\n")
+        replies(a, 1)
+        one = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 3 LAST\r\nx\r\n"
+        a.sendall(one)
+        replies(a, 3)  # the first: answered at once
+        t0 = time.time()
+        a.sendall(one + b"NOOP\r\n")
+        b = socket.create_connection(("127.0.0.1", port), timeout=10)
+        check(replies(b, 1)[0].startswith(b"220 "), "greeting")
+        b.sendall(b"NOOP\r\n")
+        replies(b, 1)
+        other = time.time() - t0
+        got = replies(a, 4)
+        held = time.time() - t0
+        check(got[2].startswith(b"250 ") and got[3].startswith(b"250 "),
+              f"the held replies: {got}")
+        check(held >= 0.55, f"the second reply after {held:.2f} s, not held")
+        check(other < 0.5, f"another connection waited {other:.2f} s")
+        a.close()
+        b.close()
+    except BaseException:
+        p.kill()
+        raise
+    st = stop(p)
+    check(st["messages"] == 2, f"counts: {st}")
+
+
 def main():
+    stall(["--stall", "2:600"])
     r = subprocess.run([SINK, "--listen", "198.18.0.1:2525"],
                        capture_output=True, text=True)
     check(r.returncode == 2 and "loopback" in r.stderr,
