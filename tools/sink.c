@@ -64,6 +64,7 @@ struct conn {
 	uint64_t bdat_left;
 	bool bdat_last;
 	bool closing;      /* close once the output is written */
+	struct conn *next, *prev; /* every open connection (g.conns) */
 };
 
 static struct {
@@ -71,6 +72,7 @@ static struct {
 	bool chunking;
 	uint64_t stall_n, stall_ms;  /* --stall N:MS, 0: none */
 	struct conn *stalled;        /* the connection stopped, until */
+	struct conn *conns;          /* open ones, freed at the end too */
 	uint64_t stall_until_ms;
 	volatile sig_atomic_t stop;
 } g = {.chunking = true};
@@ -285,8 +287,17 @@ flush_out(struct conn *c)
 static void
 conn_close(int ep, struct conn *c)
 {
-	epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+	if (ep >= 0)
+		epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
 	close(c->fd);
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		g.conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	if (g.stalled == c)
+		g.stalled = NULL;
 	free(c);
 }
 
@@ -453,8 +464,7 @@ main(int argc, char **argv)
 				g.stalled = NULL;
 				g.stall_n = 0;
 				if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &e)) {
-					close(c->fd);
-					free(c);
+					conn_close(-1, c);
 					continue;
 				}
 				conn_event(ep, c);
@@ -483,6 +493,10 @@ main(int argc, char **argv)
 					continue;
 				}
 				c->fd = fd;
+				c->next = g.conns;
+				if (g.conns)
+					g.conns->prev = c;
+				g.conns = c;
 				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
 					   sizeof(one));
 				g.sessions++;
@@ -490,14 +504,15 @@ main(int argc, char **argv)
 				struct epoll_event e = {.events = EPOLLIN,
 							.data.ptr = c};
 				if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e)) {
-					close(fd);
-					free(c);
+					conn_close(-1, c);
 					continue;
 				}
 				conn_event(ep, c);
 			}
 		}
 	}
+	while (g.conns) /* sessions still open at the end */
+		conn_close(-1, g.conns);
 	printf("{\"sessions\":%llu,\"messages\":%llu,\"data_messages\":%llu,"
 	       "\"bdat_messages\":%llu,\"bytes\":%llu}\n",
 	       (unsigned long long)g.sessions, (unsigned long long)g.messages,
