@@ -412,9 +412,17 @@ Test(spool_reader, forged_record_in_body_rejected)
 	ctl_spool_scan_free(s);
 
 	/* Break the real DATA header: the walk resyncs at the next block,
-	 * exactly where the forged records sit. */
-	uint8_t junk = 0x77;
-	patch(path, payload_off - SPOOL_REC_HDR_LEN + 20, &junk, 1);
+	 * exactly where the forged records sit. The octet is one of the
+	 * segment's random epoch: flipped, not overwritten with a constant
+	 * it holds once in 256 spools (a constant made this test fail then). */
+	uint64_t at_hdr = payload_off - SPOOL_REC_HDR_LEN + 20;
+	uint8_t junk;
+	int rfd = open(path, O_RDONLY);
+	cr_assert_geq(rfd, 0);
+	cr_assert_eq(pread(rfd, &junk, 1, (off_t)at_hdr), 1);
+	close(rfd);
+	junk ^= 0xff;
+	patch(path, at_hdr, &junk, 1);
 	s = scan();
 	const struct ctl_spool_summary *sum = ctl_spool_scan_summary(s);
 	cr_assert_null(ctl_spool_scan_find(s, fake), "forged message accepted");
