@@ -78,8 +78,9 @@ static struct {
 static __thread struct log_ring *my_ring;
 static __thread unsigned my_generation;
 /* The line's date and time to the second, made once a second per thread
- * ("YYYY-MM-DDTHH:MM:SS", 19 octets): gmtime_r() and strftime() per line
- * were a tenth of the queue manager's CPU under load. */
+ * ("YYYY-MM-DDTHH:MM:SS", 19 octets): gmtime_r(), strftime() and a
+ * snprintf() for the head of every line were a third of a line's cost
+ * (a delivery line: 440-950 ns with them, 290-600 without). */
 static __thread time_t stamp_sec = -1;
 static __thread char stamp[24];
 
