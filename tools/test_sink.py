@@ -15,26 +15,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
-from fdtest import check, fail, free_port  # noqa: E402
+from fdtest import check, fail, start_sink  # noqa: E402
 
 SINK = os.environ["FD_SINK"]
 LOADGEN = os.environ["FD_LOADGEN"]
-
-
-def start(*extra):
-    port = free_port()
-    p = subprocess.Popen([SINK, "--listen", f"127.0.0.1:{port}", *extra],
-                         stdout=subprocess.PIPE, text=True)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        p.kill()
-        fail("fd-sink did not listen")
-    return p, port
 
 
 def stop(p):
@@ -114,7 +98,7 @@ def by_hand(port):
 def stall(port_args):
     """--stall 2:600: the second message's reply waits 0.6 s, and its
     connection with it; another connection is answered meanwhile."""
-    p, port = start(*port_args)
+    p, port = start_sink(SINK, *port_args)
     try:
         a = socket.create_connection(("127.0.0.1", port), timeout=10)
         replies(a, 1)
@@ -151,7 +135,7 @@ def main():
                        capture_output=True, text=True)
     check(r.returncode == 2 and "loopback" in r.stderr,
           f"non-loopback refused: {r.returncode} {r.stderr}")
-    p, port = start()
+    p, port = start_sink(SINK)
     try:
         total = loadgen_modes(port)
         by_hand(port)

@@ -3,6 +3,7 @@ finaldot with smtplib, find what a Maildir holds, wait for log lines."""
 import os
 import re
 import smtplib
+import sys
 import time
 
 from fdtest import check, fail
@@ -91,3 +92,16 @@ def strip_our_received(raw):
     while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
         i += 1
     return b"\r\n".join(lines[i:])
+
+
+def run_cases(cases):
+    """A test script's main: each case in order (only those named on the
+    command line, if any), a line before and after each."""
+    only = sys.argv[1:]
+    for c in cases:
+        if only and c.__name__ not in only:
+            continue
+        print(f"# {c.__name__}", flush=True)
+        c()
+        print(f"ok: {c.__name__}", flush=True)
+    print("ok")

@@ -43,6 +43,23 @@ def free_port(family=socket.AF_INET, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+
+def start_sink(path, *extra):
+    """tools/fd-sink (PATH) on a free loopback port, listening: (process,
+    port). Its counts come on stdout after SIGTERM."""
+    port = free_port()
+    p = subprocess.Popen([path, "--listen", f"127.0.0.1:{port}", *extra],
+                         stdout=subprocess.PIPE, text=True)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return p, port
+        except OSError:
+            time.sleep(0.05)
+    p.kill()
+    p.wait()
+    fail("fd-sink did not listen")
+
 class Daemon:
     """A running finaldot. Use as a context manager: it is stopped (by PID)
     and its temp dir removed at exit, and its log printed on failure."""

@@ -17,15 +17,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import Daemon, check, fail, free_port, skip  # noqa: E402
-from delivtest import send, message, wait, log_count  # noqa: E402
+from fdtest import Daemon, check, free_port, skip, start_sink  # noqa
+from delivtest import send, message, wait, log_count, run_cases  # noqa
 
 SINK = os.environ.get("FD_SINK")
 LOADGEN = os.environ.get("FD_LOADGEN")
@@ -63,24 +62,9 @@ def established_to(port):
     return n
 
 
-def start_sink(*extra):
-    port = free_port()
-    p = subprocess.Popen([SINK, "--listen", f"127.0.0.1:{port}", *extra],
-                         stdout=subprocess.PIPE, text=True)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return p, port
-        except OSError:
-            time.sleep(0.05)
-    p.kill()
-    p.wait()
-    fail("fd-sink did not listen")
-
-
 def case_fast_hop_batches():
     need_tools()
-    sink, sport = start_sink()
+    sink, sport = start_sink(SINK)
     try:
         mport = free_port()
         route = f"smtp:127.0.0.1:{sport}"
@@ -145,7 +129,7 @@ def case_stuck_connection():
     """fd-sink holds the reply to the 41st message, and that connection,
     for 8 s; three messages queued behind it are delivered meanwhile."""
     need_tools()
-    sink, sport = start_sink("--stall", "41:8000")
+    sink, sport = start_sink(SINK, "--stall", "41:8000")
     try:
         # Two delivery threads: each keeps its connection while busy, so
         # the next hop shows itself fast.
@@ -190,11 +174,4 @@ def case_stuck_connection():
 CASES = [case_fast_hop_batches, case_stuck_connection]
 
 if __name__ == "__main__":
-    only = sys.argv[1:]
-    for c in CASES:
-        if only and c.__name__ not in only:
-            continue
-        print(f"# {c.__name__}", flush=True)
-        c()
-        print(f"ok: {c.__name__}", flush=True)
-    print("ok")
+    run_cases(CASES)

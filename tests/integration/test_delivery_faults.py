@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import Daemon, check, fail  # noqa: E402
 from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
-                       strip_our_received)
+                       strip_our_received, run_cases)
 from peers import (ScriptedHop, Script, fail_first, HANG, GARBAGE,  # noqa
                    DEFAULT_EXTENSIONS)
 
@@ -352,11 +352,4 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_window_counts_connections, case_idle_thread_at_full_window]
 
 if __name__ == "__main__":
-    only = sys.argv[1:]
-    for c in CASES:
-        if only and c.__name__ not in only:
-            continue
-        print(f"# {c.__name__}", flush=True)
-        c()
-        print(f"ok: {c.__name__}", flush=True)
-    print("ok")
+    run_cases(CASES)

@@ -24,7 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import Daemon, check  # noqa: E402
-from delivtest import send, message, maildir_files, wait, log_count  # noqa
+from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
+                       run_cases)
 
 
 def count_files(root):
@@ -228,11 +229,4 @@ CASES = [case_default_route, case_reclaim_and_restart, case_recipients,
          case_delivery_nice]
 
 if __name__ == "__main__":
-    only = sys.argv[1:]
-    for c in CASES:
-        if only and c.__name__ not in only:
-            continue
-        print(f"# {c.__name__}", flush=True)
-        c()
-        print(f"ok: {c.__name__}", flush=True)
-    print("ok")
+    run_cases(CASES)

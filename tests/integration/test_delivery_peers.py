@@ -17,7 +17,8 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import Daemon, check  # noqa: E402
-from delivtest import send, message, maildir_files, wait, log_count  # noqa
+from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
+                       run_cases)
 from peers import PostfixPeer, DovecotLMTP, delivered_content  # noqa: E402
 
 
@@ -160,11 +161,4 @@ def case_backlog_batches():
 CASES = [case_postfix, case_lmtp_mixed, case_backlog_batches]
 
 if __name__ == "__main__":
-    only = sys.argv[1:]
-    for c in CASES:
-        if only and c.__name__ not in only:
-            continue
-        print(f"# {c.__name__}", flush=True)
-        c()
-        print(f"ok: {c.__name__}", flush=True)
-    print("ok")
+    run_cases(CASES)
