@@ -392,7 +392,7 @@ render_queue(FILE *f, const struct cp_stats *s)
 	lab(f, name, "state", "deferred", s->deferred);
 	lab(f, name, "state", "held", s->held);
 	one(f, "finaldot_queue_segments", "gauge",
-	    "Spool segments holding queued messages.", s->segments);
+	    "Spool segments the queue manager follows.", s->segments);
 	one(f, "finaldot_queue_received_total", "counter",
 	    "Messages the queue manager took over from the spool.",
 	    s->queued_total);

@@ -301,6 +301,38 @@ seg_consider(struct cplane *cp, struct q_seg *s)
 	cp->reclaimable[cp->n_reclaimable++] = s;
 }
 
+/*
+ * A reclaimed segment's object is freed once nothing names it: no
+ * reference, and no message object (a released message keeps pointing at
+ * its segments until they are all reclaimed, then it is freed). Every use
+ * of a file gets an object of its own (a new use_seq), so without this
+ * they pile up for as long as the process runs: ~4 KiB each, one per
+ * segment written, and the lookup chains grow with them.
+ */
+static void
+seg_free_if_unused(struct cplane *cp, struct q_seg *s)
+{
+	struct q_seg **pp;
+	size_t keep = 0;
+
+	if (!s->reclaimed || s->refs || s->msgs)
+		return;
+	for (pp = &cp->seg_h[seg_bucket(s->worker, s->use_seq)]; *pp;
+	     pp = &(*pp)->hnext)
+		if (*pp == s) {
+			*pp = s->hnext;
+			break;
+		}
+	for (size_t i = 0; i < cp->n_reclaimable; i++)
+		if (cp->reclaimable[i] != s)
+			cp->reclaimable[keep++] = cp->reclaimable[i];
+	cp->n_reclaimable = keep;
+	if (s->fd >= 0)
+		close(s->fd);
+	cp->n_segs--;
+	free(s);
+}
+
 void
 qm_seg_ref(struct cplane *cp, struct q_seg *s)
 {
@@ -313,8 +345,10 @@ qm_seg_unref(struct cplane *cp, struct q_seg *s)
 {
 	if (s->refs)
 		s->refs--;
-	if (s->refs == 0)
+	if (s->refs == 0) {
 		seg_consider(cp, s);
+		seg_free_if_unused(cp, s);
+	}
 }
 
 void
@@ -339,6 +373,7 @@ qm_seg_reclaimed(struct cplane *cp, unsigned worker, uint64_t file_no,
 		close(s->fd);
 		s->fd = -1;
 	}
+	seg_free_if_unused(cp, s);
 }
 
 /* Send reclaim requests: sealed, unreferenced, not yet sent. A full ring
@@ -691,8 +726,10 @@ qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
 		segs[nsegs++] = end_seg;
 	m->segs = segs;
 	m->n_segs = (unsigned)nsegs;
-	for (unsigned i = 0; i < m->n_segs; i++)
+	for (unsigned i = 0; i < m->n_segs; i++) {
 		qm_seg_ref(cp, m->segs[i]);
+		m->segs[i]->msgs++;
+	}
 	m->hnext = *msg_slot(cp, id);
 	*msg_slot(cp, id) = m;
 	cp->n_msgs++;
@@ -719,6 +756,12 @@ msg_free(struct cplane *cp, struct q_msg *m)
 	if (msg_class(m) >= 0)
 		cp->n_class[msg_class(m)]--;
 	cp->n_msgs--;
+	for (unsigned i = 0; i < m->n_segs; i++) {
+		struct q_seg *s = m->segs[i];
+		if (s->msgs)
+			s->msgs--;
+		seg_free_if_unused(cp, s);
+	}
 	free(m);
 }
 

@@ -46,6 +46,7 @@ struct q_seg {
 	uint64_t use_seq;
 	int fd;           /* O_RDONLY, for the bodies; -1 until opened */
 	uint32_t refs;    /* queued messages + tailer partials with records */
+	uint32_t msgs;    /* message objects naming it, released ones too */
 	bool sealed;      /* the worker left it and the tailer walked it all */
 	bool reclaim_sent;
 	bool reclaimed;   /* RECLAIMED heard: its records are stale now */

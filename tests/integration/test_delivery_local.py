@@ -9,21 +9,26 @@
   was compacted many times;
 - --recipients: unknown users get 550 5.1.1 at RCPT, postmaster always
   passes;
+- the queue manager forgets a segment once it is reclaimed and nothing
+  names it: the segments it knows (finaldotctl status) stay a handful
+  while dozens are written, reclaimed and reused;
 - the spool's readers (the tailer, delivery) leave the segments' atime
   alone (O_NOATIME), so a read never dirties the inode a flush writes;
 - --delivery-nice N: the delivery threads and the delivery log's writer
   run at nice N, the workers and the queue manager at the daemon's own.
 """
 import glob
+import json
 import os
 import smtplib
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import Daemon, check  # noqa: E402
+from fdtest import FINALDOTCTL, Daemon, check, skip, start_sink  # noqa
 from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
                        run_cases)
 
@@ -107,6 +112,50 @@ def case_reclaim_and_restart():
         check(log_count(d, r"event=queue_rebuilt messages=0 ") >= 1 or
               log_count(d, r"status=sent") == total,
               "restart queued old mail")
+
+
+def case_segments_forgotten():
+    sink_bin, loadgen = os.environ.get("FD_SINK"), os.environ.get("FD_LOADGEN")
+    if not sink_bin or not loadgen:
+        skip("FD_SINK/FD_LOADGEN not set (tools not built)")
+    sink, sport = start_sink(sink_bin)
+    try:
+        with Daemon("--segment-size", "1M", "--spare-segments", "1",
+                    "--route", f"localhost=smtp:127.0.0.1:{sport}",
+                    delivery=True) as d:
+            def status():
+                r = subprocess.run([FINALDOTCTL, "--control",
+                                    os.path.join(d.tmp, "control.sock"),
+                                    "status", "--json"],
+                                   capture_output=True, timeout=30)
+                check(r.returncode == 0, f"status: {r.stderr.decode()}")
+                return json.loads(r.stdout)["queue"]
+
+            sent = r"event=delivery .*status=sent"
+            n = 0
+            for rnd in range(3):
+                r = subprocess.run([loadgen, "--server",
+                                    f"127.0.0.1:{d.port}", "--connections",
+                                    "8", "--messages", "2500", "--size",
+                                    "4096", "--pipelining"],
+                                   capture_output=True, timeout=240)
+                check(r.returncode == 0, f"fd-loadgen: {r.returncode}")
+                n += 2500
+                wait(lambda: log_count(d, sent) >= n, 120,
+                     f"{n} deliveries")
+                # ~11 MB a round through 1 MiB segments: a dozen are
+                # filled, sealed, reclaimed and reused each round.
+                wait(lambda: status()["segments"] <= 4, 20,
+                     f"the queue manager knows <= 4 segments "
+                     f"(round {rnd}: {status()})")
+            used = log_count(d, r"event=segment_switch")
+            check(used >= 30, f"only {used} segment switches: the case "
+                  "shows nothing")
+            print(f"ok: {used} segments used, {status()['segments']} known "
+                  f"after {n} deliveries")
+    finally:
+        sink.terminate()
+        sink.wait()
 
 
 def case_recipients():
@@ -224,7 +273,8 @@ def case_delivery_nice():
               f"default: delivery threads at {tn.get('fd-deliver')}")
 
 
-CASES = [case_default_route, case_reclaim_and_restart, case_recipients,
+CASES = [case_default_route, case_reclaim_and_restart,
+         case_segments_forgotten, case_recipients,
          case_message_across_many_segments, case_readers_leave_atime,
          case_delivery_nice]
 
