@@ -270,7 +270,7 @@ fd_worker_poll(struct fd_worker *w)
 	}
 	if (!w->port || !w->spool)
 		return;
-	if (w->port->n_backlog)
+	if (fd_ctl_port_pending(w->port))
 		fd_ctl_port_flush(w->port);
 	while (fd_ring_pop(&w->port->down, &rq))
 		if (spool_reclaim(w->spool, rq.file_no, rq.use_seq) != 0)
@@ -375,11 +375,12 @@ fd_worker_finish(struct fd_worker *w)
 	}
 	if (w->port) {
 		fd_ctl_port_flush(w->port);
-		if (w->port->n_backlog || w->port->lost)
+		if (fd_ctl_port_pending(w->port) || w->port->lost)
 			fd_log(FD_LOG_WARN, "worker",
 			       "worker=%u event=announcements_lost "
 			       "backlog=%u lost=%" PRIu64,
-			       w->id, w->port->n_backlog, w->port->lost);
+			       w->id, w->port->n_backlog + w->port->has_late,
+			       w->port->lost);
 	}
 	if (w->smtp)
 		f->smtp = *smtp_server_stats(w->smtp);
