@@ -143,6 +143,9 @@ struct cp_stats {
 	uint64_t reclaimed_total;
 	uint64_t indoubt_total, suppressed_total, indoubt_unknown_total;
 	uint64_t indoubt_entries; /* remembered now */
+	/* errno of the delivery log's permanent failure, 0 while it works:
+	 * no delivery is attempted until a restart reopens it */
+	uint64_t log_error;
 	/* Per next hop (route), for /metrics: the first CP_ROUTES_PUB by
 	 * attempts, the rest summed as route "other" (bounded labels; in
 	 * practice every route fits: routes are configuration). Latency is

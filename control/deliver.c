@@ -289,6 +289,7 @@ struct attempt_wait {
 	struct dlog *log;
 	uint64_t lsn;
 	bool called;
+	bool refused; /* an ATTEMPT could not be logged: the log failed */
 	uint64_t waited_us; /* in dlog_wait: not the next hop's time */
 };
 
@@ -300,6 +301,8 @@ wait_attempt(void *ctx)
 	int r;
 
 	aw->called = true;
+	if (aw->refused)
+		return -EIO;
 	if (!aw->log || !aw->lsn)
 		return 0;
 	t0 = fd_now_monotonic_us();
@@ -853,7 +856,34 @@ log_attempts(struct cplane *cp, struct q_job **jobs, unsigned nj,
 			if (j->kind == QJ_BOUNCE && i > 0)
 				break;
 			j->attempt_lsn = dlog_append(log, &rec);
+			if (!j->attempt_lsn)
+				aw->refused = true;
 			aw->lsn = j->attempt_lsn;
+		}
+	}
+}
+
+/*
+ * The delivery log failed (an I/O error is permanent until a restart
+ * reopens it): no attempt can be put on record, so none is made. Without
+ * the record a delivery would be sent again after the restart, and not
+ * counted as a possible duplicate. Every job is deferred without contacting
+ * its next hop; the mail stays queued (and in the spool) for the restart.
+ */
+static void
+defer_unlogged(struct q_job **jobs, unsigned nj)
+{
+	for (unsigned k = 0; k < nj; k++) {
+		struct q_job *j = jobs[k];
+		unsigned nout = j->kind == QJ_BOUNCE ? 1 : j->n;
+
+		j->no_feedback = true; /* the next hop was not asked */
+		for (unsigned i = 0; i < nout; i++) {
+			outcome_set(&j->res->out[i], QO_DEFERRED,
+				    "451 4.3.0 delivery log failed: not "
+				    "attempted until finaldot is restarted");
+			snprintf(j->res->out[i].enh,
+				 sizeof(j->res->out[i].enh), "4.3.0");
 		}
 	}
 }
@@ -868,6 +898,10 @@ run_jobs(struct cplane *cp, struct q_job **jobs, unsigned nj,
 	uint64_t t0 = fd_now_monotonic_us(), wire;
 
 	log_attempts(cp, jobs, nj, &aw);
+	if (aw.refused || (aw.log && dlog_error(aw.log))) {
+		defer_unlogged(jobs, nj);
+		return;
+	}
 	if (jobs[0]->kind == QJ_BOUNCE) {
 		for (unsigned k = 0; k < nj; k++)
 			run_bounce(cp, jobs[k], cc, &aw);

@@ -617,6 +617,21 @@ struct dlog {
 static dlog_io_hook_fn io_hook;
 static void *io_hook_ctx;
 
+/* FINALDOT_DELIVERY_FAULT=dlog-fail: once the log is open, its batch
+ * fdatasyncs fail (EIO), as a disk that went bad would make them. */
+static bool fail_batches;
+
+static int
+fail_batches_hook(void *ctx, enum dlog_io op, uint64_t gen)
+{
+	(void)ctx;
+	(void)gen;
+	if (op != DLOG_IO_SYNC ||
+	    !__atomic_load_n(&fail_batches, __ATOMIC_ACQUIRE))
+		return 0;
+	return -EIO;
+}
+
 void
 dlog_set_io_hook(dlog_io_hook_fn fn, void *ctx)
 {
@@ -1460,6 +1475,8 @@ dlog_open(const char *dir, const struct dlog_params *p, dlog_replay_fn fn,
 
 		if (f && strcmp(f, "no-dlog-sync") == 0)
 			l->p.no_sync = true;
+		if (f && strcmp(f, "dlog-fail") == 0)
+			dlog_set_io_hook(fail_batches_hook, NULL);
 	}
 #endif
 	l->fd = -1;
@@ -1503,6 +1520,10 @@ dlog_open(const char *dir, const struct dlog_params *p, dlog_replay_fn fn,
 		goto out_destroy;
 	/* named like the other control-plane threads (top -H, perf) */
 	pthread_setname_np(l->writer, "fd-dlog");
+#ifdef FINALDOT_FAULT_INJECTION
+	if (io_hook == fail_batches_hook)
+		__atomic_store_n(&fail_batches, true, __ATOMIC_RELEASE);
+#endif
 	fd_log(FD_LOG_INFO, COMP,
 	       "event=open dir=%s generation=%016" PRIx64 " files=%" PRIu64
 	       " records=%" PRIu64 " bad=%" PRIu64 " bytes=%" PRIu64
@@ -1648,6 +1669,12 @@ dlog_wait(struct dlog *l, uint64_t lsn)
 	rc = l->err;
 	pthread_mutex_unlock(&l->mu);
 	return rc;
+}
+
+int
+dlog_error(const struct dlog *l)
+{
+	return l ? __atomic_load_n(&l->err, __ATOMIC_ACQUIRE) : 0;
 }
 
 uint64_t

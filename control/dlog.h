@@ -175,6 +175,10 @@ int dlog_wait(struct dlog *l, uint64_t lsn);
 /* Highest durable LSN; non-blocking. */
 uint64_t dlog_durable(const struct dlog *l);
 
+/* 0, or the -errno that failed the log (permanent until it is reopened);
+ * non-blocking. */
+int dlog_error(const struct dlog *l);
+
 /*
  * cb is called from the writer thread after each durable batch with the
  * highest durable LSN, without the log's lock held. It must not block and

@@ -864,6 +864,10 @@ cmd_status(int argc, char **argv)
 	       get_u64(&c, d, "expired_total"),
 	       get_u64(&c, d, "dsn_sent_total"),
 	       get_u64(&c, d, "dsn_dropped_total"));
+	if (get_u64(&c, d, "log_error"))
+		printf("delivery STOPPED: the delivery log failed (%s); mail is "
+		       "accepted and kept, restart once the disk is fixed\n",
+		       strerror((int)get_u64(&c, d, "log_error")));
 	printf("%-7s %9s %14s %10s %10s %8s %8s %8s\n", "worker", "sessions",
 	       "sessions_total", "messages", "flushes", "flush_us", "failed",
 	       "refused");

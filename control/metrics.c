@@ -415,6 +415,10 @@ render_queue(FILE *f, const struct cp_stats *s)
 	    "not match its checksum (see the log: event=held "
 	    "reason=damaged).",
 	    s->damaged_total);
+	one(f, "finaldot_delivery_log_failed", "gauge",
+	    "1 when the delivery log failed (an I/O error): no delivery is "
+	    "attempted until a restart; mail is still accepted.",
+	    s->log_error ? 1 : 0);
 	/* RFC 1047 (docs/delivery.md): 250s that may not have arrived. */
 	one(f, "finaldot_dedup_indoubt_total", "counter",
 	    "Messages whose 250 may not have reached the client (its "

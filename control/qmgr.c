@@ -195,6 +195,7 @@ struct cplane {
 	uint64_t st_queued, st_delivered, st_deferred, st_bounced;
 	uint64_t st_expired, st_dsn_sent, st_dsn_dropped, st_released;
 	uint64_t st_damaged; /* held: body checksum mismatch */
+	bool log_failure_told; /* event=delivery_stopped logged */
 	uint64_t st_reclaim_sent, st_reclaimed;
 };
 
@@ -1843,7 +1844,7 @@ apply_result(struct cplane *cp, struct q_job *j)
 	}
 	if (j->batch_first)
 		d->batches++;
-	if (j->kind == QJ_DELIVER && !j->conn_failed)
+	if (j->kind == QJ_DELIVER && !j->conn_failed && !j->no_feedback)
 		d->job_us += ((double)j->wire_us - d->job_us) / 8.0;
 	if (j->kind == QJ_BOUNCE) {
 		struct q_outcome *o = &j->res->out[0];
@@ -2783,6 +2784,23 @@ publish_routes(struct cplane *cp, struct cp_stats *s)
 			 sizeof(s->routes[CP_ROUTES_PUB].route), "other");
 }
 
+/* The delivery log failed: say once, loudly, what it means and what to
+ * do (the log's own line has only the errno). */
+static void
+log_failed_once(struct cplane *cp)
+{
+	int e = cp->log ? dlog_error(cp->log) : 0;
+
+	if (!e || cp->log_failure_told)
+		return;
+	cp->log_failure_told = true;
+	fd_log(FD_LOG_ERR, "qmgr",
+	       "event=delivery_stopped reason=\"delivery log failed: %s\" "
+	       "queued=%zu action=\"mail is still accepted and kept in the "
+	       "spool; fix the disk under the spool, then restart finaldot\"",
+	       strerror(-e), cp->n_msgs);
+}
+
 static void
 publish_stats(struct cplane *cp)
 {
@@ -2805,6 +2823,7 @@ publish_stats(struct cplane *cp)
 	s.suppressed_total = cp->st_suppressed;
 	s.indoubt_unknown_total = cp->st_indoubt_unknown;
 	s.indoubt_entries = cp->n_indoubt;
+	s.log_error = cp->log ? (uint64_t)-dlog_error(cp->log) : 0;
 	publish_routes(cp, &s);
 	s.held = cp->n_class[MC_HELD];
 	s.active = cp->n_class[MC_ACTIVE];
@@ -2887,6 +2906,7 @@ qmgr_main(void *arg)
 		if (fd_now_monotonic_us() - last_pub > 250000) {
 			last_pub = fd_now_monotonic_us();
 			publish_stats(cp);
+			log_failed_once(cp);
 		}
 		if (cp->log && dlog_want_checkpoint(cp->log)) {
 			int r = dlog_checkpoint(cp->log, snapshot, cp);

@@ -9,8 +9,11 @@ bounces for senders in example.com go to a Maildir in the test's temp dir.
 import email
 import email.policy
 import os
+import re
 import smtplib
 import sys
+import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import Daemon, check, fail  # noqa: E402
@@ -234,6 +237,66 @@ def case_dead_destination():
         send(d, "a@example.com", ["b@dest.test"], message(50))
 
 
+def case_delivery_log_failed():
+    """The delivery log's fdatasync fails (a test build's dlog-fail fault):
+    no message goes to the next hop while no ATTEMPT can be put on record
+    (each is deferred 4.3.0, status and /metrics say delivery stopped);
+    after a restart with a working log each is delivered exactly once."""
+    import json
+    import subprocess
+    from fdtest import FINALDOTCTL, free_port
+    mport = free_port()
+    with ScriptedHop() as hop, \
+            Daemon("--route", f"dest.test={hop.target}", *FAST,
+                   "--metrics", f"127.0.0.1:{mport}",
+                   domains=("example.com", "dest.test"), delivery=True,
+                   env={"FINALDOT_DELIVERY_FAULT": "dlog-fail"}) as d:
+        bodies = {}
+        for i in range(3):
+            body = message(60 + i)
+            qid = send(d, "a@example.com", ["bob@dest.test"], body)
+            bodies[qid] = body
+            wait(lambda q=qid: log_count(d, rf"{q} event=delivery .*"
+                                            r"status=deferred"), 20,
+                 f"{qid} deferred")
+        # Retries come every 1-2 s: give them time to go wrong.
+        time.sleep(3)
+        check(not hop.completed(),
+              f"{len(hop.completed())} messages delivered without an "
+              "ATTEMPT on record")
+        check(log_count(d, r"event=delivery_stopped") == 1,
+              "event=delivery_stopped logged once")
+        check(log_count(d, r"status=deferred .*4\.3\.0 delivery log "
+                           r"failed") >= 2, "deferred 4.3.0")
+        r = subprocess.run([FINALDOTCTL, "--control", os.path.join(
+            d.tmp, "control.sock"), "status", "--json"],
+            capture_output=True, timeout=30)
+        check(r.returncode == 0, f"status: {r.stderr.decode()}")
+        check(json.loads(r.stdout)["delivery"]["log_error"] == 5,
+              "status: delivery.log_error is EIO")
+        r = subprocess.run([FINALDOTCTL, "--control", os.path.join(
+            d.tmp, "control.sock"), "status"], capture_output=True,
+            timeout=30, text=True)
+        check("delivery STOPPED: the delivery log failed" in r.stdout,
+              f"finaldotctl status says delivery stopped: {r.stdout}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics",
+                                    timeout=10) as m:
+            check(re.search(r"^finaldot_delivery_log_failed 1$",
+                            m.read().decode(), re.M),
+                  "finaldot_delivery_log_failed 1")
+        d.stop()
+        del d.env["FINALDOT_DELIVERY_FAULT"]
+        d.start()
+        hop.wait_for(len(bodies), 30)
+        time.sleep(1)
+        done = hop.completed()
+        check(len(done) == len(bodies),
+              f"{len(done)} transactions for {len(bodies)} messages")
+        got = sorted(strip_our_received(t.body) for t in done)
+        check(got == sorted(bodies.values()),
+              "each message delivered once, byte-identical")
+
+
 def ehlo(d):
     s = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
     try:
@@ -349,7 +412,8 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
          case_hang_after_data, case_garbage_and_close,
          case_dead_destination, case_dsn_passthrough,
-         case_window_counts_connections, case_idle_thread_at_full_window]
+         case_window_counts_connections, case_idle_thread_at_full_window,
+         case_delivery_log_failed]
 
 if __name__ == "__main__":
     run_cases(CASES)
