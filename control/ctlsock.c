@@ -214,6 +214,10 @@ reply_cp_err(struct ctl_client *c, const char *what, int r)
 	if (r == -EIO)
 		return reply_err(c, E_DAMAGED, "%s: the stored message is "
 				 "damaged (checksum mismatch)", what);
+	if (r == -ENOTRECOVERABLE)
+		return reply_err(c, E_FAILED, "%s: the delivery log failed, "
+				 "nothing can be recorded until finaldot is "
+				 "restarted", what);
 	return reply_err(c, E_FAILED, "%s: %s", what, strerror(r < 0 ? -r
 								   : EIO));
 }

@@ -2674,6 +2674,11 @@ action_fn(struct cplane *cp, void *arg)
 {
 	struct action_call *ac = arg;
 
+	/* Hold, release and delete are kept in the delivery log (they
+	 * survive a restart): with the log failed they would not be, and a
+	 * delete would come back. Refused, said why; flush records nothing. */
+	if (ac->a != CP_FLUSH && cp->log && dlog_error(cp->log))
+		return -ENOTRECOVERABLE;
 	if (ac->n) {
 		for (size_t i = 0; i < ac->n; i++) {
 			struct q_msg *m = msg_find(cp, ac->ids[i]);

@@ -279,6 +279,13 @@ def case_delivery_log_failed():
             timeout=30, text=True)
         check("delivery STOPPED: the delivery log failed" in r.stdout,
               f"finaldotctl status says delivery stopped: {r.stdout}")
+        # A hold could not be recorded: refused, with the reason.
+        r = subprocess.run([FINALDOTCTL, "--control", os.path.join(
+            d.tmp, "control.sock"), "queue", "hold", "ALL"],
+            capture_output=True, timeout=30, text=True)
+        check(r.returncode != 0 and "delivery log failed" in r.stderr,
+              f"queue hold with the log failed: {r.returncode} "
+              f"{r.stderr!r}")
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics",
                                     timeout=10) as m:
             check(re.search(r"^finaldot_delivery_log_failed 1$",
