@@ -289,7 +289,9 @@ struct attempt_wait {
 	struct dlog *log;
 	uint64_t lsn;
 	bool called;
-	bool refused; /* an ATTEMPT could not be logged: the log failed */
+	/* an ATTEMPT could not be logged (the log failed): run_jobs() then
+	 * defers the batch before anything waits here */
+	bool refused;
 	uint64_t waited_us; /* in dlog_wait: not the next hop's time */
 };
 
@@ -301,8 +303,6 @@ wait_attempt(void *ctx)
 	int r;
 
 	aw->called = true;
-	if (aw->refused)
-		return -EIO;
 	if (!aw->log || !aw->lsn)
 		return 0;
 	t0 = fd_now_monotonic_us();
