@@ -15,7 +15,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
-from fdtest import check, fail, start_sink  # noqa: E402
+from fdtest import check, start_sink  # noqa: E402
 
 SINK = os.environ["FD_SINK"]
 LOADGEN = os.environ["FD_LOADGEN"]
@@ -95,10 +95,10 @@ def by_hand(port):
     s.close()
 
 
-def stall(port_args):
+def stall(sink_args):
     """--stall 2:600: the second message's reply waits 0.6 s, and its
     connection with it; another connection is answered meanwhile."""
-    p, port = start_sink(SINK, *port_args)
+    p, port = start_sink(SINK, *sink_args)
     try:
         a = socket.create_connection(("127.0.0.1", port), timeout=10)
         replies(a, 1)

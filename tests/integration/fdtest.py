@@ -43,7 +43,6 @@ def free_port(family=socket.AF_INET, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-
 def start_sink(path, *extra):
     """tools/fd-sink (PATH) on a free loopback port, listening: (process,
     port). Its counts come on stdout after SIGTERM."""
@@ -59,6 +58,7 @@ def start_sink(path, *extra):
     p.kill()
     p.wait()
     fail("fd-sink did not listen")
+
 
 class Daemon:
     """A running finaldot. Use as a context manager: it is stopped (by PID)
@@ -162,6 +162,19 @@ class Daemon:
         check(out.returncode == 0,
               f"finaldotctl spool scan failed: {out.stderr.decode()}")
         return json.loads(out.stdout)
+
+    def ctl(self, *args, ok=True):
+        """finaldotctl against this daemon's control socket: (rc, stdout,
+        stderr); with ok, a non-zero exit fails the test."""
+        r = subprocess.run([FINALDOTCTL, "--control",
+                            os.path.join(self.tmp, "control.sock"), *args],
+                           capture_output=True, timeout=60)
+        out, err = r.stdout.decode(errors="replace"), r.stderr.decode(
+            errors="replace")
+        if ok:
+            check(r.returncode == 0,
+                  f"finaldotctl {' '.join(args)}: exit {r.returncode}: {err}")
+        return r.returncode, out, err
 
     def cat(self, msgid):
         out = subprocess.run([FINALDOTCTL, "spool", "cat", self.spool,

@@ -48,23 +48,10 @@ BIG = 20 << 20
 CAT_RSS_MAX = 4 << 20
 
 
-def ctl(d, *args, ok=True):
-    """finaldotctl against daemon d: (rc, stdout, stderr)."""
-    r = subprocess.run([FINALDOTCTL, "--control",
-                        os.path.join(d.tmp, "control.sock"), *args],
-                       capture_output=True, timeout=60)
-    out, err = r.stdout.decode(errors="replace"), r.stderr.decode(
-        errors="replace")
-    if ok:
-        check(r.returncode == 0,
-              f"finaldotctl {' '.join(args)}: exit {r.returncode}: {err}")
-    return r.returncode, out, err
-
-
 def failing(d, want_rc, pattern, *args):
     """A command that must fail: exit want_rc, exactly one stderr line
     matching pattern, nothing on stdout."""
-    rc, out, err = ctl(d, *args, ok=False)
+    rc, out, err = d.ctl(*args, ok=False)
     check(rc == want_rc, f"finaldotctl {' '.join(args)}: exit {rc}, want "
           f"{want_rc} ({err!r})")
     lines = err.strip().splitlines()
@@ -75,7 +62,7 @@ def failing(d, want_rc, pattern, *args):
 
 
 def jlist(d, *args):
-    _, out, _ = ctl(d, "queue", "list", "--json", *args)
+    _, out, _ = d.ctl("queue", "list", "--json", *args)
     return [json.loads(l) for l in out.splitlines()]
 
 
@@ -230,11 +217,11 @@ def cat_big():
                       message(n, subject="during cat")) for n in range(3)]
         check(len(hop.wait_for(3, 30)) >= 3,
               "mail not delivered while a cat waits")
-        check(json.loads(ctl(d, "status", "--json")[1])["pid"] == pid,
+        check(json.loads(d.ctl("status", "--json")[1])["pid"] == pid,
               "status while a cat waits")
         # Deleted while it streams: the message finishes, its segments
         # stay pinned, so the rest of the bytes are still its own.
-        check(ctl(d, "queue", "delete", big)[1] == "1 message deleted\n",
+        check(d.ctl("queue", "delete", big)[1] == "1 message deleted\n",
               "delete the big message")
         wait(lambda: big not in {m["id"] for m in jlist(d)}, 10,
              "the deleted message leaves the listing")
@@ -307,7 +294,7 @@ def delivery_off():
         # ready (they were zeros until the queue manager's first pass).
         check(d.stop() == 0, "clean stop")
         d.start()
-        q = json.loads(ctl(d, "status", "--json")[1])["queue"]
+        q = json.loads(d.ctl("status", "--json")[1])["queue"]
         check(q["queued"] == len(ids), f"status right after a restart: {q}")
     print("ok: with delivery off the live queue holds every message, "
           "byte-identical to the spool")
@@ -346,7 +333,7 @@ def main():
                   and r[0]["next_attempt"], f"recipient {r}")
             check(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$",
                            m["arrival"]) and m["size"] > 0, f"{m}")
-        _, out, _ = ctl(d, "queue", "list")
+        _, out, _ = d.ctl("queue", "list")
         for q in ids.values():
             check(re.search(rf"^{q}  +\d+ ", out, re.M),
                   f"{q} not in the text listing:\n{out}")
@@ -362,12 +349,12 @@ def main():
         check(jlist(d, "--state", "held") == [], "nothing held yet")
 
         # show and cat.
-        _, out, _ = ctl(d, "queue", "show", ids[1])
+        _, out, _ = d.ctl("queue", "show", ids[1])
         check(f"id:       {ids[1]}" in out and "<s1@example.com>" in out
               and re.search(r"<bob1@dest\.test> pending attempts=\d", out)
               and "451 4.3.0" in out and f"route={hop.target}" in out,
               f"queue show:\n{out}")
-        _, out, _ = ctl(d, "queue", "show", ids[1], "--json")
+        _, out, _ = d.ctl("queue", "show", ids[1], "--json")
         v = json.loads(out)
         check(v["sender"] == "s1@example.com" and v["helo"] ==
               "client.test" and v["client"] == "127.0.0.1" and
@@ -380,7 +367,7 @@ def main():
               f"history {v['history']}")
         check(any("451 4.3.0" in h["text"] for h in v["history"]
                   if h["event"] == "deferred"), f"history {v['history']}")
-        _, out, _ = ctl(d, "queue", "show", ids[1])
+        _, out, _ = d.ctl("queue", "show", ids[1])
         check(re.search(r"history .*\n  \S+ attempt +<bob1@dest\.test>",
                         out) and
               re.search(r"deferred +<bob1@dest\.test> attempt 1 .*451 4\.3\.0",
@@ -395,35 +382,35 @@ def main():
 
         # The queue manager publishes its counts a few times a second.
         def status_queue():
-            q = json.loads(ctl(d, "status", "--json")[1])["queue"]
+            q = json.loads(d.ctl("status", "--json")[1])["queue"]
             return q if q["deferred"] == 4 and q["queued"] == 4 else None
         wait(status_queue, 10, "status: 4 deferred")
 
         # hold ALL / release ALL touch every message.
-        check(ctl(d, "queue", "hold", "ALL")[1] == "4 messages held\n",
+        check(d.ctl("queue", "hold", "ALL")[1] == "4 messages held\n",
               "hold ALL")
         check(len(jlist(d, "--state", "held")) == 4, "all held")
-        check(ctl(d, "queue", "release", "ALL")[1] ==
+        check(d.ctl("queue", "release", "ALL")[1] ==
               "4 messages released\n", "release ALL")
 
         # hold 1, delete 2: then the hop accepts, and flush 3.
-        check(ctl(d, "queue", "hold", ids[1])[1] == "1 message held\n",
+        check(d.ctl("queue", "hold", ids[1])[1] == "1 message held\n",
               "hold")
         check([m["id"] for m in jlist(d, "--state", "held")] == [ids[1]],
               "list --state held")
-        check(json.loads(ctl(d, "queue", "show", ids[1], "--json")[1])
+        check(json.loads(d.ctl("queue", "show", ids[1], "--json")[1])
               ["state"] == "held", "show says held")
-        check(ctl(d, "queue", "delete", ids[2])[1] ==
+        check(d.ctl("queue", "delete", ids[2])[1] ==
               "1 message deleted\n", "delete")
         check(ids[2] not in {m["id"] for m in jlist(d)},
               "a deleted message is still listed")
         # Until its segment is reclaimed a finished message can still be
         # looked at: deleted, not delivered.
-        v = json.loads(ctl(d, "queue", "show", ids[2], "--json")[1])
+        v = json.loads(d.ctl("queue", "show", ids[2], "--json")[1])
         check(v["state"] == "finished" and
               v["recipients"][0]["status"] == "deleted", f"deleted: {v}")
         state["defer"] = False
-        check(ctl(d, "queue", "flush", ids[3])[1] ==
+        check(d.ctl("queue", "flush", ids[3])[1] ==
               "1 message scheduled for delivery now\n", "flush ID")
         wait(lambda: 3 in delivered_subjects(hop), 30, "3 delivered")
         wait(lambda: log_count(d, rf"(?i){ids[3]} event=delivery "
@@ -431,23 +418,23 @@ def main():
         check(delivered_subjects(hop) == {3},
               f"flush ID delivered {delivered_subjects(hop)}")
         # flush by domain: 4 goes; 1 is held and stays.
-        ctl(d, "queue", "flush", "--to-domain", "dest.test")
+        d.ctl("queue", "flush", "--to-domain", "dest.test")
         wait(lambda: 4 in delivered_subjects(hop), 30, "4 delivered")
         time.sleep(1.0)  # a held message would have gone by now
         check(delivered_subjects(hop) == {3, 4},
               f"after flush --to-domain: {delivered_subjects(hop)}")
         check([m["id"] for m in jlist(d)] == [ids[1]], "only 1 is left")
-        ctl(d, "queue", "flush")  # ALL: 1 is still held
+        d.ctl("queue", "flush")  # ALL: 1 is still held
         time.sleep(1.0)
         check(delivered_subjects(hop) == {3, 4}, "a held message went")
-        check(ctl(d, "queue", "release", ids[1])[1] ==
+        check(d.ctl("queue", "release", ids[1])[1] ==
               "1 message released\n", "release")
-        ctl(d, "queue", "flush", "ALL")
+        d.ctl("queue", "flush", "ALL")
         wait(lambda: 1 in delivered_subjects(hop), 30, "1 delivered")
         last = {}
 
         def empty():
-            last["out"] = ctl(d, "queue", "list")[1]
+            last["out"] = d.ctl("queue", "list")[1]
             return last["out"] == "Mail queue is empty\n"
         deadline = time.time() + 10
         while not empty() and time.time() < deadline:

@@ -8,6 +8,7 @@ bounces for senders in example.com go to a Maildir in the test's temp dir.
 """
 import email
 import email.policy
+import json
 import os
 import re
 import smtplib
@@ -16,7 +17,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import Daemon, check, fail  # noqa: E402
+from fdtest import Daemon, check, fail, free_port  # noqa: E402
 from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
                        strip_our_received, run_cases)
 from peers import (ScriptedHop, Script, fail_first, HANG, GARBAGE,  # noqa
@@ -242,9 +243,6 @@ def case_delivery_log_failed():
     no message goes to the next hop while no ATTEMPT can be put on record
     (each is deferred 4.3.0, status and /metrics say delivery stopped);
     after a restart with a working log each is delivered exactly once."""
-    import json
-    import subprocess
-    from fdtest import FINALDOTCTL, free_port
     mport = free_port()
     with ScriptedHop() as hop, \
             Daemon("--route", f"dest.test={hop.target}", *FAST,
@@ -268,24 +266,15 @@ def case_delivery_log_failed():
               "event=delivery_stopped logged once")
         check(log_count(d, r"status=deferred .*4\.3\.0 delivery log "
                            r"failed") >= 2, "deferred 4.3.0")
-        r = subprocess.run([FINALDOTCTL, "--control", os.path.join(
-            d.tmp, "control.sock"), "status", "--json"],
-            capture_output=True, timeout=30)
-        check(r.returncode == 0, f"status: {r.stderr.decode()}")
-        check(json.loads(r.stdout)["delivery"]["log_error"] == 5,
-              "status: delivery.log_error is EIO")
-        r = subprocess.run([FINALDOTCTL, "--control", os.path.join(
-            d.tmp, "control.sock"), "status"], capture_output=True,
-            timeout=30, text=True)
-        check("delivery STOPPED: the delivery log failed" in r.stdout,
-              f"finaldotctl status says delivery stopped: {r.stdout}")
+        check(json.loads(d.ctl("status", "--json")[1])["delivery"]
+              ["log_error"] == 5, "status: delivery.log_error is EIO")
+        out = d.ctl("status")[1]
+        check("delivery STOPPED: the delivery log failed" in out,
+              f"finaldotctl status says delivery stopped: {out}")
         # A hold could not be recorded: refused, with the reason.
-        r = subprocess.run([FINALDOTCTL, "--control", os.path.join(
-            d.tmp, "control.sock"), "queue", "hold", "ALL"],
-            capture_output=True, timeout=30, text=True)
-        check(r.returncode != 0 and "delivery log failed" in r.stderr,
-              f"queue hold with the log failed: {r.returncode} "
-              f"{r.stderr!r}")
+        rc, _, err = d.ctl("queue", "hold", "ALL", ok=False)
+        check(rc != 0 and "delivery log failed" in err,
+              f"queue hold with the log failed: {rc} {err!r}")
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics",
                                     timeout=10) as m:
             check(re.search(r"^finaldot_delivery_log_failed 1$",

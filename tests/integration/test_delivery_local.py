@@ -28,7 +28,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import FINALDOTCTL, Daemon, check, skip, start_sink  # noqa
+from fdtest import Daemon, check, skip, start_sink  # noqa: E402
 from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
                        run_cases)
 
@@ -124,12 +124,7 @@ def case_segments_forgotten():
                     "--route", f"localhost=smtp:127.0.0.1:{sport}",
                     delivery=True) as d:
             def status():
-                r = subprocess.run([FINALDOTCTL, "--control",
-                                    os.path.join(d.tmp, "control.sock"),
-                                    "status", "--json"],
-                                   capture_output=True, timeout=30)
-                check(r.returncode == 0, f"status: {r.stderr.decode()}")
-                return json.loads(r.stdout)["queue"]
+                return json.loads(d.ctl("status", "--json")[1])["queue"]
 
             sent = r"event=delivery .*status=sent"
             n = 0
