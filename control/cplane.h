@@ -146,6 +146,10 @@ struct cp_stats {
 	/* errno of the delivery log's permanent failure, 0 while it works:
 	 * no delivery is attempted until a restart reopens it */
 	uint64_t log_error;
+	/* 1 while a delivery-log batch waits for space on a full disk:
+	 * deliveries wait with it and go on by themselves once there is
+	 * room */
+	uint64_t log_no_space;
 	/* Per next hop (route), for /metrics: the first CP_ROUTES_PUB by
 	 * attempts, the rest summed as route "other" (bounded labels; in
 	 * practice every route fits: routes are configuration). Latency is

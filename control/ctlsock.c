@@ -420,6 +420,7 @@ cmd_status(struct ctl_server *sv, struct ctl_client *c, struct req *rq)
 	ctl_jw_ku64(w, "indoubt_total", cs.indoubt_total);
 	ctl_jw_ku64(w, "suppressed_total", cs.suppressed_total);
 	ctl_jw_ku64(w, "log_error", cs.log_error);
+	ctl_jw_ku64(w, "log_no_space", cs.log_no_space);
 	ctl_jw_obj_end(w);
 	ctl_jw_obj_end(w);
 	ok_end(w);

@@ -24,9 +24,19 @@
  *
  * Limits: one directory, one writer; a record is at most DLOG_REC_MAX
  * bytes; a checkpoint blocks appends for as long as it takes to write and
- * sync the state. XXX: any I/O error (ENOSPC included) fails the log for
- * good; recovering means closing and reopening it, which replays what is
- * durable and cuts the partial batch off.
+ * sync the state.
+ *
+ * Errors: a full filesystem (ENOSPC, EDQUOT) is waited out. A refused
+ * growth ahead (zeros past the records) is skipped: the batch was written
+ * and is synced; the next batch tries again. A refused batch write (nothing
+ * synced yet, so the page cache holds no unknown state) is retried at the
+ * same offset every SPACE_RETRY_US until it succeeds; appenders meanwhile
+ * fill `pend` and then wait for room, and waiters wait: delivery pauses and
+ * goes on by itself once there is room again. Any other I/O error, and
+ * every failed fdatasync, fails the log for good (after a failed fdatasync
+ * the kernel may have dropped the dirty pages: a retry could report
+ * success for data that is gone); recovering means closing and reopening
+ * it, which replays what is durable and cuts the partial batch off.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -45,6 +55,7 @@
 #include "finaldot/crc32c.h"
 #include "finaldot/fsync.h"
 #include "finaldot/log.h"
+#include "finaldot/msgid.h"
 #include "finaldot/spool_format.h"
 #include "finaldot/thread.h"
 
@@ -58,6 +69,7 @@
 #define ROTATE_DEFAULT (64ull << 20)
 #define CKPT_BUF (256u << 10)
 #define NAME_MAX_LEN 32
+#define SPACE_RETRY_US 1000000u /* a batch refused for want of space */
 
 static const uint8_t rec_magic[4] = { 'F', 'D', 'D', 'L' };
 static const uint8_t file_magic[4] = { 'F', 'D', 'L', 'H' };
@@ -131,6 +143,8 @@ dlog_io_name(enum dlog_io op)
 	case DLOG_IO_RENAME: return "rename";
 	case DLOG_IO_SYNC_DIR: return "sync_dir";
 	case DLOG_IO_UNLINK: return "unlink";
+	case DLOG_IO_WRITE: return "write";
+	case DLOG_IO_GROW: return "grow";
 	}
 	return "unknown";
 }
@@ -606,6 +620,7 @@ struct dlog {
 	uint64_t swapped_lsn; /* last LSN handed to the writer */
 	bool ckpt_active;
 	pthread_t ckpt_thread;
+	uint64_t no_space_since_us; /* st.no_space: since when (monotonic) */
 
 	void (*cb)(void *ctx, uint64_t durable_lsn);
 	void *cb_ctx;
@@ -761,23 +776,26 @@ pwrite_all(int fd, const void *buf, size_t n, uint64_t off)
  * so appends inside the chunk are pure overwrites that need no metadata.
  */
 static int
-prealloc(int fd, uint64_t *alloc, uint64_t data_end)
+prealloc(int fd, uint64_t gen, uint64_t *alloc, uint64_t data_end)
 {
 	uint64_t end = (data_end + PREALLOC_CHUNK - 1) &
 		       ~(uint64_t)(PREALLOC_CHUNK - 1);
 	uint64_t from = *alloc > data_end ? *alloc : data_end;
+	int rc;
 
 	if (end <= from) {
 		*alloc = from;
 		return 0;
 	}
+	rc = io_check(DLOG_IO_GROW, gen);
+	if (rc)
+		return rc;
 	/* Best effort (contiguous extents); the zeros below decide. */
 	(void)fallocate(fd, 0, (off_t)from, (off_t)(end - from));
 	for (uint64_t o = from; o < end;) {
 		size_t k = end - o < sizeof(zeros) ? (size_t)(end - o)
 						   : sizeof(zeros);
-		int rc = pwrite_all(fd, zeros, k, o);
-
+		rc = pwrite_all(fd, zeros, k, o);
 		if (rc)
 			return rc;
 		o += k;
@@ -917,7 +935,7 @@ make_file(struct dlog *l, uint64_t gen, uint64_t prev, dlog_snapshot_fn snap,
 		rc = nf_flush(nf);
 	nf->alloc = nf->off;
 	if (!rc)
-		rc = prealloc(nf->fd, &nf->alloc, nf->off);
+		rc = prealloc(nf->fd, gen, &nf->alloc, nf->off);
 	if (!rc)
 		rc = sync_file(nf->fd, DLOG_IO_SYNC_NEW, gen);
 	if (!rc) {
@@ -996,19 +1014,53 @@ remove_others(struct dlog *l, uint64_t keep, bool only_older)
 
 /* ---- writer thread ---------------------------------------------------- */
 
+static void deadline_after(struct timespec *ts, uint64_t us);
+
+static bool
+no_space(int rc)
+{
+	return rc == -ENOSPC || rc == -EDQUOT;
+}
+
+/* One batch: its records, zeros ahead, one fdatasync. *again: the records
+ * were refused for want of space before anything was synced (retry the
+ * same write); *grow_failed: only the zeros ahead were (not an error). */
 static int
 write_batch(struct dlog *l, int fd, uint64_t gen, const uint8_t *buf,
-	    size_t n, uint64_t off, uint64_t *alloc, bool *synced)
+	    size_t n, uint64_t off, uint64_t *alloc, bool *synced, bool *again,
+	    bool *grow_failed)
 {
-	int rc = pwrite_all(fd, buf, n, off);
+	int rc = io_check(DLOG_IO_WRITE, gen);
 
 	if (!rc)
-		rc = prealloc(fd, alloc, off + n);
+		rc = pwrite_all(fd, buf, n, off);
+	if (rc) {
+		*again = no_space(rc);
+		return rc;
+	}
+	rc = prealloc(fd, gen, alloc, off + n);
+	if (no_space(rc)) {
+		*grow_failed = true;
+		rc = 0;
+	}
 	if (!rc && !l->p.no_sync) {
 		rc = sync_file(fd, DLOG_IO_SYNC, gen);
 		*synced = true;
 	}
 	return rc;
+}
+
+/* Wait SPACE_RETRY_US or until the log stops; under mu. True: stopping. */
+static bool
+space_wait(struct dlog *l)
+{
+	struct timespec dl;
+
+	deadline_after(&dl, SPACE_RETRY_US);
+	while (!l->stop &&
+	       pthread_cond_timedwait(&l->cv_work, &l->mu, &dl) != ETIMEDOUT)
+		;
+	return l->stop;
 }
 
 static void
@@ -1085,9 +1137,54 @@ writer_main(void *arg)
 		failed = l->err != 0;
 		pthread_mutex_unlock(&l->mu);
 
-		if (!failed)
+		while (!failed) {
+			bool again = false, grow_failed = false;
+
 			rc = write_batch(l, fd, gen, buf, n, off, &alloc,
-					 &synced);
+					 &synced, &again, &grow_failed);
+			pthread_mutex_lock(&l->mu);
+			if (grow_failed && l->st.grow_failed++ == 0)
+				fd_log(FD_LOG_WARN, COMP,
+				       "event=grow_failed generation=%016" PRIx64
+				       " off=%" PRIu64 " note=\"no room to "
+				       "grow the log ahead; records still go "
+				       "in, each batch tries again\"",
+				       gen, off + n);
+			if (!again) {
+				if (!rc && l->st.no_space)
+					fd_log(FD_LOG_INFO, COMP,
+					       "event=space_again "
+					       "waited_ms=%" PRIu64,
+					       (fd_now_monotonic_us() -
+						l->no_space_since_us) /
+						       1000);
+				__atomic_store_n(&l->st.no_space, false,
+						 __ATOMIC_RELEASE);
+				pthread_mutex_unlock(&l->mu);
+				break;
+			}
+			l->st.space_waits++;
+			if (!l->st.no_space) {
+				__atomic_store_n(&l->st.no_space, true,
+						 __ATOMIC_RELEASE);
+				l->no_space_since_us = fd_now_monotonic_us();
+				fd_log(FD_LOG_ERR, COMP,
+				       "event=no_space generation=%016" PRIx64
+				       " off=%" PRIu64 " bytes=%zu err=%d "
+				       "action=\"records wait, and deliveries "
+				       "with them, retried every second; free "
+				       "space on the spool's filesystem\"",
+				       gen, off, n, rc);
+			}
+			if (space_wait(l)) {
+				/* Stopping: the batch stays unwritten, its
+				 * waiters fail (nothing they wait for was
+				 * made durable). */
+				pthread_mutex_unlock(&l->mu);
+				break;
+			}
+			pthread_mutex_unlock(&l->mu);
+		}
 
 		pthread_mutex_lock(&l->mu);
 		if (failed)
@@ -1699,6 +1796,10 @@ dlog_want_checkpoint(const struct dlog *l)
 	uint64_t off = __atomic_load_n(&l->off, __ATOMIC_ACQUIRE);
 	uint64_t base = __atomic_load_n(&l->ckpt_size, __ATOMIC_ACQUIRE);
 
+	/* Not while a batch waits for space: the checkpoint would wait for
+	 * it, and its new file needs room too. */
+	if (__atomic_load_n(&l->st.no_space, __ATOMIC_ACQUIRE))
+		return false;
 	return off > l->p.rotate_bytes && off > 2 * base;
 }
 

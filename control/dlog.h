@@ -229,7 +229,11 @@ struct dlog_stats {
 	uint64_t syncs;      /* fdatasync calls on the log file */
 	uint64_t room_waits; /* appends that waited for pending room */
 	uint64_t file_bytes; /* valid bytes in the current file */
-	int error;           /* 0, or the permanent failure */
+	uint64_t space_waits; /* batch writes refused for want of space
+			       * (ENOSPC, EDQUOT) and retried */
+	uint64_t grow_failed; /* growths ahead refused for want of space */
+	bool no_space;        /* a batch is waiting for space now */
+	int error;            /* 0, or the permanent failure */
 };
 void dlog_get_stats(const struct dlog *l, struct dlog_stats *st);
 
@@ -313,6 +317,8 @@ enum dlog_io {
 	DLOG_IO_RENAME,   /* GGGG.tmp -> GGGG.log */
 	DLOG_IO_SYNC_DIR, /* fsync of the directory */
 	DLOG_IO_UNLINK,   /* deleting an older or incomplete file */
+	DLOG_IO_WRITE,    /* a batch's records into the current file */
+	DLOG_IO_GROW,     /* zeros that grow the current file ahead */
 };
 const char *dlog_io_name(enum dlog_io op);
 

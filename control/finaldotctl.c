@@ -868,6 +868,10 @@ cmd_status(int argc, char **argv)
 		printf("delivery STOPPED: the delivery log failed (%s); mail is "
 		       "accepted and kept, restart once the disk is fixed\n",
 		       strerror((int)get_u64(&c, d, "log_error")));
+	else if (get_u64(&c, d, "log_no_space"))
+		printf("delivery WAITING: the spool's filesystem is full and the "
+		       "delivery log waits for room; it goes on by itself once "
+		       "there is\n");
 	printf("%-7s %9s %14s %10s %10s %8s %8s %8s\n", "worker", "sessions",
 	       "sessions_total", "messages", "flushes", "flush_us", "failed",
 	       "refused");

@@ -419,6 +419,10 @@ render_queue(FILE *f, const struct cp_stats *s)
 	    "1 when the delivery log failed (an I/O error): no delivery is "
 	    "attempted until a restart; mail is still accepted.",
 	    s->log_error ? 1 : 0);
+	one(f, "finaldot_delivery_log_no_space", "gauge",
+	    "1 while the delivery log waits for room on a full filesystem: "
+	    "deliveries wait with it and go on once there is room.",
+	    s->log_no_space);
 	/* RFC 1047 (docs/delivery.md): 250s that may not have arrived. */
 	one(f, "finaldot_dedup_indoubt_total", "counter",
 	    "Messages whose 250 may not have reached the client (its "

@@ -111,6 +111,8 @@ routing_of(const struct cplane *cp);
 struct cplane {
 	struct cp_config cfg;
 	char spool_dir[4096];
+	uint64_t ckpt_not_before; /* no delivery-log checkpoint before this
+				   * (monotonic us): one failed */
 	char hostname[256];
 	struct route_table *routes;
 	/* Where mail goes (routes, relay, bounce relay, TLS default): one
@@ -2829,6 +2831,12 @@ publish_stats(struct cplane *cp)
 	s.indoubt_unknown_total = cp->st_indoubt_unknown;
 	s.indoubt_entries = cp->n_indoubt;
 	s.log_error = cp->log ? (uint64_t)-dlog_error(cp->log) : 0;
+	if (cp->log) {
+		struct dlog_stats ds;
+
+		dlog_get_stats(cp->log, &ds);
+		s.log_no_space = ds.no_space;
+	}
 	publish_routes(cp, &s);
 	s.held = cp->n_class[MC_HELD];
 	s.active = cp->n_class[MC_ACTIVE];
@@ -2913,11 +2921,18 @@ qmgr_main(void *arg)
 			publish_stats(cp);
 			log_failed_once(cp);
 		}
-		if (cp->log && dlog_want_checkpoint(cp->log)) {
+		if (cp->log && fd_now_monotonic_us() >= cp->ckpt_not_before &&
+		    dlog_want_checkpoint(cp->log)) {
 			int r = dlog_checkpoint(cp->log, snapshot, cp);
 			fd_log(r ? FD_LOG_ERR : FD_LOG_INFO, "qmgr",
-			       "event=dlog_checkpoint messages=%zu err=%d",
-			       cp->n_msgs, -r);
+			       "event=dlog_checkpoint messages=%zu err=%d%s",
+			       cp->n_msgs, -r,
+			       r ? " retry_s=60" : "");
+			/* A failed one (a full disk: its new file found no
+			 * room) is not retried at once: each try writes the
+			 * whole queue's state. The log goes on meanwhile. */
+			cp->ckpt_not_before =
+				r ? fd_now_monotonic_us() + 60000000ull : 0;
 		}
 		if (fd_now_monotonic_us() - last_stats > 60000000ull) {
 			last_stats = fd_now_monotonic_us();

@@ -236,6 +236,16 @@ append_range(struct dlog *l, unsigned from, unsigned to)
 		cr_assert_eq(dlog_wait(l, lsn), 0);
 }
 
+/* The same without waiting. */
+static void
+append_range_nowait(struct dlog *l, unsigned from, unsigned to)
+{
+	for (unsigned i = from; i < to; i++) {
+		struct dlog_rec r = mk(i);
+		cr_assert_gt(dlog_append(l, &r), 0);
+	}
+}
+
 static void
 assert_range(const struct coll *c, size_t at, unsigned from, unsigned to)
 {
@@ -1485,4 +1495,158 @@ Test(dlog, lazy_record_alone_is_flushed_after_the_delay)
 		usleep(5 * 1000);
 	cr_assert_geq(dlog_durable(l), a, "never flushed");
 	dlog_close(l);
+}
+
+/* ---- a full filesystem ------------------------------------------------ */
+
+static atomic_bool space_full;
+static atomic_int space_refusals;
+
+static int
+space_hook(void *ctx, enum dlog_io op, uint64_t gen)
+{
+	(void)ctx;
+	(void)gen;
+	if ((op == DLOG_IO_WRITE || op == DLOG_IO_GROW) &&
+	    atomic_load(&space_full)) {
+		if (op == DLOG_IO_WRITE)
+			atomic_fetch_add(&space_refusals, 1);
+		return -ENOSPC;
+	}
+	return 0;
+}
+
+struct waiter {
+	struct dlog *l;
+	uint64_t lsn;
+	int rc;
+};
+
+static void *
+wait_main(void *arg)
+{
+	struct waiter *w = arg;
+
+	w->rc = dlog_wait(w->l, w->lsn);
+	return NULL;
+}
+
+/* A batch refused for want of space is not a failure: it waits, delivery
+ * with it, and goes in once there is room, written once, in order. */
+Test(dlog, write_refused_for_space_waits_and_then_goes_in)
+{
+	struct dlog_params p;
+	struct dlog *l;
+	struct dlog_stats s;
+	struct coll c = { 0 };
+	struct waiter w;
+	pthread_t th;
+
+	dlog_params_defaults(&p);
+	p.rotate_bytes = 1; /* a checkpoint would be wanted at once */
+	l = open_at(root, &p, NULL, NULL);
+	append_range(l, 0, 20);
+	dlog_set_io_hook(space_hook, NULL);
+	atomic_store(&space_full, true);
+	append_range_nowait(l, 20, 40);
+	w = (struct waiter){.l = l, .lsn = 40};
+	cr_assert_eq(pthread_create(&th, NULL, wait_main, &w), 0);
+	for (int i = 0; i < 200 && atomic_load(&space_refusals) < 2; i++)
+		usleep(10000);
+	dlog_get_stats(l, &s);
+	cr_assert_geq(atomic_load(&space_refusals), 2,
+		      "the batch is tried again (every second)");
+	cr_assert(s.no_space, "the log says it waits for space");
+	cr_assert_geq(s.space_waits, 2);
+	cr_assert_eq(s.error, 0, "a full disk does not fail the log");
+	cr_assert_eq(dlog_durable(l), 20);
+	cr_assert(!dlog_want_checkpoint(l), "no checkpoint while full");
+	atomic_store(&space_full, false);
+	pthread_join(th, NULL);
+	cr_assert_eq(w.rc, 0, "the waiter gets its record once there is room");
+	dlog_get_stats(l, &s);
+	cr_assert(!s.no_space);
+	cr_assert_eq(s.error, 0);
+	append_range(l, 40, 60);
+	dlog_close(l);
+	dlog_set_io_hook(NULL, NULL);
+	l = open_at(root, NULL, &c, NULL);
+	cr_assert_eq(c.n, 60, "each record once: %zu", c.n);
+	assert_range(&c, 0, 0, 60);
+	dlog_close(l);
+	coll_free(&c);
+}
+
+/* No room to grow the file ahead is no error: records still go in. */
+Test(dlog, growth_refused_for_space_is_not_an_error)
+{
+	struct dlog *l = open_at(root, NULL, NULL, NULL);
+	struct dlog_stats s;
+	struct coll c = { 0 };
+	unsigned n = 0;
+
+	/* Refuse growth only: the records' own writes go in. */
+	dlog_set_io_hook(fail_hook, NULL);
+	fail_op = DLOG_IO_GROW;
+	fail_err = -ENOSPC;
+	do { /* past the first preallocated MiB */
+		append_range(l, n, n + 500);
+		n += 500;
+		dlog_get_stats(l, &s);
+	} while (s.file_bytes < (3u << 20) / 2);
+	fail_op = -1;
+	cr_assert_gt(s.grow_failed, 0, "growth was tried and refused");
+	cr_assert_eq(s.error, 0);
+	cr_assert_eq(dlog_durable(l), n);
+	dlog_close(l);
+	dlog_set_io_hook(NULL, NULL);
+	l = open_at(root, NULL, &c, NULL);
+	cr_assert_eq(c.n, n);
+	assert_range(&c, 0, 0, n);
+	dlog_close(l);
+	coll_free(&c);
+}
+
+/* Any other write error still fails the log for good. */
+Test(dlog, write_error_other_than_space_is_permanent)
+{
+	struct dlog *l = open_at(root, NULL, NULL, NULL);
+	struct dlog_rec r = mk(3);
+	uint64_t a;
+
+	append_range(l, 0, 5);
+	dlog_set_io_hook(fail_hook, NULL);
+	fail_op = DLOG_IO_WRITE;
+	fail_err = -EIO;
+	a = dlog_append(l, &r);
+	cr_assert_eq(dlog_wait(l, a), -EIO);
+	fail_op = -1;
+	cr_assert_eq(dlog_append(l, &r), 0);
+	dlog_close(l);
+}
+
+/* Stopping while a batch waits for space ends the wait at once. */
+Test(dlog, close_while_waiting_for_space_returns)
+{
+	struct dlog *l = open_at(root, NULL, NULL, NULL);
+	struct coll c = { 0 };
+	struct timespec t0, t1;
+
+	append_range(l, 0, 10);
+	dlog_set_io_hook(space_hook, NULL);
+	atomic_store(&space_full, true);
+	append_range_nowait(l, 10, 20);
+	for (int i = 0; i < 200 && atomic_load(&space_refusals) < 1; i++)
+		usleep(10000);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	dlog_close(l);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	cr_assert_lt(t1.tv_sec - t0.tv_sec, 3, "close waited for space");
+	atomic_store(&space_full, false);
+	dlog_set_io_hook(NULL, NULL);
+	l = open_at(root, NULL, &c, NULL);
+	cr_assert_geq(c.n, 10, "what was durable stays");
+	assert_range(&c, 0, 0, 10);
+	dlog_close(l);
+	coll_free(&c);
 }
