@@ -149,6 +149,11 @@ static const struct opt options[] = {
 	{"max_segments", NULL, OPT_U64, F(max_segments), 0, "N",
 	 "segments per worker, 0 = until the disk is full; then 452 4.3.1 "
 	 "(default 0)"},
+	{"spool_min_free", NULL, OPT_SIZE, F(spool_min_free), 0, "BYTES",
+	 "no new spool segment while the spool's filesystem has less than "
+	 "this free (at most a tenth of its size): new mail gets 452 4.3.1 "
+	 "and the room left is the delivery log's, so that delivery goes on "
+	 "and frees space (0: none; default 1G)"},
 	{"route", NULL, OPT_ROUTE, 0, 0, "DOMAIN=TARGET",
 	 "deliver mail for DOMAIN to TARGET, repeatable; TARGET is "
 	 "smtp:HOST:PORT, lmtp:HOST:PORT, lmtp:unix:PATH or maildir:DIR"},
@@ -299,6 +304,7 @@ fd_config_defaults(struct fd_config *c)
 	strcpy(c->spool_prepare, "auto");
 	c->spare_segments = 2;
 	c->max_segments = 0;
+	c->spool_min_free = 1ull << 30;
 	c->log_level = FD_LOG_INFO;
 	strcpy(c->dpdk_offloads, "auto");
 	c->delivery = true;

@@ -317,6 +317,7 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	sp.max_msgs = c->max_connections;
 	sp.spare_segments = c->spare_segments;
 	sp.max_segments = c->max_segments;
+	sp.min_free = c->spool_min_free;
 	sp.seed_msgid = w->seed_msgid;
 	sp.ring = ring;
 	sp.done = worker_commit_done;

@@ -200,6 +200,9 @@ struct smtp_server {
 	bool gap_staged;
 	unsigned n_gap_stage;
 	uint64_t gap_stage[SMTP_GAP_STAGE];
+	/* A full spool refuses every message: one line per 10 s of them. */
+	uint64_t full_logged_us;
+	uint64_t full_unlogged;
 };
 
 static void
@@ -491,9 +494,24 @@ msg_open(struct smtp_session *s)
 	if (!s->msg && err == -EAGAIN)
 		return err; /* no room right now: the caller holds the command */
 	if (!s->msg) {
-		fd_log(FD_LOG_WARN, "smtp",
-		       "%016" PRIx64 " event=spool_begin_failed err=%d",
-		       s->sid, err);
+		/* A full spool (452 4.3.1) is a state the spool logs itself,
+		 * and every message meets it: a line per message would
+		 * flood the log, often on the same full disk. */
+		uint64_t mono = smtp_mono(srv);
+
+		if (err != -ENOSPC || !srv->full_logged_us ||
+		    mono - srv->full_logged_us >= 10000000u) {
+			fd_log(FD_LOG_WARN, "smtp",
+			       "%016" PRIx64 " event=spool_begin_failed err=%d"
+			       " suppressed=%" PRIu64,
+			       s->sid, err, srv->full_unlogged);
+			if (err == -ENOSPC) {
+				srv->full_logged_us = mono ? mono : 1;
+				srv->full_unlogged = 0;
+			}
+		} else {
+			srv->full_unlogged++;
+		}
 		return err < 0 ? err : -EIO;
 	}
 	s->fail = SMTP_FAIL_NONE;

@@ -1548,7 +1548,7 @@ spool_create(const struct spool_params *p)
 	}
 	sp->prep = spool_prep_start(wdir, p->worker, p->segment_size,
 				    p->spare_segments, p->max_segments,
-				    sp->fault == F_ENOSPC,
+				    p->min_free, sp->fault == F_ENOSPC,
 				    p->fallocate_segments, p->helper_cpus,
 				    sp->wake_fd, &r);
 	if (!sp->prep)

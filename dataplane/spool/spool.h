@@ -114,6 +114,9 @@ struct spool_params {
 	unsigned max_msgs;        /* open messages at once (one per session) */
 	unsigned spare_segments;  /* pre-zeroed segments kept ready; default 2 */
 	uint64_t max_segments;    /* per worker, 0 = until the disk is full */
+	/* No new segment file while the filesystem would keep less than
+	 * min(min_free, a tenth of its size) free; 0: no such reserve. */
+	uint64_t min_free;
 	uint64_t seed_msgid;      /* largest id recovery found (0: none) */
 	struct io_uring *ring;    /* NULL: own ring */
 	const char *fault;        /* fault spec or NULL (see above) */

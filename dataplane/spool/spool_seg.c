@@ -40,6 +40,7 @@
 #include <string.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -94,7 +95,11 @@ struct spool_prep {
 	uint64_t seg_size;
 	unsigned spares;
 	uint64_t max_segments;
+	uint64_t min_free;
 	bool no_space;
+	bool reserve_hit; /* the last new segment was refused for min_free */
+	int logged_err;   /* the failure last logged, and when (monotonic) */
+	uint64_t logged_us;
 	bool no_dirsync; /* test mutant "no-dirsync" (issue 10) */
 	bool falloc;     /* new segments by fallocate(), not zeros */
 	bool made_one;   /* a segment was prepared since the start */
@@ -786,16 +791,65 @@ spool_prep_has_recycled(const struct spool_prep *pp)
 	return atomic_load_explicit(&pp->rdone_n, memory_order_relaxed) != 0;
 }
 
+/*
+ * Room for one more segment file above the reserve? The reserve is the
+ * delivery log's (in the same spool directory): without it a spool that
+ * filled its disk while a next hop was down would leave the log no room
+ * to record the deliveries that free the disk again. Capped at a tenth of
+ * the filesystem so that a small spool disk still takes mail. Workers
+ * check on their own, so several at once can each take one segment out of
+ * the reserve: at most (workers - 1) x seg_size.
+ */
+static int
+room_for_one(struct spool_prep *pp)
+{
+	struct statvfs v;
+	uint64_t avail, reserve;
+
+	if (!pp->min_free || statvfs(pp->wdir, &v) != 0 || v.f_blocks == 0)
+		return 0; /* no reserve, no answer or no size (some FUSE
+			   * filesystems): the write decides */
+	avail = (uint64_t)v.f_bavail * v.f_frsize;
+	reserve = (uint64_t)v.f_blocks * v.f_frsize / 10;
+	if (reserve > pp->min_free)
+		reserve = pp->min_free;
+	if (avail >= reserve + pp->seg_size) {
+		if (pp->reserve_hit)
+			fd_log(FD_LOG_INFO, "spool",
+			       "event=spool_room_again worker=%u "
+			       "available=%" PRIu64,
+			       pp->worker, avail);
+		pp->reserve_hit = false;
+		return 0;
+	}
+	if (!pp->reserve_hit)
+		fd_log(FD_LOG_WARN, "spool",
+		       "event=spool_min_free_reached worker=%u "
+		       "available=%" PRIu64 " reserve=%" PRIu64
+		       " segment_size=%" PRIu64
+		       " action=\"new mail gets 452 4.3.1 until delivery or "
+		       "an operator frees space; the reserve is the delivery "
+		       "log's\"",
+		       pp->worker, avail, reserve, pp->seg_size);
+	pp->reserve_hit = true;
+	return -ENOSPC;
+}
+
 static int
 make_one(struct spool_prep *pp)
 {
+	int r;
+
 	if (pp->n_cands) {
 		struct cand c = pp->cands[--pp->n_cands];
 		return prepare(pp, c.file_no, false, c.rezero);
 	}
 	if (pp->max_segments && pp->n_files >= pp->max_segments)
 		return -ENOSPC;
-	int r = prepare(pp, pp->next_file_no, true, true);
+	r = room_for_one(pp);
+	if (r)
+		return r;
+	r = prepare(pp, pp->next_file_no, true, true);
 	if (r == 0) {
 		pp->next_file_no++;
 		pp->n_files++;
@@ -832,12 +886,24 @@ prep_main(void *arg)
 			if (r == -EEXIST)
 				r = 0;
 			if (r) {
+				uint64_t now = fd_now_monotonic_us();
+
 				pp->err = r;
-				fd_log(FD_LOG_ERR, "spool",
-				       "event=segment_prepare_failed worker=%u "
-				       "err=%d",
-				       pp->worker, -r);
+				/* Retried each second: logged when it
+				 * changes, else once a minute. */
+				if (!pp->reserve_hit &&
+				    (r != pp->logged_err ||
+				     now - pp->logged_us >= 60000000u)) {
+					fd_log(FD_LOG_ERR, "spool",
+					       "event=segment_prepare_failed "
+					       "worker=%u err=%d",
+					       pp->worker, -r);
+					pp->logged_err = r;
+					pp->logged_us = now;
+				}
 				pthread_cond_broadcast(&pp->cv);
+			} else {
+				pp->logged_err = 0;
 			}
 			continue;
 		}
@@ -864,7 +930,8 @@ prep_main(void *arg)
 
 struct spool_prep *
 spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
-		 unsigned spares, uint64_t max_segments, bool no_space,
+		 unsigned spares, uint64_t max_segments, uint64_t min_free,
+		 bool no_space,
 		 bool falloc, const cpu_set_t *cpus, int wake_fd, int *err)
 {
 	struct spool_prep *pp = calloc(1, sizeof(*pp));
@@ -882,6 +949,7 @@ spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
 	pp->seg_size = seg_size;
 	pp->spares = spares ? spares : 1;
 	pp->max_segments = max_segments;
+	pp->min_free = min_free;
 	pp->no_space = no_space;
 	pp->falloc = falloc;
 #ifdef FINALDOT_FAULT_INJECTION

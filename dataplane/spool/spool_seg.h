@@ -29,13 +29,16 @@ struct spool_prep;
  * segments already there (those holding no valid record become spares; one
  * whose header is damaged stays sealed if it holds any intact record) and
  * writes the segment list (spool_ledger.h), then keeps `spares` zeroed
- * segments of seg_size ready. no_space: make
- * nothing, report -ENOSPC (fault injection). cpus: the thread's affinity
+ * segments of seg_size ready. min_free: no new segment file while the
+ * filesystem would be left with less than min(min_free, a tenth of its
+ * size) available (-ENOSPC, as a full disk; reused files need no room);
+ * 0: none. no_space: make nothing, report -ENOSPC (fault injection). cpus: the thread's affinity
  * (NULL: inherited). Returns NULL with *err set.
  */
 struct spool_prep *spool_prep_start(const char *wdir, unsigned worker,
 				    uint64_t seg_size, unsigned spares,
-				    uint64_t max_segments, bool no_space,
+				    uint64_t max_segments, uint64_t min_free,
+				    bool no_space,
 				    bool falloc, const cpu_set_t *cpus,
 				    int wake_fd, int *err);
 /*

@@ -83,6 +83,7 @@ struct fd_config {
 	bool spool_fallocate; /* spool_prepare resolved at start (no option) */
 	unsigned spare_segments;
 	uint64_t max_segments;
+	uint64_t spool_min_free; /* bytes kept free on the spool's fs */
 
 	/* DPDK transport (issue 3) */
 	char dpdk_eal[1024];
