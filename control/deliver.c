@@ -426,8 +426,11 @@ conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
 {
 	*reused = false;
 	if (cc->c && strcmp(cc->key, d->key) == 0) {
-		*reused = true;
-		return cc->c;
+		if (smtpc_reusable(cc->c)) {
+			*reused = true;
+			return cc->c;
+		}
+		cache_drop(cc, false); /* closed by the peer, or out of step */
 	}
 	cache_drop(cc, true);
 	cc->c = deliver_connect(cp, d->kind, d->host, d->port, d->path, d->tls,
@@ -453,9 +456,9 @@ precheck(const struct q_msg *m, struct smtpc *c, struct q_job *j)
 		why = "550 5.6.7 the next hop does not support SMTPUTF8, "
 		      "which this message requires";
 	else if (m->body_type == FD_BODY_BINARYMIME &&
-		 !(ext & SMTPC_EXT_CHUNKING))
-		why = "554 5.6.3 the next hop does not support CHUNKING, "
-		      "which a BINARYMIME message requires";
+		 (~ext & (SMTPC_EXT_CHUNKING | SMTPC_EXT_BINARYMIME)))
+		why = "554 5.6.3 the next hop does not support CHUNKING and "
+		      "BINARYMIME, which a BINARYMIME message requires";
 	else if (lim && m->body_len > lim)
 		why = "552 5.3.4 message larger than the next hop accepts";
 	if (!why)

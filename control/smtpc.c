@@ -111,8 +111,11 @@ struct smtpc {
 	bool fail_body;   /* the body source */
 	bool got_421;     /* the peer announced it closes */
 	/* smtpc_send(): the message's final octets (its final dot, its
-	 * BDAT LAST chunk) were queued to go out */
+	 * BDAT LAST chunk) were queued to go out, ending at stream
+	 * position last_end; they went out once sent >= last_end */
 	bool last_out;
+	uint64_t last_end;
+	uint64_t sent; /* octets handed to the kernel (or to TLS) so far */
 	/* the last socket operation was a write: the next read waits for
 	 * the peer first (a recv then would only say EAGAIN) */
 	bool wrote;
@@ -559,6 +562,7 @@ io_write(struct smtpc *c, const void *buf, size_t n, uint64_t timeout_ms)
 		if (k > 0) {
 			p += k;
 			n -= (size_t)k;
+			c->sent += (uint64_t)k;
 			continue;
 		}
 		rc = ssl_wait(c, k, deadline);
@@ -574,6 +578,7 @@ io_write(struct smtpc *c, const void *buf, size_t n, uint64_t timeout_ms)
 		if (k > 0) {
 			p += k;
 			n -= (size_t)k;
+			c->sent += (uint64_t)k;
 			c->wrote = true;
 			continue;
 		}
@@ -622,6 +627,24 @@ out_put(struct smtpc *c, const void *p, size_t n)
 		}
 	}
 	return 0;
+}
+
+/* The current message's final octets are queued (in obuf or gone). */
+static void
+final_queued(struct smtpc *c)
+{
+	c->last_out = true;
+	c->last_end = c->sent + c->olen;
+}
+
+/* Did they go out? A write that failed before them (a peer that closed
+ * the connection while it sat idle in the cache: EPIPE on the first
+ * write) sent nothing the peer could take as a message: it may be tried
+ * again elsewhere, and is no possible duplicate. */
+static bool
+final_sent(const struct smtpc *c)
+{
+	return c->last_out && c->sent >= c->last_end;
 }
 
 /*
@@ -927,12 +950,17 @@ session_open(struct smtpc *c, struct smtpc_reply *why)
 			return -EPROTO;
 	}
 	enter_state(c, ST_READY);
-	if (c->tls != SMTPC_TLS_NONE && !c->ssl && c->proto == SMTPC_SMTP) {
+	/* LMTP over TCP too (RFC 2033 4.1 keeps ESMTP's extensions; Dovecot
+	 * offers STARTTLS): a route's tls=encrypt|verify must not go out in
+	 * the clear. The caller asks for none over a unix socket. */
+	if (c->tls != SMTPC_TLS_NONE && !c->ssl) {
 		rc = starttls(c, why);
 		if (rc < 0 || !c->ssl)
 			return rc;
 		/* RFC 3207 4.2: what EHLO said before TLS is void. */
-		rc = hello(c, ST_EHLO, "EHLO", ehlo_hook, why);
+		rc = hello(c, ST_EHLO,
+			   c->proto == SMTPC_LMTP ? "LHLO" : "EHLO", ehlo_hook,
+			   why);
 		if (rc < 0)
 			return rc;
 		if (why->code / 100 != 2)
@@ -1027,11 +1055,13 @@ smtpc_connect_fd(int fd, enum smtpc_proto proto, const struct smtpc_params *p,
 	}
 	c->fd = fd;
 	*err = session_open(c, why);
-	if (*err < 0)
-		goto out_free;
+	if (*err < 0) {
+		/* TLS may be up (the EHLO inside it failed): free it too. */
+		c->st = ST_BROKEN;
+		smtpc_abort(c);
+		return NULL;
+	}
 	return c;
-out_free:
-	free(c);
 out_close_fd:
 	close(fd);
 	return NULL;
@@ -1187,8 +1217,9 @@ again:
 		goto again;
 	}
 	if (*err < 0) {
-		close(fd);
-		free(c);
+		/* TLS may be up (the EHLO inside it failed): free it too. */
+		c->st = ST_BROKEN;
+		smtpc_abort(c);
 		return NULL;
 	}
 	return c;
@@ -1611,10 +1642,10 @@ body_data(struct smtpc *c, const struct smtpc_msg *m,
 	 * is just the "." line */
 	if (st.total && !(st.before_last == '\r' && st.last == '\n'))
 		rc = out_put(c, "\r\n", 2);
-	if (rc == 0) {
-		c->last_out = true;
+	if (rc == 0)
 		rc = out_put(c, ".\r\n", 3);
-	}
+	if (rc == 0)
+		final_queued(c);
 	if (rc == 0)
 		rc = out_flush(c);
 	if (rc < 0)
@@ -1674,7 +1705,7 @@ body_bdat(struct smtpc *c, const struct smtpc_msg *m,
 				c->fail_body = true;
 				return k < 0 ? (int)k : -EIO;
 			}
-			c->last_out = true;
+			final_queued(c);
 		}
 		rc = out_flush(c);
 		if (rc < 0)
@@ -2011,7 +2042,7 @@ send_alone(struct smtpc *c, struct smtpc_tx *t, bool open, bool *done)
 		return rc;
 	enter_state(c, ST_READY);
 	t->rc = smtpc_send(c, t->m, &t->mail, t->rcpt, t->data);
-	t->last_out = c->last_out;
+	t->last_out = final_sent(c);
 	*done = true;
 	return t->rc < 0 ? t->rc : 0;
 }
@@ -2078,7 +2109,8 @@ many_bdat(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 				rc = out_put(c, hdr, (size_t)hl);
 			if (rc == 0)
 				rc = out_put(c, c->bbuf, (size_t)t->m->size);
-			t->last_out = true;
+			t->last_out = rc == 0;
+			t->out_end = c->sent + c->olen;
 			rs[i] = rset;
 			rset = true;
 			bytes += (size_t)t->m->size + ENV_MAX / 16;
@@ -2210,6 +2242,7 @@ many_data(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 			if (rc < 0)
 				break;
 			t->last_out = n_ok > 0;
+			t->out_end = c->sent + c->olen;
 			need_rset = n_ok == 0;
 			pend = (int)i;
 			pend_ok = n_ok;
@@ -2240,6 +2273,43 @@ many_data(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 	return rc;
 }
 
+/*
+ * After a batch, READY: a reply already waiting that no command asked for
+ * means the peer answered something twice (or a middlebox did), and every
+ * reply read may have been the one to the command before it: a message
+ * taken as delivered may have been refused, another bounced with its
+ * neighbour's reply. None of the batch's outcomes is trusted: each is
+ * deferred, those whose final octets went out counted as possibly
+ * delivered (a duplicate at worst, never a loss). 0 or -EPROTO.
+ */
+static int
+out_of_step(struct smtpc *c, struct smtpc_tx *tx, unsigned n)
+{
+	struct smtpc_reply f;
+	char b;
+
+	if (c->st != ST_READY)
+		return 0;
+	/* In our buffer, or (in the clear) already on the socket: an EOF
+	 * alone is no reply and leaves the batch's outcomes as they are. */
+	if (c->roff == c->rlen &&
+	    (c->ssl || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) != 1))
+		return 0;
+	reply_local(&f, 451, "4.5.0",
+		    "next hop out of step (a reply nothing asked for): "
+		    "outcome unknown");
+	for (unsigned i = 0; i < n; i++) {
+		struct smtpc_tx *t = &tx[i];
+
+		if (!t->m || !t->rcpt || !t->data || t->rc == -EINVAL)
+			continue;
+		fill_all(t->m->n_rcpts, &t->mail, t->rcpt, t->data, &f);
+		t->rc = -EPROTO;
+	}
+	enter_state(c, ST_BROKEN);
+	return -EPROTO;
+}
+
 int
 smtpc_send_many(struct smtpc *c, struct smtpc_tx *tx, unsigned n)
 {
@@ -2256,11 +2326,11 @@ smtpc_send_many(struct smtpc *c, struct smtpc_tx *tx, unsigned n)
 			struct smtpc_tx *t = &tx[i];
 			c->last_out = false;
 			t->rc = smtpc_send(c, t->m, &t->mail, t->rcpt, t->data);
-			t->last_out = c->last_out;
+			t->last_out = final_sent(c);
 			if (t->rc < 0 && rc == 0 && t->rc != -EINVAL)
 				rc = t->rc;
 		}
-		return rc;
+		return rc == 0 ? out_of_step(c, tx, n) : rc;
 	}
 	/* Every slot holds a reply when this returns, also those of
 	 * transactions a failure kept from being started. */
@@ -2275,6 +2345,7 @@ smtpc_send_many(struct smtpc *c, struct smtpc_tx *tx, unsigned n)
 		}
 		t->rc = 0;
 		t->last_out = false;
+		t->out_end = 0;
 	}
 	done = calloc(n, sizeof(*done));
 	if (!done)
@@ -2282,12 +2353,40 @@ smtpc_send_many(struct smtpc *c, struct smtpc_tx *tx, unsigned n)
 	c->fail_write = c->fail_body = false;
 	rc = (c->exts & SMTPC_EXT_CHUNKING) ? many_bdat(c, tx, n, done)
 					    : many_data(c, tx, n, done);
+	/* Final octets queued but never written (the write carrying them
+	 * failed) did not go out. */
+	for (unsigned i = 0; i < n; i++)
+		if (tx[i].last_out && tx[i].out_end && tx[i].out_end > c->sent)
+			tx[i].last_out = false;
 	if (rc < 0)
 		tx_broken(c, tx, n, done, rc);
 	else
 		enter_state(c, ST_READY);
 	free(done);
-	return rc;
+	return rc == 0 ? out_of_step(c, tx, n) : rc;
+}
+
+bool
+smtpc_reusable(struct smtpc *c)
+{
+	struct pollfd pfd;
+
+	if (!c || c->st != ST_READY || c->fd < 0)
+		return false;
+	pfd.fd = c->fd;
+	pfd.events = POLLIN;
+	pfd.revents = 0;
+	if (c->roff != c->rlen || (c->ssl && SSL_pending(c->ssl) > 0) ||
+	    poll(&pfd, 1, 0) != 0) {
+		/* In READY nothing is owed to us: octets waiting (a 421
+		 * before the peer closed, its FIN, a reply too many) mean
+		 * the connection is gone or out of step. Reading them as
+		 * the next MAIL's reply would charge that message, or
+		 * shift every later reply by one. */
+		enter_state(c, ST_BROKEN);
+		return false;
+	}
+	return true;
 }
 
 int

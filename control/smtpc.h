@@ -236,6 +236,7 @@ struct smtpc_tx {
 	 * to the connection: when no final reply came (rc < 0) the peer may
 	 * have the message anyway (RFC 1047) */
 	bool last_out;
+	uint64_t out_end; /* internal: where those octets end in the stream */
 };
 
 /*
@@ -264,6 +265,12 @@ struct smtpc_tx {
  * last_out false never reached the peer and can be tried elsewhere.
  */
 int smtpc_send_many(struct smtpc *c, struct smtpc_tx *tx, unsigned n);
+
+/* Whether a cached connection may carry the next transaction: READY with
+ * nothing waiting to be read (no octet buffered or on the socket, no EOF).
+ * False breaks it: the caller closes it and connects anew, charging no
+ * message. No I/O beyond a poll(). */
+bool smtpc_reusable(struct smtpc *c);
 
 /* Liveness check of a cached connection: RSET, expect 2xx. 0 or -errno
  * (-EPROTO for a non-2xx reply); on error the connection is broken. */

@@ -3354,3 +3354,162 @@ Test(smtpc, many_bdat_rounds_bounded_by_bytes)
 	cr_assert_leq(max, 256 * 1024 + 40000 + 4096, "a burst of %zu", max);
 	lazy_free(z);
 }
+
+/* ---- a cached connection, and a peer out of step (review 2026-12-05) --- */
+
+/* The peer closed the idle connection (after a 421, or without a word):
+ * smtpc_reusable() says so before anything is sent, so that the next
+ * batch goes to a new connection instead of being charged the stale 421
+ * or a lost write. A connection with nothing pending is reusable. */
+Test(smtpc, reusable_only_with_nothing_pending)
+{
+	static const struct step said421[] = {
+		GREET,
+		EHLO_PC,
+		{ NULL, "421 4.4.2 mx.test Error: timeout exceeded\r\n" },
+		{ "<close>", NULL },
+		END,
+	};
+	static const struct step quiet[] = {
+		GREET,
+		EHLO_PC,
+		{ "<hang>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(said421, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+
+	srv_end(s); /* it said 421 and closed */
+	cr_assert_not(smtpc_reusable(c), "a 421 waits on the socket");
+	cr_assert_eq(smtpc_rset(c), -ENOTCONN, "and it is broken now");
+	smtpc_abort(c);
+	srv_free(s);
+
+	s = srv_start(quiet, false);
+	c = open_to(s, SMTPC_SMTP);
+	cr_assert(smtpc_reusable(c), "nothing pending: reusable");
+	cr_assert(smtpc_reusable(c), "asking twice changes nothing");
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* A batch on a connection whose peer is gone (EPIPE on the first write):
+ * nothing went out, so no message is a possible duplicate and each may be
+ * tried again on a new connection (last_out false). Before, last_out was
+ * set when the final octets were queued, not written. */
+Test(smtpc, many_bdat_write_fails_nothing_went_out)
+{
+	int sv[2], err = 0;
+	struct smtpc_reply why;
+	struct smtpc_tx tx[2];
+	struct bmsg bm[2];
+	char buf[512];
+	const char *script = "220 pair\r\n250-pair\r\n250-PIPELINING\r\n"
+			     "250 CHUNKING\r\n";
+
+	cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	cr_assert_eq(write(sv[1], script, strlen(script)),
+		     (ssize_t)strlen(script));
+	struct smtpc_params p = params(1000, 1000);
+	struct smtpc *c = smtpc_connect_fd(sv[0], SMTPC_SMTP, &p, &why, &err);
+	cr_assert_not_null(c, "%d %s", err, why.text);
+	cr_assert_gt(read(sv[1], buf, sizeof(buf)), 0); /* its EHLO */
+	close(sv[1]);
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", R1, 1, "two\r\n");
+	cr_assert_lt(smtpc_send_many(c, tx, 2), 0);
+	for (int k = 0; k < 2; k++) {
+		cr_assert_lt(tx[k].rc, 0);
+		cr_assert_not(tx[k].last_out, "message %d: nothing was written",
+			      k + 1);
+		cr_assert(tx[k].mail.local);
+	}
+	smtpc_abort(c);
+}
+
+/* A peer that answers BDAT LAST twice: every later reply would belong to
+ * the command before it (message 2's 554 read as delivered, message 3
+ * bounced with it). The reply nothing asked for, still waiting when the
+ * batch ends, breaks the connection and defers the whole batch, each
+ * message counted as possibly delivered; none is taken as delivered or
+ * bounced on such replies. */
+Test(smtpc, many_bdat_reply_too_many_defers_the_batch)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PC,
+		{ "MAIL FROM:<s1@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ", NULL },
+		{ "RSET\r\n", NULL },
+		{ "MAIL FROM:<s2@", NULL },
+		{ "RCPT", NULL },
+		{ "BDAT ",
+		  "250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 queued as M1\r\n"
+		  "250 2.0.0 queued as M1 (again)\r\n"
+		  "250 2.0.0 reset\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n"
+		  "554 5.7.1 message 2 rejected\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct smtpc_tx tx[2];
+	struct bmsg bm[2];
+
+	BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+	BM(&tx[1], &bm[1], "s2@x.test", R1, 1, "two\r\n");
+	/* let every reply arrive before the client reads them */
+	cr_assert_eq(smtpc_send_many(c, tx, 2), -EPROTO);
+	for (int k = 0; k < 2; k++) {
+		cr_assert_eq(tx[k].rc, -EPROTO, "message %d", k + 1);
+		cr_assert(tx[k].last_out, "message %d went out", k + 1);
+		cr_assert(tx[k].data[0].local);
+		cr_assert_eq(tx[k].data[0].code, 451, "%s",
+			     tx[k].data[0].text);
+		cr_assert(strstr(tx[k].data[0].text, "out of step"), "%s",
+			  tx[k].data[0].text);
+	}
+	cr_assert_not(smtpc_reusable(c));
+	smtpc_abort(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+/* LMTP over TCP follows the route's TLS policy as SMTP does: with encrypt
+ * or verify and no STARTTLS offered nothing is sent in the clear. (It went
+ * out in the clear, logged tls="none".) */
+Test(smtpc, lmtp_over_tcp_required_tls_not_offered_defers)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "LHLO client.test", "250-mx.test\r\n250 PIPELINING\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+	const enum smtpc_tls pols[] = { SMTPC_TLS_ENCRYPT, SMTPC_TLS_VERIFY };
+
+	for (unsigned k = 0; k < 2; k++) {
+		struct srv *s = srv_start(st, false);
+		struct smtpc_target t;
+		struct smtpc_params p = params(5000, 5000);
+		struct smtpc_reply why;
+		char e[200];
+		int err = 0;
+
+		target_of(s, SMTPC_LMTP, &t);
+		p.tls = pols[k];
+		p.tls_ctx = smtpc_tls_ctx_new(NULL, e, sizeof(e));
+		cr_assert_not_null(p.tls_ctx, "%s", e);
+		struct smtpc *c = smtpc_connect(&t, &p, &why, &err);
+		smtpc_tls_ctx_free(p.tls_ctx);
+		cr_assert_null(c, "policy %d: connected in the clear", pols[k]);
+		cr_assert_eq(err, -EPROTO);
+		cr_assert(strstr(why.text, "4.7.10") &&
+			  strstr(why.text, "does not offer STARTTLS"),
+			  "%s", why.text);
+		srv_end(s);
+		srv_free(s);
+	}
+}
