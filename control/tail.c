@@ -54,6 +54,11 @@
  */
 #define WALK_QUIET_US 1000000u
 #define WALK_STEP (4u << 20) /* per tail_tick() then */
+/* A segment whose header cannot be read (its open failed with EMFILE, an
+ * I/O error) is tried again this long, holding up the later ones; then it
+ * is passed over but never sealed or given back: its messages, not
+ * queued, stay on disk for the next start's scan. */
+#define HEADER_RETRY_US 10000000u
 
 struct tseg {
 	struct q_seg *qs;
@@ -61,6 +66,7 @@ struct tseg {
 	bool dfd_tried; /* set from the start when the tail reads buffered */
 	bool header_ok;
 	bool header_read;
+	uint64_t header_failed_us; /* first failed read of it (monotonic) */
 	uint64_t epoch;
 	uint64_t size;
 	uint64_t walked; /* resume point */
@@ -362,16 +368,26 @@ read_header(struct tail *t, struct tseg *ts)
 {
 	uint8_t hb[SPOOL_SEG_HDR_LEN];
 	struct spool_seg_hdr h;
-	int fd = ts->qs->fd;
+	int fd;
 
 	ts->header_read = true;
+	if (ts->qs->fd < 0) /* its open failed (EMFILE...): once more */
+		ts->qs->fd = fd_open_noatime(ts->qs->path,
+					     O_RDONLY | O_CLOEXEC);
+	fd = ts->qs->fd;
 	if (fd < 0 ||
 	    spool_read_fd(&fd, 0, hb, sizeof(hb)) != (long)sizeof(hb) ||
 	    spool_seg_hdr_decode(hb, sizeof(hb), &h) != SPOOL_DEC_OK ||
 	    h.use_seq != ts->qs->use_seq) {
-		fd_log(FD_LOG_ERR, "tail",
-		       "worker=%u event=segment_unreadable file=%08" PRIx64,
-		       t->worker, ts->qs->file_no);
+		if (!ts->header_failed_us)
+			fd_log(FD_LOG_ERR, "tail",
+			       "worker=%u event=segment_unreadable "
+			       "file=%08" PRIx64 " note=\"retried for %u s\"",
+			       t->worker, ts->qs->file_no,
+			       HEADER_RETRY_US / 1000000u);
+		if (!ts->header_failed_us)
+			ts->header_failed_us = fd_now_monotonic_us();
+		ts->header_read = false; /* tried again at the next walk */
 		return -EIO;
 	}
 	ts->header_ok = true;
@@ -527,6 +543,28 @@ catch_up_budget(struct tail *t, uint64_t budget)
 		}
 		if (ts->header_ok && ts->walked < ts->size)
 			return; /* a read failed: retry later */
+		if (!ts->header_ok) {
+			/* Never sealed: sealed with no reference it would go
+			 * back to its worker, a new epoch over acknowledged
+			 * mail nobody queued. */
+			if (fd_now_monotonic_us() - ts->header_failed_us <
+			    HEADER_RETRY_US) {
+				t->pend = true;
+				return;
+			}
+			fd_log(FD_LOG_ERR, "tail",
+			       "worker=%u event=segment_skipped file=%08" PRIx64
+			       " action=\"its messages are not queued until "
+			       "the next start, which scans it; the segment is "
+			       "kept\"",
+			       t->worker, ts->qs->file_no);
+			t->st.segments_skipped++;
+			if (ts->dfd >= 0)
+				close(ts->dfd);
+			ts->dfd = -1; /* our reference stays: never reclaimed */
+			t->cur++;
+			continue;
+		}
 		used = ts->walked - before;
 		qm_seg_seal(t->q, ts->qs);
 		tseg_done(t, ts);

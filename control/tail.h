@@ -60,6 +60,7 @@ struct tail_stats {
 	uint64_t messages;
 	uint64_t dropped; /* failed/aborted/broken messages not queued */
 	uint64_t partials; /* now */
+	uint64_t segments_skipped; /* header unreadable: kept, not queued */
 };
 void tail_get_stats(const struct tail *t, struct tail_stats *st);
 

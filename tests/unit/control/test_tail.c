@@ -34,6 +34,9 @@ static uint64_t indoubt_id;
 static bool indoubt_queued;
 static struct q_seg *segs[64];
 static size_t n_segs;
+/* file_no + 1 of a segment whose first open fails (0: none), as EMFILE
+ * would make it */
+static uint64_t fail_open_of;
 
 /* ---- the queue manager's side, recorded ------------------------------- */
 
@@ -57,6 +60,10 @@ qm_seg_get(struct cplane *q, unsigned worker, uint64_t file_no,
 		 worker, (unsigned long long)file_no);
 	s->fd = open(s->path, O_RDONLY | O_CLOEXEC);
 	cr_assert_geq(s->fd, 0, "%s", s->path);
+	if (fail_open_of == file_no + 1) {
+		close(s->fd);
+		s->fd = -1;
+	}
 	segs[n_segs++] = s;
 	return s;
 }
@@ -156,6 +163,7 @@ setup(void)
 	fd_test_dir_make(root, sizeof(root), "/var/tmp", "tail");
 	n_ev = fed = n_added = n_segs = 0;
 	indoubt_id = 0;
+	fail_open_of = 0;
 }
 
 static void
@@ -173,14 +181,14 @@ TestSuite(tail, .init = setup, .fini = teardown, .timeout = 60);
 static const char *const rcpts[] = {"r@example.org"};
 
 static struct spool *
-open_spool(void)
+open_spool_seg(uint64_t segment_size)
 {
 	struct spool_params p;
 
 	spool_params_defaults(&p);
 	p.dir = root;
 	p.worker = 1;
-	p.segment_size = 8u << 20;
+	p.segment_size = segment_size;
 	p.batch_size = 16384;
 	p.batches = 4;
 	p.max_msgs = 4;
@@ -192,6 +200,12 @@ open_spool(void)
 		cr_skip_test("io_uring or O_DIRECT unavailable");
 	cr_assert_not_null(sp);
 	return sp;
+}
+
+static struct spool *
+open_spool(void)
+{
+	return open_spool_seg(8u << 20);
 }
 
 /* One message of n octets, flushed and durable before it returns (one
@@ -412,6 +426,85 @@ Test(tail, without_delivery_a_flush_still_walks_at_once)
 	cr_assert_eq(n_added, 0);
 	tail_flush(t);
 	cr_assert_eq(n_added, 10);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* ---- a segment the tailer cannot read (review 2026-12-05) -------------- */
+
+/* Messages through 1 MiB segments until the third one is in use. */
+static size_t
+fill_two_segments(struct spool *sp, struct tail *t)
+{
+	size_t n = 0;
+
+	while (n < 400) {
+		write_msg(sp, 8000);
+		n++;
+		feed(t);
+		if (n_segs >= 3)
+			break;
+	}
+	cr_assert_geq(n_segs, 3, "only %zu segments after %zu messages",
+		      n_segs, n);
+	return n;
+}
+
+/* The queue manager's open of a segment failed (EMFILE): the tailer opens
+ * it again for its walk. Before, it logged segment_unreadable, sealed the
+ * segment with no reference and so gave it back to its worker: a new
+ * epoch over acknowledged messages that were never queued. */
+Test(tail, a_segment_whose_open_failed_is_opened_again)
+{
+	struct spool *sp = open_spool_seg(1u << 20);
+	struct tail *t = new_tail();
+	size_t n;
+
+	fail_open_of = 0 + 1;
+	n = fill_two_segments(sp, t);
+	tail_flush(t);
+	cr_assert_eq(n_added, n, "%zu of %zu messages queued", n_added, n);
+	cr_assert(segs[0]->sealed);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* A segment whose header stays unreadable is retried, then passed over:
+ * the later segments' messages are queued, its own are not, and it is
+ * never sealed and keeps the tailer's reference, so it is never reclaimed
+ * (the next start's scan queues what it holds). Takes the retry time. */
+Test(tail, an_unreadable_segment_is_never_sealed, .timeout = 60)
+{
+	struct spool *sp = open_spool_seg(1u << 20);
+	struct tail *t = new_tail();
+	struct tail_stats st;
+	char junk[64], path[128];
+	size_t n;
+	int fd;
+
+	/* ~2.4 MB through 1 MiB segments, not fed yet: not walked */
+	for (n = 0; n < 300; n++)
+		write_msg(sp, 8000);
+	/* the first one's header damaged on disk (its first 64 octets) */
+	snprintf(path, sizeof(path), "%s/w01/00000000.seg", root);
+	fd = open(path, O_WRONLY | O_CLOEXEC);
+	cr_assert_geq(fd, 0);
+	memset(junk, 0x5a, sizeof(junk));
+	cr_assert_eq(pwrite(fd, junk, sizeof(junk), 0), (ssize_t)sizeof(junk));
+	close(fd);
+	feed(t);
+	for (int i = 0; i < 150 && n_added == 0; i++) {
+		tail_flush(t);
+		usleep(100000);
+	}
+	cr_assert_geq(n_segs, 3);
+	tail_get_stats(t, &st);
+	cr_assert_eq(st.segments_skipped, 1);
+	cr_assert_gt(n_added, 0, "the later segments were not walked");
+	cr_assert_lt(n_added, n, "the unreadable one was queued?");
+	cr_assert_not(segs[0]->sealed, "sealed: it would be reclaimed");
+	cr_assert_gt(segs[0]->refs, 0, "no reference: it would be reclaimed");
+	cr_assert(segs[1]->sealed);
 	tail_free(t);
 	spool_destroy(sp);
 }
