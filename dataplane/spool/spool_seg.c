@@ -719,11 +719,20 @@ out_close:
 	if (fd >= 0)
 		close(fd);
 out_log:
-	if (r)
+	if (r) {
+		/* No new epoch: its old records are still valid on disk, so
+		 * it is not reported reclaimed. Reported, the control plane
+		 * would forget its messages and the next checkpoint their
+		 * records, and a restart would deliver them again, uncounted.
+		 * It stays out of use until the next start's scan. */
 		fd_log(FD_LOG_ERR, "spool",
 		       "event=reclaim_failed worker=%u file=%08" PRIx64
-		       " err=%d",
+		       " err=%d action=\"kept as it is; its messages are "
+		       "finished in the delivery log, the next start reclaims "
+		       "it\"",
 		       pp->worker, q->file_no, -r);
+		return;
+	}
 out_done:
 	pthread_mutex_lock(&pp->mu);
 	if (pp->n_rdone == pp->cap_rdone) {

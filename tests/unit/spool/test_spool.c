@@ -1414,3 +1414,79 @@ Test(spool, prepare_mode_choice)
 	cr_assert_eq(f, strstr(why, "has no journal") != NULL, "%d %s", f,
 		     why);
 }
+
+/* ---- giving a segment back (review 2026-12-05) ------------------------ */
+
+static struct spool_announce seg_an[64], recl_an[64];
+static unsigned n_seg_an, n_recl_an;
+
+static void
+on_seg_announce(void *actx, const struct spool_announce *a)
+{
+	(void)actx;
+	if (a->type == SPOOL_AN_SEGMENT && n_seg_an < 64)
+		seg_an[n_seg_an++] = *a;
+	if (a->type == SPOOL_AN_RECLAIMED && n_recl_an < 64)
+		recl_an[n_recl_an++] = *a;
+}
+
+static bool
+reclaimed(uint64_t file_no)
+{
+	for (unsigned i = 0; i < n_recl_an; i++)
+		if (recl_an[i].file_no == file_no)
+			return true;
+	return false;
+}
+
+/* RECLAIMED is announced once the file has its new epoch; a file that
+ * could not get one (its header unreadable) is not announced: announced,
+ * the control plane would forget its messages and a restart would deliver
+ * them again, uncounted. Before, every failure was announced too. */
+Test(spool, reclaim_announced_only_with_a_new_epoch)
+{
+	struct spool_params p;
+	uint8_t body[1000];
+	char path[512];
+	int fd;
+
+	params(&p, NULL);
+	p.max_msgs = 4;
+	p.segment_size = 4096 + 2 * (16384 + 69632 + 4096);
+	p.spare_segments = 1;
+	p.announce = on_seg_announce;
+	n_seg_an = n_recl_an = 0;
+	struct spool *sp = make(&p);
+
+	memset(body, 'q', sizeof(body));
+	for (int i = 0; i < 80 && n_seg_an < 4; i++) {
+		put_msg(sp, body, sizeof(body));
+		spool_flush(sp);
+		drain(sp);
+	}
+	cr_assert_geq(n_seg_an, 4, "segments used: %u", n_seg_an);
+	/* the second one's header damaged on disk */
+	snprintf(path, sizeof(path), "%s/w05/%08llx.seg", root,
+		 (unsigned long long)seg_an[1].file_no);
+	fd = open(path, O_WRONLY | O_CLOEXEC);
+	cr_assert_geq(fd, 0, "%s", path);
+	memset(body, 0x5a, 64);
+	cr_assert_eq(pwrite(fd, body, 64, 0), 64);
+	close(fd);
+	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[0].use_seq),
+		     0);
+	cr_assert_eq(spool_reclaim(sp, seg_an[1].file_no, seg_an[1].use_seq),
+		     0);
+	for (int i = 0; i < 300 && !reclaimed(seg_an[0].file_no); i++) {
+		spool_flush(sp);
+		usleep(10000);
+	}
+	cr_assert(reclaimed(seg_an[0].file_no), "the good one");
+	for (int i = 0; i < 50; i++) { /* the preparer had time for both */
+		spool_flush(sp);
+		usleep(10000);
+	}
+	cr_assert_not(reclaimed(seg_an[1].file_no),
+		      "announced without a new epoch");
+	spool_destroy(sp);
+}
