@@ -2123,15 +2123,17 @@ snapshot(void *ctx, dlog_emit_fn emit, void *ectx)
 				 * this checkpoint: the snapshot says so itself,
 				 * or a crash would hide a possible duplicate
 				 * (over-counting is safe; jobs still queued have
-				 * appended nothing). */
-				if (rc->inflight || (m->bounce_busy &&
-						     needs_dsn(m, rc)))
-					r = snap_emit(&sc, DLOG_ATTEMPT, m, i,
-						      NULL);
-				if (r || (rc->state == QR_PENDING &&
-					  rc->attempts == 0))
-					continue;
-				if (rc->state == QR_SUPPRESSED) {
+				 * appended nothing). After its state record:
+				 * replay closes an open attempt at a DEFERRED or
+				 * a BOUNCED, so an ATTEMPT before them counted
+				 * nothing for a retry or a DSN in flight. */
+				bool attempt = rc->inflight ||
+					       (m->bounce_busy &&
+						needs_dsn(m, rc));
+				if (rc->state == QR_PENDING &&
+				    rc->attempts == 0) {
+					/* nothing to say but the attempt */
+				} else if (rc->state == QR_SUPPRESSED) {
 					struct dlog_rec sr = {
 						.type = DLOG_SUPPRESSED,
 						.msgid = m->id,
@@ -2140,11 +2142,16 @@ snapshot(void *ctx, dlog_emit_fn emit, void *ectx)
 						.aux = m->dup_of,
 					};
 					r = emit(ectx, &sr);
-					continue;
+				} else {
+					r = snap_emit(&sc, map[rc->state], m, i,
+						      rc);
+					if (!r && rc->dsn_done)
+						r = snap_emit(&sc,
+							      DLOG_DSN_DONE, m,
+							      i, NULL);
 				}
-				r = snap_emit(&sc, map[rc->state], m, i, rc);
-				if (!r && rc->dsn_done)
-					r = snap_emit(&sc, DLOG_DSN_DONE, m, i,
+				if (!r && attempt)
+					r = snap_emit(&sc, DLOG_ATTEMPT, m, i,
 						      NULL);
 			}
 			if (r)

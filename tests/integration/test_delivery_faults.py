@@ -404,12 +404,50 @@ def case_idle_thread_at_full_window():
         check(d.stop() == 0, "clean stop")
 
 
+def case_checkpoint_during_a_retry():
+    """A retry in flight when the delivery log is compacted, then kill -9:
+    the restart counts it as a possible duplicate. The checkpoint wrote the
+    recipient's ATTEMPT before its DEFERRED, and replay closes an open
+    attempt at a DEFERRED: a retry (or a DSN) in flight at a checkpoint was
+    delivered again after a crash without being counted."""
+    def dot(session):
+        # first try: 451; the retry: held until the kill
+        if session.txn.number == 0:
+            return "451 4.3.0 try again"
+        return HANG
+    with ScriptedHop(script=Script(dot=dot)) as hop, \
+            Daemon("--route", f"dest.test={hop.target}", *FAST,
+                   "--smtp-data-timeout", "60s", "--dlog-rotate", "16k",
+                   domains=("example.com", "dest.test", "local.test"),
+                   delivery=True) as d:
+        qid = send(d, "a@example.com", ["bob@dest.test"], message(1))
+        # the retry's data at the next hop, its reply held
+        hop.wait_for(2, 20)
+        check(log_count(d, rf"{qid} event=delivery .*status=deferred") == 1,
+              "the first try was not deferred")
+        before = log_count(d, r"dlog event=checkpoint")
+        # Records enough for a checkpoint (16 KiB) from mail to the
+        # default route (a Maildir: fast), while the retry hangs.
+        n = 0
+        while log_count(d, r"dlog event=checkpoint") == before and n < 400:
+            send(d, "a@example.com", [f"u{n}@local.test"], message(n, 200))
+            n += 1
+        check(log_count(d, r"dlog event=checkpoint") > before,
+              f"no checkpoint after {n} more messages")
+        d.kill9()
+        d.start()
+        m = re.findall(r"event=queue_rebuilt .*possible_duplicates=(\d+)",
+                       d.read_run_log())
+        check(m and int(m[-1]) >= 1,
+              f"the retry in flight was not counted: {m}")
+
+
 CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
          case_hang_after_data, case_garbage_and_close,
          case_dead_destination, case_dsn_passthrough,
          case_window_counts_connections, case_idle_thread_at_full_window,
-         case_delivery_log_failed]
+         case_delivery_log_failed, case_checkpoint_during_a_retry]
 
 if __name__ == "__main__":
     run_cases(CASES)
