@@ -1283,6 +1283,18 @@ expired(const struct cplane *cp, const struct q_msg *m, uint64_t now_rt)
 	return now_rt >= m->arrival_us + cp->cfg.queue_lifetime_ms * 1000;
 }
 
+/* A DSN is tried again until twice the lifetime after its message's
+ * arrival: at least one whole lifetime after an expiry (the commonest
+ * bounce), so that a greylisting or briefly unreachable sender's MX still
+ * gets it. It was bound to the message's own lifetime, which for an
+ * expired message is over before the DSN's first try: its first 4xx
+ * dropped it. Restart-proof: no state but the arrival. */
+static bool
+dsn_expired(const struct cplane *cp, const struct q_msg *m, uint64_t now_rt)
+{
+	return now_rt >= m->arrival_us + 2 * cp->cfg.queue_lifetime_ms * 1000;
+}
+
 static struct q_job *
 job_new(struct q_msg *m, struct q_dest *d, enum q_job_kind kind, unsigned n)
 {
@@ -1851,7 +1863,7 @@ apply_result(struct cplane *cp, struct q_job *j)
 	if (j->kind == QJ_BOUNCE) {
 		struct q_outcome *o = &j->res->out[0];
 		m->bounce_busy = false;
-		if (o->out == QO_DEFERRED && !expired(cp, m, now_rt)) {
+		if (o->out == QO_DEFERRED && !dsn_expired(cp, m, now_rt)) {
 			m->bounce_attempts++;
 			m->bounce_next_us =
 				now_rt + backoff_us(cp, m->bounce_attempts);

@@ -152,6 +152,34 @@ def case_expiry_dsn():
         check(hop.connections >= 1, "never tried")
 
 
+def case_expiry_dsn_greylisted():
+    """The sender's MX greylists the DSN of an expired message (451 to the
+    first try): the DSN is tried again and arrives. Its retries were bound
+    to the message's lifetime, over before the DSN's first try: the first
+    4xx dropped it (event=bounce status=expired)."""
+    s = Script(dot="451 4.3.0 Try again later")
+    grey = Script(dot=fail_first(1, "451 4.7.1 greylisted, try again"))
+    with ScriptedHop(script=s) as hop, ScriptedHop(script=grey) as mx, \
+            Daemon("--route", f"dest.test={hop.target}",
+                   "--route", f"sender.test={mx.target}", *FAST,
+                   "--queue-lifetime", "3s",
+                   domains=("sender.test", "dest.test"),
+                   delivery=True) as d:
+        qid = send(d, "a@sender.test", ["slow@dest.test"], message(5))
+        mx.wait_for(2, 40)
+        check(len(mx.completed()) >= 2,
+              "the DSN was not tried again after the greylisting 451")
+        dsn = mx.completed()[1]
+        check(b"multipart/report" in dsn.body and
+              b"report-type=delivery-status" in dsn.body,
+              f"not a DSN: {dsn.body[:300]!r}")
+        check(dsn.mail_from == "", f"DSN from <{dsn.mail_from}>")
+        wait(lambda: log_count(d, rf"{qid} event=bounce status=sent"), 10,
+             "event=bounce status=sent")
+        check(log_count(d, rf"{qid} event=bounce status=deferred") >= 1,
+              "the greylisting was not a deferral")
+
+
 def case_smtputf8_needed():
     """A message that needs SMTPUTF8, next hop without it: 5.6.7 bounce,
     nothing sent (never downgraded)."""
@@ -447,7 +475,8 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_hang_after_data, case_garbage_and_close,
          case_dead_destination, case_dsn_passthrough,
          case_window_counts_connections, case_idle_thread_at_full_window,
-         case_delivery_log_failed, case_checkpoint_during_a_retry]
+         case_delivery_log_failed, case_checkpoint_during_a_retry,
+         case_expiry_dsn_greylisted]
 
 if __name__ == "__main__":
     run_cases(CASES)
