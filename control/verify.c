@@ -227,11 +227,19 @@ outcome(int rc, const struct smtpc_reply *r)
 		return V_TEMPFAIL;
 	if (r->code / 100 == 2)
 		return V_VALID;
-	/* A 5xx to RCPT is the next hop's "no such user"; but a syntax
-	 * complaint (501) is about our command, not the address. */
-	if (r->code / 100 == 5 && r->code != 501)
-		return V_UNKNOWN;
-	return V_TEMPFAIL;
+	/* "No such user" only when the 5xx says it is about the address
+	 * (RFC 3463 5.1.x; without an enhanced code, RFC 5321's mailbox
+	 * replies 550, 551, 553): a policy refusal (530 5.7.0 STARTTLS
+	 * first, 554 5.7.1 relaying denied, 553 5.6.7 SMTPUTF8 needed) or
+	 * 552 would otherwise be cached for hours and answered 550 5.1.1
+	 * for every user of the route. Those stay undecided (450). */
+	if (r->code / 100 != 5)
+		return V_TEMPFAIL;
+	if (r->enh[0])
+		return strncmp(r->enh, "5.1.", 4) == 0 ? V_UNKNOWN : V_TEMPFAIL;
+	return r->code == 550 || r->code == 551 || r->code == 553
+		       ? V_UNKNOWN
+		       : V_TEMPFAIL;
 }
 
 static void *

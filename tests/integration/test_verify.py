@@ -60,6 +60,35 @@ def reload_table(users):
     print("ok: SIGHUP reloads --recipients; a broken file keeps the table")
 
 
+def policy_refusals():
+    """Only a 5xx about the address is "no such user": a next hop's policy
+    refusal of the probe (530 5.7.0 STARTTLS first, 554 5.7.1, 553 5.6.7)
+    leaves the address undecided (450), never a cached 550 5.1.1 for every
+    user of the route (each was one)."""
+    from peers import ScriptedHop, Script
+    rules = {"tls@example.com": "530 5.7.0 Must issue a STARTTLS command "
+                                "first",
+             "relay@example.com": "554 5.7.1 Relay access denied",
+             "utf@example.com": "553 5.6.7 SMTPUTF8 required",
+             "gone@example.com": "550 5.1.1 no such user",
+             "old@example.com": "550 no such user here"}
+    with ScriptedHop(script=Script(rcpt=rules)) as hop, \
+            Daemon("--verify-recipients", "on", "--route",
+                   f"example.com={hop.target}") as a:
+        for addr in ("gone@example.com", "old@example.com"):
+            rcpt(a.port, addr)
+            code, msg = until(a.port, addr, 550)
+            check(msg.startswith("5.1.1"), f"{addr}: {code} {msg}")
+        for addr in ("tls@example.com", "relay@example.com",
+                     "utf@example.com"):
+            rcpt(a.port, addr)
+            a.wait_log(rf"event=probe rcpt={re.escape(addr)} "
+                       r"result=tempfail", 15)
+            code, msg = rcpt(a.port, addr)
+            check(code == 450, f"{addr}: {code} {msg}")
+    print("ok: 5.1.x and bare 550 are unknown users; policy refusals 450")
+
+
 def main():
     tmp = os.environ.get("TMPDIR", "/tmp")
     users = os.path.join(tmp, f"fdverify-{os.getpid()}.txt")
@@ -108,6 +137,7 @@ def main():
             check(re.search(r"event=rcpt_unknown rcpt=bad@example\.com",
                             b.read_run_log()), "B was not asked")
         reload_table(users)
+        policy_refusals()
     finally:
         os.unlink(users)
     print("ok: the next hop received no message")
