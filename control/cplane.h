@@ -79,6 +79,16 @@ int cp_check_config(const struct cp_config *c, char *why, size_t why_len);
  */
 struct cplane *cp_create(const struct cp_config *c,
 			 const struct ctl_spool_scan *scan, int *err);
+/*
+ * Raise seeds[w] (the recovery scan's largest id of worker w, n workers)
+ * past every message id the delivery log named at cp_create(): a message
+ * whose segments were reclaimed is on no disk, but its records (DELIVERED,
+ * DELETED...) stay in the log until a checkpoint, and a new message given
+ * its id (a clock stepped back at the restart) would be finished by them
+ * at the next replay, never delivered.
+ */
+void cp_raise_msgid_seeds(const struct cplane *cp, uint64_t *seeds,
+			  unsigned n);
 /* The number of workers is known only once the transport is set up (a
  * DPDK port may give fewer queues than lcores): make their ports. 0 or
  * -errno. */

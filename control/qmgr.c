@@ -113,6 +113,7 @@ struct cplane {
 	char spool_dir[4096];
 	uint64_t ckpt_not_before; /* no delivery-log checkpoint before this
 				   * (monotonic us): one failed */
+	uint64_t replay_max_id[256]; /* per worker: largest id replayed */
 	char hostname[256];
 	struct route_table *routes;
 	/* Where mail goes (routes, relay, bounce relay, TLS default): one
@@ -1974,8 +1975,12 @@ replay_rec(void *ctx, const struct dlog_rec *rec)
 {
 	struct cplane *cp = ctx;
 	struct q_msg *m = msg_find(cp, rec->msgid);
-	unsigned lo, hi;
+	unsigned lo, hi, w = fd_msgid_worker(rec->msgid);
 
+	/* every record names a message id (checkpoint marks are not
+	 * replayed) */
+	if (rec->msgid > cp->replay_max_id[w])
+		cp->replay_max_id[w] = rec->msgid;
 	if (rec->type == DLOG_INDOUBT) {
 		uint8_t fp[32];
 		uint64_t now = fd_now_realtime_us();
@@ -3325,6 +3330,19 @@ verify_open(void *ctx, const char *addr, bool connect, char *key,
 	tls = t->tls ? (int)t->tls : rg->def_tls;
 	return deliver_connect(cp, (int)t->kind, t->host, t->port, t->path,
 			       tls, t->tls_ca[0] ? t->tls_ca : rg->tls_ca, why);
+}
+
+void
+cp_raise_msgid_seeds(const struct cplane *cp, uint64_t *seeds, unsigned n)
+{
+	for (unsigned w = 0; w < n && w < 256; w++)
+		if (cp->replay_max_id[w] > seeds[w]) {
+			fd_log(FD_LOG_INFO, "qmgr",
+			       "event=msgid_seed_raised worker=%u scan=%016" PRIx64
+			       " dlog=%016" PRIx64,
+			       w, seeds[w], cp->replay_max_id[w]);
+			seeds[w] = cp->replay_max_id[w];
+		}
 }
 
 struct cplane *

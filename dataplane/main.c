@@ -562,6 +562,7 @@ main(int argc, char **argv)
 	ctl_spool_scan_free(scan);
 	if (!cp)
 		return 1;
+	cp_raise_msgid_seeds(cp, seeds, 256);
 	rl.argc = argc;
 	rl.argv = argv;
 	rl.cp = cp;

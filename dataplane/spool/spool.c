@@ -136,6 +136,9 @@ struct reclaim_req {
 struct spool {
 	struct spool_params p;
 	char *dir;
+	/* test seam (fault builds): FINALDOT_MSGID_SKEW_S=-N takes N s off
+	 * the clock message ids are made from, as a clock stepped back */
+	int64_t msgid_skew_us;
 	struct io_uring own;
 	struct io_uring *ring;
 	bool own_ring;
@@ -1009,7 +1012,8 @@ spool_msg_begin(struct spool *sp, const struct fd_envelope *env, void *ctx,
 	sp->free_msgs = m->next;
 	m->state = M_OPEN;
 	m->detached = false;
-	m->id = fd_msgid_next(&sp->gen, fd_now_realtime_us());
+	m->id = fd_msgid_next(&sp->gen, (uint64_t)((int64_t)fd_now_realtime_us() +
+						   sp->msgid_skew_us));
 	m->ctx = ctx;
 	m->len = 0;
 	m->crc = 0;
@@ -1506,6 +1510,14 @@ spool_create(const struct spool_params *p)
 	for (unsigned i = p->max_msgs; i-- > 0;)
 		free_msg(sp, &sp->msgs[i]);
 	fd_msgid_init(&sp->gen, (uint8_t)p->worker, p->seed_msgid);
+#ifdef FINALDOT_FAULT_INJECTION
+	{
+		const char *sk = getenv("FINALDOT_MSGID_SKEW_S");
+
+		if (sk)
+			sp->msgid_skew_us = strtoll(sk, NULL, 10) * 1000000;
+	}
+#endif
 
 	if (p->ring) {
 		sp->ring = p->ring;

@@ -268,10 +268,40 @@ def case_delivery_nice():
               f"default: delivery threads at {tn.get('fd-deliver')}")
 
 
+def case_ids_past_the_delivery_log():
+    """Message ids after a restart are past every id the delivery log
+    names, also with the clock stepped back (a test build's
+    FINALDOT_MSGID_SKEW_S). Once a delivered message's segments are
+    reclaimed its id is on no disk, but its DELIVERED record stays in the
+    log until a checkpoint: ids were seeded from the spool scan alone, so a
+    new message could get an old one's id and be taken as delivered at the
+    next replay."""
+    with Daemon("--segment-size", "1M", "--spare-segments", "1",
+                delivery=True) as d:
+        ids = [send(d, "a@example.com", [f"u{i}@example.com"],
+                    message(i, 60000)) for i in range(40)]
+        wait(lambda: log_count(d, r"event=delivery .*status=sent") >= 40,
+             60, "40 deliveries")
+        check(d.stop() == 0, "clean stop")
+        # The next run gives the last segment back: run 1's ids are on no
+        # disk now, only in the delivery log.
+        d.start()
+        d.wait_log(r"event=segment_reclaimed", 30)
+        check(d.stop() == 0, "clean stop")
+        d.env["FINALDOT_MSGID_SKEW_S"] = "-3600"
+        d.start()
+        qid = send(d, "a@example.com", ["later@example.com"], message(99))
+        newest = max(int(i, 16) for i in ids)
+        check(int(qid, 16) > newest,
+              f"new id {qid} not past the log's {newest:016X}")
+        check("event=msgid_seed_raised" in d.read_run_log(),
+              "no msgid_seed_raised line")
+
+
 CASES = [case_default_route, case_reclaim_and_restart,
          case_segments_forgotten, case_recipients,
          case_message_across_many_segments, case_readers_leave_atime,
-         case_delivery_nice]
+         case_delivery_nice, case_ids_past_the_delivery_log]
 
 if __name__ == "__main__":
     run_cases(CASES)
