@@ -78,6 +78,8 @@ struct ctl_client {
 	uint64_t cat_id, cat_sent;
 };
 
+#define ACCEPT_PAUSE_US 100000u /* after a failed accept4() */
+
 struct ctl_server {
 	struct ctl_sources src;
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -86,6 +88,11 @@ struct ctl_server {
 	int wake_fd;
 	pthread_t thr;
 	atomic_bool stop;
+	/* accept4() failed (EMFILE...): the listener stays readable with the
+	 * connection still queued, so it is left out of poll() until then,
+	 * or the thread would spin */
+	uint64_t accept_pause_until_us;
+	uint64_t accept_errors, accept_logged_us;
 	struct ctl_client cl[CTL_MAX_CLIENTS];
 	struct ctl_json_tok *tok;
 	uint32_t tok_cap;
@@ -1191,8 +1198,24 @@ accept_clients(struct ctl_server *sv)
 		struct ucred cr;
 		socklen_t cl = sizeof(cr);
 
-		if (fd < 0)
+		if (fd < 0) {
+			uint64_t now = fd_now_monotonic_us();
+
+			if (errno == EAGAIN || errno == EWOULDBLOCK ||
+			    errno == EINTR || errno == ECONNABORTED)
+				return;
+			sv->accept_pause_until_us = now + ACCEPT_PAUSE_US;
+			sv->accept_errors++;
+			if (now - sv->accept_logged_us >= 10000000u) {
+				sv->accept_logged_us = now;
+				fd_log(FD_LOG_WARN, "ctl",
+				       "event=accept_error error=\"%s\" "
+				       "count=%" PRIu64 " note=\"retried every "
+				       "100 ms\"",
+				       strerror(errno), sv->accept_errors);
+			}
 			return;
+		}
 		for (unsigned i = 0; i < CTL_MAX_CLIENTS && !c; i++)
 			if (!sv->cl[i].in_use)
 				c = &sv->cl[i];
@@ -1233,7 +1256,10 @@ ctl_main(void *arg)
 		uint64_t now = fd_now_monotonic_us();
 
 		pfd[n++] = (struct pollfd){.fd = sv->wake_fd, .events = POLLIN};
-		pfd[n++] = (struct pollfd){.fd = sv->lfd, .events = POLLIN};
+		/* a negative fd is skipped by poll(): paused after a failure */
+		pfd[n++] = (struct pollfd){
+			.fd = now < sv->accept_pause_until_us ? -1 : sv->lfd,
+			.events = POLLIN};
 		for (unsigned i = 0; i < CTL_MAX_CLIENTS; i++) {
 			struct ctl_client *c = &sv->cl[i];
 			short ev = 0;
@@ -1260,7 +1286,8 @@ ctl_main(void *arg)
 			who[n] = c;
 			pfd[n++] = (struct pollfd){.fd = c->fd, .events = ev};
 		}
-		if (poll(pfd, n, 1000) < 0)
+		if (poll(pfd, n, pfd[1].fd < 0 ? ACCEPT_PAUSE_US / 1000 : 1000) <
+		    0)
 			continue;
 		if (pfd[1].revents & POLLIN)
 			accept_clients(sv);

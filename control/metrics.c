@@ -526,6 +526,9 @@ struct metrics_server {
 	int wake_fd;
 	pthread_t thr;
 	atomic_bool stop;
+	/* as the control socket's: a failed accept4() (EMFILE...) leaves the
+	 * listener out of poll() this long, or the thread would spin */
+	uint64_t accept_pause_until_us;
 	struct mconn c[METRICS_MAX_CONNS];
 };
 
@@ -715,8 +718,13 @@ accept_conns(struct metrics_server *m)
 				 SOCK_NONBLOCK | SOCK_CLOEXEC);
 		struct mconn *c = NULL;
 
-		if (fd < 0)
+		if (fd < 0) {
+			if (errno != EAGAIN && errno != EWOULDBLOCK &&
+			    errno != EINTR && errno != ECONNABORTED)
+				m->accept_pause_until_us =
+					fd_now_monotonic_us() + 100000u;
 			return;
+		}
 		for (unsigned i = 0; i < METRICS_MAX_CONNS && !c; i++)
 			if (m->c[i].fd < 0)
 				c = &m->c[i];
@@ -751,7 +759,9 @@ metrics_main(void *arg)
 		uint64_t now = fd_now_monotonic_us();
 
 		pfd[n++] = (struct pollfd){.fd = m->wake_fd, .events = POLLIN};
-		pfd[n++] = (struct pollfd){.fd = m->lfd, .events = POLLIN};
+		pfd[n++] = (struct pollfd){
+			.fd = now < m->accept_pause_until_us ? -1 : m->lfd,
+			.events = POLLIN};
 		for (unsigned i = 0; i < METRICS_MAX_CONNS; i++) {
 			struct mconn *c = &m->c[i];
 			if (c->fd < 0)
@@ -765,7 +775,7 @@ metrics_main(void *arg)
 				.fd = c->fd,
 				.events = c->out ? POLLOUT : POLLIN};
 		}
-		if (poll(pfd, n, 1000) < 0)
+		if (poll(pfd, n, pfd[1].fd < 0 ? 100 : 1000) < 0)
 			continue;
 		if (pfd[1].revents & POLLIN)
 			accept_conns(m);
