@@ -114,6 +114,9 @@ struct cplane {
 	uint64_t ckpt_not_before; /* no delivery-log checkpoint before this
 				   * (monotonic us): one failed */
 	uint64_t replay_max_id[256]; /* per worker: largest id replayed */
+	/* when the routing / the recipients table was last swapped by a
+	 * reload (monotonic us): see retire_grace() */
+	uint64_t routing_swapped_us, rcpts_swapped_us;
 	char hostname[256];
 	struct route_table *routes;
 	/* Where mail goes (routes, relay, bounce relay, TLS default): one
@@ -3548,6 +3551,26 @@ struct reload_arg {
 	const struct cp_config *nc;
 };
 
+/*
+ * A reload frees the object the one before it retired: a worker or probe
+ * thread that loaded that pointer just before the earlier swap (and was
+ * descheduled) must be done with it by then. Reloads are an operator's,
+ * but configuration management often sends two in a row: each waits until
+ * the previous swap is RETIRE_GRACE_US old, on the reloading thread (never
+ * a worker or the queue manager).
+ */
+#define RETIRE_GRACE_US 1000000u
+
+static void
+retire_grace(uint64_t *swapped_us)
+{
+	uint64_t now = fd_now_monotonic_us();
+
+	if (*swapped_us && now - *swapped_us < RETIRE_GRACE_US)
+		usleep((useconds_t)(RETIRE_GRACE_US - (now - *swapped_us)));
+	*swapped_us = fd_now_monotonic_us();
+}
+
 /* On the queue manager's thread (cp_call): nothing else changes the queue
  * or reads cp->cfg's scalars meanwhile. */
 static int
@@ -3633,6 +3656,7 @@ cp_reload(struct cplane *cp, const struct cp_config *nc, char *why,
 	a.rg = parse_routes(nc, why, why_len, true);
 	if (!a.rg)
 		return -EINVAL;
+	retire_grace(&cp->routing_swapped_us);
 	r = cp_call(cp, reload_apply, &a);
 	if (r != 0) {
 		routing_free(a.rg);
@@ -3723,6 +3747,7 @@ cp_reload_recipients(struct cplane *cp, char *why, size_t why_len)
 	db = rcptdb_load(cp->cfg.recipients, why, why_len);
 	if (!db)
 		return -EINVAL;
+	retire_grace(&cp->rcpts_swapped_us);
 	old = atomic_exchange_explicit(&cp->rcpts, db, memory_order_acq_rel);
 	if (cp->rcpts_retired)
 		rcptdb_free(cp->rcpts_retired);
