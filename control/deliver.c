@@ -814,6 +814,10 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 			sm.body_type = memchr_8bit(out.p, out.len)
 					       ? FD_BODY_8BITMIME
 					       : FD_BODY_NONE;
+			/* A UTF-8 envelope sender (RFC 6531) is a recipient
+			 * only SMTPUTF8 can name: ask for it (without it the
+			 * next hop refuses the address, 553 5.6.7). */
+			sm.smtputf8 = memchr_8bit(rcpt, strlen(rcpt));
 			sm.body = mem_body_read;
 			sm.body_ctx = &mb;
 			memset(&mail, 0, sizeof(mail));

@@ -25,7 +25,9 @@
  * not implemented: a non-ASCII final recipient is written in a plain
  * message/delivery-status as "utf-8; " + utf-8-addr-xtext (RFC 6533 3),
  * and a non-ASCII envelope sender appears raw in To: (the report is then
- * 8bit and needs an SMTPUTF8 next hop).
+ * 8bit and needs an SMTPUTF8 next hop: deliver.c asks for SMTPUTF8 when
+ * the sender is not ASCII, and such a DSN to a next hop without it is
+ * refused 5.6.7 and dropped, logged).
  */
 #include <errno.h>
 #include <inttypes.h>

@@ -180,6 +180,27 @@ def case_expiry_dsn_greylisted():
               "the greylisting was not a deferral")
 
 
+def case_dsn_to_a_utf8_sender():
+    """A DSN to a UTF-8 envelope sender asks for SMTPUTF8: without it the
+    sender's MX refuses the address (553 5.6.7) and the DSN was dropped."""
+    s = Script(dot="550 5.1.1 no such user")
+    with ScriptedHop(script=s) as hop, ScriptedHop() as mx, \
+            Daemon("--route", f"dest.test={hop.target}",
+                   "--route", f"sender.test={mx.target}", *FAST,
+                   domains=("sender.test", "dest.test"),
+                   delivery=True) as d:
+        send(d, "s\u00e9@sender.test", ["gone@dest.test"], message(6),
+             mail_options=["SMTPUTF8"])
+        mx.wait_for(1, 20)
+        done = mx.completed()
+        check(done, "no DSN reached the sender's MX")
+        check("SMTPUTF8" in [p.upper() for p in done[0].mail_params],
+              f"DSN's MAIL without SMTPUTF8: {done[0].mail_params}")
+        check(done[0].mail_from == "", f"DSN from <{done[0].mail_from}>")
+        check(done[0].rcpts and done[0].rcpts[0][0] == "s\u00e9@sender.test",
+              f"DSN to {done[0].rcpts}")
+
+
 def case_smtputf8_needed():
     """A message that needs SMTPUTF8, next hop without it: 5.6.7 bounce,
     nothing sent (never downgraded)."""
@@ -476,7 +497,7 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_dead_destination, case_dsn_passthrough,
          case_window_counts_connections, case_idle_thread_at_full_window,
          case_delivery_log_failed, case_checkpoint_during_a_retry,
-         case_expiry_dsn_greylisted]
+         case_expiry_dsn_greylisted, case_dsn_to_a_utf8_sender]
 
 if __name__ == "__main__":
     run_cases(CASES)
