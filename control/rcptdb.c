@@ -206,6 +206,10 @@ parse_line(struct rcptdb *db, const char *p, size_t n, int *err)
 			return "space inside entry";
 		if (c < 0x20 || c == 0x7f)
 			return "control character";
+		/* "<a@x>" or "Name <a@x>" would load and never match: the
+		 * user gets 550 with no word at the reload */
+		if (c == '<' || c == '>')
+			return "angle bracket: write the bare address";
 		if (c == '@')
 			at = s + i;
 		buf[i] = lower((char)c);
@@ -240,6 +244,10 @@ load(const char *name, const char *text, size_t len, char *why,
 		reason(why, why_len, ENOMEM, "%s: out of memory", name);
 		goto out_free_db;
 	}
+	/* a UTF-8 byte order mark (some editors write one) is not part of
+	 * the first entry */
+	if (len >= 3 && memcmp(p, "\xef\xbb\xbf", 3) == 0)
+		p += 3;
 	while (p < end) {
 		const char *nl = memchr(p, '\n', (size_t)(end - p));
 		const char *le = nl ? nl : end;

@@ -205,6 +205,9 @@ Test(rcptdb, every_bad_line_fails_the_load_naming_its_line)
 		{ "a@x # comment\n", 0, "<memory>:1: space inside entry" },
 		{ "a@x\ta@y\n", 0, "<memory>:1: space inside entry" },
 		{ "@a@x\n", 0, "<memory>:1: '@' inside domain" },
+		{ "a@x\n<carol@x>\n", 0,
+		  "<memory>:2: angle bracket: write the bare address" },
+		{ "Carol <carol@x>\n", 0, "<memory>:1: space inside entry" },
 	};
 	for (size_t i = 0; i < sizeof(bads) / sizeof(bads[0]); i++) {
 		char why[128] = "";
@@ -395,5 +398,20 @@ Test(rcptdb, concurrent_lookups)
 		pthread_join(th[i], NULL);
 		cr_expect_eq(w[i].bad, 0, "thread %d", i);
 	}
+	rcptdb_free(db);
+}
+
+/* A UTF-8 byte order mark before the first entry is not part of it (it
+ * was: that user got 550). */
+Test(rcptdb, byte_order_mark_is_skipped)
+{
+	static const char text[] = "\xef\xbb\xbf" "alice@example.com\nbob@x\n";
+	char why[128];
+	struct rcptdb *db = rcptdb_load_mem(text, sizeof(text) - 1, why,
+					    sizeof(why));
+
+	cr_assert_not_null(db, "%s", why);
+	cr_assert_eq(rcptdb_check(db, "alice@example.com"), 1);
+	cr_assert_eq(rcptdb_check(db, "bob@x"), 1);
 	rcptdb_free(db);
 }
