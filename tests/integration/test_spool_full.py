@@ -32,7 +32,8 @@ import tempfile
 import time
 import urllib.request
 
-from fdtest import Daemon, check, fail, free_port, skip
+from delivtest import wait
+from fdtest import Daemon, check, free_port, skip
 
 FS_MIB = 48
 
@@ -93,16 +94,6 @@ def log_count(d, pattern):
     return len(re.findall(pattern, d.read_log(), re.M))
 
 
-def wait(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    fail(f"timed out after {timeout}s waiting for {what}")
-
-
 def fill_spool(d, loadgen):
     """Send until the spool refuses; the number of messages it queued."""
     r = subprocess.run([loadgen, "--server", f"127.0.0.1:{d.port}",
@@ -145,10 +136,12 @@ def start_hop(sink_bin, port):
     return p
 
 
-def stop_hop(p):
+def stop_hop(p, queued):
+    """Stop fd-sink; it must have taken each queued message once."""
     p.terminate()
     out, _ = p.communicate(timeout=20)
-    return json.loads(out)
+    got = json.loads(out)["messages"]
+    check(got == queued, f"next hop got {got} of {queued}")
 
 
 def drained(d, queued):
@@ -174,9 +167,7 @@ def case_reserve():
                 wait(lambda: drained(d, queued), 120,
                      f"{queued} messages delivered")
             finally:
-                got = stop_hop(hop)
-            check(got["messages"] == queued,
-                  f"next hop got {got['messages']} of {queued}")
+                stop_hop(hop, queued)
             log = d.read_log()
             check("event=no_space" not in log and
                   "delivery_stopped" not in log,
@@ -236,9 +227,7 @@ def case_log_waits():
                 wait(lambda: drained(d, queued), 120,
                      f"{queued} messages delivered after room came back")
             finally:
-                got = stop_hop(hop)
-            check(got["messages"] == queued,
-                  f"next hop got {got['messages']} of {queued}")
+                stop_hop(hop, queued)
             log = d.read_log()
             check("delivery_stopped" not in log and
                   "dlog event=failed" not in log,

@@ -15,12 +15,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "../fdexhaust.h"
 #include "cplane.h"
 #include "ctljson.h"
 #include "ctlsock.h"
@@ -607,39 +607,23 @@ Test(ctlsock, cat_at_stop_gives_the_message_back)
 Test(ctlsock, accept_out_of_descriptors_does_not_spin)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	struct rlimit old, rl;
-	struct rusage r0, r1;
+	struct fd_exhaust x;
 	struct client c;
-	int fill[256], n = 0;
 	double cpu;
 
 	start(100);
 	memset(&c, 0, sizeof(c));
 	c.fd = socket(AF_UNIX, SOCK_STREAM, 0);
 	cr_assert_geq(c.fd, 0);
-	cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
-	rl = old;
-	rl.rlim_cur = 128;
-	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &rl), 0);
-	while (n < 256 && (fill[n] = dup(0)) >= 0)
-		n++;
-	cr_assert_eq(errno, EMFILE);
+	fd_exhaust_begin(&x);
 	strcpy(sa.sun_path, path);
 	cr_assert_eq(connect(c.fd, (struct sockaddr *)&sa, sizeof(sa)), 0,
 		     "connect: %s", strerror(errno));
 	usleep(100000);
-	getrusage(RUSAGE_SELF, &r0);
-	usleep(1000000);
-	getrusage(RUSAGE_SELF, &r1);
-	cpu = (double)(r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) +
-	      (double)(r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) +
-	      ((double)(r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) +
-	       (double)(r1.ru_stime.tv_usec - r0.ru_stime.tv_usec)) / 1e6;
+	cpu = fd_cpu_over(1000000);
 	cr_assert_lt(cpu, 0.3, "the control thread spun: %.2f s of CPU in 1 s",
 		     cpu);
-	for (int i = 0; i < n; i++)
-		close(fill[i]);
-	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
+	fd_exhaust_end(&x);
 	client_send(&c, "{\"cmd\":\"queue.cat\",\"args\":{\"id\":"
 			"\"0000000000000002\"}}\n");
 	cr_assert_eq(read_reply(&c), 0);
