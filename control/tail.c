@@ -59,6 +59,12 @@
  * is passed over but never sealed or given back: its messages, not
  * queued, stay on disk for the next start's scan. */
 #define HEADER_RETRY_US 10000000u
+#ifdef FINALDOT_FAULT_INJECTION
+uint64_t tail_header_retry_us = HEADER_RETRY_US; /* tests shorten it */
+#define HEADER_RETRY tail_header_retry_us
+#else
+#define HEADER_RETRY HEADER_RETRY_US
+#endif
 
 struct tseg {
 	struct q_seg *qs;
@@ -384,7 +390,7 @@ read_header(struct tail *t, struct tseg *ts)
 			       "worker=%u event=segment_unreadable "
 			       "file=%08" PRIx64 " note=\"retried for %u s\"",
 			       t->worker, ts->qs->file_no,
-			       HEADER_RETRY_US / 1000000u);
+			       (unsigned)(HEADER_RETRY / 1000000u));
 		if (!ts->header_failed_us)
 			ts->header_failed_us = fd_now_monotonic_us();
 		ts->header_read = false; /* tried again at the next walk */
@@ -548,7 +554,7 @@ catch_up_budget(struct tail *t, uint64_t budget)
 			 * back to its worker, a new epoch over acknowledged
 			 * mail nobody queued. */
 			if (fd_now_monotonic_us() - ts->header_failed_us <
-			    HEADER_RETRY_US) {
+			    HEADER_RETRY) {
 				t->pend = true;
 				return;
 			}

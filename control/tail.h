@@ -64,4 +64,10 @@ struct tail_stats {
 };
 void tail_get_stats(const struct tail *t, struct tail_stats *st);
 
+#ifdef FINALDOT_FAULT_INJECTION
+/* Test seam: how long an unreadable segment header is retried before the
+ * segment is passed over (10 s). */
+extern uint64_t tail_header_retry_us;
+#endif
+
 #endif

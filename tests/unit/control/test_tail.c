@@ -482,6 +482,9 @@ Test(tail, an_unreadable_segment_is_never_sealed, .timeout = 60)
 	size_t n;
 	int fd;
 
+#ifdef FINALDOT_FAULT_INJECTION
+	tail_header_retry_us = 300000; /* not the daemon's 10 s */
+#endif
 	/* ~2.4 MB through 1 MiB segments, not fed yet: not walked */
 	for (n = 0; n < 300; n++)
 		write_msg(sp, 8000);
