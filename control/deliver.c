@@ -698,26 +698,55 @@ run_maildir(struct q_job *j, struct attempt_wait *aw)
 	}
 }
 
-/* "550 5.1.1 ..." -> "5.1.1"; otherwise a code fitting the class. */
+/* An RFC 3463 code "C.S.D" (C 4 or 5, S and D 1-3 digits) at p, ended by
+ * a space or the end: its length, else 0. */
+static size_t
+enh_at(const char *p)
+{
+	size_t i = 0;
+
+	if (p[0] != '4' && p[0] != '5')
+		return 0;
+	i = 1;
+	for (int part = 0; part < 2; part++) {
+		size_t d = 0;
+		if (p[i++] != '.')
+			return 0;
+		while (d < 4 && p[i] >= '0' && p[i] <= '9') {
+			i++;
+			d++;
+		}
+		if (d == 0 || d > 3)
+			return 0;
+	}
+	return p[i] == '\0' || p[i] == ' ' ? i : 0;
+}
+
+/*
+ * The Status of a failed recipient from its reason: the enhanced code
+ * where a reply carries one, first ("4.4.1 421 ...", our own) or right
+ * after the reply code ("550 5.1.1 ..."); else 5.0.0. Not a d.d.d found
+ * anywhere: "550 Your IP 45.12.3.9 is listed" was Status 5.12.3.
+ */
 static void
 status_of(const char *reason, bool expired, char *out, size_t len)
 {
 	const char *p = reason ? reason : "";
-	unsigned a, b, c;
-	int n = 0;
+	size_t n;
 
 	if (expired) {
 		snprintf(out, len, "4.4.7");
 		return;
 	}
-	while (*p) {
-		if ((p[0] == '4' || p[0] == '5') && p[1] == '.' &&
-		    sscanf(p, "%u.%u.%u%n", &a, &b, &c, &n) == 3 && a < 10 &&
-		    b < 1000 && c < 1000) {
-			snprintf(out, len, "%u.%u.%u", a, b, c);
-			return;
-		}
+	while (*p == ' ')
 		p++;
+	if (p[0] >= '2' && p[0] <= '5' && p[1] >= '0' && p[1] <= '9' &&
+	    p[2] >= '0' && p[2] <= '9' && (p[3] == ' ' || p[3] == '-'))
+		p += 4;
+	n = enh_at(p);
+	if (n) {
+		snprintf(out, len, "%.*s", (int)n, p);
+		return;
 	}
 	snprintf(out, len, "5.0.0");
 }

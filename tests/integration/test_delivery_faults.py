@@ -121,6 +121,24 @@ def case_bounce_dsn():
                         r"status=bounced") == 1, "bounced line")
 
 
+def case_bounce_status_from_the_reply():
+    """A DSN's Status is the enhanced code of the next hop's reply, where
+    it has one, else 5.0.0: never a d.d.d found elsewhere in the text
+    ("550 Your IP 45.12.3.9 is listed" gave Status 5.12.3)."""
+    s = Script(rcpt={"gone@dest.test": "550 5.1.1 <gone@dest.test>: "
+                                       "User unknown",
+                     "ip@dest.test": "550 Your IP 45.12.3.9 is listed"})
+    with ScriptedHop(script=s) as hop, daemon(hop.target) as d:
+        send(d, "a@example.com", ["gone@dest.test", "ip@dest.test"],
+             message(3))
+        _, per_rcpt = dsn_fields(dsn_of(d))
+        got = {r.get("final-recipient", "").split(";")[-1].strip():
+               r.get("status") for r in per_rcpt}
+        check(got == {"gone@dest.test": "5.1.1", "ip@dest.test": "5.0.0"},
+              f"Status per recipient: {got}")
+        check(hop.connections >= 1, "never tried")
+
+
 def case_null_sender_no_dsn():
     """A bounce is never sent to the null sender (RFC 5321 6.1)."""
     s = Script(rcpt={"gone@dest.test": "550 5.1.1 no such user"})
@@ -497,7 +515,8 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_dead_destination, case_dsn_passthrough,
          case_window_counts_connections, case_idle_thread_at_full_window,
          case_delivery_log_failed, case_checkpoint_during_a_retry,
-         case_expiry_dsn_greylisted, case_dsn_to_a_utf8_sender]
+         case_expiry_dsn_greylisted, case_dsn_to_a_utf8_sender,
+         case_bounce_status_from_the_reply]
 
 if __name__ == "__main__":
     run_cases(CASES)
