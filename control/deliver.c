@@ -269,6 +269,7 @@ static void
 outcome_set(struct q_outcome *o, enum q_out out, const char *text)
 {
 	o->out = (uint8_t)out;
+	o->dsn_passed = false;
 	snprintf(o->text, sizeof(o->text), "%.*s", (int)sizeof(o->text) - 1,
 		 text ? text : "");
 }
@@ -615,8 +616,13 @@ run_smtp(struct cplane *cp, struct q_job **jobs, unsigned nj,
 						      &tx[t].mail);
 				continue;
 			}
-			for (unsigned i = 0; i < j->n; i++)
+			for (unsigned i = 0; i < j->n; i++) {
 				outcome_reply(&j->res->out[i], &tx[t].data[i]);
+				/* smtpc passes NOTIFY/ORCPT/RET/ENVID where
+				 * DSN is offered: the next hop reports */
+				j->res->out[i].dsn_passed =
+					(smtpc_exts(c) & SMTPC_EXT_DSN) != 0;
+			}
 		}
 		if (r != 0)
 			cache_drop(cc, false);
@@ -771,16 +777,28 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 	struct dsn_buf out = {0};
 	struct q_body body;
 	struct mem_body mb;
+	bool any_failed = false;
 	int r;
 
 	for (unsigned i = 0; i < j->n; i++) {
 		const struct q_rcpt *rc = &m->rcpts[j->idx[i]];
-		status_of(j->reasons[i], rc->state == QR_EXPIRED, status[i],
-			  sizeof(status[i]));
+		enum dsn_action a = DSN_ACTION_FAILED;
+
+		if (rc->state == QR_DELIVERED) {
+			/* NOTIFY=SUCCESS (qmgr: success owed) */
+			a = rc->success == Q_SUCCESS_RELAYED
+				    ? DSN_ACTION_RELAYED
+				    : DSN_ACTION_DELIVERED;
+			snprintf(status[i], sizeof(status[i]), "2.0.0");
+		} else {
+			status_of(j->reasons[i], rc->state == QR_EXPIRED,
+				  status[i], sizeof(status[i]));
+			any_failed = true;
+		}
 		dr[i] = (struct dsn_rcpt){
 			.addr = rc->addr,
 			.orcpt = rc->orcpt,
-			.action = DSN_ACTION_FAILED,
+			.action = a,
 			.status = status[i],
 			.remote_mta = NULL,
 			.diag = j->reasons[i],
@@ -791,7 +809,9 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 	dp.reporting_mta = cp_hostname(cp);
 	dp.orig_sender = m->sender;
 	dp.envid = m->envid;
-	dp.ret = m->ret;
+	/* RET=FULL asks for the message in a "failed" report only (RFC 3461
+	 * 4.3): a report of successes returns its headers. */
+	dp.ret = any_failed ? m->ret : FD_RET_HDRS;
 	dp.arrival_us = m->arrival_us;
 	dp.now_us = fd_now_realtime_us();
 	dp.msgid = m->id;

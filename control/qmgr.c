@@ -823,6 +823,8 @@ dsn_wanted(const struct q_msg *m, const struct q_rcpt *r)
 		return false; /* never to the null sender (RFC 5321 6.1) */
 	if (r->notify & FD_NOTIFY_NEVER)
 		return false;
+	if (r->state == QR_DELIVERED)
+		return (r->notify & FD_NOTIFY_SUCCESS) && r->success;
 	return r->notify == 0 || (r->notify & FD_NOTIFY_FAILURE);
 }
 
@@ -836,7 +838,8 @@ static bool
 needs_dsn(const struct q_msg *m, const struct q_rcpt *r)
 {
 	(void)m;
-	return (r->state == QR_BOUNCED || r->state == QR_EXPIRED) &&
+	return (r->state == QR_BOUNCED || r->state == QR_EXPIRED ||
+		(r->state == QR_DELIVERED && r->success)) &&
 	       !r->dsn_done;
 }
 
@@ -1918,8 +1921,19 @@ apply_result(struct cplane *cp, struct q_job *j)
 				r->attempts++;
 				r->state = QR_DELIVERED;
 				set_reason(r, o->text);
+				/* NOTIFY=SUCCESS and nobody further reports
+				 * it: we do (RFC 3461 6.2.6.3) */
+				r->success =
+					!(r->notify & FD_NOTIFY_SUCCESS) ||
+							!*m->sender ||
+							o->dsn_passed
+						? Q_SUCCESS_NONE
+					: d->kind == ROUTE_SMTP
+						? Q_SUCCESS_RELAYED
+						: Q_SUCCESS_DELIVERED;
 				lsn = log_rec(cp, DLOG_DELIVERED, m, k,
-					      r->attempts, 0, 0, o->text);
+					      r->attempts, 0, r->success,
+					      o->text);
 				cp->st_delivered++;
 				d->delivered++;
 				log_outcome(m, r, d->key, j->res->relay,
@@ -2036,6 +2050,10 @@ replay_rec(void *ctx, const struct dlog_rec *rec)
 			r->attempt_open = false;
 			if (rec->attempts)
 				r->attempts = rec->attempts;
+			r->success = rec->type == DLOG_DELIVERED &&
+						     rec->aux <= Q_SUCCESS_RELAYED
+					     ? (uint8_t)rec->aux
+					     : Q_SUCCESS_NONE;
 			set_reason(r, text);
 			break;
 		case DLOG_DEFERRED:
@@ -2082,6 +2100,7 @@ snap_emit(struct snap_ctx *sc, enum dlog_type type, const struct q_msg *m,
 		.attempts = r ? r->attempts : 0,
 		.time_us = fd_now_realtime_us(),
 		.next_us = r && type == DLOG_DEFERRED ? r->next_us : 0,
+		.aux = r && type == DLOG_DELIVERED ? r->success : 0,
 		.text = r ? r->reason : NULL,
 		.text_len = (uint16_t)(r && r->reason
 					       ? strnlen(r->reason,

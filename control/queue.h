@@ -62,6 +62,11 @@ struct q_piece {
 
 struct q_dest;
 
+/* A success DSN owed (RFC 3461 4.1, 6.2.6.3): delivered into a mailbox
+ * (Maildir, or an LMTP server without DSN), or relayed to an SMTP next
+ * hop without DSN. Also the DELIVERED record's aux. */
+enum { Q_SUCCESS_NONE, Q_SUCCESS_DELIVERED, Q_SUCCESS_RELAYED };
+
 struct q_rcpt {
 	const char *addr;   /* in the message's arena */
 	const char *orcpt;  /* ORCPT as received, or "" */
@@ -70,6 +75,8 @@ struct q_rcpt {
 	bool busy;          /* in a job now */
 	bool inflight;      /* that job is out to a delivery thread */
 	bool dsn_done;      /* a DSN about it went out or is not wanted */
+	uint8_t success;    /* DELIVERED with NOTIFY=SUCCESS and nobody
+			     * further to report it: Q_SUCCESS_* */
 	bool attempt_open;  /* replay: an ATTEMPT without an outcome */
 	uint32_t attempts;
 	uint64_t next_us;   /* earliest next attempt (PENDING) */
@@ -173,6 +180,8 @@ enum q_out { QO_DELIVERED = 1, QO_DEFERRED = 2, QO_BOUNCED = 3 };
 
 struct q_outcome {
 	uint8_t out;      /* enum q_out */
+	bool dsn_passed;  /* delivered to a next hop that offered DSN: the
+			   * recipient's NOTIFY went with it (RFC 3461 4.3) */
 	char enh[16];
 	char text[512];
 };

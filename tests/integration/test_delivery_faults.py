@@ -139,6 +139,65 @@ def case_bounce_status_from_the_reply():
         check(hop.connections >= 1, "never tried")
 
 
+def case_success_dsn():
+    """NOTIFY=SUCCESS (RFC 3461): a success report when nobody further
+    will send one: Action delivered for a Maildir delivery, relayed for
+    an SMTP next hop without DSN, and none when the next hop offers DSN
+    (the NOTIFY goes with the message). Headers only, RET=FULL or not.
+    NOTIFY=SUCCESS was accepted and nothing was ever sent."""
+    plain = Script(extensions=[e for e in DEFAULT_EXTENSIONS if e != "DSN"])
+    with ScriptedHop(script=plain) as hop, daemon(hop.target) as d:
+        send(d, "a@example.com", ["u@example.com"], message(7),
+             mail_options=["RET=FULL"], rcpt_options=["NOTIFY=SUCCESS"])
+        msg = dsn_of(d)
+        _, per_rcpt = dsn_fields(msg)
+        check([(r.get("action"), r.get("status")) for r in per_rcpt] ==
+              [("delivered", "2.0.0")], f"Maildir: {per_rcpt}")
+        types = [p.get_content_type() for p in msg.iter_parts()]
+        check(types[-1] == "text/rfc822-headers",
+              f"a success report returns headers only: {types}")
+        send(d, "a@example.com", ["r@dest.test"], message(8),
+             rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+        _, per_rcpt = dsn_fields(dsn_of(d, n=2))
+        check([(r.get("action"), r.get("status")) for r in per_rcpt] ==
+              [("relayed", "2.0.0")], f"relayed: {per_rcpt}")
+    with ScriptedHop() as hop, daemon(hop.target) as d:
+        send(d, "a@example.com", ["r@dest.test"], message(9),
+             rcpt_options=["NOTIFY=SUCCESS"])
+        hop.wait_for(1, 20)
+        params = [p.upper() for p in hop.completed()[0].rcpts[0][1]]
+        check("NOTIFY=SUCCESS" in params, f"NOTIFY not passed on: {params}")
+        time.sleep(2)
+        check(not maildir_files(os.path.join(d.tmp, "maildir"),
+                                "a@example.com"),
+              "a success report although the next hop offers DSN")
+
+
+def case_success_dsn_after_a_restart():
+    """A success report still owed at a restart (the sender's MX was down)
+    is sent after it: the delivery log's DELIVERED record says so."""
+    plain = Script(extensions=[e for e in DEFAULT_EXTENSIONS if e != "DSN"])
+    mx_port = free_port()
+    with ScriptedHop(script=plain) as hop, \
+            Daemon("--route", f"dest.test={hop.target}",
+                   "--route", f"sender.test=smtp:127.0.0.1:{mx_port}",
+                   *FAST, domains=("sender.test", "dest.test"),
+                   delivery=True) as d:
+        qid = send(d, "a@sender.test", ["r@dest.test"], message(10),
+                   rcpt_options=["NOTIFY=SUCCESS"])
+        hop.wait_for(1, 20)
+        wait(lambda: log_count(d, rf"{qid} event=bounce status=deferred"),
+             20, "the report deferred (the sender's MX is down)")
+        check(d.stop() == 0, "clean stop")
+        with ScriptedHop(port=mx_port) as mx:
+            d.start()
+            d.ctl("queue", "flush")
+            mx.wait_for(1, 30)
+            check(mx.completed(), "no report after the restart")
+            body = mx.completed()[0].body
+            check(b"Action: relayed" in body, f"report: {body[:600]!r}")
+
+
 def case_null_sender_no_dsn():
     """A bounce is never sent to the null sender (RFC 5321 6.1)."""
     s = Script(rcpt={"gone@dest.test": "550 5.1.1 no such user"})
@@ -516,7 +575,8 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_window_counts_connections, case_idle_thread_at_full_window,
          case_delivery_log_failed, case_checkpoint_during_a_retry,
          case_expiry_dsn_greylisted, case_dsn_to_a_utf8_sender,
-         case_bounce_status_from_the_reply]
+         case_bounce_status_from_the_reply, case_success_dsn,
+         case_success_dsn_after_a_restart]
 
 if __name__ == "__main__":
     run_cases(CASES)
