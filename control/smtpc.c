@@ -1413,6 +1413,15 @@ do_rset(struct smtpc *c)
 	return 0;
 }
 
+static bool
+ascii_only(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s >= 0x80)
+			return false;
+	return true;
+}
+
 int
 smtpc_probe(struct smtpc *c, const char *rcpt, struct smtpc_reply *reply)
 {
@@ -1429,7 +1438,12 @@ smtpc_probe(struct smtpc *c, const char *rcpt, struct smtpc_reply *reply)
 		return -EINVAL;
 	}
 	enter_state(c, ST_MAIL);
-	rc = send_cmd(c, "MAIL FROM:<>\r\n");
+	/* A UTF-8 address can only be named with SMTPUTF8 (RFC 6531 3.4);
+	 * a next hop without it says 553 5.6.7, which says nothing about
+	 * the mailbox (verify: undecided). */
+	rc = send_cmd(c, (c->exts & SMTPC_EXT_SMTPUTF8) && !ascii_only(rcpt)
+				 ? "MAIL FROM:<> SMTPUTF8\r\n"
+				 : "MAIL FROM:<>\r\n");
 	if (rc == 0)
 		rc = read_reply(c, c->cmd_to, reply, NULL);
 	if (rc < 0)

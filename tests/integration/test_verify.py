@@ -97,7 +97,16 @@ def policy_refusals():
              "utf@example.com": "553 5.6.7 SMTPUTF8 required",
              "gone@example.com": "550 5.1.1 no such user",
              "old@example.com": "550 no such user here"}
-    with ScriptedHop(script=Script(rcpt=rules)) as hop, \
+    utf = "jos\u00e9@example.com"
+
+    def answer(session, addr, params):
+        if addr.lower() == utf:  # RFC 6531: only with SMTPUTF8
+            return ("250 2.1.5 ok" if "SMTPUTF8" in
+                    [p.upper() for p in session.txn.mail_params]
+                    else "553 5.6.7 SMTPUTF8 required")
+        return rules.get(addr.lower())
+
+    with ScriptedHop(script=Script(rcpt=answer)) as hop, \
             Daemon("--verify-recipients", "on", "--route",
                    f"example.com={hop.target}") as a:
         for addr in ("gone@example.com", "old@example.com"):
@@ -111,7 +120,21 @@ def policy_refusals():
                        r"result=tempfail", 15)
             code, msg = rcpt(a.port, addr)
             check(code == 450, f"{addr}: {code} {msg}")
-    print("ok: 5.1.x and bare 550 are unknown users; policy refusals 450")
+        # A UTF-8 address is probed with SMTPUTF8 (it was not: 553 5.6.7)
+        def utf_rcpt():
+            with smtplib.SMTP("127.0.0.1", a.port, timeout=30) as s:
+                s.ehlo("client.test")
+                s.mail("sender@client.test", ["SMTPUTF8"])
+                code, msg = s.rcpt(utf)
+                s.rset()
+            return code
+        utf_rcpt()
+        deadline = time.time() + 10
+        while utf_rcpt() != 250 and time.time() < deadline:
+            time.sleep(0.1)
+        check(utf_rcpt() == 250, f"{utf}: not valid")
+    print("ok: 5.1.x and bare 550 are unknown users; policy refusals 450; "
+          "a UTF-8 address probed with SMTPUTF8")
 
 
 def main():
