@@ -3499,6 +3499,16 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 			finished += m->finished;
 		}
 	}
+	if (ost.files == 0 && cp->n_msgs) {
+		/* The log is made at the first start, before any mail: gone
+		 * with mail in the spool means it was deleted or lost. */
+		fd_log(FD_LOG_ERR, "qmgr",
+		       "event=damage what=delivery_log_missing dir=%s "
+		       "messages=%zu action=\"every message in the spool is "
+		       "taken as undelivered: those delivered before are "
+		       "delivered again, and held or deleted ones come back\"",
+		       dir, cp->n_msgs);
+	}
 	fd_log(FD_LOG_INFO, "qmgr",
 	       "event=queue_rebuilt messages=%zu finished=%zu"
 	       " segments=%zu dlog_records=%" PRIu64

@@ -20,6 +20,7 @@
 import glob
 import json
 import os
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -298,10 +299,27 @@ def case_ids_past_the_delivery_log():
               "no msgid_seed_raised line")
 
 
+def case_delivery_log_missing():
+    """A spool with mail and no delivery log (deleted, lost) is reported
+    as damage at the start, and its mail queued again: delivering twice
+    is better than losing. It started a new log without a word."""
+    with Daemon() as d:  # delivery off: the mail stays queued
+        for i in range(2):
+            send(d, "a@example.com", [f"u{i}@example.com"], message(i))
+        check(d.stop() == 0, "clean stop")
+        shutil.rmtree(os.path.join(d.spool, "dlog"))
+        d.start()
+        d.wait_log(r"event=damage what=delivery_log_missing .*messages=2",
+                   10)
+        q = json.loads(d.ctl("status", "--json")[1])["queue"]
+        check(q["queued"] == 2, f"queue after the start: {q}")
+
+
 CASES = [case_default_route, case_reclaim_and_restart,
          case_segments_forgotten, case_recipients,
          case_message_across_many_segments, case_readers_leave_atime,
-         case_delivery_nice, case_ids_past_the_delivery_log]
+         case_delivery_nice, case_ids_past_the_delivery_log,
+         case_delivery_log_missing]
 
 if __name__ == "__main__":
     run_cases(CASES)
