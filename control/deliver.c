@@ -900,17 +900,18 @@ log_attempts(struct cplane *cp, struct q_job **jobs, unsigned nj,
 	for (unsigned k = 0; k < nj; k++) {
 		struct q_job *j = jobs[k];
 		for (unsigned i = 0; i < j->n && log; i++) {
+			/* a DSN's too: one per recipient it reports on, so
+			 * that its DSN_DONE closes it (an ATTEMPT for ALL
+			 * left every other recipient looking in flight at
+			 * the next start: possible duplicates over-counted) */
 			struct dlog_rec rec = {
 				.type = DLOG_ATTEMPT,
 				.msgid = j->m->id,
-				.rcpt = j->kind == QJ_BOUNCE ? DLOG_ALL
-							     : j->idx[i],
+				.rcpt = j->idx[i],
 				.time_us = now,
 				.text = j->dest->key,
 				.text_len = (uint16_t)strlen(j->dest->key),
 			};
-			if (j->kind == QJ_BOUNCE && i > 0)
-				break;
 			j->attempt_lsn = dlog_append(log, &rec);
 			if (!j->attempt_lsn)
 				aw->refused = true;

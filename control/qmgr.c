@@ -2070,6 +2070,7 @@ replay_rec(void *ctx, const struct dlog_rec *rec)
 			break;
 		case DLOG_DSN_DONE:
 			r->dsn_done = true;
+			r->attempt_open = false; /* its DSN's attempt ended */
 			break;
 		case DLOG_NOTE:
 		case DLOG_INDOUBT:

@@ -198,6 +198,25 @@ def case_success_dsn_after_a_restart():
             check(b"Action: relayed" in body, f"report: {body[:600]!r}")
 
 
+def case_dsn_sent_is_no_possible_duplicate():
+    """A DSN that went out is no attempt in flight at the next start, for
+    the recipient it reported on or any other: its ATTEMPT was for ALL
+    and its DSN_DONE closed none, so a restart counted the message as a
+    possible duplicate."""
+    s = Script(rcpt={"gone@dest.test": "550 5.1.1 no such user"})
+    with ScriptedHop(script=s) as hop, daemon(hop.target) as d:
+        qid = send(d, "a@example.com", ["ok@dest.test", "gone@dest.test"],
+                   message(11))
+        dsn_of(d)
+        wait(lambda: log_count(d, rf"{qid} event=bounce status=sent"), 10,
+             "bounce sent")
+        check(d.stop() == 0, "clean stop")
+        d.start()
+        m = re.findall(r"event=queue_rebuilt .*possible_duplicates=(\d+)",
+                       d.read_run_log())
+        check(m and m[-1] == "0", f"possible duplicates after a DSN: {m}")
+
+
 def case_null_sender_no_dsn():
     """A bounce is never sent to the null sender (RFC 5321 6.1)."""
     s = Script(rcpt={"gone@dest.test": "550 5.1.1 no such user"})
@@ -576,7 +595,8 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_delivery_log_failed, case_checkpoint_during_a_retry,
          case_expiry_dsn_greylisted, case_dsn_to_a_utf8_sender,
          case_bounce_status_from_the_reply, case_success_dsn,
-         case_success_dsn_after_a_restart]
+         case_success_dsn_after_a_restart,
+         case_dsn_sent_is_no_possible_duplicate]
 
 if __name__ == "__main__":
     run_cases(CASES)
