@@ -1780,6 +1780,19 @@ dlog_durable(const struct dlog *l)
 	return __atomic_load_n(&l->durable_lsn, __ATOMIC_ACQUIRE);
 }
 
+uint64_t
+dlog_appended(const struct dlog *l)
+{
+	/* The mutex is the one mutable part of a logically const handle. */
+	pthread_mutex_t *mu = (pthread_mutex_t *)&l->mu;
+	uint64_t v;
+
+	pthread_mutex_lock(mu);
+	v = l->last_lsn;
+	pthread_mutex_unlock(mu);
+	return v;
+}
+
 void
 dlog_set_durable_cb(struct dlog *l, void (*cb)(void *ctx, uint64_t lsn),
 		    void *ctx)

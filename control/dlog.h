@@ -174,6 +174,8 @@ int dlog_wait(struct dlog *l, uint64_t lsn);
 
 /* Highest durable LSN; non-blocking. */
 uint64_t dlog_durable(const struct dlog *l);
+/* Highest LSN handed out (appended, durable or not). */
+uint64_t dlog_appended(const struct dlog *l);
 
 /* 0, or the -errno that failed the log (permanent until it is reopened);
  * non-blocking. */

@@ -887,7 +887,12 @@ msg_update(struct cplane *cp, struct q_msg *m, uint64_t lsn)
 	m->finished = true;
 	msg_reclass(cp, m, was);
 	heap_remove(cp, m);
-	m->final_lsn = lsn ? lsn : (cp->log ? dlog_durable(cp->log) : 0);
+	/* Without the LSN of its last record (a deferral that turned into
+	 * an EXPIRED, a DELETED...): everything appended so far, so that no
+	 * outcome of it is still only in memory when it is released. It was
+	 * the durable point, which let a message whose DELIVERED was still
+	 * pending be released at once. */
+	m->final_lsn = lsn ? lsn : (cp->log ? dlog_appended(cp->log) : 0);
 	m->fnext = cp->fin_head;
 	cp->fin_head = m;
 }
