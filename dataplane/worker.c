@@ -127,7 +127,16 @@ sink_room(void *sink)
 	return spool_room(w->spool);
 }
 
+static bool
+sink_full(void *sink)
+{
+	struct fd_worker *w = sink;
+
+	return spool_out_of_space(w->spool);
+}
+
 static const struct smtp_sink_ops spool_sink_ops = {
+	.full = sink_full,
 	.begin = sink_begin,
 	.append = sink_append,
 	.commit = sink_commit,

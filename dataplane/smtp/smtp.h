@@ -80,6 +80,9 @@ struct smtp_sink_ops {
 	void (*abort)(void *sink, void *msg);
 	void (*detach)(void *sink, void *msg);
 	size_t (*room)(void *sink);
+	/* room() is 0 for good (the disk is full), or NULL: the message then
+	 * fails with 452 4.3.1, its octets read and dropped */
+	bool (*full)(void *sink);
 };
 
 struct smtp_config {

@@ -554,6 +554,22 @@ body_append(struct smtp_session *s, const uint8_t *p, size_t n)
 }
 
 /*
+ * The sink's room. 0 with the sink saying no room will come (its disk is
+ * full): the message fails (452 4.3.1) and its octets are read and
+ * dropped, instead of the session waiting for room until its data
+ * timeout.
+ */
+static size_t
+room_or_fail(struct smtp_session *s)
+{
+	size_t r = s->srv->ops.room(s->srv->sink);
+
+	if (r == 0 && s->srv->ops.full && s->srv->ops.full(s->srv->sink))
+		msg_fail(s, SMTP_FAIL_NOSPACE);
+	return r;
+}
+
+/*
  * Append what room() allows of the Received header. True if it is all
  * out (or the message failed); false if the spool has no room now.
  */
@@ -561,8 +577,10 @@ static bool
 header_flush(struct smtp_session *s)
 {
 	while (s->fail == SMTP_FAIL_NONE && s->hdr_off < s->hdr_len) {
-		size_t room = s->srv->ops.room(s->srv->sink);
+		size_t room = room_or_fail(s);
 		size_t k = FD_MIN(room, s->hdr_len - s->hdr_off);
+		if (s->fail != SMTP_FAIL_NONE)
+			break;
 		if (k == 0)
 			return false;
 		sink_append(s, s->hdr + s->hdr_off, k);
@@ -1337,8 +1355,9 @@ step_data(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 	/* RFC 5321 4.4: the trace header precedes the body. */
 	if (*off == n || !header_flush(s))
 		return false;
-	budget = s->fail != SMTP_FAIL_NONE ? SIZE_MAX
-					   : s->srv->ops.room(s->srv->sink);
+	budget = s->fail != SMTP_FAIL_NONE ? SIZE_MAX : room_or_fail(s);
+	if (s->fail != SMTP_FAIL_NONE)
+		budget = SIZE_MAX; /* failed now: read on, drop */
 	r = smtp_data_scan(&s->data, p + *off, n - *off, budget, &run);
 	*off += run.used;
 	if (s->fail == SMTP_FAIL_NONE) {
@@ -1380,7 +1399,11 @@ step_bdat(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 		return false;
 	take = (size_t)FD_MIN((uint64_t)(n - *off), s->bdat_left);
 	if (keep && s->fail == SMTP_FAIL_NONE) {
-		take = FD_MIN(take, s->srv->ops.room(s->srv->sink));
+		size_t room = room_or_fail(s);
+
+		if (s->fail != SMTP_FAIL_NONE)
+			goto skip; /* failed now: read on, drop */
+		take = FD_MIN(take, room);
 		if (take == 0)
 			return false;
 		/* A chunk is binary for the transfer (RFC 3030), but without
@@ -1391,6 +1414,7 @@ step_bdat(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 		else
 			body_append(s, p + *off, take);
 	}
+skip:
 	*off += take;
 	s->bdat_left -= take;
 	return true;

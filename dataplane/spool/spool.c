@@ -1106,11 +1106,21 @@ spool_msg_append(struct spool *sp, struct spool_msg *m, const void *p,
 int
 spool_msg_commit(struct spool *sp, struct spool_msg *m)
 {
+	int r = 0;
+
 	if (m->state != M_OPEN)
 		return -EINVAL;
 	if (sp->rec.open && sp->rec.m == m)
 		close_rec(sp);
-	if (!sp->cur && open_current(sp) != 0) {
+	if (!sp->cur && (r = open_current(sp)) == -ENOSPC) {
+		/* No segment and the disk is full (or down to its reserve):
+		 * no room will come from a completion, so 452 now; the
+		 * message stays open for the caller's abort. Waiting, it
+		 * waited for its data timeout (the preparer wakes the worker
+		 * only when room comes back). */
+		return -ENOSPC;
+	}
+	if (!sp->cur && r != 0) {
 		/* No buffer now: the END is written by service() later. */
 		m->state = M_END_PENDING;
 		m->next = NULL;
@@ -1172,6 +1182,24 @@ spool_room(const struct spool *sp)
 	if (room == 0)
 		sp->stp->room_waits++;
 	return room;
+}
+
+bool
+spool_out_of_space(struct spool *sp)
+{
+	const struct spool_seg *a = sp->active;
+	uint64_t rem = a ? a->size - a->off : 0;
+
+	if (sp->cur) {
+		size_t hp = (size_t)spool_align8(sp->cur->fill) +
+			    SPOOL_REC_HDR_LEN;
+		if (hp < sp->p.batch_size)
+			return false;
+		rem = rem > sp->cap ? rem - sp->cap : 0;
+	}
+	if (rem >= sp->cap || spool_prep_ready(sp->prep))
+		return false;
+	return spool_prep_out_of_space(sp->prep);
 }
 
 int

@@ -203,7 +203,10 @@ struct spool_msg *spool_msg_begin(struct spool *sp,
 /* Body bytes. Never partial: n <= spool_room(). 0 or -errno. */
 int spool_msg_append(struct spool *sp, struct spool_msg *m, const void *p,
 		     size_t n);
-/* Close the message; done(ctx, id, status) follows exactly once, later. */
+/* Close the message; done(ctx, id, status) follows exactly once, later.
+ * -ENOSPC: no segment to put its END in and the disk full (or down to
+ * spool_min_free): no done() follows, the message is still open (abort
+ * it; the client gets 452 4.3.1). */
 int spool_msg_commit(struct spool *sp, struct spool_msg *m);
 /* Before commit only: drop the message (recovery will ignore its records). */
 void spool_msg_abort(struct spool *sp, struct spool_msg *m);
@@ -272,6 +275,13 @@ int spool_reclaim(struct spool *sp, uint64_t file_no, uint64_t use_seq);
  * segment).
  */
 int spool_wake_fd(const struct spool *sp);
+/*
+ * spool_room() is 0 and will stay so until space is freed: no room in the
+ * current batch or the active segment, no spare ready, and the preparer
+ * out of space. The SMTP engine then fails the message (452 4.3.1) instead
+ * of holding its session for room no completion brings.
+ */
+bool spool_out_of_space(struct spool *sp);
 bool spool_room_changed(struct spool *sp);
 
 /* Batches submitted and not yet completed. */

@@ -578,6 +578,24 @@ out_close:
 }
 
 /* A segment whose new header is durable joins the ready list. */
+/* The worker's room may have changed: a spare joined, or the disk just
+ * ran out (its sessions waiting for a segment, an END record among them,
+ * are then answered 452 at once instead of at their data timeout). Counted
+ * for spool_room_changed() and written to its eventfd; a full counter
+ * (EAGAIN) already means "wake up". */
+static void
+wake_worker(struct spool_prep *pp)
+{
+	uint64_t one = 1;
+
+	atomic_fetch_add_explicit(&pp->published, 1, memory_order_release);
+	if (pp->wake_fd >= 0 && write(pp->wake_fd, &one, sizeof(one)) < 0 &&
+	    errno != EAGAIN)
+		fd_log(FD_LOG_WARN, "spool",
+		       "event=wake_failed worker=%u err=%d", pp->worker,
+		       errno);
+}
+
 static int
 publish(struct spool_prep *pp, const char *path, const struct spool_seg_hdr *hp)
 {
@@ -605,21 +623,22 @@ publish(struct spool_prep *pp, const char *path, const struct spool_seg_hdr *hp)
 		pp->head = s;
 	pp->tail = s;
 	atomic_fetch_add_explicit(&pp->ready, 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(&pp->published, 1, memory_order_release);
 	pp->err = 0;
 	pthread_cond_broadcast(&pp->cv);
 	pthread_mutex_unlock(&pp->mu);
-	if (pp->wake_fd >= 0) {
-		/* Room for held sessions: wake the worker. A full counter
-		 * (EAGAIN) already means "wake up". */
-		uint64_t one = 1;
-		if (write(pp->wake_fd, &one, sizeof(one)) < 0 &&
-		    errno != EAGAIN)
-			fd_log(FD_LOG_WARN, "spool",
-			       "event=wake_failed worker=%u err=%d", pp->worker,
-			       errno);
-	}
+	wake_worker(pp); /* room for held sessions */
 	return 0;
+}
+
+bool
+spool_prep_out_of_space(struct spool_prep *pp)
+{
+	bool r;
+
+	pthread_mutex_lock(&pp->mu);
+	r = pp->err == -ENOSPC || pp->err == -EDQUOT;
+	pthread_mutex_unlock(&pp->mu);
+	return r;
 }
 
 uint64_t
@@ -896,8 +915,16 @@ prep_main(void *arg)
 				r = 0;
 			if (r) {
 				uint64_t now = fd_now_monotonic_us();
+				bool ran_out = (r == -ENOSPC || r == -EDQUOT) &&
+					       pp->err != -ENOSPC &&
+					       pp->err != -EDQUOT;
 
 				pp->err = r;
+				if (ran_out) {
+					pthread_mutex_unlock(&pp->mu);
+					wake_worker(pp);
+					pthread_mutex_lock(&pp->mu);
+				}
 				/* Retried each second: logged when it
 				 * changes, else once a minute. */
 				if (!pp->reserve_hit &&

@@ -42,13 +42,18 @@ struct spool_prep *spool_prep_start(const char *wdir, unsigned worker,
 				    bool falloc, const cpu_set_t *cpus,
 				    int wake_fd, int *err);
 /*
- * Segments made ready so far (a relaxed read): it grows each time a spare
- * joins the ready list, which is when spool room may come back. The
+ * Room events so far (a relaxed read): it grows each time a spare joins
+ * the ready list, which is when spool room may come back, and when the
+ * preparer finds the disk full (ENOSPC, the spool_min_free reserve), so
+ * that sessions waiting for a segment are answered 452 at once. The
  * preparer also adds 1 to the eventfd wake_fd (if >= 0) each time, so a
  * worker blocked in its ring wakes up (issue 10: a session waiting for
  * room was otherwise woken only by a write completion).
  */
 uint64_t spool_prep_published(const struct spool_prep *pp);
+/* The last segment could not be made for want of space (ENOSPC, EDQUOT,
+ * the spool_min_free reserve) and none has been made since. */
+bool spool_prep_out_of_space(struct spool_prep *pp);
 /* Blocks until one spare is ready (0) or the preparer failed (-errno). */
 int spool_prep_wait_ready(struct spool_prep *pp);
 /* Non-blocking: 0 and *out, -EAGAIN (not ready yet), -ENOSPC or -errno. */

@@ -60,6 +60,7 @@ struct fake_msg {
 struct fake_sink {
 	size_t room_cap;  /* 0: unlimited */
 	size_t room_left; /* reset by td_harvest() */
+	bool full;        /* room 0 for good: the sink's disk is full */
 	int begin_err;    /* begin fails with it when != 0 */
 	int append_err;
 	int commit_err;
@@ -146,6 +147,14 @@ fs_room(void *sink)
 	return fs->room_cap ? fs->room_left : SIZE_MAX / 2;
 }
 
+static inline bool
+fs_full(void *sink)
+{
+	struct fake_sink *fs = sink;
+
+	return fs->full;
+}
+
 static inline int
 fs_append(void *sink, void *msg, const void *p, size_t n)
 {
@@ -215,6 +224,7 @@ __attribute__((unused)) static const struct smtp_sink_ops fs_ops = {
 	.abort = fs_abort,
 	.detach = fs_detach,
 	.room = fs_room,
+	.full = fs_full,
 };
 
 /* ---- driver ---- */

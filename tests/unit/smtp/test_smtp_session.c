@@ -875,6 +875,34 @@ Test(smtp_session, room_zero_pauses_then_resumes)
 	finish();
 }
 
+/* Room 0 for good (the sink's disk is full): the message fails 452 4.3.1
+ * at its end, its octets read and dropped, and the session goes on; it
+ * was held until its data timeout. DATA and BDAT. */
+Test(smtp_session, sink_full_fails_the_message_at_once)
+{
+	const char *in = "DATA\r\nbody line\r\n.\r\n";
+
+	start();
+	to_rcpt();
+	t.fs.room_cap = 5;
+	t.fs.room_left = 0;
+	t.fs.full = true;
+	td_feeds(&t, in);
+	cr_assert(!smtp_session_commit_pending(t.s));
+	cr_assert_str_eq(take(), "354 End data with <CR><LF>.<CR><LF>\r\n"
+				 "452 4.3.1 mx.example.com Error: "
+				 "insufficient system storage\r\n");
+	cr_assert_eq(t.fs.commits, 0);
+	cr_assert_eq(t.fs.aborts, 1);
+	expect("MAIL FROM:<a@example.org>\r\nRCPT TO:<bob@example.com>\r\n"
+	       "BDAT 4 LAST\r\nabcd",
+	       "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+	       "452 4.3.1 mx.example.com Error: insufficient system "
+	       "storage\r\n");
+	cr_assert_eq(t.fs.aborts, 2);
+	finish();
+}
+
 Test(smtp_session, output_full_stops_input)
 {
 	struct tbuf in = {0};
