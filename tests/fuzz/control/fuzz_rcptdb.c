@@ -2,7 +2,8 @@
  * The recipients file parser on arbitrary bytes. A load either fails with a
  * reason naming a line, or succeeds and then every entry line of the input
  * is found again by rcptdb_check(): exact addresses as themselves (and in
- * upper case), @domain entries for some local part of that domain.
+ * upper case), @domain entries for some local part of that domain. A
+ * leading UTF-8 byte order mark is skipped.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -58,6 +59,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			abort();
 		return 0;
 	}
+	/* a UTF-8 byte order mark before the first entry is not part of it */
+	if (size >= 3 && memcmp(p, "\xef\xbb\xbf", 3) == 0)
+		p += 3;
 	while (p < end) {
 		const char *nl = memchr(p, '\n', (size_t)(end - p));
 		const char *s = p, *e = nl ? nl : end;
