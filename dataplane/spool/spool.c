@@ -1155,25 +1155,40 @@ spool_msg_detach(struct spool *sp, struct spool_msg *m)
 		m->detached = true;
 }
 
+/* Body octets the current batch still takes (0 without one). */
+static size_t
+cur_room(const struct spool *sp)
+{
+	size_t hp;
+
+	if (!sp->cur)
+		return 0;
+	hp = (size_t)spool_align8(sp->cur->fill) + SPOOL_REC_HDR_LEN;
+	return hp < sp->p.batch_size ? sp->p.batch_size - hp : 0;
+}
+
+/* Whole batch buffers the active segment still takes after the current
+ * batch. */
+static uint64_t
+seg_slots(const struct spool *sp)
+{
+	const struct spool_seg *a = sp->active;
+	uint64_t rem;
+
+	if (!a)
+		return 0;
+	rem = a->size - a->off;
+	if (sp->cur)
+		rem = rem > sp->cap ? rem - sp->cap : 0;
+	return rem / sp->cap;
+}
+
 size_t
 spool_room(const struct spool *sp)
 {
-	const struct spool_seg *a = sp->active;
-	size_t room = 0, per = sp->p.batch_size - SPOOL_REC_HDR_LEN;
-	uint64_t slots = 0, rem = 0;
+	size_t room = cur_room(sp), per = sp->p.batch_size - SPOOL_REC_HDR_LEN;
+	uint64_t slots = seg_slots(sp);
 
-	if (sp->cur) {
-		size_t hp = (size_t)spool_align8(sp->cur->fill) +
-			    SPOOL_REC_HDR_LEN;
-		if (hp < sp->p.batch_size)
-			room = sp->p.batch_size - hp;
-	}
-	if (a) {
-		rem = a->size - a->off;
-		if (sp->cur)
-			rem = rem > sp->cap ? rem - sp->cap : 0;
-		slots = rem / sp->cap;
-	}
 	slots += (uint64_t)spool_prep_ready(sp->prep) *
 		 ((sp->p.segment_size - SPOOL_BLOCK) / sp->cap);
 	if (slots > sp->nfree)
@@ -1187,17 +1202,7 @@ spool_room(const struct spool *sp)
 bool
 spool_out_of_space(struct spool *sp)
 {
-	const struct spool_seg *a = sp->active;
-	uint64_t rem = a ? a->size - a->off : 0;
-
-	if (sp->cur) {
-		size_t hp = (size_t)spool_align8(sp->cur->fill) +
-			    SPOOL_REC_HDR_LEN;
-		if (hp < sp->p.batch_size)
-			return false;
-		rem = rem > sp->cap ? rem - sp->cap : 0;
-	}
-	if (rem >= sp->cap || spool_prep_ready(sp->prep))
+	if (cur_room(sp) || seg_slots(sp) || spool_prep_ready(sp->prep))
 		return false;
 	return spool_prep_out_of_space(sp->prep);
 }
