@@ -12,6 +12,15 @@
  * copies the address out under the mutex, probes with the mutex released,
  * and writes the outcome back if the slot still holds that address (it may
  * have been overwritten by then: the result is dropped).
+ *
+ * Next hops (struct vhop, by a hash of the route's key) keep one slow or
+ * dead next hop from holding up every other route's probes: a thread
+ * takes the oldest queued probe whose next hop no other thread is probing
+ * (one at a time per next hop), and a next hop that gave no answer (no
+ * connection, a timeout) is not asked again for tempfail_ttl_ms: probes
+ * for it meanwhile are answered "could not tell" at once. Without this, a
+ * blackholed next hop (30 s per connect) took every thread and filled the
+ * queue, and valid users of healthy routes got 450 until it came back.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -29,6 +38,7 @@
 
 #define ADDR_MAX 320
 #define PROBE_WINDOW 8 /* slots looked at from the hash position */
+#define HOPS_MAX 64     /* next hops remembered (threads are capped to it) */
 
 enum vstate { V_EMPTY = 0, V_PENDING, V_VALID, V_UNKNOWN, V_TEMPFAIL };
 
@@ -36,9 +46,17 @@ struct vslot {
 	uint64_t hash;
 	uint64_t expires_ms; /* V_VALID/UNKNOWN/TEMPFAIL */
 	uint64_t touched_ms; /* for eviction */
+	uint64_t hop;        /* hash of its route's key, when queued */
 	uint8_t state;
 	uint8_t prev; /* PENDING refresh: the old answer meanwhile */
 	char addr[ADDR_MAX];
+};
+
+struct vhop {
+	uint64_t hop;        /* 0: unused */
+	uint64_t dead_until; /* no answer: not asked again before then */
+	uint64_t used_ms;    /* for reuse of the entry */
+	unsigned busy;       /* threads probing it now */
 };
 
 struct verify {
@@ -55,6 +73,7 @@ struct verify {
 	pthread_t *thr;
 	unsigned nthr;
 	unsigned running; /* probe threads not yet returned */
+	struct vhop hops[HOPS_MAX];
 	struct verify_stats st;
 };
 
@@ -85,23 +104,40 @@ verify_opts_defaults(struct verify_opts *o)
 	o->tempfail_ttl_ms = 60000;
 }
 
-/* FNV-1a over the lower-cased address (ASCII letters), mixed. */
+/* FNV-1a, mixed; never 0. */
 static uint64_t
-addr_hash(const char *a, char *lower, size_t n)
+fnv(const char *a)
 {
 	uint64_t h = 0xcbf29ce484222325ull;
-	size_t i;
 
-	for (i = 0; a[i] && i + 1 < n; i++) {
-		lower[i] = (char)tolower((unsigned char)a[i]);
-		h ^= (uint8_t)lower[i];
+	for (; *a; a++) {
+		h ^= (uint8_t)*a;
 		h *= 0x100000001b3ull;
 	}
-	lower[i] = '\0';
 	h ^= h >> 33;
 	h *= 0xff51afd7ed558ccdull;
 	h ^= h >> 33;
 	return h ? h : 1;
+}
+
+/*
+ * The cache's spelling of an address, which is also what is probed: the
+ * domain lower-cased (domains are case-insensitive), the local part as the
+ * client wrote it. RFC 5321 2.4 leaves a local part's meaning to its own
+ * host, and some are case-sensitive: a probe of "bob" says nothing of
+ * "Bob" there (until 2026-12-05 both were probed and cached as "bob").
+ */
+static uint64_t
+addr_key(const char *a, char *key, size_t n)
+{
+	const char *at = strrchr(a, '@');
+	size_t i;
+
+	for (i = 0; a[i] && i + 1 < n; i++)
+		key[i] = at && a + i > at ? (char)tolower((unsigned char)a[i])
+					  : a[i];
+	key[i] = '\0';
+	return fnv(key);
 }
 
 /* The slot for addr: its own, or the one to take (empty or oldest). */
@@ -133,15 +169,16 @@ slot_find(struct verify *v, uint64_t h, const char *addr, bool *found)
 }
 
 static bool
-enqueue(struct verify *v, size_t i)
+enqueue(struct verify *v, size_t i, uint64_t hop)
 {
 	if (v->qlen >= v->o.queue_max) {
 		v->st.queue_full++;
 		return false;
 	}
+	v->slots[i].hop = hop;
 	v->queue[(v->qhead + v->qlen) % v->o.queue_max] = (uint32_t)i;
 	v->qlen++;
-	pthread_cond_signal(&v->cv);
+	pthread_cond_broadcast(&v->cv);
 	return true;
 }
 
@@ -154,26 +191,23 @@ answer(uint8_t state)
 int
 verify_check(struct verify *v, const char *addr)
 {
-	char lower[ADDR_MAX];
-	uint64_t h, t;
+	char key[ADDR_MAX], hop_key[600];
+	uint64_t h, t, hop;
+	bool found, local = false;
 	size_t i;
-	bool found;
 	int r;
 
 	if (strlen(addr) >= ADDR_MAX)
 		return -1;
-	{
-		/* A local route needs no probe (and no cache slot). */
-		char key[600];
-		bool local = false;
-		v->open(v->ctx, addr, false, key, sizeof(key), &local, NULL);
-		if (local)
-			return 1;
-	}
-	h = addr_hash(addr, lower, sizeof(lower));
+	/* A local route needs no probe (and no cache slot). */
+	v->open(v->ctx, addr, false, hop_key, sizeof(hop_key), &local, NULL);
+	if (local)
+		return 1;
+	hop = fnv(hop_key);
+	h = addr_key(addr, key, sizeof(key));
 	pthread_mutex_lock(&v->mu);
 	t = now(v);
-	i = slot_find(v, h, lower, &found);
+	i = slot_find(v, h, key, &found);
 	if (found) {
 		struct vslot *s = &v->slots[i];
 		s->touched_ms = t;
@@ -188,7 +222,7 @@ verify_check(struct verify *v, const char *addr)
 			r = answer(s->state);
 			s->prev = s->state == V_TEMPFAIL ? V_EMPTY : s->state;
 			s->state = V_PENDING;
-			if (!enqueue(v, i)) {
+			if (!enqueue(v, i, hop)) {
 				s->state = s->prev == V_EMPTY ? V_TEMPFAIL
 							      : s->prev;
 			}
@@ -202,12 +236,12 @@ verify_check(struct verify *v, const char *addr)
 		if (s->state == V_EMPTY)
 			v->st.entries++;
 		memset(s, 0, sizeof(*s) - sizeof(s->addr));
-		snprintf(s->addr, sizeof(s->addr), "%s", lower);
+		snprintf(s->addr, sizeof(s->addr), "%s", key);
 		s->hash = h;
 		s->touched_ms = t;
 		s->state = V_PENDING;
 		s->prev = V_EMPTY;
-		if (!enqueue(v, i)) {
+		if (!enqueue(v, i, hop)) {
 			s->state = V_EMPTY;
 			s->addr[0] = '\0';
 			v->st.entries--;
@@ -215,6 +249,65 @@ verify_check(struct verify *v, const char *addr)
 	}
 	pthread_mutex_unlock(&v->mu);
 	return -1;
+}
+
+/* hop's entry, made when absent (reusing an idle one, least recently used
+ * first); NULL when all are busy, which threads <= HOPS_MAX rules out. */
+static struct vhop *
+hop_get(struct verify *v, uint64_t hop)
+{
+	struct vhop *pick = NULL;
+
+	for (unsigned k = 0; k < HOPS_MAX; k++) {
+		struct vhop *e = &v->hops[k];
+		if (e->hop == hop)
+			return e;
+		if (e->busy == 0 && (!pick || e->used_ms < pick->used_ms))
+			pick = e;
+	}
+	if (pick)
+		*pick = (struct vhop){ .hop = hop };
+	return pick;
+}
+
+/*
+ * The next probe to make: the oldest queued one whose next hop no other
+ * thread is probing, taken out of the queue, its next hop marked busy.
+ * false: none can be taken now (the queue is empty or all of it waits for
+ * busy next hops).
+ */
+static bool
+take(struct verify *v, size_t *slot, struct vhop **hp)
+{
+	unsigned qm = v->o.queue_max, nbusy = 0;
+	uint64_t busy[HOPS_MAX];
+
+	/* The next hops being probed now: at most one per thread. */
+	for (unsigned k = 0; k < HOPS_MAX; k++)
+		if (v->hops[k].busy)
+			busy[nbusy++] = v->hops[k].hop;
+	for (unsigned k = 0; k < v->qlen; k++) {
+		uint32_t i = v->queue[(v->qhead + k) % qm];
+		unsigned b = 0;
+		while (b < nbusy && busy[b] != v->slots[i].hop)
+			b++;
+		if (b < nbusy)
+			continue;
+		/* Close the gap: the ones before it move up one place. */
+		for (unsigned j = k; j > 0; j--)
+			v->queue[(v->qhead + j) % qm] =
+				v->queue[(v->qhead + j - 1) % qm];
+		v->qhead = (v->qhead + 1) % qm;
+		v->qlen--;
+		*hp = hop_get(v, v->slots[i].hop);
+		if (*hp) {
+			(*hp)->busy++;
+			(*hp)->used_ms = now(v);
+		}
+		*slot = i;
+		return true;
+	}
+	return false;
 }
 
 /* What a probe's reply means for the address: smtpc_probe()'s result. */
@@ -253,28 +346,40 @@ probe_main(void *arg)
 	for (;;) {
 		char addr[ADDR_MAX], nkey[600] = "", esc[ADDR_MAX * 4];
 		struct smtpc_reply r;
-		uint64_t h;
+		struct vhop *hop = NULL;
+		uint64_t h, dead_ms = 0;
 		uint8_t st;
 		bool local = false;
-		size_t i;
+		size_t i = 0;
 		int rc = 0;
 
-		while (!v->stop && v->qlen == 0)
+		while (!v->stop && !take(v, &i, &hop))
 			pthread_cond_wait(&v->cv, &v->mu);
 		if (v->stop)
 			break;
-		i = v->queue[v->qhead];
-		v->qhead = (v->qhead + 1) % v->o.queue_max;
-		v->qlen--;
 		memcpy(addr, v->slots[i].addr, sizeof(addr));
 		h = v->slots[i].hash;
+		if (hop && hop->dead_until > now(v))
+			dead_ms = hop->dead_until - now(v);
 		pthread_mutex_unlock(&v->mu);
 
 		memset(&r, 0, sizeof(r));
 		v->open(v->ctx, addr, false, nkey, sizeof(nkey), &local, NULL);
+		if (dead_ms && !local) {
+			/* It gave no answer a moment ago: not asked again
+			 * until then (a blackholed next hop would hold this
+			 * thread for a connect timeout per address). */
+			rc = -EHOSTUNREACH;
+			r.local = true;
+			snprintf(r.text, sizeof(r.text),
+				 "not probed: %s gave no answer, asked again "
+				 "in %" PRIu64 " s",
+				 nkey, (dead_ms + 999) / 1000);
+		}
 		/* One connection per thread, kept while the next hop is the
 		 * same; a kept one that broke is replaced once. */
-		for (int attempt = 0; !local && attempt < 2; attempt++) {
+		for (int attempt = 0; !dead_ms && !local && attempt < 2;
+		     attempt++) {
 			bool kept = c && strcmp(key, nkey) == 0;
 			if (!kept) {
 				smtpc_quit(c);
@@ -304,7 +409,18 @@ probe_main(void *arg)
 		       local ? "local route" : r.text);
 
 		pthread_mutex_lock(&v->mu);
-		v->st.probes++;
+		if (hop) {
+			hop->busy--;
+			/* No answer at all (rc < 0: no connection, a timeout,
+			 * the connection lost): rest the next hop. */
+			if (!dead_ms && !local && rc < 0)
+				hop->dead_until = now(v) + v->o.tempfail_ttl_ms;
+			pthread_cond_broadcast(&v->cv);
+		}
+		if (dead_ms)
+			v->st.not_probed++;
+		else
+			v->st.probes++;
 		if (st == V_VALID)
 			v->st.valid++;
 		else if (st == V_UNKNOWN)
@@ -345,6 +461,8 @@ verify_new(const struct verify_opts *o, verify_open_fn open, void *ctx)
 	v->o = *o;
 	if (v->o.threads == 0)
 		v->o.threads = 1;
+	if (v->o.threads > HOPS_MAX)
+		v->o.threads = HOPS_MAX;
 	if (v->o.queue_max == 0)
 		v->o.queue_max = 1;
 	while (n < v->o.max_entries || n < PROBE_WINDOW)

@@ -16,10 +16,15 @@
  * connection each probe thread keeps to its last next hop.
  *
  * Cache: a fixed table of max_entries slots (open addressing on a 64-bit
- * hash of the lower-cased address, a full table overwrites its oldest
- * entry in the probe window); one mutex, held for a lookup or an update
- * only, never across I/O. Probes waiting: at most queue_max; beyond that
- * the address is answered 450 and not queued (it will be, on a retry).
+ * hash of the address with its domain lower-cased: the local part keeps
+ * its case, which only its own host may interpret; a full table
+ * overwrites its oldest entry in the probe window); one mutex, held for a
+ * lookup or an update only, never across I/O. Probes waiting: at most
+ * queue_max; beyond that the address is answered 450 and not queued (it
+ * will be, on a retry). One probe at a time per next hop, and a next hop
+ * that gave no answer rests for tempfail_ttl_ms (its addresses are
+ * answered "could not tell" meanwhile): a dead or hung next hop never
+ * holds up the probes of other routes.
  */
 #ifndef FINALDOT_CONTROL_VERIFY_H
 #define FINALDOT_CONTROL_VERIFY_H
@@ -72,6 +77,7 @@ struct verify_stats {
 	uint64_t hits;      /* answered from the cache */
 	uint64_t misses;    /* not in the cache: probe queued (or full) */
 	uint64_t probes;    /* probes done */
+	uint64_t not_probed; /* tempfail at once: its next hop is resting */
 	uint64_t valid, unknown, tempfail; /* their outcomes */
 	uint64_t queue_full; /* a probe could not be queued */
 	uint64_t entries;   /* cached now */

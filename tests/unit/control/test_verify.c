@@ -5,6 +5,7 @@
  * real next hop (smtpc_probe) is tests/integration/test_verify.py's.
  */
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -29,6 +30,13 @@ fake_now(void)
 	return atomic_load(&clock_ms);
 }
 
+/* Connections to @slow.test wait while this is false (a next hop that
+ * hangs), whatever probes_go says. */
+static atomic_bool slow_go = true;
+/* The address of the last connection's probe. */
+static char last_probed[64];
+static pthread_mutex_t last_mu = PTHREAD_MUTEX_INITIALIZER;
+
 static struct smtpc *
 fake_open(void *ctx, const char *addr, bool connect, char *key, size_t n,
 	  bool *local, struct smtpc_reply *why)
@@ -39,6 +47,11 @@ fake_open(void *ctx, const char *addr, bool connect, char *key, size_t n,
 	if (connect) {
 		while (!atomic_load(&probes_go))
 			usleep(1000);
+		while (strstr(addr, "@slow.test") && !atomic_load(&slow_go))
+			usleep(1000);
+		pthread_mutex_lock(&last_mu);
+		snprintf(last_probed, sizeof(last_probed), "%s", addr);
+		pthread_mutex_unlock(&last_mu);
 		atomic_fetch_add(&connects, 1);
 		if (why) {
 			memset(why, 0, sizeof(*why));
@@ -52,12 +65,12 @@ fake_open(void *ctx, const char *addr, bool connect, char *key, size_t n,
 }
 
 static struct verify *
-start(unsigned queue_max)
+start_n(unsigned queue_max, unsigned threads)
 {
 	struct verify_opts o;
 
 	verify_opts_defaults(&o);
-	o.threads = 1;
+	o.threads = threads;
 	o.queue_max = queue_max;
 	o.max_entries = 64;
 	o.tempfail_ttl_ms = 1000;
@@ -67,8 +80,14 @@ start(unsigned queue_max)
 	return verify_new(&o, fake_open, NULL);
 }
 
-/* Wait (real time) until the probe thread made n connection attempts and
- * stored the outcome. */
+static struct verify *
+start(unsigned queue_max)
+{
+	return start_n(queue_max, 1);
+}
+
+/* Wait (real time) until the probe threads stored n outcomes (probes made
+ * or answered at once for a next hop that is resting). */
 static void
 wait_probes(struct verify *v, uint64_t n)
 {
@@ -76,7 +95,7 @@ wait_probes(struct verify *v, uint64_t n)
 
 	for (int i = 0; i < 2000; i++) {
 		verify_get_stats(v, &st);
-		if (st.probes >= n)
+		if (st.probes + st.not_probed >= n)
 			return;
 		usleep(1000);
 	}
@@ -105,7 +124,7 @@ Test(verify, unreachable_next_hop_stays_not_known_and_is_cached)
 	atomic_store(&probes_go, false);
 	cr_assert_eq(verify_check(v, "u@down.test"), -1);
 	/* While pending: no second probe queued, no answer from the cache. */
-	cr_assert_eq(verify_check(v, "U@Down.Test"), -1);
+	cr_assert_eq(verify_check(v, "u@Down.Test"), -1);
 	atomic_store(&probes_go, true);
 	wait_probes(v, 1);
 	cr_assert_eq(verify_check(v, "u@down.test"), -1);
@@ -154,5 +173,80 @@ Test(verify, bounded_table_evicts)
 	verify_get_stats(v, &st);
 	cr_assert_leq(st.entries, 64, "%llu entries",
 		      (unsigned long long)st.entries);
+	verify_free(v);
+}
+
+Test(verify, a_hung_next_hop_does_not_hold_up_other_routes)
+{
+	struct verify *v = start_n(64, 2);
+	struct verify_stats st;
+	char a[64];
+
+	/* Three probes for a next hop that hangs, then one for another. */
+	atomic_store(&slow_go, false);
+	for (int i = 0; i < 3; i++) {
+		snprintf(a, sizeof(a), "u%d@slow.test", i);
+		cr_assert_eq(verify_check(v, a), -1);
+	}
+	cr_assert_eq(verify_check(v, "x@down.test"), -1);
+	/* One thread waits on slow.test; the other must not take the second
+	 * slow.test probe (FIFO did: both threads hung, nothing else was
+	 * asked) but the one for down.test. */
+	wait_probes(v, 1);
+	verify_get_stats(v, &st);
+	cr_assert_eq(st.tempfail, 1);
+	pthread_mutex_lock(&last_mu);
+	cr_assert_str_eq(last_probed, "x@down.test");
+	pthread_mutex_unlock(&last_mu);
+	atomic_store(&slow_go, true);
+	wait_probes(v, 4);
+	verify_free(v);
+}
+
+Test(verify, a_next_hop_without_answer_rests)
+{
+	struct verify *v = start(64);
+	struct verify_stats st;
+
+	cr_assert_eq(verify_check(v, "a@down.test"), -1);
+	wait_probes(v, 1);
+	cr_assert_eq(atomic_load(&connects), 1);
+	/* Within tempfail_ttl: answered "could not tell" without a probe. */
+	cr_assert_eq(verify_check(v, "b@down.test"), -1);
+	cr_assert_eq(verify_check(v, "c@down.test"), -1);
+	wait_probes(v, 3);
+	verify_get_stats(v, &st);
+	cr_assert_eq(st.not_probed, 2);
+	cr_assert_eq(st.probes, 1);
+	cr_assert_eq(st.tempfail, 3);
+	cr_assert_eq(atomic_load(&connects), 1);
+	/* After it, the next hop is asked again. */
+	atomic_fetch_add(&clock_ms, 1001);
+	cr_assert_eq(verify_check(v, "d@down.test"), -1);
+	wait_probes(v, 4);
+	cr_assert_eq(atomic_load(&connects), 2);
+	verify_free(v);
+}
+
+Test(verify, the_local_part_keeps_its_case)
+{
+	struct verify *v = start(64);
+	struct verify_stats st;
+
+	cr_assert_eq(verify_check(v, "Bob@Down.Test"), -1);
+	wait_probes(v, 1);
+	/* Probed as written, the domain lower-cased. */
+	pthread_mutex_lock(&last_mu);
+	cr_assert_str_eq(last_probed, "Bob@down.test");
+	pthread_mutex_unlock(&last_mu);
+	/* The domain's case is the same address: a cache hit. */
+	cr_assert_eq(verify_check(v, "Bob@DOWN.test"), -1);
+	verify_get_stats(v, &st);
+	cr_assert_eq(st.misses, 1);
+	cr_assert_eq(st.hits, 1);
+	/* Another local part's case is another address. */
+	cr_assert_eq(verify_check(v, "bob@down.test"), -1);
+	verify_get_stats(v, &st);
+	cr_assert_eq(st.misses, 2);
 	verify_free(v);
 }
