@@ -846,8 +846,9 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 			    text);
 	} else {
 		const char *rcpt = m->sender;
-		struct smtpc_reply mail, rr, drr, why;
+		struct smtpc_reply rr, drr, why;
 		struct smtpc_msg sm;
+		struct smtpc_tx tx;
 		bool reused;
 		struct smtpc *c = conn_get(cp, j->dest, cc, &why, &reused);
 		if (!c) {
@@ -869,12 +870,20 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 			sm.smtputf8 = memchr_8bit(rcpt, strlen(rcpt));
 			sm.body = mem_body_read;
 			sm.body_ctx = &mb;
-			memset(&mail, 0, sizeof(mail));
-			r = smtpc_send(c, &sm, &mail, &rr, &drr);
+			/* One transaction, as smtpc_send(), with last_out:
+			 * the report went out and no reply came (RFC 1047)
+			 * is a possible duplicate, logged as a message's. */
+			memset(&tx, 0, sizeof(tx));
+			tx.m = &sm;
+			tx.rcpt = &rr;
+			tx.data = &drr;
+			r = smtpc_send_many(c, &tx, 1);
 			if (r != 0)
 				cache_drop(cc, false);
-			if (mail.code && (mail.code < 200 || mail.code >= 300))
-				outcome_reply(&j->res->out[0], &mail);
+			j->dup_risk = tx.rc < 0 && tx.last_out;
+			if (tx.mail.code &&
+			    (tx.mail.code < 200 || tx.mail.code >= 300))
+				outcome_reply(&j->res->out[0], &tx.mail);
 			else
 				outcome_reply(&j->res->out[0], &drr);
 			snprintf(j->res->relay, sizeof(j->res->relay), "%s",

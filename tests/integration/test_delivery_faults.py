@@ -217,6 +217,28 @@ def case_dsn_sent_is_no_possible_duplicate():
         check(m and m[-1] == "0", f"possible duplicates after a DSN: {m}")
 
 
+def case_dsn_reply_lost():
+    """A DSN whose final reply never came (the sender's MX hangs after the
+    dot) is logged event=reply_lost like a message (it was not: only the
+    deferral showed), then sent again over a new connection."""
+    s = Script(rcpt={"gone@dest.test": "550 5.1.1 no such user"})
+    with ScriptedHop(script=s) as hop, \
+            ScriptedHop(script=[Script(dot=HANG), Script()]) as mx, \
+            Daemon("--route", f"dest.test={hop.target}",
+                   "--route", f"sender.test={mx.target}",
+                   *FAST, domains=("sender.test", "dest.test"),
+                   delivery=True) as d:
+        qid = send(d, "a@sender.test", ["gone@dest.test"], message(12))
+        mx.wait_for(1, 30)
+        wait(lambda: log_count(d, rf"{qid} event=bounce status=sent"), 10,
+             "bounce sent")
+        check(log_count(d, rf"{qid} event=reply_lost") == 1,
+              "reply_lost logged for the DSN")
+        check(log_count(d, rf"{qid} event=bounce status=deferred") == 1,
+              "one deferral of the DSN")
+        check(b"Action: failed" in mx.completed()[0].body, "not the DSN")
+
+
 def case_null_sender_no_dsn():
     """A bounce is never sent to the null sender (RFC 5321 6.1)."""
     s = Script(rcpt={"gone@dest.test": "550 5.1.1 no such user"})
@@ -588,6 +610,7 @@ def case_checkpoint_during_a_retry():
 
 
 CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
+         case_dsn_reply_lost,
          case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
          case_hang_after_data, case_garbage_and_close,
          case_dead_destination, case_dsn_passthrough,
