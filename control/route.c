@@ -222,9 +222,20 @@ parse_hostport(const char *rest, struct route_target *t, char *why,
 				    q);
 	} else {
 		const char *e = domain_error(host, hlen);
+		struct in_addr a4;
 		if (e)
 			return fail(why, why_len, "bad host name (%s) in '%s'",
 				    e, q);
+		/* "0x7f.0.0.1" is a valid name to the checks above, and
+		 * getaddrinfo() would take it as 127.0.0.1: an address is
+		 * written as a dotted quad or not at all. */
+		memcpy(tmp, host, hlen);
+		tmp[hlen] = '\0';
+		if (inet_aton(tmp, &a4) != 0)
+			return fail(why, why_len,
+				    "IPv4 address not in dotted-quad form in "
+				    "'%s'",
+				    q);
 	}
 	for (size_t i = 0; i < hlen; i++)
 		t->host[i] = lower(host[i]);
@@ -243,10 +254,19 @@ parse_path(const char *p, size_t max, char *dst, char *why, size_t why_len,
 	if (n > max)
 		return fail(why, why_len, "path longer than %zu bytes in '%s'",
 			    max, q);
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
 		if (is_ctl((unsigned char)p[i]))
 			return fail(why, why_len,
 				    "control character in path in '%s'", q);
+		/* A path may hold a comma, but ",tls=" here is an option
+		 * given where there are none: it was taken into the path. */
+		if (p[i] == ',' && (!strncmp(p + i + 1, "tls=", 4) ||
+				    !strncmp(p + i + 1, "ca=", 3)))
+			return fail(why, why_len,
+				    "options (tls=, ca=) are for smtp: and "
+				    "lmtp: over TCP only, in '%s'",
+				    q);
+	}
 	memcpy(dst, p, n + 1);
 	return 0;
 }
@@ -560,6 +580,10 @@ route_lookup(const struct route_table *rt, const char *domain)
 		return NULL;
 	if (domain) {
 		size_t n = strlen(domain);
+		/* The SMTP engine takes "example.com." for example.com:
+		 * so does its route. */
+		if (n > 1 && domain[n - 1] == '.')
+			n--;
 		uint64_t h = hash_domain(domain, n);
 		for (size_t j = (size_t)h & (rt->cap - 1); rt->slots[j];
 		     j = (j + 1) & (rt->cap - 1))

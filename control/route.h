@@ -113,7 +113,8 @@ void route_table_set_default(struct route_table *rt,
 
 /*
  * The route for a recipient domain: case-insensitive exact match (no
- * wildcard, no parent-domain match, a trailing dot is not stripped), else
+ * wildcard, no parent-domain match; one trailing dot is ignored, as the
+ * SMTP engine ignores it when it accepts the domain), else
  * the default, else NULL. The pointer is the table's own copy: valid until
  * the table is freed (the default's until the next set_default).
  */

@@ -101,6 +101,10 @@ static const struct bad bads[] = {
 	{ "smtp:10.0.0.256:25", "bad IPv4" },
 	{ "smtp:1.2.3:25", "bad IPv4" },
 	{ "smtp:01.2.3.4:25", "bad IPv4" },
+	/* getaddrinfo() would read these as 127.0.0.1 and 10.1.2.3 */
+	{ "smtp:0x7f.0.0.1:25", "dotted-quad" },
+	{ "smtp:0x0a.1.2.3:25", "dotted-quad" },
+	{ "smtp:0x7f000001:25", "dotted-quad" },
 	{ "smtp:a..b:25", "empty label" },
 	{ "smtp:.a:25", "empty label" },
 	{ "smtp:a.:25", "empty label" },
@@ -115,6 +119,10 @@ static const struct bad bads[] = {
 	{ "lmtp:unix:/a\nb", "control character" },
 	{ "maildir:", "empty path" },
 	{ "maildir:/a\tb", "control character" },
+	/* an option where there are none was taken into the path */
+	{ "lmtp:unix:/run/dovecot/lmtp,tls=verify", "TCP only" },
+	{ "maildir:/srv/mail,tls=none", "TCP only" },
+	{ "maildir:/srv/mail,ca=/x.pem", "TCP only" },
 	/* Would print as "lmtp:unix:2", a socket path. */
 	{ "lmtp:Unix:2", "host 'unix' is ambiguous" },
 };
@@ -298,9 +306,15 @@ Test(route, lookup_prefers_route_then_default_then_null)
 	r = route_lookup(rt, "LOCAL");
 	cr_assert_not_null(r);
 	cr_expect_str_eq(r->text, "maildir:/var/mail");
-	/* Exact match only. */
+	/* Exact match only; one trailing dot is the same domain (the SMTP
+	 * engine accepts "example.org." as example.org: its mail went to
+	 * the default route). */
 	cr_expect_null(route_lookup(rt, "sub.example.org"));
-	cr_expect_null(route_lookup(rt, "example.org."));
+	r = route_lookup(rt, "Example.org.");
+	cr_assert_not_null(r);
+	cr_expect_str_eq(r->text, "lmtp:unix:/run/lmtp");
+	cr_expect_null(route_lookup(rt, "example.org.."));
+	cr_expect_null(route_lookup(rt, "."));
 	cr_expect_null(route_lookup(rt, "example.or"));
 	cr_expect_null(route_lookup(rt, ""));
 	cr_expect_null(route_lookup(rt, NULL));
