@@ -638,21 +638,41 @@ out:
 	free(sj);
 }
 
+/*
+ * The Maildir mailbox of an address, as the SMTP engine understood it:
+ * the local part without its quotes ("bob" is bob, RFC 5322 3.2.4: the
+ * quotes and backslashes are not part of it), the domain without the one
+ * trailing dot the engine tolerates, a bare postmaster at the first
+ * accepted domain. Until 2026-12-05 each spelling made a mailbox of its
+ * own ("bob", example.com.) that nobody reads.
+ */
 static void
-split_addr(const char *addr, char *local, size_t llen, const char **domain)
+split_addr(struct cplane *cp, const char *addr, char *local, size_t llen,
+	   char *domain, size_t dlen)
 {
 	const char *at = strrchr(addr, '@');
-	size_t n = at ? (size_t)(at - addr) : strlen(addr);
+	size_t n = at ? (size_t)(at - addr) : strlen(addr), k = 0;
+	const char *dom = at ? at + 1 : cp_postmaster_domain(cp);
+	size_t dn = strlen(dom);
 
-	if (n >= llen)
-		n = llen - 1;
-	memcpy(local, addr, n);
-	local[n] = '\0';
-	*domain = at ? at + 1 : "";
+	if (n >= 2 && addr[0] == '"' && addr[n - 1] == '"') {
+		for (size_t i = 1; i < n - 1 && k + 1 < llen; i++) {
+			if (addr[i] == '\\' && i + 1 < n - 1)
+				i++;
+			local[k++] = addr[i];
+		}
+	} else {
+		k = n < llen ? n : llen - 1;
+		memcpy(local, addr, k);
+	}
+	local[k] = '\0';
+	if (dn > 1 && dom[dn - 1] == '.')
+		dn--;
+	snprintf(domain, dlen, "%.*s", (int)dn, dom);
 }
 
 static void
-run_maildir(struct q_job *j, struct attempt_wait *aw)
+run_maildir(struct cplane *cp, struct q_job *j, struct attempt_wait *aw)
 {
 	const struct q_msg *m = j->m;
 
@@ -661,11 +681,11 @@ run_maildir(struct q_job *j, struct attempt_wait *aw)
 		const struct q_rcpt *rc = &m->rcpts[j->idx[i]];
 		struct maildir_result res;
 		struct q_body body;
-		char prefix[1200], local[512];
-		const char *domain;
+		char prefix[1200], local[512], domain[256];
 		char text[600];
 
-		split_addr(rc->addr, local, sizeof(local), &domain);
+		split_addr(cp, rc->addr, local, sizeof(local), domain,
+			   sizeof(domain));
 		snprintf(prefix, sizeof(prefix),
 			 "Return-Path: <%s>\r\nDelivered-To: %s\r\n",
 			 m->sender, rc->addr);
@@ -829,9 +849,9 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 			       .before_last = wait_attempt, .ctx = aw};
 	if (j->dest->kind == ROUTE_MAILDIR) {
 		struct maildir_result res;
-		char local[512], text[600];
-		const char *domain;
-		split_addr(m->sender, local, sizeof(local), &domain);
+		char local[512], text[600], domain[256];
+		split_addr(cp, m->sender, local, sizeof(local), domain,
+			   sizeof(domain));
 		maildir_deliver(j->dest->path, domain, local,
 				"Return-Path: <>\r\n", mem_body_read, &mb,
 				out.len, &res);
@@ -973,7 +993,7 @@ run_jobs(struct cplane *cp, struct q_job **jobs, unsigned nj,
 			run_bounce(cp, jobs[k], cc, &aw);
 	} else if (jobs[0]->dest->kind == ROUTE_MAILDIR) {
 		for (unsigned k = 0; k < nj; k++)
-			run_maildir(jobs[k], &aw);
+			run_maildir(cp, jobs[k], &aw);
 	} else {
 		run_smtp(cp, jobs, nj, cc, &aw);
 	}

@@ -48,6 +48,8 @@ unsigned cp_job_take(struct cplane *cp, struct q_job **done, unsigned n_done,
 		     unsigned max);
 bool cp_quitting(struct cplane *cp);
 const char *cp_hostname(const struct cplane *cp);
+/* The domain a bare <postmaster> stands for: the first accepted one. */
+const char *cp_postmaster_domain(const struct cplane *cp);
 const struct cp_config *cp_config_of(const struct cplane *cp);
 struct dlog *cp_log(const struct cplane *cp);
 

@@ -94,6 +94,9 @@ struct cp_routing {
 	bool have_bounce;
 	int def_tls;                /* enum route_tls: --smtp-tls */
 	char tls_ca[256];           /* --smtp-tls-ca */
+	/* The domain of a bare <postmaster> (RFC 5321 4.5.1: accepted
+	 * without one): the first accepted domain, "" if there is none. */
+	char pm_domain[256];
 };
 
 static void
@@ -582,15 +585,25 @@ dest_get(struct cplane *cp, const struct route_target *t)
 	return d;
 }
 
-/* Where mail for this address goes: its route, the relay, the default. */
+/* Where mail for this address goes: its route, the relay, the default
+ * (a bare postmaster: the first accepted domain's). */
 static struct q_dest *
 dest_for_rcpt(struct cplane *cp, const char *addr)
 {
 	const struct cp_routing *rg = routing_of(cp);
+	const char *dom = route_addr_domain(addr);
 	const struct route_target *t =
-		route_lookup(rg->rt, route_addr_domain(addr));
+		route_lookup(rg->rt, *dom ? dom : rg->pm_domain);
 
 	return dest_get(cp, t ? t : &rg->def);
+}
+
+const char *
+cp_postmaster_domain(const struct cplane *cp)
+{
+	/* The routing in use stays valid until the reload after next
+	 * (retired, not freed), and reloads are at least a second apart. */
+	return routing_of(cp)->pm_domain;
 }
 
 /* Where a DSN to this sender goes, or NULL (no route for it). */
@@ -3172,15 +3185,23 @@ cp_quitting(struct cplane *cp)
 /* ---- life cycle -------------------------------------------------------- */
 
 
-/* A Maildir root is made at start (mkdir -p, 0700): a first run with
- * the default route must work; the mailboxes below it are made on first
+/*
+ * The first-run default route's Maildir root is made at start (mkdir -p,
+ * 0700): a first run must work; the mailboxes below it are made on first
  * delivery. Each directory made here is made durable in its parent:
  * maildir_deliver() fsyncs only what it creates below the root, and
  * without this a power cut took the whole root back, with every message
  * delivered into it, while the delivery log kept them as delivered
- * (found by tests/crash/test_powercut_delivery.py). */
+ * (found by tests/crash/test_powercut_delivery.py).
+ *
+ * A root the operator configured is never made (maildir.h: a root that is
+ * missing is most likely a filesystem not mounted, and mail written under
+ * the mount point is reported delivered and then hidden by the mount);
+ * one missing at start is logged, and its deliveries are deferred until
+ * it exists. Until 2026-12-05 every root was made.
+ */
 static void
-maildir_root(const struct route_target *t, bool make)
+maildir_root(const struct route_target *t, bool make, bool dflt)
 {
 	char buf[512];
 	size_t n;
@@ -3196,11 +3217,21 @@ maildir_root(const struct route_target *t, bool make)
 		if (buf[i] != '/' && buf[i] != '\0')
 			continue;
 		char ch = buf[i];
+		struct stat st;
 		buf[i] = '\0';
+		if (!dflt && (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode))) {
+			fd_log(FD_LOG_ERR, "qmgr",
+			       "event=maildir_root_missing path=%s "
+			       "note=\"not created (an unmounted filesystem?): "
+			       "deliveries there are deferred until it "
+			       "exists\"",
+			       t->path);
+			return;
+		}
 		/* Made now, or found: either way synced in its parent
 		 * (one found may have been made by a start that died before
-		 * syncing it). */
-		if (mkdir(buf, 0700) == 0 || errno == EEXIST)
+		 * syncing it, or by an operator who did not sync it). */
+		if (!dflt || mkdir(buf, 0700) == 0 || errno == EEXIST)
 			r = fd_fsync_parent(buf);
 		else
 			r = -errno;
@@ -3242,22 +3273,41 @@ parse_routes(const struct cp_config *c, char *why, size_t why_len, bool make)
 				 dom);
 			goto fail;
 		}
-		maildir_root(&t, make);
+		maildir_root(&t, make, false);
 	}
+	if (c->n_domains && c->domains)
+		snprintf(rg->pm_domain, sizeof(rg->pm_domain), "%s",
+			 c->domains[0]);
 	if (c->relay && *c->relay) {
 		if (route_parse_target(c->relay, &rg->def, why, why_len) != 0)
 			goto fail;
-	} else if (route_parse_target(c->default_route, &rg->def, why,
-				      why_len) != 0) {
-		goto fail;
+		maildir_root(&rg->def, make, false);
+	} else {
+		/* The first-run default is for a configuration without
+		 * routes: with some, an accepted domain left without one
+		 * would silently go to ./var/maildir (relative to wherever
+		 * the daemon was started). */
+		for (unsigned i = 0; c->n_routes && i < c->n_domains; i++) {
+			if (route_lookup(rg->rt, c->domains[i]))
+				continue;
+			snprintf(why, why_len,
+				 "accepted domain %s has no --route and there "
+				 "is no --relay (the default %s is used only "
+				 "when no route is given)",
+				 c->domains[i], c->default_route);
+			goto fail;
+		}
+		if (route_parse_target(c->default_route, &rg->def, why,
+				       why_len) != 0)
+			goto fail;
+		maildir_root(&rg->def, make, true);
 	}
-	maildir_root(&rg->def, make);
 	if (c->bounce_relay && *c->bounce_relay) {
 		if (route_parse_target(c->bounce_relay, &rg->bounce, why,
 				       why_len) != 0)
 			goto fail;
 		rg->have_bounce = true;
-		maildir_root(&rg->bounce, make);
+		maildir_root(&rg->bounce, make, false);
 	}
 	return rg;
 fail:

@@ -159,7 +159,8 @@ static const struct opt options[] = {
 	 "smtp:HOST:PORT, lmtp:HOST:PORT, lmtp:unix:PATH or maildir:DIR"},
 	{"relay", NULL, OPT_STR, F(relay), S(relay), "TARGET",
 	 "deliver mail for every accepted domain without its own route to "
-	 "TARGET (default: maildir:./var/maildir when no route is given)"},
+	 "TARGET (default: maildir:./var/maildir when no route is given; "
+	 "with --route and no --relay, every accepted domain needs a route)"},
 	{"bounce_relay", NULL, OPT_STR, F(bounce_relay), S(bounce_relay),
 	 "TARGET",
 	 "send DSNs (bounces) for senders outside the accepted domains to "

@@ -288,6 +288,7 @@ def main():
     try:
         fs.mount()
         root = os.path.join(fs.mnt, "maildir")
+        os.mkdir(root)  # a configured root is never made by finaldot
         with Daemon("--segment-size", "2M", "--batch-size", "64k",
                     "--control", ctl, "--relay", f"maildir:{root}",
                     "--retry-min", "1s", "--retry-max", "2s",

@@ -77,6 +77,9 @@ class Daemon:
         self.cwd = cwd
         self.wrap = list(wrap)  # argv prefix, e.g. ip netns exec NS
         self.tmp = tempfile.mkdtemp(prefix="fdtest-")
+        # A configured Maildir root must exist (finaldot never makes one:
+        # a missing root may be an unmounted filesystem).
+        os.makedirs(os.path.join(self.tmp, "maildir"))
         self.spool = spool or os.path.join(self.tmp, "spool")
         self.port = port or free_port()
         self.listen = listen or [f"127.0.0.1:{self.port}"]

@@ -19,6 +19,7 @@
 """
 import glob
 import json
+import re
 import os
 import shutil
 import smtplib
@@ -29,7 +30,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import Daemon, check, skip, start_sink  # noqa: E402
+from fdtest import Daemon, check, skip, start_sink, FINALDOT  # noqa: E402
 from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
                        run_cases)
 
@@ -62,6 +63,67 @@ def case_default_route():
     finally:
         import shutil
         shutil.rmtree(cwd, ignore_errors=True)
+
+
+def case_mailbox_spellings():
+    """Spellings the SMTP engine takes for one mailbox land in that one:
+    "example.com." (it went to the default route, here another root),
+    "bob" quoted, and a bare <postmaster> (bounced 5.1.3, domain empty)
+    at the first accepted domain. A configured root that is missing is
+    never made (an unmounted filesystem): its mail is deferred."""
+    tmp = tempfile.mkdtemp(prefix="fdtest-roots-")
+    try:
+        routed = os.path.join(tmp, "routed")
+        os.mkdir(routed)
+        absent = os.path.join(tmp, "absent")
+        with Daemon("--route", f"example.com=maildir:{routed}",
+                    "--route", f"other.test=maildir:{absent}",
+                    delivery=True,
+                    domains=("example.com", "other.test")) as d:
+            check(not os.path.exists(absent), "a configured root was made")
+            d.wait_log(r"event=maildir_root_missing path=" +
+                       re.escape(absent), 5)
+            q1 = send(d, "a@example.com", ["bob@example.com."], message(1))
+            q2 = send(d, "a@example.com", ['"bob"@example.com'], message(2))
+            q3 = send(d, "a@example.com", ["postmaster"], message(3))
+            q4 = send(d, "a@example.com", ["x@other.test"], message(4))
+            for q in (q1, q2, q3):
+                wait(lambda: log_count(d, rf"{q} event=delivery "
+                                          r".*status=sent"), 20,
+                     f"{q} delivered")
+            check(len(maildir_files(routed, "bob@example.com")) == 2,
+                  f"bob: {os.listdir(os.path.join(routed, 'example.com'))}")
+            check(len(maildir_files(routed, "postmaster@example.com")) == 1,
+                  "postmaster")
+            check(sorted(os.listdir(os.path.join(routed, "example.com"))) ==
+                  ["bob", "postmaster"], "other mailboxes made")
+            wait(lambda: log_count(d, rf"{q4} event=delivery "
+                                      r".*status=deferred"), 20,
+                 "deferred while the root is missing")
+            check(not os.path.exists(absent), "the root was made later")
+            check(count_files(d.tmp + "/maildir") == 0,
+                  "mail in the relay's Maildir")
+            check(log_count(d, r"status=bounced") == 0, "a bounce")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def case_routes_without_relay_cover_every_domain():
+    """With --route and no --relay, an accepted domain without a route is
+    a configuration error (its mail went to ./var/maildir, relative to
+    wherever the daemon was started)."""
+    tmp = tempfile.mkdtemp(prefix="fdtest-cfg-")
+    try:
+        r = subprocess.run(
+            [FINALDOT, "--check-config", "--spool", tmp + "/spool",
+             "--accept-domain", "example.com", "--accept-domain",
+             "other.test", "--route", f"example.com=maildir:{tmp}"],
+            capture_output=True, text=True, timeout=30)
+        out = r.stdout + r.stderr
+        check(r.returncode != 0, f"accepted: {out}")
+        check("other.test has no --route" in out, f"why: {out}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def seg_files(d):
@@ -319,7 +381,8 @@ CASES = [case_default_route, case_reclaim_and_restart,
          case_segments_forgotten, case_recipients,
          case_message_across_many_segments, case_readers_leave_atime,
          case_delivery_nice, case_ids_past_the_delivery_log,
-         case_delivery_log_missing]
+         case_delivery_log_missing, case_mailbox_spellings,
+         case_routes_without_relay_cover_every_domain]
 
 if __name__ == "__main__":
     run_cases(CASES)

@@ -106,6 +106,7 @@ def bounce_domain():
             q1 = send(a, "s@new.test", ["unknown@example.com"],
                       message(1, 300, "bounce before"))
             a.wait_log(rf"{q1} event=bounce_dropped", 20)
+            os.makedirs(f"{tmp}/md", exist_ok=True)
             write(f"accept_domain = new.test\n"
                   f"route = new.test=maildir:{tmp}/md\n")
             os.kill(a.proc.pid, signal.SIGHUP)
