@@ -1297,8 +1297,15 @@ backoff_us(struct cplane *cp, uint32_t attempts)
 		d *= 2;
 	if (d > cap)
 		d = cap;
-	/* +-25% so that a burst deferred together does not retry together */
+	/* +-25% so that a burst deferred together does not retry together,
+	 * then within [retry_min, retry_max]: the options' words are
+	 * "shortest" and "longest" (the cap came before the jitter, and
+	 * waits reached 5,000 s with a retry_max of 4,000) */
 	d *= 0.75 + 0.5 * (double)(rnd(cp) % 1000001) / 1000000.0;
+	if (d > cap)
+		d = cap;
+	if (d < base)
+		d = base;
 	return (uint64_t)d;
 }
 
@@ -1432,6 +1439,29 @@ defer_rcpt(struct cplane *cp, struct q_msg *m, unsigned i, uint64_t at,
 	log_rec(cp, DLOG_DEFERRED, m, i, r->attempts, at, 0, r->reason);
 }
 
+/*
+ * A recipient whose next hop is dead: deferred without an attempt, and
+ * counted as a deferral all the same, as Postfix's "delivery temporarily
+ * suspended" is. Its next try backs off like a failed one (never before
+ * the next hop's dead period ends, jittered past it): one record per
+ * recipient every retry_min for the lifetime of a long outage was a
+ * million records every few minutes for a million queued, and with no
+ * count it stayed a first attempt, queued after the outage in front of
+ * mail that arrived after it.
+ */
+static void
+suspend_rcpt(struct cplane *cp, struct q_msg *m, unsigned i,
+	     const struct q_dest *d, uint64_t now_rt)
+{
+	uint64_t at = d->dead_until + backoff_us(cp, 1) / 4;
+	uint64_t b = now_rt + backoff_us(cp, m->rcpts[i].attempts + 1);
+
+	defer_rcpt(cp, m, i, at > b ? at : b,
+		   d->dead_reason ? d->dead_reason
+				  : "4.4.1 delivery temporarily suspended",
+		   true);
+}
+
 /* Recipient r goes in the job being made for destination d. */
 static bool
 rcpt_joins(const struct q_rcpt *r, const struct q_dest *d, uint64_t now_rt)
@@ -1483,12 +1513,7 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 			continue;
 		}
 		if (d->dead_until > now_rt) {
-			defer_rcpt(cp, m, i,
-				   d->dead_until + backoff_us(cp, 1) / 4,
-				   d->dead_reason ? d->dead_reason
-						  : "4.4.1 delivery "
-						    "temporarily suspended",
-				   false);
+			suspend_rcpt(cp, m, i, d, now_rt);
 			continue;
 		}
 		/* Other recipients for the same destination join this job
@@ -1682,6 +1707,73 @@ coalesce_stale(struct cplane *cp, uint64_t now)
 }
 
 /* Hand out jobs while each destination is under its window. */
+/* The first job of one of d's lists, taken off it. */
+static struct q_job *
+dest_pop(struct q_dest *d, bool fresh)
+{
+	struct q_job *j;
+
+	if (fresh) {
+		j = d->fresh_head;
+		d->fresh_head = j->next;
+		if (!d->fresh_head)
+			d->fresh_tail = NULL;
+	} else {
+		j = d->retry_head;
+		d->retry_head = j->next;
+		if (!d->retry_head)
+			d->retry_tail = NULL;
+	}
+	j->next = NULL;
+	return j;
+}
+
+/*
+ * An operator's hold or delete came after the job was made: a job waiting
+ * in its next hop's list is not handed out (a slow next hop's whole
+ * backlog waits there, and `queue delete` answered "deleted" while every
+ * message of it was still sent). A job left with some of its recipients
+ * goes on with those. Those already handed to a delivery thread (at most
+ * the next hop's window of batches) finish as they are.
+ */
+static bool
+job_unwanted(struct q_job *j)
+{
+	struct q_msg *m = j->m;
+	unsigned k = 0;
+
+	if (m->held)
+		return true;
+	if (j->kind == QJ_BOUNCE)
+		return false;
+	for (unsigned i = 0; i < j->n; i++) {
+		struct q_rcpt *r = &m->rcpts[j->idx[i]];
+		if (r->state == QR_PENDING)
+			j->idx[k++] = j->idx[i];
+		else
+			r->busy = false;
+	}
+	j->n = k;
+	return k == 0;
+}
+
+/* A job taken off its list and not handed out: its recipients wait for
+ * the next scheduling of their message (a release, or never). */
+static void
+job_drop(struct cplane *cp, struct q_job *j)
+{
+	struct q_msg *m = j->m;
+
+	if (j->kind == QJ_BOUNCE)
+		m->bounce_busy = false;
+	else
+		for (unsigned i = 0; i < j->n; i++)
+			m->rcpts[j->idx[i]].busy = false;
+	msg_jobs_add(cp, m, -1);
+	job_free(j);
+	msg_update(cp, m, 0);
+}
+
 static void
 dispatch(struct cplane *cp)
 {
@@ -1700,6 +1792,11 @@ dispatch(struct cplane *cp)
 			/* The results' storage, only for jobs in flight. */
 			struct q_job *next =
 				take_fresh ? d->fresh_head : d->retry_head;
+			if (job_unwanted(next)) {
+				dest_pop(d, take_fresh);
+				job_drop(cp, next);
+				continue;
+			}
 			unsigned nout = next->kind == QJ_BOUNCE ? 1 : next->n;
 			struct q_result *res = calloc(
 				1, sizeof(*res) +
@@ -1708,18 +1805,7 @@ dispatch(struct cplane *cp)
 			if (!res)
 				break; /* tried again on the next pass */
 			d->flip = !d->flip;
-			if (take_fresh) {
-				j = d->fresh_head;
-				d->fresh_head = j->next;
-				if (!d->fresh_head)
-					d->fresh_tail = NULL;
-			} else {
-				j = d->retry_head;
-				d->retry_head = j->next;
-				if (!d->retry_head)
-					d->retry_tail = NULL;
-			}
-			j->next = NULL;
+			j = dest_pop(d, take_fresh);
 			j->res = res;
 			j->listed_us = now;
 			/* computed on the way out, not read again later */
@@ -1793,11 +1879,11 @@ dest_drain_dead(struct cplane *cp, struct q_dest *d)
 				m->bounce_busy = false;
 				m->bounce_next_us = d->dead_until;
 			} else {
+				uint64_t now_rt = fd_now_realtime_us();
 				for (unsigned i = 0; i < j->n; i++) {
 					m->rcpts[j->idx[i]].busy = false;
-					defer_rcpt(cp, m, j->idx[i],
-						   d->dead_until,
-						   d->dead_reason, false);
+					suspend_rcpt(cp, m, j->idx[i], d,
+						     now_rt);
 				}
 			}
 			msg_jobs_add(cp, m, -1);
@@ -1821,9 +1907,16 @@ dest_feedback(struct cplane *cp, struct q_dest *d, const struct q_job *j)
 			d->limit = max;
 		return;
 	}
+	/* Dead after a whole window's worth of failures in a row with no
+	 * success between (Postfix's failed pseudo-cohort): a next hop that
+	 * turns away a few connections over its own limit (421 too many
+	 * connections) is busy, not dead. Two in a row did it, and suspended
+	 * its whole queue for retry_min. */
+	if (d->fail_streak == 0)
+		d->cohort = d->limit > 2 ? (unsigned)ceil(d->limit) : 2;
 	d->fail_streak++;
 	d->limit = d->limit - 1 < 1 ? 1 : d->limit - 1;
-	if (d->fail_streak >= 2 && d->kind != ROUTE_MAILDIR) {
+	if (d->fail_streak >= d->cohort && d->kind != ROUTE_MAILDIR) {
 		const char *why =
 			j->n ? j->res->out[0].text : "connection failed";
 		char buf[600];

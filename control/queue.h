@@ -162,6 +162,8 @@ struct q_dest {
 	double job_us;   /* queue manager only: moving average of wire_us */
 	uint64_t batches; /* queue manager only: batches taken (metrics) */
 	unsigned fail_streak; /* connection-level failures in a row */
+	unsigned cohort;      /* failures in a row that make it dead: its
+			       * window when the streak began (at least 2) */
 	uint64_t dead_until;  /* no attempt before this (dead destination) */
 	char *dead_reason;
 	struct q_job *fresh_head, *fresh_tail; /* first attempts */

@@ -21,7 +21,7 @@ from fdtest import Daemon, check, fail, free_port  # noqa: E402
 from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
                        strip_our_received, run_cases)
 from peers import (ScriptedHop, Script, fail_first, HANG, GARBAGE,  # noqa
-                   DEFAULT_EXTENSIONS)
+                   DEFAULT_EXTENSIONS, Delay)
 
 FAST = ["--retry-min", "1s", "--retry-max", "2s", "--smtp-timeout", "3s",
         "--smtp-data-timeout", "3s", "--smtp-connect-timeout", "2s"]
@@ -237,6 +237,105 @@ def case_dsn_reply_lost():
         check(log_count(d, rf"{qid} event=bounce status=deferred") == 1,
               "one deferral of the DSN")
         check(b"Action: failed" in mx.completed()[0].body, "not the DSN")
+
+
+def dead_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return port
+
+
+def show(d, qid):
+    return json.loads(d.ctl("queue", "show", qid, "--json")[1])
+
+
+def case_retry_within_bounds():
+    """The wait before a retry stays within --retry-min and --retry-max,
+    jitter included (the jitter came after the cap: 0.75-1.25 times
+    them, so waits of 5,000 s with the default 4,000 s maximum)."""
+    from datetime import datetime
+    with Daemon("--route", f"dest.test=smtp:127.0.0.1:{dead_port()}",
+                "--retry-min", "60s", "--retry-max", "60s",
+                "--smtp-connect-timeout", "2s",
+                domains=("example.com", "dest.test"), delivery=True) as d:
+        ids = [send(d, "a@example.com", ["b@dest.test"], message(60 + i))
+               for i in range(20)]
+        for q in ids:
+            wait(lambda q=q: show(d, q)["recipients"][0]["attempts"] >= 1,
+                 20, f"{q} deferred")
+            r = show(d, q)["recipients"][0]
+            gap = (datetime.fromisoformat(r["next_attempt"]) -
+                   datetime.fromisoformat(r["last_attempt"])).total_seconds()
+            check(59 <= gap <= 61, f"{q}: retry in {gap:.1f} s, not 60")
+
+
+def case_suspended_counts_a_deferral():
+    """Mail deferred because its next hop was declared dead counts the
+    deferral (it stayed a first attempt: queued, once the next hop came
+    back, in front of mail that arrived after it, and due again every
+    retry_min for the whole queue lifetime)."""
+    with Daemon("--route", f"dest.test=smtp:127.0.0.1:{dead_port()}",
+                "--retry-min", "60s", "--retry-max", "120s",
+                "--dest-concurrency", "2", "--smtp-connect-timeout", "2s",
+                domains=("example.com", "dest.test"), delivery=True) as d:
+        ids = [send(d, "a@example.com", ["b@dest.test"], message(80 + i))
+               for i in range(60)]
+        d.wait_log(r"event=destination_dead", 20)
+        views = {}
+
+        def all_counted():
+            for q in ids:
+                views[q] = show(d, q)["recipients"][0]
+            return all(v["attempts"] >= 1 for v in views.values())
+        wait(all_counted, 15, "every message deferred and counted")
+        check(any("suspended" in v["reason"] for v in views.values()),
+              "no message was deferred as suspended")
+
+
+def case_busy_next_hop_is_not_dead():
+    """Two connections in a row turned away (421 too many connections) do
+    not make a next hop dead: that takes a window's worth of failures
+    with no success between (two did, and suspended its whole queue)."""
+    busy = Script(greeting="421 4.7.0 too many connections")
+    with ScriptedHop(script=[busy, busy, Script()]) as hop, \
+            daemon(hop.target) as d:
+        qid = send(d, "a@example.com", ["b@dest.test"], message(300))
+        wait(lambda: log_count(d, rf"{qid} event=delivery .*status=sent"),
+             30, "delivered after two 421s")
+        check(log_count(d, rf"{qid} event=delivery .*status=deferred") == 2,
+              "two deferrals")
+        check(log_count(d, r"event=destination_dead") == 0,
+              "declared dead after two 421 greetings")
+
+
+def case_hold_and_delete_stop_queued_jobs():
+    """queue hold / queue delete of a message whose job already waits in a
+    slow next hop's list: it is not sent (it was: the job went out when
+    its turn came). Released, the held one is sent."""
+    slow = Script(dot=Delay(0.15, "250 2.0.0 Ok"))
+    with ScriptedHop(script=slow) as hop, \
+            daemon(hop.target, "--dest-concurrency", "1") as d:
+        ids = [send(d, "a@example.com", ["b@dest.test"], message(200 + i))
+               for i in range(70)]
+        held, gone = ids[-2], ids[-1]
+        check(d.ctl("queue", "hold", held)[1] == "1 message held\n", "hold")
+        check(d.ctl("queue", "delete", gone)[1] == "1 message deleted\n",
+              "delete")
+        for q in ids[:-2]:
+            wait(lambda q=q: log_count(d, rf"{q} event=delivery "
+                                          r".*status=sent"), 60,
+                 f"{q} delivered")
+        check(log_count(d, rf"{held} event=delivery .*status=sent") == 0,
+              "the held message was sent")
+        check(log_count(d, rf"{gone} event=delivery .*status=sent") == 0,
+              "the deleted message was sent")
+        check(len(hop.completed()) == 68, f"{len(hop.completed())} sent")
+        d.ctl("queue", "release", held)
+        wait(lambda: log_count(d, rf"{held} event=delivery .*status=sent"),
+             20, "released, then sent")
 
 
 def case_null_sender_no_dsn():
@@ -610,7 +709,10 @@ def case_checkpoint_during_a_retry():
 
 
 CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
-         case_dsn_reply_lost,
+         case_dsn_reply_lost, case_retry_within_bounds,
+         case_suspended_counts_a_deferral,
+         case_hold_and_delete_stop_queued_jobs,
+         case_busy_next_hop_is_not_dead,
          case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
          case_hang_after_data, case_garbage_and_close,
          case_dead_destination, case_dsn_passthrough,
