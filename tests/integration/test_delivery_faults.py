@@ -311,6 +311,29 @@ def case_busy_next_hop_is_not_dead():
               "declared dead after two 421 greetings")
 
 
+def case_slow_next_hops_leave_a_thread():
+    """Two slow next hops whose windows together take every delivery
+    thread: a message for a third route goes out when the first thread
+    is done with a batch, not after their backlogs (a thread done with a
+    batch went back to the next hop it was connected to)."""
+    slow = Script(dot=Delay(0.1, "250 2.0.0 Ok"))
+    with ScriptedHop(script=slow) as h1, ScriptedHop(script=slow) as h2, \
+            Daemon("--route", f"one.test={h1.target}",
+                   "--route", f"two.test={h2.target}",
+                   "--delivery-threads", "4", "--dest-concurrency", "2",
+                   *FAST, domains=("example.com", "one.test", "two.test"),
+                   delivery=True) as d:
+        for i in range(100):
+            send(d, "a@example.com", ["b@one.test"], message(400 + i))
+            send(d, "a@example.com", ["b@two.test"], message(500 + i))
+        qid = send(d, "a@example.com", ["c@example.com"], message(600))
+        wait(lambda: log_count(d, rf"{qid} event=delivery .*status=sent"),
+             60, "the local message delivered")
+        done = len(h1.completed()) + len(h2.completed())
+        check(done < 150, f"delivered only after {done} of 200 slow ones")
+        print(f"ok: the local message went out after {done} of 200")
+
+
 def case_hold_and_delete_stop_queued_jobs():
     """queue hold / queue delete of a message whose job already waits in a
     slow next hop's list: it is not sent (it was: the job went out when
@@ -713,6 +736,7 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_suspended_counts_a_deferral,
          case_hold_and_delete_stop_queued_jobs,
          case_busy_next_hop_is_not_dead,
+         case_slow_next_hops_leave_a_thread,
          case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
          case_hang_after_data, case_garbage_and_close,
          case_dead_destination, case_dsn_passthrough,
