@@ -1706,7 +1706,6 @@ coalesce_stale(struct cplane *cp, uint64_t now)
 	pthread_mutex_unlock(&cp->mu);
 }
 
-/* Hand out jobs while each destination is under its window. */
 /* The first job of one of d's lists, taken off it. */
 static struct q_job *
 dest_pop(struct q_dest *d, bool fresh)
@@ -1774,6 +1773,7 @@ job_drop(struct cplane *cp, struct q_job *j)
 	msg_update(cp, m, 0);
 }
 
+/* Hand out jobs while each destination is under its window. */
 static void
 dispatch(struct cplane *cp)
 {
