@@ -41,6 +41,9 @@ struct cp_config {
 	unsigned dest_concurrency;  /* per next hop, at most */
 	uint64_t retry_min_ms;
 	uint64_t retry_max_ms;
+	/* a queued message in a segment sealed this long ago is copied to
+	 * spool/moved/ (qmgr.c, "moved messages"); 0: the default, 60 s */
+	uint64_t move_after_ms;
 	uint64_t queue_lifetime_ms;
 	uint64_t connect_timeout_ms;
 	uint64_t cmd_timeout_ms;    /* RFC 5321 4.5.3.2: 5 minutes */
@@ -151,6 +154,9 @@ struct cp_stats {
 	uint64_t expired_total, dsn_sent_total, dsn_dropped_total;
 	uint64_t damaged_total; /* held: the body failed its checksum */
 	uint64_t reclaimed_total;
+	/* messages copied out of their segments into spool/moved/, and
+	 * moves that failed (the message stays where it was) */
+	uint64_t moved_total, move_failed_total;
 	uint64_t indoubt_total, suppressed_total, indoubt_unknown_total;
 	uint64_t indoubt_entries; /* remembered now */
 	/* errno of the delivery log's permanent failure, 0 while it works:

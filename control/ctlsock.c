@@ -424,6 +424,8 @@ cmd_status(struct ctl_server *sv, struct ctl_client *c, struct req *rq)
 	ctl_jw_ku64(w, "dsn_sent_total", cs.dsn_sent_total);
 	ctl_jw_ku64(w, "dsn_dropped_total", cs.dsn_dropped_total);
 	ctl_jw_ku64(w, "reclaimed_total", cs.reclaimed_total);
+	ctl_jw_ku64(w, "moved_total", cs.moved_total);
+	ctl_jw_ku64(w, "move_failed_total", cs.move_failed_total);
 	ctl_jw_ku64(w, "indoubt_total", cs.indoubt_total);
 	ctl_jw_ku64(w, "suppressed_total", cs.suppressed_total);
 	ctl_jw_ku64(w, "log_error", cs.log_error);

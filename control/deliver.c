@@ -41,6 +41,7 @@
 #include "control/dlog.h"
 #include "control/dsn.h"
 #include "control/maildir.h"
+#include "control/moved.h"
 #include "control/queue.h"
 #include "control/route.h"
 #include "control/smtpc.h"
@@ -974,6 +975,63 @@ defer_unlogged(struct q_job **jobs, unsigned nj)
 	}
 }
 
+/*
+ * QJ_MOVE: the message into its own file in spool/moved/ (moved.h), read
+ * through the same body reader as a delivery (its CRC checked: a damaged
+ * copy is not moved). The queue manager points the message at the file
+ * once this says it is durable.
+ */
+static void
+run_move(struct cplane *cp, struct q_job *j)
+{
+	const struct q_msg *m = j->m;
+	const char **rcpts = calloc(m->n_rcpts ? m->n_rcpts : 1,
+				    sizeof(*rcpts));
+	const char **orcpts = calloc(m->n_rcpts ? m->n_rcpts : 1,
+				     sizeof(*orcpts));
+	uint8_t *notify = calloc(m->n_rcpts ? m->n_rcpts : 1, 1);
+	bool any_notify = false, any_orcpt = false;
+	struct fd_envelope env;
+	struct q_body body;
+
+	if (!rcpts || !orcpts || !notify) {
+		j->res->move_err = -ENOMEM;
+		goto out;
+	}
+	for (unsigned i = 0; i < m->n_rcpts; i++) {
+		rcpts[i] = m->rcpts[i].addr;
+		orcpts[i] = m->rcpts[i].orcpt;
+		notify[i] = m->rcpts[i].notify;
+		any_notify |= notify[i] != 0;
+		any_orcpt |= orcpts[i][0] != '\0';
+	}
+	memset(&env, 0, sizeof(env));
+	env.mail_from = m->sender;
+	env.rcpts = rcpts;
+	env.n_rcpts = m->n_rcpts;
+	env.helo = m->helo;
+	env.client_addr = m->client;
+	env.proto = "ESMTP";
+	env.arrival_us = m->arrival_us;
+	env.body = (enum fd_body_type)m->body_type;
+	env.smtputf8 = m->smtputf8;
+	env.envid = m->envid;
+	env.ret = (enum fd_dsn_ret)m->ret;
+	env.notify = any_notify ? notify : NULL;
+	env.orcpts = any_orcpt ? orcpts : NULL;
+	q_body_init(&body, m);
+	j->res->move_err = moved_write(cp_config_of(cp)->spool_dir, m->id,
+				       m->worker, &env, m->body_len,
+				       m->body_crc, q_body_read, &body,
+				       &j->res->move_body_off);
+	j->damaged |= body.damaged;
+	q_body_fini(&body);
+out:
+	free(rcpts);
+	free(orcpts);
+	free(notify);
+}
+
 /* Jobs taken together (cp_job_take: one next hop; a bounce or a Maildir
  * job alone). */
 static void
@@ -983,6 +1041,12 @@ run_jobs(struct cplane *cp, struct q_job **jobs, unsigned nj,
 	struct attempt_wait aw = {0};
 	uint64_t t0 = fd_now_monotonic_us(), wire;
 
+	if (jobs[0]->kind == QJ_MOVE) {
+		/* no attempt: nothing leaves the machine */
+		for (unsigned k = 0; k < nj; k++)
+			run_move(cp, jobs[k]);
+		return;
+	}
 	log_attempts(cp, jobs, nj, &aw);
 	if (aw.refused || (aw.log && dlog_error(aw.log))) {
 		defer_unlogged(jobs, nj);

@@ -410,6 +410,13 @@ render_queue(FILE *f, const struct cp_stats *s)
 	     "the sender).");
 	lab(f, name, "outcome", "sent", s->dsn_sent_total);
 	lab(f, name, "outcome", "dropped", s->dsn_dropped_total);
+	name = "finaldot_queue_moved_total";
+	head(f, name, "counter",
+	     "Queued messages copied out of a spool segment sealed "
+	     "--move-after ago into spool/moved/ (so that deferred mail does "
+	     "not keep whole segments): done, or failed (it stays).");
+	lab(f, name, "outcome", "done", s->moved_total);
+	lab(f, name, "outcome", "failed", s->move_failed_total);
 	one(f, "finaldot_queue_damaged_total", "counter",
 	    "Messages held because their body read back from the spool did "
 	    "not match its checksum (see the log: event=held "

@@ -65,6 +65,7 @@
 #include "control/rcptdb.h"
 #include "control/verify.h"
 #include "control/metrics.h"
+#include "control/moved.h"
 #include "control/route.h"
 #include "control/spool_reader.h"
 #include "control/tail.h"
@@ -153,6 +154,12 @@ struct cplane {
 	size_t n_segs;
 	struct q_seg **reclaimable; /* candidates to re-check */
 	size_t n_reclaimable, cap_reclaimable;
+	/* moved messages: the delivery threads' pseudo next hop for QJ_MOVE
+	 * jobs (not in dest_h: no route, no metrics), moves out now, the
+	 * next look for segments to empty (monotonic) */
+	struct q_dest *mover;
+	unsigned moves_out;
+	uint64_t move_next_us;
 
 	struct q_msg **msg_h;
 	size_t msg_cap, n_msgs;
@@ -206,6 +213,7 @@ struct cplane {
 	uint64_t st_damaged; /* held: body checksum mismatch */
 	bool log_failure_told; /* event=delivery_stopped logged */
 	uint64_t st_reclaim_sent, st_reclaimed;
+	uint64_t st_moved, st_move_failed;
 };
 
 
@@ -350,11 +358,17 @@ qm_seg_ref(struct cplane *cp, struct q_seg *s)
 	s->refs++;
 }
 
+static void moved_seg_done(struct cplane *cp, struct q_seg *s);
+
 void
 qm_seg_unref(struct cplane *cp, struct q_seg *s)
 {
 	if (s->refs)
 		s->refs--;
+	if (s->refs == 0 && s->moved) {
+		moved_seg_done(cp, s);
+		return;
+	}
 	if (s->refs == 0) {
 		seg_consider(cp, s);
 		seg_free_if_unused(cp, s);
@@ -364,6 +378,8 @@ qm_seg_unref(struct cplane *cp, struct q_seg *s)
 void
 qm_seg_seal(struct cplane *cp, struct q_seg *s)
 {
+	if (!s->sealed)
+		s->sealed_us = fd_now_monotonic_us();
 	s->sealed = true;
 	seg_consider(cp, s);
 }
@@ -1476,7 +1492,7 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 {
 	bool bounce_due = false;
 
-	if (m->held || m->finished)
+	if (m->held || m->finished || m->moving)
 		return;
 	if (m->settle_until > now_rt) {
 		msg_update(cp, m, 0);
@@ -1741,6 +1757,8 @@ job_unwanted(struct q_job *j)
 	struct q_msg *m = j->m;
 	unsigned k = 0;
 
+	if (j->kind == QJ_MOVE)
+		return false; /* a held message is moved all the same */
 	if (m->held)
 		return true;
 	if (j->kind == QJ_BOUNCE)
@@ -1960,6 +1978,8 @@ hold_damaged(struct cplane *cp, struct q_msg *m)
 	       m->id);
 }
 
+static void move_applied(struct cplane *cp, struct q_job *j);
+
 static void
 apply_result(struct cplane *cp, struct q_job *j)
 {
@@ -1969,6 +1989,10 @@ apply_result(struct cplane *cp, struct q_job *j)
 
 	if (d->active)
 		d->active--;
+	if (j->kind == QJ_MOVE) {
+		move_applied(cp, j);
+		return;
+	}
 	if (j->taken_us) {
 		uint64_t ns = (fd_now_monotonic_us() - j->taken_us) * 1000;
 		d->lat[ctl_lat_bucket(ns)]++;
@@ -2090,6 +2114,312 @@ apply_result(struct cplane *cp, struct q_job *j)
 	msg_jobs_add(cp, m, -1);
 	job_free(j);
 	msg_update(cp, m, lsn);
+}
+
+/* ---- moved messages ------------------------------------------------------
+ *
+ * A segment goes back to its worker only when no queued message has a
+ * record in it, so one message deferred for days kept its whole segment
+ * (and every delivered message in it) on disk: with 1% of the mail for a
+ * dead next hop, almost every segment stayed, and the disk filled (found
+ * in review: 1 MiB segments, max 6, 6 deferred messages of 132 got every
+ * client 452). Now a message still queued in a segment that was sealed
+ * move_after ago is copied to its own file in spool/moved/ (moved.h) by a
+ * delivery thread (QJ_MOVE), and once that is durable the message points
+ * at the file and lets go of its segments. Only messages not due in the
+ * next MOVE_DUE_SLACK are moved: one about to be tried again would only
+ * be read twice. Recovery imports spool/moved/ after the spool scan (a
+ * message found in both keeps its segment copy; the file is deleted).
+ */
+#define MOVES_MAX 64u                /* QJ_MOVE jobs out at once */
+#define MOVE_DUE_SLACK 10000000ull   /* us */
+#define MOVE_AFTER_DEFAULT 60000ull  /* ms */
+
+static void
+moved_dir(const struct cplane *cp, char *buf, size_t n)
+{
+	snprintf(buf, n, "%s/" MOVED_DIR, cp->spool_dir);
+}
+
+/* The pseudo-segment for message id's file, opened (NULL, logged, when it
+ * cannot be). */
+static struct q_seg *
+moved_seg_open(struct cplane *cp, uint64_t id)
+{
+	struct q_seg *s = calloc(1, sizeof(*s));
+	size_t b;
+
+	if (!s)
+		return NULL;
+	s->worker = Q_MOVED_WORKER;
+	s->file_no = id;
+	s->use_seq = id;
+	s->moved = true;
+	s->sealed = true;
+	moved_path(s->path, sizeof(s->path), cp->spool_dir, id, 0);
+	s->fd = fd_open_noatime(s->path, O_RDONLY | O_CLOEXEC);
+	if (s->fd < 0) {
+		fd_log(FD_LOG_ERR, "qmgr",
+		       "event=moved_open_failed path=%s error=\"%s\"", s->path,
+		       strerror(errno));
+		free(s);
+		return NULL;
+	}
+	b = seg_bucket(s->worker, s->use_seq);
+	s->hnext = cp->seg_h[b];
+	cp->seg_h[b] = s;
+	cp->n_segs++;
+	return s;
+}
+
+/* Nothing references a moved message's file: its message is finished and
+ * its outcome durable (release_finished), or it was never used. The file
+ * goes, durably: a file that came back after the delivery log forgot the
+ * message (a checkpoint) would be delivered again. */
+static void
+moved_seg_done(struct cplane *cp, struct q_seg *s)
+{
+	char dir[4300];
+	int r = 0;
+
+	if (s->reclaimed)
+		return;
+	if (unlink(s->path) != 0 && errno != ENOENT)
+		r = -errno;
+	moved_dir(cp, dir, sizeof(dir));
+	if (r == 0)
+		r = fd_fsync_dir(dir);
+	if (r != 0) {
+		/* Kept (its message object too, so that a checkpoint
+		 * keeps its record): a restart deletes it. */
+		fd_log(FD_LOG_ERR, "qmgr",
+		       "event=moved_delete_failed path=%s error=\"%s\"",
+		       s->path, strerror(-r));
+		return;
+	}
+	if (s->fd >= 0)
+		close(s->fd);
+	s->fd = -1;
+	s->reclaimed = true;
+	cp->reclaims_heard = true; /* released messages may go now */
+	seg_free_if_unused(cp, s);
+}
+
+static bool
+seg_pinned(const struct q_seg *s, uint64_t now, uint64_t after_us)
+{
+	return !s->moved && s->sealed && s->refs && !s->reclaim_sent &&
+	       !s->reclaimed && now - s->sealed_us >= after_us;
+}
+
+/* Every message still queued in a segment sealed move_after ago and not
+ * due soon gets a QJ_MOVE job (at most MOVES_MAX out). Looked for once a
+ * second, and the queue walked only when such a segment exists. */
+static void
+move_pinned(struct cplane *cp)
+{
+	uint64_t now = fd_now_monotonic_us(), now_rt = fd_now_realtime_us();
+	uint64_t after = (cp->cfg.move_after_ms ? cp->cfg.move_after_ms
+						: MOVE_AFTER_DEFAULT) *
+			 1000;
+	bool any = false;
+
+	if (now < cp->move_next_us || cp->moves_out >= MOVES_MAX ||
+	    !cp->mover)
+		return;
+	cp->move_next_us = now + 1000000;
+	for (size_t b = 0; b < SEG_BUCKETS && !any; b++)
+		for (struct q_seg *g = cp->seg_h[b]; g && !any; g = g->hnext)
+			any = seg_pinned(g, now, after);
+	if (!any)
+		return;
+	for (size_t b = 0; b < cp->msg_cap && cp->moves_out < MOVES_MAX; b++)
+		for (struct q_msg *m = cp->msg_h[b];
+		     m && cp->moves_out < MOVES_MAX; m = m->hnext) {
+			bool pinned = false;
+			struct q_job *j;
+			if (m->finished || m->released || m->moving ||
+			    m->jobs || m->bounce_busy ||
+			    m->body_len > UINT32_MAX)
+				continue;
+			if (!m->held && (!m->heap_idx ||
+					 m->next_us < now_rt + MOVE_DUE_SLACK))
+				continue;
+			for (unsigned i = 0; i < m->n_segs && !pinned; i++)
+				pinned = seg_pinned(m->segs[i], now, after);
+			if (!pinned || !(j = job_new(m, cp->mover, QJ_MOVE, 0)))
+				continue;
+			m->moving = true;
+			heap_remove(cp, m);
+			msg_jobs_add(cp, m, 1);
+			dest_enqueue(cp, cp->mover, j);
+			cp->moves_out++;
+		}
+}
+
+/* A QJ_MOVE job came back: the message now lives in its file, or stays
+ * where it was. */
+static void
+move_applied(struct cplane *cp, struct q_job *j)
+{
+	struct q_msg *m = j->m;
+	struct q_seg *s = NULL;
+	char esc[64];
+
+	m->moving = false;
+	if (cp->moves_out)
+		cp->moves_out--;
+	if (j->res->move_err == 0 && !j->damaged)
+		s = moved_seg_open(cp, m->id);
+	if (s) {
+		struct q_seg *old[64];
+		unsigned n_old = m->n_segs < 64 ? m->n_segs : 64;
+
+		/* Its own references first, then the old ones dropped: a
+		 * segment whose last reference this was can go back. */
+		memcpy(old, m->segs, n_old * sizeof(old[0]));
+		qm_seg_ref(cp, s);
+		s->msgs++;
+		m->segs[0] = s;
+		m->n_segs = 1;
+		if (m->body_len) {
+			m->pieces[0] = (struct q_piece){
+				.seg = s,
+				.file_off = j->res->move_body_off,
+				.len = (uint32_t)m->body_len};
+			m->n_pieces = 1;
+		} else {
+			m->n_pieces = 0;
+		}
+		for (unsigned i = 0; i < n_old; i++) {
+			if (old[i]->msgs)
+				old[i]->msgs--;
+			qm_seg_unref(cp, old[i]);
+			seg_free_if_unused(cp, old[i]);
+		}
+		cp->st_moved++;
+		fd_log(FD_LOG_INFO, "qmgr",
+		       "%016" PRIx64 " event=moved path=%s size=%" PRIu64,
+		       m->id, s->path, m->body_len);
+	} else {
+		cp->st_move_failed++;
+		snprintf(esc, sizeof(esc), "%s",
+			 j->damaged ? "body damaged"
+				    : strerror(-(j->res->move_err
+						 ? j->res->move_err
+						 : EIO)));
+		fd_log(FD_LOG_ERR, "qmgr",
+		       "%016" PRIx64 " event=move_failed error=\"%s\"", m->id,
+		       esc);
+	}
+	if (j->damaged)
+		hold_damaged(cp, m);
+	msg_jobs_add(cp, m, -1);
+	job_free(j);
+	msg_update(cp, m, 0);
+}
+
+/*
+ * At start, after the spool scan's messages: those in spool/moved/. A
+ * message the scan found too keeps its segment copy (the move was not
+ * done with it, or its segment not reclaimed yet): the file goes. Half
+ * written files (.tmp-) go. A file that does not check out is kept and
+ * reported, never deleted: it may be the only copy.
+ */
+static int
+moved_recover(struct cplane *cp)
+{
+	char dir[4300], path[4600];
+	size_t n_ok = 0, n_dup = 0, n_bad = 0;
+	void *scratch = malloc(moved_scratch_max());
+	bool removed = false;
+	struct dirent *e;
+	DIR *d;
+	int r = 0;
+
+	moved_dir(cp, dir, sizeof(dir));
+	if (!scratch)
+		return -ENOMEM;
+	if (mkdir(dir, 0700) == 0) {
+		r = fd_fsync_parent(dir);
+		free(scratch);
+		return r; /* new: empty */
+	}
+	if (errno != EEXIST || !(d = opendir(dir))) {
+		r = -errno;
+		free(scratch);
+		fd_log(FD_LOG_ERR, "qmgr",
+		       "event=moved_dir_failed path=%s error=\"%s\"", dir,
+		       strerror(-r));
+		return r;
+	}
+	while ((e = readdir(d))) {
+		struct moved_info mi;
+		struct q_seg *s;
+		struct q_piece pc;
+		struct stat st;
+		int fd, k;
+
+		if (e->d_name[0] == '.' && strncmp(e->d_name, ".tmp-", 5))
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+		if (!strncmp(e->d_name, ".tmp-", 5)) {
+			removed |= unlink(path) == 0;
+			continue;
+		}
+		if (strlen(e->d_name) != 20 ||
+		    strcmp(e->d_name + 16, ".msg") != 0)
+			continue;
+		fd = fd_open_noatime(path, O_RDONLY | O_CLOEXEC);
+		k = fd < 0 ? -errno : fstat(fd, &st) != 0 ? -errno : 0;
+		if (k == 0)
+			k = moved_read(fd, (uint64_t)st.st_size, &mi, scratch,
+				       moved_scratch_max());
+		if (fd >= 0)
+			close(fd);
+		if (k == 0 && mi.worker >= 256)
+			k = -EBADMSG;
+		if (k != 0) {
+			n_bad++;
+			fd_log(FD_LOG_ERR, "qmgr",
+			       "event=damage what=moved_file path=%s "
+			       "error=\"%s\" action=\"kept, not queued\"",
+			       path, strerror(-k));
+			continue;
+		}
+		if (msg_find(cp, mi.id)) {
+			n_dup++;
+			removed |= unlink(path) == 0;
+			continue;
+		}
+		if (!(s = moved_seg_open(cp, mi.id))) {
+			n_bad++;
+			continue;
+		}
+		pc = (struct q_piece){.seg = s, .file_off = mi.body_off,
+				      .len = (uint32_t)mi.body_len};
+		k = qm_msg_add(cp, mi.worker, mi.id, &mi.env, mi.body_len,
+			       mi.body_crc, &pc, mi.body_len ? 1 : 0, s, s);
+		if (k != 0) {
+			r = k;
+			break;
+		}
+		/* New ids stay past it (msgid seeds: the log may not name
+		 * every moved message). */
+		if (mi.id > cp->replay_max_id[mi.worker])
+			cp->replay_max_id[mi.worker] = mi.id;
+		n_ok++;
+	}
+	closedir(d);
+	free(scratch);
+	if (removed && r == 0)
+		r = fd_fsync_dir(dir);
+	if (n_ok || n_dup || n_bad)
+		fd_log(n_bad ? FD_LOG_WARN : FD_LOG_INFO, "qmgr",
+		       "event=moved_recovered messages=%zu "
+		       "in_segments_too=%zu bad=%zu",
+		       n_ok, n_dup, n_bad);
+	return r;
 }
 
 /* ---- delivery log replay and checkpoints -------------------------------- */
@@ -2982,6 +3312,8 @@ publish_stats(struct cplane *cp)
 	s.dsn_dropped_total = cp->st_dsn_dropped;
 	s.damaged_total = cp->st_damaged;
 	s.reclaimed_total = cp->st_reclaimed;
+	s.moved_total = cp->st_moved;
+	s.move_failed_total = cp->st_move_failed;
 	s.segments = cp->n_segs;
 	s.started_us = cp->started_us;
 	s.indoubt_total = cp->st_indoubt;
@@ -3068,6 +3400,7 @@ qmgr_main(void *arg)
 		busy |= apply_results(cp);
 		if (cp->cfg.delivery) {
 			busy |= schedule_due(cp);
+			move_pinned(cp);
 			dispatch(cp);
 			coalesce_stale(cp, now_us);
 		}
@@ -3594,6 +3927,14 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 		       vo.threads, vo.positive_ttl_ms / 1000,
 		       vo.negative_ttl_ms / 1000);
 	}
+	/* The moves' pseudo next hop: local disk (no feedback), two at a
+	 * time (they read and write whole messages). */
+	cp->mover = calloc(1, sizeof(*cp->mover));
+	if (cp->mover) {
+		snprintf(cp->mover->key, sizeof(cp->mover->key), "spool:move");
+		cp->mover->kind = ROUTE_MAILDIR;
+		cp->mover->limit = 2;
+	}
 	cp->msg_cap = 1024;
 	cp->msg_h = calloc(cp->msg_cap, sizeof(*cp->msg_h));
 	if (c->dedup_window_ms)
@@ -3621,6 +3962,9 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 		}
 		qm_seg_seal(cp, s);
 	}
+	/* Then the messages moved out of their segments. */
+	if ((r = moved_recover(cp)) != 0)
+		goto out_free;
 	/* Then what the delivery log says happened to them. */
 	snprintf(dir, sizeof(dir), "%s/dlog", cp->spool_dir);
 	dlog_params_defaults(&lp);
@@ -4090,6 +4434,11 @@ cp_free(struct cplane *cp)
 				close(s->fd);
 			free(s);
 		}
+	if (cp->mover) { /* freed with the others (not in dest_h) */
+		cp->mover->hnext = cp->dest_h[0];
+		cp->dest_h[0] = cp->mover;
+		cp->mover = NULL;
+	}
 	for (size_t b = 0; b < DEST_BUCKETS; b++)
 		while (cp->dest_h[b]) {
 			struct q_dest *d = cp->dest_h[b];

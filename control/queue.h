@@ -48,11 +48,18 @@ struct q_seg {
 	uint32_t refs;    /* queued messages + tailer partials with records */
 	uint32_t msgs;    /* message objects naming it, released ones too */
 	bool sealed;      /* the worker left it and the tailer walked it all */
+	uint64_t sealed_us; /* when (monotonic), for moving what it holds */
+	/* a message's own file in spool/moved/ (qmgr.c, "moved messages"):
+	 * worker is Q_MOVED_WORKER, use_seq the message id; no reclaim: the
+	 * file is deleted when nothing references it */
+	bool moved;
 	bool reclaim_sent;
 	bool reclaimed;   /* RECLAIMED heard: its records are stale now */
 	struct q_seg *hnext;
 	char path[4200];
 };
+
+#define Q_MOVED_WORKER 0xffffffffu
 
 struct q_piece {
 	struct q_seg *seg;
@@ -118,6 +125,7 @@ struct q_msg {
 
 	/* queue manager only */
 	bool held;
+	bool moving;       /* a QJ_MOVE job is out: no other job meanwhile */
 	bool finished;     /* every recipient final, DSN settled */
 	bool released;     /* its segment references are dropped */
 	unsigned jobs;     /* jobs out for it */
@@ -177,7 +185,9 @@ struct q_dest {
 	uint64_t lat_sum_ns;
 };
 
-enum q_job_kind { QJ_DELIVER = 1, QJ_BOUNCE = 2 };
+/* QJ_MOVE: copy the message to its own file in spool/moved/ (qmgr.c,
+ * "moved messages"); no recipients, no record in the delivery log. */
+enum q_job_kind { QJ_DELIVER = 1, QJ_BOUNCE = 2, QJ_MOVE = 3 };
 enum q_out { QO_DELIVERED = 1, QO_DEFERRED = 2, QO_BOUNCED = 3 };
 
 struct q_outcome {
@@ -212,6 +222,10 @@ struct q_result {
 	 * (q_job.want_fp): the queue manager then need not read it again */
 	bool fp_ok;
 	uint8_t fp[32];
+	/* QJ_MOVE: 0 when spool/moved/ID.msg is durable, its body at
+	 * move_body_off; else -errno */
+	int move_err;
+	uint64_t move_body_off;
 	struct q_outcome out[]; /* the job's n (QJ_BOUNCE: one) */
 };
 

@@ -187,6 +187,10 @@ static const struct opt options[] = {
 	 "(default 300s)"},
 	{"retry_max", NULL, OPT_DURATION, F(retry_max_ms), 0, "DURATION",
 	 "longest wait between retries (default 4000s)"},
+	{"move_after", NULL, OPT_DURATION, F(move_after_ms), 0, "DURATION",
+	 "a message still queued in a spool segment that was full this long "
+	 "ago is copied to spool/moved/, so that deferred mail does not keep "
+	 "whole segments on disk (default 60s)"},
 	{"queue_lifetime", NULL, OPT_DURATION, F(queue_lifetime_ms), 0,
 	 "DURATION",
 	 "a recipient still undelivered after DURATION is bounced (default "
@@ -312,6 +316,7 @@ fd_config_defaults(struct fd_config *c)
 	c->delivery_threads = 32;
 	c->dest_concurrency = 20;
 	c->retry_min_ms = 300000;
+	c->move_after_ms = 60000;
 	c->retry_max_ms = 4000000;
 	c->queue_lifetime_ms = 5ull * 86400000;
 	c->smtp_connect_timeout_ms = 30000;

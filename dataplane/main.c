@@ -163,6 +163,7 @@ cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
 	cc->dest_concurrency = cfg->dest_concurrency;
 	cc->retry_min_ms = cfg->retry_min_ms;
 	cc->retry_max_ms = cfg->retry_max_ms;
+	cc->move_after_ms = cfg->move_after_ms;
 	cc->queue_lifetime_ms = cfg->queue_lifetime_ms;
 	cc->connect_timeout_ms = cfg->smtp_connect_timeout_ms;
 	cc->cmd_timeout_ms = cfg->smtp_timeout_ms;

@@ -104,6 +104,7 @@ struct fd_config {
 	unsigned dest_concurrency;
 	uint64_t retry_min_ms;
 	uint64_t retry_max_ms;
+	uint64_t move_after_ms;
 	uint64_t queue_lifetime_ms;
 	uint64_t smtp_connect_timeout_ms;
 	uint64_t smtp_timeout_ms;

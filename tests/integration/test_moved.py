@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Moved messages: mail deferred for long no longer keeps its spool
+segments. Without the move, a few messages for a dead next hop kept
+every segment they were in, the spool reached --max-segments and every
+client got 452 4.3.1 (found in review: 6 deferred of 132 accepted).
+
+- case_dead_route_keeps_no_segment: 1 MiB segments, at most 6; every 25th
+  message for a next hop that is down, the rest for a Maildir. All 600 are
+  accepted (a client retrying a 452 while a segment is emptied, as it
+  would); the deferred ones are moved to spool/moved/; after a restart
+  they are still queued (from their files), and once the next hop is up
+  each is delivered once and its file is deleted.
+- case_kill_during_moves: kill -9 while moving, three times: each
+  deferred message delivered exactly once in the end.
+"""
+import glob
+import json
+import os
+import re
+import smtplib
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fdtest import Daemon, check, free_port  # noqa: E402
+from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
+                       run_cases)
+from peers import ScriptedHop, Script  # noqa: E402
+
+
+def send_retrying(d, to, body):
+    """As a client does with 452 4.3.1 (the spool at its limit until a
+    segment is emptied): try again a moment later. (queue id, 452s)."""
+    for tries in range(120):
+        try:
+            return send(d, "a@example.com", [to], body), tries
+        except smtplib.SMTPDataError as e:
+            check(e.smtp_code == 452, f"DATA: {e}")
+            time.sleep(0.5)
+    check(False, "452 for a minute")
+
+
+def moved_files(d):
+    return glob.glob(os.path.join(d.spool, "moved", "*.msg"))
+
+
+def case_dead_route_keeps_no_segment():
+    port = free_port()
+    args = ["--segment-size", "1M", "--max-segments", "6",
+            "--spare-segments", "1", "--move-after", "1s",
+            "--retry-min", "60s", "--retry-max", "60s",
+            "--smtp-connect-timeout", "2s",
+            "--route", f"dead.test=smtp:127.0.0.1:{port}"]
+    with Daemon(*args, delivery=True,
+                domains=("example.com", "dead.test")) as d:
+        root = os.path.join(d.tmp, "maildir")
+        dead, refused = [], 0
+        for i in range(600):
+            to = "b@dead.test" if i % 25 == 0 else f"u{i % 7}@example.com"
+            qid, n = send_retrying(d, to, message(i, size=20000))
+            refused += n
+            if i % 25 == 0:
+                dead.append(qid)
+        print(f"ok: 600 accepted, {refused} times 452 on the way")
+        wait(lambda: sum(len(maildir_files(root, f"u{k}@example.com"))
+                         for k in range(7)) == 600 - len(dead), 60,
+             "the Maildir messages delivered")
+        wait(lambda: len(moved_files(d)) == len(dead), 30,
+             f"{len(dead)} messages moved")
+        check(log_count(d, r"event=move_failed") == 0, "a move failed")
+        st = json.loads(d.ctl("status", "--json")[1])["delivery"]
+        check(st["moved_total"] == len(dead) and
+              st["move_failed_total"] == 0, f"status: {st}")
+        check(d.stop() == 0, "clean stop")
+        with ScriptedHop(port=port, script=Script()) as hop:
+            d.start()
+            d.wait_log(rf"event=moved_recovered messages={len(dead)} ", 10)
+            d.ctl("queue", "flush")
+            hop.wait_for(len(dead), 30)
+            for q in dead:
+                wait(lambda q=q: log_count(d, rf"{q} event=delivery "
+                                              r".*status=sent"), 30,
+                     f"{q} delivered")
+            wait(lambda: not moved_files(d), 20, "moved files deleted")
+            check(len(hop.completed()) == len(dead),
+                  f"{len(hop.completed())} arrived, {len(dead)} sent")
+            bodies = [t.body for t in hop.completed()]
+            check(len(set(bodies)) == len(dead), "a message twice")
+
+
+def case_kill_during_moves():
+    """kill -9 while messages are being moved, three times: after each
+    restart every deferred message is queued once (from its segment or
+    its file, never both), no half-written file stays, and once the next
+    hop is up each is delivered exactly once."""
+    port = free_port()
+    args = ["--segment-size", "1M", "--spare-segments", "1",
+            "--move-after", "1s", "--retry-min", "60s", "--retry-max",
+            "60s", "--smtp-connect-timeout", "2s",
+            "--route", f"dead.test=smtp:127.0.0.1:{port}"]
+    with Daemon(*args, delivery=True,
+                domains=("example.com", "dead.test")) as d:
+        dead = []
+        for rnd in range(3):
+            for i in range(120):
+                k = rnd * 1000 + i
+                to = "b@dead.test" if i % 4 == 0 else "u@example.com"
+                qid, _ = send_retrying(d, to, message(k, size=20000))
+                if i % 4 == 0:
+                    dead.append(qid)
+            n = log_count(d, r"event=moved ")
+            wait(lambda: log_count(d, r"event=moved ") > n, 30,
+                 "a move")
+            d.kill9()
+            d.start()
+            for ln in re.findall(r"event=moved_recovered.*",
+                                 d.read_run_log()):
+                print(f"ok: round {rnd}: {ln}")
+            check(not glob.glob(os.path.join(d.spool, "moved", ".tmp-*")),
+                  "a half-written file after the restart")
+        with ScriptedHop(port=port, script=Script()) as hop:
+            d.ctl("queue", "flush")
+            hop.wait_for(len(dead), 60)
+            for q in dead:
+                wait(lambda q=q: log_count(d, rf"{q} event=delivery "
+                                              r".*status=sent"), 30,
+                     f"{q} delivered")
+            time.sleep(1)  # anything sent twice would have arrived
+            subjects = [t.body.split(b"Subject: ", 1)[1].split(b"\r\n")[0]
+                        for t in hop.completed()]
+            check(len(subjects) == len(dead),
+                  f"{len(subjects)} arrived, {len(dead)} deferred")
+            check(len(set(subjects)) == len(dead), "a message twice")
+            wait(lambda: not moved_files(d), 20, "moved files deleted")
+
+
+CASES = [case_dead_route_keeps_no_segment, case_kill_during_moves]
+
+if __name__ == "__main__":
+    run_cases(CASES)
