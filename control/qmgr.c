@@ -199,12 +199,17 @@ struct cplane {
 
 	/* RFC 1047: messages whose 250 may not have arrived (fingerprint
 	 * table, chained by the fingerprint's first bytes), and the
-	 * fingerprints of recently freed messages (a ring) for in-doubt
-	 * news that comes after a message was delivered and freed. */
+	 * fingerprints of recently freed messages (a table by message id)
+	 * for in-doubt news that comes after a message was delivered and
+	 * freed. */
 	struct indoubt *id_h[1024];
 	size_t n_indoubt;
 	struct recent_fp *recent;
-	size_t recent_head;
+	/* queued messages by env_key() (EKEY_BUCKETS chains through enext):
+	 * in-doubt news looks for resends of the same envelope there, not
+	 * in the whole queue (with dedup only) */
+#define EKEY_BUCKETS (1u << 16)
+	struct q_msg **ekey_h;
 	uint64_t st_indoubt, st_suppressed, st_indoubt_unknown;
 
 	/* counters */
@@ -429,6 +434,7 @@ send_reclaims(struct cplane *cp)
 /* ---- messages ---------------------------------------------------------- */
 
 static void dedup_new(struct cplane *cp, struct q_msg *m);
+static uint64_t env_key(const struct q_msg *m);
 static bool msg_fp(struct q_msg *m);
 static void recent_remember(struct cplane *cp, const struct q_msg *m);
 
@@ -768,6 +774,12 @@ qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
 	}
 	m->hnext = *msg_slot(cp, id);
 	*msg_slot(cp, id) = m;
+	m->ekey = env_key(m);
+	if (cp->ekey_h) {
+		struct q_msg **eb = &cp->ekey_h[m->ekey & (EKEY_BUCKETS - 1)];
+		m->enext = *eb;
+		*eb = m;
+	}
 	cp->n_msgs++;
 	cp->n_class[MC_DEFERRED]++;
 	cp->st_queued++;
@@ -785,6 +797,13 @@ msg_free(struct cplane *cp, struct q_msg *m)
 		pp = &(*pp)->hnext;
 	if (*pp)
 		*pp = m->hnext;
+	for (pp = cp->ekey_h ? &cp->ekey_h[m->ekey & (EKEY_BUCKETS - 1)]
+			     : NULL;
+	     pp && *pp; pp = &(*pp)->enext)
+		if (*pp == m) {
+			*pp = m->enext;
+			break;
+		}
 	heap_remove(cp, m);
 	recent_remember(cp, m);
 	for (unsigned i = 0; i < m->n_rcpts; i++)
@@ -942,9 +961,14 @@ release_finished(struct cplane *cp)
 			continue;
 		}
 		*pp = m->fnext;
-		/* Its fingerprint for the ring of recent ones (in-doubt news
-		 * may still come), while the body can still be read. */
-		if (cp->recent)
+		/* Its fingerprint for the table of recent ones (in-doubt news
+		 * may still come), while the body can still be read; not for
+		 * a message older than the dedup window, whose news would
+		 * match nothing: a mass expiry (5 days) read every expired
+		 * body on this thread. */
+		if (cp->recent &&
+		    fd_now_realtime_us() - m->arrival_us <
+			    cp->cfg.dedup_window_ms * 1000)
 			msg_fp(m);
 		m->released = true;
 		cp->st_released++;
@@ -1219,15 +1243,26 @@ dedup_new(struct cplane *cp, struct q_msg *m)
 	settle_release(cp, e->msgid);
 }
 
+/* The recent table is direct-mapped by message id: a lookup is one slot,
+ * where it was a walk of all RECENT_FP (262,144) entries per in-doubt
+ * notice; a newer message may take an older one's slot. */
+static struct recent_fp *
+recent_slot(struct cplane *cp, uint64_t msgid)
+{
+	return &cp->recent[hash64(msgid) & (RECENT_FP - 1)];
+}
+
 static void
 recent_remember(struct cplane *cp, const struct q_msg *m)
 {
+	struct recent_fp *r;
+
 	if (!cp->recent || !m->fp_ok)
 		return;
-	cp->recent[cp->recent_head].msgid = m->id;
-	cp->recent[cp->recent_head].ekey = env_key(m);
-	memcpy(cp->recent[cp->recent_head].fp, m->fp, 32);
-	cp->recent_head = (cp->recent_head + 1) & (RECENT_FP - 1);
+	r = recent_slot(cp, m->id);
+	r->msgid = m->id;
+	r->ekey = m->ekey;
+	memcpy(r->fp, m->fp, 32);
 }
 
 void
@@ -1245,15 +1280,15 @@ qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
 		return;
 	if (m && msg_fp(m)) {
 		memcpy(fp, m->fp, 32);
-		ekey = env_key(m);
+		ekey = m->ekey;
 		have = true;
 	}
-	for (size_t i = 0; !have && cp->recent && i < RECENT_FP; i++)
-		if (cp->recent[i].msgid == msgid) {
-			memcpy(fp, cp->recent[i].fp, 32);
-			ekey = cp->recent[i].ekey;
-			have = true;
-		}
+	if (!have && cp->recent && recent_slot(cp, msgid)->msgid == msgid) {
+		const struct recent_fp *r = recent_slot(cp, msgid);
+		memcpy(fp, r->fp, 32);
+		ekey = r->ekey;
+		have = true;
+	}
 	cp->st_indoubt++;
 	if (!have) {
 		cp->st_indoubt_unknown++;
@@ -1279,16 +1314,15 @@ qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
 	/* A resend that came before this news (a quick reconnect) and is
 	 * not out yet: suppressed now, and the original goes at once. */
 	bool matched = false;
-	for (size_t b = 0; b < cp->msg_cap; b++)
-		for (struct q_msg *o = cp->msg_h[b]; o; o = o->hnext) {
-			if (o == m || o->finished || o->dup_of ||
-			    o->arrival_us < (m ? m->arrival_us : 0) ||
-			    env_key(o) != ekey || !msg_fp(o) ||
-			    memcmp(o->fp, fp, 32) != 0)
-				continue;
-			suppress(cp, o, msgid);
-			matched = true;
-		}
+	for (struct q_msg *o = cp->ekey_h[ekey & (EKEY_BUCKETS - 1)]; o;
+	     o = o->enext) {
+		if (o == m || o->finished || o->dup_of ||
+		    o->arrival_us < (m ? m->arrival_us : 0) || o->ekey != ekey ||
+		    !msg_fp(o) || memcmp(o->fp, fp, 32) != 0)
+			continue;
+		suppress(cp, o, msgid);
+		matched = true;
+	}
 	if (m && !m->finished && !m->dup_of) {
 		m->indoubt = true;
 		if (matched) {
@@ -3937,9 +3971,12 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 	}
 	cp->msg_cap = 1024;
 	cp->msg_h = calloc(cp->msg_cap, sizeof(*cp->msg_h));
-	if (c->dedup_window_ms)
+	if (c->dedup_window_ms) {
 		cp->recent = calloc(RECENT_FP, sizeof(*cp->recent));
-	if (!cp->msg_h || (c->dedup_window_ms && !cp->recent)) {
+		cp->ekey_h = calloc(EKEY_BUCKETS, sizeof(*cp->ekey_h));
+	}
+	if (!cp->msg_h ||
+	    (c->dedup_window_ms && (!cp->recent || !cp->ekey_h))) {
 		r = -ENOMEM;
 		goto out_free;
 	}
@@ -4465,6 +4502,7 @@ cp_free(struct cplane *cp)
 	free(cp->reclaimable);
 	free(cp->dthr);
 	free(cp->recent);
+	free(cp->ekey_h);
 	for (size_t b = 0; b < 1024; b++)
 		while (cp->id_h[b]) {
 			struct indoubt *e = cp->id_h[b];

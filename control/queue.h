@@ -136,6 +136,8 @@ struct q_msg {
 	size_t heap_idx;   /* + 1; 0 = not in the heap */
 	uint64_t final_lsn;
 	struct q_msg *hnext;
+	uint64_t ekey;       /* env_key(): sender and recipients hashed */
+	struct q_msg *enext; /* qmgr.c ekey_h chain */
 	struct q_msg *fnext; /* finished list */
 	/* the arena (strings, arrays) follows the struct */
 };
