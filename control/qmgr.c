@@ -2336,6 +2336,10 @@ move_applied(struct cplane *cp, struct q_job *j)
 		       "%016" PRIx64 " event=moved path=%s size=%" PRIu64,
 		       m->id, s->path, m->body_len);
 	} else {
+		/* No new moves for a minute: a full disk (ENOSPC) would
+		 * otherwise fail them all again every second, a log line
+		 * each. */
+		cp->move_next_us = fd_now_monotonic_us() + 60000000ull;
 		cp->st_move_failed++;
 		snprintf(esc, sizeof(esc), "%s",
 			 j->damaged ? "body damaged"

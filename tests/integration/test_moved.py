@@ -136,7 +136,36 @@ def case_kill_during_moves():
             wait(lambda: not moved_files(d), 20, "moved files deleted")
 
 
-CASES = [case_dead_route_keeps_no_segment, case_kill_during_moves]
+def case_failed_moves_pause():
+    """A move that fails (here spool/moved is a file, as ENOSPC would on a
+    full disk) is logged once, and no move is tried again for a minute
+    (every deferred message failed again every second, a line each); the
+    messages stay queued in their segments."""
+    port = free_port()
+    with Daemon("--segment-size", "1M", "--move-after", "1s",
+                "--retry-min", "60s", "--retry-max", "60s",
+                "--smtp-connect-timeout", "2s",
+                "--route", f"dead.test=smtp:127.0.0.1:{port}",
+                delivery=True, domains=("example.com", "dead.test")) as d:
+        mdir = os.path.join(d.spool, "moved")
+        os.rmdir(mdir)
+        with open(mdir, "w") as f:
+            f.write("not a directory\n")
+        ids = [send(d, "a@example.com", ["b@dead.test"],
+                    message(i, size=20000))
+               for i in range(60)]
+        wait(lambda: log_count(d, r"event=move_failed") > 0, 30,
+             "a failed move")
+        time.sleep(4)
+        n = log_count(d, r"event=move_failed")
+        check(n <= len(ids), f"{n} failed moves logged for {len(ids)} "
+              "messages in a few seconds")
+        _, out, _ = d.ctl("queue", "list")
+        check(all(q in out.lower() for q in ids), "a message left the queue")
+
+
+CASES = [case_dead_route_keeps_no_segment, case_kill_during_moves,
+         case_failed_moves_pause]
 
 if __name__ == "__main__":
     run_cases(CASES)
