@@ -392,7 +392,8 @@ render_queue(FILE *f, const struct cp_stats *s)
 	lab(f, name, "state", "deferred", s->deferred);
 	lab(f, name, "state", "held", s->held);
 	one(f, "finaldot_queue_segments", "gauge",
-	    "Spool segments the queue manager follows.", s->segments);
+	    "Spool segments the queue manager follows (moved messages' "
+	    "files in spool/moved/ included).", s->segments);
 	one(f, "finaldot_queue_received_total", "counter",
 	    "Messages the queue manager took over from the spool.",
 	    s->queued_total);
