@@ -2306,12 +2306,15 @@ move_applied(struct cplane *cp, struct q_job *j)
 	if (j->res->move_err == 0 && !j->damaged)
 		s = moved_seg_open(cp, m->id);
 	if (s) {
-		struct q_seg *old[64];
-		unsigned n_old = m->n_segs < 64 ? m->n_segs : 64;
-
-		/* Its own references first, then the old ones dropped: a
-		 * segment whose last reference this was can go back. */
-		memcpy(old, m->segs, n_old * sizeof(old[0]));
+		/* Every old reference dropped (a segment whose last one this
+		 * was goes back to its worker), then the file's taken; a
+		 * large message may span many segments. */
+		for (unsigned i = 0; i < m->n_segs; i++) {
+			struct q_seg *o = m->segs[i];
+			if (o->msgs)
+				o->msgs--;
+			qm_seg_unref(cp, o); /* held: not reclaimed, not freed */
+		}
 		qm_seg_ref(cp, s);
 		s->msgs++;
 		m->segs[0] = s;
@@ -2324,12 +2327,6 @@ move_applied(struct cplane *cp, struct q_job *j)
 			m->n_pieces = 1;
 		} else {
 			m->n_pieces = 0;
-		}
-		for (unsigned i = 0; i < n_old; i++) {
-			if (old[i]->msgs)
-				old[i]->msgs--;
-			qm_seg_unref(cp, old[i]);
-			seg_free_if_unused(cp, old[i]);
 		}
 		cp->st_moved++;
 		fd_log(FD_LOG_INFO, "qmgr",

@@ -164,8 +164,35 @@ def case_failed_moves_pause():
         check(all(q in out.lower() for q in ids), "a message left the queue")
 
 
+def case_message_across_segments():
+    """A deferred message spanning several segments (5 MiB, 1 MiB
+    segments) is moved whole, lets go of every one of them, and reaches
+    its next hop byte for byte."""
+    port = free_port()
+    with Daemon("--segment-size", "1M", "--move-after", "1s",
+                "--spare-segments", "0",
+                "--retry-min", "60s", "--retry-max", "60s",
+                "--smtp-connect-timeout", "2s",
+                "--route", f"dead.test=smtp:127.0.0.1:{port}",
+                delivery=True, domains=("example.com", "dead.test")) as d:
+        big = message(1, size=5 * 1024 * 1024)
+        qid = send(d, "a@example.com", ["b@dead.test"], big)
+        for i in range(30):  # fill on, so that its segments are sealed
+            send(d, "a@example.com", ["u@example.com"],
+                 message(10 + i, size=60000))
+        wait(lambda: moved_files(d), 30, "the big message moved")
+        wait(lambda: json.loads(d.ctl("status", "--json")[1])["queue"]
+             ["segments"] <= 3, 30, "its segments handed back")
+        with ScriptedHop(port=port, script=Script()) as hop:
+            d.ctl("queue", "flush", qid)
+            hop.wait_for(1, 30)
+            got = hop.completed()[0].body
+            check(got.endswith(big), "the body differs")
+            wait(lambda: not moved_files(d), 20, "its file deleted")
+
+
 CASES = [case_dead_route_keeps_no_segment, case_kill_during_moves,
-         case_failed_moves_pause]
+         case_failed_moves_pause, case_message_across_segments]
 
 if __name__ == "__main__":
     run_cases(CASES)
