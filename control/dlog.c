@@ -1567,14 +1567,10 @@ dlog_open(const char *dir, const struct dlog_params *p, dlog_replay_fn fn,
 	/* Test seam: FINALDOT_DELIVERY_FAULT=no-dlog-sync leaves out the
 	 * batch fdatasync (no_sync), a mutant the power-cut test must catch
 	 * (docs/powercut.md). A release build never reads it. */
-	{
-		const char *f = getenv("FINALDOT_DELIVERY_FAULT");
-
-		if (f && strcmp(f, "no-dlog-sync") == 0)
-			l->p.no_sync = true;
-		if (f && strcmp(f, "dlog-fail") == 0)
-			dlog_set_io_hook(fail_batches_hook, NULL);
-	}
+	if (fd_delivery_fault("no-dlog-sync"))
+		l->p.no_sync = true;
+	if (fd_delivery_fault("dlog-fail"))
+		dlog_set_io_hook(fail_batches_hook, NULL);
 #endif
 	l->fd = -1;
 	l->dir = strdup(dir);

@@ -44,6 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "maildir.h"
 
@@ -54,20 +55,6 @@
 static atomic_ulong seq;
 
 
-/* The test seam (see the top of the file): is durability point `what`
- * to be left out? Always false in a release build. */
-static bool
-fault(const char *what)
-{
-#ifdef FINALDOT_FAULT_INJECTION
-	const char *f = getenv("FINALDOT_DELIVERY_FAULT");
-
-	return f && strcmp(f, what) == 0;
-#else
-	(void)what;
-	return false;
-#endif
-}
 
 static char
 lower(char c)
@@ -456,7 +443,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, -r, false, c.source ? "4.3.0" : NULL, what);
 		goto out_close_file;
 	}
-	if (!fault("no-maildir-fsync") && fsync(c.fd) != 0) {
+	if (!fd_delivery_fault("no-maildir-fsync") && fsync(c.fd) != 0) {
 		set_fail(res, errno, false, NULL, "fsync tmp file");
 		goto out_close_file;
 	}
@@ -471,7 +458,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, errno, false, NULL, "link into new");
 		goto out_unlink_tmp;
 	}
-	if (!fault("no-maildir-dirsync") && fsync(newfd) != 0) {
+	if (!fd_delivery_fault("no-maildir-dirsync") && fsync(newfd) != 0) {
 		set_fail(res, errno, false, NULL, "fsync new");
 		/* Not reported delivered: do not leave it to be read and then
 		 * delivered again on retry. */

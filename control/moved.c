@@ -14,23 +14,9 @@
 #include "finaldot/fsync.h"
 #include "finaldot/spool_format.h"
 
-/* Test seam (test builds only, -Dfault_injection=true; a release build
- * never reads it): FINALDOT_DELIVERY_FAULT=no-moved-fsync leaves out the
- * file's fsync, no-moved-dirsync the directory's after the rename: the
- * mutants tests/crash/test_powercut_moved.py must catch. */
-static int
-fault(const char *what)
-{
-#ifdef FINALDOT_FAULT_INJECTION
-	const char *f = getenv("FINALDOT_DELIVERY_FAULT");
-
-	return f && strcmp(f, what) == 0;
-#else
-	(void)what;
-	return 0;
-#endif
-}
-
+/* Test seam (fd_delivery_fault()): no-moved-fsync leaves out the file's
+ * fsync, no-moved-dirsync the directory's after the rename: the mutants
+ * tests/crash/test_powercut_moved.py must catch. */
 #define MOVED_MAGIC "FDMOVED1"
 #define MOVED_VERSION 1u
 #define COPY_BUF (256u * 1024)
@@ -130,7 +116,7 @@ moved_write(const char *spool_dir, uint64_t id, unsigned worker,
 			goto out;
 		off += (uint64_t)k;
 	}
-	if (!fault("no-moved-fsync") && fsync(fd) != 0) {
+	if (!fd_delivery_fault("no-moved-fsync") && fsync(fd) != 0) {
 		r = -errno;
 		goto out;
 	}
@@ -145,7 +131,7 @@ moved_write(const char *spool_dir, uint64_t id, unsigned worker,
 		goto out;
 	}
 	/* The name durable before the segment copy may go. */
-	if (!fault("no-moved-dirsync") && (r = fd_fsync_dir(dir)) != 0) {
+	if (!fd_delivery_fault("no-moved-dirsync") && (r = fd_fsync_dir(dir)) != 0) {
 		unlink(final);
 		goto out_nounlink;
 	}

@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -55,4 +56,17 @@ fd_open_noatime(const char *path, int flags)
 	if (fd < 0 && errno == EPERM)
 		fd = open(path, flags);
 	return fd;
+}
+
+bool
+fd_delivery_fault(const char *what)
+{
+#ifdef FINALDOT_FAULT_INJECTION
+	const char *f = getenv("FINALDOT_DELIVERY_FAULT");
+
+	return f && strcmp(f, what) == 0;
+#else
+	(void)what;
+	return false;
+#endif
 }

@@ -11,6 +11,8 @@
 
 #include <sys/types.h>
 
+#include <stdbool.h>
+
 /* fsync the directory dir: its entries as they are now. 0 or -errno. */
 int fd_fsync_dir(const char *dir);
 
@@ -31,5 +33,13 @@ int fd_mkdir_durable(const char *path, mode_t mode);
  * table block its next flush may have to write. A descriptor or -1 with
  * errno, as open(2). */
 int fd_open_noatime(const char *path, int flags);
+
+/*
+ * Test seam (test builds only, -Dfault_injection=true): whether the
+ * environment's FINALDOT_DELIVERY_FAULT names durability point `what`, to
+ * be left out: a mutant a power-cut test must catch (docs/powercut.md).
+ * Always false in a release build, which never reads the variable.
+ */
+bool fd_delivery_fault(const char *what);
 
 #endif
