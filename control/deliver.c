@@ -29,6 +29,7 @@
  * the next hop are then retried once on a new connection.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -46,6 +47,7 @@
 #include "control/route.h"
 #include "control/smtpc.h"
 #include "finaldot/crc32c.h"
+#include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "finaldot/thread.h"
@@ -138,6 +140,9 @@ q_body_fini(struct q_body *b)
 	if (b->fp)
 		q_fp_abort(b->fp);
 	b->fp = NULL;
+	if (b->own_fd1 > 0)
+		close(b->own_fd1 - 1);
+	b->own_fd1 = 0;
 }
 
 long
@@ -190,6 +195,7 @@ q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
 		uint64_t in;
 		size_t k;
 		ssize_t r;
+		int fd;
 
 		if (b->piece >= m->n_pieces)
 			return -EIO; /* pieces shorter than the body length */
@@ -198,10 +204,21 @@ q_body_read(void *ctx, uint64_t off, void *buf, size_t n)
 		k = (size_t)(p->len - in);
 		if (k > n - got)
 			k = n - got;
-		if (p->seg->fd < 0)
+		fd = p->seg->fd;
+		if (fd < 0 && p->seg->moved) {
+			/* its own file, opened here (q_body.own_fd1) */
+			if (b->own_fd1 == 0) {
+				int o = fd_open_noatime(p->seg->path,
+							O_RDONLY | O_CLOEXEC);
+				if (o < 0)
+					return -errno;
+				b->own_fd1 = o + 1;
+			}
+			fd = b->own_fd1 - 1;
+		}
+		if (fd < 0)
 			return -EBADF;
-		r = pread(p->seg->fd, out + got, k,
-			  (off_t)(p->file_off + in));
+		r = pread(fd, out + got, k, (off_t)(p->file_off + in));
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
@@ -840,6 +857,7 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 	q_body_init(&body, m);
 	r = dsn_build(&dp, dr, j->n, q_body_read, &body, m->body_len, &out);
 	j->damaged |= body.damaged;
+	q_body_fini(&body);
 	if (r != 0) {
 		outcome_set(&j->res->out[0], QO_DEFERRED,
 			    "451 4.3.0 could not build the DSN");

@@ -1100,6 +1100,7 @@ fingerprint(const struct q_msg *m, uint8_t *fp)
 		return -EIO;
 	}
 	memcpy(fp, body.fp_out, 32);
+	q_body_fini(&body);
 	return 0;
 }
 
@@ -2191,8 +2192,10 @@ moved_seg_open(struct cplane *cp, uint64_t id)
 	s->moved = true;
 	s->sealed = true;
 	moved_path(s->path, sizeof(s->path), cp->spool_dir, id, 0);
-	s->fd = fd_open_noatime(s->path, O_RDONLY | O_CLOEXEC);
-	if (s->fd < 0) {
+	/* No descriptor kept: each reader opens the file (q_body_read,
+	 * the cat); there may be a million of them. Here it must exist. */
+	s->fd = -1;
+	if (access(s->path, R_OK) != 0) {
 		fd_log(FD_LOG_ERR, "qmgr",
 		       "event=moved_open_failed path=%s error=\"%s\"", s->path,
 		       strerror(errno));
@@ -2991,6 +2994,14 @@ cat_open_fn(struct cplane *cp, void *arg)
 		if (j == m->n_segs) {
 			r = -EIO; /* qm_msg_add() lists every piece's */
 			goto out_close;
+		}
+		if (k->fds[j] < 0 && p->seg->moved) {
+			k->fds[j] = fd_open_noatime(p->seg->path,
+						    O_RDONLY | O_CLOEXEC);
+			if (k->fds[j] < 0) {
+				r = -errno;
+				goto out_close;
+			}
 		}
 		if (k->fds[j] < 0) {
 			if (p->seg->fd < 0) {

@@ -302,6 +302,11 @@ struct q_body {
 	void *before_last_ctx;
 	bool last_done;
 	bool unchecked; /* a read skipped bytes: the CRC cannot be checked */
+	/* a moved message's file, opened by this reader (fd + 1; 0: none):
+	 * the queue manager keeps no descriptor per moved message (a
+	 * million deferred would be a million open files); q_body_fini()
+	 * closes it */
+	int own_fd1;
 	bool damaged;   /* the body's CRC32C did not match: never sent */
 	/* Optional: the fingerprint computed on the way (fp begun by the
 	 * caller). fp_ok once the whole body was read in order and matched

@@ -68,6 +68,16 @@ def case_dead_route_keeps_no_segment():
         wait(lambda: len(moved_files(d)) == len(dead), 30,
              f"{len(dead)} messages moved")
         check(log_count(d, r"event=move_failed") == 0, "a move failed")
+        # No descriptor kept per moved message (a million deferred would
+        # be a million open files): only a reader holds one, for a read.
+        fds = [os.readlink(f"/proc/{d.proc.pid}/fd/{n}")
+               for n in os.listdir(f"/proc/{d.proc.pid}/fd")]
+        held = [f for f in fds if "/moved/" in f]
+        check(not held, f"{len(held)} moved files held open")
+        # The operator reads a moved message as any other.
+        _, out, _ = d.ctl("queue", "cat", dead[1])
+        check(out.startswith("Received: ") and "Subject: test 25\r\n" in
+              out, f"queue cat of a moved message: {out[:200]!r}")
         # (the counts are published four times a second)
         wait(lambda: json.loads(d.ctl("status", "--json")[1])["delivery"]
              ["moved_total"] == len(dead), 5, "status: moved_total")
