@@ -98,10 +98,16 @@ def strip_our_received(raw):
 
 def run_cases(cases):
     """A test script's main: each case in order (only those named on the
-    command line, if any), a line before and after each."""
-    only = sys.argv[1:]
-    for c in cases:
+    command line, if any; --part=K/N: every N-th from the K-th, so that
+    the suite can run a long script as N tests side by side), a line
+    before and after each."""
+    part = [a for a in sys.argv[1:] if a.startswith("--part=")]
+    only = [a for a in sys.argv[1:] if not a.startswith("--part=")]
+    k, n = (int(x) for x in part[-1][7:].split("/")) if part else (1, 1)
+    for i, c in enumerate(cases):
         if only and c.__name__ not in only:
+            continue
+        if i % n != k - 1:
             continue
         print(f"# {c.__name__}", flush=True)
         c()
