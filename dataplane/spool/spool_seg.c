@@ -577,7 +577,6 @@ out_close:
 	return r;
 }
 
-/* A segment whose new header is durable joins the ready list. */
 /* The worker's room may have changed: a spare joined, or the disk just
  * ran out (its sessions waiting for a segment, an END record among them,
  * are then answered 452 at once instead of at their data timeout). Counted
@@ -596,6 +595,7 @@ wake_worker(struct spool_prep *pp)
 		       errno);
 }
 
+/* A segment whose new header is durable joins the ready list. */
 static int
 publish(struct spool_prep *pp, const char *path, const struct spool_seg_hdr *hp)
 {
