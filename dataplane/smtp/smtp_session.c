@@ -1355,9 +1355,9 @@ step_data(struct smtp_session *s, const uint8_t *p, size_t n, size_t *off)
 	/* RFC 5321 4.4: the trace header precedes the body. */
 	if (*off == n || !header_flush(s))
 		return false;
-	budget = s->fail != SMTP_FAIL_NONE ? SIZE_MAX : room_or_fail(s);
+	budget = s->fail == SMTP_FAIL_NONE ? room_or_fail(s) : 0;
 	if (s->fail != SMTP_FAIL_NONE)
-		budget = SIZE_MAX; /* failed now: read on, drop */
+		budget = SIZE_MAX; /* failed, before or now: read on, drop */
 	r = smtp_data_scan(&s->data, p + *off, n - *off, budget, &run);
 	*off += run.used;
 	if (s->fail == SMTP_FAIL_NONE) {
