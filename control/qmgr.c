@@ -1284,8 +1284,8 @@ qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
 		ekey = m->ekey;
 		have = true;
 	}
-	if (!have && cp->recent && recent_slot(cp, msgid)->msgid == msgid) {
-		const struct recent_fp *r = recent_slot(cp, msgid);
+	const struct recent_fp *r = cp->recent ? recent_slot(cp, msgid) : NULL;
+	if (!have && r && r->msgid == msgid) {
 		memcpy(fp, r->fp, 32);
 		ekey = r->ekey;
 		have = true;
@@ -2176,8 +2176,8 @@ moved_dir(const struct cplane *cp, char *buf, size_t n)
 	snprintf(buf, n, "%s/" MOVED_DIR, cp->spool_dir);
 }
 
-/* The pseudo-segment for message id's file, opened (NULL, logged, when it
- * cannot be). */
+/* The pseudo-segment for message id's file (NULL, logged, when the file
+ * cannot be read). */
 static struct q_seg *
 moved_seg_open(struct cplane *cp, uint64_t id)
 {
@@ -2234,10 +2234,7 @@ moved_seg_done(struct cplane *cp, struct q_seg *s)
 		       s->path, strerror(-r));
 		return;
 	}
-	if (s->fd >= 0)
-		close(s->fd);
-	s->fd = -1;
-	s->reclaimed = true;
+	s->reclaimed = true; /* (it holds no descriptor: moved_seg_open()) */
 	cp->reclaims_heard = true; /* released messages may go now */
 	seg_free_if_unused(cp, s);
 }
@@ -2301,7 +2298,6 @@ move_applied(struct cplane *cp, struct q_job *j)
 {
 	struct q_msg *m = j->m;
 	struct q_seg *s = NULL;
-	char esc[64];
 
 	m->moving = false;
 	if (cp->moves_out)
@@ -2341,14 +2337,11 @@ move_applied(struct cplane *cp, struct q_job *j)
 		 * each. */
 		cp->move_next_us = fd_now_monotonic_us() + 60000000ull;
 		cp->st_move_failed++;
-		snprintf(esc, sizeof(esc), "%s",
-			 j->damaged ? "body damaged"
-				    : strerror(-(j->res->move_err
-						 ? j->res->move_err
-						 : EIO)));
 		fd_log(FD_LOG_ERR, "qmgr",
 		       "%016" PRIx64 " event=move_failed error=\"%s\"", m->id,
-		       esc);
+		       j->damaged ? "body damaged"
+				  : strerror(j->res->move_err ? -j->res->move_err
+							      : EIO));
 	}
 	if (j->damaged)
 		hold_damaged(cp, m);
@@ -2378,13 +2371,8 @@ moved_recover(struct cplane *cp)
 	moved_dir(cp, dir, sizeof(dir));
 	if (!scratch)
 		return -ENOMEM;
-	if (mkdir(dir, 0700) == 0) {
-		r = fd_fsync_parent(dir);
-		free(scratch);
-		return r; /* new: empty */
-	}
-	if (errno != EEXIST || !(d = opendir(dir))) {
-		r = -errno;
+	if ((r = fd_mkdir_durable(dir, 0700)) != 0 || !(d = opendir(dir))) {
+		r = r ? r : -errno;
 		free(scratch);
 		fd_log(FD_LOG_ERR, "qmgr",
 		       "event=moved_dir_failed path=%s error=\"%s\"", dir,
