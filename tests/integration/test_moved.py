@@ -44,15 +44,20 @@ def moved_files(d):
     return glob.glob(os.path.join(d.spool, "moved", "*.msg"))
 
 
+def mover(port, *extra):
+    """A daemon with 1 MiB segments that moves after 1 s, mail for
+    example.com to its Maildir and for dead.test to port (down until a
+    test starts a next hop there), retried only after 60 s."""
+    return Daemon("--segment-size", "1M", "--move-after", "1s",
+                  "--retry-min", "60s", "--retry-max", "60s",
+                  "--smtp-connect-timeout", "2s",
+                  "--route", f"dead.test=smtp:127.0.0.1:{port}", *extra,
+                  delivery=True, domains=("example.com", "dead.test"))
+
+
 def case_dead_route_keeps_no_segment():
     port = free_port()
-    args = ["--segment-size", "1M", "--max-segments", "6",
-            "--spare-segments", "1", "--move-after", "1s",
-            "--retry-min", "60s", "--retry-max", "60s",
-            "--smtp-connect-timeout", "2s",
-            "--route", f"dead.test=smtp:127.0.0.1:{port}"]
-    with Daemon(*args, delivery=True,
-                domains=("example.com", "dead.test")) as d:
+    with mover(port, "--max-segments", "6", "--spare-segments", "1") as d:
         root = os.path.join(d.tmp, "maildir")
         dead, refused = [], 0
         for i in range(600):
@@ -106,12 +111,7 @@ def case_kill_during_moves():
     its file, never both), no half-written file stays, and once the next
     hop is up each is delivered exactly once."""
     port = free_port()
-    args = ["--segment-size", "1M", "--spare-segments", "1",
-            "--move-after", "1s", "--retry-min", "60s", "--retry-max",
-            "60s", "--smtp-connect-timeout", "2s",
-            "--route", f"dead.test=smtp:127.0.0.1:{port}"]
-    with Daemon(*args, delivery=True,
-                domains=("example.com", "dead.test")) as d:
+    with mover(port, "--spare-segments", "1") as d:
         dead = []
         for rnd in range(3):
             for i in range(120):
@@ -152,11 +152,7 @@ def case_failed_moves_pause():
     (every deferred message failed again every second, a line each); the
     messages stay queued in their segments."""
     port = free_port()
-    with Daemon("--segment-size", "1M", "--move-after", "1s",
-                "--retry-min", "60s", "--retry-max", "60s",
-                "--smtp-connect-timeout", "2s",
-                "--route", f"dead.test=smtp:127.0.0.1:{port}",
-                delivery=True, domains=("example.com", "dead.test")) as d:
+    with mover(port) as d:
         mdir = os.path.join(d.spool, "moved")
         os.rmdir(mdir)
         with open(mdir, "w") as f:
@@ -179,12 +175,7 @@ def case_message_across_segments():
     segments) is moved whole, lets go of every one of them, and reaches
     its next hop byte for byte."""
     port = free_port()
-    with Daemon("--segment-size", "1M", "--move-after", "1s",
-                "--spare-segments", "0",
-                "--retry-min", "60s", "--retry-max", "60s",
-                "--smtp-connect-timeout", "2s",
-                "--route", f"dead.test=smtp:127.0.0.1:{port}",
-                delivery=True, domains=("example.com", "dead.test")) as d:
+    with mover(port, "--spare-segments", "0") as d:
         # (built directly: message() is quadratic in its size)
         big = (b"Subject: big\r\nMessage-ID: <big@client.test>\r\n\r\n" +
                b"".join(b"%07d " % i + b"y" * 60 + b"\r\n"
