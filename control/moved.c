@@ -153,24 +153,14 @@ moved_scratch_max(void)
 	return spool_env_scratch_len(SPOOL_ENV_MAX);
 }
 
+/* n bytes at off (spool_read_fd()), or -EBADMSG where the file ends
+ * before them. */
 static int
 read_at(int fd, void *p, size_t n, uint64_t off)
 {
-	size_t got = 0;
+	long k = spool_read_fd(&fd, off, p, n);
 
-	while (got < n) {
-		ssize_t k = pread(fd, (uint8_t *)p + got, n - got,
-				  (off_t)(off + got));
-		if (k < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (k == 0)
-			return -EBADMSG;
-		got += (size_t)k;
-	}
-	return 0;
+	return k < 0 ? (int)k : (size_t)k == n ? 0 : -EBADMSG;
 }
 
 int
