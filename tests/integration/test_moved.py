@@ -40,6 +40,12 @@ def send_retrying(d, to, body):
     check(False, "452 for a minute")
 
 
+def wait_sent(d, ids):
+    for q in ids:
+        wait(lambda q=q: log_count(d, rf"{q} event=delivery .*status=sent"),
+             30, f"{q} delivered")
+
+
 def moved_files(d):
     return glob.glob(os.path.join(d.spool, "moved", "*.msg"))
 
@@ -94,10 +100,7 @@ def case_dead_route_keeps_no_segment():
             d.wait_log(rf"event=moved_recovered messages={len(dead)} ", 10)
             d.ctl("queue", "flush")
             hop.wait_for(len(dead), 30)
-            for q in dead:
-                wait(lambda q=q: log_count(d, rf"{q} event=delivery "
-                                              r".*status=sent"), 30,
-                     f"{q} delivered")
+            wait_sent(d, dead)
             wait(lambda: not moved_files(d), 20, "moved files deleted")
             check(len(hop.completed()) == len(dead),
                   f"{len(hop.completed())} arrived, {len(dead)} sent")
@@ -133,10 +136,7 @@ def case_kill_during_moves():
         with ScriptedHop(port=port, script=Script()) as hop:
             d.ctl("queue", "flush")
             hop.wait_for(len(dead), 60)
-            for q in dead:
-                wait(lambda q=q: log_count(d, rf"{q} event=delivery "
-                                              r".*status=sent"), 30,
-                     f"{q} delivered")
+            wait_sent(d, dead)
             time.sleep(1)  # anything sent twice would have arrived
             subjects = [t.body.split(b"Subject: ", 1)[1].split(b"\r\n")[0]
                         for t in hop.completed()]
