@@ -20,9 +20,10 @@ Usage: test_powercut.py [ROUNDS] [SEED] [--mutant SPEC] [--fault SPEC]
                   auto, which is dsync on fdpowerfs: no block device).
   --prepare MODE  the daemon's --spool-prepare (zero or fallocate; default:
                   auto, which is zero on fdpowerfs: not ext4).
-  --quiet-tail    end each round's load, then send one large message
-                  (its middle is written without a flush of its own in
-                  fdatasync mode) and cut the power right after its 250,
+  --quiet-tail    end each round's load, then send one message larger
+                  than a segment (its middle is written without a flush of
+                  its own in fdatasync mode, and it always crosses into a
+                  new segment file) and cut the power right after its 250,
                   with no later flush to hide a missing one.
 Environment: FDPOWERFS (the simulator binary), FINALDOT, FINALDOTCTL.
 Exits 0 pass, 1 fail, 77 skip (no FUSE, no simulator, no seam)."""
@@ -60,6 +61,13 @@ ROUNDS, SEED, MUTANT = loop_args()
 CLIENTS = 6
 WORKERS = 2
 MODES = ("drop", "torn512", "torn4k")
+SEGMENT = 2 << 20  # the daemon's --segment-size below
+# Larger than a segment, so wherever the worker's segment stands the tail
+# message crosses into the next file, and the old file's last batch holds
+# nothing but its body: no END, the batch lazy-seglast leaves unflushed. A
+# 300 KB tail crossed only when it fell near a segment's end, and load
+# messages hid that too; CI once saw 0 lost in 3 rounds.
+TAIL = SEGMENT + (256 << 10)
 
 
 def client(port, tag, rng, acked, stop):
@@ -82,7 +90,7 @@ def client(port, tag, rng, acked, stop):
 def tail_message(port, tag, acked):
     """One large message on its own session, after the load stopped:
     acknowledged, it goes into acked."""
-    text = (f"{tag}-".encode() * 60000)[:300000]
+    text = (f"{tag}-".encode() * (TAIL // len(tag) + 1))[:TAIL]
     body = f"Subject: {tag}\r\n\r\n".encode() + crashload.lines(text) + CRLF
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         f = s.makefile("rb")
@@ -124,7 +132,7 @@ def main():
         sync = ("--spool-sync", SYNC) if SYNC else ()
         if PREPARE:
             sync += ("--spool-prepare", PREPARE)
-        with Daemon("--segment-size", "2M", "--batch-size", "64k",
+        with Daemon("--segment-size", str(SEGMENT), "--batch-size", "64k",
                     "--control", os.path.join(work, "ctl.sock"), *sync,
                     threads=WORKERS, spool=os.path.join(fs.mnt, "spool"),
                     env=env) as d:
