@@ -288,6 +288,7 @@ outcome_set(struct q_outcome *o, enum q_out out, const char *text)
 {
 	o->out = (uint8_t)out;
 	o->dsn_passed = false;
+	o->remote = false;
 	snprintf(o->text, sizeof(o->text), "%.*s", (int)sizeof(o->text) - 1,
 		 text ? text : "");
 }
@@ -301,6 +302,7 @@ outcome_reply(struct q_outcome *o, const struct smtpc_reply *r)
 				 : QO_DEFERRED;
 
 	outcome_set(o, out, r->text);
+	o->remote = r->code != 0 && !r->local;
 	snprintf(o->enh, sizeof(o->enh), "%s", r->enh);
 }
 
@@ -838,7 +840,7 @@ run_bounce(struct cplane *cp, struct q_job *j, struct conn_cache *cc,
 			.orcpt = rc->orcpt,
 			.action = a,
 			.status = status[i],
-			.remote_mta = NULL,
+			.remote_mta = j->mtas[i],
 			.diag = j->reasons[i],
 			.last_attempt_us = rc->last_us,
 		};

@@ -59,6 +59,11 @@ enum dlog_type {
 	DLOG_CKPT_END = 65,
 };
 
+/* aux of DEFERRED, BOUNCED and EXPIRED: the text is (EXPIRED: ends with)
+ * the next hop's own reply, not a reason of ours; the DSN then names the
+ * route's host in Remote-MTA. Records before 2026-12-05 have 0. */
+#define DLOG_AUX_REMOTE 1u
+
 #define DLOG_ALL 0xffffffffu
 #define DLOG_TEXT_MAX 1024
 #define DLOG_VERSION 1u

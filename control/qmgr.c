@@ -558,7 +558,7 @@ static bool
 domain_accepted(const struct cplane *cp, const char *domain)
 {
 	for (unsigned i = 0; i < cp->cfg.n_domains; i++)
-		if (strcasecmp(cp->cfg.domains[i], domain) == 0)
+		if (route_same_domain(cp->cfg.domains[i], domain))
 			return true;
 	return false;
 }
@@ -830,6 +830,19 @@ set_reason(struct q_rcpt *r, const char *text)
 	n = text && *text ? strdup(text) : NULL;
 	free(r->reason);
 	r->reason = n;
+	r->remote = false; /* a reason of ours unless the caller says */
+}
+
+/* The host that gave r's reason, for a DSN's Remote-MTA: the route's host
+ * (the next hop's name as configured, like Postfix's MX host name), or
+ * NULL for a reason of ours or a next hop reached by a unix socket. Dests
+ * live until the queue manager ends. */
+static const char *
+remote_mta(const struct q_rcpt *r)
+{
+	if (!r->remote || !r->dest || !r->dest->host[0])
+		return NULL;
+	return r->dest->host;
 }
 
 static uint64_t
@@ -1388,7 +1401,7 @@ job_new(struct q_msg *m, struct q_dest *d, enum q_job_kind kind, unsigned n)
 	if (kind == QJ_BOUNCE) {
 		head = (head + _Alignof(const char *) - 1) &
 		       ~(_Alignof(const char *) - 1);
-		sz = head + n * sizeof(const char *);
+		sz = head + 2 * n * sizeof(const char *);
 	}
 	j = calloc(1, sz);
 	if (!j)
@@ -1396,8 +1409,10 @@ job_new(struct q_msg *m, struct q_dest *d, enum q_job_kind kind, unsigned n)
 	j->kind = kind;
 	j->m = m;
 	j->dest = d;
-	if (kind == QJ_BOUNCE)
+	if (kind == QJ_BOUNCE) {
 		j->reasons = (const char **)(void *)((char *)j + head);
+		j->mtas = j->reasons + n;
+	}
 	return j;
 }
 
@@ -1461,7 +1476,7 @@ log_outcome(const struct q_msg *m, const struct q_rcpt *r, const char *dest,
 /* A recipient will not be tried now: defer it to `at`. */
 static void
 defer_rcpt(struct cplane *cp, struct q_msg *m, unsigned i, uint64_t at,
-	   const char *why, bool count)
+	   const char *why, bool remote, bool count)
 {
 	struct q_rcpt *r = &m->rcpts[i];
 	uint64_t now_rt = fd_now_realtime_us();
@@ -1479,15 +1494,20 @@ defer_rcpt(struct cplane *cp, struct q_msg *m, unsigned i, uint64_t at,
 		snprintf(buf, sizeof(buf), "4.4.7 queue lifetime exceeded; "
 			 "last: %s", last);
 		set_reason(r, buf);
+		/* Remote-MTA: who gave the last reply the reason ends with */
+		r->remote = remote;
 		cp->st_expired++;
-		log_rec(cp, DLOG_EXPIRED, m, i, r->attempts, 0, 0, buf);
+		log_rec(cp, DLOG_EXPIRED, m, i, r->attempts, 0,
+			remote ? DLOG_AUX_REMOTE : 0, buf);
 		log_outcome(m, r, r->dest ? r->dest->key : "none", NULL, NULL,
 			    "expired", buf);
 		return;
 	}
+	r->remote = remote;
 	r->next_us = at;
 	cp->st_deferred++;
-	log_rec(cp, DLOG_DEFERRED, m, i, r->attempts, at, 0, r->reason);
+	log_rec(cp, DLOG_DEFERRED, m, i, r->attempts, at,
+		remote ? DLOG_AUX_REMOTE : 0, r->reason);
 }
 
 /*
@@ -1510,7 +1530,7 @@ suspend_rcpt(struct cplane *cp, struct q_msg *m, unsigned i,
 	defer_rcpt(cp, m, i, at > b ? at : b,
 		   d->dead_reason ? d->dead_reason
 				  : "4.4.1 delivery temporarily suspended",
-		   true);
+		   false, true);
 }
 
 /* Recipient r goes in the job being made for destination d. */
@@ -1556,11 +1576,12 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 			continue;
 		if (!d) {
 			defer_rcpt(cp, m, i, now_rt + backoff_us(cp, 1),
-				   "4.3.5 no route for this domain", true);
+				   "4.3.5 no route for this domain", false,
+				   true);
 			continue;
 		}
 		if (expired(cp, m, now_rt)) {
-			defer_rcpt(cp, m, i, 0, r->reason, false);
+			defer_rcpt(cp, m, i, 0, r->reason, r->remote, false);
 			continue;
 		}
 		if (d->dead_until > now_rt) {
@@ -1620,6 +1641,7 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 				if (!needs_dsn(m, r) || !dsn_wanted(m, r))
 					continue;
 				j->reasons[j->n] = r->reason;
+				j->mtas[j->n] = remote_mta(r);
 				j->idx[j->n++] = i;
 			}
 			m->bounce_busy = true;
@@ -2113,8 +2135,11 @@ apply_result(struct cplane *cp, struct q_job *j)
 				r->attempts++;
 				r->state = QR_BOUNCED;
 				set_reason(r, o->text);
+				r->remote = o->remote;
 				lsn = log_rec(cp, DLOG_BOUNCED, m, k,
-					      r->attempts, 0, 0, o->text);
+					      r->attempts, 0,
+					      o->remote ? DLOG_AUX_REMOTE : 0,
+					      o->text);
 				cp->st_bounced++;
 				d->bounced++;
 				log_outcome(m, r, d->key, j->res->relay,
@@ -2128,7 +2153,7 @@ apply_result(struct cplane *cp, struct q_job *j)
 				defer_rcpt(cp, m, k,
 					   now_rt + backoff_us(cp, r->attempts +
 									   1),
-					   o->text, true);
+					   o->text, o->remote, true);
 				if (r->state == QR_PENDING)
 					log_outcome(m, r, d->key, j->res->relay,
 						    j->res->tls, "deferred",
@@ -2522,12 +2547,16 @@ replay_rec(void *ctx, const struct dlog_rec *rec)
 					     ? (uint8_t)rec->aux
 					     : Q_SUCCESS_NONE;
 			set_reason(r, text);
+			r->remote = (rec->type == DLOG_BOUNCED ||
+				     rec->type == DLOG_EXPIRED) &&
+				    (rec->aux & DLOG_AUX_REMOTE);
 			break;
 		case DLOG_DEFERRED:
 			r->attempt_open = false;
 			r->attempts = rec->attempts;
 			r->next_us = rec->next_us;
 			set_reason(r, text);
+			r->remote = (rec->aux & DLOG_AUX_REMOTE) != 0;
 			break;
 		case DLOG_HELD:
 			msg_set_held(cp, m, true);
@@ -2568,7 +2597,12 @@ snap_emit(struct snap_ctx *sc, enum dlog_type type, const struct q_msg *m,
 		.attempts = r ? r->attempts : 0,
 		.time_us = fd_now_realtime_us(),
 		.next_us = r && type == DLOG_DEFERRED ? r->next_us : 0,
-		.aux = r && type == DLOG_DELIVERED ? r->success : 0,
+		.aux = !r ? 0
+		       : type == DLOG_DELIVERED ? r->success
+		       : (type == DLOG_DEFERRED || type == DLOG_BOUNCED ||
+			  type == DLOG_EXPIRED) && r->remote
+			       ? DLOG_AUX_REMOTE
+			       : 0,
 		.text = r ? r->reason : NULL,
 		.text_len = (uint16_t)(r && r->reason
 					       ? strnlen(r->reason,
@@ -3168,8 +3202,8 @@ act_one(struct cplane *cp, struct q_msg *m, enum cp_action a,
 			if (r->state != QR_PENDING || r->busy)
 				continue;
 			if (to_domain && *to_domain &&
-			    strcasecmp(route_addr_domain(r->addr),
-				       to_domain) != 0)
+			    !route_same_domain(route_addr_domain(r->addr),
+					       to_domain))
 				continue;
 			r->next_us = 0;
 			if (r->dest)

@@ -89,6 +89,7 @@ struct q_rcpt {
 	uint64_t next_us;   /* earliest next attempt (PENDING) */
 	uint64_t last_us;   /* last attempt */
 	char *reason;       /* last reply or reason (malloc'd) or NULL */
+	bool remote;        /* that is the next hop's reply (DLOG_AUX_REMOTE) */
 	struct q_dest *dest;
 };
 
@@ -194,6 +195,7 @@ enum q_out { QO_DELIVERED = 1, QO_DEFERRED = 2, QO_BOUNCED = 3 };
 
 struct q_outcome {
 	uint8_t out;      /* enum q_out */
+	bool remote;      /* text is the next hop's own reply */
 	bool dsn_passed;  /* delivered to a next hop that offered DSN: the
 			   * recipient's NOTIFY went with it (RFC 3461 4.3) */
 	char enh[16];
@@ -263,6 +265,9 @@ struct q_job {
 	/* bounce: what the DSN reports per idx[], copied when the job was
 	 * made (in the job's own allocation); NULL for QJ_DELIVER */
 	const char **reasons;
+	/* and the host whose reply each reason is (DSN Remote-MTA), or NULL
+	 * (a reason of ours, or a next hop without a host name) */
+	const char **mtas;
 	unsigned idx[]; /* n of them: indexes into m->rcpts */
 };
 

@@ -594,6 +594,27 @@ route_lookup(const struct route_table *rt, const char *domain)
 	return rt->has_default ? &rt->def : NULL;
 }
 
+static size_t
+domain_len(const char *s)
+{
+	size_t n = strlen(s);
+
+	return n > 1 && s[n - 1] == '.' ? n - 1 : n;
+}
+
+bool
+route_same_domain(const char *a, const char *b)
+{
+	size_t n = domain_len(a);
+
+	if (n != domain_len(b))
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if (lower(a[i]) != lower(b[i]))
+			return false;
+	return true;
+}
+
 const char *
 route_addr_domain(const char *addr)
 {

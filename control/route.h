@@ -33,6 +33,7 @@
 #ifndef FINALDOT_CONTROL_ROUTE_H
 #define FINALDOT_CONTROL_ROUTE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -127,5 +128,12 @@ const struct route_target *route_lookup(const struct route_table *rt,
  * is no '@'. Pointer into addr (or to a static "" when addr is NULL).
  */
 const char *route_addr_domain(const char *addr);
+
+/*
+ * Whether two domains name the same one: ASCII case ignored, and one
+ * trailing dot on either ("Example.COM." is example.com), as the SMTP
+ * engine and route_lookup() take them. A lone "." is not "".
+ */
+bool route_same_domain(const char *a, const char *b);
 
 #endif

@@ -115,6 +115,8 @@ def case_bounce_dsn():
         check(r.get("status") == "5.1.1", f"Status {r}")
         check("User unknown" in r.get("diagnostic-code", ""),
               f"Diagnostic-Code {r}")
+        # RFC 3464 2.3.5: the MTA whose reply this is
+        check(r.get("remote-mta") == "dns; 127.0.0.1", f"Remote-MTA {r}")
         wait(lambda: log_count(d, rf"{qid} event=bounce status=sent"), 10,
              "bounce sent")
         check(log_count(d, rf"{qid} event=delivery to=<gone@dest.test>.*"
@@ -196,6 +198,41 @@ def case_success_dsn_after_a_restart():
             check(mx.completed(), "no report after the restart")
             body = mx.completed()[0].body
             check(b"Action: relayed" in body, f"report: {body[:600]!r}")
+
+
+def case_dsn_after_a_restart_names_the_remote_mta():
+    """A DSN owed at a restart (the sender's MX was down) still names the
+    next hop whose 550 it reports: the delivery log's BOUNCED record says
+    the reason was that hop's reply. The sender spells its domain with a
+    trailing dot, which the SMTP engine takes: the DSN is routed by that
+    domain like any other mail (it was taken for a domain we do not
+    accept, and dropped for want of a --bounce-relay)."""
+    s = Script(rcpt={"gone@dest.test": "550 5.1.1 no such user"})
+    mx_port = free_port()
+    with ScriptedHop(script=s) as hop, \
+            Daemon("--route", f"dest.test={hop.target}",
+                   "--route", f"sender.test=smtp:127.0.0.1:{mx_port}",
+                   *FAST, domains=("sender.test", "dest.test"),
+                   delivery=True) as d:
+        qid = send(d, "a@Sender.Test.", ["gone@dest.test"], message(11))
+        wait(lambda: log_count(d, rf"{qid} event=bounce status=deferred"),
+             20, "the DSN deferred (the sender's MX is down)")
+        check(log_count(d, r"event=bounce_dropped") == 0,
+              "the DSN was dropped")
+        check(d.stop() == 0, "clean stop")
+        with ScriptedHop(port=mx_port) as mx:
+            d.start()
+            d.ctl("queue", "flush")
+            mx.wait_for(1, 30)
+            t = mx.completed()[0]
+            check([r[0].lower() for r in t.rcpts] == ["a@sender.test."],
+                  f"DSN to {t.rcpts}")
+            msg = email.message_from_bytes(t.body,
+                                           policy=email.policy.default)
+            _, per_rcpt = dsn_fields(msg)
+            check(per_rcpt[0].get("remote-mta") == "dns; 127.0.0.1" and
+                  per_rcpt[0].get("status") == "5.1.1",
+                  f"after the restart: {per_rcpt}")
 
 
 def case_dsn_sent_is_no_possible_duplicate():
@@ -390,6 +427,9 @@ def case_expiry_dsn():
         _, per_rcpt = dsn_fields(msg)
         check(per_rcpt[0].get("status") == "4.4.7", f"Status {per_rcpt}")
         check(per_rcpt[0].get("action") == "failed", f"Action {per_rcpt}")
+        # the reason ends with the next hop's last reply: named
+        check(per_rcpt[0].get("remote-mta") == "dns; 127.0.0.1",
+              f"Remote-MTA {per_rcpt}")
         check(log_count(d, rf"{qid} event=delivery .*status=expired") == 1,
               "expired line")
         check(hop.connections >= 1, "never tried")
@@ -459,6 +499,8 @@ def case_smtputf8_needed():
         check(not hop.completed(), "the message was sent anyway")
         _, per_rcpt = dsn_fields(dsn_of(d))
         check(per_rcpt[0].get("status") == "5.6.7", f"{per_rcpt}")
+        check("remote-mta" not in per_rcpt[0],
+              f"Remote-MTA for a reason of ours: {per_rcpt}")
 
 
 def case_bdat_and_data():
@@ -748,6 +790,7 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_expiry_dsn_greylisted, case_dsn_to_a_utf8_sender,
          case_bounce_status_from_the_reply, case_success_dsn,
          case_success_dsn_after_a_restart,
+         case_dsn_after_a_restart_names_the_remote_mta,
          case_dsn_sent_is_no_possible_duplicate]
 
 if __name__ == "__main__":

@@ -398,6 +398,21 @@ Test(route, addr_domain)
 
 /* STARTTLS options after HOST:PORT (route.h): parsed, canonical, refused
  * with a reason; not taken from a path (a path may hold a comma). */
+Test(route, same_domain)
+{
+	cr_expect(route_same_domain("example.com", "Example.COM"));
+	cr_expect(route_same_domain("example.com", "example.com."));
+	cr_expect(route_same_domain("Example.com.", "example.COM"));
+	cr_expect(route_same_domain("example.com.", "example.com."));
+	cr_expect(!route_same_domain("example.com", "example.co"));
+	cr_expect(!route_same_domain("example.com", "example.com.."),
+		  "only one trailing dot is dropped");
+	cr_expect(!route_same_domain("example.com", "xexample.com"));
+	cr_expect(!route_same_domain("a.example.com", "example.com"));
+	cr_expect(!route_same_domain("", "."), "a lone dot is not empty");
+	cr_expect(route_same_domain("", ""));
+}
+
 Test(route, tls_options)
 {
 	struct route_target t;
