@@ -6,19 +6,23 @@ sends the message again on a new connection. The next hop (a Maildir)
 must get ONE copy. Controls: a resend after an acknowledged 250 is
 delivered twice; an in-doubt message followed by different content is
 delivered twice; in-doubt state survives a kill -9 between the first copy
-and the resend.
+and the resend. Kernel transport also: a resend that arrives before the
+news (a quick reconnect) is suppressed when the news comes; news that
+comes after the first copy was delivered and its segment reclaimed finds
+the fingerprint in the table of recent ones.
 
 Usage: test_indoubt.py kernel|dpdk
 """
 import os
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import FINALDOTCTL, Daemon, check, fail, skip  # noqa: E402
 from fdnet import Netns, DpdkDaemon, DPDK_IP  # noqa: E402
-from indoubt import body, send_once, drop_rule  # noqa: E402
+from indoubt import body, send_once, fill  # noqa: E402
 
 TRANSPORT = sys.argv[1] if len(sys.argv) > 1 else "kernel"
 
@@ -26,13 +30,22 @@ class Env:
     def __init__(self, ns, d, host, port):
         self.ns, self.d, self.host, self.port = ns, d, host, port
 
-    def send(self, data, drop=False):
+    def send(self, data, drop=False, **kw):
         return send_once(self.host, self.port, data, drop, self.ns.argv([]),
-                         DPDK_IP if TRANSPORT == "dpdk" else None)
+                         DPDK_IP if TRANSPORT == "dpdk" else None, **kw)
 
-    def drop_rule(self, op):
-        return drop_rule(op, self.port,
-                         DPDK_IP if TRANSPORT == "dpdk" else None)
+    def send_dropped_async(self, data, give_up=3):
+        """A dropped send on its own thread: returns (thread, dot_sent);
+        the thread's result goes into thread.reply."""
+        dot = threading.Event()
+        t = threading.Thread(daemon=True)
+
+        def run():
+            t.reply = self.send(data, drop=True, give_up=give_up,
+                                dot_sent=dot)
+        t.run = run
+        t.start()
+        return t, dot
 
     def copies(self, tag):
         root = os.path.join(self.d.tmp, "maildir", "example.com", "b", "new")
@@ -125,6 +138,69 @@ def scenario_queued(env):
           "the resend of a queued in-doubt message was not suppressed")
 
 
+def scenario_news_after_reclaim(env):
+    """The news comes after the in-doubt message was delivered and its
+    segment reclaimed (the queue has forgotten it): its fingerprint is
+    found in the table of recent ones, and the resend is suppressed. The
+    client waits 6 s before it gives up; meanwhile 1.5 MB of other mail
+    fills the 1 MiB segment, which is sealed, delivered and reclaimed."""
+    d = env.d
+    before = d.read_log().count("event=suppressed ")
+    b7 = body("reclaimed7")
+    t, dot = env.send_dropped_async(b7, give_up=6)
+    check(dot.wait(15), "the dropped send did not get to its dot")
+    time.sleep(0.3)  # the first copy is accepted before the filler
+    check(fill(env.host, env.port, 40, 40000, env.ns.argv([])) == 40,
+          "the filler was not all accepted")
+    d.wait_log(r"event=segment_reclaimed|event=reclaimed", 10)
+    t.join(30)
+    check(getattr(t, "reply", None) == "NONE", "the 250 was not dropped")
+    d.wait_log(r"event=indoubt ", 15)
+    log = d.read_log()
+    check("fingerprint=unknown" not in log,
+          f"the reclaimed message's fingerprint was not remembered:\n"
+          f"{log[-2000:]}")
+    r = env.send(b7)
+    check(r.startswith("250"), f"the resend got {r}")
+    deadline = time.time() + 15
+    while d.read_log().count("event=suppressed ") <= before and \
+            time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)
+    check(env.copies("reclaimed7") == 1,
+          f"reclaimed7: {env.copies('reclaimed7')} copies, expected 1")
+
+
+def scenario_resend_before_news(env):
+    """A quick reconnect: the resend arrives while the first connection
+    still waits for its 250 (before the in-doubt news), and is still
+    queued when the news comes (delivery off): it is suppressed then, as
+    a duplicate of the first copy."""
+    d = env.d
+    before = d.read_log().count("event=suppressed ")
+    news = d.read_log().count("event=indoubt ")
+    b6 = body("early6")
+    t, dot = env.send_dropped_async(b6, give_up=3)
+    check(dot.wait(15), "the dropped send did not get to its dot")
+    time.sleep(0.5)  # the first copy is accepted before the resend
+    r = env.send(b6)
+    check(r.startswith("250"), f"the resend got {r}")
+    check(d.read_log().count("event=indoubt ") == news,
+          "the news came before the resend: this case tests nothing")
+    t.join(30)
+    check(getattr(t, "reply", None) == "NONE", "the 250 was not dropped")
+    rid = r.split()[-1].lower()
+    deadline = time.time() + 15
+    while d.read_log().count("event=suppressed ") <= before and \
+            time.time() < deadline:
+        time.sleep(0.05)
+    log = d.read_log()
+    check(log.count("event=suppressed ") == before + 1 and
+          f"{rid} event=suppressed" in log.lower(),
+          f"the resend {rid} that came before the news was not "
+          f"suppressed:\n{log[-2000:]}")
+
+
 def main():
     if os.geteuid() != 0:
         skip("needs root (network namespace, iptables)")
@@ -160,6 +236,17 @@ def main():
                 d.stop()
                 d.start()
                 scenario_queued(Env(ns, d, "127.0.0.1", 2526))
+                scenario_resend_before_news(Env(ns, d, "127.0.0.1", 2526))
+            if ns.sh("iptables -S", check_rc=False).stdout.count("DROP"):
+                fail("a DROP rule was left behind")
+            # delivery into the test's Maildir (the default relay)
+            with Daemon(*args[:2], "--segment-size", "1M", delivery=True,
+                        wrap=ns.argv([]), domains=("example.com",),
+                        wait_ready=False, listen=["127.0.0.1:2527"],
+                        port=2527) as d:
+                d.stop()
+                d.start()
+                scenario_news_after_reclaim(Env(ns, d, "127.0.0.1", 2527))
             if ns.sh("iptables -S", check_rc=False).stdout.count("DROP"):
                 fail("a DROP rule was left behind")
     print(f"ok: {TRANSPORT}")
