@@ -163,6 +163,10 @@ struct cplane {
 
 	struct q_msg **msg_h;
 	size_t msg_cap, n_msgs;
+	/* heap_set() could not grow the heap: some message waiting for a
+	 * delivery is in no heap; heap_recover() finds it */
+	bool heap_lost;
+	bool heap_fault_done; /* test seam heap-grow-fail: fired once */
 	size_t n_class[3]; /* unfinished messages by msg_class() */
 	struct q_msg **heap;
 	size_t heap_n, heap_cap;
@@ -543,9 +547,23 @@ heap_set(struct cplane *cp, struct q_msg *m, uint64_t at)
 	m->next_us = at;
 	if (cp->heap_n == cp->heap_cap) {
 		size_t cap = cp->heap_cap ? cp->heap_cap * 2 : 1024;
-		struct q_msg **n = realloc(cp->heap, cap * sizeof(*n));
-		if (!n)
-			return; /* found again by the next full pass */
+		struct q_msg **n = NULL;
+
+		if (cp->heap_fault_done || !fd_delivery_fault("heap-grow-fail"))
+			n = realloc(cp->heap, cap * sizeof(*n));
+		cp->heap_fault_done = true;
+		if (!n) {
+			/* Out of memory: m is scheduled nowhere until
+			 * heap_recover() puts it back (it was left there,
+			 * never delivered nor expired). */
+			if (!cp->heap_lost)
+				fd_log(FD_LOG_ERR, "qmgr",
+				       "event=heap_alloc_failed messages=%zu "
+				       "note=\"rescheduled within a second\"",
+				       cp->heap_n + 1);
+			cp->heap_lost = true;
+			return;
+		}
 		cp->heap = n;
 		cp->heap_cap = cap;
 	}
@@ -902,6 +920,29 @@ needs_dsn(const struct q_msg *m, const struct q_rcpt *r)
 	return (r->state == QR_BOUNCED || r->state == QR_EXPIRED ||
 		(r->state == QR_DELIVERED && r->success)) &&
 	       !r->dsn_done;
+}
+
+static void msg_update(struct cplane *cp, struct q_msg *m, uint64_t lsn);
+
+/* After heap_set() failed to grow the heap: every message still open that
+ * is in no heap is decided again (msg_update() puts each where it
+ * belongs). A walk of the whole queue, only after an allocation failed;
+ * a new failure leaves heap_lost set for the next try. */
+static void
+heap_recover(struct cplane *cp)
+{
+	size_t again = 0;
+
+	cp->heap_lost = false;
+	for (size_t b = 0; b < cp->msg_cap; b++)
+		for (struct q_msg *m = cp->msg_h[b]; m; m = m->hnext)
+			if (!m->finished && !m->heap_idx) {
+				msg_update(cp, m, 0);
+				again += m->heap_idx != 0;
+			}
+	fd_log(cp->heap_lost ? FD_LOG_ERR : FD_LOG_INFO, "qmgr",
+	       "event=heap_recovered rescheduled=%zu still_failing=%s", again,
+	       cp->heap_lost ? "yes" : "no");
 }
 
 /* Decide what m waits for now; finish it or put it in the heap. */
@@ -3479,6 +3520,8 @@ qmgr_main(void *arg)
 			last_pub = fd_now_monotonic_us();
 			publish_stats(cp);
 			log_failed_once(cp);
+			if (cp->heap_lost)
+				heap_recover(cp);
 		}
 		if (cp->log && fd_now_monotonic_us() >= cp->ckpt_not_before &&
 		    dlog_want_checkpoint(cp->log)) {

@@ -627,6 +627,27 @@ def case_delivery_log_failed():
               "each message delivered once, byte-identical")
 
 
+def case_schedule_survives_a_failed_allocation():
+    """The queue manager's schedule (a heap) could not grow (out of
+    memory; the test seam heap-grow-fail fails its first growth): the
+    message it was for is scheduled again within a second and delivered.
+    It stayed in no schedule at all, never delivered nor expired."""
+    with ScriptedHop() as hop, \
+            Daemon("--route", f"dest.test={hop.target}", *FAST,
+                   domains=("example.com", "dest.test"), delivery=True,
+                   env={"FINALDOT_DELIVERY_FAULT": "heap-grow-fail"}) as d:
+        body = message(12)
+        qid = send(d, "a@example.com", ["bob@dest.test"], body)
+        wait(lambda: log_count(d, rf"{qid} event=delivery .*status=sent"),
+             10, "delivered after the failed allocation")
+        check(log_count(d, r"event=heap_alloc_failed ") == 1 and
+              log_count(d, r"event=heap_recovered rescheduled=1 "
+                           r"still_failing=no") == 1,
+              "the failure and the recovery are not logged as such")
+        check([strip_our_received(t.body) for t in hop.completed()] ==
+              [body], "not delivered once, byte-identical")
+
+
 def ehlo(d):
     s = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
     try:
@@ -791,6 +812,7 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_bounce_status_from_the_reply, case_success_dsn,
          case_success_dsn_after_a_restart,
          case_dsn_after_a_restart_names_the_remote_mta,
+         case_schedule_survives_a_failed_allocation,
          case_dsn_sent_is_no_possible_duplicate]
 
 if __name__ == "__main__":
