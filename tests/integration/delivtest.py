@@ -110,6 +110,8 @@ def run_cases(cases):
         if i % n != k - 1:
             continue
         print(f"# {c.__name__}", flush=True)
+        t0 = time.monotonic()
         c()
-        print(f"ok: {c.__name__}", flush=True)
+        print(f"ok: {c.__name__} ({time.monotonic() - t0:.1f} s)",
+              flush=True)
     print("ok")
