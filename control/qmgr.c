@@ -796,6 +796,9 @@ qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
 	if (cp->ekey_h) {
 		struct q_msg **eb = &cp->ekey_h[m->ekey & (EKEY_BUCKETS - 1)];
 		m->enext = *eb;
+		if (m->enext)
+			m->enext->eprev = &m->enext;
+		m->eprev = eb;
 		*eb = m;
 	}
 	cp->n_msgs++;
@@ -815,13 +818,12 @@ msg_free(struct cplane *cp, struct q_msg *m)
 		pp = &(*pp)->hnext;
 	if (*pp)
 		*pp = m->hnext;
-	for (pp = cp->ekey_h ? &cp->ekey_h[m->ekey & (EKEY_BUCKETS - 1)]
-			     : NULL;
-	     pp && *pp; pp = &(*pp)->enext)
-		if (*pp == m) {
-			*pp = m->enext;
-			break;
-		}
+	if (m->eprev) {
+		*m->eprev = m->enext;
+		if (m->enext)
+			m->enext->eprev = m->eprev;
+		m->eprev = NULL;
+	}
 	heap_remove(cp, m);
 	recent_remember(cp, m);
 	for (unsigned i = 0; i < m->n_rcpts; i++)
@@ -1084,6 +1086,7 @@ struct indoubt {
 struct recent_fp {
 	uint64_t msgid;
 	uint64_t ekey; /* env_key() */
+	uint64_t arrival_us;
 	uint8_t fp[32];
 };
 
@@ -1317,6 +1320,7 @@ recent_remember(struct cplane *cp, const struct q_msg *m)
 	r = recent_slot(cp, m->id);
 	r->msgid = m->id;
 	r->ekey = m->ekey;
+	r->arrival_us = m->arrival_us;
 	memcpy(r->fp, m->fp, 32);
 }
 
@@ -1326,7 +1330,7 @@ qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
 	struct q_msg *m = msg_find(cp, msgid);
 	uint64_t now = fd_now_realtime_us();
 	uint8_t fp[32];
-	uint64_t ekey = 0;
+	uint64_t ekey = 0, arrival = 0;
 	char hex[65];
 	bool have = false;
 
@@ -1336,12 +1340,14 @@ qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
 	if (m && msg_fp(m)) {
 		memcpy(fp, m->fp, 32);
 		ekey = m->ekey;
+		arrival = m->arrival_us;
 		have = true;
 	}
 	const struct recent_fp *r = cp->recent ? recent_slot(cp, msgid) : NULL;
 	if (!have && r && r->msgid == msgid) {
 		memcpy(fp, r->fp, 32);
 		ekey = r->ekey;
+		arrival = r->arrival_us;
 		have = true;
 	}
 	cp->st_indoubt++;
@@ -1367,12 +1373,17 @@ qm_indoubt(struct cplane *cp, unsigned worker, uint64_t msgid)
 	       msgid, cp->cfg.dedup_settle_ms / 1000,
 	       m && !m->finished ? "not_yet" : "yes");
 	/* A resend that came before this news (a quick reconnect) and is
-	 * not out yet: suppressed now, and the original goes at once. */
+	 * not out yet: suppressed now, and the original goes at once. Only
+	 * messages newer than the original are fingerprinted (each may be
+	 * a read of its body on this thread): also when the original is
+	 * known only from the recent table, where every queued message
+	 * with its envelope was read (a backlog from one sender to one
+	 * recipient, all of it). */
 	bool matched = false;
 	for (struct q_msg *o = cp->ekey_h[ekey & (EKEY_BUCKETS - 1)]; o;
 	     o = o->enext) {
 		if (o == m || o->finished || o->dup_of ||
-		    o->arrival_us < (m ? m->arrival_us : 0) || o->ekey != ekey ||
+		    o->arrival_us < arrival || o->ekey != ekey ||
 		    !msg_fp(o) || memcmp(o->fp, fp, 32) != 0)
 			continue;
 		suppress(cp, o, msgid);

@@ -139,6 +139,11 @@ struct q_msg {
 	struct q_msg *hnext;
 	uint64_t ekey;       /* env_key(): sender and recipients hashed */
 	struct q_msg *enext; /* qmgr.c ekey_h chain */
+	/* the pointer that points at m in that chain (the bucket or the
+	 * previous one's enext): out of it in O(1), where a walk of the
+	 * chain was O(messages with the same envelope) per message freed,
+	 * quadratic in a backlog from one sender to one recipient */
+	struct q_msg **eprev;
 	struct q_msg *fnext; /* finished list */
 	/* the arena (strings, arrays) follows the struct */
 };
