@@ -511,12 +511,28 @@ size_t
 dsn_header_section(const uint8_t *p, size_t n)
 {
 	size_t lim = n < DSN_HEADERS_MAX ? n : DSN_HEADERS_MAX;
-	const uint8_t *e;
+	bool line_start = true;
 
-	if (lim >= 2 && p[0] == '\r' && p[1] == '\n')
-		return 2;
-	e = memmem(p, lim, "\r\n\r\n", 4);
-	return e ? (size_t)(e - p) + 4 : lim;
+	/* Lines end as put_headers() ends them: CRLF, a bare CR or a bare
+	 * LF (BDAT stores such bodies as they came). Ending the section only
+	 * at CRLF CRLF returned the whole body of an LF-only message as its
+	 * "headers" (RET=HDRS, and every headers-only fallback). */
+	for (size_t i = 0; i < lim;) {
+		if (p[i] == '\r' || p[i] == '\n') {
+			size_t e = i + (p[i] == '\r' && i + 1 < lim &&
+						p[i + 1] == '\n'
+					? 2
+					: 1);
+			if (line_start)
+				return e; /* the empty line ends it */
+			line_start = true;
+			i = e;
+			continue;
+		}
+		line_start = false;
+		i++;
+	}
+	return lim;
 }
 
 bool

@@ -117,9 +117,9 @@ int dsn_build(const struct dsn_params *p, const struct dsn_rcpt *r, size_t n,
 
 /*
  * The header section of a message: its length up to and including the
- * first empty line (CRLF CRLF; 2 if the message starts with CRLF), or all
- * of it when there is none; capped at DSN_HEADERS_MAX. Exposed for
- * tests/fuzz.
+ * first empty line, lines ending in CRLF, a bare CR or a bare LF (2 if the
+ * message starts with CRLF), or all of it when there is none; capped at
+ * DSN_HEADERS_MAX. Exposed for tests/fuzz.
  */
 size_t dsn_header_section(const uint8_t *p, size_t n);
 

@@ -442,6 +442,30 @@ Test(dsn, ret_hdrs_includes_headers_only)
 	free(msg);
 }
 
+/* A message whose lines end in bare LFs (BDAT takes them): its header
+ * section ends at its first empty line like any other; the whole body was
+ * returned as "headers" (RET=HDRS, and RET=FULL's not-clean fallback). */
+Test(dsn, lf_only_message_returns_its_headers_only)
+{
+	struct dsn_params p = params();
+	struct dsn_rcpt r = failed_rcpt();
+	char *msg = orig("Subject: lf\nX-A: 1\n\nBODY-MARKER one\nBODY-MARKER "
+			 "two\n"),
+	     *out;
+	const int rets[] = {FD_RET_HDRS, FD_RET_FULL};
+
+	for (size_t i = 0; i < sizeof(rets) / sizeof(rets[0]); i++) {
+		p.ret = rets[i];
+		out = build(&p, &r, 1, msg);
+		check_lines(out);
+		cr_assert_null(strstr(out, "BODY-MARKER"), "ret %d", rets[i]);
+		cr_assert_not_null(strstr(out, "\r\nX-A: 1\r\n"), "ret %d",
+				   rets[i]);
+		free(out);
+	}
+	free(msg);
+}
+
 Test(dsn, ret_full_includes_whole_message)
 {
 	struct dsn_params p = params();
@@ -633,6 +657,12 @@ Test(dsn, header_section_bounds)
 	cr_assert_eq(dsn_header_section((const uint8_t *)"\r\nbody", 6), 2);
 	cr_assert_eq(dsn_header_section((const uint8_t *)"A: 1\r\n\r", 7), 7);
 	cr_assert_eq(dsn_header_section((const uint8_t *)"", 0), 0);
+	/* A bare LF or CR ends a line too, as put_headers() has it. */
+	cr_assert_eq(dsn_header_section((const uint8_t *)"A: 1\nB: 2\n\nbody", 15),
+		     11);
+	cr_assert_eq(dsn_header_section((const uint8_t *)"A: 1\r\rbody", 10), 6);
+	cr_assert_eq(dsn_header_section((const uint8_t *)"A: 1\n\r\nbody", 11), 7);
+	cr_assert_eq(dsn_header_section((const uint8_t *)"\nbody", 5), 1);
 	/* Capped. */
 	size_t n = DSN_HEADERS_MAX + 100;
 	uint8_t *big = malloc(n);
