@@ -36,9 +36,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "dsn.h"
+#include "utf8addr.h"
 
 #define LINE_SOFT 78  /* fold header fields here when a space allows */
 #define TEXT_WIDTH 76 /* wrap prose here */
@@ -207,70 +209,6 @@ xtext_decode(const char *s, char *d, size_t dsz, size_t *len)
 	d[n] = '\0';
 	*len = n;
 	return true;
-}
-
-/*
- * One code point of UTF-8 at s (n > 0 octets left): its value and length,
- * or U+FFFD and 1 for an octet that does not start a well-formed sequence.
- */
-static uint32_t
-utf8_next(const unsigned char *s, size_t n, size_t *used)
-{
-	unsigned char c = s[0];
-	size_t k;
-	uint32_t cp, min;
-
-	*used = 1;
-	if (c < 0x80)
-		return c;
-	if (c >= 0xc2 && c <= 0xdf)
-		k = 1, cp = c & 0x1fu, min = 0x80;
-	else if (c >= 0xe0 && c <= 0xef)
-		k = 2, cp = c & 0x0fu, min = 0x800;
-	else if (c >= 0xf0 && c <= 0xf4)
-		k = 3, cp = c & 0x07u, min = 0x10000;
-	else
-		return 0xfffd;
-	if (n <= k)
-		return 0xfffd;
-	for (size_t j = 1; j <= k; j++) {
-		if ((s[j] & 0xc0) != 0x80)
-			return 0xfffd;
-		cp = cp << 6 | (s[j] & 0x3fu);
-	}
-	if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-		return 0xfffd;
-	*used = k + 1;
-	return cp;
-}
-
-/*
- * RFC 6533 3: utf-8-addr-xtext = 1*(QCHAR / EmbeddedUnicodeChar); QCHAR is
- * "!".."~" except "+", "=" and "\"; everything else is "\x{HEX}".
- */
-static size_t
-utf8_addr_xtext(char *d, size_t dsz, const char *s, size_t max)
-{
-	const unsigned char *u = (const unsigned char *)s;
-	size_t n = 0, i = 0, len = strnlen(s, max);
-
-	while (i < len && n + 12 < dsz) {
-		size_t used;
-		uint32_t cp = utf8_next(u + i, len - i, &used);
-		if (cp > 0x20 && cp < 0x7f && cp != '+' && cp != '=' &&
-		    cp != '\\') {
-			d[n++] = (char)cp;
-		} else {
-			int r = snprintf(d + n, dsz - n, "\\x{%" PRIX32 "}",
-			                 cp);
-			if (r < 0 || (size_t)r >= dsz - n)
-				break;
-			n += (size_t)r;
-		}
-		i += used;
-	}
-	d[n] = '\0';
-	return n;
 }
 
 /* RFC 3463 2: class "." subject "." detail, 1-3 digits each. */
@@ -724,14 +662,24 @@ status_part(struct ctx *c, struct wbuf *w)
 	for (size_t i = 0; i < c->n; i++) {
 		const struct dsn_rcpt *r = &c->r[i];
 		w_crlf(w); /* blank line: per-recipient fields follow */
-		/* RFC 3464 2.3.1: "addr-type; address", xtext decoded. */
+		/* RFC 3464 2.3.1: "addr-type; address", xtext decoded. An
+		 * RFC 6533 utf-8 ORCPT given in raw UTF-8 (the unitext form,
+		 * which the SMTP engine takes) is written in its 7-bit
+		 * utf-8-addr-xtext form; it was left out. */
 		if (r->orcpt && r->orcpt[0]) {
 			const char *semi = strchr(r->orcpt, ';');
 			size_t tl = semi ? (size_t)(semi - r->orcpt) : 0;
+			bool unitext = tl == 5 &&
+				       strncasecmp(r->orcpt, "utf-8", 5) == 0 &&
+				       !printable_ascii(semi + 1,
+							strlen(semi + 1));
 			if (tl > 0 && tl < 64 &&
 			    printable_ascii(r->orcpt, tl) &&
 			    !memchr(r->orcpt, ' ', tl) &&
-			    xtext_decode(semi + 1, x, ADDR_MAX, &k)) {
+			    (unitext ? utf8addr_xtext(x, sizeof(x), semi + 1,
+						      ADDR_MAX, true) > 0
+				     : xtext_decode(semi + 1, x, ADDR_MAX,
+						    &k))) {
 				snprintf(v, sizeof(v), "%.*s; %s", (int)tl,
 				         r->orcpt, x);
 				put_field(w, "Original-Recipient", v);
@@ -742,7 +690,8 @@ status_part(struct ctx *c, struct wbuf *w)
 			snprintf(v, sizeof(v), "rfc822; %.*s", (int)k,
 			         r->addr ? r->addr : "");
 		} else {
-			utf8_addr_xtext(x, sizeof(x), r->addr, ADDR_MAX);
+			utf8addr_xtext(x, sizeof(x), r->addr, ADDR_MAX,
+				       false);
 			snprintf(v, sizeof(v), "utf-8; %s", x);
 		}
 		put_field(w, "Final-Recipient", v);

@@ -70,6 +70,7 @@
 
 #include "finaldot/log.h"
 #include "smtpc.h"
+#include "utf8addr.h"
 
 #define RBUF_LEN 8192u
 #define LINE_MAX_LEN 2048u /* reply line, CRLF excluded */
@@ -1278,6 +1279,39 @@ xtext_ok(const char *s, bool need_type)
 	       (!need_type || (strchr(s, ';') && s[0] != ';'));
 }
 
+static bool
+has_8bit(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s >= 0x80)
+			return true;
+	return false;
+}
+
+/*
+ * The ORCPT to send, into buf: as given, or NULL (left out). Raw UTF-8
+ * (RFC 6533's utf-8-addr-unitext, which the SMTP engine takes) goes as is
+ * only in an SMTPUTF8 transaction; otherwise a utf-8 one is written in its
+ * 7-bit utf-8-addr-xtext form, and any other type with 8-bit octets is
+ * left out. An 8-bit ORCPT went to next hops without SMTPUTF8, and one
+ * that refused it bounced the recipient.
+ */
+static const char *
+orcpt_out(const struct smtpc *c, const struct smtpc_msg *m, const char *o,
+	  char *buf, size_t len)
+{
+	if (!o || !has_8bit(o))
+		return xtext_ok(o, true) ? o : NULL;
+	if (m->smtputf8 && c->exts & SMTPC_EXT_SMTPUTF8)
+		return xtext_ok(o, true) ? o : NULL; /* 8-bit octets pass */
+	if (strncasecmp(o, "utf-8;", 6) != 0 || len < 7)
+		return NULL;
+	memcpy(buf, o, 6);
+	if (utf8addr_xtext(buf + 6, len - 6, o + 6, len, true) == 0)
+		return NULL;
+	return xtext_ok(buf, true) ? buf : NULL;
+}
+
 static void
 build_mail(const struct smtpc *c, const struct smtpc_msg *m,
 	   struct cmdline *l)
@@ -1335,7 +1369,8 @@ build_rcpt(const struct smtpc *c, const struct smtpc_msg *m, unsigned i,
 			if (nb & 8)
 				cl_add(l, "%sDELAY", sep);
 		}
-		if (xtext_ok(o, true))
+		char ob[CMD_LINE_MAX];
+		if ((o = orcpt_out(c, m, o, ob, sizeof(ob))))
 			cl_add(l, " ORCPT=%s", o);
 	}
 	cl_add(l, "\r\n");

@@ -375,6 +375,31 @@ Test(dsn, failed_report_is_well_formed_mime)
 	free(msg);
 }
 
+/* An RFC 6533 utf-8 ORCPT in raw UTF-8 (the unitext form the SMTP engine
+ * takes): Original-Recipient in the 7-bit xtext form, its escapes kept
+ * (it was left out: xtext decoding refuses 8-bit octets). */
+Test(dsn, orcpt_utf8_unitext_is_written_as_xtext)
+{
+	struct dsn_params p = params();
+	struct dsn_rcpt r = failed_rcpt();
+	char *msg = orig(message), *out, *blk[4];
+	struct report rep;
+	unsigned nb;
+
+	r.orcpt = "utf-8;b\xc3\xa9" "b\\x{2B}1@example.com";
+	out = build(&p, &r, 1, msg);
+	check_lines(out);
+	parse(out, &rep);
+	nb = status_blocks(rep.parts[1].body, blk, 4);
+	cr_assert_eq(nb, 2);
+	cr_assert_str_eq(field(blk[1], "Original-Recipient"),
+			 "utf-8; b\\x{E9}b\\x{2B}1@example.com");
+	free_blocks(blk, nb);
+	report_free(&rep);
+	free(out);
+	free(msg);
+}
+
 Test(dsn, orcpt_and_envid_present_are_decoded)
 {
 	struct dsn_params p = params();

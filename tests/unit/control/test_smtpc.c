@@ -1425,6 +1425,66 @@ Test(smtpc, parameters_when_advertised)
 	send_params(st, true);
 }
 
+/* An ORCPT in raw UTF-8 (RFC 6533 unitext, as the SMTP engine takes it):
+ * as is in an SMTPUTF8 transaction, in its 7-bit utf-8-addr-xtext form
+ * without one (it went out 8-bit, and a next hop refusing that bounced
+ * the recipient); 8-bit under another type is left out. */
+static void
+send_orcpt8(const struct step *st, bool utf8)
+{
+	static const char *const rcpts[] = { "b@y.test", "c@y.test" };
+	static const char *const orcpts[] = {
+		"utf-8;b\xc3\xa9" "b\\x{2B}1@y.test", "rfc822;c\xc3\xa9@y.test" };
+	struct srv *s = srv_start(st, false);
+	struct smtpc *c = open_to(s, SMTPC_SMTP);
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m = msg1("s@x.test", rcpts, 2, &b);
+	struct smtpc_reply mail, rcpt[2], data[2];
+
+	m.orcpts = orcpts;
+	m.smtputf8 = utf8;
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert_eq(data[0].code, 250);
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
+Test(smtpc, orcpt_8bit_without_smtputf8_goes_as_xtext)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250 DSN\r\n" },
+		{ "MAIL FROM:<s@x.test>\r\n", "250 ok\r\n" },
+		{ "RCPT TO:<b@y.test> ORCPT=utf-8;b\\x{E9}b\\x{2B}1@y.test\r\n",
+		  "250 ok\r\n" },
+		{ "RCPT TO:<c@y.test>\r\n", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	send_orcpt8(st, false);
+}
+
+Test(smtpc, orcpt_8bit_with_smtputf8_goes_as_is)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO", "250-mx\r\n250-SMTPUTF8\r\n250 DSN\r\n" },
+		{ "MAIL FROM:<s@x.test> SMTPUTF8\r\n", "250 ok\r\n" },
+		{ "RCPT TO:<b@y.test> ORCPT=utf-8;b\xc3\xa9" "b\\x{2B}1@y.test\r\n",
+		  "250 ok\r\n" },
+		{ "RCPT TO:<c@y.test> ORCPT=rfc822;c\xc3\xa9@y.test\r\n",
+		  "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 ok\r\n" },
+		QUIT,
+		END,
+	};
+	send_orcpt8(st, true);
+}
+
 Test(smtpc, parameters_left_out_when_not_advertised)
 {
 	static const struct step st[] = {

@@ -1,0 +1,89 @@
+/*
+ * RFC 6533 address forms shared by the DSN builder (dsn.c) and the SMTP
+ * client (smtpc.c): one code point of UTF-8, and the 7-bit
+ * utf-8-addr-xtext form of an address. Header-only: both modules are
+ * libraries of their own, each unit-tested alone.
+ */
+#ifndef FINALDOT_CONTROL_UTF8ADDR_H
+#define FINALDOT_CONTROL_UTF8ADDR_H
+
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+/*
+ * One code point of UTF-8 at s (n > 0 octets left): its value and length,
+ * or U+FFFD and 1 for an octet that does not start a well-formed sequence.
+ */
+static inline uint32_t
+utf8addr_next(const unsigned char *s, size_t n, size_t *used)
+{
+	unsigned char c = s[0];
+	size_t k;
+	uint32_t cp, min;
+
+	*used = 1;
+	if (c < 0x80)
+		return c;
+	if (c >= 0xc2 && c <= 0xdf)
+		k = 1, cp = c & 0x1fu, min = 0x80;
+	else if (c >= 0xe0 && c <= 0xef)
+		k = 2, cp = c & 0x0fu, min = 0x800;
+	else if (c >= 0xf0 && c <= 0xf4)
+		k = 3, cp = c & 0x07u, min = 0x10000;
+	else
+		return 0xfffd;
+	if (n <= k)
+		return 0xfffd;
+	for (size_t j = 1; j <= k; j++) {
+		if ((s[j] & 0xc0) != 0x80)
+			return 0xfffd;
+		cp = cp << 6 | (s[j] & 0x3fu);
+	}
+	if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+		return 0xfffd;
+	*used = k + 1;
+	return cp;
+}
+
+/*
+ * The utf-8-addr-xtext of s (at most max octets of it) into d (dsz > 12):
+ * RFC 6533 3, 1*(QCHAR / EmbeddedUnicodeChar). With keep_escapes false s
+ * is an address: QCHAR ("!".."~" but "+", "=" and "\") as is, every other
+ * code point as "\x{HEX}". With keep_escapes true s is already a
+ * utf-8-addr-unitext (an ORCPT as given with SMTPUTF8): its ASCII, "\x{..}"
+ * escapes included, goes as is and only non-ASCII code points are
+ * written "\x{HEX}". Its length; cut short (at a whole code point) when d
+ * is too small.
+ */
+static inline size_t
+utf8addr_xtext(char *d, size_t dsz, const char *s, size_t max,
+	       bool keep_escapes)
+{
+	const unsigned char *u = (const unsigned char *)s;
+	size_t n = 0, i = 0, len = strnlen(s, max);
+
+	while (i < len && n + 12 < dsz) {
+		size_t used;
+		uint32_t cp = utf8addr_next(u + i, len - i, &used);
+		if (cp > 0x20 && cp < 0x7f &&
+		    (keep_escapes ||
+		     (cp != '+' && cp != '=' && cp != '\\'))) {
+			d[n++] = (char)cp;
+		} else {
+			int r = snprintf(d + n, dsz - n, "\\x{%" PRIX32 "}",
+					 cp);
+			if (r < 0 || (size_t)r >= dsz - n)
+				break;
+			n += (size_t)r;
+		}
+		i += used;
+	}
+	d[n] = '\0';
+	return n;
+}
+
+#endif
