@@ -1576,43 +1576,57 @@ body_read(struct smtpc *c, const struct smtpc_msg *m, uint64_t off,
 }
 
 struct stuff {
-	uint8_t last, before_last; /* the two last body octets */
-	uint64_t total;
+	bool line_start; /* what was sent ends a line (or nothing was) */
+	bool cr_pending; /* the last octet read was a CR, sent as CRLF */
+	uint64_t total;  /* body octets read */
 };
 
 /*
- * RFC 5321 4.5.2: a line starting with '.' gets one more. A '.' right after
- * CR or LF, bare or not, and at the very start, counts as starting a line:
- * in a CRLF body that is the same rule; with a bare CR or LF (which BDAT
- * may have brought in) it keeps every receiver, whichever line end it
- * believes in, from seeing "<end>.<end>" inside the body.
+ * The body as DATA: every line end CRLF, a bare CR or bare LF (which BDAT
+ * may have brought in) made one (RFC 5321 2.3.8: a client sends no bare
+ * CR or LF), and a line starting with '.' gets one more (4.5.2). Every
+ * receiver then reads the same lines, and none finds "CRLF.CRLF" inside
+ * the body. Bare ones went out as they were, with a '.' added after
+ * them: a receiver that ends lines at CRLF only kept that '.' (the
+ * message changed), and one that refuses bare LF refused the message.
  */
 static int
 stuff_put(struct smtpc *c, const uint8_t *p, size_t n, struct stuff *st)
 {
-	size_t from = 0, i = 0;
-	const uint8_t *dot;
-	int rc;
+	size_t from = 0;
+	int rc = 0;
 
-	while (i < n && (dot = memchr(p + i, '.', n - i))) {
-		size_t j = (size_t)(dot - p);
-		uint8_t before = j ? p[j - 1] : st->last;
-		if (before == '\n' || before == '\r') {
-			rc = out_put(c, p + from, j - from);
+	for (size_t i = 0; i < n && rc == 0; i++) {
+		uint8_t o = p[i];
+		if (st->cr_pending) {
+			st->cr_pending = false;
+			if (o == '\n') { /* the CR's own LF: sent with it */
+				rc = out_put(c, p + from, i - from);
+				from = i + 1;
+				continue;
+			}
+		}
+		if (o == '\r' || o == '\n') {
+			rc = out_put(c, p + from, i - from);
+			if (rc == 0)
+				rc = out_put(c, "\r\n", 2);
+			from = i + 1;
+			st->cr_pending = o == '\r';
+			st->line_start = true;
+			continue;
+		}
+		if (o == '.' && st->line_start) {
+			rc = out_put(c, p + from, i - from);
 			if (rc == 0)
 				rc = out_put(c, ".", 1);
-			if (rc < 0)
-				return rc;
-			from = j; /* the original '.' goes with the next run */
+			from = i; /* the original '.' goes with the next run */
 		}
-		i = j + 1;
+		st->line_start = false;
 	}
-	if (n == 0)
-		return 0;
-	st->before_last = n >= 2 ? p[n - 2] : st->last;
-	st->last = p[n - 1];
+	if (rc == 0 && from < n)
+		rc = out_put(c, p + from, n - from);
 	st->total += n;
-	return out_put(c, p + from, n - from);
+	return rc;
 }
 
 /* The reply(ies) after the final dot or BDAT LAST: SMTP one for all
@@ -1663,7 +1677,7 @@ static int
 body_data(struct smtpc *c, const struct smtpc_msg *m,
 	  const struct smtpc_reply *rcpt, struct smtpc_reply *data)
 {
-	struct stuff st = { .last = '\n' }; /* the body starts a line */
+	struct stuff st = { .line_start = true }; /* the body starts a line */
 	struct smtpc_reply r;
 	int rc;
 
@@ -1689,7 +1703,7 @@ body_data(struct smtpc *c, const struct smtpc_msg *m,
 	}
 	/* RFC 5321 4.1.1.4: the data ends with CRLF "." CRLF; an empty body
 	 * is just the "." line */
-	if (st.total && !(st.before_last == '\r' && st.last == '\n'))
+	if (st.total && !st.line_start)
 		rc = out_put(c, "\r\n", 2);
 	if (rc == 0)
 		rc = out_put(c, ".\r\n", 3);
@@ -2267,7 +2281,7 @@ many_data(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 		if (r.code == 354) {
 			/* With nobody to deliver to, an empty message whose
 			 * reply is dropped (a peer that says 354 anyway). */
-			struct stuff st = { .last = '\n' };
+			struct stuff st = { .line_start = true };
 			enter_state(c, ST_BODY);
 			c->fail_body = false;
 			for (; n_ok;) {
@@ -2283,8 +2297,7 @@ many_data(struct smtpc *c, struct smtpc_tx *tx, unsigned n, bool *done)
 				if (rc < 0)
 					break;
 			}
-			if (rc == 0 && st.total &&
-			    !(st.before_last == '\r' && st.last == '\n'))
+			if (rc == 0 && st.total && !st.line_start)
 				rc = out_put(c, "\r\n", 2);
 			if (rc == 0)
 				rc = out_put(c, ".\r\n", 3);

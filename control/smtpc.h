@@ -172,10 +172,9 @@ struct smtpc_msg {
  *
  * Body: with CHUNKING, sent verbatim as BDAT chunks of at most 1 MiB, the
  * last one "BDAT n LAST", each waiting for its reply. Otherwise DATA, then
- * the body dot-stuffed as it streams (RFC 5321 4.5.2; also a '.' after a
- * bare CR or bare LF, so that no receiver, whatever it takes for a line
- * end, finds an end of data inside the body), CRLF added if a non-empty
- * body does not end with one, then ".". The body is read from m->body in
+ * the body as it streams with every bare CR or bare LF made CRLF (RFC 5321
+ * 2.3.8: BDAT may have brought them in) and dot-stuffed (4.5.2), CRLF
+ * added if a non-empty body does not end with one, then ".". The body is read from m->body in
  * pieces of at most 64 KiB.
  *
  * Replies (arrays of m->n_rcpts): *mail = MAIL's reply; rcpt[i] = RCPT i's

@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import Daemon, check, fail, free_port  # noqa: E402
+from fdtest import Daemon, Client, check, fail, free_port  # noqa: E402
 from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
                        strip_our_received, run_cases)
 from peers import (ScriptedHop, Script, fail_first, HANG, GARBAGE,  # noqa
@@ -551,6 +551,34 @@ def case_garbage_and_close():
               f"completed: {done}")
 
 
+def case_bare_lf_from_bdat_relayed_as_data():
+    """A body taken by BDAT may hold a bare LF or CR; relayed to a next hop
+    without CHUNKING it goes as DATA with those made CRLF (RFC 5321 2.3.8),
+    so a receiver ending lines at CRLF only (the scripted hop is one)
+    reads the same lines. They went bare, with a '.' after them: that hop
+    kept the '.', the message changed."""
+    ext = [e for e in DEFAULT_EXTENSIONS if e != "CHUNKING"]
+    body = (b"Subject: bare\r\n\r\nline one\n.dot after a bare LF\r\n"
+            b"two\r.dot after a bare CR\r\n.\r\nend\n")
+    with ScriptedHop(script=Script(extensions=ext)) as hop, \
+            daemon(hop.target) as d:
+        c = Client("127.0.0.1", d.port)
+        c.expect(220)
+        c.cmd("EHLO client.test", 250)
+        c.cmd("MAIL FROM:<a@example.com>", 250)
+        c.cmd("RCPT TO:<bob@dest.test>", 250)
+        c.send(b"BDAT %d LAST\r\n" % len(body) + body)
+        c.expect(250)
+        c.cmd("QUIT", 221)
+        hop.wait_for(1, 20)
+        t = hop.completed()[0]
+        check(t.method == "DATA", f"sent by {t.method}")
+        got = strip_our_received(t.body)
+        want = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") \
+            .replace(b"\n", b"\r\n")
+        check(got == want, f"the next hop got {got!r}, not {want!r}")
+
+
 def case_dead_destination():
     """Nothing listens: deferred, the next hop is marked dead, and
     acceptance goes on answering 250 meanwhile."""
@@ -809,6 +837,7 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_busy_next_hop_is_not_dead,
          case_slow_next_hops_leave_a_thread,
          case_expiry_dsn, case_smtputf8_needed, case_bdat_and_data,
+         case_bare_lf_from_bdat_relayed_as_data,
          case_hang_after_data, case_garbage_and_close,
          case_dead_destination, case_dsn_passthrough,
          case_window_counts_connections, case_idle_thread_at_full_window,

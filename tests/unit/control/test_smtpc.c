@@ -369,22 +369,37 @@ mem_read(void *ctx, uint64_t off, void *buf, size_t n)
 	return (long)n;
 }
 
-/* RFC 5321 4.5.2 done the obvious way, one octet at a time: the reference
- * the streaming code must match. '.' after any CR or LF is doubled. */
+/* The body as DATA done the obvious way, in two passes: the reference the
+ * streaming code must match. First every line end CRLF (CRLF, a bare CR, a
+ * bare LF: RFC 5321 2.3.8), then '.' at a line's start doubled (4.5.2),
+ * and CRLF added to a non-empty body that does not end with one. */
 static size_t
 ref_stuff(const uint8_t *p, size_t n, uint8_t *out)
 {
-	size_t k = 0;
+	uint8_t *t = malloc(2 * n + 1);
+	size_t k = 0, m = 0;
+
+	cr_assert_not_null(t);
 	for (size_t i = 0; i < n; i++) {
-		if (p[i] == '.' && (i == 0 || p[i - 1] == '\n' ||
-				    p[i - 1] == '\r'))
-			out[k++] = '.';
-		out[k++] = p[i];
+		if (p[i] == '\r' || p[i] == '\n') {
+			t[m++] = '\r';
+			t[m++] = '\n';
+			if (p[i] == '\r' && i + 1 < n && p[i + 1] == '\n')
+				i++;
+		} else {
+			t[m++] = p[i];
+		}
 	}
-	if (n && !(n >= 2 && p[n - 2] == '\r' && p[n - 1] == '\n')) {
+	for (size_t i = 0; i < m; i++) {
+		if (t[i] == '.' && (i == 0 || t[i - 1] == '\n'))
+			out[k++] = '.';
+		out[k++] = t[i];
+	}
+	if (m && t[m - 1] != '\n') {
 		out[k++] = '\r';
 		out[k++] = '\n';
 	}
+	free(t);
 	return k;
 }
 
@@ -934,8 +949,15 @@ Test(smtpc, data_dot_stuffing_across_pieces)
 		cr_assert_arr_eq(s->body[0], want, wn, "piece %zu", piece);
 		srv_free(s);
 	}
-	/* and the golden form of the awkward corners */
-	cr_assert(memmem(want, wn, "\n..bare\r..cr\r\n..\r\n", 18));
+	/* and the golden form of the awkward corners: bare CR and LF made
+	 * CRLF (they went out bare, with a '.' after them that a receiver
+	 * ending lines at CRLF only kept) */
+	cr_assert(memmem(want, wn, "\r\n\r\n\r\n..bare\r\n..cr\r\n..\r\n",
+			 24));
+	for (size_t i = 0; i < wn; i++)
+		cr_assert(want[i] == '\r' ? i + 1 < wn && want[i + 1] == '\n'
+		          : want[i] != '\n' || (i > 0 && want[i - 1] == '\r'),
+			  "a bare CR or LF at %zu", i);
 	/* a CRLF body comes back whole through RFC 5321 unstuffing */
 	static const char crlf[] = ".\r\n..\r\n.x\r\nab.\r\n\r\n.\r\n.";
 	wn = ref_stuff((const uint8_t *)crlf, sizeof(crlf) - 1, want);
@@ -973,7 +995,7 @@ Test(smtpc, data_body_without_final_crlf)
 	static const char *const bodies[] = { "abc", ".x", "line\r\nlast\r",
 					      "a\n" };
 	static const char *const want[] = { "abc\r\n", "..x\r\n",
-					    "line\r\nlast\r\r\n", "a\n\r\n" };
+					    "line\r\nlast\r\n", "a\r\n" };
 
 	for (size_t i = 0; i < 4; i++) {
 		struct mem_body b = { .p = (const uint8_t *)bodies[i],
