@@ -21,9 +21,11 @@
  * a few hundred octets per recipient. Addresses are cut at ADDR_MAX
  * octets, diagnostics at DIAG_MAX.
  *
- * XXX RFC 6533 (internationalised DSNs, message/global-delivery-status) is
- * not implemented: a non-ASCII final recipient is written in a plain
- * message/delivery-status as "utf-8; " + utf-8-addr-xtext (RFC 6533 3),
+ * RFC 6533 in part: a returned message or header section whose headers
+ * are raw UTF-8 goes as message/global or message/global-headers; the
+ * report itself stays a 7-bit message/delivery-status (no
+ * message/global-delivery-status): a non-ASCII final recipient is written
+ * as "utf-8; " + utf-8-addr-xtext (RFC 6533 3),
  * and a non-ASCII envelope sender appears raw in To: (the report is then
  * 8bit and needs an SMTPUTF8 next hop: deliver.c asks for SMTPUTF8 when
  * the sender is not ASCII, and such a DSN to a next hop without it is
@@ -164,6 +166,15 @@ printable_ascii(const char *s, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
 		if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] > 0x7e)
+			return false;
+	return true;
+}
+
+static bool
+ascii_only(const uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (p[i] >= 0x80)
 			return false;
 	return true;
 }
@@ -758,6 +769,7 @@ dsn_build(const struct dsn_params *p, const struct dsn_rcpt *r, size_t n,
 	enum incl inc;
 	uint8_t *msg = NULL;
 	size_t want, hl;
+	bool hdr8;
 	int err;
 
 	dsn_buf_free(out);
@@ -873,10 +885,15 @@ dsn_build(const struct dsn_params *p, const struct dsn_rcpt *r, size_t n,
 	         &text);
 	put_part(&o, bnd, "Delivery report", "message/delivery-status",
 	         &status);
+	/* RFC 6533 6.3, 6.4 (RFC 6532 3.7): a header section in raw UTF-8
+	 * (an SMTPUTF8 message) is no message/rfc822 or text/rfc822-headers:
+	 * message/global and message/global-headers carry it. An 8-bit body
+	 * under ASCII headers stays message/rfc822 (8BITMIME). */
+	hdr8 = want && !ascii_only(msg, dsn_header_section(msg, want));
 	if (inc == INCL_FULL) {
-		type = "message/rfc822";
+		type = hdr8 ? "message/global" : "message/rfc822";
 	} else {
-		type = "text/rfc822-headers";
+		type = hdr8 ? "message/global-headers" : "text/rfc822-headers";
 		snprintf(buf, sizeof(buf), "%s Headers", desc);
 		desc = buf;
 	}

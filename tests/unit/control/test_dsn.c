@@ -491,6 +491,46 @@ Test(dsn, lf_only_message_returns_its_headers_only)
 	free(msg);
 }
 
+/* RFC 6533: a message whose headers are raw UTF-8 (SMTPUTF8) is returned
+ * as message/global (RET=FULL) or message/global-headers; an 8-bit body
+ * under ASCII headers stays message/rfc822. It went out as message/rfc822
+ * and text/rfc822-headers, which may not hold raw UTF-8 headers. */
+Test(dsn, utf8_headers_go_as_message_global)
+{
+	struct dsn_params p = params();
+	struct dsn_rcpt r = failed_rcpt();
+	char *u8 = orig("Subject: gr\xc3\xbc\xc3\x9f" "e\r\n\r\nhi\r\n");
+	char *b8 = orig("Subject: plain\r\n\r\ngr\xc3\xbc\xc3\x9f" "e\r\n");
+	struct {
+		const char *msg;
+		int ret;
+		const char *type;
+	} cases[] = {
+		{u8, FD_RET_FULL, "message/global"},
+		{u8, FD_RET_HDRS, "message/global-headers"},
+		{b8, FD_RET_FULL, "message/rfc822"},
+		{b8, FD_RET_HDRS, "text/rfc822-headers"},
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct report rep;
+		char *out;
+
+		p.ret = cases[i].ret;
+		out = build(&p, &r, 1, cases[i].msg);
+		check_lines(out);
+		parse(out, &rep);
+		cr_assert_str_eq(field(rep.parts[2].hdr, "Content-Type"),
+				 cases[i].type, "case %zu", i);
+		cr_assert_str_eq(field(rep.parts[1].hdr, "Content-Type"),
+				 "message/delivery-status");
+		report_free(&rep);
+		free(out);
+	}
+	free(u8);
+	free(b8);
+}
+
 Test(dsn, ret_full_includes_whole_message)
 {
 	struct dsn_params p = params();
