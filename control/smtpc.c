@@ -1333,7 +1333,9 @@ build_mail(const struct smtpc *c, const struct smtpc_msg *m,
 	if (c->exts & SMTPC_EXT_DSN) {
 		if (m->ret == 1 || m->ret == 2)
 			cl_add(l, " RET=%s", m->ret == 1 ? "FULL" : "HDRS");
-		if (xtext_ok(m->envid, false))
+		/* xtext is 7-bit (RFC 3461 4): the SMTP engine takes no
+		 * other ENVID, and none other goes out */
+		if (xtext_ok(m->envid, false) && !has_8bit(m->envid))
 			cl_add(l, " ENVID=%s", m->envid);
 	}
 	cl_add(l, "\r\n");

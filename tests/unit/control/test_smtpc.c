@@ -1465,6 +1465,7 @@ send_orcpt8(const struct step *st, bool utf8)
 
 	m.orcpts = orcpts;
 	m.smtputf8 = utf8;
+	m.envid = "id\xc3\xa9"; /* not xtext: left out, SMTPUTF8 or not */
 	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
 	cr_assert_eq(data[0].code, 250);
 	smtpc_quit(c);
