@@ -1280,12 +1280,12 @@ xtext_ok(const char *s, bool need_type)
 }
 
 static bool
-has_8bit(const char *s)
+ascii_only(const char *s)
 {
 	for (; *s; s++)
 		if ((unsigned char)*s >= 0x80)
-			return true;
-	return false;
+			return false;
+	return true;
 }
 
 /*
@@ -1300,7 +1300,7 @@ static const char *
 orcpt_out(const struct smtpc *c, const struct smtpc_msg *m, const char *o,
 	  char *buf, size_t len)
 {
-	if (!o || !has_8bit(o))
+	if (!o || ascii_only(o))
 		return xtext_ok(o, true) ? o : NULL;
 	if (m->smtputf8 && c->exts & SMTPC_EXT_SMTPUTF8)
 		return xtext_ok(o, true) ? o : NULL; /* 8-bit octets pass */
@@ -1335,7 +1335,7 @@ build_mail(const struct smtpc *c, const struct smtpc_msg *m,
 			cl_add(l, " RET=%s", m->ret == 1 ? "FULL" : "HDRS");
 		/* xtext is 7-bit (RFC 3461 4): the SMTP engine takes no
 		 * other ENVID, and none other goes out */
-		if (xtext_ok(m->envid, false) && !has_8bit(m->envid))
+		if (xtext_ok(m->envid, false) && ascii_only(m->envid))
 			cl_add(l, " ENVID=%s", m->envid);
 	}
 	cl_add(l, "\r\n");
@@ -1448,15 +1448,6 @@ do_rset(struct smtpc *c)
 	}
 	enter_state(c, ST_READY);
 	return 0;
-}
-
-static bool
-ascii_only(const char *s)
-{
-	for (; *s; s++)
-		if ((unsigned char)*s >= 0x80)
-			return false;
-	return true;
 }
 
 int

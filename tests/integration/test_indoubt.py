@@ -64,6 +64,15 @@ def wait_copies(env, tag, n, timeout=15):
     return env.copies(tag)
 
 
+def wait_suppressed(d, before, timeout=15):
+    """Until the log holds more event=suppressed lines than before (or the
+    timeout: the caller checks what it expected)."""
+    deadline = time.time() + timeout
+    while d.read_log().count("event=suppressed ") <= before and \
+            time.time() < deadline:
+        time.sleep(0.05)
+
+
 def scenario(env):
     d = env.d
     # 1. The 250 is lost; the client resends: one copy.
@@ -130,10 +139,7 @@ def scenario_queued(env):
           f"no in-doubt news for a queued message:\n{d.read_log()[-2000:]}")
     r = env.send(b5)
     check(r.startswith("250"), f"the resend got {r}")
-    deadline = time.time() + 15
-    while d.read_log().count("event=suppressed ") <= before and \
-            time.time() < deadline:
-        time.sleep(0.05)
+    wait_suppressed(d, before)
     check(d.read_log().count("event=suppressed ") == before + 1,
           "the resend of a queued in-doubt message was not suppressed")
 
@@ -162,10 +168,7 @@ def scenario_news_after_reclaim(env):
           f"{log[-2000:]}")
     r = env.send(b7)
     check(r.startswith("250"), f"the resend got {r}")
-    deadline = time.time() + 15
-    while d.read_log().count("event=suppressed ") <= before and \
-            time.time() < deadline:
-        time.sleep(0.05)
+    wait_suppressed(d, before)
     time.sleep(1)
     check(env.copies("reclaimed7") == 1,
           f"reclaimed7: {env.copies('reclaimed7')} copies, expected 1")
@@ -190,10 +193,7 @@ def scenario_resend_before_news(env):
     t.join(30)
     check(getattr(t, "reply", None) == "NONE", "the 250 was not dropped")
     rid = r.split()[-1].lower()
-    deadline = time.time() + 15
-    while d.read_log().count("event=suppressed ") <= before and \
-            time.time() < deadline:
-        time.sleep(0.05)
+    wait_suppressed(d, before)
     log = d.read_log()
     check(log.count("event=suppressed ") == before + 1 and
           f"{rid} event=suppressed" in log.lower(),
