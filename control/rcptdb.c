@@ -175,6 +175,49 @@ blank(char c)
 }
 
 /*
+ * s[0..n) as the table keys it, into out (n octets at most): the mailbox
+ * as the SMTP engine and delivery understand it. A quoted local part
+ * without its quotes and backslashes ("bob" and "b\ob" are bob), the
+ * domain (after the last '@') without one trailing dot (example.com. is
+ * example.com), ASCII letters lowered. Before 2026-12-05 those spellings
+ * were looked up as written: 550 5.1.1 for users that exist. Returns the
+ * length; *at the offset of the '@' in out, or n when there is none.
+ */
+static size_t
+canon(const char *s, size_t n, char *out, size_t *at)
+{
+	const char *a = NULL;
+	size_t k = 0, ln, dn;
+
+	for (size_t i = n; i > 0; i--)
+		if (s[i - 1] == '@') {
+			a = s + i - 1;
+			break;
+		}
+	ln = a ? (size_t)(a - s) : n;
+	if (ln >= 2 && s[0] == '"' && s[ln - 1] == '"') {
+		for (size_t i = 1; i < ln - 1; i++) {
+			if (s[i] == '\\' && i + 1 < ln - 1)
+				i++;
+			out[k++] = lower(s[i]);
+		}
+	} else {
+		for (size_t i = 0; i < ln; i++)
+			out[k++] = lower(s[i]);
+	}
+	*at = a ? k : n;
+	if (!a)
+		return k;
+	dn = n - ln - 1;
+	if (dn > 1 && a[dn] == '.')
+		dn--;
+	out[k++] = '@';
+	for (size_t i = 0; i < dn; i++)
+		out[k++] = lower(a[1 + i]);
+	return k;
+}
+
+/*
  * One line p[0..n) (without its LF). "" if it is fine (entry added, or
  * blank, or comment), else the reason; *err is the errno for a failure
  * that is not the line's fault.
@@ -212,7 +255,6 @@ parse_line(struct rcptdb *db, const char *p, size_t n, int *err)
 			return "angle bracket: write the bare address";
 		if (c == '@')
 			at = s + i;
-		buf[i] = lower((char)c);
 	}
 	if (!at)
 		return "no '@'";
@@ -220,6 +262,10 @@ parse_line(struct rcptdb *db, const char *p, size_t n, int *err)
 		return "'@' inside domain";
 	if (at == e - 1)
 		return "empty domain";
+	{
+		size_t k;
+		len = canon(s, len, buf, &k);
+	}
 	switch (add(db, buf, len)) {
 	case 0:
 		return "";
@@ -374,22 +420,15 @@ rcptdb_check(const struct rcptdb *db, const char *addr)
 {
 	char buf[LINE_MAX_BYTES];
 	size_t n, local = 0;
-	bool at = false;
 
 	if (!db || !addr)
 		return 0;
 	n = strnlen(addr, LINE_MAX_BYTES + 1);
 	if (n > LINE_MAX_BYTES)
 		return 0;
-	for (size_t i = 0; i < n; i++) {
-		buf[i] = lower(addr[i]);
-		if (addr[i] == '@') {
-			at = true;
-			local = i;
-		}
-	}
-	if (!at || local == 0 || local == n - 1)
-		return 0;
+	n = canon(addr, n, buf, &local);
+	if (local == 0 || local >= n || local == n - 1)
+		return 0; /* no local part, no '@', or no domain */
 	if (find(db, buf, n, hash_bytes(buf, n)))
 		return 1;
 	return find(db, buf + local, n - local,

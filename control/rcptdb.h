@@ -11,6 +11,9 @@
  * "# comment" after an entry is an error, not silently part of it). The
  * domain is what follows the last '@'.
  *
+ * Entries and lookups are keyed by the mailbox as delivery understands
+ * it: a quoted local part without its quotes and backslashes, the domain
+ * without one trailing dot ("bob"@example.com. is bob@example.com).
  * Matching is case-insensitive (ASCII letters only) on the domain and on
  * the local part. RFC 5321 section 2.4 lets a local part be case-sensitive,
  * but the providers this serves fold case; there is no case-sensitive mode.

@@ -813,6 +813,29 @@ equal_postmaster(const char *local, size_t n)
 	return n == 10 && strncasecmp(local, "postmaster", 10) == 0;
 }
 
+/* The local part local[0..n) names postmaster: bare, or quoted
+ * ("postmaster", "post\master": RFC 5322 3.2.4 makes them the same
+ * mailbox, and delivery strips the quotes). */
+static bool
+names_postmaster(const char *local, size_t n, bool quoted)
+{
+	char d[11];
+	size_t k = 0;
+
+	if (!quoted)
+		return equal_postmaster(local, n);
+	if (n < 2)
+		return false;
+	for (size_t i = 1; i + 1 < n; i++) {
+		if (local[i] == '\\' && i + 2 < n)
+			i++;
+		if (k == sizeof(d))
+			return false;
+		d[k++] = local[i];
+	}
+	return equal_postmaster(d, k);
+}
+
 static bool
 rcpt_domain_is_ours(const struct smtp_server *srv, const struct smtp_path *p)
 {
@@ -841,7 +864,7 @@ rcpt_check(struct smtp_session *s, const struct smtp_path *p,
 	int r;
 
 	if (!srv->cfg.rcpt_check || p->postmaster ||
-	    (!p->quoted && equal_postmaster(p->mailbox, p->local_len)))
+	    names_postmaster(p->mailbox, p->local_len, p->quoted))
 		return true;
 	r = srv->cfg.rcpt_check(srv->cfg.rcpt_ctx, addr);
 	if (r > 0)

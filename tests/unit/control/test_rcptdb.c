@@ -153,6 +153,31 @@ Test(rcptdb, empty_input_is_an_empty_table)
 	rcptdb_free(db);
 }
 
+/* The spellings the SMTP engine takes for one mailbox find its entry, as
+ * delivery finds its Maildir: a quoted local part, one trailing dot on the
+ * domain; and entries written so are keyed the same way. They got
+ * 550 5.1.1 before 2026-12-05. */
+Test(rcptdb, mailbox_spellings_match)
+{
+	struct rcptdb *db = mem("bob@example.com\n@dest.test\n"
+				"ann@hosted.test.\n\"carl\"@example.com\n",
+				NULL, 0);
+
+	cr_assert_not_null(db);
+	cr_expect_eq(rcptdb_check(db, "bob@example.com."), 1);
+	cr_expect_eq(rcptdb_check(db, "\"bob\"@example.com"), 1);
+	cr_expect_eq(rcptdb_check(db, "\"b\\ob\"@Example.COM."), 1);
+	cr_expect_eq(rcptdb_check(db, "anyone@dest.test."), 1);
+	cr_expect_eq(rcptdb_check(db, "ann@hosted.test"), 1);
+	cr_expect_eq(rcptdb_check(db, "carl@example.com"), 1);
+	/* one dot only, and not a dot of the local part */
+	cr_expect_eq(rcptdb_check(db, "bob@example.com.."), 0);
+	cr_expect_eq(rcptdb_check(db, "bob.@example.com"), 0);
+	cr_expect_eq(rcptdb_check(db, "\"bob \"@example.com"), 0);
+	cr_expect_eq(rcptdb_check(db, "\"\"@example.com"), 0);
+	rcptdb_free(db);
+}
+
 Test(rcptdb, odd_lookups_are_unknown)
 {
 	struct rcptdb *db = mem("@x.org\na@y.org\n", NULL, 0);
