@@ -67,6 +67,7 @@ struct cp_config {
 	bool verify_recipients;
 	uint64_t verify_positive_ttl_ms;
 	uint64_t verify_negative_ttl_ms;
+	uint64_t verify_timeout_ms; /* 0: VERIFY_TIMEOUT_MS */
 };
 
 /*

@@ -46,6 +46,7 @@
 #include "control/queue.h"
 #include "control/route.h"
 #include "control/smtpc.h"
+#include "finaldot/compiler.h"
 #include "finaldot/crc32c.h"
 #include "finaldot/fsync.h"
 #include "finaldot/log.h"
@@ -395,7 +396,7 @@ cache_drop(struct conn_cache *cc, bool polite)
 
 struct smtpc *
 deliver_connect(struct cplane *cp, int kind, const char *host, uint16_t port,
-		const char *path, int tls, const char *tls_ca,
+		const char *path, int tls, const char *tls_ca, uint64_t cap_ms,
 		struct smtpc_reply *why)
 {
 	const struct cp_config *cfg = cp_config_of(cp);
@@ -420,6 +421,11 @@ deliver_connect(struct cplane *cp, int kind, const char *host, uint16_t port,
 		p.cmd_timeout_ms = cfg->cmd_timeout_ms;
 	if (cfg->data_timeout_ms)
 		p.data_timeout_ms = cfg->data_timeout_ms;
+	if (cap_ms) {
+		p.connect_timeout_ms = FD_MIN(p.connect_timeout_ms, cap_ms);
+		p.cmd_timeout_ms = FD_MIN(p.cmd_timeout_ms, cap_ms);
+		p.data_timeout_ms = FD_MIN(p.data_timeout_ms, cap_ms);
+	}
 	/* STARTTLS per the route (queue.h: resolved against --smtp-tls);
 	 * not over a unix socket, which never leaves the machine. */
 	if (kind != ROUTE_LMTP_UNIX && tls != ROUTE_TLS_NONE) {
@@ -455,7 +461,7 @@ conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
 	}
 	cache_drop(cc, true);
 	cc->c = deliver_connect(cp, d->kind, d->host, d->port, d->path, d->tls,
-				d->tls_ca, why);
+				d->tls_ca, 0, why);
 	if (!cc->c)
 		return NULL;
 	snprintf(cc->key, sizeof(cc->key), "%s", d->key);

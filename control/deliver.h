@@ -26,10 +26,12 @@ struct smtpc_reply;
 
 /* A connection to a next hop (enum route_kind, its address, enum route_tls
  * already resolved, the CA file or ""), with the daemon's timeouts and
- * HELO name. NULL with why filled. Any thread. */
+ * HELO name; each timeout at most cap_ms when cap_ms is not 0 (a recipient
+ * probe's). NULL with why filled. Any thread. */
 struct smtpc *deliver_connect(struct cplane *cp, int kind, const char *host,
 			      uint16_t port, const char *path, int tls,
-			      const char *tls_ca, struct smtpc_reply *why);
+			      const char *tls_ca, uint64_t cap_ms,
+			      struct smtpc_reply *why);
 
 /* pthread entry point; arg is a struct deliver_ctx. */
 void *deliver_main(void *arg);

@@ -3964,8 +3964,13 @@ verify_open(void *ctx, const char *addr, bool connect, char *key,
 	if (*local || !connect)
 		return NULL;
 	tls = t->tls ? (int)t->tls : rg->def_tls;
+	/* A probe waits on its next hop for --verify-timeout at most: a hung
+	 * one held a probe thread for --smtp-timeout (300 s). */
 	return deliver_connect(cp, (int)t->kind, t->host, t->port, t->path,
-			       tls, t->tls_ca[0] ? t->tls_ca : rg->tls_ca, why);
+			       tls, t->tls_ca[0] ? t->tls_ca : rg->tls_ca,
+			       cp->cfg.verify_timeout_ms ? cp->cfg.verify_timeout_ms
+							 : VERIFY_TIMEOUT_MS,
+			       why);
 }
 
 void

@@ -1490,8 +1490,13 @@ smtpc_probe(struct smtpc *c, const char *rcpt, struct smtpc_reply *reply)
 		rc = read_reply(c, c->cmd_to, reply, NULL);
 	if (rc < 0)
 		goto fail;
-	rc = do_rset(c);
-	return rc < 0 ? rc : 0;
+	/* The RCPT's answer stands even if the RSET fails (a next hop that
+	 * closes after answering, or says 421 to RSET): the connection is
+	 * then broken (do_rset), and the next probe makes a new one. The
+	 * answer was thrown away, and the next hop rested as if it had
+	 * given none. */
+	(void)do_rset(c);
+	return 0;
 fail:
 	failure_reply(c, rc, reply);
 	enter_state(c, ST_BROKEN);

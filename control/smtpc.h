@@ -212,9 +212,10 @@ struct smtpc_msg {
  * Ask whether the next hop takes mail for rcpt, without sending any:
  * MAIL FROM:<> (the null sender: a probe must not cause a bounce), RCPT
  * TO:<rcpt>, RSET (RFC 5321 3.3: what Postfix's address verification does).
- * 0 with *reply the reply to RCPT; 1 with *reply the reply to MAIL, which
- * was refused (it says nothing about rcpt); the connection READY again
- * either way. -errno with *reply a local one (the connection is then
+ * 0 with *reply the reply to RCPT (the connection READY again, or unusable
+ * when the RSET failed: smtpc_reusable() says); 1 with *reply the reply to
+ * MAIL, which was refused (it says nothing about rcpt), the connection
+ * READY again. -errno with *reply a local one (the connection is then
  * unusable: smtpc_abort()).
  */
 int smtpc_probe(struct smtpc *c, const char *rcpt, struct smtpc_reply *reply);

@@ -34,6 +34,7 @@
 
 #include "control/smtpc.h"
 #include "control/verify.h"
+#include "finaldot/compiler.h"
 #include "finaldot/log.h"
 
 #define ADDR_MAX 320
@@ -171,7 +172,18 @@ slot_find(struct verify *v, uint64_t h, const char *addr, bool *found)
 static bool
 enqueue(struct verify *v, size_t i, uint64_t hop)
 {
+	unsigned mine = 0, cap = FD_MAX(1u, v->o.queue_max / VERIFY_HOP_SHARE);
+
 	if (v->qlen >= v->o.queue_max) {
+		v->st.queue_full++;
+		return false;
+	}
+	/* A next hop's share of the queue: one that hangs must not take
+	 * all of it (a miss only: a walk of at most queue_max entries) */
+	for (unsigned k = 0; k < v->qlen && mine < cap; k++)
+		mine += v->slots[v->queue[(v->qhead + k) % v->o.queue_max]]
+				.hop == hop;
+	if (mine >= cap) {
 		v->st.queue_full++;
 		return false;
 	}

@@ -222,6 +222,11 @@ static const struct opt options[] = {
 	 0, "DURATION", "how long a valid answer is kept (default 7d)"},
 	{"verify_negative_ttl", NULL, OPT_DURATION, F(verify_negative_ttl_ms),
 	 0, "DURATION", "how long an unknown-user answer is kept (default 3h)"},
+	{"verify_timeout", NULL, OPT_DURATION, F(verify_timeout_ms), 0,
+	 "DURATION",
+	 "a probe waits this long at most for its next hop: connect, "
+	 "greeting, each reply (default 30s; the route's own timeouts when "
+	 "they are shorter)"},
 	{"dedup_window", NULL, OPT_DURATION, F(dedup_window_ms), 0, "DURATION",
 	 "RFC 1047: remember a message whose 250 may not have reached its "
 	 "client this long, and deliver a resend of it once (default 24h; "
@@ -297,6 +302,7 @@ fd_config_defaults(struct fd_config *c)
 	strcpy(c->smtp_tls, "may");
 	c->verify_positive_ttl_ms = 7ull * 86400000;
 	c->verify_negative_ttl_ms = 3ull * 3600000;
+	c->verify_timeout_ms = 30000;
 	c->tls_handshake_timeout_ms = 30000;
 	c->tls_max_handshakes = 32;
 	c->tls_ticket_lifetime_ms = 12ull * 3600000;

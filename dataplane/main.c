@@ -178,6 +178,7 @@ cp_config_from(struct cp_config *cc, const struct fd_config *cfg,
 	cc->verify_recipients = cfg->verify_recipients;
 	cc->verify_positive_ttl_ms = cfg->verify_positive_ttl_ms;
 	cc->verify_negative_ttl_ms = cfg->verify_negative_ttl_ms;
+	cc->verify_timeout_ms = cfg->verify_timeout_ms;
 }
 
 /* The workers as the control socket and /metrics see them. */

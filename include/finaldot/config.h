@@ -114,6 +114,7 @@ struct fd_config {
 	bool verify_recipients;           /* RCPT-time probe of the next hop */
 	uint64_t verify_positive_ttl_ms;
 	uint64_t verify_negative_ttl_ms;
+	uint64_t verify_timeout_ms; /* a probe's wait on its next hop */
 	uint64_t dlog_rotate;
 	uint64_t dedup_window_ms;
 	uint64_t dedup_settle_ms;

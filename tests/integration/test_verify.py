@@ -137,6 +137,37 @@ def policy_refusals():
           "a UTF-8 address probed with SMTPUTF8")
 
 
+def hung_and_closing_hops():
+    """A probe waits --verify-timeout at most (here 2 s, with --smtp-timeout
+    300 s: a next hop that hangs held the probe thread for those 300 s);
+    an answer stands when the next hop closes at the RSET after it (the
+    550 was thrown away, and the whole next hop rested for 60 s)."""
+    from peers import ScriptedHop, Script, CLOSE, HANG
+    with ScriptedHop(script=Script(rcpt={"slow@hang.test": HANG})) as hung, \
+            ScriptedHop(script=Script(rcpt={"gone@close.test":
+                                            "550 5.1.1 no such user"},
+                                      rset=CLOSE)) as closing, \
+            Daemon("--verify-recipients", "on", "--smtp-timeout", "300s",
+                   "--verify-timeout", "2s",
+                   "--route", f"hang.test={hung.target}",
+                   "--route", f"close.test={closing.target}",
+                   domains=("hang.test", "close.test")) as a:
+        t0 = time.time()
+        check(rcpt(a.port, "slow@hang.test")[0] == 450, "hung, first")
+        a.wait_log(r"event=probe rcpt=slow@hang\.test result=tempfail", 20)
+        took = time.time() - t0
+        check(took < 10, f"the hung probe took {took:.1f} s")
+        rcpt(a.port, "gone@close.test")
+        code, msg = until(a.port, "gone@close.test", 550)
+        check(msg.startswith("5.1.1"), f"gone: {code} {msg}")
+        rcpt(a.port, "good@close.test")
+        code, msg = until(a.port, "good@close.test", 250)
+        check("gave no answer" not in a.read_run_log(),
+              "the next hop rested after answering")
+    print(f"ok: a hung probe ended after {took:.1f} s; an answer before a "
+          "closed RSET stands")
+
+
 def main():
     tmp = os.environ.get("TMPDIR", "/tmp")
     users = os.path.join(tmp, f"fdverify-{os.getpid()}.txt")
@@ -188,6 +219,7 @@ def main():
                             b.read_run_log()), "B was not asked")
         reload_table(users)
         policy_refusals()
+        hung_and_closing_hops()
     finally:
         os.unlink(users)
     print("ok: the next hop received no message")

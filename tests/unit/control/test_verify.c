@@ -203,6 +203,33 @@ Test(verify, a_hung_next_hop_does_not_hold_up_other_routes)
 	verify_free(v);
 }
 
+/* A next hop that hangs while its addresses keep coming takes at most its
+ * share of the queue (queue_max / VERIFY_HOP_SHARE): another route's
+ * address is still queued. It filled the whole queue, and every other
+ * route's addresses got 450 until the hung probe timed out. */
+Test(verify, a_hung_next_hop_takes_only_its_share_of_the_queue)
+{
+	struct verify *v = start_n(64, 1);
+	struct verify_stats st;
+	uint64_t refused;
+	char a[64];
+
+	atomic_store(&slow_go, false);
+	for (int i = 0; i < 100; i++) {
+		snprintf(a, sizeof(a), "u%d@slow.test", i);
+		cr_assert_eq(verify_check(v, a), -1);
+	}
+	verify_get_stats(v, &st);
+	refused = st.queue_full;
+	/* 64 / 8 queued, and perhaps one more taken by the thread */
+	cr_assert_geq(refused, 100 - 64 / VERIFY_HOP_SHARE - 1);
+	cr_assert_eq(verify_check(v, "x@down.test"), -1);
+	verify_get_stats(v, &st);
+	cr_assert_eq(st.queue_full, refused, "another route's probe refused");
+	atomic_store(&slow_go, true);
+	verify_free(v);
+}
+
 Test(verify, a_next_hop_without_answer_rests)
 {
 	struct verify *v = start(64);
