@@ -257,6 +257,57 @@ parse_word(struct pstate *s, const char *w, enum ctl_json_type type)
 
 static int parse_value(struct pstate *s, unsigned depth);
 
+static long decode(const struct ctl_json *j, uint32_t t, char *out,
+		   size_t cap);
+
+/* Member names a and b (string tokens) name the same member, escapes
+ * decoded ("\u0063md" is "cmd"). */
+static bool
+same_name(const struct ctl_json *j, uint32_t a, uint32_t b)
+{
+	const struct ctl_json_tok *x = &j->tok[a], *y = &j->tok[b];
+	char da[CTL_JSON_NAME_MAX + 1], db[CTL_JSON_NAME_MAX + 1];
+	long la, lb;
+
+	if (!memchr(j->text + x->start, '\\', x->len) &&
+	    !memchr(j->text + y->start, '\\', y->len))
+		return x->len == y->len &&
+		       memcmp(j->text + x->start, j->text + y->start,
+			      x->len) == 0;
+	la = decode(j, a, da, sizeof(da));
+	lb = decode(j, b, db, sizeof(db));
+	return la >= 0 && la == lb && memcmp(da, db, (size_t)la) == 0;
+}
+
+/*
+ * An object whose members all have names of their own: a name twice was
+ * taken as its first by one reader (ctl_json_get: the daemon's "cmd") and
+ * as its last by another (the daemon's "args", and most JSON libraries), so
+ * a request a filtering proxy read as "status" ran as "queue.delete".
+ */
+static int
+check_names(struct pstate *s, uint32_t obj)
+{
+	const struct ctl_json *j = s->j;
+	uint32_t n = j->tok[obj].count, names[CTL_JSON_MEMBERS_MAX];
+	uint32_t k = obj + 1;
+
+	if (n > CTL_JSON_MEMBERS_MAX)
+		return perr(s, "object with too many members");
+	for (uint32_t i = 0; i < n; i++) {
+		char d[CTL_JSON_NAME_MAX + 1];
+		if (j->tok[k].len > CTL_JSON_NAME_MAX &&
+		    decode(j, k, d, sizeof(d)) < 0)
+			return perr(s, "member name too long");
+		names[i] = k;
+		for (uint32_t m = 0; m < i; m++)
+			if (same_name(j, names[m], k))
+				return perr(s, "duplicate member name");
+		k = j->tok[k + 1].end;
+	}
+	return 0;
+}
+
 static int
 parse_container(struct pstate *s, unsigned depth, bool object)
 {
@@ -306,7 +357,7 @@ parse_container(struct pstate *s, unsigned depth, bool object)
 done:
 	s->j->tok[t].len = (uint32_t)(s->pos - s->j->tok[t].start);
 	s->j->tok[t].end = s->j->n;
-	return 0;
+	return object ? check_names(s, (uint32_t)t) : 0;
 }
 
 static int
@@ -662,6 +713,16 @@ put_escaped(struct ctl_jw *w, const unsigned char *p, size_t n)
 		}
 		unsigned char c = p[i];
 		size_t k = c >= 0x80 ? utf8_seq(p + i, n - i) : 0;
+		if (k == 2 && c == 0xc2 && p[i + 1] < 0xa0) {
+			/* U+0080..U+009F, the C1 controls (CSI is U+009B):
+			 * escaped like C0, never raw at an operator's
+			 * terminal (an SMTPUTF8 sender may hold them) */
+			char e1[6] = {'\\', 'u', '0', '0', hex[p[i + 1] >> 4],
+				      hex[p[i + 1] & 15]};
+			put(w, e1, 6);
+			i += 2;
+			continue;
+		}
 		if (k > 1) {
 			put(w, p + i, k);
 			i += k;

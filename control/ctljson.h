@@ -9,7 +9,10 @@
  * checked (escapes, UTF-8, no raw control characters) and decoded on
  * demand by ctl_json_string(). Deliberate limits, each an error rather than
  * a guess: nesting deeper than CTL_JSON_MAX_DEPTH, more tokens than the
- * caller gave room for, and "\u0000" in a string (values become C strings).
+ * caller gave room for, "\u0000" in a string (values become C strings),
+ * an object with a member name twice (readers disagree on which counts),
+ * more than CTL_JSON_MEMBERS_MAX members or a name longer than
+ * CTL_JSON_NAME_MAX.
  * Numbers follow the JSON grammar; ctl_json_u64() takes only non-negative
  * integers that fit in 64 bits.
  *
@@ -31,6 +34,10 @@
 #include <stdint.h>
 
 #define CTL_JSON_MAX_DEPTH 16
+/* An object's members, and the octets of a member name (decoded): more is
+ * an error, as is a name twice in one object. */
+#define CTL_JSON_MEMBERS_MAX 256u
+#define CTL_JSON_NAME_MAX 256u
 
 enum ctl_json_type {
 	CTL_JSON_OBJECT = 1,

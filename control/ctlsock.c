@@ -238,7 +238,10 @@ struct req {
 };
 
 /* Argument name as a string (1), absent (0), or a bad value: an error
- * reply was written (-1). */
+ * reply was written (-1). buf is "" unless 1: a buffer that outlives the
+ * request (queue.list's filters) kept the last request's value, and a
+ * plain queue.list after a filtered one on the same connection listed
+ * with the old filter. */
 static int
 arg_str(struct ctl_client *c, const struct req *rq, const char *name,
 	char *buf, size_t n)
@@ -247,9 +250,13 @@ arg_str(struct ctl_client *c, const struct req *rq, const char *name,
 			      : -1;
 	long r;
 
+	if (n)
+		buf[0] = '\0';
 	if (t < 0)
 		return 0;
 	r = ctl_json_string(&rq->j, (uint32_t)t, buf, n);
+	if (r < 0 && n)
+		buf[0] = '\0';
 	if (r == -ENOSPC)
 		return reply_err(c, E_BAD_REQUEST, "%s: %s is too long",
 				 rq->cmd, name);
@@ -564,9 +571,11 @@ cmd_list(struct ctl_server *sv, struct ctl_client *c, struct req *rq)
 		return -1;
 	if (c->f_state[0] && strcmp(c->f_state, "active") != 0 &&
 	    strcmp(c->f_state, "deferred") != 0 &&
-	    strcmp(c->f_state, "held") != 0)
+	    strcmp(c->f_state, "held") != 0) {
+		c->f_state[0] = '\0';
 		return reply_err(c, E_BAD_REQUEST, "queue.list: state must be "
 				 "active, deferred or held");
+	}
 	c->listing = true;
 	c->cursor = 0;
 	c->count = 0;
@@ -771,7 +780,7 @@ static int
 do_action(struct ctl_server *sv, struct ctl_client *c, struct req *rq,
 	  enum cp_action a)
 {
-	char dom[256] = "";
+	char dom[256] = "", esc[1100];
 	uint64_t *ids = NULL;
 	size_t n = 0, affected = 0, unknown = 0;
 	bool all = false;
@@ -809,9 +818,13 @@ do_action(struct ctl_server *sv, struct ctl_client *c, struct req *rq,
 		hi = reply_cp_err(c, rq->cmd, r);
 		goto out;
 	}
+	/* to_domain is the client's: escaped (a newline in it wrote a line
+	 * of its own, an audit entry in another uid's name) */
 	fd_log(FD_LOG_INFO, "ctl", "event=command cmd=%s uid=%u ids=%zu "
 	       "to_domain=%s affected=%zu unknown=%zu", action_name(a),
-	       (unsigned)c->uid, n, hd ? dom : "-", affected, unknown);
+	       (unsigned)c->uid, n,
+	       hd ? fd_log_escape(esc, sizeof(esc), dom, strlen(dom)) : "-",
+	       affected, unknown);
 	if (unknown) {
 		char msg[160];
 		ctl_jw_obj(&c->out);
@@ -1371,6 +1384,23 @@ dir_of(const char *path, char *dir, size_t n)
 		snprintf(dir, n, "%.*s", (int)(sl - path), path);
 }
 
+/* Whether a socket may be given to group gid: root may, else only a
+ * member (chown(2) with CAP_CHOWN alone is not looked for). */
+static bool
+may_chown_to(gid_t gid)
+{
+	gid_t gs[256];
+	int n;
+
+	if (geteuid() == 0 || getegid() == gid)
+		return true;
+	n = getgroups((int)(sizeof(gs) / sizeof(gs[0])), gs);
+	for (int i = 0; i < n; i++)
+		if (gs[i] == gid)
+			return true;
+	return false;
+}
+
 int
 ctl_check(const char *path, const char *group, char *why, size_t n)
 {
@@ -1385,6 +1415,15 @@ ctl_check(const char *path, const char *group, char *why, size_t n)
 	}
 	if (group[0] && (r = resolve_group(group, &gid, why, n)) != 0)
 		return r;
+	if (group[0] && !may_chown_to(gid)) {
+		/* chown(2) of the socket to a group the process is not in
+		 * fails (EPERM) unless it is root: say so before the start
+		 * fails on it */
+		snprintf(why, n, "control group \"%s\": this process is not a "
+			 "member (systemd: SupplementaryGroups=%s)", group,
+			 group);
+		return -EPERM;
+	}
 	dir_of(path, dir, sizeof(dir));
 	if (access(dir, W_OK | X_OK) != 0) {
 		char parent[sizeof(dir)];
@@ -1419,7 +1458,16 @@ ctl_start(const char *path, const char *group, const struct ctl_sources *src,
 	if (group[0] && (r = resolve_group(group, &gid, why, sizeof(why))))
 		goto out_log;
 	dir_of(path, dir, sizeof(dir));
-	if (mkdir(dir, 0750) != 0 && errno != EEXIST) {
+	if (mkdir(dir, 0750) == 0) {
+		/* Made here: the control group must get through it to the
+		 * socket (it was the daemon's own group's alone). */
+		if (group[0] && chown(dir, (uid_t)-1, gid) != 0) {
+			r = -errno;
+			snprintf(why, sizeof(why), "chown %s: %s", dir,
+				 strerror(-r));
+			goto out_log;
+		}
+	} else if (errno != EEXIST) {
 		r = -errno;
 		snprintf(why, sizeof(why), "mkdir %s: %s", dir, strerror(-r));
 		goto out_log;

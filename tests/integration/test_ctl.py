@@ -265,13 +265,27 @@ def protocol(d):
             "bad_request"),
            (b"{\"cmd\":\"queue.list\",\"args\":[]}\n", "bad_request"),
            (b"{\"cmd\":\"st\\u0000\"}\n", "bad_json"),
-           (b"{\"cmd\":\"\xff\"}\n", "bad_json")]
+           (b"{\"cmd\":\"\xff\"}\n", "bad_json"),
+           # a member twice: readers disagree on which counts
+           (b"{\"cmd\":\"queue.delete\",\"cmd\":\"status\","
+            b"\"args\":{\"all\":true}}\n", "bad_json"),
+           (b"{\"cmd\":\"status\",\"\\u0063md\":\"queue.delete\"}\n",
+            "bad_json")]
     for req, code in bad:
         r.send(req)
         got = err_code(r.line())
         check(got == code, f"{req!r}: {got}, want {code}")
     r.send(b"\r\n   \n{\"cmd\":\"status\"}\r\n")  # blank lines, CRLF
     check(r.line()["ok"] is True, "still answering after errors")
+    # A request's text is escaped in the daemon's log: a newline in
+    # to_domain wrote a forged audit line of its own.
+    r.send(b'{"cmd":"queue.flush","args":{"to_domain":"x\\n2026-01-01T00:00:'
+           b'00.000000Z info ctl event=command cmd=queue.delete uid=0"}}\n')
+    check(r.line()["ok"] is True, "flush with an odd domain")
+    wait(lambda: "to_domain=x\\x0a2026" in d.read_log(), 10,
+         "the escaped to_domain in the log")
+    check(not re.search(r"^2026-01-01T00:00:00", d.read_log(), re.M),
+          "a forged log line")
     # A line over the limit: an error, then the connection is closed.
     r.send(b"{\"cmd\":\"status\",\"args\":{\"x\":\"" + b"a" * (1 << 20))
     check(err_code(r.line()) == "too_long", "too long")

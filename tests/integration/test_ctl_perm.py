@@ -15,9 +15,12 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fdtest import Daemon, FINALDOTCTL, check, skip  # noqa: E402
+from fdtest import (Daemon, FINALDOT, FINALDOTCTL, check, skip,  # noqa
+                    free_port)
 
 
 def as_user(group, *args):
@@ -69,6 +72,51 @@ def main():
         rc, _, err = as_user("daemon", "--control", path, "status")
         check(rc == 3 and re.search(r"permission denied", err),
               f"outside the group: exit {rc}: {err!r}")
+
+    # As a user outside the control group (as the systemd unit ran before
+    # it had SupplementaryGroups=): --check-config says so, where it
+    # passed and the start failed on chown (EPERM).
+    tmp = tempfile.mkdtemp(prefix="fdtest-perm-")
+    try:
+        os.chmod(tmp, 0o777)
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                            "--clear-groups", FINALDOT, "--check-config",
+                            "--spool", os.path.join(tmp, "spool"),
+                            "--control", os.path.join(tmp, "c.sock"),
+                            "--control-group", "daemon"],
+                           capture_output=True, text=True, timeout=60)
+        out = r.stdout + r.stderr
+        check(r.returncode != 0 and "not a member" in out and
+              "SupplementaryGroups=daemon" in out,
+              f"check-config outside the group: {r.returncode} {out!r}")
+        # A member starts, and the directory it makes lets the group in.
+        sock = os.path.join(tmp, "run", "c.sock")
+        p = subprocess.Popen(["setpriv", "--reuid=nobody",
+                              "--regid=nogroup", "--groups=daemon",
+                              FINALDOT, "--spool", os.path.join(tmp, "sp"),
+                              "--listen", f"127.0.0.1:{free_port()}",
+                              "--delivery", "off",
+                              "--control", sock, "--control-group",
+                              "daemon"],
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 30
+            while not os.path.exists(sock) and time.time() < deadline and \
+                    p.poll() is None:
+                time.sleep(0.05)
+            check(os.path.exists(sock), "no socket from a member of the "
+                  f"control group: {p.poll()}")
+            st = os.stat(os.path.dirname(sock))
+            check(st.st_gid == grp.getgrnam("daemon").gr_gid and
+                  st.st_mode & 0o050 == 0o050,
+                  f"the socket's directory: gid {st.st_gid} mode "
+                  f"{oct(st.st_mode)}")
+        finally:
+            p.terminate()
+            p.wait(30)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     with Daemon("--control-group", "no-such-group-here",
                 wait_ready=False) as d:

@@ -4,6 +4,7 @@
  */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "ctljson.h"
@@ -121,6 +122,45 @@ Test(ctljson, rejects)
 	cr_assert_eq(ctl_json_parse(&j, "{}\0", 3, tok, 256), -EINVAL);
 }
 
+/* A member name twice in one object is refused, escapes decoded: readers
+ * disagree on which one counts (the daemon ran the first "cmd" with the
+ * last "args"; most libraries take the last of both), so a request read
+ * as "status" by a filtering proxy deleted the queue. */
+Test(ctljson, duplicate_member_names)
+{
+	static const char *const dup[] = {
+		"{\"cmd\":\"queue.delete\",\"cmd\":\"status\"}",
+		"{\"a\":1,\"b\":2,\"a\":3}",
+		"{\"cmd\":1,\"\\u0063md\":2}",
+		"{\"args\":{\"x\":1,\"x\":1}}",
+		"[{\"k\":1},{\"k\":2,\"k\":3}]",
+	};
+	static struct ctl_json_tok big[1200];
+	char text[8192];
+	size_t n = 0;
+	struct ctl_json j;
+
+	for (size_t i = 0; i < sizeof(dup) / sizeof(*dup); i++) {
+		cr_assert_eq(parse(&j, dup[i]), -EINVAL, "accepted [%s]",
+			     dup[i]);
+		cr_assert_str_eq(j.err, "duplicate member name");
+	}
+	/* the same name in different objects, and names differing only in
+	 * case, are fine */
+	cr_assert_eq(parse(&j, "[{\"k\":1},{\"k\":2,\"K\":3}]"), 0);
+	/* CTL_JSON_MEMBERS_MAX members, and one more */
+	n += (size_t)snprintf(text + n, sizeof(text) - n, "{");
+	for (unsigned i = 0; i < CTL_JSON_MEMBERS_MAX; i++)
+		n += (size_t)snprintf(text + n, sizeof(text) - n, "%s\"m%u\":0",
+				      i ? "," : "", i);
+	cr_assert_eq(ctl_json_parse(&j, text, n, big, 1200), -EINVAL);
+	text[n] = '}';
+	cr_assert_eq(ctl_json_parse(&j, text, n + 1, big, 1200), 0);
+	memcpy(text + n, ",\"x\":0}", 7);
+	cr_assert_eq(ctl_json_parse(&j, text, n + 7, big, 1200), -EINVAL);
+	cr_assert_str_eq(j.err, "object with too many members");
+}
+
 Test(ctljson, depth_and_room)
 {
 	struct ctl_json j;
@@ -173,6 +213,14 @@ Test(ctljson, writer_escapes_and_commas)
 			sizeof(buf));
 	/* Not UTF-8 comes back as the code point of the same value. */
 	cr_assert_str_eq(buf, "q\"b\\n\n\x01\x7f\xc3\xbf\xc3\xa9");
+	ctl_jw_free(&w);
+	/* C1 controls (U+0080..U+009F; CSI is U+009B) are escaped, never
+	 * raw at an operator's terminal; U+00A0 and on are kept */
+	ctl_jw_init(&w, 0);
+	ctl_jw_str(&w, "\xc2\x9b" "2J\xc2\x80\xc2\x9f\xc2\xa0");
+	static const char c1[] = "\"\\u009b2J\\u0080\\u009f\xc2\xa0\"";
+	cr_assert_eq(w.len, strlen(c1));
+	cr_assert(memcmp(w.buf, c1, w.len) == 0, "%.*s", (int)w.len, w.buf);
 	ctl_jw_free(&w);
 }
 

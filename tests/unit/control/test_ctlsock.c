@@ -105,12 +105,24 @@ cp_get_stats(struct cplane *cp, struct cp_stats *st)
 	memset(st, 0, sizeof(*st));
 }
 
+/* Two messages: one held (from a@held.test), one deferred. */
 int
 cp_queue_list(struct cplane *cp, uint64_t *cursor, unsigned max,
 	      cp_msg_view_fn fn, void *ctx)
 {
-	(void)cp, (void)cursor, (void)max, (void)fn, (void)ctx;
-	return 0;
+	struct cp_msg_view v[2] = {
+		{.id = 1, .sender = "a@held.test", .helo = "", .client = "",
+		 .envid = "", .held = true, .state = "held"},
+		{.id = 2, .sender = "b@other.test", .helo = "", .client = "",
+		 .envid = "", .state = "deferred"},
+	};
+	int r = 0;
+
+	(void)cp, (void)max;
+	for (unsigned i = (unsigned)*cursor; i < 2 && r == 0; i++)
+		r = fn(ctx, &v[i]);
+	*cursor = 2;
+	return r;
 }
 
 int
@@ -444,6 +456,58 @@ Test(ctlsock, cat_then_another_request_on_the_connection)
 	cr_assert_eq(read_reply(&c), size);
 	cr_assert(reply_ok(&c));
 	cr_assert(eventually(&q.closes, 2));
+	client_close(&c);
+	stop();
+}
+
+/* queue.list's items, and its count, until its terminating line
+ * (UINT64_MAX: an error reply). */
+static uint64_t
+list_count(struct client *c)
+{
+	uint64_t items = 0, count = 0;
+	int res;
+
+	for (;;) {
+		client_line(c);
+		if (ctl_json_get(&c->j, 0, "item") < 0)
+			break;
+		items++;
+	}
+	if (!reply_ok(c))
+		return UINT64_MAX;
+	res = ctl_json_get(&c->j, 0, "data");
+	cr_assert_geq(res, 0);
+	cr_assert(ctl_json_u64(&c->j,
+			       (uint32_t)ctl_json_get(&c->j, (uint32_t)res,
+						      "count"),
+			       &count));
+	cr_assert_eq(items, count);
+	return count;
+}
+
+/* A filter is the request's own: a plain queue.list after a filtered (or
+ * refused) one on the same connection lists everything. The filters
+ * outlived their request, so it listed with the old one. */
+Test(ctlsock, list_filters_do_not_outlive_their_request)
+{
+	struct client c;
+
+	start(1);
+	client_open(&c, 0);
+	client_send(&c, "{\"cmd\":\"queue.list\",\"args\":{\"state\":"
+			"\"held\"}}\n{\"cmd\":\"queue.list\"}\n");
+	cr_assert_eq(list_count(&c), 1);
+	cr_assert_eq(list_count(&c), 2);
+	client_send(&c, "{\"cmd\":\"queue.list\",\"args\":{\"from\":"
+			"\"held.test\"}}\n{\"cmd\":\"queue.list\"}\n");
+	cr_assert_eq(list_count(&c), 1);
+	cr_assert_eq(list_count(&c), 2);
+	client_send(&c, "{\"cmd\":\"queue.list\",\"args\":{\"state\":"
+			"\"bogus\"}}\n{\"cmd\":\"queue.list\"}\n");
+	cr_assert_eq(list_count(&c), UINT64_MAX);
+	error_is(&c, "bad_request", "state must be");
+	cr_assert_eq(list_count(&c), 2);
 	client_close(&c);
 	stop();
 }
