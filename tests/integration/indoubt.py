@@ -85,7 +85,7 @@ def drop_rule(op, port, dpdk_ip=None, cport=None):
 
 
 def send_once(host, port, data, drop=False, wrap=(), dpdk_ip=None,
-              give_up=3, dot_sent=None):
+              give_up=1.5, dot_sent=None):
     """One transaction (wrap: an argv prefix such as ip netns exec NS);
     drop=True: the server's packets are dropped from just before the
     final dot, and the client gives up give_up seconds after sending it

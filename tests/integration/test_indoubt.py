@@ -34,7 +34,7 @@ class Env:
         return send_once(self.host, self.port, data, drop, self.ns.argv([]),
                          DPDK_IP if TRANSPORT == "dpdk" else None, **kw)
 
-    def send_dropped_async(self, data, give_up=3):
+    def send_dropped_async(self, data, give_up=1.5):
         """A dropped send on its own thread: returns (thread, dot_sent);
         the thread's result goes into thread.reply."""
         dot = threading.Event()
