@@ -966,6 +966,29 @@ Test(smtpc, data_dot_stuffing_across_pieces)
 	cr_assert_arr_eq(back, crlf, sizeof(crlf) - 1);
 }
 
+/* Random bodies of CR, LF, '.' and letters, cut into random pieces: the
+ * streaming code (a line at a time, by memchr) matches the two-pass
+ * reference every time. */
+Test(smtpc, data_stuffing_matches_the_reference_on_random_bodies)
+{
+	static const char al[] = "ab.\r\n";
+	uint8_t body[48], want[256];
+	unsigned seed = 12345;
+
+	for (int it = 0; it < 300; it++) {
+		size_t n = 1 + rand_r(&seed) % sizeof(body), wn;
+		for (size_t i = 0; i < n; i++)
+			body[i] = (uint8_t)al[rand_r(&seed) % 5];
+		wn = ref_stuff(body, n, want);
+		struct mem_body b = { .p = body, .n = n,
+				      .piece = 1 + rand_r(&seed) % 7 };
+		struct srv *s = deliver_data(&b);
+		cr_assert_eq(s->body_len[0], wn, "case %d", it);
+		cr_assert_arr_eq(s->body[0], want, wn, "case %d", it);
+		srv_free(s);
+	}
+}
+
 /* The client's own 64 KiB read unit: a '.' opening the line right at a
  * piece boundary, and a CRLF split across one. */
 Test(smtpc, data_dot_stuffing_at_64k_boundary)
