@@ -131,7 +131,8 @@ moved_write(const char *spool_dir, uint64_t id, unsigned worker,
 		goto out;
 	}
 	/* The name durable before the segment copy may go. */
-	if (!fd_delivery_fault("no-moved-dirsync") && (r = fd_fsync_dir(dir)) != 0) {
+	if (!fd_delivery_fault("no-moved-dirsync") &&
+	    (r = fd_fsync_dir(dir)) != 0) {
 		unlink(final);
 		goto out_nounlink;
 	}

@@ -2409,6 +2409,8 @@ move_applied(struct cplane *cp, struct q_job *j)
 		       "%016" PRIx64 " event=moved path=%s size=%" PRIu64,
 		       m->id, s->path, m->body_len);
 	} else {
+		int e = j->res->move_err ? -j->res->move_err : EIO;
+
 		/* No new moves for a minute: a full disk (ENOSPC) would
 		 * otherwise fail them all again every second, a log line
 		 * each. */
@@ -2416,9 +2418,7 @@ move_applied(struct cplane *cp, struct q_job *j)
 		cp->st_move_failed++;
 		fd_log(FD_LOG_ERR, "qmgr",
 		       "%016" PRIx64 " event=move_failed error=\"%s\"", m->id,
-		       j->damaged ? "body damaged"
-				  : strerror(j->res->move_err ? -j->res->move_err
-							      : EIO));
+		       j->damaged ? "body damaged" : strerror(e));
 	}
 	if (j->damaged)
 		hold_damaged(cp, m);
@@ -3966,10 +3966,11 @@ verify_open(void *ctx, const char *addr, bool connect, char *key,
 	tls = t->tls ? (int)t->tls : rg->def_tls;
 	/* A probe waits on its next hop for --verify-timeout at most: a hung
 	 * one held a probe thread for --smtp-timeout (300 s). */
+	uint64_t cap = cp->cfg.verify_timeout_ms ? cp->cfg.verify_timeout_ms
+						 : VERIFY_TIMEOUT_MS;
+
 	return deliver_connect(cp, (int)t->kind, t->host, t->port, t->path,
-			       tls, t->tls_ca[0] ? t->tls_ca : rg->tls_ca,
-			       cp->cfg.verify_timeout_ms ? cp->cfg.verify_timeout_ms
-							 : VERIFY_TIMEOUT_MS,
+			       tls, t->tls_ca[0] ? t->tls_ca : rg->tls_ca, cap,
 			       why);
 }
 

@@ -1610,7 +1610,8 @@ stuff_put(struct smtpc *c, const uint8_t *p, size_t n, struct stuff *st)
 			rc = out_put(c, p + from, pos - from);
 			if (rc == 0)
 				rc = out_put(c, ".", 1);
-			from = pos; /* the original '.' goes with the next run */
+			/* the original '.' goes with the next run */
+			from = pos;
 			if (rc != 0)
 				break;
 		}

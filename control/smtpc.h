@@ -174,8 +174,8 @@ struct smtpc_msg {
  * last one "BDAT n LAST", each waiting for its reply. Otherwise DATA, then
  * the body as it streams with every bare CR or bare LF made CRLF (RFC 5321
  * 2.3.8: BDAT may have brought them in) and dot-stuffed (4.5.2), CRLF
- * added if a non-empty body does not end with one, then ".". The body is read from m->body in
- * pieces of at most 64 KiB.
+ * added if a non-empty body does not end with one, then ".". The body is
+ * read from m->body in pieces of at most 64 KiB.
  *
  * Replies (arrays of m->n_rcpts): *mail = MAIL's reply; rcpt[i] = RCPT i's
  * reply; data[i] = the final reply that applies to recipient i, the one to

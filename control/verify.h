@@ -24,16 +24,18 @@
  * beyond that the address is answered 450 and not queued (it will be, on a
  * retry). One probe at a time per next hop, each waiting
  * --verify-timeout (VERIFY_TIMEOUT_MS by default) at most for its next hop
- * (the route's timeouts, capped: qmgr.c's verify_open), and a next hop that gave no answer rests for tempfail_ttl_ms
- * (its addresses are answered "could not tell" meanwhile): a dead or hung
- * next hop never holds up the probes of other routes. Before 2026-12-05 a
- * hung one held a thread for --smtp-timeout (300 s) while its addresses
- * filled the whole queue, and every other route's got 450.
+ * (the route's timeouts, capped: qmgr.c's verify_open), and a next hop
+ * that gave no answer rests for tempfail_ttl_ms (its addresses are
+ * answered "could not tell" meanwhile): a dead or hung next hop never
+ * holds up the probes of other routes. Before 2026-12-05 a hung one held
+ * a thread for --smtp-timeout (300 s) while its addresses filled the
+ * whole queue, and every other route's got 450.
  */
-#define VERIFY_TIMEOUT_MS 30000u
-#define VERIFY_HOP_SHARE 8u
 #ifndef FINALDOT_CONTROL_VERIFY_H
 #define FINALDOT_CONTROL_VERIFY_H
+
+#define VERIFY_TIMEOUT_MS 30000u
+#define VERIFY_HOP_SHARE 8u
 
 #include <stdbool.h>
 #include <stddef.h>

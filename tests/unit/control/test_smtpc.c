@@ -1479,7 +1479,8 @@ send_orcpt8(const struct step *st, bool utf8)
 {
 	static const char *const rcpts[] = { "b@y.test", "c@y.test" };
 	static const char *const orcpts[] = {
-		"utf-8;b\xc3\xa9" "b\\x{2B}1@y.test", "rfc822;c\xc3\xa9@y.test" };
+		"utf-8;b\xc3\xa9" "b\\x{2B}1@y.test",
+		"rfc822;c\xc3\xa9@y.test" };
 	struct srv *s = srv_start(st, false);
 	struct smtpc *c = open_to(s, SMTPC_SMTP);
 	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
@@ -1519,7 +1520,8 @@ Test(smtpc, orcpt_8bit_with_smtputf8_goes_as_is)
 		GREET,
 		{ "EHLO", "250-mx\r\n250-SMTPUTF8\r\n250 DSN\r\n" },
 		{ "MAIL FROM:<s@x.test> SMTPUTF8\r\n", "250 ok\r\n" },
-		{ "RCPT TO:<b@y.test> ORCPT=utf-8;b\xc3\xa9" "b\\x{2B}1@y.test\r\n",
+		{ "RCPT TO:<b@y.test> ORCPT=utf-8;b\xc3\xa9"
+		  "b\\x{2B}1@y.test\r\n",
 		  "250 ok\r\n" },
 		{ "RCPT TO:<c@y.test> ORCPT=rfc822;c\xc3\xa9@y.test\r\n",
 		  "250 ok\r\n" },
