@@ -50,6 +50,7 @@
 #include "finaldot/crc32c.h"
 #include "finaldot/fsync.h"
 #include "finaldot/log.h"
+#include "finaldot/mailbox.h"
 #include "finaldot/msgid.h"
 #include "finaldot/thread.h"
 
@@ -677,21 +678,11 @@ split_addr(struct cplane *cp, const char *addr, char *local, size_t llen,
 	   char *domain, size_t dlen)
 {
 	const char *at = strrchr(addr, '@');
-	size_t n = at ? (size_t)(at - addr) : strlen(addr), k = 0;
+	size_t n = at ? (size_t)(at - addr) : strlen(addr);
 	const char *dom = at ? at + 1 : cp_postmaster_domain(cp);
 	size_t dn = strlen(dom);
 
-	if (n >= 2 && addr[0] == '"' && addr[n - 1] == '"') {
-		for (size_t i = 1; i < n - 1 && k + 1 < llen; i++) {
-			if (addr[i] == '\\' && i + 1 < n - 1)
-				i++;
-			local[k++] = addr[i];
-		}
-	} else {
-		k = n < llen ? n : llen - 1;
-		memcpy(local, addr, k);
-	}
-	local[k] = '\0';
+	fd_local_part(addr, n, local, llen);
 	if (dn > 1 && dom[dn - 1] == '.')
 		dn--;
 	snprintf(domain, dlen, "%.*s", (int)dn, dom);

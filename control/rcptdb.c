@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "finaldot/mailbox.h"
 #include "rcptdb.h"
 
 #define LINE_MAX_BYTES 512
@@ -175,19 +176,19 @@ blank(char c)
 }
 
 /*
- * s[0..n) as the table keys it, into out (n octets at most): the mailbox
- * as the SMTP engine and delivery understand it. A quoted local part
- * without its quotes and backslashes ("bob" and "b\ob" are bob), the
- * domain (after the last '@') without one trailing dot (example.com. is
- * example.com), ASCII letters lowered. Before 2026-12-05 those spellings
- * were looked up as written: 550 5.1.1 for users that exist. Returns the
- * length; *at the offset of the '@' in out, or n when there is none.
+ * s[0..n) as the table keys it, into out (n + 1 octets): the mailbox as the
+ * SMTP engine and delivery understand it. The local part as
+ * fd_local_part() reads it ("bob" and "b\ob" are bob), the domain (after
+ * the last '@') without one trailing dot (example.com. is example.com),
+ * ASCII letters lowered. Before 2026-12-05 those spellings were looked up
+ * as written: 550 5.1.1 for users that exist. Returns the length; *at the
+ * offset of the '@' in out, or n when there is none.
  */
 static size_t
 canon(const char *s, size_t n, char *out, size_t *at)
 {
 	const char *a = NULL;
-	size_t k = 0, ln, dn;
+	size_t k, ln, dn;
 
 	for (size_t i = n; i > 0; i--)
 		if (s[i - 1] == '@') {
@@ -195,16 +196,9 @@ canon(const char *s, size_t n, char *out, size_t *at)
 			break;
 		}
 	ln = a ? (size_t)(a - s) : n;
-	if (ln >= 2 && s[0] == '"' && s[ln - 1] == '"') {
-		for (size_t i = 1; i < ln - 1; i++) {
-			if (s[i] == '\\' && i + 1 < ln - 1)
-				i++;
-			out[k++] = lower(s[i]);
-		}
-	} else {
-		for (size_t i = 0; i < ln; i++)
-			out[k++] = lower(s[i]);
-	}
+	k = fd_local_part(s, ln, out, ln + 1); /* never longer than ln */
+	for (size_t i = 0; i < k; i++)
+		out[i] = lower(out[i]);
 	*at = a ? k : n;
 	if (!a)
 		return k;
@@ -226,7 +220,7 @@ static const char *
 parse_line(struct rcptdb *db, const char *p, size_t n, int *err)
 {
 	const char *s = p, *e = p + n, *at = NULL;
-	char buf[LINE_MAX_BYTES];
+	char buf[LINE_MAX_BYTES + 1]; /* canon(): n + 1 */
 	size_t len;
 
 	*err = EINVAL;
@@ -418,7 +412,7 @@ rcptdb_free(struct rcptdb *db)
 int
 rcptdb_check(const struct rcptdb *db, const char *addr)
 {
-	char buf[LINE_MAX_BYTES];
+	char buf[LINE_MAX_BYTES + 1]; /* canon(): n + 1 */
 	size_t n, local = 0;
 
 	if (!db || !addr)

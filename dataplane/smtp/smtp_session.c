@@ -59,6 +59,7 @@
 #include "finaldot/compiler.h"
 #include "finaldot/lathist.h"
 #include "finaldot/log.h"
+#include "finaldot/mailbox.h"
 #include "finaldot/msgid.h"
 #include "smtp/smtp.h"
 #include "smtp/smtp_data.h"
@@ -815,25 +816,13 @@ equal_postmaster(const char *local, size_t n)
 
 /* The local part local[0..n) names postmaster: bare, or quoted
  * ("postmaster", "post\master": RFC 5322 3.2.4 makes them the same
- * mailbox, and delivery strips the quotes). */
+ * mailbox, and delivery strips the quotes: fd_local_part()). */
 static bool
-names_postmaster(const char *local, size_t n, bool quoted)
+names_postmaster(const char *local, size_t n)
 {
 	char d[11];
-	size_t k = 0;
 
-	if (!quoted)
-		return equal_postmaster(local, n);
-	if (n < 2)
-		return false;
-	for (size_t i = 1; i + 1 < n; i++) {
-		if (local[i] == '\\' && i + 2 < n)
-			i++;
-		if (k == sizeof(d))
-			return false;
-		d[k++] = local[i];
-	}
-	return equal_postmaster(d, k);
+	return equal_postmaster(d, fd_local_part(local, n, d, sizeof(d)));
 }
 
 static bool
@@ -864,7 +853,7 @@ rcpt_check(struct smtp_session *s, const struct smtp_path *p,
 	int r;
 
 	if (!srv->cfg.rcpt_check || p->postmaster ||
-	    names_postmaster(p->mailbox, p->local_len, p->quoted))
+	    names_postmaster(p->mailbox, p->local_len))
 		return true;
 	r = srv->cfg.rcpt_check(srv->cfg.rcpt_ctx, addr);
 	if (r > 0)
