@@ -142,79 +142,23 @@ put_line(FILE *f, const char *s)
 	}
 }
 
-/* Length of a valid UTF-8 sequence at p (RFC 3629), 0 if invalid. */
-static size_t
-utf8_len(const unsigned char *p)
-{
-	unsigned c = p[0];
-	size_t n;
-	unsigned min;
-
-	if (c < 0x80)
-		return 1;
-	if (c >= 0xc2 && c <= 0xdf)
-		n = 2, min = 0x80;
-	else if (c >= 0xe0 && c <= 0xef)
-		n = 3, min = 0x800;
-	else if (c >= 0xf0 && c <= 0xf4)
-		n = 4, min = 0x10000;
-	else
-		return 0;
-	unsigned v = c & (0x3fu >> (n - 1));
-	for (size_t i = 1; i < n; i++) {
-		if ((p[i] & 0xc0) != 0x80)
-			return 0;
-		v = v << 6 | (p[i] & 0x3fu);
-	}
-	if (v < min || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff))
-		return 0;
-	return n;
-}
-
-/* A JSON string (RFC 8259 7); bytes that are not valid UTF-8 are emitted
- * as the code point of the same value (\u00HH) so the output stays valid. */
+/* A JSON string (RFC 8259 7), written by the daemon's own JSON writer
+ * (ctl_jw_str(): bytes that are not UTF-8 as the code point of the same
+ * value, \u00HH, and the C0 and C1 controls escaped). It had a writer of
+ * its own, which let the C1 controls through raw. */
 static void
 put_json(FILE *f, const char *s)
 {
-	const unsigned char *p = (const unsigned char *)s;
+	struct ctl_jw w;
 
-	fputc('"', f);
-	while (*p) {
-		size_t n = utf8_len(p);
-		if (n == 0) {
-			fprintf(f, "\\u%04x", *p++);
-			continue;
-		}
-		if (n > 1) {
-			fwrite(p, 1, n, f);
-			p += n;
-			continue;
-		}
-		switch (*p) {
-		case '"':
-			fputs("\\\"", f);
-			break;
-		case '\\':
-			fputs("\\\\", f);
-			break;
-		case '\n':
-			fputs("\\n", f);
-			break;
-		case '\r':
-			fputs("\\r", f);
-			break;
-		case '\t':
-			fputs("\\t", f);
-			break;
-		default:
-			if (*p < 0x20 || *p == 0x7f)
-				fprintf(f, "\\u%04x", *p);
-			else
-				fputc(*p, f);
-		}
-		p++;
+	ctl_jw_init(&w, 0);
+	ctl_jw_str(&w, s);
+	if (w.err) { /* out of memory: no half a document */
+		fprintf(stderr, "finaldotctl: out of memory\n");
+		exit(EXIT_FAIL);
 	}
-	fputc('"', f);
+	fwrite(w.buf, 1, w.len, f);
+	ctl_jw_free(&w);
 }
 
 /* ---- spool scan -------------------------------------------------------- */

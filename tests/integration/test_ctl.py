@@ -384,6 +384,26 @@ def bulk_list(d, n=600):
     slow.close()
 
 
+def c1_controls(d):
+    """A sender with a C1 control (U+009B, CSI: SMTPUTF8 takes it) comes
+    out of every --json escaped, never raw at the operator's terminal:
+    the queue's listing (the daemon's writer) and the spool scan (which
+    had a writer of its own, and let it through)."""
+    import smtplib
+    sender = "csi\u009b2J@example.com"
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.sendmail(sender, ["u@example.com"], b"Subject: c1\r\n\r\nx\r\n",
+                   mail_options=["SMTPUTF8"])
+    for args, what in ((["queue", "list", "--json"], "queue list"),
+                       (["spool", "scan", d.spool, "--json"], "spool scan")):
+        r = subprocess.run([FINALDOTCTL, "--control", sock_path(d), *args],
+                           capture_output=True, timeout=60)
+        check(r.returncode == 0, f"{what}: {r.stderr!r}")
+        check(b"\xc2\x9b" not in r.stdout and b"csi\\u009b2J" in r.stdout,
+              f"{what} --json: {r.stdout[:300]!r}")
+
+
 def main():
     help_and_version()
     with Daemon(threads=2) as d:
@@ -396,6 +416,7 @@ def main():
         reload(d)
         errors(d)
         protocol(d)
+        c1_controls(d)
         check(d.stop() == 0, "exit status")
         check(not os.path.exists(sock_path(d)),
               "the control socket outlived the daemon")
