@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "ctljson.h"
+#include "utf8addr.h"
 
 /* ---- reader ---------------------------------------------------------- */
 
@@ -93,35 +94,17 @@ hex4(const unsigned char *p)
 	return v;
 }
 
-/* Length of a valid UTF-8 sequence (RFC 3629) at p, n bytes available;
- * 0 if invalid or cut. */
+/* Length of a valid UTF-8 sequence (RFC 3629) at p, n > 0 bytes
+ * available; 0 if invalid or cut. */
 static size_t
 utf8_seq(const unsigned char *p, size_t n)
 {
-	unsigned c = p[0], v, min;
-	size_t k;
+	size_t used;
+	uint32_t cp = utf8addr_next(p, n, &used);
 
-	if (c < 0x80)
-		return 1;
-	if (c >= 0xc2 && c <= 0xdf)
-		k = 2, min = 0x80;
-	else if (c >= 0xe0 && c <= 0xef)
-		k = 3, min = 0x800;
-	else if (c >= 0xf0 && c <= 0xf4)
-		k = 4, min = 0x10000;
-	else
-		return 0;
-	if (n < k)
-		return 0;
-	v = c & (0x3fu >> (k - 1));
-	for (size_t i = 1; i < k; i++) {
-		if ((p[i] & 0xc0) != 0x80)
-			return 0;
-		v = v << 6 | (p[i] & 0x3fu);
-	}
-	if (v < min || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff))
-		return 0;
-	return k;
+	/* U+FFFD in one octet is the decoder's "no sequence here"; a real
+	 * U+FFFD takes three */
+	return cp == 0xfffd && used == 1 ? 0 : used;
 }
 
 /*

@@ -1,8 +1,8 @@
 /*
- * RFC 6533 address forms shared by the DSN builder (dsn.c) and the SMTP
- * client (smtpc.c): one code point of UTF-8, and the 7-bit
- * utf-8-addr-xtext form of an address. Header-only: both modules are
- * libraries of their own, each unit-tested alone.
+ * One code point of UTF-8 (RFC 3629), for the JSON codec (ctljson.c), and
+ * the RFC 6533 7-bit utf-8-addr-xtext form of an address, for the DSN
+ * builder (dsn.c) and the SMTP client (smtpc.c). Header-only: each module
+ * is a library of its own, unit-tested alone.
  */
 #ifndef FINALDOT_CONTROL_UTF8ADDR_H
 #define FINALDOT_CONTROL_UTF8ADDR_H
