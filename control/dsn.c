@@ -807,12 +807,11 @@ dsn_build(const struct dsn_params *p, const struct dsn_rcpt *r, size_t n,
 	}
 	if (inc == INCL_FULL && !message_is_clean(msg, want))
 		inc = INCL_NOT_CLEAN;
-	if (inc == INCL_FULL) {
+	hl = want ? dsn_header_section(msg, want) : 0;
+	if (inc == INCL_FULL)
 		w_put(&incl, msg, want);
-	} else {
-		hl = want ? dsn_header_section(msg, want) : 0;
+	else
 		put_headers(&incl, msg, hl);
-	}
 	human_part(&c, inc, &text);
 	status_part(&c, &status);
 	err = text.err ? text.err : status.err ? status.err : incl.err;
@@ -889,7 +888,7 @@ dsn_build(const struct dsn_params *p, const struct dsn_rcpt *r, size_t n,
 	 * (an SMTPUTF8 message) is no message/rfc822 or text/rfc822-headers:
 	 * message/global and message/global-headers carry it. An 8-bit body
 	 * under ASCII headers stays message/rfc822 (8BITMIME). */
-	hdr8 = want && !ascii_only(msg, dsn_header_section(msg, want));
+	hdr8 = !ascii_only(msg, hl);
 	if (inc == INCL_FULL) {
 		type = hdr8 ? "message/global" : "message/rfc822";
 	} else {
