@@ -680,11 +680,9 @@ split_addr(struct cplane *cp, const char *addr, char *local, size_t llen,
 	const char *at = strrchr(addr, '@');
 	size_t n = at ? (size_t)(at - addr) : strlen(addr);
 	const char *dom = at ? at + 1 : cp_postmaster_domain(cp);
-	size_t dn = strlen(dom);
+	size_t dn = fd_domain_len(dom, strlen(dom));
 
 	fd_local_part(addr, n, local, llen);
-	if (dn > 1 && dom[dn - 1] == '.')
-		dn--;
 	snprintf(domain, dlen, "%.*s", (int)dn, dom);
 }
 

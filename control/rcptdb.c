@@ -202,9 +202,7 @@ canon(const char *s, size_t n, char *out, size_t *at)
 	*at = a ? k : n;
 	if (!a)
 		return k;
-	dn = n - ln - 1;
-	if (dn > 1 && a[dn] == '.')
-		dn--;
+	dn = fd_domain_len(a + 1, n - ln - 1);
 	out[k++] = '@';
 	for (size_t i = 0; i < dn; i++)
 		out[k++] = lower(a[1 + i]);

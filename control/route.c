@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/un.h>
 
+#include "finaldot/mailbox.h"
 #include "route.h"
 
 /* Longest domain (RFC 5321 section 4.5.3.1.2) and label (RFC 1035
@@ -573,17 +574,21 @@ route_table_set_default(struct route_table *rt, const struct route_target *t)
 		rt->def = *t;
 }
 
+static size_t
+domain_len(const char *s)
+{
+	return fd_domain_len(s, strlen(s));
+}
+
 const struct route_target *
 route_lookup(const struct route_table *rt, const char *domain)
 {
 	if (!rt)
 		return NULL;
 	if (domain) {
-		size_t n = strlen(domain);
 		/* The SMTP engine takes "example.com." for example.com:
 		 * so does its route. */
-		if (n > 1 && domain[n - 1] == '.')
-			n--;
+		size_t n = domain_len(domain);
 		uint64_t h = hash_domain(domain, n);
 		for (size_t j = (size_t)h & (rt->cap - 1); rt->slots[j];
 		     j = (j + 1) & (rt->cap - 1))
@@ -592,14 +597,6 @@ route_lookup(const struct route_table *rt, const char *domain)
 				return &rt->slots[j]->t;
 	}
 	return rt->has_default ? &rt->def : NULL;
-}
-
-static size_t
-domain_len(const char *s)
-{
-	size_t n = strlen(s);
-
-	return n > 1 && s[n - 1] == '.' ? n - 1 : n;
 }
 
 bool

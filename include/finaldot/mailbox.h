@@ -1,8 +1,9 @@
 /*
- * The local part of a mailbox as every part of finaldot reads it: the SMTP
- * engine (postmaster), the recipients table and Maildir delivery. One rule,
- * so that they cannot disagree on which mailbox a spelling names (they did:
- * "bob"@example.com was bob's Maildir and an unknown user to the table).
+ * A mailbox's parts as every part of finaldot reads them: the SMTP engine
+ * (postmaster), the recipients table, routing and Maildir delivery. One
+ * rule each, so that they cannot disagree on which mailbox a spelling
+ * names (they did: "bob"@example.com was bob's Maildir and an unknown user
+ * to the table).
  */
 #ifndef FINALDOT_MAILBOX_H
 #define FINALDOT_MAILBOX_H
@@ -38,6 +39,14 @@ fd_local_part(const char *s, size_t n, char *out, size_t cap)
 	if (cap)
 		out[k < cap ? k : cap - 1] = '\0';
 	return k;
+}
+
+/* The length of domain s[0..n) without one trailing dot, which the SMTP
+ * engine takes ("example.com." is example.com); a lone "." stays. */
+static inline size_t
+fd_domain_len(const char *s, size_t n)
+{
+	return n > 1 && s[n - 1] == '.' ? n - 1 : n;
 }
 
 #endif
