@@ -60,13 +60,29 @@
 
 /* ---- fingerprint ------------------------------------------------------- */
 
+/* SHA-256 fetched from the provider once for the process. Handing
+ * EVP_sha256() to each digest made OpenSSL 3 fetch it again per message
+ * (a name lookup and a lock: ~0.4 us, 12% of a 4 KiB fingerprint here).
+ * Never freed: it lives as long as the process. */
+static const EVP_MD *fp_md;
+static pthread_once_t fp_md_once = PTHREAD_ONCE_INIT;
+
+static void
+fp_md_fetch(void)
+{
+	EVP_MD *md = EVP_MD_fetch(NULL, "SHA2-256", NULL);
+
+	fp_md = md ? md : EVP_sha256(); /* the implicit fetch, as before */
+}
+
 int
 q_fp_begin(struct q_fp *f, const struct q_msg *m)
 {
 	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
 
 	memset(f, 0, sizeof(*f));
-	if (!ctx || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
+	(void)pthread_once(&fp_md_once, fp_md_fetch);
+	if (!ctx || EVP_DigestInit_ex(ctx, fp_md, NULL) != 1) {
 		EVP_MD_CTX_free(ctx);
 		return -ENOMEM;
 	}
