@@ -1381,6 +1381,46 @@ Test(smtpc, control_octets_in_address_not_sent)
 	srv_free(s);
 }
 
+/* A command line over 2,000 octets (CRLF included) is not sent: the
+ * recipient gets a local 553; one of exactly 2,000 goes out whole. */
+Test(smtpc, command_line_limit_exact)
+{
+	static const struct step st[] = {
+		GREET,
+		EHLO_PLAIN,
+		{ "MAIL FROM:<s@x.test>\r\n", "250 ok\r\n" },
+		{ "RCPT TO:<aaaa", "250 ok\r\n" },
+		{ "DATA", "354 go\r\n" },
+		{ ".", "250 done\r\n" },
+		QUIT,
+		END,
+	};
+	static char fits[1989], over[1990];
+	const char *r2[2] = { over, fits };
+	struct srv *s;
+	struct smtpc *c;
+	struct mem_body b = { .p = (const uint8_t *)"x\r\n", .n = 3 };
+	struct smtpc_msg m;
+	struct smtpc_reply mail, rcpt[2], data[2];
+
+	/* "RCPT TO:<" + address + ">\r\n": 12 octets around it */
+	memset(fits, 'a', sizeof(fits) - 1);
+	memcpy(fits + sizeof(fits) - 8, "@y.test", 8);
+	memset(over, 'a', sizeof(over) - 1);
+	memcpy(over + sizeof(over) - 8, "@y.test", 8);
+	cr_assert_eq(strlen(fits) + 12, 2000);
+	s = srv_start(st, false);
+	c = open_to(s, SMTPC_SMTP);
+	m = msg1("s@x.test", r2, 2, &b);
+	cr_assert_eq(smtpc_send(c, &m, &mail, rcpt, data), 0);
+	cr_assert(rcpt[0].local);
+	cr_assert_eq(data[0].code, 553);
+	cr_assert_eq(data[1].code, 250);
+	smtpc_quit(c);
+	srv_end(s);
+	srv_free(s);
+}
+
 /* ---- LMTP ---------------------------------------------------------------- */
 
 Test(smtpc, lmtp_per_recipient_replies_after_dot)
