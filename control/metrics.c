@@ -583,6 +583,60 @@ respond_text(struct mconn *c, const char *status, const char *extra,
 		strlen(text), false);
 }
 
+enum metrics_req
+metrics_parse_request(const char *in, size_t len, bool *head_only)
+{
+	const char *line_end = memchr(in, '\n', len);
+	const char *sp1, *sp2, *target, *version, *q;
+	size_t ll, ml, tl, vl, pl;
+	bool head;
+
+	*head_only = false;
+	if (!line_end)
+		return METRICS_REQ_BAD;
+	ll = (size_t)(line_end - in);
+	if (ll && in[ll - 1] == '\r')
+		ll--;
+	sp1 = memchr(in, ' ', ll);
+	sp2 = sp1 ? memchr(sp1 + 1, ' ', ll - (size_t)(sp1 + 1 - in)) : NULL;
+	if (!sp1 || !sp2)
+		return METRICS_REQ_BAD;
+	ml = (size_t)(sp1 - in);
+	target = sp1 + 1;
+	tl = (size_t)(sp2 - target);
+	version = sp2 + 1;
+	vl = ll - (size_t)(version - in);
+	if (ml == 0 || ml >= 16 || tl == 0 || tl >= 256)
+		return METRICS_REQ_BAD;
+	/* HTTP/1.x: exactly one digit-or-whatever after the dot, as before */
+	if (vl != 8 || memcmp(version, "HTTP/1.", 7) != 0 ||
+	    version[7] == '\0')
+		return METRICS_REQ_BAD;
+	head = ml == 4 && memcmp(in, "HEAD", 4) == 0;
+	if (!head && (ml != 3 || memcmp(in, "GET", 3) != 0))
+		return METRICS_REQ_METHOD;
+	q = memchr(target, '?', tl);
+	pl = q ? (size_t)(q - target) : tl;
+	if (pl != 8 || memcmp(target, "/metrics", 8) != 0)
+		return METRICS_REQ_NOT_FOUND;
+	*head_only = head;
+	return METRICS_REQ_OK;
+}
+
+bool
+metrics_head_complete(const char *in, size_t len)
+{
+	for (size_t i = 0; i + 1 < len; i++) {
+		if (in[i] != '\n')
+			continue;
+		if (in[i + 1] == '\n')
+			return true;
+		if (in[i + 1] == '\r' && i + 2 < len && in[i + 2] == '\n')
+			return true;
+	}
+	return false;
+}
+
 /*
  * The request head is complete (or the buffer is full): decide. Only the
  * request line matters; headers are not needed to answer.
@@ -590,56 +644,21 @@ respond_text(struct mconn *c, const char *status, const char *extra,
 static void
 handle_request(struct metrics_server *m, struct mconn *c)
 {
-	char *line_end = memchr(c->in, '\n', c->in_len);
-	char method[16], target[256], version[16];
-	const char *path_end;
-	char *sp1, *sp2;
-	size_t ll, ml, tl;
+	bool head_only;
 
-	if (!line_end) {
+	switch (metrics_parse_request(c->in, c->in_len, &head_only)) {
+	case METRICS_REQ_BAD:
 		respond_text(c, "400 Bad Request", "", "bad request\n");
 		return;
-	}
-	ll = (size_t)(line_end - c->in);
-	if (ll && c->in[ll - 1] == '\r')
-		ll--;
-	sp1 = memchr(c->in, ' ', ll);
-	sp2 = sp1 ? memchr(sp1 + 1, ' ', ll - (size_t)(sp1 + 1 - c->in))
-		  : NULL;
-	if (!sp1 || !sp2) {
-		respond_text(c, "400 Bad Request", "", "bad request\n");
-		return;
-	}
-	ml = (size_t)(sp1 - c->in);
-	tl = (size_t)(sp2 - sp1 - 1);
-	if (ml == 0 || ml >= sizeof(method) || tl == 0 ||
-	    tl >= sizeof(target) ||
-	    ll - (size_t)(sp2 + 1 - c->in) >= sizeof(version)) {
-		respond_text(c, "400 Bad Request", "", "bad request\n");
-		return;
-	}
-	memcpy(method, c->in, ml);
-	method[ml] = '\0';
-	memcpy(target, sp1 + 1, tl);
-	target[tl] = '\0';
-	snprintf(version, sizeof(version), "%.*s",
-		 (int)(ll - (size_t)(sp2 + 1 - c->in)), sp2 + 1);
-	if (strncmp(version, "HTTP/1.", 7) != 0 || !version[7] ||
-	    version[8]) {
-		respond_text(c, "400 Bad Request", "", "bad request\n");
-		return;
-	}
-	bool head_only = strcmp(method, "HEAD") == 0;
-	if (strcmp(method, "GET") != 0 && !head_only) {
+	case METRICS_REQ_METHOD:
 		respond_text(c, "405 Method Not Allowed",
 			     "Allow: GET, HEAD\r\n", "method not allowed\n");
 		return;
-	}
-	path_end = strchr(target, '?');
-	if ((path_end ? (size_t)(path_end - target) : strlen(target)) != 8 ||
-	    strncmp(target, "/metrics", 8) != 0) {
+	case METRICS_REQ_NOT_FOUND:
 		respond_text(c, "404 Not Found", "", "not found: try /metrics\n");
 		return;
+	case METRICS_REQ_OK:
+		break;
 	}
 	char *body = NULL;
 	size_t blen = 0;
@@ -651,21 +670,6 @@ handle_request(struct metrics_server *m, struct mconn *c)
 	respond(c, "200 OK", "", "text/plain; version=0.0.4; charset=utf-8",
 		body, blen, head_only);
 	free(body);
-}
-
-static bool
-head_complete(const struct mconn *c)
-{
-	for (size_t i = 0; i + 1 < c->in_len; i++) {
-		if (c->in[i] != '\n')
-			continue;
-		if (c->in[i + 1] == '\n')
-			return true;
-		if (c->in[i + 1] == '\r' && i + 2 < c->in_len &&
-		    c->in[i + 2] == '\n')
-			return true;
-	}
-	return false;
 }
 
 static void
@@ -684,7 +688,7 @@ conn_read(struct metrics_server *m, struct mconn *c)
 	if (r < 0)
 		return;
 	c->in_len += (size_t)r;
-	if (head_complete(c))
+	if (metrics_head_complete(c->in, c->in_len))
 		handle_request(m, c);
 	else if (c->in_len == sizeof(c->in))
 		respond_text(c, "431 Request Header Fields Too Large", "",

@@ -213,4 +213,23 @@ void metrics_stop(struct metrics_server *m);
  */
 int metrics_render(const struct ctl_sources *src, char **buf, size_t *len);
 
+/* The server's reading of a request, on the bytes it received (any bytes:
+ * the request comes from the network). The head is complete at the first
+ * empty line (CRLF CRLF or LF LF, or LF CRLF). */
+bool metrics_head_complete(const char *in, size_t len);
+
+/* Its request line, the first line of in[0..len): "METHOD TARGET
+ * HTTP/1.x" with single spaces, METHOD GET or HEAD (*head_only), the
+ * target's path "/metrics" (a query is ignored). *head_only is set
+ * only with METRICS_REQ_OK. */
+enum metrics_req {
+	METRICS_REQ_OK,
+	METRICS_REQ_BAD,       /* 400: no line, not three parts, not HTTP/1.x,
+				* method over 15 or target over 255 octets */
+	METRICS_REQ_METHOD,    /* 405 */
+	METRICS_REQ_NOT_FOUND, /* 404 */
+};
+enum metrics_req metrics_parse_request(const char *in, size_t len,
+				       bool *head_only);
+
 #endif

@@ -246,3 +246,82 @@ Test(metrics, accept_out_of_descriptors_does_not_spin)
 	close(c);
 	metrics_stop(m);
 }
+
+/* The request line as the server reads it (any bytes: the network's). */
+static enum metrics_req
+req(const char *s, bool *head)
+{
+	return metrics_parse_request(s, strlen(s), head);
+}
+
+static enum metrics_req
+req_n(const char *s, size_t n, bool *head)
+{
+	return metrics_parse_request(s, n, head);
+}
+
+Test(metrics, request_line)
+{
+	bool h;
+
+	cr_assert_eq(req("GET /metrics HTTP/1.1\r\n\r\n", &h), METRICS_REQ_OK);
+	cr_assert(!h);
+	cr_assert_eq(req("HEAD /metrics HTTP/1.0\n\n", &h), METRICS_REQ_OK);
+	cr_assert(h);
+	cr_assert_eq(req("GET /metrics?x=1 HTTP/1.1\r\n", &h), METRICS_REQ_OK);
+	cr_assert_eq(req("GET /metricsx HTTP/1.1\r\n", &h),
+		     METRICS_REQ_NOT_FOUND);
+	cr_assert_eq(req("GET /metric HTTP/1.1\r\n", &h),
+		     METRICS_REQ_NOT_FOUND);
+	cr_assert_eq(req("GET / HTTP/1.1\r\n", &h), METRICS_REQ_NOT_FOUND);
+	cr_assert_eq(req("POST /metrics HTTP/1.1\r\n", &h),
+		     METRICS_REQ_METHOD);
+	cr_assert_eq(req("GETS /metrics HTTP/1.1\r\n", &h),
+		     METRICS_REQ_METHOD);
+	cr_assert_eq(req("get /metrics HTTP/1.1\r\n", &h), METRICS_REQ_METHOD);
+	/* malformed: 400 */
+	cr_assert_eq(req("GET /metrics HTTP/2.0\r\n", &h), METRICS_REQ_BAD);
+	cr_assert_eq(req("GET /metrics HTTP/1.\r\n", &h), METRICS_REQ_BAD);
+	cr_assert_eq(req("GET /metrics HTTP/1.11\r\n", &h), METRICS_REQ_BAD);
+	cr_assert_eq(req("GET /metrics\r\n", &h), METRICS_REQ_BAD);
+	cr_assert_eq(req("GET  /metrics HTTP/1.1\r\n", &h), METRICS_REQ_BAD);
+	cr_assert_eq(req("GET /metrics HTTP/1.1", &h), METRICS_REQ_BAD);
+	cr_assert_eq(req("\r\n", &h), METRICS_REQ_BAD);
+	cr_assert_eq(req(" /metrics HTTP/1.1\r\n", &h), METRICS_REQ_BAD);
+	cr_assert_eq(req("GETGETGETGETGETG /metrics HTTP/1.1\r\n", &h),
+		     METRICS_REQ_BAD); /* a 16-octet method */
+	cr_assert_eq(req("GETGETGETGETGET /metrics HTTP/1.1\r\n", &h),
+		     METRICS_REQ_METHOD); /* 15 */
+	/* NULs in the line are octets like any other, never an end */
+	cr_assert_eq(req_n("GET\0 /metrics HTTP/1.1\r\n", 25, &h),
+		     METRICS_REQ_METHOD);
+	cr_assert_eq(req_n("GET /metrics\0x HTTP/1.1\r\n", 26, &h),
+		     METRICS_REQ_NOT_FOUND);
+	cr_assert_eq(req_n("GET /metrics HTTP/1.1\0x\r\n", 26, &h),
+		     METRICS_REQ_BAD);
+}
+
+Test(metrics, request_target_length_limit)
+{
+	char line[300];
+	bool h;
+
+	/* "/metrics?" and a query up to 255 octets of target in all */
+	snprintf(line, sizeof(line), "GET /metrics?%0*d HTTP/1.1\r\n",
+		 255 - 9, 0);
+	cr_assert_eq(req(line, &h), METRICS_REQ_OK);
+	snprintf(line, sizeof(line), "GET /metrics?%0*d HTTP/1.1\r\n",
+		 256 - 9, 0);
+	cr_assert_eq(req(line, &h), METRICS_REQ_BAD);
+}
+
+Test(metrics, head_complete)
+{
+	cr_assert(metrics_head_complete("GET / HTTP/1.1\r\n\r\n", 18));
+	cr_assert(metrics_head_complete("GET / HTTP/1.1\n\n", 16));
+	cr_assert(metrics_head_complete("GET / HTTP/1.1\n\r\n", 17));
+	cr_assert(!metrics_head_complete("GET / HTTP/1.1\r\n", 16));
+	cr_assert(!metrics_head_complete("GET / HTTP/1.1\r\nA: b\r\n\r", 23));
+	cr_assert(!metrics_head_complete("", 0));
+	cr_assert(!metrics_head_complete("\n", 1));
+}
