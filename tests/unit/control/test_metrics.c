@@ -324,4 +324,7 @@ Test(metrics, head_complete)
 	cr_assert(!metrics_head_complete("GET / HTTP/1.1\r\nA: b\r\n\r", 23));
 	cr_assert(!metrics_head_complete("", 0));
 	cr_assert(!metrics_head_complete("\n", 1));
+	/* only the octets given count: the LF after them is not there yet */
+	cr_assert(!metrics_head_complete("GET / HTTP/1.1\n\r\n", 16));
+	cr_assert(!metrics_head_complete("GET / HTTP/1.1\n\n", 15));
 }
