@@ -26,10 +26,11 @@
  * durable in their parents before the first message is reported
  * delivered into them: each one this call made is synced in its parent,
  * and so is each one it found, unless this process already knows the
- * mailbox durable (a small table of mailboxes it synced). Finding a
- * directory is not knowing it durable: another thread may have made it a
- * moment ago and not yet synced its parent, an earlier call may have
- * failed to, or another program made it.
+ * mailbox durable (a small table of mailboxes it synced, each with the
+ * identity of its directories: one removed and made again is not the one
+ * synced). Finding a directory is not knowing it durable: another thread
+ * may have made it a moment ago and not yet synced its parent, an earlier
+ * call may have failed to, or another program made it.
  *
  * Limits: filesystems without hard links are not supported.
  */
@@ -168,11 +169,27 @@ set_fail(struct maildir_result *res, int err, bool permanent,
 
 /*
  * Mailboxes known durable (above): a 64-bit hash of root, domain and local
- * part per slot. A slot taken by another mailbox only costs that mailbox
- * its directory syncs once more.
+ * part per slot, with the identity of each directory that was synced: a
+ * mailbox removed and made again (by an operator, an IMAP server creating
+ * it at login, another thread) is other directories under the same
+ * names, not yet in their parents, and is synced again. The identity is
+ * device, inode and birth time: a new directory may be given the inode
+ * number just freed, never the same birth time. Where the filesystem
+ * keeps no birth time, nothing is taken as known. A slot taken by another
+ * mailbox only costs that mailbox its directory syncs once more.
  */
 #define KNOWN_SLOTS 4096
-static uint64_t known[KNOWN_SLOTS];
+struct dir_id {
+	uint64_t dev, ino;
+	int64_t btime_s;
+	uint32_t btime_ns;
+	bool ok; /* all of the above read */
+};
+struct known_box {
+	uint64_t h;
+	struct dir_id dom, mbox, tmp, new;
+};
+static struct known_box known[KNOWN_SLOTS];
 static pthread_mutex_t known_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static uint64_t
@@ -192,22 +209,52 @@ mailbox_hash(const char *root, const char *dom, const char *lp)
 	return h ? h : 1;
 }
 
+static struct dir_id
+dir_id_of(int fd)
+{
+	struct statx st;
+	struct dir_id id = {0};
+
+	if (statx(fd, "", AT_EMPTY_PATH, STATX_INO | STATX_BTIME, &st) != 0 ||
+	    !(st.stx_mask & STATX_INO) || !(st.stx_mask & STATX_BTIME))
+		return id;
+	id.dev = (uint64_t)st.stx_dev_major << 32 | st.stx_dev_minor;
+	id.ino = st.stx_ino;
+	id.btime_s = st.stx_btime.tv_sec;
+	id.btime_ns = st.stx_btime.tv_nsec;
+	id.ok = true;
+	return id;
+}
+
 static bool
-known_durable(uint64_t h)
+same_dir(const struct dir_id *a, const struct dir_id *b)
+{
+	return a->ok && b->ok && a->dev == b->dev && a->ino == b->ino &&
+	       a->btime_s == b->btime_s && a->btime_ns == b->btime_ns;
+}
+
+/* What this process knows of mailbox h: false if nothing. */
+static bool
+known_get(uint64_t h, struct known_box *out)
 {
 	bool r;
 
 	pthread_mutex_lock(&known_mu);
-	r = known[h % KNOWN_SLOTS] == h;
+	*out = known[h % KNOWN_SLOTS];
 	pthread_mutex_unlock(&known_mu);
+	r = out->h == h;
+	if (!r)
+		memset(out, 0, sizeof(*out));
 	return r;
 }
 
 static void
-known_add(uint64_t h)
+known_put(const struct known_box *k)
 {
+	if (!k->dom.ok || !k->mbox.ok || !k->tmp.ok || !k->new.ok)
+		return;
 	pthread_mutex_lock(&known_mu);
-	known[h % KNOWN_SLOTS] = h;
+	known[k->h % KNOWN_SLOTS] = *k;
 	pthread_mutex_unlock(&known_mu);
 }
 
@@ -333,7 +380,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 	char what[sizeof(res->text)];
 	struct copy c = { .fd = -1 };
 	bool made = false, made_sub = false, sure;
-	uint64_t mh;
+	struct known_box was, now;
 	struct timespec ts;
 	const char *e;
 	int r, rootfd, dfd, mfd, tmpfd, newfd;
@@ -378,8 +425,8 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 	}
 	c.out = c.in + CHUNK;
 
-	mh = mailbox_hash(root, dom, lp);
-	sure = known_durable(mh);
+	now = (struct known_box){.h = mailbox_hash(root, dom, lp)};
+	(void)known_get(now.h, &was);
 	rootfd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (rootfd < 0) {
 		r = errno;
@@ -392,6 +439,10 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, -dfd, false, NULL, what);
 		goto out_close_root;
 	}
+	/* Each directory is synced in its parent unless it is the very one
+	 * this process synced there before. */
+	now.dom = dir_id_of(dfd);
+	sure = same_dir(&now.dom, &was.dom);
 	if ((made || !sure) && fsync(rootfd) != 0) {
 		set_fail(res, errno, false, NULL, "fsync root");
 		goto out_close_dom;
@@ -402,6 +453,8 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, -mfd, false, NULL, what);
 		goto out_close_dom;
 	}
+	now.mbox = dir_id_of(mfd);
+	sure = same_dir(&now.mbox, &was.mbox);
 	if ((made || !sure) && fsync(dfd) != 0) {
 		snprintf(what, sizeof(what), "fsync %.100s", dom);
 		set_fail(res, errno, false, NULL, what);
@@ -421,6 +474,9 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		set_fail(res, errno, false, NULL, "mkdir cur");
 		goto out_close_new;
 	}
+	now.tmp = dir_id_of(tmpfd);
+	now.new = dir_id_of(newfd);
+	sure = same_dir(&now.tmp, &was.tmp) && same_dir(&now.new, &was.new);
 	if ((made_sub || !sure) && fsync(mfd) != 0) {
 		snprintf(what, sizeof(what), "fsync %.100s/%.100s", dom, lp);
 		set_fail(res, errno, false, NULL, what);
@@ -465,8 +521,7 @@ maildir_deliver(const char *root, const char *domain, const char *localpart,
 		unlinkat(newfd, name, 0);
 		goto out_unlink_tmp;
 	}
-	if (!sure)
-		known_add(mh);
+	known_put(&now);
 	/* Delivered. A stale tmp/ name is harmless (readers clean tmp/ of
 	 * old files, and a power cut that brings one back leaves a second
 	 * link to a complete file): no fsync of tmp/ for its removal, and no

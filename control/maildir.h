@@ -55,8 +55,11 @@ struct maildir_result {
  * stream) becomes LF while copying; a lone CR stays.
  *
  * Steps: write tmp/NAME (O_EXCL, 0600), fsync it, link it to new/NAME,
- * fsync new/, unlink tmp/NAME, fsync tmp/; fsync also every directory in
- * which this call created an entry (ROOT, DOMAIN, LOCALPART). NAME follows
+ * fsync new/, unlink tmp/NAME (not synced: a tmp/ name a power cut brings
+ * back is a second link to a complete file, which readers clean up).
+ * Before the file, every directory on the way (DOMAIN, LOCALPART, tmp,
+ * new, cur) that this call made, or that is not the very directory this
+ * process synced there before, is synced in its parent. NAME follows
  * the Maildir convention: SEC.MUSECPPIDQCOUNTER.HOST, HOST with '/' and
  * ':' written as \057 and \072 and other unsafe bytes as '_'.
  *

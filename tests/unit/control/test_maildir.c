@@ -21,6 +21,52 @@
 
 static char tdir[64], root[96];
 
+/* Every fsync the module makes, by path (the test links with
+ * -Wl,--wrap=fsync); recorded while `recording`. */
+int __real_fsync(int fd);
+int __wrap_fsync(int fd);
+static pthread_mutex_t synced_mu = PTHREAD_MUTEX_INITIALIZER;
+static char synced[32][256];
+static unsigned n_synced;
+static int recording;
+
+int
+__wrap_fsync(int fd)
+{
+	char l[64], p[256];
+	ssize_t n;
+
+	pthread_mutex_lock(&synced_mu);
+	if (recording && n_synced < 32) {
+		snprintf(l, sizeof(l), "/proc/self/fd/%d", fd);
+		n = readlink(l, p, sizeof(p) - 1);
+		p[n < 0 ? 0 : n] = '\0';
+		memcpy(synced[n_synced++], p, sizeof(p));
+	}
+	pthread_mutex_unlock(&synced_mu);
+	return __real_fsync(fd);
+}
+
+static void
+record_syncs(void)
+{
+	n_synced = 0;
+	recording = 1;
+}
+
+/* The directory root/sub was synced since record_syncs(). */
+static bool
+was_synced(const char *sub)
+{
+	char p[256];
+
+	snprintf(p, sizeof(p), "%s%s%s", root, *sub ? "/" : "", sub);
+	for (unsigned i = 0; i < n_synced; i++)
+		if (strcmp(synced[i], p) == 0)
+			return true;
+	return false;
+}
+
 static void
 setup(void)
 {
@@ -582,4 +628,72 @@ Test(maildir, root_path_too_long_for_the_result)
 	cr_expect_not(res.permanent);
 	cr_expect_str_eq(res.enh, "4.3.5");
 	cr_expect_eq(entries(root), 0);
+}
+
+static bool
+has_btime(const char *path)
+{
+	struct statx st;
+
+	return statx(AT_FDCWD, path, 0, STATX_BTIME, &st) == 0 &&
+	       (st.stx_mask & STATX_BTIME);
+}
+
+/*
+ * A mailbox this process made and synced, removed and made again by
+ * another program (an IMAP server creating it at login): the directories
+ * are new, not yet in their parents, and are synced again before the
+ * message counts as delivered. One left alone is not synced again.
+ */
+Test(maildir, a_mailbox_made_again_elsewhere_is_synced_again)
+{
+	struct src s = src_of("hi\r\n", 4);
+	struct maildir_result res;
+	char cmd[512];
+
+	cr_assert_eq(maildir_deliver(root, "example.org", "bob", NULL,
+				     src_read, &s, 4, &res), 0, "%s",
+		     res.text);
+	/* the same mailbox again: already durable, nothing but the file
+	 * and new/ */
+	s = src_of("hi\r\n", 4);
+	record_syncs();
+	cr_assert_eq(maildir_deliver(root, "example.org", "bob", NULL,
+				     src_read, &s, 4, &res), 0);
+	recording = 0;
+	if (has_btime(root)) { /* else nothing is taken as known */
+		cr_assert(!was_synced(""));
+		cr_assert(!was_synced("example.org"));
+		cr_assert(!was_synced("example.org/bob"));
+	}
+	cr_assert(was_synced("example.org/bob/new"));
+
+	snprintf(cmd, sizeof(cmd),
+		 "rm -rf %s/example.org/bob && mkdir -p %s/example.org/bob/tmp "
+		 "%s/example.org/bob/new %s/example.org/bob/cur",
+		 root, root, root, root);
+	cr_assert_eq(system(cmd), 0);
+	s = src_of("hi\r\n", 4);
+	record_syncs();
+	cr_assert_eq(maildir_deliver(root, "example.org", "bob", NULL,
+				     src_read, &s, 4, &res), 0);
+	recording = 0;
+	cr_assert(was_synced("example.org"), "bob's entry in its domain");
+	cr_assert(was_synced("example.org/bob"), "tmp, new, cur in bob");
+	cr_assert(was_synced("example.org/bob/new"));
+
+	/* the whole domain made again */
+	snprintf(cmd, sizeof(cmd),
+		 "rm -rf %s/example.org && mkdir -p %s/example.org/bob/tmp "
+		 "%s/example.org/bob/new %s/example.org/bob/cur",
+		 root, root, root, root);
+	cr_assert_eq(system(cmd), 0);
+	s = src_of("hi\r\n", 4);
+	record_syncs();
+	cr_assert_eq(maildir_deliver(root, "example.org", "bob", NULL,
+				     src_read, &s, 4, &res), 0);
+	recording = 0;
+	cr_assert(was_synced(""), "the domain's entry in the root");
+	cr_assert(was_synced("example.org"));
+	cr_assert(was_synced("example.org/bob"));
 }
