@@ -108,8 +108,8 @@ moved_write(const char *spool_dir, uint64_t id, unsigned worker,
 			r = (int)k;
 			goto out;
 		}
-		if (k == 0) {
-			r = -EIO;
+		if (k == 0 || (size_t)k > want) {
+			r = -EIO; /* short, or more than asked: a bad source */
 			goto out;
 		}
 		if ((r = write_all(fd, buf, (size_t)k)) != 0)

@@ -43,7 +43,8 @@ void moved_path(char *buf, size_t n, const char *spool_dir, uint64_t id,
 
 /*
  * Write the file for message id: env, then body_len bytes from read()
- * (offsets 0.. in order; a negative return is its -errno). Durable when
+ * (offsets 0.. in order, at most n octets a call; a negative return is
+ * its -errno, and 0 or more than n is -EIO: a bad source). Durable when
  * this returns 0, with *body_off the body's offset in the file. -errno
  * otherwise, no file left behind (the temporary one removed).
  */

@@ -22,6 +22,7 @@ struct src {
 	const uint8_t *p;
 	size_t n;
 	long fail_at; /* -1: never */
+	int overread; /* return one more octet than asked */
 };
 
 static long
@@ -31,6 +32,8 @@ src_read(void *ctx, uint64_t off, void *buf, size_t n)
 
 	if (s->fail_at >= 0 && off + n > (uint64_t)s->fail_at)
 		return -EIO;
+	if (s->overread)
+		return (long)n + 1;
 	if (off >= s->n)
 		return 0;
 	if (n > s->n - off)
@@ -105,7 +108,7 @@ Test(moved, written_and_read_back, .init = setup, .fini = teardown)
 	struct fd_envelope env = envelope();
 	size_t n = 300000;
 	uint8_t *b = body(n), *got = malloc(n);
-	struct src s = {b, n, -1};
+	struct src s = {b, n, -1, 0};
 	struct moved_info mi;
 	void *scratch = malloc(moved_scratch_max());
 	uint64_t off = 0, size;
@@ -149,7 +152,7 @@ Test(moved, torn_or_altered_files_are_refused, .init = setup,
 {
 	struct fd_envelope env = envelope();
 	uint8_t *b = body(5000);
-	struct src s = {b, 5000, -1};
+	struct src s = {b, 5000, -1, 0};
 	struct moved_info mi;
 	void *scratch = malloc(moved_scratch_max());
 	uint64_t off, size;
@@ -189,7 +192,7 @@ Test(moved, a_failed_body_read_leaves_no_file, .init = setup,
 {
 	struct fd_envelope env = envelope();
 	uint8_t *b = body(50000);
-	struct src s = {b, 50000, 20000};
+	struct src s = {b, 50000, 20000, 0};
 	char p[300], t[300];
 	uint64_t off;
 
@@ -198,6 +201,27 @@ Test(moved, a_failed_body_read_leaves_no_file, .init = setup,
 		     -EIO);
 	moved_path(p, sizeof(p), dir, 9, 0);
 	moved_path(t, sizeof(t), dir, 9, 1);
+	cr_assert_neq(access(p, F_OK), 0, "a file was left");
+	cr_assert_neq(access(t, F_OK), 0, "the temporary file was left");
+	free(b);
+}
+
+/* A source that hands back more than it was asked for is a bad source:
+ * nothing is written past what it filled, and no file is left. */
+Test(moved, a_source_returning_more_than_asked_leaves_no_file,
+     .init = setup, .fini = teardown)
+{
+	struct fd_envelope env = envelope();
+	uint8_t *b = body(3000);
+	struct src s = {b, 3000, -1, 1};
+	char p[300], t[300];
+	uint64_t off;
+
+	cr_assert_eq(moved_write(dir, 10, 0, &env, 3000, 1, src_read, &s,
+				 &off),
+		     -EIO);
+	moved_path(p, sizeof(p), dir, 10, 0);
+	moved_path(t, sizeof(t), dir, 10, 1);
 	cr_assert_neq(access(p, F_OK), 0, "a file was left");
 	cr_assert_neq(access(t, F_OK), 0, "the temporary file was left");
 	free(b);
