@@ -43,9 +43,21 @@ fd_fsync_parent(const char *path)
 int
 fd_mkdir_durable(const char *path, mode_t mode)
 {
-	if (mkdir(path, mode) != 0)
-		return errno == EEXIST ? 0 : -errno;
-	return fd_fsync_parent(path);
+	int r;
+
+	if (mkdir(path, mode) == 0)
+		return fd_fsync_parent(path);
+	if (errno != EEXIST)
+		return -errno;
+	/* Found is not durable: a start that died between its mkdir and
+	 * this sync, or a directory another program just made, may still
+	 * be gone after a power cut, with what is written in it. A parent
+	 * we may not open, or whose filesystem cannot sync a directory
+	 * (read-only, some network filesystems), is left as it is. */
+	r = fd_fsync_parent(path);
+	if (r == -EACCES || r == -EPERM || r == -EROFS || r == -EINVAL)
+		r = 0;
+	return r;
 }
 
 int

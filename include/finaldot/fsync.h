@@ -20,8 +20,11 @@ int fd_fsync_dir(const char *dir);
  * without a slash, "/" for one right under the root). 0 or -errno. */
 int fd_fsync_parent(const char *path);
 
-/* mkdir path (mode) unless it exists; one made here is made durable in
- * its parent. 0 (made or found) or -errno. */
+/* mkdir path (mode) unless it exists, and sync its parent, found or made
+ * (a directory found may be one a crash left unsynced): the directory is
+ * durable in its parent. A parent that cannot be opened (EACCES, EPERM)
+ * or synced (EROFS, EINVAL) is skipped for a directory found. 0 (made or
+ * found) or -errno. */
 int fd_mkdir_durable(const char *path, mode_t mode);
 
 /* open(2) path with flags (O_RDONLY and any of O_DIRECT, O_CLOEXEC...)

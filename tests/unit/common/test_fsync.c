@@ -1,4 +1,5 @@
-/* Files (finaldot/fsync.h): reading a spool file never writes its inode. */
+/* Files (finaldot/fsync.h): reading a spool file never writes its inode;
+ * a directory made or found is synced in its parent. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -83,5 +84,43 @@ Test(files, noatime_keeps_the_callers_flags)
 	snprintf(path, sizeof(path), "%s/missing", dir);
 	cr_assert_lt(fd_open_noatime(path, O_RDONLY), 0);
 	cr_assert_eq(errno, ENOENT);
+	fd_test_dir_remove(dir);
+}
+
+/* Every fsync, by path (linked with -Wl,--wrap=fsync). */
+int __real_fsync(int fd);
+int __wrap_fsync(int fd);
+static char synced[8][256];
+static unsigned n_synced;
+
+int
+__wrap_fsync(int fd)
+{
+	char l[64], p[256];
+	ssize_t n;
+
+	snprintf(l, sizeof(l), "/proc/self/fd/%d", fd);
+	n = readlink(l, p, sizeof(p) - 1);
+	p[n < 0 ? 0 : n] = '\0';
+	if (n_synced < 8)
+		memcpy(synced[n_synced++], p, sizeof(p));
+	return __real_fsync(fd);
+}
+
+Test(files, mkdir_durable_syncs_the_parent_whether_made_or_found)
+{
+	char dir[64], sub[128];
+
+	fd_test_dir_make(dir, sizeof(dir), "/var/tmp", "files");
+	snprintf(sub, sizeof(sub), "%s/spool", dir);
+	n_synced = 0;
+	cr_assert_eq(fd_mkdir_durable(sub, 0700), 0);
+	cr_assert_eq(n_synced, 1);
+	cr_assert_str_eq(synced[0], dir);
+	/* found: a start that died before its sync left it so */
+	n_synced = 0;
+	cr_assert_eq(fd_mkdir_durable(sub, 0700), 0);
+	cr_assert_eq(n_synced, 1, "a directory found is synced in its parent");
+	cr_assert_str_eq(synced[0], dir);
 	fd_test_dir_remove(dir);
 }
