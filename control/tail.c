@@ -73,6 +73,10 @@ struct tseg {
 	bool header_ok;
 	bool header_read;
 	uint64_t header_failed_us; /* first failed read of it (monotonic) */
+	uint64_t read_failed_us;   /* first failed walk read since its last
+				    * good one (monotonic), 0: none */
+	bool gave_up;   /* its walk kept failing: passed over, never sealed */
+	bool kept;      /* holds a reference until the next start (below) */
 	uint64_t epoch;
 	uint64_t size;
 	uint64_t walked; /* resume point */
@@ -222,6 +226,38 @@ p_free(struct tail *t, struct partial *p)
 	t->n_partials--;
 }
 
+/*
+ * A message the tailer could not follow (broken records, an envelope that
+ * does not decode, the queue manager out of memory) may still be committed
+ * on disk: the next start's scan is its way into the queue, so the
+ * segments holding its records must outlive this run. Its references stay
+ * (never released: a reclaim would write a new epoch over it); the
+ * partial's memory goes.
+ */
+static void
+p_keep(struct tail *t, struct partial *p)
+{
+	p->n_pin = 0; /* the references are not released */
+	p_free(t, p);
+}
+
+/* A segment holding records of a message this run cannot queue keeps a
+ * reference until the next start (above), once. */
+static void
+seg_keep(struct tail *t, struct tseg *ts)
+{
+	if (ts->kept)
+		return;
+	ts->kept = true;
+	qm_seg_ref(t->q, ts->qs);
+	t->st.segments_kept++;
+	fd_log(FD_LOG_WARN, "tail",
+	       "worker=%u event=segment_kept file=%08" PRIx64
+	       " note=\"holds records of a message not queued: kept for the "
+	       "next start's scan\"",
+	       t->worker, ts->qs->file_no);
+}
+
 /* Records come in segment order: only the last pinned one can repeat. 0
  * or -ENOMEM (the caller stops the walk: retried at the next DURABLE). */
 static int
@@ -274,9 +310,11 @@ complete(struct tail *t, struct partial *p, const struct spool_rec_hdr *h,
 	    !p->env) {
 		t->st.dropped++;
 		fd_log(FD_LOG_WARN, "tail",
-		       "worker=%u event=message_broken id=%016" PRIx64,
+		       "worker=%u event=message_broken id=%016" PRIx64
+		       " action=\"not queued now; its segments are kept for "
+		       "the next start's scan\"",
 		       t->worker, p->id);
-		p_free(t, p);
+		p_keep(t, p);
 		return;
 	}
 	sl = spool_env_scratch_len(p->env_len);
@@ -286,17 +324,19 @@ complete(struct tail *t, struct partial *p, const struct spool_rec_hdr *h,
 		    SPOOL_DEC_OK) {
 		free(scratch);
 		t->st.dropped++;
-		p_free(t, p);
+		p_keep(t, p);
 		return;
 	}
 	r = qm_msg_add(t->q, t->worker, p->id, &env, h->offset, h->aux,
 		       p->pieces, p->n_pieces, p->env_seg, seg);
 	free(scratch);
-	if (r == 0)
+	if (r == 0) {
 		t->st.messages++;
-	else
+		p_free(t, p);
+	} else {
 		t->st.dropped++;
-	p_free(t, p);
+		p_keep(t, p);
+	}
 }
 
 struct walk_ctx {
@@ -322,7 +362,7 @@ on_rec(void *ctx, const struct spool_walk_rec *r)
 	case SPOOL_REC_ENV:
 		if (p) {
 			p->broken = true;
-			return 0;
+			return p_pin(t, p, seg);
 		}
 		p = p_new(t, r->h.msgid);
 		if (!p)
@@ -335,11 +375,17 @@ on_rec(void *ctx, const struct spool_walk_rec *r)
 		p->env_seg = seg;
 		return p_pin(t, p, seg);
 	case SPOOL_REC_DATA:
-		if (!p)
-			return 0; /* no ENV in this run: not a message of ours */
+		if (!p) {
+			/* Its ENV was never walked: in a segment passed over,
+			 * or in a stretch a read never got (after a start the
+			 * worker writes a new epoch, so no message of the last
+			 * run continues here). Not queued now. */
+			seg_keep(t, wc->ts);
+			return 0;
+		}
 		if (r->h.offset != p->next_off) {
 			p->broken = true;
-			return 0;
+			return p_pin(t, p, seg);
 		}
 		if (p->n_pieces == p->cap_pieces) {
 			size_t cap = p->cap_pieces ? p->cap_pieces * 2 : 4;
@@ -360,8 +406,13 @@ on_rec(void *ctx, const struct spool_walk_rec *r)
 		p->next_off += r->h.len;
 		return p_pin(t, p, seg);
 	case SPOOL_REC_END:
-		if (p)
-			complete(t, p, &r->h, seg);
+		if (!p) {
+			seg_keep(t, wc->ts); /* as DATA above */
+			return 0;
+		}
+		if (p_pin(t, p, seg) != 0)
+			return -ENOMEM;
+		complete(t, p, &r->h, seg);
 		return 0;
 	}
 	return 0;
@@ -447,10 +498,18 @@ tseg_done(struct tail *t, struct tseg *ts)
 	qm_seg_unref(t->q, ts->qs);
 }
 
+enum walk_res {
+	WALK_DONE,   /* up to limit, or no header (yet) to walk by */
+	WALK_BUDGET, /* the budget stopped it short of limit */
+	WALK_FAILED, /* a read failed (or memory ran out): retried later */
+};
+
 /* Walk ts from where it stopped up to `limit`; with a budget (octets, 0:
- * none), stop at the first record boundary that far on. True if the
- * budget stopped it short of limit. */
-static bool
+ * none), stop at the first record boundary that far on. A failed read
+ * leaves the resume point at the record it could not read: what came
+ * before it was handed on and is not walked twice (a second ENV would
+ * break its message). */
+static enum walk_res
 walk_to(struct tail *t, struct tseg *ts, uint64_t limit, uint64_t budget)
 {
 	struct walk_ctx wc = {.t = t, .ts = ts};
@@ -459,12 +518,12 @@ walk_to(struct tail *t, struct tseg *ts, uint64_t limit, uint64_t budget)
 
 	if (!ts->header_read)
 		read_header(t, ts);
-	if (!ts->header_ok)
-		return false;
+	if (!ts->header_ok || ts->gave_up)
+		return WALK_DONE;
 	if (limit > ts->size)
 		limit = ts->size;
 	if (limit <= ts->walked)
-		return false;
+		return WALK_DONE;
 	memset(&w, 0, sizeof(w));
 	w.read = tail_read;
 	w.read_ctx = ts;
@@ -477,17 +536,46 @@ walk_to(struct tail *t, struct tseg *ts, uint64_t limit, uint64_t budget)
 	r = spool_walk_segment(&w, on_rec, &wc);
 	t->st.walked_bytes += w.end > ts->walked ? w.end - ts->walked : 0;
 	t->st.records_bad += w.records_bad;
+	if (w.end > ts->walked)
+		ts->walked = w.end;
 	if (r < 0) {
-		fd_log(FD_LOG_ERR, "tail",
-		       "worker=%u event=walk_failed file=%08" PRIx64
-		       " off=%" PRIu64 " err=%d",
-		       t->worker, ts->qs->file_no, w.end, -r);
-		return false; /* retried at the next DURABLE */
+		if (!ts->read_failed_us) {
+			ts->read_failed_us = fd_now_monotonic_us();
+			fd_log(FD_LOG_ERR, "tail",
+			       "worker=%u event=walk_failed file=%08" PRIx64
+			       " off=%" PRIu64 " err=%d note=\"retried for "
+			       "%u s\"",
+			       t->worker, ts->qs->file_no, w.end, -r,
+			       (unsigned)(HEADER_RETRY / 1000000u));
+		}
+		return WALK_FAILED;
 	}
+	ts->read_failed_us = 0;
 	/* Batches end on block boundaries, so a walk to a durable point
-	 * stops at it (or before, mid-header, to be resumed). */
-	ts->walked = w.end;
-	return w.stop_at && w.end >= w.stop_at && w.end < limit;
+	 * stops at it (or before, mid-header, to be resumed). A walk that
+	 * ran out of room for a record header short of the end is done. */
+	return w.stop_at && w.end >= w.stop_at && w.end < limit ? WALK_BUDGET
+								: WALK_DONE;
+}
+
+/* A segment whose walk kept failing for HEADER_RETRY: the rest of it is
+ * passed over until the next start, which scans it; it keeps its
+ * reference (never reclaimed), and the records of messages that continue
+ * past it keep theirs (seg_keep()). */
+static bool
+walk_give_up(struct tail *t, struct tseg *ts)
+{
+	if (fd_now_monotonic_us() - ts->read_failed_us < HEADER_RETRY)
+		return false;
+	fd_log(FD_LOG_ERR, "tail",
+	       "worker=%u event=segment_skipped file=%08" PRIx64
+	       " off=%" PRIu64 " action=\"the rest of its messages are not "
+	       "queued until the next start, which scans it; the segment is "
+	       "kept\"",
+	       t->worker, ts->qs->file_no, ts->walked);
+	t->st.segments_skipped++;
+	ts->gave_up = true;
+	return true;
 }
 
 static struct tseg *
@@ -522,6 +610,18 @@ on_segment(struct tail *t, uint64_t file_no, uint64_t use_seq)
 		(struct tseg){.qs = qs, .dfd = -1, .dfd_tried = !t->direct};
 }
 
+/* A walk that failed is tried again by tail_tick(), not at once: after
+ * the delay a new point would wait (5 ms; direct, 1 s). */
+static void
+pend_retry(struct tail *t)
+{
+	uint64_t now = fd_now_monotonic_us();
+
+	t->pend = true;
+	t->pend_since_us = now;
+	t->last_durable_us = now;
+}
+
 /* Walk up to the pending DURABLE point; with a budget (octets, 0: none)
  * only about that much, the point staying pending for the next call. */
 static void
@@ -542,20 +642,30 @@ catch_up_budget(struct tail *t, uint64_t budget)
 	while (&t->segs[t->cur] != target) {
 		struct tseg *ts = &t->segs[t->cur];
 		uint64_t before = ts->walked, used;
+		enum walk_res wr = walk_to(t, ts, UINT64_MAX, budget);
 
-		if (walk_to(t, ts, UINT64_MAX, budget)) {
+		if (wr == WALK_BUDGET) {
 			t->pend = true; /* the rest at the next call */
 			return;
 		}
-		if (ts->header_ok && ts->walked < ts->size)
-			return; /* a read failed: retry later */
+		if (wr == WALK_FAILED && !walk_give_up(t, ts)) {
+			pend_retry(t);
+			return;
+		}
+		if (ts->gave_up) {
+			if (ts->dfd >= 0)
+				close(ts->dfd);
+			ts->dfd = -1; /* our reference stays: never reclaimed */
+			t->cur++;
+			continue;
+		}
 		if (!ts->header_ok) {
 			/* Never sealed: sealed with no reference it would go
 			 * back to its worker, a new epoch over acknowledged
 			 * mail nobody queued. */
 			if (fd_now_monotonic_us() - ts->header_failed_us <
 			    HEADER_RETRY) {
-				t->pend = true;
+				pend_retry(t);
 				return;
 			}
 			fd_log(FD_LOG_ERR, "tail",
@@ -573,7 +683,7 @@ catch_up_budget(struct tail *t, uint64_t budget)
 		}
 		used = ts->walked - before;
 		qm_seg_seal(t->q, ts->qs);
-		tseg_done(t, ts);
+		tseg_done(t, ts); /* a reference it kept (seg_keep) stays */
 		t->cur++;
 		if (budget) {
 			if (used >= budget) {
@@ -583,8 +693,19 @@ catch_up_budget(struct tail *t, uint64_t budget)
 			budget -= used;
 		}
 	}
-	if (walk_to(t, target, t->pend_off, budget))
+	switch (walk_to(t, target, t->pend_off, budget)) {
+	case WALK_BUDGET:
 		t->pend = true;
+		break;
+	case WALK_FAILED:
+		/* the segment being written: retried until it gives up, then
+		 * passed over when a later one is announced (above) */
+		if (!walk_give_up(t, target))
+			pend_retry(t);
+		break;
+	case WALK_DONE:
+		break;
+	}
 	/* Compact the finished prefix now and then. */
 	if (t->cur > 64) {
 		memmove(t->segs, t->segs + t->cur,

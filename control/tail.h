@@ -60,7 +60,11 @@ struct tail_stats {
 	uint64_t messages;
 	uint64_t dropped; /* failed/aborted/broken messages not queued */
 	uint64_t partials; /* now */
-	uint64_t segments_skipped; /* header unreadable: kept, not queued */
+	uint64_t segments_skipped; /* header or walk unreadable: kept, the
+				    * rest of it not queued */
+	uint64_t segments_kept; /* with records of a message not queued
+				 * (broken, or begun where the walk could not
+				 * read): kept for the next start's scan */
 };
 void tail_get_stats(const struct tail *t, struct tail_stats *st);
 

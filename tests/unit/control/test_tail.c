@@ -6,20 +6,24 @@
  * every committed message reaches the queue once.
  */
 #include <criterion/criterion.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../testdir.h"
 #include "control/qmgr.h"
 #include "control/queue.h"
 #include "control/tail.h"
+#include "finaldot/crc32c.h"
 #include "finaldot/ctlport.h"
 #include "finaldot/msgid.h"
+#include "finaldot/spool_format.h"
 #include "spool.h"
 
 #define MAX_EV 4096
@@ -37,6 +41,43 @@ static size_t n_segs;
 /* file_no + 1 of a segment whose first open fails (0: none), as EMFILE
  * would make it */
 static uint64_t fail_open_of;
+/* a message the queue manager refuses (out of memory), 0: none */
+static uint64_t fail_add_of;
+
+/* ---- reads that fail ---------------------------------------------------- */
+
+/* pread64 as the tailer's walk sees it (spool_read_fd): with inj_mode 1
+ * the first read of 64 KiB or more at or past inj_min_off fails with EIO,
+ * once; with 2, every such read of that file at that offset fails (a bad
+ * sector). */
+static int inj_mode;
+static uint64_t inj_min_off, inj_fail_off, inj_fail_ino;
+static unsigned inj_count;
+
+ssize_t pread64(int fd, void *buf, size_t n, off_t off);
+ssize_t
+pread64(int fd, void *buf, size_t n, off_t off)
+{
+	static ssize_t (*real)(int, void *, size_t, off_t);
+	struct stat st;
+
+	if (!real)
+		*(void **)&real = dlsym(RTLD_NEXT, "pread64");
+	if (n < 65536 || !inj_mode || fstat(fd, &st) != 0)
+		return real(fd, buf, n, off);
+	if ((inj_mode == 1 && (uint64_t)off >= inj_min_off) ||
+	    (inj_mode == 2 && (uint64_t)off == inj_fail_off &&
+	     (uint64_t)st.st_ino == inj_fail_ino)) {
+		if (inj_mode == 1) {
+			inj_fail_off = (uint64_t)off;
+			inj_fail_ino = (uint64_t)st.st_ino;
+		}
+		inj_count++;
+		errno = EIO;
+		return -1;
+	}
+	return real(fd, buf, n, off);
+}
 
 /* ---- the queue manager's side, recorded ------------------------------- */
 
@@ -126,6 +167,8 @@ qm_msg_add(struct cplane *q, unsigned worker, uint64_t id,
 	(void)n_pieces;
 	(void)env_seg;
 	(void)end_seg;
+	if (id == fail_add_of)
+		return -ENOMEM;
 	for (size_t i = 0; i < n_added; i++)
 		cr_assert_neq(added[i], id, "message queued twice");
 	cr_assert_lt(n_added, MAX_MSG);
@@ -164,6 +207,10 @@ setup(void)
 	n_ev = fed = n_added = n_segs = 0;
 	indoubt_id = 0;
 	fail_open_of = 0;
+	fail_add_of = 0;
+	inj_mode = 0;
+	inj_min_off = inj_fail_off = 0;
+	inj_count = 0;
 }
 
 static void
@@ -222,7 +269,7 @@ write_msg(struct spool *sp, size_t n)
 		.proto = "ESMTP",
 		.arrival_us = 1712345678901234ull,
 	};
-	static uint8_t body[8192];
+	static uint8_t body[65536];
 	uint64_t id;
 	int err;
 	struct spool_msg *m = spool_msg_begin(sp, &e, NULL, &id, &err);
@@ -510,4 +557,292 @@ Test(tail, an_unreadable_segment_is_never_sealed, .timeout = 60)
 	cr_assert(segs[1]->sealed);
 	tail_free(t);
 	spool_destroy(sp);
+}
+
+/* ---- reads that fail mid-walk, messages across segments (review
+ * 2026-12-05, afternoon) ---------------------------------------------------- */
+
+static bool
+queued(uint64_t id)
+{
+	for (size_t i = 0; i < n_added; i++)
+		if (added[i] == id)
+			return true;
+	return false;
+}
+
+/* A read fails once in the middle of a segment's walk. What came before
+ * it was handed on; the retry starts at the record it could not read, so
+ * nothing is handed twice (a second ENV broke its message, which was then
+ * dropped, and completed ones were queued again: the recorder refuses a
+ * message queued twice). */
+Test(tail, a_read_error_mid_walk_is_retried_from_where_it_stopped)
+{
+	struct spool *sp = open_spool_seg(4u << 20);
+	struct tail *t = new_tail_mode(true);
+	struct tail_stats st;
+	size_t n;
+
+	for (n = 0; n < 200; n++) /* ~2.4 MB: the walk's window is 1 MiB */
+		write_msg(sp, 8000);
+	feed(t);
+	inj_min_off = 1u << 20;
+	inj_mode = 1;
+	tail_flush(t);
+	cr_assert_eq(inj_count, 1, "the injected read did not happen");
+	cr_assert_lt(n_added, n);
+	inj_mode = 0; /* the disk answers again */
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(n_added, n, "%zu of %zu queued", n_added, n);
+	cr_assert_eq(st.dropped, 0);
+	cr_assert_eq(st.segments_kept, 0);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* The same read fails every time: retried, then the rest of the segment
+ * is passed over; its messages wait for the next start's scan (the
+ * segment is never sealed and keeps a reference), and the worker's later
+ * segments are walked (before, the tailer stayed on it for good). */
+Test(tail, a_lasting_read_error_is_passed_over_and_the_segment_kept)
+{
+	struct spool *sp = open_spool_seg(1u << 20);
+	struct tail *t = new_tail_mode(true);
+	struct tail_stats st;
+	size_t n;
+
+#ifdef FINALDOT_FAULT_INJECTION
+	tail_header_retry_us = 200000; /* not the daemon's 10 s */
+#else
+	cr_skip_test("needs -Dfault_injection=true (the retry time)");
+#endif
+	for (n = 0; n < 300; n++) /* ~3.6 MB: four 1 MiB segments */
+		write_msg(sp, 8000);
+	feed(t);
+	inj_min_off = 0;
+	inj_mode = 1; /* the first window read of file 0 */
+	tail_flush(t);
+	inj_mode = 2; /* and every one after at that offset */
+	cr_assert_eq(n_added, 0);
+	for (int i = 0; i < 40; i++) {
+		tail_get_stats(t, &st);
+		if (st.segments_skipped)
+			break;
+		usleep(20000);
+		tail_flush(t);
+	}
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(st.segments_skipped, 1);
+	cr_assert_geq(n_segs, 3);
+	cr_assert_gt(n_added, 0, "the later segments were not walked");
+	cr_assert_not(segs[0]->sealed, "sealed: it would be reclaimed");
+	cr_assert_gt(segs[0]->refs, 0, "no reference: it would be reclaimed");
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* A message whose ENV is in a segment the tailer passed over and whose
+ * END is in the next: not queued now, and the next segment keeps a
+ * reference for the next start's scan (it was sealed with none, so
+ * reclaimed once its own messages were delivered, and the message with
+ * it). */
+Test(tail, a_message_continuing_past_a_skipped_segment_keeps_the_next)
+{
+	struct spool *sp = open_spool_seg(1u << 20);
+	struct tail *t = new_tail();
+	struct tail_stats st;
+	char path[128];
+	uint8_t b;
+	size_t n = 0;
+	int fd;
+
+#ifdef FINALDOT_FAULT_INJECTION
+	tail_header_retry_us = 200000;
+#else
+	cr_skip_test("needs -Dfault_injection=true (the retry time)");
+#endif
+	/* 60,000-octet messages through 1 MiB segments: some cross */
+	while (n < 200) {
+		write_msg(sp, 60000);
+		n++;
+		size_t segs_seen = 0;
+		for (size_t i = 0; i < n_ev; i++)
+			segs_seen += ev[i].type == FD_CTL_SEGMENT;
+		if (segs_seen >= 3)
+			break;
+	}
+	/* file 0's header damaged: one octet of it */
+	snprintf(path, sizeof(path), "%s/w01/00000000.seg", root);
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(pread(fd, &b, 1, 40), 1);
+	b ^= 0xff;
+	cr_assert_eq(pwrite(fd, &b, 1, 40), 1);
+	close(fd);
+	feed(t);
+	for (int i = 0; i < 40; i++) {
+		tail_get_stats(t, &st);
+		if (st.segments_skipped)
+			break;
+		usleep(20000);
+		tail_flush(t);
+	}
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(st.segments_skipped, 1);
+	cr_assert_lt(n_added, n);
+	cr_assert_gt(n_added, 0);
+	cr_assert(segs[1]->sealed);
+	cr_assert_gt(segs[1]->refs, 0,
+		     "file 1 holds the END of a message begun in file 0, "
+		     "and no reference: it would be reclaimed");
+	cr_assert_geq(st.segments_kept, 1);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* One octet of a message's records damaged on disk: that message is not
+ * queued, every other one is, and its segment keeps a reference for the
+ * next start's scan whichever record was hit (a body piece: the message
+ * is broken at its END, and its pins stay; its ENV: its other records
+ * have no message and keep the segment; its END: it stays a partial).
+ * Before, a broken message released its pins, and the sealed segment went
+ * back to its worker with it. */
+Test(tail, a_damaged_message_keeps_its_segment)
+{
+	struct spool *sp = open_spool_seg(1u << 20);
+	struct tail *t = new_tail();
+	struct tail_stats st;
+	char path[128];
+	uint8_t b;
+	size_t n;
+	int fd;
+
+	for (n = 0; n < 300; n++) /* three 1 MiB segments and more */
+		write_msg(sp, 8000);
+	snprintf(path, sizeof(path), "%s/w01/00000000.seg", root);
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(pread(fd, &b, 1, 300000), 1);
+	b ^= 0x01;
+	cr_assert_eq(pwrite(fd, &b, 1, 300000), 1);
+	close(fd);
+	feed(t);
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(n_added, n - 1, "%zu of %zu queued", n_added, n);
+	cr_assert(segs[0]->sealed);
+	cr_assert_gt(segs[0]->refs, 0,
+		     "the damaged message's segment has no reference: it "
+		     "would be reclaimed, and the message with it");
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* The queue manager could not take a message (out of memory): it is not
+ * queued now, and the segment holding it keeps a reference for the next
+ * start's scan (the tailer released its pins, and the sealed segment went
+ * back to its worker with the message in it). */
+Test(tail, a_message_the_queue_could_not_take_keeps_its_segment)
+{
+	struct spool *sp = open_spool_seg(1u << 20);
+	struct tail *t = new_tail();
+	size_t n;
+
+	for (n = 0; n < 300; n++) {
+		uint64_t id = write_msg(sp, 8000);
+		if (n == 5)
+			fail_add_of = id;
+	}
+	feed(t);
+	tail_flush(t);
+	cr_assert_eq(n_added, n - 1, "%zu of %zu queued", n_added, n);
+	cr_assert(segs[0]->sealed);
+	cr_assert_gt(segs[0]->refs, 0,
+		     "no reference: it would be reclaimed, the message with it");
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* ---- a segment whose last record ends less than a header short of its
+ * end (hand-built: the writer does not leave such a tail) --------------- */
+
+/* One message (ENV, DATA, END) at off, its DATA sized to fill `room`. */
+static uint64_t
+put_msg(uint8_t *seg, uint64_t off, uint64_t epoch, uint64_t id, size_t room)
+{
+	struct fd_envelope e = {.mail_from = "s@example.org", .rcpts = rcpts,
+				.n_rcpts = 1, .helo = "h", .client_addr = "a",
+				.proto = "ESMTP"};
+	static uint8_t env[512], body[8192];
+	size_t el = spool_env_encode(&e, env, sizeof(env)), dl;
+	struct spool_rec_hdr h = {.epoch = epoch, .msgid = id};
+
+	cr_assert_gt(el, 0);
+	dl = room - spool_rec_size(el) - 2 * SPOOL_REC_HDR_LEN;
+	cr_assert_eq(dl % 8, 0);
+	cr_assert_leq(dl, sizeof(body));
+	memset(body, 'y', dl);
+	h.type = SPOOL_REC_ENV;
+	off += spool_rec_encode(&h, env, el, seg + off, 8192);
+	h.type = SPOOL_REC_DATA;
+	h.offset = 0;
+	off += spool_rec_encode(&h, body, dl, seg + off, 8192);
+	h.type = SPOOL_REC_END;
+	h.offset = dl;
+	h.aux = fd_crc32c(0, body, dl);
+	off += spool_rec_encode(&h, NULL, 0, seg + off, 8192);
+	return off;
+}
+
+static void
+make_seg(uint64_t file_no, uint64_t use_seq, uint64_t epoch, uint64_t id,
+	 size_t room)
+{
+	static uint8_t seg[8192];
+	struct spool_seg_hdr h = {.worker = 1, .file_no = file_no,
+				  .use_seq = use_seq, .epoch = epoch,
+				  .size = sizeof(seg)};
+	char p[128];
+	int fd;
+
+	memset(seg, 0, sizeof(seg));
+	spool_seg_hdr_encode(&h, seg);
+	cr_assert_eq(put_msg(seg, 4096, epoch, id, room), 4096 + room);
+	snprintf(p, sizeof(p), "%s/w01/%08llx.seg", root,
+		 (unsigned long long)file_no);
+	fd = open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(write(fd, seg, sizeof(seg)), (ssize_t)sizeof(seg));
+	close(fd);
+}
+
+/* The walk of a finished segment stops where no record header fits; that
+ * is its end, not a failed read: the segment is sealed and the next one
+ * walked (before, the tailer waited on it for good). */
+Test(tail, a_segment_ending_short_of_a_header_is_finished)
+{
+	char w[128];
+	struct tail *t;
+	const struct fd_ctl_event e[] = {
+		{.type = FD_CTL_SEGMENT, .file_no = 0, .use_seq = 1},
+		{.type = FD_CTL_DURABLE, .use_seq = 1, .off = 8192},
+		{.type = FD_CTL_SEGMENT, .file_no = 1, .use_seq = 2},
+		{.type = FD_CTL_DURABLE, .use_seq = 2, .off = 8192},
+	};
+
+	snprintf(w, sizeof(w), "%s/w01", root);
+	cr_assert_eq(mkdir(w, 0700), 0);
+	make_seg(0, 1, 0x1111111111111111ull, 0x100, 4096 - 8); /* 8 short */
+	make_seg(1, 2, 0x2222222222222222ull, 0x201, 4096);
+	t = new_tail();
+	for (size_t i = 0; i < 4; i++)
+		tail_event(t, &e[i]);
+	tail_flush(t);
+	cr_assert(queued(0x100));
+	cr_assert(queued(0x201), "the segment after it was never walked");
+	cr_assert(segs[0]->sealed);
+	tail_free(t);
 }
