@@ -4099,7 +4099,11 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 			r = -ENOMEM;
 			goto out_free;
 		}
-		qm_seg_seal(cp, s);
+		/* A segment the scan could not read to its end may hold
+		 * messages nobody queued: unsealed, it is never reclaimed
+		 * (the next start scans it again). */
+		if (!g->read_error)
+			qm_seg_seal(cp, s);
 	}
 	/* Then the messages moved out of their segments. */
 	if ((r = moved_recover(cp)) != 0)

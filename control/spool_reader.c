@@ -271,8 +271,12 @@ src_read(void *ctx, uint64_t off, void *buf, size_t n)
 {
 	struct src *sr = ctx;
 
-	if (!sr->mem)
+	if (!sr->mem) {
+		/* test seam: a bad sector past a segment's first MiB */
+		if (off >= (1u << 20) && fd_delivery_fault("scan-read-fail"))
+			return -EIO;
 		return spool_read_fd(&sr->fd, off, buf, n);
+	}
 	if (off >= sr->mem_len)
 		return 0;
 	if (n > sr->mem_len - off)
@@ -607,6 +611,12 @@ walk_all(struct ctl_spool_scan *s)
 		if (e->path &&
 		    (sr.fd = fd_open_noatime(e->path,
 					     O_RDONLY | O_CLOEXEC)) < 0) {
+			fd_log(FD_LOG_ERR, "spool",
+			       "event=segment_unreadable path=%s error=\"%s\" "
+			       "action=\"its messages are not queued; the "
+			       "segment is kept for the next start\"",
+			       e->path, strerror(errno));
+			e->pub.read_error = true;
 			s->sum.segments_bad++;
 			continue;
 		}
@@ -631,7 +641,18 @@ walk_all(struct ctl_spool_scan *s)
 			s->sum.segments_empty++;
 		if (r == -ENOMEM)
 			break;
-		if (r < 0) { /* read error: count the segment, go on */
+		if (r < 0) {
+			/* A read failed: what lies past it was not scanned,
+			 * so the segment must outlive this run (never sealed,
+			 * never given back: the next start scans it again). */
+			fd_log(FD_LOG_ERR, "spool",
+			       "event=segment_unreadable path=%s off=%" PRIu64
+			       " error=\"%s\" action=\"messages past it are "
+			       "not queued; the segment is kept for the next "
+			       "start\"",
+			       e->path ? e->path : "(memory)", w.end,
+			       strerror(-r));
+			e->pub.read_error = true;
 			s->sum.segments_bad++;
 			r = 0;
 		}

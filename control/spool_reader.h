@@ -72,6 +72,8 @@ struct ctl_spool_seg {
 	uint64_t records_bad;
 	uint64_t records_stale;
 	uint64_t committed; /* committed messages with a record here */
+	bool read_error;    /* its open or a read failed: what lies past it
+			     * was not scanned; never given back this run */
 };
 
 struct ctl_spool_summary {

@@ -31,7 +31,7 @@ def send(d, sender, rcpts, body, mail_options=(), rcpt_options=()):
 def message(n, size=2000, subject="test"):
     """A message with CRLF line ends, a unique Message-ID, lines that
     start with a dot (transparency), and roughly `size` body bytes."""
-    lines = [f"From: a@example.com", f"To: b@dest.test",
+    lines = ["From: a@example.com", "To: b@dest.test",
              f"Subject: {subject} {n}",
              f"Message-ID: <m{n}.{time.time_ns()}@client.test>", ""]
     body = []
@@ -104,6 +104,10 @@ def run_cases(cases):
     part = [a for a in sys.argv[1:] if a.startswith("--part=")]
     only = [a for a in sys.argv[1:] if not a.startswith("--part=")]
     k, n = (int(x) for x in part[-1][7:].split("/")) if part else (1, 1)
+    unknown = set(only) - {c.__name__ for c in cases}
+    if unknown:  # a misspelt name ran nothing and said ok
+        print(f"no such case: {', '.join(sorted(unknown))}", flush=True)
+        sys.exit(2)
     for i, c in enumerate(cases):
         if only and c.__name__ not in only:
             continue

@@ -676,6 +676,45 @@ def case_schedule_survives_a_failed_allocation():
               [body], "not delivered once, byte-identical")
 
 
+def case_a_segment_read_short_at_start_is_kept():
+    """A read fails while the start's scan walks a segment (the test seam
+    scan-read-fail: every read past a segment's first MiB): the messages
+    before it are delivered, the segment is never given back to its
+    worker (the messages past the failed read are on no queue: a reclaim
+    would write a new epoch over them), and the next start, which reads it
+    whole, delivers the rest: every message exactly once."""
+    with ScriptedHop() as hop, \
+            Daemon("--route", f"dest.test={hop.target}", *FAST,
+                   "--segment-size", "4M",
+                   domains=("example.com", "dest.test")) as d:
+        bodies = [message(i, size=8000) for i in range(200)]  # ~1.7 MB
+        for b in bodies:
+            send(d, "a@example.com", ["bob@dest.test"], b)
+        check(d.stop() == 0, "clean stop")
+        d.delivery = True
+        d.env["FINALDOT_DELIVERY_FAULT"] = "scan-read-fail"
+        d.start()
+        wait(lambda: log_count(d, r"event=segment_unreadable "), 10,
+             "the failed read reported")
+        check(log_count(d, r"event=recovered .* segments_bad=[1-9]") == 1,
+              "the start counts the segment bad")
+        wait(lambda: len(hop.completed()) >= 20, 30, "the first MiB delivered")
+        time.sleep(1.0)  # what the first start had is delivered by now
+        first = len(hop.completed())
+        check(20 <= first < len(bodies),
+              f"{first} of {len(bodies)} delivered from a scan read short")
+        check(log_count(d, r"event=segment_reclaimed ") == 0,
+              "a segment with unscanned messages was given back")
+        check(d.stop() == 0, "clean stop")
+        del d.env["FINALDOT_DELIVERY_FAULT"]
+        d.start()
+        hop.wait_for(len(bodies), 30)
+        got = sorted(strip_our_received(t.body) for t in hop.completed())
+        check(got == sorted(bodies),
+              f"{len(got)} deliveries of {len(bodies)} messages: each "
+              "once, byte-identical")
+
+
 def ehlo(d):
     s = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
     try:
@@ -847,7 +886,8 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_success_dsn_after_a_restart,
          case_dsn_after_a_restart_names_the_remote_mta,
          case_schedule_survives_a_failed_allocation,
-         case_dsn_sent_is_no_possible_duplicate]
+         case_dsn_sent_is_no_possible_duplicate,
+         case_a_segment_read_short_at_start_is_kept]
 
 if __name__ == "__main__":
     run_cases(CASES)
