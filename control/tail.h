@@ -18,6 +18,15 @@
  * A partial message (ENV seen, no END yet) holds a reference on each
  * segment it has records in, so the segment is not reclaimed under a
  * message still being written.
+ *
+ * What the tailer cannot queue is left for the next start's scan, never
+ * reclaimed: a broken message (records missing or walked twice, an
+ * envelope that does not decode, the queue manager out of memory) keeps
+ * its references; a segment with records of a message whose ENV was
+ * never walked keeps one (event=segment_kept); a segment whose header or
+ * walk keeps failing for 10 s is passed over unsealed, with its reference
+ * (event=segment_skipped). A failed read is retried from the record it
+ * could not read, after the walk delay.
  */
 #ifndef FINALDOT_CONTROL_TAIL_H
 #define FINALDOT_CONTROL_TAIL_H
