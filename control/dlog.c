@@ -1339,7 +1339,7 @@ open_log_file(struct dlog *l, uint64_t gen, int *fd, uint64_t *size)
 /* A file whose header no copy can vouch for is kept for the operator as
  * GEN.bad, out of the log's way. */
 static void
-set_aside(struct dlog *l, uint64_t gen)
+set_aside(struct dlog *l, uint64_t gen, const char *what)
 {
 	char from[NAME_MAX_LEN], to[NAME_MAX_LEN];
 
@@ -1350,8 +1350,8 @@ set_aside(struct dlog *l, uint64_t gen)
 		       from, errno);
 	else
 		fd_log(FD_LOG_ERR, COMP,
-		       "event=damage file=%s what=header action=renamed to=%s",
-		       from, to);
+		       "event=damage file=%s what=%s action=renamed to=%s",
+		       from, what, to);
 }
 
 /*
@@ -1495,17 +1495,29 @@ recover(struct dlog *l, dlog_replay_fn fn, void *ctx,
 	for (size_t i = 0; i < n; i++) {
 		if ((long)i == pick)
 			continue;
+		if (pick >= 0 && complete && gens[i] > gens[pick]) {
+			/* Newer than the complete file chosen: files appear
+			 * under .log only once complete, so this is damage
+			 * (its header, or its checkpoint's end), never a
+			 * crash, and it may hold outcomes appended after its
+			 * checkpoint. Kept for the operator; those outcomes
+			 * are not replayed (their deliveries may repeat). */
+			set_aside(l, gens[i], usable[i] ? "no_checkpoint_end"
+							: "header");
+			st->files_bad++;
+			continue;
+		}
 		if (!usable[i] && (pick < 0 || !complete)) {
-			/* With a complete file, remove_others() deletes it
-			 * like any other; otherwise keep it for the
-			 * operator. */
-			set_aside(l, gens[i]);
+			/* With a complete file, remove_others() deletes an
+			 * older one like any other; otherwise keep it for
+			 * the operator. */
+			set_aside(l, gens[i], "header");
 			st->files_bad++;
 		}
 	}
 	st->complete = complete;
-	if (pick >= 0 && complete)
-		st->files_removed = remove_others(l, gens[pick], false);
+	if (pick >= 0 && complete) /* older ones: superseded */
+		st->files_removed = remove_others(l, gens[pick], true);
 	else if (pick >= 0)
 		fd_log(FD_LOG_ERR, COMP,
 		       "event=damage what=no_complete_checkpoint "
@@ -1587,8 +1599,11 @@ dlog_open(const char *dir, const struct dlog_params *p, dlog_replay_fn fn,
 		goto out_free;
 	}
 	rc = recover(l, fn, ctx, st);
-	if (rc)
+	if (rc) {
+		if (l->fd >= 0) /* a file replayed, then its tail not cut */
+			close(l->fd);
 		goto out_close_dir;
+	}
 	st->generation = l->gen;
 
 	l->pend_cap = l->wbuf_cap = l->p.pending_max < PEND_INIT

@@ -262,7 +262,7 @@ enum dlog_dec {
 };
 const char *dlog_dec_name(enum dlog_dec d);
 const char *dlog_type_name(enum dlog_type t);
-/* 1..11: the types a caller may append or emit. */
+/* 1..12: the types a caller may append or emit. */
 bool dlog_type_is_public(enum dlog_type t);
 
 /*

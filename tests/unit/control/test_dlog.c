@@ -8,6 +8,7 @@
  * what was in the file at each fdatasync, i.e. what a power cut would keep.
  */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -1288,7 +1289,12 @@ Test(dlog, checkpoint_dir_sync_failure_fails_the_log)
 
 /* Gen 1 complete with 10 records; a newer file holds CKPT_BEGIN and state
  * records but no CKPT_END, as a checkpoint cut short would leave it. */
-Test(dlog, incomplete_newer_checkpoint_is_ignored_and_deleted)
+/* A newer .log without its checkpoint's end cannot come from a crash
+ * (files are renamed into place complete): it is damage, and may hold
+ * outcomes appended after its checkpoint. The complete older file is
+ * replayed; the newer one is set aside as .bad for the operator, never
+ * deleted (it was deleted with whatever it held). */
+Test(dlog, incomplete_newer_checkpoint_is_ignored_and_set_aside)
 {
 	uint8_t b[DLOG_FILE_DATA_OFF + 8 * DLOG_REC_MAX];
 	struct dlog_file_hdr h = { .generation = 2, .prev_generation = 1,
@@ -1314,16 +1320,19 @@ Test(dlog, incomplete_newer_checkpoint_is_ignored_and_deleted)
 	l = open_at(root, NULL, &c, &st);
 	cr_assert_eq(st.files, 2);
 	cr_assert_eq(st.generation, 1);
-	cr_assert_eq(st.files_removed, 1);
+	cr_assert_eq(st.files_removed, 0);
+	cr_assert_eq(st.files_bad, 1);
 	cr_assert(st.complete);
 	cr_assert_eq(c.n, 10);
 	assert_range(&c, 0, 0, 10);
 	cr_assert(!exists(root, 2, "log"));
+	cr_assert(exists(root, 2, "bad"), "the damaged newer file is gone");
 	/* the next checkpoint does not reuse the abandoned generation's
-	 * contents */
+	 * number or contents */
 	cr_assert_eq(dlog_checkpoint(l, NULL, NULL), 0);
 	dlog_close(l);
-	cr_assert_eq(count_files(root), 1);
+	cr_assert_eq(count_files(root), 2); /* the new .log and the .bad */
+	cr_assert(exists(root, 2, "bad"));
 	coll_free(&c);
 	l = open_at(root, NULL, &c, &st);
 	cr_assert_eq(c.n, 0);
@@ -1649,4 +1658,54 @@ Test(dlog, close_while_waiting_for_space_returns)
 	assert_range(&c, 0, 0, 10);
 	dlog_close(l);
 	coll_free(&c);
+}
+
+/* An open that fails after replaying a file (its torn tail could not be
+ * cut: the fdatasync failed) leaves no descriptor open: a caller that
+ * retries opens leaked one each time. */
+static int
+open_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int n = 0;
+
+	cr_assert_not_null(d);
+	while ((e = readdir(d)))
+		n++;
+	closedir(d);
+	return n;
+}
+
+Test(dlog, a_failed_open_leaks_no_descriptor)
+{
+	char path[256];
+	uint8_t junk[8] = "garbage!";
+	int before, err = 0;
+	struct dlog *l;
+	size_t n;
+	uint8_t *b;
+
+	write_log(3);
+	path_of(path, sizeof(path), root, 1, "log");
+	b = slurp(path, &n);
+	free(b);
+	fail_err = -EIO;
+	fail_op = DLOG_IO_SYNC;
+	dlog_set_io_hook(fail_hook, NULL);
+	for (int i = 0; i < 3; i++) {
+		/* a torn tail, which the open cuts and syncs */
+		int fd = open(path, O_WRONLY | O_CLOEXEC);
+		cr_assert_geq(fd, 0);
+		cr_assert_eq(pwrite(fd, junk, sizeof(junk),
+				    (off_t)end_of(2) + 16), (ssize_t)sizeof(junk));
+		close(fd);
+		before = open_fds();
+		l = dlog_open(root, NULL, NULL, NULL, NULL, &err);
+		cr_assert_null(l, "the open did not fail");
+		cr_assert_eq(err, -EIO);
+		cr_assert_eq(open_fds(), before, "open %d left a descriptor", i);
+	}
+	dlog_set_io_hook(NULL, NULL);
+	fail_op = -1;
 }
