@@ -263,8 +263,11 @@ any_intact_record(int fd, uint64_t size, uint8_t *win, size_t win_len)
 	return r != 0 || w.records_stale || w.records_ok ? 1 : 0;
 }
 
-/* Classify one leftover file: sealed (has records) or a candidate. */
-static void
+/* Classify one leftover file: sealed (has records) or a candidate. 0, or
+ * -errno when the file could not be opened (EMFILE...): the scan fails and
+ * is tried again, for a file left out would be missing from the list, its
+ * use sequence given again, and its number made anew over it. */
+static int
 classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 {
 	char path[4200];
@@ -272,19 +275,32 @@ classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 	struct spool_seg_hdr h;
 	struct stat st;
 	bool rezero = true, have_hdr = false;
+	long got;
 	int fd;
 
 	seg_path(pp, no, path, sizeof(path));
 	fd = fd_open_noatime(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
-		return;
+		return errno == ENOENT ? 0 : -errno; /* gone since readdir */
 	pp->n_files++;
 	led_set(pp, no, 0);
 	if (fstat(fd, &st) != 0) {
 		close(fd); /* unreadable: keep it, sealed */
-		return;
+		return 0;
 	}
-	have_hdr = spool_read_fd(&fd, 0, hb, sizeof(hb)) == (long)sizeof(hb);
+	got = spool_read_fd(&fd, 0, hb, sizeof(hb));
+	if (got < 0) {
+		/* A read error is not a short file: whatever it holds stays
+		 * (sealed; the reader salvages it if it can). */
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=segment_unreadable worker=%u file=%08" PRIx64
+		       " err=%ld kept=sealed error=\"its header cannot be "
+		       "read: never reused\"",
+		       pp->worker, no, -got);
+		close(fd);
+		return 0;
+	}
+	have_hdr = got == (long)sizeof(hb);
 	if (have_hdr &&
 	    spool_seg_hdr_decode(hb, sizeof(hb), &h) != SPOOL_DEC_OK) {
 		uint64_t use = spool_get64(hb + 24);
@@ -302,7 +318,7 @@ classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 			       "present: never reused\"",
 			       pp->worker, no);
 			close(fd);
-			return;
+			return 0;
 		}
 	} else if (have_hdr) {
 		led_set(pp, no, h.use_seq);
@@ -319,7 +335,7 @@ classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 		int r = spool_walk_segment(&w, stop_at_first, NULL);
 		if (r != 0) { /* a valid record (1), or unreadable: keep it */
 			close(fd);
-			return;
+			return 0;
 		}
 		rezero = h.size != pp->seg_size ||
 			 (uint64_t)st.st_size != pp->seg_size;
@@ -327,11 +343,12 @@ classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 	close(fd);
 	struct cand *c = realloc(pp->cands, (pp->n_cands + 1) * sizeof(*c));
 	if (!c)
-		return;
+		return 0; /* not reused this run: kept as it is */
 	pp->cands = c;
 	c[pp->n_cands].file_no = no;
 	c[pp->n_cands].rezero = rezero;
 	pp->n_cands++;
+	return 0;
 }
 
 static int
@@ -341,6 +358,7 @@ scan_dir(struct spool_prep *pp)
 	struct dirent *e;
 	size_t win_len = 1u << 20;
 	uint8_t *win;
+	int r = 0;
 
 	if (!d)
 		return -errno;
@@ -370,10 +388,13 @@ scan_dir(struct spool_prep *pp)
 			continue;
 		if (no >= pp->next_file_no)
 			pp->next_file_no = no + 1;
-		classify(pp, no, win, win_len);
+		if ((r = classify(pp, no, win, win_len)) != 0)
+			break;
 	}
 	closedir(d);
 	free(win);
+	if (r)
+		return r;
 	/* The list now names what is here: a file the previous list named
 	 * that is gone was reported by recovery, which ran before us. */
 	led_write(pp);
@@ -497,6 +518,7 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 {
 	char path[4200], tmp[4200];
 	struct spool_seg_hdr h;
+	bool renamed = false;
 	int fd, r = 0;
 
 	/* A fresh file is made under NNNNNNNN.tmp and renamed once zeroed
@@ -555,10 +577,20 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 		r = -errno;
 		goto out_close;
 	}
-	if (fresh && rename(tmp, path) != 0) {
+	/* Never over an existing segment (a number given twice must fail,
+	 * not replace acknowledged mail): EEXIST, and the caller moves on. */
+	if (fresh && renameat2(AT_FDCWD, tmp, AT_FDCWD, path,
+			       RENAME_NOREPLACE) != 0) {
 		r = -errno;
-		goto out_close;
+		if (r == -EINVAL) { /* no RENAME_NOREPLACE here: a link */
+			r = link(tmp, path) == 0 ? 0 : -errno;
+			if (r == 0)
+				unlink(tmp);
+		}
+		if (r)
+			goto out_close;
 	}
+	renamed = fresh;
 	if (fresh && !pp->no_dirsync && (r = fd_fsync_dir(pp->wdir)) != 0)
 		goto out_close;
 	close(fd);
@@ -572,7 +604,8 @@ out_close:
 	close(fd);
 	if (fresh && rezero) {
 		unlink(tmp); /* a half-made file would only confuse */
-		unlink(path);
+		if (renamed) /* ours under the .seg name, nobody else's */
+			unlink(path);
 	}
 	return r;
 }
@@ -892,8 +925,24 @@ prep_main(void *arg)
 {
 	struct spool_prep *pp = arg;
 	int r = pp->no_space ? -ENOSPC : scan_dir(pp);
+	/* Nothing is made, recycled or listed before the scan has seen
+	 * every file here: a new segment numbered from zero would be
+	 * renamed over one holding acknowledged mail. A failed scan fails
+	 * the start (spool_prep_wait_ready()); this thread then makes
+	 * nothing. */
+	bool scanned = r == 0;
 
 	pthread_mutex_lock(&pp->mu);
+	if (!scanned && !pp->no_space) {
+		fd_log(FD_LOG_ERR, "spool",
+		       "event=segment_scan_failed worker=%u err=%d "
+		       "action=\"no segment is made\"",
+		       pp->worker, -r);
+		pp->err = r;
+		pthread_cond_broadcast(&pp->cv);
+		while (!pp->stop)
+			pthread_cond_wait(&pp->cv, &pp->mu);
+	}
 	for (;;) {
 		if (pp->n_rq && !pp->stop && !pp->no_space) {
 			struct recyc q = pp->rq[0];

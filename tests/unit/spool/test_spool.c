@@ -4,11 +4,14 @@
  * io_uring or O_DIRECT. What was written is checked with the spool reader.
  */
 #include <criterion/criterion.h>
+#include <dirent.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <ftw.h>
 #include <liburing.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +28,7 @@
 
 #include "../testdir.h"
 #include "finaldot/msgid.h"
+#include "finaldot/spool_format.h"
 #include "spool.h"
 #include "spool_reader.h"
 
@@ -38,6 +42,88 @@ struct done_rec {
 static struct done_rec dones[4096];
 static unsigned n_done;
 static char root[64];
+
+/* Faults the preparer meets at a start (the review of 2026-12-05): its
+ * directory's opendir(), the open of one segment, or the read of one
+ * segment's header fails once with the errno given; paths are matched by
+ * their tail. */
+static const char *fail_opendir_of, *fail_open_of, *fail_hdr_of;
+static int fail_errno;
+static unsigned failed_calls;
+
+static bool
+tail_is(const char *path, const char *tail)
+{
+	size_t a = strlen(path), b = strlen(tail);
+
+	return tail && a >= b && strcmp(path + a - b, tail) == 0;
+}
+
+DIR *opendir(const char *name);
+DIR *
+opendir(const char *name)
+{
+	static DIR *(*real)(const char *);
+
+	if (!real)
+		*(void **)&real = dlsym(RTLD_NEXT, "opendir");
+	if (fail_opendir_of && tail_is(name, fail_opendir_of)) {
+		fail_opendir_of = NULL;
+		failed_calls++;
+		errno = fail_errno;
+		return NULL;
+	}
+	return real(name);
+}
+
+int open64(const char *path, int flags, ...);
+int
+open64(const char *path, int flags, ...)
+{
+	static int (*real)(const char *, int, ...);
+	mode_t mode = 0;
+
+	if (!real)
+		*(void **)&real = dlsym(RTLD_NEXT, "open64");
+	if (flags & O_CREAT) {
+		va_list ap;
+		va_start(ap, flags);
+		mode = (mode_t)va_arg(ap, int);
+		va_end(ap);
+	}
+	if (fail_open_of && tail_is(path, fail_open_of) &&
+	    (flags & O_ACCMODE) == O_RDONLY) {
+		fail_open_of = NULL;
+		failed_calls++;
+		errno = fail_errno;
+		return -1;
+	}
+	return real(path, flags, mode);
+}
+
+ssize_t pread64(int fd, void *buf, size_t n, off_t off);
+ssize_t
+pread64(int fd, void *buf, size_t n, off_t off)
+{
+	static ssize_t (*real)(int, void *, size_t, off_t);
+	char l[64], p[512];
+	ssize_t k;
+
+	if (!real)
+		*(void **)&real = dlsym(RTLD_NEXT, "pread64");
+	if (fail_hdr_of && off == 0 && n == SPOOL_SEG_HDR_LEN) {
+		snprintf(l, sizeof(l), "/proc/self/fd/%d", fd);
+		k = readlink(l, p, sizeof(p) - 1);
+		p[k < 0 ? 0 : k] = '\0';
+		if (tail_is(p, fail_hdr_of)) {
+			fail_hdr_of = NULL;
+			failed_calls++;
+			errno = fail_errno;
+			return -1;
+		}
+	}
+	return real(fd, buf, n, off);
+}
 
 static void
 on_done(void *ctx, uint64_t id, int status)
@@ -54,6 +140,8 @@ setup(void)
 {
 	fd_test_dir_make(root, sizeof(root), "/var/tmp", "spool");
 	n_done = 0;
+	fail_opendir_of = fail_open_of = fail_hdr_of = NULL;
+	failed_calls = 0;
 }
 
 static void
@@ -1489,4 +1577,97 @@ Test(spool, reclaim_announced_only_with_a_new_epoch)
 	cr_assert_not(reclaimed(seg_an[1].file_no),
 		      "announced without a new epoch");
 	spool_destroy(sp);
+}
+
+/* ---- faults at a start do not destroy what the spool holds (review
+ * 2026-12-05) ------------------------------------------------------------ */
+
+static void
+fill_and_close(uint64_t *ids, unsigned n)
+{
+	struct spool_params p;
+	struct spool *sp;
+	static uint8_t body[3000];
+
+	params(&p, NULL);
+	sp = make(&p);
+	memset(body, 'a', sizeof(body));
+	for (unsigned i = 0; i < n; i++)
+		ids[i] = put_msg(sp, body, sizeof(body));
+	drain(sp);
+	spool_destroy(sp);
+	for (unsigned i = 0; i < n; i++)
+		cr_assert(found_on_disk(ids[i]));
+}
+
+/* The preparer's scan of the worker's directory fails (EMFILE): the start
+ * fails, and nothing is made. Before, a second later it made a segment
+ * numbered from zero and renamed it over the one holding the mail. */
+Test(spool, a_failed_scan_makes_nothing_over_the_old_segments)
+{
+	struct spool_params p;
+	struct spool *sp;
+	uint64_t ids[20];
+
+	fill_and_close(ids, 20);
+	params(&p, NULL);
+	fail_errno = EMFILE;
+	fail_opendir_of = "/w05";
+	sp = spool_create(&p);
+	cr_assert_eq(failed_calls, 1, "the scan's opendir was not failed");
+	if (sp) { /* it may only have waited: nothing made over the mail */
+		usleep(1500000);
+		spool_destroy(sp);
+	}
+	cr_assert_null(sp, "the start went on without its scan");
+	for (unsigned i = 0; i < 20; i++)
+		cr_assert(found_on_disk(ids[i]), "message %u lost", i);
+	sp = make(&p); /* and the next start, without the fault, is fine */
+	spool_destroy(sp);
+	for (unsigned i = 0; i < 20; i++)
+		cr_assert(found_on_disk(ids[i]));
+}
+
+/* One segment cannot be opened by the scan (EMFILE): the scan fails as a
+ * whole (before, the file was left out of the list and its use sequence
+ * given again). */
+Test(spool, a_segment_the_scan_cannot_open_fails_the_scan)
+{
+	struct spool_params p;
+	struct spool *sp;
+	uint64_t ids[20];
+
+	fill_and_close(ids, 20);
+	params(&p, NULL);
+	fail_errno = EMFILE;
+	fail_open_of = "/w05/00000000.seg";
+	sp = spool_create(&p);
+	cr_assert_geq(failed_calls, 1);
+	if (sp)
+		spool_destroy(sp);
+	cr_assert_null(sp, "the start went on with a file left out");
+	for (unsigned i = 0; i < 20; i++)
+		cr_assert(found_on_disk(ids[i]), "message %u lost", i);
+}
+
+/* A segment's header cannot be read (EIO): it is kept as it is, never
+ * made a spare. Before, a read error was taken for a short file, and the
+ * file was truncated and zeroed with the mail in it. */
+Test(spool, a_header_read_error_keeps_the_segment)
+{
+	struct spool_params p;
+	struct spool *sp;
+	uint64_t ids[20];
+
+	fill_and_close(ids, 20);
+	params(&p, NULL);
+	p.spare_segments = 3;
+	fail_errno = EIO;
+	fail_hdr_of = "/w05/00000000.seg";
+	sp = make(&p);
+	usleep(300000); /* the preparer makes its spares */
+	cr_assert_eq(failed_calls, 1, "the header read was not failed");
+	spool_destroy(sp);
+	for (unsigned i = 0; i < 20; i++)
+		cr_assert(found_on_disk(ids[i]), "message %u lost", i);
 }
