@@ -75,6 +75,7 @@ min_u64(uint64_t a, uint64_t b)
 struct cand {
 	uint64_t file_no;
 	bool rezero;
+	unsigned fails; /* prepare() failures: abandoned at 3 */
 };
 
 /* A line of the segment list. */
@@ -240,7 +241,7 @@ stop_at_first(void *ctx, const struct spool_walk_rec *r)
 }
 
 static void led_set(struct spool_prep *pp, uint64_t no, uint64_t use_seq);
-static void led_write(struct spool_prep *pp);
+static int led_write(struct spool_prep *pp);
 
 /*
  * A header-less leftover: does it hold any intact record, whatever its
@@ -345,8 +346,7 @@ classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 	if (!c)
 		return 0; /* not reused this run: kept as it is */
 	pp->cands = c;
-	c[pp->n_cands].file_no = no;
-	c[pp->n_cands].rezero = rezero;
+	c[pp->n_cands] = (struct cand){.file_no = no, .rezero = rezero};
 	pp->n_cands++;
 	return 0;
 }
@@ -397,7 +397,7 @@ scan_dir(struct spool_prep *pp)
 		return r;
 	/* The list now names what is here: a file the previous list named
 	 * that is gone was reported by recovery, which ran before us. */
-	led_write(pp);
+	(void)led_write(pp); /* logged; the next rewrite tries again */
 	fd_log(FD_LOG_INFO, "spool",
 	       "event=segments_found worker=%u files=%" PRIu64
 	       " reusable=%zu",
@@ -445,7 +445,7 @@ led_del(struct spool_prep *pp, uint64_t no)
  * or deleted). A failure is logged and only costs the report of a missing
  * segment, so it never stops the spool.
  */
-static void
+static int
 led_write(struct spool_prep *pp)
 {
 	char tmp[4200], path[4200];
@@ -476,6 +476,7 @@ out_log:
 		fd_log(FD_LOG_WARN, "spool",
 		       "event=segment_list_failed worker=%u err=%d",
 		       pp->worker, -r);
+	return r;
 }
 
 static int
@@ -513,6 +514,19 @@ static int publish(struct spool_prep *pp, const char *path,
 		   const struct spool_seg_hdr *hp);
 
 /* Make file `no` a ready spare. Returns 0 or -errno. */
+/* A file back among the candidates (a spare made again when needed). */
+static void
+add_cand(struct spool_prep *pp, uint64_t no, bool rezero)
+{
+	struct cand *c = realloc(pp->cands, (pp->n_cands + 1) * sizeof(*c));
+
+	if (!c)
+		return; /* out of use until the next start's scan */
+	pp->cands = c;
+	c[pp->n_cands] = (struct cand){.file_no = no, .rezero = rezero};
+	pp->n_cands++;
+}
+
 static int
 prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 {
@@ -597,8 +611,15 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 	pp->made_one = true;
 	pp->next_use_seq++;
 	led_set(pp, no, h.use_seq);
-	led_write(pp); /* a new file is listed once it is durable */
-	return publish(pp, path, &h);
+	(void)led_write(pp); /* a new file is listed once it is durable */
+	r = publish(pp, path, &h);
+	if (r && fresh) {
+		/* Made and listed, only not handed over: a candidate, made
+		 * ready at the next try (its number is used). */
+		add_cand(pp, no, false);
+		return 0;
+	}
+	return r;
 
 out_close:
 	close(fd);
@@ -734,27 +755,32 @@ recycle_one(struct spool_prep *pp, const struct recyc *q)
 	pthread_mutex_unlock(&pp->mu);
 	if (h.size != pp->seg_size || (uint64_t)st.st_size != pp->seg_size)
 		keep_ready = keep_reserve = false; /* resized: make anew */
+	bool resized = h.size != pp->seg_size ||
+		       (uint64_t)st.st_size != pp->seg_size;
 	if (keep_ready || keep_reserve) {
 		led_set(pp, q->file_no, h.use_seq);
-		led_write(pp);
+		(void)led_write(pp); /* logged; listed at the next rewrite */
 	}
-	if (keep_ready) {
-		r = publish(pp, path, &h);
-	} else if (keep_reserve) {
-		struct cand *c =
-			realloc(pp->cands, (pp->n_cands + 1) * sizeof(*c));
-		if (c) {
-			pp->cands = c;
-			c[pp->n_cands].file_no = q->file_no;
-			c[pp->n_cands].rezero = false;
-			pp->n_cands++;
-		}
-	} else {
+	if (keep_ready && publish(pp, path, &h) != 0) {
+		/* Not lost to the preparer: a candidate, made ready again
+		 * when a spare is wanted (its header is new; the old
+		 * records are stale already). */
+		keep_ready = false;
+		keep_reserve = true;
+	}
+	if (keep_reserve) {
+		add_cand(pp, q->file_no, false);
+	} else if (!keep_ready) {
 		/* Delisted before it goes, so that a crash in between never
-		 * leaves a listed file that we removed ourselves. */
+		 * leaves a listed file that we removed ourselves; a list
+		 * that cannot be written keeps the file (deleted, it would
+		 * read as lost at the next start). */
 		led_del(pp, q->file_no);
-		led_write(pp);
-		if (unlink(path) == 0) {
+		if (led_write(pp) != 0) {
+			led_set(pp, q->file_no, h.use_seq);
+			add_cand(pp, q->file_no, resized);
+			keep_reserve = true;
+		} else if (unlink(path) == 0) {
 			pp->n_files--;
 			r = fd_fsync_dir(pp->wdir);
 		} else {
@@ -903,7 +929,25 @@ make_one(struct spool_prep *pp)
 
 	if (pp->n_cands) {
 		struct cand c = pp->cands[--pp->n_cands];
-		return prepare(pp, c.file_no, false, c.rezero);
+		r = prepare(pp, c.file_no, false, c.rezero);
+		if (r && ++c.fails < 3) {
+			/* Back among the candidates (first to go next time:
+			 * others are tried before it), zeroed anew (a failure
+			 * may have come half-way through): not lost to the
+			 * preparer until a restart while the spool grew. */
+			memmove(pp->cands + 1, pp->cands,
+				pp->n_cands * sizeof(*pp->cands));
+			c.rezero = true;
+			pp->cands[0] = c;
+			pp->n_cands++;
+		} else if (r) {
+			fd_log(FD_LOG_ERR, "spool",
+			       "event=segment_abandoned worker=%u file=%08"
+			       PRIx64 " err=%d note=\"failed three times; out "
+			       "of use until the next start\"",
+			       pp->worker, c.file_no, -r);
+		}
+		return r;
 	}
 	if (pp->max_segments && pp->n_files >= pp->max_segments)
 		return -ENOSPC;

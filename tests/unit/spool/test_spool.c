@@ -50,6 +50,10 @@ static char root[64];
 static const char *fail_opendir_of, *fail_open_of, *fail_hdr_of;
 static int fail_errno;
 static unsigned failed_calls;
+/* the Nth O_DIRECT open of a segment (a publish) fails, once; 0: none */
+static unsigned fail_direct_open_n, direct_opens;
+/* fopen() of the segment list's temporary file fails */
+static bool fail_list_write;
 
 static bool
 tail_is(const char *path, const char *tail)
@@ -91,6 +95,12 @@ open64(const char *path, int flags, ...)
 		mode = (mode_t)va_arg(ap, int);
 		va_end(ap);
 	}
+	if ((flags & O_DIRECT) && tail_is(path, ".seg") &&
+	    fail_direct_open_n && ++direct_opens == fail_direct_open_n) {
+		failed_calls++;
+		errno = fail_errno;
+		return -1;
+	}
 	if (fail_open_of && tail_is(path, fail_open_of) &&
 	    (flags & O_ACCMODE) == O_RDONLY) {
 		fail_open_of = NULL;
@@ -99,6 +109,23 @@ open64(const char *path, int flags, ...)
 		return -1;
 	}
 	return real(path, flags, mode);
+}
+
+FILE *fopen64(const char *path, const char *mode);
+FILE *
+fopen64(const char *path, const char *mode)
+{
+	static FILE *(*real)(const char *, const char *);
+
+	if (!real)
+		*(void **)&real = dlsym(RTLD_NEXT, "fopen64");
+	if (fail_list_write && tail_is(path, ".tmp") &&
+	    strstr(path, "/w05/") && !tail_is(path, ".seg.tmp")) {
+		failed_calls++;
+		errno = EMFILE;
+		return NULL;
+	}
+	return real(path, mode);
 }
 
 ssize_t pread64(int fd, void *buf, size_t n, off_t off);
@@ -142,6 +169,8 @@ setup(void)
 	n_done = 0;
 	fail_opendir_of = fail_open_of = fail_hdr_of = NULL;
 	failed_calls = 0;
+	fail_direct_open_n = direct_opens = 0;
+	fail_list_write = false;
 }
 
 static void
@@ -1670,4 +1699,105 @@ Test(spool, a_header_read_error_keeps_the_segment)
 	spool_destroy(sp);
 	for (unsigned i = 0; i < 20; i++)
 		cr_assert(found_on_disk(ids[i]), "message %u lost", i);
+}
+
+static unsigned
+seg_files(void)
+{
+	char d[128];
+	DIR *dir;
+	struct dirent *e;
+	unsigned n = 0;
+
+	snprintf(d, sizeof(d), "%s/w05", root);
+	dir = opendir(d);
+	cr_assert_not_null(dir);
+	while ((e = readdir(dir)))
+		n += tail_is(e->d_name, ".seg");
+	closedir(dir);
+	return n;
+}
+
+/* A spare left by the last run whose making-ready fails once (its open
+ * for the writer: EMFILE) stays a candidate and is made ready at the next
+ * try; before, it was dropped until a restart and a new file made in its
+ * place (the spool grew, or refused mail at --max-segments). */
+Test(spool, a_spare_that_fails_once_is_tried_again)
+{
+	struct spool_params p;
+	struct spool *sp;
+	uint8_t body[3000];
+	unsigned files;
+
+	params(&p, NULL);
+	p.spare_segments = 3;
+	sp = make(&p);
+	memset(body, 'a', sizeof(body));
+	put_msg(sp, body, sizeof(body));
+	drain(sp);
+	usleep(500000); /* three spares made */
+	spool_destroy(sp);
+	files = seg_files();
+	cr_assert_eq(files, 4, "%u files", files);
+	fail_errno = EMFILE;
+	fail_direct_open_n = 2; /* the second spare made ready */
+	sp = make(&p);
+	/* the preparer tries again after a second, and zeroes it anew */
+	usleep(2000000);
+	cr_assert_eq(failed_calls, 1, "the publish was not failed");
+	/* three spares kept ready, three on disk: no new file (one, had the
+	 * failed spare been dropped); the writer takes none before mail */
+	cr_assert_eq(seg_files(), files, "%u files, were %u", seg_files(),
+		     files);
+	spool_destroy(sp);
+}
+
+/* A reclaimed segment the preparer would delete (spares enough) is kept
+ * when the segment list cannot be rewritten without it: deleted while
+ * still listed, the next start reported it missing, "the messages it held
+ * are lost". */
+Test(spool, a_surplus_segment_is_kept_when_it_cannot_be_delisted)
+{
+	struct spool_params p;
+	uint8_t body[1000];
+	char path[512];
+
+	params(&p, NULL);
+	p.max_msgs = 4;
+	p.segment_size = 4096 + 2 * (16384 + 69632 + 4096);
+	p.spare_segments = 1;
+	p.announce = on_seg_announce;
+	n_seg_an = n_recl_an = 0;
+	struct spool *sp = make(&p);
+
+	memset(body, 'q', sizeof(body));
+	for (int i = 0; i < 80 && n_seg_an < 4; i++) {
+		put_msg(sp, body, sizeof(body));
+		spool_flush(sp);
+		drain(sp);
+	}
+	cr_assert_geq(n_seg_an, 4, "segments used: %u", n_seg_an);
+	/* the first goes to the reserve, the second would be deleted */
+	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[0].use_seq),
+		     0);
+	for (int i = 0; i < 300 && !reclaimed(seg_an[0].file_no); i++) {
+		spool_flush(sp);
+		usleep(10000);
+	}
+	cr_assert(reclaimed(seg_an[0].file_no));
+	fail_list_write = true;
+	cr_assert_eq(spool_reclaim(sp, seg_an[1].file_no, seg_an[1].use_seq),
+		     0);
+	for (int i = 0; i < 300 && !reclaimed(seg_an[1].file_no); i++) {
+		spool_flush(sp);
+		usleep(10000);
+	}
+	fail_list_write = false;
+	cr_assert(reclaimed(seg_an[1].file_no));
+	cr_assert_geq(failed_calls, 1, "the list was not failed");
+	snprintf(path, sizeof(path), "%s/w05/%08llx.seg", root,
+		 (unsigned long long)seg_an[1].file_no);
+	cr_assert_eq(access(path, F_OK), 0,
+		     "deleted while the list still names it");
+	spool_destroy(sp);
 }
