@@ -265,9 +265,9 @@ any_intact_record(int fd, uint64_t size, uint8_t *win, size_t win_len)
 }
 
 /* Classify one leftover file: sealed (has records) or a candidate. 0, or
- * -errno when the file could not be opened (EMFILE...): the scan fails and
- * is tried again, for a file left out would be missing from the list, its
- * use sequence given again, and its number made anew over it. */
+ * -errno when the file could not be opened (EMFILE...): the scan, and the
+ * start, fail, for a file left out would be missing from the list and its
+ * use sequence given again. */
 static int
 classify(struct spool_prep *pp, uint64_t no, uint8_t *win, size_t win_len)
 {
@@ -442,8 +442,9 @@ led_del(struct spool_prep *pp, uint64_t no)
 /*
  * Replace wNN/segments with the list: a new file, fsynced, renamed over the
  * old one, the directory fsynced. Off the hot path (once per segment made
- * or deleted). A failure is logged and only costs the report of a missing
- * segment, so it never stops the spool.
+ * or deleted). 0 or -errno. A failure is logged and never stops the
+ * spool; a file is deleted only once a list without it is durable
+ * (recycle_one()), since a listed file that is gone reads as lost.
  */
 static int
 led_write(struct spool_prep *pp)
@@ -513,7 +514,6 @@ new_epoch(void)
 static int publish(struct spool_prep *pp, const char *path,
 		   const struct spool_seg_hdr *hp);
 
-/* Make file `no` a ready spare. Returns 0 or -errno. */
 /* A file back among the candidates (a spare made again when needed). */
 static void
 add_cand(struct spool_prep *pp, uint64_t no, bool rezero)
@@ -527,6 +527,8 @@ add_cand(struct spool_prep *pp, uint64_t no, bool rezero)
 	pp->n_cands++;
 }
 
+/* Make file `no` a ready spare. Returns 0 (for a fresh file made but not
+ * handed over too: it is then a candidate) or -errno. */
 static int
 prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 {
@@ -931,7 +933,7 @@ make_one(struct spool_prep *pp)
 		struct cand c = pp->cands[--pp->n_cands];
 		r = prepare(pp, c.file_no, false, c.rezero);
 		if (r && ++c.fails < 3) {
-			/* Back among the candidates (first to go next time:
+			/* Back among the candidates, at the bottom (the
 			 * others are tried before it), zeroed anew (a failure
 			 * may have come half-way through): not lost to the
 			 * preparer until a restart while the spool grew. */
