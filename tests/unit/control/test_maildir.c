@@ -630,6 +630,26 @@ Test(maildir, root_path_too_long_for_the_result)
 	cr_expect_eq(entries(root), 0);
 }
 
+/* root/gone removed and bob's mailbox made again by "another program"
+ * (mkdir -p), then one delivery to bob with its syncs recorded. */
+static void
+remake_and_deliver(const char *gone)
+{
+	struct src s = src_of("hi\r\n", 4);
+	struct maildir_result res;
+	char cmd[512];
+
+	snprintf(cmd, sizeof(cmd),
+		 "rm -rf %s/%s && mkdir -p %s/example.org/bob/tmp "
+		 "%s/example.org/bob/new %s/example.org/bob/cur",
+		 root, gone, root, root, root);
+	cr_assert_eq(system(cmd), 0);
+	record_syncs();
+	cr_assert_eq(maildir_deliver(root, "example.org", "bob", NULL,
+				     src_read, &s, 4, &res), 0, "%s", res.text);
+	recording = 0;
+}
+
 static bool
 has_btime(const char *path)
 {
@@ -649,7 +669,6 @@ Test(maildir, a_mailbox_made_again_elsewhere_is_synced_again)
 {
 	struct src s = src_of("hi\r\n", 4);
 	struct maildir_result res;
-	char cmd[512];
 
 	cr_assert_eq(maildir_deliver(root, "example.org", "bob", NULL,
 				     src_read, &s, 4, &res), 0, "%s",
@@ -668,31 +687,13 @@ Test(maildir, a_mailbox_made_again_elsewhere_is_synced_again)
 	}
 	cr_assert(was_synced("example.org/bob/new"));
 
-	snprintf(cmd, sizeof(cmd),
-		 "rm -rf %s/example.org/bob && mkdir -p %s/example.org/bob/tmp "
-		 "%s/example.org/bob/new %s/example.org/bob/cur",
-		 root, root, root, root);
-	cr_assert_eq(system(cmd), 0);
-	s = src_of("hi\r\n", 4);
-	record_syncs();
-	cr_assert_eq(maildir_deliver(root, "example.org", "bob", NULL,
-				     src_read, &s, 4, &res), 0);
-	recording = 0;
+	remake_and_deliver("example.org/bob");
 	cr_assert(was_synced("example.org"), "bob's entry in its domain");
 	cr_assert(was_synced("example.org/bob"), "tmp, new, cur in bob");
 	cr_assert(was_synced("example.org/bob/new"));
 
 	/* the whole domain made again */
-	snprintf(cmd, sizeof(cmd),
-		 "rm -rf %s/example.org && mkdir -p %s/example.org/bob/tmp "
-		 "%s/example.org/bob/new %s/example.org/bob/cur",
-		 root, root, root, root);
-	cr_assert_eq(system(cmd), 0);
-	s = src_of("hi\r\n", 4);
-	record_syncs();
-	cr_assert_eq(maildir_deliver(root, "example.org", "bob", NULL,
-				     src_read, &s, 4, &res), 0);
-	recording = 0;
+	remake_and_deliver("example.org");
 	cr_assert(was_synced(""), "the domain's entry in the root");
 	cr_assert(was_synced("example.org"));
 	cr_assert(was_synced("example.org/bob"));

@@ -571,6 +571,39 @@ queued(uint64_t id)
 	return false;
 }
 
+/* Walk (flushes, as the queue manager's ticks would) until the tailer
+ * passed a segment over, then once more; its stats in *st. */
+static void
+wait_skipped(struct tail *t, struct tail_stats *st)
+{
+	for (int i = 0; i < 40; i++) {
+		tail_get_stats(t, st);
+		if (st->segments_skipped)
+			break;
+		usleep(20000);
+		tail_flush(t);
+	}
+	tail_flush(t);
+	tail_get_stats(t, st);
+}
+
+/* One octet of segment file 0 on disk flipped by `mask`. */
+static void
+flip_file0(off_t off, uint8_t mask)
+{
+	char path[128];
+	uint8_t b;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/w01/00000000.seg", root);
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(pread(fd, &b, 1, off), 1);
+	b ^= mask;
+	cr_assert_eq(pwrite(fd, &b, 1, off), 1);
+	close(fd);
+}
+
 /* A read fails once in the middle of a segment's walk. What came before
  * it was handed on; the retry starts at the record it could not read, so
  * nothing is handed twice (a second ENV broke its message, which was then
@@ -625,15 +658,7 @@ Test(tail, a_lasting_read_error_is_passed_over_and_the_segment_kept)
 	tail_flush(t);
 	inj_mode = 2; /* and every one after at that offset */
 	cr_assert_eq(n_added, 0);
-	for (int i = 0; i < 40; i++) {
-		tail_get_stats(t, &st);
-		if (st.segments_skipped)
-			break;
-		usleep(20000);
-		tail_flush(t);
-	}
-	tail_flush(t);
-	tail_get_stats(t, &st);
+	wait_skipped(t, &st);
 	cr_assert_eq(st.segments_skipped, 1);
 	cr_assert_geq(n_segs, 3);
 	cr_assert_gt(n_added, 0, "the later segments were not walked");
@@ -653,10 +678,7 @@ Test(tail, a_message_continuing_past_a_skipped_segment_keeps_the_next)
 	struct spool *sp = open_spool_seg(1u << 20);
 	struct tail *t = new_tail();
 	struct tail_stats st;
-	char path[128];
-	uint8_t b;
 	size_t n = 0;
-	int fd;
 
 #ifdef FINALDOT_FAULT_INJECTION
 	tail_header_retry_us = 200000;
@@ -674,23 +696,9 @@ Test(tail, a_message_continuing_past_a_skipped_segment_keeps_the_next)
 			break;
 	}
 	/* file 0's header damaged: one octet of it */
-	snprintf(path, sizeof(path), "%s/w01/00000000.seg", root);
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	cr_assert_geq(fd, 0);
-	cr_assert_eq(pread(fd, &b, 1, 40), 1);
-	b ^= 0xff;
-	cr_assert_eq(pwrite(fd, &b, 1, 40), 1);
-	close(fd);
+	flip_file0(40, 0xff);
 	feed(t);
-	for (int i = 0; i < 40; i++) {
-		tail_get_stats(t, &st);
-		if (st.segments_skipped)
-			break;
-		usleep(20000);
-		tail_flush(t);
-	}
-	tail_flush(t);
-	tail_get_stats(t, &st);
+	wait_skipped(t, &st);
 	cr_assert_eq(st.segments_skipped, 1);
 	cr_assert_lt(n_added, n);
 	cr_assert_gt(n_added, 0);
@@ -715,20 +723,11 @@ Test(tail, a_damaged_message_keeps_its_segment)
 	struct spool *sp = open_spool_seg(1u << 20);
 	struct tail *t = new_tail();
 	struct tail_stats st;
-	char path[128];
-	uint8_t b;
 	size_t n;
-	int fd;
 
 	for (n = 0; n < 300; n++) /* three 1 MiB segments and more */
 		write_msg(sp, 8000);
-	snprintf(path, sizeof(path), "%s/w01/00000000.seg", root);
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	cr_assert_geq(fd, 0);
-	cr_assert_eq(pread(fd, &b, 1, 300000), 1);
-	b ^= 0x01;
-	cr_assert_eq(pwrite(fd, &b, 1, 300000), 1);
-	close(fd);
+	flip_file0(300000, 0x01);
 	feed(t);
 	tail_flush(t);
 	tail_get_stats(t, &st);

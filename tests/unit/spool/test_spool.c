@@ -1556,6 +1556,31 @@ reclaimed(uint64_t file_no)
 	return false;
 }
 
+/* A spool of small segments (one spare kept), filled until four were
+ * taken into use (seg_an[] says which). */
+static struct spool *
+four_small_segments(struct spool_params *p)
+{
+	uint8_t body[1000];
+	struct spool *sp;
+
+	params(p, NULL);
+	p->max_msgs = 4;
+	p->segment_size = 4096 + 2 * (16384 + 69632 + 4096);
+	p->spare_segments = 1;
+	p->announce = on_seg_announce;
+	n_seg_an = n_recl_an = 0;
+	sp = make(p);
+	memset(body, 'q', sizeof(body));
+	for (int i = 0; i < 80 && n_seg_an < 4; i++) {
+		put_msg(sp, body, sizeof(body));
+		spool_flush(sp);
+		drain(sp);
+	}
+	cr_assert_geq(n_seg_an, 4, "segments used: %u", n_seg_an);
+	return sp;
+}
+
 /* RECLAIMED is announced once the file has its new epoch; a file that
  * could not get one (its header unreadable) is not announced: announced,
  * the control plane would forget its messages and a restart would deliver
@@ -1566,22 +1591,8 @@ Test(spool, reclaim_announced_only_with_a_new_epoch)
 	uint8_t body[1000];
 	char path[512];
 	int fd;
+	struct spool *sp = four_small_segments(&p);
 
-	params(&p, NULL);
-	p.max_msgs = 4;
-	p.segment_size = 4096 + 2 * (16384 + 69632 + 4096);
-	p.spare_segments = 1;
-	p.announce = on_seg_announce;
-	n_seg_an = n_recl_an = 0;
-	struct spool *sp = make(&p);
-
-	memset(body, 'q', sizeof(body));
-	for (int i = 0; i < 80 && n_seg_an < 4; i++) {
-		put_msg(sp, body, sizeof(body));
-		spool_flush(sp);
-		drain(sp);
-	}
-	cr_assert_geq(n_seg_an, 4, "segments used: %u", n_seg_an);
 	/* the second one's header damaged on disk */
 	snprintf(path, sizeof(path), "%s/w05/%08llx.seg", root,
 		 (unsigned long long)seg_an[1].file_no);
@@ -1759,24 +1770,9 @@ Test(spool, a_spare_that_fails_once_is_tried_again)
 Test(spool, a_surplus_segment_is_kept_when_it_cannot_be_delisted)
 {
 	struct spool_params p;
-	uint8_t body[1000];
 	char path[512];
+	struct spool *sp = four_small_segments(&p);
 
-	params(&p, NULL);
-	p.max_msgs = 4;
-	p.segment_size = 4096 + 2 * (16384 + 69632 + 4096);
-	p.spare_segments = 1;
-	p.announce = on_seg_announce;
-	n_seg_an = n_recl_an = 0;
-	struct spool *sp = make(&p);
-
-	memset(body, 'q', sizeof(body));
-	for (int i = 0; i < 80 && n_seg_an < 4; i++) {
-		put_msg(sp, body, sizeof(body));
-		spool_flush(sp);
-		drain(sp);
-	}
-	cr_assert_geq(n_seg_an, 4, "segments used: %u", n_seg_an);
 	/* the first goes to the reserve, the second would be deleted */
 	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[0].use_seq),
 		     0);
