@@ -88,10 +88,10 @@ recover(const char *dir, uint64_t *seeds)
 	sum = ctl_spool_scan_summary(scan);
 	memcpy(seeds, sum->max_msgid, sizeof(sum->max_msgid));
 	fd_log(FD_LOG_INFO, "main",
-	       "event=recovered dir=%s segments=%" PRIu64 " segments_bad=%" PRIu64
-	       " messages=%" PRIu64 " incomplete=%" PRIu64
-	       " records_bad=%" PRIu64 " records_stale=%" PRIu64
-	       " bytes=%" PRIu64 " ms=%" PRIu64,
+	       "event=recovered dir=%s segments=%" PRIu64
+	       " segments_bad=%" PRIu64 " messages=%" PRIu64
+	       " incomplete=%" PRIu64 " records_bad=%" PRIu64
+	       " records_stale=%" PRIu64 " bytes=%" PRIu64 " ms=%" PRIu64,
 	       dir, sum->segments, sum->segments_bad, sum->msgs_committed,
 	       sum->msgs_incomplete, sum->records_bad, sum->records_stale,
 	       sum->body_bytes,

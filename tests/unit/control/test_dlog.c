@@ -1698,13 +1698,15 @@ Test(dlog, a_failed_open_leaks_no_descriptor)
 		int fd = open(path, O_WRONLY | O_CLOEXEC);
 		cr_assert_geq(fd, 0);
 		cr_assert_eq(pwrite(fd, junk, sizeof(junk),
-				    (off_t)end_of(2) + 16), (ssize_t)sizeof(junk));
+				    (off_t)end_of(2) + 16),
+			     (ssize_t)sizeof(junk));
 		close(fd);
 		before = open_fds();
 		l = dlog_open(root, NULL, NULL, NULL, NULL, &err);
 		cr_assert_null(l, "the open did not fail");
 		cr_assert_eq(err, -EIO);
-		cr_assert_eq(open_fds(), before, "open %d left a descriptor", i);
+		cr_assert_eq(open_fds(), before, "open %d left a descriptor",
+			     i);
 	}
 	dlog_set_io_hook(NULL, NULL);
 	fail_op = -1;
