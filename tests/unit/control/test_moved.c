@@ -187,23 +187,32 @@ Test(moved, torn_or_altered_files_are_refused, .init = setup,
 	free(scratch);
 }
 
-Test(moved, a_failed_body_read_leaves_no_file, .init = setup,
-     .fini = teardown)
+/* Message id's file written from a bad source of n octets (failing at
+ * fail_at, or returning one more than asked): -EIO, and neither the file
+ * nor its temporary one left behind. */
+static void
+write_fails_leaving_nothing(uint64_t id, size_t n, long fail_at,
+			    int overread)
 {
 	struct fd_envelope env = envelope();
-	uint8_t *b = body(50000);
-	struct src s = {b, 50000, 20000, 0};
+	uint8_t *b = body(n);
+	struct src s = {b, n, fail_at, overread};
 	char p[300], t[300];
 	uint64_t off;
 
-	cr_assert_eq(moved_write(dir, 9, 0, &env, 50000, 1, src_read, &s,
-				 &off),
+	cr_assert_eq(moved_write(dir, id, 0, &env, n, 1, src_read, &s, &off),
 		     -EIO);
-	moved_path(p, sizeof(p), dir, 9, 0);
-	moved_path(t, sizeof(t), dir, 9, 1);
+	moved_path(p, sizeof(p), dir, id, 0);
+	moved_path(t, sizeof(t), dir, id, 1);
 	cr_assert_neq(access(p, F_OK), 0, "a file was left");
 	cr_assert_neq(access(t, F_OK), 0, "the temporary file was left");
 	free(b);
+}
+
+Test(moved, a_failed_body_read_leaves_no_file, .init = setup,
+     .fini = teardown)
+{
+	write_fails_leaving_nothing(9, 50000, 20000, 0);
 }
 
 /* A source that hands back more than it was asked for is a bad source:
@@ -211,18 +220,5 @@ Test(moved, a_failed_body_read_leaves_no_file, .init = setup,
 Test(moved, a_source_returning_more_than_asked_leaves_no_file,
      .init = setup, .fini = teardown)
 {
-	struct fd_envelope env = envelope();
-	uint8_t *b = body(3000);
-	struct src s = {b, 3000, -1, 1};
-	char p[300], t[300];
-	uint64_t off;
-
-	cr_assert_eq(moved_write(dir, 10, 0, &env, 3000, 1, src_read, &s,
-				 &off),
-		     -EIO);
-	moved_path(p, sizeof(p), dir, 10, 0);
-	moved_path(t, sizeof(t), dir, 10, 1);
-	cr_assert_neq(access(p, F_OK), 0, "a file was left");
-	cr_assert_neq(access(t, F_OK), 0, "the temporary file was left");
-	free(b);
+	write_fails_leaving_nothing(10, 3000, -1, 1);
 }

@@ -1640,6 +1640,26 @@ fill_and_close(uint64_t *ids, unsigned n)
 		cr_assert(found_on_disk(ids[i]));
 }
 
+/* A start with the fault set up: it fails, and makes nothing over the n
+ * messages on disk (a start that went on is given time to). */
+static void
+start_fails_keeping(const uint64_t *ids, unsigned n, const char *why)
+{
+	struct spool_params p;
+	struct spool *sp;
+
+	params(&p, NULL);
+	sp = spool_create(&p);
+	cr_assert_geq(failed_calls, 1, "the fault was not met");
+	if (sp) { /* it may only have waited: nothing made over the mail */
+		usleep(1500000);
+		spool_destroy(sp);
+	}
+	cr_assert_null(sp, "%s", why);
+	for (unsigned i = 0; i < n; i++)
+		cr_assert(found_on_disk(ids[i]), "message %u lost", i);
+}
+
 /* The preparer's scan of the worker's directory fails (EMFILE): the start
  * fails, and nothing is made. Before, a second later it made a segment
  * numbered from zero and renamed it over the one holding the mail. */
@@ -1650,18 +1670,12 @@ Test(spool, a_failed_scan_makes_nothing_over_the_old_segments)
 	uint64_t ids[20];
 
 	fill_and_close(ids, 20);
-	params(&p, NULL);
 	fail_errno = EMFILE;
 	fail_opendir_of = "/w05";
-	sp = spool_create(&p);
-	cr_assert_eq(failed_calls, 1, "the scan's opendir was not failed");
-	if (sp) { /* it may only have waited: nothing made over the mail */
-		usleep(1500000);
-		spool_destroy(sp);
-	}
-	cr_assert_null(sp, "the start went on without its scan");
-	for (unsigned i = 0; i < 20; i++)
-		cr_assert(found_on_disk(ids[i]), "message %u lost", i);
+	start_fails_keeping(ids, 20, "the start went on without its scan");
+	cr_assert_eq(failed_calls, 1, "the scan's opendir failed %u times",
+		     failed_calls);
+	params(&p, NULL);
 	sp = make(&p); /* and the next start, without the fault, is fine */
 	spool_destroy(sp);
 	for (unsigned i = 0; i < 20; i++)
@@ -1673,21 +1687,12 @@ Test(spool, a_failed_scan_makes_nothing_over_the_old_segments)
  * given again). */
 Test(spool, a_segment_the_scan_cannot_open_fails_the_scan)
 {
-	struct spool_params p;
-	struct spool *sp;
 	uint64_t ids[20];
 
 	fill_and_close(ids, 20);
-	params(&p, NULL);
 	fail_errno = EMFILE;
 	fail_open_of = "/w05/00000000.seg";
-	sp = spool_create(&p);
-	cr_assert_geq(failed_calls, 1);
-	if (sp)
-		spool_destroy(sp);
-	cr_assert_null(sp, "the start went on with a file left out");
-	for (unsigned i = 0; i < 20; i++)
-		cr_assert(found_on_disk(ids[i]), "message %u lost", i);
+	start_fails_keeping(ids, 20, "the start went on with a file left out");
 }
 
 /* A segment's header cannot be read (EIO): it is kept as it is, never
