@@ -4,8 +4,9 @@
  * hot path (appending writes are metadata to make durable with each
  * flush).
  *
- * Preparing a segment: write zeros over the whole file (new, or a leftover
- * of unknown state), or with spool_prepare = fallocate reserve it as
+ * Preparing a segment: write zeros over the whole file (new; a leftover of
+ * unknown state all but block 0, which keeps its old header until the new
+ * one replaces it), or with spool_prepare = fallocate reserve it as
  * unwritten extents (where that is cheap: spool_prepare_fallocate() in
  * spool.h says where), then block 0 with a fresh header (new random epoch,
  * next use sequence), fsync the file and, for a new file, its directory.
@@ -166,17 +167,17 @@ zero_yield(struct spool_prep *pp)
 
 static int pwrite_all(int fd, const void *p, size_t n, uint64_t off);
 
-/* Zeros over [0, size) of the file at path, O_DIRECT where the
- * filesystem has it (buffered otherwise: the fsync that follows covers
- * both). 0 or -errno. */
+/* Zeros over [from, size) of the file at path (from a multiple of
+ * SPOOL_BLOCK), O_DIRECT where the filesystem has it (buffered otherwise:
+ * the fsync that follows covers both). 0 or -errno. */
 static int
-zero_file(struct spool_prep *pp, const char *path, int fd)
+zero_file(struct spool_prep *pp, const char *path, int fd, uint64_t from)
 {
 	int dfd = open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
 	int wfd = dfd >= 0 ? dfd : fd;
 	int r = 0;
 
-	for (uint64_t off = 0; off < pp->seg_size && !r; off += ZERO_CHUNK) {
+	for (uint64_t off = from; off < pp->seg_size && !r; off += ZERO_CHUNK) {
 		size_t n = (size_t)min_u64(ZERO_CHUNK, pp->seg_size - off);
 
 		zero_yield(pp);
@@ -546,10 +547,26 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 		  O_RDWR | O_CLOEXEC | (fresh ? O_CREAT | O_EXCL : 0), 0640);
 	if (fd < 0)
 		return -errno;
+	/*
+	 * A leftover (not fresh) keeps its block 0 until the new header goes
+	 * over it, and is never truncated to nothing first: the writes below
+	 * may reach the disk in any order and any subset before the fsync,
+	 * and a header zeroed in front of the stale records of an earlier
+	 * epoch (a reclaimed spare keeps them) reads at the next start as a
+	 * damaged segment holding records: sealed for good, its stale
+	 * messages salvaged. Instead a shrink to the new size, zeros from
+	 * block 1 (or unwritten extents), then the header: at any cut block
+	 * 0 holds the old header or the new one, and nothing validates
+	 * under either (the old records are stale under both epochs).
+	 */
 	if (rezero) {
 		uint64_t t0 = fd_now_monotonic_us(), w0 = pp->zero_waits_us;
+		uint64_t from = fresh ? 0 : SPOOL_BLOCK;
+		struct stat st;
 
-		if (ftruncate(fd, 0) != 0) {
+		if (fstat(fd, &st) != 0 ||
+		    ((uint64_t)st.st_size > pp->seg_size &&
+		     ftruncate(fd, (off_t)pp->seg_size) != 0)) {
 			r = -errno;
 			goto out_close;
 		}
@@ -567,7 +584,8 @@ prepare(struct spool_prep *pp, uint64_t no, bool fresh, bool rezero)
 		} else if (r && r != -EOPNOTSUPP) {
 			goto out_close;
 		} else {
-			if ((r = zero_file(pp, fresh ? tmp : path, fd)) != 0)
+			if ((r = zero_file(pp, fresh ? tmp : path, fd,
+					   from)) != 0)
 				goto out_close;
 			fd_log(FD_LOG_INFO, "spool",
 			       "event=segment_zeroed worker=%u file=%08" PRIx64

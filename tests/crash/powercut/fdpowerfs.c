@@ -24,7 +24,9 @@
  * subset of the sectors of the unflushed writes, in no order: torn and
  * reordered writes, as a disk with a volatile cache may leave them). In
  * the torn modes a directory's unsynced changes also persist as a whole
- * with probability 1/2, and a grown file keeps its new size with 1/2.
+ * with probability 1/2, and a grown file keeps its new size with 1/2; or,
+ * in mode keep, every unflushed sector kept and no unsynced size or
+ * directory change (a disk's cache that made it, metadata that did not).
  * Then the durable state is saved to the image file and the filesystem
  * answers EIO to everything until it is unmounted. Mounting the image
  * again is the reboot.
@@ -59,6 +61,8 @@
 #include <unistd.h>
 
 #define PF_SECTOR 512u
+#define PF_DIRTY_WRITE 1 /* dirty[]: written since the last flush */
+#define PF_DIRTY_SIZE 2  /* zeroed or exposed by a size change only */
 #define PF_CTL_INO 2u
 #define PF_CTL_NAME ".powercut"
 #define PF_MAGIC "FDPWRFS1"
@@ -182,10 +186,12 @@ set_len(struct pf_ino *n, size_t len)
 	if (len < n->cur_len)
 		memset(n->cur + len, 0, n->cur_len - len);
 	/* The sectors of the change are dirty: a shrink zeroes their tail,
-	 * a growth exposes zeros where dur may hold older bytes. */
+	 * a growth exposes zeros where dur may hold older bytes (dirtied by
+	 * a size change only: cut keep leaves them as they were). */
 	for (size_t s = (len < n->cur_len ? len : n->cur_len) / PF_SECTOR;
 	     s * PF_SECTOR < (len > n->cur_len ? len : n->cur_len); s++)
-		n->dirty[s] = 1;
+		if (!n->dirty[s])
+			n->dirty[s] = PF_DIRTY_SIZE;
 	n->cur_len = len;
 }
 
@@ -441,8 +447,13 @@ bad:
 
 /* ---- the power cut ----------------------------------------------------- */
 
+/* unit 0: every unflushed sector lost; 512 or 4096: each unit kept at
+ * random; keep_all: every sector written since its last flush kept, and
+ * nothing else (no unsynced size or directory change, no zeros of a
+ * shrink), as a disk whose cache made it while the filesystem's metadata
+ * did not. */
 static void
-cut(unsigned unit, uint64_t seed)
+cut(unsigned unit, bool keep_all, uint64_t seed)
 {
 	fs.rng = seed * 0x9e3779b97f4a7c15ull + 1;
 	for (uint64_t i = 0; i < fs.n; i++) {
@@ -451,7 +462,7 @@ cut(unsigned unit, uint64_t seed)
 		if (!n->used)
 			continue;
 		if (S_ISDIR(n->mode) && n->dir_dirty) {
-			if (unit && (rnd() & 1)) {
+			if (unit && !keep_all && (rnd() & 1)) {
 				flush_dir(n);
 				fs.st.cut_dirs_kept++;
 			} else {
@@ -462,12 +473,13 @@ cut(unsigned unit, uint64_t seed)
 			continue;
 		reserve(n, n->cur_len > n->dur_len ? n->cur_len : n->dur_len);
 		for (size_t s = 0; s < n->dirty_cap; s += unit ? unit / PF_SECTOR : 1) {
-			bool keep = unit && (rnd() & 1);
+			bool keep = keep_all || (unit && (rnd() & 1));
 			size_t k = unit ? unit / PF_SECTOR : 1;
 			for (size_t j = s; j < s + k && j < n->dirty_cap; j++) {
 				if (!n->dirty[j])
 					continue;
-				if (keep) {
+				if (keep && (!keep_all ||
+					     n->dirty[j] == PF_DIRTY_WRITE)) {
 					memcpy(n->dur + j * PF_SECTOR,
 					       n->cur + j * PF_SECTOR, PF_SECTOR);
 					fs.st.cut_sectors_kept++;
@@ -477,7 +489,8 @@ cut(unsigned unit, uint64_t seed)
 				n->dirty[j] = 0;
 			}
 		}
-		if (unit && n->cur_len > n->dur_len && (rnd() & 1))
+		if (unit && !keep_all && n->cur_len > n->dur_len &&
+		    (rnd() & 1))
 			n->dur_len = n->cur_len;
 	}
 }
@@ -886,13 +899,14 @@ pf_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	fuse_reply_buf(req, (const char *)src + off, size);
 }
 
-/* "cut drop SEED", "cut torn512 SEED", "cut torn4k SEED". */
+/* "cut drop SEED", "cut torn512 SEED", "cut torn4k SEED", "cut keep". */
 static void
 ctl_write(fuse_req_t req, const char *buf, size_t size)
 {
 	char cmd[128], mode[32];
 	unsigned long long seed = 0;
 	unsigned unit;
+	bool keep_all = false;
 	int r;
 
 	if (size >= sizeof(cmd) || fs.dead) {
@@ -911,11 +925,14 @@ ctl_write(fuse_req_t req, const char *buf, size_t size)
 		unit = 512;
 	else if (strcmp(mode, "torn4k") == 0)
 		unit = 4096;
-	else {
+	else if (strcmp(mode, "keep") == 0) {
+		unit = 512;
+		keep_all = true;
+	} else {
 		fuse_reply_err(req, EINVAL);
 		return;
 	}
-	cut(unit, seed);
+	cut(unit, keep_all, seed);
 	fs.dead = true;
 	r = save_image();
 	fprintf(stderr,
@@ -953,7 +970,7 @@ pf_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
 		memcpy(n->cur + off, buf, size);
 	for (size_t s = (size_t)off / PF_SECTOR;
 	     s * PF_SECTOR < (size_t)off + size; s++)
-		n->dirty[s] = 1;
+		n->dirty[s] = PF_DIRTY_WRITE;
 	clock_gettime(CLOCK_REALTIME, &n->mtime);
 	fs.st.writes++;
 	fs.st.bytes += size;
