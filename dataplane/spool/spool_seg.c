@@ -750,9 +750,16 @@ recycle_one(struct spool_prep *pp, const struct recyc *q)
 		r = -EBADMSG;
 		goto out_close;
 	}
-	if (h.use_seq != q->use_seq) {
+	if (h.use_seq > q->use_seq) {
 		/* Already given a new header (a repeated request): its old
 		 * records are stale already; nothing to do. */
+		goto out_close;
+	}
+	if (h.use_seq < q->use_seq) {
+		/* An older use than the one asked for: not the segment the
+		 * control plane finished, and its records may be live.
+		 * Refused, not announced. */
+		r = -ESTALE;
 		goto out_close;
 	}
 	h.use_seq = pp->next_use_seq++;

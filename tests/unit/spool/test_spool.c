@@ -1619,6 +1619,55 @@ Test(spool, reclaim_announced_only_with_a_new_epoch)
 	spool_destroy(sp);
 }
 
+/* A reclaim naming a later use than the file's header holds (here the
+ * next segment's, a pair the control plane never sends) is not that
+ * segment: refused, not announced, the header untouched. Before, it was
+ * announced as done, and the control plane forgot the other segment,
+ * never reclaimed. A repeated one (the header newer) is announced: its
+ * old records are stale already. */
+Test(spool, a_reclaim_of_a_use_the_file_never_had_is_refused)
+{
+	struct spool_params p;
+	uint8_t before[64], after[64];
+	char path[512];
+	int fd;
+	struct spool *sp = four_small_segments(&p);
+
+	snprintf(path, sizeof(path), "%s/w05/%08llx.seg", root,
+		 (unsigned long long)seg_an[0].file_no);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	cr_assert_geq(fd, 0, "%s", path);
+	cr_assert_eq(pread(fd, before, sizeof(before), 0), 64);
+	cr_assert_gt(seg_an[1].use_seq, seg_an[0].use_seq);
+	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[1].use_seq),
+		     0);
+	for (int i = 0; i < 100; i++) { /* time enough for the preparer */
+		spool_flush(sp);
+		usleep(10000);
+	}
+	cr_assert_not(reclaimed(seg_an[0].file_no),
+		      "a use the file never had announced reclaimed");
+	cr_assert_eq(pread(fd, after, sizeof(after), 0), 64);
+	cr_assert_arr_eq(before, after, sizeof(before), "header rewritten");
+	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[0].use_seq),
+		     0);
+	for (int i = 0; i < 300 && !reclaimed(seg_an[0].file_no); i++) {
+		spool_flush(sp);
+		usleep(10000);
+	}
+	cr_assert(reclaimed(seg_an[0].file_no), "the real one");
+	n_recl_an = 0;
+	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[0].use_seq),
+		     0);
+	for (int i = 0; i < 300 && !reclaimed(seg_an[0].file_no); i++) {
+		spool_flush(sp);
+		usleep(10000);
+	}
+	cr_assert(reclaimed(seg_an[0].file_no), "a repeated request");
+	close(fd);
+	spool_destroy(sp);
+}
+
 /* ---- faults at a start do not destroy what the spool holds (review
  * 2026-12-05) ------------------------------------------------------------ */
 
