@@ -1616,7 +1616,54 @@ struct stuff {
 	bool line_start; /* what was sent ends a line (or nothing was) */
 	bool cr_pending; /* the last octet read was a CR, sent as CRLF */
 	uint64_t total;  /* body octets read */
+	size_t line_len; /* octets of the line on the wire so far (<= 998) */
 };
+
+/*
+ * RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF,
+ * and a receiver may refuse a longer one (finaldot's own engine answers
+ * 550 5.6.0). BDAT brings such lines in; sent as DATA they are folded
+ * after 998 octets with CRLF SP, as Postfix does (smtp_line_length_limit):
+ * in a header that is a continuation, in a body one space more, less harm
+ * than a bounce. A fold moves back (at most 3 octets, within the run) to
+ * the start of a UTF-8 character rather than split it. `p` holds whole
+ * CRLFs only (stuff_put() makes every line end one).
+ */
+#define TEXT_LINE_MAX 998u
+
+static int
+fold_put(struct smtpc *c, struct stuff *st, const void *buf, size_t n)
+{
+	const uint8_t *p = buf;
+	int rc = 0;
+
+	while (n && rc == 0) {
+		const uint8_t *lf = memchr(p, '\n', n);
+		size_t k = lf ? (size_t)(lf - p) + 1 : n;
+		size_t text = !lf ? k : k >= 2 && p[k - 2] == '\r' ? k - 2
+								: k - 1;
+		size_t room = TEXT_LINE_MAX - st->line_len;
+
+		if (text <= room) {
+			rc = out_put(c, p, k);
+			st->line_len = lf ? 0 : st->line_len + k;
+		} else {
+			k = room;
+			for (unsigned b = 0; b < 3 && k > 0 &&
+					     (p[k] & 0xc0) == 0x80; b++)
+				k--;
+			if ((p[k] & 0xc0) == 0x80)
+				k = room; /* not UTF-8 after all: cut here */
+			rc = out_put(c, p, k);
+			if (rc == 0)
+				rc = out_put(c, "\r\n ", 3);
+			st->line_len = 1;
+		}
+		p += k;
+		n -= k;
+	}
+	return rc;
+}
 
 /*
  * The body as DATA: every line end CRLF, a bare CR or bare LF (which BDAT
@@ -1646,9 +1693,9 @@ stuff_put(struct smtpc *c, const uint8_t *p, size_t n, struct stuff *st)
 		size_t e; /* where the line's end starts, or n */
 
 		if (st->line_start && p[pos] == '.') {
-			rc = out_put(c, p + from, pos - from);
+			rc = fold_put(c, st, p + from, pos - from);
 			if (rc == 0)
-				rc = out_put(c, ".", 1);
+				rc = fold_put(c, st, ".", 1);
 			/* the original '.' goes with the next run */
 			from = pos;
 			if (rc != 0)
@@ -1666,9 +1713,9 @@ stuff_put(struct smtpc *c, const uint8_t *p, size_t n, struct stuff *st)
 			/* a bare CR (or one ending the piece: its LF, if it
 			 * has one, starts the next), else a bare LF */
 			e = cr ? (size_t)(cr - p) : e;
-			rc = out_put(c, p + from, e - from);
+			rc = fold_put(c, st, p + from, e - from);
 			if (rc == 0)
-				rc = out_put(c, "\r\n", 2);
+				rc = fold_put(c, st, "\r\n", 2);
 			from = pos = e + 1;
 			st->line_start = true;
 			st->cr_pending = cr && pos == n;
@@ -1678,7 +1725,7 @@ stuff_put(struct smtpc *c, const uint8_t *p, size_t n, struct stuff *st)
 		pos = n;
 	}
 	if (rc == 0 && from < n)
-		rc = out_put(c, p + from, n - from);
+		rc = fold_put(c, st, p + from, n - from);
 	st->total += n;
 	return rc;
 }

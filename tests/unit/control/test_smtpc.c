@@ -369,14 +369,42 @@ mem_read(void *ctx, uint64_t off, void *buf, size_t n)
 	return (long)n;
 }
 
-/* The body as DATA done the obvious way, in two passes: the reference the
+/* Lines of more than 998 octets folded: CRLF SP after 998, moved back to
+ * the start of a UTF-8 character (at most 3 octets). */
+static size_t
+ref_fold(const uint8_t *t, size_t m, uint8_t *out)
+{
+	size_t k = 0, len = 0;
+
+	for (size_t i = 0; i < m; i++) {
+		if (t[i] != '\r' && t[i] != '\n' && len == 998) {
+			size_t back = 0;
+			while (back < 3 && back < len &&
+			       (t[i - back] & 0xc0) == 0x80)
+				back++;
+			if ((t[i - back] & 0xc0) == 0x80)
+				back = 0;
+			k -= back;
+			i -= back;
+			memcpy(out + k, "\r\n ", 3);
+			k += 3;
+			len = 1;
+		}
+		out[k++] = t[i];
+		len = t[i] == '\n' ? 0 : t[i] == '\r' ? len : len + 1;
+	}
+	return k;
+}
+
+/* The body as DATA done the obvious way, in passes: the reference the
  * streaming code must match. First every line end CRLF (CRLF, a bare CR, a
  * bare LF: RFC 5321 2.3.8), then '.' at a line's start doubled (4.5.2),
- * and CRLF added to a non-empty body that does not end with one. */
+ * and CRLF added to a non-empty body that does not end with one; then
+ * lines over 998 octets folded (4.5.3.1.6). */
 static size_t
 ref_stuff(const uint8_t *p, size_t n, uint8_t *out)
 {
-	uint8_t *t = malloc(2 * n + 1);
+	uint8_t *t = malloc(2 * n + 1), *u = malloc(2 * n + 3);
 	size_t k = 0, m = 0;
 
 	cr_assert_not_null(t);
@@ -390,17 +418,36 @@ ref_stuff(const uint8_t *p, size_t n, uint8_t *out)
 			t[m++] = p[i];
 		}
 	}
+	cr_assert_not_null(u);
 	for (size_t i = 0; i < m; i++) {
 		if (t[i] == '.' && (i == 0 || t[i - 1] == '\n'))
-			out[k++] = '.';
-		out[k++] = t[i];
+			u[k++] = '.';
+		u[k++] = t[i];
 	}
 	if (m && t[m - 1] != '\n') {
-		out[k++] = '\r';
-		out[k++] = '\n';
+		u[k++] = '\r';
+		u[k++] = '\n';
 	}
+	k = ref_fold(u, k, out);
 	free(t);
+	free(u);
 	return k;
+}
+
+/* The longest line of p, its CRLF included. */
+static size_t
+longest_line(const uint8_t *p, size_t n)
+{
+	size_t max = 0, len = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		len++;
+		if (p[i] == '\n') {
+			max = len > max ? len : max;
+			len = 0;
+		}
+	}
+	return len > max ? len : max;
 }
 
 /* The receiver's side (RFC 5321 4.5.2): drop the first '.' of each line. */
@@ -1004,7 +1051,60 @@ Test(smtpc, data_dot_stuffing_at_64k_boundary)
 	body[n - 1] = '.';
 	struct mem_body b = { .p = body, .n = n };
 	size_t wn = ref_stuff(body, n, want);
-	cr_assert_eq(wn, n + 3 + 2);
+	/* three dots, the final CRLF, and a fold each 997 octets or so */
+	cr_assert_gt(wn, n + 3 + 2 + 3 * 190);
+	cr_assert_leq(longest_line(want, wn), 1000);
+	struct srv *s = deliver_data(&b);
+	cr_assert_eq(s->body_len[0], wn);
+	cr_assert_arr_eq(s->body[0], want, wn);
+	srv_free(s);
+	free(body);
+	free(want);
+}
+
+/* Lines over 998 octets (BDAT takes them in) are folded when sent as
+ * DATA: CRLF SP after 998 octets, the stuffing '.' counted, a UTF-8
+ * character never split when its first octet is in the same read (here:
+ * the whole body in one). They went out whole, and a receiver keeping to
+ * RFC 5321 4.5.3.1.6 (finaldot's own engine: 550 5.6.0) refused them. */
+Test(smtpc, data_long_lines_folded)
+{
+	static const size_t lens[] = {997, 998, 999, 1000, 2500, 1996};
+	size_t n = 0, wn;
+	uint8_t *body = malloc(16384), *want = malloc(32768);
+	const uint8_t *euro = (const uint8_t *)"\xe2\x82\xac";
+
+	for (size_t l = 0; l < sizeof(lens) / sizeof(lens[0]); l++) {
+		for (size_t i = 0; i < lens[l]; i++)
+			body[n + i] = (uint8_t)('a' + (l + i) % 26);
+		if (l == 4)
+			body[n] = '.'; /* stuffed: 2501 octets on the wire */
+		n += lens[l];
+		memcpy(body + n, l == 2 ? "\n" : "\r\n", 2 - (l == 2));
+		n += 2 - (l == 2);
+	}
+	/* ASCII: the same in any pieces (1..7 octets per read) */
+	for (size_t piece = 1; piece <= 7; piece++) {
+		struct mem_body b = { .p = body, .n = n, .piece = piece };
+		struct srv *s = deliver_data(&b);
+		wn = ref_stuff(body, n, want);
+		cr_assert_leq(longest_line(want, wn), 1000);
+		cr_assert_eq(s->body_len[0], wn, "piece %zu", piece);
+		cr_assert_arr_eq(s->body[0], want, wn, "piece %zu", piece);
+		srv_free(s);
+	}
+	/* a euro sign over octets 997..999 of a line: folded before it */
+	memset(body + n, 'u', 997);
+	memcpy(body + n + 997, euro, 3);
+	memset(body + n + 1000, 'v', 10);
+	n += 1010; /* and no final line end */
+	wn = ref_stuff(body, n, want);
+	cr_assert_leq(longest_line(want, wn), 1000);
+	cr_assert(memmem(want, wn, "u\r\n \xe2\x82\xacvvvv", 10),
+		  "the euro sign was split");
+	/* the golden form of the 1000-octet line */
+	cr_assert(memmem(want, wn, "\r\n no\r\n", 7));
+	struct mem_body b = { .p = body, .n = n };
 	struct srv *s = deliver_data(&b);
 	cr_assert_eq(s->body_len[0], wn);
 	cr_assert_arr_eq(s->body[0], want, wn);

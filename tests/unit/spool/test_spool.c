@@ -1556,6 +1556,16 @@ reclaimed(uint64_t file_no)
 	return false;
 }
 
+/* Up to 3 s for the preparer to announce file_no reclaimed. */
+static void
+wait_reclaimed(struct spool *sp, uint64_t file_no)
+{
+	for (int i = 0; i < 300 && !reclaimed(file_no); i++) {
+		spool_flush(sp);
+		usleep(10000);
+	}
+}
+
 /* A spool of small segments (one spare kept), filled until four were
  * taken into use (seg_an[] says which). */
 static struct spool *
@@ -1605,10 +1615,7 @@ Test(spool, reclaim_announced_only_with_a_new_epoch)
 		     0);
 	cr_assert_eq(spool_reclaim(sp, seg_an[1].file_no, seg_an[1].use_seq),
 		     0);
-	for (int i = 0; i < 300 && !reclaimed(seg_an[0].file_no); i++) {
-		spool_flush(sp);
-		usleep(10000);
-	}
+	wait_reclaimed(sp, seg_an[0].file_no);
 	cr_assert(reclaimed(seg_an[0].file_no), "the good one");
 	for (int i = 0; i < 50; i++) { /* the preparer had time for both */
 		spool_flush(sp);
@@ -1641,28 +1648,19 @@ Test(spool, a_reclaim_of_a_use_the_file_never_had_is_refused)
 	cr_assert_gt(seg_an[1].use_seq, seg_an[0].use_seq);
 	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[1].use_seq),
 		     0);
-	for (int i = 0; i < 100; i++) { /* time enough for the preparer */
-		spool_flush(sp);
-		usleep(10000);
-	}
+	wait_reclaimed(sp, seg_an[0].file_no); /* 3 s: time enough */
 	cr_assert_not(reclaimed(seg_an[0].file_no),
 		      "a use the file never had announced reclaimed");
 	cr_assert_eq(pread(fd, after, sizeof(after), 0), 64);
 	cr_assert_arr_eq(before, after, sizeof(before), "header rewritten");
 	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[0].use_seq),
 		     0);
-	for (int i = 0; i < 300 && !reclaimed(seg_an[0].file_no); i++) {
-		spool_flush(sp);
-		usleep(10000);
-	}
+	wait_reclaimed(sp, seg_an[0].file_no);
 	cr_assert(reclaimed(seg_an[0].file_no), "the real one");
 	n_recl_an = 0;
 	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[0].use_seq),
 		     0);
-	for (int i = 0; i < 300 && !reclaimed(seg_an[0].file_no); i++) {
-		spool_flush(sp);
-		usleep(10000);
-	}
+	wait_reclaimed(sp, seg_an[0].file_no);
 	cr_assert(reclaimed(seg_an[0].file_no), "a repeated request");
 	close(fd);
 	spool_destroy(sp);
@@ -1830,18 +1828,12 @@ Test(spool, a_surplus_segment_is_kept_when_it_cannot_be_delisted)
 	/* the first goes to the reserve, the second would be deleted */
 	cr_assert_eq(spool_reclaim(sp, seg_an[0].file_no, seg_an[0].use_seq),
 		     0);
-	for (int i = 0; i < 300 && !reclaimed(seg_an[0].file_no); i++) {
-		spool_flush(sp);
-		usleep(10000);
-	}
+	wait_reclaimed(sp, seg_an[0].file_no);
 	cr_assert(reclaimed(seg_an[0].file_no));
 	fail_list_write = true;
 	cr_assert_eq(spool_reclaim(sp, seg_an[1].file_no, seg_an[1].use_seq),
 		     0);
-	for (int i = 0; i < 300 && !reclaimed(seg_an[1].file_no); i++) {
-		spool_flush(sp);
-		usleep(10000);
-	}
+	wait_reclaimed(sp, seg_an[1].file_no);
 	fail_list_write = false;
 	cr_assert(reclaimed(seg_an[1].file_no));
 	cr_assert_geq(failed_calls, 1, "the list was not failed");
