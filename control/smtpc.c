@@ -1886,6 +1886,18 @@ body_bdat(struct smtpc *c, const struct smtpc_msg *m,
 	return read_final(c, m->n_rcpts, rcpt, data);
 }
 
+/* In READY nothing is owed to us: octets waiting, in our buffer or (in
+ * the clear) already on the socket, are a reply nothing asked for. An EOF
+ * alone is no reply (the next write or read says what it means). */
+static bool
+stray_input(struct smtpc *c)
+{
+	char b;
+
+	return c->roff != c->rlen ||
+	       (!c->ssl && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 1);
+}
+
 int
 smtpc_send(struct smtpc *c, const struct smtpc_msg *m, struct smtpc_reply *mail,
 	   struct smtpc_reply *rcpt, struct smtpc_reply *data)
@@ -1908,6 +1920,18 @@ smtpc_send(struct smtpc *c, const struct smtpc_msg *m, struct smtpc_reply *mail,
 		failure_reply(c, -ENOTCONN, &fail);
 		fill_all(n, mail, rcpt, data, &fail);
 		return -ENOTCONN;
+	}
+	if (stray_input(c)) {
+		/* A reply too many already (behind the EHLO reply, say): each
+		 * reply would be read as the one to the command before it,
+		 * BDAT LAST taking its RCPT's 250 for a refused message.
+		 * Nothing is sent; the connection is done. */
+		enter_state(c, ST_BROKEN);
+		reply_local(&fail, 451, "4.5.0",
+			    "next hop out of step (a reply nothing asked "
+			    "for): nothing sent");
+		fill_all(n, mail, rcpt, data, &fail);
+		return -EPROTO;
 	}
 	/* RFC 6531 3.4 (no SMTPUTF8 to a peer without it), RFC 3030 3 */
 	if (m->smtputf8 && !(c->exts & SMTPC_EXT_SMTPUTF8)) {
@@ -2449,14 +2473,8 @@ static int
 out_of_step(struct smtpc *c, struct smtpc_tx *tx, unsigned n)
 {
 	struct smtpc_reply f;
-	char b;
 
-	if (c->st != ST_READY)
-		return 0;
-	/* In our buffer, or (in the clear) already on the socket: an EOF
-	 * alone is no reply and leaves the batch's outcomes as they are. */
-	if (c->roff == c->rlen &&
-	    (c->ssl || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) != 1))
+	if (c->st != ST_READY || !stray_input(c))
 		return 0;
 	reply_local(&f, 451, "4.5.0",
 		    "next hop out of step (a reply nothing asked for): "
@@ -2483,8 +2501,10 @@ smtpc_send_many(struct smtpc *c, struct smtpc_tx *tx, unsigned n)
 		return -EINVAL;
 	if (n == 0)
 		return 0;
-	if (c->st != ST_READY || !(c->exts & SMTPC_EXT_PIPELINING) || n == 1) {
-		/* One at a time: smtpc_send() says everything. */
+	if (c->st != ST_READY || !(c->exts & SMTPC_EXT_PIPELINING) || n == 1 ||
+	    stray_input(c)) {
+		/* One at a time: smtpc_send() says everything (also that
+		 * the peer is out of step before anything was sent). */
 		for (unsigned i = 0; i < n; i++) {
 			struct smtpc_tx *t = &tx[i];
 			c->last_out = false;

@@ -3725,6 +3725,52 @@ Test(smtpc, many_bdat_reply_too_many_defers_the_batch)
 	srv_free(s);
 }
 
+/* A reply nothing asked for already waiting behind the EHLO reply (a peer
+ * or middlebox that answers twice): nothing is sent, every recipient gets
+ * a local 451, the connection is done. Before, each reply was read as the
+ * one to the command before it: MAIL took the stray line, BDAT LAST its
+ * RCPT's 250, and the message the peer refused (554) counted delivered. */
+Test(smtpc, a_reply_before_the_first_command_sends_nothing)
+{
+	static const struct step st[] = {
+		GREET,
+		{ "EHLO client.test",
+		  "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n"
+		  "250 2.0.0 stray\r\n" },
+		{ "<hang>", NULL },
+		END,
+	};
+
+	for (unsigned many = 0; many < 2; many++) {
+		struct srv *s = srv_start(st, false);
+		struct smtpc *c = open_to(s, SMTPC_SMTP);
+		struct smtpc_tx tx[2];
+		struct bmsg bm[2];
+
+		BM(&tx[0], &bm[0], "s1@x.test", R1, 1, "one\r\n");
+		BM(&tx[1], &bm[1], "s2@x.test", R1, 1, "two\r\n");
+		if (many) {
+			cr_assert_eq(smtpc_send_many(c, tx, 2), -EPROTO);
+		} else {
+			tx[0].rc = smtpc_send(c, tx[0].m, &tx[0].mail,
+					      tx[0].rcpt, tx[0].data);
+			cr_assert_eq(tx[0].rc, -EPROTO);
+		}
+		cr_assert(tx[0].data[0].local);
+		cr_assert_eq(tx[0].data[0].code, 451, "%s", tx[0].data[0].text);
+		cr_assert(strstr(tx[0].data[0].text, "out of step"));
+		/* the next one finds the connection done: deferred too */
+		cr_assert(!many || (tx[1].data[0].local &&
+				    tx[1].data[0].code / 100 == 4));
+		cr_assert_not(smtpc_reusable(c));
+		smtpc_abort(c);
+		srv_end(s);
+		cr_assert_eq(s->n_lines, 1, "sent after the EHLO: %s",
+			     s->n_lines > 1 ? s->lines[1] : "");
+		srv_free(s);
+	}
+}
+
 /* LMTP over TCP follows the route's TLS policy as SMTP does: with encrypt
  * or verify and no STARTTLS offered nothing is sent in the clear. (It went
  * out in the clear, logged tls="none".) */
