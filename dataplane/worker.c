@@ -185,6 +185,17 @@ worker_announce(void *actx, const struct spool_announce *a)
 	fd_ctl_port_publish(w->port, &e);
 }
 
+/* A message whose session ended while its commit was pending (reset,
+ * timed out, the worker stopping): on disk now, and its client, who got
+ * no reply, will send it again. Told after the DURABLE that covers it, so
+ * the control plane finds the message when the news comes. */
+static void
+worker_orphan_done(void *ctx, uint64_t msgid, int status)
+{
+	if (status == 0)
+		fd_worker_indoubt(ctx, msgid);
+}
+
 /* Copy this thread's counters where other threads read them. */
 static void
 worker_publish(struct fd_worker *w)
@@ -333,6 +344,8 @@ fd_worker_start(struct fd_worker *w, struct io_uring *ring,
 	if (w->port) {
 		sp.announce = worker_announce;
 		sp.announce_ctx = w;
+		sp.orphan_done = worker_orphan_done;
+		sp.orphan_ctx = w;
 	}
 	w->spool = spool_create(&sp);
 	if (!w->spool) {

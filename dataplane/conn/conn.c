@@ -399,16 +399,18 @@ again:
 	if (drained && fd_tls_conn_wire_sent(c->tls) != sent0 &&
 	    st == FD_TLS_OK)
 		goto again;
-	if (c->tls_closing || st == FD_TLS_CLOSED) {
+	if (c->tls_closing ||
+	    (st == FD_TLS_CLOSED && !smtp_session_commit_pending(c->s))) {
 		/* Drained after a pump that added nothing: the session's
-		 * replies and the close_notify are all out. */
+		 * replies and the close_notify are all out. (A peer that
+		 * closed after its final dot waits for its reply.) */
 		if (drained)
 			conn_close(c, st == FD_TLS_CLOSED ? "peer_closed" : "done",
 				   CONN_CLOSE_FIN);
 		return;
 	}
 input:
-	if (c->peer_eof && !c->held)
+	if (c->peer_eof && !c->held && !smtp_session_commit_pending(c->s))
 		conn_close(c, "peer_closed", CONN_CLOSE_FIN);
 }
 
@@ -457,7 +459,11 @@ conn_drive(struct conn *c)
 		start_tls(c);
 		return;
 	}
-	if (c->peer_eof && !c->held)
+	/* A client that half-closed after its final dot (shutdown(SHUT_WR))
+	 * still reads: its reply goes out first. Closed at once, the message
+	 * was stored and the client, with no 250, sent it again. */
+	if (c->peer_eof && !c->held && drained &&
+	    !smtp_session_commit_pending(c->s))
 		conn_close(c, "peer_closed", CONN_CLOSE_FIN);
 }
 
@@ -795,9 +801,18 @@ conn_set_tick(struct conn_set *cs)
 
 		list_del(l, n);
 		if (l == &cs->idle) {
-			/* Once: input re-arms it. */
 			c = CONN_OF(n, t_idle);
+			if (smtp_session_want_close(c->s)) {
+				/* Its last replies (the 421 below, a 221)
+				 * did not leave in a whole period: a client
+				 * that reads nothing (a zero window) held
+				 * its slot for good. */
+				conn_close(c, "send_timeout",
+					   CONN_CLOSE_ABORT);
+				continue;
+			}
 			smtp_session_timeout(c->s);
+			idle_touch(c); /* input re-arms it; else once more */
 			mark_dirty(c);
 		} else if (l == &cs->greet) {
 			c = CONN_OF(n, t_greet);

@@ -1033,10 +1033,13 @@ smtp_cmd_bdat(struct smtp_session *s, const struct smtp_cmd *c)
 	 * "BDAT 0 [LAST]" has no octets to wait on: a Received header still
 	 * to append must fit now, or the command is held (its LF left
 	 * unconsumed, offered again by the transport). XXX this needs
-	 * room() >= header length; other chunks flush it in steps.
+	 * room() >= header length; other chunks flush it in steps. Not
+	 * with the spool out of space: no room comes, and the command
+	 * goes on to its 452 4.3.1 as DATA does (held, it waited for the
+	 * idle timeout without a reply).
 	 */
 	if (size == 0 && s->bdat_err == SMTP_FAIL_NONE &&
-	    s->esmtp &&
+	    s->esmtp && !(srv->ops.full && srv->ops.full(srv->sink)) &&
 	    ((s->state == SMTP_S_RCPT &&
 	      size <= srv->cfg.max_message_size &&
 	      srv->ops.room(srv->sink) <

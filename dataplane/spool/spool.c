@@ -716,6 +716,8 @@ fail_pending(struct spool *sp, int status)
 		announce(sp, SPOOL_AN_FAILED, 0, 0, 0, id);
 		if (!det)
 			sp->p.done(ctx, id, status);
+		else if (sp->p.orphan_done)
+			sp->p.orphan_done(sp->p.orphan_ctx, id, status);
 	}
 }
 
@@ -840,6 +842,8 @@ complete_in_order(struct spool *sp)
 				sp->stp->messages++;
 			if (!det)
 				sp->p.done(ctx, id, status);
+			else if (sp->p.orphan_done)
+				sp->p.orphan_done(sp->p.orphan_ctx, id, status);
 		}
 	}
 	service(sp);

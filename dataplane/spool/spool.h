@@ -143,6 +143,12 @@ struct spool_params {
 	/* Announcements to the control plane; NULL: none. */
 	spool_announce_fn announce;
 	void *announce_ctx;
+	/* The outcome of a detached message (its session gone before the
+	 * verdict), called where done() would have been, after the DURABLE
+	 * that covers it: status 0 is a message on disk whose client got no
+	 * reply, and will send it again. NULL: none. */
+	spool_done_fn orphan_done;
+	void *orphan_ctx;
 };
 
 /* Fills the defaults above; dir, worker, max_msgs, done are left zero. */
@@ -210,7 +216,8 @@ int spool_msg_append(struct spool *sp, struct spool_msg *m, const void *p,
 int spool_msg_commit(struct spool *sp, struct spool_msg *m);
 /* Before commit only: drop the message (recovery will ignore its records). */
 void spool_msg_abort(struct spool *sp, struct spool_msg *m);
-/* After commit: keep the outcome, suppress the callback (session gone). */
+/* After commit: keep the outcome, suppress the callback (session gone);
+ * orphan_done() is told it instead. */
 void spool_msg_detach(struct spool *sp, struct spool_msg *m);
 
 /* Body bytes that spool_msg_append() accepts right now. */

@@ -3,7 +3,9 @@
   - flush held back: no 250 is sent; once released, the 250 arrives;
   - flush failing: the client gets 451 4.3.0, the message is not reported
     committed, and the session stays usable;
-  - no space for a segment: 452 4.3.1."""
+  - no space for a segment: 452 4.3.1 (to BDAT 0 LAST too);
+  - a client that half-closes after its final dot gets its 250; one that
+    resets the connection meanwhile leaves its message in doubt."""
 import os
 import socket
 import time
@@ -83,7 +85,77 @@ def full():
         c.cmd("MAIL FROM:<f@f.test>", 250)
         c.cmd("RCPT TO:<u@example.com>", 250)
         c.cmd("DATA", 452, r"4\.3\.1")
+        # BDAT 0 LAST has no octets to wait on: answered at once too (it
+        # waited for room that never came, until the idle timeout).
+        c.cmd("MAIL FROM:<f@f.test>", 250)
+        c.cmd("RCPT TO:<u@example.com>", 250)
+        c.sock.settimeout(5)
+        c.cmd("BDAT 0 LAST", 452, r"4\.3\.1")
         c.cmd("QUIT", 221)
+
+
+class Held:
+    """The spool's flushes held back while the file exists."""
+
+    def __init__(self):
+        import tempfile
+        self.path = tempfile.mktemp(prefix="fdhold-")
+        open(self.path, "w").close()
+
+    def release(self):
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def half_closed_after_the_dot():
+    """A client that half-closes (SHUT_WR) right after its final dot still
+    reads: the 250 reaches it once the message is durable. The connection
+    was closed at the EOF, the message stored all the same, and the
+    client, with no 250, sent it again."""
+    h = Held()
+    try:
+        with Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{h.path}"}) as d:
+            c = d.connect()
+            start_message(c)
+            time.sleep(0.3)  # the commit is pending (held)
+            c.sock.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+            h.release()
+            c.sock.settimeout(10)
+            mid = queued_id(c.expect(250))
+            check(c.closed(), "closed after the reply")
+            check(mid in {m["id"] for m in d.scan()["messages"]},
+                  "the message is in the spool")
+    finally:
+        h.release()
+
+
+def reset_while_committing():
+    """A connection reset while its commit is pending: the message becomes
+    durable, its client got no reply and will send it again, so it is in
+    doubt (docs/rfc1047.md) and the control plane remembers its
+    fingerprint. It was not: the news came (if at all) before the message
+    was queued, and a resend would be delivered twice."""
+    import struct
+    h = Held()
+    try:
+        with Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{h.path}"}) as d:
+            c = d.connect()
+            start_message(c)
+            time.sleep(0.3)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                              struct.pack("ii", 1, 0))
+            c.sock.close()  # RST
+            time.sleep(0.3)
+            h.release()
+            d.wait_log(r"event=reply_unacknowledged id=", 10)
+            ids = [m["id"] for m in d.scan()["messages"]]
+            check(len(ids) == 1, f"one message stored: {ids}")
+            d.wait_log(rf"(?i){ids[0]} event=indoubt settle_s=", 10)
+            check("fingerprint=unknown" not in d.read_run_log(),
+                  "the in-doubt message was not found by its id")
+    finally:
+        h.release()
 
 
 def sigterm_with_commit_in_flight():
@@ -116,5 +188,9 @@ held()
 failing()
 full()
 sigterm_with_commit_in_flight()
-print("ok: held flush sends no 250; failed flush 451 4.3.0; full 452 4.3.1; "
-      "SIGTERM lets the commit in flight answer 250 before 421")
+half_closed_after_the_dot()
+reset_while_committing()
+print("ok: held flush sends no 250; failed flush 451 4.3.0; full 452 4.3.1 "
+      "(BDAT 0 LAST too); SIGTERM lets the commit in flight answer 250 "
+      "before 421; a half-closed client gets its 250; a reset during the "
+      "commit leaves the message in doubt")

@@ -6,7 +6,8 @@
     ends it with 421 4.4.2 and the slot is free again (max_connections 4,
     four tricklers, then a fifth client is served);
   - a message's data has a total limit (--data-timeout), however steadily
-    it trickles; a silent client still meets --idle-timeout;
+    it trickles; a silent client still meets --idle-timeout, and one that
+    never reads its replies loses its slot one idle period later;
   - NUL in DATA ("\\r\\n\\0.\\r\\n": CRLF.CRLF to a next hop that strips
     NULs) is answered 550 5.6.0 and not stored;
   - after a 452 to DATA (disk full: a test build's enospc fault) the next
@@ -203,9 +204,39 @@ def fd_limit():
     resource.setrlimit(resource.RLIMIT_NOFILE, old)
 
 
+def reads_nothing():
+    """A client that sends and never reads (a zero window): its output
+    fills, the idle timeout's 421 cannot leave, and one more idle period
+    later the connection is reset and its slot free. It held the slot for
+    good (the timer fired once; only input re-armed it)."""
+    with Daemon("--idle-timeout", "2s", "--command-timeout", "2s",
+                "--max-connections", "1") as d:
+        a = socket.socket()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        a.connect(("127.0.0.1", d.port))
+        a.setblocking(False)
+        chunk, t0 = b"NOOP\r\n" * 1000, time.time()
+        while time.time() - t0 < 3:  # until both buffers are full
+            try:
+                a.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError:
+                break
+        d.wait_log(r"event=timeout reason=idle", 10)
+        d.wait_log(r"end=send_timeout|reason=send_timeout|"
+                   r"event=disconnect", 10)
+        b = d.connect(timeout=5)
+        code, lines = b.reply()
+        check(code == 220, f"the slot is still held: {lines}")
+        b.cmd("QUIT", 221)
+        a.close()
+
+
 slowloris()
 data_limit()
 idle()
+reads_nothing()
 nul()
 reset_after_452()
 config_errors()

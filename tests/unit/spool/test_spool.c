@@ -1210,6 +1210,63 @@ Test(spool, detach_suppresses_callback)
 	spool_destroy(sp);
 }
 
+/* A detached message's outcome goes to orphan_done(), after the DURABLE
+ * that covers it (the worker tells the control plane its client got no
+ * reply: the message is in doubt, and the control plane, walking up to
+ * that DURABLE first, finds it). Its session was closed during the commit
+ * (a reset seen by the DPDK stack, a send error, a stop) and nobody knew
+ * a message was on disk that its client would send again. */
+static uint64_t orphan_id;
+static int orphan_status = 1;
+static unsigned orphan_after_durables, n_durables;
+
+static void
+on_orphan(void *ctx, uint64_t msgid, int status)
+{
+	cr_assert_eq(ctx, &orphan_id);
+	orphan_id = msgid;
+	orphan_status = status;
+	orphan_after_durables = n_durables;
+}
+
+static void
+count_durables(void *actx, const struct spool_announce *a)
+{
+	(void)actx;
+	if (a->type == SPOOL_AN_DURABLE)
+		n_durables++;
+}
+
+Test(spool, a_detached_message_is_told_to_orphan_done)
+{
+	struct spool_params p;
+	params(&p, NULL);
+	p.orphan_done = on_orphan;
+	p.orphan_ctx = &orphan_id;
+	p.announce = count_durables;
+	struct spool *sp = make(&p);
+	struct fd_envelope e = env1();
+	uint64_t id;
+	int err;
+	struct spool_msg *m = spool_msg_begin(sp, &e, NULL, &id, &err);
+
+	append_all(sp, m, (const uint8_t *)"x", 1);
+	spool_msg_commit(sp, m);
+	spool_msg_detach(sp, m);
+	spool_flush(sp);
+	drain(sp);
+	for (int i = 0; i < 500 && orphan_status == 1; i++) {
+		spool_poll(sp);
+		usleep(1000);
+	}
+	cr_assert_eq(n_done, 0);
+	cr_assert_eq(orphan_status, 0, "not told, or told a failure");
+	cr_assert_eq(orphan_id, id);
+	cr_assert_geq(orphan_after_durables, 1, "told before its DURABLE");
+	check_on_disk(id, "x", 1);
+	spool_destroy(sp);
+}
+
 Test(spool, max_msgs_emfile)
 {
 	struct spool_params p;
