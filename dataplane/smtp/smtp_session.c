@@ -41,8 +41,9 @@
  * output buffer, so every reply of one command always fits.
  *
  * Limits: SMTP_OUT_SIZE output octets, SMTP_ARENA_SIZE octets of envelope
- * (sender, ENVID, recipients and their ORCPTs) per transaction,
- * cfg.max_recipients per message; deadlines cfg.command_timeout_ms (one
+ * (sender, ENVID, recipients and their ORCPTs) per transaction in the
+ * session, beyond that an overflow made when needed (max_recipients RCPT
+ * lines' worth, freed with the session), cfg.max_recipients per message; deadlines cfg.command_timeout_ms (one
  * command line) and cfg.data_timeout_ms (one message's data), checked as
  * input arrives (deadline_passed()). A NUL in the data rejects the message
  * like a bare CR/LF. A command line is 512 octets with its
@@ -163,6 +164,11 @@ struct smtp_session {
 	bool any_orcpt;  /* some accepted RCPT had ORCPT */
 	size_t arena_used;
 	char arena[SMTP_ARENA_SIZE];
+	/* Beyond the arena (long addresses with ORCPTs: RFC 5321 4.5.3.1.8
+	 * asks for 100 recipients buffered whatever their length): one
+	 * buffer for the rest of the session, made when first needed. */
+	char *ovf;
+	size_t ovf_used, ovf_cap;
 
 	/* Message. */
 	void *msg; /* sink handle; NULL when none is open */
@@ -383,17 +389,33 @@ error_reply(struct smtp_session *s, const char *fmt, ...)
 
 /* ---- transaction and message ---- */
 
+/* A copy of p[0..n) with a NUL, in the arena or else its overflow
+ * (room for max_recipients RCPT lines' worth); NULL when neither has
+ * room. Nothing ever moves: earlier copies stay where they are. */
 static const char *
 arena_put(struct smtp_session *s, const char *p, size_t n)
 {
 	char *d;
 
-	if (SMTP_ARENA_SIZE - s->arena_used < n + 1)
-		return NULL;
-	d = s->arena + s->arena_used;
+	if (SMTP_ARENA_SIZE - s->arena_used >= n + 1) {
+		d = s->arena + s->arena_used;
+		s->arena_used += n + 1;
+	} else {
+		if (!s->ovf) {
+			size_t cap = ((size_t)s->srv->cfg.max_recipients + 1) *
+				     (SMTP_PARAM_LINE_MAX + 2);
+			if (!(s->ovf = malloc(cap)))
+				return NULL;
+			s->ovf_cap = cap;
+			s->ovf_used = 0;
+		}
+		if (s->ovf_cap - s->ovf_used < n + 1)
+			return NULL;
+		d = s->ovf + s->ovf_used;
+		s->ovf_used += n + 1;
+	}
 	memcpy(d, p, n);
 	d[n] = '\0';
-	s->arena_used += n + 1;
 	return d;
 }
 
@@ -420,7 +442,7 @@ txn_reset(struct smtp_session *s)
 	s->ret = FD_RET_NONE;
 	s->any_notify = false;
 	s->any_orcpt = false;
-	s->arena_used = 0;
+	s->arena_used = s->ovf_used = 0;
 	s->fail = SMTP_FAIL_NONE;
 	s->body_size = 0;
 	s->hdr_len = s->hdr_off = 0;
@@ -886,7 +908,7 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 	struct smtp_rcpt_args ra;
 	enum smtp_parse_result r;
 	char esc[128];
-	size_t mark;
+	size_t mark, omark;
 	const char *addr, *orcpt = "";
 
 	s->rcpt_attempts++;
@@ -944,16 +966,19 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 	}
 	/* The arena copy is what the checker sees; undone if refused. */
 	mark = s->arena_used;
+	omark = s->ovf_used;
 	addr = arena_put(s, ra.path.mailbox, ra.path.mailbox_len);
 	if (addr && ra.orcpt)
 		orcpt = arena_put(s, ra.orcpt, ra.orcpt_len);
 	if (!addr || !orcpt) {
 		s->arena_used = mark;
+		s->ovf_used = omark;
 		reply(s, "452 4.5.3 Error: too many recipients");
 		return true;
 	}
 	if (!rcpt_check(s, &ra.path, addr)) {
 		s->arena_used = mark;
+		s->ovf_used = omark;
 		return true;
 	}
 	s->rcpts[s->n_rcpts] = addr;
@@ -1938,6 +1963,9 @@ smtp_session_close(struct smtp_session *s)
 		s->msg = NULL;
 	}
 	log_summary(s);
+	free(s->ovf);
+	s->ovf = NULL;
+	s->ovf_cap = s->ovf_used = 0;
 	smtp_enter_state(s, SMTP_S_FREE);
 	s->next_free = srv->free_list;
 	srv->free_list = s;

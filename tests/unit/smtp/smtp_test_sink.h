@@ -84,6 +84,7 @@ struct fake_sink {
 	bool has_notify, has_orcpts;
 	uint8_t notify[4];
 	char orcpt[4][520];
+	char rcpt_last[300], orcpt_last[520]; /* the last recipient's */
 };
 #define FS_DSN_RCPTS 4
 
@@ -132,6 +133,11 @@ fs_begin(void *sink, const struct fd_envelope *env, void *sctx,
 		if (in && env->orcpts && !env->orcpts[i])
 			fs->violations++;
 	}
+	snprintf(fs->rcpt_last, sizeof(fs->rcpt_last), "%s",
+		 env->n_rcpts ? env->rcpts[env->n_rcpts - 1] : "");
+	snprintf(fs->orcpt_last, sizeof(fs->orcpt_last), "%s",
+		 env->n_rcpts && env->orcpts ? env->orcpts[env->n_rcpts - 1]
+					     : "");
 	if (env->n_rcpts == 0 || !env->mail_from)
 		fs->violations++;
 	fs->body.len = 0;
