@@ -9,20 +9,22 @@ delivered twice; in-doubt state survives a kill -9 between the first copy
 and the resend. Kernel transport also: a resend that arrives before the
 news (a quick reconnect) is suppressed when the news comes; news that
 comes after the first copy was delivered and its segment reclaimed finds
-the fingerprint in the table of recent ones.
+the fingerprint in the table of recent ones. DPDK also: a client reset
+while its message is being committed (no reply at all) leaves it in doubt.
 
 Usage: test_indoubt.py kernel|dpdk
 """
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import FINALDOTCTL, Daemon, check, fail, skip  # noqa: E402
 from fdnet import Netns, DpdkDaemon, DPDK_IP  # noqa: E402
-from indoubt import body, send_once, fill  # noqa: E402
+from indoubt import CLIENT, body, send_once, fill  # noqa: E402
 
 TRANSPORT = sys.argv[1] if len(sys.argv) > 1 else "kernel"
 
@@ -201,6 +203,52 @@ def scenario_resend_before_news(env):
           f"suppressed:\n{log[-2000:]}")
 
 
+def scenario_reset_in_commit(ns):
+    """DPDK: the client resets while its message is being committed (the
+    spool's flushes held by the fault seam): the stack sees the RST at once
+    and the session ends during the commit, before any reply. Once the
+    message is durable it is in doubt (the spool tells the worker,
+    orphan_done), and the resend is suppressed. Nothing was said before:
+    the resend was delivered too."""
+    hold = tempfile.mktemp(prefix="fdhold-")
+    open(hold, "w").close()
+    try:
+        d = DpdkDaemon(ns, "--delivery", "on", "--dedup-settle", "2s",
+                       delivery=True, domains=("example.com",),
+                       env={"FINALDOT_SPOOL_FAULT": f"hold:{hold}"})
+        with d:
+            env = Env(ns, d, DPDK_IP, 25)
+            b = body("reset8")
+            p = subprocess.Popen(
+                ns.argv([]) + ["/usr/bin/python3", "-c", CLIENT, DPDK_IP,
+                               "25", "hold", "0.5", str(len(b))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            p.stdin.write(b)
+            p.stdin.flush()
+            p.stdout.readline()  # READY: the dot goes on GO
+            p.stdin.write(b"GO\n")
+            p.stdin.flush()
+            out, _ = p.communicate(timeout=30)
+            check(out.strip().endswith(b"NONE"),
+                  f"a reply while the flushes are held: {out!r}")
+            d.wait_log(r"event=disconnect .*state=commit", 10)
+            os.unlink(hold)
+            d.wait_log(r"event=reply_unacknowledged id=", 10)
+            d.wait_log(r"event=indoubt settle_s=", 10)
+            check("fingerprint=unknown" not in d.read_run_log(),
+                  "the message in doubt was not found by its id")
+            r = env.send(b)
+            check(r.startswith("250"), f"the resend got {r}")
+            d.wait_log(r"event=suppressed duplicate_of=", 15)
+            time.sleep(1)
+            check(wait_copies(env, "reset8", 1) == 1 and
+                  env.copies("reset8") == 1,
+                  f"reset8: {env.copies('reset8')} copies, expected 1")
+    finally:
+        if os.path.exists(hold):
+            os.unlink(hold)
+
+
 def main():
     if os.geteuid() != 0:
         skip("needs root (network namespace, iptables)")
@@ -229,6 +277,8 @@ def main():
             scenario(Env(ns, d, host, port))
             if ns.sh("iptables -S", check_rc=False).stdout.count("DROP"):
                 fail("a DROP rule was left behind")
+        if TRANSPORT == "dpdk":
+            scenario_reset_in_commit(ns)
         if TRANSPORT == "kernel":
             with Daemon(*args[:2], wrap=ns.argv([]),
                         domains=("example.com",), wait_ready=False,
