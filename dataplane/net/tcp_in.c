@@ -496,9 +496,12 @@ established(struct tcp_conn *c, const struct tcp_seg *s)
 					   (s->tsecr - c->ts_offset)) *
 						  1000u);
 	}
+	if (!c->srtt_us) /* RFC 6298 5.7: 3 s after a SYN-ACK timeout */
+		c->rto_ms = c->rxtshift ? FD_MIN(FD_MAX(st->cfg.rto_init_ms,
+							 3000u),
+						  st->cfg.rto_max_ms)
+				      : st->cfg.rto_init_ms;
 	c->rxtshift = 0;
-	if (!c->srtt_us)
-		c->rto_ms = st->cfg.rto_init_ms;
 	u = st->cfg.ops->accept(st->cfg.ops_arg, c, &remote, c->lport);
 	if (c->state == TCPS_CLOSED)
 		return; /* tcp_abort() from inside accept() */
@@ -568,7 +571,9 @@ conn_input(struct tcp_conn *c, struct tcp_seg *s)
 			st->ctr.tcp_dup_syn++;
 			tcp_send_synack(c);
 		} else {
+			/* a new ISN: ACK, the client's RST then frees us */
 			st->ctr.tcp_syn_bad++;
+			challenge_ack(c);
 		}
 		return;
 	}
@@ -594,7 +599,10 @@ conn_input(struct tcp_conn *c, struct tcp_seg *s)
 		}
 		if (s->flags & TH_FIN)
 			c->t_close = st->now_ms + st->cfg.time_wait_ms;
-		tcp_send_ack(c);
+		/* ACK a retransmitted FIN or an unacceptable segment, not
+		 * an acceptable pure ACK (RFC 9293 3.10.7.4) */
+		if ((s->flags & TH_FIN) || s->len || seq != c->rcv_nxt)
+			tcp_send_ack(c);
 		tcp_timer_update(c);
 		return;
 	}
@@ -726,7 +734,7 @@ conn_input(struct tcp_conn *c, struct tcp_seg *s)
 		if (seq_gt(s->ack, c->snd_una)) {
 			data_acked = ack_advance(c, s);
 		} else if (s->ack == c->snd_una && s->len == 0 && !fin &&
-			   swnd == c->snd_wnd &&
+			   swnd == c->snd_wnd && swnd != 0 &&
 			   seq_gt(c->snd_max, c->snd_una)) {
 			dup_ack(c);
 		}

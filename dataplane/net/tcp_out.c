@@ -289,7 +289,13 @@ tcp_send_rst_noconn(struct net_stack *st, uint32_t raddr, uint16_t rport,
 void
 tcp_send_rst(struct tcp_conn *c)
 {
-	tcp_emit(c->st, c->raddr, c->rport, c->lport, c->snd_nxt, c->rcv_nxt,
+	/* RFC 9293 3.10.4 SND.NXT: the highest sent (an RTO rewinds
+	 * snd_nxt), but not past the peer's window (a persist probe) */
+	uint32_t seq = c->snd_max, edge = c->snd_una + c->snd_wnd;
+
+	if (seq_lt(edge, seq))
+		seq = edge;
+	tcp_emit(c->st, c->raddr, c->rport, c->lport, seq, c->rcv_nxt,
 		 TH_RST | TH_ACK, 0, NULL, 0, NULL, 0);
 }
 

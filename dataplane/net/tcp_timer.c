@@ -157,7 +157,7 @@ rexmt_fire(struct tcp_conn *c)
 	return true;
 }
 
-static void
+static bool
 persist_fire(struct tcp_conn *c)
 {
 	struct net_stack *st = c->st;
@@ -166,7 +166,15 @@ persist_fire(struct tcp_conn *c)
 
 	c->t_persist = 0;
 	if (c->snd_wnd != 0 || c->slen <= off)
-		return;
+		return true;
+	/* an orphan (upper layer gone) is not held forever by a zero
+	 * window */
+	if ((c->flags & TF_DETACHED) && c->rxtshift >= st->cfg.data_retries) {
+		st->ctr.tcp_rexmt_timeouts++;
+		tcp_send_rst(c);
+		tcp_conn_free(c);
+		return false;
+	}
 	/* RFC 9293 3.8.6.1: a one-byte probe past the window; snd_nxt does
 	 * not move (the byte is sent again normally if it is not taken) */
 	st->ctr.tcp_persist_probes++;
@@ -195,6 +203,7 @@ persist_fire(struct tcp_conn *c)
 	if (ivl > st->cfg.rto_max_ms)
 		ivl = st->cfg.rto_max_ms;
 	c->t_persist = st->now_ms + ivl;
+	return true;
 }
 
 static void
@@ -219,8 +228,8 @@ timer_fire(struct tcp_conn *c)
 	}
 	if (c->t_rexmt && c->t_rexmt <= now && !rexmt_fire(c))
 		return;
-	if (c->t_persist && c->t_persist <= now)
-		persist_fire(c);
+	if (c->t_persist && c->t_persist <= now && !persist_fire(c))
+		return;
 	if (c->t_delack && c->t_delack <= now) {
 		c->t_delack = 0;
 		if (c->flags & TF_DELACK) {
