@@ -647,6 +647,23 @@ fail_batches_hook(void *ctx, enum dlog_io op, uint64_t gen)
 	return -EIO;
 }
 
+/* FINALDOT_DELIVERY_FAULT=dlog-hold: a batch's fdatasync waits while the
+ * file DIR/hold exists (at most 60 s): a slow disk under the log, so that
+ * a test can see what answers before a record is durable. */
+static char hold_path[4200];
+
+static int
+hold_batches_hook(void *ctx, enum dlog_io op, uint64_t gen)
+{
+	(void)ctx;
+	(void)gen;
+	for (int i = 0; op == DLOG_IO_SYNC && i < 6000 &&
+			access(hold_path, F_OK) == 0;
+	     i++)
+		usleep(10000);
+	return 0;
+}
+
 void
 dlog_set_io_hook(dlog_io_hook_fn fn, void *ctx)
 {
@@ -1583,6 +1600,10 @@ dlog_open(const char *dir, const struct dlog_params *p, dlog_replay_fn fn,
 		l->p.no_sync = true;
 	if (fd_delivery_fault("dlog-fail"))
 		dlog_set_io_hook(fail_batches_hook, NULL);
+	if (fd_delivery_fault("dlog-hold")) {
+		snprintf(hold_path, sizeof(hold_path), "%s/hold", dir);
+		dlog_set_io_hook(hold_batches_hook, NULL);
+	}
 #endif
 	l->fd = -1;
 	l->dir = strdup(dir);

@@ -837,6 +837,7 @@ msg_free(struct cplane *cp, struct q_msg *m)
 			s->msgs--;
 		seg_free_if_unused(cp, s);
 	}
+	free(m->old_segs);
 	free(m);
 }
 
@@ -1044,6 +1045,12 @@ release_finished(struct cplane *cp)
 		bool gone = true;
 		for (unsigned i = 0; i < m->n_segs && gone; i++)
 			gone = m->segs[i]->reclaimed;
+		for (unsigned i = 0; i < m->n_old_segs && gone; i++) {
+			/* freed only once reclaimed (seg_free_if_unused) */
+			struct q_seg *o = seg_lookup(cp, m->old_segs[i].worker,
+						     m->old_segs[i].use_seq);
+			gone = !o || o->reclaimed;
+		}
 		if (!gone) {
 			pp = &m->fnext;
 			continue;
@@ -2010,6 +2017,11 @@ dest_drain_dead(struct cplane *cp, struct q_dest *d)
 				uint64_t now_rt = fd_now_realtime_us();
 				for (unsigned i = 0; i < j->n; i++) {
 					m->rcpts[j->idx[i]].busy = false;
+					/* deleted meanwhile: nothing to defer
+					 * (nor to expire, and bounce) */
+					if (m->rcpts[j->idx[i]].state !=
+					    QR_PENDING)
+						continue;
 					suspend_rcpt(cp, m, j->idx[i], d,
 						     now_rt);
 				}
@@ -2380,18 +2392,26 @@ move_applied(struct cplane *cp, struct q_job *j)
 	m->moving = false;
 	if (cp->moves_out)
 		cp->moves_out--;
-	if (j->res->move_err == 0 && !j->damaged)
+	struct q_seg_id *old = malloc(m->n_segs * sizeof(*old));
+
+	if (old && j->res->move_err == 0 && !j->damaged)
 		s = moved_seg_open(cp, m->id);
 	if (s) {
 		/* Every old reference dropped (a segment whose last one this
 		 * was goes back to its worker), then the file's taken; a
-		 * large message may span many segments. */
+		 * large message may span many segments. Until they are
+		 * reclaimed they still hold the message: it is not freed
+		 * (nor forgotten by a checkpoint) before (old_segs). */
 		for (unsigned i = 0; i < m->n_segs; i++) {
 			struct q_seg *o = m->segs[i];
+			old[i] = (struct q_seg_id){o->worker, o->use_seq};
 			if (o->msgs)
 				o->msgs--;
 			qm_seg_unref(cp, o); /* held: not reclaimed, not freed */
 		}
+		m->old_segs = old;
+		m->n_old_segs = m->n_segs;
+		old = NULL;
 		qm_seg_ref(cp, s);
 		s->msgs++;
 		m->segs[0] = s;
@@ -2421,6 +2441,7 @@ move_applied(struct cplane *cp, struct q_job *j)
 		       "%016" PRIx64 " event=move_failed error=\"%s\"", m->id,
 		       j->damaged ? "body damaged" : strerror(e));
 	}
+	free(old);
 	if (j->damaged)
 		hold_damaged(cp, m);
 	msg_jobs_add(cp, m, -1);
@@ -3206,7 +3227,7 @@ cp_queue_cat_close(struct cplane *cp, struct cp_cat *k)
 /* One action on one message; true if it changed anything. */
 static bool
 act_one(struct cplane *cp, struct q_msg *m, enum cp_action a,
-	const char *to_domain)
+	const char *to_domain, uint64_t *lsn_out)
 {
 	bool changed = false;
 	uint64_t lsn = 0;
@@ -3219,7 +3240,8 @@ act_one(struct cplane *cp, struct q_msg *m, enum cp_action a,
 			return false;
 		msg_set_held(cp, m, true);
 		heap_remove(cp, m);
-		log_rec(cp, DLOG_HELD, m, DLOG_ALL, 0, 0, 0, "operator");
+		*lsn_out = log_rec(cp, DLOG_HELD, m, DLOG_ALL, 0, 0, 0,
+				   "operator");
 		fd_log(FD_LOG_INFO, "qmgr", "%016" PRIx64 " event=held",
 		       m->id);
 		return true;
@@ -3227,7 +3249,8 @@ act_one(struct cplane *cp, struct q_msg *m, enum cp_action a,
 		if (!m->held)
 			return false;
 		msg_set_held(cp, m, false);
-		log_rec(cp, DLOG_RELEASED, m, DLOG_ALL, 0, 0, 0, "operator");
+		*lsn_out = log_rec(cp, DLOG_RELEASED, m, DLOG_ALL, 0, 0, 0,
+				   "operator");
 		fd_log(FD_LOG_INFO, "qmgr", "%016" PRIx64 " event=released",
 		       m->id);
 		msg_update(cp, m, 0);
@@ -3244,6 +3267,7 @@ act_one(struct cplane *cp, struct q_msg *m, enum cp_action a,
 			changed = true;
 		}
 		if (changed) {
+			*lsn_out = lsn;
 			fd_log(FD_LOG_INFO, "qmgr",
 			       "%016" PRIx64 " event=deleted", m->id);
 			msg_update(cp, m, lsn);
@@ -3278,6 +3302,7 @@ struct action_call {
 	size_t n;
 	const char *to_domain;
 	size_t affected, unknown;
+	uint64_t lsn; /* the last record appended */
 };
 
 static int
@@ -3295,7 +3320,7 @@ action_fn(struct cplane *cp, void *arg)
 			struct q_msg *m = msg_find(cp, ac->ids[i]);
 			if (!m || m->finished)
 				ac->unknown++;
-			else if (act_one(cp, m, ac->a, ac->to_domain))
+			else if (act_one(cp, m, ac->a, ac->to_domain, &ac->lsn))
 				ac->affected++;
 		}
 		return 0;
@@ -3304,7 +3329,7 @@ action_fn(struct cplane *cp, void *arg)
 		struct q_msg *m = cp->msg_h[b], *next;
 		for (; m; m = next) {
 			next = m->hnext;
-			if (act_one(cp, m, ac->a, ac->to_domain))
+			if (act_one(cp, m, ac->a, ac->to_domain, &ac->lsn))
 				ac->affected++;
 		}
 	}
@@ -3323,6 +3348,9 @@ cp_queue_action(struct cplane *cp, enum cp_action a, const uint64_t *ids,
 	if (a < CP_HOLD || a > CP_FLUSH)
 		return -EINVAL;
 	r = cp_call(cp, action_fn, &ac);
+	/* durable before the operator is answered (on the caller's thread) */
+	if (r == 0 && ac.lsn && cp->log)
+		r = dlog_wait(cp->log, ac.lsn);
 	if (affected)
 		*affected = ac.affected;
 	if (unknown)

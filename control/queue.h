@@ -113,6 +113,12 @@ struct q_msg {
 	struct q_piece *pieces;
 	unsigned n_segs;
 	struct q_seg **segs; /* distinct segments with a record of it */
+	/* moved (qmgr.c): the segments it was copied out of, no longer
+	 * referenced but still holding its records until reclaimed: the
+	 * message (and its delivery-log state) is kept until they are (an
+	 * id, not a pointer: a reclaimed segment's object is freed) */
+	unsigned n_old_segs;
+	struct q_seg_id { unsigned worker; uint64_t use_seq; } *old_segs;
 
 	/* RFC 1047 dedup (qmgr.c): SHA-256 over the envelope and the body
 	 * after our Received header (struct q_fp); computed only when needed

@@ -28,6 +28,10 @@ Then queue cat of a 20 MiB message (cat_big):
     message's, the reply ends in an error and finaldotctl exits 1;
   - a damaged body (one byte flipped in the segment file): the chunk that
     would complete it is withheld, the error says damaged, exit 1.
+
+Then hold and delete with the delivery log's disk slowed (fault seam
+dlog-hold): each answers only once its record is durable, and a kill -9
+right after it keeps it.
 """
 import json
 import os
@@ -472,5 +476,55 @@ def main():
           "errors are one line and a non-zero exit")
 
 
+def actions_answer_once_durable():
+    """hold and delete answer only once their delivery-log record is
+    durable: with the log's fdatasyncs held (fault seam dlog-hold, a slow
+    disk) the command waits; released, it answers, and a kill -9 right
+    after keeps both (the hop, accepting from then on, gets neither).
+    They answered at once, and a crash then lost the hold or the delete:
+    the message was delivered."""
+    state = {"accept": False}
+
+    def rcpt(sess, addr, params):
+        return None if state["accept"] else DEFER
+
+    with ScriptedHop(script=Script(rcpt=rcpt)) as hop:
+        with Daemon("--retry-min", "1h", "--retry-max", "1h",
+                    "--route", f"dest.test={hop.target}", delivery=True,
+                    domains=("example.com", "dest.test"),
+                    env={"FINALDOT_DELIVERY_FAULT": "dlog-hold"}) as d:
+            ids = [send(d, "a@example.com", ["b@dest.test"], message(i))
+                   for i in (1, 2)]
+            for x in ids:
+                wait(lambda: log_count(
+                    d, rf"{x} event=delivery .*status=deferred"),
+                     10, f"{x} deferred")
+            time.sleep(0.5)  # the deferrals' records are durable
+            hold = os.path.join(d.spool, "dlog", "hold")
+            sock = os.path.join(d.tmp, "control.sock")
+            for action, x in (("hold", ids[0]), ("delete", ids[1])):
+                open(hold, "w").close()
+                p = subprocess.Popen([FINALDOTCTL, "--control", sock,
+                                      "queue", action, x],
+                                     stdout=subprocess.PIPE, text=True)
+                time.sleep(1.5)
+                early = p.poll() is not None
+                os.unlink(hold)
+                out = p.communicate(timeout=30)[0]
+                check(not early, f"queue {action} answered {out!r} before "
+                      f"its record could be durable")
+                check(p.returncode == 0, f"queue {action}: {out!r}")
+            d.kill9()
+            state["accept"] = True
+            d.start()
+            d.ctl("queue", "flush", "ALL")
+            time.sleep(3)
+            check(not hop.completed(), f"a held or deleted message was "
+                  f"delivered after the restart: {delivered_subjects(hop)}")
+            rc, out, _ = d.ctl("queue", "show", ids[0])
+            check("held" in out, f"not held after the restart:\n{out}")
+
+
 if __name__ == "__main__":
     main()
+    actions_answer_once_durable()

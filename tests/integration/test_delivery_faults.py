@@ -19,7 +19,7 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import Daemon, Client, check, fail, free_port  # noqa: E402
 from delivtest import (send, message, maildir_files, wait, log_count,  # noqa
-                       strip_our_received, run_cases)
+                       strip_our_received, run_cases, settled_log)
 from peers import (ScriptedHop, Script, fail_first, HANG, GARBAGE,  # noqa
                    DEFAULT_EXTENSIONS, Delay)
 
@@ -869,6 +869,35 @@ def case_checkpoint_during_a_retry():
               f"the retry in flight was not counted: {m}")
 
 
+def case_deleted_while_listed_is_not_bounced():
+    """A message the operator deleted while its job waited in its next
+    hop's list (the hop at its window) is dropped without a bounce when
+    that hop is then found dead. The dead hop's list was deferred whole,
+    the deleted recipient too, which an expired message turned into
+    EXPIRED and a DSN to its sender."""
+    with ScriptedHop(script=Script(greeting=Delay(3, "421 4.3.2 busy"))) \
+            as hz:
+        d = Daemon("--dest-concurrency", "1", "--queue-lifetime", "2s",
+                   "--retry-min", "60s", "--retry-max", "60s",
+                   "--route", f"z.test={hz.target}", delivery=True,
+                   domains=("example.com", "z.test"))
+        with d:
+            ids = [send(d, "a@example.com", ["b@z.test"], message(i))
+                   for i in range(40)]
+            z = ids[-1]  # its job waits in z.test's list
+            d.ctl("queue", "delete", z)
+            wait(lambda: log_count(d, r"event=destination_dead"), 20,
+                 "z.test marked dead")
+            # the others, expired with it, are bounced meanwhile
+            wait(lambda: log_count(d, r"event=bounce status=sent") >= 30,
+                 30, "the other messages bounced")
+            bad = [ln for ln in settled_log(d).splitlines()
+                   if z in ln and ("status=expired" in ln or
+                                   "event=bounce" in ln)]
+            check(not bad, f"the deleted message expired or bounced: "
+                  f"{bad[:2]}")
+
+
 CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_dsn_reply_lost, case_retry_within_bounds,
          case_suspended_counts_a_deferral,
@@ -887,7 +916,8 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_dsn_after_a_restart_names_the_remote_mta,
          case_schedule_survives_a_failed_allocation,
          case_dsn_sent_is_no_possible_duplicate,
-         case_a_segment_read_short_at_start_is_kept]
+         case_a_segment_read_short_at_start_is_kept,
+         case_deleted_while_listed_is_not_bounced]
 
 if __name__ == "__main__":
     run_cases(CASES)

@@ -195,8 +195,67 @@ def case_message_across_segments():
             wait(lambda: not moved_files(d), 20, "its file deleted")
 
 
+def case_delivered_moved_message_outlives_its_old_segment():
+    """A moved message, once delivered, is kept (finished, in the delivery
+    log's checkpoints) until the segment it was moved out of is
+    reclaimed: that segment still holds its records while another queued
+    message pins it. It was freed at once; a checkpoint then forgot it,
+    and after a kill -9 the scan found it in the old segment with nothing
+    in the log and delivered it again.
+
+    X: held (so it is moved whatever its due time); Y: retried every 1-2
+    s at a hop that always defers, so never moved, pinning X's first
+    segment."""
+    state = {"accept": False}
+
+    def x_rcpt(sess, addr, params):
+        return None if state["accept"] else "451 4.3.0 not now"
+
+    with ScriptedHop(script=Script(rcpt=x_rcpt)) as hx, \
+            ScriptedHop(script=Script(
+                rcpt=lambda s, a, p: "451 4.3.0 never")) as hy:
+        d = Daemon("--segment-size", "1M", "--move-after", "1s",
+                   "--retry-min", "1s", "--retry-max", "2s",
+                   "--dlog-rotate", "8K",
+                   "--route", f"x.test={hx.target}",
+                   "--route", f"y.test={hy.target}", delivery=True,
+                   domains=("example.com", "x.test", "y.test"))
+        with d:
+            x = send(d, "a@example.com", ["b@x.test"], message(1))
+            y = send(d, "a@example.com", ["c@y.test"], message(2))
+            wait(lambda: log_count(
+                d, rf"{x} event=delivery .*status=deferred"), 10,
+                "X deferred")
+            d.ctl("queue", "hold", x)
+            for i in range(70):  # fill and seal X's first segment
+                send(d, "a@example.com", ["u@example.com"],
+                     message(100 + i, size=20000))
+            wait(lambda: log_count(d, rf"{x} event=moved "), 30, "X moved")
+            state["accept"] = True
+            d.ctl("queue", "release", x)
+            wait(lambda: log_count(
+                d, rf"{x} event=delivery .*status=sent"), 20,
+                "X delivered")
+            wait(lambda: not any(x.lower() in f.lower()
+                                 for f in moved_files(d)), 20,
+                 "X's moved file deleted")
+            time.sleep(3)  # X finished: kept, or (before) forgotten
+            n = log_count(d, r"event=dlog_checkpoint messages=\d+ err=0")
+            wait(lambda: log_count(
+                d, r"event=dlog_checkpoint messages=\d+ err=0") > n, 60,
+                "a checkpoint after X was delivered")
+            check(d.ctl("queue", "show", y, ok=False)[0] == 0,
+                  "Y still queued (pinning X's old segment)")
+            d.kill9()
+            d.start()
+            time.sleep(5)
+            got = len(hx.completed())
+            check(got == 1, f"X delivered {got} times (once expected)")
+
+
 CASES = [case_dead_route_keeps_no_segment, case_kill_during_moves,
-         case_failed_moves_pause, case_message_across_segments]
+         case_failed_moves_pause, case_message_across_segments,
+         case_delivered_moved_message_outlives_its_old_segment]
 
 if __name__ == "__main__":
     run_cases(CASES)
