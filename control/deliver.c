@@ -477,8 +477,11 @@ conn_get(struct cplane *cp, const struct q_dest *d, struct conn_cache *cc,
 		cache_drop(cc, false); /* closed by the peer, or out of step */
 	}
 	cache_drop(cc, true);
-	cc->c = deliver_connect(cp, d->kind, d->host, d->port, d->path, d->tls,
-				d->tls_ca, 0, why);
+	int tls;
+	char ca[sizeof(d->tls_ca)];
+	cp_dest_tls(cp, d, &tls, ca, sizeof(ca)); /* a reload rewrites them */
+	cc->c = deliver_connect(cp, d->kind, d->host, d->port, d->path, tls,
+				ca, 0, why);
 	if (!cc->c)
 		return NULL;
 	snprintf(cc->key, sizeof(cc->key), "%s", d->key);

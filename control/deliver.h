@@ -53,6 +53,11 @@ const char *cp_hostname(const struct cplane *cp);
 /* The domain a bare <postmaster> stands for: the first accepted one. */
 const char *cp_postmaster_domain(const struct cplane *cp);
 const struct cp_config *cp_config_of(const struct cplane *cp);
+/* d's STARTTLS policy and CA file, copied under the queue manager's lock
+ * (a reload rewrites them). */
+struct q_dest;
+void cp_dest_tls(struct cplane *cp, const struct q_dest *d, int *tls,
+		 char *ca, size_t n);
 struct dlog *cp_log(const struct cplane *cp);
 
 #endif

@@ -93,6 +93,7 @@ struct cp_routing {
 	struct route_target def;    /* --relay, or the default route */
 	struct route_target bounce; /* --bounce-relay */
 	bool have_bounce;
+	bool have_def;              /* false: routes, no relay */
 	int def_tls;                /* enum route_tls: --smtp-tls */
 	char tls_ca[256];           /* --smtp-tls-ca */
 	/* The domain of a bare <postmaster> (RFC 5321 4.5.1: accepted
@@ -143,6 +144,7 @@ struct cplane {
 	 * finished by then (reloads are an operator's, seconds apart). */
 	struct rcptdb *_Atomic rcpts;
 	struct rcptdb *rcpts_retired;
+	char rcpts_path[4096]; /* a reload's recipients file */
 	struct verify *verify; /* --verify-recipients: probes */
 	struct dlog *log;
 
@@ -635,6 +637,8 @@ dest_for_rcpt(struct cplane *cp, const char *addr)
 	const struct route_target *t =
 		route_lookup(rg->rt, *dom ? dom : rg->pm_domain);
 
+	if (!t && !rg->have_def)
+		return NULL; /* deferred: 4.3.5 no route for this domain */
 	return dest_get(cp, t ? t : &rg->def);
 }
 
@@ -3868,6 +3872,7 @@ parse_routes(const struct cp_config *c, char *why, size_t why_len, bool make)
 	if (c->relay && *c->relay) {
 		if (route_parse_target(c->relay, &rg->def, why, why_len) != 0)
 			goto fail;
+		rg->have_def = true;
 		maildir_root(&rg->def, make, false);
 	} else {
 		/* The first-run default is for a configuration without
@@ -3887,6 +3892,7 @@ parse_routes(const struct cp_config *c, char *why, size_t why_len, bool make)
 		if (route_parse_target(c->default_route, &rg->def, why,
 				       why_len) != 0)
 			goto fail;
+		rg->have_def = c->n_routes == 0;
 		maildir_root(&rg->def, make, true);
 	}
 	if (c->bounce_relay && *c->bounce_relay) {
@@ -4325,19 +4331,23 @@ reload_apply(struct cplane *cp, void *arg)
 	}
 	/* Next hops already known: their TLS policy as now configured (a
 	 * route's own tls= is in its key; the default may have changed). */
+	/* Delivery threads read them under mu (cp_dest_tls). */
+	pthread_mutex_lock(&cp->mu);
 	for (size_t b = 0; b < DEST_BUCKETS; b++)
 		for (struct q_dest *d = cp->dest_h[b]; d; d = d->hnext) {
 			struct route_target t;
 			if (route_parse_target(d->key, &t, NULL, 0) == 0)
 				dest_policy(cp, d, &t);
 		}
+	pthread_mutex_unlock(&cp->mu);
 	/* Every message re-resolves its next hops when it is next due;
 	 * the deferred ones are not made due early. */
 	fd_log(FD_LOG_INFO, "qmgr",
 	       "event=reloaded route_gen=%u routes=%u default_route=%s "
 	       "retry_min_s=%" PRIu64 " retry_max_s=%" PRIu64
 	       " queue_lifetime_s=%" PRIu64 " dest_concurrency=%u",
-	       cp->route_gen, nc->n_routes, a->rg->def.text,
+	       cp->route_gen, nc->n_routes,
+	       a->rg->have_def ? a->rg->def.text : "none",
 	       cp->cfg.retry_min_ms / 1000, cp->cfg.retry_max_ms / 1000,
 	       cp->cfg.queue_lifetime_ms / 1000, cp->cfg.dest_concurrency);
 	return 0;
@@ -4356,6 +4366,15 @@ cp_reload(struct cplane *cp, const struct cp_config *nc, char *why,
 			 "smtp_tls must be none, may, encrypt or verify");
 		return -EINVAL;
 	}
+	/* The RCPT check is chosen at start (cp_rcpt_check_fn): a table or
+	 * a probe added or removed by a reload would be silently ignored. */
+	if ((cp->rcpts != NULL) != (nc->recipients && *nc->recipients) ||
+	    (!cp->rcpts && !cp->verify != !nc->verify_recipients)) {
+		snprintf(why, why_len,
+			 "recipients or verify_recipients added or removed: "
+			 "that needs a restart");
+		return -EINVAL;
+	}
 	a.rg = parse_routes(nc, why, why_len, true);
 	if (!a.rg)
 		return -EINVAL;
@@ -4364,6 +4383,11 @@ cp_reload(struct cplane *cp, const struct cp_config *nc, char *why,
 	if (r != 0) {
 		routing_free(a.rg);
 		snprintf(why, why_len, "the queue manager is stopping");
+	} else if (cp->rcpts) {
+		/* cp_reload_recipients(), next on this thread, reads it */
+		snprintf(cp->rcpts_path, sizeof(cp->rcpts_path), "%s",
+			 nc->recipients);
+		cp->cfg.recipients = cp->rcpts_path;
 	}
 	return r;
 }
@@ -4506,7 +4530,7 @@ cp_start(struct cplane *cp, const cpu_set_t *cpus)
 	fd_log(FD_LOG_INFO, "qmgr",
 	       "event=started delivery=%s threads=%u default_route=%s",
 	       cp->cfg.delivery ? "on" : "off", cp->n_dthr,
-	       routing_of(cp)->def.text);
+	       routing_of(cp)->have_def ? routing_of(cp)->def.text : "none");
 	return 0;
 }
 
@@ -4662,6 +4686,16 @@ const char *
 cp_hostname(const struct cplane *cp)
 {
 	return cp->hostname;
+}
+
+void
+cp_dest_tls(struct cplane *cp, const struct q_dest *d, int *tls, char *ca,
+	    size_t n)
+{
+	pthread_mutex_lock(&cp->mu);
+	*tls = d->tls;
+	snprintf(ca, n, "%s", d->tls_ca);
+	pthread_mutex_unlock(&cp->mu);
 }
 
 const struct cp_config *

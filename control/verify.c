@@ -143,14 +143,15 @@ addr_key(const char *a, char *key, size_t n)
 
 /* The slot for addr: its own, or the one to take (empty or oldest). */
 static size_t
-slot_find(struct verify *v, uint64_t h, const char *addr, bool *found)
+slot_find(struct verify *v, uint64_t h, uint64_t hop, const char *addr,
+	  bool *found)
 {
 	size_t mask = v->nslots - 1, pick = SIZE_MAX;
 
 	for (size_t k = 0; k < PROBE_WINDOW; k++) {
 		size_t i = (h + k) & mask;
 		struct vslot *s = &v->slots[i];
-		if (s->state != V_EMPTY && s->hash == h &&
+		if (s->state != V_EMPTY && s->hash == h && s->hop == hop &&
 		    strcmp(s->addr, addr) == 0) {
 			*found = true;
 			return i;
@@ -211,15 +212,17 @@ verify_check(struct verify *v, const char *addr)
 
 	if (strlen(addr) >= ADDR_MAX)
 		return -1;
+	h = addr_key(addr, key, sizeof(key));
 	/* A local route needs no probe (and no cache slot). */
-	v->open(v->ctx, addr, false, hop_key, sizeof(hop_key), &local, NULL);
+	v->open(v->ctx, key, false, hop_key, sizeof(hop_key), &local, NULL);
 	if (local)
 		return 1;
+	/* An answer is the next hop's: part of the entry's identity (a
+	 * reload may move the domain to another one). */
 	hop = fnv(hop_key);
-	h = addr_key(addr, key, sizeof(key));
 	pthread_mutex_lock(&v->mu);
 	t = now(v);
-	i = slot_find(v, h, key, &found);
+	i = slot_find(v, h, hop, key, &found);
 	if (found) {
 		struct vslot *s = &v->slots[i];
 		s->touched_ms = t;
@@ -341,7 +344,12 @@ outcome(int rc, const struct smtpc_reply *r)
 	if (r->code / 100 != 5)
 		return V_TEMPFAIL;
 	if (r->enh[0])
-		return strncmp(r->enh, "5.1.", 4) == 0 ? V_UNKNOWN : V_TEMPFAIL;
+		/* 5.1.7 and 5.1.8 are about the sender (RFC 3463 3.2) */
+		return strncmp(r->enh, "5.1.", 4) == 0 &&
+				       strcmp(r->enh, "5.1.7") != 0 &&
+				       strcmp(r->enh, "5.1.8") != 0
+			       ? V_UNKNOWN
+			       : V_TEMPFAIL;
 	return r->code == 550 || r->code == 551 || r->code == 553
 		       ? V_UNKNOWN
 		       : V_TEMPFAIL;

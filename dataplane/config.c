@@ -519,6 +519,9 @@ apply(struct fd_config *c, const struct opt *o, const char *v,
 	case OPT_DURATION:
 	case OPT_DURATION_US:
 		r = parse_u64(v, &n, o->type);
+		/* ms are used as ms * 1000 us, added to clocks: no wrap */
+		if (r == 0 && o->type == OPT_DURATION && n > UINT64_MAX / 4000)
+			r = -EINVAL;
 		if (r == 0)
 			*(uint64_t *)(void *)(base + o->off) = n;
 		break;
