@@ -18,7 +18,6 @@ Exits 0 pass, 1 fail."""
 import os
 import re
 import signal
-import smtplib
 import subprocess
 import sys
 import tempfile
@@ -26,28 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import FINALDOT, Daemon, check, free_port  # noqa: E402
-from delivtest import send, message, maildir_files, run_cases  # noqa: E402
+from delivtest import (send, message, maildir_files, run_cases,  # noqa
+                       rcpt, until)
 from peers import ScriptedHop, Script  # noqa: E402
-
-
-def rcpt(port, addr):
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-        s.ehlo("client.test")
-        s.mail("sender@client.test")
-        code, msg = s.rcpt(addr)
-        s.rset()
-    return code, msg.decode()
-
-
-def until(port, addr, code, timeout=10):
-    """RCPT until it is answered code (a probe's answer is cached once it
-    came back); the last answer."""
-    end = time.time() + timeout
-    while True:
-        last = rcpt(port, addr)
-        if last[0] == code or time.time() > end:
-            return last
-        time.sleep(0.2)
 
 
 def reload(d, conf, text, logged=r"event=reloaded route_gen="):

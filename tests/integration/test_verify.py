@@ -12,29 +12,8 @@ import re
 import smtplib
 import time
 
-from delivtest import wait
+from delivtest import rcpt, until, wait
 from fdtest import Daemon, check, free_port
-
-
-def rcpt(port, addr):
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-        s.ehlo("client.test")
-        s.mail("sender@client.test")
-        code, msg = s.rcpt(addr)
-        s.rset()
-    return code, msg.decode()
-
-
-def until(port, addr, code, timeout=10):
-    """RCPT again until the answer is code (the probe came back)."""
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = rcpt(port, addr)
-        if last[0] == code:
-            return last
-        time.sleep(0.1)
-    check(False, f"{addr}: still {last} after {timeout}s, expected {code}")
 
 
 def reload_table(users):

@@ -960,6 +960,17 @@ deliver_data(struct mem_body *b)
 	return s;
 }
 
+/* The body as DATA from b's pieces is exactly want[0..wn). */
+static void
+delivered_as(struct mem_body *b, const uint8_t *want, size_t wn)
+{
+	struct srv *s = deliver_data(b);
+
+	cr_assert_eq(s->body_len[0], wn, "piece %zu", b->piece);
+	cr_assert_arr_eq(s->body[0], want, wn, "piece %zu", b->piece);
+	srv_free(s);
+}
+
 Test(smtpc, data_dot_stuffing_golden)
 {
 	static const char body[] = ".a\r\n..b\r\nc.d\r\n.\r\n\r\n.\r\nend\r\n";
@@ -1054,10 +1065,7 @@ Test(smtpc, data_dot_stuffing_at_64k_boundary)
 	/* three dots, the final CRLF, and a fold each 997 octets or so */
 	cr_assert_gt(wn, n + 3 + 2 + 3 * 190);
 	cr_assert_leq(longest_line(want, wn), 1000);
-	struct srv *s = deliver_data(&b);
-	cr_assert_eq(s->body_len[0], wn);
-	cr_assert_arr_eq(s->body[0], want, wn);
-	srv_free(s);
+	delivered_as(&b, want, wn);
 	free(body);
 	free(want);
 }
@@ -1084,14 +1092,11 @@ Test(smtpc, data_long_lines_folded)
 		n += 2 - (l == 2);
 	}
 	/* ASCII: the same in any pieces (1..7 octets per read) */
+	wn = ref_stuff(body, n, want);
+	cr_assert_leq(longest_line(want, wn), 1000);
 	for (size_t piece = 1; piece <= 7; piece++) {
 		struct mem_body b = { .p = body, .n = n, .piece = piece };
-		struct srv *s = deliver_data(&b);
-		wn = ref_stuff(body, n, want);
-		cr_assert_leq(longest_line(want, wn), 1000);
-		cr_assert_eq(s->body_len[0], wn, "piece %zu", piece);
-		cr_assert_arr_eq(s->body[0], want, wn, "piece %zu", piece);
-		srv_free(s);
+		delivered_as(&b, want, wn);
 	}
 	/* a euro sign over octets 997..999 of a line: folded before it */
 	memset(body + n, 'u', 997);
@@ -1105,10 +1110,7 @@ Test(smtpc, data_long_lines_folded)
 	/* the golden form of the 1000-octet line */
 	cr_assert(memmem(want, wn, "\r\n no\r\n", 7));
 	struct mem_body b = { .p = body, .n = n };
-	struct srv *s = deliver_data(&b);
-	cr_assert_eq(s->body_len[0], wn);
-	cr_assert_arr_eq(s->body[0], want, wn);
-	srv_free(s);
+	delivered_as(&b, want, wn);
 	free(body);
 	free(want);
 }

@@ -29,7 +29,7 @@ setup(struct h_peer *p, unsigned opts, const struct net_config *cfg)
 	return h;
 }
 
-/* F1: after an RTO rewound snd_nxt, tcp_abort() sends its RST at the
+/* after an RTO rewound snd_nxt, tcp_abort() sends its RST at the
  * rewound snd_nxt, left of what the peer already received (SND.MAX): an
  * RFC 5961 / RFC 9293 receiver finds it outside its window and drops it,
  * so the peer never learns of the abort. */
@@ -64,7 +64,7 @@ Test(tcp_edges, abort_after_rto_rst_at_snd_max)
 	h_free(h);
 }
 
-/* F1b: the same on the retransmission-timeout give-up path. */
+/* the same on the retransmission-timeout give-up path. */
 Test(tcp_edges, timeout_rst_at_snd_max)
 {
 	struct net_config cfg;
@@ -93,7 +93,7 @@ Test(tcp_edges, timeout_rst_at_snd_max)
 	h_free(h);
 }
 
-/* F2: persist-probe ACKs (ack == SND.UNA, window 0, the probe byte
+/* persist-probe ACKs (ack == SND.UNA, window 0, the probe byte
  * "outstanding") are counted as duplicate ACKs: the third one starts a
  * NewReno fast retransmit that sends a full segment into the zero window,
  * halves ssthresh and arms the retransmission timer (which then backs off
@@ -135,7 +135,7 @@ Test(tcp_edges, persist_probe_acks_are_not_dupacks)
 	h_free(h);
 }
 
-/* F3: TIME_WAIT answers an acceptable pure ACK with an ACK (RFC 9293
+/* TIME_WAIT answers an acceptable pure ACK with an ACK (RFC 9293
  * 3.10.7.4: only a retransmitted FIN is acknowledged). Two such ends ACK
  * each other forever. */
 Test(tcp_edges, time_wait_does_not_ack_an_ack)
@@ -158,7 +158,7 @@ Test(tcp_edges, time_wait_does_not_ack_an_ack)
 	h_free(h);
 }
 
-/* F4: a SYN with a new ISN on a 4-tuple in SYN_RECEIVED (client gave up
+/* a SYN with a new ISN on a 4-tuple in SYN_RECEIVED (client gave up
  * and reconnected from the same port, or a NAT reused it) is dropped
  * silently: RFC 9293 3.10.7.4 (fourth, SYN-RECEIVED, passive open: back
  * to LISTEN) or at least an ACK (RFC 5961 4.2) that draws the client's
@@ -226,7 +226,7 @@ answer_arp(struct harness *h, const struct h_pkt *k)
 	h_input(h, f, fl);
 }
 
-/* F5: after tcp_close() (the upper layer is gone: SMTP QUIT), a client
+/* after tcp_close() (the upper layer is gone: SMTP QUIT), a client
  * that keeps its window at zero and answers the persist probes holds the
  * entry and its send buffer forever: FIN_WAIT_1 never ends. A few
  * hundred such clients fill the table (then new clients only get SYN
@@ -269,7 +269,7 @@ Test(tcp_edges, orphan_in_zero_window_is_bounded, .timeout = 120)
 	h_free(h);
 }
 
-/* F6: RFC 6298 5.7: when the SYN(-ACK) timed out and RTO < 3 s, RTO MUST
+/* RFC 6298 5.7: when the SYN(-ACK) timed out and RTO < 3 s, RTO MUST
  * be re-initialised to 3 s when data transmission begins. */
 Test(tcp_edges, rto_3s_after_synack_timeout)
 {

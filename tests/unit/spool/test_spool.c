@@ -1189,11 +1189,10 @@ Test(spool, abort_leaves_no_message)
 	spool_destroy(sp);
 }
 
-Test(spool, detach_suppresses_callback)
+/* One message "x", committed, detached (its session gone), flushed. */
+static uint64_t
+commit_detached(struct spool *sp)
 {
-	struct spool_params p;
-	params(&p, NULL);
-	struct spool *sp = make(&p);
 	struct fd_envelope e = env1();
 	uint64_t id;
 	int err;
@@ -1204,6 +1203,16 @@ Test(spool, detach_suppresses_callback)
 	spool_msg_detach(sp, m);
 	spool_flush(sp);
 	drain(sp);
+	return id;
+}
+
+Test(spool, detach_suppresses_callback)
+{
+	struct spool_params p;
+	params(&p, NULL);
+	struct spool *sp = make(&p);
+	uint64_t id = commit_detached(sp);
+
 	cr_assert_eq(n_done, 0);
 	cr_assert_eq(spool_get_stats(sp)->messages, 1);
 	check_on_disk(id, "x", 1);
@@ -1245,16 +1254,8 @@ Test(spool, a_detached_message_is_told_to_orphan_done)
 	p.orphan_ctx = &orphan_id;
 	p.announce = count_durables;
 	struct spool *sp = make(&p);
-	struct fd_envelope e = env1();
-	uint64_t id;
-	int err;
-	struct spool_msg *m = spool_msg_begin(sp, &e, NULL, &id, &err);
+	uint64_t id = commit_detached(sp);
 
-	append_all(sp, m, (const uint8_t *)"x", 1);
-	spool_msg_commit(sp, m);
-	spool_msg_detach(sp, m);
-	spool_flush(sp);
-	drain(sp);
 	for (int i = 0; i < 500 && orphan_status == 1; i++) {
 		spool_poll(sp);
 		usleep(1000);
