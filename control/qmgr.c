@@ -1642,6 +1642,11 @@ schedule_msg(struct cplane *cp, struct q_msg *m, uint64_t now_rt)
 			defer_rcpt(cp, m, i, now_rt + backoff_us(cp, 1),
 				   "4.3.5 no route for this domain", false,
 				   true);
+			/* one line as for an attempt, so that an operator
+			 * grepping by queue id sees why nothing goes */
+			if (r->state == QR_PENDING)
+				log_outcome(m, r, "none", NULL, NULL,
+					    "deferred", r->reason);
 			continue;
 		}
 		if (expired(cp, m, now_rt)) {

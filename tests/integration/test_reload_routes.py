@@ -100,6 +100,8 @@ def case_no_route_stays_deferred_after_a_reload():
         out = d.ctl("queue", "show", q)[1]
         check("4.3.5 no route" in out, f"not deferred for want of a "
               f"route:\n{out}")
+        d.wait_log(rf"{q} event=delivery to=<u@b.test> route=none .*"
+                   rf"status=deferred reply=\"4.3.5 no route", 10)
         got = maildir_files(os.path.join(cwd, "var", "maildir"), "u@b.test")
         check(not got, "mail for a domain with no route (and no relay) "
               "went to the first-run ./var/maildir")
