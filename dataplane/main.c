@@ -191,18 +191,28 @@ workers_stats(void *ctx, unsigned i, struct ctl_worker_stats *out)
 }
 
 
+/* Whether a worker names p as the policy it applies (worker.h). */
+static bool
+policy_held(const struct fd_policy *p)
+{
+	for (unsigned i = 0; i < FD_POLICY_HOLDERS; i++)
+		if (atomic_load(&fd_policy_held[i]) == p)
+			return true;
+	return false;
+}
+
 /*
  * The SMTP policy of a reloaded configuration, for the workers (worker.h).
- * The one it replaces stays alive until the next reload (a worker that
- * loaded it a moment ago has long applied it by then: it copies the
- * scalars and the domain pointers into its server, which point into the
- * new one from then on).
+ * The ones it replaces are freed once no worker names them: a worker
+ * copies the scalars and the domain pointers into its server, which point
+ * into the policy it applied until it applies the next one, however long
+ * it takes to come round (a stalled thread, a busy CPU).
  */
 static void
 policy_publish(const struct fd_config *nc)
 {
 	static struct fd_policy *retired;
-	struct fd_policy *p = calloc(1, sizeof(*p)), *old;
+	struct fd_policy *p = calloc(1, sizeof(*p)), *old, **pp;
 
 	if (!p)
 		return;
@@ -218,10 +228,21 @@ policy_publish(const struct fd_config *nc)
 	p->data_timeout_ms = nc->data_timeout_ms;
 	p->idle_timeout_ms = nc->idle_timeout_ms;
 	p->greet_delay_ms = nc->greet_delay_ms;
-	old = atomic_exchange_explicit(&fd_policy_live, p,
-				       memory_order_acq_rel);
-	free(retired);
-	retired = old;
+	old = atomic_exchange(&fd_policy_live, p);
+	if (old) {
+		old->retired_next = retired;
+		retired = old;
+	}
+	for (pp = &retired; *pp;) {
+		struct fd_policy *r = *pp;
+
+		if (policy_held(r)) {
+			pp = &r->retired_next;
+			continue;
+		}
+		*pp = r->retired_next;
+		free(r);
+	}
 }
 
 /*

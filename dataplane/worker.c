@@ -32,6 +32,7 @@ static struct worker_final finals[256];
 atomic_bool fd_paused;
 struct fd_tls_server *fd_tls;
 struct fd_policy *_Atomic fd_policy_live;
+const struct fd_policy *_Atomic fd_policy_held[FD_POLICY_HOLDERS];
 const char fd_version[] = FINALDOT_VERSION;
 
 /*
@@ -270,9 +271,20 @@ fd_worker_poll(struct fd_worker *w)
 		worker_publish(w);
 	}
 	/* A reload: the new policy, on this thread, between commands. */
-	const struct fd_policy *pol =
-		atomic_load_explicit(&fd_policy_live, memory_order_acquire);
+	const struct fd_policy *pol = atomic_load(&fd_policy_live), *cur;
 	if (pol && pol != w->policy_seen && w->smtp) {
+		/* Named first, then checked to be still the live one (both
+		 * sequentially consistent, as main's exchange and its look
+		 * at the names): main either sees the name and keeps it, or
+		 * has published a newer one, taken here instead. */
+		for (;;) {
+			atomic_store(&fd_policy_held[w->id % FD_POLICY_HOLDERS],
+				     pol);
+			cur = atomic_load(&fd_policy_live);
+			if (cur == pol)
+				break;
+			pol = cur;
+		}
 		w->policy_seen = pol;
 		smtp_server_set_policy(w->smtp, pol->domains, pol->n_domains,
 				       pol->max_message_size,

@@ -78,8 +78,11 @@ extern struct fd_tls_server *fd_tls;
 /*
  * A reload's SMTP policy (smtp_server_set_policy): published by the thread
  * that takes signals, picked up by each worker in fd_worker_poll(), on its
- * own thread, between commands. A published policy is never freed while
- * the process runs the one after it (main retires the one before).
+ * own thread, between commands. Each worker names the one it applies in
+ * fd_policy_held[its id] before it takes it (and takes a newer one if one
+ * came meanwhile); main frees a retired policy only once no worker names
+ * it. (It freed the one two reloads back: a worker that had not polled
+ * since, stalled for a second, read freed memory.)
  */
 struct fd_policy {
 	const char *domains[FD_CONFIG_MAX_DOMAINS];
@@ -89,8 +92,11 @@ struct fd_policy {
 	unsigned max_recipients, max_errors;
 	uint64_t command_timeout_ms, data_timeout_ms;
 	uint64_t idle_timeout_ms, greet_delay_ms; /* the connection layer's */
+	struct fd_policy *retired_next; /* main's list of retired ones */
 };
 extern struct fd_policy *_Atomic fd_policy_live;
+#define FD_POLICY_HOLDERS 256 /* worker ids: a spool's wNN */
+extern const struct fd_policy *_Atomic fd_policy_held[FD_POLICY_HOLDERS];
 /* The program's version (FINALDOT_VERSION), for both transports. */
 extern const char fd_version[];
 
