@@ -15,8 +15,10 @@ operator changes takes effect, or the reload is refused whole.
   - a duration too large for the clocks (idle_timeout of 2^64 ms) is a
     configuration error; it wrapped to 384 us and ended every session.
 Exits 0 pass, 1 fail."""
+import atexit
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +30,13 @@ from fdtest import FINALDOT, Daemon, check, free_port  # noqa: E402
 from delivtest import (send, message, maildir_files, run_cases,  # noqa
                        rcpt, until)
 from peers import ScriptedHop, Script  # noqa: E402
+
+
+def tmpdir():
+    """A directory for this test's files, gone when it ends."""
+    d = tempfile.mkdtemp(prefix="fdreload-")
+    atexit.register(shutil.rmtree, d, True)
+    return d
 
 
 def reload(d, conf, text, logged=r"event=reloaded route_gen="):
@@ -44,7 +53,7 @@ def reload(d, conf, text, logged=r"event=reloaded route_gen="):
 
 
 def case_verify_cache_follows_the_route():
-    tmp = tempfile.mkdtemp(prefix="fdreload-")
+    tmp = tmpdir()
     conf = os.path.join(tmp, "finaldot.conf")
     with ScriptedHop(script=Script(
             rcpt={"bob@example.com": "550 5.1.1 no such user"})) as old, \
@@ -77,7 +86,7 @@ def case_sender_side_51x_is_no_unknown_user():
 
 
 def case_no_route_stays_deferred_after_a_reload():
-    tmp = tempfile.mkdtemp(prefix="fdreload-")
+    tmp = tmpdir()
     cwd, md = os.path.join(tmp, "cwd"), os.path.join(tmp, "md")
     os.makedirs(cwd)
     os.makedirs(md)
@@ -108,7 +117,7 @@ def case_no_route_stays_deferred_after_a_reload():
 
 
 def case_recipients_file_changes_on_reload():
-    tmp = tempfile.mkdtemp(prefix="fdreload-")
+    tmp = tmpdir()
     ua, ub = os.path.join(tmp, "a.txt"), os.path.join(tmp, "b.txt")
     with open(ua, "w") as f:
         f.write("old@example.com\n")

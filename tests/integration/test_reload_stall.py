@@ -13,6 +13,7 @@ Exits 0 pass, 1 fail, 77 skip (no ptrace here)."""
 import ctypes
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -37,6 +38,14 @@ def wait_count(d, pattern, n, timeout=10):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="fdstall-")
+    try:
+        stalled(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("ok: a worker stalled across three reloads applies a live policy")
+
+
+def stalled(tmp):
     conf = os.path.join(tmp, "finaldot.conf")
     with open(conf, "w") as f:
         f.write("accept_domain = example.com\naccept_domain = new.test\n")
@@ -72,7 +81,6 @@ def main():
         c.cmd("QUIT", 221)
         check("AddressSanitizer" not in d.read_log(),
               "a freed policy was read")
-    print("ok: a worker stalled across three reloads applies a live policy")
 
 
 main()
