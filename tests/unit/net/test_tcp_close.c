@@ -31,6 +31,20 @@ peer_fin(struct harness *h, struct h_peer *p)
 	p->snd_nxt++;
 }
 
+/* Our close, the peer's ACK and its FIN: TIME_WAIT (*k: our ACK of it). */
+static void
+to_time_wait(struct harness *h, struct h_peer *p, struct h_pkt *k)
+{
+	tcp_close(p->u->c);
+	h_expect_tcp(h, k);
+	cr_assert(k->flags & TH_FIN);
+	h_peer_saw(p, k);
+	h_peer_ack(h, p);
+	peer_fin(h, p);
+	h_expect_tcp(h, k);
+	cr_assert_eq(tcp_conn_state(p->u->c), TCPS_TIME_WAIT);
+}
+
 Test(tcp_close, passive_close)
 {
 	struct h_peer p;
@@ -316,21 +330,28 @@ Test(tcp_close, paws_drops_old_timestamp)
 	h_free(h);
 }
 
+/* TIME_WAIT answers a retransmitted FIN or an unacceptable segment, not
+ * an acceptable pure ACK (RFC 9293 3.10.7.4): two such ends ACK each other
+ * for ever. (It did.) */
+Test(tcp_close, time_wait_does_not_ack_an_ack)
+{
+	struct h_peer p;
+	struct harness *h = setup(&p, HO_MSS, NULL);
+	struct h_pkt k;
+
+	to_time_wait(h, &p, &k);
+	h_peer_ack(h, &p); /* acceptable, in sequence, pure ACK */
+	cr_assert_eq(h_pending(h), 0, "TIME_WAIT answered a pure ACK");
+	h_free(h);
+}
+
 Test(tcp_close, time_wait_reused_by_new_syn)
 {
 	struct h_peer p;
 	struct harness *h = setup(&p, HO_MSS, NULL);
 	struct h_pkt k;
-	struct tcp_conn *c = p.u->c;
 
-	tcp_close(c);
-	h_expect_tcp(h, &k);
-	h_peer_saw(&p, &k);
-	h_peer_ack(h, &p);
-	h_peer_seg(h, &p, p.snd_nxt, TH_ACK | TH_FIN, NULL, 0);
-	p.snd_nxt++;
-	h_expect_tcp(h, &k);
-	cr_assert_eq(tcp_conn_state(c), TCPS_TIME_WAIT);
+	to_time_wait(h, &p, &k);
 	/* an old duplicate SYN is only ACKed */
 	h_send_tcp(h, p.port, p.iss, 0, TH_SYN, 65535, NULL, 0, NULL, 0);
 	h_expect_tcp(h, &k);
@@ -400,12 +421,7 @@ Test(tcp_close, full_table_recycles_oldest_time_wait)
 	for (unsigned i = 0; i < 2; i++) {
 		h_peer_init(h, &p[i], (uint16_t)(42100 + i), HO_MSS);
 		h_connect(h, &p[i], HO_MSS);
-		tcp_close(p[i].u->c);
-		h_expect_tcp(h, &k);
-		h_peer_saw(&p[i], &k);
-		h_peer_ack(h, &p[i]);
-		h_peer_seg(h, &p[i], p[i].snd_nxt, TH_ACK | TH_FIN, NULL, 0);
-		h_expect_tcp(h, &k);
+		to_time_wait(h, &p[i], &k);
 		h_advance(h, 10);
 	}
 	cr_assert_eq(net_stack_conn_count(h->st), 2, "both in TIME_WAIT");
