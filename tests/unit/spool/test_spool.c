@@ -1614,6 +1614,14 @@ reclaimed(uint64_t file_no)
 	return false;
 }
 
+/* The path of worker 5's segment file_no (the tests' spool). */
+static void
+seg_file(char *path, size_t n, uint64_t file_no)
+{
+	snprintf(path, n, "%s/w05/%08llx.seg", root,
+		 (unsigned long long)file_no);
+}
+
 /* Up to 3 s for the preparer to announce file_no reclaimed. */
 static void
 wait_reclaimed(struct spool *sp, uint64_t file_no)
@@ -1662,8 +1670,7 @@ Test(spool, reclaim_announced_only_with_a_new_epoch)
 	struct spool *sp = four_small_segments(&p);
 
 	/* the second one's header damaged on disk */
-	snprintf(path, sizeof(path), "%s/w05/%08llx.seg", root,
-		 (unsigned long long)seg_an[1].file_no);
+	seg_file(path, sizeof(path), seg_an[1].file_no);
 	fd = open(path, O_WRONLY | O_CLOEXEC);
 	cr_assert_geq(fd, 0, "%s", path);
 	memset(body, 0x5a, 64);
@@ -1698,8 +1705,7 @@ Test(spool, a_reclaim_of_a_use_the_file_never_had_is_refused)
 	int fd;
 	struct spool *sp = four_small_segments(&p);
 
-	snprintf(path, sizeof(path), "%s/w05/%08llx.seg", root,
-		 (unsigned long long)seg_an[0].file_no);
+	seg_file(path, sizeof(path), seg_an[0].file_no);
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	cr_assert_geq(fd, 0, "%s", path);
 	cr_assert_eq(pread(fd, before, sizeof(before), 0), 64);
@@ -1895,8 +1901,7 @@ Test(spool, a_surplus_segment_is_kept_when_it_cannot_be_delisted)
 	fail_list_write = false;
 	cr_assert(reclaimed(seg_an[1].file_no));
 	cr_assert_geq(failed_calls, 1, "the list was not failed");
-	snprintf(path, sizeof(path), "%s/w05/%08llx.seg", root,
-		 (unsigned long long)seg_an[1].file_no);
+	seg_file(path, sizeof(path), seg_an[1].file_no);
 	cr_assert_eq(access(path, F_OK), 0,
 		     "deleted while the list still names it");
 	spool_destroy(sp);
