@@ -43,6 +43,14 @@ static struct done_rec dones[4096];
 static unsigned n_done;
 static char root[64];
 
+/* The path of worker 5's segment file_no (the tests' spool). */
+static void
+seg_file(char *path, size_t n, uint64_t file_no)
+{
+	snprintf(path, n, "%s/w05/%08llx.seg", root,
+		 (unsigned long long)file_no);
+}
+
 /* Faults the preparer meets at a start (the review of 2026-12-05): its
  * directory's opendir(), the open of one segment, or the read of one
  * segment's header fails once with the errno given; paths are matched by
@@ -1380,7 +1388,7 @@ damaged_header_kept(unsigned pos, bool whole_block)
 		drain(sp);
 	}
 	spool_destroy(sp);
-	snprintf(path, sizeof(path), "%s/w05/00000000.seg", root);
+	seg_file(path, sizeof(path), 0);
 	int fd = open(path, O_RDWR);
 	cr_assert_geq(fd, 0);
 	if (whole_block) {
@@ -1532,8 +1540,8 @@ Test(spool, fallocated_segments_are_unwritten_extents)
 	p.segment_size = 4096 + 2 * (16384 + 69632 + 4096);
 	p.spare_segments = 2; /* the first and one more made at start */
 	struct spool *sp = make(&p);
-	snprintf(path, sizeof(path), "%s/w05/00000000.seg", root);
-	snprintf(seg1, sizeof(seg1), "%s/w05/00000001.seg", root);
+	seg_file(path, sizeof(path), 0);
+	seg_file(seg1, sizeof(seg1), 1);
 	for (int i = 0; i < 5000 && stat(seg1, &st) != 0; i++)
 		usleep(1000);
 	cr_assert_eq(stat(seg1, &st), 0, "no spare %s", seg1);
@@ -1560,7 +1568,7 @@ Test(spool, zeroed_segments_have_no_unwritten_extents)
 
 	params(&p, NULL);
 	struct spool *sp = make(&p);
-	snprintf(path, sizeof(path), "%s/w05/00000000.seg", root);
+	seg_file(path, sizeof(path), 0);
 	long long u = unwritten_bytes(path);
 	spool_destroy(sp);
 	if (u < 0) {
@@ -1612,14 +1620,6 @@ reclaimed(uint64_t file_no)
 		if (recl_an[i].file_no == file_no)
 			return true;
 	return false;
-}
-
-/* The path of worker 5's segment file_no (the tests' spool). */
-static void
-seg_file(char *path, size_t n, uint64_t file_no)
-{
-	snprintf(path, n, "%s/w05/%08llx.seg", root,
-		 (unsigned long long)file_no);
 }
 
 /* Up to 3 s for the preparer to announce file_no reclaimed. */
