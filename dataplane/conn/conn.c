@@ -356,6 +356,17 @@ drain_final(struct conn *c)
 
 /* ---- the decision ------------------------------------------------------- */
 
+/* The client closed its side, and nothing it sent is left to take and no
+ * reply it waits for is still to come: the connection may close. A client
+ * that half-closed after its final dot (shutdown(SHUT_WR)) still reads;
+ * closed during the commit, its message was stored and the client, with
+ * no 250, sent it again. */
+static bool
+peer_done(const struct conn *c)
+{
+	return c->peer_eof && !c->held && !smtp_session_commit_pending(c->s);
+}
+
 /*
  * conn_drive() once TLS has started: the handshake (within the worker's
  * cap), what TLS decrypted to the session, its replies encrypted and out.
@@ -410,7 +421,7 @@ again:
 		return;
 	}
 input:
-	if (c->peer_eof && !c->held && !smtp_session_commit_pending(c->s))
+	if (peer_done(c))
 		conn_close(c, "peer_closed", CONN_CLOSE_FIN);
 }
 
@@ -459,11 +470,7 @@ conn_drive(struct conn *c)
 		start_tls(c);
 		return;
 	}
-	/* A client that half-closed after its final dot (shutdown(SHUT_WR))
-	 * still reads: its reply goes out first. Closed at once, the message
-	 * was stored and the client, with no 250, sent it again. */
-	if (c->peer_eof && !c->held && drained &&
-	    !smtp_session_commit_pending(c->s))
+	if (drained && peer_done(c))
 		conn_close(c, "peer_closed", CONN_CLOSE_FIN);
 }
 
