@@ -43,9 +43,10 @@
  * Limits: SMTP_OUT_SIZE output octets, SMTP_ARENA_SIZE octets of envelope
  * (sender, ENVID, recipients and their ORCPTs) per transaction in the
  * session, beyond that an overflow made when needed (max_recipients RCPT
- * lines' worth, freed with the session), cfg.max_recipients per message; deadlines cfg.command_timeout_ms (one
- * command line) and cfg.data_timeout_ms (one message's data), checked as
- * input arrives (deadline_passed()). A NUL in the data rejects the message
+ * lines' worth, freed with the session), cfg.max_recipients per message;
+ * deadlines cfg.command_timeout_ms (one command line) and
+ * cfg.data_timeout_ms (one message's data), checked as input arrives
+ * (deadline_passed()). A NUL in the data rejects the message
  * like a bare CR/LF. A command line is 512 octets with its
  * CRLF, MAIL and RCPT lines SMTP_PARAM_LINE_MAX (their DSN parameters).
  */

@@ -46,7 +46,8 @@ Test(tcp_edges, abort_after_rto_rst_at_snd_max)
 	while (h_next(h, &k)) {
 		if (n++ == 0)
 			s0 = k.seq;
-		h_peer_saw(&p, &k); /* the peer got everything; its ACKs are lost */
+		/* the peer got everything; its ACKs are lost */
+		h_peer_saw(&p, &k);
 	}
 	cr_assert_eq(n, 3);
 	end = s0 + 3 * 1460;
@@ -131,7 +132,8 @@ Test(tcp_edges, persist_probe_acks_are_not_dupacks)
 	cr_assert_eq(big, 0,
 		     "%u segment(s) of >1 byte sent into a zero window "
 		     "(fast retransmits: %llu, probes %u)", big,
-		     (unsigned long long)net_stack_counters(h->st)->tcp_fast_retransmits,
+		     (unsigned long long)net_stack_counters(h->st)
+			     ->tcp_fast_retransmits,
 		     probes);
 	h_free(h);
 }
