@@ -8,6 +8,7 @@
     resets the connection meanwhile leaves its message in doubt."""
 import os
 import socket
+import tempfile
 import time
 
 from fdtest import Daemon, check, queued_id
@@ -22,31 +23,44 @@ def start_message(c, n=0):
     c.send(f"Subject: fault {n}\r\n\r\nbody\r\n.\r\n")
 
 
+class Held:
+    """The spool's flushes held back while the file exists (the fault
+    seam's hold:PATH); released at the latest when the with-block ends."""
+
+    def __init__(self):
+        self.path = tempfile.mktemp(prefix="fdhold-")
+        open(self.path, "w").close()
+
+    def release(self):
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def held():
-    import tempfile
-    hold = tempfile.mktemp(prefix="fdhold-")
-    open(hold, "w").close()
-    try:
-        with Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{hold}"}) as d:
-            c = d.connect()
-            start_message(c)
-            c.sock.settimeout(1.5)
-            try:
-                data = c.sock.recv(100)
-                fail_msg = f"reply while the flush is held: {data!r}"
-                check(False, fail_msg)
-            except (socket.timeout, TimeoutError):
-                pass
-            check(d.scan()["messages"] == [],
-                  "nothing committed while held")
-            os.unlink(hold)
-            c.sock.settimeout(10)
-            mid = queued_id(c.expect(250))
-            check(mid in {m["id"] for m in d.scan()["messages"]},
-                  "committed once released")
-    finally:
-        if os.path.exists(hold):
-            os.unlink(hold)
+    with Held() as h, \
+            Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{h.path}"}) as d:
+        c = d.connect()
+        start_message(c)
+        c.sock.settimeout(1.5)
+        try:
+            data = c.sock.recv(100)
+            fail_msg = f"reply while the flush is held: {data!r}"
+            check(False, fail_msg)
+        except (socket.timeout, TimeoutError):
+            pass
+        check(d.scan()["messages"] == [],
+              "nothing committed while held")
+        h.release()
+        c.sock.settimeout(10)
+        mid = queued_id(c.expect(250))
+        check(mid in {m["id"] for m in d.scan()["messages"]},
+              "committed once released")
 
 
 def failing():
@@ -94,40 +108,24 @@ def full():
         c.cmd("QUIT", 221)
 
 
-class Held:
-    """The spool's flushes held back while the file exists."""
-
-    def __init__(self):
-        import tempfile
-        self.path = tempfile.mktemp(prefix="fdhold-")
-        open(self.path, "w").close()
-
-    def release(self):
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-
-
 def half_closed_after_the_dot():
     """A client that half-closes (SHUT_WR) right after its final dot still
     reads: the 250 reaches it once the message is durable. The connection
     was closed at the EOF, the message stored all the same, and the
     client, with no 250, sent it again."""
-    h = Held()
-    try:
-        with Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{h.path}"}) as d:
-            c = d.connect()
-            start_message(c)
-            time.sleep(0.3)  # the commit is pending (held)
-            c.sock.shutdown(socket.SHUT_WR)
-            time.sleep(0.3)
-            h.release()
-            c.sock.settimeout(10)
-            mid = queued_id(c.expect(250))
-            check(c.closed(), "closed after the reply")
-            check(mid in {m["id"] for m in d.scan()["messages"]},
-                  "the message is in the spool")
-    finally:
+    with Held() as h, \
+            Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{h.path}"}) as d:
+        c = d.connect()
+        start_message(c)
+        time.sleep(0.3)  # the commit is pending (held)
+        c.sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
         h.release()
+        c.sock.settimeout(10)
+        mid = queued_id(c.expect(250))
+        check(c.closed(), "closed after the reply")
+        check(mid in {m["id"] for m in d.scan()["messages"]},
+              "the message is in the spool")
 
 
 def reset_while_committing():
@@ -137,51 +135,42 @@ def reset_while_committing():
     fingerprint. It was not: the news came (if at all) before the message
     was queued, and a resend would be delivered twice."""
     import struct
-    h = Held()
-    try:
-        with Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{h.path}"}) as d:
-            c = d.connect()
-            start_message(c)
-            time.sleep(0.3)
-            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                              struct.pack("ii", 1, 0))
-            c.sock.close()  # RST
-            time.sleep(0.3)
-            h.release()
-            d.wait_log(r"event=reply_unacknowledged id=", 10)
-            ids = [m["id"] for m in d.scan()["messages"]]
-            check(len(ids) == 1, f"one message stored: {ids}")
-            d.wait_log(rf"(?i){ids[0]} event=indoubt settle_s=", 10)
-            check("fingerprint=unknown" not in d.read_run_log(),
-                  "the in-doubt message was not found by its id")
-    finally:
+    with Held() as h, \
+            Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{h.path}"}) as d:
+        c = d.connect()
+        start_message(c)
+        time.sleep(0.3)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                          struct.pack("ii", 1, 0))
+        c.sock.close()  # RST
+        time.sleep(0.3)
         h.release()
+        d.wait_log(r"event=reply_unacknowledged id=", 10)
+        ids = [m["id"] for m in d.scan()["messages"]]
+        check(len(ids) == 1, f"one message stored: {ids}")
+        d.wait_log(rf"(?i){ids[0]} event=indoubt settle_s=", 10)
+        check("fingerprint=unknown" not in d.read_run_log(),
+              "the in-doubt message was not found by its id")
 
 
 def sigterm_with_commit_in_flight():
     """SIGTERM while a flush is held: the commit in flight finishes first
     (its 250 goes out), then 421 4.3.2, then exit 0."""
     import signal
-    import tempfile
-    hold = tempfile.mktemp(prefix="fdhold-")
-    open(hold, "w").close()
-    try:
-        with Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{hold}"}) as d:
-            c = d.connect()
-            start_message(c)
-            time.sleep(0.3)
-            os.kill(d.proc.pid, signal.SIGTERM)
-            d.wait_log("event=stopping", 5)
-            os.unlink(hold)
-            mid = queued_id(c.expect(250))
-            c.expect(421, r"4\.3\.2")
-            check(c.closed(), "closed after 421")
-            check(d.proc.wait(20) == 0, "exit 0")
-            check(mid in {m["id"] for m in d.scan()["messages"]},
-                  "the message committed during shutdown is in the spool")
-    finally:
-        if os.path.exists(hold):
-            os.unlink(hold)
+    with Held() as h, \
+            Daemon(env={"FINALDOT_SPOOL_FAULT": f"hold:{h.path}"}) as d:
+        c = d.connect()
+        start_message(c)
+        time.sleep(0.3)
+        os.kill(d.proc.pid, signal.SIGTERM)
+        d.wait_log("event=stopping", 5)
+        h.release()
+        mid = queued_id(c.expect(250))
+        c.expect(421, r"4\.3\.2")
+        check(c.closed(), "closed after 421")
+        check(d.proc.wait(20) == 0, "exit 0")
+        check(mid in {m["id"] for m in d.scan()["messages"]},
+              "the message committed during shutdown is in the spool")
 
 
 held()
