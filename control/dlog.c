@@ -282,7 +282,7 @@ dlog_file_hdr_encode(const struct dlog_file_hdr *h, uint8_t *out)
 {
 	memset(out, 0, DLOG_FILE_HDR_LEN);
 	memcpy(out, file_magic, sizeof(file_magic));
-	spool_put16(out + 4, (uint16_t)DLOG_VERSION);
+	spool_put16(out + 4, h->version ? h->version : DLOG_FILE_VERSION);
 	spool_put16(out + 6, (uint16_t)DLOG_FILE_HDR_LEN);
 	spool_put64(out + 8, h->generation);
 	spool_put64(out + 16, h->prev_generation);
@@ -302,7 +302,7 @@ dlog_file_hdr_decode(const uint8_t *p, size_t n, struct dlog_file_hdr *h)
 			return DLOG_DEC_ERR_MAGIC;
 	if (n < DLOG_FILE_HDR_LEN)
 		return DLOG_DEC_AGAIN;
-	if (spool_get16(p + 4) != DLOG_VERSION)
+	if (spool_get16(p + 4) != 1 && spool_get16(p + 4) != DLOG_FILE_VERSION)
 		return DLOG_DEC_ERR_VERSION;
 	if (spool_get16(p + 6) != DLOG_FILE_HDR_LEN)
 		return DLOG_DEC_ERR_LEN;
@@ -314,6 +314,7 @@ dlog_file_hdr_decode(const uint8_t *p, size_t n, struct dlog_file_hdr *h)
 			return DLOG_DEC_ERR_FIELD;
 	if (spool_get64(p + 8) == 0)
 		return DLOG_DEC_ERR_FIELD;
+	h->version = spool_get16(p + 4);
 	h->generation = spool_get64(p + 8);
 	h->prev_generation = spool_get64(p + 16);
 	h->created_us = spool_get64(p + 24);
@@ -385,34 +386,53 @@ mem_read(void *ctx, uint64_t off, void *buf, size_t n)
 	return (long)n;
 }
 
+/*
+ * Copy 0, else copy 1 where its version puts it: at 64 in a version 1 file
+ * (tried first: in a version 2 file those bytes are zero), at 4096 in a
+ * version 2 one. A copy is taken only at its own version's place, and the
+ * records start where that version says. A read error on one copy (a bad
+ * block 0) leaves the other; it is returned only when no copy was read.
+ */
 static int
 scan_header(struct scan *s)
 {
-	const uint8_t *p;
-	size_t n;
-	int rc = win_get(s, 0, DLOG_FILE_DATA_OFF, &p, &n);
+	static const struct {
+		uint64_t off;
+		uint16_t version; /* 0: either */
+	} copies[] = {
+		{ 0, 0 },
+		{ DLOG_FILE_V1_HDR1_OFF, 1 },
+		{ DLOG_FILE_HDR1_OFF, 2 },
+	};
+	int err = 0;
 
-	if (rc)
-		return rc;
-	for (unsigned c = 0; c < 2; c++) {
+	for (unsigned c = 0; c < sizeof(copies) / sizeof(copies[0]); c++) {
 		struct dlog_file_hdr h;
-		size_t at = c * DLOG_FILE_HDR_LEN;
+		const uint8_t *p;
+		size_t n;
+		int rc = win_get(s, copies[c].off, DLOG_FILE_HDR_LEN, &p, &n);
 
-		if (n < at + DLOG_FILE_HDR_LEN ||
-		    dlog_file_hdr_decode(p + at, DLOG_FILE_HDR_LEN, &h) !=
-			    DLOG_DEC_OK ||
+		if (rc) {
+			err = rc;
+			continue;
+		}
+		if (n < DLOG_FILE_HDR_LEN ||
+		    dlog_file_hdr_decode(p, n, &h) != DLOG_DEC_OK ||
+		    (copies[c].version && h.version != copies[c].version) ||
 		    (s->want_gen && h.generation != s->want_gen))
 			continue;
 		s->res.hdr = h;
 		s->res.hdr_ok = true;
+		s->res.data_off = h.version == 1 ? DLOG_FILE_V1_DATA_OFF
+						 : DLOG_FILE_DATA_OFF;
 		if (c)
 			fd_log(FD_LOG_WARN, COMP,
 			       "event=damage file=%s what=header_copy0 "
 			       "action=used_copy1",
 			       s->name);
-		break;
+		return 0;
 	}
-	return 0;
+	return err;
 }
 
 /* The next position after `bad` where a valid record starts, or UINT64_MAX
@@ -467,10 +487,10 @@ tail_check(struct scan *s)
 static int
 scan_records(struct scan *s, dlog_replay_fn fn, void *ctx)
 {
-	uint64_t pos = DLOG_FILE_DATA_OFF, gen = s->res.hdr.generation;
+	uint64_t pos = s->res.data_off, gen = s->res.hdr.generation;
 	bool begun = false;
 
-	s->res.end = DLOG_FILE_DATA_OFF;
+	s->res.end = s->res.data_off;
 	while (pos < s->size) {
 		const uint8_t *p;
 		size_t n, used;
@@ -605,6 +625,7 @@ struct dlog {
 	uint64_t off;   /* end of records; read lock-free */
 	uint64_t alloc; /* file size: zeros from off to alloc */
 	uint64_t ckpt_size; /* off right after this file's checkpoint */
+	uint64_t data_off;  /* where this file's records start */
 
 	uint8_t *pend;
 	size_t pend_len, pend_cap;
@@ -929,8 +950,9 @@ make_file(struct dlog *l, uint64_t gen, uint64_t prev, dlog_snapshot_fn snap,
 		rc = -errno;
 		goto out_free;
 	}
+	memset(hdr, 0, sizeof(hdr));
 	dlog_file_hdr_encode(&h, hdr);
-	memcpy(hdr + DLOG_FILE_HDR_LEN, hdr, DLOG_FILE_HDR_LEN);
+	memcpy(hdr + DLOG_FILE_HDR1_OFF, hdr, DLOG_FILE_HDR_LEN);
 	rc = pwrite_all(nf->fd, hdr, sizeof(hdr), 0);
 	if (rc)
 		goto out_unlink;
@@ -1448,6 +1470,7 @@ replay_file(struct dlog *l, uint64_t gen, uint8_t *win, dlog_replay_fn fn,
 	l->off = s.res.end;
 	l->alloc = s.size;
 	l->ckpt_size = s.res.ckpt_end;
+	l->data_off = s.res.data_off;
 	return 0;
 
 out_close:
@@ -1555,6 +1578,7 @@ recover(struct dlog *l, dlog_replay_fn fn, void *ctx,
 		l->gen = l->max_gen = nf.gen;
 		l->salt = nf.salt;
 		l->off = l->ckpt_size = nf.off;
+		l->data_off = DLOG_FILE_DATA_OFF;
 		l->alloc = nf.alloc;
 		st->complete = true;
 	}
@@ -1840,11 +1864,17 @@ dlog_want_checkpoint(const struct dlog *l)
 {
 	uint64_t off = __atomic_load_n(&l->off, __ATOMIC_ACQUIRE);
 	uint64_t base = __atomic_load_n(&l->ckpt_size, __ATOMIC_ACQUIRE);
+	uint64_t start = __atomic_load_n(&l->data_off, __ATOMIC_ACQUIRE);
 
 	/* Not while a batch waits for space: the checkpoint would wait for
 	 * it, and its new file needs room too. */
 	if (__atomic_load_n(&l->st.no_space, __ATOMIC_ACQUIRE))
 		return false;
+	/* Record bytes, not file offsets: the headers' blocks are not
+	 * growth. Read apart from a swap of files, a stale mix only moves
+	 * the checkpoint by one call. */
+	off = off > start ? off - start : 0;
+	base = base > start ? base - start : 0;
 	return off > l->p.rotate_bytes && off > 2 * base;
 }
 
@@ -1917,6 +1947,7 @@ dlog_checkpoint(struct dlog *l, dlog_snapshot_fn snap, void *ctx)
 	l->gen = l->max_gen = gen;
 	l->salt = nf.salt;
 	__atomic_store_n(&l->ckpt_size, nf.off, __ATOMIC_RELEASE);
+	__atomic_store_n(&l->data_off, DLOG_FILE_DATA_OFF, __ATOMIC_RELEASE);
 	__atomic_store_n(&l->off, nf.off, __ATOMIC_RELEASE);
 	l->alloc = nf.alloc;
 	l->st.checkpoints++;

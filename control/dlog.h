@@ -70,7 +70,18 @@ enum dlog_type {
 #define DLOG_REC_HDR_LEN 56u
 #define DLOG_REC_MAX (DLOG_REC_HDR_LEN + DLOG_TEXT_MAX)
 #define DLOG_FILE_HDR_LEN 64u
-#define DLOG_FILE_DATA_OFF 128u /* two header copies, then records */
+/*
+ * File layout, by the header's version. 2 (written now): copy 0 at 0,
+ * copy 1 at 4096, records from 8192, so that the two copies never share a
+ * device block (4096 bytes on most disks) with each other or with appended
+ * records. 1 (still read): both copies in the first 128 bytes, records
+ * from 128; one unreadable sector there took both.
+ */
+#define DLOG_FILE_VERSION 2u
+#define DLOG_FILE_HDR1_OFF 4096u
+#define DLOG_FILE_DATA_OFF 8192u
+#define DLOG_FILE_V1_HDR1_OFF 64u
+#define DLOG_FILE_V1_DATA_OFF 128u
 
 struct dlog_rec {
 	enum dlog_type type;
@@ -284,8 +295,9 @@ enum dlog_dec dlog_decode_salted(const uint8_t *p, size_t n, uint64_t salt,
 /* Bytes a record with this much text occupies (text truncated as above). */
 size_t dlog_rec_size(size_t text_len);
 
-/* File header; written twice (offsets 0 and 64), records from 128. */
+/* File header; written twice (see DLOG_FILE_VERSION for where). */
 struct dlog_file_hdr {
+	uint16_t version; /* 1 or 2; encode writes DLOG_FILE_VERSION for 0 */
 	uint64_t generation; /* > 0 */
 	uint64_t prev_generation; /* 0: a new log */
 	uint64_t created_us;
@@ -303,6 +315,7 @@ enum dlog_dec dlog_file_hdr_decode(const uint8_t *p, size_t n,
 struct dlog_scan_result {
 	struct dlog_file_hdr hdr;
 	bool hdr_ok;
+	uint64_t data_off;      /* where records start (by hdr.version) */
 	bool complete;          /* CKPT_END of this generation found */
 	bool tail_clean;        /* bytes after `end` are all zero */
 	uint64_t records;       /* public records handed to fn */

@@ -89,17 +89,20 @@ DLOG_DELIVERED = 2
 DLOG_TYPES = set(range(1, 13)) | {64, 65}
 
 
-def dlog_salt(data):
-    """The salt of the first readable header copy, or None."""
-    for at in (0, 64):
+def dlog_header(data):
+    """(salt, where records start) from the first readable header copy,
+    or None. Copy 1 sits at 64 in a version 1 file, at 4096 in a
+    version 2 one; records start at 128 and 8192."""
+    for at, want in ((0, None), (64, 1), (4096, 2)):
         h = data[at:at + 64]
         if len(h) < 64 or h[:4] != b"FDLH":
             continue
         ver, hlen = struct.unpack_from("<HH", h, 4)
-        if ver != 1 or hlen != 64 or \
+        if ver not in (1, 2) or (want and ver != want) or hlen != 64 or \
                 struct.unpack_from("<I", h, 60)[0] != crc32c(h[:60]):
             continue
-        return struct.unpack_from("<Q", h, 32)[0]
+        return struct.unpack_from("<Q", h, 32)[0], (128 if ver == 1
+                                                    else 8192)
     return None
 
 
@@ -136,10 +139,10 @@ def dlog_delivered(dirpath):
             continue
         with open(os.path.join(dirpath, name), "rb") as f:
             data = f.read()
-        salt = dlog_salt(data)
-        if salt is None:
+        hdr = dlog_header(data)
+        if hdr is None:
             continue
-        pos = 128
+        salt, pos = hdr
         while pos + 56 <= len(data):
             rec = dlog_record(data, pos, salt)
             if rec:

@@ -6,11 +6,14 @@
  *   2  a whole file image through the replay scanner, as is;
  *   3  the same after sealing: header CRCs and every plausible record
  *      re-encoded with the header's salt, so the fuzzer reaches the
- *      scanner's checkpoint and resync logic without forging CRCs.
+ *      scanner's checkpoint and resync logic without forging CRCs (in
+ *      the version 2 layout when byte 4 of the image is 2 and it holds
+ *      8 KiB, else in version 1's).
  * Scanner invariants: only public records come out, with sane text; the
  * end lies within the image; and the image cut at that end replays the
  * same records (what follows the end held nothing valid).
  */
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,7 +91,7 @@ image(const uint8_t *p, size_t n)
 		return;
 	}
 	if (a.n != res.records || res.records_bad > n / 8 ||
-	    res.end < DLOG_FILE_DATA_OFF || (a.n && res.end > n))
+	    res.end < res.data_off || (a.n && res.end > n))
 		abort();
 	if (res.end > n)
 		return;
@@ -102,13 +105,18 @@ static void
 seal(uint8_t *p, size_t n)
 {
 	uint64_t salt;
+	/* the layout byte 4 names: 2 (an image of 8 KiB or more), else 1 */
+	bool v2 = n >= DLOG_FILE_DATA_OFF && p[4] == 2;
+	size_t hdr1 = v2 ? DLOG_FILE_HDR1_OFF : DLOG_FILE_V1_HDR1_OFF;
+	size_t data = v2 ? DLOG_FILE_DATA_OFF : DLOG_FILE_V1_DATA_OFF;
 
-	if (n < DLOG_FILE_DATA_OFF)
+	if (n < data)
 		return;
 	for (unsigned c = 0; c < 2; c++) {
-		uint8_t *h = p + c * DLOG_FILE_HDR_LEN;
+		uint8_t *h = p + (c ? hdr1 : 0);
 		uint64_t g = spool_get64(h + 8);
 		struct dlog_file_hdr fh = {
+			.version = v2 ? 2 : 1,
 			.generation = g ? g : 1,
 			.prev_generation = spool_get64(h + 16),
 			.created_us = spool_get64(h + 24),
@@ -118,8 +126,7 @@ seal(uint8_t *p, size_t n)
 	}
 	salt = spool_get64(p + 32);
 	/* from the end, so a record's text holds its inner records sealed */
-	for (size_t off = (n - 8) & ~(size_t)7; off >= DLOG_FILE_DATA_OFF;
-	     off -= 8) {
+	for (size_t off = (n - 8) & ~(size_t)7; off >= data; off -= 8) {
 		uint8_t *q = p + off, text[DLOG_TEXT_MAX];
 		struct dlog_rec r;
 		size_t tlen;

@@ -9,6 +9,7 @@
  */
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -40,6 +41,25 @@
 #ifndef FINALDOT_FAULT_INJECTION
 #error "test_dlog needs the fault seam: configure with -Dfault_injection=true"
 #endif
+
+/* pread64 as the replay sees it: with block0_eio set, a read that starts
+ * in the file's first 4096 bytes fails with EIO (a bad block 0). */
+static int block0_eio;
+
+ssize_t pread64(int fd, void *buf, size_t n, off_t off);
+ssize_t
+pread64(int fd, void *buf, size_t n, off_t off)
+{
+	static ssize_t (*real)(int, void *, size_t, off_t);
+
+	if (!real)
+		*(void **)&real = dlsym(RTLD_NEXT, "pread64");
+	if (block0_eio && off < DLOG_FILE_HDR1_OFF) {
+		errno = EIO;
+		return -1;
+	}
+	return real(fd, buf, n, off);
+}
 
 static char root[64];
 /* The file at the last fdatasync (see capture()). */
@@ -402,12 +422,25 @@ Test(dlog, codec_salt_binds_record_to_its_file)
 Test(dlog, codec_file_header_round_trip_and_damage)
 {
 	uint8_t b[DLOG_FILE_HDR_LEN];
-	struct dlog_file_hdr h = { 9, 8, 1712345678000000ull, 0x55aa }, d;
+	struct dlog_file_hdr h = { .generation = 9, .prev_generation = 8,
+				   .created_us = 1712345678000000ull,
+				   .salt = 0x55aa }, d;
 
 	dlog_file_hdr_encode(&h, b);
 	cr_assert_eq(dlog_file_hdr_decode(b, sizeof(b), &d), DLOG_DEC_OK);
 	cr_assert(d.generation == 9 && d.prev_generation == 8 &&
 		  d.created_us == h.created_us && d.salt == 0x55aa);
+	cr_assert_eq(d.version, DLOG_FILE_VERSION, "encoded as the current");
+	h.version = 1;
+	dlog_file_hdr_encode(&h, b);
+	cr_assert_eq(dlog_file_hdr_decode(b, sizeof(b), &d), DLOG_DEC_OK);
+	cr_assert_eq(d.version, 1, "version 1 headers still read");
+	h.version = 3;
+	dlog_file_hdr_encode(&h, b);
+	cr_assert_eq(dlog_file_hdr_decode(b, sizeof(b), &d),
+		     DLOG_DEC_ERR_VERSION);
+	h.version = 0;
+	dlog_file_hdr_encode(&h, b);
 	for (size_t k = 0; k < sizeof(b); k++)
 		cr_assert_eq(dlog_file_hdr_decode(b, k, &d), DLOG_DEC_AGAIN);
 	for (size_t bit = 0; bit < sizeof(b) * 8; bit++) {
@@ -1001,7 +1034,7 @@ Test(dlog, damaged_header_copy_uses_the_other)
 	dlog_close(l);
 	coll_free(&c);
 	/* both copies: the file is set aside, a new log starts */
-	b[DLOG_FILE_HDR_LEN + 10] ^= 0xff;
+	b[DLOG_FILE_HDR1_OFF + 10] ^= 0xff;
 	spit(path, b, n);
 	free(b);
 	l = open_at(root, NULL, &c, &st);
@@ -1011,6 +1044,43 @@ Test(dlog, damaged_header_copy_uses_the_other)
 	cr_assert(exists(root, 1, "bad"));
 	cr_assert(!exists(root, 1, "log"));
 	dlog_close(l);
+}
+
+/* The two header copies are a block apart: a first block lost whole
+ * (read back as zeros, or unreadable) leaves copy 1, and the log replays.
+ * With both copies in the first sector it was set aside and the log
+ * restarted empty (every finished delivery repeated). */
+Test(dlog, a_lost_first_block_leaves_the_header_copy_in_the_second)
+{
+	char path[256];
+	size_t n;
+	uint8_t *b;
+	struct coll c = { 0 };
+	struct dlog_open_stats st;
+	struct dlog *l;
+
+	write_log(10);
+	path_of(path, sizeof(path), root, 1, "log");
+	b = slurp(path, &n);
+	cr_assert_gt(n, DLOG_FILE_DATA_OFF);
+	for (unsigned k = 0; k < 2; k++) {
+		if (k == 0) {
+			memset(b, 0, DLOG_FILE_HDR1_OFF);
+			spit(path, b, n);
+		} else {
+			block0_eio = 1;
+		}
+		l = open_at(root, NULL, &c, &st);
+		block0_eio = 0;
+		cr_assert_eq(c.n, 10, "pass %u", k);
+		assert_range(&c, 0, 0, 10);
+		cr_assert_eq(st.files_bad, 0);
+		cr_assert(exists(root, 1, "log"));
+		dlog_close(l);
+		coll_free(&c);
+		memset(&c, 0, sizeof(c));
+	}
+	free(b);
 }
 
 Test(dlog, damaged_checkpoint_end_keeps_the_only_file)
@@ -1308,8 +1378,9 @@ Test(dlog, incomplete_newer_checkpoint_is_ignored_and_set_aside)
 	struct dlog *l;
 
 	write_log(10);
+	memset(b, 0, DLOG_FILE_DATA_OFF);
 	dlog_file_hdr_encode(&h, b);
-	memcpy(b + DLOG_FILE_HDR_LEN, b, DLOG_FILE_HDR_LEN);
+	memcpy(b + DLOG_FILE_HDR1_OFF, b, DLOG_FILE_HDR_LEN);
 	n += dlog_encode_salted(&begin, 77, b + n, sizeof(b) - n);
 	for (unsigned i = 0; i < 3; i++) {
 		struct dlog_rec r = mk(500 + i);
@@ -1710,4 +1781,60 @@ Test(dlog, a_failed_open_leaks_no_descriptor)
 	}
 	dlog_set_io_hook(NULL, NULL);
 	fail_op = -1;
+}
+
+/* A file of the first layout (both copies in 128 bytes, records from 128)
+ * replays, copy 1 at 64 included; appends go on in it, and the next
+ * checkpoint writes the current layout. */
+Test(dlog, a_version1_file_replays_and_its_checkpoint_is_version2)
+{
+	uint8_t b[DLOG_FILE_V1_DATA_OFF + 16 * DLOG_REC_MAX];
+	struct dlog_file_hdr h = { .version = 1, .generation = 1,
+				   .created_us = 1, .salt = 99 }, d;
+	struct dlog_rec mark = { .type = DLOG_CKPT_BEGIN, .msgid = 1,
+				 .rcpt = DLOG_ALL };
+	struct coll c = { 0 };
+	struct dlog_open_stats st;
+	struct state s = { 0 };
+	char path[256];
+	size_t n = DLOG_FILE_V1_DATA_OFF, got;
+	uint8_t *f;
+	struct dlog *l;
+
+	memset(b, 0, sizeof(b));
+	dlog_file_hdr_encode(&h, b);
+	memcpy(b + DLOG_FILE_V1_HDR1_OFF, b, DLOG_FILE_HDR_LEN);
+	b[10] ^= 0xff; /* copy 0 damaged: copy 1 at 64 is the one */
+	n += dlog_encode_salted(&mark, 99, b + n, sizeof(b) - n);
+	mark.type = DLOG_CKPT_END;
+	n += dlog_encode_salted(&mark, 99, b + n, sizeof(b) - n);
+	for (unsigned i = 0; i < 6; i++) {
+		struct dlog_rec r = mk(i);
+		n += dlog_encode_salted(&r, 99, b + n, sizeof(b) - n);
+	}
+	path_of(path, sizeof(path), root, 1, "log");
+	spit(path, b, n + DLOG_REC_MAX); /* zeros after, as preallocated */
+	l = open_at(root, NULL, &c, &st);
+	cr_assert_eq(c.n, 6);
+	assert_range(&c, 0, 0, 6);
+	cr_assert(st.complete);
+	cr_assert_eq(st.files_bad, 0);
+	append_range(l, 6, 9);
+	cr_assert_eq(dlog_checkpoint(l, snap_state, &s), 0);
+	dlog_close(l);
+	coll_free(&c);
+
+	path_of(path, sizeof(path), root, 2, "log");
+	f = slurp(path, &got);
+	cr_assert_gt(got, DLOG_FILE_DATA_OFF);
+	cr_assert_eq(dlog_file_hdr_decode(f, got, &d), DLOG_DEC_OK);
+	cr_assert_eq(d.version, 2);
+	cr_assert_eq(memcmp(f, f + DLOG_FILE_HDR1_OFF, DLOG_FILE_HDR_LEN),
+		     0, "copy 1 a block on");
+	for (size_t k = DLOG_FILE_HDR_LEN; k < DLOG_FILE_DATA_OFF; k++)
+		if (k < DLOG_FILE_HDR1_OFF ||
+		    k >= DLOG_FILE_HDR1_OFF + DLOG_FILE_HDR_LEN)
+			cr_assert_eq(f[k], 0, "byte %zu", k);
+	cr_assert_eq(memcmp(f + DLOG_FILE_DATA_OFF, "FDDL", 4), 0);
+	free(f);
 }
