@@ -107,6 +107,9 @@ struct batch {
 	bool fsync_later; /* written plain; its fdatasync follows once the
 			   * unflushed writes before it completed */
 	bool fsync_sent;
+	bool must_flush;  /* resubmitted after RWF_DSYNC was refused: an
+			   * fdatasync of its own (one issued for a later
+			   * batch before this write may not cover it) */
 	bool written;     /* the write's completion arrived */
 	bool fault_fail;
 	int res;
@@ -408,6 +411,7 @@ open_current(struct spool *sp)
 	b->msgs = b->msgs_tail = NULL;
 	b->fault_fail = false;
 	b->unflushed = b->fsync_later = b->fsync_sent = b->written = false;
+	b->must_flush = false;
 	sp->cur = b;
 	return 0;
 }
@@ -484,7 +488,7 @@ rotate_if_full(struct spool *sp)
 static bool
 batch_unflushed(const struct spool *sp, const struct batch *b)
 {
-	return sp->fsync_mode && !b->msgs &&
+	return sp->fsync_mode && !b->msgs && !b->must_flush &&
 	       (!b->seg_last || sp->fault == F_LAZY_SEGLAST);
 }
 
@@ -774,8 +778,12 @@ complete_in_order(struct spool *sp)
 		if (!b->unflushed)
 			sp->stp->flushes++;
 		if (b->res < 0) {
+			/* A failed write: the messages with records in it
+			 * (a failed flush went further when it arrived,
+			 * note_flush_failure()). */
 			sp->any_failed = true;
-			sp->last_failed_seq = b->seq;
+			if (sp->last_failed_seq < b->seq)
+				sp->last_failed_seq = b->seq;
 			sp->last_fail_res = b->res;
 			sp->stp->batch_errors++;
 			fd_log(FD_LOG_ERR, "spool",
@@ -857,6 +865,26 @@ complete_in_order(struct spool *sp)
 	}
 }
 
+/*
+ * A flush failed (an fdatasync, or a write with RWF_DSYNC, whose error may
+ * be the flush's): every message begun so far fails, not only those with
+ * records in that batch. A failed flush leaves the state of every write it
+ * covered unknown, later batches' completed writes of the file included,
+ * and a flush after it may report success without having written them
+ * again (with buffered writes the kernel marks the pages clean and reports
+ * the error once). Noted when the error arrives, not when its batch
+ * completes in order, so that no message completing after it is answered
+ * 250 on the strength of a flush the failure may have undone. A message
+ * begun after it stands on its own writes and flushes.
+ */
+static void
+note_flush_failure(struct spool *sp, int res)
+{
+	sp->any_failed = true;
+	sp->last_failed_seq = sp->next_seq - 1;
+	sp->last_fail_res = res;
+}
+
 void
 spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 {
@@ -879,14 +907,18 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 		b->written = true;
 		if (!b->fsync_mode && (res == -EOPNOTSUPP || res == -EINVAL)) {
 			/* RWF_DSYNC rejected: nothing was written. Resubmit
-			 * as write + linked fdatasync (once: a batch in that
-			 * mode that fails again is a plain failure). */
+			 * as write + fdatasync (once: a batch in that mode
+			 * that fails again is a plain failure), never as an
+			 * unflushed write: a later batch refused first may
+			 * have gone out already with its own fdatasync,
+			 * which this write, issued after it, escapes. */
 			if (!sp->fsync_mode)
 				fd_log(FD_LOG_WARN, "spool",
 				       "event=dsync_unsupported worker=%u "
 				       "fallback=linked_fdatasync",
 				       sp->p.worker);
 			sp->fsync_mode = true;
+			b->must_flush = true;
 			b->state = B_CLOSED;
 			sp->kernel--;
 			spool_prep_flights(sp->prep, sp->kernel);
@@ -911,6 +943,10 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 	default:
 		return;
 	}
+	if (res < 0 && res != -ECANCELED &&
+	    (op == OP_FSYNC ||
+	     (op == OP_WRITE && !b->fsync_mode && sp->fault != F_NO_DSYNC)))
+		note_flush_failure(sp, res);
 	if (res < 0 && b->res == 0)
 		b->res = res;
 	if (--b->cqes_left) {
