@@ -4139,9 +4139,11 @@ cp_create(const struct cp_config *c, const struct ctl_spool_scan *scan,
 			goto out_free;
 		}
 		/* A segment the scan could not read to its end may hold
-		 * messages nobody queued: unsealed, it is never reclaimed
-		 * (the next start scans it again). */
-		if (!g->read_error)
+		 * messages nobody queued, and one holding part of a message
+		 * whose rest may be in such a segment is needed when it
+		 * reads again: unsealed, neither is reclaimed (the next
+		 * start scans them again). */
+		if (!g->read_error && !g->kept_incomplete)
 			qm_seg_seal(cp, s);
 	}
 	/* Then the messages moved out of their segments. */

@@ -711,13 +711,86 @@ assemble(struct mstate *m)
 	return 0;
 }
 
+/* Workers with a segment the scan could not read whole (header or
+ * records): a calloc'd flag per worker number up to *n, or NULL when
+ * there is none (or no memory: then nothing is kept, as before). */
+static bool *
+workers_unsure(const struct ctl_spool_scan *s, unsigned *n)
+{
+	unsigned max = 0;
+	bool any = false, *u;
+
+	for (size_t i = 0; i < s->nsegs; i++) {
+		const struct ctl_spool_seg *g = &s->segs[i].pub;
+
+		if (!g->header_ok || g->read_error) {
+			any = true;
+			if (g->worker > max)
+				max = g->worker;
+		}
+	}
+	if (!any || !(u = calloc((size_t)max + 1, sizeof(*u))))
+		return NULL;
+	for (size_t i = 0; i < s->nsegs; i++) {
+		const struct ctl_spool_seg *g = &s->segs[i].pub;
+
+		if (!g->header_ok || g->read_error)
+			u[g->worker] = true;
+	}
+	*n = max + 1;
+	return u;
+}
+
+static void
+keep_seg(struct ctl_spool_scan *s, uint32_t seg)
+{
+	struct segent *e = &s->segs[seg];
+
+	if (e->pub.kept_incomplete || e->pub.read_error)
+		return;
+	e->pub.kept_incomplete = true;
+	fd_log(FD_LOG_WARN, "spool",
+	       "event=segment_kept path=%s worker=%u reason=\"records of a "
+	       "message left incomplete while another segment of this "
+	       "worker could not be read\" action=\"not given back; the "
+	       "next start scans it again\"",
+	       e->path ? e->path : "(memory)", e->pub.worker);
+}
+
+/*
+ * A message found in part may have the rest of its records in a segment
+ * the scan could not read. Its segments are then kept: given back, their
+ * records would be gone when the unreadable segment reads again at the
+ * next start, and the message with them (acknowledged mail). A message
+ * cut short by a crash (never acknowledged) is kept only as long as its
+ * worker has such a segment.
+ */
+static void
+keep_incomplete(struct ctl_spool_scan *s, const struct mstate *m,
+		const bool *unsure, unsigned n_unsure)
+{
+	if (!unsure || m->worker >= n_unsure || !unsure[m->worker])
+		return;
+	if (m->flags & MS_ENV)
+		keep_seg(s, m->env_seg);
+	if (m->flags & MS_END)
+		keep_seg(s, m->end_seg);
+	for (size_t k = 0; k < m->n_rp; k++)
+		keep_seg(s, m->rp[k].p.seg);
+}
+
 static int
 finish(struct ctl_spool_scan *s)
 {
+	unsigned n_unsure = 0;
+	bool *unsure = workers_unsure(s, &n_unsure);
+
 	s->out = calloc(s->nms ? s->nms : 1, sizeof(*s->out));
 	s->scratch = calloc(s->nms ? s->nms : 1, sizeof(*s->scratch));
-	if (!s->out || !s->scratch)
+	if (!s->out || !s->scratch) {
+		free(unsure);
 		return -ENOMEM;
+	}
 	for (size_t i = 0; i < s->nms; i++) {
 		struct mstate *m = &s->ms[i];
 		struct ctl_spool_msg *o = &s->out[s->nout];
@@ -725,16 +798,21 @@ finish(struct ctl_spool_scan *s)
 		void *scr;
 
 		int ar = m->flags == (MS_ENV | MS_END) ? assemble(m) : 1;
-		if (ar < 0)
+		if (ar < 0) {
+			free(unsure);
 			return ar;
+		}
 		if (ar || m->crc != m->end_crc) {
 			s->sum.msgs_incomplete++;
+			keep_incomplete(s, m, unsure, n_unsure);
 			continue;
 		}
 		sl = spool_env_scratch_len(m->env_len);
 		scr = malloc(sl);
-		if (!scr)
+		if (!scr) {
+			free(unsure);
 			return -ENOMEM;
+		}
 		if (spool_env_decode(m->env_raw, m->env_len, &o->env, scr, sl) !=
 		    SPOOL_DEC_OK) {
 			free(scr);
@@ -761,6 +839,7 @@ finish(struct ctl_spool_scan *s)
 			mark_seg(s, m->pieces[k].seg, &last);
 		mark_seg(s, m->end_seg, &last);
 	}
+	free(unsure);
 	/* Keep the pieces of committed messages only (now owned via out). */
 	for (size_t i = 0; i < s->nms; i++) {
 		free(s->ms[i].env_raw);

@@ -74,6 +74,10 @@ struct ctl_spool_seg {
 	uint64_t committed; /* committed messages with a record here */
 	bool read_error;    /* its open or a read failed: what lies past it
 			     * was not scanned; never given back this run */
+	bool kept_incomplete; /* holds records of a message left incomplete
+			       * while another segment of its worker could
+			       * not be read (its missing records may be
+			       * there): never given back this run */
 };
 
 struct ctl_spool_summary {

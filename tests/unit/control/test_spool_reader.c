@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,9 +25,29 @@ static char root[64];
 static unsigned n_done, n_ok;
 
 /* pread64 as the scan's walk sees it: with fail_reads set, a read of 64
- * KiB or more at or past 1 MiB fails with EIO (a bad sector). */
+ * KiB or more at or past 1 MiB fails with EIO (a bad sector). With
+ * fail_file set, reads of the file whose path ends so fail: those of 64
+ * KiB or more (its records), or every one with fail_file_all (its
+ * header too). */
 static int fail_reads;
 static unsigned failed_reads;
+static const char *fail_file;
+static int fail_file_all;
+
+static bool
+is_fail_file(int fd)
+{
+	char link[64], path[512];
+	ssize_t k;
+	size_t fl = strlen(fail_file);
+
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	k = readlink(link, path, sizeof(path) - 1);
+	if (k < 0 || (size_t)k < fl)
+		return false;
+	path[k] = 0;
+	return strcmp(path + k - fl, fail_file) == 0;
+}
 
 ssize_t pread64(int fd, void *buf, size_t n, off_t off);
 ssize_t
@@ -36,7 +57,8 @@ pread64(int fd, void *buf, size_t n, off_t off)
 
 	if (!real)
 		*(void **)&real = dlsym(RTLD_NEXT, "pread64");
-	if (fail_reads && n >= 65536 && off >= (off_t)(1u << 20)) {
+	if ((fail_reads && n >= 65536 && off >= (off_t)(1u << 20)) ||
+	    (fail_file && (fail_file_all || n >= 65536) && is_fail_file(fd))) {
 		failed_reads++;
 		errno = EIO;
 		return -1;
@@ -677,6 +699,49 @@ Test(spool_reader, a_read_error_marks_the_segment)
 	cr_assert_eq(ctl_spool_scan_summary(s)->msgs_committed, n);
 	for (size_t i = 0; i < ctl_spool_scan_nsegs(s); i++)
 		cr_assert_not(ctl_spool_scan_segment(s, i)->read_error);
+	ctl_spool_scan_free(s);
+	free(b);
+}
+
+/* A message whose records span two segments, the second unreadable (its
+ * records, then its header too): the first segment holds the message's
+ * ENV and part of its body, and is kept (never given back this run: the
+ * rest reads again at the next start). Before, only the unreadable one
+ * was marked, and the queue manager gave the first back. Read whole, the
+ * message is found and nothing is kept. */
+Test(spool_reader, a_message_spanning_an_unreadable_segment_keeps_the_other)
+{
+	struct spool *sp = open_spool();
+	size_t big = (4u << 20) + (1u << 20);
+	uint8_t *b = pattern(big, 9);
+	const struct ctl_spool_seg *g;
+	struct ctl_spool_scan *s;
+
+	write_msg(sp, b, big); /* from 00000000.seg into 00000001.seg */
+	spool_destroy(sp);
+	for (int all = 0; all < 2; all++) {
+		bool kept = false, other = false;
+
+		fail_file = "/w01/00000001.seg";
+		fail_file_all = all;
+		s = scan();
+		fail_file = NULL;
+		cr_assert_eq(ctl_spool_scan_summary(s)->msgs_committed, 0);
+		for (size_t i = 0; i < ctl_spool_scan_nsegs(s); i++) {
+			g = ctl_spool_scan_segment(s, i);
+			if (g->header_ok && g->file_no == 0)
+				kept = g->kept_incomplete;
+			else if (g->kept_incomplete)
+				other = true;
+		}
+		cr_assert(kept, "pass %d: the readable part was not kept", all);
+		cr_assert_not(other);
+		ctl_spool_scan_free(s);
+	}
+	s = scan();
+	cr_assert_eq(ctl_spool_scan_summary(s)->msgs_committed, 1);
+	for (size_t i = 0; i < ctl_spool_scan_nsegs(s); i++)
+		cr_assert_not(ctl_spool_scan_segment(s, i)->kept_incomplete);
 	ctl_spool_scan_free(s);
 	free(b);
 }
