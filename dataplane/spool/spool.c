@@ -172,6 +172,7 @@ struct spool {
 
 	struct spool_msg *msgs;
 	struct spool_msg *free_msgs;
+	unsigned n_detached; /* committed messages whose session is gone */
 	struct spool_msg *pend_head, *pend_tail;
 
 	bool any_failed;
@@ -699,6 +700,10 @@ write_end(struct spool *sp, struct spool_msg *m)
 static void
 free_msg(struct spool *sp, struct spool_msg *m)
 {
+	if (m->detached) {
+		m->detached = false;
+		sp->n_detached--;
+	}
 	m->state = M_FREE;
 	m->next = sp->free_msgs;
 	sp->free_msgs = m;
@@ -1029,7 +1034,13 @@ spool_msg_begin(struct spool *sp, const struct fd_envelope *env, void *ctx,
 	int r;
 
 	if (!m) {
-		*err = -EMFILE;
+		/* There is a message per connection. A session gone while
+		 * its message commits (a reset after the final dot) leaves it
+		 * here until its batch completes, and its connection may be
+		 * taken again meanwhile: that session waits (the caller holds
+		 * the command until spool room comes back) rather than being
+		 * refused. */
+		*err = sp->n_detached ? -EAGAIN : -EMFILE;
 		return NULL;
 	}
 	elen = spool_env_encoded_len(env);
@@ -1190,9 +1201,11 @@ spool_msg_abort(struct spool *sp, struct spool_msg *m)
 void
 spool_msg_detach(struct spool *sp, struct spool_msg *m)
 {
-	(void)sp;
-	if (m->state == M_COMMITTED || m->state == M_END_PENDING)
+	if ((m->state == M_COMMITTED || m->state == M_END_PENDING) &&
+	    !m->detached) {
 		m->detached = true;
+		sp->n_detached++;
+	}
 }
 
 /* Body octets the current batch still takes (0 without one). */

@@ -1227,6 +1227,42 @@ Test(spool, detach_suppresses_callback)
 	spool_destroy(sp);
 }
 
+/* There is a message per connection (max_msgs). A session gone while its
+ * message commits leaves the message until its batch completes, and its
+ * connection may be taken again meanwhile: the next begin is told to wait
+ * (-EAGAIN: the session holds DATA until room comes back), not refused
+ * (-EMFILE, a 451 to a client that did nothing wrong). With every message
+ * held by a live session, -EMFILE stays. */
+Test(spool, a_detached_message_makes_the_next_begin_wait_not_fail)
+{
+	struct spool_params p;
+	struct fd_envelope e = env1();
+	struct spool_msg *m, *m2;
+	uint64_t id, id2;
+	int err = 0;
+
+	params(&p, NULL);
+	p.max_msgs = 1;
+	struct spool *sp = make(&p);
+	m = spool_msg_begin(sp, &e, NULL, &id, &err);
+	cr_assert_not_null(m);
+	cr_assert_null(spool_msg_begin(sp, &e, NULL, &id2, &err));
+	cr_assert_eq(err, -EMFILE, "a live session holds it: %d", err);
+	append_all(sp, m, (const uint8_t *)"x", 1);
+	cr_assert_eq(spool_msg_commit(sp, m), 0);
+	spool_msg_detach(sp, m);
+	spool_msg_detach(sp, m); /* twice changes nothing */
+	cr_assert_null(spool_msg_begin(sp, &e, NULL, &id2, &err));
+	cr_assert_eq(err, -EAGAIN, "refused instead of held: %d", err);
+	spool_flush(sp);
+	drain(sp);
+	m2 = spool_msg_begin(sp, &e, NULL, &id2, &err);
+	cr_assert_not_null(m2, "the slot came back: %d", err);
+	spool_msg_abort(sp, m2);
+	check_on_disk(id, "x", 1);
+	spool_destroy(sp);
+}
+
 /* A detached message's outcome goes to orphan_done(), after the DURABLE
  * that covers it (the worker tells the control plane its client got no
  * reply: the message is in doubt, and the control plane, walking up to
