@@ -63,6 +63,7 @@
 #include "finaldot/log.h"
 #include "finaldot/mailbox.h"
 #include "finaldot/msgid.h"
+#include "finaldot/spool_format.h"
 #include "smtp/smtp.h"
 #include "smtp/smtp_data.h"
 #include "smtp/smtp_parse.h"
@@ -163,6 +164,7 @@ struct smtp_session {
 	enum fd_dsn_ret ret;
 	bool any_notify; /* some accepted RCPT had NOTIFY */
 	bool any_orcpt;  /* some accepted RCPT had ORCPT */
+	size_t env_rcpt_bytes; /* the accepted RCPTs' share of the envelope */
 	size_t arena_used;
 	char arena[SMTP_ARENA_SIZE];
 	/* Beyond the arena (long addresses with ORCPTs: RFC 5321 4.5.3.1.8
@@ -443,6 +445,7 @@ txn_reset(struct smtp_session *s)
 	s->ret = FD_RET_NONE;
 	s->any_notify = false;
 	s->any_orcpt = false;
+	s->env_rcpt_bytes = 0;
 	s->arena_used = s->ovf_used = 0;
 	s->fail = SMTP_FAIL_NONE;
 	s->body_size = 0;
@@ -902,6 +905,24 @@ rcpt_check(struct smtp_session *s, const struct smtp_path *p,
 	return false;
 }
 
+/*
+ * The spool keeps a message's envelope in one record of at most
+ * SPOOL_ENV_MAX octets: each recipient takes an item for its address, one
+ * for NOTIFY and one for ORCPT (SPOOL_ITEM_HDR_LEN octets each, and their
+ * values); everything else (sender, HELO name, client address, ENVID and
+ * the fixed fields) stays well under the reserve. Past it the spool
+ * refuses the message at DATA (a 451 at every retry, the mail stuck), so
+ * the RCPT that would pass it gets 452 4.5.3 instead: the client sends
+ * the other recipients in another transaction (RFC 5321 4.5.3.1.10).
+ */
+#define ENV_OTHER_RESERVE 2048u
+
+static size_t
+rcpt_env_bytes(size_t addr_len, size_t orcpt_len)
+{
+	return 3 * SPOOL_ITEM_HDR_LEN + addr_len + 1 + orcpt_len;
+}
+
 static bool
 smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 {
@@ -965,6 +986,12 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 		error_reply(s, "550 5.7.1 Relay access denied");
 		return true;
 	}
+	if (s->env_rcpt_bytes + rcpt_env_bytes(ra.path.mailbox_len,
+					       ra.orcpt ? ra.orcpt_len : 0) >
+	    SPOOL_ENV_MAX - ENV_OTHER_RESERVE) {
+		reply(s, "452 4.5.3 Error: too many recipients");
+		return true;
+	}
 	/* The arena copy is what the checker sees; undone if refused. */
 	mark = s->arena_used;
 	omark = s->ovf_used;
@@ -987,6 +1014,8 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 	s->orcpts[s->n_rcpts] = orcpt;
 	s->any_notify |= ra.notify != FD_NOTIFY_NONE;
 	s->any_orcpt |= ra.orcpt != NULL;
+	s->env_rcpt_bytes +=
+		rcpt_env_bytes(ra.path.mailbox_len, ra.orcpt ? ra.orcpt_len : 0);
 	s->n_rcpts++;
 	smtp_enter_state(s, SMTP_S_RCPT);
 	reply(s, "250 2.1.5 Ok");

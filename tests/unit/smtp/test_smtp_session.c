@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "smtp_test_lsan.h"
+#include "finaldot/spool_format.h"
 #include "smtp_test_sink.h"
 
 TestSuite(smtp_session, .fini = lsan_fini);
@@ -1290,6 +1291,80 @@ Test(smtp_session, dsn_parameters_need_ehlo)
 	expect("MAIL FROM:<a@b.example>\r\n", "250 2.1.0 Ok\r\n");
 	expect("RCPT TO:<bob@example.com> NOTIFY=NEVER\r\n",
 	       "555 5.5.4 RCPT parameters require EHLO\r\n");
+	finish();
+}
+
+/* The spool keeps an envelope in one record of at most SPOOL_ENV_MAX
+ * octets. 100 recipients of 252 octets with 500-octet ORCPTs would pass
+ * it (the spool then refused the message at DATA with a 451, at every
+ * retry): the RCPT that would pass it gets 452 4.5.3, the client sends
+ * the rest in another transaction, and what was accepted encodes. */
+Test(smtp_session, recipients_past_what_the_spool_takes_get_452)
+{
+	static char addrs[100][260], orcpts[100][520];
+	const char *rp[100], *op[100];
+	static char dom[200];
+	const char *doms[1] = { dom };
+	char line[900], local[62], v[494];
+	unsigned ok = 0, refused = 0;
+	struct smtp_config cfg;
+	struct fd_envelope e;
+
+	/* local part 64, domain 187 (labels of 59): a 252-octet mailbox */
+	for (int k = 0; k < 3; k++) {
+		memset(dom + 60 * k, 'd', 59);
+		dom[60 * k + 59] = '.';
+	}
+	strcpy(dom + 180, "example");
+	td_config(&cfg);
+	cfg.domains = doms;
+	cfg.n_domains = 1;
+	cfg.max_recipients = 100;
+	start_cfg(&cfg, NULL);
+	take();
+	expect(HELLO FROM, EHLO_REPLY "250 2.1.0 Ok\r\n");
+	long_value(local, 61, 'l');
+	long_value(v, 491, 'o');
+	for (int i = 0; i < 100; i++) {
+		snprintf(addrs[i], sizeof(addrs[i]), "%03d%.61s@%.187s", i, local,
+			 dom);
+		snprintf(orcpts[i], sizeof(orcpts[i]), "rfc822;%02d%s", i % 100,
+			 v);
+		snprintf(line, sizeof(line), "RCPT TO:<%.259s> ORCPT=%.519s\r\n",
+			 addrs[i], orcpts[i]);
+		td_feeds(&t, line);
+		const char *out = take();
+		if (strcmp(out, "250 2.1.5 Ok\r\n") == 0) {
+			cr_assert_eq(refused, 0, "accepted after a refusal");
+			rp[ok] = addrs[i];
+			op[ok] = orcpts[i];
+			ok++;
+		} else {
+			cr_assert_str_eq(out, "452 4.5.3 Error: too many "
+					      "recipients\r\n");
+			refused++;
+		}
+	}
+	cr_assert_eq(strlen(addrs[0]), 252);
+	cr_assert_eq(strlen(orcpts[0]), 500);
+	cr_assert_gt(refused, 0, "all 100 taken: the spool would refuse");
+	cr_assert_gt(ok, 75, "only %u taken", ok);
+	expect("DATA\r\nx\r\n.\r\n",
+	       "354 End data with <CR><LF>.<CR><LF>\r\n"
+	       "250 2.0.0 Ok: queued as 0000000000000001\r\n");
+	cr_assert_eq(t.fs.n_rcpts, ok);
+	e = (struct fd_envelope){
+		.mail_from = t.fs.mail_from, .rcpts = rp, .n_rcpts = ok,
+		.helo = t.fs.helo, .client_addr = t.fs.client,
+		.proto = t.fs.proto, .envid = t.fs.envid, .orcpts = op,
+	};
+	cr_assert_neq(spool_env_encoded_len(&e), 0,
+		      "the spool would not take the envelope accepted");
+	/* a new transaction starts from nothing */
+	expect("MAIL FROM:<alice@example.net>\r\n", "250 2.1.0 Ok\r\n");
+	snprintf(line, sizeof(line), "RCPT TO:<%.259s> ORCPT=%.519s\r\n", addrs[99],
+		 orcpts[99]);
+	expect(line, "250 2.1.5 Ok\r\n");
 	finish();
 }
 
