@@ -125,7 +125,7 @@ static const struct opt options[] = {
 	{"segment_size", NULL, OPT_SIZE, F(segment_size), 0, "BYTES",
 	 "spool segment file size, multiple of 4096 (default 64M)"},
 	{"batch_size", NULL, OPT_SIZE, F(batch_size), 0, "BYTES",
-	 "a spool batch closes at this size (default 256k)"},
+	 "a spool batch closes at this size (default 256k, at most 256m)"},
 	{"batches", NULL, OPT_UINT, F(batches), 0, "N",
 	 "spool batch buffers per worker, bounds writes in flight "
 	 "(default 32)"},
@@ -798,9 +798,13 @@ fd_config_parse_args(struct fd_config *c, int argc, char **argv, FILE *err)
 			     "least 1M\n");
 		return -EINVAL;
 	}
-	if (c->batch_size < 4096 || c->batch_size * 2 > c->segment_size) {
+	/* A batch's DATA record must stay under SPOOL_REC_MAX (1 GiB),
+	 * which readers refuse past, and one write under the kernel's 2 GiB
+	 * cap: 256 MiB is far above any batch worth gathering. */
+	if (c->batch_size < 4096 || c->batch_size * 2 > c->segment_size ||
+	    c->batch_size > (256u << 20)) {
 		fprintf(err, "batch_size must be at least 4k and at most half "
-			     "of segment_size\n");
+			     "of segment_size and 256m\n");
 		return -EINVAL;
 	}
 	if (c->batches < 2 || c->flush_inflight == 0 ||

@@ -220,6 +220,16 @@ Test(config, bad_values_are_errors)
 	setup();
 	char *a7[] = {"finaldot", "--transport", "carrier-pigeon"};
 	cr_assert_neq(parse(3, a7), 0);
+	/* a batch past 256 MiB (its DATA record past what readers take) */
+	setup();
+	char *a8[] = {"finaldot", "--segment-size", "4g", "--batch-size",
+		      "1100m"};
+	cr_assert_neq(parse(5, a8), 0);
+	cr_assert(strstr(errbuf, "256m"), "%s", errbuf);
+	setup();
+	char *a9[] = {"finaldot", "--segment-size", "1g", "--batch-size",
+		      "256m"};
+	cr_assert_eq(parse(5, a9), 0, "%s", errbuf);
 }
 
 Test(config, help_documents_every_option_and_dump_round_trips)
