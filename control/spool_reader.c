@@ -91,6 +91,7 @@ struct segent {
 	uint64_t walk_size;
 	bool damaged;     /* a file whose header did not decode */
 	uint64_t name_no; /* the number in its file name */
+	unsigned hdr_worker; /* the worker its header names */
 	uint64_t avail;   /* file size */
 };
 
@@ -322,6 +323,7 @@ seg_probe(struct segent *e, struct src *sr, uint64_t avail)
 	e->pub.use_seq = h.use_seq;
 	e->pub.size = h.size;
 	e->pub.created_us = h.created_us;
+	e->hdr_worker = h.worker;
 	if (!e->path)
 		e->pub.worker = h.worker;
 	e->epoch = h.epoch;
@@ -428,8 +430,19 @@ list_worker(struct ctl_spool_scan *s, const char *root, const char *wname,
 			seg_probe(se, &sr, (uint64_t)st.st_size);
 		if (sr.fd >= 0)
 			close(sr.fd);
-		if (se->pub.header_ok && se->pub.worker != worker)
-			se->pub.header_ok = false; /* misplaced file */
+		if (se->pub.header_ok && se->hdr_worker != worker) {
+			/* Another worker's file: its records would be taken
+			 * for this worker's (and its use sequence may be one
+			 * of this worker's own). Not used, never given back;
+			 * the operator moves it home. */
+			fd_log(FD_LOG_ERR, "spool",
+			       "event=segment_misplaced path=%s worker=%u "
+			       "header_worker=%u error=\"a segment of another "
+			       "worker: its records are not used; move it to "
+			       "w%02x/ and restart\"",
+			       path, worker, se->hdr_worker, se->hdr_worker);
+			se->pub.header_ok = false;
+		}
 	}
 	closedir(d);
 	check_ledger(s, wdir, worker, first);
@@ -549,9 +562,19 @@ seg_cmp(const void *a, const void *b)
 		return x->pub.worker < y->pub.worker ? -1 : 1;
 	if (x->pub.use_seq != y->pub.use_seq)
 		return x->pub.use_seq < y->pub.use_seq ? -1 : 1;
-	return x->pub.file_no < y->pub.file_no	 ? -1
-	       : x->pub.file_no > y->pub.file_no ? 1
-						 : 0;
+	/* The same use twice: a copy has the original's header, file
+	 * number included. The file named as its header says is the
+	 * original and sorts first (the one after it is reported as the
+	 * copy to remove); then by name, not by directory order. */
+	if ((x->name_no == x->pub.file_no) != (y->name_no == y->pub.file_no))
+		return x->name_no == x->pub.file_no ? -1 : 1;
+	if (x->pub.file_no != y->pub.file_no)
+		return x->pub.file_no < y->pub.file_no ? -1 : 1;
+	if (x->name_no != y->name_no)
+		return x->name_no < y->name_no ? -1 : 1;
+	if (x->path && y->path)
+		return strcmp(x->path, y->path);
+	return 0;
 }
 
 static int

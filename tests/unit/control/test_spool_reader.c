@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../testdir.h"
@@ -613,6 +614,70 @@ Test(spool_reader, copied_segment_messages_kept_once)
 				 x.path, "the original holds it");
 	}
 	ctl_spool_scan_free(s);
+	free_abc(&x);
+}
+
+/* Whatever the copy's name and wherever the directory lists it, the file
+ * named as its header says is the original: the other is the one reported
+ * as the copy (the warning tells the operator to remove it). Before, the
+ * directory's order decided, and the original was often named the copy. */
+Test(spool_reader, the_copy_is_named_as_the_copy)
+{
+	static const char *const names[] = {
+		"000000ff.seg", "a.seg", "backup-00000000.seg", "0.seg",
+		"zz.seg", "00000000.old.seg", "-.seg", "7.seg",
+	};
+	struct abc x;
+	char copy[600];
+
+	write_abc(&x);
+	for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++) {
+		unsigned dups = 0;
+
+		snprintf(copy, sizeof(copy), "%.*s/%s",
+			 (int)(strrchr(x.path, '/') - x.path), x.path, names[k]);
+		copy_file(x.path, copy);
+		struct ctl_spool_scan *s = scan();
+		for (size_t i = 0; i < ctl_spool_scan_nsegs(s); i++) {
+			const struct ctl_spool_seg *g =
+				ctl_spool_scan_segment(s, i);
+			if (!g->duplicate)
+				continue;
+			dups++;
+			cr_assert_str_eq(g->path, copy, "%s: the original "
+				"reported as the copy", names[k]);
+		}
+		cr_assert_eq(dups, 1, "%s", names[k]);
+		ctl_spool_scan_free(s);
+		cr_assert_eq(unlink(copy), 0);
+	}
+	free_abc(&x);
+}
+
+/* A segment moved into another worker's directory: its header names its
+ * own worker, and its records are not taken for the other one's (they
+ * could collide with that worker's own use of the same sequence). Before,
+ * the check compared the directory's worker with itself. */
+Test(spool_reader, a_segment_in_another_workers_directory_is_not_used)
+{
+	struct abc x;
+	char dir[600], moved[700];
+
+	write_abc(&x);
+	snprintf(dir, sizeof(dir), "%s/w02", root);
+	cr_assert_eq(mkdir(dir, 0750), 0);
+	snprintf(moved, sizeof(moved), "%s/00000000.seg", dir);
+	cr_assert_eq(rename(x.path, moved), 0);
+	struct ctl_spool_scan *s = scan();
+	for (size_t i = 0; i < ctl_spool_scan_nsegs(s); i++) {
+		const struct ctl_spool_seg *g = ctl_spool_scan_segment(s, i);
+		if (g->path && strcmp(g->path, moved) == 0)
+			cr_assert_not(g->header_ok, "taken as worker 2's");
+	}
+	cr_assert_eq(ctl_spool_scan_summary(s)->msgs_committed, 0);
+	cr_assert_geq(ctl_spool_scan_summary(s)->segments_bad, 1);
+	ctl_spool_scan_free(s);
+	cr_assert_eq(rename(moved, x.path), 0);
 	free_abc(&x);
 }
 
