@@ -426,8 +426,18 @@ list_worker(struct ctl_spool_scan *s, const char *root, const char *wname,
 		se->pub.worker = worker;
 		se->name_no = name_number(e->d_name);
 		sr.fd = fd_open_noatime(path, O_RDONLY | O_CLOEXEC);
-		if (sr.fd >= 0 && fstat(sr.fd, &st) == 0)
+		if (sr.fd >= 0 && fstat(sr.fd, &st) == 0) {
 			seg_probe(se, &sr, (uint64_t)st.st_size);
+		} else {
+			/* Not even its header: what it holds is unknown, and
+			 * the scan says so (counted bad, never given back). */
+			fd_log(FD_LOG_ERR, "spool",
+			       "event=segment_unreadable path=%s error=\"%s\" "
+			       "action=\"its messages are not queued; the "
+			       "segment is kept for the next start\"",
+			       path, strerror(errno));
+			se->pub.read_error = true;
+		}
 		if (sr.fd >= 0)
 			close(sr.fd);
 		if (se->pub.header_ok && se->hdr_worker != worker) {
