@@ -512,11 +512,14 @@ shard_main(void *arg)
 		}
 		t_last = t;
 		/* The sessions, then the stack's own connections (FINs
-		 * acknowledged) and the spool drained; or the shutdown
-		 * deadline, whatever is still in flight (issue 10: writes
-		 * that cannot finish must not keep the daemon; the sessions
-		 * waiting for them were answered 421 at the force point). */
-		if (conn_set_done(&sh->cs, net_stack_conn_count(sh->st) == 0))
+		 * acknowledged; TIME_WAIT entries are not waited for: they
+		 * would hold the stop for 2*MSL after the last QUIT) and the
+		 * spool drained; or the shutdown deadline, whatever is still
+		 * in flight (issue 10: writes that cannot finish must not
+		 * keep the daemon; the sessions waiting for them were
+		 * answered 421 at the force point). */
+		if (conn_set_done(&sh->cs,
+				  net_stack_conn_count_live(sh->st) == 0))
 			break;
 	}
 	/* Past the deadline with writes unfinished: no waiting for them in

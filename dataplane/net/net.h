@@ -204,6 +204,11 @@ const struct net_counters *net_stack_counters(const struct net_stack *st);
 void net_stack_memory(const struct net_stack *st, struct net_memory *m);
 /* Connections in use (any state but CLOSED). */
 uint32_t net_stack_conn_count(const struct net_stack *st);
+/* The same without those in TIME_WAIT: what a shutdown waits for. A
+ * TIME_WAIT entry has nothing left to send or deliver (it only re-ACKs a
+ * retransmitted FIN for 2*MSL), so waiting for it would hold every stop
+ * for up to a minute after the last QUIT. */
+uint32_t net_stack_conn_count_live(const struct net_stack *st);
 
 /* Pool occupancy, for /metrics and for leak checks in tests. */
 struct net_pool_stats {

@@ -203,6 +203,7 @@ struct net_stack {
 	uint32_t rcv_mask, snd_mask;
 	uint32_t swait_head, swait_tail;
 	uint32_t tw_head, tw_tail; /* TIME_WAIT entries, oldest first */
+	uint32_t n_time_wait;      /* entries in TIME_WAIT (tcp_enter_state) */
 	uint32_t *wheel;
 	uint64_t wheel_ms; /* last tick processed */
 	uint32_t cookie_mss[8];

@@ -248,6 +248,12 @@ net_stack_conn_count(const struct net_stack *st)
 	return st->n_used;
 }
 
+uint32_t
+net_stack_conn_count_live(const struct net_stack *st)
+{
+	return st->n_used - st->n_time_wait;
+}
+
 void
 net_stack_memory(const struct net_stack *st, struct net_memory *m)
 {

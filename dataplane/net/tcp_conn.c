@@ -258,6 +258,10 @@ tcp_enter_state(struct tcp_conn *c, enum tcp_state s)
 		 tcp_state_name(old), tcp_state_name(s));
 	if (old == TCPS_SYN_RECEIVED)
 		st->n_synrcvd--;
+	/* Counted by state, not by the TIME_WAIT list: an entry leaves
+	 * TIME_WAIT only through tcp_conn_free(), which enters CLOSED. */
+	if (old == TCPS_TIME_WAIT)
+		st->n_time_wait--;
 	c->state = (uint8_t)s;
 	switch (s) {
 	case TCPS_SYN_RECEIVED:
@@ -277,6 +281,7 @@ tcp_enter_state(struct tcp_conn *c, enum tcp_state s)
 		c->flags |= TF_DETACHED;
 		c->t_close = st->now_ms + st->cfg.time_wait_ms;
 		tw_append(st, c);
+		st->n_time_wait++;
 		break;
 	case TCPS_CLOSED:
 	case TCPS_LISTEN:

@@ -133,6 +133,47 @@ Test(tcp_close, active_close_time_wait)
 	h_free(h);
 }
 
+/* What a shutdown waits for (dpdk.c): every state but TIME_WAIT, counted
+ * in and out of TIME_WAIT by each way an entry leaves it (2*MSL expiry,
+ * reuse by a new SYN). */
+Test(tcp_close, live_count_leaves_out_time_wait)
+{
+	struct h_peer p, q;
+	struct harness *h = setup(&p, HO_MSS, NULL);
+	struct h_pkt k;
+
+	cr_assert_eq(net_stack_conn_count_live(h->st), 1);
+	h_peer_init(h, &q, 42001, HO_MSS);
+	h_connect(h, &q, HO_MSS);
+	cr_assert_eq(net_stack_conn_count_live(h->st), 2);
+	tcp_close(p.u->c);
+	h_expect_tcp(h, &k);
+	h_peer_saw(&p, &k);
+	h_peer_ack(h, &p);
+	cr_assert_eq(tcp_conn_state(p.u->c), TCPS_FIN_WAIT_2);
+	cr_assert_eq(net_stack_conn_count_live(h->st), 2,
+		     "FIN_WAIT_2 still waits for the peer's FIN");
+	peer_fin(h, &p);
+	h_expect_tcp(h, &k);
+	cr_assert_eq(net_stack_conn_count(h->st), 2);
+	cr_assert_eq(net_stack_conn_count_live(h->st), 1, "TIME_WAIT");
+	to_time_wait(h, &q, &k);
+	cr_assert_eq(net_stack_conn_count_live(h->st), 0);
+	/* q's 4-tuple reused by a new SYN: one entry out of TIME_WAIT,
+	 * a new one in SYN_RECEIVED */
+	h_send_tcp(h, q.port, q.snd_nxt + 100000, 0, TH_SYN, 65535, NULL, 0,
+		   NULL, 0);
+	h_expect_tcp(h, &k);
+	cr_assert_eq(k.flags, TH_SYN | TH_ACK);
+	cr_assert_eq(net_stack_conn_count(h->st), 2);
+	cr_assert_eq(net_stack_conn_count_live(h->st), 1);
+	h_advance(h, 60000); /* p's 2*MSL over: no TIME_WAIT left */
+	cr_assert_eq(ctr(h)->tcp_time_wait_expired, 1);
+	cr_assert_eq(net_stack_conn_count_live(h->st),
+		     net_stack_conn_count(h->st));
+	h_free(h);
+}
+
 Test(tcp_close, simultaneous_close)
 {
 	struct h_peer p;
@@ -425,12 +466,15 @@ Test(tcp_close, full_table_recycles_oldest_time_wait)
 		h_advance(h, 10);
 	}
 	cr_assert_eq(net_stack_conn_count(h->st), 2, "both in TIME_WAIT");
+	cr_assert_eq(net_stack_conn_count_live(h->st), 0);
 	/* a new client: the oldest TIME_WAIT entry gives way, no cookie */
 	h_peer_init(h, &p[2], 42102, HO_ALL);
 	h_connect(h, &p[2], HO_ALL);
 	cr_assert_eq(net_stack_counters(h->st)->tcp_time_wait_recycled, 1);
 	cr_assert_eq(net_stack_counters(h->st)->tcp_syncookies_sent, 0);
 	cr_assert_eq(net_stack_conn_count(h->st), 2);
+	cr_assert_eq(net_stack_conn_count_live(h->st), 1,
+		     "the recycled entry left the TIME_WAIT count");
 	/* the survivor is the younger one: its FIN is still answered */
 	h_peer_seg(h, &p[1], p[1].snd_nxt, TH_ACK | TH_FIN, NULL, 0);
 	h_expect_tcp(h, &k);
