@@ -62,6 +62,14 @@
 
 struct shard;
 
+/* A shard's start (fd_worker_start()), as shard 0 sees it before it logs
+ * event=ready: every shard reports, then waits for g.go. */
+enum shard_start {
+	SHARD_STARTING,
+	SHARD_STARTED,
+	SHARD_FAILED,
+};
+
 /* One TCP connection carrying one SMTP session. */
 struct dp_conn {
 	struct conn conn;    /* the connection layer's part */
@@ -91,6 +99,8 @@ struct shard {
 	 * iterations that polled and found nothing. The back-off sleep
 	 * (--dpdk-idle-sleep) is in neither. */
 	_Atomic uint64_t busy_cyc, idle_cyc;
+	_Atomic int start; /* enum shard_start */
+	int start_err;     /* fd_worker_start()'s -errno, before start */
 } __rte_cache_aligned;
 
 static struct {
@@ -104,6 +114,9 @@ static struct {
 	cpu_set_t helper_cpus; /* ours before EAL pinned us, minus the lcores */
 	volatile sig_atomic_t stop;
 	volatile sig_atomic_t reload; /* SIGHUP, taken by shard 0 */
+	/* Shard 0's verdict once every shard reported its start: 1 run,
+	 * -1 one failed (the others stop without serving), 0 not yet. */
+	_Atomic int go;
 } g;
 
 static void
@@ -426,6 +439,43 @@ shard_reload(void)
 	pthread_detach(t);
 }
 
+/*
+ * Shard 0, once its own start is settled: waits until every shard has
+ * reported, then says ready, or names the shards that failed and tells
+ * the others to stop. A shard that cannot start must not leave the daemon
+ * ready and silently losing the flows its queue owns.
+ */
+static void
+shards_verdict(void)
+{
+	unsigned failed = 0;
+
+	for (unsigned i = 0; i < g.nshards; i++) {
+		struct shard *sh = g.shards[i];
+		int st;
+
+		while ((st = atomic_load(&sh->start)) == SHARD_STARTING)
+			usleep(1000);
+		if (st == SHARD_FAILED) {
+			fd_log(FD_LOG_ERR, "dpdk",
+			       "shard=%u event=shard_start_failed error=\"%s\"",
+			       i, strerror(-sh->start_err));
+			failed++;
+		}
+	}
+	if (failed) {
+		fd_log(FD_LOG_ERR, "main",
+		       "event=start_failed transport=dpdk shards=%u failed=%u "
+		       "note=\"every shard stops\"", g.nshards, failed);
+		atomic_store(&g.go, -1);
+		return;
+	}
+	fd_log(FD_LOG_INFO, "main", "event=ready transport=dpdk shards=%u",
+	       g.nshards);
+	sdnotify("READY=1\nSTATUS=accepting mail");
+	atomic_store(&g.go, 1);
+}
+
 static int
 shard_main(void *arg)
 {
@@ -433,14 +483,26 @@ shard_main(void *arg)
 	struct shard *sh;
 	unsigned idle = 0;
 	uint64_t t_last, busy_cyc = 0, idle_cyc = 0;
+	int r;
 
 	(void)arg;
 	if (idx < 0 || (unsigned)idx >= g.nshards)
 		return 0;
 	sh = g.shards[idx];
 	conn_set_clock(&sh->cs, fd_now_monotonic_us());
-	if (fd_worker_start(&sh->w, NULL, conn_wake) != 0)
+	r = fd_worker_start(&sh->w, NULL, conn_wake);
+	sh->start_err = r;
+	atomic_store(&sh->start, r == 0 ? SHARD_STARTED : SHARD_FAILED);
+	if (sh->id == 0)
+		shards_verdict();
+	while (atomic_load(&g.go) == 0)
+		usleep(1000);
+	if (r != 0)
 		return -1;
+	if (atomic_load(&g.go) < 0) {
+		fd_worker_finish(&sh->w); /* no session was ever opened */
+		return 0;
+	}
 	/* RFC 1047's gap on this path ends at the tx burst, not when the
 	 * stack copied the reply. */
 	smtp_server_gap_staged(sh->w.smtp, true);
@@ -732,11 +794,12 @@ dpdk_transport_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 			goto out_shards;
 		}
 	}
-	fd_log(FD_LOG_INFO, "main", "event=ready transport=dpdk shards=%u",
-	       g.nshards);
-	sdnotify("READY=1\nSTATUS=accepting mail");
+	/* Every lcore runs shard_main(); shard 0 logs event=ready once all
+	 * shards started (shards_verdict()). */
 	rte_eal_mp_remote_launch(shard_main, NULL, CALL_MAIN);
 	rte_eal_mp_wait_lcore();
+	if (atomic_load(&g.go) < 0)
+		status = -EIO; /* shards_verdict() said which shard */
 	ctl_ops_stop(ops);
 	if (cp)
 		cp_stop(cp);

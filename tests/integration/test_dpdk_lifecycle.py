@@ -7,11 +7,18 @@ makes (root; skipped with the reason otherwise).
                      SIGTERM with a long --shutdown-timeout: the daemon
                      exits at once, not at the deadline (TIME_WAIT is
                      nothing to wait for).
+  shard_start_fails  two shards, and shard 1's spool directory cannot be
+                     made (spool/w01 is a regular file): the daemon never
+                     logs event=ready, names the shard and exits non-zero
+                     (shard 0 does not serve alone while shard 1's flows
+                     go nowhere).
 
 Usage: test_dpdk_lifecycle.py [CASE...]   (all cases when none is named)"""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from fdnet import DPDK_IP, DpdkDaemon, Netns, need_root_netns
@@ -51,8 +58,44 @@ def case_shutdown_timewait():
                   f"(--shutdown-timeout {timeout}s)")
 
 
+def case_shard_start_fails():
+    tmp = tempfile.mkdtemp(prefix="fdtest-spool-")
+    try:
+        spool = os.path.join(tmp, "spool")
+        os.makedirs(spool)
+        open(os.path.join(spool, "w01"), "w").close()
+        with Netns() as ns:
+            d = DpdkDaemon(ns, lcores="0,1", spool=spool, wait_ready=False)
+            try:
+                deadline = time.time() + 30
+                while d.proc.poll() is None and time.time() < deadline:
+                    if "event=ready" in d.read_run_log():
+                        break
+                    time.sleep(0.05)
+                log = d.read_run_log()
+                check("event=ready" not in log,
+                      f"ready with shard 1 unable to start:\n{log[-3000:]}")
+                check(d.proc.poll() is not None,
+                      f"still running 30 s after shard 1 failed:\n"
+                      f"{log[-3000:]}")
+                rc = d.proc.returncode
+                check(rc != 0, f"exit status 0 with shard 1 failed:\n"
+                      f"{log[-3000:]}")
+                check("shard=1 event=shard_start_failed" in log,
+                      f"no line naming the failed shard:\n{log[-3000:]}")
+                check("event=start_failed transport=dpdk" in log,
+                      f"no start_failed line:\n{log[-3000:]}")
+            finally:
+                d.kill9()
+                shutil.rmtree(d.tmp, ignore_errors=True)
+        print(f"ok shard_start_fails: exit {rc}, never ready")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 CASES = {
     "shutdown_timewait": case_shutdown_timewait,
+    "shard_start_fails": case_shard_start_fails,
 }
 
 
