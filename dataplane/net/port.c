@@ -59,6 +59,7 @@ struct net_port_q {
 
 static struct {
 	bool eal;
+	bool configured; /* rte_eth_dev_configure() done: close it */
 	bool started;
 	uint16_t port;
 	unsigned nq;
@@ -133,6 +134,24 @@ net_port_init(const char *eal_args, cpu_set_t *helper_cpus)
 	return 0;
 }
 
+/*
+ * Test builds: FINALDOT_PORT_FAULT=start (rte_eth_dev_start() fails) or
+ * txq (the first tx queue's setup fails, after its rx queue took mbufs),
+ * for the unwinding of a start that fails half-way.
+ */
+static int
+port_fault(const char *what)
+{
+#ifdef FINALDOT_FAULT_INJECTION
+	const char *f = getenv("FINALDOT_PORT_FAULT");
+
+	return f && strcmp(f, what) == 0 ? -EIO : 0;
+#else
+	(void)what;
+	return 0;
+#endif
+}
+
 static int
 port_setup(const char *want, struct net_port_info *info)
 {
@@ -187,11 +206,14 @@ port_setup(const char *want, struct net_port_info *info)
 	r = rte_eth_dev_configure(g.port, nq, nq, &conf);
 	if (r != 0)
 		return r;
+	g.configured = true;
 	for (uint16_t q = 0; q < nq; q++) {
 		int sock = rte_eth_dev_socket_id(g.port);
 		r = rte_eth_rx_queue_setup(g.port, q, RX_DESC,
 					   (unsigned)(sock < 0 ? 0 : sock),
 					   NULL, g.pool);
+		if (r == 0)
+			r = port_fault("txq");
 		if (r == 0)
 			r = rte_eth_tx_queue_setup(
 				g.port, q, TX_DESC,
@@ -199,7 +221,9 @@ port_setup(const char *want, struct net_port_info *info)
 		if (r != 0)
 			return r;
 	}
-	r = rte_eth_dev_start(g.port);
+	r = port_fault("start");
+	if (r == 0)
+		r = rte_eth_dev_start(g.port);
 	if (r != 0)
 		return r;
 	g.started = true;
@@ -531,18 +555,23 @@ net_port_close(void)
 		g.q[i] = NULL;
 	}
 	g.nq = 0;
-	if (g.pool) {
-		if (g.started) {
+	/* The device before the pool, started or not: its rx queues hold
+	 * mbufs from their setup on, and closing it gives them back. A pool
+	 * freed first leaves them to rte_eal_cleanup(), whose port release
+	 * frees them into freed memory. */
+	if (g.configured) {
+		if (g.started)
 			rte_eth_dev_stop(g.port);
-			rte_eth_dev_close(g.port);
-			fd_log(FD_LOG_INFO, "dpdk",
-			       "event=mbufs_after_close in_use=%u",
-			       g.pool_n - rte_mempool_avail_count(g.pool));
-		}
+		rte_eth_dev_close(g.port);
+	}
+	g.configured = g.started = false;
+	if (g.pool) {
+		/* 0 unless a PMD kept mbufs past its close. */
+		fd_log(FD_LOG_INFO, "dpdk", "event=mbufs_after_close in_use=%u",
+		       g.pool_n - rte_mempool_avail_count(g.pool));
 		rte_mempool_free(g.pool);
 		g.pool = NULL;
 	}
-	g.started = false;
 	if (g.eal)
 		rte_eal_cleanup();
 	g.eal = false;

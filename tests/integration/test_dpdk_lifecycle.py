@@ -12,6 +12,12 @@ makes (root; skipped with the reason otherwise).
                      logs event=ready, names the shard and exits non-zero
                      (shard 0 does not serve alone while shard 1's flows
                      go nowhere).
+  port_start_fails   the port's start fails half-way (test seam
+                     FINALDOT_PORT_FAULT: rte_eth_dev_start(), or the
+                     first tx queue's setup after its rx queue took its
+                     mbufs): exit 1, never ready, and the device is
+                     closed before the mbuf pool is freed (no mbuf still
+                     out of the pool when it goes).
 
 Usage: test_dpdk_lifecycle.py [CASE...]   (all cases when none is named)"""
 import os
@@ -22,7 +28,7 @@ import tempfile
 import time
 
 from fdnet import DPDK_IP, DpdkDaemon, Netns, need_root_netns
-from fdtest import check, fail
+from fdtest import check, fail, skip
 
 CLIENT = r'''
 import smtplib, sys
@@ -93,9 +99,40 @@ def case_shard_start_fails():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def case_port_start_fails():
+    if os.environ.get("FINALDOT_SEAM", "on") != "on":
+        skip("port_start_fails needs the fault seam (-Dfault_injection)")
+    for fault in ("start", "txq"):
+        with Netns() as ns:
+            d = DpdkDaemon(ns, env={"FINALDOT_PORT_FAULT": fault},
+                           wait_ready=False)
+            try:
+                try:
+                    rc = d.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    rc = None
+                log = d.read_run_log()
+                check(rc not in (0, None),
+                      f"{fault}: exit status {rc}:\n{log[-3000:]}")
+                check("event=ready" not in log and
+                      "event=port_setup_failed" in log,
+                      f"{fault}: no port_setup_failed, or ready:\n"
+                      f"{log[-3000:]}")
+                check("event=mbufs_after_close in_use=0" in log,
+                      f"{fault}: mbufs still out of the pool when it was "
+                      f"freed (the device was not closed first):\n"
+                      f"{log[-3000:]}")
+            finally:
+                d.kill9()
+                shutil.rmtree(d.tmp, ignore_errors=True)
+    print("ok port_start_fails: start and txq faults: exit 1, device "
+          "closed before the pool")
+
+
 CASES = {
     "shutdown_timewait": case_shutdown_timewait,
     "shard_start_fails": case_shard_start_fails,
+    "port_start_fails": case_port_start_fails,  # skips without the seam
 }
 
 
