@@ -1970,6 +1970,12 @@ out_unblock:
 	return rc;
 }
 
+int
+dlog_set_affinity(struct dlog *l, const cpu_set_t *cpus)
+{
+	return -pthread_setaffinity_np(l->writer, sizeof(*cpus), cpus);
+}
+
 /* ---- close ------------------------------------------------------------ */
 
 void

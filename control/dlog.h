@@ -24,6 +24,7 @@
 #ifndef FINALDOT_CONTROL_DLOG_H
 #define FINALDOT_CONTROL_DLOG_H
 
+#include <sched.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -258,6 +259,10 @@ void dlog_get_stats(const struct dlog *l, struct dlog_stats *st);
 /* Flush pending records durably, stop the writer, free. No call may be in
  * progress or follow. l NULL: nothing. */
 void dlog_close(struct dlog *l);
+
+/* Move the writer thread to cpus (opened before the DPDK EAL pinned the
+ * process's cores: it must leave the busy-polled ones). 0 or -errno. */
+int dlog_set_affinity(struct dlog *l, const cpu_set_t *cpus);
 
 /* ---- codec (pure; also used by tools, tests and the fuzz target) ------ */
 

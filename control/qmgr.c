@@ -4512,6 +4512,10 @@ cp_start(struct cplane *cp, const cpu_set_t *cpus)
 
 	if (!cp->ports)
 		return -EINVAL;
+	/* The delivery log's writer predates cpus (cp_open()); a failure to
+	 * move it costs CPU on a polled core, not correctness. */
+	if (cpus && cp->log && dlog_set_affinity(cp->log, cpus) != 0)
+		fd_log(FD_LOG_WARN, "qmgr", "event=dlog_affinity_failed");
 	pthread_attr_init(&attr);
 	if (cpus)
 		pthread_attr_setaffinity_np(&attr, sizeof(*cpus), cpus);

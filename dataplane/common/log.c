@@ -380,6 +380,18 @@ fd_log_start(void)
 	return 0;
 }
 
+int
+fd_log_set_affinity(const cpu_set_t *cpus)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&g.mu);
+	if (atomic_load(&g.running))
+		r = -pthread_setaffinity_np(g.thr, sizeof(*cpus), cpus);
+	pthread_mutex_unlock(&g.mu);
+	return r;
+}
+
 void
 fd_log_stop(void)
 {

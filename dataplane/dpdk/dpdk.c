@@ -425,17 +425,29 @@ reload_main(void *arg)
 static void
 shard_reload(void)
 {
+	pthread_attr_t attr;
 	pthread_t t;
+	int r = -1;
 
 	if (atomic_exchange(&reloading, true))
 		return; /* g.reload stays set: the next tick tries again */
 	g.reload = 0;
-	if (!reload_fn || pthread_create(&t, NULL, reload_main, NULL) != 0) {
+	/* Created from shard 0's lcore, the thread would inherit its
+	 * affinity: that one busy-polled core. */
+	pthread_attr_init(&attr);
+	if (CPU_COUNT(&g.helper_cpus))
+		pthread_attr_setaffinity_np(&attr, sizeof(g.helper_cpus),
+					    &g.helper_cpus);
+	if (reload_fn)
+		r = pthread_create(&t, &attr, reload_main, NULL);
+	pthread_attr_destroy(&attr);
+	if (r != 0) {
 		atomic_store(&reloading, false);
 		fd_log(FD_LOG_ERR, "main", "event=reload_failed "
 		       "error=\"no thread for the reload\"");
 		return;
 	}
+	pthread_setname_np(t, "fd-reload");
 	pthread_detach(t);
 }
 
@@ -736,6 +748,11 @@ dpdk_transport_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 	r = net_port_init(cfg->dpdk_eal, &g.helper_cpus);
 	if (r != 0)
 		return r;
+	/* The log writer started before the EAL pinned us (it may run on
+	 * any CPU we had, the lcores' included): off the polled cores. The
+	 * delivery log's writer moves in cp_start(). */
+	if (CPU_COUNT(&g.helper_cpus) && fd_log_set_affinity(&g.helper_cpus))
+		fd_log(FD_LOG_WARN, "dpdk", "event=log_affinity_failed");
 	signal(SIGTERM, on_signal);
 	signal(SIGINT, on_signal);
 	signal(SIGHUP, on_signal);

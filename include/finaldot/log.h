@@ -14,6 +14,7 @@
 #ifndef FINALDOT_LOG_H
 #define FINALDOT_LOG_H
 
+#include <sched.h>
 #include <stddef.h>
 
 enum fd_log_level {
@@ -43,6 +44,10 @@ enum fd_log_level {
  */
 int fd_log_start(void);
 void fd_log_stop(void);
+/* Move the writer thread to cpus: it starts before the DPDK EAL pins the
+ * process's threads, and must then leave the busy-polled cores. 0 or
+ * -errno (no writer running: 0, nothing to move). */
+int fd_log_set_affinity(const cpu_set_t *cpus);
 int fd_log_open_file(const char *path);
 void fd_log_reopen(void);
 /* Lines that found their buffer full and were written directly. */

@@ -18,10 +18,17 @@ makes (root; skipped with the reason otherwise).
                      mbufs): exit 1, never ready, and the device is
                      closed before the mbuf pool is freed (no mbuf still
                      out of the pool when it goes).
+  reload_affinity    SIGHUP with a large recipient list (a reload that
+                     lasts): the reload thread (fd-reload) runs on the
+                     CPUs left to helpers, not on shard 0's polled core;
+                     so do the log writers (fd-log, fd-dlog), which start
+                     before the EAL pins the process.
 
 Usage: test_dpdk_lifecycle.py [CASE...]   (all cases when none is named)"""
+import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,9 +136,84 @@ def case_port_start_fails():
           "closed before the pool")
 
 
+def cpu_list(text):
+    cpus = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def threads(pid):
+    """{tid: (comm, allowed CPUs)} of a process's threads now."""
+    out = {}
+    for t in glob.glob(f"/proc/{pid}/task/*"):
+        try:
+            with open(t + "/comm") as f:
+                comm = f.read().strip()
+            with open(t + "/status") as f:
+                st = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        for line in st.splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                out[os.path.basename(t)] = (comm, cpu_list(line.split()[1]))
+    return out
+
+
+def case_reload_affinity():
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < 2:
+        skip("reload_affinity needs 2 CPUs (one polled, one for helpers)")
+    lcore, helpers = mine[-1], set(mine[:-1])
+    with Netns() as ns:
+        tmp = tempfile.mkdtemp(prefix="fdtest-rcpt-")
+        try:
+            rcpt = os.path.join(tmp, "recipients")
+            with open(rcpt, "w") as f:
+                for i in range(400000):
+                    f.write(f"user{i}@example.com\n")
+            with DpdkDaemon(ns, "--recipients", rcpt,
+                            lcores=str(lcore)) as d:
+                pid = d.proc.pid
+                writers = [v for v in threads(pid).values()
+                           if v[0] in ("fd-log", "fd-dlog")]
+                check(sorted(c for c, _ in writers) == ["fd-dlog", "fd-log"],
+                      f"log writer threads: {writers}")
+                for comm, cpus in writers:
+                    check(cpus == helpers,
+                          f"{comm} may run on CPUs {sorted(cpus)}, not "
+                          f"the helpers' {sorted(helpers)} (lcore {lcore} "
+                          f"polled)")
+                before = set(threads(pid))
+                os.kill(pid, signal.SIGHUP)
+                seen = {}
+                deadline = time.time() + 20
+                while time.time() < deadline and not any(
+                        c == "fd-reload" for c, _ in seen.values()):
+                    for tid, v in threads(pid).items():
+                        if tid not in before:
+                            seen[tid] = v
+                    time.sleep(0.002)
+                reload = [cpus for c, cpus in seen.values()
+                          if c == "fd-reload"]
+                check(reload, f"no fd-reload thread seen after SIGHUP "
+                      f"(new threads: {seen})")
+                check(reload[0] == helpers,
+                      f"the reload thread may run on CPUs "
+                      f"{sorted(reload[0])}, not the helpers' "
+                      f"{sorted(helpers)} (lcore {lcore} polled)")
+                d.wait_log("event=reload", 30)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"ok reload_affinity: fd-reload, fd-log and fd-dlog on CPUs "
+          f"{sorted(helpers)}, lcore {lcore} left alone")
+
+
 CASES = {
     "shutdown_timewait": case_shutdown_timewait,
     "shard_start_fails": case_shard_start_fails,
+    "reload_affinity": case_reload_affinity,
     "port_start_fails": case_port_start_fails,  # skips without the seam
 }
 
