@@ -1,9 +1,9 @@
 /*
  * finaldotctl: the operator's command line.
  *
- *   finaldotctl [--control PATH] status [--json]
- *   finaldotctl [--control PATH] queue list|show|cat|hold|release|delete|flush
- *   finaldotctl [--control PATH] pause|resume|reload
+ *   finaldotctl [--control PATH] [--timeout DURATION] status [--json]
+ *   finaldotctl [...] queue list|show|cat|hold|release|delete|flush
+ *   finaldotctl [...] pause|resume|reload
  *   finaldotctl spool scan|cat|export DIR ...
  *
  * status, queue, pause, resume and reload talk to the running daemon over
@@ -15,9 +15,14 @@
  * ./var/control.sock (the daemon's default beside ./var/spool) if it
  * exists, else /run/finaldot/control.sock (the systemd unit's).
  *
+ * A daemon that does not take the connection, or does not answer, is given
+ * up on after --timeout (default 60 s, the daemon's own silence limit):
+ * the connect, and each wait for reply bytes, is bounded by it. After the
+ * request went out, an action's outcome is then unknown, and said so.
+ *
  * Errors are one line on stderr. Exit codes: 0 ok, 1 failure (the daemon
  * refused: unknown id...; unreadable spool), 2 usage, 3 the daemon cannot
- * be reached (not running, permission denied).
+ * be reached (not running, permission denied, no answer in time).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -26,6 +31,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -41,7 +47,7 @@
 #define EXIT_UNREACHABLE 3
 
 static const char usage_main[] =
-	"usage: finaldotctl [--control PATH] COMMAND ...\n"
+	"usage: finaldotctl [--control PATH] [--timeout DURATION] COMMAND ...\n"
 	"\n"
 	"commands (the running daemon, over its control socket):\n"
 	"  status [--json]          version, uptime, listener, workers, queue\n"
@@ -70,12 +76,18 @@ static const char usage_main[] =
 	"  --control PATH           the daemon's control socket (default:\n"
 	"                           $FINALDOT_CONTROL, ./var/control.sock if it\n"
 	"                           exists, /run/finaldot/control.sock)\n"
+	"  --timeout DURATION       give up on a daemon that does not take\n"
+	"                           the connection or stops answering for\n"
+	"                           this long (exit 3): 500ms, 30s, 2m...; a\n"
+	"                           bare number is seconds; default 60s, 0\n"
+	"                           never\n"
 	"  --version                print the version and exit\n"
 	"  --help                   print this help and exit\n"
 	"\n"
 	"  finaldotctl COMMAND --help   help on one command\n"
 	"Exit status: 0 ok, 1 failure, 2 usage, 3 the daemon cannot be "
-	"reached.\n";
+	"reached\n(or did not answer within the timeout: an action's outcome "
+	"is then unknown).\n";
 
 static const char usage_spool[] =
 	"usage: finaldotctl spool scan DIR [--json]\n"
@@ -419,7 +431,7 @@ static const char usage_queue[] =
 	"\n"
 	"ID is a queue id, 16 hex digits (the \"queued as\" of the 250).\n"
 	"Exit status: 0 ok, 1 the daemon refused (unknown id...), 2 usage,\n"
-	"3 the daemon cannot be reached.\n";
+	"3 the daemon cannot be reached or did not answer in time.\n";
 
 static const char usage_pause[] =
 	"usage: finaldotctl [--control PATH] pause\n"
@@ -436,6 +448,11 @@ static const char usage_reload[] =
 
 /* Set by main: --control, $FINALDOT_CONTROL, or the default. */
 static const char *ctl_path;
+/* --timeout: in milliseconds, 0 never. */
+static uint64_t ctl_timeout_ms = 60000;
+/* The action the request asks for ("queue hold", "reload"...), NULL for a
+ * query: whether it was done is what a timeout leaves unknown. */
+static const char *ctl_action;
 
 struct client {
 	int fd;
@@ -457,11 +474,62 @@ client_close(struct client *c)
 	c->fd = -1;
 }
 
+static void
+timeout_text(char *buf, size_t n)
+{
+	if (ctl_timeout_ms % 1000)
+		snprintf(buf, n, "%" PRIu64 "ms", ctl_timeout_ms);
+	else
+		snprintf(buf, n, "%" PRIu64 "s", ctl_timeout_ms / 1000);
+}
+
+/*
+ * A wait bounded by --timeout ran out: EXIT_UNREACHABLE after one line.
+ * The request may have been read and acted on, or not.
+ */
+static int
+client_timed_out(void)
+{
+	char t[32];
+
+	timeout_text(t, sizeof(t));
+	if (ctl_action)
+		fprintf(stderr, "finaldotctl: no reply from the daemon at %s "
+				"within %s: the outcome of %s is unknown (it "
+				"may or may not have been done; see "
+				"--timeout)\n", ctl_path, t, ctl_action);
+	else
+		fprintf(stderr, "finaldotctl: no reply from the daemon at %s "
+				"within %s (see --timeout)\n",
+			ctl_path, t);
+	return EXIT_UNREACHABLE;
+}
+
+/* SO_SNDTIMEO bounds connect() on a unix socket (a listener whose backlog
+ * is full) as well as send(); SO_RCVTIMEO each read(). Either gives
+ * EAGAIN once it runs out. */
+static int
+client_set_timeout(int fd)
+{
+	struct timeval tv = {
+		.tv_sec = (time_t)(ctl_timeout_ms / 1000),
+		.tv_usec = (suseconds_t)(ctl_timeout_ms % 1000 * 1000),
+	};
+
+	if (ctl_timeout_ms == 0)
+		return 0;
+	if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0)
+		return -1;
+	return 0;
+}
+
 /* Connect; on failure one line on stderr and EXIT_UNREACHABLE. */
 static int
 client_open(struct client *c)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	char t[32];
 
 	memset(c, 0, sizeof(*c));
 	c->fd = -1;
@@ -472,10 +540,17 @@ client_open(struct client *c)
 	}
 	strcpy(sa.sun_path, ctl_path);
 	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (c->fd >= 0 &&
+	if (c->fd >= 0 && client_set_timeout(c->fd) == 0 &&
 	    connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
 		return 0;
 	switch (errno) {
+	case EAGAIN: /* SO_SNDTIMEO ran out: its backlog stayed full */
+		timeout_text(t, sizeof(t));
+		fprintf(stderr, "finaldotctl: the daemon at %s did not take "
+				"the connection within %s (stuck or "
+				"overloaded; see --timeout); nothing was "
+				"sent\n", ctl_path, t);
+		break;
 	case ENOENT:
 		fprintf(stderr, "finaldotctl: finaldot is not running (no "
 				"control socket at %s; see --control)\n",
@@ -514,6 +589,8 @@ client_send(struct client *c, struct ctl_jw *w)
 				 MSG_NOSIGNAL);
 		if (r < 0 && errno == EINTR)
 			continue;
+		if (r < 0 && errno == EAGAIN)
+			return client_timed_out();
 		if (r <= 0) {
 			fprintf(stderr, "finaldotctl: %s: %s\n", ctl_path,
 				strerror(errno));
@@ -582,6 +659,8 @@ client_next(struct client *c)
 		ssize_t r = read(c->fd, c->buf + c->len, c->cap - c->len);
 		if (r < 0 && errno == EINTR)
 			continue;
+		if (r < 0 && errno == EAGAIN)
+			return client_timed_out();
 		if (r <= 0) {
 			fprintf(stderr, "finaldotctl: the daemon closed the "
 					"connection before answering%s%s\n",
@@ -1244,7 +1323,7 @@ queue_action(int argc, char **argv, const char *cmd, const char *done)
 {
 	bool flush = strcmp(cmd, "flush") == 0, all = false;
 	const char *dom = NULL;
-	char name[32];
+	char name[32], action[32];
 	struct ctl_jw req;
 	struct client c;
 	int data, r, nids = 0;
@@ -1273,6 +1352,8 @@ queue_action(int argc, char **argv, const char *cmd, const char *done)
 		return EXIT_USAGE;
 	}
 	snprintf(name, sizeof(name), "queue.%s", cmd);
+	snprintf(action, sizeof(action), "queue %s", cmd);
+	ctl_action = action;
 	req_begin(&req, name);
 	if (dom) {
 		ctl_jw_kstr(&req, "to_domain", dom);
@@ -1358,6 +1439,7 @@ simple(int argc, char **argv, const char *cmd, const char *usage)
 				"--help)\n", cmd, cmd);
 		return EXIT_USAGE;
 	}
+	ctl_action = cmd;
 	req_begin(&req, cmd);
 	req_end(&req);
 	r = call(&c, &req, &data);
@@ -1451,6 +1533,38 @@ default_path(void)
 	return "./var/control.sock";
 }
 
+/*
+ * A DURATION as the daemon's options take it (config.h): digits, then ms,
+ * s, m, h or d; no suffix is seconds. Milliseconds into *ms, or false.
+ */
+static bool
+parse_duration(const char *v, uint64_t *ms)
+{
+	uint64_t n, mul = 1000;
+	char *end;
+
+	if (*v < '0' || *v > '9')
+		return false;
+	errno = 0;
+	n = strtoull(v, &end, 10);
+	if (errno)
+		return false;
+	if (strcmp(end, "ms") == 0)
+		mul = 1, end += 2;
+	else if (*end == 's')
+		end++;
+	else if (*end == 'm')
+		mul = 60000, end++;
+	else if (*end == 'h')
+		mul = 3600000, end++;
+	else if (*end == 'd')
+		mul = 86400000, end++;
+	if (*end != '\0' || (n != 0 && mul > UINT64_MAX / n))
+		return false;
+	*ms = n * mul;
+	return true;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1470,6 +1584,22 @@ main(int argc, char **argv)
 			ctl_path = argv[++i];
 		} else if (strncmp(argv[i], "--control=", 10) == 0) {
 			ctl_path = argv[i] + 10;
+		} else if (strcmp(argv[i], "--timeout") == 0 ||
+			   strncmp(argv[i], "--timeout=", 10) == 0) {
+			const char *v = argv[i][9] == '=' ? argv[i] + 10
+				      : i + 1 < argc ? argv[++i]
+						     : NULL;
+			if (!v) {
+				fprintf(stderr, "finaldotctl: --timeout needs "
+						"a value (see --help)\n");
+				return EXIT_USAGE;
+			}
+			if (!parse_duration(v, &ctl_timeout_ms)) {
+				fprintf(stderr, "finaldotctl: --timeout '%s': "
+						"not a duration (500ms, 30s, "
+						"2m; 0 never)\n", v);
+				return EXIT_USAGE;
+			}
 		} else {
 			fprintf(stderr, "finaldotctl: unknown option '%s' (see "
 					"--help)\n", argv[i]);

@@ -1,0 +1,191 @@
+#!/usr/bin/python3
+"""finaldotctl against a fake control socket (no daemon): what the client
+does with a daemon that misbehaves or answers oddly.
+
+  - a daemon that takes the connection and never answers, or never takes
+    it: finaldotctl gives up after --timeout, exit 3, and says that the
+    outcome of an action is unknown; --timeout's syntax.
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fdtest import FINALDOTCTL, check  # noqa: E402
+
+ID = "0006475E1C3B2A00"
+# Generous: a test waits this long for finaldotctl to give up by itself
+# (its own --timeout is 1 s), and it is no measure of speed.
+PATIENCE = 60
+
+
+class Fake:
+    """A control socket that answers each connection with script(conn,
+    request line). Stops (and lets any waiting script go) on exit."""
+
+    def __init__(self, script, backlog=8, accept=True):
+        self.tmp = tempfile.TemporaryDirectory(prefix="fd-ctl-client-")
+        self.path = os.path.join(self.tmp.name, "c.sock")
+        self.script = script
+        self.done = threading.Event()
+        self.requests = []
+        self.srv = socket.socket(socket.AF_UNIX)
+        self.srv.bind(self.path)
+        self.srv.listen(backlog)
+        self.srv.settimeout(0.2)
+        self.thread = None
+        if accept:
+            self.thread = threading.Thread(target=self.serve, daemon=True)
+            self.thread.start()
+
+    def serve(self):
+        while not self.done.is_set():
+            try:
+                c, _ = self.srv.accept()
+            except (socket.timeout, OSError):
+                continue
+            with c:
+                req = c.makefile("rb").readline()
+                self.requests.append(req)
+                try:
+                    self.script(self, c, req)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        if self.thread:
+            self.thread.join(5)
+        self.srv.close()
+        self.tmp.cleanup()
+
+
+def reply(*lines):
+    def script(fake, c, req):
+        for line in lines:
+            c.sendall(line)
+    return script
+
+
+def hang(fake, c, req):
+    fake.done.wait(PATIENCE)
+
+
+def run(fake, *args, timeout="1"):
+    argv = [FINALDOTCTL, "--control", fake.path]
+    if timeout is not None:
+        argv += ["--timeout", timeout]
+    try:
+        r = subprocess.run(argv + list(args), capture_output=True,
+                           timeout=PATIENCE)
+    except subprocess.TimeoutExpired:
+        check(False, f"finaldotctl {' '.join(args)}: still waiting after "
+              f"{PATIENCE} s")
+    return r.returncode, r.stdout, r.stderr.decode(errors="replace")
+
+
+def one_line(err, pattern, what):
+    lines = err.strip().splitlines()
+    check(len(lines) == 1 and re.search(pattern, lines[0]),
+          f"{what}: stderr {err!r}, want one line /{pattern}/")
+
+
+def no_sanitizer(err, what):
+    check("Sanitizer" not in err and "runtime error" not in err,
+          f"{what}: {err[:1500]}")
+
+
+def timeouts():
+    # The daemon takes the request and never answers: the action may or
+    # may not have been done, and finaldotctl says so.
+    for args, action in ((["queue", "hold", ID], "queue hold"),
+                         (["queue", "delete", "ALL"], "queue delete"),
+                         (["reload"], "reload"),
+                         (["pause"], "pause")):
+        with Fake(hang) as f:
+            rc, out, err = run(f, *args)
+        what = f"hang: {' '.join(args)}"
+        check(rc == 3, f"{what}: exit {rc}, want 3: {err!r}")
+        one_line(err, rf"no reply .* within 1s.*{action}.* unknown", what)
+        check(out == b"", f"{what}: stdout {out!r}")
+    # A query: no reply, nothing about an outcome.
+    for args in (["status"], ["queue", "list"], ["queue", "cat", ID]):
+        with Fake(hang) as f:
+            rc, out, err = run(f, *args, timeout="700ms")
+        what = f"hang: {' '.join(args)}"
+        check(rc == 3, f"{what}: exit {rc}, want 3: {err!r}")
+        one_line(err, r"no reply .* within 700ms\b", what)
+        check("unknown" not in err, f"{what}: {err!r}")
+    # A stream that stops halfway: the same, after what came.
+    item = (b'{"item":{"id":"' + ID.encode() + b'","arrival_time":0,'
+            b'"size":1,"sender":"a@x","state":"deferred","held":false,'
+            b'"recipients":[]}}\n')
+
+    def stall(fake, c, req):
+        c.sendall(item)
+        fake.done.wait(PATIENCE)
+    with Fake(stall) as f:
+        rc, out, err = run(f, "queue", "list", "--json")
+    check(rc == 3 and out.count(b"\n") == 1,
+          f"stalled list: exit {rc}, {out!r} {err!r}")
+    # The daemon never takes the connection (its backlog is full): the
+    # connect times out, and nothing was sent.
+    with Fake(None, backlog=0, accept=False) as f:
+        filler = []
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(f.path)
+            except BlockingIOError:
+                s.close()
+                break
+            filler.append(s)
+        rc, out, err = run(f, "queue", "hold", ID)
+        for s in filler:
+            s.close()
+    check(rc == 3, f"connect hang: exit {rc}, want 3: {err!r}")
+    one_line(err, r"did not take the connection within 1s.*nothing was "
+             r"sent", "connect hang")
+    # An answer in time is not affected by the timeout.
+    with Fake(reply(b'{"ok":true,"data":{"affected":1,"unknown":0}}\n')) \
+            as f:
+        rc, out, err = run(f, "queue", "hold", ID, timeout="0")
+        check(rc == 0 and out == b"1 message held\n" and not err,
+              f"--timeout 0: {rc} {out!r} {err!r}")
+        rc, out, err = run(f, "queue", "hold", ID, timeout="1m")
+        check(rc == 0 and out == b"1 message held\n",
+              f"--timeout 1m: {rc} {out!r} {err!r}")
+        r = subprocess.run([FINALDOTCTL, "--control", f.path,
+                            "--timeout=2s", "queue", "hold", ID],
+                           capture_output=True, timeout=PATIENCE)
+        check(r.returncode == 0, f"--timeout=2s: {r.stderr!r}")
+    # Its syntax is the daemon's DURATION's; anything else is a usage
+    # error, and nothing is sent.
+    with Fake(reply(b'{"ok":true,"data":{}}\n')) as f:
+        for bad in ("", "x", "1x", "-1", "1.5s", "99999999999999999999"):
+            rc, out, err = run(f, "reload", timeout=bad)
+            check(rc == 2, f"--timeout {bad!r}: exit {rc}: {err!r}")
+            one_line(err, r"--timeout", f"--timeout {bad!r}")
+        r = subprocess.run([FINALDOTCTL, "--control", f.path, "--timeout"],
+                           capture_output=True, timeout=PATIENCE)
+        check(r.returncode == 2 and b"--timeout needs a value" in r.stderr,
+              f"--timeout alone: {r.returncode} {r.stderr!r}")
+        check(f.requests == [], f"sent despite a usage error: {f.requests}")
+
+
+def main():
+    timeouts()
+    print("ok: --timeout (a daemon that never answers or never takes the "
+          "connection: exit 3, an action's outcome said to be unknown)")
+
+
+if __name__ == "__main__":
+    main()
