@@ -714,8 +714,10 @@ get_bool(const struct client *c, int obj, const char *key)
 
 /*
  * A line with "ok" ends a reply. Returns 0 for such a line that says ok
- * (*data: its data token, or -1), -1 for a line without "ok" (an item of
- * a streaming reply), or an exit status after printing the daemon's error.
+ * (*data: its data token; the daemon always sends one, and a reply without
+ * it is refused here, so callers need not check), -1 for a line without
+ * "ok" (an item of a streaming reply), or an exit status after printing
+ * the daemon's error.
  */
 static int
 terminator(const struct client *c, int *data)
@@ -729,11 +731,20 @@ terminator(const struct client *c, int *data)
 		return -1;
 	if (ctl_json_bool(&c->j, (uint32_t)ok, &v) && v) {
 		*data = ctl_json_get(&c->j, 0, "data");
-		return 0;
+		if (*data >= 0)
+			return 0;
+		fprintf(stderr, "finaldotctl: unexpected reply from the "
+				"daemon (\"ok\" without \"data\")\n");
+		return EXIT_FAIL;
 	}
 	int e = ctl_json_get(&c->j, 0, "error");
 	get_str(c, e, "message", msg, sizeof(msg));
 	get_str(c, e, "code", code, sizeof(code));
+	if (!msg[0] && !code[0]) {
+		fprintf(stderr, "finaldotctl: unexpected reply from the "
+				"daemon (not ok, and no error)\n");
+		return EXIT_FAIL;
+	}
 	fprintf(stderr, "finaldotctl: %s\n", msg[0] ? msg : code);
 	return strcmp(code, "bad_request") == 0 ? EXIT_USAGE : EXIT_FAIL;
 }

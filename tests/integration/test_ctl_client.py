@@ -4,7 +4,10 @@ does with a daemon that misbehaves or answers oddly.
 
   - a daemon that takes the connection and never answers, or never takes
     it: finaldotctl gives up after --timeout, exit 3, and says that the
-    outcome of an action is unknown; --timeout's syntax.
+    outcome of an action is unknown; --timeout's syntax;
+  - a final line that says ok without data (status --json and queue show
+    --json printed from token -1, a heap overflow), or neither ok nor an
+    error: an unexpected reply, exit 1.
 """
 import os
 import re
@@ -181,10 +184,29 @@ def timeouts():
         check(f.requests == [], f"sent despite a usage error: {f.requests}")
 
 
+def no_data():
+    for line in (b'{"ok":true}\n', b'{"ok":1,"data":{}}\n',
+                 b'{"ok":false}\n', b'{"ok":false,"error":{}}\n'):
+        for args in (["status", "--json"], ["status"],
+                     ["queue", "show", ID, "--json"], ["queue", "show", ID],
+                     ["queue", "hold", ID], ["queue", "list"],
+                     ["queue", "cat", ID], ["reload"], ["pause"]):
+            with Fake(reply(line)) as f:
+                rc, out, err = run(f, *args)
+            what = f"{line!r}: {' '.join(args)}"
+            no_sanitizer(err, what)
+            check(rc == 1, f"{what}: exit {rc}, want 1: {err!r}")
+            one_line(err, r"^finaldotctl: unexpected reply from the daemon",
+                     what)
+            check(out == b"", f"{what}: stdout {out!r}")
+
+
 def main():
     timeouts()
-    print("ok: --timeout (a daemon that never answers or never takes the "
-          "connection: exit 3, an action's outcome said to be unknown)")
+    no_data()
+    print("ok: --timeout (a daemon that never answers or never takes "
+          "the connection: exit 3, an action's outcome said to be "
+          "unknown); ok without data: exit 1")
 
 
 if __name__ == "__main__":
