@@ -745,7 +745,11 @@ terminator(const struct client *c, int *data)
 				"daemon (not ok, and no error)\n");
 		return EXIT_FAIL;
 	}
-	fprintf(stderr, "finaldotctl: %s\n", msg[0] ? msg : code);
+	/* The daemon's message may quote what a client sent: escaped like
+	 * every other string from it, so it cannot drive the terminal. */
+	fputs("finaldotctl: ", stderr);
+	put_line(stderr, msg[0] ? msg : code);
+	fputc('\n', stderr);
 	return strcmp(code, "bad_request") == 0 ? EXIT_USAGE : EXIT_FAIL;
 }
 

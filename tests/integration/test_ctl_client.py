@@ -7,7 +7,9 @@ does with a daemon that misbehaves or answers oddly.
     outcome of an action is unknown; --timeout's syntax;
   - a final line that says ok without data (status --json and queue show
     --json printed from token -1, a heap overflow), or neither ok nor an
-    error: an unexpected reply, exit 1.
+    error: an unexpected reply, exit 1;
+  - the daemon's error message is printed escaped (\\xHH), as every other
+    string from it: escape sequences in it cannot drive the terminal.
 """
 import os
 import re
@@ -201,12 +203,26 @@ def no_data():
             check(out == b"", f"{what}: stdout {out!r}")
 
 
+def error_message():
+    msg = b'x\\u001b]0;pwned\\u0007\\u001b[2J\\r\\n\\u009b1m\\\\ \\u00ff'
+    for line in (b'{"ok":false,"error":{"code":"failed","message":"' + msg +
+                 b'"}}\n',
+                 b'{"ok":false,"error":{"code":"' + msg + b'"}}\n'):
+        with Fake(reply(line)) as f:
+            rc, out, err = run(f, "queue", "hold", ID)
+        what = f"error {line!r}"
+        check(rc == 1, f"{what}: exit {rc}: {err!r}")
+        check(err == "finaldotctl: x\\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x0a"
+              "\\xc2\\x9b1m\\x5c \\xc3\\xbf\n", f"{what}: stderr {err!r}")
+
+
 def main():
     timeouts()
     no_data()
+    error_message()
     print("ok: --timeout (a daemon that never answers or never takes "
           "the connection: exit 3, an action's outcome said to be "
-          "unknown); ok without data: exit 1")
+          "unknown); ok without data: exit 1; error messages escaped")
 
 
 if __name__ == "__main__":
