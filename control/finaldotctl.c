@@ -446,6 +446,15 @@ static const char usage_reload[] =
 	"\n"
 	"Ask the daemon to reload its configuration, as SIGHUP does.\n";
 
+/*
+ * Room for a decoded string an operator reads in full: an address (from
+ * an SMTP command line, at most 1024 octets), a reason or a history text
+ * (the delivery log keeps 1024 octets, DLOG_TEXT_MAX), an error message.
+ * An octet that is not UTF-8 comes as \u00HH and decodes to two, so 2048
+ * is the most the daemon sends; get_str() cuts anything longer visibly.
+ */
+#define CTL_TEXT_MAX 4096
+
 /* Set by main: --control, $FINALDOT_CONTROL, or the default. */
 static const char *ctl_path;
 /* --timeout: in milliseconds, 0 never. */
@@ -689,15 +698,37 @@ get_u64(const struct client *c, int obj, const char *key)
 	return v;
 }
 
+/* A string that does not fit in buf[0..n) (n >= 4) is cut, visibly: its
+ * first n - 4 octets, then "..." (it used to come out as "", which read
+ * as no sender, no reason). */
 static const char *
 get_str(const struct client *c, int obj, const char *key, char *buf,
 	size_t n)
 {
 	int t = obj >= 0 ? ctl_json_get(&c->j, (uint32_t)obj, key) : -1;
+	size_t all_len;
+	char *all;
+	long r;
 
 	buf[0] = '\0';
-	if (t >= 0 && ctl_json_string(&c->j, (uint32_t)t, buf, n) < 0)
-		buf[0] = '\0';
+	if (t < 0)
+		return buf;
+	r = ctl_json_string(&c->j, (uint32_t)t, buf, n);
+	if (r != -ENOSPC) {
+		if (r < 0)
+			buf[0] = '\0';
+		return buf;
+	}
+	/* Decoding never lengthens: the escaped text's length is room. */
+	all_len = (size_t)tok_of(c, t)->len + 1;
+	all = malloc(all_len);
+	if (all && ctl_json_string(&c->j, (uint32_t)t, all, all_len) >= 0) {
+		memcpy(buf, all, n - 4);
+		memcpy(buf + n - 4, "...", 4);
+	} else {
+		strcpy(buf, "..."); /* out of memory */
+	}
+	free(all);
 	return buf;
 }
 
@@ -724,7 +755,7 @@ terminator(const struct client *c, int *data)
 {
 	int ok = ctl_json_get(&c->j, 0, "ok");
 	bool v = false;
-	char msg[1024], code[64];
+	char msg[CTL_TEXT_MAX], code[64];
 
 	*data = -1;
 	if (ok < 0)
@@ -981,7 +1012,7 @@ check_ids(int argc, char **argv, const char *cmd)
 static void
 list_human(const struct client *c, int m, uint64_t *bytes, uint64_t *n)
 {
-	char id[32], sender[1024], state[32], when[64];
+	char id[32], sender[CTL_TEXT_MAX], state[32], when[64];
 	time_t t = (time_t)get_u64(c, m, "arrival_time");
 	uint64_t size = get_u64(c, m, "size");
 	struct tm tm;
@@ -1005,7 +1036,8 @@ list_human(const struct client *c, int m, uint64_t *bytes, uint64_t *n)
 	if (rc >= 0 && tok_of(c, rc)->type == CTL_JSON_ARRAY) {
 		uint32_t k = ctl_json_child((uint32_t)rc);
 		for (uint32_t i = 0; i < tok_of(c, rc)->count; i++) {
-			char addr[1024], status[32], reason[1024];
+			char addr[CTL_TEXT_MAX], status[32];
+			char reason[CTL_TEXT_MAX];
 			get_str(c, (int)k, "status", status, sizeof(status));
 			if (strcmp(status, "pending") == 0) {
 				get_str(c, (int)k, "reason", reason,
@@ -1123,7 +1155,7 @@ show_time(const struct client *c, int o, const char *key, const char *label)
 static void
 show_history(struct client *c, int data, int rcpts)
 {
-	char t[64], ev[32], addr[600], text[1100];
+	char t[64], ev[32], addr[CTL_TEXT_MAX], text[CTL_TEXT_MAX];
 	int h = ctl_json_get(&c->j, (uint32_t)data, "history");
 
 	if (h < 0 || tok_of(c, h)->type != CTL_JSON_ARRAY ||
@@ -1164,7 +1196,7 @@ show_history(struct client *c, int data, int rcpts)
 static int
 queue_show(int argc, char **argv)
 {
-	char id[64], s[1024];
+	char id[64], s[CTL_TEXT_MAX];
 	struct ctl_jw req;
 	struct client c;
 	bool json = false;

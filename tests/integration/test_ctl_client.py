@@ -9,7 +9,11 @@ does with a daemon that misbehaves or answers oddly.
     --json printed from token -1, a heap overflow), or neither ok nor an
     error: an unexpected reply, exit 1;
   - the daemon's error message is printed escaped (\\xHH), as every other
-    string from it: escape sequences in it cannot drive the terminal.
+    string from it: escape sequences in it cannot drive the terminal;
+  - long strings: a sender, an address, a reason and a history text as
+    long as the daemon sends them (1024 octets not UTF-8, \\u00HH each,
+    2048 decoded) print in full; a longer one is cut with "..." (it came
+    out empty).
 """
 import os
 import re
@@ -216,13 +220,67 @@ def error_message():
               "\\xc2\\x9b1m\\x5c \\xc3\\xbf\n", f"{what}: stderr {err!r}")
 
 
+def long_strings():
+    ff, c1 = "\\u00ff" * 1024, "\\u0080" * 1024
+    ff_out, c1_out = "\\xc3\\xbf" * 1024, "\\xc2\\x80" * 1024
+    rcpt = {"address": "b@" + ff, "status": "pending", "reason": c1,
+            "attempts": 1}
+    msg = ('{"id":"' + ID + '","arrival_time":0,"size":1,"sender":"' + ff +
+           '","state":"deferred","held":false,"recipients":[' +
+           json_obj(rcpt) + ']')
+    item = ('{"item":' + msg + '}}\n').encode()
+    end = b'{"ok":true,"data":{"count":1}}\n'
+    with Fake(reply(item, end)) as f:
+        rc, out, err = run(f, "queue", "list")
+    out = out.decode()
+    check(rc == 0 and not err, f"long list: {rc} {err!r}")
+    check(f" {ff_out}\n({c1_out})\n" in out and f" b@{ff_out}\n" in out,
+          f"long list: {out[:400]!r}")
+    hist = ('"history":[{"time":"2026-12-02T22:14:56Z","event":"deferred",'
+            '"rcpt":0,"attempts":1,"text":"' + c1 + '"}]')
+    show = ('{"ok":true,"data":' + msg + ',' + hist + '}}\n').encode()
+    with Fake(reply(show)) as f:
+        rc, out, err = run(f, "queue", "show", ID)
+    out = out.decode()
+    check(rc == 0 and not err, f"long show: {rc} {err!r}")
+    check(f"sender:   <{ff_out}>\n" in out and
+          f"  <b@{ff_out}> pending" in out and f"\n      {c1_out}\n" in out
+          and f"<b@{ff_out}> attempt 1 {c1_out}\n" in out,
+          f"long show: {out[:400]!r}")
+    # Longer than anything the daemon sends: the start, then "...".
+    huge = "\\u00ff" * 5000
+    item = ('{"item":{"id":"' + ID + '","arrival_time":0,"size":1,'
+            '"sender":"' + huge + '","state":"deferred","held":false,'
+            '"recipients":[]}}\n').encode()
+    with Fake(reply(item, end)) as f:
+        rc, out, err = run(f, "queue", "list")
+    line = out.decode().splitlines()[1]
+    check(rc == 0 and line.endswith("  " + "\\xc3\\xbf" * 2046 + "..."),
+          f"huge sender: {rc} {line[-60:]!r} {err!r}")
+    err_line = (b'{"ok":false,"error":{"code":"failed","message":"' +
+                b"m" * 5000 + b'"}}\n')
+    with Fake(reply(err_line)) as f:
+        rc, out, err = run(f, "reload")
+    check(rc == 1 and err == "finaldotctl: " + "m" * 4092 + "...\n",
+          f"huge error: {rc} {err[-60:]!r}")
+
+
+def json_obj(d):
+    # The values above are JSON already (escapes the daemon writes).
+    return "{" + ",".join(f'"{k}":' + (f'"{v}"' if isinstance(v, str)
+                                       else str(v))
+                          for k, v in d.items()) + "}"
+
+
 def main():
     timeouts()
     no_data()
     error_message()
+    long_strings()
     print("ok: --timeout (a daemon that never answers or never takes "
           "the connection: exit 3, an action's outcome said to be "
-          "unknown); ok without data: exit 1; error messages escaped")
+          "unknown); ok without data: exit 1; error messages escaped; "
+          "long strings print")
 
 
 if __name__ == "__main__":
