@@ -455,6 +455,17 @@ static const char usage_reload[] =
  */
 #define CTL_TEXT_MAX 4096
 
+/*
+ * The longest reply line read. The daemon's longest is a queue.show: the
+ * envelope (SPOOL_ENV_MAX, 64 KiB, six times that if every octet is
+ * escaped as \u00HH), each recipient's reason and the 200 history records'
+ * texts (1024 octets each, as much escaped): about 2.5 MiB at the default
+ * max_recipients of 100, 8 MiB at 1000. A queue.cat chunk is 64 KiB. A
+ * line costs about ten times its length in parse tokens, so it is bounded
+ * well short of the 1 GiB it once was.
+ */
+#define CTL_REPLY_LINE_MAX ((size_t)16 << 20)
+
 /* Set by main: --control, $FINALDOT_CONTROL, or the default. */
 static const char *ctl_path;
 /* --timeout: in milliseconds, 0 never. */
@@ -653,13 +664,22 @@ client_next(struct client *c)
 			c->len -= c->off;
 			c->off = 0;
 		}
+		if (c->len > CTL_REPLY_LINE_MAX) {
+			fprintf(stderr, "finaldotctl: a reply line from the "
+					"daemon is over %zu MiB, more than it "
+					"ever sends; not read\n",
+				CTL_REPLY_LINE_MAX >> 20);
+			return EXIT_FAIL;
+		}
 		if (c->len == c->cap) {
 			size_t cap = c->cap ? c->cap * 2 : 65536;
 			char *b;
-			if (cap > ((size_t)1 << 30) ||
-			    !(b = realloc(c->buf, cap))) {
-				fprintf(stderr, "finaldotctl: reply line too "
-						"long\n");
+			if (cap > CTL_REPLY_LINE_MAX + 1)
+				cap = CTL_REPLY_LINE_MAX + 1; /* and its \n */
+			if (!(b = realloc(c->buf, cap))) {
+				fprintf(stderr, "finaldotctl: out of memory "
+						"for a reply line of %zu "
+						"octets\n", c->len);
 				return EXIT_FAIL;
 			}
 			c->buf = b;

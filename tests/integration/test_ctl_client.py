@@ -13,7 +13,10 @@ does with a daemon that misbehaves or answers oddly.
   - long strings: a sender, an address, a reason and a history text as
     long as the daemon sends them (1024 octets not UTF-8, \\u00HH each,
     2048 decoded) print in full; a longer one is cut with "..." (it came
-    out empty).
+    out empty);
+  - a reply line over 16 MiB (the daemon's longest is a few MiB) is
+    refused with a clear error, exit 1, where lines of up to 1 GiB were
+    read, at about ten times their length in memory; a 12 MiB one reads.
 """
 import os
 import re
@@ -265,6 +268,22 @@ def long_strings():
           f"huge error: {rc} {err[-60:]!r}")
 
 
+def long_lines():
+    big = b"a" * (12 << 20)
+    with Fake(reply(b'{"ok":true,"data":"' + big + b'"}\n')) as f:
+        rc, out, err = run(f, "status", "--json")
+    check(rc == 0 and out == b'"' + big + b'"\n' and not err,
+          f"12 MiB line: {rc} {len(out)} {err[:300]!r}")
+    over = b'{"ok":true,"data":"' + b"a" * (17 << 20) + b'"}'
+    for line in (over + b"\n", over):
+        with Fake(reply(line)) as f:
+            rc, out, err = run(f, "status", "--json")
+        what = f"{len(line)}-octet line"
+        no_sanitizer(err, what)
+        check(rc == 1 and out == b"", f"{what}: exit {rc}: {err[:300]!r}")
+        one_line(err, r"a reply line from the daemon is over 16 MiB", what)
+
+
 def json_obj(d):
     # The values above are JSON already (escapes the daemon writes).
     return "{" + ",".join(f'"{k}":' + (f'"{v}"' if isinstance(v, str)
@@ -277,10 +296,11 @@ def main():
     no_data()
     error_message()
     long_strings()
+    long_lines()
     print("ok: --timeout (a daemon that never answers or never takes "
           "the connection: exit 3, an action's outcome said to be "
           "unknown); ok without data: exit 1; error messages escaped; "
-          "long strings print")
+          "long strings print; reply lines bounded")
 
 
 if __name__ == "__main__":
