@@ -468,6 +468,9 @@ static const char usage_reload[] =
 
 /* Set by main: --control, $FINALDOT_CONTROL, or the default. */
 static const char *ctl_path;
+/* Neither default exists: ctl_path is the first, and "not running" names
+ * both. */
+static bool ctl_path_guessed;
 /* --timeout: in milliseconds, 0 never. */
 static uint64_t ctl_timeout_ms = 60000;
 /* The action the request asks for ("queue hold", "reload"...), NULL for a
@@ -573,8 +576,9 @@ client_open(struct client *c)
 		break;
 	case ENOENT:
 		fprintf(stderr, "finaldotctl: finaldot is not running (no "
-				"control socket at %s; see --control)\n",
-			ctl_path);
+				"control socket at %s%s; see --control)\n",
+			ctl_path, ctl_path_guessed
+				  ? " or /run/finaldot/control.sock" : "");
 		break;
 	case ECONNREFUSED:
 		fprintf(stderr, "finaldotctl: finaldot is not running "
@@ -1597,6 +1601,7 @@ default_path(void)
 		return "./var/control.sock";
 	if (stat("/run/finaldot/control.sock", &st) == 0)
 		return "/run/finaldot/control.sock";
+	ctl_path_guessed = true;
 	return "./var/control.sock";
 }
 
@@ -1647,10 +1652,18 @@ main(int argc, char **argv)
 			printf("finaldotctl %s\n", FINALDOT_VERSION);
 			return 0;
 		}
-		if (strcmp(argv[i], "--control") == 0 && i + 1 < argc) {
-			ctl_path = argv[++i];
-		} else if (strncmp(argv[i], "--control=", 10) == 0) {
-			ctl_path = argv[i] + 10;
+		if (strcmp(argv[i], "--control") == 0 ||
+		    strncmp(argv[i], "--control=", 10) == 0) {
+			const char *v = argv[i][9] == '=' ? argv[i] + 10
+				      : i + 1 < argc ? argv[++i]
+						     : NULL;
+			if (!v || !v[0]) {
+				fprintf(stderr, "finaldotctl: --control needs "
+						"a value, the control socket's "
+						"path (see --help)\n");
+				return EXIT_USAGE;
+			}
+			ctl_path = v;
 		} else if (strcmp(argv[i], "--timeout") == 0 ||
 			   strncmp(argv[i], "--timeout=", 10) == 0) {
 			const char *v = argv[i][9] == '=' ? argv[i] + 10
@@ -1673,7 +1686,7 @@ main(int argc, char **argv)
 			return EXIT_USAGE;
 		}
 	}
-	if (!ctl_path || !ctl_path[0])
+	if (!ctl_path)
 		ctl_path = default_path();
 	if (i >= argc) {
 		fprintf(stderr, "finaldotctl: which command? (see --help)\n");

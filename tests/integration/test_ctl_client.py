@@ -16,7 +16,11 @@ does with a daemon that misbehaves or answers oddly.
     out empty);
   - a reply line over 16 MiB (the daemon's longest is a few MiB) is
     refused with a clear error, exit 1, where lines of up to 1 GiB were
-    read, at about ten times their length in memory; a 12 MiB one reads.
+    read, at about ten times their length in memory; a 12 MiB one reads;
+  - which socket: when neither default exists, "not running" names both
+    paths tried (it named ./var/control.sock alone); --control without a
+    value, or with an empty one, is a usage error (it was "unknown
+    option", or the default silently).
 """
 import os
 import re
@@ -284,6 +288,34 @@ def long_lines():
         one_line(err, r"a reply line from the daemon is over 16 MiB", what)
 
 
+def socket_path():
+    env = {k: v for k, v in os.environ.items() if k != "FINALDOT_CONTROL"}
+    with tempfile.TemporaryDirectory(prefix="fd-ctl-client-") as cwd:
+        r = subprocess.run([FINALDOTCTL, "status"], capture_output=True,
+                           text=True, cwd=cwd, env=env, timeout=PATIENCE)
+    if os.path.exists("/run/finaldot/control.sock"):
+        print("# /run/finaldot/control.sock exists here: the message "
+              "naming both defaults is not checked")
+    else:
+        check(r.returncode == 3, f"no socket: exit {r.returncode}")
+        one_line(r.stderr, r"not running \(no control socket at "
+                 r"\./var/control\.sock or /run/finaldot/control\.sock",
+                 "no default socket")
+    for argv in (["--control"], ["--control", "", "status"],
+                 ["--control=", "status"]):
+        r = subprocess.run([FINALDOTCTL] + argv, capture_output=True,
+                           text=True, env=env, timeout=PATIENCE)
+        check(r.returncode == 2, f"{argv}: exit {r.returncode}: {r.stderr}")
+        one_line(r.stderr, r"--control needs a value", f"{argv}")
+    # An explicit path is named alone.
+    r = subprocess.run([FINALDOTCTL, "--control=/nonexistent/x.sock",
+                        "status"], capture_output=True, text=True,
+                       timeout=PATIENCE)
+    check(r.returncode == 3, f"explicit: exit {r.returncode}")
+    one_line(r.stderr, r"no control socket at /nonexistent/x\.sock; see",
+             "explicit path")
+
+
 def json_obj(d):
     # The values above are JSON already (escapes the daemon writes).
     return "{" + ",".join(f'"{k}":' + (f'"{v}"' if isinstance(v, str)
@@ -297,10 +329,12 @@ def main():
     error_message()
     long_strings()
     long_lines()
+    socket_path()
     print("ok: --timeout (a daemon that never answers or never takes "
           "the connection: exit 3, an action's outcome said to be "
           "unknown); ok without data: exit 1; error messages escaped; "
-          "long strings print; reply lines bounded")
+          "long strings print; reply lines bounded; "
+          "--control's errors")
 
 
 if __name__ == "__main__":
