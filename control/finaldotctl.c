@@ -101,7 +101,9 @@ static const char usage_spool[] =
 	"      (comma-separated), SHA-256 of the stored body. The scan summary\n"
 	"      (segments, records ok/bad/stale, messages committed/incomplete)\n"
 	"      goes to stderr. With --json: one JSON object on stdout,\n"
-	"      {\"messages\":[...],\"summary\":{...}}.\n"
+	"      {\"messages\":[...],\"summary\":{...}}. Segments that could\n"
+	"      not be read whole add a warning line on stderr (scan and\n"
+	"      export): their messages are missing from the output.\n"
 	"cat   the stored bytes of message ID (16 hex digits), exactly as\n"
 	"      spooled. Exit 1 if no committed message has that id.\n"
 	"export every committed message, as cat prints it, into OUTDIR/ID.eml\n"
@@ -204,18 +206,39 @@ out:
 	return r;
 }
 
+/* Segments not read whole (an unreadable or misplaced file, a header
+ * nothing could be salvaged from): the messages in them are missing from
+ * what follows, and stderr says so whatever the format. */
+static void
+warn_bad(const struct ctl_spool_summary *m)
+{
+	if (m->segments_bad || m->segments_missing)
+		fprintf(stderr,
+			"finaldotctl: warning: %" PRIu64 " segment(s) could "
+			"not be read whole and %" PRIu64 " listed segment(s) "
+			"are gone (see the lines above): their messages are "
+			"not in this output\n",
+			m->segments_bad, m->segments_missing);
+}
+
 static void
 summary_text(const struct ctl_spool_summary *m)
 {
 	fprintf(stderr,
 		"segments=%" PRIu64 " segments_bad=%" PRIu64
-		" segments_empty=%" PRIu64 " records_ok=%" PRIu64
+		" segments_empty=%" PRIu64 " segments_damaged=%" PRIu64
+		" segments_salvaged=%" PRIu64 " segments_duplicate=%" PRIu64
+		" segments_missing=%" PRIu64 " records_ok=%" PRIu64
 		" records_bad=%" PRIu64 " records_stale=%" PRIu64
+		" records_dup=%" PRIu64
 		" committed=%" PRIu64 " incomplete=%" PRIu64
 		" bytes=%" PRIu64 "\n",
-		m->segments, m->segments_bad, m->segments_empty, m->records_ok,
-		m->records_bad, m->records_stale, m->msgs_committed,
-		m->msgs_incomplete, m->body_bytes);
+		m->segments, m->segments_bad, m->segments_empty,
+		m->segments_damaged, m->segments_salvaged,
+		m->segments_duplicate, m->segments_missing, m->records_ok,
+		m->records_bad, m->records_stale, m->records_dup,
+		m->msgs_committed, m->msgs_incomplete, m->body_bytes);
+	warn_bad(m);
 }
 
 static void
@@ -227,13 +250,21 @@ summary_json(FILE *f, const struct ctl_spool_summary *m)
 	fprintf(f,
 		"{\"workers\":%u,\"segments\":%" PRIu64
 		",\"segments_bad\":%" PRIu64 ",\"segments_empty\":%" PRIu64
+		",\"segments_damaged\":%" PRIu64
+		",\"segments_salvaged\":%" PRIu64
+		",\"segments_duplicate\":%" PRIu64
+		",\"segments_missing\":%" PRIu64
 		",\"records_ok\":%" PRIu64 ",\"records_bad\":%" PRIu64
-		",\"records_stale\":%" PRIu64 ",\"committed\":%" PRIu64
+		",\"records_stale\":%" PRIu64 ",\"records_dup\":%" PRIu64
+		",\"committed\":%" PRIu64
 		",\"incomplete\":%" PRIu64 ",\"bytes\":%" PRIu64
 		",\"max_msgid\":{",
 		m->workers, m->segments, m->segments_bad, m->segments_empty,
+		m->segments_damaged, m->segments_salvaged,
+		m->segments_duplicate, m->segments_missing,
 		m->records_ok, m->records_bad, m->records_stale,
-		m->msgs_committed, m->msgs_incomplete, m->body_bytes);
+		m->records_dup, m->msgs_committed, m->msgs_incomplete,
+		m->body_bytes);
 	for (unsigned w = 0; w < 256; w++) {
 		if (!m->max_msgid[w])
 			continue;
@@ -297,6 +328,7 @@ cmd_spool_scan(const char *dir, bool json)
 		fputs("],\"summary\":", stdout);
 		summary_json(stdout, ctl_spool_scan_summary(s));
 		fputs("}\n", stdout);
+		warn_bad(ctl_spool_scan_summary(s));
 	} else {
 		summary_text(ctl_spool_scan_summary(s));
 	}
@@ -388,6 +420,7 @@ cmd_spool_export(const char *dir, const char *outdir)
 			done++;
 		}
 	}
+	warn_bad(ctl_spool_scan_summary(s));
 	ctl_spool_scan_free(s);
 	printf("%zu messages exported to %s\n", done, outdir);
 	return rc;

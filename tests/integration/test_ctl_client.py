@@ -20,7 +20,9 @@ does with a daemon that misbehaves or answers oddly.
   - which socket: when neither default exists, "not running" names both
     paths tried (it named ./var/control.sock alone); --control without a
     value, or with an empty one, is a usage error (it was "unknown
-    option", or the default silently).
+    option", or the default silently);
+  - spool scan and export (no socket) warn on stderr when a segment could
+    not be read whole: its messages are missing from their output.
 """
 import os
 import re
@@ -316,6 +318,30 @@ def socket_path():
              "explicit path")
 
 
+def spool_warning():
+    """spool scan and export on a spool with a segment nothing can be read
+    from (a header of garbage): the messages in it are missing from the
+    output, and stderr says so in a warning line (the summary alone said
+    segments_bad=1); the summary names the damage."""
+    with tempfile.TemporaryDirectory(prefix="fd-ctl-client-") as root:
+        os.mkdir(os.path.join(root, "w00"))
+        with open(os.path.join(root, "w00", "00000000.seg"), "wb") as f:
+            f.write(b"\x5a" * 65536)
+        for args in (["scan", root], ["scan", root, "--json"],
+                     ["export", root, root]):
+            r = subprocess.run([FINALDOTCTL, "spool", *args],
+                               capture_output=True, text=True,
+                               timeout=PATIENCE)
+            check(r.returncode == 0, f"spool {args}: exit {r.returncode}: "
+                  f"{r.stderr}")
+            check(re.search(r"warning: 1 segment\(s\) could not be read "
+                            r"whole", r.stderr),
+                  f"spool {args}: no warning: {r.stderr!r}")
+            if "--json" in args:
+                check('"segments_damaged":1' in r.stdout,
+                      f"spool {args}: {r.stdout!r}")
+
+
 def json_obj(d):
     # The values above are JSON already (escapes the daemon writes).
     return "{" + ",".join(f'"{k}":' + (f'"{v}"' if isinstance(v, str)
@@ -330,11 +356,13 @@ def main():
     long_strings()
     long_lines()
     socket_path()
+    spool_warning()
     print("ok: --timeout (a daemon that never answers or never takes "
           "the connection: exit 3, an action's outcome said to be "
           "unknown); ok without data: exit 1; error messages escaped; "
           "long strings print; reply lines bounded; "
-          "--control's errors")
+          "--control's errors; spool scan/export warn of unread "
+          "segments")
 
 
 if __name__ == "__main__":
