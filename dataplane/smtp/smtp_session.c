@@ -1014,8 +1014,8 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 	s->orcpts[s->n_rcpts] = orcpt;
 	s->any_notify |= ra.notify != FD_NOTIFY_NONE;
 	s->any_orcpt |= ra.orcpt != NULL;
-	s->env_rcpt_bytes +=
-		rcpt_env_bytes(ra.path.mailbox_len, ra.orcpt ? ra.orcpt_len : 0);
+	s->env_rcpt_bytes += rcpt_env_bytes(ra.path.mailbox_len,
+					    ra.orcpt ? ra.orcpt_len : 0);
 	s->n_rcpts++;
 	smtp_enter_state(s, SMTP_S_RCPT);
 	reply(s, "250 2.1.5 Ok");

@@ -664,7 +664,8 @@ Test(spool_reader, the_copy_is_named_as_the_copy)
 		unsigned dups = 0;
 
 		snprintf(copy, sizeof(copy), "%.*s/%s",
-			 (int)(strrchr(x.path, '/') - x.path), x.path, names[k]);
+			 (int)(strrchr(x.path, '/') - x.path), x.path,
+			 names[k]);
 		copy_file(x.path, copy);
 		struct ctl_spool_scan *s = scan();
 		for (size_t i = 0; i < ctl_spool_scan_nsegs(s); i++) {

@@ -1326,12 +1326,13 @@ Test(smtp_session, recipients_past_what_the_spool_takes_get_452)
 	long_value(local, 61, 'l');
 	long_value(v, 491, 'o');
 	for (int i = 0; i < 100; i++) {
-		snprintf(addrs[i], sizeof(addrs[i]), "%03d%.61s@%.187s", i, local,
-			 dom);
+		snprintf(addrs[i], sizeof(addrs[i]), "%03d%.61s@%.187s", i,
+			 local, dom);
 		snprintf(orcpts[i], sizeof(orcpts[i]), "rfc822;%02d%s", i % 100,
 			 v);
-		snprintf(line, sizeof(line), "RCPT TO:<%.259s> ORCPT=%.519s\r\n",
-			 addrs[i], orcpts[i]);
+		snprintf(line, sizeof(line),
+			 "RCPT TO:<%.259s> ORCPT=%.519s\r\n", addrs[i],
+			 orcpts[i]);
 		td_feeds(&t, line);
 		const char *out = take();
 		if (strcmp(out, "250 2.1.5 Ok\r\n") == 0) {
@@ -1362,8 +1363,8 @@ Test(smtp_session, recipients_past_what_the_spool_takes_get_452)
 		      "the spool would not take the envelope accepted");
 	/* a new transaction starts from nothing */
 	expect("MAIL FROM:<alice@example.net>\r\n", "250 2.1.0 Ok\r\n");
-	snprintf(line, sizeof(line), "RCPT TO:<%.259s> ORCPT=%.519s\r\n", addrs[99],
-		 orcpts[99]);
+	snprintf(line, sizeof(line), "RCPT TO:<%.259s> ORCPT=%.519s\r\n",
+		 addrs[99], orcpts[99]);
 	expect(line, "250 2.1.5 Ok\r\n");
 	finish();
 }
