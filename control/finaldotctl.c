@@ -39,6 +39,7 @@
 #include <openssl/evp.h>
 
 #include "ctljson.h"
+#include "finaldot/duration.h"
 #include "finaldot/msgid.h"
 #include "spool_reader.h"
 
@@ -1638,38 +1639,6 @@ default_path(void)
 	return "./var/control.sock";
 }
 
-/*
- * A DURATION as the daemon's options take it (config.h): digits, then ms,
- * s, m, h or d; no suffix is seconds. Milliseconds into *ms, or false.
- */
-static bool
-parse_duration(const char *v, uint64_t *ms)
-{
-	uint64_t n, mul = 1000;
-	char *end;
-
-	if (*v < '0' || *v > '9')
-		return false;
-	errno = 0;
-	n = strtoull(v, &end, 10);
-	if (errno)
-		return false;
-	if (strcmp(end, "ms") == 0)
-		mul = 1, end += 2;
-	else if (*end == 's')
-		end++;
-	else if (*end == 'm')
-		mul = 60000, end++;
-	else if (*end == 'h')
-		mul = 3600000, end++;
-	else if (*end == 'd')
-		mul = 86400000, end++;
-	if (*end != '\0' || (n != 0 && mul > UINT64_MAX / n))
-		return false;
-	*ms = n * mul;
-	return true;
-}
-
 int
 main(int argc, char **argv)
 {
@@ -1707,7 +1676,7 @@ main(int argc, char **argv)
 						"a value (see --help)\n");
 				return EXIT_USAGE;
 			}
-			if (!parse_duration(v, &ctl_timeout_ms)) {
+			if (!fd_parse_duration_ms(v, &ctl_timeout_ms)) {
 				fprintf(stderr, "finaldotctl: --timeout '%s': "
 						"not a duration (500ms, 30s, "
 						"2m; 0 never)\n", v);

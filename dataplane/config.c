@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "finaldot/config.h"
+#include "finaldot/duration.h"
 #include "finaldot/log.h"
 
 enum opt_type {
@@ -396,6 +397,8 @@ parse_u64(const char *v, uint64_t *out, int kind)
 	char *end;
 	uint64_t n, mul = 1;
 
+	if (kind == OPT_DURATION)
+		return fd_parse_duration_ms(v, out) ? 0 : -EINVAL;
 	if (!isdigit((unsigned char)v[0]))
 		return -EINVAL;
 	errno = 0;
@@ -420,17 +423,6 @@ parse_u64(const char *v, uint64_t *out, int kind)
 			mul = 1000000, end++;
 		else if (*end == '\0')
 			mul = 1;
-	} else if (kind == OPT_DURATION) {
-		if (strcmp(end, "ms") == 0)
-			mul = 1, end += 2;
-		else if (*end == 's' || *end == '\0')
-			mul = 1000, end += *end ? 1 : 0;
-		else if (*end == 'm')
-			mul = 60000, end++;
-		else if (*end == 'h')
-			mul = 3600000, end++;
-		else if (*end == 'd')
-			mul = 86400000, end++;
 	}
 	if (*end != '\0' || (n != 0 && mul > UINT64_MAX / n))
 		return -EINVAL;
