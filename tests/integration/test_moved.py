@@ -241,6 +241,9 @@ def case_delivered_moved_message_outlives_its_old_segment():
                  "X's moved file deleted")
             time.sleep(3)  # X finished: kept, or (before) forgotten
             n = log_count(d, r"event=dlog_checkpoint messages=\d+ err=0")
+            for i in range(60):  # records enough for the next checkpoint
+                send(d, "a@example.com", ["u@example.com"],
+                     message(200 + i))
             wait(lambda: log_count(
                 d, r"event=dlog_checkpoint messages=\d+ err=0") > n, 60,
                 "a checkpoint after X was delivered")
