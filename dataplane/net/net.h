@@ -233,5 +233,10 @@ uint32_t net_flow_hash(uint32_t saddr, uint32_t daddr, uint16_t sport,
 		       uint16_t dport);
 /* hash -> shard, as a 128-entry round-robin RETA does: (hash % 128) % n. */
 unsigned net_shard_of(uint32_t hash, unsigned n_shards);
+/* The queue for entry `entry` of the port's redirection table, so that the
+ * NIC's queue for a hash (the entry hash % size) is net_shard_of()'s for
+ * any table whose size is a multiple of 128. A smaller table cannot agree
+ * for every n_shards; the receiving shard's hand-off covers the rest. */
+unsigned net_reta_queue(unsigned entry, unsigned n_shards);
 
 #endif

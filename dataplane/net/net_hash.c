@@ -121,3 +121,9 @@ net_shard_of(uint32_t hash, unsigned n_shards)
 		return 0;
 	return (hash % 128u) % n_shards;
 }
+
+unsigned
+net_reta_queue(unsigned entry, unsigned n_shards)
+{
+	return net_shard_of(entry, n_shards);
+}

@@ -236,7 +236,7 @@ port_setup(const char *want, struct net_port_info *info)
 				1ULL << (i % RTE_ETH_RETA_GROUP_SIZE);
 			reta[i / RTE_ETH_RETA_GROUP_SIZE]
 				.reta[i % RTE_ETH_RETA_GROUP_SIZE] =
-				(uint16_t)(i % nq);
+				(uint16_t)net_reta_queue(i, nq);
 		}
 		if (rte_eth_dev_rss_reta_update(g.port, reta,
 						(uint16_t)sz) != 0)

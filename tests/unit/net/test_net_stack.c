@@ -164,6 +164,33 @@ Test(net_stack, flow_hash_is_symmetric)
 	cr_assert_eq(net_shard_of(12345, 0), 0);
 }
 
+/* The redirection table the port is programmed with puts every flow on
+ * the queue of the shard that owns it (net_shard_of), for table sizes that
+ * are multiples of 128 and any shard count: with entry i on queue i % n a
+ * 512-entry table sent two thirds of the flows of 3 shards to another
+ * shard's queue (a hand-off each packet). */
+Test(net_stack, reta_agrees_with_the_shard_of_every_hash)
+{
+	static const unsigned sizes[] = { 128, 256, 512 };
+	uint64_t x = 0x9e3779b97f4a7c15ull;
+
+	for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++)
+		for (unsigned n = 1; n <= 8; n++)
+			for (int i = 0; i < 2000; i++) {
+				uint32_t h;
+
+				x ^= x << 13;
+				x ^= x >> 7;
+				x ^= x << 17;
+				h = (uint32_t)x;
+				cr_assert_eq(net_reta_queue(h % sizes[k], n),
+					     net_shard_of(h, n),
+					     "size %u, %u shards, hash %08x",
+					     sizes[k], n, h);
+			}
+	cr_assert_eq(net_reta_queue(5, 0), 0);
+}
+
 Test(net_stack, flows_spread_over_shards)
 {
 	unsigned count[4] = {0};
