@@ -330,6 +330,19 @@ seg_probe(struct segent *e, struct src *sr, uint64_t avail)
 	e->walk_size = h.size < avail ? h.size : avail;
 }
 
+/* A segment file that could not be opened (err): said, and marked so that
+ * it is never given back this run (the next start scans it again). */
+static void
+seg_unopened(struct segent *e, const char *path, int err)
+{
+	fd_log(FD_LOG_ERR, "spool",
+	       "event=segment_unreadable path=%s error=\"%s\" "
+	       "action=\"its messages are not queued; the segment is kept "
+	       "for the next start\"",
+	       path, strerror(err));
+	e->pub.read_error = true;
+}
+
 /* The number in a segment's file name (NNNNNNNN.seg), or UINT64_MAX. */
 static uint64_t
 name_number(const char *name)
@@ -431,12 +444,7 @@ list_worker(struct ctl_spool_scan *s, const char *root, const char *wname,
 		} else {
 			/* Not even its header: what it holds is unknown, and
 			 * the scan says so (counted bad, never given back). */
-			fd_log(FD_LOG_ERR, "spool",
-			       "event=segment_unreadable path=%s error=\"%s\" "
-			       "action=\"its messages are not queued; the "
-			       "segment is kept for the next start\"",
-			       path, strerror(errno));
-			se->pub.read_error = true;
+			seg_unopened(se, path, errno);
 		}
 		if (sr.fd >= 0)
 			close(sr.fd);
@@ -644,12 +652,7 @@ walk_all(struct ctl_spool_scan *s)
 		if (e->path &&
 		    (sr.fd = fd_open_noatime(e->path,
 					     O_RDONLY | O_CLOEXEC)) < 0) {
-			fd_log(FD_LOG_ERR, "spool",
-			       "event=segment_unreadable path=%s error=\"%s\" "
-			       "action=\"its messages are not queued; the "
-			       "segment is kept for the next start\"",
-			       e->path, strerror(errno));
-			e->pub.read_error = true;
+			seg_unopened(e, e->path, errno);
 			s->sum.segments_bad++;
 			continue;
 		}
