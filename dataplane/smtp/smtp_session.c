@@ -907,21 +907,14 @@ rcpt_check(struct smtp_session *s, const struct smtp_path *p,
 
 /*
  * The spool keeps a message's envelope in one record of at most
- * SPOOL_ENV_MAX octets: each recipient takes an item for its address, one
- * for NOTIFY and one for ORCPT (SPOOL_ITEM_HDR_LEN octets each, and their
- * values); everything else (sender, HELO name, client address, ENVID and
- * the fixed fields) stays well under the reserve. Past it the spool
+ * SPOOL_ENV_MAX octets: each recipient takes up to spool_env_rcpt_max();
+ * everything else (sender, HELO name, client address, ENVID and the fixed
+ * fields) stays well under the reserve. Past it the spool
  * refuses the message at DATA (a 451 at every retry, the mail stuck), so
  * the RCPT that would pass it gets 452 4.5.3 instead: the client sends
  * the other recipients in another transaction (RFC 5321 4.5.3.1.10).
  */
 #define ENV_OTHER_RESERVE 2048u
-
-static size_t
-rcpt_env_bytes(size_t addr_len, size_t orcpt_len)
-{
-	return 3 * SPOOL_ITEM_HDR_LEN + addr_len + 1 + orcpt_len;
-}
 
 static bool
 smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
@@ -930,7 +923,7 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 	struct smtp_rcpt_args ra;
 	enum smtp_parse_result r;
 	char esc[128];
-	size_t mark, omark;
+	size_t mark, omark, env_add;
 	const char *addr, *orcpt = "";
 
 	s->rcpt_attempts++;
@@ -986,9 +979,9 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 		error_reply(s, "550 5.7.1 Relay access denied");
 		return true;
 	}
-	if (s->env_rcpt_bytes + rcpt_env_bytes(ra.path.mailbox_len,
-					       ra.orcpt ? ra.orcpt_len : 0) >
-	    SPOOL_ENV_MAX - ENV_OTHER_RESERVE) {
+	env_add = spool_env_rcpt_max(ra.path.mailbox_len,
+				     ra.orcpt ? ra.orcpt_len : 0);
+	if (s->env_rcpt_bytes + env_add > SPOOL_ENV_MAX - ENV_OTHER_RESERVE) {
 		reply(s, "452 4.5.3 Error: too many recipients");
 		return true;
 	}
@@ -1014,8 +1007,7 @@ smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 	s->orcpts[s->n_rcpts] = orcpt;
 	s->any_notify |= ra.notify != FD_NOTIFY_NONE;
 	s->any_orcpt |= ra.orcpt != NULL;
-	s->env_rcpt_bytes += rcpt_env_bytes(ra.path.mailbox_len,
-					    ra.orcpt ? ra.orcpt_len : 0);
+	s->env_rcpt_bytes += env_add;
 	s->n_rcpts++;
 	smtp_enter_state(s, SMTP_S_RCPT);
 	reply(s, "250 2.1.5 Ok");

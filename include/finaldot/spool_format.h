@@ -218,6 +218,15 @@ enum spool_dec spool_rec_decode(const uint8_t *p, size_t n, uint64_t epoch,
  * counts as "". spool_env_encode() returns bytes written or 0.
  */
 size_t spool_env_encoded_len(const struct fd_envelope *env);
+/* The most one recipient adds to spool_env_encoded_len(): an item for its
+ * address, one for NOTIFY (a value octet) and one for ORCPT. For the SMTP
+ * engine, which bounds a transaction's recipients by it without encoding
+ * (orcpt_len 0: none). */
+static inline size_t
+spool_env_rcpt_max(size_t addr_len, size_t orcpt_len)
+{
+	return 3 * SPOOL_ITEM_HDR_LEN + addr_len + 1 + orcpt_len;
+}
 size_t spool_env_encode(const struct fd_envelope *env, uint8_t *out,
 			size_t cap);
 /*

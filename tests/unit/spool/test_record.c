@@ -59,6 +59,38 @@ make_env_record(uint8_t *out, size_t cap)
 	return make_record(SPOOL_REC_ENV, pl, n, out, cap);
 }
 
+/* What the SMTP engine bounds a transaction's recipients by is the most
+ * a recipient adds to the encoding, with NOTIFY and ORCPT or without. */
+Test(record, a_recipient_adds_at_most_spool_env_rcpt_max)
+{
+	static const char *const rc[2] = { "a@example.org",
+					   "bb@example.net" };
+	static const char *const oc[2] = { "rfc822;a@example.org",
+					   "rfc822;bb@example.net" };
+	static const uint8_t nf[2] = { FD_NOTIFY_FAILURE, FD_NOTIFY_NEVER };
+	struct fd_envelope e = sample_env();
+
+	for (int with = 0; with < 2; with++) {
+		size_t one, two;
+
+		e.rcpts = rc;
+		e.notify = with ? nf : NULL;
+		e.orcpts = with ? oc : NULL;
+		e.n_rcpts = 1;
+		one = spool_env_encoded_len(&e);
+		e.n_rcpts = 2;
+		two = spool_env_encoded_len(&e);
+		cr_assert(one && two);
+		cr_assert_leq(two - one,
+			      spool_env_rcpt_max(strlen(rc[1]),
+						 with ? strlen(oc[1]) : 0));
+		if (with) /* every item there: the bound is exact */
+			cr_assert_eq(two - one,
+				     spool_env_rcpt_max(strlen(rc[1]),
+							strlen(oc[1])));
+	}
+}
+
 Test(record, envelope_round_trip)
 {
 	struct fd_envelope e = sample_env(), d;
