@@ -1036,6 +1036,19 @@ append_ok(struct sim_sess *s, size_t n)
 		     spool_room(sim.sp));
 }
 
+/* A 100-octet message for session i, committed, its END flushed in a
+ * batch of its own. */
+static struct sim_sess *
+small_msg(int i)
+{
+	struct sim_sess *s = begin_ok(i, 100);
+
+	append_ok(s, 100);
+	cr_assert_eq(msg_commit(s), 0);
+	flush();
+	return s;
+}
+
 /*
  * Refused RWF_DSYNC, later batch first: X's body spans batches 0 and 1
  * (END in 1), both written with RWF_DSYNC and both refused, batch 1's CQE
@@ -1131,10 +1144,7 @@ Test(spool_model, failed_fdatasync_reaped_before_an_earlier_one)
 	append_ok(m, 50);
 	cr_assert_eq(msg_commit(m), 0); /* M's END in batch 1 */
 	flush();
-	n = begin_ok(1, 100);
-	append_ok(n, 100);
-	cr_assert_eq(msg_commit(n), 0); /* N in batch 2 */
-	flush();
+	n = small_msg(1); /* batch 2 */
 	complete_op(1, OP_WRITE, 0);
 	complete_op(2, OP_WRITE, 0);
 	complete_op(0, OP_WRITE, 0);
@@ -1162,14 +1172,8 @@ Test(spool_model, failed_fdatasync_fails_every_message_begun)
 	struct sim_sess *a, *b, *c;
 
 	sim_start(&scripted_linked, 17);
-	a = begin_ok(0, 100);
-	append_ok(a, 100);
-	cr_assert_eq(msg_commit(a), 0);
-	flush(); /* batch 0 */
-	b = begin_ok(1, 100);
-	append_ok(b, 100);
-	cr_assert_eq(msg_commit(b), 0);
-	flush(); /* batch 1 */
+	a = small_msg(0); /* batch 0 */
+	b = small_msg(1); /* batch 1 */
 	complete_op(1, OP_WRITE, 0);
 	complete_op(1, OP_FSYNC, -EIO);
 	complete_op(0, OP_WRITE, 0);
@@ -1178,10 +1182,7 @@ Test(spool_model, failed_fdatasync_fails_every_message_begun)
 	cr_assert(msg_of(a)->durable_at_verdict, "A's write not durable");
 	cr_assert(msg_of(a)->failed_an);
 	cr_assert_eq(msg_of(b)->status, -EIO);
-	c = begin_ok(2, 100);
-	append_ok(c, 100);
-	cr_assert_eq(msg_commit(c), 0);
-	flush();
+	c = small_msg(2);
 	complete_op(2, OP_WRITE, 0);
 	complete_op(2, OP_FSYNC, 0);
 	cr_assert_eq(msg_of(c)->status, 0);
@@ -1199,14 +1200,8 @@ Test(spool_model, failed_write_fails_only_its_messages)
 	struct sim_sess *a, *b;
 
 	sim_start(&scripted_linked, 19);
-	a = begin_ok(0, 100);
-	append_ok(a, 100);
-	cr_assert_eq(msg_commit(a), 0);
-	flush(); /* batch 0 */
-	b = begin_ok(1, 100);
-	append_ok(b, 100);
-	cr_assert_eq(msg_commit(b), 0);
-	flush(); /* batch 1 */
+	a = small_msg(0); /* batch 0 */
+	b = small_msg(1); /* batch 1 */
 	complete_op(1, OP_WRITE, 0);
 	complete_op(1, OP_FSYNC, 0);
 	complete_op(0, OP_WRITE, -EIO);
