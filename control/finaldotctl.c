@@ -1639,6 +1639,24 @@ default_path(void)
 	return "./var/control.sock";
 }
 
+/* Whether argv[*i] is option name, as "NAME VALUE" (then *i moves on to
+ * the value) or "NAME=VALUE"; *v is the value, NULL when none follows. */
+static bool
+opt_value(int argc, char **argv, int *i, const char *name, const char **v)
+{
+	size_t n = strlen(name);
+
+	if (strncmp(argv[*i], name, n) != 0)
+		return false;
+	if (argv[*i][n] == '=')
+		*v = argv[*i] + n + 1;
+	else if (argv[*i][n] == '\0')
+		*v = *i + 1 < argc ? argv[++*i] : NULL;
+	else
+		return false;
+	return true;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1654,11 +1672,9 @@ main(int argc, char **argv)
 			printf("finaldotctl %s\n", FINALDOT_VERSION);
 			return 0;
 		}
-		if (strcmp(argv[i], "--control") == 0 ||
-		    strncmp(argv[i], "--control=", 10) == 0) {
-			const char *v = argv[i][9] == '=' ? argv[i] + 10
-				      : i + 1 < argc ? argv[++i]
-						     : NULL;
+		const char *v;
+
+		if (opt_value(argc, argv, &i, "--control", &v)) {
 			if (!v || !v[0]) {
 				fprintf(stderr, "finaldotctl: --control needs "
 						"a value, the control socket's "
@@ -1666,11 +1682,7 @@ main(int argc, char **argv)
 				return EXIT_USAGE;
 			}
 			ctl_path = v;
-		} else if (strcmp(argv[i], "--timeout") == 0 ||
-			   strncmp(argv[i], "--timeout=", 10) == 0) {
-			const char *v = argv[i][9] == '=' ? argv[i] + 10
-				      : i + 1 < argc ? argv[++i]
-						     : NULL;
+		} else if (opt_value(argc, argv, &i, "--timeout", &v)) {
 			if (!v) {
 				fprintf(stderr, "finaldotctl: --timeout needs "
 						"a value (see --help)\n");
