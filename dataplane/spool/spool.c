@@ -77,6 +77,7 @@ enum msg_state { M_FREE, M_OPEN, M_END_PENDING, M_COMMITTED };
 enum ud_op { OP_WRITE = 1, OP_FSYNC = 2, OP_NOP = 3 };
 enum fault_kind {
 	F_NONE, F_FAIL_FROM, F_FAIL_ONCE, F_ENOSPC, F_HOLD,
+	F_FLUSH_FAIL, /* the N-th write lands, but its flush reports -EIO */
 	F_NO_DSYNC,  /* mutant: writes without RWF_DSYNC or fdatasync */
 	F_PREP_SLOW, /* the preparer sleeps fault_n ms per chunk of zeros */
 	F_NO_DIRSYNC, /* mutant: applied by the preparer (spool_seg.c) */
@@ -112,6 +113,7 @@ struct batch {
 			   * batch before this write may not cover it) */
 	bool written;     /* the write's completion arrived */
 	bool fault_fail;
+	bool fault_flush; /* F_FLUSH_FAIL: written, its flush "fails" */
 	int res;
 	struct spool_msg *msgs; /* messages whose END is in this batch, */
 	struct spool_msg *msgs_tail; /* in commit order */
@@ -244,12 +246,15 @@ parse_fault(struct spool *sp, const char *spec)
 		return 0;
 	}
 	if (strncmp(spec, "fail-write:", 11) == 0 ||
-	    strncmp(spec, "fail-once:", 10) == 0) {
+	    strncmp(spec, "fail-once:", 10) == 0 ||
+	    strncmp(spec, "fail-flush:", 11) == 0) {
 		const char *n = strchr(spec, ':') + 1;
 		unsigned long long v = strtoull(n, &end, 10);
 		if (*n < '0' || *n > '9' || *end || v == 0)
 			return -EINVAL;
-		sp->fault = spec[5] == 'w' ? F_FAIL_FROM : F_FAIL_ONCE;
+		sp->fault = spec[5] == 'w'   ? F_FAIL_FROM
+			    : spec[5] == 'o' ? F_FAIL_ONCE
+					     : F_FLUSH_FAIL;
 		sp->fault_n = v;
 		return 0;
 	}
@@ -410,7 +415,7 @@ open_current(struct spool *sp)
 	b->payload = 0;
 	b->res = 0;
 	b->msgs = b->msgs_tail = NULL;
-	b->fault_fail = false;
+	b->fault_fail = b->fault_flush = false;
 	b->unflushed = b->fsync_later = b->fsync_sent = b->written = false;
 	b->must_flush = false;
 	sp->cur = b;
@@ -536,6 +541,7 @@ submit_batch(struct spool *sp, struct batch *b)
 	if (sp->fault == F_FAIL_ONCE && sp->writes == sp->fault_n)
 		fail = true;
 	b->fault_fail = fail;
+	b->fault_flush = sp->fault == F_FLUSH_FAIL && sp->writes == sp->fault_n;
 	if (fail) {
 		b->fsync_mode = false;
 		b->unflushed = false;
@@ -827,7 +833,9 @@ complete_in_order(struct spool *sp)
 		 * flushed) announces both. */
 		for (struct spool_msg *m = b->msgs; m; m = m->next)
 			if (sp->any_failed && sp->last_failed_seq >= m->first_seq)
-				announce(sp, SPOOL_AN_FAILED, 0, 0, 0, m->id);
+				announce(sp, SPOOL_AN_FAILED, b->seg->file_no,
+					 b->seg->use_seq, b->off + b->len,
+					 m->id);
 		if (!b->unflushed || b->res < 0)
 			announce(sp, SPOOL_AN_DURABLE, b->seg->file_no,
 				 b->seg->use_seq, b->off + b->len, 0);
@@ -948,6 +956,11 @@ spool_handle_cqe(struct spool *sp, const struct io_uring_cqe *cqe)
 	default:
 		return;
 	}
+	/* F_FLUSH_FAIL: the bytes are in the file, and the completion that
+	 * carries the batch's flush reports what a failing one would. */
+	if (b->fault_flush && res >= 0 &&
+	    (op == OP_FSYNC || (op == OP_WRITE && !b->fsync_mode)))
+		res = -EIO;
 	if (res < 0 && res != -ECANCELED &&
 	    (op == OP_FSYNC ||
 	     (op == OP_WRITE && !b->fsync_mode && sp->fault != F_NO_DSYNC)))

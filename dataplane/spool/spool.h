@@ -33,6 +33,11 @@
  *   "fail-write"        every batch write completes with -EIO
  *   "fail-write:N"      the N-th batch write (1-based) and later ones fail
  *   "fail-once:N"       only the N-th batch write fails
+ *   "fail-flush:N"      the N-th batch write reaches the file, but the
+ *                       completion carrying its flush reports -EIO (a
+ *                       failed flush: whether the bytes are durable is
+ *                       unknown); a write without a flush of its own
+ *                       is not affected
  *   "enospc"            no segment can be made: begin() fails with -ENOSPC
  *   "hold:PATH"         batches are not submitted while PATH exists
  *   "prep-slow:MS"      the segment preparer sleeps MS ms per chunk of
@@ -43,8 +48,9 @@
  * and durability mutants for the power-cut tests: "no-dsync", "no-dirsync",
  * "lazy-nowait" (lazy-late, and flushes do not wait for unflushed writes
  * before them), "lazy-seglast" (a file's last batch may go unflushed).
- * A failed write fails every message with a record in that batch (-EIO);
- * the next batch goes to fresh blocks and later messages are unaffected.
+ * A failed write fails every message with a record in that batch (-EIO), a
+ * failed flush every message begun so far; the next batch goes to fresh
+ * blocks and later messages are unaffected.
  *
  * CQE tagging in a shared ring: the spool's user_data values all have bit 63
  * set (SPOOL_UD_FLAG); other users of the ring must never set that bit.
@@ -80,7 +86,10 @@ typedef void (*spool_done_fn)(void *ctx, uint64_t msgid, int status);
  *             walk that prefix; the messages committed in it have had
  *             their verdict;
  *   FAILED    msgid was answered 451/452: its records, even if some are
- *             on disk, must not be delivered;
+ *             on disk, must not be delivered. Its END record went into
+ *             the batch of segment use_seq that ends at `off` (the
+ *             DURABLE that follows covers it), whether or not that write
+ *             or its flush succeeded; off 0: no END record was written;
  *   ABORTED   msgid was dropped before commit (RSET, session lost);
  *   RECLAIMED the segment (file_no, use_seq) handed back by
  *             spool_reclaim() has a new epoch: its old records are gone.
