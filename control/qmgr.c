@@ -726,19 +726,23 @@ msg_jobs_add(struct cplane *cp, struct q_msg *m, int delta)
 	msg_reclass(cp, m, was);
 }
 
-int
-qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
-	   const struct fd_envelope *env, uint64_t body_len,
-	   uint32_t body_crc, const struct q_piece *pieces, size_t n_pieces,
-	   struct q_seg *env_seg, struct q_seg *end_seg)
+/* The message object, its segments referenced, in the hash tables; *out
+ * NULL when the id is queued already (found twice: scan and tailer; one
+ * is enough). */
+static int
+msg_add(struct cplane *cp, unsigned worker, uint64_t id,
+	const struct fd_envelope *env, uint64_t body_len, uint32_t body_crc,
+	const struct q_piece *pieces, size_t n_pieces, struct q_seg *env_seg,
+	struct q_seg *end_seg, struct q_msg **out)
 {
 	struct q_msg *m;
 	size_t sz = sizeof(*m), nsegs = 0;
 	char *a;
 	struct q_seg **segs;
 
+	*out = NULL;
 	if (msg_find(cp, id))
-		return 0; /* found twice (scan and tailer): one is enough */
+		return 0;
 	if ((cp->n_msgs + 1) * 2 > cp->msg_cap && msg_hash_grow(cp) != 0)
 		return -ENOMEM;
 	sz += env->n_rcpts * sizeof(struct q_rcpt);
@@ -807,6 +811,22 @@ qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
 	}
 	cp->n_msgs++;
 	cp->n_class[MC_DEFERRED]++;
+	*out = m;
+	return 0;
+}
+
+int
+qm_msg_add(struct cplane *cp, unsigned worker, uint64_t id,
+	   const struct fd_envelope *env, uint64_t body_len,
+	   uint32_t body_crc, const struct q_piece *pieces, size_t n_pieces,
+	   struct q_seg *env_seg, struct q_seg *end_seg)
+{
+	struct q_msg *m;
+	int r = msg_add(cp, worker, id, env, body_len, body_crc, pieces,
+			n_pieces, env_seg, end_seg, &m);
+
+	if (r || !m)
+		return r;
 	cp->st_queued++;
 	heap_set(cp, m, 0); /* due now */
 	dedup_new(cp, m);
@@ -1004,6 +1024,35 @@ msg_update(struct cplane *cp, struct q_msg *m, uint64_t lsn)
 	m->final_lsn = lsn ? lsn : (cp->log ? dlog_appended(cp->log) : 0);
 	m->fnext = cp->fin_head;
 	cp->fin_head = m;
+}
+
+int
+qm_msg_refused(struct cplane *cp, unsigned worker, uint64_t id,
+	       const struct fd_envelope *env, uint64_t body_len,
+	       uint32_t body_crc, const struct q_piece *pieces,
+	       size_t n_pieces, struct q_seg *env_seg, struct q_seg *end_seg)
+{
+	struct q_msg *m;
+	uint64_t lsn;
+	int r = msg_add(cp, worker, id, env, body_len, body_crc, pieces,
+			n_pieces, env_seg, end_seg, &m);
+
+	if (r || !m)
+		return r;
+	for (unsigned i = 0; i < m->n_rcpts; i++) {
+		m->rcpts[i].state = QR_DELETED;
+		set_reason(&m->rcpts[i], "not delivered: its client was "
+					 "answered 4xx at acceptance");
+	}
+	lsn = log_rec(cp, DLOG_DELETED, m, DLOG_ALL, 0, 0, 0,
+		      "refused at acceptance");
+	fd_log(FD_LOG_WARN, "qmgr",
+	       "%016" PRIx64 " event=not_delivered rcpts=%u reason=\"its "
+	       "client was answered 4xx (a write or flush failed) and sends "
+	       "it again: this copy, whole on disk, never goes out\"",
+	       m->id, m->n_rcpts);
+	msg_update(cp, m, lsn);
+	return 0;
 }
 
 /* Release finished messages whose records are durable; free released

@@ -42,4 +42,19 @@ int qm_msg_add(struct cplane *q, unsigned worker, uint64_t id,
 	       uint32_t body_crc, const struct q_piece *pieces,
 	       size_t n_pieces, struct q_seg *env_seg, struct q_seg *end_seg);
 
+/*
+ * A message the spool announced FAILED (its client was answered 4xx and
+ * will send it again) that the tailer found whole on disk: it must never
+ * be delivered, also not after a restart, whose scan would find it whole.
+ * Queued finished: every recipient DELETED in the delivery log (flushed at
+ * once) and kept, like any finished message, until its segments are
+ * reclaimed, so that checkpoints remember it as long as they must.
+ * Arguments and result as qm_msg_add().
+ */
+int qm_msg_refused(struct cplane *q, unsigned worker, uint64_t id,
+		   const struct fd_envelope *env, uint64_t body_len,
+		   uint32_t body_crc, const struct q_piece *pieces,
+		   size_t n_pieces, struct q_seg *env_seg,
+		   struct q_seg *end_seg);
+
 #endif

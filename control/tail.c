@@ -35,6 +35,10 @@
 
 #define WIN_LEN (1u << 20)
 #define DEAD_IDS 65536u /* power of two */
+/* FAILED ids whose END record was written, followed until the walk passed
+ * the batch that held it (tail_event()); a write or flush must fail for
+ * one to come, so few. Past this many, a FAILED id is dropped at once. */
+#define FAILED_IDS 1024u
 /* A DURABLE point is walked once this much is waiting behind it, or once
  * the oldest waiting one is this old (tail_tick()). A walk per group
  * commit read ~22 KiB per pread at 32 pipelining sessions (~1,300 reads a
@@ -89,6 +93,7 @@ struct partial {
 	uint64_t next_off;
 	uint32_t crc;
 	bool broken;
+	bool failed; /* its client was answered 4xx (FAILED, its END written) */
 	struct q_piece *pieces;
 	size_t n_pieces, cap_pieces;
 	struct q_seg *env_seg;
@@ -114,6 +119,12 @@ struct tail {
 	uint64_t dead[DEAD_IDS]; /* failed/aborted ids, FIFO */
 	size_t dead_head;
 	uint64_t *dead_set; /* open addressing over the same ids */
+
+	/* FAILED ids being followed to their END: the batch that holds it */
+	struct failed_id {
+		uint64_t id, use_seq, off;
+	} failed[FAILED_IDS];
+	size_t n_failed;
 
 	/* The newest DURABLE point not walked yet (pend: there is one). */
 	bool pend;
@@ -189,6 +200,25 @@ dead_add(struct tail *t, uint64_t id)
 	while (t->dead_set[i])
 		i = (i + 1) & (cap - 1);
 	t->dead_set[i] = id;
+}
+
+/* ---- failed ids whose END was written ---------------------------------- */
+
+static struct failed_id *
+failed_find(struct tail *t, uint64_t id)
+{
+	for (size_t i = 0; i < t->n_failed; i++)
+		if (t->failed[i].id == id)
+			return &t->failed[i];
+	return NULL;
+}
+
+/* Followed no more: any record of it still to come is dropped. */
+static void
+failed_forget(struct tail *t, struct failed_id *f)
+{
+	dead_add(t, f->id);
+	*f = t->failed[--t->n_failed];
 }
 
 /* ---- partial messages -------------------------------------------------- */
@@ -297,6 +327,82 @@ p_new(struct tail *t, uint64_t id)
 
 /* ---- records ----------------------------------------------------------- */
 
+/*
+ * A FAILED message whose END the walk found. Whole, it is what the next
+ * start's scan would find and deliver beside the copy its client sends
+ * again after the 4xx: the queue manager takes it as refused, which keeps
+ * it from going out now and after a restart. Not whole, no scan takes it
+ * either: dropped, its segments free to be reclaimed.
+ */
+static void
+complete_failed(struct tail *t, struct partial *p,
+		const struct spool_rec_hdr *h, struct q_seg *seg)
+{
+	struct failed_id *f = failed_find(t, p->id);
+	struct fd_envelope env;
+	void *scratch = NULL;
+	size_t sl;
+	int r = -EINVAL;
+
+	if (f)
+		failed_forget(t, f);
+	if (!p->broken && h->offset == p->next_off && h->aux == p->crc &&
+	    p->env) {
+		sl = spool_env_scratch_len(p->env_len);
+		scratch = malloc(sl);
+		if (scratch &&
+		    spool_env_decode(p->env, p->env_len, &env, scratch, sl) ==
+			    SPOOL_DEC_OK)
+			r = qm_msg_refused(t->q, t->worker, p->id, &env,
+					   h->offset, h->aux, p->pieces,
+					   p->n_pieces, p->env_seg, seg);
+		else if (!scratch)
+			r = -ENOMEM;
+		free(scratch);
+		if (r != 0)
+			fd_log(FD_LOG_ERR, "tail",
+			       "worker=%u event=refused_not_recorded "
+			       "id=%016" PRIx64 " err=%d note=\"whole on "
+			       "disk: a restart before its segment is "
+			       "reclaimed delivers it, beside the copy its "
+			       "client sends again\"",
+			       t->worker, p->id, -r);
+	}
+	t->st.dropped++;
+	p_free(t, p);
+}
+
+/* The FAILED messages whose END batch the walk has passed without finding
+ * them whole: nothing more of them comes (the worker wrote their END
+ * before it announced them). */
+static void
+failed_expire(struct tail *t)
+{
+	for (size_t i = 0; i < t->n_failed;) {
+		struct failed_id *f = &t->failed[i];
+		bool past = true;
+		struct partial *p;
+
+		for (size_t k = 0; k < t->n_segs; k++) {
+			const struct tseg *ts = &t->segs[k];
+			if (ts->qs->use_seq != f->use_seq)
+				continue;
+			past = k < t->cur || ts->gave_up ||
+			       ts->walked >= f->off;
+			break;
+		}
+		if (!past) {
+			i++;
+			continue;
+		}
+		if ((p = p_find(t, f->id)) != NULL) {
+			t->st.dropped++;
+			p_free(t, p);
+		}
+		failed_forget(t, f); /* the last entry moved to i */
+	}
+}
+
 static void
 complete(struct tail *t, struct partial *p, const struct spool_rec_hdr *h,
 	 struct q_seg *seg)
@@ -306,6 +412,10 @@ complete(struct tail *t, struct partial *p, const struct spool_rec_hdr *h,
 	void *scratch;
 	int r;
 
+	if (p->failed) {
+		complete_failed(t, p, h, seg);
+		return;
+	}
 	if (p->broken || h->offset != p->next_off || h->aux != p->crc ||
 	    !p->env) {
 		t->st.dropped++;
@@ -367,6 +477,7 @@ on_rec(void *ctx, const struct spool_walk_rec *r)
 		p = p_new(t, r->h.msgid);
 		if (!p)
 			return -ENOMEM;
+		p->failed = t->n_failed && failed_find(t, r->h.msgid);
 		p->env = malloc(r->h.len ? r->h.len : 1);
 		if (!p->env)
 			return -ENOMEM;
@@ -379,8 +490,10 @@ on_rec(void *ctx, const struct spool_walk_rec *r)
 			/* Its ENV was never walked: in a segment passed over,
 			 * or in a stretch a read never got (after a start the
 			 * worker writes a new epoch, so no message of the last
-			 * run continues here). Not queued now. */
-			seg_keep(t, wc->ts);
+			 * run continues here). Not queued now. A FAILED one
+			 * (its ENV in a write that failed) is queued never. */
+			if (!t->n_failed || !failed_find(t, r->h.msgid))
+				seg_keep(t, wc->ts);
 			return 0;
 		}
 		if (r->h.offset != p->next_off) {
@@ -407,7 +520,9 @@ on_rec(void *ctx, const struct spool_walk_rec *r)
 		return p_pin(t, p, seg);
 	case SPOOL_REC_END:
 		if (!p) {
-			seg_keep(t, wc->ts); /* as DATA above */
+			/* as DATA above */
+			if (!t->n_failed || !failed_find(t, r->h.msgid))
+				seg_keep(t, wc->ts);
 			return 0;
 		}
 		if (p_pin(t, p, seg) != 0)
@@ -715,10 +830,19 @@ catch_up_budget(struct tail *t, uint64_t budget)
 	}
 }
 
+/* A walk, then the FAILED ids it passed. */
+static void
+walk_pending(struct tail *t, uint64_t budget)
+{
+	catch_up_budget(t, budget);
+	if (t->n_failed)
+		failed_expire(t);
+}
+
 static void
 catch_up(struct tail *t)
 {
-	catch_up_budget(t, 0);
+	walk_pending(t, 0);
 }
 
 /* Remember the point; walk now only when enough waits behind it or it is
@@ -755,7 +879,7 @@ tail_tick(struct tail *t, uint64_t now_us, uint64_t *next_us)
 	if (now_us >= due) {
 		/* direct: a step at a time, so that a worker busy again
 		 * (a new DURABLE moves `due` on) gets the disk back soon */
-		catch_up_budget(t, t->direct ? WALK_STEP : 0);
+		walk_pending(t, t->direct ? WALK_STEP : 0);
 		return true;
 	}
 	if (due - now_us < *next_us)
@@ -786,6 +910,21 @@ tail_event(struct tail *t, const struct fd_ctl_event *e)
 		on_durable(t, e->use_seq, e->off);
 		break;
 	case FD_CTL_FAILED:
+		/* Its END written (off: the end of the batch that holds it):
+		 * followed to it, in case all of it reached the disk. */
+		if (e->off && t->n_failed < FAILED_IDS && e->msgid &&
+		    !dead_has(t, e->msgid) && !failed_find(t, e->msgid)) {
+			t->failed[t->n_failed++] = (struct failed_id){
+				.id = e->msgid,
+				.use_seq = e->use_seq,
+				.off = e->off,
+			};
+			if ((p = p_find(t, e->msgid)) != NULL)
+				p->failed = true;
+			break;
+		}
+		/* no END written (or no room to follow it): dropped */
+		/* fallthrough */
 	case FD_CTL_ABORTED:
 		dead_add(t, e->msgid);
 		if ((p = p_find(t, e->msgid)) != NULL) {

@@ -11,9 +11,13 @@
  * could be read torn, and a torn record makes a walk skip to the next
  * block. Records are assembled by the commit rule of docs/spool-format.md
  * (ENV, contiguous DATA, END with matching length and CRC); a complete
- * message goes to the queue manager. FAILED and ABORTED ids are remembered
- * (the most recent 65536) so their records are dropped, whether they were
- * walked before or after the announcement.
+ * message goes to the queue manager. ABORTED ids, and FAILED ids with no
+ * END written, are remembered (the most recent 65536) so their records are
+ * dropped, whether they were walked before or after the announcement. A
+ * FAILED id whose END was written (its client got 451, but all of it may
+ * be on disk) is followed to that END: whole, it goes to the queue manager
+ * as refused (qm_msg_refused(): never delivered, also not after a
+ * restart); not whole once the walk passed that batch, it is dropped.
  *
  * A partial message (ENV seen, no END yet) holds a reference on each
  * segment it has records in, so the segment is not reclaimed under a

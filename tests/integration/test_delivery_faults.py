@@ -911,6 +911,65 @@ def case_deleted_while_listed_is_not_bounced():
                   f"{bad[:2]}")
 
 
+def try_send(d, body):
+    """One message to bob@dest.test; the final reply's code."""
+    s = smtplib.SMTP("127.0.0.1", d.port, timeout=30)
+    try:
+        s.ehlo("client.test")
+        s.mail("a@example.com")
+        code, msg = s.rcpt("bob@dest.test")
+        check(code == 250, f"RCPT: {code} {msg!r}")
+        try:
+            code, msg = s.data(body)
+        except smtplib.SMTPDataError as e:
+            code = e.smtp_code
+        s.quit()
+        return code
+    finally:
+        s.close()
+
+
+def case_a_451_copy_whole_on_disk_is_never_delivered():
+    """A batch reaches the file but its flush fails (the spool's fault seam
+    fail-flush:3): that message's client gets 451 4.3.0 and will send it
+    again, while all of it is on disk. The copy on disk is queued as
+    refused (event=not_delivered, DELETED in the delivery log) and goes out
+    neither now, nor after a kill -9 and a start whose scan finds it whole,
+    nor after a clean restart (from the checkpoint): the messages answered
+    250 are delivered, each once, and that one never."""
+    with ScriptedHop() as hop, \
+            Daemon("--route", f"dest.test={hop.target}", *FAST,
+                   domains=("example.com", "dest.test"), delivery=True,
+                   env={"FINALDOT_SPOOL_FAULT": "fail-flush:3"}) as d:
+        bodies = [message(i) for i in range(5)]
+        codes = [try_send(d, b) for b in bodies]
+        check(sorted(codes) == [250, 250, 250, 250, 451],
+              f"final replies {codes}: one 451 wanted")
+        sent = sorted(b for b, c in zip(bodies, codes) if c == 250)
+        hop.wait_for(4, 20)
+        d.wait_log(r"event=not_delivered ", 10)
+        time.sleep(0.5)  # its DELETED is flushed at once: durable by now
+
+        def delivered():
+            return sorted(strip_our_received(t.body)
+                          for t in hop.completed())
+        check(delivered() == sent, "only the 250 copies delivered")
+        d.kill9()
+        del d.env["FINALDOT_SPOOL_FAULT"]
+        d.start()
+        d.wait_log(r"event=recovered ", 10)
+        time.sleep(2.5)  # a message the scan queued goes out at once
+        check(delivered() == sent,
+              f"{len(hop.completed())} deliveries after kill -9 and a "
+              "start: the 451 copy went out")
+        check(d.stop() == 0, "clean stop")
+        d.start()
+        time.sleep(2.5)
+        check(delivered() == sent,
+              f"{len(hop.completed())} deliveries after a clean restart: "
+              "the checkpoint forgot the 451 copy")
+
+
 CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_dsn_reply_lost, case_retry_within_bounds,
          case_suspended_counts_a_deferral,
@@ -930,7 +989,8 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_schedule_survives_a_failed_allocation,
          case_dsn_sent_is_no_possible_duplicate,
          case_a_segment_read_short_at_start_is_kept,
-         case_deleted_while_listed_is_not_bounced]
+         case_deleted_while_listed_is_not_bounced,
+         case_a_451_copy_whole_on_disk_is_never_delivered]
 
 if __name__ == "__main__":
     run_cases(CASES)

@@ -176,6 +176,34 @@ qm_msg_add(struct cplane *q, unsigned worker, uint64_t id,
 	return 0;
 }
 
+/* Messages queued as refused (FAILED, found whole). */
+static uint64_t refused[MAX_MSG];
+static size_t n_refused;
+
+int
+qm_msg_refused(struct cplane *q, unsigned worker, uint64_t id,
+	       const struct fd_envelope *env, uint64_t body_len,
+	       uint32_t body_crc, const struct q_piece *pieces,
+	       size_t n_pieces, struct q_seg *env_seg, struct q_seg *end_seg)
+{
+	(void)q;
+	(void)worker;
+	(void)pieces;
+	(void)n_pieces;
+	(void)env_seg;
+	(void)end_seg;
+	cr_assert_eq(env->n_rcpts, 1);
+	cr_assert_gt(body_len, 0);
+	(void)body_crc;
+	for (size_t i = 0; i < n_refused; i++)
+		cr_assert_neq(refused[i], id, "refused twice");
+	for (size_t i = 0; i < n_added; i++)
+		cr_assert_neq(added[i], id, "refused and queued");
+	cr_assert_lt(n_refused, MAX_MSG);
+	refused[n_refused++] = id;
+	return 0;
+}
+
 /* ---- the worker's side: the real writer ------------------------------- */
 
 static void
@@ -192,19 +220,29 @@ on_announce(void *ctx, const struct spool_announce *a)
 	};
 }
 
+/* The cases that make a write or a flush fail allow failed commits and
+ * record their ids. */
+static bool allow_fail;
+static uint64_t failed_ids[64];
+static size_t n_failed_ids;
+
 static void
 on_done(void *ctx, uint64_t id, int status)
 {
 	(void)ctx;
-	(void)id;
-	cr_assert_eq(status, 0);
+	if (status == 0)
+		return;
+	cr_assert(allow_fail, "commit failed: %d", status);
+	cr_assert_lt(n_failed_ids, 64);
+	failed_ids[n_failed_ids++] = id;
 }
 
 static void
 setup(void)
 {
 	fd_test_dir_make(root, sizeof(root), "/var/tmp", "tail");
-	n_ev = fed = n_added = n_segs = 0;
+	n_ev = fed = n_added = n_segs = n_refused = n_failed_ids = 0;
+	allow_fail = false;
 	indoubt_id = 0;
 	fail_open_of = 0;
 	fail_add_of = 0;
@@ -228,11 +266,17 @@ TestSuite(tail, .init = setup, .fini = teardown, .timeout = 60);
 static const char *const rcpts[] = {"r@example.org"};
 
 static struct spool *
-open_spool_seg(uint64_t segment_size)
+open_spool_fault(uint64_t segment_size, const char *fault)
 {
 	struct spool_params p;
 
+#ifndef FINALDOT_FAULT_INJECTION
+	if (fault)
+		cr_skip_test("built without the fault seam "
+			     "(-Dfault_injection=false)");
+#endif
 	spool_params_defaults(&p);
+	p.fault = fault;
 	p.dir = root;
 	p.worker = 1;
 	p.segment_size = segment_size;
@@ -247,6 +291,12 @@ open_spool_seg(uint64_t segment_size)
 		cr_skip_test("io_uring or O_DIRECT unavailable");
 	cr_assert_not_null(sp);
 	return sp;
+}
+
+static struct spool *
+open_spool_seg(uint64_t segment_size)
+{
+	return open_spool_fault(segment_size, NULL);
 }
 
 static struct spool *
@@ -849,4 +899,157 @@ Test(tail, a_segment_ending_short_of_a_header_is_finished)
 	cr_assert(queued(0x201), "the segment after it was never walked");
 	cr_assert(segs[0]->sealed);
 	tail_free(t);
+}
+
+/* ---- messages whose client was answered 4xx ----------------------------- */
+
+/* Feed the announcements as they come, each DURABLE walked at once (as a
+ * busy worker's would be), up to the first FAILED one (true: found). */
+static bool
+feed_walking_to_failed(struct tail *t)
+{
+	for (; fed < n_ev; fed++) {
+		if (ev[fed].type == FD_CTL_FAILED)
+			return true;
+		tail_event(t, &ev[fed]);
+		if (ev[fed].type == FD_CTL_DURABLE)
+			tail_flush(t);
+	}
+	return false;
+}
+
+/* Enough 8000-octet messages to move the worker on to a second 1 MiB
+ * segment, so that the first is walked to its end and sealed. */
+static void
+fill_segment(struct spool *sp)
+{
+	for (int i = 0; i < 140; i++)
+		write_msg(sp, 8000);
+}
+
+/* Its batch written but the flush failed (the fault seam's fail-flush): the
+ * client got 451, and all of the message is on disk. The tailer follows it
+ * to its END and hands it over as refused, never as a message to deliver:
+ * the next start's scan would find it whole, and deliver it beside the
+ * copy the client sends again. */
+Test(tail, a_failed_message_found_whole_is_queued_refused)
+{
+	struct spool *sp = open_spool_fault(1u << 20, "fail-flush:2");
+	struct tail *t = new_tail();
+	struct tail_stats st;
+	uint64_t a, b, c;
+
+	allow_fail = true;
+	a = write_msg(sp, 4000);
+	b = write_msg(sp, 4000);
+	c = write_msg(sp, 4000);
+	cr_assert_eq(n_failed_ids, 1, "%zu commits failed", n_failed_ids);
+	cr_assert_eq(failed_ids[0], b, "not the second message's");
+	fill_segment(sp);
+	feed(t);
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(n_refused, 1, "%zu refused", n_refused);
+	cr_assert_eq(refused[0], b);
+	cr_assert_eq(n_added, 142, "%zu queued", n_added);
+	cr_assert(added[0] == a && added[1] == c);
+	cr_assert_eq(st.partials, 0);
+	cr_assert(segs[0]->sealed);
+	cr_assert_eq(segs[0]->refs, 0, "the segment was kept");
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* The same for a message over three batches, the last one's flush failing:
+ * the tailer had begun it (ENV and DATA walked) when the FAILED came. */
+Test(tail, a_failed_message_already_begun_is_queued_refused)
+{
+	struct spool *sp = open_spool_fault(1u << 20, "fail-flush:4");
+	struct tail *t = new_tail();
+	struct tail_stats st;
+	uint64_t b;
+
+	allow_fail = true;
+	write_msg(sp, 4000);   /* write 1 */
+	b = write_msg(sp, 40000); /* writes 2-4, its END in the 4th */
+	cr_assert_eq(n_failed_ids, 1, "%zu commits failed", n_failed_ids);
+	cr_assert_eq(failed_ids[0], b);
+	write_msg(sp, 4000);
+	cr_assert(feed_walking_to_failed(t), "no FAILED announced");
+	tail_get_stats(t, &st);
+	cr_assert_eq(st.partials, 1, "not begun before its FAILED");
+	fill_segment(sp);
+	feed(t);
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(n_refused, 1, "%zu refused", n_refused);
+	cr_assert_eq(refused[0], b);
+	cr_assert_eq(n_added, 142, "%zu queued", n_added);
+	cr_assert_eq(st.partials, 0);
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* Its last batch never written (fail-once): once the walk has passed that
+ * batch nothing more of the message comes, and the tailer lets it go; its
+ * pins gone, its segment can be reclaimed. */
+Test(tail, a_failed_message_never_whole_is_let_go)
+{
+	struct spool *sp = open_spool_fault(1u << 20, "fail-once:4");
+	struct tail *t = new_tail();
+	struct tail_stats st;
+	uint64_t b;
+
+	allow_fail = true;
+	write_msg(sp, 4000);
+	b = write_msg(sp, 40000);
+	cr_assert_eq(n_failed_ids, 1, "%zu commits failed", n_failed_ids);
+	cr_assert_eq(failed_ids[0], b);
+	write_msg(sp, 4000);
+	cr_assert(feed_walking_to_failed(t), "no FAILED announced");
+	tail_get_stats(t, &st);
+	cr_assert_eq(st.partials, 1, "not begun before its FAILED");
+	feed(t);
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(st.partials, 0, "the failed message is still followed");
+	fill_segment(sp);
+	feed(t);
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(n_refused, 0, "%zu refused", n_refused);
+	cr_assert_eq(n_added, 142, "%zu queued", n_added);
+	cr_assert_eq(st.segments_kept, 0);
+	cr_assert(segs[0]->sealed);
+	cr_assert_eq(segs[0]->refs, 0, "the segment was kept");
+	tail_free(t);
+	spool_destroy(sp);
+}
+
+/* Its first batch never written (fail-once), its ENV with it: the DATA and
+ * END walked later belong to a message the tailer knows failed, and keep
+ * nothing (the records of a message begun where no walk could read are
+ * what keeps a segment, a_damaged_message_keeps_its_segment). */
+Test(tail, a_failed_message_without_its_envelope_keeps_nothing)
+{
+	struct spool *sp = open_spool_fault(1u << 20, "fail-once:2");
+	struct tail *t = new_tail();
+	struct tail_stats st;
+
+	allow_fail = true;
+	write_msg(sp, 4000);
+	write_msg(sp, 40000);
+	cr_assert_eq(n_failed_ids, 1, "%zu commits failed", n_failed_ids);
+	fill_segment(sp);
+	feed(t);
+	tail_flush(t);
+	tail_get_stats(t, &st);
+	cr_assert_eq(n_refused, 0, "%zu refused", n_refused);
+	cr_assert_eq(n_added, 141, "%zu queued", n_added);
+	cr_assert_eq(st.partials, 0);
+	cr_assert_eq(st.segments_kept, 0);
+	cr_assert(segs[0]->sealed);
+	cr_assert_eq(segs[0]->refs, 0, "the segment was kept");
+	tail_free(t);
+	spool_destroy(sp);
 }
