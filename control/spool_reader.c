@@ -265,7 +265,26 @@ struct src {
 	int fd;
 	const uint8_t *mem;
 	size_t mem_len;
+	const char *path; /* the walk's file, for the test seam */
 };
+
+/* Test seam: a bad sector past the first MiB of every segment
+ * (scan-read-fail), or only of a worker's first file, 00000000.seg
+ * (scan-read-fail-first). */
+static bool
+bad_sector(const struct src *sr, uint64_t off)
+{
+	size_t l;
+
+	if (off < (1u << 20))
+		return false;
+	if (fd_delivery_fault("scan-read-fail"))
+		return true;
+	if (!sr->path || !fd_delivery_fault("scan-read-fail-first"))
+		return false;
+	l = strlen(sr->path);
+	return l >= 13 && strcmp(sr->path + l - 13, "/00000000.seg") == 0;
+}
 
 static long
 src_read(void *ctx, uint64_t off, void *buf, size_t n)
@@ -273,8 +292,7 @@ src_read(void *ctx, uint64_t off, void *buf, size_t n)
 	struct src *sr = ctx;
 
 	if (!sr->mem) {
-		/* test seam: a bad sector past a segment's first MiB */
-		if (off >= (1u << 20) && fd_delivery_fault("scan-read-fail"))
+		if (bad_sector(sr, off))
 			return -EIO;
 		return spool_read_fd(&sr->fd, off, buf, n);
 	}
@@ -618,7 +636,10 @@ walk_all(struct ctl_spool_scan *s)
 		qsort(s->segs, s->nsegs, sizeof(*s->segs), seg_cmp);
 	for (size_t i = 0; i < s->nsegs; i++) {
 		struct segent *e = &s->segs[i];
-		struct src sr = { .fd = -1, .mem = s->mem, .mem_len = s->mem_len };
+		struct src sr = {.fd = -1,
+				 .mem = s->mem,
+				 .mem_len = s->mem_len,
+				 .path = e->path};
 		struct spool_walk w;
 
 		e->pub.path = e->path;

@@ -41,7 +41,8 @@ int fd_open_noatime(const char *path, int flags);
  * Test seam (test builds only, -Dfault_injection=true): whether the
  * environment's FINALDOT_DELIVERY_FAULT names `what`: a durability point
  * to be left out (a mutant a power-cut test must catch, docs/powercut.md)
- * or a failure to simulate (dlog-fail, heap-grow-fail, scan-read-fail).
+ * or a failure to simulate (dlog-fail, heap-grow-fail, scan-read-fail,
+ * scan-read-fail-first).
  * Always false in a release build, which never reads the variable.
  */
 bool fd_delivery_fault(const char *what);

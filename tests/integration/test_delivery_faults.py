@@ -728,6 +728,56 @@ def case_a_segment_read_short_at_start_is_kept():
               "once, byte-identical")
 
 
+def case_part_of_a_message_is_kept_beside_an_unreadable_segment():
+    """A crash mid-message (no final dot: never acknowledged) leaves the
+    message's first records in the newest segment; at the next start the
+    scan cannot read past the first MiB of the full segment before it (the
+    test seam scan-read-fail-first: in the worker's first file only). The cut-short message might continue where
+    the scan could not read, so its segment is kept (event=segment_kept)
+    and never given back to its worker, even once every whole message in
+    it is delivered: a new epoch over it would lose the message's first
+    records for the start that reads the rest (the queue manager's side of
+    the reader's kept_incomplete)."""
+    with ScriptedHop() as hop, \
+            Daemon("--route", f"dest.test={hop.target}", *FAST,
+                   "--segment-size", "2M",
+                   domains=("example.com", "dest.test")) as d:
+        for i in range(300):  # ~2.4 MB: a full 2 MiB segment, then more
+            send(d, "a@example.com", ["bob@dest.test"],
+                 message(i, size=8000))
+        c = Client("127.0.0.1", d.port)
+        c.expect(220)
+        c.cmd("EHLO cut.test", 250)
+        c.cmd("MAIL FROM:<a@example.com>", 250)
+        c.cmd("RCPT TO:<bob@dest.test>", 250)
+        c.cmd("DATA", 354)
+        c.send(b"Subject: cut short\r\n\r\n" + (b"x" * 998 + b"\r\n") * 600)
+        time.sleep(1.0)  # its full batches written
+        d.kill9()
+        c.close()
+        d.delivery = True
+        d.env["FINALDOT_DELIVERY_FAULT"] = "scan-read-fail-first"
+        d.start()
+        wait(lambda: re.search(r"event=segment_kept path=\S*/w00/"
+                               r"([0-9a-f]{8})\.seg", d.read_run_log()),
+             10, "the cut-short message's segment kept")
+        m = re.search(r"event=segment_kept path=\S*/w00/([0-9a-f]{8})\.seg",
+                      d.read_run_log())
+        kept = m.group(1)
+        last, since = -1, time.time()
+        while time.time() - since < 1.5:  # deliveries settled
+            n = len(hop.completed())
+            if n != last:
+                last, since = n, time.time()
+            time.sleep(0.1)
+        check(last > 0, "nothing delivered")
+        time.sleep(1.0)
+        check(not re.search(rf"event=segment_reclaimed worker=0 "
+                            rf"file={kept}", d.read_run_log()),
+              f"segment {kept}, holding part of a message cut short, went "
+              f"back to its worker ({last} delivered)")
+
+
 def ehlo(d):
     s = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
     try:
@@ -989,6 +1039,7 @@ CASES = [case_retry, case_bounce_dsn, case_null_sender_no_dsn,
          case_schedule_survives_a_failed_allocation,
          case_dsn_sent_is_no_possible_duplicate,
          case_a_segment_read_short_at_start_is_kept,
+         case_part_of_a_message_is_kept_beside_an_unreadable_segment,
          case_deleted_while_listed_is_not_bounced,
          case_a_451_copy_whole_on_disk_is_never_delivered]
 
