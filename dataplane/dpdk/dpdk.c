@@ -716,6 +716,13 @@ shard_create(unsigned i, const struct net_port_info *pi, struct cplane *cp,
 	return 0;
 }
 
+/* The checksum kinds a port computes or judges, for the log. */
+static const char *
+cksum_kinds(unsigned ip, unsigned l4)
+{
+	return ip && l4 ? "ip+l4" : ip ? "ip" : l4 ? "l4" : "no";
+}
+
 int
 dpdk_transport_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 		    struct cplane *cp, void (*reload)(void))
@@ -780,12 +787,14 @@ dpdk_transport_main(const struct fd_config *cfg, const uint64_t *seed_msgid,
 		inet_ntop(AF_INET, &a, ip, sizeof(ip));
 		fd_log(FD_LOG_INFO, "dpdk",
 		       "event=port_ready port=%u shards=%u rss=%s "
-		       "tx_offload=%s%s rx_cksum=%s ip=%s/%u mbufs=%u "
+		       "tx_offload=%s rx_cksum=%s ip=%s/%u mbufs=%u "
 		       "stack_bytes_per_shard=%zu bytes_per_idle_conn=%zu",
 		       pi.port, g.nshards, pi.rss ? "yes" : "software",
-		       pi.tx_offload & NET_OFFLOAD_IPV4_CKSUM ? "ip" : "",
-		       pi.tx_offload & NET_OFFLOAD_L4_CKSUM ? "+l4" : "",
-		       pi.rx_cksum ? "yes" : "no", ip, g.prefix, pi.mbufs,
+		       cksum_kinds(pi.tx_offload & NET_OFFLOAD_IPV4_CKSUM,
+				   pi.tx_offload & NET_OFFLOAD_L4_CKSUM),
+		       cksum_kinds(pi.rx_cksum & NET_RX_IPV4_CKSUM_GOOD,
+				   pi.rx_cksum & NET_RX_L4_CKSUM_GOOD),
+		       ip, g.prefix, pi.mbufs,
 		       mem.total, mem.idle_conn);
 	}
 	/* The control plane's threads go where the spool's helpers go: off

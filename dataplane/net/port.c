@@ -68,7 +68,7 @@ static struct {
 	struct rte_mempool *pool;
 	unsigned pool_n;
 	unsigned in_use_start;
-	bool rx_cksum;
+	unsigned rx_cksum; /* net_port_info.rx_cksum */
 } g;
 
 /* Split "a b 'c d'" into argv (single and double quotes, no escapes). */
@@ -197,11 +197,15 @@ port_setup(const char *want, struct net_port_info *info)
 		conf.txmode.offloads |= RTE_ETH_TX_OFFLOAD_TCP_CKSUM;
 		info->tx_offload |= NET_OFFLOAD_L4_CKSUM;
 	}
-	if ((allow_ip || allow_l4) &&
-	    (di.rx_offload_capa & RTE_ETH_RX_OFFLOAD_CHECKSUM) ==
-		    RTE_ETH_RX_OFFLOAD_CHECKSUM) {
-		conf.rxmode.offloads |= RTE_ETH_RX_OFFLOAD_CHECKSUM;
-		info->rx_cksum = true;
+	/* A port told to leave a checksum kind alone may get it wrong on
+	 * receive too: its verdicts on that kind are not used. */
+	if (allow_ip && (di.rx_offload_capa & RTE_ETH_RX_OFFLOAD_IPV4_CKSUM)) {
+		conf.rxmode.offloads |= RTE_ETH_RX_OFFLOAD_IPV4_CKSUM;
+		info->rx_cksum |= NET_RX_IPV4_CKSUM_GOOD;
+	}
+	if (allow_l4 && (di.rx_offload_capa & RTE_ETH_RX_OFFLOAD_TCP_CKSUM)) {
+		conf.rxmode.offloads |= RTE_ETH_RX_OFFLOAD_TCP_CKSUM;
+		info->rx_cksum |= NET_RX_L4_CKSUM_GOOD;
 	}
 	r = rte_eth_dev_configure(g.port, nq, nq, &conf);
 	if (r != 0)
@@ -426,6 +430,7 @@ q_input(struct net_port_q *q, struct rte_mbuf *m)
 		if ((m->ol_flags & RTE_MBUF_F_RX_L4_CKSUM_MASK) ==
 		    RTE_MBUF_F_RX_L4_CKSUM_GOOD)
 			fl |= NET_RX_L4_CKSUM_GOOD;
+		fl &= g.rx_cksum;
 	}
 	net_stack_input(q->st, rte_pktmbuf_mtod(m, const uint8_t *),
 			rte_pktmbuf_data_len(m), fl);

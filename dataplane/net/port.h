@@ -25,7 +25,10 @@ struct net_port_info {
 	uint8_t mac[6];
 	unsigned tx_offload; /* NET_OFFLOAD_*, for net_config.tx_offload */
 	bool rss;            /* the NIC spreads flows with our key */
-	bool rx_cksum;       /* rx checksum verdicts are used */
+	/* the rx checksum verdicts used: NET_RX_IPV4_CKSUM_GOOD and/or
+	 * NET_RX_L4_CKSUM_GOOD (each only where --dpdk-offloads allows it
+	 * and the port offers it); the other kinds are checked in software */
+	unsigned rx_cksum;
 	unsigned mbufs;      /* pool size */
 };
 
