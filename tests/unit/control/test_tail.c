@@ -927,6 +927,28 @@ fill_segment(struct spool *sp)
 		write_msg(sp, 8000);
 }
 
+/* A message over three batches between two small ones, its fourth write
+ * made to fail by the caller's fault seam (the END's batch); the
+ * announcements fed and walked up to its FAILED, by when the tailer has
+ * begun it (ENV and DATA walked). Its id. */
+static uint64_t
+failed_after_its_walk_began(struct spool *sp, struct tail *t)
+{
+	struct tail_stats st;
+	uint64_t b;
+
+	allow_fail = true;
+	write_msg(sp, 4000);      /* write 1 */
+	b = write_msg(sp, 40000); /* writes 2-4, its END in the 4th */
+	cr_assert_eq(n_failed_ids, 1, "%zu commits failed", n_failed_ids);
+	cr_assert_eq(failed_ids[0], b);
+	write_msg(sp, 4000);
+	cr_assert(feed_walking_to_failed(t), "no FAILED announced");
+	tail_get_stats(t, &st);
+	cr_assert_eq(st.partials, 1, "not begun before its FAILED");
+	return b;
+}
+
 /* Its batch written but the flush failed (the fault seam's fail-flush): the
  * client got 451, and all of the message is on disk. The tailer follows it
  * to its END and hands it over as refused, never as a message to deliver:
@@ -967,17 +989,8 @@ Test(tail, a_failed_message_already_begun_is_queued_refused)
 	struct spool *sp = open_spool_fault(1u << 20, "fail-flush:4");
 	struct tail *t = new_tail();
 	struct tail_stats st;
-	uint64_t b;
+	uint64_t b = failed_after_its_walk_began(sp, t);
 
-	allow_fail = true;
-	write_msg(sp, 4000);   /* write 1 */
-	b = write_msg(sp, 40000); /* writes 2-4, its END in the 4th */
-	cr_assert_eq(n_failed_ids, 1, "%zu commits failed", n_failed_ids);
-	cr_assert_eq(failed_ids[0], b);
-	write_msg(sp, 4000);
-	cr_assert(feed_walking_to_failed(t), "no FAILED announced");
-	tail_get_stats(t, &st);
-	cr_assert_eq(st.partials, 1, "not begun before its FAILED");
 	fill_segment(sp);
 	feed(t);
 	tail_flush(t);
@@ -998,17 +1011,8 @@ Test(tail, a_failed_message_never_whole_is_let_go)
 	struct spool *sp = open_spool_fault(1u << 20, "fail-once:4");
 	struct tail *t = new_tail();
 	struct tail_stats st;
-	uint64_t b;
 
-	allow_fail = true;
-	write_msg(sp, 4000);
-	b = write_msg(sp, 40000);
-	cr_assert_eq(n_failed_ids, 1, "%zu commits failed", n_failed_ids);
-	cr_assert_eq(failed_ids[0], b);
-	write_msg(sp, 4000);
-	cr_assert(feed_walking_to_failed(t), "no FAILED announced");
-	tail_get_stats(t, &st);
-	cr_assert_eq(st.partials, 1, "not begun before its FAILED");
+	failed_after_its_walk_began(sp, t);
 	feed(t);
 	tail_flush(t);
 	tail_get_stats(t, &st);
