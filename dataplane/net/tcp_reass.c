@@ -14,7 +14,9 @@
  * Out-of-order data is remembered as at most TCP_OOO_MAX sequence ranges,
  * ooo[0] the one updated last (the first SACK block). A segment that would
  * need a fifth range is dropped (tcp_ooo_drop); overlapping and duplicate
- * segments merge into existing ranges.
+ * segments merge into existing ranges. The last quarter of the pool is
+ * kept for in-order data: a connection without a ring does not take one
+ * for out-of-order bytes then (tcp_ooo_drop too).
  */
 #include <string.h>
 
@@ -86,6 +88,18 @@ tcp_reass(struct tcp_conn *c, uint32_t seq, const uint8_t *p, uint32_t n)
 
 	if (!n)
 		return false;
+	/* Bytes ahead of a gap pin a ring until the gap is filled, and a
+	 * peer may never fill it: one such byte on each of a few hundred
+	 * connections would take the whole pool, and in-order data, which
+	 * the upper layer empties at once, would find none. A connection
+	 * without a ring takes one for out-of-order data only while more
+	 * than a quarter of the pool is free (RFC 2018 lets a receiver drop
+	 * data it has not acknowledged; the peer sends it again). */
+	if (off && c->rslot == NET_NIL &&
+	    st->n_rcv_free <= st->cfg.limits.rcv_slots / 4) {
+		st->ctr.tcp_ooo_drop++;
+		return false;
+	}
 	if (!tcp_rcv_buf_get(c)) {
 		st->ctr.tcp_rcv_nobuf++;
 		return false;

@@ -353,6 +353,33 @@ Test(tcp_data, nobuf_when_pool_empty)
 	h_free(h);
 }
 
+/* Peers that send one byte beyond a gap and never fill it hold a receive
+ * ring each for as long as their connection lives. They get three quarters
+ * of the pool at most: a connection sending in order still finds a ring. */
+Test(tcp_data, out_of_order_bytes_leave_rings_for_in_order_data)
+{
+	struct net_config cfg;
+	struct harness *h;
+	struct h_peer p[9];
+
+	h_config(&cfg);
+	cfg.limits.rcv_slots = 8;
+	h = h_new_ready(&cfg);
+	for (unsigned i = 0; i < 9; i++) {
+		h_peer_init(h, &p[i], (uint16_t)(41100 + i), HO_MSS);
+		h_connect(h, &p[i], HO_MSS);
+	}
+	for (unsigned i = 0; i < 8; i++)
+		h_peer_seg(h, &p[i], p[i].snd_nxt + 100, TH_ACK, "o", 1);
+	cr_assert_eq(ctr(h)->tcp_ooo_segs, 8);
+	cr_assert_eq(ctr(h)->tcp_ooo_drop, 2, "6 kept, 2 dropped: %llu",
+		     (unsigned long long)ctr(h)->tcp_ooo_drop);
+	h_peer_send(h, &p[8], "z", 1);
+	cr_assert_eq(p[8].u->rx_len, 1, "in-order data found no ring");
+	cr_assert_eq(ctr(h)->tcp_rcv_nobuf, 0);
+	h_free(h);
+}
+
 Test(tcp_data, send_buffer_wait_and_wake)
 {
 	struct net_config cfg;
