@@ -12,9 +12,10 @@
  *
  * The server is one thread with a poll() loop over non-blocking sockets.
  * It reads at most METRICS_MAX_REQ bytes of request head per connection,
- * answers once and closes. Rendering reads only atomics and cp_get_stats()
- * (a copy under the queue manager's lock): a scrape never waits for a
- * worker and a worker never waits for a scrape.
+ * answers once, half-closes and drops what else comes until the client
+ * closes. Rendering reads only atomics and cp_get_stats() (a copy under
+ * the queue manager's lock): a scrape never waits for a worker and a
+ * worker never waits for a scrape.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -38,6 +39,8 @@
 
 #define METRICS_MAX_REQ 4096
 #define METRICS_TIMEOUT_US 10000000ull
+/* After the response, how long the client has to close its side. */
+#define METRICS_LINGER_US 2000000ull
 
 /* ---- totals ------------------------------------------------------------ */
 
@@ -526,6 +529,9 @@ struct mconn {
 	char *out;
 	size_t out_len, out_off;
 	uint64_t deadline_us;
+	/* The response is sent and our side shut: what still comes in is
+	 * read and dropped until the client closes (see conn_write). */
+	bool draining;
 };
 
 struct metrics_server {
@@ -548,6 +554,28 @@ conn_close(struct mconn *c)
 	c->fd = -1;
 	c->out = NULL;
 	c->in_len = c->out_len = c->out_off = 0;
+	c->draining = false;
+}
+
+/* Draining: read and drop until the client's end of file (a few reads
+ * per call, so that a client that keeps sending cannot hold the thread). */
+static void
+conn_drain(struct mconn *c)
+{
+	char sink[4096];
+
+	for (unsigned i = 0; i < 16; i++) {
+		ssize_t r = recv(c->fd, sink, sizeof(sink), MSG_DONTWAIT);
+
+		if (r > 0)
+			continue;
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			return;
+		conn_close(c);
+		return;
+	}
 }
 
 /* A response: status line, headers, and the body unless head_only. */
@@ -677,6 +705,10 @@ conn_read(struct metrics_server *m, struct mconn *c)
 {
 	ssize_t r;
 
+	if (c->draining) {
+		conn_drain(c);
+		return;
+	}
 	if (c->out)
 		return; /* answered: the rest is not read */
 	r = recv(c->fd, c->in + c->in_len, sizeof(c->in) - c->in_len,
@@ -714,12 +746,23 @@ conn_write(struct mconn *c)
 			continue;
 		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			return;
-		break;
+		/* the peer is gone */
+		conn_close(c);
+		return;
 	}
-	/* Sent (or the peer is gone): half-close so the client sees the
-	 * end, then close. */
+	/*
+	 * Sent: half-close so the client sees the end. Closing now while
+	 * bytes it sent after the request head are unread would make the
+	 * kernel answer with a reset and drop whatever of the response is
+	 * still in the send queue; so read and drop until the client closes
+	 * too, for at most METRICS_LINGER_US.
+	 */
 	shutdown(c->fd, SHUT_WR);
-	conn_close(c);
+	free(c->out);
+	c->out = NULL;
+	c->draining = true;
+	c->deadline_us = fd_now_monotonic_us() + METRICS_LINGER_US;
+	conn_drain(c);
 }
 
 static void

@@ -8,7 +8,9 @@
                              histogram, the queue by state), no label
                              carries an id or an address; and the HTTP
                              side: 404, 405, HEAD, 400, 431, HTTP/1.0, an
-                             idle connection that does not block a scrape.
+                             idle connection that does not block a scrape,
+                             bytes after the request head that do not cut
+                             the response short.
   test_metrics.py prometheus a real Prometheus server (its own config and
                              data in a temp dir, scraping finaldot every
                              second on loopback) answers a query for the
@@ -215,6 +217,29 @@ def exposition():
         check("finaldot_workers 2" in scrape(mport),
               "an idle connection blocked a scrape")
         idle.close()
+        # Bytes after the request head (a pipelined request, a stray
+        # CRLF) while the response still waits in the server's send
+        # queue: the whole response arrives, not cut off by a reset.
+        for _ in range(3):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            s.settimeout(10)
+            s.connect(("127.0.0.1", mport))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.1)
+            s.sendall(b"\r\n")
+            time.sleep(0.1)
+            data = b""
+            try:
+                while chunk := s.recv(65536):
+                    data += chunk
+            except OSError as e:
+                fail(f"trailing bytes: {e} after {len(data)} bytes")
+            finally:
+                s.close()
+            head, body = data.split(b"\r\n\r\n", 1)
+            check(int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                  == len(body), f"trailing bytes: {len(body)} of the body")
         check(d.stop() == 0, "exit status")
     with Daemon() as d:
         check("metrics event=listening" not in d.read_log(),
