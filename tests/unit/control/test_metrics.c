@@ -17,6 +17,9 @@
 #include "cplane.h"
 #include "metrics.h"
 
+/* The route the fake queue manager reports (NULL: none). */
+static const char *fake_route;
+
 /* The queue manager is not linked: this stands in for its stats. */
 void
 cp_get_stats(struct cplane *cp, struct cp_stats *st)
@@ -28,6 +31,12 @@ cp_get_stats(struct cplane *cp, struct cp_stats *st)
 	st->held = 2;
 	st->delivered_total = 40;
 	st->bounced_total = 3;
+	if (fake_route) {
+		snprintf(st->routes[0].route, sizeof(st->routes[0].route),
+			 "%s", fake_route);
+		st->routes[0].batches = 6;
+		st->n_routes = 1;
+	}
 }
 
 static struct ctl_worker_stats fake[2];
@@ -177,6 +186,72 @@ Test(metrics, dpdk_counters)
 		for (int k = 0; k < i; k++)
 			cr_assert_str_neq(ctl_net_drop_name((enum ctl_net_drop)i),
 					  ctl_net_drop_name((enum ctl_net_drop)k));
+	}
+}
+
+/* Whether s is well-formed UTF-8 (no overlong forms, no surrogates). */
+static bool
+valid_utf8(const unsigned char *s)
+{
+	while (*s) {
+		unsigned n = *s < 0x80 ? 1 : *s >= 0xc2 && *s <= 0xdf ? 2
+			   : *s >= 0xe0 && *s <= 0xef ? 3
+			   : *s >= 0xf0 && *s <= 0xf4 ? 4 : 0;
+		uint32_t cp = n == 1 ? *s : n == 2 ? *s & 0x1f
+			    : n == 3 ? *s & 0x0f : *s & 0x07;
+
+		if (!n)
+			return false;
+		for (unsigned i = 1; i < n; i++) {
+			if ((s[i] & 0xc0) != 0x80)
+				return false;
+			cp = cp << 6 | (s[i] & 0x3f);
+		}
+		if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) ||
+		    (cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff)
+			return false;
+		s += n;
+	}
+	return true;
+}
+
+/* A route key is configuration (a Maildir path, ca=PATH): any bytes, cut
+ * at 127 by the queue manager. Its label value must still be one that
+ * Prometheus parses, or the whole scrape fails. */
+Test(metrics, route_label_values)
+{
+	static const struct {
+		const char *route, *label;
+	} cases[] = {
+		/* a two-byte character cut in half */
+		{"maildir:/m/x\xc3", "maildir:/m/x?"},
+		/* Latin-1, a surrogate, an overlong NUL, above U+10FFFF */
+		{"maildir:/m/M\xfcller", "maildir:/m/M?ller"},
+		{"maildir:/m/\xed\xa0\x80", "maildir:/m/???"},
+		{"maildir:/m/\xc0\x80", "maildir:/m/??"},
+		{"maildir:/m/\xf4\x90\x80\x80", "maildir:/m/????"},
+		/* well-formed UTF-8 as it is; the text format's escapes */
+		{"maildir:/m/M\xc3\xbcller", "maildir:/m/M\xc3\xbcller"},
+		{"maildir:/m/\xf0\x9f\x93\xa8", "maildir:/m/\xf0\x9f\x93\xa8"},
+		{"maildir:/m/a\"b\\c\nd", "maildir:/m/a\\\"b\\\\c\\nd"},
+	};
+	struct ctl_sources s = sources(false);
+
+	memset(fake, 0, sizeof(fake));
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char key[300], *text = NULL;
+		size_t len = 0;
+
+		fake_route = cases[i].route;
+		cr_assert_eq(metrics_render(&s, &text, &len), 0);
+		fake_route = NULL;
+		cr_assert(valid_utf8((const unsigned char *)text),
+			  "case %zu: not UTF-8", i);
+		snprintf(key, sizeof(key),
+			 "finaldot_route_batches_total{route=\"%s\"}",
+			 cases[i].label);
+		cr_assert_eq(num(text, key), 6, "case %zu", i);
+		free(text);
 	}
 }
 
