@@ -3472,9 +3472,25 @@ publish_routes(struct cplane *cp, struct cp_stats *s)
 	for (size_t i = 0; i < n; i++) {
 		if (i < CP_ROUTES_PUB) {
 			struct cp_route_stats *r = &s->routes[s->n_routes++];
-			/* A long key (ca=PATH) is cut: still one series. */
-			snprintf(r->route, sizeof(r->route), "%.*s",
-				 (int)sizeof(r->route) - 1, v[i]->key);
+			const char *k = v[i]->key;
+			size_t kl = strlen(k);
+			uint32_t h = 2166136261u;
+
+			/*
+			 * A long key (ca=PATH) is cut, and ends in a hash of
+			 * all of it: two keys that differ only after the cut
+			 * stay two series, not one name for both.
+			 */
+			if (kl < sizeof(r->route)) {
+				memcpy(r->route, k, kl + 1);
+			} else {
+				for (size_t x = 0; x < kl; x++)
+					h = (h ^ (unsigned char)k[x]) *
+					    16777619u;
+				snprintf(r->route, sizeof(r->route),
+					 "%.*s~%08" PRIx32,
+					 (int)sizeof(r->route) - 10, k, h);
+			}
 			route_add(r, v[i]);
 		} else {
 			route_add(&s->routes[CP_ROUTES_PUB], v[i]);

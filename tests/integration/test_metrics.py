@@ -241,6 +241,7 @@ def exposition():
             check(int(re.search(rb"Content-Length: (\d+)", head).group(1))
                   == len(body), f"trailing bytes: {len(body)} of the body")
         check(d.stop() == 0, "exit status")
+    long_routes()
     with Daemon() as d:
         check("metrics event=listening" not in d.read_log(),
               "/metrics is on without --metrics")
@@ -251,6 +252,43 @@ def exposition():
     print("ok: promtool check metrics passes; the counters match the "
           "traffic; labels are bounded; 404/405/HEAD/400/431/HTTP 1.0 and "
           "an idle client")
+
+
+def long_routes():
+    """Two routes whose keys share their first 150 bytes (Maildir paths):
+    two series, each valid for promtool, not one label for both."""
+    root = tempfile.mkdtemp(prefix="fdroute-")
+    try:
+        stem = os.path.join(root, "m" + "x" * 150)
+        a, b = stem + "-a", stem + "-b"
+        os.makedirs(a)
+        os.makedirs(b)
+        mport = free_port()
+        with Daemon("--metrics", f"127.0.0.1:{mport}", "--relay",
+                    f"maildir:{a}", "--route", f"example.com=maildir:{b}",
+                    delivery=True) as d:
+            send(d, "s@example.com", ["u@localhost"], message(1))
+            send(d, "s@example.com", ["u@example.com"], message(2))
+            got = []
+
+            def both():
+                got[:] = [line.rsplit(" ", 1)[0]
+                          for line in scrape(mport).splitlines()
+                          if line.startswith("finaldot_route_batches_total{")]
+                return len(got) >= 2
+            try:
+                wait(both, 15, "two routes")
+            except SystemExit:
+                fail(f"long routes: {got}")
+            check(len(set(got)) == 2, f"one label for two routes: {got}")
+            r = subprocess.run(["promtool", "check", "metrics"],
+                               input=scrape(mport).encode(),
+                               capture_output=True, timeout=60)
+            check(r.returncode == 0, f"promtool, long routes: "
+                  f"{r.stdout.decode()} {r.stderr.decode()}")
+            check(d.stop() == 0, "exit status")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def prometheus():
