@@ -847,9 +847,19 @@ accept_conns(struct metrics_server *m)
 			static const char busy[] =
 				"HTTP/1.1 503 Service Unavailable\r\n"
 				"Content-Length: 0\r\nConnection: close\r\n\r\n";
+			char sink[4096];
+
 			if (send(fd, busy, sizeof(busy) - 1,
 				 MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
 				fd_debug("metrics", "event=busy_send_failed");
+			/* The request already here, read: closing with it
+			 * unread would send a reset, which can reach the
+			 * client before it has read the 503. */
+			shutdown(fd, SHUT_WR);
+			for (unsigned i = 0; i < 4; i++)
+				if (recv(fd, sink, sizeof(sink),
+					 MSG_DONTWAIT) <= 0)
+					break;
 			close(fd);
 			continue;
 		}

@@ -10,7 +10,8 @@
                              side: 404, 405, HEAD, 400, 431, HTTP/1.0, an
                              idle connection that does not block a scrape,
                              bytes after the request head that do not cut
-                             the response short.
+                             the response short, 503 when every slot is
+                             taken.
   test_metrics.py prometheus a real Prometheus server (its own config and
                              data in a temp dir, scraping finaldot every
                              second on loopback) answers a query for the
@@ -240,6 +241,26 @@ def exposition():
             head, body = data.split(b"\r\n\r\n", 1)
             check(int(re.search(rb"Content-Length: (\d+)", head).group(1))
                   == len(body), f"trailing bytes: {len(body)} of the body")
+        # Every connection slot held by an idle client: the others are
+        # answered 503, and read it (not a reset in its place).
+        # (The connections above are closed by now: a slot is free as
+        # soon as the server has read a client's end of file.)
+        time.sleep(0.5)
+        idle = [socket.create_connection(("127.0.0.1", mport))
+                for _ in range(16)]
+        time.sleep(0.3)
+        busy = 0
+        for i in range(100):
+            try:
+                resp = http(mport, b"GET /metrics HTTP/1.1\r\n\r\n")
+            except OSError as e:
+                fail(f"busy, client {i}: {e}")
+            check(resp.startswith(b"HTTP/1.1 "), f"busy: {resp[:40]!r}")
+            busy += resp.startswith(b"HTTP/1.1 503 ")
+        check(busy == 100, f"{100 - busy} of 100 served with every slot "
+              f"taken")
+        for s in idle:
+            s.close()
         check(d.stop() == 0, "exit status")
     long_routes()
     with Daemon() as d:
