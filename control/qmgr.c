@@ -242,6 +242,18 @@ q_rstate_name(enum q_rstate s)
 	return "?";
 }
 
+/* A route key's hash (FNV-1a): its bucket, and the tag of a key cut for
+ * /metrics. */
+static uint32_t
+key_hash(const char *k)
+{
+	uint32_t h = 2166136261u;
+
+	for (; *k; k++)
+		h = (h ^ (unsigned char)*k) * 16777619u;
+	return h;
+}
+
 static uint64_t
 hash64(uint64_t x)
 {
@@ -597,12 +609,9 @@ dest_policy(struct cplane *cp, struct q_dest *d, const struct route_target *t)
 static struct q_dest *
 dest_get(struct cplane *cp, const struct route_target *t)
 {
-	size_t b = 0;
+	size_t b = key_hash(t->text) & (DEST_BUCKETS - 1);
 	struct q_dest *d;
 
-	for (const char *p = t->text; *p; p++)
-		b = b * 131 + (unsigned char)*p;
-	b &= DEST_BUCKETS - 1;
 	for (d = cp->dest_h[b]; d; d = d->hnext)
 		if (strcmp(d->key, t->text) == 0)
 			return d;
@@ -3474,23 +3483,19 @@ publish_routes(struct cplane *cp, struct cp_stats *s)
 			struct cp_route_stats *r = &s->routes[s->n_routes++];
 			const char *k = v[i]->key;
 			size_t kl = strlen(k);
-			uint32_t h = 2166136261u;
 
 			/*
 			 * A long key (ca=PATH) is cut, and ends in a hash of
 			 * all of it: two keys that differ only after the cut
 			 * stay two series, not one name for both.
 			 */
-			if (kl < sizeof(r->route)) {
+			if (kl < sizeof(r->route))
 				memcpy(r->route, k, kl + 1);
-			} else {
-				for (size_t x = 0; x < kl; x++)
-					h = (h ^ (unsigned char)k[x]) *
-					    16777619u;
+			else
 				snprintf(r->route, sizeof(r->route),
 					 "%.*s~%08" PRIx32,
-					 (int)sizeof(r->route) - 10, k, h);
-			}
+					 (int)sizeof(r->route) - 10, k,
+					 key_hash(k));
 			route_add(r, v[i]);
 		} else {
 			route_add(&s->routes[CP_ROUTES_PUB], v[i]);
