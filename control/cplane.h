@@ -167,11 +167,12 @@ struct cp_stats {
 	 * deliveries wait with it and go on by themselves once there is
 	 * room */
 	uint64_t log_no_space;
-	/* Per next hop (route), for /metrics: the first CP_ROUTES_PUB by
-	 * attempts, the rest summed as route "other" (bounded labels; in
-	 * practice every route fits: routes are configuration). Latency is
-	 * from a delivery thread taking the job to its outcome, buckets as
-	 * the final dot's (metrics.h). */
+	/* Per next hop (route), for /metrics: the first CP_ROUTES_PUB to
+	 * have traffic (each keeps its series: a counter never moves from
+	 * one to another), the rest summed as route "other" (bounded
+	 * labels; in practice every route fits: routes are configuration).
+	 * Latency is from a delivery thread taking the job to its outcome,
+	 * buckets as the final dot's (metrics.h). */
 	unsigned n_routes;
 	struct cp_route_stats {
 		char route[128];

@@ -225,6 +225,7 @@ struct cplane {
 	bool log_failure_told; /* event=delivery_stopped logged */
 	uint64_t st_reclaim_sent, st_reclaimed;
 	uint64_t st_moved, st_move_failed;
+	unsigned n_pub; /* routes with a /metrics series of their own */
 };
 
 
@@ -3435,15 +3436,6 @@ dest_attempts(const struct q_dest *d)
 	return n;
 }
 
-static int
-by_attempts(const void *a, const void *b)
-{
-	uint64_t x = dest_attempts(*(const struct q_dest *const *)a);
-	uint64_t y = dest_attempts(*(const struct q_dest *const *)b);
-
-	return x < y ? 1 : x > y ? -1 : 0;
-}
-
 static void
 route_add(struct cp_route_stats *r, const struct q_dest *d)
 {
@@ -3456,52 +3448,57 @@ route_add(struct cp_route_stats *r, const struct q_dest *d)
 	r->bounced += d->bounced;
 }
 
-/* The busiest CP_ROUTES_PUB destinations by name, the rest as "other".
- * Destinations are routes from the configuration: a handful. */
+/*
+ * The first CP_ROUTES_PUB destinations to have traffic by name, the rest
+ * summed as "other". Destinations are routes from the configuration: a
+ * handful, so in practice every one has its own series. Each keeps the
+ * series it got (q_dest.pub) for the life of the process: with the
+ * busiest by name (as before), a route that overtook a named one took its
+ * place, and what the two had counted moved between series; "other" and
+ * the histogram's buckets went down, which Prometheus reads as a reset.
+ */
 static void
 publish_routes(struct cplane *cp, struct cp_stats *s)
 {
-	const struct q_dest *v[256];
-	size_t n = 0, other = 0;
+	bool other = false;
 
 	_Static_assert(sizeof(s->routes[0].lat) ==
 			       (CTL_LAT_BUCKETS + 1) * sizeof(uint64_t),
 		       "latency buckets");
 	for (size_t b = 0; b < DEST_BUCKETS; b++)
-		for (const struct q_dest *d = cp->dest_h[b]; d; d = d->hnext) {
-			if (!dest_attempts(d) && !d->delivered &&
-			    !d->deferred && !d->bounced)
-				continue;
-			if (n < FD_ARRAY_SIZE(v))
-				v[n++] = d;
-			else
-				route_add(&s->routes[CP_ROUTES_PUB], d), other++;
-		}
-	qsort(v, n, sizeof(v[0]), by_attempts);
-	for (size_t i = 0; i < n; i++) {
-		if (i < CP_ROUTES_PUB) {
-			struct cp_route_stats *r = &s->routes[s->n_routes++];
-			const char *k = v[i]->key;
-			size_t kl = strlen(k);
+		for (struct q_dest *d = cp->dest_h[b]; d; d = d->hnext) {
+			struct cp_route_stats *r;
 
-			/*
-			 * A long key (ca=PATH) is cut, and ends in a hash of
-			 * all of it: two keys that differ only after the cut
-			 * stay two series, not one name for both.
-			 */
-			if (kl < sizeof(r->route))
-				memcpy(r->route, k, kl + 1);
-			else
-				snprintf(r->route, sizeof(r->route),
-					 "%.*s~%08" PRIx32,
-					 (int)sizeof(r->route) - 10, k,
-					 key_hash(k));
-			route_add(r, v[i]);
-		} else {
-			route_add(&s->routes[CP_ROUTES_PUB], v[i]);
-			other++;
+			if (!d->pub) {
+				if (!dest_attempts(d) && !d->delivered &&
+				    !d->deferred && !d->bounced)
+					continue;
+				d->pub = cp->n_pub < CP_ROUTES_PUB
+						 ? ++cp->n_pub
+						 : CP_ROUTES_PUB + 1;
+			}
+			r = &s->routes[d->pub - 1];
+			if (d->pub > CP_ROUTES_PUB) {
+				other = true;
+			} else {
+				const char *k = d->key;
+				size_t kl = strlen(k);
+
+				/* A long key (ca=PATH) is cut, and ends in a
+				 * hash of all of it: two keys that differ only
+				 * after the cut stay two series, not one name
+				 * for both. */
+				if (kl < sizeof(r->route))
+					memcpy(r->route, k, kl + 1);
+				else
+					snprintf(r->route, sizeof(r->route),
+						 "%.*s~%08" PRIx32,
+						 (int)sizeof(r->route) - 10,
+						 k, key_hash(k));
+			}
+			route_add(r, d);
 		}
-	}
+	s->n_routes = cp->n_pub;
 	if (other)
 		snprintf(s->routes[CP_ROUTES_PUB].route,
 			 sizeof(s->routes[CP_ROUTES_PUB].route), "other");

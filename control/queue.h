@@ -197,6 +197,11 @@ struct q_dest {
 	uint64_t delivered, deferred, bounced;
 	uint64_t lat[18];   /* delivery latency (cplane.h cp_route_stats) */
 	uint64_t lat_sum_ns;
+	/* /metrics (queue manager only): 0 until it first has traffic, then
+	 * 1 + the index of its own series, or CP_ROUTES_PUB + 1: counted in
+	 * "other". Never changes after that: a counter that moved between
+	 * series would go down in one of them. */
+	unsigned pub;
 };
 
 /* QJ_MOVE: copy the message to its own file in spool/moved/ (qmgr.c,
