@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "finaldot/fsync.h"
+#include "finaldot/seam.h"
 
 int
 fd_fsync_dir(const char *dir)
@@ -73,12 +74,5 @@ fd_open_noatime(const char *path, int flags)
 bool
 fd_delivery_fault(const char *what)
 {
-#ifdef FINALDOT_FAULT_INJECTION
-	const char *f = getenv("FINALDOT_DELIVERY_FAULT");
-
-	return f && strcmp(f, what) == 0;
-#else
-	(void)what;
-	return false;
-#endif
+	return fd_seam("FINALDOT_DELIVERY_FAULT", what);
 }

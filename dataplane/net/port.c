@@ -40,6 +40,7 @@
 
 #include "metrics.h" /* control/ */
 #include "finaldot/log.h"
+#include "finaldot/seam.h"
 #include "net/port.h"
 
 #define BURST 32
@@ -142,14 +143,7 @@ net_port_init(const char *eal_args, cpu_set_t *helper_cpus)
 static int
 port_fault(const char *what)
 {
-#ifdef FINALDOT_FAULT_INJECTION
-	const char *f = getenv("FINALDOT_PORT_FAULT");
-
-	return f && strcmp(f, what) == 0 ? -EIO : 0;
-#else
-	(void)what;
-	return 0;
-#endif
+	return fd_seam("FINALDOT_PORT_FAULT", what) ? -EIO : 0;
 }
 
 static int

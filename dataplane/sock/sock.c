@@ -62,6 +62,7 @@
 #include "conn/conn.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
+#include "finaldot/seam.h"
 #include "sock/sock.h"
 #include "sock/owner.h"
 #include "sock/tcpinfo.h"
@@ -760,10 +761,9 @@ static void
 join_between_binds(const struct fd_listen *li)
 {
 #ifdef FINALDOT_FAULT_INJECTION
-	const char *f = getenv("FINALDOT_SOCK_FAULT");
 	int one = 1, fd;
 
-	if (!f || strcmp(f, "join-between-binds") != 0)
+	if (!fd_seam("FINALDOT_SOCK_FAULT", "join-between-binds"))
 		return;
 	fd = socket(li->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)

@@ -48,6 +48,7 @@
 #include "finaldot/fsync.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
+#include "finaldot/seam.h"
 #include "finaldot/spool_format.h"
 #include "spool_ledger.h"
 #include "spool_seg.h"
@@ -1108,15 +1109,12 @@ spool_prep_start(const char *wdir, unsigned worker, uint64_t seg_size,
 	pp->min_free = min_free;
 	pp->no_space = no_space;
 	pp->falloc = falloc;
-#ifdef FINALDOT_FAULT_INJECTION
 	/* XXX: read from the environment, not from the spool's parsed spec,
 	 * to keep spool_prep_start()'s signature; so params.fault cannot ask
 	 * for it. A test mutant only: the renames of a new segment and of
 	 * the segment list are left without their directory fsync
 	 * (docs/powercut.md). */
-	const char *f = getenv("FINALDOT_SPOOL_FAULT");
-	pp->no_dirsync = f && strcmp(f, "no-dirsync") == 0;
-#endif
+	pp->no_dirsync = fd_seam("FINALDOT_SPOOL_FAULT", "no-dirsync");
 	pp->wake_fd = wake_fd;
 	if (posix_memalign((void **)&pp->zeros, SPOOL_BLOCK, ZERO_CHUNK) != 0)
 		pp->zeros = NULL;
