@@ -30,7 +30,10 @@ enum fd_log_level {
  * no system call) and a writer thread drains every buffer with one
  * write(2) per batch, every few milliseconds. Lines of one thread keep
  * their order; lines of different threads may be written up to a batch
- * out of order (each carries its own timestamp). A thread whose buffer is
+ * out of order (each carries its own timestamp), but a line is never
+ * written before one that any thread logged ahead of it: once a line is
+ * in the file, so is every line logged before it (a reader that waits for
+ * one line may then look for its causes). A thread whose buffer is
  * full writes its line directly (counted, never lost). Before
  * fd_log_start() and after fd_log_stop() every line is one write(2), as
  * tools and start-up errors need. After kill -9 the last few milliseconds
@@ -52,6 +55,12 @@ int fd_log_open_file(const char *path);
 void fd_log_reopen(void);
 /* Lines that found their buffer full and were written directly. */
 unsigned long fd_log_direct_writes(void);
+#ifdef FINALDOT_FAULT_INJECTION
+/* Test builds: called on the writer thread before it looks at ring i of
+ * a pass (i >= 0: rings in the order threads first logged) and after each
+ * write of a batch (-1), with the write lock held. */
+extern void (*_Atomic fd_log_test_hook)(int what);
+#endif
 
 /* Lines above this level are dropped. Default FD_LOG_INFO. Set at start. */
 void fd_log_set_level(enum fd_log_level level);

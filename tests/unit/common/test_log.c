@@ -1,6 +1,8 @@
 /* fd_log_escape(): one safe log value from untrusted bytes. */
 #include <criterion/criterion.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -171,3 +173,124 @@ Test(log, each_line_its_own_time)
 	unlink(path);
 	cr_assert_eq(i, 3, "%d lines", i);
 }
+
+/*
+ * Once a line is in the file, so is every line logged before it, by any
+ * thread. The writer looks at the rings one after another; here, just
+ * before ring 1's turn, thread A logs a line into ring 0 (its turn has
+ * passed) and then thread B one into ring 1. Written as soon as the pass
+ * ends, B's line was in the file without A's (a test that waited for a
+ * queue manager's line and then looked for a delivery thread's line
+ * logged before it did not find it).
+ */
+#ifdef FINALDOT_FAULT_INJECTION
+static struct {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int step; /* 1: A logs, 2: B logs, 3: both did */
+	bool warm[2];
+	_Atomic bool armed;
+	_Atomic int fired, bad, checked;
+	char path[64];
+} ho = {
+	.mu = PTHREAD_MUTEX_INITIALIZER,
+	.cv = PTHREAD_COND_INITIALIZER,
+};
+
+static bool
+file_has(const char *path, const char *what)
+{
+	char buf[8192];
+	FILE *f = fopen(path, "r");
+	size_t n;
+
+	if (!f)
+		return false;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	return strstr(buf, what) != NULL;
+}
+
+static void
+order_hook(int what)
+{
+	if (what == 1 && atomic_exchange(&ho.armed, false)) {
+		pthread_mutex_lock(&ho.mu);
+		ho.step = 1;
+		pthread_cond_broadcast(&ho.cv);
+		while (ho.step != 3)
+			pthread_cond_wait(&ho.cv, &ho.mu);
+		pthread_mutex_unlock(&ho.mu);
+		atomic_fetch_add(&ho.fired, 1);
+	}
+	if (what == -1 && atomic_load(&ho.fired)) {
+		atomic_fetch_add(&ho.checked, 1);
+		if (file_has(ho.path, "cause=B") && !file_has(ho.path, "cause=A"))
+			atomic_fetch_add(&ho.bad, 1);
+	}
+}
+
+static void *
+order_thread(void *arg)
+{
+	long me = (long)arg; /* 0: A (ring 0), 1: B (ring 1) */
+
+	fd_log(FD_LOG_INFO, "test", "warm=%ld", me);
+	pthread_mutex_lock(&ho.mu);
+	ho.warm[me] = true;
+	pthread_cond_broadcast(&ho.cv);
+	while (ho.step != me + 1)
+		pthread_cond_wait(&ho.cv, &ho.mu);
+	pthread_mutex_unlock(&ho.mu);
+	fd_log(FD_LOG_INFO, "test", "cause=%s", me == 0 ? "A" : "B");
+	pthread_mutex_lock(&ho.mu);
+	ho.step = (int)me + 2;
+	pthread_cond_broadcast(&ho.cv);
+	pthread_mutex_unlock(&ho.mu);
+	return NULL;
+}
+
+Test(log, a_written_line_comes_with_every_line_logged_before_it)
+{
+	pthread_t th[2];
+	int fd;
+
+	snprintf(ho.path, sizeof(ho.path), "/tmp/fdlogcauseXXXXXX");
+	fd = mkstemp(ho.path);
+	cr_assert_geq(fd, 0);
+	close(fd);
+	cr_assert_eq(fd_log_open_file(ho.path), 0);
+	cr_assert_eq(fd_log_start(), 0);
+	atomic_store(&fd_log_test_hook, order_hook);
+	/* A's ring first (ring 0), then B's (ring 1): nobody else logs. */
+	for (long t = 0; t < 2; t++) {
+		pthread_create(&th[t], NULL, order_thread, (void *)t);
+		pthread_mutex_lock(&ho.mu);
+		while (!ho.warm[t])
+			pthread_cond_wait(&ho.cv, &ho.mu);
+		pthread_mutex_unlock(&ho.mu);
+	}
+	for (int i = 0; i < 500 && !file_has(ho.path, "warm=1"); i++)
+		usleep(10000);
+	cr_assert(file_has(ho.path, "warm=1"), "the writer wrote nothing");
+	atomic_store(&ho.armed, true);
+	for (long t = 0; t < 2; t++)
+		pthread_join(th[t], NULL);
+	for (int i = 0; i < 500 && !atomic_load(&ho.checked); i++)
+		usleep(10000);
+	fd_log_stop();
+	atomic_store(&fd_log_test_hook, NULL);
+	cr_assert_eq(atomic_load(&ho.fired), 1);
+	cr_assert_gt(atomic_load(&ho.checked), 0, "no write after the hook");
+	cr_assert_eq(atomic_load(&ho.bad), 0,
+		     "B's line was written before A's, which was logged first");
+	cr_assert(file_has(ho.path, "cause=A") && file_has(ho.path, "cause=B"));
+	unlink(ho.path);
+}
+#else
+Test(log, a_written_line_comes_with_every_line_logged_before_it)
+{
+	cr_skip_test("needs the test hook (-Dfault_injection=true)");
+}
+#endif
