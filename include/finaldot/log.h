@@ -30,14 +30,13 @@ enum fd_log_level {
  * no system call) and a writer thread drains every buffer with one
  * write(2) per batch, every few milliseconds. Lines of one thread keep
  * their order; lines of different threads may be written up to a batch
- * out of order (each carries its own timestamp), but a line is never
- * written before one that any thread logged ahead of it: once a line is
- * in the file, so is every line logged before it (a reader that waits for
- * one line may then look for its causes). A thread whose buffer is
- * full writes its line directly (counted, never lost). Before
- * fd_log_start() and after fd_log_stop() every line is one write(2), as
- * tools and start-up errors need. After kill -9 the last few milliseconds
- * of lines may be missing.
+ * out of order (each carries its own timestamp), but once a line is in
+ * the file, so is every line any thread logged before it (a reader that
+ * waits for one line may then look for its causes); not so for a thread
+ * whose buffer is full: it writes its buffer and its line directly
+ * (counted, never lost). Before fd_log_start() and after fd_log_stop()
+ * every line is one write(2), as tools and start-up errors need. After
+ * kill -9 the last few milliseconds of lines may be missing.
  *
  * fd_log_start(): 0 or -errno. fd_log_stop(): writes everything pending,
  * stops the thread. fd_log_open_file(): lines go to PATH (appended, made
