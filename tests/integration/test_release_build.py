@@ -7,7 +7,8 @@ it starts, logs no event=fault_injection, and answers 250 to a message
 that is then in its spool. Its --help does not mention the variable; a
 test build's --help does (that line is how the two are told apart). Nor
 does the binary hold the name of any seam's variable
-(FINALDOT_SPOOL_FAULT, FINALDOT_DELIVERY_FAULT, FINALDOT_SOCK_FAULT).
+(FINALDOT_SPOOL_FAULT, FINALDOT_DELIVERY_FAULT, FINALDOT_SOCK_FAULT,
+FINALDOT_PORT_FAULT).
 
 Which binary: this build's own finaldot when it was configured without the
 seam (FINALDOT_SEAM=off); otherwise FINALDOT_RELEASE, the default-options
@@ -68,7 +69,7 @@ def main():
     with open(binary, "rb") as f:
         image = f.read()
     for name in (b"FINALDOT_DELIVERY_FAULT", b"FINALDOT_SPOOL_FAULT",
-                 b"FINALDOT_SOCK_FAULT"):
+                 b"FINALDOT_SOCK_FAULT", b"FINALDOT_PORT_FAULT"):
         check(name not in image,
               f"{binary} holds {name.decode()}: a seam is compiled in")
     if seam != "off":
@@ -92,8 +93,8 @@ def main():
                       f"{spec}: the release binary announced a fault seam")
     print(f"ok: {binary} ignores FINALDOT_SPOOL_FAULT ({', '.join(SPECS)}, "
           f"hold:PATH): 250 and stored; its --help does not name it; "
-          f"neither it nor FINALDOT_DELIVERY_FAULT nor FINALDOT_SOCK_FAULT is "
-          f"in the binary")
+          f"neither it nor FINALDOT_DELIVERY_FAULT, FINALDOT_SOCK_FAULT or "
+          f"FINALDOT_PORT_FAULT is in the binary")
 
 
 main()
