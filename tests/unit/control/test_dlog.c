@@ -890,7 +890,7 @@ write_log(unsigned n)
  * after it replay right after that prefix (no stale record resurfaces). */
 Test(dlog, torn_tail_at_every_8_bytes_replays_a_prefix)
 {
-	char path[256], dir2[128], path2[256];
+	char path[256], dir2[128], path2[256], shm[64] = "";
 	size_t n;
 	uint8_t *orig;
 
@@ -898,7 +898,12 @@ Test(dlog, torn_tail_at_every_8_bytes_replays_a_prefix)
 	path_of(path, sizeof(path), root, 1, "log");
 	orig = slurp(path, &n);
 	cr_assert_geq(n, end_of(NREC - 1));
-	snprintf(dir2, sizeof(dir2), "%s/crash", root);
+	/* The cuts are about reading a tail, not about durability: on tmpfs
+	 * where there is one (their 180 opens, appends and flushes took 14 s
+	 * on the test machine's disk, 21 s under the sanitizers). */
+	if (access("/dev/shm", W_OK) == 0)
+		fd_test_dir_make(shm, sizeof(shm), "/dev/shm", "dlogcut");
+	snprintf(dir2, sizeof(dir2), "%s/crash", shm[0] ? shm : root);
 	path_of(path2, sizeof(path2), dir2, 1, "log");
 	for (uint64_t cut = end_of(NREC - 6); cut <= end_of(NREC - 1);
 	     cut += 8) {
@@ -942,6 +947,8 @@ Test(dlog, torn_tail_at_every_8_bytes_replays_a_prefix)
 		}
 	}
 	free(orig);
+	if (shm[0])
+		fd_test_dir_remove(shm);
 }
 
 Test(dlog, corrupt_byte_mid_file_loses_only_that_record)
