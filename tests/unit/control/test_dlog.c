@@ -899,8 +899,8 @@ Test(dlog, torn_tail_at_every_8_bytes_replays_a_prefix)
 	orig = slurp(path, &n);
 	cr_assert_geq(n, end_of(NREC - 1));
 	/* The cuts are about reading a tail, not about durability: on tmpfs
-	 * where there is one (their 180 opens, appends and flushes took 14 s
-	 * on the test machine's disk, 21 s under the sanitizers). */
+	 * where there is one (hundreds of opens, appends and flushes took
+	 * 14 s on the test machine's disk, 21 s under the sanitizers). */
 	if (access("/dev/shm", W_OK) == 0)
 		fd_test_dir_make(shm, sizeof(shm), "/dev/shm", "dlogcut");
 	snprintf(dir2, sizeof(dir2), "%s/crash", shm[0] ? shm : root);
