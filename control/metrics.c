@@ -36,6 +36,7 @@
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
 #include "metrics.h"
+#include "utf8addr.h"
 
 #define METRICS_MAX_REQ 4096
 #define METRICS_TIMEOUT_US 10000000ull
@@ -321,43 +322,6 @@ render_workers(FILE *f, const struct ctl_sources *src,
 }
 
 /*
- * The length of the well-formed UTF-8 sequence at s (1 to 4), or 0 when
- * the bytes there are not one (a stray or cut sequence, an overlong form,
- * a surrogate, above U+10FFFF). s is NUL-terminated.
- */
-static size_t
-utf8_len(const unsigned char *s)
-{
-	unsigned char lo = 0x80, hi = 0xbf;
-	size_t n;
-
-	if (s[0] < 0x80)
-		return 1;
-	if (s[0] >= 0xc2 && s[0] <= 0xdf)
-		n = 2;
-	else if (s[0] >= 0xe0 && s[0] <= 0xef)
-		n = 3;
-	else if (s[0] >= 0xf0 && s[0] <= 0xf4)
-		n = 4;
-	else
-		return 0;
-	if (s[0] == 0xe0)
-		lo = 0xa0;
-	else if (s[0] == 0xed)
-		hi = 0x9f;
-	else if (s[0] == 0xf0)
-		lo = 0x90;
-	else if (s[0] == 0xf4)
-		hi = 0x8f;
-	if (s[1] < lo || s[1] > hi)
-		return 0;
-	for (size_t i = 2; i < n; i++)
-		if (s[i] < 0x80 || s[i] > 0xbf)
-			return 0;
-	return n;
-}
-
-/*
  * A label value as the text format wants it: \\, " and newline escaped,
  * and valid UTF-8 (Prometheus rejects the whole scrape otherwise), each
  * byte that is not part of a well-formed sequence written as '?' (a route
@@ -367,31 +331,29 @@ static const char *
 label_value(char *buf, size_t n, const char *str)
 {
 	const unsigned char *s = (const unsigned char *)str;
-	size_t k = 0;
+	size_t k = 0, left = strlen(str);
 
-	while (*s) {
-		size_t l = utf8_len(s);
+	while (left) {
+		size_t l;
+		uint32_t cp = utf8addr_next(s, left, &l);
 
-		if (l == 0) {
+		if (cp == 0xfffd && l == 1) { /* not a well-formed sequence */
 			if (k + 2 > n)
 				break;
 			buf[k++] = '?';
-			s++;
-			continue;
-		}
-		if (l == 1 && (*s == '\\' || *s == '"' || *s == '\n')) {
+		} else if (l == 1 && (*s == '\\' || *s == '"' || *s == '\n')) {
 			if (k + 3 > n)
 				break;
 			buf[k++] = '\\';
 			buf[k++] = *s == '\n' ? 'n' : (char)*s;
-			s++;
-			continue;
+		} else {
+			if (k + l + 1 > n)
+				break;
+			memcpy(buf + k, s, l);
+			k += l;
 		}
-		if (k + l + 1 > n)
-			break;
-		memcpy(buf + k, s, l);
-		k += l;
 		s += l;
+		left -= l;
 	}
 	buf[k] = '\0';
 	return buf;
