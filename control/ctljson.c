@@ -15,7 +15,7 @@
 #include <string.h>
 
 #include "ctljson.h"
-#include "utf8addr.h"
+#include "finaldot/utf8.h"
 
 /* ---- reader ---------------------------------------------------------- */
 
@@ -100,7 +100,7 @@ static size_t
 utf8_seq(const unsigned char *p, size_t n)
 {
 	size_t used;
-	uint32_t cp = utf8addr_next(p, n, &used);
+	uint32_t cp = fd_utf8_next(p, n, &used);
 
 	/* U+FFFD in one octet is the decoder's "no sequence here"; a real
 	 * U+FFFD takes three */

@@ -35,8 +35,8 @@
 #include "cplane.h"
 #include "finaldot/log.h"
 #include "finaldot/msgid.h"
+#include "finaldot/utf8.h"
 #include "metrics.h"
-#include "utf8addr.h"
 
 #define METRICS_MAX_REQ 4096
 #define METRICS_TIMEOUT_US 10000000ull
@@ -335,7 +335,7 @@ label_value(char *buf, size_t n, const char *str)
 
 	while (left) {
 		size_t l;
-		uint32_t cp = utf8addr_next(s, left, &l);
+		uint32_t cp = fd_utf8_next(s, left, &l);
 
 		if (cp == 0xfffd && l == 1) { /* not a well-formed sequence */
 			if (k + 2 > n)

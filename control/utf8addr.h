@@ -1,6 +1,5 @@
 /*
- * One code point of UTF-8 (RFC 3629), for the JSON codec (ctljson.c), and
- * the RFC 6533 7-bit utf-8-addr-xtext form of an address, for the DSN
+ * The RFC 6533 7-bit utf-8-addr-xtext form of an address, for the DSN
  * builder (dsn.c) and the SMTP client (smtpc.c). Header-only: each module
  * is a library of its own, unit-tested alone.
  */
@@ -14,40 +13,7 @@
 #include <stdio.h>
 #include <string.h>
 
-/*
- * One code point of UTF-8 at s (n > 0 octets left): its value and length,
- * or U+FFFD and 1 for an octet that does not start a well-formed sequence.
- */
-static inline uint32_t
-utf8addr_next(const unsigned char *s, size_t n, size_t *used)
-{
-	unsigned char c = s[0];
-	size_t k;
-	uint32_t cp, min;
-
-	*used = 1;
-	if (c < 0x80)
-		return c;
-	if (c >= 0xc2 && c <= 0xdf)
-		k = 1, cp = c & 0x1fu, min = 0x80;
-	else if (c >= 0xe0 && c <= 0xef)
-		k = 2, cp = c & 0x0fu, min = 0x800;
-	else if (c >= 0xf0 && c <= 0xf4)
-		k = 3, cp = c & 0x07u, min = 0x10000;
-	else
-		return 0xfffd;
-	if (n <= k)
-		return 0xfffd;
-	for (size_t j = 1; j <= k; j++) {
-		if ((s[j] & 0xc0) != 0x80)
-			return 0xfffd;
-		cp = cp << 6 | (s[j] & 0x3fu);
-	}
-	if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-		return 0xfffd;
-	*used = k + 1;
-	return cp;
-}
+#include "finaldot/utf8.h"
 
 /*
  * The utf-8-addr-xtext of s (at most max octets of it) into d (dsz > 12):
@@ -68,7 +34,7 @@ utf8addr_xtext(char *d, size_t dsz, const char *s, size_t max,
 
 	while (i < len && n + 12 < dsz) {
 		size_t used;
-		uint32_t cp = utf8addr_next(u + i, len - i, &used);
+		uint32_t cp = fd_utf8_next(u + i, len - i, &used);
 		if (cp > 0x20 && cp < 0x7f &&
 		    (keep_escapes ||
 		     (cp != '+' && cp != '=' && cp != '\\'))) {

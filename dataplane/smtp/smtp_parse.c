@@ -18,6 +18,7 @@
 #include <arpa/inet.h>
 #include <string.h>
 
+#include "finaldot/utf8.h"
 #include "smtp/smtp_parse.h"
 
 const char *
@@ -164,36 +165,7 @@ smtp_line_limit(const char *line, size_t len)
 bool
 smtp_utf8_valid(const uint8_t *p, size_t n)
 {
-	size_t i = 0;
-
-	while (i < n) {
-		uint8_t c = p[i];
-		size_t k;
-		uint32_t cp, min;
-		if (c < 0x80) {
-			i++;
-			continue;
-		} else if (c >= 0xc2 && c <= 0xdf) {
-			k = 1, cp = c & 0x1fu, min = 0x80;
-		} else if (c >= 0xe0 && c <= 0xef) {
-			k = 2, cp = c & 0x0fu, min = 0x800;
-		} else if (c >= 0xf0 && c <= 0xf4) {
-			k = 3, cp = c & 0x07u, min = 0x10000;
-		} else {
-			return false;
-		}
-		if (n - i <= k)
-			return false;
-		for (size_t j = 1; j <= k; j++) {
-			if ((p[i + j] & 0xc0) != 0x80)
-				return false;
-			cp = cp << 6 | (p[i + j] & 0x3fu);
-		}
-		if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-			return false;
-		i += k + 1;
-	}
-	return true;
+	return fd_utf8_valid(p, n);
 }
 
 /* ---- command line ---- */

@@ -262,6 +262,11 @@ Test(smtp_parse, utf8_validation)
 	cr_assert(!smtp_utf8_valid((const uint8_t *)"\xed\xa0\x80", 3));
 	cr_assert(!smtp_utf8_valid((const uint8_t *)"\xf4\x90\x80\x80", 4));
 	cr_assert(!smtp_utf8_valid((const uint8_t *)"\xff", 1));
+	/* U+FFFD itself is well-formed: the decoder's "not UTF-8" is U+FFFD
+	 * of one octet, never of three. */
+	cr_assert(smtp_utf8_valid((const uint8_t *)"a\xef\xbf\xbd", 4));
+	cr_assert(!smtp_utf8_valid((const uint8_t *)"\xef\xbf\xbd\x80", 4));
+	cr_assert(!smtp_utf8_valid((const uint8_t *)"\xe2\x82", 2));
 }
 
 Test(smtp_parse, xtext_rfc3461)
