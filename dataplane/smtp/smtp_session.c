@@ -202,6 +202,10 @@ struct smtp_server {
 	const char **orcpt_slots;
 	uint8_t *notify_slots;
 	struct smtp_session *free_list;
+	/* sessions[n_fresh..max_sessions) were never opened: untouched, so
+	 * a worker's session table (16 KiB a session, max_connections of
+	 * them) costs neither start-up time nor memory until it is used. */
+	unsigned n_fresh;
 	size_t busy_len;
 	char busy[SMTP_REPLY_MAX];
 	/* RFC 1047's gap measured to the wire (smtp_server_gap_staged()):
@@ -1875,9 +1879,17 @@ smtp_session_open(struct smtp_server *srv, void *tctx,
 	const char **rcpts;
 	char esc[SMTP_ADDR_MAX * 4];
 
-	if (!s)
+	if (s) {
+		srv->free_list = s->next_free;
+	} else if (srv->n_fresh < srv->cfg.max_sessions) {
+		size_t i = srv->n_fresh++;
+		s = &srv->sessions[i];
+		s->rcpts = srv->rcpt_slots + i * srv->rcpt_cap;
+		s->orcpts = srv->orcpt_slots + i * srv->rcpt_cap;
+		s->notify = srv->notify_slots + i * srv->rcpt_cap;
+	} else {
 		return NULL;
-	srv->free_list = s->next_free;
+	}
 	rcpts = s->rcpts;
 	/* Only the fixed part; buffers are reset by their lengths. */
 	memset(s, 0, offsetof(struct smtp_session, line));
@@ -2050,18 +2062,6 @@ smtp_server_create(const struct smtp_config *cfg,
 				   sizeof(*srv->notify_slots));
 	if (!srv->notify_slots)
 		goto out_free_orcpt_slots;
-	for (unsigned i = cfg->max_sessions; i-- > 0;) {
-		struct smtp_session *s = &srv->sessions[i];
-		s->srv = srv;
-		s->state = SMTP_S_FREE;
-		s->rcpts = srv->rcpt_slots + (size_t)i * srv->cfg.max_recipients;
-		s->orcpts =
-			srv->orcpt_slots + (size_t)i * srv->cfg.max_recipients;
-		s->notify =
-			srv->notify_slots + (size_t)i * srv->cfg.max_recipients;
-		s->next_free = srv->free_list;
-		srv->free_list = s;
-	}
 	r = snprintf(srv->busy, sizeof(srv->busy),
 		     "421 4.7.0 %.255s Too many connections, try again "
 		     "later\r\n",
@@ -2085,7 +2085,7 @@ smtp_server_destroy(struct smtp_server *srv)
 {
 	if (!srv)
 		return;
-	for (unsigned i = 0; i < srv->cfg.max_sessions; i++)
+	for (unsigned i = 0; i < srv->n_fresh; i++)
 		smtp_session_close(&srv->sessions[i]);
 	free(srv->notify_slots);
 	free(srv->orcpt_slots);

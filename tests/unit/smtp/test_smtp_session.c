@@ -665,6 +665,61 @@ Test(smtp_session, pool_exhaustion_and_busy_reply)
 	finish();
 }
 
+/* Sessions are set up when first opened, not at start: one first opened
+ * while a reload had lowered max_recipients still gets recipient slots of
+ * the size allocated at start, so that after the limit is raised again
+ * two such sessions' recipients do not overlap. */
+Test(smtp_session, sessions_first_opened_under_a_lower_limit_keep_their_slots)
+{
+	struct smtp_config cfg;
+	struct smtp_session *a = NULL, *b = NULL, *first;
+
+	td_config(&cfg);
+	cfg.max_recipients = 3;
+	start_cfg(&cfg, NULL);
+	smtp_server_set_policy(t.srv, cfg.domains, cfg.n_domains,
+			       cfg.max_message_size, 1, cfg.max_errors,
+			       cfg.command_timeout_ms, cfg.data_timeout_ms,
+			       false);
+	a = smtp_session_open(t.srv, &t, "192.0.2.2", 100);
+	b = smtp_session_open(t.srv, &t, "192.0.2.3", 101);
+	cr_assert(a && b);
+	smtp_server_set_policy(t.srv, cfg.domains, cfg.n_domains,
+			       cfg.max_message_size, 3, cfg.max_errors,
+			       cfg.command_timeout_ms, cfg.data_timeout_ms,
+			       false);
+	first = t.s;
+	t.s = a;
+	td_drain(&t);
+	take();
+	expect(HELLO FROM "RCPT TO:<a1@example.com>\r\n"
+	       "RCPT TO:<a2@example.com>\r\nRCPT TO:<a3@example.com>\r\n",
+	       EHLO_REPLY "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+	       "250 2.1.5 Ok\r\n");
+	t.s = b;
+	td_drain(&t);
+	take();
+	expect(HELLO FROM "RCPT TO:<b1@example.com>\r\n"
+	       "RCPT TO:<b2@example.com>\r\nRCPT TO:<b3@example.com>\r\n",
+	       EHLO_REPLY "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+	       "250 2.1.5 Ok\r\n");
+	t.s = a;
+	expect("DATA\r\n", "354 End data with <CR><LF>.<CR><LF>\r\n");
+	cr_assert_eq(t.fs.n_rcpts, 3);
+	cr_assert_str_eq(t.fs.rcpt0, "a1@example.com");
+	cr_assert_str_eq(t.fs.rcpt_last, "a3@example.com");
+	expect("x\r\n.\r\n", "250 2.0.0 Ok: queued as 0000000000000001\r\n");
+	t.s = b;
+	expect("DATA\r\n", "354 End data with <CR><LF>.<CR><LF>\r\n");
+	cr_assert_str_eq(t.fs.rcpt0, "b1@example.com");
+	cr_assert_str_eq(t.fs.rcpt_last, "b3@example.com");
+	expect("x\r\n.\r\n", "250 2.0.0 Ok: queued as 0000000000000002\r\n");
+	smtp_session_close(a);
+	smtp_session_close(b);
+	t.s = first;
+	finish();
+}
+
 Test(smtp_session, commit_failure_then_session_usable)
 {
 	start();
