@@ -94,19 +94,6 @@ hex4(const unsigned char *p)
 	return v;
 }
 
-/* Length of a valid UTF-8 sequence (RFC 3629) at p, n > 0 bytes
- * available; 0 if invalid or cut. */
-static size_t
-utf8_seq(const unsigned char *p, size_t n)
-{
-	size_t used;
-	uint32_t cp = fd_utf8_next(p, n, &used);
-
-	/* U+FFFD in one octet is the decoder's "no sequence here"; a real
-	 * U+FFFD takes three */
-	return cp == 0xfffd && used == 1 ? 0 : used;
-}
-
 /*
  * A string at s->pos (the opening quote). Validates escapes (a surrogate
  * escape must be a high one followed by a low one), UTF-8, and the absence
@@ -167,7 +154,7 @@ parse_string(struct pstate *s)
 			s->pos += 6;
 			continue;
 		}
-		size_t k = utf8_seq(s->p + s->pos, s->len - s->pos);
+		size_t k = fd_utf8_len(s->p + s->pos, s->len - s->pos);
 		if (k == 0)
 			return perr(s, "invalid UTF-8 in a string");
 		s->pos += k;
@@ -695,7 +682,7 @@ put_escaped(struct ctl_jw *w, const unsigned char *p, size_t n)
 			continue;
 		}
 		unsigned char c = p[i];
-		size_t k = c >= 0x80 ? utf8_seq(p + i, n - i) : 0;
+		size_t k = c >= 0x80 ? fd_utf8_len(p + i, n - i) : 0;
 		if (k == 2 && c == 0xc2 && p[i + 1] < 0xa0) {
 			/* U+0080..U+009F, the C1 controls (CSI is U+009B):
 			 * escaped like C0, never raw at an operator's

@@ -334,13 +334,13 @@ label_value(char *buf, size_t n, const char *str)
 	size_t k = 0, left = strlen(str);
 
 	while (left) {
-		size_t l;
-		uint32_t cp = fd_utf8_next(s, left, &l);
+		size_t l = fd_utf8_len(s, left);
 
-		if (cp == 0xfffd && l == 1) { /* not a well-formed sequence */
+		if (l == 0) { /* not a well-formed sequence */
 			if (k + 2 > n)
 				break;
 			buf[k++] = '?';
+			l = 1;
 		} else if (l == 1 && (*s == '\\' || *s == '"' || *s == '\n')) {
 			if (k + 3 > n)
 				break;

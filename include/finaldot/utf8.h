@@ -47,22 +47,28 @@ fd_utf8_next(const unsigned char *s, size_t n, size_t *used)
 	return cp;
 }
 
+/*
+ * The length of the well-formed sequence at s (n > 0 octets left), 1 to
+ * 4, or 0 when there is none (a stray or cut sequence, an overlong form,
+ * a surrogate, past U+10FFFF): fd_utf8_next()'s U+FFFD of one octet.
+ */
+static inline size_t
+fd_utf8_len(const unsigned char *s, size_t n)
+{
+	size_t used;
+
+	if (s[0] < 0x80)
+		return 1;
+	return fd_utf8_next(s, n, &used) == 0xfffd && used == 1 ? 0 : used;
+}
+
 /* Whether s[0..n) is well-formed UTF-8 throughout. */
 static inline bool
 fd_utf8_valid(const unsigned char *s, size_t n)
 {
-	size_t i = 0;
-
-	while (i < n) {
-		size_t used;
-		if (s[i] < 0x80) {
-			i++;
-			continue;
-		}
-		if (fd_utf8_next(s + i, n - i, &used) == 0xfffd && used == 1)
+	for (size_t i = 0, l; i < n; i += l)
+		if (!(l = fd_utf8_len(s + i, n - i)))
 			return false;
-		i += used;
-	}
 	return true;
 }
 
