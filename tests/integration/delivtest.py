@@ -2,11 +2,27 @@
 finaldot with smtplib, find what a Maildir holds, wait for log lines."""
 import os
 import re
+import signal
 import smtplib
 import sys
 import time
 
 from fdtest import check, fail
+
+
+def reload(d, conf, text, logged=r"event=reloaded route_gen="):
+    """Write text to the config file conf, SIGHUP daemon d, and wait (10 s
+    at most) until this run logs `logged` after it: the reload applied."""
+    with open(conf, "w") as f:
+        f.write(text)
+    n = len(d.read_run_log())
+    os.kill(d.proc.pid, signal.SIGHUP)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if re.search(logged, d.read_run_log()[n:]):
+            return
+        time.sleep(0.05)
+    check(False, f"no /{logged}/ after the reload")
 
 
 def send(d, sender, rcpts, body, mail_options=(), rcpt_options=()):

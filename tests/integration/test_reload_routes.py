@@ -17,9 +17,7 @@ operator changes takes effect, or the reload is refused whole.
 Exits 0 pass, 1 fail."""
 import atexit
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fdtest import FINALDOT, Daemon, check, free_port  # noqa: E402
 from delivtest import (send, message, maildir_files, run_cases,  # noqa
-                       rcpt, until)
+                       rcpt, until, reload)
 from peers import ScriptedHop, Script  # noqa: E402
 
 
@@ -37,19 +35,6 @@ def tmpdir():
     d = tempfile.mkdtemp(prefix="fdreload-")
     atexit.register(shutil.rmtree, d, True)
     return d
-
-
-def reload(d, conf, text, logged=r"event=reloaded route_gen="):
-    with open(conf, "w") as f:
-        f.write(text)
-    n = len(d.read_run_log())
-    os.kill(d.proc.pid, signal.SIGHUP)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        if re.search(logged, d.read_run_log()[n:]):
-            return
-        time.sleep(0.05)
-    check(False, f"no /{logged}/ after the reload")
 
 
 def case_verify_cache_follows_the_route():

@@ -15,7 +15,6 @@ import atexit
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -25,7 +24,7 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fdtest  # noqa: E402
 from fdtest import Daemon, check, free_port, skip  # noqa: E402
-from delivtest import send, message  # noqa: E402
+from delivtest import send, message, reload  # noqa: E402
 from peers import ScriptedHop  # noqa: E402
 
 DOMAINS = [f"d{i}.test" for i in range(8)]
@@ -66,7 +65,7 @@ def main():
                     "--delivery-threads", "2", delivery=True, relay=False,
                     domains=(), env=env) as d:
             stop = threading.Event()
-            reloads = [0]
+            reloads, failed = [0], []
 
             def reloaded():
                 return len(re.findall(r"event=reloaded route_gen=",
@@ -74,19 +73,16 @@ def main():
 
             def reloader():
                 # Alternate the default policy: every known next hop's
-                # is rewritten at each reload. One at a time: signals
-                # that come while one is applied make one more.
-                while not stop.is_set():
-                    tls = "none" if reloads[0] % 2 else "may"
-                    with open(conf + ".new", "w") as f:
-                        f.write(config(hops, tls))
-                    os.replace(conf + ".new", conf)
-                    n = reloaded()
-                    os.kill(d.proc.pid, signal.SIGHUP)
-                    deadline = time.time() + 10
-                    while reloaded() == n and time.time() < deadline:
-                        time.sleep(0.01)
-                    reloads[0] += 1
+                # is rewritten at each reload. One at a time, each
+                # waited for: signals that come while one is applied
+                # make only one more.
+                try:
+                    while not stop.is_set():
+                        tls = "none" if reloads[0] % 2 else "may"
+                        reload(d, conf, config(hops, tls))
+                        reloads[0] += 1
+                except SystemExit:  # check() failed, in this thread
+                    failed.append(True)
 
             t = threading.Thread(target=reloader)
             t.start()
@@ -123,6 +119,7 @@ def main():
             check(reports == 0, f"{reports} ThreadSanitizer reports; the "
                   f"first:\n{log[i:i + 4000]}")
             check(rc == 0, f"exit status {rc} (66: a sanitizer report)")
+            check(not failed, "a reload was not applied within 10 s")
             check(got == sent, f"{got} of {sent} delivered")
             check(n >= RELOADS, f"only {n} reloads applied")
             check(sessions >= 4 * RELOADS, f"only {sessions} connections "
